@@ -1,0 +1,485 @@
+//! The agent actor: one `select!` loop over input ticks, heartbeats, incoming commands and
+//! finished installs. It owns the served model and the drift window; the MQTT link and the
+//! install task run beside it and talk to it through channels.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use edgeloop_shared::command::{CommandAction, DeployAction, SignedCommand};
+use edgeloop_shared::drift::DriftWindow;
+use edgeloop_shared::protocol::{
+    DeployStage, DeviceStatus, DriftSummary, Envelope, MAX_MESSAGE_BYTES, Message, ModelRef,
+};
+use edgeloop_shared::signing::TrustedKeys;
+use edgeloop_shared::topics::Channel;
+use rumqttc::Publish;
+use tokio::sync::mpsc;
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::AgentConfig;
+use crate::link::{BrokerAddr, Link, LinkConfig};
+use crate::outbox::{Outbox, OutboxError, SqliteOutbox};
+use crate::report::Reporter;
+use crate::slots::{SlotError, Slots, write_atomic};
+use crate::source::InputSource;
+use crate::updater::{InstallError, Installed, Installer};
+use crate::{AGENT_VERSION, now_ms};
+
+/// Capacity of the channel from the link to the agent (incoming commands).
+const INCOMING_CAPACITY: usize = 16;
+/// Capacity of the channel from install tasks to the agent; one install runs at a time.
+const INSTALL_CAPACITY: usize = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("cannot create state directory {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Outbox(#[from] OutboxError),
+    #[error(transparent)]
+    Slots(#[from] SlotError),
+}
+
+/// Counters reported in every heartbeat.
+#[derive(Debug, Default, Clone, Copy)]
+struct Counters {
+    inferences: u64,
+    errors: u64,
+    malformed_messages: u64,
+}
+
+/// The model being served with its drift window.
+struct Serving {
+    installed: Installed,
+    window: DriftWindow,
+    window_seq: u64,
+    /// For each model feature, its column in the source; or why the source cannot feed it.
+    columns: Result<Vec<usize>, String>,
+}
+
+impl Serving {
+    fn new(installed: Installed, source_columns: &[String]) -> Self {
+        let reference = installed.model.manifest.reference.clone();
+        let columns = map_columns(installed.model.feature_names(), source_columns);
+        if let Err(reason) = &columns {
+            warn!(model = %installed.model.manifest.model_ref(), %reason, "inputs cannot feed this model");
+        }
+        Serving {
+            window: DriftWindow::new(reference, now_ms()),
+            window_seq: 0,
+            columns,
+            installed,
+        }
+    }
+
+    fn model_ref(&self) -> ModelRef {
+        self.installed.model.manifest.model_ref()
+    }
+}
+
+/// Which source column feeds each model feature, by name.
+fn map_columns(features: &[String], columns: &[String]) -> Result<Vec<usize>, String> {
+    features
+        .iter()
+        .map(|f| {
+            columns
+                .iter()
+                .position(|c| c == f)
+                .ok_or_else(|| format!("the input source has no column `{f}`"))
+        })
+        .collect()
+}
+
+/// A finished install task.
+struct InstallOutcome {
+    seq: u64,
+    action: DeployAction,
+    result: Result<Installed, InstallError>,
+}
+
+/// The on-device agent. Build it from a config and an input source, then `run` it.
+pub struct Agent {
+    config: AgentConfig,
+    source: Box<dyn InputSource>,
+}
+
+impl Agent {
+    pub fn new(config: AgentConfig, source: Box<dyn InputSource>) -> Result<Self, AgentError> {
+        config.validate()?;
+        Ok(Agent { config, source })
+    }
+
+    /// Runs until `shutdown` is cancelled.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
+        let config = self.config;
+        let state_dir = config.state_dir.clone();
+        std::fs::create_dir_all(&state_dir).map_err(|source| AgentError::StateDir {
+            path: state_dir.clone(),
+            source,
+        })?;
+        let trusted = config
+            .trusted_keys()
+            .map_err(crate::config::ConfigError::from)?;
+        if trusted.is_empty() {
+            warn!("no trusted keys configured: every bundle and command will be refused");
+        }
+        let outbox = Outbox::new(SqliteOutbox::open(&state_dir.join("outbox.sqlite"))?);
+        let topics = config.topics();
+        let reporter = Reporter::new(&config.device_id, topics.clone(), outbox.clone());
+        let installer = Installer::new(
+            trusted.clone(),
+            &config.controller_url,
+            config.max_bundle_bytes,
+            Slots::open(&state_dir)?,
+        );
+        let booted = tokio::task::spawn_blocking({
+            let installer = installer.clone();
+            move || installer.boot()
+        })
+        .await
+        .unwrap_or(None);
+        let seq_path = state_dir.join("command_seq");
+        let last_seq = std::fs::read_to_string(&seq_path)
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
+
+        let (incoming_tx, incoming) = mpsc::channel(INCOMING_CAPACITY);
+        let offline = reporter.envelope(Message::Status(DeviceStatus {
+            online: false,
+            agent_version: AGENT_VERSION.to_string(),
+            model: None,
+            uptime_s: 0,
+            inferences: 0,
+            errors: 0,
+            malformed_messages: 0,
+        }));
+        let (link, _connected) = Link::new(
+            LinkConfig {
+                client_id: config.device_id.clone(),
+                broker: BrokerAddr::parse(&config.broker_url).expect("validated"),
+                keep_alive: Duration::from_secs(config.heartbeat_interval_s.clamp(5, 60) * 3),
+                max_inflight: config.max_inflight,
+                subscriptions: vec![reporter.topic(Channel::Commands)],
+                last_will: Some((reporter.topic(Channel::Status), offline.encode())),
+                max_packet_bytes: MAX_MESSAGE_BYTES + 1024,
+            },
+            outbox,
+            incoming_tx,
+        );
+        let link_task = tokio::spawn(link.run(shutdown.child_token()));
+
+        let (install_tx, installs) = mpsc::channel(INSTALL_CAPACITY);
+        let source_columns = self.source.columns().to_vec();
+        let mut actor = AgentLoop {
+            serving: booted.map(|i| Serving::new(i, &source_columns)),
+            source: self.source,
+            source_columns,
+            source_done: false,
+            reporter,
+            installer,
+            trusted,
+            last_seq,
+            seq_path,
+            installing: None,
+            install_tx,
+            counters: Counters::default(),
+            started: Instant::now(),
+            config,
+        };
+        actor.run(shutdown, incoming, installs).await;
+        link_task.abort();
+        let _ = link_task.await;
+        Ok(())
+    }
+}
+
+struct AgentLoop {
+    config: AgentConfig,
+    source: Box<dyn InputSource>,
+    source_columns: Vec<String>,
+    source_done: bool,
+    serving: Option<Serving>,
+    reporter: Reporter,
+    installer: Installer,
+    trusted: TrustedKeys,
+    last_seq: Option<u64>,
+    seq_path: PathBuf,
+    /// The deployment being carried out, if any.
+    installing: Option<ModelRef>,
+    install_tx: mpsc::Sender<InstallOutcome>,
+    counters: Counters,
+    started: Instant,
+}
+
+impl AgentLoop {
+    async fn run(
+        &mut self,
+        shutdown: CancellationToken,
+        mut incoming: mpsc::Receiver<Publish>,
+        mut installs: mpsc::Receiver<InstallOutcome>,
+    ) {
+        let mut sample =
+            tokio::time::interval(Duration::from_secs_f64(1.0 / self.config.source.rate_hz));
+        sample.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        let mut heartbeat =
+            tokio::time::interval(Duration::from_secs(self.config.heartbeat_interval_s));
+        heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        info!(device = %self.config.device_id, model = ?self.serving.as_ref().map(Serving::model_ref), "agent running");
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = sample.tick(), if self.serving.is_some() && !self.source_done => self.on_sample(),
+                _ = heartbeat.tick() => self.send_status(),
+                Some(publish) = incoming.recv() => self.on_publish(&publish),
+                Some(outcome) = installs.recv() => self.on_install_done(outcome),
+            }
+        }
+        info!(device = %self.config.device_id, "agent stopped");
+    }
+
+    fn send_status(&self) {
+        self.reporter.status(DeviceStatus {
+            online: true,
+            agent_version: AGENT_VERSION.to_string(),
+            model: self.serving.as_ref().map(Serving::model_ref),
+            uptime_s: self.started.elapsed().as_secs(),
+            inferences: self.counters.inferences,
+            errors: self.counters.errors,
+            malformed_messages: self.counters.malformed_messages,
+        });
+    }
+
+    /// One input: infer, count it into the drift window, publish the window when full.
+    fn on_sample(&mut self) {
+        let Some(serving) = self.serving.as_mut() else {
+            return;
+        };
+        let Some(row) = self.source.next_row() else {
+            info!("input source exhausted");
+            self.source_done = true;
+            return;
+        };
+        let columns = match &serving.columns {
+            Ok(columns) => columns,
+            Err(_) => {
+                self.counters.errors += 1;
+                return;
+            }
+        };
+        let x: Vec<f32> = columns.iter().map(|&c| row.get(c).copied().unwrap_or(f32::NAN)).collect();
+        let class = match serving.installed.model.infer(&x) {
+            Ok(prediction) => {
+                self.counters.inferences += 1;
+                Some(prediction.class)
+            }
+            Err(e) => {
+                self.counters.errors += 1;
+                debug!(error = %e, "inference refused");
+                None
+            }
+        };
+        if let Err(e) = serving.window.observe(&x, class) {
+            warn!(error = %e, "drift window refused the input");
+            return;
+        }
+        if serving.window.samples() >= self.config.drift_window_samples {
+            Self::publish_window(&self.reporter, serving);
+        }
+    }
+
+    fn publish_window(reporter: &Reporter, serving: &mut Serving) {
+        let stats = serving.window.finish(now_ms());
+        serving.window_seq += 1;
+        reporter.drift(DriftSummary {
+            model: serving.model_ref(),
+            window_seq: serving.window_seq,
+            stats,
+        });
+    }
+
+    fn on_publish(&mut self, publish: &Publish) {
+        let envelope = match Envelope::decode(&publish.payload) {
+            Ok(e) if e.device_id == self.config.device_id => e,
+            Ok(e) => {
+                self.malformed(&publish.topic, &format!("envelope is for device `{}`", e.device_id));
+                return;
+            }
+            Err(e) => {
+                self.malformed(&publish.topic, &e.to_string());
+                return;
+            }
+        };
+        match envelope.message {
+            Message::Command(signed) => self.on_command(&signed),
+            other => self.malformed(&publish.topic, &format!("`{}` is not a command", other.kind())),
+        }
+    }
+
+    fn malformed(&mut self, topic: &str, reason: &str) {
+        self.counters.malformed_messages += 1;
+        warn!(%topic, %reason, count = self.counters.malformed_messages, "malformed message dropped");
+    }
+
+    fn on_command(&mut self, signed: &SignedCommand) {
+        let command = match signed.verify(&self.trusted, &self.config.device_id, now_ms(), self.last_seq) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, key_id = %signed.key_id, "command refused");
+                self.reporter.deployment(
+                    None,
+                    signed.claimed_seq().unwrap_or(0),
+                    None,
+                    DeployStage::Rejected,
+                    Some(format!("command refused: {e}")),
+                );
+                return;
+            }
+        };
+        self.last_seq = Some(command.seq);
+        if let Err(e) = write_atomic(&self.seq_path, command.seq.to_string().as_bytes()) {
+            // Without the record a replay after reboot could pass the sequence check;
+            // refuse to act rather than weaken it.
+            warn!(error = %e, "cannot record command sequence; command not carried out");
+            return;
+        }
+        match command.action {
+            CommandAction::Deploy(action) => self.on_deploy(command.seq, action),
+        }
+    }
+
+    fn on_deploy(&mut self, seq: u64, action: DeployAction) {
+        let reject = |this: &Self, detail: String| {
+            warn!(model = %action.model, %detail, "deployment refused");
+            this.reporter.deployment(
+                Some(action.rollout_id),
+                seq,
+                Some(action.model.clone()),
+                DeployStage::Rejected,
+                Some(detail),
+            );
+        };
+        if let Some(serving) = &self.serving {
+            let current = serving.model_ref();
+            if current == action.model {
+                self.reporter.deployment(
+                    Some(action.rollout_id),
+                    seq,
+                    Some(action.model.clone()),
+                    DeployStage::Active,
+                    Some("already active".into()),
+                );
+                return;
+            }
+            if current.name == action.model.name && action.model.version < current.version {
+                return reject(
+                    self,
+                    format!("version {} is not above the active {}", action.model.version, current.version),
+                );
+            }
+        }
+        if let Some(busy) = &self.installing {
+            if *busy != action.model {
+                reject(self, format!("busy installing {busy}"));
+            }
+            return;
+        }
+        info!(model = %action.model, rollout = action.rollout_id, "deploying");
+        self.installing = Some(action.model.clone());
+        let installer = self.installer.clone();
+        let reporter = self.reporter.clone();
+        let active = self.serving.as_ref().map(|s| s.installed.slot);
+        let done = self.install_tx.clone();
+        tokio::spawn(async move {
+            let result = deploy(&installer, &reporter, seq, &action, active).await;
+            let _ = done.send(InstallOutcome { seq, action, result }).await;
+        });
+    }
+
+    fn on_install_done(&mut self, outcome: InstallOutcome) {
+        self.installing = None;
+        let InstallOutcome { seq, action, result } = outcome;
+        match result {
+            Ok(installed) => {
+                if let Some(old) = self.serving.as_mut()
+                    && old.window.samples() > 0
+                {
+                    // The inputs seen under the old model still count: send them as a short window.
+                    Self::publish_window(&self.reporter, old);
+                }
+                info!(model = %action.model, slot = ?installed.slot, "model active");
+                self.serving = Some(Serving::new(installed, &self.source_columns));
+                self.reporter.deployment(
+                    Some(action.rollout_id),
+                    seq,
+                    Some(action.model),
+                    DeployStage::Active,
+                    None,
+                );
+                self.send_status();
+            }
+            Err(e) => {
+                warn!(model = %action.model, error = %e, "deployment failed; previous model keeps serving");
+                self.reporter.deployment(
+                    Some(action.rollout_id),
+                    seq,
+                    Some(action.model),
+                    DeployStage::Failed,
+                    Some(e.to_string()),
+                );
+            }
+        }
+    }
+}
+
+/// Downloads, verifies and installs, reporting each stage.
+async fn deploy(
+    installer: &Installer,
+    reporter: &Reporter,
+    seq: u64,
+    action: &DeployAction,
+    active: Option<crate::slots::Slot>,
+) -> Result<Installed, InstallError> {
+    let stage = |stage| {
+        reporter.deployment(Some(action.rollout_id), seq, Some(action.model.clone()), stage, None)
+    };
+    stage(DeployStage::Downloading);
+    let bytes = Arc::new(installer.download(action).await?);
+    stage(DeployStage::Verifying);
+    let (installer, reporter, action) = (installer.clone(), reporter.clone(), action.clone());
+    tokio::task::spawn_blocking(move || {
+        let verified = installer.verify(&bytes, &action)?;
+        reporter.deployment(
+            Some(action.rollout_id),
+            seq,
+            Some(action.model.clone()),
+            DeployStage::Installing,
+            None,
+        );
+        installer.install(&bytes, &verified, active)
+    })
+    .await
+    .map_err(|e| InstallError::Task(e.to_string()))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn columns_map_by_name_and_missing_ones_are_named() {
+        let cols: Vec<String> = ["b", "a", "c"].iter().map(|s| s.to_string()).collect();
+        let feats: Vec<String> = ["a", "c"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(map_columns(&feats, &cols), Ok(vec![1, 2]));
+        let err = map_columns(&["z".to_string()], &cols).unwrap_err();
+        assert!(err.contains("`z`"));
+    }
+}

@@ -1,0 +1,192 @@
+//! Agent configuration: built-in defaults, then a TOML file, then environment variables,
+//! then command-line flags; validated right after loading.
+
+use std::path::{Path, PathBuf};
+
+use edgeloop_shared::signing::{KeyError, TrustedKeys};
+use edgeloop_shared::topics::Topics;
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// The default configuration, commented; `edgeloop-agent print-default-config` prints it.
+pub const DEFAULT_CONFIG_TOML: &str = include_str!("default-config.toml");
+pub const CONFIG_VERSION: u32 = 1;
+pub const ENV_PREFIX: &str = "EDGELOOP_AGENT_";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot load agent configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("config_version {found} is not supported (expected {CONFIG_VERSION})")]
+    Version { found: u32 },
+    #[error("invalid `{key}`: {reason}")]
+    Invalid { key: &'static str, reason: String },
+    #[error("invalid trusted key: {0}")]
+    TrustedKey(#[from] KeyError),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    pub config_version: u32,
+    pub device_id: String,
+    pub broker_url: String,
+    pub topic_root: String,
+    pub controller_url: String,
+    pub trusted_keys: Vec<String>,
+    pub state_dir: PathBuf,
+    pub heartbeat_interval_s: u64,
+    pub drift_window_samples: u64,
+    pub max_bundle_bytes: u64,
+    pub max_inflight: u16,
+    pub source: SourceConfig,
+}
+
+/// Where inputs come from. One flat table (rather than one per kind) so that layered
+/// configuration can switch the kind without leaving the other kind's keys behind.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    #[serde(rename = "type")]
+    pub kind: SourceKind,
+    /// Inputs per second.
+    pub rate_hz: f64,
+    /// synthetic: random seed.
+    pub seed: u64,
+    /// csv: the file to replay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// csv: start again at the end of the file.
+    #[serde(rename = "loop")]
+    pub repeat: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceKind {
+    /// A simulated vibration sensor.
+    Synthetic,
+    /// Rows of a CSV file with a header line.
+    Csv,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        toml::from_str(DEFAULT_CONFIG_TOML).expect("the built-in default config parses")
+    }
+}
+
+impl AgentConfig {
+    /// Defaults, then `file` (if given), then `EDGELOOP_AGENT_*` variables; validated.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(AgentConfig::default()));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError::Invalid {
+                    key: "--config",
+                    reason: format!("{} does not exist", path.display()),
+                });
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        let config: AgentConfig = figment
+            .merge(Env::prefixed(ENV_PREFIX).split("__"))
+            .extract()
+            .map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.config_version != CONFIG_VERSION {
+            return Err(ConfigError::Version {
+                found: self.config_version,
+            });
+        }
+        let invalid = |key, reason: &str| ConfigError::Invalid {
+            key,
+            reason: reason.to_string(),
+        };
+        if !edgeloop_shared::is_valid_identifier(&self.device_id) {
+            return Err(invalid("device_id", "use 1-64 characters of [A-Za-z0-9_.-]"));
+        }
+        crate::link::BrokerAddr::parse(&self.broker_url)
+            .map_err(|e| invalid("broker_url", &e.to_string()))?;
+        Topics::new(&self.topic_root).map_err(|e| invalid("topic_root", &e.to_string()))?;
+        if !(self.controller_url.starts_with("http://") || self.controller_url.starts_with("https://")) {
+            return Err(invalid("controller_url", "must start with http:// or https://"));
+        }
+        self.trusted_keys()?;
+        if self.heartbeat_interval_s == 0 {
+            return Err(invalid("heartbeat_interval_s", "must be at least 1"));
+        }
+        if self.drift_window_samples == 0 {
+            return Err(invalid("drift_window_samples", "must be at least 1"));
+        }
+        if self.max_inflight == 0 {
+            return Err(invalid("max_inflight", "must be at least 1"));
+        }
+        if self.source.kind == SourceKind::Csv && self.source.path.is_none() {
+            return Err(invalid("source.path", "a csv source needs a path"));
+        }
+        let rate = self.source.rate_hz;
+        if !(rate.is_finite() && rate > 0.0 && rate <= 100_000.0) {
+            return Err(invalid("source.rate_hz", "must be in (0, 100000]"));
+        }
+        Ok(())
+    }
+
+    pub fn trusted_keys(&self) -> Result<TrustedKeys, KeyError> {
+        TrustedKeys::parse_all(self.trusted_keys.iter().map(String::as_str))
+    }
+
+    pub fn topics(&self) -> Topics {
+        Topics::new(&self.topic_root).expect("validated")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_config_is_valid() {
+        AgentConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn a_file_overrides_defaults_and_bad_values_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(
+            &path,
+            "device_id = \"pump-7\"\n[source]\ntype = \"csv\"\nrate_hz = 2.0\npath = \"x.csv\"\n",
+        )
+        .unwrap();
+        let c = AgentConfig::load(Some(&path)).unwrap();
+        assert_eq!(c.device_id, "pump-7");
+        assert_eq!(c.heartbeat_interval_s, 10);
+        assert_eq!(c.source.kind, SourceKind::Csv);
+        assert!(c.source.repeat);
+
+        std::fs::write(&path, "[source]\ntype = \"csv\"\n").unwrap();
+        let err = AgentConfig::load(Some(&path)).unwrap_err().to_string();
+        assert!(err.contains("source.path"), "{err}");
+
+        std::fs::write(&path, "device_id = \"a/b\"\n").unwrap();
+        let err = AgentConfig::load(Some(&path)).unwrap_err().to_string();
+        assert!(err.contains("device_id"), "{err}");
+
+        std::fs::write(&path, "device_idd = \"x\"\n").unwrap();
+        let err = AgentConfig::load(Some(&path)).unwrap_err().to_string();
+        assert!(err.contains("device_idd"), "{err}");
+
+        std::fs::write(&path, "trusted_keys = [\"ed25519:nope\"]\n").unwrap();
+        assert!(matches!(
+            AgentConfig::load(Some(&path)),
+            Err(ConfigError::TrustedKey(_))
+        ));
+        assert!(AgentConfig::load(Some(&dir.path().join("missing.toml"))).is_err());
+    }
+}

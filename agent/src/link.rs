@@ -1,0 +1,293 @@
+//! The MQTT link: delivers the outbox to the broker at QoS 1 and hands incoming publishes
+//! (commands) to the agent.
+//!
+//! Delivery is at-least-once and driven by the outbox alone. After every (re)connection the
+//! link sends the outbox from its oldest entry; an entry is removed only when its PUBACK
+//! arrives. A message whose PUBACK was lost is therefore sent again, and the controller
+//! drops the duplicate by message id. The MQTT session is clean: the outbox, not the
+//! broker, holds what is pending, so nothing depends on the broker's session store.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Outgoing, Packet, Publish, QoS};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::outbox::Outbox;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BrokerAddrError {
+    #[error("`{0}` is not an mqtt://host:port URL")]
+    Scheme(String),
+    #[error("`{0}` has no valid port")]
+    Port(String),
+}
+
+/// A broker address from an `mqtt://host[:port]` URL (port 1883 by default; an IPv6
+/// address goes in brackets with its port: `mqtt://[::1]:1883`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerAddr {
+    pub host: String,
+    pub port: u16,
+}
+
+impl BrokerAddr {
+    pub fn parse(url: &str) -> Result<Self, BrokerAddrError> {
+        let rest = url
+            .strip_prefix("mqtt://")
+            .or_else(|| url.strip_prefix("tcp://"))
+            .ok_or_else(|| BrokerAddrError::Scheme(url.to_string()))?;
+        let rest = rest.trim_end_matches('/');
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((host, port)) => (
+                host,
+                port.parse()
+                    .map_err(|_| BrokerAddrError::Port(url.to_string()))?,
+            ),
+            _ => (rest, 1883),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() || host.contains('/') {
+            return Err(BrokerAddrError::Scheme(url.to_string()));
+        }
+        Ok(BrokerAddr {
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+/// Exponential backoff with full jitter, for reconnecting.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    base: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(base: Duration, max: Duration) -> Self {
+        Backoff {
+            base,
+            max,
+            attempt: 0,
+        }
+    }
+
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+
+    /// The next delay: uniform in [ceiling / 2, ceiling], the ceiling doubling per attempt.
+    pub fn next_delay(&mut self) -> Duration {
+        let ceiling = self
+            .base
+            .saturating_mul(1u32 << self.attempt.min(16))
+            .min(self.max);
+        self.attempt = self.attempt.saturating_add(1);
+        let jitter: f64 = rand::random();
+        ceiling.mul_f64(0.5 + jitter / 2.0)
+    }
+}
+
+/// What the link needs to know.
+#[derive(Debug, Clone)]
+pub struct LinkConfig {
+    pub client_id: String,
+    pub broker: BrokerAddr,
+    pub keep_alive: Duration,
+    /// Most outbox entries handed to MQTT and not yet acknowledged.
+    pub max_inflight: u16,
+    /// Topics to subscribe to (QoS 1) after every connection.
+    pub subscriptions: Vec<String>,
+    /// Published by the broker if the connection dies without a DISCONNECT.
+    pub last_will: Option<(String, Vec<u8>)>,
+    pub max_packet_bytes: usize,
+}
+
+/// The link actor. See the module documentation.
+pub struct Link {
+    config: LinkConfig,
+    outbox: Outbox,
+    incoming: mpsc::Sender<Publish>,
+    connected: watch::Sender<bool>,
+}
+
+/// Outbox entries in flight during one connection.
+#[derive(Debug, Default)]
+struct Inflight {
+    /// Highest outbox id handed to the MQTT client in this connection.
+    cursor: u64,
+    /// Ids handed to the client whose packet id is not known yet, in send order.
+    awaiting_pkid: VecDeque<u64>,
+    /// Packet id → outbox id, for publishes waiting for their PUBACK.
+    by_pkid: HashMap<u16, u64>,
+}
+
+impl Inflight {
+    fn len(&self) -> usize {
+        self.awaiting_pkid.len() + self.by_pkid.len()
+    }
+}
+
+impl Link {
+    pub fn new(
+        config: LinkConfig,
+        outbox: Outbox,
+        incoming: mpsc::Sender<Publish>,
+    ) -> (Self, watch::Receiver<bool>) {
+        let (connected, connected_rx) = watch::channel(false);
+        (
+            Link {
+                config,
+                outbox,
+                incoming,
+                connected,
+            },
+            connected_rx,
+        )
+    }
+
+    fn options(&self) -> MqttOptions {
+        let c = &self.config;
+        let mut options = MqttOptions::new(&c.client_id, &c.broker.host, c.broker.port);
+        options
+            .set_keep_alive(c.keep_alive)
+            .set_clean_session(true)
+            .set_inflight(c.max_inflight.max(1))
+            .set_max_packet_size(c.max_packet_bytes, c.max_packet_bytes);
+        if let Some((topic, payload)) = &c.last_will {
+            options.set_last_will(LastWill::new(topic, payload.clone(), QoS::AtLeastOnce, false));
+        }
+        options
+    }
+
+    pub async fn run(self, shutdown: CancellationToken) {
+        // The request channel holds at most one window of publishes plus subscriptions.
+        let capacity = usize::from(self.config.max_inflight) + self.config.subscriptions.len() + 8;
+        let (client, mut eventloop) = AsyncClient::new(self.options(), capacity);
+        let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+        let mut flight = Inflight::default();
+        let mut connected = false;
+        loop {
+            if connected {
+                self.fill_window(&client, &mut flight);
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = self.outbox.queued(), if connected => {}
+                event = eventloop.poll() => match event {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        info!(client = %self.config.client_id, "connected to broker");
+                        connected = true;
+                        backoff.reset();
+                        flight = Inflight::default();
+                        for topic in &self.config.subscriptions {
+                            if let Err(e) = client.try_subscribe(topic, QoS::AtLeastOnce) {
+                                warn!(%topic, error = %e, "cannot subscribe");
+                            }
+                        }
+                        self.connected.send_replace(true);
+                    }
+                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                        if let Some(id) = flight.awaiting_pkid.pop_front() {
+                            flight.by_pkid.insert(pkid, id);
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                        if let Some(id) = flight.by_pkid.remove(&ack.pkid)
+                            && let Err(e) = self.outbox.acknowledge(id)
+                        {
+                            // The entry stays and is sent again later: a duplicate, not a loss.
+                            warn!(error = %e, id, "cannot remove acknowledged outbox entry");
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(publish))) => {
+                        if self.incoming.send(publish).await.is_err() {
+                            debug!("agent stopped listening; link stops");
+                            break;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        if connected {
+                            warn!(client = %self.config.client_id, error = %e, "broker connection lost");
+                        } else {
+                            debug!(client = %self.config.client_id, error = %e, "cannot connect to broker");
+                        }
+                        connected = false;
+                        self.connected.send_replace(false);
+                        flight = Inflight::default();
+                        tokio::select! {
+                            _ = shutdown.cancelled() => break,
+                            _ = tokio::time::sleep(backoff.next_delay()) => {}
+                        }
+                    }
+                },
+            }
+        }
+        self.connected.send_replace(false);
+    }
+
+    /// Hands outbox entries to the MQTT client until the in-flight window is full.
+    fn fill_window(&self, client: &AsyncClient, flight: &mut Inflight) {
+        let room = usize::from(self.config.max_inflight).saturating_sub(flight.len());
+        if room == 0 {
+            return;
+        }
+        let entries = match self.outbox.after(flight.cursor, room) {
+            Ok(entries) => entries,
+            Err(e) => {
+                warn!(error = %e, "cannot read outbox");
+                return;
+            }
+        };
+        for entry in entries {
+            if client
+                .try_publish(&entry.topic, QoS::AtLeastOnce, false, entry.payload)
+                .is_err()
+            {
+                // Channel full: the rest goes out when acknowledgements make room.
+                return;
+            }
+            flight.cursor = entry.id;
+            flight.awaiting_pkid.push_back(entry.id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_urls_parse() {
+        assert_eq!(
+            BrokerAddr::parse("mqtt://127.0.0.1:1883").unwrap(),
+            BrokerAddr {
+                host: "127.0.0.1".into(),
+                port: 1883
+            }
+        );
+        assert_eq!(BrokerAddr::parse("mqtt://broker.local").unwrap().port, 1883);
+        assert_eq!(BrokerAddr::parse("mqtt://[::1]:1884").unwrap().host, "::1");
+        assert!(BrokerAddr::parse("http://x:1").is_err());
+        assert!(BrokerAddr::parse("mqtt://x:notaport").is_err());
+        assert!(BrokerAddr::parse("mqtt://").is_err());
+    }
+
+    #[test]
+    fn backoff_grows_to_its_ceiling_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        let first = b.next_delay();
+        assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
+        for _ in 0..20 {
+            assert!(b.next_delay() <= Duration::from_secs(2));
+        }
+        assert!(b.next_delay() >= Duration::from_secs(1));
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+}

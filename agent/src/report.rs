@@ -1,0 +1,80 @@
+//! Builds outgoing protocol messages and queues them in the outbox.
+
+use edgeloop_shared::protocol::{
+    DeployStage, DeploymentStatus, DeviceStatus, DriftSummary, Envelope, Message, ModelRef,
+};
+use edgeloop_shared::topics::{Channel, Topics};
+use tracing::warn;
+
+use crate::now_ms;
+use crate::outbox::Outbox;
+
+/// Queues this device's messages on their topics. Cheap to clone.
+#[derive(Clone)]
+pub struct Reporter {
+    device_id: String,
+    topics: Topics,
+    outbox: Outbox,
+}
+
+impl Reporter {
+    pub fn new(device_id: &str, topics: Topics, outbox: Outbox) -> Self {
+        Reporter {
+            device_id: device_id.to_string(),
+            topics,
+            outbox,
+        }
+    }
+
+    /// Wraps a message in a fresh envelope (new message id, current time).
+    pub fn envelope(&self, message: Message) -> Envelope {
+        Envelope::new(
+            self.device_id.clone(),
+            uuid::Uuid::now_v7().to_string(),
+            now_ms(),
+            message,
+        )
+    }
+
+    pub fn topic(&self, channel: Channel) -> String {
+        self.topics
+            .device(&self.device_id, channel)
+            .expect("the device id was validated with the config")
+    }
+
+    fn queue(&self, channel: Channel, message: Message) {
+        let bytes = self.envelope(message).encode();
+        if let Err(e) = self.outbox.enqueue(&self.topic(channel), &bytes) {
+            // Nothing else can hold it: say so loudly rather than silently dropping.
+            warn!(error = %e, channel = channel.as_str(), "cannot queue message; it is lost");
+        }
+    }
+
+    pub fn status(&self, status: DeviceStatus) {
+        self.queue(Channel::Status, Message::Status(status));
+    }
+
+    pub fn drift(&self, summary: DriftSummary) {
+        self.queue(Channel::Telemetry, Message::DriftSummary(summary));
+    }
+
+    pub fn deployment(
+        &self,
+        rollout_id: Option<u64>,
+        command_seq: u64,
+        model: Option<ModelRef>,
+        stage: DeployStage,
+        detail: Option<String>,
+    ) {
+        self.queue(
+            Channel::Deployment,
+            Message::DeploymentStatus(DeploymentStatus {
+                rollout_id,
+                command_seq,
+                model,
+                stage,
+                detail,
+            }),
+        );
+    }
+}

@@ -1,0 +1,284 @@
+//! Inference with tract: an ONNX model is typed, optimized and planned once at load, then
+//! run for each input row.
+//!
+//! The skeleton runtime serves models with one f32 input of shape `[batch, features]` and
+//! one f32 output of shape `[batch, classes]` (class scores); the plan is made for a batch
+//! of one.
+
+use std::sync::Arc;
+
+use edgeloop_shared::bundle::{DType, Manifest, TensorSpec, VerifiedBundle};
+use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::infer::Factoid;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("tract cannot load the model: {0}")]
+    Load(String),
+    #[error("model input `{name}` must be f32 of shape [batch, features]; the graph declares {declared}")]
+    UnsupportedInput { name: String, declared: String },
+    #[error("model expects {expected} input features but {got} were given")]
+    WidthMismatch { expected: usize, got: usize },
+    #[error("input feature `{feature}` is {value}: only finite values can be inferred")]
+    NonFinite { feature: String, value: f32 },
+    #[error("inference failed: {0}")]
+    Run(String),
+    #[error("model output has {got} values, expected {expected} class scores")]
+    OutputShape { expected: usize, got: usize },
+    #[error("model output contains a non-finite score")]
+    NonFiniteOutput,
+}
+
+/// What was learned about an ONNX graph by loading it with tract.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelSignature {
+    pub input_name: String,
+    /// Width of the input's last axis, when the graph declares it.
+    pub input_width: Option<usize>,
+    pub output_name: String,
+}
+
+/// Reads an ONNX graph's input and output names and the declared input width.
+pub fn inspect_onnx(onnx: &[u8]) -> Result<ModelSignature, RuntimeError> {
+    let model = tract_onnx::onnx()
+        .model_for_read(&mut std::io::Cursor::new(onnx))
+        .map_err(|e| RuntimeError::Load(format!("{e:#}")))?;
+    if model.inputs.len() != 1 || model.outputs.len() != 1 {
+        return Err(RuntimeError::Load(format!(
+            "the model has {} inputs and {} outputs; one of each is supported",
+            model.inputs.len(),
+            model.outputs.len()
+        )));
+    }
+    let input = model.input_outlets().map_err(|e| RuntimeError::Load(e.to_string()))?[0];
+    let output = model.output_outlets().map_err(|e| RuntimeError::Load(e.to_string()))?[0];
+    let fact = model
+        .input_fact(0)
+        .map_err(|e| RuntimeError::Load(e.to_string()))?;
+    let dims: Vec<Option<i64>> = fact
+        .shape
+        .dims()
+        .map(|d| d.concretize().and_then(|d| d.to_i64().ok()))
+        .collect();
+    let input_name = model.node(input.node).name.clone();
+    if dims.len() != 2 || fact.datum_type.concretize().is_some_and(|t| t != f32::datum_type()) {
+        return Err(RuntimeError::UnsupportedInput {
+            name: input_name,
+            declared: format!("{fact:?}"),
+        });
+    }
+    Ok(ModelSignature {
+        input_name,
+        input_width: dims[1].and_then(|w| usize::try_from(w).ok()),
+        output_name: model.node(output.node).name.clone(),
+    })
+}
+
+/// The class scores for one input row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prediction {
+    pub scores: Vec<f32>,
+    pub class: usize,
+}
+
+/// An ONNX model optimized for `[1, features]` inputs, ready to run.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    runnable: Arc<TypedRunnableModel>,
+    features: usize,
+    classes: usize,
+}
+
+impl Plan {
+    /// Loads, types and optimizes `onnx` for a batch of one row of `features` values, and
+    /// runs it once on zeros to learn the number of output classes.
+    pub fn compile(onnx: &[u8], features: usize) -> Result<Self, RuntimeError> {
+        let signature = inspect_onnx(onnx)?;
+        if let Some(width) = signature.input_width
+            && width != features
+        {
+            return Err(RuntimeError::WidthMismatch {
+                expected: width,
+                got: features,
+            });
+        }
+        let runnable = tract_onnx::onnx()
+            .model_for_read(&mut std::io::Cursor::new(onnx))
+            .and_then(|m| m.with_input_fact(0, f32::fact([1, features]).into()))
+            .and_then(|m| m.into_optimized())
+            .and_then(|m| m.into_runnable())
+            .map_err(|e| RuntimeError::Load(format!("{e:#}")))?;
+        let mut plan = Plan {
+            runnable,
+            features,
+            classes: 0,
+        };
+        let zeros = plan.run_raw(&vec![0.0; features])?;
+        plan.classes = zeros.len();
+        if plan.classes == 0 {
+            return Err(RuntimeError::OutputShape { expected: 1, got: 0 });
+        }
+        Ok(plan)
+    }
+
+    pub fn features(&self) -> usize {
+        self.features
+    }
+
+    pub fn classes(&self) -> usize {
+        self.classes
+    }
+
+    fn run_raw(&self, row: &[f32]) -> Result<Vec<f32>, RuntimeError> {
+        let input = Tensor::from_shape(&[1, self.features], row)
+            .map_err(|e| RuntimeError::Run(e.to_string()))?;
+        let outputs = self
+            .runnable
+            .run(tvec!(input.into()))
+            .map_err(|e| RuntimeError::Run(format!("{e:#}")))?;
+        let scores = outputs[0]
+            .cast_to::<f32>()
+            .map_err(|e| RuntimeError::Run(e.to_string()))?;
+        let scores = scores
+            .to_plain_array_view::<f32>()
+            .map_err(|e| RuntimeError::Run(e.to_string()))?;
+        Ok(scores.iter().copied().collect())
+    }
+
+    /// Runs one row. The caller names the features for error messages.
+    pub fn infer(&self, row: &[f32], feature_names: &[String]) -> Result<Prediction, RuntimeError> {
+        if row.len() != self.features {
+            return Err(RuntimeError::WidthMismatch {
+                expected: self.features,
+                got: row.len(),
+            });
+        }
+        if let Some((i, &value)) = row.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            return Err(RuntimeError::NonFinite {
+                feature: feature_names.get(i).cloned().unwrap_or_else(|| format!("#{i}")),
+                value,
+            });
+        }
+        let scores = self.run_raw(row)?;
+        if scores.len() != self.classes {
+            return Err(RuntimeError::OutputShape {
+                expected: self.classes,
+                got: scores.len(),
+            });
+        }
+        if scores.iter().any(|s| !s.is_finite()) {
+            return Err(RuntimeError::NonFiniteOutput);
+        }
+        let class = scores
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i)
+            .unwrap_or(0);
+        Ok(Prediction { scores, class })
+    }
+}
+
+/// A verified bundle's model, planned and smoke-tested, with its manifest.
+#[derive(Debug, Clone)]
+pub struct LoadedModel {
+    pub manifest: Manifest,
+    pub plan: Plan,
+    feature_names: Vec<String>,
+}
+
+impl LoadedModel {
+    /// Plans the bundle's model and runs it on the reference means, which must give one
+    /// finite score per declared class.
+    pub fn load(bundle: &VerifiedBundle) -> Result<Self, RuntimeError> {
+        let manifest = bundle.manifest.clone();
+        let input = &manifest.inputs[0];
+        check_spec(input)?;
+        let features = manifest.reference.features.len();
+        let plan = Plan::compile(&bundle.model, features)?;
+        let declared_classes = manifest.outputs[0].shape.last().copied().flatten();
+        if let Some(classes) = declared_classes
+            && classes as usize != plan.classes()
+        {
+            return Err(RuntimeError::OutputShape {
+                expected: classes as usize,
+                got: plan.classes(),
+            });
+        }
+        let model = LoadedModel {
+            feature_names: manifest.reference.feature_names().map(str::to_string).collect(),
+            manifest,
+            plan,
+        };
+        let means: Vec<f32> = model
+            .manifest
+            .reference
+            .features
+            .iter()
+            .map(|f| f.mean as f32)
+            .collect();
+        model.infer(&means)?;
+        Ok(model)
+    }
+
+    pub fn infer(&self, row: &[f32]) -> Result<Prediction, RuntimeError> {
+        self.plan.infer(row, &self.feature_names)
+    }
+
+    pub fn feature_names(&self) -> &[String] {
+        &self.feature_names
+    }
+}
+
+fn check_spec(spec: &TensorSpec) -> Result<(), RuntimeError> {
+    if spec.dtype != DType::F32 || spec.shape.len() != 2 {
+        return Err(RuntimeError::UnsupportedInput {
+            name: spec.name.clone(),
+            declared: format!("{:?} {:?}", spec.dtype, spec.shape),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MODEL_V1: &[u8] = include_bytes!("../../controller/assets/vibration/model_v1.onnx");
+
+    fn names() -> Vec<String> {
+        ["rms", "peak", "kurtosis", "temperature"].iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn the_example_model_loads_and_classifies() {
+        let sig = inspect_onnx(MODEL_V1).unwrap();
+        assert_eq!(sig.input_width, Some(4));
+        let plan = Plan::compile(MODEL_V1, 4).unwrap();
+        assert_eq!(plan.classes(), 2);
+        let normal = plan.infer(&[1.0, 3.0, 3.0, 45.0], &names()).unwrap();
+        assert_eq!(normal.class, 0);
+        assert!((normal.scores.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+        let fault = plan.infer(&[1.9, 8.5, 6.5, 56.0], &names()).unwrap();
+        assert_eq!(fault.class, 1);
+    }
+
+    #[test]
+    fn bad_inputs_get_clear_errors() {
+        let plan = Plan::compile(MODEL_V1, 4).unwrap();
+        assert!(matches!(
+            plan.infer(&[1.0, 2.0], &names()),
+            Err(RuntimeError::WidthMismatch { expected: 4, got: 2 })
+        ));
+        let err = plan.infer(&[1.0, f32::NAN, 3.0, 4.0], &names()).unwrap_err();
+        assert!(err.to_string().contains("`peak`"), "{err}");
+        assert!(matches!(
+            Plan::compile(MODEL_V1, 5),
+            Err(RuntimeError::WidthMismatch { expected: 4, got: 5 })
+        ));
+        assert!(matches!(
+            Plan::compile(b"definitely not onnx", 4),
+            Err(RuntimeError::Load(_))
+        ));
+    }
+}

@@ -1,0 +1,218 @@
+//! The JSON API, the dashboard and bundle downloads. Every error becomes an HTTP status in
+//! one place, [`ApiError::into_response`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use edgeloop_agent::now_ms;
+use edgeloop_shared::is_valid_identifier;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use crate::ingest::{IngestStats, IngestStatsSnapshot};
+use crate::registry::ArtifactStore;
+use crate::rollout::{self, RolloutError};
+use crate::store::{DeploymentEvent, DeviceRow, ModelRow, RolloutRow, Store, StoreError, TelemetryRow};
+
+const DASHBOARD_HTML: &str = include_str!("dashboard.html");
+const DEFAULT_LIMIT: u32 = 20;
+const MAX_LIMIT: u32 = 1000;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+    pub stats: Arc<IngestStats>,
+    pub artifacts: ArtifactStore,
+    pub offline_after: Duration,
+    pub dispatcher_wake: Arc<Notify>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Rollout(#[from] RolloutError),
+    #[error("cannot read artifact: {0}")]
+    Artifact(std::io::Error),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            ApiError::BadRequest(_) | ApiError::Rollout(RolloutError::NoDevices) => StatusCode::BAD_REQUEST,
+            ApiError::NotFound(_)
+            | ApiError::Store(StoreError::NotFound(_))
+            | ApiError::Rollout(RolloutError::Store(StoreError::NotFound(_))) => StatusCode::NOT_FOUND,
+            ApiError::Store(StoreError::Conflict(_)) | ApiError::Rollout(RolloutError::Store(StoreError::Conflict(_))) => {
+                StatusCode::CONFLICT
+            }
+            ApiError::Store(_) | ApiError::Rollout(_) | ApiError::Artifact(_) => {
+                tracing::error!(error = %self, "request failed");
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        };
+        (status, Json(serde_json::json!({ "error": self.to_string() }))).into_response()
+    }
+}
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/", get(dashboard))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/api/v1/devices", get(devices))
+        .route("/api/v1/devices/{id}/telemetry", get(telemetry))
+        .route("/api/v1/devices/{id}/deployments", get(deployment_events))
+        .route("/api/v1/models", get(models))
+        .route("/api/v1/rollouts", post(create_rollout).get(rollouts))
+        .route("/api/v1/rollouts/{id}", get(rollout))
+        .route("/api/v1/stats", get(stats))
+        .route("/artifacts/{name}/{version}", get(artifact))
+        .with_state(state)
+}
+
+async fn dashboard() -> Html<&'static str> {
+    Html(DASHBOARD_HTML)
+}
+
+/// A device as the API shows it: `online` also requires having been heard from recently.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceView {
+    #[serde(flatten)]
+    pub row: DeviceRow,
+}
+
+pub fn device_view(mut row: DeviceRow, offline_after: Duration, now_ms: u64) -> DeviceView {
+    row.online = row.online && now_ms.saturating_sub(row.last_seen_ms) <= offline_after.as_millis() as u64;
+    DeviceView { row }
+}
+
+async fn devices(State(s): State<AppState>) -> ApiResult<Vec<DeviceView>> {
+    let now = now_ms();
+    Ok(Json(
+        s.store
+            .devices()
+            .await?
+            .into_iter()
+            .map(|d| device_view(d, s.offline_after, now))
+            .collect(),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+struct LimitQuery {
+    limit: Option<u32>,
+}
+
+fn limit(q: &LimitQuery) -> Result<u32, ApiError> {
+    match q.limit {
+        None => Ok(DEFAULT_LIMIT),
+        Some(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
+        Some(n) => Err(ApiError::BadRequest(format!("limit {n} is not in 1..={MAX_LIMIT}"))),
+    }
+}
+
+fn device_id(id: &str) -> Result<&str, ApiError> {
+    if is_valid_identifier(id) {
+        Ok(id)
+    } else {
+        Err(ApiError::BadRequest(format!("`{id}` is not a valid device id")))
+    }
+}
+
+async fn telemetry(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<LimitQuery>,
+) -> ApiResult<Vec<TelemetryRow>> {
+    Ok(Json(s.store.telemetry(device_id(&id)?, limit(&q)?).await?))
+}
+
+async fn deployment_events(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<LimitQuery>,
+) -> ApiResult<Vec<DeploymentEvent>> {
+    Ok(Json(s.store.deployment_events(device_id(&id)?, limit(&q)?).await?))
+}
+
+async fn models(State(s): State<AppState>) -> ApiResult<Vec<ModelRow>> {
+    Ok(Json(s.store.models().await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRollout {
+    pub model: String,
+    pub version: u64,
+    /// Devices to deploy to; every known device when absent.
+    pub devices: Option<Vec<String>>,
+}
+
+async fn create_rollout(
+    State(s): State<AppState>,
+    body: Result<Json<CreateRollout>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<RolloutRow>), ApiError> {
+    let Json(body) = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    if let Some(devices) = &body.devices {
+        for d in devices {
+            device_id(d)?;
+        }
+    }
+    let row = rollout::create(s.store.as_ref(), &body.model, body.version, body.devices).await?;
+    s.dispatcher_wake.notify_one();
+    Ok((StatusCode::CREATED, Json(row)))
+}
+
+async fn rollouts(State(s): State<AppState>) -> ApiResult<Vec<RolloutRow>> {
+    Ok(Json(s.store.rollouts().await?))
+}
+
+async fn rollout(State(s): State<AppState>, Path(id): Path<u64>) -> ApiResult<RolloutRow> {
+    s.store
+        .rollout(id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("rollout {id}")))
+}
+
+async fn stats(State(s): State<AppState>) -> Json<IngestStatsSnapshot> {
+    Json(s.stats.snapshot())
+}
+
+async fn artifact(State(s): State<AppState>, Path((name, version)): Path<(String, u64)>) -> Result<Response, ApiError> {
+    if !is_valid_identifier(&name) {
+        return Err(ApiError::BadRequest(format!("`{name}` is not a valid model name")));
+    }
+    let path = s.artifacts.path(&name, version);
+    let file = match tokio::fs::File::open(&path).await {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(ApiError::NotFound(format!("bundle {name} v{version}")));
+        }
+        Err(e) => return Err(ApiError::Artifact(e)),
+    };
+    let len = file.metadata().await.map_err(ApiError::Artifact)?.len();
+    let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/vnd.edgeloop.bundle".to_string()),
+            (header::CONTENT_LENGTH, len.to_string()),
+        ],
+        body,
+    )
+        .into_response())
+}

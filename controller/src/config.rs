@@ -1,0 +1,132 @@
+//! Controller configuration: built-in defaults, then a TOML file, then `EDGELOOP_*`
+//! environment variables, then command-line flags; validated right after loading.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use edgeloop_agent::link::BrokerAddr;
+use edgeloop_shared::topics::Topics;
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_CONFIG_TOML: &str = include_str!("default-config.toml");
+pub const CONFIG_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot load controller configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("config_version {found} is not supported (expected {CONFIG_VERSION})")]
+    Version { found: u32 },
+    #[error("invalid `{key}`: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControllerConfig {
+    pub config_version: u32,
+    pub data_dir: PathBuf,
+    pub http_addr: SocketAddr,
+    pub mqtt_url: String,
+    pub mqtt_listen: SocketAddr,
+    pub topic_root: String,
+    pub mqtt_client_id: String,
+    pub signing_key: String,
+    pub offline_after_s: u64,
+    pub command_ttl_s: u64,
+    pub resend_after_s: u64,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        toml::from_str(DEFAULT_CONFIG_TOML).expect("the built-in default config parses")
+    }
+}
+
+impl ControllerConfig {
+    /// Defaults, then `file` (if given), then `EDGELOOP_*` variables. Not yet validated:
+    /// flags may still override; call [`validate`](Self::validate) after them.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(ControllerConfig::default()));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError::Invalid {
+                    key: "--config",
+                    reason: format!("{} does not exist", path.display()),
+                });
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        // Only the keys this config has: EDGELOOP_TEST_* and EDGELOOP_AGENT_* belong to others.
+        let keys: Vec<String> = DEFAULT_CONFIG_TOML
+            .lines()
+            .filter_map(|l| l.split_once(" = ").map(|(k, _)| k.trim().to_string()))
+            .filter(|k| !k.starts_with('#'))
+            .collect();
+        figment = figment.merge(Env::prefixed("EDGELOOP_").filter(move |k| keys.iter().any(|key| k == key.as_str())));
+        figment.extract().map_err(|e| ConfigError::Load(Box::new(e)))
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.config_version != CONFIG_VERSION {
+            return Err(ConfigError::Version {
+                found: self.config_version,
+            });
+        }
+        let invalid = |key, reason: String| ConfigError::Invalid { key, reason };
+        if !self.mqtt_url.is_empty() {
+            BrokerAddr::parse(&self.mqtt_url).map_err(|e| invalid("mqtt_url", e.to_string()))?;
+        }
+        Topics::new(&self.topic_root).map_err(|e| invalid("topic_root", e.to_string()))?;
+        if self.mqtt_client_id.is_empty() || self.mqtt_client_id.len() > 64 {
+            return Err(invalid("mqtt_client_id", "must be 1-64 characters".into()));
+        }
+        for (key, value) in [
+            ("offline_after_s", self.offline_after_s),
+            ("command_ttl_s", self.command_ttl_s),
+            ("resend_after_s", self.resend_after_s),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1".into()));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn signing_key_path(&self) -> PathBuf {
+        if self.signing_key.is_empty() {
+            self.data_dir.join("keys").join(crate::keys::SECRET_FILE)
+        } else {
+            PathBuf::from(&self.signing_key)
+        }
+    }
+
+    pub fn topics(&self) -> Topics {
+        Topics::new(&self.topic_root).expect("validated")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_a_file_overrides_them() {
+        ControllerConfig::default().validate().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "http_addr = \"0.0.0.0:9000\"\nresend_after_s = 5\n").unwrap();
+        let c = ControllerConfig::load(Some(&path)).unwrap();
+        assert_eq!(c.http_addr.port(), 9000);
+        assert_eq!(c.resend_after_s, 5);
+        assert_eq!(c.topic_root, "edgeloop");
+        c.validate().unwrap();
+        std::fs::write(&path, "mqtt_url = \"http://nope\"\n").unwrap();
+        let err = ControllerConfig::load(Some(&path)).unwrap().validate().unwrap_err();
+        assert!(err.to_string().contains("mqtt_url"), "{err}");
+        std::fs::write(&path, "bogus = 1\n").unwrap();
+        assert!(ControllerConfig::load(Some(&path)).is_err());
+    }
+}

@@ -1,0 +1,345 @@
+//! `edgeloop`: the fleet controller and operator CLI.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use edgeloop_agent::now_ms;
+use edgeloop_controller::config::{ControllerConfig, DEFAULT_CONFIG_TOML};
+use edgeloop_controller::demo::{self, DemoOptions};
+use edgeloop_controller::registry::{ArtifactStore, PublishRequest};
+use edgeloop_controller::server::{Controller, DATABASE_FILE};
+use edgeloop_controller::store::SqliteStore;
+use edgeloop_controller::{keys, registry};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "edgeloop", version, about = "edgeloop fleet controller: telemetry, model registry, signed rollouts")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the whole loop locally: controller, embedded broker, SQLite, simulated devices.
+    Demo {
+        /// Number of simulated devices.
+        #[arg(long, default_value_t = 5)]
+        devices: usize,
+        /// Stop after this many seconds (at least 15); without it, run until Ctrl-C.
+        #[arg(long)]
+        duration: Option<u64>,
+        /// The API and dashboard.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        http_addr: SocketAddr,
+        /// `json` makes the last line of output one JSON object with the final state.
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+        /// Keep the database, artifacts and device state here (default: a temporary directory).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Create an ed25519 signing key (mode 0600) and its public key in a directory.
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Run the controller.
+    Serve {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Use this broker (mqtt://host:port) instead of the embedded one.
+        #[arg(long)]
+        mqtt_url: Option<String>,
+        /// Where the embedded broker listens.
+        #[arg(long)]
+        mqtt_listen: Option<SocketAddr>,
+        #[arg(long)]
+        http_addr: Option<SocketAddr>,
+    },
+    /// Manage models.
+    Model {
+        #[command(subcommand)]
+        command: ModelCommand,
+    },
+    /// Manage rollouts through a running controller's API.
+    Rollout {
+        #[command(subcommand)]
+        command: RolloutCommand,
+    },
+    /// Print the built-in default configuration (a commented TOML file).
+    PrintDefaultConfig,
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Check a model with tract, profile its reference data, sign it and store it.
+    Publish {
+        /// The ONNX model.
+        model: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        version: u64,
+        /// Reference data: CSV with a header; the columns are the model's input features.
+        #[arg(long)]
+        reference: PathBuf,
+        /// A column of the reference data that is not an input (for example the label).
+        #[arg(long)]
+        label_column: Option<String>,
+        /// Class labels in output order, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        labels: Vec<String>,
+        /// A human-readable description of this version.
+        #[arg(long)]
+        label: Option<String>,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum RolloutCommand {
+    /// Deploy a model version to every known device, or to the listed ones.
+    Create {
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        version: u64,
+        /// Comma-separated device ids (default: every known device).
+        #[arg(long, value_delimiter = ',')]
+        devices: Vec<String>,
+        /// The controller's base URL.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        controller: String,
+    },
+}
+
+#[derive(clap::Args)]
+struct ConfigArgs {
+    /// TOML configuration (defaults, then this file, then EDGELOOP_* variables, then flags).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// The signing key (default: {data_dir}/keys/signing.key).
+    #[arg(long)]
+    key: Option<PathBuf>,
+}
+
+impl ConfigArgs {
+    fn load(&self) -> anyhow::Result<ControllerConfig> {
+        let mut config = ControllerConfig::load(self.config.as_deref())?;
+        if let Some(dir) = &self.data_dir {
+            config.data_dir = dir.clone();
+        }
+        if let Some(key) = &self.key {
+            config.signing_key = key.display().to_string();
+        }
+        Ok(config)
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+fn init_tracing(default: &str) {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn load_key(config: &ControllerConfig) -> anyhow::Result<edgeloop_shared::signing::SecretKey> {
+    let path = config.signing_key_path();
+    if !path.exists() {
+        bail!(
+            "no signing key at {}: create one with `edgeloop keygen --out {}`",
+            path.display(),
+            path.parent().map_or(".".into(), |p| p.display().to_string())
+        );
+    }
+    Ok(keys::load(&path)?)
+}
+
+fn ctrl_c_token() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        t.cancel();
+    });
+    token
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::PrintDefaultConfig => print!("{DEFAULT_CONFIG_TOML}"),
+        Command::Keygen { out } => {
+            let key = keys::keygen(&out)?;
+            println!("key id {}", key.id());
+            println!("secret key: {} (mode 0600)", out.join(keys::SECRET_FILE).display());
+            println!("public key: {}", out.join(keys::PUBLIC_FILE).display());
+            println!("put this line in each device's trusted_keys:\n{}", key.public().to_text());
+        }
+        Command::Serve {
+            config,
+            mqtt_url,
+            mqtt_listen,
+            http_addr,
+        } => {
+            init_tracing("info,rumqttd=off,rumqttc=warn");
+            let mut config = config.load()?;
+            if let Some(url) = mqtt_url {
+                config.mqtt_url = url;
+            }
+            if let Some(listen) = mqtt_listen {
+                config.mqtt_listen = listen;
+            }
+            if let Some(addr) = http_addr {
+                config.http_addr = addr;
+            }
+            config.validate()?;
+            let key = load_key(&config)?;
+            let shutdown = ctrl_c_token();
+            let controller = Controller::start(config, key, shutdown.clone()).await?;
+            eprintln!(
+                "edgeloop controller: API and dashboard on {}, MQTT on {}",
+                controller.http_url(),
+                controller.mqtt_url
+            );
+            shutdown.cancelled().await;
+            controller.stop().await;
+        }
+        Command::Model {
+            command:
+                ModelCommand::Publish {
+                    model,
+                    name,
+                    version,
+                    reference,
+                    label_column,
+                    labels,
+                    label,
+                    config,
+                },
+        } => {
+            init_tracing("warn");
+            let config = config.load()?;
+            config.validate()?;
+            let key = load_key(&config)?;
+            let onnx = std::fs::read(&model).with_context(|| format!("reading {}", model.display()))?;
+            std::fs::create_dir_all(&config.data_dir)?;
+            let store = SqliteStore::open(&config.data_dir.join(DATABASE_FILE))?;
+            let artifacts = ArtifactStore::new(config.data_dir.join("artifacts"));
+            let row = registry::publish(
+                &store,
+                &artifacts,
+                &key,
+                PublishRequest {
+                    name: &name,
+                    version,
+                    label,
+                    onnx: &onnx,
+                    reference_csv: &reference,
+                    label_column: label_column.as_deref(),
+                    class_labels: labels,
+                    created_ms: now_ms(),
+                },
+            )
+            .await?;
+            println!(
+                "published {} v{}: {} bytes, sha256 {}, features {}, signed by {}",
+                row.name,
+                row.version,
+                row.bundle_size,
+                row.bundle_sha256,
+                row.features.join(","),
+                row.signed_by
+            );
+        }
+        Command::Rollout {
+            command:
+                RolloutCommand::Create {
+                    model,
+                    version,
+                    devices,
+                    controller,
+                },
+        } => {
+            let mut body = serde_json::json!({ "model": model, "version": version });
+            if !devices.is_empty() {
+                body["devices"] = serde_json::json!(devices);
+            }
+            let url = format!("{}/api/v1/rollouts", controller.trim_end_matches('/'));
+            let response = reqwest::Client::new()
+                .post(&url)
+                .json(&body)
+                .send()
+                .await
+                .with_context(|| format!("cannot reach the controller at {url}"))?;
+            let status = response.status();
+            let text = response.text().await?;
+            if !status.is_success() {
+                bail!("controller answered {status}: {text}");
+            }
+            println!("{text}");
+        }
+        Command::Demo {
+            devices,
+            duration,
+            http_addr,
+            output,
+            data_dir,
+        } => {
+            init_tracing("warn,rumqttd=off");
+            let duration = duration.map(Duration::from_secs);
+            if let Some(d) = duration
+                && d < demo::MIN_DURATION
+            {
+                bail!("--duration must be at least {} seconds", demo::MIN_DURATION.as_secs());
+            }
+            if devices == 0 {
+                bail!("--devices must be at least 1");
+            }
+            let shutdown = ctrl_c_token();
+            let mut stdout = std::io::stdout();
+            let report = demo::run(
+                DemoOptions {
+                    devices,
+                    duration,
+                    http_addr,
+                    json: output == Output::Json,
+                    data_dir,
+                },
+                shutdown,
+                &mut stdout,
+            )
+            .await?;
+            let converged = report.converged(2, devices);
+            if output == Output::Json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!(
+                    "demo finished: {} of {devices} devices online on {} v2",
+                    report.devices.iter().filter(|d| d.online && d.model_version == Some(2)).count(),
+                    demo::MODEL_NAME
+                );
+            }
+            if duration.is_some() && !converged {
+                bail!("not every device ended online on v2 with a drift figure");
+            }
+        }
+    }
+    Ok(())
+}

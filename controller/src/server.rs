@@ -1,0 +1,193 @@
+//! Wires the controller together: store, broker (embedded or external), ingest, rollout
+//! dispatcher and the HTTP API.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use edgeloop_agent::link::BrokerAddr;
+use edgeloop_shared::signing::SecretKey;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::api::{self, AppState};
+use crate::broker::{BrokerError, EmbeddedBroker};
+use crate::config::{ConfigError, ControllerConfig};
+use crate::ingest::{self, BusConfig, IngestStats};
+use crate::registry::{self, ArtifactStore, PublishError, PublishRequest};
+use crate::rollout::{self, Dispatcher, RolloutError};
+use crate::store::{ModelRow, RolloutRow, SqliteStore, Store, StoreError};
+
+pub const DATABASE_FILE: &str = "edgeloop.sqlite";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error("cannot listen for HTTP on {addr}: {source}")]
+    Http {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running controller.
+pub struct Controller {
+    /// Where the HTTP API actually listens (the configured port may have been 0).
+    pub http_addr: SocketAddr,
+    /// The broker devices should connect to.
+    pub mqtt_url: String,
+    pub store: Arc<dyn Store>,
+    pub stats: Arc<IngestStats>,
+    pub artifacts: ArtifactStore,
+    pub config: ControllerConfig,
+    key: SecretKey,
+    dispatcher_wake: Arc<Notify>,
+    shutdown: CancellationToken,
+    http_task: tokio::task::JoinHandle<()>,
+}
+
+impl Controller {
+    /// Starts every part; returns once the broker and the HTTP API accept connections.
+    pub async fn start(
+        config: ControllerConfig,
+        key: SecretKey,
+        shutdown: CancellationToken,
+    ) -> Result<Self, ServeError> {
+        config.validate()?;
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| ServeError::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        })?;
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.data_dir.join(DATABASE_FILE))?);
+        let artifacts = ArtifactStore::new(config.data_dir.join("artifacts"));
+
+        let mqtt_url = if config.mqtt_url.is_empty() {
+            let listen = config.mqtt_listen;
+            tokio::task::spawn_blocking(move || EmbeddedBroker::start(listen))
+                .await
+                .expect("broker start does not panic")?
+                .url()
+        } else {
+            config.mqtt_url.clone()
+        };
+        let broker = BrokerAddr::parse(&mqtt_url).map_err(|e| ConfigError::Invalid {
+            key: "mqtt_url",
+            reason: e.to_string(),
+        })?;
+
+        let stats = Arc::new(IngestStats::default());
+        let topics = config.topics();
+        let client = ingest::start(
+            BusConfig {
+                broker,
+                client_id: config.mqtt_client_id.clone(),
+                topics: topics.clone(),
+            },
+            store.clone(),
+            stats.clone(),
+            shutdown.child_token(),
+        );
+        let dispatcher_wake = Arc::new(Notify::new());
+        tokio::spawn(
+            Dispatcher {
+                store: store.clone(),
+                key: key.clone(),
+                topics,
+                client,
+                command_ttl: Duration::from_secs(config.command_ttl_s),
+                resend_after: Duration::from_secs(config.resend_after_s),
+                wake: dispatcher_wake.clone(),
+            }
+            .run(shutdown.child_token()),
+        );
+
+        let listener = tokio::net::TcpListener::bind(config.http_addr)
+            .await
+            .map_err(|source| ServeError::Http {
+                addr: config.http_addr,
+                source,
+            })?;
+        let http_addr = listener.local_addr().map_err(|source| ServeError::Http {
+            addr: config.http_addr,
+            source,
+        })?;
+        let app = api::router(AppState {
+            store: store.clone(),
+            stats: stats.clone(),
+            artifacts: artifacts.clone(),
+            offline_after: Duration::from_secs(config.offline_after_s),
+            dispatcher_wake: dispatcher_wake.clone(),
+        });
+        let stop = shutdown.clone();
+        let http_task = tokio::spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        });
+        info!(http = %http_addr, mqtt = %mqtt_url, key_id = %key.id(), "controller running");
+        Ok(Controller {
+            http_addr,
+            mqtt_url,
+            store,
+            stats,
+            artifacts,
+            config,
+            key,
+            dispatcher_wake,
+            shutdown,
+            http_task,
+        })
+    }
+
+    pub fn signing_key(&self) -> &SecretKey {
+        &self.key
+    }
+
+    /// The controller's base URL, for devices' `controller_url`.
+    pub fn http_url(&self) -> String {
+        let ip = if self.http_addr.ip().is_unspecified() {
+            "127.0.0.1".to_string()
+        } else {
+            self.http_addr.ip().to_string()
+        };
+        format!("http://{ip}:{}", self.http_addr.port())
+    }
+
+    pub async fn publish(&self, request: PublishRequest<'_>) -> Result<ModelRow, PublishError> {
+        registry::publish(self.store.as_ref(), &self.artifacts, &self.key, request).await
+    }
+
+    pub async fn rollout(
+        &self,
+        name: &str,
+        version: u64,
+        devices: Option<Vec<String>>,
+    ) -> Result<RolloutRow, RolloutError> {
+        let row = rollout::create(self.store.as_ref(), name, version, devices).await?;
+        self.dispatcher_wake.notify_one();
+        Ok(row)
+    }
+
+    /// Stops every task and waits for the HTTP server to finish its requests.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.http_task.await;
+    }
+}

@@ -1,0 +1,192 @@
+//! The controller's storage seam.
+//!
+//! [`Store`] is everything the controller keeps: devices, drift summaries, models,
+//! rollouts and their per-device deployments. [`SqliteStore`] is the embedded default.
+//! Every backend passes the one suite in `tests.rs`.
+
+mod sqlite;
+#[cfg(test)]
+mod tests;
+
+use edgeloop_shared::protocol::Envelope;
+use serde::Serialize;
+
+pub use sqlite::SqliteStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database {path}: {source}")]
+    Sqlite {
+        path: String,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("{0} already exists")]
+    Conflict(String),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("database task failed: {0}")]
+    Task(String),
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// What happened to an ingested message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ingested {
+    Stored,
+    /// Its message id was seen before: a redelivery, dropped.
+    Duplicate,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeviceRow {
+    pub id: String,
+    /// As last reported (heartbeat or last will); see `Controller` for staleness.
+    pub online: bool,
+    pub agent_version: Option<String>,
+    pub model_name: Option<String>,
+    pub model_version: Option<u64>,
+    pub last_seen_ms: u64,
+    pub inferences: u64,
+    pub errors: u64,
+    pub malformed_messages: u64,
+    /// Headline drift figure of the latest summary, if any.
+    pub last_psi_max: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TelemetryRow {
+    pub msg_id: String,
+    pub device_id: String,
+    pub received_ms: u64,
+    pub model_name: String,
+    pub model_version: u64,
+    pub window_seq: u64,
+    pub window_start_ms: u64,
+    pub window_end_ms: u64,
+    pub samples: u64,
+    pub psi_max: f64,
+    /// The whole summary as received.
+    pub summary: serde_json::Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ModelRow {
+    pub name: String,
+    pub version: u64,
+    pub label: Option<String>,
+    pub created_ms: u64,
+    /// SHA-256 of the bundle file.
+    pub bundle_sha256: String,
+    pub bundle_size: u64,
+    pub features: Vec<String>,
+    pub signed_by: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutStatus {
+    /// Some deployments have not finished.
+    InProgress,
+    /// Every device runs the model.
+    Completed,
+    /// Every deployment finished and some failed or were refused.
+    Failed,
+}
+
+impl RolloutStatus {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::InProgress => "in_progress",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+        }
+    }
+
+    fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "in_progress" => Self::InProgress,
+            "completed" => Self::Completed,
+            "failed" => Self::Failed,
+            other => return Err(StoreError::Corrupt(format!("rollout status `{other}`"))),
+        })
+    }
+}
+
+/// State of one device's deployment within a rollout: `pending` (no command sent yet),
+/// `sent`, a device-reported stage (`downloading` … `active`, `failed`, `rejected`), or
+/// `superseded` by a later rollout.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeploymentRow {
+    pub device_id: String,
+    pub status: String,
+    pub detail: Option<String>,
+    pub command_seq: Option<u64>,
+    pub updated_ms: u64,
+}
+
+pub const TERMINAL_DEPLOYMENT_STATES: [&str; 4] = ["active", "failed", "rejected", "superseded"];
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RolloutRow {
+    pub id: u64,
+    pub model_name: String,
+    pub model_version: u64,
+    pub created_ms: u64,
+    pub status: RolloutStatus,
+    pub deployments: Vec<DeploymentRow>,
+}
+
+/// A deployment the dispatcher should (re)send a command for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DueDeployment {
+    pub rollout_id: u64,
+    pub device_id: String,
+    pub model_name: String,
+    pub model_version: u64,
+    pub bundle_sha256: String,
+    pub bundle_size: u64,
+}
+
+/// A device's report about a command, kept as an audit trail.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeploymentEvent {
+    pub device_id: String,
+    pub received_ms: u64,
+    pub rollout_id: Option<u64>,
+    pub command_seq: u64,
+    pub stage: String,
+    pub model: Option<String>,
+    pub detail: Option<String>,
+}
+
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Applies one device message idempotently: the message id is recorded in the same
+    /// transaction as its effect, so a redelivery changes nothing.
+    async fn ingest(&self, envelope: &Envelope, received_ms: u64) -> Result<Ingested>;
+
+    async fn devices(&self) -> Result<Vec<DeviceRow>>;
+    async fn telemetry(&self, device_id: &str, limit: u32) -> Result<Vec<TelemetryRow>>;
+    async fn deployment_events(&self, device_id: &str, limit: u32) -> Result<Vec<DeploymentEvent>>;
+
+    /// Records a published model; a name and version that exist already are a conflict.
+    async fn insert_model(&self, model: &ModelRow) -> Result<()>;
+    async fn models(&self) -> Result<Vec<ModelRow>>;
+    async fn model(&self, name: &str, version: u64) -> Result<Option<ModelRow>>;
+
+    /// Creates a rollout of a model to the given devices. Unfinished deployments of those
+    /// devices in earlier rollouts become `superseded`.
+    async fn create_rollout(&self, name: &str, version: u64, devices: &[String], now_ms: u64) -> Result<RolloutRow>;
+    async fn rollouts(&self) -> Result<Vec<RolloutRow>>;
+    async fn rollout(&self, id: u64) -> Result<Option<RolloutRow>>;
+
+    /// Unfinished deployments on devices reported online whose last command or report is
+    /// older than `quiet_since_ms`.
+    async fn due_deployments(&self, quiet_since_ms: u64) -> Result<Vec<DueDeployment>>;
+    /// Takes the next command sequence number for a device and marks the deployment sent.
+    async fn mark_sent(&self, rollout_id: u64, device_id: &str, now_ms: u64) -> Result<u64>;
+}

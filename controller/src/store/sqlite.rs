@@ -1,0 +1,661 @@
+//! The embedded SQLite store (WAL mode). Calls run on tokio's blocking pool.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use edgeloop_shared::protocol::{DeploymentStatus, DeviceStatus, DriftSummary, Envelope, Message};
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+
+use super::*;
+
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA_V1: &str = "
+CREATE TABLE seen_messages (
+    msg_id TEXT PRIMARY KEY,
+    device_id TEXT NOT NULL,
+    received_ms INTEGER NOT NULL
+);
+CREATE TABLE devices (
+    id TEXT PRIMARY KEY,
+    online INTEGER NOT NULL DEFAULT 0,
+    agent_version TEXT,
+    model_name TEXT,
+    model_version INTEGER,
+    last_seen_ms INTEGER NOT NULL,
+    inferences INTEGER NOT NULL DEFAULT 0,
+    errors INTEGER NOT NULL DEFAULT 0,
+    malformed_messages INTEGER NOT NULL DEFAULT 0,
+    last_psi_max REAL,
+    last_command_seq INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE telemetry (
+    msg_id TEXT PRIMARY KEY,
+    device_id TEXT NOT NULL,
+    received_ms INTEGER NOT NULL,
+    model_name TEXT NOT NULL,
+    model_version INTEGER NOT NULL,
+    window_seq INTEGER NOT NULL,
+    window_start_ms INTEGER NOT NULL,
+    window_end_ms INTEGER NOT NULL,
+    samples INTEGER NOT NULL,
+    psi_max REAL NOT NULL,
+    summary TEXT NOT NULL
+);
+CREATE INDEX telemetry_by_device ON telemetry (device_id, received_ms);
+CREATE TABLE models (
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    label TEXT,
+    created_ms INTEGER NOT NULL,
+    bundle_sha256 TEXT NOT NULL,
+    bundle_size INTEGER NOT NULL,
+    features TEXT NOT NULL,
+    signed_by TEXT NOT NULL,
+    PRIMARY KEY (name, version)
+);
+CREATE TABLE rollouts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    model_name TEXT NOT NULL,
+    model_version INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL,
+    status TEXT NOT NULL
+);
+CREATE TABLE deployments (
+    rollout_id INTEGER NOT NULL REFERENCES rollouts (id),
+    device_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    detail TEXT,
+    command_seq INTEGER,
+    updated_ms INTEGER NOT NULL,
+    PRIMARY KEY (rollout_id, device_id)
+);
+CREATE TABLE deployment_events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    device_id TEXT NOT NULL,
+    received_ms INTEGER NOT NULL,
+    rollout_id INTEGER,
+    command_seq INTEGER NOT NULL,
+    stage TEXT NOT NULL,
+    model TEXT,
+    detail TEXT
+);
+CREATE INDEX deployment_events_by_device ON deployment_events (device_id, id);
+";
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(source: rusqlite::Error) -> Self {
+        StoreError::Sqlite {
+            path: String::new(),
+            source,
+        }
+    }
+}
+
+/// The embedded store: one SQLite database file.
+#[derive(Clone)]
+pub struct SqliteStore {
+    conn: Arc<Mutex<Connection>>,
+    path: Arc<str>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) and migrates the database at `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        let shown: Arc<str> = path.display().to_string().into();
+        let with_path = |e: rusqlite::Error| StoreError::Sqlite {
+            path: shown.to_string(),
+            source: e,
+        };
+        let mut conn = Connection::open(path).map_err(with_path)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(with_path)?;
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(with_path)?;
+        conn.pragma_update(None, "foreign_keys", "ON").map_err(with_path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(with_path)?;
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(with_path)?;
+        match version {
+            0 => {
+                let tx = conn.transaction().map_err(with_path)?;
+                tx.execute_batch(SCHEMA_V1).map_err(with_path)?;
+                tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(with_path)?;
+                tx.commit().map_err(with_path)?;
+            }
+            SCHEMA_VERSION => {}
+            newer => {
+                return Err(StoreError::Corrupt(format!(
+                    "{shown} has schema version {newer}, newer than this build's {SCHEMA_VERSION}"
+                )));
+            }
+        }
+        Ok(SqliteStore {
+            conn: Arc::new(Mutex::new(conn)),
+            path: shown,
+        })
+    }
+
+    /// Runs `f` with the connection on the blocking pool.
+    async fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let conn = self.conn.clone();
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = conn.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut guard).map_err(|e| match e {
+                StoreError::Sqlite { path: p, source } if p.is_empty() => StoreError::Sqlite {
+                    path: path.to_string(),
+                    source,
+                },
+                other => other,
+            })
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+}
+
+fn u(v: i64) -> u64 {
+    v.max(0) as u64
+}
+
+fn touch_device(tx: &Transaction<'_>, device_id: &str, now_ms: u64) -> Result<()> {
+    tx.execute(
+        "INSERT INTO devices (id, last_seen_ms) VALUES (?1, ?2)
+         ON CONFLICT (id) DO UPDATE SET last_seen_ms = MAX(last_seen_ms, excluded.last_seen_ms)",
+        params![device_id, now_ms as i64],
+    )?;
+    Ok(())
+}
+
+fn apply_status(tx: &Transaction<'_>, device_id: &str, s: &DeviceStatus) -> Result<()> {
+    if s.online {
+        tx.execute(
+            // A drift figure belongs to a model: a new model starts without one.
+            "UPDATE devices SET online = 1, agent_version = ?2,
+                 last_psi_max = CASE WHEN model_name IS ?3 AND model_version IS ?4
+                                     THEN last_psi_max END,
+                 model_name = ?3, model_version = ?4,
+                 inferences = ?5, errors = ?6, malformed_messages = ?7
+             WHERE id = ?1",
+            params![
+                device_id,
+                s.agent_version,
+                s.model.as_ref().map(|m| m.name.as_str()),
+                s.model.as_ref().map(|m| m.version as i64),
+                s.inferences as i64,
+                s.errors as i64,
+                s.malformed_messages as i64,
+            ],
+        )?;
+    } else {
+        // The last will knows nothing of the current model: only presence changes.
+        tx.execute("UPDATE devices SET online = 0 WHERE id = ?1", params![device_id])?;
+    }
+    Ok(())
+}
+
+fn apply_drift(tx: &Transaction<'_>, e: &Envelope, s: &DriftSummary, now_ms: u64) -> Result<()> {
+    let summary = serde_json::to_string(s).expect("summaries serialize");
+    tx.execute(
+        "INSERT INTO telemetry (msg_id, device_id, received_ms, model_name, model_version, window_seq,
+             window_start_ms, window_end_ms, samples, psi_max, summary)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+        params![
+            e.msg_id,
+            e.device_id,
+            now_ms as i64,
+            s.model.name,
+            s.model.version as i64,
+            s.window_seq as i64,
+            s.stats.start_ms as i64,
+            s.stats.end_ms as i64,
+            s.stats.samples as i64,
+            s.stats.psi_max,
+            summary,
+        ],
+    )?;
+    // Only a summary of the model the device now serves is its current drift figure; a late
+    // summary of the previous model is kept in `telemetry` but does not overwrite it.
+    tx.execute(
+        "UPDATE devices SET last_psi_max = ?2
+         WHERE id = ?1 AND (model_name IS NULL OR (model_name = ?3 AND model_version = ?4))",
+        params![e.device_id, s.stats.psi_max, s.model.name, s.model.version as i64],
+    )?;
+    Ok(())
+}
+
+fn apply_deployment(tx: &Transaction<'_>, device_id: &str, d: &DeploymentStatus, now_ms: u64) -> Result<()> {
+    tx.execute(
+        "INSERT INTO deployment_events (device_id, received_ms, rollout_id, command_seq, stage, model, detail)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            device_id,
+            now_ms as i64,
+            d.rollout_id.map(|r| r as i64),
+            d.command_seq as i64,
+            d.stage.as_str(),
+            d.model.as_ref().map(ToString::to_string),
+            d.detail,
+        ],
+    )?;
+    let Some(rollout_id) = d.rollout_id else {
+        return Ok(());
+    };
+    // A finished deployment stays finished; a late progress report does not reopen it.
+    let terminal = TERMINAL_DEPLOYMENT_STATES
+        .iter()
+        .map(|s| format!("'{s}'"))
+        .collect::<Vec<_>>()
+        .join(",");
+    tx.execute(
+        &format!(
+            "UPDATE deployments SET status = ?3, detail = ?4, updated_ms = ?5
+             WHERE rollout_id = ?1 AND device_id = ?2 AND status NOT IN ({terminal})"
+        ),
+        params![rollout_id as i64, device_id, d.stage.as_str(), d.detail, now_ms as i64],
+    )?;
+    refresh_rollout_status(tx, rollout_id)
+}
+
+fn refresh_rollout_status(tx: &Transaction<'_>, rollout_id: u64) -> Result<()> {
+    let (total, active, finished): (i64, i64, i64) = tx.query_row(
+        "SELECT COUNT(*),
+                COALESCE(SUM(status IN ('active', 'superseded')), 0),
+                COALESCE(SUM(status IN ('active', 'failed', 'rejected', 'superseded')), 0)
+         FROM deployments WHERE rollout_id = ?1",
+        params![rollout_id as i64],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )?;
+    let status = if finished < total {
+        RolloutStatus::InProgress
+    } else if active == total {
+        RolloutStatus::Completed
+    } else {
+        RolloutStatus::Failed
+    };
+    tx.execute(
+        "UPDATE rollouts SET status = ?2 WHERE id = ?1",
+        params![rollout_id as i64, status.as_str()],
+    )?;
+    Ok(())
+}
+
+fn model_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(ModelRow, String)> {
+    Ok((
+        ModelRow {
+            name: r.get(0)?,
+            version: u(r.get(1)?),
+            label: r.get(2)?,
+            created_ms: u(r.get(3)?),
+            bundle_sha256: r.get(4)?,
+            bundle_size: u(r.get(5)?),
+            features: Vec::new(),
+            signed_by: r.get(7)?,
+        },
+        r.get(6)?,
+    ))
+}
+
+fn with_features((mut model, features): (ModelRow, String)) -> Result<ModelRow> {
+    model.features = serde_json::from_str(&features)
+        .map_err(|e| StoreError::Corrupt(format!("features of {} v{}: {e}", model.name, model.version)))?;
+    Ok(model)
+}
+
+const MODEL_COLUMNS: &str = "name, version, label, created_ms, bundle_sha256, bundle_size, features, signed_by";
+
+fn load_rollout(conn: &Connection, id: u64) -> Result<Option<RolloutRow>> {
+    let row = conn
+        .query_row(
+            "SELECT id, model_name, model_version, created_ms, status FROM rollouts WHERE id = ?1",
+            params![id as i64],
+            |r| {
+                Ok((
+                    u(r.get(0)?),
+                    r.get::<_, String>(1)?,
+                    u(r.get(2)?),
+                    u(r.get(3)?),
+                    r.get::<_, String>(4)?,
+                ))
+            },
+        )
+        .optional()?;
+    let Some((id, model_name, model_version, created_ms, status)) = row else {
+        return Ok(None);
+    };
+    let mut stmt = conn.prepare_cached(
+        "SELECT device_id, status, detail, command_seq, updated_ms FROM deployments
+         WHERE rollout_id = ?1 ORDER BY device_id",
+    )?;
+    let deployments = stmt
+        .query_map(params![id as i64], |r| {
+            Ok(DeploymentRow {
+                device_id: r.get(0)?,
+                status: r.get(1)?,
+                detail: r.get(2)?,
+                command_seq: r.get::<_, Option<i64>>(3)?.map(u),
+                updated_ms: u(r.get(4)?),
+            })
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(Some(RolloutRow {
+        id,
+        model_name,
+        model_version,
+        created_ms,
+        status: RolloutStatus::parse(&status)?,
+        deployments,
+    }))
+}
+
+#[async_trait::async_trait]
+impl Store for SqliteStore {
+    async fn ingest(&self, envelope: &Envelope, received_ms: u64) -> Result<Ingested> {
+        let envelope = envelope.clone();
+        self.call(move |conn| {
+            let tx = conn.transaction()?;
+            let fresh = tx.execute(
+                "INSERT OR IGNORE INTO seen_messages (msg_id, device_id, received_ms) VALUES (?1, ?2, ?3)",
+                params![envelope.msg_id, envelope.device_id, received_ms as i64],
+            )?;
+            if fresh == 0 {
+                return Ok(Ingested::Duplicate);
+            }
+            touch_device(&tx, &envelope.device_id, received_ms)?;
+            match &envelope.message {
+                Message::Status(s) => apply_status(&tx, &envelope.device_id, s)?,
+                Message::DriftSummary(s) => apply_drift(&tx, &envelope, s, received_ms)?,
+                Message::DeploymentStatus(d) => apply_deployment(&tx, &envelope.device_id, d, received_ms)?,
+                Message::Command(_) => {
+                    return Err(StoreError::Corrupt("devices do not send commands".into()));
+                }
+            }
+            tx.commit()?;
+            Ok(Ingested::Stored)
+        })
+        .await
+    }
+
+    async fn devices(&self) -> Result<Vec<DeviceRow>> {
+        self.call(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT id, online, agent_version, model_name, model_version, last_seen_ms,
+                        inferences, errors, malformed_messages, last_psi_max
+                 FROM devices ORDER BY id",
+            )?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok(DeviceRow {
+                        id: r.get(0)?,
+                        online: r.get(1)?,
+                        agent_version: r.get(2)?,
+                        model_name: r.get(3)?,
+                        model_version: r.get::<_, Option<i64>>(4)?.map(u),
+                        last_seen_ms: u(r.get(5)?),
+                        inferences: u(r.get(6)?),
+                        errors: u(r.get(7)?),
+                        malformed_messages: u(r.get(8)?),
+                        last_psi_max: r.get(9)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn telemetry(&self, device_id: &str, limit: u32) -> Result<Vec<TelemetryRow>> {
+        let device_id = device_id.to_string();
+        self.call(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT msg_id, device_id, received_ms, model_name, model_version, window_seq,
+                        window_start_ms, window_end_ms, samples, psi_max, summary
+                 FROM telemetry WHERE device_id = ?1
+                 ORDER BY received_ms DESC, window_end_ms DESC LIMIT ?2",
+            )?;
+            let rows = stmt
+                .query_map(params![device_id, limit], |r| {
+                    Ok((
+                        TelemetryRow {
+                            msg_id: r.get(0)?,
+                            device_id: r.get(1)?,
+                            received_ms: u(r.get(2)?),
+                            model_name: r.get(3)?,
+                            model_version: u(r.get(4)?),
+                            window_seq: u(r.get(5)?),
+                            window_start_ms: u(r.get(6)?),
+                            window_end_ms: u(r.get(7)?),
+                            samples: u(r.get(8)?),
+                            psi_max: r.get(9)?,
+                            summary: serde_json::Value::Null,
+                        },
+                        r.get::<_, String>(10)?,
+                    ))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            rows.into_iter()
+                .map(|(mut row, summary)| {
+                    row.summary = serde_json::from_str(&summary)
+                        .map_err(|e| StoreError::Corrupt(format!("summary {}: {e}", row.msg_id)))?;
+                    Ok(row)
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn deployment_events(&self, device_id: &str, limit: u32) -> Result<Vec<DeploymentEvent>> {
+        let device_id = device_id.to_string();
+        self.call(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT device_id, received_ms, rollout_id, command_seq, stage, model, detail
+                 FROM deployment_events WHERE device_id = ?1 ORDER BY id DESC LIMIT ?2",
+            )?;
+            let rows = stmt
+                .query_map(params![device_id, limit], |r| {
+                    Ok(DeploymentEvent {
+                        device_id: r.get(0)?,
+                        received_ms: u(r.get(1)?),
+                        rollout_id: r.get::<_, Option<i64>>(2)?.map(u),
+                        command_seq: u(r.get(3)?),
+                        stage: r.get(4)?,
+                        model: r.get(5)?,
+                        detail: r.get(6)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn insert_model(&self, model: &ModelRow) -> Result<()> {
+        let model = model.clone();
+        self.call(move |conn| {
+            let features = serde_json::to_string(&model.features).expect("strings serialize");
+            let inserted = conn.execute(
+                &format!("INSERT OR IGNORE INTO models ({MODEL_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"),
+                params![
+                    model.name,
+                    model.version as i64,
+                    model.label,
+                    model.created_ms as i64,
+                    model.bundle_sha256,
+                    model.bundle_size as i64,
+                    features,
+                    model.signed_by,
+                ],
+            )?;
+            if inserted == 0 {
+                return Err(StoreError::Conflict(format!("model {} v{}", model.name, model.version)));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn models(&self) -> Result<Vec<ModelRow>> {
+        self.call(|conn| {
+            let mut stmt =
+                conn.prepare_cached(&format!("SELECT {MODEL_COLUMNS} FROM models ORDER BY name, version"))?;
+            let rows = stmt
+                .query_map([], model_from_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            rows.into_iter().map(with_features).collect()
+        })
+        .await
+    }
+
+    async fn model(&self, name: &str, version: u64) -> Result<Option<ModelRow>> {
+        let name = name.to_string();
+        self.call(move |conn| {
+            conn.query_row(
+                &format!("SELECT {MODEL_COLUMNS} FROM models WHERE name = ?1 AND version = ?2"),
+                params![name, version as i64],
+                model_from_row,
+            )
+            .optional()?
+            .map(with_features)
+            .transpose()
+        })
+        .await
+    }
+
+    async fn create_rollout(&self, name: &str, version: u64, devices: &[String], now_ms: u64) -> Result<RolloutRow> {
+        let (name, devices) = (name.to_string(), devices.to_vec());
+        self.call(move |conn| {
+            let tx = conn.transaction()?;
+            let known: i64 = tx.query_row(
+                "SELECT COUNT(*) FROM models WHERE name = ?1 AND version = ?2",
+                params![name, version as i64],
+                |r| r.get(0),
+            )?;
+            if known == 0 {
+                return Err(StoreError::NotFound(format!("model {name} v{version}")));
+            }
+            for device in &devices {
+                let exists: i64 =
+                    tx.query_row("SELECT COUNT(*) FROM devices WHERE id = ?1", params![device], |r| r.get(0))?;
+                if exists == 0 {
+                    return Err(StoreError::NotFound(format!("device {device}")));
+                }
+            }
+            tx.execute(
+                "INSERT INTO rollouts (model_name, model_version, created_ms, status) VALUES (?1, ?2, ?3, 'in_progress')",
+                params![name, version as i64, now_ms as i64],
+            )?;
+            let id = tx.last_insert_rowid() as u64;
+            let mut superseded = std::collections::BTreeSet::new();
+            for device in &devices {
+                let mut stmt = tx.prepare_cached(
+                    "SELECT rollout_id FROM deployments WHERE device_id = ?1 AND status NOT IN
+                     ('active', 'failed', 'rejected', 'superseded')",
+                )?;
+                let older: Vec<i64> = stmt
+                    .query_map(params![device], |r| r.get(0))?
+                    .collect::<rusqlite::Result<_>>()?;
+                for rollout in older {
+                    tx.execute(
+                        "UPDATE deployments SET status = 'superseded', detail = ?3, updated_ms = ?4
+                         WHERE rollout_id = ?1 AND device_id = ?2",
+                        params![rollout, device, format!("superseded by rollout {id}"), now_ms as i64],
+                    )?;
+                    superseded.insert(rollout as u64);
+                }
+                tx.execute(
+                    "INSERT INTO deployments (rollout_id, device_id, status, updated_ms) VALUES (?1, ?2, 'pending', ?3)",
+                    params![id as i64, device, now_ms as i64],
+                )?;
+            }
+            for rollout in superseded {
+                refresh_rollout_status(&tx, rollout)?;
+            }
+            refresh_rollout_status(&tx, id)?;
+            let row = load_rollout(&tx, id)?.expect("just inserted");
+            tx.commit()?;
+            Ok(row)
+        })
+        .await
+    }
+
+    async fn rollouts(&self) -> Result<Vec<RolloutRow>> {
+        self.call(|conn| {
+            let ids: Vec<i64> = conn
+                .prepare_cached("SELECT id FROM rollouts ORDER BY id")?
+                .query_map([], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            ids.into_iter()
+                .filter_map(|id| load_rollout(conn, u(id)).transpose())
+                .collect()
+        })
+        .await
+    }
+
+    async fn rollout(&self, id: u64) -> Result<Option<RolloutRow>> {
+        self.call(move |conn| load_rollout(conn, id)).await
+    }
+
+    async fn due_deployments(&self, quiet_since_ms: u64) -> Result<Vec<DueDeployment>> {
+        self.call(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT d.rollout_id, d.device_id, r.model_name, r.model_version, m.bundle_sha256, m.bundle_size
+                 FROM deployments d
+                 JOIN rollouts r ON r.id = d.rollout_id
+                 JOIN models m ON m.name = r.model_name AND m.version = r.model_version
+                 JOIN devices v ON v.id = d.device_id
+                 WHERE d.status NOT IN ('active', 'failed', 'rejected', 'superseded')
+                   AND v.online = 1
+                   AND (d.status = 'pending' OR d.updated_ms < ?1)
+                 ORDER BY d.rollout_id, d.device_id",
+            )?;
+            let rows = stmt
+                .query_map(params![quiet_since_ms as i64], |r| {
+                    Ok(DueDeployment {
+                        rollout_id: u(r.get(0)?),
+                        device_id: r.get(1)?,
+                        model_name: r.get(2)?,
+                        model_version: u(r.get(3)?),
+                        bundle_sha256: r.get(4)?,
+                        bundle_size: u(r.get(5)?),
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn mark_sent(&self, rollout_id: u64, device_id: &str, now_ms: u64) -> Result<u64> {
+        let device_id = device_id.to_string();
+        self.call(move |conn| {
+            let tx = conn.transaction()?;
+            let last: i64 = tx
+                .query_row(
+                    "SELECT last_command_seq FROM devices WHERE id = ?1",
+                    params![device_id],
+                    |r| r.get(0),
+                )
+                .optional()?
+                .ok_or_else(|| StoreError::NotFound(format!("device {device_id}")))?;
+            // The sequence never goes below the clock, so a controller whose database was
+            // lost still issues numbers above any the device accepted before.
+            let seq = (u(last) + 1).max(now_ms);
+            tx.execute(
+                "UPDATE devices SET last_command_seq = ?2 WHERE id = ?1",
+                params![device_id, seq as i64],
+            )?;
+            tx.execute(
+                "UPDATE deployments SET status = CASE status WHEN 'pending' THEN 'sent' ELSE status END,
+                     command_seq = ?3, updated_ms = ?4
+                 WHERE rollout_id = ?1 AND device_id = ?2",
+                params![rollout_id as i64, device_id, seq as i64, now_ms as i64],
+            )?;
+            tx.commit()?;
+            Ok(seq)
+        })
+        .await
+    }
+}

@@ -1,0 +1,259 @@
+//! Signed controller → device commands.
+//!
+//! A [`Command`] is serialized once by the controller; those exact bytes are signed
+//! (context `edgeloop/v1/command\0`) and travel base64-encoded inside a [`SignedCommand`].
+//! The device verifies the signature over the bytes it received, then parses them, so
+//! nothing is ever re-serialized before verification.
+//!
+//! A command names its target device, carries a per-device sequence number that must
+//! increase (replays fail) and an expiry (a command held back by an attacker or a broker
+//! goes stale).
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde::{Deserialize, Serialize};
+
+use crate::protocol::ModelRef;
+use crate::signing::{Context, KeyId, SecretKey, SignatureError, TrustedKeys};
+
+/// How far a command's issue time may lie in the device's future (clock skew).
+pub const MAX_CLOCK_SKEW_MS: u64 = 5 * 60 * 1000;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Command {
+    /// The device this command is for.
+    pub device_id: String,
+    /// Per-device sequence number; a device accepts only numbers above the last it accepted.
+    pub seq: u64,
+    pub issued_ms: u64,
+    /// The device refuses the command after this time.
+    pub expires_ms: u64,
+    pub action: CommandAction,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum CommandAction {
+    /// Download, verify and activate a model bundle.
+    Deploy(DeployAction),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeployAction {
+    pub rollout_id: u64,
+    pub model: ModelRef,
+    /// Where to download the bundle (HTTP GET).
+    pub bundle_url: String,
+    /// SHA-256 of the whole bundle file, lowercase hex.
+    pub bundle_sha256: String,
+    /// Exact size of the bundle file in bytes; the download stops beyond it.
+    pub bundle_size: u64,
+}
+
+/// A command as it travels: the signed bytes, base64-encoded, and their signature.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignedCommand {
+    pub key_id: KeyId,
+    /// Base64 (standard alphabet, padded) of the exact JSON bytes that were signed.
+    pub command: String,
+    /// Base64 of the 64-byte ed25519 signature.
+    pub signature: String,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CommandError {
+    #[error("command is not valid base64: {0}")]
+    Encoding(String),
+    #[error("command signature refused: {0}")]
+    Signature(#[from] SignatureError),
+    #[error("signed command does not parse: {0}")]
+    Malformed(String),
+    #[error("command is for device `{target}`, not `{this}`")]
+    WrongTarget { target: String, this: String },
+    #[error("command {seq} expired at {expires_ms} (now {now_ms})")]
+    Expired {
+        seq: u64,
+        expires_ms: u64,
+        now_ms: u64,
+    },
+    #[error("command {seq} was issued at {issued_ms}, too far in the future (now {now_ms})")]
+    NotYetValid {
+        seq: u64,
+        issued_ms: u64,
+        now_ms: u64,
+    },
+    #[error("command sequence {seq} is not above the last accepted {last} (replay?)")]
+    Replayed { seq: u64, last: u64 },
+}
+
+impl SignedCommand {
+    pub fn sign(command: &Command, key: &SecretKey) -> Self {
+        let bytes = serde_json::to_vec(command).expect("commands always serialize");
+        let signature = key.sign(Context::Command, &bytes);
+        SignedCommand {
+            key_id: key.id(),
+            command: B64.encode(&bytes),
+            signature: B64.encode(signature),
+        }
+    }
+
+    /// Checks signature, target, time and sequence, in that order, and returns the command.
+    /// `last_seq` is the highest sequence this device accepted so far, if any.
+    pub fn verify(
+        &self,
+        trusted: &TrustedKeys,
+        this_device: &str,
+        now_ms: u64,
+        last_seq: Option<u64>,
+    ) -> Result<Command, CommandError> {
+        let bytes = B64
+            .decode(&self.command)
+            .map_err(|e| CommandError::Encoding(e.to_string()))?;
+        let signature = B64
+            .decode(&self.signature)
+            .map_err(|e| CommandError::Encoding(e.to_string()))?;
+        trusted.verify(self.key_id, Context::Command, &bytes, &signature)?;
+        let command: Command =
+            serde_json::from_slice(&bytes).map_err(|e| CommandError::Malformed(e.to_string()))?;
+        if command.device_id != this_device {
+            return Err(CommandError::WrongTarget {
+                target: command.device_id,
+                this: this_device.to_string(),
+            });
+        }
+        if now_ms > command.expires_ms {
+            return Err(CommandError::Expired {
+                seq: command.seq,
+                expires_ms: command.expires_ms,
+                now_ms,
+            });
+        }
+        if command.issued_ms > now_ms.saturating_add(MAX_CLOCK_SKEW_MS) {
+            return Err(CommandError::NotYetValid {
+                seq: command.seq,
+                issued_ms: command.issued_ms,
+                now_ms,
+            });
+        }
+        if let Some(last) = last_seq
+            && command.seq <= last
+        {
+            return Err(CommandError::Replayed {
+                seq: command.seq,
+                last,
+            });
+        }
+        Ok(command)
+    }
+
+    /// The sequence number the command claims, read without trusting it (for error reports).
+    pub fn claimed_seq(&self) -> Option<u64> {
+        let bytes = B64.decode(&self.command).ok()?;
+        serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()?
+            .get("seq")?
+            .as_u64()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn command(seq: u64) -> Command {
+        Command {
+            device_id: "dev-1".into(),
+            seq,
+            issued_ms: 1_000,
+            expires_ms: 10_000,
+            action: CommandAction::Deploy(DeployAction {
+                rollout_id: 1,
+                model: ModelRef {
+                    name: "m".into(),
+                    version: 2,
+                },
+                bundle_url: "http://controller/artifacts/m/2".into(),
+                bundle_sha256: "00".repeat(32),
+                bundle_size: 123,
+            }),
+        }
+    }
+
+    fn setup() -> (SecretKey, TrustedKeys) {
+        let key = SecretKey::from_seed([9; 32]);
+        let trusted = TrustedKeys::new([key.public().clone()]);
+        (key, trusted)
+    }
+
+    #[test]
+    fn a_valid_command_verifies_and_round_trips() {
+        let (key, trusted) = setup();
+        let signed = SignedCommand::sign(&command(5), &key);
+        assert_eq!(signed.claimed_seq(), Some(5));
+        assert_eq!(
+            signed.verify(&trusted, "dev-1", 2_000, Some(4)).unwrap(),
+            command(5)
+        );
+        assert!(signed.verify(&trusted, "dev-1", 2_000, None).is_ok());
+    }
+
+    #[test]
+    fn each_broken_rule_has_its_own_error() {
+        let (key, trusted) = setup();
+        let signed = SignedCommand::sign(&command(5), &key);
+        assert!(matches!(
+            signed.verify(&trusted, "dev-2", 2_000, None),
+            Err(CommandError::WrongTarget { .. })
+        ));
+        assert!(matches!(
+            signed.verify(&trusted, "dev-1", 10_001, None),
+            Err(CommandError::Expired { seq: 5, .. })
+        ));
+        assert!(matches!(
+            signed.verify(&trusted, "dev-1", 0, None),
+            Ok(_)
+        ), "issued 1 s in the future is within the skew allowance");
+        let mut future = command(5);
+        future.issued_ms = 1_000 + MAX_CLOCK_SKEW_MS + 10;
+        future.expires_ms = u64::MAX;
+        assert!(matches!(
+            SignedCommand::sign(&future, &key).verify(&trusted, "dev-1", 0, None),
+            Err(CommandError::NotYetValid { .. })
+        ));
+        assert_eq!(
+            signed.verify(&trusted, "dev-1", 2_000, Some(5)),
+            Err(CommandError::Replayed { seq: 5, last: 5 })
+        );
+
+        let stranger = SecretKey::from_seed([1; 32]);
+        let forged = SignedCommand::sign(&command(6), &stranger);
+        assert_eq!(
+            forged.verify(&trusted, "dev-1", 2_000, None),
+            Err(CommandError::Signature(SignatureError::UnknownKey(
+                stranger.id()
+            )))
+        );
+    }
+
+    #[test]
+    fn tampering_with_the_signed_bytes_is_caught_before_parsing() {
+        let (key, trusted) = setup();
+        let mut signed = SignedCommand::sign(&command(5), &key);
+        let mut bytes = B64.decode(&signed.command).unwrap();
+        let pos = bytes.iter().position(|&b| b == b'5').unwrap();
+        bytes[pos] = b'9';
+        signed.command = B64.encode(&bytes);
+        assert_eq!(
+            signed.verify(&trusted, "dev-1", 2_000, None),
+            Err(CommandError::Signature(SignatureError::Invalid(key.id())))
+        );
+        signed.command = "%%%".into();
+        assert!(matches!(
+            signed.verify(&trusted, "dev-1", 2_000, None),
+            Err(CommandError::Encoding(_))
+        ));
+    }
+}

@@ -1,0 +1,54 @@
+//! edgeloop's pure core, shared by the agent, the controller and any other implementation
+//! of the protocol.
+//!
+//! Everything here is deterministic and free of I/O: no tokio, no sockets, no files, no
+//! clock. Callers pass in bytes and timestamps and get back typed values or errors that
+//! say which check failed.
+//!
+//! - [`protocol`]: the versioned envelope and the v1 message kinds.
+//! - [`topics`]: the MQTT topic scheme.
+//! - [`signing`]: ed25519 keys, key ids and verification against a set of trusted keys.
+//! - [`command`]: signed controller → device commands (expiry, sequence, target).
+//! - [`bundle`]: the signed model bundle (manifest + zstd-compressed ONNX + signature).
+//! - [`drift`]: reference profiles, drift windows and PSI.
+
+pub mod bundle;
+pub mod command;
+pub mod drift;
+pub mod protocol;
+pub mod signing;
+pub mod topics;
+
+/// Lowercase hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// True when `name` is safe to use as a device id, model name or other identifier that ends
+/// up in an MQTT topic level or a file name: 1–64 characters of `[A-Za-z0-9_.-]`, not
+/// starting with a dot.
+pub fn is_valid_identifier(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers_refuse_topic_and_path_metacharacters() {
+        for ok in ["dev-1", "sim_001", "a.b", "X"] {
+            assert!(is_valid_identifier(ok), "{ok}");
+        }
+        let long = "a".repeat(65);
+        for bad in ["", "a/b", "+", "#", "..", ".hidden", "a b", long.as_str(), "é"] {
+            assert!(!is_valid_identifier(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,422 @@
+//! Protocol v1: the envelope every MQTT payload travels in, and the message kinds.
+//!
+//! On the wire an envelope is one UTF-8 JSON object:
+//!
+//! ```json
+//! {"v":1,"device_id":"sim-001","msg_id":"0192…","ts_ms":1764372000000,
+//!  "kind":"drift_summary","payload":{…}}
+//! ```
+//!
+//! Decoding is strict: the version is checked first (so a future version gets a clear
+//! "unsupported version" error rather than a confusing field error), then the envelope,
+//! then the payload according to `kind`. Unknown fields are refused at every level; a new
+//! field means a new protocol version.
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::command::SignedCommand;
+use crate::drift::WindowStats;
+use crate::is_valid_identifier;
+
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest envelope accepted, in bytes. Brokers and both ends enforce it.
+pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("message is {size} bytes, more than the limit of {max}")]
+    TooLarge { size: usize, max: usize },
+    #[error("message is not a JSON object: {0}")]
+    NotJson(String),
+    #[error("message has no protocol version field `v`")]
+    MissingVersion,
+    #[error("protocol version {0} is not supported (this build speaks version {PROTOCOL_VERSION})")]
+    UnsupportedVersion(u64),
+    #[error("malformed envelope: {0}")]
+    Envelope(String),
+    #[error("unknown message kind `{0}`")]
+    UnknownKind(String),
+    #[error("malformed `{kind}` payload: {reason}")]
+    Payload { kind: &'static str, reason: String },
+    #[error("device id `{0}` is not a valid identifier")]
+    BadDeviceId(String),
+    #[error("message id must be 1 to 64 characters")]
+    BadMessageId,
+}
+
+/// A model name and version, as reported by devices.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelRef {
+    pub name: String,
+    pub version: u64,
+}
+
+impl std::fmt::Display for ModelRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} v{}", self.name, self.version)
+    }
+}
+
+/// Heartbeat and presence. Also the payload of the agent's MQTT last will (with
+/// `online: false`), so the controller learns of an unclean disconnect from the broker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceStatus {
+    pub online: bool,
+    pub agent_version: String,
+    /// The active model, if the device has one.
+    pub model: Option<ModelRef>,
+    pub uptime_s: u64,
+    /// Inferences run since the agent started.
+    pub inferences: u64,
+    /// Inputs that failed (wrong shape, model error) since the agent started.
+    pub errors: u64,
+    /// Incoming messages the agent refused as malformed since it started.
+    pub malformed_messages: u64,
+}
+
+/// Drift statistics of one closed window, for one model version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriftSummary {
+    pub model: ModelRef,
+    /// Increases by one per window since the model became active on this device.
+    pub window_seq: u64,
+    pub stats: WindowStats,
+}
+
+/// Where a deployment stands on a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeployStage {
+    /// The command was verified and the download started.
+    Downloading,
+    /// The bundle was downloaded and is being verified.
+    Verifying,
+    /// The verified bundle is being written to the inactive slot and smoke-tested.
+    Installing,
+    /// The new model is active and serving.
+    Active,
+    /// The deployment failed after the command was accepted; the previous model serves.
+    Failed,
+    /// The command itself was refused (signature, target, expiry, sequence, version).
+    Rejected,
+}
+
+impl DeployStage {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Active | Self::Failed | Self::Rejected)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Downloading => "downloading",
+            Self::Verifying => "verifying",
+            Self::Installing => "installing",
+            Self::Active => "active",
+            Self::Failed => "failed",
+            Self::Rejected => "rejected",
+        }
+    }
+}
+
+/// Progress of a deploy command on a device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeploymentStatus {
+    /// The rollout the command belonged to; absent when the command could not be trusted.
+    pub rollout_id: Option<u64>,
+    /// Sequence number of the command this reports on.
+    pub command_seq: u64,
+    /// The model the command asked for; absent when the command could not be trusted.
+    pub model: Option<ModelRef>,
+    pub stage: DeployStage,
+    /// Why it failed or was rejected, or other detail for people.
+    pub detail: Option<String>,
+}
+
+/// Every message kind of protocol v1.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Message {
+    Status(DeviceStatus),
+    DriftSummary(DriftSummary),
+    DeploymentStatus(DeploymentStatus),
+    Command(SignedCommand),
+}
+
+impl Message {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Status(_) => "status",
+            Message::DriftSummary(_) => "drift_summary",
+            Message::DeploymentStatus(_) => "deployment_status",
+            Message::Command(_) => "command",
+        }
+    }
+
+    fn payload_json(&self) -> serde_json::Result<Box<RawValue>> {
+        match self {
+            Message::Status(m) => serde_json::value::to_raw_value(m),
+            Message::DriftSummary(m) => serde_json::value::to_raw_value(m),
+            Message::DeploymentStatus(m) => serde_json::value::to_raw_value(m),
+            Message::Command(m) => serde_json::value::to_raw_value(m),
+        }
+    }
+
+    fn decode_payload(kind: &str, payload: &RawValue) -> Result<Self, DecodeError> {
+        fn parse<T: for<'de> Deserialize<'de>>(
+            kind: &'static str,
+            payload: &RawValue,
+        ) -> Result<T, DecodeError> {
+            serde_json::from_str(payload.get()).map_err(|e| DecodeError::Payload {
+                kind,
+                reason: e.to_string(),
+            })
+        }
+        Ok(match kind {
+            "status" => Message::Status(parse("status", payload)?),
+            "drift_summary" => Message::DriftSummary(parse("drift_summary", payload)?),
+            "deployment_status" => {
+                Message::DeploymentStatus(parse("deployment_status", payload)?)
+            }
+            "command" => Message::Command(parse("command", payload)?),
+            other => return Err(DecodeError::UnknownKind(other.chars().take(64).collect())),
+        })
+    }
+}
+
+/// One protocol message with its routing and identity fields.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Envelope {
+    /// The device the message is from (telemetry) or for (commands).
+    pub device_id: String,
+    /// Unique per message; receivers use it to drop duplicates of a redelivery.
+    pub msg_id: String,
+    /// When the sender created the message, in milliseconds since the Unix epoch.
+    pub ts_ms: u64,
+    pub message: Message,
+}
+
+#[derive(Serialize)]
+struct WireOut<'a> {
+    v: u32,
+    device_id: &'a str,
+    msg_id: &'a str,
+    ts_ms: u64,
+    kind: &'a str,
+    payload: Box<RawValue>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireIn<'a> {
+    #[allow(dead_code)] // checked by `VersionProbe` first
+    v: u32,
+    #[serde(borrow)]
+    device_id: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    msg_id: std::borrow::Cow<'a, str>,
+    ts_ms: u64,
+    #[serde(borrow)]
+    kind: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    payload: &'a RawValue,
+}
+
+#[derive(Deserialize)]
+struct VersionProbe {
+    v: Option<serde_json::Value>,
+}
+
+impl Envelope {
+    pub fn new(device_id: impl Into<String>, msg_id: impl Into<String>, ts_ms: u64, message: Message) -> Self {
+        Envelope {
+            device_id: device_id.into(),
+            msg_id: msg_id.into(),
+            ts_ms,
+            message,
+        }
+    }
+
+    /// Serializes to the wire form.
+    pub fn encode(&self) -> Vec<u8> {
+        let payload = self
+            .message
+            .payload_json()
+            .expect("protocol messages always serialize");
+        let wire = WireOut {
+            v: PROTOCOL_VERSION,
+            device_id: &self.device_id,
+            msg_id: &self.msg_id,
+            ts_ms: self.ts_ms,
+            kind: self.message.kind(),
+            payload,
+        };
+        serde_json::to_vec(&wire).expect("envelopes always serialize")
+    }
+
+    /// Parses and validates the wire form.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        if bytes.len() > MAX_MESSAGE_BYTES {
+            return Err(DecodeError::TooLarge {
+                size: bytes.len(),
+                max: MAX_MESSAGE_BYTES,
+            });
+        }
+        let probe: VersionProbe =
+            serde_json::from_slice(bytes).map_err(|e| DecodeError::NotJson(e.to_string()))?;
+        match probe.v {
+            None => return Err(DecodeError::MissingVersion),
+            Some(v) if v.as_u64() == Some(u64::from(PROTOCOL_VERSION)) => {}
+            Some(v) => {
+                return Err(match v.as_u64() {
+                    Some(n) => DecodeError::UnsupportedVersion(n),
+                    None => DecodeError::Envelope(format!("version `{v}` is not a number")),
+                });
+            }
+        }
+        let wire: WireIn<'_> =
+            serde_json::from_slice(bytes).map_err(|e| DecodeError::Envelope(e.to_string()))?;
+        if !is_valid_identifier(&wire.device_id) {
+            return Err(DecodeError::BadDeviceId(
+                wire.device_id.chars().take(64).collect(),
+            ));
+        }
+        if wire.msg_id.is_empty() || wire.msg_id.len() > 64 {
+            return Err(DecodeError::BadMessageId);
+        }
+        let message = Message::decode_payload(&wire.kind, wire.payload)?;
+        Ok(Envelope {
+            device_id: wire.device_id.into_owned(),
+            msg_id: wire.msg_id.into_owned(),
+            ts_ms: wire.ts_ms,
+            message,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::drift::FeatureWindow;
+
+    fn status() -> Message {
+        Message::Status(DeviceStatus {
+            online: true,
+            agent_version: "0.1.0".into(),
+            model: Some(ModelRef {
+                name: "vibration".into(),
+                version: 3,
+            }),
+            uptime_s: 12,
+            inferences: 100,
+            errors: 0,
+            malformed_messages: 0,
+        })
+    }
+
+    fn summary() -> Message {
+        Message::DriftSummary(DriftSummary {
+            model: ModelRef {
+                name: "vibration".into(),
+                version: 3,
+            },
+            window_seq: 7,
+            stats: WindowStats {
+                samples: 2,
+                start_ms: 1,
+                end_ms: 2,
+                features: vec![FeatureWindow {
+                    name: "rms".into(),
+                    counts: vec![0, 1, 1],
+                    nan: 0,
+                    psi: 0.5,
+                }],
+                psi_max: 0.5,
+                predictions: vec![2],
+            },
+        })
+    }
+
+    #[test]
+    fn every_kind_round_trips() {
+        let deploy = Message::DeploymentStatus(DeploymentStatus {
+            rollout_id: Some(4),
+            command_seq: 9,
+            model: None,
+            stage: DeployStage::Rejected,
+            detail: Some("expired".into()),
+        });
+        for message in [status(), summary(), deploy] {
+            let e = Envelope::new("dev-1", "m-1", 1_700_000_000_000, message);
+            assert_eq!(Envelope::decode(&e.encode()).unwrap(), e);
+        }
+    }
+
+    #[test]
+    fn the_wire_form_is_the_documented_one() {
+        let bytes = Envelope::new("dev-1", "m-1", 5, status()).encode();
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(v["v"], 1);
+        assert_eq!(v["kind"], "status");
+        assert_eq!(v["device_id"], "dev-1");
+        assert_eq!(v["payload"]["model"]["version"], 3);
+    }
+
+    fn decode_str(s: &str) -> Result<Envelope, DecodeError> {
+        Envelope::decode(s.as_bytes())
+    }
+
+    #[test]
+    fn malformed_input_gets_a_specific_error() {
+        assert!(matches!(decode_str("not json"), Err(DecodeError::NotJson(_))));
+        assert!(matches!(decode_str("[1,2]"), Err(DecodeError::NotJson(_))));
+        assert_eq!(decode_str("{}"), Err(DecodeError::MissingVersion));
+        assert_eq!(
+            decode_str(r#"{"v":2,"anything":true}"#),
+            Err(DecodeError::UnsupportedVersion(2))
+        );
+        assert!(matches!(decode_str(r#"{"v":"1"}"#), Err(DecodeError::Envelope(_))));
+        assert!(matches!(
+            decode_str(r#"{"v":1,"device_id":"d","msg_id":"m","ts_ms":1,"kind":"status"}"#),
+            Err(DecodeError::Envelope(_))
+        ));
+        assert_eq!(
+            decode_str(r#"{"v":1,"device_id":"d","msg_id":"m","ts_ms":1,"kind":"reboot","payload":{}}"#),
+            Err(DecodeError::UnknownKind("reboot".into()))
+        );
+        assert!(matches!(
+            decode_str(r#"{"v":1,"device_id":"d","msg_id":"m","ts_ms":1,"kind":"status","payload":{"online":true}}"#),
+            Err(DecodeError::Payload { kind: "status", .. })
+        ));
+        assert_eq!(
+            decode_str(r#"{"v":1,"device_id":"a/b","msg_id":"m","ts_ms":1,"kind":"status","payload":{}}"#),
+            Err(DecodeError::BadDeviceId("a/b".into()))
+        );
+        assert_eq!(
+            decode_str(r#"{"v":1,"device_id":"d","msg_id":"","ts_ms":1,"kind":"status","payload":{}}"#),
+            Err(DecodeError::BadMessageId)
+        );
+        let big = vec![b' '; MAX_MESSAGE_BYTES + 1];
+        assert!(matches!(Envelope::decode(&big), Err(DecodeError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_in_envelope_and_payload() {
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&Envelope::new("d", "m", 1, status()).encode()).unwrap();
+        v["extra"] = 1.into();
+        assert!(matches!(
+            Envelope::decode(v.to_string().as_bytes()),
+            Err(DecodeError::Envelope(_))
+        ));
+        v.as_object_mut().unwrap().remove("extra");
+        v["payload"]["extra"] = 1.into();
+        assert!(matches!(
+            Envelope::decode(v.to_string().as_bytes()),
+            Err(DecodeError::Payload { .. })
+        ));
+    }
+}
