@@ -162,7 +162,7 @@ impl Agent {
             errors: 0,
             malformed_messages: 0,
         }));
-        let (link, _connected) = Link::new(
+        let link = Link::new(
             LinkConfig {
                 client_id: config.device_id.clone(),
                 broker: BrokerAddr::parse(&config.broker_url).expect("validated"),
@@ -229,7 +229,8 @@ impl AgentLoop {
     ) {
         let mut sample =
             tokio::time::interval(Duration::from_secs_f64(1.0 / self.config.source.rate_hz));
-        sample.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        // A late tick is made up for, so the configured rate holds on average.
+        sample.set_missed_tick_behavior(MissedTickBehavior::Burst);
         let mut heartbeat =
             tokio::time::interval(Duration::from_secs(self.config.heartbeat_interval_s));
         heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -275,7 +276,10 @@ impl AgentLoop {
                 return;
             }
         };
-        let x: Vec<f32> = columns.iter().map(|&c| row.get(c).copied().unwrap_or(f32::NAN)).collect();
+        let x: Vec<f32> = columns
+            .iter()
+            .map(|&c| row.get(c).copied().unwrap_or(f32::NAN))
+            .collect();
         let class = match serving.installed.model.infer(&x) {
             Ok(prediction) => {
                 self.counters.inferences += 1;
@@ -310,7 +314,10 @@ impl AgentLoop {
         let envelope = match Envelope::decode(&publish.payload) {
             Ok(e) if e.device_id == self.config.device_id => e,
             Ok(e) => {
-                self.malformed(&publish.topic, &format!("envelope is for device `{}`", e.device_id));
+                self.malformed(
+                    &publish.topic,
+                    &format!("envelope is for device `{}`", e.device_id),
+                );
                 return;
             }
             Err(e) => {
@@ -320,7 +327,10 @@ impl AgentLoop {
         };
         match envelope.message {
             Message::Command(signed) => self.on_command(&signed),
-            other => self.malformed(&publish.topic, &format!("`{}` is not a command", other.kind())),
+            other => self.malformed(
+                &publish.topic,
+                &format!("`{}` is not a command", other.kind()),
+            ),
         }
     }
 
@@ -330,7 +340,12 @@ impl AgentLoop {
     }
 
     fn on_command(&mut self, signed: &SignedCommand) {
-        let command = match signed.verify(&self.trusted, &self.config.device_id, now_ms(), self.last_seq) {
+        let command = match signed.verify(
+            &self.trusted,
+            &self.config.device_id,
+            now_ms(),
+            self.last_seq,
+        ) {
             Ok(c) => c,
             Err(e) => {
                 warn!(error = %e, key_id = %signed.key_id, "command refused");
@@ -382,7 +397,10 @@ impl AgentLoop {
             if current.name == action.model.name && action.model.version < current.version {
                 return reject(
                     self,
-                    format!("version {} is not above the active {}", action.model.version, current.version),
+                    format!(
+                        "version {} is not above the active {}",
+                        action.model.version, current.version
+                    ),
                 );
             }
         }
@@ -400,13 +418,23 @@ impl AgentLoop {
         let done = self.install_tx.clone();
         tokio::spawn(async move {
             let result = deploy(&installer, &reporter, seq, &action, active).await;
-            let _ = done.send(InstallOutcome { seq, action, result }).await;
+            let _ = done
+                .send(InstallOutcome {
+                    seq,
+                    action,
+                    result,
+                })
+                .await;
         });
     }
 
     fn on_install_done(&mut self, outcome: InstallOutcome) {
         self.installing = None;
-        let InstallOutcome { seq, action, result } = outcome;
+        let InstallOutcome {
+            seq,
+            action,
+            result,
+        } = outcome;
         match result {
             Ok(installed) => {
                 if let Some(old) = self.serving.as_mut()
@@ -449,7 +477,13 @@ async fn deploy(
     active: Option<crate::slots::Slot>,
 ) -> Result<Installed, InstallError> {
     let stage = |stage| {
-        reporter.deployment(Some(action.rollout_id), seq, Some(action.model.clone()), stage, None)
+        reporter.deployment(
+            Some(action.rollout_id),
+            seq,
+            Some(action.model.clone()),
+            stage,
+            None,
+        )
     };
     stage(DeployStage::Downloading);
     let bytes = Arc::new(installer.download(action).await?);

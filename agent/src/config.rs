@@ -7,6 +7,7 @@ use edgeloop_shared::signing::{KeyError, TrustedKeys};
 use edgeloop_shared::topics::Topics;
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// The default configuration, commented; `edgeloop-agent print-default-config` prints it.
@@ -14,10 +15,40 @@ pub const DEFAULT_CONFIG_TOML: &str = include_str!("default-config.toml");
 pub const CONFIG_VERSION: u32 = 1;
 pub const ENV_PREFIX: &str = "EDGELOOP_AGENT_";
 
+/// Why layered configuration could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("configuration file {0} does not exist")]
+    Missing(PathBuf),
+    #[error(transparent)]
+    Figment(#[from] Box<figment::Error>),
+}
+
+/// Reads `T` from layers: `defaults`, then the TOML `file` if given (it must exist), then
+/// the environment variables `env` selects. Later layers override single keys of earlier
+/// ones; unknown keys are refused when `T` denies them.
+pub fn load_layered<T: Serialize + DeserializeOwned>(
+    defaults: &T,
+    file: Option<&Path>,
+    env: Env,
+) -> Result<T, LoadError> {
+    let mut figment = Figment::from(Serialized::defaults(defaults));
+    if let Some(path) = file {
+        if !path.exists() {
+            return Err(LoadError::Missing(path.to_path_buf()));
+        }
+        figment = figment.merge(Toml::file_exact(path));
+    }
+    figment
+        .merge(env)
+        .extract()
+        .map_err(|e| LoadError::Figment(Box::new(e)))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot load agent configuration: {0}")]
-    Load(#[from] Box<figment::Error>),
+    Load(#[from] LoadError),
     #[error("config_version {found} is not supported (expected {CONFIG_VERSION})")]
     Version { found: u32 },
     #[error("invalid `{key}`: {reason}")]
@@ -80,20 +111,11 @@ impl Default for AgentConfig {
 impl AgentConfig {
     /// Defaults, then `file` (if given), then `EDGELOOP_AGENT_*` variables; validated.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
-        let mut figment = Figment::from(Serialized::defaults(AgentConfig::default()));
-        if let Some(path) = file {
-            if !path.exists() {
-                return Err(ConfigError::Invalid {
-                    key: "--config",
-                    reason: format!("{} does not exist", path.display()),
-                });
-            }
-            figment = figment.merge(Toml::file_exact(path));
-        }
-        let config: AgentConfig = figment
-            .merge(Env::prefixed(ENV_PREFIX).split("__"))
-            .extract()
-            .map_err(Box::new)?;
+        let config: AgentConfig = load_layered(
+            &AgentConfig::default(),
+            file,
+            Env::prefixed(ENV_PREFIX).split("__"),
+        )?;
         config.validate()?;
         Ok(config)
     }
@@ -109,13 +131,21 @@ impl AgentConfig {
             reason: reason.to_string(),
         };
         if !edgeloop_shared::is_valid_identifier(&self.device_id) {
-            return Err(invalid("device_id", "use 1-64 characters of [A-Za-z0-9_.-]"));
+            return Err(invalid(
+                "device_id",
+                "use 1-64 characters of [A-Za-z0-9_.-]",
+            ));
         }
         crate::link::BrokerAddr::parse(&self.broker_url)
             .map_err(|e| invalid("broker_url", &e.to_string()))?;
         Topics::new(&self.topic_root).map_err(|e| invalid("topic_root", &e.to_string()))?;
-        if !(self.controller_url.starts_with("http://") || self.controller_url.starts_with("https://")) {
-            return Err(invalid("controller_url", "must start with http:// or https://"));
+        if !(self.controller_url.starts_with("http://")
+            || self.controller_url.starts_with("https://"))
+        {
+            return Err(invalid(
+                "controller_url",
+                "must start with http:// or https://",
+            ));
         }
         self.trusted_keys()?;
         if self.heartbeat_interval_s == 0 {

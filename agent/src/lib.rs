@@ -29,3 +29,49 @@ pub fn now_ms() -> u64 {
 
 /// This agent's version, reported in heartbeats.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// A token cancelled when the process receives Ctrl-C (SIGINT). Call inside a tokio runtime.
+pub fn shutdown_on_ctrl_c() -> tokio_util::sync::CancellationToken {
+    let token = tokio_util::sync::CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        cancel.cancel();
+    });
+    token
+}
+
+/// One line for people: the error and each cause the text so far does not already contain
+/// (library errors often include their source in their own message).
+pub fn describe_error(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(c) = cause {
+        let line = c.to_string();
+        if !text.contains(&line) {
+            text.push_str(": ");
+            text.push_str(&line);
+        }
+        cause = c.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer: {0}")]
+    struct Outer(#[from] Inner);
+    #[derive(Debug, thiserror::Error)]
+    #[error("inner")]
+    struct Inner;
+    #[derive(Debug, thiserror::Error)]
+    #[error("context")]
+    struct Context(#[source] Inner);
+
+    #[test]
+    fn causes_are_listed_once() {
+        assert_eq!(super::describe_error(&Outer(Inner)), "outer: inner");
+        assert_eq!(super::describe_error(&Context(Inner)), "context: inner");
+    }
+}

@@ -11,7 +11,7 @@ use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Outgoing, Packet, Publish, QoS};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -112,7 +112,6 @@ pub struct Link {
     config: LinkConfig,
     outbox: Outbox,
     incoming: mpsc::Sender<Publish>,
-    connected: watch::Sender<bool>,
 }
 
 /// Outbox entries in flight during one connection.
@@ -133,21 +132,12 @@ impl Inflight {
 }
 
 impl Link {
-    pub fn new(
-        config: LinkConfig,
-        outbox: Outbox,
-        incoming: mpsc::Sender<Publish>,
-    ) -> (Self, watch::Receiver<bool>) {
-        let (connected, connected_rx) = watch::channel(false);
-        (
-            Link {
-                config,
-                outbox,
-                incoming,
-                connected,
-            },
-            connected_rx,
-        )
+    pub fn new(config: LinkConfig, outbox: Outbox, incoming: mpsc::Sender<Publish>) -> Self {
+        Link {
+            config,
+            outbox,
+            incoming,
+        }
     }
 
     fn options(&self) -> MqttOptions {
@@ -159,7 +149,12 @@ impl Link {
             .set_inflight(c.max_inflight.max(1))
             .set_max_packet_size(c.max_packet_bytes, c.max_packet_bytes);
         if let Some((topic, payload)) = &c.last_will {
-            options.set_last_will(LastWill::new(topic, payload.clone(), QoS::AtLeastOnce, false));
+            options.set_last_will(LastWill::new(
+                topic,
+                payload.clone(),
+                QoS::AtLeastOnce,
+                false,
+            ));
         }
         options
     }
@@ -189,7 +184,6 @@ impl Link {
                                 warn!(%topic, error = %e, "cannot subscribe");
                             }
                         }
-                        self.connected.send_replace(true);
                     }
                     Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
                         if let Some(id) = flight.awaiting_pkid.pop_front() {
@@ -218,7 +212,6 @@ impl Link {
                             debug!(client = %self.config.client_id, error = %e, "cannot connect to broker");
                         }
                         connected = false;
-                        self.connected.send_replace(false);
                         flight = Inflight::default();
                         tokio::select! {
                             _ = shutdown.cancelled() => break,
@@ -228,7 +221,6 @@ impl Link {
                 },
             }
         }
-        self.connected.send_replace(false);
     }
 
     /// Hands outbox entries to the MQTT client until the in-flight window is full.

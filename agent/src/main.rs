@@ -1,5 +1,6 @@
 //! `edgeloop-agent`: the on-device daemon.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -7,10 +8,13 @@ use clap::{Parser, Subcommand};
 use edgeloop_agent::config::{AgentConfig, DEFAULT_CONFIG_TOML};
 use edgeloop_agent::sim::Fleet;
 use edgeloop_agent::{Agent, source};
-use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "edgeloop-agent", version, about = "edgeloop on-device agent: inference, drift monitoring, verified model updates")]
+#[command(
+    name = "edgeloop-agent",
+    version,
+    about = "edgeloop on-device agent: inference, drift monitoring, verified model updates"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -73,23 +77,25 @@ impl Overrides {
     }
 }
 
-fn shutdown_on_ctrl_c() -> CancellationToken {
-    let token = CancellationToken::new();
-    let t = token.clone();
-    tokio::spawn(async move {
-        let _ = tokio::signal::ctrl_c().await;
-        t.cancel();
-    });
-    token
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", edgeloop_agent::describe_error(e.as_ref()));
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn run() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "info,rumqttc=warn".into()),
         )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match Cli::parse().command {
         Command::PrintDefaultConfig => print!("{DEFAULT_CONFIG_TOML}"),
@@ -100,7 +106,9 @@ async fn main() -> anyhow::Result<()> {
         Command::Run { overrides } => {
             let config = overrides.load()?;
             let source = source::from_config(&config.source).context("opening the input source")?;
-            Agent::new(config, source)?.run(shutdown_on_ctrl_c()).await?;
+            Agent::new(config, source)?
+                .run(edgeloop_agent::shutdown_on_ctrl_c())
+                .await?;
         }
         Command::Simulate {
             overrides,
@@ -108,7 +116,7 @@ async fn main() -> anyhow::Result<()> {
             id_prefix,
         } => {
             let config = overrides.load()?;
-            let shutdown = shutdown_on_ctrl_c();
+            let shutdown = edgeloop_agent::shutdown_on_ctrl_c();
             let fleet = Fleet::spawn(&config, devices, &id_prefix, &config.state_dir, &shutdown)?;
             fleet.join().await;
         }

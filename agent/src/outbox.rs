@@ -39,7 +39,8 @@ pub trait OutboxStore: Send {
     /// Up to `limit` entries with an id above `after`, in id order.
     fn after(&mut self, after: u64, limit: usize) -> Result<Vec<OutboxEntry>, OutboxError>;
     fn remove(&mut self, id: u64) -> Result<(), OutboxError>;
-    fn len(&mut self) -> Result<u64, OutboxError>;
+    /// Number of queued entries.
+    fn count(&mut self) -> Result<u64, OutboxError>;
 }
 
 /// The durable outbox: a SQLite database in WAL mode.
@@ -55,11 +56,14 @@ impl SqliteOutbox {
             source,
         };
         let conn = Connection::open(path).map_err(err)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(err)?;
         // NORMAL in WAL mode survives a process crash; a power cut may lose the last
         // transactions, which were then never acknowledged to anybody either.
-        conn.pragma_update(None, "synchronous", "NORMAL").map_err(err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(err)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS outbox (
                 id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -96,7 +100,9 @@ impl OutboxStore for SqliteOutbox {
     fn after(&mut self, after: u64, limit: usize) -> Result<Vec<OutboxEntry>, OutboxError> {
         let mut stmt = self
             .conn
-            .prepare_cached("SELECT id, topic, payload FROM outbox WHERE id > ?1 ORDER BY id LIMIT ?2")
+            .prepare_cached(
+                "SELECT id, topic, payload FROM outbox WHERE id > ?1 ORDER BY id LIMIT ?2",
+            )
             .map_err(self.err())?;
         let rows = stmt
             .query_map(params![after as i64, limit as i64], |r| {
@@ -117,7 +123,7 @@ impl OutboxStore for SqliteOutbox {
         Ok(())
     }
 
-    fn len(&mut self) -> Result<u64, OutboxError> {
+    fn count(&mut self) -> Result<u64, OutboxError> {
         self.conn
             .query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get::<_, i64>(0))
             .optional()
@@ -159,7 +165,7 @@ impl OutboxStore for MemoryOutbox {
         Ok(())
     }
 
-    fn len(&mut self) -> Result<u64, OutboxError> {
+    fn count(&mut self) -> Result<u64, OutboxError> {
         Ok(self.entries.len() as u64)
     }
 }
@@ -200,14 +206,6 @@ impl Outbox {
         self.with(|s| s.remove(id))
     }
 
-    pub fn len(&self) -> Result<u64, OutboxError> {
-        self.with(|s| s.len())
-    }
-
-    pub fn is_empty(&self) -> Result<bool, OutboxError> {
-        self.len().map(|n| n == 0)
-    }
-
     /// Resolves when something was queued since the last call.
     pub async fn queued(&self) {
         self.queued.notified().await
@@ -220,7 +218,7 @@ mod tests {
 
     /// One suite for every store.
     fn exercise(store: &mut dyn OutboxStore) {
-        assert_eq!(store.len().unwrap(), 0);
+        assert_eq!(store.count().unwrap(), 0);
         let a = store.push("t/a", b"1").unwrap();
         let b = store.push("t/b", b"2").unwrap();
         let c = store.push("t/c", b"3").unwrap();
@@ -233,7 +231,7 @@ mod tests {
         store.remove(b).unwrap();
         store.remove(b).unwrap();
         assert_eq!(store.after(0, 10).unwrap().len(), 2);
-        assert_eq!(store.len().unwrap(), 2);
+        assert_eq!(store.count().unwrap(), 2);
         let d = store.push("t/d", b"4").unwrap();
         assert!(d > c, "ids are never reused");
     }
@@ -249,9 +247,12 @@ mod tests {
         let path = dir.path().join("outbox.sqlite");
         exercise(&mut SqliteOutbox::open(&path).unwrap());
         let mut again = SqliteOutbox::open(&path).unwrap();
-        assert_eq!(again.len().unwrap(), 3);
+        assert_eq!(again.count().unwrap(), 3);
         let ids: Vec<u64> = again.after(0, 10).unwrap().iter().map(|e| e.id).collect();
         let next = again.push("t/e", b"5").unwrap();
-        assert!(ids.iter().all(|&i| i < next), "AUTOINCREMENT never reuses an id");
+        assert!(
+            ids.iter().all(|&i| i < next),
+            "AUTOINCREMENT never reuses an id"
+        );
     }
 }

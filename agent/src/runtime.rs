@@ -15,7 +15,9 @@ use tract_onnx::tract_hir::infer::Factoid;
 pub enum RuntimeError {
     #[error("tract cannot load the model: {0}")]
     Load(String),
-    #[error("model input `{name}` must be f32 of shape [batch, features]; the graph declares {declared}")]
+    #[error(
+        "model input `{name}` must be f32 of shape [batch, features]; the graph declares {declared}"
+    )]
     UnsupportedInput { name: String, declared: String },
     #[error("model expects {expected} input features but {got} were given")]
     WidthMismatch { expected: usize, got: usize },
@@ -50,8 +52,12 @@ pub fn inspect_onnx(onnx: &[u8]) -> Result<ModelSignature, RuntimeError> {
             model.outputs.len()
         )));
     }
-    let input = model.input_outlets().map_err(|e| RuntimeError::Load(e.to_string()))?[0];
-    let output = model.output_outlets().map_err(|e| RuntimeError::Load(e.to_string()))?[0];
+    let input = model
+        .input_outlets()
+        .map_err(|e| RuntimeError::Load(e.to_string()))?[0];
+    let output = model
+        .output_outlets()
+        .map_err(|e| RuntimeError::Load(e.to_string()))?[0];
     let fact = model
         .input_fact(0)
         .map_err(|e| RuntimeError::Load(e.to_string()))?;
@@ -61,7 +67,12 @@ pub fn inspect_onnx(onnx: &[u8]) -> Result<ModelSignature, RuntimeError> {
         .map(|d| d.concretize().and_then(|d| d.to_i64().ok()))
         .collect();
     let input_name = model.node(input.node).name.clone();
-    if dims.len() != 2 || fact.datum_type.concretize().is_some_and(|t| t != f32::datum_type()) {
+    if dims.len() != 2
+        || fact
+            .datum_type
+            .concretize()
+            .is_some_and(|t| t != f32::datum_type())
+    {
         return Err(RuntimeError::UnsupportedInput {
             name: input_name,
             declared: format!("{fact:?}"),
@@ -116,7 +127,10 @@ impl Plan {
         let zeros = plan.run_raw(&vec![0.0; features])?;
         plan.classes = zeros.len();
         if plan.classes == 0 {
-            return Err(RuntimeError::OutputShape { expected: 1, got: 0 });
+            return Err(RuntimeError::OutputShape {
+                expected: 1,
+                got: 0,
+            });
         }
         Ok(plan)
     }
@@ -155,7 +169,10 @@ impl Plan {
         }
         if let Some((i, &value)) = row.iter().enumerate().find(|(_, v)| !v.is_finite()) {
             return Err(RuntimeError::NonFinite {
-                feature: feature_names.get(i).cloned().unwrap_or_else(|| format!("#{i}")),
+                feature: feature_names
+                    .get(i)
+                    .cloned()
+                    .unwrap_or_else(|| format!("#{i}")),
                 value,
             });
         }
@@ -206,7 +223,11 @@ impl LoadedModel {
             });
         }
         let model = LoadedModel {
-            feature_names: manifest.reference.feature_names().map(str::to_string).collect(),
+            feature_names: manifest
+                .reference
+                .feature_names()
+                .map(str::to_string)
+                .collect(),
             manifest,
             plan,
         };
@@ -247,7 +268,10 @@ mod tests {
     const MODEL_V1: &[u8] = include_bytes!("../../controller/assets/vibration/model_v1.onnx");
 
     fn names() -> Vec<String> {
-        ["rms", "peak", "kurtosis", "temperature"].iter().map(|s| s.to_string()).collect()
+        ["rms", "peak", "kurtosis", "temperature"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
     }
 
     #[test]
@@ -268,13 +292,21 @@ mod tests {
         let plan = Plan::compile(MODEL_V1, 4).unwrap();
         assert!(matches!(
             plan.infer(&[1.0, 2.0], &names()),
-            Err(RuntimeError::WidthMismatch { expected: 4, got: 2 })
+            Err(RuntimeError::WidthMismatch {
+                expected: 4,
+                got: 2
+            })
         ));
-        let err = plan.infer(&[1.0, f32::NAN, 3.0, 4.0], &names()).unwrap_err();
+        let err = plan
+            .infer(&[1.0, f32::NAN, 3.0, 4.0], &names())
+            .unwrap_err();
         assert!(err.to_string().contains("`peak`"), "{err}");
         assert!(matches!(
             Plan::compile(MODEL_V1, 5),
-            Err(RuntimeError::WidthMismatch { expected: 4, got: 5 })
+            Err(RuntimeError::WidthMismatch {
+                expected: 4,
+                got: 5
+            })
         ));
         assert!(matches!(
             Plan::compile(b"definitely not onnx", 4),

@@ -38,7 +38,10 @@ pub trait InputSource: Send {
 /// Builds the source a config describes.
 pub fn from_config(config: &SourceConfig) -> Result<Box<dyn InputSource>, SourceError> {
     Ok(match config.kind {
-        SourceKind::Synthetic => Box::new(VibrationGenerator::new(config.seed, ShiftControl::default())),
+        SourceKind::Synthetic => Box::new(VibrationGenerator::new(
+            config.seed,
+            ShiftControl::default(),
+        )),
         SourceKind::Csv => Box::new(CsvReplay::open(
             config.path.as_deref().ok_or(SourceError::NoPath)?,
             config.repeat,
@@ -54,7 +57,8 @@ pub struct ShiftControl(Arc<AtomicU32>);
 
 impl ShiftControl {
     pub fn set(&self, intensity: f32) {
-        self.0.store(intensity.clamp(0.0, 1.0).to_bits(), Ordering::Relaxed);
+        self.0
+            .store(intensity.clamp(0.0, 1.0).to_bits(), Ordering::Relaxed);
     }
 
     pub fn get(&self) -> f32 {
@@ -184,12 +188,14 @@ pub fn read_numeric_csv(path: &Path) -> Result<(Vec<String>, Vec<Vec<f32>>), Sou
         let row = record
             .iter()
             .zip(&columns)
-            .map(|(cell, column)| parse_cell(cell).ok_or_else(|| SourceError::BadCell {
-                path: shown.clone(),
-                line,
-                column: column.clone(),
-                value: cell.chars().take(40).collect(),
-            }))
+            .map(|(cell, column)| {
+                parse_cell(cell).ok_or_else(|| SourceError::BadCell {
+                    path: shown.clone(),
+                    line,
+                    column: column.clone(),
+                    value: cell.chars().take(40).collect(),
+                })
+            })
             .collect::<Result<Vec<f32>, _>>()?;
         rows.push(row);
     }
@@ -219,12 +225,18 @@ mod tests {
         let shift = ShiftControl::default();
         let mut g = VibrationGenerator::new(4, shift.clone());
         let mean_temp = |g: &mut VibrationGenerator| {
-            (0..2000).map(|_| f64::from(g.next_row().unwrap()[3])).sum::<f64>() / 2000.0
+            (0..2000)
+                .map(|_| f64::from(g.next_row().unwrap()[3]))
+                .sum::<f64>()
+                / 2000.0
         };
         let before = mean_temp(&mut g);
         shift.set(1.0);
         let after = mean_temp(&mut g);
-        assert!((after - before - SHIFT_TEMPERATURE).abs() < 1.0, "{before} → {after}");
+        assert!(
+            (after - before - SHIFT_TEMPERATURE).abs() < 1.0,
+            "{before} → {after}"
+        );
     }
 
     #[test]
@@ -249,10 +261,19 @@ mod tests {
         let path = dir.path().join("bad.csv");
         std::fs::write(&path, "a,b\n1,2\n3,zz\n").unwrap();
         let err = CsvReplay::open(&path, true).err().unwrap().to_string();
-        assert!(err.contains("line 3") && err.contains("`b`") && err.contains("zz"), "{err}");
+        assert!(
+            err.contains("line 3") && err.contains("`b`") && err.contains("zz"),
+            "{err}"
+        );
         std::fs::write(&path, "a,b\n").unwrap();
-        assert!(matches!(CsvReplay::open(&path, true), Err(SourceError::Empty { .. })));
+        assert!(matches!(
+            CsvReplay::open(&path, true),
+            Err(SourceError::Empty { .. })
+        ));
         std::fs::write(&path, "a,b\n1\n").unwrap();
-        assert!(CsvReplay::open(&path, true).is_err(), "ragged rows are refused");
+        assert!(
+            CsvReplay::open(&path, true).is_err(),
+            "ragged rows are refused"
+        );
     }
 }

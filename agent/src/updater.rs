@@ -82,7 +82,11 @@ impl Installer {
         if bundle_url.starts_with("http://") || bundle_url.starts_with("https://") {
             bundle_url.to_string()
         } else {
-            format!("{}/{}", self.controller_url, bundle_url.trim_start_matches('/'))
+            format!(
+                "{}/{}",
+                self.controller_url,
+                bundle_url.trim_start_matches('/')
+            )
         }
     }
 
@@ -143,7 +147,11 @@ impl Installer {
     }
 
     /// Verifies a downloaded bundle and checks that it is the model the command named.
-    pub fn verify(&self, bytes: &[u8], action: &DeployAction) -> Result<VerifiedBundle, InstallError> {
+    pub fn verify(
+        &self,
+        bytes: &[u8],
+        action: &DeployAction,
+    ) -> Result<VerifiedBundle, InstallError> {
         let verified = bundle::verify(bytes, &self.trusted, &self.limits)?;
         let found = verified.manifest.model_ref();
         if found != action.model {

@@ -19,7 +19,9 @@ use tokio::sync::Notify;
 use crate::ingest::{IngestStats, IngestStatsSnapshot};
 use crate::registry::ArtifactStore;
 use crate::rollout::{self, RolloutError};
-use crate::store::{DeploymentEvent, DeviceRow, ModelRow, RolloutRow, Store, StoreError, TelemetryRow};
+use crate::store::{
+    DeploymentEvent, DeviceRow, ModelRow, RolloutRow, Store, StoreError, TelemetryRow,
+};
 
 const DASHBOARD_HTML: &str = include_str!("dashboard.html");
 const DEFAULT_LIMIT: u32 = 20;
@@ -51,11 +53,16 @@ pub enum ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = match &self {
-            ApiError::BadRequest(_) | ApiError::Rollout(RolloutError::NoDevices) => StatusCode::BAD_REQUEST,
+            ApiError::BadRequest(_) | ApiError::Rollout(RolloutError::NoDevices) => {
+                StatusCode::BAD_REQUEST
+            }
             ApiError::NotFound(_)
             | ApiError::Store(StoreError::NotFound(_))
-            | ApiError::Rollout(RolloutError::Store(StoreError::NotFound(_))) => StatusCode::NOT_FOUND,
-            ApiError::Store(StoreError::Conflict(_)) | ApiError::Rollout(RolloutError::Store(StoreError::Conflict(_))) => {
+            | ApiError::Rollout(RolloutError::Store(StoreError::NotFound(_))) => {
+                StatusCode::NOT_FOUND
+            }
+            ApiError::Store(StoreError::Conflict(_))
+            | ApiError::Rollout(RolloutError::Store(StoreError::Conflict(_))) => {
                 StatusCode::CONFLICT
             }
             ApiError::Store(_) | ApiError::Rollout(_) | ApiError::Artifact(_) => {
@@ -63,7 +70,11 @@ impl IntoResponse for ApiError {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
         };
-        (status, Json(serde_json::json!({ "error": self.to_string() }))).into_response()
+        (
+            status,
+            Json(serde_json::json!({ "error": self.to_string() })),
+        )
+            .into_response()
     }
 }
 
@@ -96,7 +107,8 @@ pub struct DeviceView {
 }
 
 pub fn device_view(mut row: DeviceRow, offline_after: Duration, now_ms: u64) -> DeviceView {
-    row.online = row.online && now_ms.saturating_sub(row.last_seen_ms) <= offline_after.as_millis() as u64;
+    row.online =
+        row.online && now_ms.saturating_sub(row.last_seen_ms) <= offline_after.as_millis() as u64;
     DeviceView { row }
 }
 
@@ -121,7 +133,9 @@ fn limit(q: &LimitQuery) -> Result<u32, ApiError> {
     match q.limit {
         None => Ok(DEFAULT_LIMIT),
         Some(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
-        Some(n) => Err(ApiError::BadRequest(format!("limit {n} is not in 1..={MAX_LIMIT}"))),
+        Some(n) => Err(ApiError::BadRequest(format!(
+            "limit {n} is not in 1..={MAX_LIMIT}"
+        ))),
     }
 }
 
@@ -129,7 +143,9 @@ fn device_id(id: &str) -> Result<&str, ApiError> {
     if is_valid_identifier(id) {
         Ok(id)
     } else {
-        Err(ApiError::BadRequest(format!("`{id}` is not a valid device id")))
+        Err(ApiError::BadRequest(format!(
+            "`{id}` is not a valid device id"
+        )))
     }
 }
 
@@ -146,7 +162,11 @@ async fn deployment_events(
     Path(id): Path<String>,
     Query(q): Query<LimitQuery>,
 ) -> ApiResult<Vec<DeploymentEvent>> {
-    Ok(Json(s.store.deployment_events(device_id(&id)?, limit(&q)?).await?))
+    Ok(Json(
+        s.store
+            .deployment_events(device_id(&id)?, limit(&q)?)
+            .await?,
+    ))
 }
 
 async fn models(State(s): State<AppState>) -> ApiResult<Vec<ModelRow>> {
@@ -193,9 +213,14 @@ async fn stats(State(s): State<AppState>) -> Json<IngestStatsSnapshot> {
     Json(s.stats.snapshot())
 }
 
-async fn artifact(State(s): State<AppState>, Path((name, version)): Path<(String, u64)>) -> Result<Response, ApiError> {
+async fn artifact(
+    State(s): State<AppState>,
+    Path((name, version)): Path<(String, u64)>,
+) -> Result<Response, ApiError> {
     if !is_valid_identifier(&name) {
-        return Err(ApiError::BadRequest(format!("`{name}` is not a valid model name")));
+        return Err(ApiError::BadRequest(format!(
+            "`{name}` is not a valid model name"
+        )));
     }
     let path = s.artifacts.path(&name, version);
     let file = match tokio::fs::File::open(&path).await {
@@ -209,7 +234,10 @@ async fn artifact(State(s): State<AppState>, Path((name, version)): Path<(String
     let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
     Ok((
         [
-            (header::CONTENT_TYPE, "application/vnd.edgeloop.bundle".to_string()),
+            (
+                header::CONTENT_TYPE,
+                "application/vnd.edgeloop.bundle".to_string(),
+            ),
             (header::CONTENT_LENGTH, len.to_string()),
         ],
         body,

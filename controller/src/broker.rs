@@ -32,8 +32,14 @@ impl EmbeddedBroker {
     /// connections.
     pub fn start(listen: SocketAddr) -> Result<Self, BrokerError> {
         // Bind first so that a busy port is a clear error here, not a log line in a thread.
-        let probe = TcpListener::bind(listen).map_err(|source| BrokerError::Bind { addr: listen, source })?;
-        let addr = probe.local_addr().map_err(|source| BrokerError::Bind { addr: listen, source })?;
+        let probe = TcpListener::bind(listen).map_err(|source| BrokerError::Bind {
+            addr: listen,
+            source,
+        })?;
+        let addr = probe.local_addr().map_err(|source| BrokerError::Bind {
+            addr: listen,
+            source,
+        })?;
         drop(probe);
 
         let config = rumqttd_config(addr)?;
@@ -65,12 +71,11 @@ impl EmbeddedBroker {
 
     /// The URL clients use to reach this broker.
     pub fn url(&self) -> String {
-        let host = if self.addr.ip().is_unspecified() {
-            "127.0.0.1".to_string()
-        } else {
-            self.addr.ip().to_string()
-        };
-        format!("mqtt://{host}:{}", self.addr.port())
+        format!(
+            "mqtt://{}:{}",
+            crate::reachable_host(self.addr),
+            self.addr.port()
+        )
     }
 }
 

@@ -4,10 +4,10 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use edgeloop_agent::config::{LoadError, load_layered};
 use edgeloop_agent::link::BrokerAddr;
 use edgeloop_shared::topics::Topics;
-use figment::Figment;
-use figment::providers::{Env, Format, Serialized, Toml};
+use figment::providers::Env;
 use serde::{Deserialize, Serialize};
 
 pub const DEFAULT_CONFIG_TOML: &str = include_str!("default-config.toml");
@@ -16,7 +16,7 @@ pub const CONFIG_VERSION: u32 = 1;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot load controller configuration: {0}")]
-    Load(#[from] Box<figment::Error>),
+    Load(#[from] LoadError),
     #[error("config_version {found} is not supported (expected {CONFIG_VERSION})")]
     Version { found: u32 },
     #[error("invalid `{key}`: {reason}")]
@@ -49,24 +49,15 @@ impl ControllerConfig {
     /// Defaults, then `file` (if given), then `EDGELOOP_*` variables. Not yet validated:
     /// flags may still override; call [`validate`](Self::validate) after them.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
-        let mut figment = Figment::from(Serialized::defaults(ControllerConfig::default()));
-        if let Some(path) = file {
-            if !path.exists() {
-                return Err(ConfigError::Invalid {
-                    key: "--config",
-                    reason: format!("{} does not exist", path.display()),
-                });
-            }
-            figment = figment.merge(Toml::file_exact(path));
-        }
         // Only the keys this config has: EDGELOOP_TEST_* and EDGELOOP_AGENT_* belong to others.
         let keys: Vec<String> = DEFAULT_CONFIG_TOML
             .lines()
             .filter_map(|l| l.split_once(" = ").map(|(k, _)| k.trim().to_string()))
             .filter(|k| !k.starts_with('#'))
             .collect();
-        figment = figment.merge(Env::prefixed("EDGELOOP_").filter(move |k| keys.iter().any(|key| k == key.as_str())));
-        figment.extract().map_err(|e| ConfigError::Load(Box::new(e)))
+        let env =
+            Env::prefixed("EDGELOOP_").filter(move |k| keys.iter().any(|key| k == key.as_str()));
+        Ok(load_layered(&ControllerConfig::default(), file, env)?)
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -124,7 +115,10 @@ mod tests {
         assert_eq!(c.topic_root, "edgeloop");
         c.validate().unwrap();
         std::fs::write(&path, "mqtt_url = \"http://nope\"\n").unwrap();
-        let err = ControllerConfig::load(Some(&path)).unwrap().validate().unwrap_err();
+        let err = ControllerConfig::load(Some(&path))
+            .unwrap()
+            .validate()
+            .unwrap_err();
         assert!(err.to_string().contains("mqtt_url"), "{err}");
         std::fs::write(&path, "bogus = 1\n").unwrap();
         assert!(ControllerConfig::load(Some(&path)).is_err());

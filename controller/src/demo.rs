@@ -32,6 +32,8 @@ pub const REFERENCE_V2: &str = include_str!("../assets/vibration/reference_v2.cs
 /// The schedule used when the demo runs until Ctrl-C.
 const OPEN_ENDED_SCHEDULE: Duration = Duration::from_secs(60);
 pub const MIN_DURATION: Duration = Duration::from_secs(15);
+/// How often the demo checks whether the next phase is due.
+const PHASE_CHECK: Duration = Duration::from_millis(250);
 /// Inputs per second on each simulated device.
 const RATE_HZ: f64 = 50.0;
 
@@ -91,12 +93,18 @@ impl Phase {
 }
 
 /// Runs the demo; returns the final report. Progress goes to `out`.
-pub async fn run(options: DemoOptions, shutdown: CancellationToken, out: &mut dyn Write) -> anyhow::Result<DemoReport> {
+pub async fn run(
+    options: DemoOptions,
+    shutdown: CancellationToken,
+    out: &mut dyn Write,
+) -> anyhow::Result<DemoReport> {
     let temp;
     let data_dir = match &options.data_dir {
         Some(dir) => dir.clone(),
         None => {
-            temp = tempfile::Builder::new().prefix("edgeloop-demo-").tempdir()?;
+            temp = tempfile::Builder::new()
+                .prefix("edgeloop-demo-")
+                .tempdir()?;
             temp.path().to_path_buf()
         }
     };
@@ -131,11 +139,27 @@ pub async fn run(options: DemoOptions, shutdown: CancellationToken, out: &mut dy
         ..AgentConfig::default()
     };
     template.source.rate_hz = RATE_HZ;
-    let fleet = Fleet::spawn(&template, options.devices, "sim", &data_dir.join("devices"), &shutdown)?;
+    let fleet = Fleet::spawn(
+        &template,
+        options.devices,
+        "sim",
+        &data_dir.join("devices"),
+        &shutdown,
+    )?;
     let shift = fleet.shift.clone();
 
     let started = Instant::now();
-    let result = drive(&controller, &options, &shift, schedule, started, &data_dir, &shutdown, out).await;
+    let result = drive(
+        &controller,
+        &options,
+        &shift,
+        schedule,
+        started,
+        &data_dir,
+        &shutdown,
+        out,
+    )
+    .await;
     let report = report(&controller).await;
     shutdown.cancel();
     fleet.join().await;
@@ -156,7 +180,9 @@ async fn drive(
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
     let mut phase = Phase::Starting;
-    let mut status = tokio::time::interval((schedule / 12).clamp(Duration::from_secs(2), Duration::from_secs(5)));
+    let mut status = tokio::time::interval(
+        (schedule / 12).clamp(Duration::from_secs(2), Duration::from_secs(5)),
+    );
     loop {
         let elapsed = started.elapsed();
         if options.duration.is_some_and(|d| elapsed >= d) {
@@ -188,11 +214,18 @@ async fn drive(
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             _ = status.tick() => print_status(controller, started, out).await?,
+            _ = tokio::time::sleep(PHASE_CHECK) => {}
         }
     }
 }
 
-async fn publish(controller: &Controller, version: u64, reference: &str, onnx: &[u8], data_dir: &Path) -> anyhow::Result<()> {
+async fn publish(
+    controller: &Controller,
+    version: u64,
+    reference: &str,
+    onnx: &[u8],
+    data_dir: &Path,
+) -> anyhow::Result<()> {
     let path = data_dir.join(format!("reference_v{version}.csv"));
     std::fs::write(&path, reference)?;
     let row = controller
@@ -211,7 +244,11 @@ async fn publish(controller: &Controller, version: u64, reference: &str, onnx: &
     Ok(())
 }
 
-async fn print_status(controller: &Controller, started: Instant, out: &mut dyn Write) -> anyhow::Result<()> {
+async fn print_status(
+    controller: &Controller,
+    started: Instant,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
     let now = now_ms();
     let offline_after = Duration::from_secs(controller.config.offline_after_s);
     for device in controller.store.devices().await? {
@@ -220,7 +257,9 @@ async fn print_status(controller: &Controller, started: Instant, out: &mut dyn W
             (Some(name), Some(version)) => format!("{name} v{version}"),
             _ => "no model".to_string(),
         };
-        let psi = d.last_psi_max.map_or("–".to_string(), |p| format!("{p:.3}"));
+        let psi = d
+            .last_psi_max
+            .map_or("–".to_string(), |p| format!("{p:.3}"));
         let flag = match d.last_psi_max {
             Some(p) if p >= edgeloop_shared::drift::PSI_ALERT => " DRIFT",
             Some(p) if p >= edgeloop_shared::drift::PSI_WARN => " drift?",

@@ -130,7 +130,13 @@ pub fn start(
         .set_max_packet_size(MAX_INCOMING_PACKET, MAX_INCOMING_PACKET);
     let (client, eventloop) = AsyncClient::new(options, REQUEST_CAPACITY);
     let (tx, rx) = mpsc::channel(INGEST_CAPACITY);
-    tokio::spawn(connection(eventloop, client.clone(), config.topics.clone(), tx, shutdown.clone()));
+    tokio::spawn(connection(
+        eventloop,
+        client.clone(),
+        config.topics.clone(),
+        tx,
+        shutdown.clone(),
+    ));
     tokio::spawn(
         Ingestor {
             store,
@@ -151,7 +157,10 @@ async fn connection(
     shutdown: CancellationToken,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
-    let filters: Vec<String> = Channel::FROM_DEVICE.iter().map(|c| topics.all_devices(*c)).collect();
+    let filters: Vec<String> = Channel::FROM_DEVICE
+        .iter()
+        .map(|c| topics.all_devices(*c))
+        .collect();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,

@@ -99,11 +99,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key = keygen(dir.path()).unwrap();
         let path = dir.path().join(SECRET_FILE);
-        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         assert_eq!(load(&path).unwrap().id(), key.id());
         let public = fs::read_to_string(dir.path().join(PUBLIC_FILE)).unwrap();
         assert_eq!(public.trim(), key.public().to_text());
-        assert!(matches!(keygen(dir.path()), Err(KeyFileError::Exists { .. })));
+        assert!(matches!(
+            keygen(dir.path()),
+            Err(KeyFileError::Exists { .. })
+        ));
     }
 
     #[test]
@@ -113,7 +119,10 @@ mod tests {
         let path = dir.path().join(SECRET_FILE);
         fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
         let err = load(&path).unwrap_err();
-        assert!(matches!(err, KeyFileError::TooOpen { mode: 0o644, .. }), "{err}");
+        assert!(
+            matches!(err, KeyFileError::TooOpen { mode: 0o644, .. }),
+            "{err}"
+        );
         fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
         fs::write(&path, "garbage").unwrap();
         assert!(matches!(load(&path), Err(KeyFileError::Parse { .. })));

@@ -14,3 +14,13 @@ pub mod registry;
 pub mod rollout;
 pub mod server;
 pub mod store;
+
+/// `http://` / `mqtt://` host for a listening address: a wildcard address is reached on
+/// loopback from this machine.
+pub fn reachable_host(addr: std::net::SocketAddr) -> String {
+    match addr.ip() {
+        ip if ip.is_unspecified() => "127.0.0.1".to_string(),
+        std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+        ip => ip.to_string(),
+    }
+}

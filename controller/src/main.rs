@@ -1,5 +1,6 @@
 //! `edgeloop`: the fleet controller and operator CLI.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -13,10 +14,13 @@ use edgeloop_controller::registry::{ArtifactStore, PublishRequest};
 use edgeloop_controller::server::{Controller, DATABASE_FILE};
 use edgeloop_controller::store::SqliteStore;
 use edgeloop_controller::{keys, registry};
-use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "edgeloop", version, about = "edgeloop fleet controller: telemetry, model registry, signed rollouts")]
+#[command(
+    name = "edgeloop",
+    version,
+    about = "edgeloop fleet controller: telemetry, model registry, signed rollouts"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -152,9 +156,11 @@ enum Output {
 fn init_tracing(default: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default.into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }
 
@@ -164,33 +170,40 @@ fn load_key(config: &ControllerConfig) -> anyhow::Result<edgeloop_shared::signin
         bail!(
             "no signing key at {}: create one with `edgeloop keygen --out {}`",
             path.display(),
-            path.parent().map_or(".".into(), |p| p.display().to_string())
+            path.parent()
+                .map_or(".".into(), |p| p.display().to_string())
         );
     }
     Ok(keys::load(&path)?)
 }
 
-fn ctrl_c_token() -> CancellationToken {
-    let token = CancellationToken::new();
-    let t = token.clone();
-    tokio::spawn(async move {
-        let _ = tokio::signal::ctrl_c().await;
-        t.cancel();
-    });
-    token
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", edgeloop_agent::describe_error(e.as_ref()));
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::PrintDefaultConfig => print!("{DEFAULT_CONFIG_TOML}"),
         Command::Keygen { out } => {
             let key = keys::keygen(&out)?;
             println!("key id {}", key.id());
-            println!("secret key: {} (mode 0600)", out.join(keys::SECRET_FILE).display());
+            println!(
+                "secret key: {} (mode 0600)",
+                out.join(keys::SECRET_FILE).display()
+            );
             println!("public key: {}", out.join(keys::PUBLIC_FILE).display());
-            println!("put this line in each device's trusted_keys:\n{}", key.public().to_text());
+            println!(
+                "put this line in each device's trusted_keys:\n{}",
+                key.public().to_text()
+            );
         }
         Command::Serve {
             config,
@@ -211,7 +224,7 @@ async fn main() -> anyhow::Result<()> {
             }
             config.validate()?;
             let key = load_key(&config)?;
-            let shutdown = ctrl_c_token();
+            let shutdown = edgeloop_agent::shutdown_on_ctrl_c();
             let controller = Controller::start(config, key, shutdown.clone()).await?;
             eprintln!(
                 "edgeloop controller: API and dashboard on {}, MQTT on {}",
@@ -238,7 +251,8 @@ async fn main() -> anyhow::Result<()> {
             let config = config.load()?;
             config.validate()?;
             let key = load_key(&config)?;
-            let onnx = std::fs::read(&model).with_context(|| format!("reading {}", model.display()))?;
+            let onnx =
+                std::fs::read(&model).with_context(|| format!("reading {}", model.display()))?;
             std::fs::create_dir_all(&config.data_dir)?;
             let store = SqliteStore::open(&config.data_dir.join(DATABASE_FILE))?;
             let artifacts = ArtifactStore::new(config.data_dir.join("artifacts"));
@@ -307,12 +321,15 @@ async fn main() -> anyhow::Result<()> {
             if let Some(d) = duration
                 && d < demo::MIN_DURATION
             {
-                bail!("--duration must be at least {} seconds", demo::MIN_DURATION.as_secs());
+                bail!(
+                    "--duration must be at least {} seconds",
+                    demo::MIN_DURATION.as_secs()
+                );
             }
             if devices == 0 {
                 bail!("--devices must be at least 1");
             }
-            let shutdown = ctrl_c_token();
+            let shutdown = edgeloop_agent::shutdown_on_ctrl_c();
             let mut stdout = std::io::stdout();
             let report = demo::run(
                 DemoOptions {
@@ -332,7 +349,11 @@ async fn main() -> anyhow::Result<()> {
             } else {
                 println!(
                     "demo finished: {} of {devices} devices online on {} v2",
-                    report.devices.iter().filter(|d| d.online && d.model_version == Some(2)).count(),
+                    report
+                        .devices
+                        .iter()
+                        .filter(|d| d.online && d.model_version == Some(2))
+                        .count(),
                     demo::MODEL_NAME
                 );
             }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use edgeloop_agent::runtime::{LoadedModel, Plan, RuntimeError, inspect_onnx};
 use edgeloop_agent::slots::write_atomic;
 use edgeloop_agent::source::{SourceError, read_numeric_csv};
-use edgeloop_shared::bundle::{self, Artifact, BundleError, Compression, DType, Limits, Manifest, TensorSpec};
+use edgeloop_shared::bundle::{self, Artifact, BundleError, DType, Limits, Manifest, TensorSpec};
 use edgeloop_shared::drift::{DEFAULT_BINS, DriftError, ReferenceProfile};
 use edgeloop_shared::signing::{SecretKey, TrustedKeys};
 use edgeloop_shared::{is_valid_identifier, sha256_hex};
@@ -19,8 +19,14 @@ pub enum PublishError {
     BadName(String),
     #[error("model version must be at least 1")]
     BadVersion,
-    #[error("{name} v{version} is not above the newest published version {newest}; versions only go up")]
-    NotNewer { name: String, version: u64, newest: u64 },
+    #[error(
+        "{name} v{version} is not above the newest published version {newest}; versions only go up"
+    )]
+    NotNewer {
+        name: String,
+        version: u64,
+        newest: u64,
+    },
     #[error("reference data: {0}")]
     Reference(#[from] SourceError),
     #[error("reference data has no column `{0}` to leave out")]
@@ -69,7 +75,9 @@ impl ArtifactStore {
     /// The bundle's path. `name` must be a valid identifier (it is checked at publish and in
     /// the HTTP route), so it cannot climb out of the store.
     pub fn path(&self, name: &str, version: u64) -> PathBuf {
-        self.root.join(name).join(format!("{version}.{}", bundle::FILE_EXTENSION))
+        self.root
+            .join(name)
+            .join(format!("{version}.{}", bundle::FILE_EXTENSION))
     }
 
     /// The URL path devices download the bundle from.
@@ -113,7 +121,8 @@ pub async fn publish(
 
     let path = artifacts.path(name, request.version);
     let dir = path.parent().expect("artifact paths have a parent");
-    std::fs::create_dir_all(dir).map_err(|e| PublishError::Artifact(format!("{}: {e}", dir.display())))?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| PublishError::Artifact(format!("{}: {e}", dir.display())))?;
     write_atomic(&path, &bundle_bytes).map_err(|e| PublishError::Artifact(e.to_string()))?;
 
     let row = ModelRow {
@@ -123,7 +132,11 @@ pub async fn publish(
         created_ms: request.created_ms,
         bundle_sha256: sha256_hex(&bundle_bytes),
         bundle_size: bundle_bytes.len() as u64,
-        features: manifest.reference.feature_names().map(str::to_string).collect(),
+        features: manifest
+            .reference
+            .feature_names()
+            .map(str::to_string)
+            .collect(),
         signed_by: key.id().to_string(),
     };
     store.insert_model(&row).await?;
@@ -171,14 +184,7 @@ fn build_bundle(key: &SecretKey, request: &PublishRequest<'_>) -> Result<Vec<u8>
         version: request.version,
         label: request.label.clone(),
         created_ms: request.created_ms,
-        artifact: Artifact {
-            media_type: String::new(),
-            compression: Compression::Zstd,
-            sha256: String::new(),
-            compressed_size: 0,
-            raw_sha256: String::new(),
-            raw_size: 0,
-        },
+        artifact: Artifact::default(),
         inputs: vec![TensorSpec {
             name: signature.input_name,
             dtype: DType::F32,
@@ -197,7 +203,10 @@ fn build_bundle(key: &SecretKey, request: &PublishRequest<'_>) -> Result<Vec<u8>
 }
 
 /// Verifies the packed bundle with the public key and loads it exactly as an agent does.
-fn verify_as_a_device_would(bundle_bytes: &[u8], key: &SecretKey) -> Result<Manifest, PublishError> {
+fn verify_as_a_device_would(
+    bundle_bytes: &[u8],
+    key: &SecretKey,
+) -> Result<Manifest, PublishError> {
     let trusted = TrustedKeys::new([key.public().clone()]);
     let verified = bundle::verify(bundle_bytes, &trusted, &Limits::default())?;
     LoadedModel::load(&verified)?;

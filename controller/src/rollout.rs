@@ -44,7 +44,9 @@ pub async fn create(
     if devices.is_empty() {
         return Err(RolloutError::NoDevices);
     }
-    let row = store.create_rollout(name, version, &devices, now_ms()).await?;
+    let row = store
+        .create_rollout(name, version, &devices, now_ms())
+        .await?;
     info!(rollout = row.id, model = %name, version, devices = devices.len(), "rollout created");
     Ok(row)
 }
@@ -80,7 +82,10 @@ impl Dispatcher {
         let now = now_ms();
         let quiet_since = now.saturating_sub(self.resend_after.as_millis() as u64);
         for due in self.store.due_deployments(quiet_since).await? {
-            let seq = self.store.mark_sent(due.rollout_id, &due.device_id, now).await?;
+            let seq = self
+                .store
+                .mark_sent(due.rollout_id, &due.device_id, now)
+                .await?;
             let envelope = self.command(&due, seq, now);
             let topic = self
                 .topics

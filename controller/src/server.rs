@@ -72,7 +72,8 @@ impl Controller {
             path: config.data_dir.clone(),
             source,
         })?;
-        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.data_dir.join(DATABASE_FILE))?);
+        let store: Arc<dyn Store> =
+            Arc::new(SqliteStore::open(&config.data_dir.join(DATABASE_FILE))?);
         let artifacts = ArtifactStore::new(config.data_dir.join("artifacts"));
 
         let mqtt_url = if config.mqtt_url.is_empty() {
@@ -162,12 +163,11 @@ impl Controller {
 
     /// The controller's base URL, for devices' `controller_url`.
     pub fn http_url(&self) -> String {
-        let ip = if self.http_addr.ip().is_unspecified() {
-            "127.0.0.1".to_string()
-        } else {
-            self.http_addr.ip().to_string()
-        };
-        format!("http://{ip}:{}", self.http_addr.port())
+        format!(
+            "http://{}:{}",
+            crate::reachable_host(self.http_addr),
+            self.http_addr.port()
+        )
     }
 
     pub async fn publish(&self, request: PublishRequest<'_>) -> Result<ModelRow, PublishError> {

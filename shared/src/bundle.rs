@@ -111,14 +111,16 @@ pub struct TensorSpec {
     pub names: Vec<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Compression {
+    #[default]
     Zstd,
 }
 
-/// What the artifact is and how to check it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// What the artifact is and how to check it. [`pack`] fills it in; build a manifest with
+/// `Artifact::default()`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Artifact {
     pub media_type: String,
@@ -160,10 +162,16 @@ impl Manifest {
     fn validate(&self) -> Result<(), BundleError> {
         let bad = |m: String| BundleError::MalformedManifest(m);
         if self.format != FORMAT {
-            return Err(bad(format!("manifest format {} is not {FORMAT}", self.format)));
+            return Err(bad(format!(
+                "manifest format {} is not {FORMAT}",
+                self.format
+            )));
         }
         if !is_valid_identifier(&self.name) {
-            return Err(bad(format!("model name `{}` is not a valid identifier", self.name)));
+            return Err(bad(format!(
+                "model name `{}` is not a valid identifier",
+                self.name
+            )));
         }
         if self.inputs.is_empty() || self.outputs.is_empty() {
             return Err(bad("a model needs at least one input and one output".into()));
@@ -186,8 +194,8 @@ pub struct VerifiedBundle {
 
 /// Compresses `model`, fills in `manifest.artifact`, signs the manifest and lays out the file.
 pub fn pack(mut manifest: Manifest, model: &[u8], key: &SecretKey) -> Result<Vec<u8>, BundleError> {
-    let compressed =
-        zstd::bulk::compress(model, ZSTD_LEVEL).map_err(|e| BundleError::Compress(e.to_string()))?;
+    let compressed = zstd::bulk::compress(model, ZSTD_LEVEL)
+        .map_err(|e| BundleError::Compress(e.to_string()))?;
     manifest.format = FORMAT;
     manifest.artifact = Artifact {
         media_type: "application/onnx".into(),
@@ -201,8 +209,9 @@ pub fn pack(mut manifest: Manifest, model: &[u8], key: &SecretKey) -> Result<Vec
     let manifest_bytes = serde_json::to_vec(&manifest).expect("manifests always serialize");
     let signature = key.sign(Context::BundleManifest, &manifest_bytes);
 
-    let mut out =
-        Vec::with_capacity(HEADER_LEN + manifest_bytes.len() + 8 + SIGNATURE_LEN + 8 + compressed.len());
+    let mut out = Vec::with_capacity(
+        HEADER_LEN + manifest_bytes.len() + 8 + SIGNATURE_LEN + 8 + compressed.len(),
+    );
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&FORMAT.to_be_bytes());
     let manifest_len = u32::try_from(manifest_bytes.len()).map_err(|_| BundleError::TooLarge {
@@ -265,7 +274,8 @@ pub fn layout(bytes: &[u8], limits: &Limits) -> Result<Layout, BundleError> {
             return Err(BundleError::Truncated(what));
         }
     }
-    let artifact_len = u64::from_be_bytes(bytes[artifact_len_at.clone()].try_into().expect("8 bytes"));
+    let artifact_len =
+        u64::from_be_bytes(bytes[artifact_len_at.clone()].try_into().expect("8 bytes"));
     if artifact_len > limits.max_artifact_bytes {
         return Err(BundleError::TooLarge {
             what: "artifact",
@@ -289,7 +299,11 @@ pub fn layout(bytes: &[u8], limits: &Limits) -> Result<Layout, BundleError> {
 }
 
 /// Verifies a whole bundle against the trusted keys and returns its manifest and model.
-pub fn verify(bytes: &[u8], trusted: &TrustedKeys, limits: &Limits) -> Result<VerifiedBundle, BundleError> {
+pub fn verify(
+    bytes: &[u8],
+    trusted: &TrustedKeys,
+    limits: &Limits,
+) -> Result<VerifiedBundle, BundleError> {
     let layout = layout(bytes, limits)?;
     let manifest_bytes = &bytes[layout.manifest];
     let key_id = KeyId(bytes[layout.key_id].try_into().expect("8 bytes"));
@@ -369,14 +383,7 @@ pub(crate) mod tests {
             version,
             label: Some("test".into()),
             created_ms: 1,
-            artifact: Artifact {
-                media_type: String::new(),
-                compression: Compression::Zstd,
-                sha256: String::new(),
-                compressed_size: 0,
-                raw_sha256: String::new(),
-                raw_size: 0,
-            },
+            artifact: Artifact::default(),
             inputs: vec![TensorSpec {
                 name: "x".into(),
                 dtype: DType::F32,
@@ -423,7 +430,10 @@ pub(crate) mod tests {
         for i in 0..bytes.len() {
             let mut t = bytes.clone();
             t[i] ^= 0x01;
-            assert!(verify(&t, &trusted, &Limits::default()).is_err(), "byte {i} flipped and accepted");
+            assert!(
+                verify(&t, &trusted, &Limits::default()).is_err(),
+                "byte {i} flipped and accepted"
+            );
         }
         let flip = |at: usize| {
             let mut t = bytes.clone();
@@ -444,7 +454,10 @@ pub(crate) mod tests {
         ));
         assert!(matches!(
             flip(l.artifact.start + 10),
-            BundleError::DigestMismatch { what: "compressed artifact", .. }
+            BundleError::DigestMismatch {
+                what: "compressed artifact",
+                ..
+            }
         ));
         assert_eq!(flip(0), BundleError::NotABundle);
     }
@@ -455,7 +468,10 @@ pub(crate) mod tests {
         let limits = Limits::default();
         for cut in [0, 5, 12, 40, bytes.len() - 1] {
             assert!(
-                matches!(verify(&bytes[..cut], &trusted, &limits), Err(BundleError::Truncated(_))),
+                matches!(
+                    verify(&bytes[..cut], &trusted, &limits),
+                    Err(BundleError::Truncated(_))
+                ),
                 "cut at {cut}"
             );
         }
@@ -491,7 +507,10 @@ pub(crate) mod tests {
         };
         assert!(matches!(
             verify(&bytes, &trusted, &tight),
-            Err(BundleError::TooLarge { what: "manifest", .. })
+            Err(BundleError::TooLarge {
+                what: "manifest",
+                ..
+            })
         ));
         let tight = Limits {
             max_model_bytes: 100,

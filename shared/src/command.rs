@@ -212,10 +212,10 @@ mod tests {
             signed.verify(&trusted, "dev-1", 10_001, None),
             Err(CommandError::Expired { seq: 5, .. })
         ));
-        assert!(matches!(
-            signed.verify(&trusted, "dev-1", 0, None),
-            Ok(_)
-        ), "issued 1 s in the future is within the skew allowance");
+        assert!(
+            signed.verify(&trusted, "dev-1", 0, None).is_ok(),
+            "issued 1 s in the future is within the skew allowance"
+        );
         let mut future = command(5);
         future.issued_ms = 1_000 + MAX_CLOCK_SKEW_MS + 10;
         future.expires_ms = u64::MAX;

@@ -148,7 +148,9 @@ impl ReferenceProfile {
 
     /// Checks the internal consistency of a profile received from elsewhere.
     pub fn validate(&self) -> Result<(), DriftError> {
-        self.features.iter().try_for_each(FeatureReference::validate)
+        self.features
+            .iter()
+            .try_for_each(FeatureReference::validate)
     }
 }
 
@@ -270,7 +272,11 @@ impl DriftWindow {
     }
 
     /// Adds one input row and the class the model predicted for it, if any.
-    pub fn observe(&mut self, row: &[f32], predicted_class: Option<usize>) -> Result<(), DriftError> {
+    pub fn observe(
+        &mut self,
+        row: &[f32],
+        predicted_class: Option<usize>,
+    ) -> Result<(), DriftError> {
         if row.len() != self.profile.features.len() {
             return Err(DriftError::WrongWidth {
                 expected: self.profile.features.len(),
@@ -420,7 +426,9 @@ mod tests {
         let profile = profile_of(reference);
         let mut window = DriftWindow::new(profile, 1_000);
         for _ in 0..2000 {
-            window.observe(&[(rng.uniform() * 10.0) as f32], Some(0)).unwrap();
+            window
+                .observe(&[(rng.uniform() * 10.0) as f32], Some(0))
+                .unwrap();
         }
         let same = window.finish(2_000);
         assert_eq!(same.samples, 2000);
@@ -430,13 +438,18 @@ mod tests {
         assert_eq!(same.features[0].counts.iter().sum::<u64>(), 2000);
 
         for _ in 0..2000 {
-            window.observe(&[(rng.uniform() * 10.0 + 4.0) as f32], Some(1)).unwrap();
+            window
+                .observe(&[(rng.uniform() * 10.0 + 4.0) as f32], Some(1))
+                .unwrap();
         }
         let shifted = window.finish(3_000);
         assert_eq!(shifted.start_ms, 2_000);
         assert_eq!(shifted.predictions, vec![0, 2000]);
         assert!(shifted.psi_max > PSI_ALERT, "{}", shifted.psi_max);
-        assert!(shifted.features[0].counts[11] > 700, "overflow bin catches the shift");
+        assert!(
+            shifted.features[0].counts[11] > 700,
+            "overflow bin catches the shift"
+        );
     }
 
     #[test]

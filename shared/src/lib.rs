@@ -47,7 +47,17 @@ mod tests {
             assert!(is_valid_identifier(ok), "{ok}");
         }
         let long = "a".repeat(65);
-        for bad in ["", "a/b", "+", "#", "..", ".hidden", "a b", long.as_str(), "é"] {
+        for bad in [
+            "",
+            "a/b",
+            "+",
+            "#",
+            "..",
+            ".hidden",
+            "a b",
+            long.as_str(),
+            "é",
+        ] {
             assert!(!is_valid_identifier(bad), "{bad}");
         }
     }

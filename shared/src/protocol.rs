@@ -178,9 +178,7 @@ impl Message {
         Ok(match kind {
             "status" => Message::Status(parse("status", payload)?),
             "drift_summary" => Message::DriftSummary(parse("drift_summary", payload)?),
-            "deployment_status" => {
-                Message::DeploymentStatus(parse("deployment_status", payload)?)
-            }
+            "deployment_status" => Message::DeploymentStatus(parse("deployment_status", payload)?),
             "command" => Message::Command(parse("command", payload)?),
             other => return Err(DecodeError::UnknownKind(other.chars().take(64).collect())),
         })
@@ -231,7 +229,12 @@ struct VersionProbe {
 }
 
 impl Envelope {
-    pub fn new(device_id: impl Into<String>, msg_id: impl Into<String>, ts_ms: u64, message: Message) -> Self {
+    pub fn new(
+        device_id: impl Into<String>,
+        msg_id: impl Into<String>,
+        ts_ms: u64,
+        message: Message,
+    ) -> Self {
         Envelope {
             device_id: device_id.into(),
             msg_id: msg_id.into(),
@@ -371,36 +374,53 @@ mod tests {
 
     #[test]
     fn malformed_input_gets_a_specific_error() {
-        assert!(matches!(decode_str("not json"), Err(DecodeError::NotJson(_))));
+        assert!(matches!(
+            decode_str("not json"),
+            Err(DecodeError::NotJson(_))
+        ));
         assert!(matches!(decode_str("[1,2]"), Err(DecodeError::NotJson(_))));
         assert_eq!(decode_str("{}"), Err(DecodeError::MissingVersion));
         assert_eq!(
             decode_str(r#"{"v":2,"anything":true}"#),
             Err(DecodeError::UnsupportedVersion(2))
         );
-        assert!(matches!(decode_str(r#"{"v":"1"}"#), Err(DecodeError::Envelope(_))));
+        assert!(matches!(
+            decode_str(r#"{"v":"1"}"#),
+            Err(DecodeError::Envelope(_))
+        ));
         assert!(matches!(
             decode_str(r#"{"v":1,"device_id":"d","msg_id":"m","ts_ms":1,"kind":"status"}"#),
             Err(DecodeError::Envelope(_))
         ));
         assert_eq!(
-            decode_str(r#"{"v":1,"device_id":"d","msg_id":"m","ts_ms":1,"kind":"reboot","payload":{}}"#),
+            decode_str(
+                r#"{"v":1,"device_id":"d","msg_id":"m","ts_ms":1,"kind":"reboot","payload":{}}"#
+            ),
             Err(DecodeError::UnknownKind("reboot".into()))
         );
         assert!(matches!(
-            decode_str(r#"{"v":1,"device_id":"d","msg_id":"m","ts_ms":1,"kind":"status","payload":{"online":true}}"#),
+            decode_str(
+                r#"{"v":1,"device_id":"d","msg_id":"m","ts_ms":1,"kind":"status","payload":{"online":true}}"#
+            ),
             Err(DecodeError::Payload { kind: "status", .. })
         ));
         assert_eq!(
-            decode_str(r#"{"v":1,"device_id":"a/b","msg_id":"m","ts_ms":1,"kind":"status","payload":{}}"#),
+            decode_str(
+                r#"{"v":1,"device_id":"a/b","msg_id":"m","ts_ms":1,"kind":"status","payload":{}}"#
+            ),
             Err(DecodeError::BadDeviceId("a/b".into()))
         );
         assert_eq!(
-            decode_str(r#"{"v":1,"device_id":"d","msg_id":"","ts_ms":1,"kind":"status","payload":{}}"#),
+            decode_str(
+                r#"{"v":1,"device_id":"d","msg_id":"","ts_ms":1,"kind":"status","payload":{}}"#
+            ),
             Err(DecodeError::BadMessageId)
         );
         let big = vec![b' '; MAX_MESSAGE_BYTES + 1];
-        assert!(matches!(Envelope::decode(&big), Err(DecodeError::TooLarge { .. })));
+        assert!(matches!(
+            Envelope::decode(&big),
+            Err(DecodeError::TooLarge { .. })
+        ));
     }
 
     #[test]

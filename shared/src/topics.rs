@@ -32,7 +32,8 @@ impl Channel {
     ];
 
     /// Channels a device publishes on.
-    pub const FROM_DEVICE: [Channel; 3] = [Channel::Status, Channel::Telemetry, Channel::Deployment];
+    pub const FROM_DEVICE: [Channel; 3] =
+        [Channel::Status, Channel::Telemetry, Channel::Deployment];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -163,7 +164,10 @@ mod tests {
             "edgeloop/v1/devices/d",
             "edgeloop/v1/devices/d/status/extra",
         ] {
-            assert!(matches!(t.parse(bad), Err(TopicError::NotADeviceTopic(_))), "{bad}");
+            assert!(
+                matches!(t.parse(bad), Err(TopicError::NotADeviceTopic(_))),
+                "{bad}"
+            );
         }
         assert!(matches!(
             t.parse("edgeloop/v1/devices/../status"),

@@ -1,1 +1,350 @@
-//! placeholder
+//! Harness for edgeloop's end-to-end tests: a real controller (store, broker, ingest,
+//! dispatcher, HTTP API) and real agents, connected through the embedded broker or, when
+//! `EDGELOOP_TEST_MQTT_URL` is set, through that external broker.
+//!
+//! Every test gets its own topic root, MQTT client ids and directories, so tests can run
+//! in parallel against one shared broker.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use edgeloop_agent::config::AgentConfig;
+use edgeloop_agent::source::{ShiftControl, VibrationGenerator};
+use edgeloop_agent::{Agent, now_ms};
+use edgeloop_controller::config::ControllerConfig;
+use edgeloop_controller::demo::{
+    CLASS_LABELS, MODEL_NAME, MODEL_V1, MODEL_V2, REFERENCE_V1, REFERENCE_V2,
+};
+use edgeloop_controller::registry::PublishRequest;
+use edgeloop_controller::server::Controller;
+use edgeloop_controller::store::ModelRow;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+pub const MQTT_URL_VAR: &str = "EDGELOOP_TEST_MQTT_URL";
+
+/// Which broker a test runs through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokerChoice {
+    /// The controller's embedded rumqttd.
+    Embedded,
+    /// The broker named by `EDGELOOP_TEST_MQTT_URL` (Mosquitto in CI).
+    External,
+}
+
+impl BrokerChoice {
+    /// The external broker's URL, or `None` when the variable is unset (the test is then
+    /// skipped). When it is set, the broker must answer: an unreachable broker fails the
+    /// test rather than skipping it.
+    pub fn external_url() -> Option<String> {
+        let url = std::env::var(MQTT_URL_VAR).ok().filter(|u| !u.is_empty())?;
+        let addr = edgeloop_agent::link::BrokerAddr::parse(&url)
+            .unwrap_or_else(|e| panic!("{MQTT_URL_VAR}: {e}"));
+        std::net::TcpStream::connect((addr.host.as_str(), addr.port)).unwrap_or_else(|e| {
+            panic!("{MQTT_URL_VAR}={url} is set but the broker is unreachable: {e}")
+        });
+        Some(url)
+    }
+}
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,rumqttd=off".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// A running controller with its own data directory and topic root.
+pub struct TestController {
+    pub controller: Controller,
+    pub root: String,
+    pub dir: tempfile::TempDir,
+    pub http: reqwest::Client,
+    shutdown: CancellationToken,
+}
+
+impl TestController {
+    /// Starts a controller, or returns `None` when the external broker was asked for and
+    /// `EDGELOOP_TEST_MQTT_URL` is unset.
+    pub async fn start(broker: BrokerChoice) -> Option<Self> {
+        init_tracing();
+        let mqtt_url = match broker {
+            BrokerChoice::Embedded => String::new(),
+            BrokerChoice::External => BrokerChoice::external_url()?,
+        };
+        let dir = tempfile::tempdir().expect("temp dir");
+        let root = format!(
+            "edgeloop-test-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        let config = ControllerConfig {
+            data_dir: dir.path().join("controller"),
+            http_addr: "127.0.0.1:0".parse().unwrap(),
+            mqtt_url,
+            mqtt_listen: "127.0.0.1:0".parse().unwrap(),
+            mqtt_client_id: format!("{root}-controller"),
+            topic_root: root.clone(),
+            offline_after_s: 10,
+            resend_after_s: 5,
+            ..ControllerConfig::default()
+        };
+        let key = edgeloop_controller::keys::generate().expect("entropy");
+        let shutdown = CancellationToken::new();
+        let controller = Controller::start(config, key, shutdown.clone())
+            .await
+            .expect("controller starts");
+        Some(TestController {
+            controller,
+            root,
+            dir,
+            http: reqwest::Client::new(),
+            shutdown,
+        })
+    }
+
+    /// An agent config pointing at this controller: fast heartbeats, small windows.
+    pub fn agent_config(&self, device_id: &str, window: u64) -> AgentConfig {
+        let mut config = AgentConfig {
+            device_id: device_id.to_string(),
+            broker_url: self.controller.mqtt_url.clone(),
+            topic_root: self.root.clone(),
+            controller_url: self.controller.http_url(),
+            trusted_keys: vec![self.controller.signing_key().public().to_text()],
+            state_dir: self.dir.path().join("agents").join(device_id),
+            heartbeat_interval_s: 1,
+            drift_window_samples: window,
+            ..AgentConfig::default()
+        };
+        config.source.rate_hz = 100.0;
+        config
+    }
+
+    /// Starts an agent with a synthetic sensor.
+    pub fn spawn_agent(&self, device_id: &str, window: u64) -> TestAgent {
+        TestAgent::spawn(self.agent_config(device_id, window), &self.shutdown)
+    }
+
+    pub async fn publish_example(&self, version: u64) -> ModelRow {
+        let (onnx, reference) = match version % 2 {
+            1 => (MODEL_V1, REFERENCE_V1),
+            _ => (MODEL_V2, REFERENCE_V2),
+        };
+        let csv = self.dir.path().join(format!("reference-{version}.csv"));
+        std::fs::write(&csv, reference).unwrap();
+        self.controller
+            .publish(PublishRequest {
+                name: MODEL_NAME,
+                version,
+                label: None,
+                onnx,
+                reference_csv: &csv,
+                label_column: None,
+                class_labels: CLASS_LABELS.iter().map(|s| s.to_string()).collect(),
+                created_ms: now_ms(),
+            })
+            .await
+            .expect("publish")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.controller.http_url())
+    }
+
+    pub async fn get(&self, path: &str) -> Value {
+        let response = self.http.get(self.url(path)).send().await.expect("GET");
+        assert!(
+            response.status().is_success(),
+            "GET {path}: {}",
+            response.status()
+        );
+        response.json().await.expect("JSON")
+    }
+
+    /// `POST /api/v1/rollouts`; returns the status code and body.
+    pub async fn post_rollout(&self, body: Value) -> (u16, Value) {
+        let response = self
+            .http
+            .post(self.url("/api/v1/rollouts"))
+            .json(&body)
+            .send()
+            .await
+            .expect("POST");
+        (
+            response.status().as_u16(),
+            response.json().await.expect("JSON"),
+        )
+    }
+
+    pub async fn device(&self, id: &str) -> Option<Value> {
+        self.get("/api/v1/devices")
+            .await
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["id"] == id)
+            .cloned()
+    }
+
+    /// Waits until `id` is online and reports `version` (or no model for `None`).
+    pub async fn wait_for_model(&self, id: &str, version: Option<u64>) {
+        wait_until(
+            &format!("{id} online on {version:?}"),
+            Duration::from_secs(30),
+            || async {
+                self.device(id)
+                    .await
+                    .is_some_and(|d| d["online"] == true && d["model_version"].as_u64() == version)
+            },
+        )
+        .await;
+    }
+
+    pub fn database(&self) -> PathBuf {
+        self.controller
+            .config
+            .data_dir
+            .join(edgeloop_controller::server::DATABASE_FILE)
+    }
+
+    /// A raw MQTT client on the same broker, for injecting messages.
+    pub async fn raw_client(&self, name: &str) -> RawClient {
+        RawClient::connect(&self.controller.mqtt_url, &format!("{}-{name}", self.root)).await
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.controller.stop().await;
+    }
+}
+
+/// An agent running in this process.
+pub struct TestAgent {
+    pub config: AgentConfig,
+    pub shift: ShiftControl,
+    token: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TestAgent {
+    pub fn spawn(config: AgentConfig, parent: &CancellationToken) -> Self {
+        let shift = ShiftControl::default();
+        let source = VibrationGenerator::new(config.source.seed, shift.clone());
+        let agent = Agent::new(config.clone(), Box::new(source)).expect("valid agent config");
+        let token = parent.child_token();
+        let task = tokio::spawn({
+            let token = token.clone();
+            async move { agent.run(token).await.expect("agent runs") }
+        });
+        TestAgent {
+            config,
+            shift,
+            token,
+            task,
+        }
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        &self.config.state_dir
+    }
+
+    pub async fn stop(self) {
+        self.token.cancel();
+        self.task.await.expect("agent task");
+    }
+}
+
+/// Polls `check` every 100 ms until it holds; panics after `timeout`.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A plain MQTT client with its event loop polled in the background.
+pub struct RawClient {
+    pub client: rumqttc::AsyncClient,
+    pub received: tokio::sync::mpsc::Receiver<rumqttc::Publish>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RawClient {
+    pub async fn connect(url: &str, client_id: &str) -> Self {
+        let addr = edgeloop_agent::link::BrokerAddr::parse(url).unwrap();
+        let mut options = rumqttc::MqttOptions::new(client_id, addr.host, addr.port);
+        options.set_keep_alive(Duration::from_secs(10));
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 64);
+        let (tx, received) = tokio::sync::mpsc::channel(256);
+        let (ready_tx, ready) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut ready_tx = Some(ready_tx);
+            loop {
+                match eventloop.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
+                        if let Some(r) = ready_tx.take() {
+                            let _ = r.send(());
+                        }
+                    }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                        let _ = tx.try_send(p);
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), ready)
+            .await
+            .expect("raw client connects")
+            .unwrap();
+        RawClient {
+            client,
+            received,
+            task,
+        }
+    }
+
+    /// Publishes at QoS 1.
+    pub async fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
+        self.client
+            .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload.into())
+            .await
+            .expect("publish");
+    }
+}
+
+impl Drop for RawClient {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Runs `scenario` against the embedded broker, or against the external one when asked for
+/// and configured.
+#[macro_export]
+macro_rules! on_both_brokers {
+    ($scenario:ident) => {
+        mod $scenario {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn embedded_broker() {
+                super::$scenario($crate::BrokerChoice::Embedded).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn external_broker() {
+                super::$scenario($crate::BrokerChoice::External).await;
+            }
+        }
+    };
+}

@@ -180,7 +180,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// Creates a rollout of a model to the given devices. Unfinished deployments of those
     /// devices in earlier rollouts become `superseded`.
-    async fn create_rollout(&self, name: &str, version: u64, devices: &[String], now_ms: u64) -> Result<RolloutRow>;
+    async fn create_rollout(
+        &self,
+        name: &str,
+        version: u64,
+        devices: &[String],
+        now_ms: u64,
+    ) -> Result<RolloutRow>;
     async fn rollouts(&self) -> Result<Vec<RolloutRow>>;
     async fn rollout(&self, id: u64) -> Result<Option<RolloutRow>>;
 

@@ -108,10 +108,14 @@ impl SqliteStore {
             source: e,
         };
         let mut conn = Connection::open(path).map_err(with_path)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(with_path)?;
-        conn.pragma_update(None, "synchronous", "NORMAL").map_err(with_path)?;
-        conn.pragma_update(None, "foreign_keys", "ON").map_err(with_path)?;
-        conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(with_path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(with_path)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(with_path)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(with_path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(with_path)?;
         let version: i64 = conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .map_err(with_path)?;
@@ -119,7 +123,8 @@ impl SqliteStore {
             0 => {
                 let tx = conn.transaction().map_err(with_path)?;
                 tx.execute_batch(SCHEMA_V1).map_err(with_path)?;
-                tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(with_path)?;
+                tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+                    .map_err(with_path)?;
                 tx.commit().map_err(with_path)?;
             }
             SCHEMA_VERSION => {}
@@ -192,7 +197,10 @@ fn apply_status(tx: &Transaction<'_>, device_id: &str, s: &DeviceStatus) -> Resu
         )?;
     } else {
         // The last will knows nothing of the current model: only presence changes.
-        tx.execute("UPDATE devices SET online = 0 WHERE id = ?1", params![device_id])?;
+        tx.execute(
+            "UPDATE devices SET online = 0 WHERE id = ?1",
+            params![device_id],
+        )?;
     }
     Ok(())
 }
@@ -222,12 +230,22 @@ fn apply_drift(tx: &Transaction<'_>, e: &Envelope, s: &DriftSummary, now_ms: u64
     tx.execute(
         "UPDATE devices SET last_psi_max = ?2
          WHERE id = ?1 AND (model_name IS NULL OR (model_name = ?3 AND model_version = ?4))",
-        params![e.device_id, s.stats.psi_max, s.model.name, s.model.version as i64],
+        params![
+            e.device_id,
+            s.stats.psi_max,
+            s.model.name,
+            s.model.version as i64
+        ],
     )?;
     Ok(())
 }
 
-fn apply_deployment(tx: &Transaction<'_>, device_id: &str, d: &DeploymentStatus, now_ms: u64) -> Result<()> {
+fn apply_deployment(
+    tx: &Transaction<'_>,
+    device_id: &str,
+    d: &DeploymentStatus,
+    now_ms: u64,
+) -> Result<()> {
     tx.execute(
         "INSERT INTO deployment_events (device_id, received_ms, rollout_id, command_seq, stage, model, detail)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -255,7 +273,13 @@ fn apply_deployment(tx: &Transaction<'_>, device_id: &str, d: &DeploymentStatus,
             "UPDATE deployments SET status = ?3, detail = ?4, updated_ms = ?5
              WHERE rollout_id = ?1 AND device_id = ?2 AND status NOT IN ({terminal})"
         ),
-        params![rollout_id as i64, device_id, d.stage.as_str(), d.detail, now_ms as i64],
+        params![
+            rollout_id as i64,
+            device_id,
+            d.stage.as_str(),
+            d.detail,
+            now_ms as i64
+        ],
     )?;
     refresh_rollout_status(tx, rollout_id)
 }
@@ -300,12 +324,17 @@ fn model_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(ModelRow, String)>
 }
 
 fn with_features((mut model, features): (ModelRow, String)) -> Result<ModelRow> {
-    model.features = serde_json::from_str(&features)
-        .map_err(|e| StoreError::Corrupt(format!("features of {} v{}: {e}", model.name, model.version)))?;
+    model.features = serde_json::from_str(&features).map_err(|e| {
+        StoreError::Corrupt(format!(
+            "features of {} v{}: {e}",
+            model.name, model.version
+        ))
+    })?;
     Ok(model)
 }
 
-const MODEL_COLUMNS: &str = "name, version, label, created_ms, bundle_sha256, bundle_size, features, signed_by";
+const MODEL_COLUMNS: &str =
+    "name, version, label, created_ms, bundle_sha256, bundle_size, features, signed_by";
 
 fn load_rollout(conn: &Connection, id: u64) -> Result<Option<RolloutRow>> {
     let row = conn
@@ -499,8 +528,9 @@ impl Store for SqliteStore {
 
     async fn models(&self) -> Result<Vec<ModelRow>> {
         self.call(|conn| {
-            let mut stmt =
-                conn.prepare_cached(&format!("SELECT {MODEL_COLUMNS} FROM models ORDER BY name, version"))?;
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {MODEL_COLUMNS} FROM models ORDER BY name, version"
+            ))?;
             let rows = stmt
                 .query_map([], model_from_row)?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -524,7 +554,13 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn create_rollout(&self, name: &str, version: u64, devices: &[String], now_ms: u64) -> Result<RolloutRow> {
+    async fn create_rollout(
+        &self,
+        name: &str,
+        version: u64,
+        devices: &[String],
+        now_ms: u64,
+    ) -> Result<RolloutRow> {
         let (name, devices) = (name.to_string(), devices.to_vec());
         self.call(move |conn| {
             let tx = conn.transaction()?;

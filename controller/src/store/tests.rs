@@ -86,25 +86,55 @@ fn model_row(version: u64) -> ModelRow {
 
 pub async fn suite(store: &dyn Store) {
     // Devices register themselves with their first message; duplicates change nothing.
-    assert_eq!(store.ingest(&status("d1", "s1", true, None), 100).await.unwrap(), Ingested::Stored);
-    assert_eq!(store.ingest(&status("d1", "s1", true, None), 101).await.unwrap(), Ingested::Duplicate);
-    store.ingest(&status("d2", "s2", true, Some(1)), 100).await.unwrap();
+    assert_eq!(
+        store
+            .ingest(&status("d1", "s1", true, None), 100)
+            .await
+            .unwrap(),
+        Ingested::Stored
+    );
+    assert_eq!(
+        store
+            .ingest(&status("d1", "s1", true, None), 101)
+            .await
+            .unwrap(),
+        Ingested::Duplicate
+    );
+    store
+        .ingest(&status("d2", "s2", true, Some(1)), 100)
+        .await
+        .unwrap();
     let devices = store.devices().await.unwrap();
     assert_eq!(devices.len(), 2);
     assert_eq!(devices[1].model_version, Some(1));
     assert_eq!(devices[0].last_seen_ms, 100);
 
     // The last will only changes presence.
-    store.ingest(&status("d2", "s3", false, None), 150).await.unwrap();
+    store
+        .ingest(&status("d2", "s3", false, None), 150)
+        .await
+        .unwrap();
     let d2 = store.devices().await.unwrap().remove(1);
     assert!(!d2.online);
     assert_eq!(d2.model_version, Some(1));
     assert_eq!(d2.last_seen_ms, 150);
 
     // Telemetry is stored once per message id, newest first.
-    store.ingest(&drift("d1", "t1", 100, 0.05), 200).await.unwrap();
-    store.ingest(&drift("d1", "t2", 40, 0.3), 300).await.unwrap();
-    assert_eq!(store.ingest(&drift("d1", "t2", 40, 0.3), 301).await.unwrap(), Ingested::Duplicate);
+    store
+        .ingest(&drift("d1", "t1", 100, 0.05), 200)
+        .await
+        .unwrap();
+    store
+        .ingest(&drift("d1", "t2", 40, 0.3), 300)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .ingest(&drift("d1", "t2", 40, 0.3), 301)
+            .await
+            .unwrap(),
+        Ingested::Duplicate
+    );
     let t = store.telemetry("d1", 10).await.unwrap();
     assert_eq!(t.iter().map(|r| r.samples).collect::<Vec<_>>(), [40, 100]);
     assert_eq!(t[0].summary["stats"]["samples"], 40);
@@ -112,15 +142,24 @@ pub async fn suite(store: &dyn Store) {
     // d1 reported no model yet, so any summary is its current figure.
     assert_eq!(store.devices().await.unwrap()[0].last_psi_max, Some(0.3));
     // Once it serves v2, a late v1 summary no longer counts as its drift figure.
-    store.ingest(&status("d1", "s5", true, Some(2)), 310).await.unwrap();
+    store
+        .ingest(&status("d1", "s5", true, Some(2)), 310)
+        .await
+        .unwrap();
     assert_eq!(store.devices().await.unwrap()[0].last_psi_max, None);
-    store.ingest(&drift("d1", "t3", 10, 0.9), 320).await.unwrap();
+    store
+        .ingest(&drift("d1", "t3", 10, 0.9), 320)
+        .await
+        .unwrap();
     assert_eq!(store.devices().await.unwrap()[0].last_psi_max, None);
     assert_eq!(store.telemetry("d1", 10).await.unwrap().len(), 3);
 
     // Models: unique per name and version.
     store.insert_model(&model_row(1)).await.unwrap();
-    assert!(matches!(store.insert_model(&model_row(1)).await, Err(StoreError::Conflict(_))));
+    assert!(matches!(
+        store.insert_model(&model_row(1)).await,
+        Err(StoreError::Conflict(_))
+    ));
     assert_eq!(store.models().await.unwrap(), vec![model_row(1)]);
     assert_eq!(store.model("m", 1).await.unwrap(), Some(model_row(1)));
     assert_eq!(store.model("m", 2).await.unwrap(), None);
@@ -134,13 +173,19 @@ pub async fn suite(store: &dyn Store) {
         store.create_rollout("m", 1, &["nope".into()], 400).await,
         Err(StoreError::NotFound(_))
     ));
-    let r = store.create_rollout("m", 1, &["d1".into(), "d2".into()], 400).await.unwrap();
+    let r = store
+        .create_rollout("m", 1, &["d1".into(), "d2".into()], 400)
+        .await
+        .unwrap();
     assert_eq!(r.status, RolloutStatus::InProgress);
     assert_eq!(r.deployments.len(), 2);
 
     // Only online devices are due; a sent command is not due again until it goes quiet.
     let due = store.due_deployments(0).await.unwrap();
-    assert_eq!(due.iter().map(|d| d.device_id.as_str()).collect::<Vec<_>>(), ["d1"]);
+    assert_eq!(
+        due.iter().map(|d| d.device_id.as_str()).collect::<Vec<_>>(),
+        ["d1"]
+    );
     assert_eq!(due[0].bundle_size, 99);
     let seq = store.mark_sent(r.id, "d1", 500).await.unwrap();
     assert!(seq >= 500, "sequence never below the clock");
@@ -150,9 +195,18 @@ pub async fn suite(store: &dyn Store) {
     assert_eq!(store.due_deployments(501).await.unwrap().len(), 1);
 
     // Reports move deployments on; finished ones stay finished.
-    store.ingest(&deployment("d1", "p1", r.id, DeployStage::Downloading), 600).await.unwrap();
-    store.ingest(&deployment("d1", "p2", r.id, DeployStage::Active), 610).await.unwrap();
-    store.ingest(&deployment("d1", "p3", r.id, DeployStage::Verifying), 620).await.unwrap();
+    store
+        .ingest(&deployment("d1", "p1", r.id, DeployStage::Downloading), 600)
+        .await
+        .unwrap();
+    store
+        .ingest(&deployment("d1", "p2", r.id, DeployStage::Active), 610)
+        .await
+        .unwrap();
+    store
+        .ingest(&deployment("d1", "p3", r.id, DeployStage::Verifying), 620)
+        .await
+        .unwrap();
     let row = store.rollout(r.id).await.unwrap().unwrap();
     assert_eq!(row.deployments[0].status, "active");
     assert_eq!(row.status, RolloutStatus::InProgress);
@@ -162,13 +216,25 @@ pub async fn suite(store: &dyn Store) {
 
     // A new rollout supersedes the unfinished deployment of the old one.
     store.insert_model(&model_row(2)).await.unwrap();
-    let r2 = store.create_rollout("m", 2, &["d2".into()], 700).await.unwrap();
+    let r2 = store
+        .create_rollout("m", 2, &["d2".into()], 700)
+        .await
+        .unwrap();
     let old = store.rollout(r.id).await.unwrap().unwrap();
     assert_eq!(old.deployments[1].status, "superseded");
     assert_eq!(old.status, RolloutStatus::Completed);
-    store.ingest(&status("d2", "s4", true, Some(1)), 710).await.unwrap();
-    store.ingest(&deployment("d2", "p4", r2.id, DeployStage::Failed), 720).await.unwrap();
-    assert_eq!(store.rollout(r2.id).await.unwrap().unwrap().status, RolloutStatus::Failed);
+    store
+        .ingest(&status("d2", "s4", true, Some(1)), 710)
+        .await
+        .unwrap();
+    store
+        .ingest(&deployment("d2", "p4", r2.id, DeployStage::Failed), 720)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.rollout(r2.id).await.unwrap().unwrap().status,
+        RolloutStatus::Failed
+    );
     assert_eq!(store.rollouts().await.unwrap().len(), 2);
     assert!(store.rollout(99).await.unwrap().is_none());
 }
@@ -191,5 +257,8 @@ async fn a_database_from_a_newer_build_is_refused() {
         .unwrap()
         .pragma_update(None, "user_version", 99)
         .unwrap();
-    assert!(matches!(SqliteStore::open(&path), Err(StoreError::Corrupt(_))));
+    assert!(matches!(
+        SqliteStore::open(&path),
+        Err(StoreError::Corrupt(_))
+    ));
 }

@@ -1,0 +1,155 @@
+//! The agent's per-input cost against its peers, measured in the same run:
+//!
+//! 1. inference: edgeloop's `Plan::infer` (input checks, argmax) against a bare tract
+//!    plan of the same model, built the way tract's own examples do;
+//! 2. drift: edgeloop's `DriftWindow` (observe every row, finish the window) against a
+//!    straightforward reference that keeps the rows and computes the histogram and PSI
+//!    at the end with a linear scan over the bins.
+//!
+//! Run: `cargo bench -p edgeloop-agent --bench inference`
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use edgeloop_agent::runtime::Plan;
+use edgeloop_agent::source::{InputSource, ShiftControl, VibrationGenerator, read_numeric_csv};
+use edgeloop_shared::drift::{DEFAULT_BINS, DriftWindow, PSI_EPSILON, ReferenceProfile};
+use tract_onnx::prelude::*;
+
+const MODEL: &[u8] = include_bytes!("../../controller/assets/vibration/model_v1.onnx");
+const REFERENCE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../controller/assets/vibration/reference_v1.csv"
+);
+const ROWS: usize = 20_000;
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p) as usize]
+}
+
+/// Per-call latencies of `f` over `rows`, after a warm-up.
+fn time_each(rows: &[Vec<f32>], mut f: impl FnMut(&[f32])) -> Vec<Duration> {
+    for row in rows.iter().take(1000) {
+        f(row);
+    }
+    let mut times: Vec<Duration> = rows
+        .iter()
+        .map(|row| {
+            let start = Instant::now();
+            f(row);
+            start.elapsed()
+        })
+        .collect();
+    times.sort();
+    times
+}
+
+fn main() {
+    let mut source = VibrationGenerator::new(7, ShiftControl::default());
+    let rows: Vec<Vec<f32>> = (0..ROWS).map(|_| source.next_row().unwrap()).collect();
+    let names: Vec<String> = source.columns().to_vec();
+
+    // 1. Inference.
+    let bare = tract_onnx::onnx()
+        .model_for_read(&mut std::io::Cursor::new(MODEL))
+        .and_then(|m| m.with_input_fact(0, f32::fact([1, 4]).into()))
+        .and_then(|m| m.into_optimized())
+        .and_then(|m| m.into_runnable())
+        .expect("tract loads the example model");
+    let plan = Plan::compile(MODEL, 4).expect("edgeloop loads the example model");
+    let bare_times = time_each(&rows, |row| {
+        let input = Tensor::from_shape(&[1, 4], row).unwrap();
+        black_box(bare.run(tvec!(input.into())).unwrap());
+    });
+    let ours = time_each(&rows, |row| {
+        black_box(plan.infer(row, &names).unwrap());
+    });
+    let (b50, o50) = (percentile(&bare_times, 0.5), percentile(&ours, 0.5));
+    let (b99, o99) = (percentile(&bare_times, 0.99), percentile(&ours, 0.99));
+    println!("inference (example MLP, 1x4, single thread, {ROWS} rows)");
+    println!("  bare tract       p50 {b50:>10.2?}  p99 {b99:>10.2?}");
+    println!("  edgeloop Plan    p50 {o50:>10.2?}  p99 {o99:>10.2?}");
+    println!(
+        "  ratio edgeloop/bare: p50 {:.2}x, p99 {:.2}x",
+        o50.as_secs_f64() / b50.as_secs_f64(),
+        o99.as_secs_f64() / b99.as_secs_f64()
+    );
+
+    // 2. Drift statistics over one window of every row.
+    let (columns, reference_rows) = read_numeric_csv(std::path::Path::new(REFERENCE)).unwrap();
+    let by_column: Vec<Vec<f64>> = (0..columns.len())
+        .map(|c| reference_rows.iter().map(|r| f64::from(r[c])).collect())
+        .collect();
+    let profile = ReferenceProfile::from_columns(&columns, &by_column, DEFAULT_BINS).unwrap();
+    let runs = 20;
+    let start = Instant::now();
+    let mut ours_psi = 0.0;
+    for _ in 0..runs {
+        let mut window = DriftWindow::new(profile.clone(), 0);
+        for row in &rows {
+            window.observe(row, Some(0)).unwrap();
+        }
+        ours_psi = black_box(window.finish(1)).psi_max;
+    }
+    let ours_drift = start.elapsed() / runs;
+    let start = Instant::now();
+    let mut naive_psi = 0.0;
+    for _ in 0..runs {
+        naive_psi = black_box(naive_psi_max(&profile, &rows));
+    }
+    let naive_drift = start.elapsed() / runs;
+    assert!(
+        (ours_psi - naive_psi).abs() < 1e-9,
+        "both compute the same PSI: {ours_psi} vs {naive_psi}"
+    );
+    println!("drift window ({ROWS} rows x 4 features, 12 bins, PSI {ours_psi:.4})");
+    println!(
+        "  naive reference  {naive_drift:>10.2?} per window, {:>8.1} ns/row",
+        naive_drift.as_nanos() as f64 / ROWS as f64
+    );
+    println!(
+        "  edgeloop window  {ours_drift:>10.2?} per window, {:>8.1} ns/row",
+        ours_drift.as_nanos() as f64 / ROWS as f64
+    );
+    println!(
+        "  ratio edgeloop/naive: {:.2}x",
+        ours_drift.as_secs_f64() / naive_drift.as_secs_f64()
+    );
+}
+
+/// The textbook computation: keep the values, count them per bin by scanning the edges,
+/// then PSI per feature with the same epsilon.
+fn naive_psi_max(profile: &ReferenceProfile, rows: &[Vec<f32>]) -> f64 {
+    let mut max: f64 = 0.0;
+    for (i, f) in profile.features.iter().enumerate() {
+        let values: Vec<f64> = rows.iter().map(|r| f64::from(r[i])).collect();
+        let mut counts = vec![0u64; f.fractions.len()];
+        let last = f.edges.len() - 1;
+        for &x in &values {
+            let bin = if x < f.edges[0] {
+                0
+            } else if x > f.edges[last] {
+                counts.len() - 1
+            } else {
+                let mut b = 1;
+                while b < last && x >= f.edges[b] {
+                    b += 1;
+                }
+                b
+            };
+            counts[bin] += 1;
+        }
+        let n = values.len() as f64;
+        let psi: f64 = f
+            .fractions
+            .iter()
+            .zip(&counts)
+            .map(|(&e, &c)| {
+                let (e, a) = (e.max(PSI_EPSILON), (c as f64 / n).max(PSI_EPSILON));
+                (a - e) * (a / e).ln()
+            })
+            .sum();
+        max = max.max(psi);
+    }
+    max
+}

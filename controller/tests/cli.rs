@@ -1,0 +1,265 @@
+//! The `edgeloop` binary as people use it: the README tour and the demo.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use edgeloop_agent::config::AgentConfig;
+use edgeloop_agent::{Agent, source};
+use tokio_util::sync::CancellationToken;
+
+const EDGELOOP: &str = env!("CARGO_BIN_EXE_edgeloop");
+const ASSETS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/vibration");
+
+fn edgeloop(args: &[&str], cwd: &Path) -> String {
+    let out = Command::new(EDGELOOP)
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "edgeloop {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A child process killed when dropped.
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `edgeloop serve` on free ports; returns it with its HTTP and MQTT URLs, read from
+/// the line it prints once it runs.
+fn serve(data_dir: &Path, cwd: &Path) -> (Daemon, String, String) {
+    let mut child = Command::new(EDGELOOP)
+        .args(["serve", "--data-dir"])
+        .arg(data_dir)
+        .args(["--http-addr", "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0"])
+        .current_dir(cwd)
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let daemon = Daemon(child);
+    let mut lines = BufReader::new(stderr).lines();
+    let line = loop {
+        let line = lines
+            .next()
+            .expect("serve exited before it was ready")
+            .unwrap();
+        if line.starts_with("edgeloop controller:") {
+            break line;
+        }
+    };
+    // Keep draining stderr so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let http = words[words.iter().position(|w| *w == "on").unwrap() + 1]
+        .trim_end_matches(',')
+        .to_string();
+    let mqtt = words.last().unwrap().to_string();
+    (daemon, http, mqtt)
+}
+
+async fn devices(http: &str) -> serde_json::Value {
+    reqwest::get(format!("{http}/api/v1/devices"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_tour_works() {
+    let work = tempfile::tempdir().unwrap();
+    let cwd = work.path();
+    let data = cwd.join("edgeloop-data");
+
+    // 1. A signing key, private to its owner.
+    let out = edgeloop(&["keygen", "--out", "edgeloop-data/keys"], cwd);
+    assert!(out.contains("key id"), "{out}");
+    let public = std::fs::read_to_string(data.join("keys/signing.pub")).unwrap();
+    assert!(public.starts_with("ed25519:"));
+    let again = Command::new(EDGELOOP)
+        .args(["keygen", "--out", "edgeloop-data/keys"])
+        .current_dir(cwd)
+        .output()
+        .unwrap();
+    assert!(!again.status.success(), "keygen never overwrites a key");
+
+    // 2. The controller with its embedded broker.
+    let (_serve, http, mqtt) = serve(&data, cwd);
+
+    // 3. Publish the example model.
+    let out = edgeloop(
+        &[
+            "model",
+            "publish",
+            &format!("{ASSETS}/model_v1.onnx"),
+            "--name",
+            "vibration",
+            "--version",
+            "1",
+            "--reference",
+            &format!("{ASSETS}/reference_v1.csv"),
+            "--labels",
+            "normal,fault",
+            "--data-dir",
+            "edgeloop-data",
+        ],
+        cwd,
+    );
+    assert!(out.contains("published vibration v1"), "{out}");
+    let models: serde_json::Value = reqwest::get(format!("{http}/api/v1/models"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models[0]["version"], 1);
+
+    // 4. An agent from a config file like the README's.
+    let agent_toml = cwd.join("agent.toml");
+    std::fs::write(
+        &agent_toml,
+        format!(
+            "device_id = \"pump-1\"\nbroker_url = \"{mqtt}\"\ncontroller_url = \"{http}\"\ntrusted_keys = [\"{}\"]\nstate_dir = \"{}\"\n",
+            public.trim(),
+            cwd.join("agent-state").display()
+        ),
+    )
+    .unwrap();
+    let config = AgentConfig::load(Some(&agent_toml)).unwrap();
+    let shutdown = CancellationToken::new();
+    let agent = Agent::new(config.clone(), source::from_config(&config.source).unwrap()).unwrap();
+    let agent_task = tokio::spawn(agent.run(shutdown.clone()));
+    wait(Duration::from_secs(30), || async {
+        devices(&http).await.as_array().unwrap().len() == 1
+    })
+    .await;
+
+    // 5. Roll it out.
+    let out = edgeloop(
+        &[
+            "rollout",
+            "create",
+            "--model",
+            "vibration",
+            "--version",
+            "1",
+            "--controller",
+            &http,
+        ],
+        cwd,
+    );
+    assert!(out.contains("\"model_version\":1"), "{out}");
+    wait(Duration::from_secs(30), || async {
+        devices(&http).await[0]["model_version"] == 1
+    })
+    .await;
+
+    // A rollout of a model that does not exist is refused with the controller's reason.
+    let refused = Command::new(EDGELOOP)
+        .args([
+            "rollout",
+            "create",
+            "--model",
+            "vibration",
+            "--version",
+            "7",
+            "--controller",
+            &http,
+        ])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("404"));
+
+    shutdown.cancel();
+    agent_task.await.unwrap().unwrap();
+}
+
+async fn wait<F, Fut>(timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[test]
+fn the_demo_runs_the_loop_and_ends_with_a_json_line() {
+    let out = Command::new(EDGELOOP)
+        .args([
+            "demo",
+            "--devices",
+            "2",
+            "--duration",
+            "24",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--output",
+            "json",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("covariate shift injected"), "{stdout}");
+    let last: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let devices = last["devices"].as_array().unwrap();
+    assert_eq!(devices.len(), 2);
+    for d in devices {
+        assert_eq!(d["online"], true, "{d}");
+        assert_eq!(d["model_version"], 2, "{d}");
+        assert!(d["last_psi_max"].as_f64().is_some(), "{d}");
+    }
+    assert_eq!(last["models"].as_array().unwrap().len(), 2);
+    assert!(
+        last["rollouts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["status"] == "completed")
+    );
+}
+
+#[test]
+fn bad_flags_get_clear_errors() {
+    let out = Command::new(EDGELOOP)
+        .args(["demo", "--duration", "3"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at least 15"));
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(EDGELOOP)
+        .args(["serve", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("edgeloop keygen"),
+        "serve without a key says how to make one"
+    );
+}

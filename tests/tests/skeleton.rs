@@ -1,0 +1,410 @@
+//! The walking skeleton end to end: a controller, agents and a broker; models published,
+//! rolled out, refused when tampered with; malformed traffic shrugged off.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use edgeloop_shared::bundle::{self, Limits};
+use edgeloop_shared::command::{Command, CommandAction, DeployAction, SignedCommand};
+use edgeloop_shared::protocol::{Envelope, Message, ModelRef};
+use edgeloop_shared::signing::SecretKey;
+use edgeloop_shared::topics::{Channel, Topics};
+use edgeloop_tests::{BrokerChoice, TestController, on_both_brokers, wait_until};
+use serde_json::json;
+
+const WINDOW: u64 = 50;
+
+/// Drift summaries of one device, read straight from the controller's SQLite database:
+/// (model version, window seq, samples, per-feature bin totals incl. NaN).
+fn stored_windows(db: &std::path::Path, device: &str) -> Vec<(u64, u64, u64, Vec<u64>)> {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT model_version, window_seq, samples, summary FROM telemetry WHERE device_id = ?1 ORDER BY model_version, window_seq")
+        .unwrap();
+    stmt.query_map([device], |r| {
+        let summary: String = r.get(3)?;
+        let v: serde_json::Value = serde_json::from_str(&summary).unwrap();
+        let totals = v["stats"]["features"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| {
+                f["counts"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|c| c.as_u64().unwrap())
+                    .sum::<u64>()
+                    + f["nan"].as_u64().unwrap()
+            })
+            .collect();
+        Ok((
+            r.get::<_, i64>(0)? as u64,
+            r.get::<_, i64>(1)? as u64,
+            r.get::<_, i64>(2)? as u64,
+            totals,
+        ))
+    })
+    .unwrap()
+    .collect::<Result<_, _>>()
+    .unwrap()
+}
+
+async fn loop_end_to_end(broker: BrokerChoice) {
+    let Some(ctl) = TestController::start(broker).await else {
+        eprintln!("skipped: {} is not set", edgeloop_tests::MQTT_URL_VAR);
+        return;
+    };
+    let a = ctl.spawn_agent("pump-a", WINDOW);
+    let b = ctl.spawn_agent("pump-b", WINDOW);
+    ctl.wait_for_model("pump-a", None).await;
+    ctl.wait_for_model("pump-b", None).await;
+
+    // Publish v1 and roll it out to every known device through the API.
+    ctl.publish_example(1).await;
+    let models = ctl.get("/api/v1/models").await;
+    assert_eq!(models[0]["name"], "vibration");
+    assert_eq!(
+        models[0]["features"],
+        json!(["rms", "peak", "kurtosis", "temperature"])
+    );
+    let (status, rollout) = ctl
+        .post_rollout(json!({"model": "vibration", "version": 1}))
+        .await;
+    assert_eq!(status, 201, "{rollout}");
+    assert_eq!(rollout["deployments"].as_array().unwrap().len(), 2);
+    ctl.wait_for_model("pump-a", Some(1)).await;
+    ctl.wait_for_model("pump-b", Some(1)).await;
+
+    // Both stream drift summaries of v1.
+    for id in ["pump-a", "pump-b"] {
+        wait_until(
+            &format!("{id} sends two v1 windows"),
+            Duration::from_secs(30),
+            || async {
+                stored_windows(&ctl.database(), id)
+                    .iter()
+                    .filter(|w| w.0 == 1)
+                    .count()
+                    >= 2
+            },
+        )
+        .await;
+        let telemetry = ctl
+            .get(&format!("/api/v1/devices/{id}/telemetry?limit=1"))
+            .await;
+        assert_eq!(telemetry.as_array().unwrap().len(), 1);
+        assert_eq!(telemetry[0]["model_version"], 1);
+        assert!(telemetry[0]["psi_max"].as_f64().unwrap() >= 0.0);
+    }
+
+    // Then v2, to one device by name and then to the other.
+    ctl.publish_example(2).await;
+    let (status, _) = ctl
+        .post_rollout(json!({"model": "vibration", "version": 2, "devices": ["pump-a"]}))
+        .await;
+    assert_eq!(status, 201);
+    ctl.wait_for_model("pump-a", Some(2)).await;
+    assert_eq!(
+        ctl.device("pump-b").await.unwrap()["model_version"],
+        1,
+        "only the named device moves"
+    );
+    let (status, _) = ctl
+        .post_rollout(json!({"model": "vibration", "version": 2}))
+        .await;
+    assert_eq!(status, 201);
+    ctl.wait_for_model("pump-b", Some(2)).await;
+    for id in ["pump-a", "pump-b"] {
+        wait_until(
+            &format!("{id} sends a v2 window"),
+            Duration::from_secs(30),
+            || async { stored_windows(&ctl.database(), id).iter().any(|w| w.0 == 2) },
+        )
+        .await;
+    }
+    let rollouts = ctl.get("/api/v1/rollouts").await;
+    assert!(
+        rollouts
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["status"] == "completed"),
+        "{rollouts}"
+    );
+
+    // Every stored window is whole: a full window has exactly WINDOW samples, the only
+    // shorter one per version is the last, flushed when the next model took over; and the
+    // bin counts of every feature add up to the window's samples.
+    for id in ["pump-a", "pump-b"] {
+        let windows = stored_windows(&ctl.database(), id);
+        let mut by_version: BTreeMap<u64, Vec<(u64, u64)>> = BTreeMap::new();
+        for (version, seq, samples, totals) in &windows {
+            assert!(
+                *samples > 0 && *samples <= WINDOW,
+                "{id} v{version} #{seq}: {samples} samples"
+            );
+            assert!(
+                totals.iter().all(|t| t == samples),
+                "{id} v{version} #{seq}: bins {totals:?} vs {samples}"
+            );
+            by_version
+                .entry(*version)
+                .or_default()
+                .push((*seq, *samples));
+        }
+        let v1 = &by_version[&1];
+        assert!(v1.len() >= 2);
+        assert_eq!(
+            v1.iter().map(|w| w.0).collect::<Vec<_>>(),
+            (1..=v1.len() as u64).collect::<Vec<_>>(),
+            "no window lost or doubled"
+        );
+        assert!(v1[..v1.len() - 1].iter().all(|w| w.1 == WINDOW), "{v1:?}");
+        assert!(by_version[&2].iter().all(|w| w.1 == WINDOW));
+    }
+
+    // The API refuses what it cannot do, with a status that says why.
+    let (status, body) = ctl
+        .post_rollout(json!({"model": "vibration", "version": 9}))
+        .await;
+    assert_eq!(status, 404, "{body}");
+    let (status, _) = ctl
+        .post_rollout(json!({"model": "vibration", "version": 2, "devices": ["ghost"]}))
+        .await;
+    assert_eq!(status, 404);
+    let (status, _) = ctl.post_rollout(json!({"model": "vibration"})).await;
+    assert_eq!(status, 400);
+
+    a.stop().await;
+    b.stop().await;
+    ctl.stop().await;
+}
+on_both_brokers!(loop_end_to_end);
+
+/// Which part of the bundle file a test tampers with.
+#[derive(Debug, Clone, Copy)]
+enum Part {
+    Manifest,
+    Artifact,
+    Signature,
+}
+
+async fn tampered_bundles_and_forged_commands_are_refused(broker: BrokerChoice) {
+    let Some(ctl) = TestController::start(broker).await else {
+        eprintln!("skipped: {} is not set", edgeloop_tests::MQTT_URL_VAR);
+        return;
+    };
+    let agent = ctl.spawn_agent("press-1", WINDOW);
+    ctl.wait_for_model("press-1", None).await;
+    ctl.publish_example(1).await;
+    ctl.controller.rollout("vibration", 1, None).await.unwrap();
+    ctl.wait_for_model("press-1", Some(1)).await;
+
+    // An attacker who controls the artifact store and the database, but not the signing
+    // key, swaps a bundle for one with a single flipped byte and fixes up the digest the
+    // command will carry. The agent's own bundle verification must catch it.
+    let cases = [
+        (2, Part::Manifest, "manifest signature check failed"),
+        (3, Part::Artifact, "compressed artifact SHA-256"),
+        (4, Part::Signature, "manifest signature check failed"),
+    ];
+    for (version, part, expected) in cases {
+        ctl.publish_example(version).await;
+        let path = ctl.controller.artifacts.path("vibration", version);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let layout = bundle::layout(&bytes, &Limits::default()).unwrap();
+        let at = match part {
+            Part::Manifest => layout.manifest.start + layout.manifest.len() / 2,
+            Part::Artifact => layout.artifact.start + layout.artifact.len() / 2,
+            Part::Signature => layout.signature.start + 7,
+        };
+        bytes[at] ^= 0x04;
+        std::fs::write(&path, &bytes).unwrap();
+        rusqlite::Connection::open(ctl.database())
+            .unwrap()
+            .execute(
+                "UPDATE models SET bundle_sha256 = ?1 WHERE name = 'vibration' AND version = ?2",
+                rusqlite::params![edgeloop_shared::sha256_hex(&bytes), version as i64],
+            )
+            .unwrap();
+
+        let rollout = ctl
+            .controller
+            .rollout("vibration", version, None)
+            .await
+            .unwrap();
+        let path = format!("/api/v1/rollouts/{}", rollout.id);
+        wait_until(
+            &format!("{part:?} tampering reported"),
+            Duration::from_secs(30),
+            || async { ctl.get(&path).await["status"] == "failed" },
+        )
+        .await;
+        let detail = ctl.get(&path).await["deployments"][0]["detail"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(detail.contains(expected), "{part:?}: {detail}");
+
+        // The previous model keeps serving: still v1, and its drift windows keep coming.
+        let before =
+            ctl.get("/api/v1/devices/press-1/telemetry?limit=1").await[0]["msg_id"].clone();
+        wait_until("v1 keeps serving", Duration::from_secs(20), || async {
+            let latest = ctl.get("/api/v1/devices/press-1/telemetry?limit=1").await;
+            latest[0]["msg_id"] != before && latest[0]["model_version"] == 1
+        })
+        .await;
+        assert_eq!(ctl.device("press-1").await.unwrap()["model_version"], 1);
+    }
+
+    // A deploy command signed by a key the device does not trust is refused and reported.
+    let stranger = SecretKey::from_seed([42; 32]);
+    let command = Command {
+        device_id: "press-1".into(),
+        seq: u64::MAX / 2,
+        issued_ms: edgeloop_agent::now_ms(),
+        expires_ms: edgeloop_agent::now_ms() + 60_000,
+        action: CommandAction::Deploy(DeployAction {
+            rollout_id: 999,
+            model: ModelRef {
+                name: "vibration".into(),
+                version: 5,
+            },
+            bundle_url: "/artifacts/vibration/1".into(),
+            bundle_sha256: "00".repeat(32),
+            bundle_size: 1,
+        }),
+    };
+    let envelope = Envelope::new(
+        "press-1",
+        "forged-1",
+        edgeloop_agent::now_ms(),
+        Message::Command(SignedCommand::sign(&command, &stranger)),
+    );
+    let topics = Topics::new(&ctl.root).unwrap();
+    let raw = ctl.raw_client("attacker").await;
+    raw.publish(
+        &topics.device("press-1", Channel::Commands).unwrap(),
+        envelope.encode(),
+    )
+    .await;
+    wait_until(
+        "forged command reported as rejected",
+        Duration::from_secs(20),
+        || async {
+            ctl.get("/api/v1/devices/press-1/deployments?limit=50")
+                .await
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| {
+                    e["stage"] == "rejected"
+                        && e["detail"]
+                            .as_str()
+                            .unwrap()
+                            .contains("not among the trusted keys")
+                })
+        },
+    )
+    .await;
+
+    // And a genuine update still goes through afterwards: the forged sequence number did
+    // not poison the device's replay protection, and the device is healthy.
+    ctl.publish_example(5).await;
+    ctl.controller.rollout("vibration", 5, None).await.unwrap();
+    ctl.wait_for_model("press-1", Some(5)).await;
+
+    agent.stop().await;
+    ctl.stop().await;
+}
+on_both_brokers!(tampered_bundles_and_forged_commands_are_refused);
+
+async fn malformed_payloads_are_counted_and_nothing_stops(broker: BrokerChoice) {
+    let Some(ctl) = TestController::start(broker).await else {
+        eprintln!("skipped: {} is not set", edgeloop_tests::MQTT_URL_VAR);
+        return;
+    };
+    let agent = ctl.spawn_agent("fan-1", WINDOW);
+    ctl.wait_for_model("fan-1", None).await;
+    ctl.publish_example(1).await;
+    ctl.controller.rollout("vibration", 1, None).await.unwrap();
+    ctl.wait_for_model("fan-1", Some(1)).await;
+
+    let topics = Topics::new(&ctl.root).unwrap();
+    let raw = ctl.raw_client("fuzzer").await;
+    let telemetry = topics.device("fan-1", Channel::Telemetry).unwrap();
+    let commands = topics.device("fan-1", Channel::Commands).unwrap();
+    let spoofed = Envelope::new(
+        "other-device",
+        "spoof-1",
+        1,
+        Message::Status(edgeloop_shared::protocol::DeviceStatus {
+            online: true,
+            agent_version: "x".into(),
+            model: None,
+            uptime_s: 0,
+            inferences: 0,
+            errors: 0,
+            malformed_messages: 0,
+        }),
+    )
+    .encode();
+    // Towards the controller: garbage, JSON of the wrong shape, a future version, and a
+    // device claiming to be another one.
+    raw.publish(&telemetry, b"\x00\xff not json".to_vec()).await;
+    raw.publish(&telemetry, br#"{"v":1,"device_id":"fan-1"}"#.to_vec())
+        .await;
+    raw.publish(&telemetry, br#"{"v":7,"whatever":true}"#.to_vec())
+        .await;
+    raw.publish(&topics.device("fan-1", Channel::Status).unwrap(), spoofed)
+        .await;
+    // Towards the agent: garbage and a status message where a command belongs.
+    raw.publish(&commands, b"{{{{".to_vec()).await;
+    raw.publish(&commands, vec![0u8; 1000]).await;
+
+    wait_until(
+        "controller counts four malformed messages",
+        Duration::from_secs(20),
+        || async {
+            ctl.get("/api/v1/stats").await["malformed"]
+                .as_u64()
+                .unwrap()
+                >= 4
+        },
+    )
+    .await;
+    wait_until(
+        "agent reports two malformed messages",
+        Duration::from_secs(20),
+        || async {
+            ctl.device("fan-1").await.unwrap()["malformed_messages"]
+                .as_u64()
+                .unwrap()
+                >= 2
+        },
+    )
+    .await;
+    assert!(
+        ctl.device("other-device").await.is_none(),
+        "a spoofed device id is not registered"
+    );
+
+    // Both keep working: new drift windows arrive and get stored.
+    let stored = ctl.get("/api/v1/stats").await["stored"].as_u64().unwrap();
+    let before = ctl.get("/api/v1/devices/fan-1/telemetry?limit=1").await[0]["msg_id"].clone();
+    wait_until(
+        "telemetry keeps flowing",
+        Duration::from_secs(20),
+        || async {
+            ctl.get("/api/v1/devices/fan-1/telemetry?limit=1").await[0]["msg_id"] != before
+        },
+    )
+    .await;
+    assert!(ctl.get("/api/v1/stats").await["stored"].as_u64().unwrap() > stored);
+    assert_eq!(ctl.device("fan-1").await.unwrap()["model_version"], 1);
+
+    agent.stop().await;
+    ctl.stop().await;
+}
+on_both_brokers!(malformed_payloads_are_counted_and_nothing_stops);
