@@ -28,6 +28,7 @@ pub enum ConfigError {
 pub struct ControllerConfig {
     pub config_version: u32,
     pub data_dir: PathBuf,
+    pub database_url: String,
     pub http_addr: SocketAddr,
     pub mqtt_url: String,
     pub mqtt_listen: SocketAddr,
@@ -67,6 +68,15 @@ impl ControllerConfig {
             });
         }
         let invalid = |key, reason: String| ConfigError::Invalid { key, reason };
+        if !(self.database_url.is_empty()
+            || self.database_url.starts_with("postgres://")
+            || self.database_url.starts_with("postgresql://"))
+        {
+            return Err(invalid(
+                "database_url",
+                "must be empty (SQLite) or a postgres:// URL".into(),
+            ));
+        }
         if !self.mqtt_url.is_empty() {
             BrokerAddr::parse(&self.mqtt_url).map_err(|e| invalid("mqtt_url", e.to_string()))?;
         }

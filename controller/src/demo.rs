@@ -42,7 +42,6 @@ pub struct DemoOptions {
     pub devices: usize,
     pub duration: Option<Duration>,
     pub http_addr: std::net::SocketAddr,
-    pub json: bool,
     /// Where to keep the database, artifacts and device state; a temporary directory if none.
     pub data_dir: Option<PathBuf>,
 }

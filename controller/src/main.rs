@@ -11,8 +11,7 @@ use edgeloop_agent::now_ms;
 use edgeloop_controller::config::{ControllerConfig, DEFAULT_CONFIG_TOML};
 use edgeloop_controller::demo::{self, DemoOptions};
 use edgeloop_controller::registry::{ArtifactStore, PublishRequest};
-use edgeloop_controller::server::{Controller, DATABASE_FILE};
-use edgeloop_controller::store::SqliteStore;
+use edgeloop_controller::server::{Controller, open_store};
 use edgeloop_controller::{keys, registry};
 
 #[derive(Parser)]
@@ -129,6 +128,9 @@ struct ConfigArgs {
     config: Option<PathBuf>,
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// PostgreSQL (postgres://…) instead of SQLite in the data directory.
+    #[arg(long)]
+    database_url: Option<String>,
     /// The signing key (default: {data_dir}/keys/signing.key).
     #[arg(long)]
     key: Option<PathBuf>,
@@ -139,6 +141,9 @@ impl ConfigArgs {
         let mut config = ControllerConfig::load(self.config.as_deref())?;
         if let Some(dir) = &self.data_dir {
             config.data_dir = dir.clone();
+        }
+        if let Some(url) = &self.database_url {
+            config.database_url = url.clone();
         }
         if let Some(key) = &self.key {
             config.signing_key = key.display().to_string();
@@ -254,10 +259,10 @@ async fn run() -> anyhow::Result<()> {
             let onnx =
                 std::fs::read(&model).with_context(|| format!("reading {}", model.display()))?;
             std::fs::create_dir_all(&config.data_dir)?;
-            let store = SqliteStore::open(&config.data_dir.join(DATABASE_FILE))?;
+            let store = open_store(&config).await?;
             let artifacts = ArtifactStore::new(config.data_dir.join("artifacts"));
             let row = registry::publish(
-                &store,
+                store.as_ref(),
                 &artifacts,
                 &key,
                 PublishRequest {
@@ -336,7 +341,6 @@ async fn run() -> anyhow::Result<()> {
                     devices,
                     duration,
                     http_addr,
-                    json: output == Output::Json,
                     data_dir,
                 },
                 shutdown,

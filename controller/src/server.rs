@@ -18,7 +18,7 @@ use crate::config::{ConfigError, ControllerConfig};
 use crate::ingest::{self, BusConfig, IngestStats};
 use crate::registry::{self, ArtifactStore, PublishError, PublishRequest};
 use crate::rollout::{self, Dispatcher, RolloutError};
-use crate::store::{ModelRow, RolloutRow, SqliteStore, Store, StoreError};
+use crate::store::{ModelRow, PgStore, RolloutRow, SqliteStore, Store, StoreError};
 
 pub const DATABASE_FILE: &str = "edgeloop.sqlite";
 
@@ -42,6 +42,16 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// Opens the store the configuration names: PostgreSQL for a `database_url`, otherwise
+/// SQLite in the data directory (which must exist).
+pub async fn open_store(config: &ControllerConfig) -> Result<Arc<dyn Store>, StoreError> {
+    Ok(if config.database_url.is_empty() {
+        Arc::new(SqliteStore::open(&config.data_dir.join(DATABASE_FILE))?)
+    } else {
+        Arc::new(PgStore::connect(&config.database_url).await?)
+    })
 }
 
 /// A running controller.
@@ -72,8 +82,7 @@ impl Controller {
             path: config.data_dir.clone(),
             source,
         })?;
-        let store: Arc<dyn Store> =
-            Arc::new(SqliteStore::open(&config.data_dir.join(DATABASE_FILE))?);
+        let store = open_store(&config).await?;
         let artifacts = ArtifactStore::new(config.data_dir.join("artifacts"));
 
         let mqtt_url = if config.mqtt_url.is_empty() {

@@ -1,11 +1,11 @@
 //! Harness for edgeloop's end-to-end tests: a real controller (store, broker, ingest,
-//! dispatcher, HTTP API) and real agents, connected through the embedded broker or, when
-//! `EDGELOOP_TEST_MQTT_URL` is set, through that external broker.
+//! dispatcher, HTTP API) and real agents, connected through the embedded broker and SQLite,
+//! or through the external services the environment names: the broker of
+//! `EDGELOOP_TEST_MQTT_URL` and, when `EDGELOOP_TEST_PG_URL` is set too, that PostgreSQL.
 //!
-//! Every test gets its own topic root, MQTT client ids and directories, so tests can run
-//! in parallel against one shared broker.
+//! Every test gets its own topic root, MQTT client ids, directories and database schema,
+//! so tests can run in parallel against shared services.
 
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use edgeloop_agent::config::AgentConfig;
@@ -22,13 +22,15 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 pub const MQTT_URL_VAR: &str = "EDGELOOP_TEST_MQTT_URL";
+pub const PG_URL_VAR: &str = "EDGELOOP_TEST_PG_URL";
 
-/// Which broker a test runs through.
+/// Which services a test runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BrokerChoice {
-    /// The controller's embedded rumqttd.
+    /// The controller's embedded rumqttd and SQLite.
     Embedded,
-    /// The broker named by `EDGELOOP_TEST_MQTT_URL` (Mosquitto in CI).
+    /// The broker named by `EDGELOOP_TEST_MQTT_URL` (Mosquitto in CI) and, if
+    /// `EDGELOOP_TEST_PG_URL` is set, PostgreSQL instead of SQLite.
     External,
 }
 
@@ -61,6 +63,7 @@ pub fn init_tracing() {
 pub struct TestController {
     pub controller: Controller,
     pub root: String,
+    pub database: Database,
     pub dir: tempfile::TempDir,
     pub http: reqwest::Client,
     shutdown: CancellationToken,
@@ -76,14 +79,19 @@ impl TestController {
             BrokerChoice::External => BrokerChoice::external_url()?,
         };
         let dir = tempfile::tempdir().expect("temp dir");
-        let root = format!(
-            "edgeloop-test-{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..12]
-        );
+        let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+        let root = format!("edgeloop-test-{id}");
+        let database = match broker {
+            BrokerChoice::Embedded => Database::Sqlite,
+            BrokerChoice::External => {
+                Database::postgres_schema(&format!("edgeloop_test_{id}")).await
+            }
+        };
         let config = ControllerConfig {
             data_dir: dir.path().join("controller"),
             http_addr: "127.0.0.1:0".parse().unwrap(),
             mqtt_url,
+            database_url: database.url(),
             mqtt_listen: "127.0.0.1:0".parse().unwrap(),
             mqtt_client_id: format!("{root}-controller"),
             topic_root: root.clone(),
@@ -99,6 +107,7 @@ impl TestController {
         Some(TestController {
             controller,
             root,
+            database,
             dir,
             http: reqwest::Client::new(),
             shutdown,
@@ -202,11 +211,69 @@ impl TestController {
         .await;
     }
 
-    pub fn database(&self) -> PathBuf {
-        self.controller
-            .config
-            .data_dir
-            .join(edgeloop_controller::server::DATABASE_FILE)
+    /// Stored drift summaries of a device, oldest first: (model version, window seq,
+    /// samples, per-feature bin totals including NaN).
+    pub async fn stored_windows(&self, device: &str) -> Vec<(u64, u64, u64, Vec<u64>)> {
+        let mut rows = self
+            .controller
+            .store
+            .telemetry(device, 1000)
+            .await
+            .expect("telemetry");
+        rows.reverse();
+        rows.iter()
+            .map(|r| {
+                let totals = r.summary["stats"]["features"]
+                    .as_array()
+                    .expect("features")
+                    .iter()
+                    .map(|f| {
+                        f["counts"]
+                            .as_array()
+                            .unwrap()
+                            .iter()
+                            .map(|c| c.as_u64().unwrap())
+                            .sum::<u64>()
+                            + f["nan"].as_u64().unwrap()
+                    })
+                    .collect();
+                (r.model_version, r.window_seq, r.samples, totals)
+            })
+            .collect()
+    }
+
+    /// Rewrites the bundle digest the registry holds for a model version, as an attacker
+    /// with write access to the database could.
+    pub async fn set_model_digest(&self, name: &str, version: u64, sha256: &str) {
+        match &self.database {
+            Database::Sqlite => {
+                let path = self
+                    .controller
+                    .config
+                    .data_dir
+                    .join(edgeloop_controller::server::DATABASE_FILE);
+                rusqlite::Connection::open(path)
+                    .unwrap()
+                    .execute(
+                        "UPDATE models SET bundle_sha256 = ?1 WHERE name = ?2 AND version = ?3",
+                        rusqlite::params![sha256, name, version as i64],
+                    )
+                    .unwrap();
+            }
+            Database::Postgres { url, .. } => {
+                let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
+                tokio::spawn(connection);
+                client
+                    .execute(
+                        "UPDATE models SET bundle_sha256 = $1 WHERE name = $2 AND version = $3",
+                        &[&sha256, &name, &(version as i64)],
+                    )
+                    .await
+                    .unwrap();
+            }
+        }
     }
 
     /// A raw MQTT client on the same broker, for injecting messages.
@@ -217,6 +284,70 @@ impl TestController {
     pub async fn stop(self) {
         self.shutdown.cancel();
         self.controller.stop().await;
+        self.database.drop_schema().await;
+    }
+}
+
+/// The controller's database in a test.
+#[derive(Debug, Clone)]
+pub enum Database {
+    Sqlite,
+    /// A schema of its own in the PostgreSQL of `EDGELOOP_TEST_PG_URL`.
+    Postgres {
+        url: String,
+        admin_url: String,
+        schema: String,
+    },
+}
+
+impl Database {
+    /// A fresh schema in the PostgreSQL of `EDGELOOP_TEST_PG_URL`, or SQLite when it is
+    /// unset. When it is set, PostgreSQL must answer.
+    async fn postgres_schema(schema: &str) -> Self {
+        let Some(admin_url) = std::env::var(PG_URL_VAR).ok().filter(|u| !u.is_empty()) else {
+            return Database::Sqlite;
+        };
+        let (client, connection) = tokio_postgres::connect(&admin_url, tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| {
+                panic!("{PG_URL_VAR}={admin_url} is set but PostgreSQL is unreachable: {e}")
+            });
+        tokio::spawn(connection);
+        client
+            .batch_execute(&format!("CREATE SCHEMA {schema}"))
+            .await
+            .unwrap();
+        let sep = if admin_url.contains('?') { '&' } else { '?' };
+        Database::Postgres {
+            url: format!("{admin_url}{sep}options=-csearch_path%3D{schema}"),
+            admin_url,
+            schema: schema.to_string(),
+        }
+    }
+
+    /// The controller's `database_url`.
+    fn url(&self) -> String {
+        match self {
+            Database::Sqlite => String::new(),
+            Database::Postgres { url, .. } => url.clone(),
+        }
+    }
+
+    async fn drop_schema(&self) {
+        if let Database::Postgres {
+            admin_url, schema, ..
+        } = self
+            && let Ok((client, connection)) =
+                tokio_postgres::connect(admin_url, tokio_postgres::NoTls).await
+        {
+            tokio::spawn(connection);
+            if let Err(e) = client
+                .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+                .await
+            {
+                eprintln!("cannot drop test schema {schema}: {e}");
+            }
+        }
     }
 }
 
@@ -246,10 +377,6 @@ impl TestAgent {
         }
     }
 
-    pub fn state_dir(&self) -> &Path {
-        &self.config.state_dir
-    }
-
     pub async fn stop(self) {
         self.token.cancel();
         self.task.await.expect("agent task");
@@ -272,10 +399,10 @@ where
     }
 }
 
-/// A plain MQTT client with its event loop polled in the background.
+/// A plain MQTT client with its event loop polled in the background, for publishing what
+/// no well-behaved device would.
 pub struct RawClient {
     pub client: rumqttc::AsyncClient,
-    pub received: tokio::sync::mpsc::Receiver<rumqttc::Publish>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -285,7 +412,6 @@ impl RawClient {
         let mut options = rumqttc::MqttOptions::new(client_id, addr.host, addr.port);
         options.set_keep_alive(Duration::from_secs(10));
         let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 64);
-        let (tx, received) = tokio::sync::mpsc::channel(256);
         let (ready_tx, ready) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(async move {
             let mut ready_tx = Some(ready_tx);
@@ -296,9 +422,6 @@ impl RawClient {
                             let _ = r.send(());
                         }
                     }
-                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
-                        let _ = tx.try_send(p);
-                    }
                     Ok(_) => {}
                     Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
                 }
@@ -308,11 +431,7 @@ impl RawClient {
             .await
             .expect("raw client connects")
             .unwrap();
-        RawClient {
-            client,
-            received,
-            task,
-        }
+        RawClient { client, task }
     }
 
     /// Publishes at QoS 1.

@@ -14,42 +14,6 @@ use serde_json::json;
 
 const WINDOW: u64 = 50;
 
-/// Drift summaries of one device, read straight from the controller's SQLite database:
-/// (model version, window seq, samples, per-feature bin totals incl. NaN).
-fn stored_windows(db: &std::path::Path, device: &str) -> Vec<(u64, u64, u64, Vec<u64>)> {
-    let conn = rusqlite::Connection::open(db).unwrap();
-    let mut stmt = conn
-        .prepare("SELECT model_version, window_seq, samples, summary FROM telemetry WHERE device_id = ?1 ORDER BY model_version, window_seq")
-        .unwrap();
-    stmt.query_map([device], |r| {
-        let summary: String = r.get(3)?;
-        let v: serde_json::Value = serde_json::from_str(&summary).unwrap();
-        let totals = v["stats"]["features"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|f| {
-                f["counts"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|c| c.as_u64().unwrap())
-                    .sum::<u64>()
-                    + f["nan"].as_u64().unwrap()
-            })
-            .collect();
-        Ok((
-            r.get::<_, i64>(0)? as u64,
-            r.get::<_, i64>(1)? as u64,
-            r.get::<_, i64>(2)? as u64,
-            totals,
-        ))
-    })
-    .unwrap()
-    .collect::<Result<_, _>>()
-    .unwrap()
-}
-
 async fn loop_end_to_end(broker: BrokerChoice) {
     let Some(ctl) = TestController::start(broker).await else {
         eprintln!("skipped: {} is not set", edgeloop_tests::MQTT_URL_VAR);
@@ -82,7 +46,8 @@ async fn loop_end_to_end(broker: BrokerChoice) {
             &format!("{id} sends two v1 windows"),
             Duration::from_secs(30),
             || async {
-                stored_windows(&ctl.database(), id)
+                ctl.stored_windows(id)
+                    .await
                     .iter()
                     .filter(|w| w.0 == 1)
                     .count()
@@ -119,7 +84,7 @@ async fn loop_end_to_end(broker: BrokerChoice) {
         wait_until(
             &format!("{id} sends a v2 window"),
             Duration::from_secs(30),
-            || async { stored_windows(&ctl.database(), id).iter().any(|w| w.0 == 2) },
+            || async { ctl.stored_windows(id).await.iter().any(|w| w.0 == 2) },
         )
         .await;
     }
@@ -137,7 +102,7 @@ async fn loop_end_to_end(broker: BrokerChoice) {
     // shorter one per version is the last, flushed when the next model took over; and the
     // bin counts of every feature add up to the window's samples.
     for id in ["pump-a", "pump-b"] {
-        let windows = stored_windows(&ctl.database(), id);
+        let windows = ctl.stored_windows(id).await;
         let mut by_version: BTreeMap<u64, Vec<(u64, u64)>> = BTreeMap::new();
         for (version, seq, samples, totals) in &windows {
             assert!(
@@ -221,13 +186,8 @@ async fn tampered_bundles_and_forged_commands_are_refused(broker: BrokerChoice) 
         };
         bytes[at] ^= 0x04;
         std::fs::write(&path, &bytes).unwrap();
-        rusqlite::Connection::open(ctl.database())
-            .unwrap()
-            .execute(
-                "UPDATE models SET bundle_sha256 = ?1 WHERE name = 'vibration' AND version = ?2",
-                rusqlite::params![edgeloop_shared::sha256_hex(&bytes), version as i64],
-            )
-            .unwrap();
+        ctl.set_model_digest("vibration", version, &edgeloop_shared::sha256_hex(&bytes))
+            .await;
 
         let rollout = ctl
             .controller

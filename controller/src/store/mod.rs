@@ -1,9 +1,11 @@
 //! The controller's storage seam.
 //!
 //! [`Store`] is everything the controller keeps: devices, drift summaries, models,
-//! rollouts and their per-device deployments. [`SqliteStore`] is the embedded default.
-//! Every backend passes the one suite in `tests.rs`.
+//! rollouts and their per-device deployments. [`SqliteStore`] is the embedded default;
+//! [`PgStore`] serves larger fleets and several controller replicas. Every backend passes
+//! the one suite in `tests.rs`.
 
+mod postgres;
 mod sqlite;
 #[cfg(test)]
 mod tests;
@@ -11,6 +13,7 @@ mod tests;
 use edgeloop_shared::protocol::Envelope;
 use serde::Serialize;
 
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +24,8 @@ pub enum StoreError {
         #[source]
         source: rusqlite::Error,
     },
+    #[error("PostgreSQL: {0}")]
+    Postgres(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
     #[error("{0} already exists")]

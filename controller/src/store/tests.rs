@@ -262,3 +262,51 @@ async fn a_database_from_a_newer_build_is_refused() {
         Err(StoreError::Corrupt(_))
     ));
 }
+
+/// `url` with `search_path` set to `schema`, so each test run gets its own tables.
+pub fn with_search_path(url: &str, schema: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}options=-csearch_path%3D{schema}")
+}
+
+#[tokio::test]
+async fn postgres_store_passes_the_suite() {
+    let Some(url) = std::env::var("EDGELOOP_TEST_PG_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+    else {
+        eprintln!("skipped: EDGELOOP_TEST_PG_URL is not set");
+        return;
+    };
+    let (admin, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| {
+            panic!("EDGELOOP_TEST_PG_URL={url} is set but PostgreSQL is unreachable: {e}")
+        });
+    tokio::spawn(connection);
+    let schema = format!("edgeloop_test_{}", uuid::Uuid::new_v4().simple());
+    admin
+        .batch_execute(&format!("CREATE SCHEMA {schema}"))
+        .await
+        .unwrap();
+    let scoped = with_search_path(&url, &schema);
+    suite(&PgStore::connect(&scoped).await.unwrap()).await;
+    let again = PgStore::connect(&scoped).await.unwrap();
+    assert_eq!(
+        again.devices().await.unwrap().len(),
+        2,
+        "reopening keeps everything"
+    );
+    admin
+        .batch_execute(&format!("UPDATE {schema}.edgeloop_schema SET version = 99"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        PgStore::connect(&scoped).await,
+        Err(StoreError::Corrupt(_))
+    ));
+    admin
+        .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await
+        .unwrap();
+}

@@ -1,0 +1,692 @@
+//! The PostgreSQL store, for fleets that outgrow one machine: several controller replicas
+//! can share it. Same schema and semantics as the SQLite store; the same suite tests both.
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use edgeloop_shared::protocol::{DeploymentStatus, DeviceStatus, DriftSummary, Envelope, Message};
+use tokio_postgres::{GenericClient, NoTls, Row};
+
+use super::*;
+
+const SCHEMA_VERSION: i32 = 1;
+/// Serializes migrations of replicas that start at the same time.
+const MIGRATION_LOCK: i64 = 0x6564_6765_6c6f_6f70; // "edgeloop"
+const POOL_SIZE: usize = 16;
+
+const SCHEMA_V1: &str = "
+CREATE TABLE seen_messages (
+    msg_id TEXT PRIMARY KEY,
+    device_id TEXT NOT NULL,
+    received_ms BIGINT NOT NULL
+);
+CREATE TABLE devices (
+    id TEXT PRIMARY KEY,
+    online BOOLEAN NOT NULL DEFAULT FALSE,
+    agent_version TEXT,
+    model_name TEXT,
+    model_version BIGINT,
+    last_seen_ms BIGINT NOT NULL,
+    inferences BIGINT NOT NULL DEFAULT 0,
+    errors BIGINT NOT NULL DEFAULT 0,
+    malformed_messages BIGINT NOT NULL DEFAULT 0,
+    last_psi_max DOUBLE PRECISION,
+    last_command_seq BIGINT NOT NULL DEFAULT 0
+);
+CREATE TABLE telemetry (
+    msg_id TEXT PRIMARY KEY,
+    device_id TEXT NOT NULL,
+    received_ms BIGINT NOT NULL,
+    model_name TEXT NOT NULL,
+    model_version BIGINT NOT NULL,
+    window_seq BIGINT NOT NULL,
+    window_start_ms BIGINT NOT NULL,
+    window_end_ms BIGINT NOT NULL,
+    samples BIGINT NOT NULL,
+    psi_max DOUBLE PRECISION NOT NULL,
+    summary TEXT NOT NULL
+);
+CREATE INDEX telemetry_by_device ON telemetry (device_id, received_ms);
+CREATE TABLE models (
+    name TEXT NOT NULL,
+    version BIGINT NOT NULL,
+    label TEXT,
+    created_ms BIGINT NOT NULL,
+    bundle_sha256 TEXT NOT NULL,
+    bundle_size BIGINT NOT NULL,
+    features TEXT NOT NULL,
+    signed_by TEXT NOT NULL,
+    PRIMARY KEY (name, version)
+);
+CREATE TABLE rollouts (
+    id BIGSERIAL PRIMARY KEY,
+    model_name TEXT NOT NULL,
+    model_version BIGINT NOT NULL,
+    created_ms BIGINT NOT NULL,
+    status TEXT NOT NULL
+);
+CREATE TABLE deployments (
+    rollout_id BIGINT NOT NULL REFERENCES rollouts (id),
+    device_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    detail TEXT,
+    command_seq BIGINT,
+    updated_ms BIGINT NOT NULL,
+    PRIMARY KEY (rollout_id, device_id)
+);
+CREATE TABLE deployment_events (
+    id BIGSERIAL PRIMARY KEY,
+    device_id TEXT NOT NULL,
+    received_ms BIGINT NOT NULL,
+    rollout_id BIGINT,
+    command_seq BIGINT NOT NULL,
+    stage TEXT NOT NULL,
+    model TEXT,
+    detail TEXT
+);
+CREATE INDEX deployment_events_by_device ON deployment_events (device_id, id);
+";
+
+/// SQL list of the final deployment states, for `status NOT IN (…)`.
+fn terminal_list() -> String {
+    TERMINAL_DEPLOYMENT_STATES
+        .iter()
+        .map(|s| format!("'{s}'"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A PostgreSQL database reached through a connection pool.
+#[derive(Clone)]
+pub struct PgStore {
+    pool: Pool,
+}
+
+impl PgStore {
+    /// Connects to `url` (`postgres://user@host:port/db`, libpq options such as
+    /// `?options=-csearch_path%3Dfleet` allowed) and migrates the schema.
+    pub async fn connect(url: &str) -> Result<Self> {
+        let config: tokio_postgres::Config = url.parse().map_err(|e: tokio_postgres::Error| {
+            StoreError::Postgres(format!("database URL: {e}"))
+        })?;
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .build()
+            .map_err(|e| StoreError::Postgres(e.to_string()))?;
+        let store = PgStore { pool };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object> {
+        self.pool
+            .get()
+            .await
+            .map_err(|e| StoreError::Postgres(format!("cannot get a connection: {e}")))
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .await?;
+        tx.batch_execute("CREATE TABLE IF NOT EXISTS edgeloop_schema (version INTEGER NOT NULL)")
+            .await?;
+        let version: Option<i32> = tx
+            .query_opt("SELECT version FROM edgeloop_schema", &[])
+            .await?
+            .map(|r| r.get(0));
+        match version {
+            None => {
+                tx.batch_execute(SCHEMA_V1).await?;
+                tx.execute(
+                    "INSERT INTO edgeloop_schema (version) VALUES ($1)",
+                    &[&SCHEMA_VERSION],
+                )
+                .await?;
+            }
+            Some(SCHEMA_VERSION) => {}
+            Some(newer) => {
+                return Err(StoreError::Corrupt(format!(
+                    "database has schema version {newer}, newer than this build's {SCHEMA_VERSION}"
+                )));
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        StoreError::Postgres(e.to_string())
+    }
+}
+
+fn i(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn u(v: i64) -> u64 {
+    v.max(0) as u64
+}
+
+async fn touch_device(tx: &impl GenericClient, device_id: &str, now_ms: u64) -> Result<()> {
+    tx.execute(
+        "INSERT INTO devices (id, last_seen_ms) VALUES ($1, $2)
+         ON CONFLICT (id) DO UPDATE SET last_seen_ms = GREATEST(devices.last_seen_ms, EXCLUDED.last_seen_ms)",
+        &[&device_id, &i(now_ms)],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn apply_status(tx: &impl GenericClient, device_id: &str, s: &DeviceStatus) -> Result<()> {
+    if s.online {
+        let name = s.model.as_ref().map(|m| m.name.as_str());
+        let version = s.model.as_ref().map(|m| i(m.version));
+        tx.execute(
+            "UPDATE devices SET online = TRUE, agent_version = $2,
+                 last_psi_max = CASE WHEN model_name IS NOT DISTINCT FROM $3
+                                      AND model_version IS NOT DISTINCT FROM $4
+                                     THEN last_psi_max END,
+                 model_name = $3, model_version = $4,
+                 inferences = $5, errors = $6, malformed_messages = $7
+             WHERE id = $1",
+            &[
+                &device_id,
+                &s.agent_version,
+                &name,
+                &version,
+                &i(s.inferences),
+                &i(s.errors),
+                &i(s.malformed_messages),
+            ],
+        )
+        .await?;
+    } else {
+        tx.execute(
+            "UPDATE devices SET online = FALSE WHERE id = $1",
+            &[&device_id],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+async fn apply_drift(
+    tx: &impl GenericClient,
+    e: &Envelope,
+    s: &DriftSummary,
+    now_ms: u64,
+) -> Result<()> {
+    let summary = serde_json::to_string(s).expect("summaries serialize");
+    tx.execute(
+        "INSERT INTO telemetry (msg_id, device_id, received_ms, model_name, model_version, window_seq,
+             window_start_ms, window_end_ms, samples, psi_max, summary)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        &[
+            &e.msg_id,
+            &e.device_id,
+            &i(now_ms),
+            &s.model.name,
+            &i(s.model.version),
+            &i(s.window_seq),
+            &i(s.stats.start_ms),
+            &i(s.stats.end_ms),
+            &i(s.stats.samples),
+            &s.stats.psi_max,
+            &summary,
+        ],
+    )
+    .await?;
+    tx.execute(
+        "UPDATE devices SET last_psi_max = $2
+         WHERE id = $1 AND (model_name IS NULL OR (model_name = $3 AND model_version = $4))",
+        &[
+            &e.device_id,
+            &s.stats.psi_max,
+            &s.model.name,
+            &i(s.model.version),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn apply_deployment(
+    tx: &impl GenericClient,
+    device_id: &str,
+    d: &DeploymentStatus,
+    now_ms: u64,
+) -> Result<()> {
+    let rollout = d.rollout_id.map(i);
+    let model = d.model.as_ref().map(ToString::to_string);
+    tx.execute(
+        "INSERT INTO deployment_events (device_id, received_ms, rollout_id, command_seq, stage, model, detail)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        &[&device_id, &i(now_ms), &rollout, &i(d.command_seq), &d.stage.as_str(), &model, &d.detail],
+    )
+    .await?;
+    let Some(rollout_id) = d.rollout_id else {
+        return Ok(());
+    };
+    tx.execute(
+        &format!(
+            "UPDATE deployments SET status = $3, detail = $4, updated_ms = $5
+             WHERE rollout_id = $1 AND device_id = $2 AND status NOT IN ({})",
+            terminal_list()
+        ),
+        &[
+            &i(rollout_id),
+            &device_id,
+            &d.stage.as_str(),
+            &d.detail,
+            &i(now_ms),
+        ],
+    )
+    .await?;
+    refresh_rollout_status(tx, rollout_id).await
+}
+
+async fn refresh_rollout_status(tx: &impl GenericClient, rollout_id: u64) -> Result<()> {
+    let row = tx
+        .query_one(
+            "SELECT COUNT(*),
+                    COALESCE(SUM(CASE WHEN status IN ('active', 'superseded') THEN 1 ELSE 0 END), 0),
+                    COALESCE(SUM(CASE WHEN status IN ('active', 'failed', 'rejected', 'superseded') THEN 1 ELSE 0 END), 0)
+             FROM deployments WHERE rollout_id = $1",
+            &[&i(rollout_id)],
+        )
+        .await?;
+    let (total, active, finished): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    let status = if finished < total {
+        RolloutStatus::InProgress
+    } else if active == total {
+        RolloutStatus::Completed
+    } else {
+        RolloutStatus::Failed
+    };
+    tx.execute(
+        "UPDATE rollouts SET status = $2 WHERE id = $1",
+        &[&i(rollout_id), &status.as_str()],
+    )
+    .await?;
+    Ok(())
+}
+
+const MODEL_COLUMNS: &str =
+    "name, version, label, created_ms, bundle_sha256, bundle_size, features, signed_by";
+
+fn model_from_row(r: &Row) -> Result<ModelRow> {
+    let name: String = r.get(0);
+    let version = u(r.get(1));
+    let features: String = r.get(6);
+    Ok(ModelRow {
+        features: serde_json::from_str(&features)
+            .map_err(|e| StoreError::Corrupt(format!("features of {name} v{version}: {e}")))?,
+        name,
+        version,
+        label: r.get(2),
+        created_ms: u(r.get(3)),
+        bundle_sha256: r.get(4),
+        bundle_size: u(r.get(5)),
+        signed_by: r.get(7),
+    })
+}
+
+async fn load_rollout(c: &impl GenericClient, id: u64) -> Result<Option<RolloutRow>> {
+    let Some(row) = c
+        .query_opt(
+            "SELECT id, model_name, model_version, created_ms, status FROM rollouts WHERE id = $1",
+            &[&i(id)],
+        )
+        .await?
+    else {
+        return Ok(None);
+    };
+    let status: String = row.get(4);
+    let deployments = c
+        .query(
+            "SELECT device_id, status, detail, command_seq, updated_ms FROM deployments
+             WHERE rollout_id = $1 ORDER BY device_id",
+            &[&i(id)],
+        )
+        .await?
+        .iter()
+        .map(|r| DeploymentRow {
+            device_id: r.get(0),
+            status: r.get(1),
+            detail: r.get(2),
+            command_seq: r.get::<_, Option<i64>>(3).map(u),
+            updated_ms: u(r.get(4)),
+        })
+        .collect();
+    Ok(Some(RolloutRow {
+        id: u(row.get(0)),
+        model_name: row.get(1),
+        model_version: u(row.get(2)),
+        created_ms: u(row.get(3)),
+        status: RolloutStatus::parse(&status)?,
+        deployments,
+    }))
+}
+
+#[async_trait::async_trait]
+impl Store for PgStore {
+    async fn ingest(&self, envelope: &Envelope, received_ms: u64) -> Result<Ingested> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let fresh = tx
+            .execute(
+                "INSERT INTO seen_messages (msg_id, device_id, received_ms) VALUES ($1, $2, $3)
+                 ON CONFLICT (msg_id) DO NOTHING",
+                &[&envelope.msg_id, &envelope.device_id, &i(received_ms)],
+            )
+            .await?;
+        if fresh == 0 {
+            return Ok(Ingested::Duplicate);
+        }
+        touch_device(&*tx, &envelope.device_id, received_ms).await?;
+        match &envelope.message {
+            Message::Status(s) => apply_status(&*tx, &envelope.device_id, s).await?,
+            Message::DriftSummary(s) => apply_drift(&*tx, envelope, s, received_ms).await?,
+            Message::DeploymentStatus(d) => {
+                apply_deployment(&*tx, &envelope.device_id, d, received_ms).await?
+            }
+            Message::Command(_) => {
+                return Err(StoreError::Corrupt("devices do not send commands".into()));
+            }
+        }
+        tx.commit().await?;
+        Ok(Ingested::Stored)
+    }
+
+    async fn devices(&self) -> Result<Vec<DeviceRow>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT id, online, agent_version, model_name, model_version, last_seen_ms,
+                        inferences, errors, malformed_messages, last_psi_max
+                 FROM devices ORDER BY id",
+                &[],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| DeviceRow {
+                id: r.get(0),
+                online: r.get(1),
+                agent_version: r.get(2),
+                model_name: r.get(3),
+                model_version: r.get::<_, Option<i64>>(4).map(u),
+                last_seen_ms: u(r.get(5)),
+                inferences: u(r.get(6)),
+                errors: u(r.get(7)),
+                malformed_messages: u(r.get(8)),
+                last_psi_max: r.get(9),
+            })
+            .collect())
+    }
+
+    async fn telemetry(&self, device_id: &str, limit: u32) -> Result<Vec<TelemetryRow>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT msg_id, device_id, received_ms, model_name, model_version, window_seq,
+                        window_start_ms, window_end_ms, samples, psi_max, summary
+                 FROM telemetry WHERE device_id = $1
+                 ORDER BY received_ms DESC, window_end_ms DESC LIMIT $2",
+                &[&device_id, &i64::from(limit)],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let msg_id: String = r.get(0);
+                let summary: String = r.get(10);
+                Ok(TelemetryRow {
+                    summary: serde_json::from_str(&summary)
+                        .map_err(|e| StoreError::Corrupt(format!("summary {msg_id}: {e}")))?,
+                    msg_id,
+                    device_id: r.get(1),
+                    received_ms: u(r.get(2)),
+                    model_name: r.get(3),
+                    model_version: u(r.get(4)),
+                    window_seq: u(r.get(5)),
+                    window_start_ms: u(r.get(6)),
+                    window_end_ms: u(r.get(7)),
+                    samples: u(r.get(8)),
+                    psi_max: r.get(9),
+                })
+            })
+            .collect()
+    }
+
+    async fn deployment_events(&self, device_id: &str, limit: u32) -> Result<Vec<DeploymentEvent>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT device_id, received_ms, rollout_id, command_seq, stage, model, detail
+                 FROM deployment_events WHERE device_id = $1 ORDER BY id DESC LIMIT $2",
+                &[&device_id, &i64::from(limit)],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| DeploymentEvent {
+                device_id: r.get(0),
+                received_ms: u(r.get(1)),
+                rollout_id: r.get::<_, Option<i64>>(2).map(u),
+                command_seq: u(r.get(3)),
+                stage: r.get(4),
+                model: r.get(5),
+                detail: r.get(6),
+            })
+            .collect())
+    }
+
+    async fn insert_model(&self, model: &ModelRow) -> Result<()> {
+        let client = self.client().await?;
+        let features = serde_json::to_string(&model.features).expect("strings serialize");
+        let inserted = client
+            .execute(
+                &format!(
+                    "INSERT INTO models ({MODEL_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                     ON CONFLICT (name, version) DO NOTHING"
+                ),
+                &[
+                    &model.name,
+                    &i(model.version),
+                    &model.label,
+                    &i(model.created_ms),
+                    &model.bundle_sha256,
+                    &i(model.bundle_size),
+                    &features,
+                    &model.signed_by,
+                ],
+            )
+            .await?;
+        if inserted == 0 {
+            return Err(StoreError::Conflict(format!(
+                "model {} v{}",
+                model.name, model.version
+            )));
+        }
+        Ok(())
+    }
+
+    async fn models(&self) -> Result<Vec<ModelRow>> {
+        let client = self.client().await?;
+        client
+            .query(
+                &format!("SELECT {MODEL_COLUMNS} FROM models ORDER BY name, version"),
+                &[],
+            )
+            .await?
+            .iter()
+            .map(model_from_row)
+            .collect()
+    }
+
+    async fn model(&self, name: &str, version: u64) -> Result<Option<ModelRow>> {
+        let client = self.client().await?;
+        client
+            .query_opt(
+                &format!("SELECT {MODEL_COLUMNS} FROM models WHERE name = $1 AND version = $2"),
+                &[&name, &i(version)],
+            )
+            .await?
+            .as_ref()
+            .map(model_from_row)
+            .transpose()
+    }
+
+    async fn create_rollout(
+        &self,
+        name: &str,
+        version: u64,
+        devices: &[String],
+        now_ms: u64,
+    ) -> Result<RolloutRow> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        if tx
+            .query_opt(
+                "SELECT 1 FROM models WHERE name = $1 AND version = $2",
+                &[&name, &i(version)],
+            )
+            .await?
+            .is_none()
+        {
+            return Err(StoreError::NotFound(format!("model {name} v{version}")));
+        }
+        for device in devices {
+            if tx
+                .query_opt("SELECT 1 FROM devices WHERE id = $1", &[device])
+                .await?
+                .is_none()
+            {
+                return Err(StoreError::NotFound(format!("device {device}")));
+            }
+        }
+        let id: i64 = tx
+            .query_one(
+                "INSERT INTO rollouts (model_name, model_version, created_ms, status)
+                 VALUES ($1, $2, $3, 'in_progress') RETURNING id",
+                &[&name, &i(version), &i(now_ms)],
+            )
+            .await?
+            .get(0);
+        let mut superseded = std::collections::BTreeSet::new();
+        for device in devices {
+            let older = tx
+                .query(
+                    &format!(
+                        "UPDATE deployments SET status = 'superseded', detail = $2, updated_ms = $3
+                         WHERE device_id = $1 AND status NOT IN ({})
+                         RETURNING rollout_id",
+                        terminal_list()
+                    ),
+                    &[device, &format!("superseded by rollout {id}"), &i(now_ms)],
+                )
+                .await?;
+            superseded.extend(older.iter().map(|r| u(r.get(0))));
+            tx.execute(
+                "INSERT INTO deployments (rollout_id, device_id, status, updated_ms) VALUES ($1, $2, 'pending', $3)",
+                &[&id, device, &i(now_ms)],
+            )
+            .await?;
+        }
+        for rollout in superseded {
+            refresh_rollout_status(&*tx, rollout).await?;
+        }
+        refresh_rollout_status(&*tx, u(id)).await?;
+        let row = load_rollout(&*tx, u(id)).await?.expect("just inserted");
+        tx.commit().await?;
+        Ok(row)
+    }
+
+    async fn rollouts(&self) -> Result<Vec<RolloutRow>> {
+        let client = self.client().await?;
+        let ids = client
+            .query("SELECT id FROM rollouts ORDER BY id", &[])
+            .await?;
+        let mut rollouts = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(r) = load_rollout(&**client, u(id.get(0))).await? {
+                rollouts.push(r);
+            }
+        }
+        Ok(rollouts)
+    }
+
+    async fn rollout(&self, id: u64) -> Result<Option<RolloutRow>> {
+        let client = self.client().await?;
+        load_rollout(&**client, id).await
+    }
+
+    async fn due_deployments(&self, quiet_since_ms: u64) -> Result<Vec<DueDeployment>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT d.rollout_id, d.device_id, r.model_name, r.model_version, m.bundle_sha256, m.bundle_size
+                     FROM deployments d
+                     JOIN rollouts r ON r.id = d.rollout_id
+                     JOIN models m ON m.name = r.model_name AND m.version = r.model_version
+                     JOIN devices v ON v.id = d.device_id
+                     WHERE d.status NOT IN ({})
+                       AND v.online
+                       AND (d.status = 'pending' OR d.updated_ms < $1)
+                     ORDER BY d.rollout_id, d.device_id",
+                    terminal_list()
+                ),
+                &[&i(quiet_since_ms)],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| DueDeployment {
+                rollout_id: u(r.get(0)),
+                device_id: r.get(1),
+                model_name: r.get(2),
+                model_version: u(r.get(3)),
+                bundle_sha256: r.get(4),
+                bundle_size: u(r.get(5)),
+            })
+            .collect())
+    }
+
+    async fn mark_sent(&self, rollout_id: u64, device_id: &str, now_ms: u64) -> Result<u64> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let last: i64 = tx
+            .query_opt(
+                "SELECT last_command_seq FROM devices WHERE id = $1 FOR UPDATE",
+                &[&device_id],
+            )
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("device {device_id}")))?
+            .get(0);
+        let seq = (u(last) + 1).max(now_ms);
+        tx.execute(
+            "UPDATE devices SET last_command_seq = $2 WHERE id = $1",
+            &[&device_id, &i(seq)],
+        )
+        .await?;
+        tx.execute(
+            "UPDATE deployments SET status = CASE status WHEN 'pending' THEN 'sent' ELSE status END,
+                 command_seq = $3, updated_ms = $4
+             WHERE rollout_id = $1 AND device_id = $2",
+            &[&i(rollout_id), &device_id, &i(seq), &i(now_ms)],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(seq)
+    }
+}
