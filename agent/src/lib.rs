@@ -41,6 +41,18 @@ pub fn shutdown_on_ctrl_c() -> tokio_util::sync::CancellationToken {
     token
 }
 
+/// The exit status of a command-line program: success, or failure after printing the
+/// error and its causes on one line.
+pub fn exit_with(result: anyhow::Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", describe_error(e.as_ref()));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// One line for people: the error and each cause the text so far does not already contain
 /// (library errors often include their source in their own message).
 pub fn describe_error(error: &(dyn std::error::Error + 'static)) -> String {

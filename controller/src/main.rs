@@ -184,13 +184,7 @@ fn load_key(config: &ControllerConfig) -> anyhow::Result<edgeloop_shared::signin
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    match run().await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {}", edgeloop_agent::describe_error(e.as_ref()));
-            std::process::ExitCode::FAILURE
-        }
-    }
+    edgeloop_agent::exit_with(run().await)
 }
 
 async fn run() -> anyhow::Result<()> {

@@ -103,6 +103,19 @@ pub enum RolloutStatus {
 }
 
 impl RolloutStatus {
+    /// A rollout's status from its deployments: how many there are, how many ended with
+    /// the model running (`active`, or `superseded` by a later rollout) and how many ended
+    /// at all.
+    pub fn from_counts(total: u64, running: u64, finished: u64) -> Self {
+        if finished < total {
+            Self::InProgress
+        } else if running == total {
+            Self::Completed
+        } else {
+            Self::Failed
+        }
+    }
+
     fn as_str(self) -> &'static str {
         match self {
             Self::InProgress => "in_progress",

@@ -305,13 +305,7 @@ async fn refresh_rollout_status(tx: &impl GenericClient, rollout_id: u64) -> Res
         )
         .await?;
     let (total, active, finished): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
-    let status = if finished < total {
-        RolloutStatus::InProgress
-    } else if active == total {
-        RolloutStatus::Completed
-    } else {
-        RolloutStatus::Failed
-    };
+    let status = RolloutStatus::from_counts(u(total), u(active), u(finished));
     tx.execute(
         "UPDATE rollouts SET status = $2 WHERE id = $1",
         &[&i(rollout_id), &status.as_str()],

@@ -293,13 +293,7 @@ fn refresh_rollout_status(tx: &Transaction<'_>, rollout_id: u64) -> Result<()> {
         params![rollout_id as i64],
         |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
     )?;
-    let status = if finished < total {
-        RolloutStatus::InProgress
-    } else if active == total {
-        RolloutStatus::Completed
-    } else {
-        RolloutStatus::Failed
-    };
+    let status = RolloutStatus::from_counts(u(total), u(active), u(finished));
     tx.execute(
         "UPDATE rollouts SET status = ?2 WHERE id = ?1",
         params![rollout_id as i64, status.as_str()],
