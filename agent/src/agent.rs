@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use edgeloop_shared::command::{CommandAction, DeployAction, SignedCommand};
+use edgeloop_shared::command::{CommandAction, CommandError, DeployAction, SignedCommand};
 use edgeloop_shared::drift::DriftWindow;
 use edgeloop_shared::protocol::{
     DeployStage, DeviceStatus, DriftSummary, Envelope, MAX_MESSAGE_BYTES, Message, ModelRef,
@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::AgentConfig;
-use crate::link::{BrokerAddr, Link, LinkConfig};
+use crate::link::{BrokerAddr, LastWillFn, Link, LinkConfig};
 use crate::outbox::{Outbox, OutboxError, SqliteOutbox};
 use crate::report::Reporter;
 use crate::slots::{SlotError, Slots, write_atomic};
@@ -86,6 +86,21 @@ impl Serving {
     }
 }
 
+/// The highest command sequence this device accepted, from its state file: none when the
+/// file does not exist; an error when it cannot be read or parsed.
+fn read_last_seq(path: &std::path::Path) -> Result<Option<u64>, String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => text.trim().parse().map(Some).map_err(|e| {
+            format!(
+                "{} does not hold a sequence number ({e}); an operator may remove it",
+                path.display()
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+    }
+}
+
 /// Which source column feeds each model feature, by name.
 fn map_columns(features: &[String], columns: &[String]) -> Result<Vec<usize>, String> {
     features
@@ -148,20 +163,25 @@ impl Agent {
         .await
         .unwrap_or(None);
         let seq_path = state_dir.join("command_seq");
-        let last_seq = std::fs::read_to_string(&seq_path)
-            .ok()
-            .and_then(|s| s.trim().parse().ok());
+        let last_seq = read_last_seq(&seq_path);
+        if let Err(reason) = &last_seq {
+            warn!(%reason, "replay protection state unreadable: every command will be refused");
+        }
 
         let (incoming_tx, incoming) = mpsc::channel(INCOMING_CAPACITY);
-        let offline = reporter.envelope(Message::Status(DeviceStatus {
-            online: false,
-            agent_version: AGENT_VERSION.to_string(),
-            model: None,
-            uptime_s: 0,
-            inferences: 0,
-            errors: 0,
-            malformed_messages: 0,
-        }));
+        let will_reporter = reporter.clone();
+        let last_will: LastWillFn = Arc::new(move || {
+            let offline = will_reporter.envelope(Message::Status(DeviceStatus {
+                online: false,
+                agent_version: AGENT_VERSION.to_string(),
+                model: None,
+                uptime_s: 0,
+                inferences: 0,
+                errors: 0,
+                malformed_messages: 0,
+            }));
+            (will_reporter.topic(Channel::Status), offline.encode())
+        });
         let link = Link::new(
             LinkConfig {
                 client_id: config.device_id.clone(),
@@ -169,7 +189,7 @@ impl Agent {
                 keep_alive: Duration::from_secs(config.heartbeat_interval_s.clamp(5, 60) * 3),
                 max_inflight: config.max_inflight,
                 subscriptions: vec![reporter.topic(Channel::Commands)],
-                last_will: Some((reporter.topic(Channel::Status), offline.encode())),
+                last_will: Some(last_will),
                 max_packet_bytes: MAX_MESSAGE_BYTES + 1024,
             },
             outbox,
@@ -211,7 +231,9 @@ struct AgentLoop {
     reporter: Reporter,
     installer: Installer,
     trusted: TrustedKeys,
-    last_seq: Option<u64>,
+    /// The highest command sequence accepted so far, or why it cannot be known (then every
+    /// command is refused rather than risk accepting a replay).
+    last_seq: Result<Option<u64>, String>,
     seq_path: PathBuf,
     /// The deployment being carried out, if any.
     installing: Option<ModelRef>,
@@ -340,14 +362,10 @@ impl AgentLoop {
     }
 
     fn on_command(&mut self, signed: &SignedCommand) {
-        let command = match signed.verify(
-            &self.trusted,
-            &self.config.device_id,
-            now_ms(),
-            self.last_seq,
-        ) {
+        let command = match signed.open(&self.trusted) {
             Ok(c) => c,
             Err(e) => {
+                // Not authentic: nothing in it can be believed, so nothing of it is echoed.
                 warn!(error = %e, key_id = %signed.key_id, "command refused");
                 self.reporter.deployment(
                     None,
@@ -359,13 +377,38 @@ impl AgentLoop {
                 return;
             }
         };
-        self.last_seq = Some(command.seq);
+        let CommandAction::Deploy(action) = &command.action;
+        let checked = match &self.last_seq {
+            Ok(last) => command
+                .check(&self.config.device_id, now_ms(), *last)
+                .map_err(|e| (e.to_string(), matches!(e, CommandError::Replayed { .. }))),
+            Err(reason) => Err((
+                format!("replay protection state unreadable: {reason}"),
+                false,
+            )),
+        };
+        if let Err((reason, replayed)) = checked {
+            warn!(%reason, seq = command.seq, "command refused");
+            // An authentic command refused for its target, time or sequence names its
+            // rollout, so the operator sees why. A replay does not: it may be a duplicate
+            // delivery of a command that is being carried out.
+            let about = (!replayed).then(|| (action.rollout_id, action.model.clone()));
+            self.reporter.deployment(
+                about.as_ref().map(|a| a.0),
+                command.seq,
+                about.map(|a| a.1),
+                DeployStage::Rejected,
+                Some(format!("command refused: {reason}")),
+            );
+            return;
+        }
         if let Err(e) = write_atomic(&self.seq_path, command.seq.to_string().as_bytes()) {
             // Without the record a replay after reboot could pass the sequence check;
             // refuse to act rather than weaken it.
             warn!(error = %e, "cannot record command sequence; command not carried out");
             return;
         }
+        self.last_seq = Ok(Some(command.seq));
         match command.action {
             CommandAction::Deploy(action) => self.on_deploy(command.seq, action),
         }
@@ -405,9 +448,9 @@ impl AgentLoop {
             }
         }
         if let Some(busy) = &self.installing {
-            if *busy != action.model {
-                reject(self, format!("busy installing {busy}"));
-            }
+            // One install at a time. The controller sends a quiet deployment's command again,
+            // so this one is carried out after the current install ends.
+            info!(model = %action.model, %busy, "deploy command deferred: an install is running");
             return;
         }
         info!(model = %action.model, rollout = action.rollout_id, "deploying");
@@ -507,6 +550,20 @@ async fn deploy(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_sequence_file_is_read_strictly() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("command_seq");
+        assert_eq!(read_last_seq(&path), Ok(None));
+        std::fs::write(&path, "42\n").unwrap();
+        assert_eq!(read_last_seq(&path), Ok(Some(42)));
+        std::fs::write(&path, "").unwrap();
+        assert!(
+            read_last_seq(&path).is_err(),
+            "a damaged file does not reset replay protection"
+        );
+    }
 
     #[test]
     fn columns_map_by_name_and_missing_ones_are_named() {

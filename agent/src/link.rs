@@ -8,12 +8,15 @@
 //! broker, holds what is pending, so nothing depends on the broker's session store.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Outgoing, Packet, Publish, QoS};
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, LastWill, MqttOptions, Outgoing, Packet, Publish, QoS,
+};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::outbox::Outbox;
 
@@ -92,8 +95,12 @@ impl Backoff {
     }
 }
 
+/// Builds the last-will message for a new connection: (topic, payload). Called once per
+/// connection so that each will carries its own message id.
+pub type LastWillFn = Arc<dyn Fn() -> (String, Vec<u8>) + Send + Sync>;
+
 /// What the link needs to know.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct LinkConfig {
     pub client_id: String,
     pub broker: BrokerAddr,
@@ -103,7 +110,9 @@ pub struct LinkConfig {
     /// Topics to subscribe to (QoS 1) after every connection.
     pub subscriptions: Vec<String>,
     /// Published by the broker if the connection dies without a DISCONNECT.
-    pub last_will: Option<(String, Vec<u8>)>,
+    pub last_will: Option<LastWillFn>,
+    /// Largest MQTT packet sent or received. An outbox entry that cannot fit is dropped
+    /// with an error rather than retried forever.
     pub max_packet_bytes: usize,
 }
 
@@ -112,6 +121,26 @@ pub struct Link {
     config: LinkConfig,
     outbox: Outbox,
     incoming: mpsc::Sender<Publish>,
+}
+
+/// Capacity of the channel from a connection's event-loop task to the link.
+const EVENT_CAPACITY: usize = 64;
+
+/// One MQTT connection: a fresh client and event loop, polled in a task of its own.
+///
+/// A new connection gets a new client, so no request queued for a dead connection and no
+/// event it buffered can reach the next one; and `EventLoop::poll` is never cancelled
+/// half-way through writing a packet, because nothing else is selected against it.
+struct Connection {
+    client: AsyncClient,
+    events: mpsc::Receiver<Result<Event, ConnectionError>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 /// Outbox entries in flight during one connection.
@@ -148,77 +177,100 @@ impl Link {
             .set_clean_session(true)
             .set_inflight(c.max_inflight.max(1))
             .set_max_packet_size(c.max_packet_bytes, c.max_packet_bytes);
-        if let Some((topic, payload)) = &c.last_will {
-            options.set_last_will(LastWill::new(
-                topic,
-                payload.clone(),
-                QoS::AtLeastOnce,
-                false,
-            ));
+        if let Some(will) = &c.last_will {
+            let (topic, payload) = will();
+            options.set_last_will(LastWill::new(topic, payload, QoS::AtLeastOnce, false));
         }
         options
     }
 
-    pub async fn run(self, shutdown: CancellationToken) {
+    /// Starts connecting: the task polls until the connection fails, then ends.
+    fn connect(&self) -> Connection {
         // The request channel holds at most one window of publishes plus subscriptions.
         let capacity = usize::from(self.config.max_inflight) + self.config.subscriptions.len() + 8;
         let (client, mut eventloop) = AsyncClient::new(self.options(), capacity);
+        let (tx, events) = mpsc::channel(EVENT_CAPACITY);
+        let task = tokio::spawn(async move {
+            loop {
+                let event = eventloop.poll().await;
+                let failed = event.is_err();
+                if tx.send(event).await.is_err() || failed {
+                    break;
+                }
+            }
+        });
+        Connection {
+            client,
+            events,
+            task,
+        }
+    }
+
+    pub async fn run(self, shutdown: CancellationToken) {
         let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+        let mut connection = self.connect();
         let mut flight = Inflight::default();
         let mut connected = false;
         loop {
             if connected {
-                self.fill_window(&client, &mut flight);
+                self.fill_window(&connection.client, &mut flight);
             }
-            tokio::select! {
+            let event = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = self.outbox.queued(), if connected => {}
-                event = eventloop.poll() => match event {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        info!(client = %self.config.client_id, "connected to broker");
-                        connected = true;
-                        backoff.reset();
-                        flight = Inflight::default();
-                        for topic in &self.config.subscriptions {
-                            if let Err(e) = client.try_subscribe(topic, QoS::AtLeastOnce) {
-                                warn!(%topic, error = %e, "cannot subscribe");
-                            }
+                _ = self.outbox.queued(), if connected => continue,
+                event = connection.events.recv() => event,
+            };
+            match event {
+                Some(Ok(Event::Incoming(Packet::ConnAck(_)))) => {
+                    info!(client = %self.config.client_id, "connected to broker");
+                    connected = true;
+                    backoff.reset();
+                    for topic in &self.config.subscriptions {
+                        if let Err(e) = connection.client.try_subscribe(topic, QoS::AtLeastOnce) {
+                            warn!(%topic, error = %e, "cannot subscribe");
                         }
                     }
-                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                        if let Some(id) = flight.awaiting_pkid.pop_front() {
-                            flight.by_pkid.insert(pkid, id);
-                        }
+                }
+                Some(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => {
+                    if let Some(id) = flight.awaiting_pkid.pop_front() {
+                        flight.by_pkid.insert(pkid, id);
                     }
-                    Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                        if let Some(id) = flight.by_pkid.remove(&ack.pkid)
-                            && let Err(e) = self.outbox.acknowledge(id)
-                        {
-                            // The entry stays and is sent again later: a duplicate, not a loss.
-                            warn!(error = %e, id, "cannot remove acknowledged outbox entry");
-                        }
+                }
+                Some(Ok(Event::Incoming(Packet::PubAck(ack)))) => {
+                    if let Some(id) = flight.by_pkid.remove(&ack.pkid)
+                        && let Err(e) = self.outbox.acknowledge(id)
+                    {
+                        // The entry stays and is sent again later: a duplicate, not a loss.
+                        warn!(error = %e, id, "cannot remove acknowledged outbox entry");
                     }
-                    Ok(Event::Incoming(Packet::Publish(publish))) => {
-                        if self.incoming.send(publish).await.is_err() {
-                            debug!("agent stopped listening; link stops");
-                            break;
-                        }
+                }
+                Some(Ok(Event::Incoming(Packet::Publish(publish)))) => {
+                    if self.incoming.send(publish).await.is_err() {
+                        debug!("agent stopped listening; link stops");
+                        break;
                     }
-                    Ok(_) => {}
-                    Err(e) => {
-                        if connected {
-                            warn!(client = %self.config.client_id, error = %e, "broker connection lost");
-                        } else {
-                            debug!(client = %self.config.client_id, error = %e, "cannot connect to broker");
-                        }
-                        connected = false;
-                        flight = Inflight::default();
-                        tokio::select! {
-                            _ = shutdown.cancelled() => break,
-                            _ = tokio::time::sleep(backoff.next_delay()) => {}
-                        }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    if connected {
+                        warn!(client = %self.config.client_id, error = %e, "broker connection lost");
+                    } else {
+                        debug!(client = %self.config.client_id, error = %e, "cannot connect to broker");
                     }
-                },
+                    connected = false;
+                    flight = Inflight::default();
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(backoff.next_delay()) => {}
+                    }
+                    // Everything of the old connection (client, queued requests, events)
+                    // goes with it; the outbox is sent again from its oldest entry.
+                    connection = self.connect();
+                }
+                None => {
+                    // The event-loop task ended without an error: it was aborted.
+                    break;
+                }
             }
         }
     }
@@ -237,6 +289,17 @@ impl Link {
             }
         };
         for entry in entries {
+            // Topic, payload and MQTT headers must fit in one packet; an entry that cannot
+            // would break every connection it is tried on.
+            if entry.topic.len() + entry.payload.len() + 16 > self.config.max_packet_bytes {
+                error!(id = entry.id, topic = %entry.topic, bytes = entry.payload.len(),
+                    "outbox entry exceeds the MQTT packet limit; dropped");
+                if let Err(e) = self.outbox.acknowledge(entry.id) {
+                    warn!(error = %e, id = entry.id, "cannot remove oversize outbox entry");
+                }
+                flight.cursor = entry.id;
+                continue;
+            }
             if client
                 .try_publish(&entry.topic, QoS::AtLeastOnce, false, entry.payload)
                 .is_err()

@@ -1,7 +1,8 @@
 //! Builds outgoing protocol messages and queues them in the outbox.
 
 use edgeloop_shared::protocol::{
-    DeployStage, DeploymentStatus, DeviceStatus, DriftSummary, Envelope, Message, ModelRef,
+    DeployStage, DeploymentStatus, DeviceStatus, DriftSummary, Envelope, MAX_MESSAGE_BYTES,
+    Message, ModelRef,
 };
 use edgeloop_shared::topics::{Channel, Topics};
 use tracing::warn;
@@ -44,6 +45,16 @@ impl Reporter {
 
     fn queue(&self, channel: Channel, message: Message) {
         let bytes = self.envelope(message).encode();
+        if bytes.len() > MAX_MESSAGE_BYTES {
+            // No broker or controller would take it; queuing it would only block the outbox.
+            warn!(
+                channel = channel.as_str(),
+                bytes = bytes.len(),
+                limit = MAX_MESSAGE_BYTES,
+                "message over the protocol's size limit; not sent"
+            );
+            return;
+        }
         if let Err(e) = self.outbox.enqueue(&self.topic(channel), &bytes) {
             // Nothing else can hold it: say so loudly rather than silently dropping.
             warn!(error = %e, channel = channel.as_str(), "cannot queue message; it is lost");

@@ -222,7 +222,12 @@ async fn artifact(
             "`{name}` is not a valid model name"
         )));
     }
-    let path = s.artifacts.path(&name, version);
+    let model = s
+        .store
+        .model(&name, version)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("model {name} v{version}")))?;
+    let path = s.artifacts.path(&name, version, &model.bundle_sha256);
     let file = match tokio::fs::File::open(&path).await {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

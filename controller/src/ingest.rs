@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::store::{Ingested, Store};
+use crate::store::{Ingested, Store, StoreError};
 
 /// Capacity of the channel from the connection to the ingest actor. The broker's in-flight
 /// window bounds what is outstanding anyway; this only smooths bursts.
@@ -242,6 +242,12 @@ impl Ingestor {
                 Ok(Ingested::Duplicate) => {
                     self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
                     debug!(msg_id = %envelope.msg_id, "duplicate dropped");
+                    return true;
+                }
+                Err(e @ StoreError::Corrupt(_)) => {
+                    // The store refused this message for what it is: retrying cannot help.
+                    self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                    error!(device = %envelope.device_id, msg_id = %envelope.msg_id, error = %e, "message refused by the store; dropped");
                     return true;
                 }
                 Err(e) => {

@@ -72,12 +72,15 @@ impl ArtifactStore {
         ArtifactStore { root }
     }
 
-    /// The bundle's path. `name` must be a valid identifier (it is checked at publish and in
-    /// the HTTP route), so it cannot climb out of the store.
-    pub fn path(&self, name: &str, version: u64) -> PathBuf {
+    /// Where a bundle with this digest lives. Files are named by content, so a file never
+    /// changes once written and two publishes racing for one version cannot overwrite each
+    /// other's bundle: the registry row says which file is the version's. `name` must be a
+    /// valid identifier and `sha256` hex (both are checked before use), so the path cannot
+    /// climb out of the store.
+    pub fn path(&self, name: &str, version: u64, sha256: &str) -> PathBuf {
         self.root
             .join(name)
-            .join(format!("{version}.{}", bundle::FILE_EXTENSION))
+            .join(format!("{version}-{sha256}.{}", bundle::FILE_EXTENSION))
     }
 
     /// The URL path devices download the bundle from.
@@ -119,10 +122,13 @@ pub async fn publish(
     let bundle_bytes = build_bundle(key, &request)?;
     let manifest = verify_as_a_device_would(&bundle_bytes, key)?;
 
-    let path = artifacts.path(name, request.version);
+    let sha256 = sha256_hex(&bundle_bytes);
+    let path = artifacts.path(name, request.version, &sha256);
     let dir = path.parent().expect("artifact paths have a parent");
     std::fs::create_dir_all(dir)
         .map_err(|e| PublishError::Artifact(format!("{}: {e}", dir.display())))?;
+    // The file first, then the row that points at it: a crash in between leaves an
+    // unreferenced file, never a row without its bundle.
     write_atomic(&path, &bundle_bytes).map_err(|e| PublishError::Artifact(e.to_string()))?;
 
     let row = ModelRow {
@@ -130,7 +136,7 @@ pub async fn publish(
         version: request.version,
         label: request.label.clone(),
         created_ms: request.created_ms,
-        bundle_sha256: sha256_hex(&bundle_bytes),
+        bundle_sha256: sha256,
         bundle_size: bundle_bytes.len() as u64,
         features: manifest
             .reference
@@ -139,7 +145,10 @@ pub async fn publish(
             .collect(),
         signed_by: key.id().to_string(),
     };
-    store.insert_model(&row).await?;
+    if let Err(e) = store.insert_model(&row).await {
+        let _ = std::fs::remove_file(&path);
+        return Err(e.into());
+    }
     Ok(row)
 }
 

@@ -82,10 +82,13 @@ impl Dispatcher {
         let now = now_ms();
         let quiet_since = now.saturating_sub(self.resend_after.as_millis() as u64);
         for due in self.store.due_deployments(quiet_since).await? {
-            let seq = self
+            let Some(seq) = self
                 .store
                 .mark_sent(due.rollout_id, &due.device_id, now)
-                .await?;
+                .await?
+            else {
+                continue;
+            };
             let envelope = self.command(&due, seq, now);
             let topic = self
                 .topics

@@ -109,6 +109,15 @@ impl SignedCommand {
         now_ms: u64,
         last_seq: Option<u64>,
     ) -> Result<Command, CommandError> {
+        let command = self.open(trusted)?;
+        command.check(this_device, now_ms, last_seq)?;
+        Ok(command)
+    }
+
+    /// Checks the signature over the exact bytes received, then parses them. The command
+    /// is authentic but not yet checked for target, time and sequence: see
+    /// [`Command::check`].
+    pub fn open(&self, trusted: &TrustedKeys) -> Result<Command, CommandError> {
         let bytes = B64
             .decode(&self.command)
             .map_err(|e| CommandError::Encoding(e.to_string()))?;
@@ -116,37 +125,7 @@ impl SignedCommand {
             .decode(&self.signature)
             .map_err(|e| CommandError::Encoding(e.to_string()))?;
         trusted.verify(self.key_id, Context::Command, &bytes, &signature)?;
-        let command: Command =
-            serde_json::from_slice(&bytes).map_err(|e| CommandError::Malformed(e.to_string()))?;
-        if command.device_id != this_device {
-            return Err(CommandError::WrongTarget {
-                target: command.device_id,
-                this: this_device.to_string(),
-            });
-        }
-        if now_ms > command.expires_ms {
-            return Err(CommandError::Expired {
-                seq: command.seq,
-                expires_ms: command.expires_ms,
-                now_ms,
-            });
-        }
-        if command.issued_ms > now_ms.saturating_add(MAX_CLOCK_SKEW_MS) {
-            return Err(CommandError::NotYetValid {
-                seq: command.seq,
-                issued_ms: command.issued_ms,
-                now_ms,
-            });
-        }
-        if let Some(last) = last_seq
-            && command.seq <= last
-        {
-            return Err(CommandError::Replayed {
-                seq: command.seq,
-                last,
-            });
-        }
-        Ok(command)
+        serde_json::from_slice(&bytes).map_err(|e| CommandError::Malformed(e.to_string()))
     }
 
     /// The sequence number the command claims, read without trusting it (for error reports).
@@ -156,6 +135,47 @@ impl SignedCommand {
             .ok()?
             .get("seq")?
             .as_u64()
+    }
+}
+
+impl Command {
+    /// Checks that an authentic command is for `this_device`, current at `now_ms` and newer
+    /// than `last_seq`, the highest sequence this device accepted so far.
+    pub fn check(
+        &self,
+        this_device: &str,
+        now_ms: u64,
+        last_seq: Option<u64>,
+    ) -> Result<(), CommandError> {
+        if self.device_id != this_device {
+            return Err(CommandError::WrongTarget {
+                target: self.device_id.clone(),
+                this: this_device.to_string(),
+            });
+        }
+        if now_ms > self.expires_ms {
+            return Err(CommandError::Expired {
+                seq: self.seq,
+                expires_ms: self.expires_ms,
+                now_ms,
+            });
+        }
+        if self.issued_ms > now_ms.saturating_add(MAX_CLOCK_SKEW_MS) {
+            return Err(CommandError::NotYetValid {
+                seq: self.seq,
+                issued_ms: self.issued_ms,
+                now_ms,
+            });
+        }
+        if let Some(last) = last_seq
+            && self.seq <= last
+        {
+            return Err(CommandError::Replayed {
+                seq: self.seq,
+                last,
+            });
+        }
+        Ok(())
     }
 }
 

@@ -41,8 +41,10 @@ pub enum DecodeError {
     Payload { kind: &'static str, reason: String },
     #[error("device id `{0}` is not a valid identifier")]
     BadDeviceId(String),
-    #[error("message id must be 1 to 64 characters")]
+    #[error("message id must be 1 to 64 visible ASCII characters")]
     BadMessageId,
+    #[error("strings may not contain the NUL character")]
+    NulCharacter,
 }
 
 /// A model name and version, as reported by devices.
@@ -287,8 +289,14 @@ impl Envelope {
                 wire.device_id.chars().take(64).collect(),
             ));
         }
-        if wire.msg_id.is_empty() || wire.msg_id.len() > 64 {
+        if wire.msg_id.is_empty()
+            || wire.msg_id.len() > 64
+            || !wire.msg_id.bytes().all(|b| b.is_ascii_graphic())
+        {
             return Err(DecodeError::BadMessageId);
+        }
+        if has_escaped_nul(wire.payload.get().as_bytes()) {
+            return Err(DecodeError::NulCharacter);
         }
         let message = Message::decode_payload(&wire.kind, wire.payload)?;
         Ok(Envelope {
@@ -298,6 +306,24 @@ impl Envelope {
             message,
         })
     }
+}
+
+/// True when JSON text holds a `\u0000` escape (a NUL in some string). Raw control
+/// characters are already refused by the JSON parser; stores such as PostgreSQL cannot
+/// keep a NUL in text, so it is refused here, where the error is clear.
+fn has_escaped_nul(json: &[u8]) -> bool {
+    let mut backslashes = 0usize;
+    for (i, &b) in json.iter().enumerate() {
+        if b == b'\\' {
+            backslashes += 1;
+            continue;
+        }
+        if backslashes % 2 == 1 && b == b'u' && json[i + 1..].starts_with(b"0000") {
+            return true;
+        }
+        backslashes = 0;
+    }
+    false
 }
 
 #[cfg(test)]
@@ -421,6 +447,28 @@ mod tests {
             Envelope::decode(&big),
             Err(DecodeError::TooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn nul_characters_and_odd_message_ids_are_refused() {
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&Envelope::new("d", "m", 1, status()).encode()).unwrap();
+        v["payload"]["agent_version"] = "a\u{0}b".into();
+        assert_eq!(
+            Envelope::decode(v.to_string().as_bytes()),
+            Err(DecodeError::NulCharacter)
+        );
+        // An escaped backslash followed by "u0000" is text, not a NUL.
+        v["payload"]["agent_version"] = "a\\u0000".into();
+        assert!(Envelope::decode(v.to_string().as_bytes()).is_ok());
+        for id in ["a b", "a\u{7}", "é"] {
+            let e = Envelope::new("d", id, 1, status()).encode();
+            assert_eq!(
+                Envelope::decode(&e),
+                Err(DecodeError::BadMessageId),
+                "{id:?}"
+            );
+        }
     }
 
     #[test]

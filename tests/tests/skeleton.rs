@@ -176,7 +176,17 @@ async fn tampered_bundles_and_forged_commands_are_refused(broker: BrokerChoice) 
     ];
     for (version, part, expected) in cases {
         ctl.publish_example(version).await;
-        let path = ctl.controller.artifacts.path("vibration", version);
+        let published = ctl
+            .controller
+            .store
+            .model("vibration", version)
+            .await
+            .unwrap()
+            .unwrap();
+        let path = ctl
+            .controller
+            .artifacts
+            .path("vibration", version, &published.bundle_sha256);
         let mut bytes = std::fs::read(&path).unwrap();
         let layout = bundle::layout(&bytes, &Limits::default()).unwrap();
         let at = match part {
@@ -185,8 +195,15 @@ async fn tampered_bundles_and_forged_commands_are_refused(broker: BrokerChoice) 
             Part::Signature => layout.signature.start + 7,
         };
         bytes[at] ^= 0x04;
-        std::fs::write(&path, &bytes).unwrap();
-        ctl.set_model_digest("vibration", version, &edgeloop_shared::sha256_hex(&bytes))
+        let forged_sha = edgeloop_shared::sha256_hex(&bytes);
+        std::fs::write(
+            ctl.controller
+                .artifacts
+                .path("vibration", version, &forged_sha),
+            &bytes,
+        )
+        .unwrap();
+        ctl.set_model_digest("vibration", version, &forged_sha)
             .await;
 
         let rollout = ctl

@@ -211,6 +211,8 @@ pub trait Store: Send + Sync + 'static {
     /// Unfinished deployments on devices reported online whose last command or report is
     /// older than `quiet_since_ms`.
     async fn due_deployments(&self, quiet_since_ms: u64) -> Result<Vec<DueDeployment>>;
-    /// Takes the next command sequence number for a device and marks the deployment sent.
-    async fn mark_sent(&self, rollout_id: u64, device_id: &str, now_ms: u64) -> Result<u64>;
+    /// Takes the next command sequence number for a device and marks the deployment sent;
+    /// `None` when the deployment has finished or been superseded meanwhile.
+    async fn mark_sent(&self, rollout_id: u64, device_id: &str, now_ms: u64)
+    -> Result<Option<u64>>;
 }

@@ -549,6 +549,13 @@ impl Store for PgStore {
     ) -> Result<RolloutRow> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
+        // Lock the devices first: two rollouts created at once for one device then run one
+        // after the other, and the second supersedes the first.
+        tx.execute(
+            "SELECT id FROM devices WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+            &[&devices],
+        )
+        .await?;
         if tx
             .query_opt(
                 "SELECT 1 FROM models WHERE name = $1 AND version = $2",
@@ -656,7 +663,12 @@ impl Store for PgStore {
             .collect())
     }
 
-    async fn mark_sent(&self, rollout_id: u64, device_id: &str, now_ms: u64) -> Result<u64> {
+    async fn mark_sent(
+        &self,
+        rollout_id: u64,
+        device_id: &str,
+        now_ms: u64,
+    ) -> Result<Option<u64>> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         let last: i64 = tx
@@ -673,14 +685,21 @@ impl Store for PgStore {
             &[&device_id, &i(seq)],
         )
         .await?;
-        tx.execute(
-            "UPDATE deployments SET status = CASE status WHEN 'pending' THEN 'sent' ELSE status END,
-                 command_seq = $3, updated_ms = $4
-             WHERE rollout_id = $1 AND device_id = $2",
-            &[&i(rollout_id), &device_id, &i(seq), &i(now_ms)],
-        )
-        .await?;
+        let updated = tx
+            .execute(
+                &format!(
+                    "UPDATE deployments SET status = CASE status WHEN 'pending' THEN 'sent' ELSE status END,
+                         command_seq = $3, updated_ms = $4
+                     WHERE rollout_id = $1 AND device_id = $2 AND status NOT IN ({})",
+                    terminal_list()
+                ),
+                &[&i(rollout_id), &device_id, &i(seq), &i(now_ms)],
+            )
+            .await?;
+        if updated == 0 {
+            return Ok(None);
+        }
         tx.commit().await?;
-        Ok(seq)
+        Ok(Some(seq))
     }
 }

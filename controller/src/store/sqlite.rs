@@ -658,7 +658,12 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn mark_sent(&self, rollout_id: u64, device_id: &str, now_ms: u64) -> Result<u64> {
+    async fn mark_sent(
+        &self,
+        rollout_id: u64,
+        device_id: &str,
+        now_ms: u64,
+    ) -> Result<Option<u64>> {
         let device_id = device_id.to_string();
         self.call(move |conn| {
             let tx = conn.transaction()?;
@@ -677,14 +682,19 @@ impl Store for SqliteStore {
                 "UPDATE devices SET last_command_seq = ?2 WHERE id = ?1",
                 params![device_id, seq as i64],
             )?;
-            tx.execute(
+            let updated = tx.execute(
                 "UPDATE deployments SET status = CASE status WHEN 'pending' THEN 'sent' ELSE status END,
                      command_seq = ?3, updated_ms = ?4
-                 WHERE rollout_id = ?1 AND device_id = ?2",
+                 WHERE rollout_id = ?1 AND device_id = ?2
+                   AND status NOT IN ('active', 'failed', 'rejected', 'superseded')",
                 params![rollout_id as i64, device_id, seq as i64, now_ms as i64],
             )?;
+            if updated == 0 {
+                // Finished or superseded since it was found due: nothing to send.
+                return Ok(None);
+            }
             tx.commit()?;
-            Ok(seq)
+            Ok(Some(seq))
         })
         .await
     }

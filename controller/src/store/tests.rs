@@ -187,9 +187,9 @@ pub async fn suite(store: &dyn Store) {
         ["d1"]
     );
     assert_eq!(due[0].bundle_size, 99);
-    let seq = store.mark_sent(r.id, "d1", 500).await.unwrap();
+    let seq = store.mark_sent(r.id, "d1", 500).await.unwrap().unwrap();
     assert!(seq >= 500, "sequence never below the clock");
-    let again = store.mark_sent(r.id, "d1", 500).await.unwrap();
+    let again = store.mark_sent(r.id, "d1", 500).await.unwrap().unwrap();
     assert!(again > seq, "sequences only go up");
     assert!(store.due_deployments(400).await.unwrap().is_empty());
     assert_eq!(store.due_deployments(501).await.unwrap().len(), 1);
@@ -209,6 +209,15 @@ pub async fn suite(store: &dyn Store) {
         .unwrap();
     let row = store.rollout(r.id).await.unwrap().unwrap();
     assert_eq!(row.deployments[0].status, "active");
+    assert_eq!(
+        store.mark_sent(r.id, "d1", 630).await.unwrap(),
+        None,
+        "a finished deployment is not sent again"
+    );
+    assert_eq!(
+        store.rollout(r.id).await.unwrap().unwrap().deployments[0].command_seq,
+        Some(again)
+    );
     assert_eq!(row.status, RolloutStatus::InProgress);
     let events = store.deployment_events("d1", 10).await.unwrap();
     assert_eq!(events.len(), 3);

@@ -1,0 +1,186 @@
+//! A broker outage loses nothing: agents keep producing into their outboxes while the
+//! broker is down, and every drift window arrives exactly once after it returns.
+//!
+//! The test runs its own Mosquitto (the `mosquitto` binary, as on the development and CI
+//! machines) on a free port, with persistence, so that it can stop and restart it.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use edgeloop_controller::config::ControllerConfig;
+use edgeloop_controller::server::Controller;
+use edgeloop_tests::{TestAgent, wait_until};
+use tokio_util::sync::CancellationToken;
+
+const WINDOW: u64 = 20;
+
+struct Mosquitto {
+    child: Child,
+}
+
+impl Mosquitto {
+    fn start(config: &Path) -> Self {
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(config)
+            .spawn()
+            .expect("the mosquitto binary runs (it is installed on development and CI machines)");
+        Mosquitto { child }
+    }
+
+    /// SIGTERM, so that Mosquitto saves its persistence file, then wait for it to exit.
+    fn stop(mut self) {
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn wait_for_port(port: u16) {
+    wait_until("mosquitto listens", Duration::from_secs(10), || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_outage_loses_no_drift_window_and_stores_none_twice() {
+    edgeloop_tests::init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    // Mosquitto started as root drops to its own user, which must be able to write here.
+    let store_dir = dir.path().join("mosquitto");
+    std::fs::create_dir(&store_dir).unwrap();
+    std::fs::set_permissions(
+        &store_dir,
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let config = dir.path().join("mosquitto.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nautosave_interval 1\n",
+            store_dir.display()
+        ),
+    )
+    .unwrap();
+    let broker = Mosquitto::start(&config);
+    wait_for_port(port).await;
+
+    let shutdown = CancellationToken::new();
+    let key = edgeloop_controller::keys::generate().unwrap();
+    let controller = Controller::start(
+        ControllerConfig {
+            data_dir: dir.path().join("controller"),
+            http_addr: "127.0.0.1:0".parse().unwrap(),
+            mqtt_url: format!("mqtt://127.0.0.1:{port}"),
+            mqtt_client_id: "outage-controller".into(),
+            resend_after_s: 2,
+            ..ControllerConfig::default()
+        },
+        key,
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    let csv = dir.path().join("reference.csv");
+    std::fs::write(&csv, edgeloop_controller::demo::REFERENCE_V1).unwrap();
+    controller
+        .publish(edgeloop_controller::registry::PublishRequest {
+            name: "vibration",
+            version: 1,
+            label: None,
+            onnx: edgeloop_controller::demo::MODEL_V1,
+            reference_csv: &csv,
+            label_column: None,
+            class_labels: vec![],
+            created_ms: edgeloop_agent::now_ms(),
+        })
+        .await
+        .unwrap();
+
+    let mut agent_config = edgeloop_agent::AgentConfig {
+        device_id: "pump-1".into(),
+        broker_url: controller.mqtt_url.clone(),
+        controller_url: controller.http_url(),
+        trusted_keys: vec![controller.signing_key().public().to_text()],
+        state_dir: dir.path().join("agent"),
+        heartbeat_interval_s: 1,
+        drift_window_samples: WINDOW,
+        ..edgeloop_agent::AgentConfig::default()
+    };
+    agent_config.source.rate_hz = 100.0;
+    let agent = TestAgent::spawn(agent_config, &shutdown);
+    let store = controller.store.clone();
+    wait_until("device registers", Duration::from_secs(20), || async {
+        store.devices().await.unwrap().len() == 1
+    })
+    .await;
+    controller.rollout("vibration", 1, None).await.unwrap();
+    let windows = || async {
+        let rows = store.telemetry("pump-1", 1000).await.unwrap();
+        let mut seqs: Vec<u64> = rows
+            .iter()
+            .filter(|r| r.model_version == 1)
+            .map(|r| r.window_seq)
+            .collect();
+        seqs.sort_unstable();
+        seqs
+    };
+    wait_until("windows flow", Duration::from_secs(20), || async {
+        windows().await.len() >= 3
+    })
+    .await;
+
+    // Down for three seconds: about fifteen windows are produced meanwhile.
+    broker.stop();
+    let before = windows().await.len();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let broker = Mosquitto::start(&config);
+    wait_for_port(port).await;
+
+    // Everything produced during the outage arrives, and keeps arriving.
+    let target = before + 25;
+    wait_until("the backlog arrives", Duration::from_secs(60), || async {
+        windows().await.len() >= target
+    })
+    .await;
+    let seqs = windows().await;
+    let expected: Vec<u64> = (1..=seqs.len() as u64).collect();
+    assert_eq!(seqs, expected, "every window exactly once, none missing");
+    assert!(
+        store
+            .telemetry("pump-1", 1000)
+            .await
+            .unwrap()
+            .iter()
+            .all(|r| r.samples == WINDOW),
+        "every window whole"
+    );
+
+    agent.stop().await;
+    shutdown.cancel();
+    controller.stop().await;
+    drop(broker);
+}
