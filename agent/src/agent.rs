@@ -415,16 +415,6 @@ impl AgentLoop {
     }
 
     fn on_deploy(&mut self, seq: u64, action: DeployAction) {
-        let reject = |this: &Self, detail: String| {
-            warn!(model = %action.model, %detail, "deployment refused");
-            this.reporter.deployment(
-                Some(action.rollout_id),
-                seq,
-                Some(action.model.clone()),
-                DeployStage::Rejected,
-                Some(detail),
-            );
-        };
         if let Some(serving) = &self.serving {
             let current = serving.model_ref();
             if current == action.model {
@@ -438,13 +428,19 @@ impl AgentLoop {
                 return;
             }
             if current.name == action.model.name && action.model.version < current.version {
-                return reject(
-                    self,
-                    format!(
-                        "version {} is not above the active {}",
-                        action.model.version, current.version
-                    ),
+                let detail = format!(
+                    "version {} is not above the active {}",
+                    action.model.version, current.version
                 );
+                warn!(model = %action.model, %detail, "deployment refused");
+                self.reporter.deployment(
+                    Some(action.rollout_id),
+                    seq,
+                    Some(action.model.clone()),
+                    DeployStage::Rejected,
+                    Some(detail),
+                );
+                return;
             }
         }
         if let Some(busy) = &self.installing {

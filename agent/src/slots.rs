@@ -67,7 +67,7 @@ impl Slots {
         Ok(Slots { dir })
     }
 
-    pub fn bundle_path(&self, slot: Slot) -> PathBuf {
+    fn bundle_path(&self, slot: Slot) -> PathBuf {
         self.dir.join(slot.name()).join(BUNDLE_FILE)
     }
 

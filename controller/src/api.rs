@@ -13,7 +13,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use edgeloop_agent::now_ms;
 use edgeloop_shared::is_valid_identifier;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use tokio::sync::Notify;
 
 use crate::ingest::{IngestStats, IngestStatsSnapshot};
@@ -99,27 +99,22 @@ async fn dashboard() -> Html<&'static str> {
     Html(DASHBOARD_HTML)
 }
 
-/// A device as the API shows it: `online` also requires having been heard from recently.
-#[derive(Debug, Clone, Serialize)]
-pub struct DeviceView {
-    #[serde(flatten)]
-    pub row: DeviceRow,
-}
-
-pub fn device_view(mut row: DeviceRow, offline_after: Duration, now_ms: u64) -> DeviceView {
+/// A device as the API shows it: `online` also requires having been heard from within
+/// `offline_after`.
+pub fn with_presence(mut row: DeviceRow, offline_after: Duration, now_ms: u64) -> DeviceRow {
     row.online =
         row.online && now_ms.saturating_sub(row.last_seen_ms) <= offline_after.as_millis() as u64;
-    DeviceView { row }
+    row
 }
 
-async fn devices(State(s): State<AppState>) -> ApiResult<Vec<DeviceView>> {
+async fn devices(State(s): State<AppState>) -> ApiResult<Vec<DeviceRow>> {
     let now = now_ms();
     Ok(Json(
         s.store
             .devices()
             .await?
             .into_iter()
-            .map(|d| device_view(d, s.offline_after, now))
+            .map(|d| with_presence(d, s.offline_after, now))
             .collect(),
     ))
 }

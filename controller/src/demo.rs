@@ -16,7 +16,7 @@ use edgeloop_agent::{now_ms, source::ShiftControl};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::device_view;
+use crate::api::with_presence;
 use crate::config::ControllerConfig;
 use crate::registry::PublishRequest;
 use crate::server::Controller;
@@ -251,7 +251,7 @@ async fn print_status(
     let now = now_ms();
     let offline_after = Duration::from_secs(controller.config.offline_after_s);
     for device in controller.store.devices().await? {
-        let d = device_view(device, offline_after, now).row;
+        let d = with_presence(device, offline_after, now);
         let model = match (&d.model_name, d.model_version) {
             (Some(name), Some(version)) => format!("{name} v{version}"),
             _ => "no model".to_string(),
@@ -290,7 +290,7 @@ async fn report(controller: &Controller) -> anyhow::Result<DemoReport> {
         .await?
         .into_iter()
         .map(|d| {
-            let d = device_view(d, offline_after, now).row;
+            let d = with_presence(d, offline_after, now);
             DemoDevice {
                 id: d.id,
                 online: d.online,

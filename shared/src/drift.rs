@@ -263,10 +263,6 @@ impl DriftWindow {
         }
     }
 
-    pub fn profile(&self) -> &ReferenceProfile {
-        &self.profile
-    }
-
     pub fn samples(&self) -> u64 {
         self.samples
     }

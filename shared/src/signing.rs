@@ -269,14 +269,6 @@ impl TrustedKeys {
         self.keys.is_empty()
     }
 
-    pub fn len(&self) -> usize {
-        self.keys.len()
-    }
-
-    pub fn ids(&self) -> impl Iterator<Item = KeyId> + '_ {
-        self.keys.keys().copied()
-    }
-
     pub fn verify(
         &self,
         key_id: KeyId,

@@ -97,10 +97,6 @@ impl Topics {
         })
     }
 
-    pub fn root(&self) -> &str {
-        &self.root
-    }
-
     pub fn device(&self, device_id: &str, channel: Channel) -> Result<String, TopicError> {
         if !is_valid_identifier(device_id) {
             return Err(TopicError::BadDeviceId(device_id.to_string()));

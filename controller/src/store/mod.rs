@@ -146,7 +146,11 @@ pub struct DeploymentRow {
     pub updated_ms: u64,
 }
 
-pub const TERMINAL_DEPLOYMENT_STATES: [&str; 4] = ["active", "failed", "rejected", "superseded"];
+/// The final deployment states, as an SQL list for `status IN (…)` in every store.
+pub(crate) const FINAL_STATES_SQL: &str = "'active', 'failed', 'rejected', 'superseded'";
+/// The final states in which the device runs the model (its own, or a later rollout's):
+/// what [`RolloutStatus::from_counts`] counts as running.
+pub(crate) const RUNNING_STATES_SQL: &str = "'active', 'superseded'";
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RolloutRow {

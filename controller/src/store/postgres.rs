@@ -85,15 +85,6 @@ CREATE TABLE deployment_events (
 CREATE INDEX deployment_events_by_device ON deployment_events (device_id, id);
 ";
 
-/// SQL list of the final deployment states, for `status NOT IN (…)`.
-fn terminal_list() -> String {
-    TERMINAL_DEPLOYMENT_STATES
-        .iter()
-        .map(|s| format!("'{s}'"))
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
 /// A PostgreSQL database reached through a connection pool.
 #[derive(Clone)]
 pub struct PgStore {
@@ -280,7 +271,7 @@ async fn apply_deployment(
         &format!(
             "UPDATE deployments SET status = $3, detail = $4, updated_ms = $5
              WHERE rollout_id = $1 AND device_id = $2 AND status NOT IN ({})",
-            terminal_list()
+            FINAL_STATES_SQL
         ),
         &[
             &i(rollout_id),
@@ -297,10 +288,12 @@ async fn apply_deployment(
 async fn refresh_rollout_status(tx: &impl GenericClient, rollout_id: u64) -> Result<()> {
     let row = tx
         .query_one(
-            "SELECT COUNT(*),
-                    COALESCE(SUM(CASE WHEN status IN ('active', 'superseded') THEN 1 ELSE 0 END), 0),
-                    COALESCE(SUM(CASE WHEN status IN ('active', 'failed', 'rejected', 'superseded') THEN 1 ELSE 0 END), 0)
-             FROM deployments WHERE rollout_id = $1",
+            &format!(
+                "SELECT COUNT(*),
+                        COALESCE(SUM(CASE WHEN status IN ({RUNNING_STATES_SQL}) THEN 1 ELSE 0 END), 0),
+                        COALESCE(SUM(CASE WHEN status IN ({FINAL_STATES_SQL}) THEN 1 ELSE 0 END), 0)
+                 FROM deployments WHERE rollout_id = $1"
+            ),
             &[&i(rollout_id)],
         )
         .await?;
@@ -591,7 +584,7 @@ impl Store for PgStore {
                         "UPDATE deployments SET status = 'superseded', detail = $2, updated_ms = $3
                          WHERE device_id = $1 AND status NOT IN ({})
                          RETURNING rollout_id",
-                        terminal_list()
+                        FINAL_STATES_SQL
                     ),
                     &[device, &format!("superseded by rollout {id}"), &i(now_ms)],
                 )
@@ -645,7 +638,7 @@ impl Store for PgStore {
                        AND v.online
                        AND (d.status = 'pending' OR d.updated_ms < $1)
                      ORDER BY d.rollout_id, d.device_id",
-                    terminal_list()
+                    FINAL_STATES_SQL
                 ),
                 &[&i(quiet_since_ms)],
             )
@@ -691,7 +684,7 @@ impl Store for PgStore {
                     "UPDATE deployments SET status = CASE status WHEN 'pending' THEN 'sent' ELSE status END,
                          command_seq = $3, updated_ms = $4
                      WHERE rollout_id = $1 AND device_id = $2 AND status NOT IN ({})",
-                    terminal_list()
+                    FINAL_STATES_SQL
                 ),
                 &[&i(rollout_id), &device_id, &i(seq), &i(now_ms)],
             )

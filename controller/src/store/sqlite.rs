@@ -263,15 +263,10 @@ fn apply_deployment(
         return Ok(());
     };
     // A finished deployment stays finished; a late progress report does not reopen it.
-    let terminal = TERMINAL_DEPLOYMENT_STATES
-        .iter()
-        .map(|s| format!("'{s}'"))
-        .collect::<Vec<_>>()
-        .join(",");
     tx.execute(
         &format!(
             "UPDATE deployments SET status = ?3, detail = ?4, updated_ms = ?5
-             WHERE rollout_id = ?1 AND device_id = ?2 AND status NOT IN ({terminal})"
+             WHERE rollout_id = ?1 AND device_id = ?2 AND status NOT IN ({FINAL_STATES_SQL})"
         ),
         params![
             rollout_id as i64,
@@ -286,10 +281,12 @@ fn apply_deployment(
 
 fn refresh_rollout_status(tx: &Transaction<'_>, rollout_id: u64) -> Result<()> {
     let (total, active, finished): (i64, i64, i64) = tx.query_row(
-        "SELECT COUNT(*),
-                COALESCE(SUM(status IN ('active', 'superseded')), 0),
-                COALESCE(SUM(status IN ('active', 'failed', 'rejected', 'superseded')), 0)
-         FROM deployments WHERE rollout_id = ?1",
+        &format!(
+            "SELECT COUNT(*),
+                    COALESCE(SUM(status IN ({RUNNING_STATES_SQL})), 0),
+                    COALESCE(SUM(status IN ({FINAL_STATES_SQL})), 0)
+             FROM deployments WHERE rollout_id = ?1"
+        ),
         params![rollout_id as i64],
         |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
     )?;
@@ -580,10 +577,10 @@ impl Store for SqliteStore {
             let id = tx.last_insert_rowid() as u64;
             let mut superseded = std::collections::BTreeSet::new();
             for device in &devices {
-                let mut stmt = tx.prepare_cached(
-                    "SELECT rollout_id FROM deployments WHERE device_id = ?1 AND status NOT IN
-                     ('active', 'failed', 'rejected', 'superseded')",
-                )?;
+                let mut stmt = tx.prepare_cached(&format!(
+                    "SELECT rollout_id FROM deployments WHERE device_id = ?1
+                     AND status NOT IN ({FINAL_STATES_SQL})"
+                ))?;
                 let older: Vec<i64> = stmt
                     .query_map(params![device], |r| r.get(0))?
                     .collect::<rusqlite::Result<_>>()?;
@@ -630,17 +627,17 @@ impl Store for SqliteStore {
 
     async fn due_deployments(&self, quiet_since_ms: u64) -> Result<Vec<DueDeployment>> {
         self.call(move |conn| {
-            let mut stmt = conn.prepare_cached(
+            let mut stmt = conn.prepare_cached(&format!(
                 "SELECT d.rollout_id, d.device_id, r.model_name, r.model_version, m.bundle_sha256, m.bundle_size
                  FROM deployments d
                  JOIN rollouts r ON r.id = d.rollout_id
                  JOIN models m ON m.name = r.model_name AND m.version = r.model_version
                  JOIN devices v ON v.id = d.device_id
-                 WHERE d.status NOT IN ('active', 'failed', 'rejected', 'superseded')
+                 WHERE d.status NOT IN ({FINAL_STATES_SQL})
                    AND v.online = 1
                    AND (d.status = 'pending' OR d.updated_ms < ?1)
-                 ORDER BY d.rollout_id, d.device_id",
-            )?;
+                 ORDER BY d.rollout_id, d.device_id"
+            ))?;
             let rows = stmt
                 .query_map(params![quiet_since_ms as i64], |r| {
                     Ok(DueDeployment {
@@ -683,10 +680,12 @@ impl Store for SqliteStore {
                 params![device_id, seq as i64],
             )?;
             let updated = tx.execute(
-                "UPDATE deployments SET status = CASE status WHEN 'pending' THEN 'sent' ELSE status END,
-                     command_seq = ?3, updated_ms = ?4
-                 WHERE rollout_id = ?1 AND device_id = ?2
-                   AND status NOT IN ('active', 'failed', 'rejected', 'superseded')",
+                &format!(
+                    "UPDATE deployments SET status = CASE status WHEN 'pending' THEN 'sent' ELSE status END,
+                         command_seq = ?3, updated_ms = ?4
+                     WHERE rollout_id = ?1 AND device_id = ?2
+                       AND status NOT IN ({FINAL_STATES_SQL})"
+                ),
                 params![rollout_id as i64, device_id, seq as i64, now_ms as i64],
             )?;
             if updated == 0 {
