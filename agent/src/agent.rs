@@ -10,6 +10,7 @@ use edgeloop_shared::command::{CommandAction, CommandError, DeployAction, Signed
 use edgeloop_shared::drift::DriftWindow;
 use edgeloop_shared::protocol::{
     DeployStage, DeviceStatus, DriftSummary, Envelope, MAX_MESSAGE_BYTES, Message, ModelRef,
+    OutboxStatus,
 };
 use edgeloop_shared::signing::TrustedKeys;
 use edgeloop_shared::topics::Channel;
@@ -20,7 +21,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::AgentConfig;
-use crate::link::{BrokerAddr, LastWillFn, Link, LinkConfig};
+use crate::config::Compression;
+use crate::link::{BrokerAddr, LastWillFn, Link, LinkConfig, Packing};
 use crate::outbox::{Outbox, OutboxError, SqliteOutbox};
 use crate::report::Reporter;
 use crate::slots::{SlotError, Slots, write_atomic};
@@ -147,7 +149,10 @@ impl Agent {
         if trusted.is_empty() {
             warn!("no trusted keys configured: every bundle and command will be refused");
         }
-        let outbox = Outbox::new(SqliteOutbox::open(&state_dir.join("outbox.sqlite"))?);
+        let outbox = Outbox::new(
+            SqliteOutbox::open(&state_dir.join("outbox.sqlite"))?,
+            config.outbox.budget_bytes,
+        );
         let topics = config.topics();
         let reporter = Reporter::new(&config.device_id, topics.clone(), outbox.clone());
         let installer = Installer::new(
@@ -179,18 +184,27 @@ impl Agent {
                 inferences: 0,
                 errors: 0,
                 malformed_messages: 0,
+                outbox: OutboxStatus::default(),
             }));
             (will_reporter.topic(Channel::Status), offline.encode())
         });
         let link = Link::new(
             LinkConfig {
                 client_id: config.device_id.clone(),
+                device_id: config.device_id.clone(),
                 broker: BrokerAddr::parse(&config.broker_url).expect("validated"),
                 keep_alive: Duration::from_secs(config.heartbeat_interval_s.clamp(5, 60) * 3),
                 max_inflight: config.max_inflight,
                 subscriptions: vec![reporter.topic(Channel::Commands)],
+                receipts_topic: reporter.topic(Channel::Receipts),
                 last_will: Some(last_will),
                 max_packet_bytes: MAX_MESSAGE_BYTES + 1024,
+                receipt_timeout: Duration::from_secs(config.outbox.receipt_timeout_s),
+                packing: Packing {
+                    max_messages: config.batching.max_messages,
+                    max_payload_bytes: config.batching.max_payload_bytes,
+                    compress: config.batching.compression == Compression::Zstd,
+                },
             },
             outbox,
             incoming_tx,
@@ -270,6 +284,10 @@ impl AgentLoop {
     }
 
     fn send_status(&self) {
+        let outbox = self.reporter.outbox().status().unwrap_or_else(|e| {
+            warn!(error = %e, "cannot read outbox state");
+            OutboxStatus::default()
+        });
         self.reporter.status(DeviceStatus {
             online: true,
             agent_version: AGENT_VERSION.to_string(),
@@ -278,6 +296,7 @@ impl AgentLoop {
             inferences: self.counters.inferences,
             errors: self.counters.errors,
             malformed_messages: self.counters.malformed_messages,
+            outbox,
         });
     }
 
@@ -324,9 +343,21 @@ impl AgentLoop {
 
     fn publish_window(reporter: &Reporter, serving: &mut Serving) {
         let stats = serving.window.finish(now_ms());
-        serving.window_seq += 1;
+        let model = serving.model_ref();
+        // The sequence lives in the outbox database, so it goes on across restarts: a
+        // window is never numbered twice (a crash may leave a gap).
+        serving.window_seq = match reporter
+            .outbox()
+            .next_sequence(&format!("window/{}/{}", model.name, model.version))
+        {
+            Ok(seq) => seq,
+            Err(e) => {
+                warn!(error = %e, "cannot advance the stored window sequence");
+                serving.window_seq + 1
+            }
+        };
         reporter.drift(DriftSummary {
-            model: serving.model_ref(),
+            model,
             window_seq: serving.window_seq,
             stats,
         });

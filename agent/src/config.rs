@@ -71,7 +71,39 @@ pub struct AgentConfig {
     pub drift_window_samples: u64,
     pub max_bundle_bytes: u64,
     pub max_inflight: u16,
+    pub outbox: OutboxConfig,
+    pub batching: BatchingConfig,
     pub source: SourceConfig,
+}
+
+/// The store-and-forward queue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxConfig {
+    /// Most payload bytes the outbox holds; beyond it the lowest-priority, oldest entries
+    /// are dropped (and counted).
+    pub budget_bytes: u64,
+    /// Seconds to wait for the controller's receipt before sending a message again.
+    pub receipt_timeout_s: u64,
+}
+
+/// How queued messages are packed into MQTT publishes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchingConfig {
+    /// Most messages in one publish (1 sends each message alone).
+    pub max_messages: usize,
+    /// Largest MQTT payload sent, in bytes; batches are split to stay under it.
+    pub max_payload_bytes: usize,
+    /// "zstd" or "none".
+    pub compression: Compression,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Compression {
+    None,
+    Zstd,
 }
 
 /// Where inputs come from. One flat table (rather than one per kind) so that layered
@@ -156,6 +188,25 @@ impl AgentConfig {
         }
         if self.max_inflight == 0 {
             return Err(invalid("max_inflight", "must be at least 1"));
+        }
+        if self.outbox.budget_bytes < 4096 {
+            return Err(invalid("outbox.budget_bytes", "must be at least 4096"));
+        }
+        if self.outbox.receipt_timeout_s == 0 {
+            return Err(invalid("outbox.receipt_timeout_s", "must be at least 1"));
+        }
+        if !(1..=edgeloop_shared::batch::MAX_BATCH_MESSAGES).contains(&self.batching.max_messages) {
+            return Err(invalid(
+                "batching.max_messages",
+                &format!("must be in 1..={}", edgeloop_shared::batch::MAX_BATCH_MESSAGES),
+            ));
+        }
+        let max_payload = edgeloop_shared::protocol::MAX_MESSAGE_BYTES;
+        if !(1024..=max_payload).contains(&self.batching.max_payload_bytes) {
+            return Err(invalid(
+                "batching.max_payload_bytes",
+                &format!("must be in 1024..={max_payload}"),
+            ));
         }
         if self.source.kind == SourceKind::Csv && self.source.path.is_none() {
             return Err(invalid("source.path", "a csv source needs a path"));

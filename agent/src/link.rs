@@ -1,15 +1,20 @@
 //! The MQTT link: delivers the outbox to the broker at QoS 1 and hands incoming publishes
 //! (commands) to the agent.
 //!
-//! Delivery is at-least-once and driven by the outbox alone. After every (re)connection the
-//! link sends the outbox from its oldest entry; an entry is removed only when its PUBACK
-//! arrives. A message whose PUBACK was lost is therefore sent again, and the controller
-//! drops the duplicate by message id. The MQTT session is clean: the outbox, not the
-//! broker, holds what is pending, so nothing depends on the broker's session store.
+//! Delivery is at-least-once, end to end, and driven by the outbox alone. After every
+//! (re)connection the link sends the outbox from its oldest entry, packing consecutive
+//! entries of one topic into batches (zstd-compressed, split to respect the payload limit).
+//! The broker's PUBACK frees room in the in-flight window; an entry leaves the outbox only
+//! when the controller's receipt names it, i.e. when it is committed to the controller's
+//! store. An entry without a receipt is sent again after the receipt timeout or on the next
+//! connection, and the controller drops the duplicate by message id. So neither a broker
+//! that loses what it acknowledged (an embedded broker dying with its controller, a queue
+//! limit) nor a lost PUBACK loses data. The MQTT session is clean: the outbox, not the
+//! broker, holds what is pending.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rumqttc::{
     AsyncClient, ConnectionError, Event, LastWill, MqttOptions, Outgoing, Packet, Publish, QoS,
@@ -18,7 +23,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::outbox::Outbox;
+use edgeloop_shared::batch::{self, Encoding, MAX_BATCH_BYTES};
+use edgeloop_shared::protocol::{Envelope, Message};
+
+use crate::outbox::{Outbox, OutboxEntry};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BrokerAddrError {
@@ -99,21 +107,120 @@ impl Backoff {
 /// connection so that each will carries its own message id.
 pub type LastWillFn = Arc<dyn Fn() -> (String, Vec<u8>) + Send + Sync>;
 
+/// The longest wait for a receipt before a message is sent again.
+const MAX_RECEIPT_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// What the link needs to know.
 #[derive(Clone)]
 pub struct LinkConfig {
     pub client_id: String,
+    /// The device whose receipts the link accepts.
+    pub device_id: String,
     pub broker: BrokerAddr,
     pub keep_alive: Duration,
-    /// Most outbox entries handed to MQTT and not yet acknowledged.
+    /// Most publishes handed to MQTT and not yet acknowledged by the broker.
     pub max_inflight: u16,
-    /// Topics to subscribe to (QoS 1) after every connection.
+    /// Topics to subscribe to (QoS 1) after every connection; what arrives on them goes to
+    /// the agent.
     pub subscriptions: Vec<String>,
+    /// Where the controller's receipts arrive; the link handles them itself.
+    pub receipts_topic: String,
     /// Published by the broker if the connection dies without a DISCONNECT.
     pub last_will: Option<LastWillFn>,
-    /// Largest MQTT packet sent or received. An outbox entry that cannot fit is dropped
-    /// with an error rather than retried forever.
+    /// Largest MQTT packet received.
     pub max_packet_bytes: usize,
+    /// How long a sent message waits for its receipt before it is sent again. Doubles (up
+    /// to ten minutes) while no receipt arrives at all, so a controller that is down is not
+    /// flooded with copies.
+    pub receipt_timeout: Duration,
+    pub packing: Packing,
+}
+
+/// How outbox entries are packed into publishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Packing {
+    /// Most envelopes per publish.
+    pub max_messages: usize,
+    /// Largest payload of a publish; batches are split to fit, and an entry that cannot
+    /// fit alone is dropped (and counted) rather than retried forever.
+    pub max_payload_bytes: usize,
+    /// Compress batches with zstd.
+    pub compress: bool,
+}
+
+/// One MQTT publish: its topic, its payload and the outbox entries it carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Publication {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub ids: Vec<u64>,
+}
+
+impl Packing {
+    /// Groups consecutive entries of one topic, at most `max_messages` each.
+    pub fn groups<'e>(&self, entries: &'e [OutboxEntry]) -> Vec<&'e [OutboxEntry]> {
+        let mut groups = Vec::new();
+        let mut start = 0;
+        for i in 1..=entries.len() {
+            let boundary = i == entries.len()
+                || entries[i].topic != entries[start].topic
+                || i - start == self.max_messages;
+            if boundary {
+                groups.push(&entries[start..i]);
+                start = i;
+            }
+        }
+        groups
+    }
+
+    /// Encodes a group as one or more publications, halving it until each fits. Entries
+    /// that cannot fit alone come back in the second list.
+    pub fn encode(
+        &self,
+        device_id: &str,
+        group: &[OutboxEntry],
+    ) -> (Vec<Publication>, Vec<OutboxEntry>) {
+        let mut out = (Vec::new(), Vec::new());
+        self.encode_into(device_id, group, &mut out);
+        out
+    }
+
+    fn encode_into(
+        &self,
+        device_id: &str,
+        group: &[OutboxEntry],
+        out: &mut (Vec<Publication>, Vec<OutboxEntry>),
+    ) {
+        let Some(first) = group.first() else { return };
+        let raw: usize = group.iter().map(|e| e.payload.len() + 1).sum();
+        let fits_batch = raw + 2 <= MAX_BATCH_BYTES;
+        let payload = if !fits_batch {
+            None
+        } else if group.len() == 1 && !self.compress {
+            Some(first.payload.clone())
+        } else {
+            let items: Vec<&[u8]> = group.iter().map(|e| e.payload.as_slice()).collect();
+            let encoding = if self.compress {
+                Encoding::Zstd
+            } else {
+                Encoding::Identity
+            };
+            Some(batch::encode(device_id, &items, encoding))
+        };
+        match payload {
+            Some(payload) if payload.len() <= self.max_payload_bytes => out.0.push(Publication {
+                topic: first.topic.clone(),
+                payload,
+                ids: group.iter().map(|e| e.id).collect(),
+            }),
+            _ if group.len() == 1 => out.1.push(first.clone()),
+            _ => {
+                let (a, b) = group.split_at(group.len() / 2);
+                self.encode_into(device_id, a, out);
+                self.encode_into(device_id, b, out);
+            }
+        }
+    }
 }
 
 /// The link actor. See the module documentation.
@@ -121,6 +228,10 @@ pub struct Link {
     config: LinkConfig,
     outbox: Outbox,
     incoming: mpsc::Sender<Publish>,
+    /// The current receipt timeout (see [`LinkConfig::receipt_timeout`]).
+    resend_after: Duration,
+    /// Whether a receipt arrived since the last resend.
+    receipt_seen: bool,
 }
 
 /// Capacity of the channel from a connection's event-loop task to the link.
@@ -143,26 +254,36 @@ impl Drop for Connection {
     }
 }
 
-/// Outbox entries in flight during one connection.
+/// Outbox entries sent during one connection.
 #[derive(Debug, Default)]
 struct Inflight {
-    /// Highest outbox id handed to the MQTT client in this connection.
+    /// Every entry at or below this outbox id was sent in this connection, or skipped
+    /// because it had been.
     cursor: u64,
-    /// Ids handed to the client whose packet id is not known yet, in send order.
-    awaiting_pkid: VecDeque<u64>,
-    /// Packet id → outbox id, for publishes waiting for their PUBACK.
-    by_pkid: HashMap<u16, u64>,
+    /// Publishes handed to the client whose packet id is not known yet, in send order.
+    awaiting_pkid: VecDeque<Vec<u64>>,
+    /// Packet id → outbox ids, for publishes waiting for their PUBACK.
+    by_pkid: HashMap<u16, Vec<u64>>,
+    /// Entries sent in this connection and not yet confirmed by a receipt, with when.
+    sent: HashMap<u64, Instant>,
 }
 
 impl Inflight {
-    fn len(&self) -> usize {
+    /// Publishes awaiting their PUBACK.
+    fn publishes(&self) -> usize {
         self.awaiting_pkid.len() + self.by_pkid.len()
+    }
+
+    fn awaiting_puback(&self, id: u64) -> bool {
+        self.by_pkid.values().chain(&self.awaiting_pkid).any(|ids| ids.contains(&id))
     }
 }
 
 impl Link {
     pub fn new(config: LinkConfig, outbox: Outbox, incoming: mpsc::Sender<Publish>) -> Self {
         Link {
+            resend_after: config.receipt_timeout,
+            receipt_seen: false,
             config,
             outbox,
             incoming,
@@ -172,11 +293,13 @@ impl Link {
     fn options(&self) -> MqttOptions {
         let c = &self.config;
         let mut options = MqttOptions::new(&c.client_id, &c.broker.host, c.broker.port);
+        // The outgoing limit leaves room for the topic and MQTT headers around a payload.
+        let outgoing = c.packing.max_payload_bytes + 1024;
         options
             .set_keep_alive(c.keep_alive)
             .set_clean_session(true)
             .set_inflight(c.max_inflight.max(1))
-            .set_max_packet_size(c.max_packet_bytes, c.max_packet_bytes);
+            .set_max_packet_size(c.max_packet_bytes, outgoing);
         if let Some(will) = &c.last_will {
             let (topic, payload) = will();
             options.set_last_will(LastWill::new(topic, payload, QoS::AtLeastOnce, false));
@@ -206,11 +329,13 @@ impl Link {
         }
     }
 
-    pub async fn run(self, shutdown: CancellationToken) {
+    pub async fn run(mut self, shutdown: CancellationToken) {
         let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
         let mut connection = self.connect();
         let mut flight = Inflight::default();
         let mut connected = false;
+        let mut resend = tokio::time::interval((self.config.receipt_timeout / 4).max(Duration::from_millis(250)));
+        resend.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if connected {
                 self.fill_window(&connection.client, &mut flight);
@@ -218,6 +343,10 @@ impl Link {
             let event = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = self.outbox.queued(), if connected => continue,
+                _ = resend.tick(), if connected => {
+                    self.rewind_unconfirmed(&mut flight);
+                    continue;
+                }
                 event = connection.events.recv() => event,
             };
             match event {
@@ -225,27 +354,29 @@ impl Link {
                     info!(client = %self.config.client_id, "connected to broker");
                     connected = true;
                     backoff.reset();
-                    for topic in &self.config.subscriptions {
+                    // Receipts first: the broker handles the subscription before the
+                    // publishes that follow it on this connection.
+                    let topics = std::iter::once(&self.config.receipts_topic)
+                        .chain(&self.config.subscriptions);
+                    for topic in topics {
                         if let Err(e) = connection.client.try_subscribe(topic, QoS::AtLeastOnce) {
                             warn!(%topic, error = %e, "cannot subscribe");
                         }
                     }
                 }
                 Some(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => {
-                    if let Some(id) = flight.awaiting_pkid.pop_front() {
-                        flight.by_pkid.insert(pkid, id);
+                    if let Some(ids) = flight.awaiting_pkid.pop_front() {
+                        flight.by_pkid.insert(pkid, ids);
                     }
                 }
                 Some(Ok(Event::Incoming(Packet::PubAck(ack)))) => {
-                    if let Some(id) = flight.by_pkid.remove(&ack.pkid)
-                        && let Err(e) = self.outbox.acknowledge(id)
-                    {
-                        // The entry stays and is sent again later: a duplicate, not a loss.
-                        warn!(error = %e, id, "cannot remove acknowledged outbox entry");
-                    }
+                    // The broker has it; the entries stay until the controller's receipt.
+                    flight.by_pkid.remove(&ack.pkid);
                 }
                 Some(Ok(Event::Incoming(Packet::Publish(publish)))) => {
-                    if self.incoming.send(publish).await.is_err() {
+                    if publish.topic == self.config.receipts_topic {
+                        self.on_receipt(&publish.payload, &mut flight);
+                    } else if self.incoming.send(publish).await.is_err() {
                         debug!("agent stopped listening; link stops");
                         break;
                     }
@@ -258,13 +389,14 @@ impl Link {
                         debug!(client = %self.config.client_id, error = %e, "cannot connect to broker");
                     }
                     connected = false;
+                    // Everything unconfirmed is sent again on the next connection.
                     flight = Inflight::default();
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
                         _ = tokio::time::sleep(backoff.next_delay()) => {}
                     }
                     // Everything of the old connection (client, queued requests, events)
-                    // goes with it; the outbox is sent again from its oldest entry.
+                    // goes with it.
                     connection = self.connect();
                 }
                 None => {
@@ -275,40 +407,127 @@ impl Link {
         }
     }
 
-    /// Hands outbox entries to the MQTT client until the in-flight window is full.
-    fn fill_window(&self, client: &AsyncClient, flight: &mut Inflight) {
-        let room = usize::from(self.config.max_inflight).saturating_sub(flight.len());
-        if room == 0 {
-            return;
-        }
-        let entries = match self.outbox.after(flight.cursor, room) {
-            Ok(entries) => entries,
+    /// Removes what a receipt confirms from the outbox.
+    fn on_receipt(&mut self, payload: &[u8], flight: &mut Inflight) {
+        let receipt = match Envelope::decode(payload) {
+            Ok(Envelope {
+                device_id,
+                message: Message::Receipt(receipt),
+                ..
+            }) if device_id == self.config.device_id => receipt,
+            Ok(other) => {
+                warn!(kind = other.message.kind(), device = %other.device_id, "ignored a message on the receipts topic");
+                return;
+            }
             Err(e) => {
-                warn!(error = %e, "cannot read outbox");
+                warn!(error = %e, "ignored a malformed receipt");
                 return;
             }
         };
-        for entry in entries {
-            // Topic, payload and MQTT headers must fit in one packet; an entry that cannot
-            // would break every connection it is tried on.
-            if entry.topic.len() + entry.payload.len() + 16 > self.config.max_packet_bytes {
-                error!(id = entry.id, topic = %entry.topic, bytes = entry.payload.len(),
-                    "outbox entry exceeds the MQTT packet limit; dropped");
-                if let Err(e) = self.outbox.acknowledge(entry.id) {
-                    warn!(error = %e, id = entry.id, "cannot remove oversize outbox entry");
+        for rejected in &receipt.rejected {
+            error!(msg_id = %rejected.msg_id, reason = %rejected.reason,
+                "the controller refused a message for good; it is dropped");
+        }
+        let ids: Vec<&str> = receipt
+            .stored
+            .iter()
+            .map(String::as_str)
+            .chain(receipt.rejected.iter().map(|r| r.msg_id.as_str()))
+            .collect();
+        match self.outbox.confirm(&ids) {
+            Ok(removed) => {
+                for id in removed {
+                    flight.sent.remove(&id);
                 }
-                flight.cursor = entry.id;
-                continue;
             }
-            if client
-                .try_publish(&entry.topic, QoS::AtLeastOnce, false, entry.payload)
-                .is_err()
-            {
-                // Channel full: the rest goes out when acknowledgements make room.
+            // The entries stay and are sent again later: a duplicate, not a loss.
+            Err(e) => warn!(error = %e, "cannot remove confirmed outbox entries"),
+        }
+        self.receipt_seen = true;
+        self.resend_after = self.config.receipt_timeout;
+    }
+
+    /// Makes entries whose receipt is overdue due again.
+    fn rewind_unconfirmed(&mut self, flight: &mut Inflight) {
+        let overdue: Vec<u64> = flight
+            .sent
+            .iter()
+            .filter(|(id, at)| at.elapsed() >= self.resend_after && !flight.awaiting_puback(**id))
+            .map(|(id, _)| *id)
+            .collect();
+        let Some(&first) = overdue.iter().min() else {
+            return;
+        };
+        debug!(count = overdue.len(), after = ?self.resend_after, "no receipt; sending again");
+        for id in &overdue {
+            flight.sent.remove(id);
+        }
+        flight.cursor = flight.cursor.min(first - 1);
+        if !std::mem::take(&mut self.receipt_seen) {
+            self.resend_after = (self.resend_after * 2).min(MAX_RECEIPT_TIMEOUT);
+        }
+    }
+
+    /// Hands outbox entries to the MQTT client until the in-flight window is full.
+    fn fill_window(&self, client: &AsyncClient, flight: &mut Inflight) {
+        let packing = self.config.packing;
+        loop {
+            let room = usize::from(self.config.max_inflight).saturating_sub(flight.publishes());
+            if room == 0 {
                 return;
             }
-            flight.cursor = entry.id;
-            flight.awaiting_pkid.push_back(entry.id);
+            let limit = (room * packing.max_messages).min(4096);
+            let entries = match self.outbox.after(flight.cursor, limit) {
+                Ok(entries) => entries,
+                Err(e) => {
+                    warn!(error = %e, "cannot read outbox");
+                    return;
+                }
+            };
+            let Some(last) = entries.last().map(|e| e.id) else {
+                return;
+            };
+            let due: Vec<OutboxEntry> = entries
+                .into_iter()
+                .filter(|e| !flight.sent.contains_key(&e.id))
+                .collect();
+            for group in packing.groups(&due) {
+                let (publications, too_big) = packing.encode(&self.config.device_id, group);
+                if !too_big.is_empty() {
+                    for entry in &too_big {
+                        error!(id = entry.id, topic = %entry.topic, bytes = entry.payload.len(),
+                            limit = packing.max_payload_bytes,
+                            "outbox entry exceeds the payload limit; dropped");
+                    }
+                    let discard: Vec<_> = too_big.iter().map(|e| (e.id, e.priority)).collect();
+                    if let Err(e) = self.outbox.discard(&discard) {
+                        warn!(error = %e, "cannot remove oversize outbox entries");
+                    }
+                }
+                for publication in publications {
+                    let first = publication.ids[0];
+                    if flight.publishes() >= usize::from(self.config.max_inflight)
+                        || client
+                            .try_publish(
+                                &publication.topic,
+                                QoS::AtLeastOnce,
+                                false,
+                                publication.payload,
+                            )
+                            .is_err()
+                    {
+                        // Window or channel full: the rest goes out when PUBACKs make room.
+                        flight.cursor = first - 1;
+                        return;
+                    }
+                    let now = Instant::now();
+                    for id in &publication.ids {
+                        flight.sent.insert(*id, now);
+                    }
+                    flight.awaiting_pkid.push_back(publication.ids);
+                }
+            }
+            flight.cursor = last;
         }
     }
 }
@@ -331,6 +550,82 @@ mod tests {
         assert!(BrokerAddr::parse("http://x:1").is_err());
         assert!(BrokerAddr::parse("mqtt://x:notaport").is_err());
         assert!(BrokerAddr::parse("mqtt://").is_err());
+    }
+
+    fn entry(id: u64, topic: &str, bytes: usize) -> OutboxEntry {
+        let envelope = format!(
+            r#"{{"v":1,"device_id":"d","msg_id":"m{id}","ts_ms":1,"kind":"status","payload":"{}"}}"#,
+            "x".repeat(bytes)
+        );
+        OutboxEntry {
+            id,
+            topic: topic.into(),
+            msg_id: format!("m{id}"),
+            priority: crate::outbox::Priority::Telemetry,
+            payload: envelope.into_bytes(),
+        }
+    }
+
+    #[test]
+    fn entries_are_grouped_by_topic_and_count() {
+        let packing = Packing {
+            max_messages: 2,
+            max_payload_bytes: 4096,
+            compress: true,
+        };
+        let entries = [
+            entry(1, "a", 10),
+            entry(2, "a", 10),
+            entry(3, "a", 10),
+            entry(4, "b", 10),
+            entry(5, "a", 10),
+        ];
+        let sizes: Vec<Vec<u64>> = packing
+            .groups(&entries)
+            .iter()
+            .map(|g| g.iter().map(|e| e.id).collect())
+            .collect();
+        assert_eq!(sizes, [vec![1, 2], vec![3], vec![4], vec![5]]);
+    }
+
+    #[test]
+    fn batches_split_to_fit_and_what_cannot_fit_alone_is_set_aside() {
+        let packing = Packing {
+            max_messages: 64,
+            max_payload_bytes: 2000,
+            compress: false,
+        };
+        let entries: Vec<OutboxEntry> = (1..=8).map(|i| entry(i, "t", 400)).collect();
+        let (publications, too_big) = packing.encode("d", &entries);
+        assert!(too_big.is_empty());
+        assert!(publications.len() >= 2);
+        let ids: Vec<u64> = publications.iter().flat_map(|p| p.ids.clone()).collect();
+        assert_eq!(ids, (1..=8).collect::<Vec<_>>(), "order and completeness kept");
+        for p in &publications {
+            assert!(p.payload.len() <= 2000);
+            let batch::Payload::Batch { items, .. } = batch::decode(&p.payload).unwrap() else {
+                panic!("a batch")
+            };
+            assert_eq!(items.len(), p.ids.len());
+        }
+        let (publications, too_big) = packing.encode("d", &[entry(9, "t", 3000)]);
+        assert!(publications.is_empty());
+        assert_eq!(too_big[0].id, 9);
+        // A single entry without compression travels as a plain envelope.
+        let (publications, _) = packing.encode("d", &[entry(10, "t", 10)]);
+        assert_eq!(publications[0].payload, entry(10, "t", 10).payload);
+    }
+
+    #[test]
+    fn compression_lets_a_large_batch_fit_one_publish() {
+        let packing = Packing {
+            max_messages: 64,
+            max_payload_bytes: 2000,
+            compress: true,
+        };
+        let entries: Vec<OutboxEntry> = (1..=8).map(|i| entry(i, "t", 400)).collect();
+        let (publications, _) = packing.encode("d", &entries);
+        assert_eq!(publications.len(), 1);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use edgeloop_shared::topics::{Channel, Topics};
 use tracing::warn;
 
 use crate::now_ms;
-use crate::outbox::Outbox;
+use crate::outbox::{Enqueued, NewEntry, Outbox, Priority};
 
 /// Queues this device's messages on their topics. Cheap to clone.
 #[derive(Clone)]
@@ -43,8 +43,17 @@ impl Reporter {
             .expect("the device id was validated with the config")
     }
 
+    pub fn outbox(&self) -> &Outbox {
+        &self.outbox
+    }
+
     fn queue(&self, channel: Channel, message: Message) {
-        let bytes = self.envelope(message).encode();
+        let priority = match channel {
+            Channel::Deployment => Priority::Control,
+            _ => Priority::Telemetry,
+        };
+        let envelope = self.envelope(message);
+        let bytes = envelope.encode();
         if bytes.len() > MAX_MESSAGE_BYTES {
             // No broker or controller would take it; queuing it would only block the outbox.
             warn!(
@@ -55,9 +64,23 @@ impl Reporter {
             );
             return;
         }
-        if let Err(e) = self.outbox.enqueue(&self.topic(channel), &bytes) {
+        let topic = self.topic(channel);
+        let entry = NewEntry {
+            topic: &topic,
+            msg_id: &envelope.msg_id,
+            priority,
+            payload: &bytes,
+        };
+        match self.outbox.enqueue(entry) {
+            Ok(Enqueued::Queued { evicted: 0, .. }) => {}
+            Ok(Enqueued::Queued { evicted, .. }) => {
+                warn!(evicted, "outbox full: older, lower-priority messages dropped (counted)");
+            }
+            Ok(Enqueued::Dropped) => {
+                warn!(channel = channel.as_str(), "outbox full of higher-priority messages: message dropped (counted)");
+            }
             // Nothing else can hold it: say so loudly rather than silently dropping.
-            warn!(error = %e, channel = channel.as_str(), "cannot queue message; it is lost");
+            Err(e) => warn!(error = %e, channel = channel.as_str(), "cannot queue message; it is lost"),
         }
     }
 

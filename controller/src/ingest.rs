@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use edgeloop_agent::link::{Backoff, BrokerAddr};
 use edgeloop_agent::now_ms;
-use edgeloop_shared::protocol::Envelope;
+use edgeloop_shared::batch::{self, ItemError, Payload};
+use edgeloop_shared::protocol::{Envelope, Message, Receipt, RejectedMessage};
 use edgeloop_shared::topics::{Channel, Topics};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
 use serde::Serialize;
@@ -83,27 +84,99 @@ pub enum Rejection {
     },
 }
 
-/// Checks topic and envelope against each other and returns the decoded envelope.
-pub fn validate(topics: &Topics, topic: &str, payload: &[u8]) -> Result<Envelope, Rejection> {
+/// What a device publish holds, once checked against its topic.
+#[derive(Debug, Default, PartialEq)]
+pub struct Checked {
+    /// The device the topic names.
+    pub device_id: String,
+    /// Envelopes to store.
+    pub accepted: Vec<Envelope>,
+    /// Envelopes refused for good, named by message id so the device can drop them.
+    pub rejected: Vec<RejectedMessage>,
+    /// Envelopes refused whose message id could not even be read.
+    pub unidentified: u64,
+}
+
+/// Checks a publish against its topic: the topic must be a device-to-controller channel;
+/// a batch must come from the topic's device; every envelope must be from that device and
+/// of the channel's kind. A payload that cannot be decoded at all is refused whole; an
+/// envelope of a batch that fails is refused alone.
+pub fn validate(topics: &Topics, topic: &str, payload: &[u8]) -> Result<Checked, Rejection> {
     let (device_id, channel) = topics.parse(topic)?;
     if !Channel::FROM_DEVICE.contains(&channel) {
         return Err(Rejection::WrongDirection(channel.as_str()));
     }
-    let envelope = Envelope::decode(payload)?;
-    if envelope.device_id != device_id {
-        return Err(Rejection::DeviceMismatch {
-            topic: device_id.to_string(),
-            envelope: envelope.device_id,
-        });
+    let mut checked = Checked {
+        device_id: device_id.to_string(),
+        ..Checked::default()
+    };
+    let items = match batch::decode(payload) {
+        Ok(Payload::Single(envelope)) => vec![Ok(envelope)],
+        Ok(Payload::Batch {
+            device_id: from,
+            items,
+        }) => {
+            if from != device_id {
+                return Err(Rejection::DeviceMismatch {
+                    topic: device_id.to_string(),
+                    envelope: from,
+                });
+            }
+            items
+        }
+        Err(error) => {
+            // A single envelope that does not decode may still name itself; then the
+            // device learns that it is refused instead of sending it forever.
+            let msg_id = serde_json::from_slice::<MsgIdProbe>(payload)
+                .ok()
+                .and_then(|p| p.msg_id)
+                .filter(|id| Envelope::is_valid_msg_id(id));
+            match msg_id {
+                Some(msg_id) => vec![Err(ItemError {
+                    msg_id: Some(msg_id),
+                    error,
+                })],
+                None => return Err(Rejection::Decode(error)),
+            }
+        }
+    };
+    for item in items {
+        let refusal = match item {
+            Ok(envelope) if envelope.device_id != device_id => (
+                Some(envelope.msg_id),
+                Rejection::DeviceMismatch {
+                    topic: device_id.to_string(),
+                    envelope: envelope.device_id,
+                },
+            ),
+            Ok(envelope) if envelope.message.kind() != channel.message_kind() => (
+                Some(envelope.msg_id),
+                Rejection::WrongKind {
+                    channel: channel.as_str(),
+                    expected: channel.message_kind(),
+                    got: envelope.message.kind(),
+                },
+            ),
+            Ok(envelope) => {
+                checked.accepted.push(envelope);
+                continue;
+            }
+            Err(ItemError { msg_id, error }) => (msg_id, Rejection::Decode(error)),
+        };
+        match refusal {
+            (Some(msg_id), reason) => checked.rejected.push(RejectedMessage {
+                msg_id,
+                reason: reason.to_string(),
+            }),
+            (None, _) => checked.unidentified += 1,
+        }
     }
-    if envelope.message.kind() != channel.message_kind() {
-        return Err(Rejection::WrongKind {
-            channel: channel.as_str(),
-            expected: channel.message_kind(),
-            got: envelope.message.kind(),
-        });
-    }
-    Ok(envelope)
+    Ok(checked)
+}
+
+#[derive(serde::Deserialize)]
+struct MsgIdProbe {
+    msg_id: Option<String>,
 }
 
 /// The controller's MQTT connection settings.
@@ -200,6 +273,14 @@ struct Ingestor {
     client: AsyncClient,
 }
 
+/// How handling a publish ended.
+enum Handled {
+    /// Stored or refused for good: acknowledge it, and send the receipt if there is one.
+    Done(Option<(String, Receipt)>),
+    /// Shutdown came before the store could commit: do not acknowledge.
+    Interrupted,
+}
+
 impl Ingestor {
     async fn run(self, mut rx: mpsc::Receiver<Publish>, shutdown: CancellationToken) {
         loop {
@@ -211,55 +292,105 @@ impl Ingestor {
                 },
             };
             self.stats.received.fetch_add(1, Ordering::Relaxed);
-            if !self.handle(&publish, &shutdown).await {
-                // Shutting down before the row was committed: no ack, so the broker
-                // delivers the message again to the next controller session.
-                break;
-            }
+            let receipt = match self.handle(&publish, &shutdown).await {
+                Handled::Done(receipt) => receipt,
+                // No ack: the broker delivers the message again to the next session.
+                Handled::Interrupted => break,
+            };
             if let Err(e) = self.client.ack(&publish).await {
                 warn!(error = %e, "cannot acknowledge message");
+            }
+            if let Some((device_id, receipt)) = receipt {
+                self.send_receipt(&device_id, receipt).await;
             }
         }
     }
 
-    /// Returns false only when shutdown interrupted a retry and the message was not stored.
-    async fn handle(&self, publish: &Publish, shutdown: &CancellationToken) -> bool {
-        let envelope = match validate(&self.topics, &publish.topic, &publish.payload) {
-            Ok(e) => e,
+    /// Tells a device which of its messages are stored, so it can let go of them.
+    async fn send_receipt(&self, device_id: &str, receipt: Receipt) {
+        let Ok(topic) = self.topics.device(device_id, Channel::Receipts) else {
+            return;
+        };
+        let envelope = Envelope::new(
+            device_id,
+            uuid::Uuid::now_v7().to_string(),
+            now_ms(),
+            Message::Receipt(receipt),
+        );
+        // If it is lost, the device sends its messages again and gets a receipt for the
+        // duplicates: a cost, not a loss.
+        if let Err(e) = self
+            .client
+            .publish(topic, QoS::AtLeastOnce, false, envelope.encode())
+            .await
+        {
+            warn!(device = device_id, error = %e, "cannot send receipt");
+        }
+    }
+
+    async fn handle(&self, publish: &Publish, shutdown: &CancellationToken) -> Handled {
+        let checked = match validate(&self.topics, &publish.topic, &publish.payload) {
+            Ok(c) => c,
             Err(reason) => {
                 let n = self.stats.malformed.fetch_add(1, Ordering::Relaxed) + 1;
                 warn!(topic = %publish.topic, bytes = publish.payload.len(), %reason, malformed_total = n, "dropped malformed message");
-                return true;
+                return Handled::Done(None);
             }
         };
+        let Checked {
+            device_id,
+            accepted,
+            mut rejected,
+            unidentified,
+        } = checked;
+        let refused = rejected.len() as u64 + unidentified;
+        if refused > 0 {
+            let n = self.stats.malformed.fetch_add(refused, Ordering::Relaxed) + refused;
+            for r in &rejected {
+                warn!(device = %device_id, msg_id = %r.msg_id, reason = %r.reason, malformed_total = n, "dropped malformed message");
+            }
+            if unidentified > 0 {
+                warn!(device = %device_id, count = unidentified, malformed_total = n, "dropped malformed messages without a readable id");
+            }
+        }
+        let mut stored = Vec::new();
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-        loop {
-            match self.store.ingest(&envelope, now_ms()).await {
-                Ok(Ingested::Stored) => {
-                    self.stats.stored.fetch_add(1, Ordering::Relaxed);
-                    return true;
-                }
-                Ok(Ingested::Duplicate) => {
-                    self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
-                    debug!(msg_id = %envelope.msg_id, "duplicate dropped");
-                    return true;
+        while !accepted.is_empty() {
+            match self.store.ingest_many(&accepted, now_ms()).await {
+                Ok(results) => {
+                    let dups = results.iter().filter(|r| **r == Ingested::Duplicate).count() as u64;
+                    self.stats.stored.fetch_add(results.len() as u64 - dups, Ordering::Relaxed);
+                    self.stats.duplicates.fetch_add(dups, Ordering::Relaxed);
+                    if dups > 0 {
+                        debug!(device = %device_id, dups, "duplicates dropped");
+                    }
+                    stored = accepted.into_iter().map(|e| e.msg_id).collect();
+                    break;
                 }
                 Err(e @ StoreError::Corrupt(_)) => {
-                    // The store refused this message for what it is: retrying cannot help.
-                    self.stats.malformed.fetch_add(1, Ordering::Relaxed);
-                    error!(device = %envelope.device_id, msg_id = %envelope.msg_id, error = %e, "message refused by the store; dropped");
-                    return true;
+                    // The store refused these messages for what they are: retrying cannot help.
+                    self.stats.malformed.fetch_add(accepted.len() as u64, Ordering::Relaxed);
+                    error!(device = %device_id, error = %e, "messages refused by the store; dropped");
+                    rejected.extend(accepted.into_iter().map(|m| RejectedMessage {
+                        msg_id: m.msg_id,
+                        reason: e.to_string(),
+                    }));
+                    break;
                 }
                 Err(e) => {
                     self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
-                    error!(device = %envelope.device_id, msg_id = %envelope.msg_id, error = %e, "cannot store message; retrying");
+                    error!(device = %device_id, error = %e, "cannot store messages; retrying");
                     tokio::select! {
-                        _ = shutdown.cancelled() => return false,
+                        _ = shutdown.cancelled() => return Handled::Interrupted,
                         _ = tokio::time::sleep(backoff.next_delay()) => {}
                     }
                 }
             }
         }
+        if stored.is_empty() && rejected.is_empty() {
+            return Handled::Done(None);
+        }
+        Handled::Done(Some((device_id, Receipt { stored, rejected })))
     }
 }
 
@@ -281,6 +412,7 @@ mod tests {
                 inferences: 0,
                 errors: 0,
                 malformed_messages: 0,
+                outbox: Default::default(),
             }),
         )
         .encode()
@@ -289,15 +421,22 @@ mod tests {
     #[test]
     fn validation_ties_topic_envelope_and_kind_together() {
         let t = Topics::default();
-        assert!(validate(&t, "edgeloop/v1/devices/d1/status", &status_bytes("d1")).is_ok());
-        assert!(matches!(
-            validate(&t, "edgeloop/v1/devices/d2/status", &status_bytes("d1")),
-            Err(Rejection::DeviceMismatch { .. })
-        ));
-        assert!(matches!(
-            validate(&t, "edgeloop/v1/devices/d1/telemetry", &status_bytes("d1")),
-            Err(Rejection::WrongKind { .. })
-        ));
+        let ok = validate(&t, "edgeloop/v1/devices/d1/status", &status_bytes("d1")).unwrap();
+        assert_eq!((ok.device_id.as_str(), ok.accepted.len()), ("d1", 1));
+        let refused = validate(&t, "edgeloop/v1/devices/d2/status", &status_bytes("d1")).unwrap();
+        assert!(refused.accepted.is_empty());
+        assert_eq!(refused.rejected[0].msg_id, "m1");
+        assert!(refused.rejected[0].reason.contains("topic is for device `d2`"));
+        let refused = validate(&t, "edgeloop/v1/devices/d1/telemetry", &status_bytes("d1")).unwrap();
+        assert!(refused.rejected[0].reason.contains("carries `drift_summary`"));
+        // A single envelope that does not decode but names itself is refused by name.
+        let refused = validate(
+            &t,
+            "edgeloop/v1/devices/d1/status",
+            br#"{"v":9,"msg_id":"m9"}"#,
+        )
+        .unwrap();
+        assert_eq!(refused.rejected[0].msg_id, "m9");
         assert!(matches!(
             validate(&t, "edgeloop/v1/devices/d1/commands", &status_bytes("d1")),
             Err(Rejection::WrongDirection("commands"))
@@ -309,6 +448,22 @@ mod tests {
         assert!(matches!(
             validate(&t, "elsewhere", &status_bytes("d1")),
             Err(Rejection::Topic(_))
+        ));
+    }
+
+    #[test]
+    fn a_batch_is_checked_envelope_by_envelope() {
+        let t = Topics::default();
+        let items = [status_bytes("d1"), status_bytes("d2"), b"{}".to_vec()];
+        let refs: Vec<&[u8]> = items.iter().map(Vec::as_slice).collect();
+        let bytes = batch::encode("d1", &refs, batch::Encoding::Zstd);
+        let checked = validate(&t, "edgeloop/v1/devices/d1/status", &bytes).unwrap();
+        assert_eq!(checked.accepted.len(), 1);
+        assert_eq!(checked.rejected.len(), 1, "the other device's envelope");
+        assert_eq!(checked.unidentified, 1);
+        assert!(matches!(
+            validate(&t, "edgeloop/v1/devices/d2/status", &bytes),
+            Err(Rejection::DeviceMismatch { .. })
         ));
     }
 }

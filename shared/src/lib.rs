@@ -12,6 +12,7 @@
 //! - [`bundle`]: the signed model bundle (manifest + zstd-compressed ONNX + signature).
 //! - [`drift`]: reference profiles, drift windows and PSI.
 
+pub mod batch;
 pub mod bundle;
 pub mod command;
 pub mod drift;

@@ -23,7 +23,7 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// Largest envelope accepted, in bytes. Brokers and both ends enforce it.
 pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
     #[error("message is {size} bytes, more than the limit of {max}")]
     TooLarge { size: usize, max: usize },
@@ -45,6 +45,8 @@ pub enum DecodeError {
     BadMessageId,
     #[error("strings may not contain the NUL character")]
     NulCharacter,
+    #[error("malformed batch: {0}")]
+    Batch(String),
 }
 
 /// A model name and version, as reported by devices.
@@ -77,6 +79,57 @@ pub struct DeviceStatus {
     pub errors: u64,
     /// Incoming messages the agent refused as malformed since it started.
     pub malformed_messages: u64,
+    /// The device's store-and-forward queue.
+    pub outbox: OutboxStatus,
+}
+
+/// The state of a device's outbox, and what it ever had to drop to stay in its budget.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxStatus {
+    /// Messages waiting for the controller's receipt.
+    pub entries: u64,
+    /// Their size in bytes.
+    pub bytes: u64,
+    /// The most bytes the outbox may hold.
+    pub budget_bytes: u64,
+    /// Messages dropped unsent to stay within the budget, since the outbox was created.
+    pub dropped: DropCounts,
+}
+
+/// Dropped messages by priority class.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DropCounts {
+    /// Deployment statuses and command results (dropped last).
+    pub control: u64,
+    /// Drift summaries and heartbeats.
+    pub telemetry: u64,
+    /// Raw input samples (dropped first).
+    pub samples: u64,
+}
+
+impl DropCounts {
+    pub fn total(&self) -> u64 {
+        self.control + self.telemetry + self.samples
+    }
+}
+
+/// The controller's answer to device messages it has handled: each message id is either
+/// stored (now or before: a duplicate is stored too) or rejected for good. A device keeps a
+/// message until it is named in a receipt, and sends it again otherwise.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Receipt {
+    pub stored: Vec<String>,
+    pub rejected: Vec<RejectedMessage>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RejectedMessage {
+    pub msg_id: String,
+    pub reason: String,
 }
 
 /// Drift statistics of one closed window, for one model version.
@@ -146,6 +199,7 @@ pub enum Message {
     DriftSummary(DriftSummary),
     DeploymentStatus(DeploymentStatus),
     Command(SignedCommand),
+    Receipt(Receipt),
 }
 
 impl Message {
@@ -155,6 +209,7 @@ impl Message {
             Message::DriftSummary(_) => "drift_summary",
             Message::DeploymentStatus(_) => "deployment_status",
             Message::Command(_) => "command",
+            Message::Receipt(_) => "receipt",
         }
     }
 
@@ -164,6 +219,7 @@ impl Message {
             Message::DriftSummary(m) => serde_json::value::to_raw_value(m),
             Message::DeploymentStatus(m) => serde_json::value::to_raw_value(m),
             Message::Command(m) => serde_json::value::to_raw_value(m),
+            Message::Receipt(m) => serde_json::value::to_raw_value(m),
         }
     }
 
@@ -182,6 +238,7 @@ impl Message {
             "drift_summary" => Message::DriftSummary(parse("drift_summary", payload)?),
             "deployment_status" => Message::DeploymentStatus(parse("deployment_status", payload)?),
             "command" => Message::Command(parse("command", payload)?),
+            "receipt" => Message::Receipt(parse("receipt", payload)?),
             other => return Err(DecodeError::UnknownKind(other.chars().take(64).collect())),
         })
     }
@@ -262,6 +319,11 @@ impl Envelope {
         serde_json::to_vec(&wire).expect("envelopes always serialize")
     }
 
+    /// A message id is 1 to 64 visible ASCII characters.
+    pub fn is_valid_msg_id(id: &str) -> bool {
+        !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_graphic())
+    }
+
     /// Parses and validates the wire form.
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         if bytes.len() > MAX_MESSAGE_BYTES {
@@ -289,10 +351,7 @@ impl Envelope {
                 wire.device_id.chars().take(64).collect(),
             ));
         }
-        if wire.msg_id.is_empty()
-            || wire.msg_id.len() > 64
-            || !wire.msg_id.bytes().all(|b| b.is_ascii_graphic())
-        {
+        if !Self::is_valid_msg_id(&wire.msg_id) {
             return Err(DecodeError::BadMessageId);
         }
         if has_escaped_nul(wire.payload.get().as_bytes()) {
@@ -343,6 +402,7 @@ mod tests {
             inferences: 100,
             errors: 0,
             malformed_messages: 0,
+            outbox: OutboxStatus::default(),
         })
     }
 
@@ -378,7 +438,14 @@ mod tests {
             stage: DeployStage::Rejected,
             detail: Some("expired".into()),
         });
-        for message in [status(), summary(), deploy] {
+        let receipt = Message::Receipt(Receipt {
+            stored: vec!["a".into()],
+            rejected: vec![RejectedMessage {
+                msg_id: "b".into(),
+                reason: "bad".into(),
+            }],
+        });
+        for message in [status(), summary(), deploy, receipt] {
             let e = Envelope::new("dev-1", "m-1", 1_700_000_000_000, message);
             assert_eq!(Envelope::decode(&e.encode()).unwrap(), e);
         }

@@ -5,6 +5,7 @@
 //! {root}/v1/devices/{device_id}/telemetry     device → controller  DriftSummary
 //! {root}/v1/devices/{device_id}/deployment    device → controller  DeploymentStatus
 //! {root}/v1/devices/{device_id}/commands      controller → device  signed commands
+//! {root}/v1/devices/{device_id}/receipts      controller → device  Receipt: what is stored
 //! ```
 //!
 //! The root defaults to `edgeloop`; it lets several fleets (or test runs) share a broker.
@@ -21,14 +22,16 @@ pub enum Channel {
     Telemetry,
     Deployment,
     Commands,
+    Receipts,
 }
 
 impl Channel {
-    pub const ALL: [Channel; 4] = [
+    pub const ALL: [Channel; 5] = [
         Channel::Status,
         Channel::Telemetry,
         Channel::Deployment,
         Channel::Commands,
+        Channel::Receipts,
     ];
 
     /// Channels a device publishes on.
@@ -41,6 +44,7 @@ impl Channel {
             Channel::Telemetry => "telemetry",
             Channel::Deployment => "deployment",
             Channel::Commands => "commands",
+            Channel::Receipts => "receipts",
         }
     }
 
@@ -51,6 +55,7 @@ impl Channel {
             Channel::Telemetry => "drift_summary",
             Channel::Deployment => "deployment_status",
             Channel::Commands => "command",
+            Channel::Receipts => "receipt",
         }
     }
 

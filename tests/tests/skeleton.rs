@@ -324,6 +324,7 @@ async fn malformed_payloads_are_counted_and_nothing_stops(broker: BrokerChoice) 
             inferences: 0,
             errors: 0,
             malformed_messages: 0,
+            outbox: Default::default(),
         }),
     )
     .encode();
@@ -336,18 +337,23 @@ async fn malformed_payloads_are_counted_and_nothing_stops(broker: BrokerChoice) 
         .await;
     raw.publish(&topics.device("fan-1", Channel::Status).unwrap(), spoofed)
         .await;
+    // A batch whose header promises more than the body holds (a zstd bomb's shape).
+    let mut lying = br#"{"v":1,"kind":"batch","device_id":"fan-1","count":1,"encoding":"zstd","bytes":4000000}"#.to_vec();
+    lying.push(b'\n');
+    lying.extend_from_slice(&[0x28, 0xb5, 0x2f, 0xfd, 1, 2, 3]);
+    raw.publish(&telemetry, lying).await;
     // Towards the agent: garbage and a status message where a command belongs.
     raw.publish(&commands, b"{{{{".to_vec()).await;
     raw.publish(&commands, vec![0u8; 1000]).await;
 
     wait_until(
-        "controller counts four malformed messages",
+        "controller counts five malformed messages",
         Duration::from_secs(20),
         || async {
             ctl.get("/api/v1/stats").await["malformed"]
                 .as_u64()
                 .unwrap()
-                >= 4
+                >= 5
         },
     )
     .await;

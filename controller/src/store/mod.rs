@@ -10,7 +10,7 @@ mod sqlite;
 #[cfg(test)]
 mod tests;
 
-use edgeloop_shared::protocol::Envelope;
+use edgeloop_shared::protocol::{Envelope, OutboxStatus};
 use serde::Serialize;
 
 pub use postgres::PgStore;
@@ -60,6 +60,8 @@ pub struct DeviceRow {
     pub malformed_messages: u64,
     /// Headline drift figure of the latest summary, if any.
     pub last_psi_max: Option<f64>,
+    /// The device's outbox as of its last heartbeat, with what it had to drop.
+    pub outbox: OutboxStatus,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -187,9 +189,18 @@ pub struct DeploymentEvent {
 
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Applies one device message idempotently: the message id is recorded in the same
-    /// transaction as its effect, so a redelivery changes nothing.
-    async fn ingest(&self, envelope: &Envelope, received_ms: u64) -> Result<Ingested>;
+    /// Applies device messages idempotently, all in one transaction: each message id is
+    /// recorded with its effect, so a redelivery changes nothing. One result per envelope.
+    async fn ingest_many(&self, envelopes: &[Envelope], received_ms: u64)
+    -> Result<Vec<Ingested>>;
+
+    /// [`Store::ingest_many`] for one message.
+    async fn ingest(&self, envelope: &Envelope, received_ms: u64) -> Result<Ingested> {
+        let results = self
+            .ingest_many(std::slice::from_ref(envelope), received_ms)
+            .await?;
+        Ok(results[0])
+    }
 
     async fn devices(&self) -> Result<Vec<DeviceRow>>;
     async fn telemetry(&self, device_id: &str, limit: u32) -> Result<Vec<TelemetryRow>>;

@@ -2,12 +2,14 @@
 //! can share it. Same schema and semantics as the SQLite store; the same suite tests both.
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use edgeloop_shared::protocol::{DeploymentStatus, DeviceStatus, DriftSummary, Envelope, Message};
+use edgeloop_shared::protocol::{
+    DeploymentStatus, DeviceStatus, DriftSummary, DropCounts, Envelope, Message,
+};
 use tokio_postgres::{GenericClient, NoTls, Row};
 
 use super::*;
 
-const SCHEMA_VERSION: i32 = 1;
+const SCHEMA_VERSION: i32 = 2;
 /// Serializes migrations of replicas that start at the same time.
 const MIGRATION_LOCK: i64 = 0x6564_6765_6c6f_6f70; // "edgeloop"
 const POOL_SIZE: usize = 16;
@@ -85,6 +87,16 @@ CREATE TABLE deployment_events (
 CREATE INDEX deployment_events_by_device ON deployment_events (device_id, id);
 ";
 
+/// Version 2: each device's outbox state and drop counts.
+const SCHEMA_V2: &str = "
+ALTER TABLE devices ADD COLUMN outbox_entries BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE devices ADD COLUMN outbox_bytes BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE devices ADD COLUMN outbox_budget_bytes BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE devices ADD COLUMN dropped_control BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE devices ADD COLUMN dropped_telemetry BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE devices ADD COLUMN dropped_samples BIGINT NOT NULL DEFAULT 0;
+";
+
 /// A PostgreSQL database reached through a connection pool.
 #[derive(Clone)]
 pub struct PgStore {
@@ -135,11 +147,17 @@ impl PgStore {
         match version {
             None => {
                 tx.batch_execute(SCHEMA_V1).await?;
+                tx.batch_execute(SCHEMA_V2).await?;
                 tx.execute(
                     "INSERT INTO edgeloop_schema (version) VALUES ($1)",
                     &[&SCHEMA_VERSION],
                 )
                 .await?;
+            }
+            Some(1) => {
+                tx.batch_execute(SCHEMA_V2).await?;
+                tx.execute("UPDATE edgeloop_schema SET version = $1", &[&SCHEMA_VERSION])
+                    .await?;
             }
             Some(SCHEMA_VERSION) => {}
             Some(newer) => {
@@ -187,7 +205,9 @@ async fn apply_status(tx: &impl GenericClient, device_id: &str, s: &DeviceStatus
                                       AND model_version IS NOT DISTINCT FROM $4
                                      THEN last_psi_max END,
                  model_name = $3, model_version = $4,
-                 inferences = $5, errors = $6, malformed_messages = $7
+                 inferences = $5, errors = $6, malformed_messages = $7,
+                 outbox_entries = $8, outbox_bytes = $9, outbox_budget_bytes = $10,
+                 dropped_control = $11, dropped_telemetry = $12, dropped_samples = $13
              WHERE id = $1",
             &[
                 &device_id,
@@ -197,6 +217,12 @@ async fn apply_status(tx: &impl GenericClient, device_id: &str, s: &DeviceStatus
                 &i(s.inferences),
                 &i(s.errors),
                 &i(s.malformed_messages),
+                &i(s.outbox.entries),
+                &i(s.outbox.bytes),
+                &i(s.outbox.budget_bytes),
+                &i(s.outbox.dropped.control),
+                &i(s.outbox.dropped.telemetry),
+                &i(s.outbox.dropped.samples),
             ],
         )
         .await?;
@@ -366,32 +392,44 @@ async fn load_rollout(c: &impl GenericClient, id: u64) -> Result<Option<RolloutR
 
 #[async_trait::async_trait]
 impl Store for PgStore {
-    async fn ingest(&self, envelope: &Envelope, received_ms: u64) -> Result<Ingested> {
+    async fn ingest_many(
+        &self,
+        envelopes: &[Envelope],
+        received_ms: u64,
+    ) -> Result<Vec<Ingested>> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        let fresh = tx
-            .execute(
-                "INSERT INTO seen_messages (msg_id, device_id, received_ms) VALUES ($1, $2, $3)
-                 ON CONFLICT (msg_id) DO NOTHING",
-                &[&envelope.msg_id, &envelope.device_id, &i(received_ms)],
-            )
-            .await?;
-        if fresh == 0 {
-            return Ok(Ingested::Duplicate);
-        }
-        touch_device(&*tx, &envelope.device_id, received_ms).await?;
-        match &envelope.message {
-            Message::Status(s) => apply_status(&*tx, &envelope.device_id, s).await?,
-            Message::DriftSummary(s) => apply_drift(&*tx, envelope, s, received_ms).await?,
-            Message::DeploymentStatus(d) => {
-                apply_deployment(&*tx, &envelope.device_id, d, received_ms).await?
+        let mut results = Vec::with_capacity(envelopes.len());
+        for envelope in envelopes {
+            let fresh = tx
+                .execute(
+                    "INSERT INTO seen_messages (msg_id, device_id, received_ms) VALUES ($1, $2, $3)
+                     ON CONFLICT (msg_id) DO NOTHING",
+                    &[&envelope.msg_id, &envelope.device_id, &i(received_ms)],
+                )
+                .await?;
+            if fresh == 0 {
+                results.push(Ingested::Duplicate);
+                continue;
             }
-            Message::Command(_) => {
-                return Err(StoreError::Corrupt("devices do not send commands".into()));
+            touch_device(&*tx, &envelope.device_id, received_ms).await?;
+            match &envelope.message {
+                Message::Status(s) => apply_status(&*tx, &envelope.device_id, s).await?,
+                Message::DriftSummary(s) => apply_drift(&*tx, envelope, s, received_ms).await?,
+                Message::DeploymentStatus(d) => {
+                    apply_deployment(&*tx, &envelope.device_id, d, received_ms).await?
+                }
+                Message::Command(_) | Message::Receipt(_) => {
+                    return Err(StoreError::Corrupt(format!(
+                        "devices do not send `{}` messages",
+                        envelope.message.kind()
+                    )));
+                }
             }
+            results.push(Ingested::Stored);
         }
         tx.commit().await?;
-        Ok(Ingested::Stored)
+        Ok(results)
     }
 
     async fn devices(&self) -> Result<Vec<DeviceRow>> {
@@ -399,7 +437,9 @@ impl Store for PgStore {
         let rows = client
             .query(
                 "SELECT id, online, agent_version, model_name, model_version, last_seen_ms,
-                        inferences, errors, malformed_messages, last_psi_max
+                        inferences, errors, malformed_messages, last_psi_max,
+                        outbox_entries, outbox_bytes, outbox_budget_bytes,
+                        dropped_control, dropped_telemetry, dropped_samples
                  FROM devices ORDER BY id",
                 &[],
             )
@@ -417,6 +457,16 @@ impl Store for PgStore {
                 errors: u(r.get(7)),
                 malformed_messages: u(r.get(8)),
                 last_psi_max: r.get(9),
+                outbox: OutboxStatus {
+                    entries: u(r.get(10)),
+                    bytes: u(r.get(11)),
+                    budget_bytes: u(r.get(12)),
+                    dropped: DropCounts {
+                        control: u(r.get(13)),
+                        telemetry: u(r.get(14)),
+                        samples: u(r.get(15)),
+                    },
+                },
             })
             .collect())
     }

@@ -3,14 +3,16 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use edgeloop_shared::protocol::{DeploymentStatus, DeviceStatus, DriftSummary, Envelope, Message};
+use edgeloop_shared::protocol::{
+    DeploymentStatus, DeviceStatus, DriftSummary, DropCounts, Envelope, Message,
+};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use super::*;
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
-const SCHEMA_V1: &str = "
+pub(super) const SCHEMA_V1: &str = "
 CREATE TABLE seen_messages (
     msg_id TEXT PRIMARY KEY,
     device_id TEXT NOT NULL,
@@ -83,6 +85,16 @@ CREATE TABLE deployment_events (
 CREATE INDEX deployment_events_by_device ON deployment_events (device_id, id);
 ";
 
+/// Version 2: each device's outbox state and drop counts.
+const SCHEMA_V2: &str = "
+ALTER TABLE devices ADD COLUMN outbox_entries INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE devices ADD COLUMN outbox_bytes INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE devices ADD COLUMN outbox_budget_bytes INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE devices ADD COLUMN dropped_control INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE devices ADD COLUMN dropped_telemetry INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE devices ADD COLUMN dropped_samples INTEGER NOT NULL DEFAULT 0;
+";
+
 impl From<rusqlite::Error> for StoreError {
     fn from(source: rusqlite::Error) -> Self {
         StoreError::Sqlite {
@@ -120,9 +132,12 @@ impl SqliteStore {
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .map_err(with_path)?;
         match version {
-            0 => {
+            0..SCHEMA_VERSION => {
                 let tx = conn.transaction().map_err(with_path)?;
-                tx.execute_batch(SCHEMA_V1).map_err(with_path)?;
+                if version < 1 {
+                    tx.execute_batch(SCHEMA_V1).map_err(with_path)?;
+                }
+                tx.execute_batch(SCHEMA_V2).map_err(with_path)?;
                 tx.pragma_update(None, "user_version", SCHEMA_VERSION)
                     .map_err(with_path)?;
                 tx.commit().map_err(with_path)?;
@@ -183,7 +198,9 @@ fn apply_status(tx: &Transaction<'_>, device_id: &str, s: &DeviceStatus) -> Resu
                  last_psi_max = CASE WHEN model_name IS ?3 AND model_version IS ?4
                                      THEN last_psi_max END,
                  model_name = ?3, model_version = ?4,
-                 inferences = ?5, errors = ?6, malformed_messages = ?7
+                 inferences = ?5, errors = ?6, malformed_messages = ?7,
+                 outbox_entries = ?8, outbox_bytes = ?9, outbox_budget_bytes = ?10,
+                 dropped_control = ?11, dropped_telemetry = ?12, dropped_samples = ?13
              WHERE id = ?1",
             params![
                 device_id,
@@ -193,6 +210,12 @@ fn apply_status(tx: &Transaction<'_>, device_id: &str, s: &DeviceStatus) -> Resu
                 s.inferences as i64,
                 s.errors as i64,
                 s.malformed_messages as i64,
+                s.outbox.entries as i64,
+                s.outbox.bytes as i64,
+                s.outbox.budget_bytes as i64,
+                s.outbox.dropped.control as i64,
+                s.outbox.dropped.telemetry as i64,
+                s.outbox.dropped.samples as i64,
             ],
         )?;
     } else {
@@ -373,28 +396,42 @@ fn load_rollout(conn: &Connection, id: u64) -> Result<Option<RolloutRow>> {
 
 #[async_trait::async_trait]
 impl Store for SqliteStore {
-    async fn ingest(&self, envelope: &Envelope, received_ms: u64) -> Result<Ingested> {
-        let envelope = envelope.clone();
+    async fn ingest_many(
+        &self,
+        envelopes: &[Envelope],
+        received_ms: u64,
+    ) -> Result<Vec<Ingested>> {
+        let envelopes = envelopes.to_vec();
         self.call(move |conn| {
             let tx = conn.transaction()?;
-            let fresh = tx.execute(
-                "INSERT OR IGNORE INTO seen_messages (msg_id, device_id, received_ms) VALUES (?1, ?2, ?3)",
-                params![envelope.msg_id, envelope.device_id, received_ms as i64],
-            )?;
-            if fresh == 0 {
-                return Ok(Ingested::Duplicate);
-            }
-            touch_device(&tx, &envelope.device_id, received_ms)?;
-            match &envelope.message {
-                Message::Status(s) => apply_status(&tx, &envelope.device_id, s)?,
-                Message::DriftSummary(s) => apply_drift(&tx, &envelope, s, received_ms)?,
-                Message::DeploymentStatus(d) => apply_deployment(&tx, &envelope.device_id, d, received_ms)?,
-                Message::Command(_) => {
-                    return Err(StoreError::Corrupt("devices do not send commands".into()));
+            let mut results = Vec::with_capacity(envelopes.len());
+            for envelope in &envelopes {
+                let fresh = tx.execute(
+                    "INSERT OR IGNORE INTO seen_messages (msg_id, device_id, received_ms) VALUES (?1, ?2, ?3)",
+                    params![envelope.msg_id, envelope.device_id, received_ms as i64],
+                )?;
+                if fresh == 0 {
+                    results.push(Ingested::Duplicate);
+                    continue;
                 }
+                touch_device(&tx, &envelope.device_id, received_ms)?;
+                match &envelope.message {
+                    Message::Status(s) => apply_status(&tx, &envelope.device_id, s)?,
+                    Message::DriftSummary(s) => apply_drift(&tx, envelope, s, received_ms)?,
+                    Message::DeploymentStatus(d) => {
+                        apply_deployment(&tx, &envelope.device_id, d, received_ms)?
+                    }
+                    Message::Command(_) | Message::Receipt(_) => {
+                        return Err(StoreError::Corrupt(format!(
+                            "devices do not send `{}` messages",
+                            envelope.message.kind()
+                        )));
+                    }
+                }
+                results.push(Ingested::Stored);
             }
             tx.commit()?;
-            Ok(Ingested::Stored)
+            Ok(results)
         })
         .await
     }
@@ -403,7 +440,9 @@ impl Store for SqliteStore {
         self.call(|conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT id, online, agent_version, model_name, model_version, last_seen_ms,
-                        inferences, errors, malformed_messages, last_psi_max
+                        inferences, errors, malformed_messages, last_psi_max,
+                        outbox_entries, outbox_bytes, outbox_budget_bytes,
+                        dropped_control, dropped_telemetry, dropped_samples
                  FROM devices ORDER BY id",
             )?;
             let rows = stmt
@@ -419,6 +458,16 @@ impl Store for SqliteStore {
                         errors: u(r.get(7)?),
                         malformed_messages: u(r.get(8)?),
                         last_psi_max: r.get(9)?,
+                        outbox: OutboxStatus {
+                            entries: u(r.get(10)?),
+                            bytes: u(r.get(11)?),
+                            budget_bytes: u(r.get(12)?),
+                            dropped: DropCounts {
+                                control: u(r.get(13)?),
+                                telemetry: u(r.get(14)?),
+                                samples: u(r.get(15)?),
+                            },
+                        },
                     })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;

@@ -2,7 +2,8 @@
 
 use edgeloop_shared::drift::{FeatureWindow, WindowStats};
 use edgeloop_shared::protocol::{
-    DeployStage, DeploymentStatus, DeviceStatus, DriftSummary, Envelope, Message, ModelRef,
+    DeployStage, DeploymentStatus, DeviceStatus, DriftSummary, DropCounts, Envelope, Message,
+    ModelRef, OutboxStatus, Receipt,
 };
 
 use super::*;
@@ -27,6 +28,16 @@ fn status(device: &str, msg_id: &str, online: bool, version: Option<u64>) -> Env
             inferences: 10,
             errors: 1,
             malformed_messages: 0,
+            outbox: OutboxStatus {
+                entries: 3,
+                bytes: 300,
+                budget_bytes: 4096,
+                dropped: DropCounts {
+                    control: 0,
+                    telemetry: 7,
+                    samples: 2,
+                },
+            },
         }),
     )
 }
@@ -108,6 +119,44 @@ pub async fn suite(store: &dyn Store) {
     assert_eq!(devices.len(), 2);
     assert_eq!(devices[1].model_version, Some(1));
     assert_eq!(devices[0].last_seen_ms, 100);
+    assert_eq!(devices[0].outbox.dropped.telemetry, 7);
+    assert_eq!(devices[0].outbox.dropped.samples, 2);
+    assert_eq!(devices[0].outbox.budget_bytes, 4096);
+
+    // A batch is one transaction with one result per message.
+    assert_eq!(
+        store
+            .ingest_many(
+                &[
+                    status("d1", "s1", true, None),
+                    status("d3", "b1", true, None),
+                    status("d3", "b2", true, None),
+                ],
+                120,
+            )
+            .await
+            .unwrap(),
+        [Ingested::Duplicate, Ingested::Stored, Ingested::Stored]
+    );
+    // A message no device may send fails the whole batch, which then leaves no trace.
+    let poisoned = [
+        status("d4", "b3", true, None),
+        Envelope::new("d4", "b4", 1, Message::Receipt(Receipt::default())),
+    ];
+    assert!(matches!(
+        store.ingest_many(&poisoned, 130).await,
+        Err(StoreError::Corrupt(_))
+    ));
+    assert_eq!(
+        store.ingest(&poisoned[0], 131).await.unwrap(),
+        Ingested::Stored,
+        "the failed batch's first message was rolled back"
+    );
+    let devices = store.devices().await.unwrap();
+    assert_eq!(
+        devices.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(),
+        ["d1", "d2", "d3", "d4"]
+    );
 
     // The last will only changes presence.
     store
@@ -255,7 +304,30 @@ async fn sqlite_store_passes_the_suite() {
     suite(&SqliteStore::open(&path).unwrap()).await;
     // Reopening keeps everything and does not migrate twice.
     let again = SqliteStore::open(&path).unwrap();
-    assert_eq!(again.devices().await.unwrap().len(), 2);
+    assert_eq!(again.devices().await.unwrap().len(), 4);
+}
+
+#[tokio::test]
+async fn a_version_1_sqlite_database_is_migrated_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.sqlite");
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute_batch(super::sqlite::SCHEMA_V1).unwrap();
+    conn.execute_batch(
+        "INSERT INTO devices (id, last_seen_ms, inferences) VALUES ('old', 5, 42);
+         PRAGMA user_version = 1;",
+    )
+    .unwrap();
+    drop(conn);
+    let store = SqliteStore::open(&path).unwrap();
+    let devices = store.devices().await.unwrap();
+    assert_eq!((devices[0].id.as_str(), devices[0].inferences), ("old", 42));
+    assert_eq!(devices[0].outbox, OutboxStatus::default());
+    store
+        .ingest(&status("old", "s1", true, None), 10)
+        .await
+        .unwrap();
+    assert_eq!(store.devices().await.unwrap()[0].outbox.dropped.telemetry, 7);
 }
 
 #[tokio::test]

@@ -1,0 +1,359 @@
+//! Batches: several envelopes of one device and one topic in a single MQTT payload,
+//! optionally zstd-compressed.
+//!
+//! A batch is a header line, a newline (`\n`), then the body:
+//!
+//! ```text
+//! {"v":1,"kind":"batch","device_id":"sim-001","count":3,"encoding":"zstd","bytes":2345}
+//! <body>
+//! ```
+//!
+//! The body, decoded according to `encoding` (`"zstd"`: one zstd frame; `"identity"`: as
+//! is), is exactly `bytes` long and is a JSON array of `count` envelopes, each exactly as it
+//! would travel alone. Each envelope keeps its own message id, so receipts, duplicates and
+//! rejections are per envelope, never per batch. A payload whose first line is not a batch
+//! header is a single envelope.
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::protocol::{DecodeError, Envelope, MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
+
+/// Most envelopes in one batch.
+pub const MAX_BATCH_MESSAGES: usize = 1024;
+/// Largest decoded body of a batch, in bytes. Bounds what a small compressed payload may
+/// expand to.
+pub const MAX_BATCH_BYTES: usize = 4 << 20;
+/// The header line is looked for in this many leading bytes.
+const MAX_HEADER_BYTES: usize = 512;
+/// The compression level: zstd's default, a good ratio at a small CPU cost.
+const ZSTD_LEVEL: i32 = 3;
+
+/// How a batch body is encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Encoding {
+    Identity,
+    Zstd,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Header<'a> {
+    v: u32,
+    kind: &'a str,
+    device_id: &'a str,
+    count: usize,
+    encoding: Encoding,
+    bytes: usize,
+}
+
+#[derive(Deserialize)]
+struct KindProbe<'a> {
+    #[serde(borrow)]
+    kind: Option<std::borrow::Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct MsgIdProbe {
+    msg_id: Option<String>,
+}
+
+/// An envelope of a batch that could not be decoded. Its message id, when it could be read,
+/// lets the receiver tell the sender that this one message is refused for good.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ItemError {
+    pub msg_id: Option<String>,
+    pub error: DecodeError,
+}
+
+/// A decoded MQTT payload.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Payload {
+    Single(Envelope),
+    Batch {
+        /// The device the header names; every envelope must be from it too.
+        device_id: String,
+        items: Vec<Result<Envelope, ItemError>>,
+    },
+}
+
+/// Encodes already-encoded envelopes as one batch.
+pub fn encode(device_id: &str, envelopes: &[&[u8]], encoding: Encoding) -> Vec<u8> {
+    let mut body = Vec::with_capacity(envelopes.iter().map(|e| e.len() + 1).sum::<usize>() + 2);
+    body.push(b'[');
+    for (i, e) in envelopes.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(e);
+    }
+    body.push(b']');
+    let header = Header {
+        v: PROTOCOL_VERSION,
+        kind: "batch",
+        device_id,
+        count: envelopes.len(),
+        encoding,
+        bytes: body.len(),
+    };
+    let mut out = serde_json::to_vec(&header).expect("headers serialize");
+    out.push(b'\n');
+    match encoding {
+        Encoding::Identity => out.extend_from_slice(&body),
+        Encoding::Zstd => out.extend_from_slice(
+            &zstd::bulk::compress(&body, ZSTD_LEVEL).expect("compressing to memory cannot fail"),
+        ),
+    }
+    out
+}
+
+/// Decodes an MQTT payload: a single envelope or a batch.
+pub fn decode(bytes: &[u8]) -> Result<Payload, DecodeError> {
+    if bytes.len() > MAX_MESSAGE_BYTES {
+        return Err(DecodeError::TooLarge {
+            size: bytes.len(),
+            max: MAX_MESSAGE_BYTES,
+        });
+    }
+    let head = &bytes[..bytes.len().min(MAX_HEADER_BYTES)];
+    if let Some(nl) = head.iter().position(|&b| b == b'\n')
+        && let Ok(KindProbe { kind: Some(kind) }) = serde_json::from_slice(&bytes[..nl])
+        && kind == "batch"
+    {
+        return decode_batch(&bytes[..nl], &bytes[nl + 1..]);
+    }
+    Envelope::decode(bytes).map(Payload::Single)
+}
+
+fn decode_batch(header: &[u8], body: &[u8]) -> Result<Payload, DecodeError> {
+    let bad = |reason: String| DecodeError::Batch(reason);
+    let header: Header<'_> =
+        serde_json::from_slice(header).map_err(|e| bad(format!("header: {e}")))?;
+    if header.v != PROTOCOL_VERSION {
+        return Err(DecodeError::UnsupportedVersion(header.v.into()));
+    }
+    if !crate::is_valid_identifier(header.device_id) {
+        return Err(DecodeError::BadDeviceId(
+            header.device_id.chars().take(64).collect(),
+        ));
+    }
+    if header.count == 0 || header.count > MAX_BATCH_MESSAGES {
+        return Err(bad(format!(
+            "count {} is not in 1..={MAX_BATCH_MESSAGES}",
+            header.count
+        )));
+    }
+    if header.bytes > MAX_BATCH_BYTES {
+        return Err(DecodeError::TooLarge {
+            size: header.bytes,
+            max: MAX_BATCH_BYTES,
+        });
+    }
+    let decoded;
+    let body = match header.encoding {
+        Encoding::Identity => body,
+        Encoding::Zstd => {
+            // The declared size caps the output: a body that expands further is an error,
+            // never an allocation beyond the limit.
+            decoded = zstd::bulk::decompress(body, header.bytes)
+                .map_err(|e| bad(format!("zstd body: {e}")))?;
+            &decoded
+        }
+    };
+    if body.len() != header.bytes {
+        return Err(bad(format!(
+            "body is {} bytes, the header says {}",
+            body.len(),
+            header.bytes
+        )));
+    }
+    let raw: Vec<&RawValue> =
+        serde_json::from_slice(body).map_err(|e| bad(format!("body: {e}")))?;
+    if raw.len() != header.count {
+        return Err(bad(format!(
+            "body holds {} envelopes, the header says {}",
+            raw.len(),
+            header.count
+        )));
+    }
+    let items = raw
+        .into_iter()
+        .map(|item| {
+            let text = item.get().as_bytes();
+            Envelope::decode(text).map_err(|error| ItemError {
+                msg_id: serde_json::from_slice::<MsgIdProbe>(text)
+                    .ok()
+                    .and_then(|p| p.msg_id)
+                    .filter(|id| Envelope::is_valid_msg_id(id)),
+                error,
+            })
+        })
+        .collect();
+    Ok(Payload::Batch {
+        device_id: header.device_id.to_string(),
+        items,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{DeviceStatus, Message, OutboxStatus};
+
+    fn envelope(id: &str) -> Envelope {
+        Envelope::new(
+            "dev-1",
+            id,
+            7,
+            Message::Status(DeviceStatus {
+                online: true,
+                agent_version: "0.1.0".into(),
+                model: None,
+                uptime_s: 1,
+                inferences: 2,
+                errors: 0,
+                malformed_messages: 0,
+                outbox: OutboxStatus::default(),
+            }),
+        )
+    }
+
+    fn encoded(ids: &[&str]) -> Vec<Vec<u8>> {
+        ids.iter().map(|id| envelope(id).encode()).collect()
+    }
+
+    fn refs(v: &[Vec<u8>]) -> Vec<&[u8]> {
+        v.iter().map(Vec::as_slice).collect()
+    }
+
+    #[test]
+    fn batches_round_trip_in_both_encodings_and_single_envelopes_pass_through() {
+        let items = encoded(&["a", "b", "c"]);
+        for encoding in [Encoding::Identity, Encoding::Zstd] {
+            let bytes = encode("dev-1", &refs(&items), encoding);
+            let Payload::Batch { device_id, items } = decode(&bytes).unwrap() else {
+                panic!("not a batch")
+            };
+            assert_eq!(device_id, "dev-1");
+            let ids: Vec<String> = items.into_iter().map(|i| i.unwrap().msg_id).collect();
+            assert_eq!(ids, ["a", "b", "c"]);
+        }
+        assert_eq!(
+            decode(&envelope("x").encode()).unwrap(),
+            Payload::Single(envelope("x"))
+        );
+    }
+
+    #[test]
+    fn the_header_is_one_json_line() {
+        let bytes = encode("dev-1", &refs(&encoded(&["a"])), Encoding::Zstd);
+        let nl = bytes.iter().position(|&b| b == b'\n').unwrap();
+        let header: serde_json::Value = serde_json::from_slice(&bytes[..nl]).unwrap();
+        assert_eq!(header["kind"], "batch");
+        assert_eq!(header["encoding"], "zstd");
+        assert_eq!(header["count"], 1);
+    }
+
+    #[test]
+    fn compression_pays_on_telemetry() {
+        let items = encoded(&["a", "b", "c", "d", "e", "f", "g", "h"]);
+        let plain: usize = items.iter().map(Vec::len).sum();
+        let zstd = encode("dev-1", &refs(&items), Encoding::Zstd).len();
+        assert!(zstd * 3 < plain, "{zstd} vs {plain}");
+    }
+
+    #[test]
+    fn one_bad_envelope_is_named_and_the_others_survive() {
+        let mut items = encoded(&["a"]);
+        items.push(br#"{"v":1,"device_id":"dev-1","msg_id":"b","ts_ms":1,"kind":"nope","payload":{}}"#.to_vec());
+        items.push(br#"{"msg_id":"bad id"}"#.to_vec());
+        let Payload::Batch { items, .. } =
+            decode(&encode("dev-1", &refs(&items), Encoding::Identity)).unwrap()
+        else {
+            panic!()
+        };
+        assert!(items[0].is_ok());
+        let err = items[1].as_ref().unwrap_err();
+        assert_eq!(err.msg_id.as_deref(), Some("b"));
+        assert_eq!(err.error, DecodeError::UnknownKind("nope".into()));
+        assert_eq!(items[2].as_ref().unwrap_err().msg_id, None);
+    }
+
+    #[test]
+    fn lying_or_hostile_batches_are_refused() {
+        let items = encoded(&["a", "b"]);
+        let good = encode("dev-1", &refs(&items), Encoding::Zstd);
+        let nl = good.iter().position(|&b| b == b'\n').unwrap();
+        let with_header = |h: &str| {
+            let mut b = h.as_bytes().to_vec();
+            b.push(b'\n');
+            b.extend_from_slice(&good[nl + 1..]);
+            b
+        };
+        let header: serde_json::Value = serde_json::from_slice(&good[..nl]).unwrap();
+        let bytes = header["bytes"].as_u64().unwrap();
+        let cases = [
+            // wrong count
+            format!(
+                r#"{{"v":1,"kind":"batch","device_id":"dev-1","count":3,"encoding":"zstd","bytes":{bytes}}}"#
+            ),
+            // understated size: the body expands past it
+            format!(
+                r#"{{"v":1,"kind":"batch","device_id":"dev-1","count":2,"encoding":"zstd","bytes":{}}}"#,
+                bytes - 1
+            ),
+            // overstated size
+            format!(
+                r#"{{"v":1,"kind":"batch","device_id":"dev-1","count":2,"encoding":"zstd","bytes":{}}}"#,
+                bytes + 1
+            ),
+            // not compressed as declared
+            format!(
+                r#"{{"v":1,"kind":"batch","device_id":"dev-1","count":2,"encoding":"identity","bytes":{bytes}}}"#
+            ),
+            // unknown field
+            format!(
+                r#"{{"v":1,"kind":"batch","device_id":"dev-1","count":2,"encoding":"zstd","bytes":{bytes},"x":1}}"#
+            ),
+        ];
+        for case in cases {
+            assert!(
+                matches!(decode(&with_header(&case)), Err(DecodeError::Batch(_))),
+                "{case}"
+            );
+        }
+        let bomb = format!(
+            r#"{{"v":1,"kind":"batch","device_id":"dev-1","count":2,"encoding":"zstd","bytes":{}}}"#,
+            MAX_BATCH_BYTES + 1
+        );
+        assert!(matches!(
+            decode(&with_header(&bomb)),
+            Err(DecodeError::TooLarge { .. })
+        ));
+        let v2 = format!(
+            r#"{{"v":2,"kind":"batch","device_id":"dev-1","count":2,"encoding":"zstd","bytes":{bytes}}}"#
+        );
+        assert_eq!(
+            decode(&with_header(&v2)),
+            Err(DecodeError::UnsupportedVersion(2))
+        );
+        let mut truncated = good.clone();
+        truncated.truncate(good.len() - 5);
+        assert!(matches!(decode(&truncated), Err(DecodeError::Batch(_))));
+    }
+
+    #[test]
+    fn a_zstd_bomb_is_stopped_at_the_declared_size() {
+        let body = vec![b' '; MAX_BATCH_BYTES * 4];
+        let compressed = zstd::bulk::compress(&body, 19).unwrap();
+        assert!(compressed.len() < MAX_MESSAGE_BYTES);
+        let mut bytes = format!(
+            r#"{{"v":1,"kind":"batch","device_id":"dev-1","count":1,"encoding":"zstd","bytes":{MAX_BATCH_BYTES}}}"#
+        )
+        .into_bytes();
+        bytes.push(b'\n');
+        bytes.extend_from_slice(&compressed);
+        assert!(matches!(decode(&bytes), Err(DecodeError::Batch(_))));
+    }
+}
