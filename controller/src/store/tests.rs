@@ -375,7 +375,7 @@ async fn postgres_store_passes_the_suite() {
     let again = PgStore::connect(&scoped).await.unwrap();
     assert_eq!(
         again.devices().await.unwrap().len(),
-        2,
+        4,
         "reopening keeps everything"
     );
     admin
