@@ -198,7 +198,10 @@ impl AgentConfig {
         if !(1..=edgeloop_shared::batch::MAX_BATCH_MESSAGES).contains(&self.batching.max_messages) {
             return Err(invalid(
                 "batching.max_messages",
-                &format!("must be in 1..={}", edgeloop_shared::batch::MAX_BATCH_MESSAGES),
+                &format!(
+                    "must be in 1..={}",
+                    edgeloop_shared::batch::MAX_BATCH_MESSAGES
+                ),
             ));
         }
         let max_payload = edgeloop_shared::protocol::MAX_MESSAGE_BYTES;

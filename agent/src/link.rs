@@ -275,7 +275,10 @@ impl Inflight {
     }
 
     fn awaiting_puback(&self, id: u64) -> bool {
-        self.by_pkid.values().chain(&self.awaiting_pkid).any(|ids| ids.contains(&id))
+        self.by_pkid
+            .values()
+            .chain(&self.awaiting_pkid)
+            .any(|ids| ids.contains(&id))
     }
 }
 
@@ -334,7 +337,9 @@ impl Link {
         let mut connection = self.connect();
         let mut flight = Inflight::default();
         let mut connected = false;
-        let mut resend = tokio::time::interval((self.config.receipt_timeout / 4).max(Duration::from_millis(250)));
+        let mut resend = tokio::time::interval(
+            (self.config.receipt_timeout / 4).max(Duration::from_millis(250)),
+        );
         resend.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if connected {
@@ -600,7 +605,11 @@ mod tests {
         assert!(too_big.is_empty());
         assert!(publications.len() >= 2);
         let ids: Vec<u64> = publications.iter().flat_map(|p| p.ids.clone()).collect();
-        assert_eq!(ids, (1..=8).collect::<Vec<_>>(), "order and completeness kept");
+        assert_eq!(
+            ids,
+            (1..=8).collect::<Vec<_>>(),
+            "order and completeness kept"
+        );
         for p in &publications {
             assert!(p.payload.len() <= 2000);
             let batch::Payload::Batch { items, .. } = batch::decode(&p.payload).unwrap() else {

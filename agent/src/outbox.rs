@@ -28,7 +28,9 @@ pub enum OutboxError {
         #[source]
         source: rusqlite::Error,
     },
-    #[error("outbox database {path} has schema version {found}, newer than this agent's {supported}")]
+    #[error(
+        "outbox database {path} has schema version {found}, newer than this agent's {supported}"
+    )]
     NewerSchema {
         path: PathBuf,
         found: i64,
@@ -272,10 +274,13 @@ impl OutboxStore for SqliteOutbox {
     }
 
     fn remove(&mut self, ids: &[u64]) -> Result<(), OutboxError> {
-        let tx = self.conn.transaction().map_err(|source| OutboxError::Sqlite {
-            path: self.path.clone(),
-            source,
-        })?;
+        let tx = self
+            .conn
+            .transaction()
+            .map_err(|source| OutboxError::Sqlite {
+                path: self.path.clone(),
+                source,
+            })?;
         let mut removed = 0u64;
         {
             let mut stmt = tx
@@ -513,13 +518,14 @@ impl Outbox {
                 return Ok(Enqueued::Dropped);
             }
             let (_, used) = s.size()?;
-            let victims = match choose_victims(s, entry.priority, (used + size).saturating_sub(budget))? {
-                Some(victims) => victims,
-                None => {
-                    s.count_drops(entry.priority, 1)?;
-                    return Ok(Enqueued::Dropped);
-                }
-            };
+            let victims =
+                match choose_victims(s, entry.priority, (used + size).saturating_sub(budget))? {
+                    Some(victims) => victims,
+                    None => {
+                        s.count_drops(entry.priority, 1)?;
+                        return Ok(Enqueued::Dropped);
+                    }
+                };
             if !victims.is_empty() {
                 let ids: Vec<u64> = victims.iter().map(|v| v.0).collect();
                 s.remove(&ids)?;
@@ -618,7 +624,12 @@ fn choose_victims(
 mod tests {
     use super::*;
 
-    fn entry<'a>(topic: &'a str, msg_id: &'a str, priority: Priority, payload: &'a [u8]) -> NewEntry<'a> {
+    fn entry<'a>(
+        topic: &'a str,
+        msg_id: &'a str,
+        priority: Priority,
+        payload: &'a [u8],
+    ) -> NewEntry<'a> {
         NewEntry {
             topic,
             msg_id,
@@ -630,9 +641,15 @@ mod tests {
     /// One suite for every store.
     fn exercise(store: &mut dyn OutboxStore) {
         assert_eq!(store.size().unwrap(), (0, 0));
-        let a = store.insert(entry("t/a", "m-a", Priority::Telemetry, b"1")).unwrap();
-        let b = store.insert(entry("t/b", "m-b", Priority::Control, b"22")).unwrap();
-        let c = store.insert(entry("t/c", "m-c", Priority::Samples, b"333")).unwrap();
+        let a = store
+            .insert(entry("t/a", "m-a", Priority::Telemetry, b"1"))
+            .unwrap();
+        let b = store
+            .insert(entry("t/b", "m-b", Priority::Control, b"22"))
+            .unwrap();
+        let c = store
+            .insert(entry("t/c", "m-c", Priority::Samples, b"333"))
+            .unwrap();
         assert!(a < b && b < c);
         let all = store.after(0, 10).unwrap();
         assert_eq!(all.iter().map(|e| e.id).collect::<Vec<_>>(), [a, b, c]);
@@ -644,7 +661,11 @@ mod tests {
         assert_eq!(store.size().unwrap(), (3, 6));
         assert_eq!(
             store.eviction_candidates(Priority::Control, 10).unwrap(),
-            [(c, Priority::Samples, 3), (a, Priority::Telemetry, 1), (b, Priority::Control, 2)]
+            [
+                (c, Priority::Samples, 3),
+                (a, Priority::Telemetry, 1),
+                (b, Priority::Control, 2)
+            ]
         );
         assert_eq!(
             store.eviction_candidates(Priority::Telemetry, 1).unwrap(),
@@ -653,7 +674,9 @@ mod tests {
         assert_eq!(store.remove_by_msg_id(&["m-b", "unknown"]).unwrap(), [b]);
         store.remove(&[b, c]).unwrap();
         assert_eq!(store.size().unwrap(), (1, 1));
-        let d = store.insert(entry("t/d", "m-d", Priority::Telemetry, b"4")).unwrap();
+        let d = store
+            .insert(entry("t/d", "m-d", Priority::Telemetry, b"4"))
+            .unwrap();
         assert!(d > c, "ids are never reused");
         store.count_drops(Priority::Telemetry, 2).unwrap();
         store.count_drops(Priority::Control, 1).unwrap();
@@ -680,8 +703,13 @@ mod tests {
         assert_eq!(again.drops().unwrap().telemetry, 3);
         assert_eq!(again.next_sequence("w").unwrap(), 3, "sequences survive");
         let ids: Vec<u64> = again.after(0, 10).unwrap().iter().map(|e| e.id).collect();
-        let next = again.insert(entry("t/e", "m-e", Priority::Control, b"5")).unwrap();
-        assert!(ids.iter().all(|&i| i < next), "AUTOINCREMENT never reuses an id");
+        let next = again
+            .insert(entry("t/e", "m-e", Priority::Control, b"5"))
+            .unwrap();
+        assert!(
+            ids.iter().all(|&i| i < next),
+            "AUTOINCREMENT never reuses an id"
+        );
     }
 
     #[test]
@@ -712,42 +740,73 @@ mod tests {
     }
 
     fn queued_ids(outbox: &Outbox) -> Vec<String> {
-        outbox.after(0, 100).unwrap().into_iter().map(|e| e.msg_id).collect()
+        outbox
+            .after(0, 100)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.msg_id)
+            .collect()
     }
 
     #[test]
     fn a_full_outbox_drops_the_oldest_of_the_lowest_priority_and_counts_it() {
         let outbox = Outbox::new(MemoryOutbox::default(), 100);
-        assert!(matches!(queue(&outbox, "c1", Priority::Control, 30), Enqueued::Queued { evicted: 0, .. }));
+        assert!(matches!(
+            queue(&outbox, "c1", Priority::Control, 30),
+            Enqueued::Queued { evicted: 0, .. }
+        ));
         queue(&outbox, "t1", Priority::Telemetry, 30);
         queue(&outbox, "s1", Priority::Samples, 20);
         queue(&outbox, "t2", Priority::Telemetry, 20);
         // 100 of 100 bytes used. A telemetry message evicts the sample first, then the
         // oldest telemetry.
-        assert!(matches!(queue(&outbox, "t3", Priority::Telemetry, 40), Enqueued::Queued { evicted: 2, .. }));
+        assert!(matches!(
+            queue(&outbox, "t3", Priority::Telemetry, 40),
+            Enqueued::Queued { evicted: 2, .. }
+        ));
         assert_eq!(queued_ids(&outbox), ["c1", "t2", "t3"]);
         // A sample cannot push out anything of higher priority: it is dropped itself.
-        assert_eq!(queue(&outbox, "s2", Priority::Samples, 20), Enqueued::Dropped);
+        assert_eq!(
+            queue(&outbox, "s2", Priority::Samples, 20),
+            Enqueued::Dropped
+        );
         // A control message pushes out all telemetry before any control message.
         queue(&outbox, "c2", Priority::Control, 60);
         assert_eq!(queued_ids(&outbox), ["c1", "c2"]);
         // Then the oldest control message makes room for the newest.
         queue(&outbox, "c3", Priority::Control, 20);
         assert_eq!(queued_ids(&outbox), ["c2", "c3"]);
-        assert_eq!(queue(&outbox, "huge", Priority::Control, 101), Enqueued::Dropped);
-        let status = outbox.status().unwrap();
-        assert_eq!((status.entries, status.bytes, status.budget_bytes), (2, 80, 100));
         assert_eq!(
-            (status.dropped.control, status.dropped.telemetry, status.dropped.samples),
+            queue(&outbox, "huge", Priority::Control, 101),
+            Enqueued::Dropped
+        );
+        let status = outbox.status().unwrap();
+        assert_eq!(
+            (status.entries, status.bytes, status.budget_bytes),
+            (2, 80, 100)
+        );
+        assert_eq!(
+            (
+                status.dropped.control,
+                status.dropped.telemetry,
+                status.dropped.samples
+            ),
             (2, 3, 2)
         );
-        assert_eq!(queued_ids(&outbox), ["c2", "c3"], "a refused message changed nothing");
+        assert_eq!(
+            queued_ids(&outbox),
+            ["c2", "c3"],
+            "a refused message changed nothing"
+        );
     }
 
     #[test]
     fn confirmed_messages_leave_by_message_id() {
         let dir = tempfile::tempdir().unwrap();
-        let outbox = Outbox::new(SqliteOutbox::open(&dir.path().join("o.sqlite")).unwrap(), 1000);
+        let outbox = Outbox::new(
+            SqliteOutbox::open(&dir.path().join("o.sqlite")).unwrap(),
+            1000,
+        );
         queue(&outbox, "a", Priority::Telemetry, 10);
         queue(&outbox, "b", Priority::Telemetry, 10);
         assert_eq!(outbox.confirm(&["a", "zzz"]).unwrap().len(), 1);

@@ -74,13 +74,21 @@ impl Reporter {
         match self.outbox.enqueue(entry) {
             Ok(Enqueued::Queued { evicted: 0, .. }) => {}
             Ok(Enqueued::Queued { evicted, .. }) => {
-                warn!(evicted, "outbox full: older, lower-priority messages dropped (counted)");
+                warn!(
+                    evicted,
+                    "outbox full: older, lower-priority messages dropped (counted)"
+                );
             }
             Ok(Enqueued::Dropped) => {
-                warn!(channel = channel.as_str(), "outbox full of higher-priority messages: message dropped (counted)");
+                warn!(
+                    channel = channel.as_str(),
+                    "outbox full of higher-priority messages: message dropped (counted)"
+                );
             }
             // Nothing else can hold it: say so loudly rather than silently dropping.
-            Err(e) => warn!(error = %e, channel = channel.as_str(), "cannot queue message; it is lost"),
+            Err(e) => {
+                warn!(error = %e, channel = channel.as_str(), "cannot queue message; it is lost")
+            }
         }
     }
 

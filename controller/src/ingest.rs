@@ -358,8 +358,13 @@ impl Ingestor {
         while !accepted.is_empty() {
             match self.store.ingest_many(&accepted, now_ms()).await {
                 Ok(results) => {
-                    let dups = results.iter().filter(|r| **r == Ingested::Duplicate).count() as u64;
-                    self.stats.stored.fetch_add(results.len() as u64 - dups, Ordering::Relaxed);
+                    let dups = results
+                        .iter()
+                        .filter(|r| **r == Ingested::Duplicate)
+                        .count() as u64;
+                    self.stats
+                        .stored
+                        .fetch_add(results.len() as u64 - dups, Ordering::Relaxed);
                     self.stats.duplicates.fetch_add(dups, Ordering::Relaxed);
                     if dups > 0 {
                         debug!(device = %device_id, dups, "duplicates dropped");
@@ -369,7 +374,9 @@ impl Ingestor {
                 }
                 Err(e @ StoreError::Corrupt(_)) => {
                     // The store refused these messages for what they are: retrying cannot help.
-                    self.stats.malformed.fetch_add(accepted.len() as u64, Ordering::Relaxed);
+                    self.stats
+                        .malformed
+                        .fetch_add(accepted.len() as u64, Ordering::Relaxed);
                     error!(device = %device_id, error = %e, "messages refused by the store; dropped");
                     rejected.extend(accepted.into_iter().map(|m| RejectedMessage {
                         msg_id: m.msg_id,
@@ -426,9 +433,18 @@ mod tests {
         let refused = validate(&t, "edgeloop/v1/devices/d2/status", &status_bytes("d1")).unwrap();
         assert!(refused.accepted.is_empty());
         assert_eq!(refused.rejected[0].msg_id, "m1");
-        assert!(refused.rejected[0].reason.contains("topic is for device `d2`"));
-        let refused = validate(&t, "edgeloop/v1/devices/d1/telemetry", &status_bytes("d1")).unwrap();
-        assert!(refused.rejected[0].reason.contains("carries `drift_summary`"));
+        assert!(
+            refused.rejected[0]
+                .reason
+                .contains("topic is for device `d2`")
+        );
+        let refused =
+            validate(&t, "edgeloop/v1/devices/d1/telemetry", &status_bytes("d1")).unwrap();
+        assert!(
+            refused.rejected[0]
+                .reason
+                .contains("carries `drift_summary`")
+        );
         // A single envelope that does not decode but names itself is refused by name.
         let refused = validate(
             &t,

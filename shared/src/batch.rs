@@ -266,7 +266,10 @@ mod tests {
     #[test]
     fn one_bad_envelope_is_named_and_the_others_survive() {
         let mut items = encoded(&["a"]);
-        items.push(br#"{"v":1,"device_id":"dev-1","msg_id":"b","ts_ms":1,"kind":"nope","payload":{}}"#.to_vec());
+        items.push(
+            br#"{"v":1,"device_id":"dev-1","msg_id":"b","ts_ms":1,"kind":"nope","payload":{}}"#
+                .to_vec(),
+        );
         items.push(br#"{"msg_id":"bad id"}"#.to_vec());
         let Payload::Batch { items, .. } =
             decode(&encode("dev-1", &refs(&items), Encoding::Identity)).unwrap()

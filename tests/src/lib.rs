@@ -74,19 +74,8 @@ impl TestController {
     /// `EDGELOOP_TEST_MQTT_URL` is unset.
     pub async fn start(broker: BrokerChoice) -> Option<Self> {
         init_tracing();
-        let mqtt_url = match broker {
-            BrokerChoice::Embedded => String::new(),
-            BrokerChoice::External => BrokerChoice::external_url()?,
-        };
+        let (mqtt_url, root, database) = test_services(broker).await?;
         let dir = tempfile::tempdir().expect("temp dir");
-        let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
-        let root = format!("edgeloop-test-{id}");
-        let database = match broker {
-            BrokerChoice::Embedded => Database::Sqlite,
-            BrokerChoice::External => {
-                Database::postgres_schema(&format!("edgeloop_test_{id}")).await
-            }
-        };
         let config = ControllerConfig {
             data_dir: dir.path().join("controller"),
             http_addr: "127.0.0.1:0".parse().unwrap(),
@@ -116,24 +105,27 @@ impl TestController {
 
     /// An agent config pointing at this controller: fast heartbeats, small windows.
     pub fn agent_config(&self, device_id: &str, window: u64) -> AgentConfig {
-        let mut config = AgentConfig {
-            device_id: device_id.to_string(),
-            broker_url: self.controller.mqtt_url.clone(),
-            topic_root: self.root.clone(),
-            controller_url: self.controller.http_url(),
-            trusted_keys: vec![self.controller.signing_key().public().to_text()],
-            state_dir: self.dir.path().join("agents").join(device_id),
-            heartbeat_interval_s: 1,
-            drift_window_samples: window,
-            ..AgentConfig::default()
-        };
-        config.source.rate_hz = 100.0;
-        config
+        agent_config(
+            device_id,
+            window,
+            &ControllerEndpoints {
+                mqtt_url: self.controller.mqtt_url.clone(),
+                http_url: self.controller.http_url(),
+                trusted_key: self.controller.signing_key().public().to_text(),
+                root: self.root.clone(),
+            },
+            &self.dir.path().join("agents").join(device_id),
+        )
     }
 
     /// Starts an agent with a synthetic sensor.
     pub fn spawn_agent(&self, device_id: &str, window: u64) -> TestAgent {
-        TestAgent::spawn(self.agent_config(device_id, window), &self.shutdown)
+        self.spawn_agent_with(self.agent_config(device_id, window))
+    }
+
+    /// Starts an agent with a synthetic sensor and this configuration.
+    pub fn spawn_agent_with(&self, config: AgentConfig) -> TestAgent {
+        TestAgent::spawn(config, &self.shutdown)
     }
 
     pub async fn publish_example(&self, version: u64) -> ModelRow {
@@ -288,6 +280,54 @@ impl TestController {
     }
 }
 
+/// The broker URL (empty: embedded), a fresh topic root and a fresh database for one test;
+/// `None` when the external broker was asked for and is not configured.
+pub async fn test_services(broker: BrokerChoice) -> Option<(String, String, Database)> {
+    let mqtt_url = match broker {
+        BrokerChoice::Embedded => String::new(),
+        BrokerChoice::External => BrokerChoice::external_url()?,
+    };
+    let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+    let root = format!("edgeloop-test-{id}");
+    let database = match broker {
+        BrokerChoice::Embedded => Database::Sqlite,
+        BrokerChoice::External => Database::postgres_schema(&format!("edgeloop_test_{id}")).await,
+    };
+    Some((mqtt_url, root, database))
+}
+
+/// Where agents find a controller.
+#[derive(Debug, Clone)]
+pub struct ControllerEndpoints {
+    pub mqtt_url: String,
+    pub http_url: String,
+    /// The controller's public key, as devices trust it.
+    pub trusted_key: String,
+    pub root: String,
+}
+
+/// An agent config for tests: fast heartbeats, small windows, 100 inputs a second.
+pub fn agent_config(
+    device_id: &str,
+    window: u64,
+    controller: &ControllerEndpoints,
+    state_dir: &std::path::Path,
+) -> AgentConfig {
+    let mut config = AgentConfig {
+        device_id: device_id.to_string(),
+        broker_url: controller.mqtt_url.clone(),
+        topic_root: controller.root.clone(),
+        controller_url: controller.http_url.clone(),
+        trusted_keys: vec![controller.trusted_key.clone()],
+        state_dir: state_dir.to_path_buf(),
+        heartbeat_interval_s: 1,
+        drift_window_samples: window,
+        ..AgentConfig::default()
+    };
+    config.source.rate_hz = 100.0;
+    config
+}
+
 /// The controller's database in a test.
 #[derive(Debug, Clone)]
 pub enum Database {
@@ -326,14 +366,14 @@ impl Database {
     }
 
     /// The controller's `database_url`.
-    fn url(&self) -> String {
+    pub fn url(&self) -> String {
         match self {
             Database::Sqlite => String::new(),
             Database::Postgres { url, .. } => url.clone(),
         }
     }
 
-    async fn drop_schema(&self) {
+    pub async fn drop_schema(&self) {
         if let Database::Postgres {
             admin_url, schema, ..
         } = self
@@ -466,4 +506,308 @@ macro_rules! on_both_brokers {
             }
         }
     };
+}
+
+/// A binary of this workspace. `cargo test --workspace` builds every binary into the
+/// directory above the test executables.
+pub fn binary(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target directory");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build it with `cargo build --workspace --bins` (`cargo test --workspace` does)",
+        path.display()
+    );
+    path
+}
+
+/// A child process, killed when dropped.
+pub struct Process {
+    child: std::process::Child,
+}
+
+impl Process {
+    pub fn spawn(command: &mut std::process::Command) -> Self {
+        let child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"));
+        Process { child }
+    }
+
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL: no shutdown code runs, as in a power cut of the process.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Whether it has exited.
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    pub fn take_stderr(&mut self) -> Option<std::process::ChildStderr> {
+        self.child.stderr.take()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Runs `edgeloop-agent run` with `config` written to `path`.
+pub fn spawn_agent_process(config: &AgentConfig, path: &std::path::Path) -> Process {
+    std::fs::write(
+        path,
+        toml::to_string(config).expect("agent config serializes"),
+    )
+    .unwrap();
+    Process::spawn(
+        std::process::Command::new(binary("edgeloop-agent"))
+            .args(["run", "--config"])
+            .arg(path)
+            .env("RUST_LOG", "warn"),
+    )
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `edgeloop serve` as a real process, on fixed ports so that it can be killed and started
+/// again where the devices expect it.
+pub struct ControllerProcess {
+    pub endpoints: ControllerEndpoints,
+    pub database: Database,
+    pub dir: tempfile::TempDir,
+    config_path: std::path::PathBuf,
+    process: Option<Process>,
+}
+
+impl ControllerProcess {
+    /// Starts it, or returns `None` when the external broker was asked for and
+    /// `EDGELOOP_TEST_MQTT_URL` is unset.
+    pub async fn start(broker: BrokerChoice) -> Option<Self> {
+        let mut controller = Self::prepare(broker).await?;
+        controller.run().await;
+        Some(controller)
+    }
+
+    /// Like [`ControllerProcess::start`], without starting the process: its key, ports and
+    /// configuration are ready, so devices can be pointed at it first.
+    pub async fn prepare(broker: BrokerChoice) -> Option<Self> {
+        init_tracing();
+        let (mqtt_url, root, database) = test_services(broker).await?;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data_dir = dir.path().join("controller");
+        let key = edgeloop_controller::keys::keygen(&data_dir.join("keys")).expect("keygen");
+        let mqtt_listen: std::net::SocketAddr =
+            format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let config = ControllerConfig {
+            data_dir,
+            http_addr: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+            mqtt_url: mqtt_url.clone(),
+            database_url: database.url(),
+            mqtt_listen,
+            mqtt_client_id: format!("{root}-controller"),
+            topic_root: root.clone(),
+            offline_after_s: 10,
+            resend_after_s: 5,
+            ..ControllerConfig::default()
+        };
+        let config_path = dir.path().join("controller.toml");
+        std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
+        let endpoints = ControllerEndpoints {
+            mqtt_url: if mqtt_url.is_empty() {
+                format!("mqtt://{mqtt_listen}")
+            } else {
+                mqtt_url
+            },
+            http_url: format!("http://{}", config.http_addr),
+            trusted_key: key.public().to_text(),
+            root,
+        };
+        Some(ControllerProcess {
+            endpoints,
+            database,
+            dir,
+            config_path,
+            process: None,
+        })
+    }
+
+    /// Starts the process and waits until its API answers.
+    pub async fn run(&mut self) {
+        assert!(self.process.is_none(), "already running");
+        let mut process = Process::spawn(
+            std::process::Command::new(binary("edgeloop"))
+                .args(["serve", "--config"])
+                .arg(&self.config_path)
+                .env("RUST_LOG", "warn,rumqttd=off"),
+        );
+        let url = format!("{}/api/v1/stats", self.endpoints.http_url);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if reqwest::get(&url)
+                .await
+                .is_ok_and(|r| r.status().is_success())
+            {
+                break;
+            }
+            assert!(!process.exited(), "edgeloop serve exited while starting");
+            assert!(Instant::now() < deadline, "edgeloop serve did not come up");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.process = Some(process);
+    }
+
+    /// SIGKILL.
+    pub fn kill9(&mut self) {
+        if let Some(mut p) = self.process.take() {
+            p.kill9();
+        }
+    }
+
+    /// Runs the `edgeloop` CLI with this controller's configuration.
+    pub fn cli(&self, args: &[&str]) {
+        let out = std::process::Command::new(binary("edgeloop"))
+            .args(args)
+            .arg("--config")
+            .arg(&self.config_path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "edgeloop {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Publishes example model `version` through the CLI, as an operator would.
+    pub fn publish_example(&self, version: u64) {
+        let (onnx, reference) = match version % 2 {
+            1 => (MODEL_V1, REFERENCE_V1),
+            _ => (MODEL_V2, REFERENCE_V2),
+        };
+        let model = self.dir.path().join(format!("model-{version}.onnx"));
+        let csv = self.dir.path().join(format!("reference-{version}.csv"));
+        std::fs::write(&model, onnx).unwrap();
+        std::fs::write(&csv, reference).unwrap();
+        self.cli(&[
+            "model",
+            "publish",
+            model.to_str().unwrap(),
+            "--name",
+            MODEL_NAME,
+            "--version",
+            &version.to_string(),
+            "--reference",
+            csv.to_str().unwrap(),
+        ]);
+    }
+
+    pub async fn get(&self, path: &str) -> Value {
+        let url = format!("{}{path}", self.endpoints.http_url);
+        let response = reqwest::get(&url).await.expect("GET");
+        assert!(
+            response.status().is_success(),
+            "GET {path}: {}",
+            response.status()
+        );
+        response.json().await.expect("JSON")
+    }
+
+    pub async fn rollout(&self, version: u64) {
+        let response = reqwest::Client::new()
+            .post(format!("{}/api/v1/rollouts", self.endpoints.http_url))
+            .json(&serde_json::json!({"model": MODEL_NAME, "version": version}))
+            .send()
+            .await
+            .expect("POST");
+        assert!(
+            response.status().is_success(),
+            "rollout: {}",
+            response.status()
+        );
+    }
+
+    /// Window sequence numbers stored for a device's model `version`, sorted, with
+    /// repeats kept (a repeat would be a window stored twice).
+    pub async fn stored_seqs(&self, device: &str, version: u64) -> Vec<u64> {
+        let rows = self
+            .get(&format!("/api/v1/devices/{device}/telemetry?limit=1000"))
+            .await;
+        assert!(
+            rows.as_array().unwrap().len() < 1000,
+            "more windows than one API page holds: make the test produce fewer"
+        );
+        let mut seqs: Vec<u64> = rows
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["model_version"] == version)
+            .map(|r| r["window_seq"].as_u64().unwrap())
+            .collect();
+        seqs.sort_unstable();
+        seqs
+    }
+
+    pub async fn stop(mut self) {
+        self.kill9();
+        self.database.drop_schema().await;
+    }
+}
+
+/// The last window number an agent has given out for a model version, read from its
+/// outbox database (the agent may be running or dead).
+pub fn agent_window_seq(state_dir: &std::path::Path, version: u64) -> u64 {
+    let conn = rusqlite::Connection::open(state_dir.join("outbox.sqlite")).unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    conn.query_row(
+        "SELECT value FROM sequences WHERE name = ?1",
+        [format!("window/{MODEL_NAME}/{version}")],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|v| v as u64)
+    .unwrap_or(0)
+}
+
+/// Message ids of the drift summaries waiting in an agent's outbox.
+pub fn agent_outbox_telemetry(state_dir: &std::path::Path) -> Vec<String> {
+    agent_outbox(state_dir, "telemetry")
+}
+
+/// Message ids waiting in an agent's outbox for one channel (`status`, `telemetry`, …).
+/// Empty while the agent has not created its outbox yet.
+pub fn agent_outbox(state_dir: &std::path::Path, channel: &str) -> Vec<String> {
+    let Ok(conn) = rusqlite::Connection::open_with_flags(
+        state_dir.join("outbox.sqlite"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE,
+    ) else {
+        return Vec::new();
+    };
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    let Ok(mut stmt) =
+        conn.prepare("SELECT msg_id FROM outbox WHERE topic LIKE '%/' || ?1 ORDER BY id")
+    else {
+        return Vec::new();
+    };
+    stmt.query_map([channel], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
 }

@@ -191,8 +191,7 @@ pub struct DeploymentEvent {
 pub trait Store: Send + Sync + 'static {
     /// Applies device messages idempotently, all in one transaction: each message id is
     /// recorded with its effect, so a redelivery changes nothing. One result per envelope.
-    async fn ingest_many(&self, envelopes: &[Envelope], received_ms: u64)
-    -> Result<Vec<Ingested>>;
+    async fn ingest_many(&self, envelopes: &[Envelope], received_ms: u64) -> Result<Vec<Ingested>>;
 
     /// [`Store::ingest_many`] for one message.
     async fn ingest(&self, envelope: &Envelope, received_ms: u64) -> Result<Ingested> {

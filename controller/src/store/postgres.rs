@@ -156,8 +156,11 @@ impl PgStore {
             }
             Some(1) => {
                 tx.batch_execute(SCHEMA_V2).await?;
-                tx.execute("UPDATE edgeloop_schema SET version = $1", &[&SCHEMA_VERSION])
-                    .await?;
+                tx.execute(
+                    "UPDATE edgeloop_schema SET version = $1",
+                    &[&SCHEMA_VERSION],
+                )
+                .await?;
             }
             Some(SCHEMA_VERSION) => {}
             Some(newer) => {
@@ -392,11 +395,7 @@ async fn load_rollout(c: &impl GenericClient, id: u64) -> Result<Option<RolloutR
 
 #[async_trait::async_trait]
 impl Store for PgStore {
-    async fn ingest_many(
-        &self,
-        envelopes: &[Envelope],
-        received_ms: u64,
-    ) -> Result<Vec<Ingested>> {
+    async fn ingest_many(&self, envelopes: &[Envelope], received_ms: u64) -> Result<Vec<Ingested>> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         let mut results = Vec::with_capacity(envelopes.len());

@@ -396,11 +396,7 @@ fn load_rollout(conn: &Connection, id: u64) -> Result<Option<RolloutRow>> {
 
 #[async_trait::async_trait]
 impl Store for SqliteStore {
-    async fn ingest_many(
-        &self,
-        envelopes: &[Envelope],
-        received_ms: u64,
-    ) -> Result<Vec<Ingested>> {
+    async fn ingest_many(&self, envelopes: &[Envelope], received_ms: u64) -> Result<Vec<Ingested>> {
         let envelopes = envelopes.to_vec();
         self.call(move |conn| {
             let tx = conn.transaction()?;

@@ -327,7 +327,10 @@ async fn a_version_1_sqlite_database_is_migrated_in_place() {
         .ingest(&status("old", "s1", true, None), 10)
         .await
         .unwrap();
-    assert_eq!(store.devices().await.unwrap()[0].outbox.dropped.telemetry, 7);
+    assert_eq!(
+        store.devices().await.unwrap()[0].outbox.dropped.telemetry,
+        7
+    );
 }
 
 #[tokio::test]
