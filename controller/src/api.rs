@@ -20,7 +20,7 @@ use crate::ingest::{IngestStats, IngestStatsSnapshot};
 use crate::registry::ArtifactStore;
 use crate::rollout::{self, RolloutError};
 use crate::store::{
-    DeploymentEvent, DeviceRow, ModelRow, RolloutRow, Store, StoreError, TelemetryRow,
+    DeploymentEvent, DeviceRow, HourlyRow, ModelRow, RolloutRow, Store, StoreError, TelemetryRow,
 };
 
 const DASHBOARD_HTML: &str = include_str!("dashboard.html");
@@ -86,6 +86,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/api/v1/devices", get(devices))
         .route("/api/v1/devices/{id}/telemetry", get(telemetry))
+        .route("/api/v1/devices/{id}/telemetry/hourly", get(hourly))
         .route("/api/v1/devices/{id}/deployments", get(deployment_events))
         .route("/api/v1/models", get(models))
         .route("/api/v1/rollouts", post(create_rollout).get(rollouts))
@@ -150,6 +151,14 @@ async fn telemetry(
     Query(q): Query<LimitQuery>,
 ) -> ApiResult<Vec<TelemetryRow>> {
     Ok(Json(s.store.telemetry(device_id(&id)?, limit(&q)?).await?))
+}
+
+async fn hourly(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<LimitQuery>,
+) -> ApiResult<Vec<HourlyRow>> {
+    Ok(Json(s.store.hourly(device_id(&id)?, limit(&q)?).await?))
 }
 
 async fn deployment_events(

@@ -38,6 +38,9 @@ pub struct ControllerConfig {
     pub offline_after_s: u64,
     pub command_ttl_s: u64,
     pub resend_after_s: u64,
+    pub mqtt_shared_group: String,
+    pub retention_raw_days: u64,
+    pub retention_hourly_days: u64,
 }
 
 impl Default for ControllerConfig {
@@ -83,6 +86,23 @@ impl ControllerConfig {
         Topics::new(&self.topic_root).map_err(|e| invalid("topic_root", e.to_string()))?;
         if self.mqtt_client_id.is_empty() || self.mqtt_client_id.len() > 64 {
             return Err(invalid("mqtt_client_id", "must be 1-64 characters".into()));
+        }
+        if !self.mqtt_shared_group.is_empty()
+            && !edgeloop_shared::is_valid_identifier(&self.mqtt_shared_group)
+        {
+            return Err(invalid(
+                "mqtt_shared_group",
+                "must be empty or 1-64 characters of [A-Za-z0-9_.-]".into(),
+            ));
+        }
+        if self.retention_raw_days != 0
+            && self.retention_hourly_days != 0
+            && self.retention_hourly_days < self.retention_raw_days
+        {
+            return Err(invalid(
+                "retention_hourly_days",
+                "must be 0 (forever) or at least retention_raw_days".into(),
+            ));
         }
         for (key, value) in [
             ("offline_after_s", self.offline_after_s),

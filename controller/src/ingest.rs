@@ -185,6 +185,9 @@ pub struct BusConfig {
     pub broker: BrokerAddr,
     pub client_id: String,
     pub topics: Topics,
+    /// Subscribe as a member of this shared-subscription group (`$share/{group}/…`), so
+    /// that replicas split the messages between them.
+    pub shared_group: Option<String>,
 }
 
 /// Starts the MQTT connection and the ingest actor. Returns the client, which the rollout
@@ -203,10 +206,20 @@ pub fn start(
         .set_max_packet_size(MAX_INCOMING_PACKET, MAX_INCOMING_PACKET);
     let (client, eventloop) = AsyncClient::new(options, REQUEST_CAPACITY);
     let (tx, rx) = mpsc::channel(INGEST_CAPACITY);
+    let filters: Vec<String> = Channel::FROM_DEVICE
+        .iter()
+        .map(|c| {
+            let filter = config.topics.all_devices(*c);
+            match &config.shared_group {
+                Some(group) => format!("$share/{group}/{filter}"),
+                None => filter,
+            }
+        })
+        .collect();
     tokio::spawn(connection(
         eventloop,
         client.clone(),
-        config.topics.clone(),
+        filters,
         tx,
         shutdown.clone(),
     ));
@@ -225,15 +238,11 @@ pub fn start(
 async fn connection(
     mut eventloop: rumqttc::EventLoop,
     client: AsyncClient,
-    topics: Topics,
+    filters: Vec<String>,
     ingest: mpsc::Sender<Publish>,
     shutdown: CancellationToken,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
-    let filters: Vec<String> = Channel::FROM_DEVICE
-        .iter()
-        .map(|c| topics.all_devices(*c))
-        .collect();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,

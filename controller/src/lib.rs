@@ -1,8 +1,8 @@
 //! The edgeloop fleet controller and the operator CLI `edgeloop`.
 //!
 //! [`server::Controller`] runs the broker (embedded [`broker`] or external), telemetry
-//! [`ingest`], the model [`registry`], the [`rollout`] dispatcher and the HTTP [`api`],
-//! over a [`store::Store`]. [`demo`] runs the whole loop with simulated devices.
+//! [`ingest`], the model [`registry`], the [`rollout`] dispatcher, [`retention`] and the
+//! HTTP [`api`], over a [`store::Store`]. [`demo`] runs the whole loop with simulated devices.
 
 pub mod api;
 pub mod broker;
@@ -11,6 +11,7 @@ pub mod demo;
 pub mod ingest;
 pub mod keys;
 pub mod registry;
+pub mod retention;
 pub mod rollout;
 pub mod server;
 pub mod store;

@@ -61,7 +61,14 @@ pub struct Dispatcher {
     pub resend_after: Duration,
     /// Notified when a rollout is created, so the first commands go out at once.
     pub wake: Arc<Notify>,
+    /// This replica's name for the dispatch lease: among replicas sharing a database, the
+    /// lease holder alone sends commands.
+    pub holder: String,
 }
+
+/// How long the dispatch lease lasts without renewal: a replica that dies hands dispatch
+/// over to another after this.
+const LEASE_TTL: Duration = Duration::from_secs(5);
 
 impl Dispatcher {
     pub async fn run(self, shutdown: CancellationToken) {
@@ -71,6 +78,24 @@ impl Dispatcher {
                 _ = shutdown.cancelled() => break,
                 _ = tick.tick() => {}
                 _ = self.wake.notified() => {}
+            }
+            let now = now_ms();
+            match self
+                .store
+                .acquire_lease(
+                    "dispatcher",
+                    &self.holder,
+                    now,
+                    LEASE_TTL.as_millis() as u64,
+                )
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    warn!(error = %e, "cannot take the dispatch lease; retrying");
+                    continue;
+                }
             }
             if let Err(e) = self.dispatch_due().await {
                 warn!(error = %e, "rollout dispatch failed; retrying");

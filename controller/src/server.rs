@@ -106,6 +106,12 @@ impl Controller {
                 broker,
                 client_id: config.mqtt_client_id.clone(),
                 topics: topics.clone(),
+                // The embedded broker serves one controller: no group needed.
+                shared_group: if config.mqtt_url.is_empty() {
+                    None
+                } else {
+                    Some(config.mqtt_shared_group.clone()).filter(|g| !g.is_empty())
+                },
             },
             store.clone(),
             stats.clone(),
@@ -121,6 +127,15 @@ impl Controller {
                 command_ttl: Duration::from_secs(config.command_ttl_s),
                 resend_after: Duration::from_secs(config.resend_after_s),
                 wake: dispatcher_wake.clone(),
+                holder: config.mqtt_client_id.clone(),
+            }
+            .run(shutdown.child_token()),
+        );
+        tokio::spawn(
+            crate::retention::Retention {
+                store: store.clone(),
+                raw_days: config.retention_raw_days,
+                hourly_days: config.retention_hourly_days,
             }
             .run(shutdown.child_token()),
         );

@@ -234,6 +234,55 @@ pub struct WindowStats {
     pub predictions: Vec<u64>,
 }
 
+/// Why two windows cannot be merged.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("windows do not match: {0}")]
+pub struct MergeError(String);
+
+impl WindowStats {
+    /// Adds another window of the same reference profile: counts add up, the time span
+    /// widens, and each PSI figure becomes the larger of the two (an aggregate's PSI is the
+    /// worst of its windows; its merged counts let PSI be recomputed against the reference).
+    pub fn merge(&mut self, other: &WindowStats) -> Result<(), MergeError> {
+        if self.features.len() != other.features.len() {
+            return Err(MergeError(format!(
+                "{} features against {}",
+                self.features.len(),
+                other.features.len()
+            )));
+        }
+        for (a, b) in self.features.iter().zip(&other.features) {
+            if a.name != b.name || a.counts.len() != b.counts.len() {
+                return Err(MergeError(format!(
+                    "feature `{}` with {} bins against `{}` with {}",
+                    a.name,
+                    a.counts.len(),
+                    b.name,
+                    b.counts.len()
+                )));
+            }
+        }
+        for (a, b) in self.features.iter_mut().zip(&other.features) {
+            for (x, y) in a.counts.iter_mut().zip(&b.counts) {
+                *x += y;
+            }
+            a.nan += b.nan;
+            a.psi = a.psi.max(b.psi);
+        }
+        if self.predictions.len() < other.predictions.len() {
+            self.predictions.resize(other.predictions.len(), 0);
+        }
+        for (x, y) in self.predictions.iter_mut().zip(&other.predictions) {
+            *x += y;
+        }
+        self.samples += other.samples;
+        self.start_ms = self.start_ms.min(other.start_ms);
+        self.end_ms = self.end_ms.max(other.end_ms);
+        self.psi_max = self.psi_max.max(other.psi_max);
+        Ok(())
+    }
+}
+
 /// Counts live inputs into the reference bins until the window is finished.
 #[derive(Debug, Clone)]
 pub struct DriftWindow {
@@ -331,6 +380,39 @@ impl DriftWindow {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn stats(counts: Vec<u64>, psi: f64, start: u64, predictions: Vec<u64>) -> WindowStats {
+        WindowStats {
+            samples: counts.iter().sum(),
+            start_ms: start,
+            end_ms: start + 10,
+            features: vec![FeatureWindow {
+                name: "x".into(),
+                counts,
+                nan: 1,
+                psi,
+            }],
+            psi_max: psi,
+            predictions,
+        }
+    }
+
+    #[test]
+    fn windows_merge_into_an_aggregate() {
+        let mut a = stats(vec![1, 2, 3], 0.1, 100, vec![6]);
+        a.merge(&stats(vec![4, 0, 1], 0.4, 50, vec![2, 3])).unwrap();
+        assert_eq!(a.features[0].counts, [5, 2, 4]);
+        assert_eq!(a.features[0].nan, 2);
+        assert_eq!(a.samples, 11);
+        assert_eq!((a.start_ms, a.end_ms), (50, 110));
+        assert_eq!(a.psi_max, 0.4);
+        assert_eq!(a.predictions, [8, 3]);
+        assert!(a.merge(&stats(vec![1, 2], 0.0, 0, vec![])).is_err());
+        let mut other = stats(vec![1, 2, 3], 0.0, 0, vec![]);
+        other.features[0].name = "y".into();
+        assert!(a.merge(&other).is_err());
+        assert_eq!(a.samples, 11, "a failed merge changes nothing");
+    }
 
     /// A small deterministic generator so tests need no rand crate.
     struct Lcg(u64);

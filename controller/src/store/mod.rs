@@ -80,6 +80,64 @@ pub struct TelemetryRow {
     pub summary: serde_json::Value,
 }
 
+/// Drift summaries of one device and model version merged per hour (by window end time).
+/// Kept longer than the raw summaries.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HourlyRow {
+    pub device_id: String,
+    pub model_name: String,
+    pub model_version: u64,
+    /// Start of the hour, in milliseconds since the Unix epoch.
+    pub hour_ms: u64,
+    pub windows: u64,
+    pub samples: u64,
+    /// The worst window's PSI, and the mean over the windows.
+    pub psi_max: f64,
+    pub psi_mean: f64,
+    /// The merged window statistics (see `WindowStats::merge`).
+    pub stats: serde_json::Value,
+}
+
+/// What a retention pass deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Pruned {
+    pub telemetry: u64,
+    pub hourly: u64,
+    pub seen_messages: u64,
+}
+
+pub(crate) const HOUR_MS: u64 = 3_600_000;
+
+/// An hourly aggregate's columns: windows, samples, psi_max, psi_sum, merged stats (JSON).
+pub(crate) type HourlyColumns = (u64, u64, f64, f64, String);
+
+/// Folds a drift summary into the hourly aggregate it belongs to (`None`: a new hour).
+/// A summary whose features do not match the aggregate's is left out of it, with a warning;
+/// the raw summary is still stored.
+pub(crate) fn fold_hourly(
+    existing: Option<HourlyColumns>,
+    summary: &edgeloop_shared::protocol::DriftSummary,
+) -> Result<Option<HourlyColumns>> {
+    let stats = &summary.stats;
+    let Some((windows, samples, psi_max, psi_sum, json)) = existing else {
+        let json = serde_json::to_string(stats).expect("stats serialize");
+        return Ok(Some((1, stats.samples, stats.psi_max, stats.psi_max, json)));
+    };
+    let mut merged: edgeloop_shared::drift::WindowStats = serde_json::from_str(&json)
+        .map_err(|e| StoreError::Corrupt(format!("hourly aggregate: {e}")))?;
+    if let Err(e) = merged.merge(stats) {
+        tracing::warn!(model = %summary.model, error = %e, "summary left out of its hourly aggregate");
+        return Ok(None);
+    }
+    Ok(Some((
+        windows + 1,
+        samples + stats.samples,
+        psi_max.max(stats.psi_max),
+        psi_sum + stats.psi_max,
+        serde_json::to_string(&merged).expect("stats serialize"),
+    )))
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ModelRow {
     pub name: String,
@@ -203,6 +261,23 @@ pub trait Store: Send + Sync + 'static {
 
     async fn devices(&self) -> Result<Vec<DeviceRow>>;
     async fn telemetry(&self, device_id: &str, limit: u32) -> Result<Vec<TelemetryRow>>;
+    /// Hourly aggregates of a device, newest hour first.
+    async fn hourly(&self, device_id: &str, limit: u32) -> Result<Vec<HourlyRow>>;
+    /// Retention: deletes raw summaries and the duplicate-detection record of messages
+    /// received before `raw_before_ms` (a copy of such a message arriving later would be
+    /// stored again), and hourly aggregates of hours before `aggregates_before_ms`.
+    async fn prune(&self, raw_before_ms: u64, aggregates_before_ms: u64) -> Result<Pruned>;
+
+    /// Takes or renews the lease `name` for `holder` until `now_ms + ttl_ms`; false when
+    /// another holder's lease has not expired. Replicas sharing a database use it so that
+    /// one of them at a time does a job.
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now_ms: u64,
+        ttl_ms: u64,
+    ) -> Result<bool>;
     async fn deployment_events(&self, device_id: &str, limit: u32) -> Result<Vec<DeploymentEvent>>;
 
     /// Records a published model; a name and version that exist already are a conflict.

@@ -87,8 +87,29 @@ CREATE TABLE deployment_events (
 CREATE INDEX deployment_events_by_device ON deployment_events (device_id, id);
 ";
 
-/// Version 2: each device's outbox state and drop counts.
+/// Version 2: each device's outbox state and drop counts; hourly aggregates; indexes for
+/// retention.
 const SCHEMA_V2: &str = "
+CREATE TABLE telemetry_hourly (
+    device_id TEXT NOT NULL,
+    model_name TEXT NOT NULL,
+    model_version BIGINT NOT NULL,
+    hour_ms BIGINT NOT NULL,
+    windows BIGINT NOT NULL,
+    samples BIGINT NOT NULL,
+    psi_max DOUBLE PRECISION NOT NULL,
+    psi_sum DOUBLE PRECISION NOT NULL,
+    stats TEXT NOT NULL,
+    PRIMARY KEY (device_id, model_name, model_version, hour_ms)
+);
+CREATE INDEX telemetry_hourly_by_time ON telemetry_hourly (hour_ms);
+CREATE INDEX telemetry_by_time ON telemetry (received_ms);
+CREATE INDEX seen_messages_by_time ON seen_messages (received_ms);
+CREATE TABLE leases (
+    name TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    expires_ms BIGINT NOT NULL
+);
 ALTER TABLE devices ADD COLUMN outbox_entries BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE devices ADD COLUMN outbox_bytes BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE devices ADD COLUMN outbox_budget_bytes BIGINT NOT NULL DEFAULT 0;
@@ -265,6 +286,40 @@ async fn apply_drift(
         ],
     )
     .await?;
+    let hour = i(s.stats.end_ms / HOUR_MS * HOUR_MS);
+    let version = i(s.model.version);
+    // Row lock: two replicas folding into one hour wait for each other.
+    let existing = tx
+        .query_opt(
+            "SELECT windows, samples, psi_max, psi_sum, stats FROM telemetry_hourly
+             WHERE device_id = $1 AND model_name = $2 AND model_version = $3 AND hour_ms = $4
+             FOR UPDATE",
+            &[&e.device_id, &s.model.name, &version, &hour],
+        )
+        .await?
+        .map(|r| (u(r.get(0)), u(r.get(1)), r.get(2), r.get(3), r.get(4)));
+    if let Some((windows, samples, psi_max, psi_sum, stats)) = fold_hourly(existing, s)? {
+        tx.execute(
+            "INSERT INTO telemetry_hourly (device_id, model_name, model_version, hour_ms,
+                 windows, samples, psi_max, psi_sum, stats)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+             ON CONFLICT (device_id, model_name, model_version, hour_ms) DO UPDATE SET
+                 windows = EXCLUDED.windows, samples = EXCLUDED.samples,
+                 psi_max = EXCLUDED.psi_max, psi_sum = EXCLUDED.psi_sum, stats = EXCLUDED.stats",
+            &[
+                &e.device_id,
+                &s.model.name,
+                &version,
+                &hour,
+                &i(windows),
+                &i(samples),
+                &psi_max,
+                &psi_sum,
+                &stats,
+            ],
+        )
+        .await?;
+    }
     tx.execute(
         "UPDATE devices SET last_psi_max = $2
          WHERE id = $1 AND (model_name IS NULL OR (model_name = $3 AND model_version = $4))",
@@ -468,6 +523,85 @@ impl Store for PgStore {
                 },
             })
             .collect())
+    }
+
+    async fn hourly(&self, device_id: &str, limit: u32) -> Result<Vec<HourlyRow>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT device_id, model_name, model_version, hour_ms, windows, samples,
+                        psi_max, psi_sum, stats
+                 FROM telemetry_hourly WHERE device_id = $1
+                 ORDER BY hour_ms DESC, model_name, model_version LIMIT $2",
+                &[&device_id, &i64::from(limit)],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let windows = u(r.get(4));
+                Ok(HourlyRow {
+                    device_id: r.get(0),
+                    model_name: r.get(1),
+                    model_version: u(r.get(2)),
+                    hour_ms: u(r.get(3)),
+                    windows,
+                    samples: u(r.get(5)),
+                    psi_max: r.get(6),
+                    psi_mean: r.get::<_, f64>(7) / windows.max(1) as f64,
+                    stats: serde_json::from_str(r.get(8))
+                        .map_err(|e| StoreError::Corrupt(format!("hourly aggregate: {e}")))?,
+                })
+            })
+            .collect()
+    }
+
+    async fn prune(&self, raw_before_ms: u64, aggregates_before_ms: u64) -> Result<Pruned> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let telemetry = tx
+            .execute(
+                "DELETE FROM telemetry WHERE received_ms < $1",
+                &[&i(raw_before_ms)],
+            )
+            .await?;
+        let hourly = tx
+            .execute(
+                "DELETE FROM telemetry_hourly WHERE hour_ms < $1",
+                &[&i(aggregates_before_ms)],
+            )
+            .await?;
+        let seen_messages = tx
+            .execute(
+                "DELETE FROM seen_messages WHERE received_ms < $1",
+                &[&i(raw_before_ms)],
+            )
+            .await?;
+        tx.commit().await?;
+        Ok(Pruned {
+            telemetry,
+            hourly,
+            seen_messages,
+        })
+    }
+
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now_ms: u64,
+        ttl_ms: u64,
+    ) -> Result<bool> {
+        let client = self.client().await?;
+        let taken = client
+            .execute(
+                "INSERT INTO leases (name, holder, expires_ms) VALUES ($1, $2, $3)
+                 ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder,
+                     expires_ms = EXCLUDED.expires_ms
+                 WHERE leases.holder = EXCLUDED.holder OR leases.expires_ms < $4",
+                &[&name, &holder, &i(now_ms + ttl_ms), &i(now_ms)],
+            )
+            .await?;
+        Ok(taken == 1)
     }
 
     async fn telemetry(&self, device_id: &str, limit: u32) -> Result<Vec<TelemetryRow>> {

@@ -85,8 +85,29 @@ CREATE TABLE deployment_events (
 CREATE INDEX deployment_events_by_device ON deployment_events (device_id, id);
 ";
 
-/// Version 2: each device's outbox state and drop counts.
+/// Version 2: each device's outbox state and drop counts; hourly aggregates; indexes for
+/// retention.
 const SCHEMA_V2: &str = "
+CREATE TABLE telemetry_hourly (
+    device_id TEXT NOT NULL,
+    model_name TEXT NOT NULL,
+    model_version INTEGER NOT NULL,
+    hour_ms INTEGER NOT NULL,
+    windows INTEGER NOT NULL,
+    samples INTEGER NOT NULL,
+    psi_max REAL NOT NULL,
+    psi_sum REAL NOT NULL,
+    stats TEXT NOT NULL,
+    PRIMARY KEY (device_id, model_name, model_version, hour_ms)
+);
+CREATE INDEX telemetry_hourly_by_time ON telemetry_hourly (hour_ms);
+CREATE INDEX telemetry_by_time ON telemetry (received_ms);
+CREATE INDEX seen_messages_by_time ON seen_messages (received_ms);
+CREATE TABLE leases (
+    name TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    expires_ms INTEGER NOT NULL
+);
 ALTER TABLE devices ADD COLUMN outbox_entries INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE devices ADD COLUMN outbox_bytes INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE devices ADD COLUMN outbox_budget_bytes INTEGER NOT NULL DEFAULT 0;
@@ -248,6 +269,41 @@ fn apply_drift(tx: &Transaction<'_>, e: &Envelope, s: &DriftSummary, now_ms: u64
             summary,
         ],
     )?;
+    let key = params![
+        e.device_id,
+        s.model.name,
+        s.model.version as i64,
+        (s.stats.end_ms / HOUR_MS * HOUR_MS) as i64
+    ];
+    let existing = tx
+        .query_row(
+            "SELECT windows, samples, psi_max, psi_sum, stats FROM telemetry_hourly
+             WHERE device_id = ?1 AND model_name = ?2 AND model_version = ?3 AND hour_ms = ?4",
+            key,
+            |r| Ok((u(r.get(0)?), u(r.get(1)?), r.get(2)?, r.get(3)?, r.get(4)?)),
+        )
+        .optional()?;
+    if let Some((windows, samples, psi_max, psi_sum, stats)) = fold_hourly(existing, s)? {
+        tx.execute(
+            "INSERT INTO telemetry_hourly (device_id, model_name, model_version, hour_ms,
+                 windows, samples, psi_max, psi_sum, stats)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+             ON CONFLICT (device_id, model_name, model_version, hour_ms) DO UPDATE SET
+                 windows = excluded.windows, samples = excluded.samples,
+                 psi_max = excluded.psi_max, psi_sum = excluded.psi_sum, stats = excluded.stats",
+            params![
+                e.device_id,
+                s.model.name,
+                s.model.version as i64,
+                (s.stats.end_ms / HOUR_MS * HOUR_MS) as i64,
+                windows as i64,
+                samples as i64,
+                psi_max,
+                psi_sum,
+                stats
+            ],
+        )?;
+    }
     // Only a summary of the model the device now serves is its current drift figure; a late
     // summary of the previous model is kept in `telemetry` but does not overwrite it.
     tx.execute(
@@ -508,6 +564,91 @@ impl Store for SqliteStore {
                     Ok(row)
                 })
                 .collect()
+        })
+        .await
+    }
+
+    async fn hourly(&self, device_id: &str, limit: u32) -> Result<Vec<HourlyRow>> {
+        let device_id = device_id.to_string();
+        self.call(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT device_id, model_name, model_version, hour_ms, windows, samples,
+                        psi_max, psi_sum, stats
+                 FROM telemetry_hourly WHERE device_id = ?1
+                 ORDER BY hour_ms DESC, model_name, model_version LIMIT ?2",
+            )?;
+            let rows = stmt
+                .query_map(params![device_id, limit], |r| {
+                    let windows = u(r.get(4)?);
+                    Ok((
+                        HourlyRow {
+                            device_id: r.get(0)?,
+                            model_name: r.get(1)?,
+                            model_version: u(r.get(2)?),
+                            hour_ms: u(r.get(3)?),
+                            windows,
+                            samples: u(r.get(5)?),
+                            psi_max: r.get(6)?,
+                            psi_mean: r.get::<_, f64>(7)? / windows.max(1) as f64,
+                            stats: serde_json::Value::Null,
+                        },
+                        r.get::<_, String>(8)?,
+                    ))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            rows.into_iter()
+                .map(|(mut row, stats)| {
+                    row.stats = serde_json::from_str(&stats)
+                        .map_err(|e| StoreError::Corrupt(format!("hourly aggregate: {e}")))?;
+                    Ok(row)
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn prune(&self, raw_before_ms: u64, aggregates_before_ms: u64) -> Result<Pruned> {
+        self.call(move |conn| {
+            let tx = conn.transaction()?;
+            let telemetry = tx.execute(
+                "DELETE FROM telemetry WHERE received_ms < ?1",
+                params![raw_before_ms as i64],
+            )?;
+            let hourly = tx.execute(
+                "DELETE FROM telemetry_hourly WHERE hour_ms < ?1",
+                params![aggregates_before_ms as i64],
+            )?;
+            let seen_messages = tx.execute(
+                "DELETE FROM seen_messages WHERE received_ms < ?1",
+                params![raw_before_ms as i64],
+            )?;
+            tx.commit()?;
+            Ok(Pruned {
+                telemetry: telemetry as u64,
+                hourly: hourly as u64,
+                seen_messages: seen_messages as u64,
+            })
+        })
+        .await
+    }
+
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now_ms: u64,
+        ttl_ms: u64,
+    ) -> Result<bool> {
+        let (name, holder) = (name.to_string(), holder.to_string());
+        self.call(move |conn| {
+            let taken = conn.execute(
+                "INSERT INTO leases (name, holder, expires_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (name) DO UPDATE SET holder = excluded.holder,
+                     expires_ms = excluded.expires_ms
+                 WHERE leases.holder = excluded.holder OR leases.expires_ms < ?4",
+                params![name, holder, (now_ms + ttl_ms) as i64, now_ms as i64],
+            )?;
+            Ok(taken == 1)
         })
         .await
     }

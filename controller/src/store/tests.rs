@@ -295,6 +295,88 @@ pub async fn suite(store: &dyn Store) {
     );
     assert_eq!(store.rollouts().await.unwrap().len(), 2);
     assert!(store.rollout(99).await.unwrap().is_none());
+
+    hourly_aggregates_and_retention(store).await;
+
+    // One holder at a time; the lease passes on when it expires.
+    assert!(store.acquire_lease("job", "a", 1000, 100).await.unwrap());
+    assert!(!store.acquire_lease("job", "b", 1050, 100).await.unwrap());
+    assert!(
+        store.acquire_lease("job", "a", 1090, 100).await.unwrap(),
+        "renewed"
+    );
+    assert!(!store.acquire_lease("job", "b", 1180, 100).await.unwrap());
+    assert!(
+        store.acquire_lease("job", "b", 1191, 100).await.unwrap(),
+        "expired: taken over"
+    );
+    assert!(!store.acquire_lease("job", "a", 1200, 100).await.unwrap());
+    assert!(store.acquire_lease("other", "a", 1200, 100).await.unwrap());
+}
+
+/// Hourly aggregates fold each stored summary once; retention prunes by age.
+async fn hourly_aggregates_and_retention(store: &dyn Store) {
+    const HOUR: u64 = 3_600_000;
+    let at = |id: &str, end: u64, psi: f64| {
+        let mut e = drift("h1", id, 10, psi);
+        if let Message::DriftSummary(s) = &mut e.message {
+            s.stats.start_ms = end - 5;
+            s.stats.end_ms = end;
+        }
+        e
+    };
+    store.ingest(&at("h-a", HOUR + 5, 0.1), 1000).await.unwrap();
+    store
+        .ingest(&at("h-b", HOUR + 50, 0.3), 2000)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .ingest(&at("h-b", HOUR + 50, 0.3), 2001)
+            .await
+            .unwrap(),
+        Ingested::Duplicate
+    );
+    store
+        .ingest(&at("h-c", 2 * HOUR + 1, 0.2), 3000)
+        .await
+        .unwrap();
+    let hours = store.hourly("h1", 10).await.unwrap();
+    assert_eq!(
+        hours
+            .iter()
+            .map(|h| (h.hour_ms, h.windows, h.samples))
+            .collect::<Vec<_>>(),
+        [(2 * HOUR, 1, 10), (HOUR, 2, 20)],
+        "a duplicate is not counted twice"
+    );
+    assert_eq!(hours[1].psi_max, 0.3);
+    assert!((hours[1].psi_mean - 0.2).abs() < 1e-9);
+    assert_eq!(hours[1].stats["features"][0]["counts"][1], 20);
+    assert_eq!(hours[1].stats["start_ms"], HOUR);
+
+    let pruned = store.prune(2500, 2 * HOUR).await.unwrap();
+    // Every summary received before 2500 (d1's three and h1's two), the hours before the
+    // second (d1's hour 0 and h1's hour 1).
+    assert_eq!((pruned.telemetry, pruned.hourly), (5, 2), "{pruned:?}");
+    let left = store.telemetry("h1", 10).await.unwrap();
+    assert_eq!(
+        left.iter().map(|r| r.msg_id.as_str()).collect::<Vec<_>>(),
+        ["h-c"]
+    );
+    assert_eq!(store.hourly("h1", 10).await.unwrap().len(), 1);
+    // The duplicate record goes with the raw summary; newer ones stay.
+    assert_eq!(
+        store
+            .ingest(&at("h-c", 2 * HOUR + 1, 0.2), 3001)
+            .await
+            .unwrap(),
+        Ingested::Duplicate
+    );
+    assert_eq!(
+        store.ingest(&at("h-a", HOUR + 5, 0.1), 3002).await.unwrap(),
+        Ingested::Stored
+    );
 }
 
 #[tokio::test]
@@ -304,7 +386,7 @@ async fn sqlite_store_passes_the_suite() {
     suite(&SqliteStore::open(&path).unwrap()).await;
     // Reopening keeps everything and does not migrate twice.
     let again = SqliteStore::open(&path).unwrap();
-    assert_eq!(again.devices().await.unwrap().len(), 4);
+    assert_eq!(again.devices().await.unwrap().len(), 5);
 }
 
 #[tokio::test]
@@ -378,7 +460,7 @@ async fn postgres_store_passes_the_suite() {
     let again = PgStore::connect(&scoped).await.unwrap();
     assert_eq!(
         again.devices().await.unwrap().len(),
-        4,
+        5,
         "reopening keeps everything"
     );
     admin
