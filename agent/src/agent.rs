@@ -198,6 +198,18 @@ impl Agent {
                 subscriptions: vec![reporter.topic(Channel::Commands)],
                 receipts_topic: reporter.topic(Channel::Receipts),
                 last_will: Some(last_will),
+                tls: match BrokerAddr::parse(&config.broker_url)
+                    .expect("validated")
+                    .tls
+                {
+                    true => Some(config.tls.client_config().map_err(|e| {
+                        crate::config::ConfigError::Invalid {
+                            key: "tls",
+                            reason: e.to_string(),
+                        }
+                    })?),
+                    false => None,
+                },
                 max_packet_bytes: MAX_MESSAGE_BYTES + 1024,
                 receipt_timeout: Duration::from_secs(config.outbox.receipt_timeout_s),
                 packing: Packing {

@@ -73,6 +73,8 @@ pub struct AgentConfig {
     pub max_inflight: u16,
     pub outbox: OutboxConfig,
     pub batching: BatchingConfig,
+    /// For an `mqtts://` broker.
+    pub tls: crate::link::TlsFiles,
     pub source: SourceConfig,
 }
 
@@ -168,8 +170,13 @@ impl AgentConfig {
                 "use 1-64 characters of [A-Za-z0-9_.-]",
             ));
         }
-        crate::link::BrokerAddr::parse(&self.broker_url)
+        let broker = crate::link::BrokerAddr::parse(&self.broker_url)
             .map_err(|e| invalid("broker_url", &e.to_string()))?;
+        if broker.tls {
+            self.tls
+                .client_config()
+                .map_err(|e| invalid("tls", &e.to_string()))?;
+        }
         Topics::new(&self.topic_root).map_err(|e| invalid("topic_root", &e.to_string()))?;
         if !(self.controller_url.starts_with("http://")
             || self.controller_url.starts_with("https://"))

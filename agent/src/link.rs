@@ -13,6 +13,7 @@
 //! broker, holds what is pending.
 
 use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,26 +31,33 @@ use crate::outbox::{Outbox, OutboxEntry};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BrokerAddrError {
-    #[error("`{0}` is not an mqtt://host:port URL")]
+    #[error("`{0}` is not an mqtt://host:port or mqtts://host:port URL")]
     Scheme(String),
     #[error("`{0}` has no valid port")]
     Port(String),
 }
 
-/// A broker address from an `mqtt://host[:port]` URL (port 1883 by default; an IPv6
-/// address goes in brackets with its port: `mqtt://[::1]:1883`).
+/// A broker address from an `mqtt://host[:port]` URL (port 1883 by default) or an
+/// `mqtts://host[:port]` one (TLS, port 8883 by default). An IPv6 address goes in brackets
+/// with its port: `mqtt://[::1]:1883`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerAddr {
     pub host: String,
     pub port: u16,
+    pub tls: bool,
 }
 
 impl BrokerAddr {
     pub fn parse(url: &str) -> Result<Self, BrokerAddrError> {
-        let rest = url
-            .strip_prefix("mqtt://")
-            .or_else(|| url.strip_prefix("tcp://"))
-            .ok_or_else(|| BrokerAddrError::Scheme(url.to_string()))?;
+        let (rest, tls) = if let Some(rest) = url.strip_prefix("mqtts://") {
+            (rest, true)
+        } else {
+            let rest = url
+                .strip_prefix("mqtt://")
+                .or_else(|| url.strip_prefix("tcp://"))
+                .ok_or_else(|| BrokerAddrError::Scheme(url.to_string()))?;
+            (rest, false)
+        };
         let rest = rest.trim_end_matches('/');
         let (host, port) = match rest.rsplit_once(':') {
             Some((host, port)) => (
@@ -57,7 +65,7 @@ impl BrokerAddr {
                 port.parse()
                     .map_err(|_| BrokerAddrError::Port(url.to_string()))?,
             ),
-            _ => (rest, 1883),
+            _ => (rest, if tls { 8883 } else { 1883 }),
         };
         let host = host.trim_start_matches('[').trim_end_matches(']');
         if host.is_empty() || host.contains('/') {
@@ -66,7 +74,97 @@ impl BrokerAddr {
         Ok(BrokerAddr {
             host: host.to_string(),
             port,
+            tls,
         })
+    }
+
+    /// Applies the transport to MQTT options: TLS with `tls` for an `mqtts://` address.
+    pub fn configure(
+        &self,
+        options: &mut MqttOptions,
+        tls: Option<&Arc<rustls::ClientConfig>>,
+    ) -> Result<(), TlsError> {
+        if self.tls {
+            let config = tls.ok_or(TlsError::NotConfigured)?;
+            options.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(config.clone()),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {path}: {reason}")]
+    Read { path: PathBuf, reason: String },
+    #[error("{0} holds no certificate")]
+    NoCertificate(PathBuf),
+    #[error("a client certificate needs its key and a key its certificate: set both or neither")]
+    Incomplete,
+    #[error("TLS setup: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("an mqtts:// broker needs a TLS configuration")]
+    NotConfigured,
+}
+
+/// Files for TLS to an `mqtts://` broker, in PEM. An empty path is unset.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// CA certificates the broker's certificate must chain to; unset: the system's roots.
+    pub ca_file: PathBuf,
+    /// The client certificate chain, for mutual TLS.
+    pub cert_file: PathBuf,
+    /// The client certificate's private key.
+    pub key_file: PathBuf,
+}
+
+impl TlsFiles {
+    /// A rustls client configuration (ring provider, TLS 1.2 and 1.3) from these files.
+    pub fn client_config(&self) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let set = |p: &PathBuf| !p.as_os_str().is_empty();
+        let read_err = |path: &PathBuf, e: &dyn std::fmt::Display| TlsError::Read {
+            path: path.clone(),
+            reason: e.to_string(),
+        };
+        let certs = |path: &PathBuf| -> Result<Vec<CertificateDer<'static>>, TlsError> {
+            let certs = CertificateDer::pem_file_iter(path)
+                .map_err(|e| read_err(path, &e))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| read_err(path, &e))?;
+            if certs.is_empty() {
+                return Err(TlsError::NoCertificate(path.clone()));
+            }
+            Ok(certs)
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        if set(&self.ca_file) {
+            for cert in certs(&self.ca_file)? {
+                roots.add(cert)?;
+            }
+        } else {
+            // Unusable system certificates are skipped, as browsers do.
+            for cert in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(cert);
+            }
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots);
+        let config = match (set(&self.cert_file), set(&self.key_file)) {
+            (true, true) => {
+                let key = PrivateKeyDer::from_pem_file(&self.key_file)
+                    .map_err(|e| read_err(&self.key_file, &e))?;
+                builder.with_client_auth_cert(certs(&self.cert_file)?, key)?
+            }
+            (false, false) => builder.with_no_client_auth(),
+            _ => return Err(TlsError::Incomplete),
+        };
+        Ok(Arc::new(config))
     }
 }
 
@@ -127,6 +225,8 @@ pub struct LinkConfig {
     pub receipts_topic: String,
     /// Published by the broker if the connection dies without a DISCONNECT.
     pub last_will: Option<LastWillFn>,
+    /// TLS for an `mqtts://` broker.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
     /// Largest MQTT packet received.
     pub max_packet_bytes: usize,
     /// How long a sent message waits for its receipt before it is sent again. Doubles (up
@@ -307,6 +407,8 @@ impl Link {
             let (topic, payload) = will();
             options.set_last_will(LastWill::new(topic, payload, QoS::AtLeastOnce, false));
         }
+        // The agent checked at start that an mqtts:// broker has a TLS configuration.
+        let _ = c.broker.configure(&mut options, c.tls.as_ref());
         options
     }
 
@@ -547,10 +649,13 @@ mod tests {
             BrokerAddr::parse("mqtt://127.0.0.1:1883").unwrap(),
             BrokerAddr {
                 host: "127.0.0.1".into(),
-                port: 1883
+                port: 1883,
+                tls: false,
             }
         );
         assert_eq!(BrokerAddr::parse("mqtt://broker.local").unwrap().port, 1883);
+        let tls = BrokerAddr::parse("mqtts://broker.local").unwrap();
+        assert_eq!((tls.port, tls.tls), (8883, true));
         assert_eq!(BrokerAddr::parse("mqtt://[::1]:1884").unwrap().host, "::1");
         assert!(BrokerAddr::parse("http://x:1").is_err());
         assert!(BrokerAddr::parse("mqtt://x:notaport").is_err());

@@ -39,6 +39,9 @@ pub struct ControllerConfig {
     pub command_ttl_s: u64,
     pub resend_after_s: u64,
     pub mqtt_shared_group: String,
+    pub mqtt_ca_file: PathBuf,
+    pub mqtt_cert_file: PathBuf,
+    pub mqtt_key_file: PathBuf,
     pub retention_raw_days: u64,
     pub retention_hourly_days: u64,
 }

@@ -185,6 +185,8 @@ pub struct BusConfig {
     pub broker: BrokerAddr,
     pub client_id: String,
     pub topics: Topics,
+    /// TLS for an `mqtts://` broker.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
     /// Subscribe as a member of this shared-subscription group (`$share/{group}/…`), so
     /// that replicas split the messages between them.
     pub shared_group: Option<String>,
@@ -204,6 +206,10 @@ pub fn start(
         .set_clean_session(false)
         .set_manual_acks(true)
         .set_max_packet_size(MAX_INCOMING_PACKET, MAX_INCOMING_PACKET);
+    if let Err(e) = config.broker.configure(&mut options, config.tls.as_ref()) {
+        // The server builds the TLS configuration for every mqtts:// broker before this.
+        error!(error = %e, "broker transport");
+    }
     let (client, eventloop) = AsyncClient::new(options, REQUEST_CAPACITY);
     let (tx, rx) = mpsc::channel(INGEST_CAPACITY);
     let filters: Vec<String> = Channel::FROM_DEVICE

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use edgeloop_agent::link::BrokerAddr;
+use edgeloop_agent::link::{BrokerAddr, TlsFiles};
 use edgeloop_shared::signing::SecretKey;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -98,6 +98,19 @@ impl Controller {
             key: "mqtt_url",
             reason: e.to_string(),
         })?;
+        let tls = if broker.tls {
+            let files = TlsFiles {
+                ca_file: config.mqtt_ca_file.clone(),
+                cert_file: config.mqtt_cert_file.clone(),
+                key_file: config.mqtt_key_file.clone(),
+            };
+            Some(files.client_config().map_err(|e| ConfigError::Invalid {
+                key: "mqtt_ca_file/mqtt_cert_file/mqtt_key_file",
+                reason: e.to_string(),
+            })?)
+        } else {
+            None
+        };
 
         let stats = Arc::new(IngestStats::default());
         let topics = config.topics();
@@ -106,6 +119,7 @@ impl Controller {
                 broker,
                 client_id: config.mqtt_client_id.clone(),
                 topics: topics.clone(),
+                tls,
                 // The embedded broker serves one controller: no group needed.
                 shared_group: if config.mqtt_url.is_empty() {
                     None

@@ -811,3 +811,69 @@ pub fn agent_outbox(state_dir: &std::path::Path, channel: &str) -> Vec<String> {
         .collect::<Result<_, _>>()
         .unwrap()
 }
+
+/// A private Mosquitto process, for tests that stop, restart or reconfigure the broker.
+pub struct Mosquitto {
+    child: std::process::Child,
+}
+
+impl Mosquitto {
+    /// Whether the `mosquitto` binary runs here. When it does not, a test that needs it is
+    /// skipped, unless `EDGELOOP_TEST_MQTT_URL` says real services are expected: then this
+    /// panics.
+    pub fn available() -> bool {
+        let runs = std::process::Command::new("mosquitto")
+            .arg("-h")
+            .output()
+            .is_ok();
+        assert!(
+            runs || std::env::var_os(MQTT_URL_VAR).is_none(),
+            "{MQTT_URL_VAR} is set but the mosquitto binary cannot be run"
+        );
+        runs
+    }
+
+    /// Runs `mosquitto -c config`.
+    pub fn start(config: &std::path::Path) -> Self {
+        let child = std::process::Command::new("mosquitto")
+            .arg("-c")
+            .arg(config)
+            .spawn()
+            .expect("the mosquitto binary runs (it is installed on development and CI machines)");
+        Mosquitto { child }
+    }
+
+    /// A directory Mosquitto can use: started as root, it drops to its own user.
+    pub fn writable_dir(parent: &std::path::Path, name: &str) -> std::path::PathBuf {
+        let dir = parent.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+            .unwrap();
+        dir
+    }
+
+    /// SIGTERM, so that Mosquitto saves its persistence file, then wait for it to exit.
+    pub fn stop(mut self) {
+        let _ = std::process::Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until something listens on a local port.
+pub async fn wait_for_port(port: u16) {
+    wait_until("the port listens", Duration::from_secs(10), || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+    })
+    .await;
+}

@@ -6,88 +6,26 @@
 //! the binary it is skipped, unless `EDGELOOP_TEST_MQTT_URL` says real services are
 //! expected: then it fails.
 
-use std::net::TcpListener;
-use std::path::Path;
-use std::process::{Child, Command};
 use std::time::Duration;
 
 use edgeloop_controller::config::ControllerConfig;
 use edgeloop_controller::server::Controller;
-use edgeloop_tests::{TestAgent, wait_until};
+use edgeloop_tests::{Mosquitto, TestAgent, free_port, wait_for_port, wait_until};
 use tokio_util::sync::CancellationToken;
 
 const WINDOW: u64 = 20;
 const OUTAGE: Duration = Duration::from_secs(60);
 
-struct Mosquitto {
-    child: Child,
-}
-
-impl Mosquitto {
-    fn start(config: &Path) -> Self {
-        let child = Command::new("mosquitto")
-            .arg("-c")
-            .arg(config)
-            .spawn()
-            .expect("the mosquitto binary runs (it is installed on development and CI machines)");
-        Mosquitto { child }
-    }
-
-    /// SIGTERM, so that Mosquitto saves its persistence file, then wait for it to exit.
-    fn stop(mut self) {
-        let _ = Command::new("kill")
-            .arg(self.child.id().to_string())
-            .status();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn wait_for_port(port: u16) {
-    wait_until("mosquitto listens", Duration::from_secs(10), || async {
-        tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-    })
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_outage_loses_no_drift_window_and_stores_none_twice() {
     edgeloop_tests::init_tracing();
-    if Command::new("mosquitto").arg("-h").output().is_err() {
-        assert!(
-            std::env::var_os(edgeloop_tests::MQTT_URL_VAR).is_none(),
-            "{} is set but the mosquitto binary cannot be run",
-            edgeloop_tests::MQTT_URL_VAR
-        );
+    if !Mosquitto::available() {
         eprintln!("skipped: no mosquitto binary");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    // Mosquitto started as root drops to its own user, which must be able to write here.
-    let store_dir = dir.path().join("mosquitto");
-    std::fs::create_dir(&store_dir).unwrap();
-    std::fs::set_permissions(
-        &store_dir,
-        std::os::unix::fs::PermissionsExt::from_mode(0o777),
-    )
-    .unwrap();
+    let store_dir = Mosquitto::writable_dir(dir.path(), "mosquitto");
     let config = dir.path().join("mosquitto.conf");
     std::fs::write(
         &config,
