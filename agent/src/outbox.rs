@@ -121,7 +121,9 @@ const SCHEMA_VERSION: i64 = 1;
 pub struct SqliteOutbox {
     conn: Connection,
     path: PathBuf,
-    /// Payload bytes of all entries, kept in step with every insert and delete.
+    /// Number of entries and their payload bytes, kept in step with every insert and
+    /// delete (counted once at open).
+    count: u64,
     bytes: u64,
 }
 
@@ -165,7 +167,6 @@ impl SqliteOutbox {
                     msg_id = COALESCE(json_extract(CAST(payload AS TEXT), '$.msg_id'), ''),
                     priority = CASE WHEN topic LIKE '%/deployment' THEN 2 ELSE 1 END;
                 CREATE INDEX outbox_by_msg_id ON outbox (msg_id);
-                CREATE INDEX outbox_by_eviction ON outbox (priority, id);
                 CREATE TABLE outbox_drops (
                     priority INTEGER PRIMARY KEY,
                     count INTEGER NOT NULL
@@ -180,16 +181,17 @@ impl SqliteOutbox {
                 .map_err(err)?;
             tx.commit().map_err(err)?;
         }
-        let bytes: i64 = conn
+        let (count, bytes): (i64, i64) = conn
             .query_row(
-                "SELECT COALESCE(SUM(length(payload)), 0) FROM outbox",
+                "SELECT COUNT(*), COALESCE(SUM(length(payload)), 0) FROM outbox",
                 [],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .map_err(err)?;
         Ok(SqliteOutbox {
             conn,
             path: path.to_path_buf(),
+            count: count as u64,
             bytes: bytes as u64,
         })
     }
@@ -200,18 +202,50 @@ impl SqliteOutbox {
             source,
         }
     }
+}
 
-    fn resync_bytes(&mut self) -> Result<(), OutboxError> {
-        let bytes: i64 = self
-            .conn
-            .query_row(
-                "SELECT COALESCE(SUM(length(payload)), 0) FROM outbox",
-                [],
-                |r| r.get(0),
-            )
-            .map_err(self.err())?;
-        self.bytes = bytes as u64;
-        Ok(())
+impl SqliteOutbox {
+    /// Runs a `DELETE … RETURNING id, length(payload)` once per key, in one transaction;
+    /// returns the ids deleted and keeps the counters in step.
+    fn delete_returning(
+        &mut self,
+        sql: &str,
+        keys: Vec<rusqlite::types::Value>,
+    ) -> Result<Vec<u64>, OutboxError> {
+        let path = self.path.clone();
+        let err = move |source| OutboxError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        // One statement commits alone; several share a transaction.
+        let tx = if keys.len() > 1 {
+            Some(self.conn.unchecked_transaction().map_err(&err)?)
+        } else {
+            None
+        };
+        let mut deleted = Vec::new();
+        let mut bytes = 0u64;
+        {
+            let mut stmt = self.conn.prepare_cached(sql).map_err(&err)?;
+            for key in keys {
+                let rows = stmt
+                    .query_map(params![key], |r| {
+                        Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+                    })
+                    .map_err(&err)?;
+                for row in rows {
+                    let (id, size) = row.map_err(&err)?;
+                    deleted.push(id);
+                    bytes += size;
+                }
+            }
+        }
+        if let Some(tx) = tx {
+            tx.commit().map_err(&err)?;
+        }
+        self.count = self.count.saturating_sub(deleted.len() as u64);
+        self.bytes = self.bytes.saturating_sub(bytes);
+        Ok(deleted)
     }
 }
 
@@ -223,6 +257,7 @@ impl OutboxStore for SqliteOutbox {
             )
             .and_then(|mut s| s.execute(params![e.topic, e.msg_id, e.priority as i64, e.payload]))
             .map_err(self.err())?;
+        self.count += 1;
         self.bytes += e.payload.len() as u64;
         Ok(self.conn.last_insert_rowid() as u64)
     }
@@ -254,6 +289,8 @@ impl OutboxStore for SqliteOutbox {
         max: Priority,
         limit: usize,
     ) -> Result<Vec<Victim>, OutboxError> {
+        // A scan, on purpose: eviction happens only when the outbox is full, while an index
+        // on (priority, id) would slow down every insert and delete.
         let mut stmt = self
             .conn
             .prepare_cached(
@@ -274,75 +311,25 @@ impl OutboxStore for SqliteOutbox {
     }
 
     fn remove(&mut self, ids: &[u64]) -> Result<(), OutboxError> {
-        let tx = self
-            .conn
-            .transaction()
-            .map_err(|source| OutboxError::Sqlite {
-                path: self.path.clone(),
-                source,
-            })?;
-        let mut removed = 0u64;
-        {
-            let mut stmt = tx
-                .prepare_cached("DELETE FROM outbox WHERE id = ?1 RETURNING length(payload)")
-                .map_err(|source| OutboxError::Sqlite {
-                    path: self.path.clone(),
-                    source,
-                })?;
-            for &id in ids {
-                let bytes: Option<i64> = stmt
-                    .query_row(params![id as i64], |r| r.get(0))
-                    .map(Some)
-                    .or_else(|e| match e {
-                        rusqlite::Error::QueryReturnedNoRows => Ok(None),
-                        e => Err(e),
-                    })
-                    .map_err(|source| OutboxError::Sqlite {
-                        path: self.path.clone(),
-                        source,
-                    })?;
-                removed += bytes.unwrap_or(0) as u64;
-            }
-        }
-        tx.commit().map_err(|source| OutboxError::Sqlite {
-            path: self.path.clone(),
-            source,
-        })?;
-        self.bytes = self.bytes.saturating_sub(removed);
-        Ok(())
+        let keys: Vec<rusqlite::types::Value> = ids.iter().map(|&id| (id as i64).into()).collect();
+        self.delete_returning(
+            "DELETE FROM outbox WHERE id = ?1 RETURNING id, length(payload)",
+            keys,
+        )
+        .map(|_| ())
     }
 
     fn remove_by_msg_id(&mut self, msg_ids: &[&str]) -> Result<Vec<u64>, OutboxError> {
-        let mut ids = Vec::new();
-        {
-            let mut stmt = self
-                .conn
-                .prepare_cached("SELECT id FROM outbox WHERE msg_id = ?1")
-                .map_err(self.err())?;
-            for msg_id in msg_ids {
-                let found = stmt
-                    .query_map(params![msg_id], |r| r.get::<_, i64>(0))
-                    .map_err(self.err())?
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(self.err())?;
-                ids.extend(found.into_iter().map(|id| id as u64));
-            }
-        }
-        if !ids.is_empty() {
-            self.remove(&ids)?;
-        }
-        Ok(ids)
+        let keys: Vec<rusqlite::types::Value> =
+            msg_ids.iter().map(|id| id.to_string().into()).collect();
+        self.delete_returning(
+            "DELETE FROM outbox WHERE msg_id = ?1 RETURNING id, length(payload)",
+            keys,
+        )
     }
 
     fn size(&mut self) -> Result<(u64, u64), OutboxError> {
-        let count: i64 = self
-            .conn
-            .query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))
-            .map_err(self.err())?;
-        if count == 0 && self.bytes != 0 {
-            self.resync_bytes()?;
-        }
-        Ok((count as u64, self.bytes))
+        Ok((self.count, self.bytes))
     }
 
     fn count_drops(&mut self, priority: Priority, n: u64) -> Result<(), OutboxError> {

@@ -42,6 +42,7 @@ pub struct ControllerConfig {
     pub mqtt_ca_file: PathBuf,
     pub mqtt_cert_file: PathBuf,
     pub mqtt_key_file: PathBuf,
+    pub accept_unknown_devices: bool,
     pub retention_raw_days: u64,
     pub retention_hourly_days: u64,
 }

@@ -41,6 +41,7 @@ pub struct IngestStats {
     pub duplicates: AtomicU64,
     pub malformed: AtomicU64,
     pub store_errors: AtomicU64,
+    pub unknown_device: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -50,6 +51,7 @@ pub struct IngestStatsSnapshot {
     pub duplicates: u64,
     pub malformed: u64,
     pub store_errors: u64,
+    pub unknown_device: u64,
 }
 
 impl IngestStats {
@@ -61,6 +63,7 @@ impl IngestStats {
             duplicates: get(&self.duplicates),
             malformed: get(&self.malformed),
             store_errors: get(&self.store_errors),
+            unknown_device: get(&self.unknown_device),
         }
     }
 }
@@ -185,6 +188,8 @@ pub struct BusConfig {
     pub broker: BrokerAddr,
     pub client_id: String,
     pub topics: Topics,
+    /// Hear devices the registry does not know (registering them on first contact).
+    pub accept_unknown_devices: bool,
     /// TLS for an `mqtts://` broker.
     pub tls: Option<Arc<rustls::ClientConfig>>,
     /// Subscribe as a member of this shared-subscription group (`$share/{group}/…`), so
@@ -235,6 +240,8 @@ pub fn start(
             stats,
             topics: config.topics,
             client: client.clone(),
+            accept_unknown: config.accept_unknown_devices,
+            known: std::collections::HashSet::new(),
         }
         .run(rx, shutdown),
     );
@@ -286,36 +293,51 @@ struct Ingestor {
     stats: Arc<IngestStats>,
     topics: Topics,
     client: AsyncClient,
+    accept_unknown: bool,
+    /// Devices found in the registry (a device is never removed while the controller runs).
+    known: std::collections::HashSet<String>,
 }
 
-/// How handling a publish ended.
-enum Handled {
-    /// Stored or refused for good: acknowledge it, and send the receipt if there is one.
-    Done(Option<(String, Receipt)>),
-    /// Shutdown came before the store could commit: do not acknowledge.
-    Interrupted,
-}
+/// Most publishes stored in one transaction (group commit). Whatever has arrived while the
+/// previous group was being committed goes into the next one, up to this many.
+const MAX_GROUP: usize = 128;
+
+/// Shutdown came before the store could commit: nothing of the group is acknowledged.
+struct Interrupted;
 
 impl Ingestor {
-    async fn run(self, mut rx: mpsc::Receiver<Publish>, shutdown: CancellationToken) {
+    async fn run(mut self, mut rx: mpsc::Receiver<Publish>, shutdown: CancellationToken) {
+        let mut group = Vec::with_capacity(MAX_GROUP);
         loop {
-            let publish = tokio::select! {
+            let first = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 p = rx.recv() => match p {
                     Some(p) => p,
                     None => break,
                 },
             };
-            self.stats.received.fetch_add(1, Ordering::Relaxed);
-            let receipt = match self.handle(&publish, &shutdown).await {
-                Handled::Done(receipt) => receipt,
-                // No ack: the broker delivers the message again to the next session.
-                Handled::Interrupted => break,
-            };
-            if let Err(e) = self.client.ack(&publish).await {
-                warn!(error = %e, "cannot acknowledge message");
+            group.clear();
+            group.push(first);
+            while group.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(p) => group.push(p),
+                    Err(_) => break,
+                }
             }
-            if let Some((device_id, receipt)) = receipt {
+            self.stats
+                .received
+                .fetch_add(group.len() as u64, Ordering::Relaxed);
+            // No ack on interruption: the broker delivers the messages again to the next
+            // session.
+            let Ok(receipts) = self.handle_group(&group, &shutdown).await else {
+                break;
+            };
+            for publish in &group {
+                if let Err(e) = self.client.ack(publish).await {
+                    warn!(error = %e, "cannot acknowledge message");
+                }
+            }
+            for (device_id, receipt) in receipts {
                 self.send_receipt(&device_id, receipt).await;
             }
         }
@@ -343,35 +365,150 @@ impl Ingestor {
         }
     }
 
-    async fn handle(&self, publish: &Publish, shutdown: &CancellationToken) -> Handled {
+    /// Whether a device may be heard: always when unknown devices are accepted, otherwise
+    /// when the registry has it. `None` when the registry cannot be read.
+    async fn may_hear(&mut self, device_id: &str) -> Option<bool> {
+        if self.accept_unknown || self.known.contains(device_id) {
+            return Some(true);
+        }
+        match self.store.device_exists(device_id).await {
+            Ok(true) => {
+                self.known.insert(device_id.to_string());
+                Some(true)
+            }
+            Ok(false) => Some(false),
+            Err(e) => {
+                error!(device = device_id, error = %e, "cannot read the device registry");
+                None
+            }
+        }
+    }
+
+    /// Validates one publish; `None` when nothing of it is stored or answered (a topic
+    /// that is not a device's, a payload without readable ids, an unknown device).
+    async fn check(
+        &mut self,
+        publish: &Publish,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Checked>, Interrupted> {
         let checked = match validate(&self.topics, &publish.topic, &publish.payload) {
             Ok(c) => c,
             Err(reason) => {
                 let n = self.stats.malformed.fetch_add(1, Ordering::Relaxed) + 1;
                 warn!(topic = %publish.topic, bytes = publish.payload.len(), %reason, malformed_total = n, "dropped malformed message");
-                return Handled::Done(None);
+                return Ok(None);
             }
         };
-        let Checked {
-            device_id,
-            accepted,
-            mut rejected,
-            unidentified,
-        } = checked;
-        let refused = rejected.len() as u64 + unidentified;
-        if refused > 0 {
-            let n = self.stats.malformed.fetch_add(refused, Ordering::Relaxed) + refused;
-            for r in &rejected {
-                warn!(device = %device_id, msg_id = %r.msg_id, reason = %r.reason, malformed_total = n, "dropped malformed message");
-            }
-            if unidentified > 0 {
-                warn!(device = %device_id, count = unidentified, malformed_total = n, "dropped malformed messages without a readable id");
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        loop {
+            match self.may_hear(&checked.device_id).await {
+                Some(true) => break,
+                Some(false) => {
+                    // No receipt: the device keeps its messages and delivers them once it
+                    // is registered.
+                    let n = self.stats.unknown_device.fetch_add(1, Ordering::Relaxed) + 1;
+                    warn!(device = %checked.device_id, unknown_device_total = n,
+                        "dropped a message from a device the registry does not know");
+                    return Ok(None);
+                }
+                None => tokio::select! {
+                    _ = shutdown.cancelled() => return Err(Interrupted),
+                    _ = tokio::time::sleep(backoff.next_delay()) => {}
+                },
             }
         }
-        let mut stored = Vec::new();
+        let refused = checked.rejected.len() as u64 + checked.unidentified;
+        if refused > 0 {
+            let n = self.stats.malformed.fetch_add(refused, Ordering::Relaxed) + refused;
+            for r in &checked.rejected {
+                warn!(device = %checked.device_id, msg_id = %r.msg_id, reason = %r.reason, malformed_total = n, "dropped malformed message");
+            }
+            if checked.unidentified > 0 {
+                warn!(device = %checked.device_id, count = checked.unidentified, malformed_total = n, "dropped malformed messages without a readable id");
+            }
+        }
+        Ok(Some(checked))
+    }
+
+    /// Checks a group of publishes and stores all their envelopes in one transaction;
+    /// returns the receipts to send, one per device.
+    async fn handle_group(
+        &mut self,
+        group: &[Publish],
+        shutdown: &CancellationToken,
+    ) -> Result<Vec<(String, Receipt)>, Interrupted> {
+        let mut checked = Vec::with_capacity(group.len());
+        for publish in group {
+            if let Some(c) = self.check(publish, shutdown).await? {
+                checked.push(c);
+            }
+        }
+        let envelopes: Vec<Envelope> = checked
+            .iter()
+            .flat_map(|c| c.accepted.iter().cloned())
+            .collect();
+        let refused_by_store = match self.store_envelopes(&envelopes, shutdown).await? {
+            Ok(()) => Vec::new(),
+            // One publish spoiled the group: store each alone, so that only it is refused.
+            Err(_) if checked.len() > 1 => {
+                let mut refused = Vec::new();
+                for c in &checked {
+                    if let Err(e) = self.store_envelopes(&c.accepted, shutdown).await? {
+                        refused.extend(c.accepted.iter().map(|m| (m.msg_id.clone(), e.clone())));
+                    }
+                }
+                refused
+            }
+            Err(e) => envelopes
+                .iter()
+                .map(|m| (m.msg_id.clone(), e.clone()))
+                .collect(),
+        };
+        self.stats
+            .malformed
+            .fetch_add(refused_by_store.len() as u64, Ordering::Relaxed);
+        let mut receipts: Vec<(String, Receipt)> = Vec::new();
+        for c in checked {
+            let mut receipt = Receipt {
+                stored: Vec::new(),
+                rejected: c.rejected,
+            };
+            for m in c.accepted {
+                match refused_by_store.iter().find(|(id, _)| *id == m.msg_id) {
+                    Some((_, reason)) => receipt.rejected.push(RejectedMessage {
+                        msg_id: m.msg_id,
+                        reason: reason.clone(),
+                    }),
+                    None => receipt.stored.push(m.msg_id),
+                }
+            }
+            if receipt.stored.is_empty() && receipt.rejected.is_empty() {
+                continue;
+            }
+            match receipts.iter_mut().find(|(d, _)| *d == c.device_id) {
+                Some((_, r)) => {
+                    r.stored.append(&mut receipt.stored);
+                    r.rejected.append(&mut receipt.rejected);
+                }
+                None => receipts.push((c.device_id, receipt)),
+            }
+        }
+        Ok(receipts)
+    }
+
+    /// Stores envelopes in one transaction, retrying while the store is unavailable.
+    /// `Ok(Err(reason))` when the store refuses them for what they are.
+    async fn store_envelopes(
+        &self,
+        envelopes: &[Envelope],
+        shutdown: &CancellationToken,
+    ) -> Result<Result<(), String>, Interrupted> {
+        if envelopes.is_empty() {
+            return Ok(Ok(()));
+        }
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-        while !accepted.is_empty() {
-            match self.store.ingest_many(&accepted, now_ms()).await {
+        loop {
+            match self.store.ingest_many(envelopes, now_ms()).await {
                 Ok(results) => {
                     let dups = results
                         .iter()
@@ -382,37 +519,25 @@ impl Ingestor {
                         .fetch_add(results.len() as u64 - dups, Ordering::Relaxed);
                     self.stats.duplicates.fetch_add(dups, Ordering::Relaxed);
                     if dups > 0 {
-                        debug!(device = %device_id, dups, "duplicates dropped");
+                        debug!(dups, "duplicates dropped");
                     }
-                    stored = accepted.into_iter().map(|e| e.msg_id).collect();
-                    break;
+                    return Ok(Ok(()));
                 }
                 Err(e @ StoreError::Corrupt(_)) => {
-                    // The store refused these messages for what they are: retrying cannot help.
-                    self.stats
-                        .malformed
-                        .fetch_add(accepted.len() as u64, Ordering::Relaxed);
-                    error!(device = %device_id, error = %e, "messages refused by the store; dropped");
-                    rejected.extend(accepted.into_iter().map(|m| RejectedMessage {
-                        msg_id: m.msg_id,
-                        reason: e.to_string(),
-                    }));
-                    break;
+                    // Refused for what they are: retrying cannot help.
+                    error!(error = %e, count = envelopes.len(), "messages refused by the store; dropped");
+                    return Ok(Err(e.to_string()));
                 }
                 Err(e) => {
                     self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
-                    error!(device = %device_id, error = %e, "cannot store messages; retrying");
+                    error!(error = %e, "cannot store messages; retrying");
                     tokio::select! {
-                        _ = shutdown.cancelled() => return Handled::Interrupted,
+                        _ = shutdown.cancelled() => return Err(Interrupted),
                         _ = tokio::time::sleep(backoff.next_delay()) => {}
                     }
                 }
             }
         }
-        if stored.is_empty() && rejected.is_empty() {
-            return Handled::Done(None);
-        }
-        Handled::Done(Some((device_id, Receipt { stored, rejected })))
     }
 }
 

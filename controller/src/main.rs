@@ -68,6 +68,11 @@ enum Command {
         #[command(subcommand)]
         command: ModelCommand,
     },
+    /// Manage the device registry.
+    Device {
+        #[command(subcommand)]
+        command: DeviceCommand,
+    },
     /// Manage rollouts through a running controller's API.
     Rollout {
         #[command(subcommand)]
@@ -99,6 +104,19 @@ enum ModelCommand {
         /// A human-readable description of this version.
         #[arg(long)]
         label: Option<String>,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeviceCommand {
+    /// Register devices, so that a controller with `accept_unknown_devices = false` hears
+    /// them.
+    Add {
+        /// Device ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
         #[command(flatten)]
         config: ConfigArgs,
     },
@@ -279,6 +297,25 @@ async fn run() -> anyhow::Result<()> {
                 row.bundle_sha256,
                 row.features.join(","),
                 row.signed_by
+            );
+        }
+        Command::Device {
+            command: DeviceCommand::Add { ids, config },
+        } => {
+            let config = config.load()?;
+            config.validate()?;
+            if let Some(bad) = ids
+                .iter()
+                .find(|id| !edgeloop_shared::is_valid_identifier(id))
+            {
+                bail!("`{bad}` is not a valid device id: use 1-64 characters of [A-Za-z0-9_.-]");
+            }
+            std::fs::create_dir_all(&config.data_dir)?;
+            let store = open_store(&config).await?;
+            let added = store.register_devices(&ids).await?;
+            println!(
+                "{added} device(s) added, {} already registered",
+                ids.len() as u64 - added
             );
         }
         Command::Rollout {

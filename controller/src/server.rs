@@ -119,6 +119,7 @@ impl Controller {
                 broker,
                 client_id: config.mqtt_client_id.clone(),
                 topics: topics.clone(),
+                accept_unknown_devices: config.accept_unknown_devices,
                 tls,
                 // The embedded broker serves one controller: no group needed.
                 shared_group: if config.mqtt_url.is_empty() {

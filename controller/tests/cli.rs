@@ -263,3 +263,32 @@ fn bad_flags_get_clear_errors() {
         "serve without a key says how to make one"
     );
 }
+
+#[test]
+fn devices_are_registered_from_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap();
+    let out = edgeloop(
+        &["device", "add", "pump-1", "pump-2", "--data-dir", data],
+        dir.path(),
+    );
+    assert!(
+        out.contains("2 device(s) added, 0 already registered"),
+        "{out}"
+    );
+    let out = edgeloop(
+        &["device", "add", "pump-2", "pump-3", "--data-dir", data],
+        dir.path(),
+    );
+    assert!(
+        out.contains("1 device(s) added, 1 already registered"),
+        "{out}"
+    );
+    let bad = Command::new(EDGELOOP)
+        .args(["device", "add", "a/b", "--data-dir", data])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not a valid device id"));
+}

@@ -73,10 +73,18 @@ impl TestController {
     /// Starts a controller, or returns `None` when the external broker was asked for and
     /// `EDGELOOP_TEST_MQTT_URL` is unset.
     pub async fn start(broker: BrokerChoice) -> Option<Self> {
+        Self::start_with(broker, |_| {}).await
+    }
+
+    /// [`TestController::start`], with changes to the test configuration.
+    pub async fn start_with(
+        broker: BrokerChoice,
+        configure: impl FnOnce(&mut ControllerConfig),
+    ) -> Option<Self> {
         init_tracing();
         let (mqtt_url, root, database) = test_services(broker).await?;
         let dir = tempfile::tempdir().expect("temp dir");
-        let config = ControllerConfig {
+        let mut config = ControllerConfig {
             data_dir: dir.path().join("controller"),
             http_addr: "127.0.0.1:0".parse().unwrap(),
             mqtt_url,
@@ -88,6 +96,7 @@ impl TestController {
             resend_after_s: 5,
             ..ControllerConfig::default()
         };
+        configure(&mut config);
         let key = edgeloop_controller::keys::generate().expect("entropy");
         let shutdown = CancellationToken::new();
         let controller = Controller::start(config, key, shutdown.clone())

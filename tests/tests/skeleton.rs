@@ -391,3 +391,52 @@ async fn malformed_payloads_are_counted_and_nothing_stops(broker: BrokerChoice) 
     ctl.stop().await;
 }
 on_both_brokers!(malformed_payloads_are_counted_and_nothing_stops);
+
+/// With `accept_unknown_devices = false` a device is heard only once registered; until
+/// then its messages are counted and dropped, and it keeps them, so nothing is lost.
+async fn unknown_devices_are_not_heard_until_registered(broker: BrokerChoice) {
+    let Some(ctl) = TestController::start_with(broker, |c| c.accept_unknown_devices = false).await
+    else {
+        eprintln!("skipped: {} is not set", edgeloop_tests::MQTT_URL_VAR);
+        return;
+    };
+    let mut config = ctl.agent_config("late-1", WINDOW);
+    config.outbox.receipt_timeout_s = 1;
+    let agent = ctl.spawn_agent_with(config);
+    wait_until(
+        "the stranger is counted and keeps its heartbeats",
+        Duration::from_secs(20),
+        || async {
+            ctl.get("/api/v1/stats").await["unknown_device"]
+                .as_u64()
+                .unwrap()
+                >= 1
+                && edgeloop_tests::agent_outbox(&agent.config.state_dir, "status").len() >= 3
+        },
+    )
+    .await;
+    assert!(
+        ctl.device("late-1").await.is_none(),
+        "not registered by talking"
+    );
+    let held = edgeloop_tests::agent_outbox(&agent.config.state_dir, "status");
+
+    ctl.controller
+        .store
+        .register_devices(&["late-1".to_string()])
+        .await
+        .unwrap();
+    ctl.wait_for_model("late-1", None).await;
+    wait_until(
+        "what it held is delivered",
+        Duration::from_secs(60),
+        || async {
+            let left = edgeloop_tests::agent_outbox(&agent.config.state_dir, "status");
+            held.iter().all(|id| !left.contains(id))
+        },
+    )
+    .await;
+    agent.stop().await;
+    ctl.stop().await;
+}
+on_both_brokers!(unknown_devices_are_not_heard_until_registered);

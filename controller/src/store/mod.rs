@@ -108,34 +108,93 @@ pub struct Pruned {
 
 pub(crate) const HOUR_MS: u64 = 3_600_000;
 
-/// An hourly aggregate's columns: windows, samples, psi_max, psi_sum, merged stats (JSON).
-pub(crate) type HourlyColumns = (u64, u64, f64, f64, String);
+/// Identifies an hourly aggregate: device, model name, model version, hour start.
+pub(crate) type HourKey = (String, String, u64, u64);
 
-/// Folds a drift summary into the hourly aggregate it belongs to (`None`: a new hour).
-/// A summary whose features do not match the aggregate's is left out of it, with a warning;
-/// the raw summary is still stored.
-pub(crate) fn fold_hourly(
-    existing: Option<HourlyColumns>,
-    summary: &edgeloop_shared::protocol::DriftSummary,
-) -> Result<Option<HourlyColumns>> {
-    let stats = &summary.stats;
-    let Some((windows, samples, psi_max, psi_sum, json)) = existing else {
-        let json = serde_json::to_string(stats).expect("stats serialize");
-        return Ok(Some((1, stats.samples, stats.psi_max, stats.psi_max, json)));
-    };
-    let mut merged: edgeloop_shared::drift::WindowStats = serde_json::from_str(&json)
-        .map_err(|e| StoreError::Corrupt(format!("hourly aggregate: {e}")))?;
-    if let Err(e) = merged.merge(stats) {
-        tracing::warn!(model = %summary.model, error = %e, "summary left out of its hourly aggregate");
-        return Ok(None);
+pub(crate) fn hour_key(device_id: &str, s: &edgeloop_shared::protocol::DriftSummary) -> HourKey {
+    (
+        device_id.to_string(),
+        s.model.name.clone(),
+        s.model.version,
+        s.stats.end_ms / HOUR_MS * HOUR_MS,
+    )
+}
+
+/// An hourly aggregate being updated: its columns, with the merged statistics parsed.
+pub(crate) struct Hourly {
+    pub windows: u64,
+    pub samples: u64,
+    pub psi_max: f64,
+    pub psi_sum: f64,
+    pub stats: edgeloop_shared::drift::WindowStats,
+}
+
+impl Hourly {
+    pub fn from_row(
+        windows: u64,
+        samples: u64,
+        psi_max: f64,
+        psi_sum: f64,
+        stats: &str,
+    ) -> Result<Self> {
+        Ok(Hourly {
+            windows,
+            samples,
+            psi_max,
+            psi_sum,
+            stats: serde_json::from_str(stats)
+                .map_err(|e| StoreError::Corrupt(format!("hourly aggregate: {e}")))?,
+        })
     }
-    Ok(Some((
-        windows + 1,
-        samples + stats.samples,
-        psi_max.max(stats.psi_max),
-        psi_sum + stats.psi_max,
-        serde_json::to_string(&merged).expect("stats serialize"),
-    )))
+
+    /// Folds summaries (all of one [`HourKey`]) into `existing`, or into a new aggregate.
+    /// A summary whose features do not match the aggregate's is left out of it, with a
+    /// warning; the raw summary is still stored.
+    pub fn fold(
+        existing: Option<Hourly>,
+        summaries: &[&edgeloop_shared::protocol::DriftSummary],
+    ) -> Option<Hourly> {
+        let mut summaries = summaries.iter();
+        let mut hourly = match existing {
+            Some(h) => h,
+            None => {
+                let s = summaries.next()?;
+                Hourly {
+                    windows: 1,
+                    samples: s.stats.samples,
+                    psi_max: s.stats.psi_max,
+                    psi_sum: s.stats.psi_max,
+                    stats: s.stats.clone(),
+                }
+            }
+        };
+        for s in summaries {
+            if let Err(e) = hourly.stats.merge(&s.stats) {
+                tracing::warn!(model = %s.model, error = %e, "summary left out of its hourly aggregate");
+                continue;
+            }
+            hourly.windows += 1;
+            hourly.samples += s.stats.samples;
+            hourly.psi_max = hourly.psi_max.max(s.stats.psi_max);
+            hourly.psi_sum += s.stats.psi_max;
+        }
+        Some(hourly)
+    }
+
+    pub fn stats_json(&self) -> String {
+        serde_json::to_string(&self.stats).expect("stats serialize")
+    }
+}
+
+/// Groups the drift summaries of a transaction by hourly aggregate, in a stable order.
+pub(crate) fn by_hour<'a>(
+    summaries: &[(&'a str, &'a edgeloop_shared::protocol::DriftSummary)],
+) -> std::collections::BTreeMap<HourKey, Vec<&'a edgeloop_shared::protocol::DriftSummary>> {
+    let mut groups = std::collections::BTreeMap::<HourKey, Vec<_>>::new();
+    for (device, s) in summaries {
+        groups.entry(hour_key(device, s)).or_default().push(*s);
+    }
+    groups
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -260,6 +319,10 @@ pub trait Store: Send + Sync + 'static {
     }
 
     async fn devices(&self) -> Result<Vec<DeviceRow>>;
+    /// Adds devices to the registry (offline, never seen) unless they are there already;
+    /// returns how many were new.
+    async fn register_devices(&self, ids: &[String]) -> Result<u64>;
+    async fn device_exists(&self, id: &str) -> Result<bool>;
     async fn telemetry(&self, device_id: &str, limit: u32) -> Result<Vec<TelemetryRow>>;
     /// Hourly aggregates of a device, newest hour first.
     async fn hourly(&self, device_id: &str, limit: u32) -> Result<Vec<HourlyRow>>;

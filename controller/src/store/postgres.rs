@@ -286,40 +286,6 @@ async fn apply_drift(
         ],
     )
     .await?;
-    let hour = i(s.stats.end_ms / HOUR_MS * HOUR_MS);
-    let version = i(s.model.version);
-    // Row lock: two replicas folding into one hour wait for each other.
-    let existing = tx
-        .query_opt(
-            "SELECT windows, samples, psi_max, psi_sum, stats FROM telemetry_hourly
-             WHERE device_id = $1 AND model_name = $2 AND model_version = $3 AND hour_ms = $4
-             FOR UPDATE",
-            &[&e.device_id, &s.model.name, &version, &hour],
-        )
-        .await?
-        .map(|r| (u(r.get(0)), u(r.get(1)), r.get(2), r.get(3), r.get(4)));
-    if let Some((windows, samples, psi_max, psi_sum, stats)) = fold_hourly(existing, s)? {
-        tx.execute(
-            "INSERT INTO telemetry_hourly (device_id, model_name, model_version, hour_ms,
-                 windows, samples, psi_max, psi_sum, stats)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-             ON CONFLICT (device_id, model_name, model_version, hour_ms) DO UPDATE SET
-                 windows = EXCLUDED.windows, samples = EXCLUDED.samples,
-                 psi_max = EXCLUDED.psi_max, psi_sum = EXCLUDED.psi_sum, stats = EXCLUDED.stats",
-            &[
-                &e.device_id,
-                &s.model.name,
-                &version,
-                &hour,
-                &i(windows),
-                &i(samples),
-                &psi_max,
-                &psi_sum,
-                &stats,
-            ],
-        )
-        .await?;
-    }
     tx.execute(
         "UPDATE devices SET last_psi_max = $2
          WHERE id = $1 AND (model_name IS NULL OR (model_name = $3 AND model_version = $4))",
@@ -328,6 +294,51 @@ async fn apply_drift(
             &s.stats.psi_max,
             &s.model.name,
             &i(s.model.version),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Folds a transaction's summaries of one hour into its aggregate: one read (locking the
+/// row, so that replicas folding into one hour wait for each other), one write.
+async fn fold_hourly(
+    tx: &impl GenericClient,
+    key: &HourKey,
+    summaries: &[&DriftSummary],
+) -> Result<()> {
+    let (device, model, version, hour) = key;
+    let (version, hour) = (i(*version), i(*hour));
+    let existing = tx
+        .query_opt(
+            "SELECT windows, samples, psi_max, psi_sum, stats FROM telemetry_hourly
+             WHERE device_id = $1 AND model_name = $2 AND model_version = $3 AND hour_ms = $4
+             FOR UPDATE",
+            &[device, model, &version, &hour],
+        )
+        .await?
+        .map(|r| Hourly::from_row(u(r.get(0)), u(r.get(1)), r.get(2), r.get(3), r.get(4)))
+        .transpose()?;
+    let Some(h) = Hourly::fold(existing, summaries) else {
+        return Ok(());
+    };
+    tx.execute(
+        "INSERT INTO telemetry_hourly (device_id, model_name, model_version, hour_ms,
+             windows, samples, psi_max, psi_sum, stats)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+         ON CONFLICT (device_id, model_name, model_version, hour_ms) DO UPDATE SET
+             windows = EXCLUDED.windows, samples = EXCLUDED.samples,
+             psi_max = EXCLUDED.psi_max, psi_sum = EXCLUDED.psi_sum, stats = EXCLUDED.stats",
+        &[
+            device,
+            model,
+            &version,
+            &hour,
+            &i(h.windows),
+            &i(h.samples),
+            &h.psi_max,
+            &h.psi_sum,
+            &h.stats_json(),
         ],
     )
     .await?;
@@ -454,6 +465,7 @@ impl Store for PgStore {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         let mut results = Vec::with_capacity(envelopes.len());
+        let mut summaries = Vec::new();
         for envelope in envelopes {
             let fresh = tx
                 .execute(
@@ -469,7 +481,10 @@ impl Store for PgStore {
             touch_device(&*tx, &envelope.device_id, received_ms).await?;
             match &envelope.message {
                 Message::Status(s) => apply_status(&*tx, &envelope.device_id, s).await?,
-                Message::DriftSummary(s) => apply_drift(&*tx, envelope, s, received_ms).await?,
+                Message::DriftSummary(s) => {
+                    apply_drift(&*tx, envelope, s, received_ms).await?;
+                    summaries.push((envelope.device_id.as_str(), s));
+                }
                 Message::DeploymentStatus(d) => {
                     apply_deployment(&*tx, &envelope.device_id, d, received_ms).await?
                 }
@@ -482,8 +497,35 @@ impl Store for PgStore {
             }
             results.push(Ingested::Stored);
         }
+        for (key, list) in by_hour(&summaries) {
+            fold_hourly(&*tx, &key, &list).await?;
+        }
         tx.commit().await?;
         Ok(results)
+    }
+
+    async fn register_devices(&self, ids: &[String]) -> Result<u64> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let mut added = 0;
+        for id in ids {
+            added += tx
+                .execute(
+                    "INSERT INTO devices (id, last_seen_ms) VALUES ($1, 0) ON CONFLICT (id) DO NOTHING",
+                    &[id],
+                )
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(added)
+    }
+
+    async fn device_exists(&self, id: &str) -> Result<bool> {
+        let client = self.client().await?;
+        Ok(client
+            .query_opt("SELECT 1 FROM devices WHERE id = $1", &[&id])
+            .await?
+            .is_some())
     }
 
     async fn devices(&self) -> Result<Vec<DeviceRow>> {

@@ -269,41 +269,6 @@ fn apply_drift(tx: &Transaction<'_>, e: &Envelope, s: &DriftSummary, now_ms: u64
             summary,
         ],
     )?;
-    let key = params![
-        e.device_id,
-        s.model.name,
-        s.model.version as i64,
-        (s.stats.end_ms / HOUR_MS * HOUR_MS) as i64
-    ];
-    let existing = tx
-        .query_row(
-            "SELECT windows, samples, psi_max, psi_sum, stats FROM telemetry_hourly
-             WHERE device_id = ?1 AND model_name = ?2 AND model_version = ?3 AND hour_ms = ?4",
-            key,
-            |r| Ok((u(r.get(0)?), u(r.get(1)?), r.get(2)?, r.get(3)?, r.get(4)?)),
-        )
-        .optional()?;
-    if let Some((windows, samples, psi_max, psi_sum, stats)) = fold_hourly(existing, s)? {
-        tx.execute(
-            "INSERT INTO telemetry_hourly (device_id, model_name, model_version, hour_ms,
-                 windows, samples, psi_max, psi_sum, stats)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
-             ON CONFLICT (device_id, model_name, model_version, hour_ms) DO UPDATE SET
-                 windows = excluded.windows, samples = excluded.samples,
-                 psi_max = excluded.psi_max, psi_sum = excluded.psi_sum, stats = excluded.stats",
-            params![
-                e.device_id,
-                s.model.name,
-                s.model.version as i64,
-                (s.stats.end_ms / HOUR_MS * HOUR_MS) as i64,
-                windows as i64,
-                samples as i64,
-                psi_max,
-                psi_sum,
-                stats
-            ],
-        )?;
-    }
     // Only a summary of the model the device now serves is its current drift figure; a late
     // summary of the previous model is kept in `telemetry` but does not overwrite it.
     tx.execute(
@@ -314,6 +279,52 @@ fn apply_drift(tx: &Transaction<'_>, e: &Envelope, s: &DriftSummary, now_ms: u64
             s.stats.psi_max,
             s.model.name,
             s.model.version as i64
+        ],
+    )?;
+    Ok(())
+}
+
+/// Folds a transaction's summaries of one hour into its aggregate: one read, one write.
+fn fold_hourly(tx: &Transaction<'_>, key: &HourKey, summaries: &[&DriftSummary]) -> Result<()> {
+    let (device, model, version, hour) = key;
+    let existing = tx
+        .query_row(
+            "SELECT windows, samples, psi_max, psi_sum, stats FROM telemetry_hourly
+             WHERE device_id = ?1 AND model_name = ?2 AND model_version = ?3 AND hour_ms = ?4",
+            params![device, model, *version as i64, *hour as i64],
+            |r| {
+                Ok((
+                    u(r.get(0)?),
+                    u(r.get(1)?),
+                    r.get::<_, f64>(2)?,
+                    r.get::<_, f64>(3)?,
+                    r.get::<_, String>(4)?,
+                ))
+            },
+        )
+        .optional()?
+        .map(|(w, s, m, sum, json)| Hourly::from_row(w, s, m, sum, &json))
+        .transpose()?;
+    let Some(h) = Hourly::fold(existing, summaries) else {
+        return Ok(());
+    };
+    tx.execute(
+        "INSERT INTO telemetry_hourly (device_id, model_name, model_version, hour_ms,
+             windows, samples, psi_max, psi_sum, stats)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+         ON CONFLICT (device_id, model_name, model_version, hour_ms) DO UPDATE SET
+             windows = excluded.windows, samples = excluded.samples,
+             psi_max = excluded.psi_max, psi_sum = excluded.psi_sum, stats = excluded.stats",
+        params![
+            device,
+            model,
+            *version as i64,
+            *hour as i64,
+            h.windows as i64,
+            h.samples as i64,
+            h.psi_max,
+            h.psi_sum,
+            h.stats_json()
         ],
     )?;
     Ok(())
@@ -457,6 +468,7 @@ impl Store for SqliteStore {
         self.call(move |conn| {
             let tx = conn.transaction()?;
             let mut results = Vec::with_capacity(envelopes.len());
+            let mut summaries = Vec::new();
             for envelope in &envelopes {
                 let fresh = tx.execute(
                     "INSERT OR IGNORE INTO seen_messages (msg_id, device_id, received_ms) VALUES (?1, ?2, ?3)",
@@ -469,7 +481,10 @@ impl Store for SqliteStore {
                 touch_device(&tx, &envelope.device_id, received_ms)?;
                 match &envelope.message {
                     Message::Status(s) => apply_status(&tx, &envelope.device_id, s)?,
-                    Message::DriftSummary(s) => apply_drift(&tx, envelope, s, received_ms)?,
+                    Message::DriftSummary(s) => {
+                        apply_drift(&tx, envelope, s, received_ms)?;
+                        summaries.push((envelope.device_id.as_str(), s));
+                    }
                     Message::DeploymentStatus(d) => {
                         apply_deployment(&tx, &envelope.device_id, d, received_ms)?
                     }
@@ -482,8 +497,41 @@ impl Store for SqliteStore {
                 }
                 results.push(Ingested::Stored);
             }
+            for (key, list) in by_hour(&summaries) {
+                fold_hourly(&tx, &key, &list)?;
+            }
             tx.commit()?;
             Ok(results)
+        })
+        .await
+    }
+
+    async fn register_devices(&self, ids: &[String]) -> Result<u64> {
+        let ids = ids.to_vec();
+        self.call(move |conn| {
+            let tx = conn.transaction()?;
+            let mut added = 0;
+            for id in &ids {
+                added += tx.execute(
+                    "INSERT INTO devices (id, last_seen_ms) VALUES (?1, 0) ON CONFLICT (id) DO NOTHING",
+                    params![id],
+                )? as u64;
+            }
+            tx.commit()?;
+            Ok(added)
+        })
+        .await
+    }
+
+    async fn device_exists(&self, id: &str) -> Result<bool> {
+        let id = id.to_string();
+        self.call(move |conn| {
+            Ok(conn
+                .query_row("SELECT 1 FROM devices WHERE id = ?1", params![id], |_| {
+                    Ok(())
+                })
+                .optional()?
+                .is_some())
         })
         .await
     }

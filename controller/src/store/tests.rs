@@ -298,6 +298,24 @@ pub async fn suite(store: &dyn Store) {
 
     hourly_aggregates_and_retention(store).await;
 
+    // Registration adds what is new and leaves known devices as they are.
+    assert!(!store.device_exists("reg-1").await.unwrap());
+    assert_eq!(
+        store
+            .register_devices(&["reg-1".into(), "d1".into()])
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(store.device_exists("reg-1").await.unwrap());
+    let devices = store.devices().await.unwrap();
+    let reg = devices.iter().find(|d| d.id == "reg-1").unwrap();
+    assert!(!reg.online && reg.last_seen_ms == 0 && reg.model_name.is_none());
+    assert_eq!(
+        devices.iter().find(|d| d.id == "d1").unwrap().inferences,
+        10
+    );
+
     // One holder at a time; the lease passes on when it expires.
     assert!(store.acquire_lease("job", "a", 1000, 100).await.unwrap());
     assert!(!store.acquire_lease("job", "b", 1050, 100).await.unwrap());
@@ -386,7 +404,7 @@ async fn sqlite_store_passes_the_suite() {
     suite(&SqliteStore::open(&path).unwrap()).await;
     // Reopening keeps everything and does not migrate twice.
     let again = SqliteStore::open(&path).unwrap();
-    assert_eq!(again.devices().await.unwrap().len(), 5);
+    assert_eq!(again.devices().await.unwrap().len(), 6);
 }
 
 #[tokio::test]
@@ -460,7 +478,7 @@ async fn postgres_store_passes_the_suite() {
     let again = PgStore::connect(&scoped).await.unwrap();
     assert_eq!(
         again.devices().await.unwrap().len(),
-        5,
+        6,
         "reopening keeps everything"
     );
     admin

@@ -1,0 +1,346 @@
+//! Telemetry on the wire and into the store, against the broker's own rate, in one run:
+//!
+//! 1. bytes per drift summary: one envelope alone, and in batches of 64 (plain JSON and
+//!    zstd), with MQTT's fixed header and topic counted;
+//! 2. the broker's raw delivery rate: 8 publishers send 20 480 summaries at QoS 1 to a
+//!    plain subscriber (automatic acknowledgements, nothing stored), paced in rounds so
+//!    that no broker queue overflows;
+//! 3. the controller's ingest rate for the same traffic through the same broker:
+//!    validation, one SQLite transaction per publish, manual acknowledgement after the
+//!    commit, and a receipt per publish. Done once with single envelopes and once with
+//!    zstd batches of 64, each against the raw rate of the same payloads.
+//!
+//! Run: `cargo bench -p edgeloop-controller --bench ingest` (embedded broker), or with
+//! `EDGELOOP_BENCH_MQTT_URL=mqtt://127.0.0.1:1883` against another broker (Mosquitto).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use edgeloop_agent::source::{InputSource, ShiftControl, VibrationGenerator};
+use edgeloop_controller::broker::EmbeddedBroker;
+use edgeloop_controller::config::ControllerConfig;
+use edgeloop_controller::server::Controller;
+use edgeloop_shared::batch::{self, Encoding};
+use edgeloop_shared::drift::{DEFAULT_BINS, DriftWindow, ReferenceProfile};
+use edgeloop_shared::protocol::{DriftSummary, Envelope, Message, ModelRef};
+use edgeloop_shared::topics::{Channel, Topics};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio_util::sync::CancellationToken;
+
+const DEVICES: usize = 8;
+const PER_DEVICE: usize = 2_560;
+const BATCH: usize = 64;
+
+/// Drift summaries as the agent makes them: the example model's reference profile, 200
+/// synthetic inputs per window.
+fn summaries(device: &str, n: usize) -> Vec<Vec<u8>> {
+    let reader = csv::Reader::from_reader(edgeloop_controller::demo::REFERENCE_V1.as_bytes());
+    let mut reader = reader;
+    let names: Vec<String> = reader
+        .headers()
+        .unwrap()
+        .iter()
+        .map(str::to_string)
+        .collect();
+    let mut columns = vec![Vec::new(); names.len()];
+    for record in reader.records() {
+        for (c, v) in record.unwrap().iter().enumerate() {
+            columns[c].push(v.parse::<f64>().unwrap());
+        }
+    }
+    let profile = ReferenceProfile::from_columns(&names, &columns, DEFAULT_BINS).unwrap();
+    let mut source = VibrationGenerator::new(3, ShiftControl::default());
+    (0..n)
+        .map(|seq| {
+            let mut window = DriftWindow::new(profile.clone(), 0);
+            for _ in 0..200 {
+                let row = source.next_row().unwrap();
+                window.observe(&row, Some(seq % 2)).unwrap();
+            }
+            Envelope::new(
+                device,
+                uuid::Uuid::now_v7().to_string(),
+                1_764_400_000_000,
+                Message::DriftSummary(DriftSummary {
+                    model: ModelRef {
+                        name: "vibration".into(),
+                        version: 1,
+                    },
+                    window_seq: seq as u64 + 1,
+                    stats: window.finish(1_764_400_010_000),
+                }),
+            )
+            .encode()
+        })
+        .collect()
+}
+
+/// MQTT PUBLISH size at QoS 1: fixed header (1 + up to 4 length bytes), topic length,
+/// topic, packet id, payload.
+fn publish_bytes(topic: &str, payload: usize) -> usize {
+    let remaining = 2 + topic.len() + 2 + payload;
+    let length_bytes = match remaining {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
+    };
+    1 + length_bytes + remaining
+}
+
+fn client(url: &str, id: &str) -> (AsyncClient, rumqttc::EventLoop) {
+    let addr = edgeloop_agent::link::BrokerAddr::parse(url).unwrap();
+    let mut options = MqttOptions::new(id, addr.host, addr.port);
+    options
+        .set_keep_alive(Duration::from_secs(30))
+        .set_max_packet_size(1 << 20, 1 << 20)
+        .set_inflight(100);
+    AsyncClient::new(options, 1024)
+}
+
+/// Publishes per device, from one client each, in rounds of `ROUND` payloads per device;
+/// after each round it waits until `done` reaches everything sent so far (in envelopes).
+/// The rounds bound what waits in the broker, so that no broker queue limit (Mosquitto's
+/// `max_queued_messages` is 1000) drops anything and both runs measure delivery, not loss.
+const ROUND: usize = 32;
+
+async fn publish_paced(
+    url: &str,
+    tag: &str,
+    traffic: &[(String, Vec<Vec<u8>>)],
+    per_publish: usize,
+    done: &(dyn Fn() -> u64 + Sync),
+) -> Duration {
+    let mut clients = Vec::new();
+    for i in 0..traffic.len() {
+        let (client, mut eventloop) = client(url, &format!("bench-{tag}-pub-{i}"));
+        let task = tokio::spawn(async move {
+            loop {
+                if let Err(e) = eventloop.poll().await {
+                    panic!("publisher connection: {e}");
+                }
+            }
+        });
+        clients.push((client, task));
+    }
+    let start = Instant::now();
+    let longest = traffic.iter().map(|t| t.1.len()).max().unwrap_or(0);
+    let mut sent = 0u64;
+    for round in (0..longest).step_by(ROUND) {
+        for ((topic, payloads), (client, _)) in traffic.iter().zip(&clients) {
+            for p in payloads.iter().skip(round).take(ROUND) {
+                client
+                    .publish(topic, QoS::AtLeastOnce, false, p.clone())
+                    .await
+                    .unwrap();
+                sent += per_publish as u64;
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while done() < sent {
+            assert!(
+                Instant::now() < deadline,
+                "{tag}: stalled at {} of {sent}",
+                done()
+            );
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+    }
+    let elapsed = start.elapsed();
+    for (_, task) in clients {
+        task.abort();
+    }
+    elapsed
+}
+
+/// The broker's delivery rate of `traffic` to one plain subscriber, in envelopes per
+/// second (`per_publish` envelopes in each payload). The same payloads go to topics under
+/// another root, which the controller does not hear.
+async fn raw_rate(url: &str, traffic: &[(String, Vec<Vec<u8>>)], per_publish: usize) -> f64 {
+    let traffic: Vec<(String, Vec<Vec<u8>>)> = traffic
+        .iter()
+        .map(|(topic, payloads)| (format!("raw-{topic}"), payloads.clone()))
+        .collect();
+    let traffic = &traffic[..];
+    let (sub, mut eventloop) = client(url, &format!("bench-raw-sub-{}", uuid::Uuid::new_v4()));
+    let filter = format!("{}/#", traffic[0].0.split("/v1/").next().unwrap());
+    sub.subscribe(&filter, QoS::AtLeastOnce).await.unwrap();
+    loop {
+        if let Event::Incoming(Packet::SubAck(_)) = eventloop.poll().await.unwrap() {
+            break;
+        }
+    }
+    let received = Arc::new(AtomicU64::new(0));
+    let counter = received.clone();
+    let receiver = tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::Publish(_))) => {
+                    counter.fetch_add(per_publish as u64, Ordering::Relaxed);
+                }
+                Ok(_) => {}
+                Err(e) => panic!("subscriber connection: {e}"),
+            }
+        }
+    });
+    let total: usize = traffic.iter().map(|t| t.1.len() * per_publish).sum();
+    let elapsed = publish_paced(url, "raw", traffic, per_publish, &|| {
+        received.load(Ordering::Relaxed)
+    })
+    .await;
+    receiver.abort();
+    drop(sub);
+    total as f64 / elapsed.as_secs_f64()
+}
+
+/// The controller's ingest rate of `traffic`, in envelopes per second.
+async fn ingest_rate(
+    controller: &Controller,
+    traffic: &[(String, Vec<Vec<u8>>)],
+    per_publish: usize,
+) -> f64 {
+    let before = controller.stats.snapshot().stored;
+    let total: usize = traffic.iter().map(|t| t.1.len() * per_publish).sum();
+    let elapsed = publish_paced(
+        &controller.mqtt_url,
+        "ingest",
+        traffic,
+        per_publish,
+        &|| {
+            let s = controller.stats.snapshot();
+            assert_eq!(s.malformed + s.duplicates + s.store_errors, 0, "{s:?}");
+            s.stored - before
+        },
+    )
+    .await;
+    total as f64 / elapsed.as_secs_f64()
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let dir = tempfile::tempdir().unwrap();
+    let external = std::env::var("EDGELOOP_BENCH_MQTT_URL")
+        .ok()
+        .filter(|u| !u.is_empty());
+    let (url, _broker) = match &external {
+        Some(url) => (url.clone(), None),
+        None => {
+            let broker = EmbeddedBroker::start("127.0.0.1:0".parse().unwrap()).unwrap();
+            (broker.url(), Some(broker))
+        }
+    };
+    let root = format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let topics = Topics::new(&root).unwrap();
+    let devices: Vec<String> = (0..DEVICES).map(|i| format!("bench-{i:02}")).collect();
+    let singles: Vec<(String, Vec<Vec<u8>>)> = devices
+        .iter()
+        .map(|d| {
+            (
+                topics.device(d, Channel::Telemetry).unwrap(),
+                summaries(d, PER_DEVICE),
+            )
+        })
+        .collect();
+    let batched = |singles: &[(String, Vec<Vec<u8>>)], device_of: &dyn Fn(usize) -> String| {
+        singles
+            .iter()
+            .enumerate()
+            .map(|(i, (topic, items))| {
+                let payloads = items
+                    .chunks(BATCH)
+                    .map(|c| {
+                        let refs: Vec<&[u8]> = c.iter().map(Vec::as_slice).collect();
+                        batch::encode(&device_of(i), &refs, Encoding::Zstd)
+                    })
+                    .collect();
+                (topic.clone(), payloads)
+            })
+            .collect::<Vec<_>>()
+    };
+
+    // 1. Bytes on the wire.
+    let topic = &singles[0].0;
+    let one = &singles[0].1[0];
+    let sample: Vec<&[u8]> = singles[0].1[..BATCH].iter().map(Vec::as_slice).collect();
+    let plain = batch::encode(&devices[0], &sample, Encoding::Identity);
+    let zstd = batch::encode(&devices[0], &sample, Encoding::Zstd);
+    let per = |bytes: usize| publish_bytes(topic, bytes) as f64 / BATCH as f64;
+    println!(
+        "bytes per drift summary on the wire (4 features x 12 bins, MQTT header and topic included):"
+    );
+    println!(
+        "  alone            {:>7} B",
+        publish_bytes(topic, one.len())
+    );
+    println!("  batch of {BATCH}, JSON {:>7.0} B", per(plain.len()));
+    println!(
+        "  batch of {BATCH}, zstd {:>7.0} B  ({:.1}x smaller than alone)",
+        per(zstd.len()),
+        publish_bytes(topic, one.len()) as f64 / per(zstd.len())
+    );
+
+    // 2 and 3.
+    let key = edgeloop_controller::keys::generate().unwrap();
+    let shutdown = CancellationToken::new();
+    let controller = Controller::start(
+        ControllerConfig {
+            data_dir: dir.path().join("controller"),
+            http_addr: "127.0.0.1:0".parse().unwrap(),
+            mqtt_url: url.clone(),
+            mqtt_client_id: format!("{root}-controller"),
+            topic_root: root.clone(),
+            // One controller: no shared-subscription group (rumqttd 0.20's router panics
+            // when a member of a shared group disconnects).
+            mqtt_shared_group: String::new(),
+            ..ControllerConfig::default()
+        },
+        key,
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    let total = (DEVICES * PER_DEVICE) as u64;
+    println!(
+        "\nbroker: {}",
+        if external.is_some() {
+            url.as_str()
+        } else {
+            "embedded rumqttd"
+        }
+    );
+    let raw_single = raw_rate(&url, &singles, 1).await;
+    let ingest_single = ingest_rate(&controller, &singles, 1).await;
+    println!("single envelopes ({total} summaries, {DEVICES} devices):");
+    println!("  broker raw delivery {raw_single:>9.0} summaries/s");
+    println!(
+        "  controller ingest   {ingest_single:>9.0} summaries/s  ratio {:.2}x",
+        ingest_single / raw_single
+    );
+
+    // Fresh message ids for the batched round, so nothing is a duplicate.
+    let fresh: Vec<(String, Vec<Vec<u8>>)> = devices
+        .iter()
+        .map(|d| {
+            (
+                topics.device(d, Channel::Telemetry).unwrap(),
+                summaries(d, PER_DEVICE),
+            )
+        })
+        .collect();
+    let device_of = |i: usize| devices[i].clone();
+    let batches = batched(&fresh, &device_of);
+    let raw_batched = raw_rate(&url, &batches, BATCH).await;
+    let ingest_batched = ingest_rate(&controller, &batches, BATCH).await;
+    println!("zstd batches of {BATCH}:");
+    println!(
+        "  broker raw delivery {:>9.0} publishes/s ({raw_batched:.0} summaries/s, not decoded)",
+        raw_batched / BATCH as f64
+    );
+    println!(
+        "  controller ingest   {ingest_batched:>9.0} summaries/s  ratio {:.2}x against the raw rate of single summaries",
+        ingest_batched / raw_single
+    );
+    shutdown.cancel();
+    controller.stop().await;
+}
