@@ -9,8 +9,9 @@
 //! store. An entry without a receipt is sent again after the receipt timeout or on the next
 //! connection, and the controller drops the duplicate by message id. So neither a broker
 //! that loses what it acknowledged (an embedded broker dying with its controller, a queue
-//! limit) nor a lost PUBACK loses data. The MQTT session is clean: the outbox, not the
-//! broker, holds what is pending.
+//! limit) nor a lost PUBACK loses data. The MQTT session is persistent, so commands and
+//! receipts published while the device is away wait for it at the broker; what the device
+//! sends is held by its outbox, never by the broker's session.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
@@ -229,9 +230,9 @@ pub struct LinkConfig {
     pub tls: Option<Arc<rustls::ClientConfig>>,
     /// Largest MQTT packet received.
     pub max_packet_bytes: usize,
-    /// How long a sent message waits for its receipt before it is sent again. Doubles (up
-    /// to ten minutes) while no receipt arrives at all, so a controller that is down is not
-    /// flooded with copies.
+    /// How long a sent message waits for its receipt before it is sent again. Doubles with
+    /// every resend (up to ten minutes) until everything sent is confirmed, so a controller
+    /// that is down or behind is not flooded with copies.
     pub receipt_timeout: Duration,
     pub packing: Packing,
 }
@@ -298,6 +299,14 @@ impl Packing {
             None
         } else if group.len() == 1 && !self.compress {
             Some(first.payload.clone())
+        } else if group.len() == 1 {
+            // Compressed unless that makes it larger (a small or incompressible envelope).
+            let zstd = batch::encode(device_id, &[first.payload.as_slice()], Encoding::Zstd);
+            Some(if zstd.len() < first.payload.len() {
+                zstd
+            } else {
+                first.payload.clone()
+            })
         } else {
             let items: Vec<&[u8]> = group.iter().map(|e| e.payload.as_slice()).collect();
             let encoding = if self.compress {
@@ -330,8 +339,6 @@ pub struct Link {
     incoming: mpsc::Sender<Publish>,
     /// The current receipt timeout (see [`LinkConfig::receipt_timeout`]).
     resend_after: Duration,
-    /// Whether a receipt arrived since the last resend.
-    receipt_seen: bool,
 }
 
 /// Capacity of the channel from a connection's event-loop task to the link.
@@ -386,7 +393,6 @@ impl Link {
     pub fn new(config: LinkConfig, outbox: Outbox, incoming: mpsc::Sender<Publish>) -> Self {
         Link {
             resend_after: config.receipt_timeout,
-            receipt_seen: false,
             config,
             outbox,
             incoming,
@@ -400,7 +406,7 @@ impl Link {
         let outgoing = c.packing.max_payload_bytes + 1024;
         options
             .set_keep_alive(c.keep_alive)
-            .set_clean_session(true)
+            .set_clean_session(false)
             .set_inflight(c.max_inflight.max(1))
             .set_max_packet_size(c.max_packet_bytes, outgoing);
         if let Some(will) = &c.last_will {
@@ -550,8 +556,10 @@ impl Link {
             // The entries stay and are sent again later: a duplicate, not a loss.
             Err(e) => warn!(error = %e, "cannot remove confirmed outbox entries"),
         }
-        self.receipt_seen = true;
-        self.resend_after = self.config.receipt_timeout;
+        // Caught up: the next silence starts from the base timeout again.
+        if flight.sent.is_empty() {
+            self.resend_after = self.config.receipt_timeout;
+        }
     }
 
     /// Makes entries whose receipt is overdue due again.
@@ -570,9 +578,9 @@ impl Link {
             flight.sent.remove(id);
         }
         flight.cursor = flight.cursor.min(first - 1);
-        if !std::mem::take(&mut self.receipt_seen) {
-            self.resend_after = (self.resend_after * 2).min(MAX_RECEIPT_TIMEOUT);
-        }
+        // Every resend while not caught up waits twice as long as the last, so a controller
+        // working through a backlog is not flooded with copies.
+        self.resend_after = (self.resend_after * 2).min(MAX_RECEIPT_TIMEOUT);
     }
 
     /// Hands outbox entries to the MQTT client until the in-flight window is full.

@@ -164,7 +164,9 @@ impl SqliteOutbox {
                 ALTER TABLE outbox ADD COLUMN msg_id TEXT NOT NULL DEFAULT '';
                 ALTER TABLE outbox ADD COLUMN priority INTEGER NOT NULL DEFAULT 1;
                 UPDATE outbox SET
-                    msg_id = COALESCE(json_extract(CAST(payload AS TEXT), '$.msg_id'), ''),
+                    msg_id = CASE WHEN json_valid(CAST(payload AS TEXT))
+                                  THEN COALESCE(json_extract(CAST(payload AS TEXT), '$.msg_id'), '')
+                                  ELSE '' END,
                     priority = CASE WHEN topic LIKE '%/deployment' THEN 2 ELSE 1 END;
                 CREATE INDEX outbox_by_msg_id ON outbox (msg_id);
                 CREATE TABLE outbox_drops (

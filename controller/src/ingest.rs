@@ -298,6 +298,37 @@ struct Ingestor {
     known: std::collections::HashSet<String>,
 }
 
+/// Most message ids in one receipt: about 40 KB, well under any packet limit.
+const MAX_RECEIPT_IDS: usize = 1000;
+/// Longest rejection reason sent back, in characters.
+const MAX_REASON_CHARS: usize = 200;
+
+/// Splits a receipt into parts of at most [`MAX_RECEIPT_IDS`] ids, with reasons shortened.
+fn split_receipt(receipt: Receipt) -> Vec<Receipt> {
+    let mut parts = Vec::new();
+    let mut part = Receipt::default();
+    let full = |p: &Receipt| p.stored.len() + p.rejected.len() >= MAX_RECEIPT_IDS;
+    for id in receipt.stored {
+        part.stored.push(id);
+        if full(&part) {
+            parts.push(std::mem::take(&mut part));
+        }
+    }
+    for mut r in receipt.rejected {
+        if let Some((cut, _)) = r.reason.char_indices().nth(MAX_REASON_CHARS) {
+            r.reason.truncate(cut);
+        }
+        part.rejected.push(r);
+        if full(&part) {
+            parts.push(std::mem::take(&mut part));
+        }
+    }
+    if !part.stored.is_empty() || !part.rejected.is_empty() {
+        parts.push(part);
+    }
+    parts
+}
+
 /// Most publishes stored in one transaction (group commit). Whatever has arrived while the
 /// previous group was being committed goes into the next one, up to this many.
 const MAX_GROUP: usize = 128;
@@ -343,25 +374,28 @@ impl Ingestor {
         }
     }
 
-    /// Tells a device which of its messages are stored, so it can let go of them.
+    /// Tells a device which of its messages are stored, so it can let go of them; in
+    /// several receipts when one would be large.
     async fn send_receipt(&self, device_id: &str, receipt: Receipt) {
         let Ok(topic) = self.topics.device(device_id, Channel::Receipts) else {
             return;
         };
-        let envelope = Envelope::new(
-            device_id,
-            uuid::Uuid::now_v7().to_string(),
-            now_ms(),
-            Message::Receipt(receipt),
-        );
-        // If it is lost, the device sends its messages again and gets a receipt for the
-        // duplicates: a cost, not a loss.
-        if let Err(e) = self
-            .client
-            .publish(topic, QoS::AtLeastOnce, false, envelope.encode())
-            .await
-        {
-            warn!(device = device_id, error = %e, "cannot send receipt");
+        for part in split_receipt(receipt) {
+            let envelope = Envelope::new(
+                device_id,
+                uuid::Uuid::now_v7().to_string(),
+                now_ms(),
+                Message::Receipt(part),
+            );
+            // If it is lost, the device sends its messages again and gets a receipt for the
+            // duplicates: a cost, not a loss.
+            if let Err(e) = self
+                .client
+                .publish(&topic, QoS::AtLeastOnce, false, envelope.encode())
+                .await
+            {
+                warn!(device = device_id, error = %e, "cannot send receipt");
+            }
         }
     }
 
@@ -449,20 +483,20 @@ impl Ingestor {
             .collect();
         let refused_by_store = match self.store_envelopes(&envelopes, shutdown).await? {
             Ok(()) => Vec::new(),
-            // One publish spoiled the group: store each alone, so that only it is refused.
-            Err(_) if checked.len() > 1 => {
+            // Something spoiled the group: store each envelope alone, so that only what the
+            // store refuses is refused.
+            Err(_) => {
                 let mut refused = Vec::new();
-                for c in &checked {
-                    if let Err(e) = self.store_envelopes(&c.accepted, shutdown).await? {
-                        refused.extend(c.accepted.iter().map(|m| (m.msg_id.clone(), e.clone())));
+                for m in &envelopes {
+                    if let Err(e) = self
+                        .store_envelopes(std::slice::from_ref(m), shutdown)
+                        .await?
+                    {
+                        refused.push((m.msg_id.clone(), e));
                     }
                 }
                 refused
             }
-            Err(e) => envelopes
-                .iter()
-                .map(|m| (m.msg_id.clone(), e.clone()))
-                .collect(),
         };
         self.stats
             .malformed
@@ -605,6 +639,34 @@ mod tests {
             validate(&t, "elsewhere", &status_bytes("d1")),
             Err(Rejection::Topic(_))
         ));
+    }
+
+    #[test]
+    fn large_receipts_are_split_and_reasons_shortened() {
+        let receipt = Receipt {
+            stored: (0..2500).map(|i| format!("s{i}")).collect(),
+            rejected: vec![RejectedMessage {
+                msg_id: "r".into(),
+                reason: "é".repeat(500),
+            }],
+        };
+        let parts = split_receipt(receipt);
+        assert_eq!(parts.len(), 3);
+        assert!(
+            parts
+                .iter()
+                .all(|p| p.stored.len() + p.rejected.len() <= MAX_RECEIPT_IDS)
+        );
+        let ids: usize = parts.iter().map(|p| p.stored.len()).sum();
+        assert_eq!(ids, 2500);
+        assert_eq!(
+            parts[2].rejected[0].reason.chars().count(),
+            MAX_REASON_CHARS
+        );
+        assert!(split_receipt(Receipt::default()).is_empty());
+        // The largest part fits the protocol's limit with room to spare.
+        let bytes = Envelope::new("d", "m", 1, Message::Receipt(parts[0].clone())).encode();
+        assert!(bytes.len() < edgeloop_shared::protocol::MAX_MESSAGE_BYTES / 4);
     }
 
     #[test]

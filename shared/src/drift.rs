@@ -263,19 +263,20 @@ impl WindowStats {
             }
         }
         for (a, b) in self.features.iter_mut().zip(&other.features) {
+            // Saturating: counts come from devices, and a hostile one must not overflow them.
             for (x, y) in a.counts.iter_mut().zip(&b.counts) {
-                *x += y;
+                *x = x.saturating_add(*y);
             }
-            a.nan += b.nan;
+            a.nan = a.nan.saturating_add(b.nan);
             a.psi = a.psi.max(b.psi);
         }
         if self.predictions.len() < other.predictions.len() {
             self.predictions.resize(other.predictions.len(), 0);
         }
         for (x, y) in self.predictions.iter_mut().zip(&other.predictions) {
-            *x += y;
+            *x = x.saturating_add(*y);
         }
-        self.samples += other.samples;
+        self.samples = self.samples.saturating_add(other.samples);
         self.start_ms = self.start_ms.min(other.start_ms);
         self.end_ms = self.end_ms.max(other.end_ms);
         self.psi_max = self.psi_max.max(other.psi_max);

@@ -79,7 +79,9 @@ pub struct DeviceStatus {
     pub errors: u64,
     /// Incoming messages the agent refused as malformed since it started.
     pub malformed_messages: u64,
-    /// The device's store-and-forward queue.
+    /// The device's store-and-forward queue. Absent from agents that predate it (and from
+    /// their last wills): then zeros.
+    #[serde(default)]
     pub outbox: OutboxStatus,
 }
 

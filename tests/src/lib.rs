@@ -800,6 +800,22 @@ pub fn agent_outbox_telemetry(state_dir: &std::path::Path) -> Vec<String> {
     agent_outbox(state_dir, "telemetry")
 }
 
+/// Window numbers of the drift summaries waiting in an agent's outbox.
+pub fn agent_outbox_window_seqs(state_dir: &std::path::Path) -> Vec<u64> {
+    let conn = rusqlite::Connection::open(state_dir.join("outbox.sqlite")).unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    let mut stmt = conn
+        .prepare(
+            "SELECT json_extract(CAST(payload AS TEXT), '$.payload.window_seq') FROM outbox
+             WHERE topic LIKE '%/telemetry' ORDER BY id",
+        )
+        .unwrap();
+    stmt.query_map([], |r| r.get::<_, i64>(0))
+        .unwrap()
+        .map(|v| v.unwrap() as u64)
+        .collect()
+}
+
 /// Message ids waiting in an agent's outbox for one channel (`status`, `telemetry`, …).
 /// Empty while the agent has not created its outbox yet.
 pub fn agent_outbox(state_dir: &std::path::Path, channel: &str) -> Vec<String> {

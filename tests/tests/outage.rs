@@ -110,11 +110,17 @@ async fn a_broker_outage_loses_no_drift_window_and_stores_none_twice() {
     let broker = Mosquitto::start(&config);
     wait_for_port(port).await;
 
-    // Everything produced during the outage arrives, and keeps arriving.
+    // Everything produced during the outage arrives, and keeps arriving. Resent messages
+    // may arrive after newer ones, so completeness is awaited, not assumed at a count.
     let target = before + 300;
-    wait_until("the backlog arrives", Duration::from_secs(60), || async {
-        windows().await.len() >= target
-    })
+    wait_until(
+        "the backlog arrives, without a hole",
+        Duration::from_secs(90),
+        || async {
+            let seqs = windows().await;
+            seqs.len() >= target && seqs.iter().copied().eq(1..=seqs.len() as u64)
+        },
+    )
     .await;
     let seqs = windows().await;
     let expected: Vec<u64> = (1..=seqs.len() as u64).collect();

@@ -130,21 +130,29 @@ pub(crate) struct Hourly {
 }
 
 impl Hourly {
+    /// The stored aggregate; `None`, with an error logged, when its statistics cannot be
+    /// read: the hour then starts again from the summaries at hand, rather than refusing
+    /// them for the database's fault.
     pub fn from_row(
         windows: u64,
         samples: u64,
         psi_max: f64,
         psi_sum: f64,
         stats: &str,
-    ) -> Result<Self> {
-        Ok(Hourly {
-            windows,
-            samples,
-            psi_max,
-            psi_sum,
-            stats: serde_json::from_str(stats)
-                .map_err(|e| StoreError::Corrupt(format!("hourly aggregate: {e}")))?,
-        })
+    ) -> Option<Self> {
+        match serde_json::from_str(stats) {
+            Ok(stats) => Some(Hourly {
+                windows,
+                samples,
+                psi_max,
+                psi_sum,
+                stats,
+            }),
+            Err(e) => {
+                tracing::error!(error = %e, "unreadable hourly aggregate; it starts again");
+                None
+            }
+        }
     }
 
     /// Folds summaries (all of one [`HourKey`]) into `existing`, or into a new aggregate.
@@ -173,8 +181,8 @@ impl Hourly {
                 tracing::warn!(model = %s.model, error = %e, "summary left out of its hourly aggregate");
                 continue;
             }
-            hourly.windows += 1;
-            hourly.samples += s.stats.samples;
+            hourly.windows = hourly.windows.saturating_add(1);
+            hourly.samples = hourly.samples.saturating_add(s.stats.samples);
             hourly.psi_max = hourly.psi_max.max(s.stats.psi_max);
             hourly.psi_sum += s.stats.psi_max;
         }

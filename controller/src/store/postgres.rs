@@ -300,8 +300,8 @@ async fn apply_drift(
     Ok(())
 }
 
-/// Folds a transaction's summaries of one hour into its aggregate: one read (locking the
-/// row, so that replicas folding into one hour wait for each other), one write.
+/// Folds a transaction's summaries of one hour into its aggregate: one read, one write,
+/// under a lock on the hour so that replicas folding into it wait for each other.
 async fn fold_hourly(
     tx: &impl GenericClient,
     key: &HourKey,
@@ -309,16 +309,21 @@ async fn fold_hourly(
 ) -> Result<()> {
     let (device, model, version, hour) = key;
     let (version, hour) = (i(*version), i(*hour));
+    // A row lock cannot cover an hour that has no row yet: two replicas would both start
+    // it and one would overwrite the other. A transaction lock on the key covers both.
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+        &[&format!("hourly/{device}/{model}/{version}/{hour}")],
+    )
+    .await?;
     let existing = tx
         .query_opt(
             "SELECT windows, samples, psi_max, psi_sum, stats FROM telemetry_hourly
-             WHERE device_id = $1 AND model_name = $2 AND model_version = $3 AND hour_ms = $4
-             FOR UPDATE",
+             WHERE device_id = $1 AND model_name = $2 AND model_version = $3 AND hour_ms = $4",
             &[device, model, &version, &hour],
         )
         .await?
-        .map(|r| Hourly::from_row(u(r.get(0)), u(r.get(1)), r.get(2), r.get(3), r.get(4)))
-        .transpose()?;
+        .and_then(|r| Hourly::from_row(u(r.get(0)), u(r.get(1)), r.get(2), r.get(3), r.get(4)));
     let Some(h) = Hourly::fold(existing, summaries) else {
         return Ok(());
     };
@@ -466,6 +471,7 @@ impl Store for PgStore {
         let tx = client.transaction().await?;
         let mut results = Vec::with_capacity(envelopes.len());
         let mut summaries = Vec::new();
+        let mut touched = std::collections::HashSet::new();
         for envelope in envelopes {
             let fresh = tx
                 .execute(
@@ -478,7 +484,10 @@ impl Store for PgStore {
                 results.push(Ingested::Duplicate);
                 continue;
             }
-            touch_device(&*tx, &envelope.device_id, received_ms).await?;
+            // Every message of a transaction has the same time: once per device.
+            if touched.insert(envelope.device_id.as_str()) {
+                touch_device(&*tx, &envelope.device_id, received_ms).await?;
+            }
             match &envelope.message {
                 Message::Status(s) => apply_status(&*tx, &envelope.device_id, s).await?,
                 Message::DriftSummary(s) => {

@@ -303,8 +303,7 @@ fn fold_hourly(tx: &Transaction<'_>, key: &HourKey, summaries: &[&DriftSummary])
             },
         )
         .optional()?
-        .map(|(w, s, m, sum, json)| Hourly::from_row(w, s, m, sum, &json))
-        .transpose()?;
+        .and_then(|(w, s, m, sum, json)| Hourly::from_row(w, s, m, sum, &json));
     let Some(h) = Hourly::fold(existing, summaries) else {
         return Ok(());
     };
@@ -469,6 +468,7 @@ impl Store for SqliteStore {
             let tx = conn.transaction()?;
             let mut results = Vec::with_capacity(envelopes.len());
             let mut summaries = Vec::new();
+            let mut touched = std::collections::HashSet::new();
             for envelope in &envelopes {
                 let fresh = tx.execute(
                     "INSERT OR IGNORE INTO seen_messages (msg_id, device_id, received_ms) VALUES (?1, ?2, ?3)",
@@ -478,7 +478,10 @@ impl Store for SqliteStore {
                     results.push(Ingested::Duplicate);
                     continue;
                 }
-                touch_device(&tx, &envelope.device_id, received_ms)?;
+                // Every message of a transaction has the same time: once per device.
+                if touched.insert(envelope.device_id.as_str()) {
+                    touch_device(&tx, &envelope.device_id, received_ms)?;
+                }
                 match &envelope.message {
                     Message::Status(s) => apply_status(&tx, &envelope.device_id, s)?,
                     Message::DriftSummary(s) => {
