@@ -173,18 +173,27 @@ impl Agent {
             warn!(%reason, "replay protection state unreadable: every command will be refused");
         }
 
+        let broker = BrokerAddr::parse(&config.broker_url).expect("validated");
+        let tls =
+            if broker.tls {
+                let tls = config.tls.client_config().map_err(|e| {
+                    crate::config::ConfigError::Invalid {
+                        key: "tls",
+                        reason: e.to_string(),
+                    }
+                })?;
+                Some(tls)
+            } else {
+                None
+            };
         let (incoming_tx, incoming) = mpsc::channel(INCOMING_CAPACITY);
         let will_reporter = reporter.clone();
         let last_will: LastWillFn = Arc::new(move || {
+            // The will knows nothing of the moment it is published: presence only.
             let offline = will_reporter.envelope(Message::Status(DeviceStatus {
                 online: false,
                 agent_version: AGENT_VERSION.to_string(),
-                model: None,
-                uptime_s: 0,
-                inferences: 0,
-                errors: 0,
-                malformed_messages: 0,
-                outbox: OutboxStatus::default(),
+                ..DeviceStatus::default()
             }));
             (will_reporter.topic(Channel::Status), offline.encode())
         });
@@ -192,24 +201,13 @@ impl Agent {
             LinkConfig {
                 client_id: config.device_id.clone(),
                 device_id: config.device_id.clone(),
-                broker: BrokerAddr::parse(&config.broker_url).expect("validated"),
+                broker,
                 keep_alive: Duration::from_secs(config.heartbeat_interval_s.clamp(5, 60) * 3),
                 max_inflight: config.max_inflight,
                 subscriptions: vec![reporter.topic(Channel::Commands)],
                 receipts_topic: reporter.topic(Channel::Receipts),
                 last_will: Some(last_will),
-                tls: match BrokerAddr::parse(&config.broker_url)
-                    .expect("validated")
-                    .tls
-                {
-                    true => Some(config.tls.client_config().map_err(|e| {
-                        crate::config::ConfigError::Invalid {
-                            key: "tls",
-                            reason: e.to_string(),
-                        }
-                    })?),
-                    false => None,
-                },
+                tls,
                 max_packet_bytes: MAX_MESSAGE_BYTES + 1024,
                 receipt_timeout: Duration::from_secs(config.outbox.receipt_timeout_s),
                 packing: Packing {

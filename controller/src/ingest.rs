@@ -587,13 +587,7 @@ mod tests {
             1,
             Message::Status(DeviceStatus {
                 online: true,
-                agent_version: "x".into(),
-                model: None,
-                uptime_s: 0,
-                inferences: 0,
-                errors: 0,
-                malformed_messages: 0,
-                outbox: Default::default(),
+                ..DeviceStatus::default()
             }),
         )
         .encode()

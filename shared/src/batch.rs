@@ -199,7 +199,7 @@ fn decode_batch(header: &[u8], body: &[u8]) -> Result<Payload, DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{DeviceStatus, Message, OutboxStatus};
+    use crate::protocol::{DeviceStatus, Message};
 
     fn envelope(id: &str) -> Envelope {
         Envelope::new(
@@ -209,12 +209,9 @@ mod tests {
             Message::Status(DeviceStatus {
                 online: true,
                 agent_version: "0.1.0".into(),
-                model: None,
                 uptime_s: 1,
                 inferences: 2,
-                errors: 0,
-                malformed_messages: 0,
-                outbox: OutboxStatus::default(),
+                ..DeviceStatus::default()
             }),
         )
     }

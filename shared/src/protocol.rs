@@ -65,7 +65,7 @@ impl std::fmt::Display for ModelRef {
 
 /// Heartbeat and presence. Also the payload of the agent's MQTT last will (with
 /// `online: false`), so the controller learns of an unclean disconnect from the broker.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceStatus {
     pub online: bool,
@@ -109,12 +109,6 @@ pub struct DropCounts {
     pub telemetry: u64,
     /// Raw input samples (dropped first).
     pub samples: u64,
-}
-
-impl DropCounts {
-    pub fn total(&self) -> u64 {
-        self.control + self.telemetry + self.samples
-    }
 }
 
 /// The controller's answer to device messages it has handled: each message id is either

@@ -547,10 +547,6 @@ impl Process {
         Process { child }
     }
 
-    pub fn id(&self) -> u32 {
-        self.child.id()
-    }
-
     /// SIGKILL: no shutdown code runs, as in a power cut of the process.
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
@@ -560,10 +556,6 @@ impl Process {
     /// Whether it has exited.
     pub fn exited(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(Some(_)))
-    }
-
-    pub fn take_stderr(&mut self) -> Option<std::process::ChildStderr> {
-        self.child.stderr.take()
     }
 }
 

@@ -318,13 +318,7 @@ async fn malformed_payloads_are_counted_and_nothing_stops(broker: BrokerChoice) 
         1,
         Message::Status(edgeloop_shared::protocol::DeviceStatus {
             online: true,
-            agent_version: "x".into(),
-            model: None,
-            uptime_s: 0,
-            inferences: 0,
-            errors: 0,
-            malformed_messages: 0,
-            outbox: Default::default(),
+            ..Default::default()
         }),
     )
     .encode();
