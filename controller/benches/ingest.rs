@@ -200,7 +200,8 @@ async fn ingest_rate(
     traffic: &[(String, Vec<Vec<u8>>)],
     per_publish: usize,
 ) -> f64 {
-    let before = controller.stats.snapshot().stored;
+    let start = controller.stats.snapshot();
+    let before = start.stored;
     let total: usize = traffic.iter().map(|t| t.1.len() * per_publish).sum();
     let elapsed = publish_paced(
         &controller.mqtt_url,
@@ -214,6 +215,11 @@ async fn ingest_rate(
         },
     )
     .await;
+    let end = controller.stats.snapshot();
+    println!(
+        "  ({:.1} publishes per store transaction)",
+        (end.received - start.received) as f64 / (end.commits - start.commits).max(1) as f64
+    );
     total as f64 / elapsed.as_secs_f64()
 }
 

@@ -7,7 +7,7 @@
 //! a redelivery, which the store drops by message id, never a loss.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use edgeloop_agent::link::{Backoff, BrokerAddr};
@@ -23,9 +23,10 @@ use tracing::{debug, error, info, warn};
 
 use crate::store::{Ingested, Store, StoreError};
 
-/// Capacity of the channel from the connection to the ingest actor. The broker's in-flight
-/// window bounds what is outstanding anyway; this only smooths bursts.
-const INGEST_CAPACITY: usize = 256;
+/// Most QoS 0 publishes waiting for the ingest actor; more are dropped. QoS 1 publishes
+/// are never dropped here: the broker's in-flight window bounds how many it sends before
+/// they are acknowledged, and so how many can wait.
+const MAX_QOS0_BACKLOG: usize = 1024;
 /// Capacity of the MQTT client's request channel (acknowledgements and commands).
 const REQUEST_CAPACITY: usize = 1024;
 /// Largest packet the controller's client reads. Well above the protocol's message limit so
@@ -37,6 +38,8 @@ const MAX_INCOMING_PACKET: usize = 16 << 20;
 #[derive(Debug, Default)]
 pub struct IngestStats {
     pub received: AtomicU64,
+    /// Store transactions that committed publishes (group commits).
+    pub commits: AtomicU64,
     pub stored: AtomicU64,
     pub duplicates: AtomicU64,
     pub malformed: AtomicU64,
@@ -47,6 +50,7 @@ pub struct IngestStats {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct IngestStatsSnapshot {
     pub received: u64,
+    pub commits: u64,
     pub stored: u64,
     pub duplicates: u64,
     pub malformed: u64,
@@ -59,6 +63,7 @@ impl IngestStats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         IngestStatsSnapshot {
             received: get(&self.received),
+            commits: get(&self.commits),
             stored: get(&self.stored),
             duplicates: get(&self.duplicates),
             malformed: get(&self.malformed),
@@ -216,7 +221,8 @@ pub fn start(
         error!(error = %e, "broker transport");
     }
     let (client, eventloop) = AsyncClient::new(options, REQUEST_CAPACITY);
-    let (tx, rx) = mpsc::channel(INGEST_CAPACITY);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let backlog = Arc::new(AtomicUsize::new(0));
     let filters: Vec<String> = Channel::FROM_DEVICE
         .iter()
         .map(|c| {
@@ -231,7 +237,12 @@ pub fn start(
         eventloop,
         client.clone(),
         filters,
-        tx,
+        config.topics.clone(),
+        Backlog {
+            tx,
+            waiting: backlog.clone(),
+        },
+        stats.clone(),
         shutdown.clone(),
     ));
     tokio::spawn(
@@ -243,16 +254,33 @@ pub fn start(
             accept_unknown: config.accept_unknown_devices,
             known: std::collections::HashSet::new(),
         }
-        .run(rx, shutdown),
+        .run(rx, backlog, shutdown),
     );
     client
 }
 
+/// A publish as it arrived, with the outcome of validating it.
+type Received = (Publish, Result<Checked, Rejection>);
+
+/// The way from the connection task to the ingest actor. It never makes the connection
+/// task wait: the actor's acknowledgements and receipts leave through the event loop that
+/// task polls, so a connection task waiting for room while the actor waits to acknowledge
+/// would deadlock (a broker with a large in-flight window showed it).
+struct Backlog {
+    tx: mpsc::UnboundedSender<Received>,
+    /// Publishes sent and not yet taken by the actor.
+    waiting: Arc<AtomicUsize>,
+}
+
+/// Reads the broker connection. Publishes are validated here, so that decoding the next
+/// messages overlaps with the ingest actor committing the previous ones.
 async fn connection(
     mut eventloop: rumqttc::EventLoop,
     client: AsyncClient,
     filters: Vec<String>,
-    ingest: mpsc::Sender<Publish>,
+    topics: Topics,
+    ingest: Backlog,
+    stats: Arc<IngestStats>,
     shutdown: CancellationToken,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
@@ -270,7 +298,17 @@ async fn connection(
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
-                    if ingest.send(publish).await.is_err() {
+                    if publish.qos == QoS::AtMostOnce
+                        && ingest.waiting.load(Ordering::Relaxed) >= MAX_QOS0_BACKLOG
+                    {
+                        let n = stats.malformed.fetch_add(1, Ordering::Relaxed) + 1;
+                        warn!(topic = %publish.topic, malformed_total = n,
+                            "dropped a QoS 0 message: ingest is behind (devices publish at QoS 1)");
+                        continue;
+                    }
+                    let checked = validate(&topics, &publish.topic, &publish.payload);
+                    ingest.waiting.fetch_add(1, Ordering::Relaxed);
+                    if ingest.tx.send((publish, checked)).is_err() {
                         break;
                     }
                 }
@@ -337,8 +375,14 @@ const MAX_GROUP: usize = 128;
 struct Interrupted;
 
 impl Ingestor {
-    async fn run(mut self, mut rx: mpsc::Receiver<Publish>, shutdown: CancellationToken) {
+    async fn run(
+        mut self,
+        mut rx: mpsc::UnboundedReceiver<Received>,
+        backlog: Arc<AtomicUsize>,
+        shutdown: CancellationToken,
+    ) {
         let mut group = Vec::with_capacity(MAX_GROUP);
+        let mut validated = Vec::with_capacity(MAX_GROUP);
         loop {
             let first = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -348,19 +392,24 @@ impl Ingestor {
                 },
             };
             group.clear();
-            group.push(first);
-            while group.len() < MAX_GROUP {
-                match rx.try_recv() {
-                    Ok(p) => group.push(p),
-                    Err(_) => break,
+            let mut next = Some(first);
+            while let Some((publish, checked)) = next.take() {
+                group.push(publish);
+                validated.push(checked);
+                if group.len() < MAX_GROUP {
+                    next = rx.try_recv().ok();
                 }
             }
+            backlog.fetch_sub(group.len(), Ordering::Relaxed);
             self.stats
                 .received
                 .fetch_add(group.len() as u64, Ordering::Relaxed);
             // No ack on interruption: the broker delivers the messages again to the next
             // session.
-            let Ok(receipts) = self.handle_group(&group, &shutdown).await else {
+            let Ok(receipts) = self
+                .handle_group(&group, validated.drain(..), &shutdown)
+                .await
+            else {
                 break;
             };
             for publish in &group {
@@ -418,14 +467,15 @@ impl Ingestor {
         }
     }
 
-    /// Validates one publish; `None` when nothing of it is stored or answered (a topic
-    /// that is not a device's, a payload without readable ids, an unknown device).
+    /// Admits one validated publish; `None` when nothing of it is stored or answered (a
+    /// topic that is not a device's, a payload without readable ids, an unknown device).
     async fn check(
         &mut self,
         publish: &Publish,
+        validated: Result<Checked, Rejection>,
         shutdown: &CancellationToken,
     ) -> Result<Option<Checked>, Interrupted> {
-        let checked = match validate(&self.topics, &publish.topic, &publish.payload) {
+        let checked = match validated {
             Ok(c) => c,
             Err(reason) => {
                 let n = self.stats.malformed.fetch_add(1, Ordering::Relaxed) + 1;
@@ -469,11 +519,12 @@ impl Ingestor {
     async fn handle_group(
         &mut self,
         group: &[Publish],
+        validated: impl Iterator<Item = Result<Checked, Rejection>>,
         shutdown: &CancellationToken,
     ) -> Result<Vec<(String, Receipt)>, Interrupted> {
         let mut checked = Vec::with_capacity(group.len());
-        for publish in group {
-            if let Some(c) = self.check(publish, shutdown).await? {
+        for (publish, validated) in group.iter().zip(validated) {
+            if let Some(c) = self.check(publish, validated, shutdown).await? {
                 checked.push(c);
             }
         }
@@ -544,6 +595,7 @@ impl Ingestor {
         loop {
             match self.store.ingest_many(envelopes, now_ms()).await {
                 Ok(results) => {
+                    self.stats.commits.fetch_add(1, Ordering::Relaxed);
                     let dups = results
                         .iter()
                         .filter(|r| **r == Ingested::Duplicate)

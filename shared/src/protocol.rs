@@ -265,7 +265,6 @@ struct WireOut<'a> {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct WireIn<'a> {
-    #[allow(dead_code)] // checked by `VersionProbe` first
     v: u32,
     #[serde(borrow)]
     device_id: std::borrow::Cow<'a, str>,
@@ -328,20 +327,12 @@ impl Envelope {
                 max: MAX_MESSAGE_BYTES,
             });
         }
-        let probe: VersionProbe =
-            serde_json::from_slice(bytes).map_err(|e| DecodeError::NotJson(e.to_string()))?;
-        match probe.v {
-            None => return Err(DecodeError::MissingVersion),
-            Some(v) if v.as_u64() == Some(u64::from(PROTOCOL_VERSION)) => {}
-            Some(v) => {
-                return Err(match v.as_u64() {
-                    Some(n) => DecodeError::UnsupportedVersion(n),
-                    None => DecodeError::Envelope(format!("version `{v}` is not a number")),
-                });
-            }
-        }
-        let wire: WireIn<'_> =
-            serde_json::from_slice(bytes).map_err(|e| DecodeError::Envelope(e.to_string()))?;
+        // One parse for a well-formed envelope of this version; anything else is parsed
+        // again, version first, so that the error says what is wrong in the right order.
+        let wire = match serde_json::from_slice::<WireIn<'_>>(bytes) {
+            Ok(wire) if wire.v == PROTOCOL_VERSION => wire,
+            _ => return Err(Self::diagnose(bytes)),
+        };
         if !is_valid_identifier(&wire.device_id) {
             return Err(DecodeError::BadDeviceId(
                 wire.device_id.chars().take(64).collect(),
@@ -363,10 +354,38 @@ impl Envelope {
     }
 }
 
+impl Envelope {
+    /// Why `bytes` is not an envelope of this protocol version.
+    #[cold]
+    fn diagnose(bytes: &[u8]) -> DecodeError {
+        let probe: VersionProbe = match serde_json::from_slice(bytes) {
+            Ok(p) => p,
+            Err(e) => return DecodeError::NotJson(e.to_string()),
+        };
+        match probe.v {
+            None => DecodeError::MissingVersion,
+            Some(v) if v.as_u64() == Some(u64::from(PROTOCOL_VERSION)) => {
+                match serde_json::from_slice::<WireIn<'_>>(bytes) {
+                    Err(e) => DecodeError::Envelope(e.to_string()),
+                    // Not reached: such an envelope decodes on the first parse.
+                    Ok(_) => DecodeError::Envelope("unreadable envelope".into()),
+                }
+            }
+            Some(v) => match v.as_u64() {
+                Some(n) => DecodeError::UnsupportedVersion(n),
+                None => DecodeError::Envelope(format!("version `{v}` is not a number")),
+            },
+        }
+    }
+}
+
 /// True when JSON text holds a `\u0000` escape (a NUL in some string). Raw control
 /// characters are already refused by the JSON parser; stores such as PostgreSQL cannot
 /// keep a NUL in text, so it is refused here, where the error is clear.
 fn has_escaped_nul(json: &[u8]) -> bool {
+    if !json.contains(&b'\\') {
+        return false;
+    }
     let mut backslashes = 0usize;
     for (i, &b) in json.iter().enumerate() {
         if b == b'\\' {

@@ -149,6 +149,8 @@ impl SqliteStore {
             .map_err(with_path)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))
             .map_err(with_path)?;
+        // Every statement of the ingest path stays prepared, with room for the API's.
+        conn.set_prepared_statement_cache_capacity(64);
         let version: i64 = conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .map_err(with_path)?;
@@ -202,8 +204,16 @@ fn u(v: i64) -> u64 {
     v.max(0) as u64
 }
 
+/// Runs a statement through the connection's statement cache: the ingest path runs the
+/// same few statements for every message, and parsing SQL each time costs more than the
+/// statements themselves.
+fn exec(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> Result<usize> {
+    Ok(conn.prepare_cached(sql)?.execute(params)?)
+}
+
 fn touch_device(tx: &Transaction<'_>, device_id: &str, now_ms: u64) -> Result<()> {
-    tx.execute(
+    exec(
+        tx,
         "INSERT INTO devices (id, last_seen_ms) VALUES (?1, ?2)
          ON CONFLICT (id) DO UPDATE SET last_seen_ms = MAX(last_seen_ms, excluded.last_seen_ms)",
         params![device_id, now_ms as i64],
@@ -213,7 +223,8 @@ fn touch_device(tx: &Transaction<'_>, device_id: &str, now_ms: u64) -> Result<()
 
 fn apply_status(tx: &Transaction<'_>, device_id: &str, s: &DeviceStatus) -> Result<()> {
     if s.online {
-        tx.execute(
+        exec(
+            tx,
             // A drift figure belongs to a model: a new model starts without one.
             "UPDATE devices SET online = 1, agent_version = ?2,
                  last_psi_max = CASE WHEN model_name IS ?3 AND model_version IS ?4
@@ -241,7 +252,8 @@ fn apply_status(tx: &Transaction<'_>, device_id: &str, s: &DeviceStatus) -> Resu
         )?;
     } else {
         // The last will knows nothing of the current model: only presence changes.
-        tx.execute(
+        exec(
+            tx,
             "UPDATE devices SET online = 0 WHERE id = ?1",
             params![device_id],
         )?;
@@ -251,7 +263,7 @@ fn apply_status(tx: &Transaction<'_>, device_id: &str, s: &DeviceStatus) -> Resu
 
 fn apply_drift(tx: &Transaction<'_>, e: &Envelope, s: &DriftSummary, now_ms: u64) -> Result<()> {
     let summary = serde_json::to_string(s).expect("summaries serialize");
-    tx.execute(
+    exec(tx,
         "INSERT INTO telemetry (msg_id, device_id, received_ms, model_name, model_version, window_seq,
              window_start_ms, window_end_ms, samples, psi_max, summary)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
@@ -271,7 +283,8 @@ fn apply_drift(tx: &Transaction<'_>, e: &Envelope, s: &DriftSummary, now_ms: u64
     )?;
     // Only a summary of the model the device now serves is its current drift figure; a late
     // summary of the previous model is kept in `telemetry` but does not overwrite it.
-    tx.execute(
+    exec(
+        tx,
         "UPDATE devices SET last_psi_max = ?2
          WHERE id = ?1 AND (model_name IS NULL OR (model_name = ?3 AND model_version = ?4))",
         params![
@@ -288,26 +301,26 @@ fn apply_drift(tx: &Transaction<'_>, e: &Envelope, s: &DriftSummary, now_ms: u64
 fn fold_hourly(tx: &Transaction<'_>, key: &HourKey, summaries: &[&DriftSummary]) -> Result<()> {
     let (device, model, version, hour) = key;
     let existing = tx
-        .query_row(
+        .prepare_cached(
             "SELECT windows, samples, psi_max, psi_sum, stats FROM telemetry_hourly
              WHERE device_id = ?1 AND model_name = ?2 AND model_version = ?3 AND hour_ms = ?4",
-            params![device, model, *version as i64, *hour as i64],
-            |r| {
-                Ok((
-                    u(r.get(0)?),
-                    u(r.get(1)?),
-                    r.get::<_, f64>(2)?,
-                    r.get::<_, f64>(3)?,
-                    r.get::<_, String>(4)?,
-                ))
-            },
-        )
+        )?
+        .query_row(params![device, model, *version as i64, *hour as i64], |r| {
+            Ok((
+                u(r.get(0)?),
+                u(r.get(1)?),
+                r.get::<_, f64>(2)?,
+                r.get::<_, f64>(3)?,
+                r.get::<_, String>(4)?,
+            ))
+        })
         .optional()?
         .and_then(|(w, s, m, sum, json)| Hourly::from_row(w, s, m, sum, &json));
     let Some(h) = Hourly::fold(existing, summaries) else {
         return Ok(());
     };
-    tx.execute(
+    exec(
+        tx,
         "INSERT INTO telemetry_hourly (device_id, model_name, model_version, hour_ms,
              windows, samples, psi_max, psi_sum, stats)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
@@ -335,7 +348,7 @@ fn apply_deployment(
     d: &DeploymentStatus,
     now_ms: u64,
 ) -> Result<()> {
-    tx.execute(
+    exec(tx,
         "INSERT INTO deployment_events (device_id, received_ms, rollout_id, command_seq, stage, model, detail)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         params![
@@ -352,7 +365,8 @@ fn apply_deployment(
         return Ok(());
     };
     // A finished deployment stays finished; a late progress report does not reopen it.
-    tx.execute(
+    exec(
+        tx,
         &format!(
             "UPDATE deployments SET status = ?3, detail = ?4, updated_ms = ?5
              WHERE rollout_id = ?1 AND device_id = ?2 AND status NOT IN ({FINAL_STATES_SQL})"
@@ -369,18 +383,19 @@ fn apply_deployment(
 }
 
 fn refresh_rollout_status(tx: &Transaction<'_>, rollout_id: u64) -> Result<()> {
-    let (total, active, finished): (i64, i64, i64) = tx.query_row(
-        &format!(
+    let (total, active, finished): (i64, i64, i64) = tx
+        .prepare_cached(&format!(
             "SELECT COUNT(*),
                     COALESCE(SUM(status IN ({RUNNING_STATES_SQL})), 0),
                     COALESCE(SUM(status IN ({FINAL_STATES_SQL})), 0)
              FROM deployments WHERE rollout_id = ?1"
-        ),
-        params![rollout_id as i64],
-        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-    )?;
+        ))?
+        .query_row(params![rollout_id as i64], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?;
     let status = RolloutStatus::from_counts(u(total), u(active), u(finished));
-    tx.execute(
+    exec(
+        tx,
         "UPDATE rollouts SET status = ?2 WHERE id = ?1",
         params![rollout_id as i64, status.as_str()],
     )?;
@@ -470,7 +485,7 @@ impl Store for SqliteStore {
             let mut summaries = Vec::new();
             let mut touched = std::collections::HashSet::new();
             for envelope in &envelopes {
-                let fresh = tx.execute(
+                let fresh = exec(&tx,
                     "INSERT OR IGNORE INTO seen_messages (msg_id, device_id, received_ms) VALUES (?1, ?2, ?3)",
                     params![envelope.msg_id, envelope.device_id, received_ms as i64],
                 )?;
