@@ -9,6 +9,8 @@
 pub mod agent;
 pub mod config;
 pub mod link;
+pub mod modelbench;
+pub mod onnx_ops;
 pub mod outbox;
 pub mod report;
 pub mod runtime;

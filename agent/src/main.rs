@@ -4,7 +4,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use edgeloop_agent::config::{AgentConfig, DEFAULT_CONFIG_TOML};
 use edgeloop_agent::sim::Fleet;
 use edgeloop_agent::{Agent, source};
@@ -38,6 +38,27 @@ enum Command {
         #[arg(long, default_value = "sim")]
         id_prefix: String,
     },
+    /// Time a model on this device: load (parse, type, optimize, plan), then inference on
+    /// random inputs; prints load time, p50/p99 latency and peak resident memory.
+    Bench {
+        /// The ONNX model file.
+        model: PathBuf,
+        /// A concrete shape, and optionally a dtype (f32, f64, i64, i32, u8, bool), for an
+        /// input: `NAME:DIMS[:DTYPE]`, for example `image:1x3x224x224`. Inputs not named
+        /// keep the shape the model declares, with symbolic axes set to 1.
+        #[arg(long = "input", value_name = "NAME:DIMS[:DTYPE]")]
+        inputs: Vec<edgeloop_agent::modelbench::InputSpec>,
+        /// Timed runs.
+        #[arg(long, default_value_t = 100)]
+        runs: usize,
+        /// Untimed runs first.
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        /// `json` makes the last line of output one JSON object (`load_ms`, `p50_ms`,
+        /// `p99_ms`, `peak_rss_kb`, …).
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
     /// Print the built-in default configuration (a commented TOML file).
     PrintDefaultConfig,
     /// Load and validate a configuration, then print the effective values.
@@ -45,6 +66,12 @@ enum Command {
         #[command(flatten)]
         overrides: Overrides,
     },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Text,
+    Json,
 }
 
 #[derive(clap::Args)]
@@ -93,6 +120,30 @@ async fn run() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::PrintDefaultConfig => print!("{DEFAULT_CONFIG_TOML}"),
+        Command::Bench {
+            model,
+            inputs,
+            runs,
+            warmup,
+            output,
+        } => {
+            let onnx = std::fs::read(&model)
+                .with_context(|| format!("reading the model {}", model.display()))?;
+            let options = edgeloop_agent::modelbench::BenchOptions {
+                inputs,
+                runs,
+                warmup,
+            };
+            let report = tokio::task::spawn_blocking(move || {
+                edgeloop_agent::modelbench::bench(&onnx, &options)
+            })
+            .await?
+            .with_context(|| format!("benchmarking {}", model.display()))?;
+            match output {
+                Output::Text => print!("{}", report.text(&model.display().to_string())),
+                Output::Json => println!("{}", serde_json::to_string(&report)?),
+            }
+        }
         Command::CheckConfig { overrides } => {
             let config = overrides.load()?;
             print!("{}", toml::to_string_pretty(&config)?);

@@ -42,7 +42,7 @@ pub struct ModelSignature {
 
 /// Reads an ONNX graph's input and output names and the declared input width.
 pub fn inspect_onnx(onnx: &[u8]) -> Result<ModelSignature, RuntimeError> {
-    let model = tract_onnx::onnx()
+    let model = crate::onnx_ops::onnx()
         .model_for_read(&mut std::io::Cursor::new(onnx))
         .map_err(|e| RuntimeError::Load(format!("{e:#}")))?;
     if model.inputs.len() != 1 || model.outputs.len() != 1 {
@@ -113,7 +113,7 @@ impl Plan {
                 got: features,
             });
         }
-        let runnable = tract_onnx::onnx()
+        let runnable = crate::onnx_ops::onnx()
             .model_for_read(&mut std::io::Cursor::new(onnx))
             .and_then(|m| m.with_input_fact(0, f32::fact([1, features]).into()))
             .and_then(|m| m.into_optimized())

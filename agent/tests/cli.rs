@@ -49,3 +49,64 @@ fn bad_configs_name_the_key_at_fault() {
         assert!(err.contains(key), "{text}: {err}");
     }
 }
+
+fn compat_model(name: &str) -> String {
+    format!("{}/tests/compat/{name}.onnx", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn bench_prints_one_json_object_on_its_last_line() {
+    let model = compat_model("cnn");
+    let (ok, out, err) = run(&[
+        "bench",
+        &model,
+        "--input",
+        "image:2x3x32x32",
+        "--runs",
+        "10",
+        "--output",
+        "json",
+    ]);
+    assert!(ok, "{err}");
+    let last = out.lines().last().unwrap();
+    let report: serde_json::Value = serde_json::from_str(last).unwrap();
+    for key in ["load_ms", "p50_ms", "p99_ms", "peak_rss_kb"] {
+        assert!(report[key].is_number(), "{key} in {last}");
+    }
+    assert!(report["p50_ms"].as_f64() <= report["p99_ms"].as_f64());
+    assert_eq!(report["runs"], 10);
+    assert_eq!(
+        report["inputs"][0]["shape"],
+        serde_json::json!([2, 3, 32, 32])
+    );
+    assert_eq!(report["outputs"][0]["name"], "scores");
+    assert_eq!(report["outputs"][0]["shape"], serde_json::json!([2, 10]));
+
+    let (ok, text, err) = run(&["bench", &model, "--runs", "5"]);
+    assert!(ok, "{err}");
+    assert!(text.contains("p99") && text.contains("peak RSS"), "{text}");
+    assert!(text.contains("axis 0 is symbolic"), "{text}");
+}
+
+#[test]
+fn bench_refuses_what_it_cannot_run_and_says_why() {
+    let model = compat_model("cnn");
+    for (args, needle) in [
+        (vec!["--input", "image:1x3x32"], "declared as ?x3x32x32"),
+        (
+            vec!["--input", "pixels:1x3x32x32"],
+            "no input named `pixels`",
+        ),
+        (vec!["--input", "image:1by3"], "NAME:DIMS[:DTYPE]"),
+        (vec!["--runs", "0"], "--runs"),
+    ] {
+        let mut all = vec!["bench", model.as_str()];
+        all.extend(args.iter().copied());
+        let (ok, _, err) = run(&all);
+        assert!(!ok, "{args:?} was accepted");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    let (ok, _, err) = run(&["bench", "/nonexistent/model.onnx"]);
+    assert!(!ok);
+    assert!(err.contains("/nonexistent/model.onnx"), "{err}");
+}

@@ -1,0 +1,284 @@
+//! ONNX operators that common exporters write and tract 0.23 cannot run, added to the ONNX
+//! op registry that every load in edgeloop goes through ([`onnx`]): the agent's runtime, the
+//! controller's check at publish time and `edgeloop-agent bench`.
+//!
+//! - `ai.onnx.ml.Scaler` (skl2onnx's output for StandardScaler, MinMaxScaler, RobustScaler,
+//!   …): `(x - offset) * scale` per feature, as standard tract ops.
+//! - `ai.onnx.ml.TreeEnsembleClassifier` with two classes and a single base value
+//!   (scikit-learn's binary GradientBoostingClassifier): tract refuses the single base
+//!   value, and would pick the label from the wrong column. The trees still run in tract's
+//!   own operator; the base value, the logistic transform, the two probabilities and the
+//!   label are wired here as onnxruntime computes them: `p = sigmoid(sum + base)`,
+//!   probabilities `[1 - p, p]`, label the class of the larger.
+//!
+//! Every other TreeEnsembleClassifier goes to tract's own builder unchanged.
+
+use std::sync::OnceLock;
+
+use tract_onnx::model::ParsingContext;
+use tract_onnx::pb::NodeProto;
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core;
+use tract_onnx::tract_hir::internal::*;
+use tract_onnx::tract_hir::ops::expandable::{Expansion, expand};
+
+/// tract's ONNX framework with edgeloop's additional operators.
+pub fn onnx() -> tract_onnx::Onnx {
+    let mut onnx = tract_onnx::onnx();
+    onnx.op_register.insert("Scaler", scaler);
+    onnx.op_register
+        .insert("TreeEnsembleClassifier", tree_ensemble_classifier);
+    onnx
+}
+
+type Built = (Box<dyn InferenceOp>, Vec<String>);
+
+fn floats<'a>(node: &'a NodeProto, name: &str) -> Option<&'a [f32]> {
+    node.attribute
+        .iter()
+        .find(|a| a.name == name)
+        .map(|a| a.floats.as_slice())
+}
+
+fn string_attr<'a>(node: &'a NodeProto, name: &str) -> Option<&'a [u8]> {
+    node.attribute
+        .iter()
+        .find(|a| a.name == name)
+        .map(|a| a.s.as_slice())
+}
+
+fn scaler(_ctx: &ParsingContext, node: &NodeProto) -> TractResult<Built> {
+    let offset = floats(node, "offset").unwrap_or(&[0.0]);
+    let scale = floats(node, "scale").unwrap_or(&[1.0]);
+    let offset = if offset.is_empty() {
+        &[0.0][..]
+    } else {
+        offset
+    };
+    let scale = if scale.is_empty() { &[1.0][..] } else { scale };
+    Ok((
+        expand(Scaler {
+            offset: rctensor1(offset),
+            scale: rctensor1(scale),
+        }),
+        vec![],
+    ))
+}
+
+/// `ai.onnx.ml.Scaler`: `y = (x - offset) * scale` along the last axis, in f32. `offset` and
+/// `scale` hold one value per feature, or one for all.
+#[derive(Debug, Clone)]
+struct Scaler {
+    offset: Arc<Tensor>,
+    scale: Arc<Tensor>,
+}
+
+impl Expansion for Scaler {
+    fn name(&self) -> StaticName {
+        "Scaler".into()
+    }
+
+    fn rules<'r, 'p: 'r, 's: 'r>(
+        &'s self,
+        s: &mut Solver<'r>,
+        inputs: &'p [TensorProxy],
+        outputs: &'p [TensorProxy],
+    ) -> InferenceResult {
+        check_input_arity(inputs, 1)?;
+        check_output_arity(outputs, 1)?;
+        s.equals(&outputs[0].datum_type, f32::datum_type())?;
+        s.equals(&inputs[0].shape, &outputs[0].shape)?;
+        Ok(())
+    }
+
+    fn wire(
+        &self,
+        prefix: &str,
+        model: &mut TypedModel,
+        inputs: &[OutletId],
+    ) -> TractResult<TVec<OutletId>> {
+        let fact = model.outlet_fact(inputs[0])?.clone();
+        let rank = fact.rank();
+        ensure!(rank >= 1, "Scaler needs an input of rank 1 or more");
+        let mut x = inputs[0];
+        if fact.datum_type != f32::datum_type() {
+            x = model.wire_node(
+                format!("{prefix}.cast"),
+                tract_core::ops::cast::cast(f32::datum_type()),
+                &[x],
+            )?[0];
+        }
+        // Constants of the input's rank, the values along the last axis.
+        let along_last = |t: &Tensor| -> TractResult<Tensor> {
+            let mut shape = vec![1; rank];
+            shape[rank - 1] = t.len();
+            t.clone().into_shape(&shape)
+        };
+        let offset = model.add_const(format!("{prefix}.offset"), along_last(&self.offset)?)?;
+        x = model.wire_node(
+            format!("{prefix}.sub"),
+            tract_core::ops::math::sub(),
+            &[x, offset],
+        )?[0];
+        let scale = model.add_const(format!("{prefix}.scale"), along_last(&self.scale)?)?;
+        model.wire_node(
+            format!("{prefix}.mul"),
+            tract_core::ops::math::mul(),
+            &[x, scale],
+        )
+    }
+}
+
+/// tract's own TreeEnsembleClassifier builder.
+fn tract_tree_builder() -> fn(&ParsingContext, &NodeProto) -> TractResult<Built> {
+    static BUILDER: OnceLock<fn(&ParsingContext, &NodeProto) -> TractResult<Built>> =
+        OnceLock::new();
+    *BUILDER.get_or_init(|| {
+        *tract_onnx::onnx()
+            .op_register
+            .0
+            .get("TreeEnsembleClassifier")
+            .expect("tract registers TreeEnsembleClassifier")
+    })
+}
+
+fn tree_ensemble_classifier(ctx: &ParsingContext, node: &NodeProto) -> TractResult<Built> {
+    let builder = tract_tree_builder();
+    let labels = node
+        .attribute
+        .iter()
+        .find(|a| a.name == "classlabels_int64s" || a.name == "classlabels_strings")
+        .map(|a| {
+            if a.name == "classlabels_int64s" {
+                rctensor1(&a.ints)
+            } else {
+                rctensor1(
+                    &a.strings
+                        .iter()
+                        .map(|s| String::from_utf8_lossy(s).into_owned())
+                        .collect::<Vec<_>>(),
+                )
+            }
+        });
+    let base = floats(node, "base_values");
+    let logistic = string_attr(node, "post_transform") == Some(b"LOGISTIC".as_slice());
+    let (Some(labels), Some(&[base]), true) = (labels, base, logistic) else {
+        return builder(ctx, node);
+    };
+    if labels.len() != 2 {
+        return builder(ctx, node);
+    }
+    // The trees alone, through tract: no base value, no transform. For two classes whose
+    // leaves all score the first class, tract's scores are then `[1 - sum, sum]`.
+    let mut trees = node.clone();
+    trees
+        .attribute
+        .retain(|a| a.name != "base_values" && a.name != "post_transform");
+    let (inner, closures) = builder(ctx, &trees)?;
+    let Some(inner) = inner.as_op().downcast_ref::<Box<dyn Expansion>>() else {
+        bail!("tract's TreeEnsembleClassifier is not an expansion any more");
+    };
+    Ok((
+        expand(BinaryTreeClassifier {
+            trees: inner.clone(),
+            base,
+            labels,
+        }),
+        closures,
+    ))
+}
+
+/// Two-class tree ensemble with one base value and a logistic transform, as onnxruntime
+/// computes it. Outputs: the label (one per row) and the probabilities `[N, 2]`.
+#[derive(Debug, Clone)]
+struct BinaryTreeClassifier {
+    trees: Box<dyn Expansion>,
+    base: f32,
+    labels: Arc<Tensor>,
+}
+
+impl Expansion for BinaryTreeClassifier {
+    fn name(&self) -> StaticName {
+        "BinaryTreeEnsembleClassifier".into()
+    }
+
+    fn nboutputs(&self) -> TractResult<usize> {
+        Ok(2)
+    }
+
+    fn rules<'r, 'p: 'r, 's: 'r>(
+        &'s self,
+        s: &mut Solver<'r>,
+        inputs: &'p [TensorProxy],
+        outputs: &'p [TensorProxy],
+    ) -> InferenceResult {
+        check_input_arity(inputs, 1)?;
+        check_output_arity(outputs, 2)?;
+        s.equals(&outputs[0].datum_type, self.labels.datum_type())?;
+        s.equals(&outputs[1].datum_type, DatumType::F32)?;
+        s.equals(&outputs[0].rank, 1)?;
+        s.equals(&outputs[1].rank, 2)?;
+        s.equals(&outputs[0].shape[0], &inputs[0].shape[0])?;
+        s.equals(&outputs[1].shape[0], &inputs[0].shape[0])?;
+        s.equals(&outputs[1].shape[1], 2.to_dim())?;
+        Ok(())
+    }
+
+    fn wire(
+        &self,
+        prefix: &str,
+        model: &mut TypedModel,
+        inputs: &[OutletId],
+    ) -> TractResult<TVec<OutletId>> {
+        use tract_core::ops::array::{Slice, TypedConcat};
+        use tract_core::ops::nn::{Reduce, Reducer};
+        let trees = self.trees.wire(&format!("{prefix}.trees"), model, inputs)?;
+        let sum = model.wire_node(format!("{prefix}.sum"), Slice::new(1, 1, 2), &[trees[1]])?;
+        let base = model.add_const(format!("{prefix}.base"), rctensor2(&[[self.base]]))?;
+        let z = model.wire_node(
+            format!("{prefix}.plus_base"),
+            tract_core::ops::math::add(),
+            &[sum[0], base],
+        )?;
+        let p = model.wire_node(
+            format!("{prefix}.logistic"),
+            tract_core::ops::nn::sigmoid(),
+            &z,
+        )?;
+        let one = model.add_const(format!("{prefix}.one"), rctensor2(&[[1f32]]))?;
+        let q = model.wire_node(
+            format!("{prefix}.complement"),
+            tract_core::ops::math::sub(),
+            &[one, p[0]],
+        )?;
+        let probabilities = model.wire_node(
+            format!("{prefix}.probabilities"),
+            TypedConcat::new(1),
+            &[q[0], p[0]],
+        )?;
+        let winner = model.wire_node(
+            format!("{prefix}.argmax"),
+            Reduce::new(tvec!(1), Reducer::ArgMax(false)),
+            &probabilities,
+        )?;
+        let winner = model.wire_node(
+            format!("{prefix}.rm_axis"),
+            tract_core::ops::change_axes::AxisOp::Rm(1),
+            &winner,
+        )?;
+        let winner = model.wire_node(
+            format!("{prefix}.as_index"),
+            tract_core::ops::cast::cast(i32::datum_type()),
+            &winner,
+        )?;
+        let label = model.wire_node(
+            format!("{prefix}.label"),
+            tract_onnx_opl::ml::category_mapper::DirectLookup::new(
+                self.labels.clone(),
+                Tensor::zero_dt(self.labels.datum_type(), &[])?.into_arc_tensor(),
+            )?,
+            &winner,
+        )?;
+        Ok(tvec!(label[0], probabilities[0]))
+    }
+}

@@ -1,0 +1,200 @@
+//! Model compatibility suite: the models in `tests/compat/` (made by `make_models.py`: a CNN,
+//! a GRU and an LSTM written with the onnx helper, and scikit-learn models exported with
+//! skl2onnx) run through the agent's loader and must give onnxruntime's outputs, stored
+//! with each model, within the fixture's tolerance. A model with an operator tract cannot
+//! run is refused at load with the operator's name.
+
+use std::path::{Path, PathBuf};
+
+use edgeloop_agent::modelbench::{BenchError, InputSpec, ShapedModel};
+use edgeloop_shared::bundle::DType;
+use prost::Message as _;
+use serde_json::Value;
+use tract_onnx::prelude::*;
+
+fn dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/compat")
+}
+
+fn fixture(name: &str) -> Value {
+    let text = std::fs::read_to_string(dir().join(format!("{name}.json"))).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn shape(v: &Value) -> Vec<usize> {
+    v["shape"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_u64().unwrap() as usize)
+        .collect()
+}
+
+fn numbers(v: &Value) -> Vec<f64> {
+    v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
+fn input_tensor(v: &Value) -> Tensor {
+    let dims = shape(v);
+    let data = numbers(v);
+    match v["dtype"].as_str().unwrap() {
+        "f32" => {
+            let data: Vec<f32> = data.iter().map(|&x| x as f32).collect();
+            Tensor::from_shape(&dims, &data).unwrap()
+        }
+        "i64" => {
+            let data: Vec<i64> = data.iter().map(|&x| x as i64).collect();
+            Tensor::from_shape(&dims, &data).unwrap()
+        }
+        other => panic!("fixture input dtype {other}"),
+    }
+}
+
+/// Runs one fixture and compares every output with onnxruntime's.
+fn check(name: &str) {
+    let f = fixture(name);
+    let onnx = std::fs::read(dir().join(f["model"].as_str().unwrap())).unwrap();
+    let inputs = f["inputs"].as_array().unwrap();
+    let specs: Vec<InputSpec> = inputs
+        .iter()
+        .map(|i| InputSpec {
+            name: i["name"].as_str().unwrap().to_string(),
+            dims: shape(i),
+            dtype: Some(match i["dtype"].as_str().unwrap() {
+                "f32" => DType::F32,
+                "i64" => DType::I64,
+                other => panic!("fixture input dtype {other}"),
+            }),
+        })
+        .collect();
+    let model = ShapedModel::load(&onnx, &specs)
+        .unwrap_or_else(|e| panic!("{name}: the agent cannot load it: {e}"));
+    let values: TVec<TValue> = model
+        .inputs
+        .iter()
+        .map(|(input, _, _)| {
+            let fixture = inputs.iter().find(|i| i["name"] == input.as_str()).unwrap();
+            input_tensor(fixture).into_tvalue()
+        })
+        .collect();
+    let outputs = model.run(values).unwrap();
+    let tolerance = &f["tolerance"];
+    let (abs, rel) = (
+        tolerance["abs"].as_f64().unwrap(),
+        tolerance["rel"].as_f64().unwrap(),
+    );
+    let expected = f["outputs"].as_array().unwrap();
+    assert_eq!(outputs.len(), expected.len(), "{name}: number of outputs");
+    for want in expected {
+        let out_name = want["name"].as_str().unwrap();
+        let i = model
+            .outputs
+            .iter()
+            .position(|o| o == out_name)
+            .unwrap_or_else(|| panic!("{name}: no output `{out_name}` in {:?}", model.outputs));
+        let got = &outputs[i];
+        assert_eq!(
+            got.shape(),
+            shape(want).as_slice(),
+            "{name}: shape of `{out_name}`"
+        );
+        let got: Vec<f64> = got
+            .cast_to::<f64>()
+            .unwrap()
+            .to_plain_array_view::<f64>()
+            .unwrap()
+            .iter()
+            .copied()
+            .collect();
+        let want_values = numbers(want);
+        let exact = want["dtype"].as_str() == Some("i64");
+        for (k, (g, w)) in got.iter().zip(&want_values).enumerate() {
+            let ok = if exact {
+                g == w
+            } else {
+                (g - w).abs() <= abs + rel * w.abs()
+            };
+            assert!(
+                ok,
+                "{name}: `{out_name}`[{k}] is {g}, onnxruntime gives {w} (abs {abs}, rel {rel})"
+            );
+        }
+    }
+}
+
+#[test]
+fn cnn_image_classifier_matches_onnxruntime() {
+    check("cnn");
+}
+
+#[test]
+fn gru_sequence_model_matches_onnxruntime() {
+    check("gru");
+}
+
+#[test]
+fn lstm_sequence_model_matches_onnxruntime() {
+    check("lstm");
+}
+
+#[test]
+fn sklearn_mlp_matches_onnxruntime() {
+    check("mlp");
+}
+
+/// skl2onnx writes StandardScaler as `ai.onnx.ml.Scaler`, which tract lacks.
+#[test]
+fn sklearn_scaler_and_logistic_regression_match_onnxruntime() {
+    check("scaler_logreg");
+}
+
+#[test]
+fn sklearn_random_forest_matches_onnxruntime() {
+    check("random_forest");
+}
+
+/// A binary GradientBoostingClassifier: one base value and a logistic transform, which
+/// tract alone refuses to build.
+#[test]
+fn sklearn_binary_gradient_boosting_matches_onnxruntime() {
+    check("gradient_boosting");
+}
+
+/// Every fixture's declared op list matches its model, so that the suite's coverage is
+/// what its names say.
+#[test]
+fn fixtures_cover_the_promised_operators() {
+    let ops = |name: &str| -> Vec<String> {
+        fixture(name)["ops"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o.as_str().unwrap().to_string())
+            .collect()
+    };
+    for op in ["Conv", "BatchNormalization", "Relu", "MaxPool", "Gemm"] {
+        assert!(ops("cnn").contains(&op.to_string()), "cnn lacks {op}");
+    }
+    assert!(ops("gru").contains(&"GRU".to_string()));
+    assert!(ops("lstm").contains(&"LSTM".to_string()));
+    assert!(ops("scaler_logreg").contains(&"ai.onnx.ml.Scaler".to_string()));
+    assert!(ops("gradient_boosting").contains(&"ai.onnx.ml.TreeEnsembleClassifier".to_string()));
+}
+
+/// An operator nobody implements is refused at load, by name.
+#[test]
+fn an_unknown_operator_is_refused_by_name() {
+    let bytes = std::fs::read(dir().join("cnn.onnx")).unwrap();
+    let mut proto = tract_onnx::pb::ModelProto::decode(bytes.as_slice()).unwrap();
+    let graph = proto.graph.as_mut().unwrap();
+    let relu = graph.node.iter_mut().find(|n| n.op_type == "Relu").unwrap();
+    relu.op_type = "Frobnicate".into();
+    let err = ShapedModel::load(&proto.encode_to_vec(), &[]).unwrap_err();
+    assert!(matches!(err, BenchError::Load(_)), "{err}");
+    assert!(err.to_string().contains("Frobnicate"), "{err}");
+}
