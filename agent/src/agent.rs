@@ -20,6 +20,7 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::api::{Observation, ServedModel};
 use crate::config::AgentConfig;
 use crate::config::Compression;
 use crate::link::{BrokerAddr, LastWillFn, Link, LinkConfig, Packing};
@@ -34,6 +35,8 @@ use crate::{AGENT_VERSION, now_ms};
 const INCOMING_CAPACITY: usize = 16;
 /// Capacity of the channel from install tasks to the agent; one install runs at a time.
 const INSTALL_CAPACITY: usize = 1;
+/// Inputs inferred by the local API waiting to be counted into the drift window.
+const OBSERVED_CAPACITY: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -49,6 +52,12 @@ pub enum AgentError {
     Outbox(#[from] OutboxError),
     #[error(transparent)]
     Slots(#[from] SlotError),
+    #[error("cannot listen on {addr} for the local inference API: {source}")]
+    Api {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Counters reported in every heartbeat.
@@ -221,13 +230,29 @@ impl Agent {
         );
         let link_task = tokio::spawn(link.run(shutdown.child_token()));
 
+        let served = ServedModel::default();
+        served.set(booted.as_ref().map(|i| i.model.clone()));
+        let (observed_tx, observed) = mpsc::channel(OBSERVED_CAPACITY);
+        if let Some(addr) = config.api.addr().expect("validated") {
+            crate::api::serve(
+                addr,
+                served.clone(),
+                observed_tx,
+                config.api.limits(),
+                shutdown.child_token(),
+            )
+            .await
+            .map_err(|source| AgentError::Api { addr, source })?;
+        }
+
         let (install_tx, installs) = mpsc::channel(INSTALL_CAPACITY);
         let source_columns = self.source.columns().to_vec();
         let mut actor = AgentLoop {
             serving: booted.map(|i| Serving::new(i, &source_columns)),
+            served,
             source: self.source,
             source_columns,
-            source_done: false,
+            source_done: config.source.kind == crate::config::SourceKind::Api,
             reporter,
             installer,
             trusted,
@@ -239,7 +264,7 @@ impl Agent {
             started: Instant::now(),
             config,
         };
-        actor.run(shutdown, incoming, installs).await;
+        actor.run(shutdown, incoming, installs, observed).await;
         link_task.abort();
         let _ = link_task.await;
         Ok(())
@@ -252,6 +277,8 @@ struct AgentLoop {
     source_columns: Vec<String>,
     source_done: bool,
     serving: Option<Serving>,
+    /// The served model as the local API sees it.
+    served: ServedModel,
     reporter: Reporter,
     installer: Installer,
     trusted: TrustedKeys,
@@ -272,6 +299,7 @@ impl AgentLoop {
         shutdown: CancellationToken,
         mut incoming: mpsc::Receiver<Publish>,
         mut installs: mpsc::Receiver<InstallOutcome>,
+        mut observed: mpsc::Receiver<Observation>,
     ) {
         let mut sample =
             tokio::time::interval(Duration::from_secs_f64(1.0 / self.config.source.rate_hz));
@@ -288,6 +316,7 @@ impl AgentLoop {
                 _ = heartbeat.tick() => self.send_status(),
                 Some(publish) = incoming.recv() => self.on_publish(&publish),
                 Some(outcome) = installs.recv() => self.on_install_done(outcome),
+                Some(observation) = observed.recv() => self.on_observed(observation),
             }
         }
         info!(device = %self.config.device_id, "agent stopped");
@@ -343,6 +372,28 @@ impl AgentLoop {
             }
         };
         if let Err(e) = serving.window.observe(&x, class) {
+            warn!(error = %e, "drift window refused the input");
+            return;
+        }
+        if serving.window.samples() >= self.config.drift_window_samples {
+            Self::publish_window(&self.reporter, serving);
+        }
+    }
+
+    /// An input the local API inferred: counted into the window of the model that
+    /// inferred it (an input of a model replaced since is dropped).
+    fn on_observed(&mut self, observation: Observation) {
+        let Some(serving) = self.serving.as_mut() else {
+            return;
+        };
+        if serving.model_ref() != observation.model {
+            return;
+        }
+        self.counters.inferences += 1;
+        if let Err(e) = serving
+            .window
+            .observe(&observation.row, Some(observation.class))
+        {
             warn!(error = %e, "drift window refused the input");
             return;
         }
@@ -524,6 +575,8 @@ impl AgentLoop {
                     Self::publish_window(&self.reporter, old);
                 }
                 info!(model = %action.model, slot = ?installed.slot, "model active");
+                // Requests already running finish on the old model; new ones get this one.
+                self.served.set(Some(installed.model.clone()));
                 self.serving = Some(Serving::new(installed, &self.source_columns));
                 self.reporter.deployment(
                     Some(action.rollout_id),

@@ -76,6 +76,45 @@ pub struct AgentConfig {
     /// For an `mqtts://` broker.
     pub tls: crate::link::TlsFiles,
     pub source: SourceConfig,
+    pub api: ApiConfig,
+}
+
+/// The local inference API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// `host:port` to listen on; empty turns the API off.
+    pub listen: String,
+    /// Largest request body, in bytes.
+    pub max_body_bytes: usize,
+    /// Most rows in one request.
+    pub max_rows: usize,
+    /// Requests inferring at once; 0 is one per CPU core.
+    pub max_concurrency: usize,
+}
+
+impl ApiConfig {
+    /// The address to listen on, or `None` when the API is off.
+    pub fn addr(&self) -> Result<Option<std::net::SocketAddr>, String> {
+        if self.listen.is_empty() {
+            return Ok(None);
+        }
+        self.listen
+            .parse()
+            .map(Some)
+            .map_err(|e| format!("`{}` is not host:port ({e})", self.listen))
+    }
+
+    pub fn limits(&self) -> crate::api::ApiLimits {
+        crate::api::ApiLimits {
+            max_body_bytes: self.max_body_bytes,
+            max_rows: self.max_rows,
+            max_concurrency: match self.max_concurrency {
+                0 => std::thread::available_parallelism().map_or(1, usize::from),
+                n => n,
+            },
+        }
+    }
 }
 
 /// The store-and-forward queue.
@@ -134,6 +173,8 @@ pub enum SourceKind {
     Synthetic,
     /// Rows of a CSV file with a header line.
     Csv,
+    /// None: inputs come only from the local inference API.
+    Api,
 }
 
 impl Default for AgentConfig {
@@ -189,6 +230,13 @@ impl AgentConfig {
         self.trusted_keys()?;
         if self.heartbeat_interval_s == 0 {
             return Err(invalid("heartbeat_interval_s", "must be at least 1"));
+        }
+        self.api.addr().map_err(|e| invalid("api.listen", &e))?;
+        if self.api.max_body_bytes < 64 {
+            return Err(invalid("api.max_body_bytes", "must be at least 64"));
+        }
+        if self.api.max_rows == 0 {
+            return Err(invalid("api.max_rows", "must be at least 1"));
         }
         if self.drift_window_samples == 0 {
             return Err(invalid("drift_window_samples", "must be at least 1"));

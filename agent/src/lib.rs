@@ -7,6 +7,7 @@
 //! by the [`updater`] into A/B [`slots`]. [`sim`] runs many agents in one process.
 
 pub mod agent;
+pub mod api;
 pub mod config;
 pub mod link;
 pub mod modelbench;

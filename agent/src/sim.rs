@@ -37,6 +37,8 @@ impl Fleet {
             let mut config = template.clone();
             config.device_id = format!("{prefix}-{i:03}");
             config.state_dir = state_root.join(&config.device_id);
+            // Many devices in one process cannot share one port: no local API.
+            config.api.listen.clear();
             let seed = base_seed.wrapping_add(i as u64 * 7919);
             let source = VibrationGenerator::new(seed, shift.clone());
             let agent = Agent::new(config.clone(), Box::new(source))?;

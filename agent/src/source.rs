@@ -46,7 +46,22 @@ pub fn from_config(config: &SourceConfig) -> Result<Box<dyn InputSource>, Source
             config.path.as_deref().ok_or(SourceError::NoPath)?,
             config.repeat,
         )?),
+        SourceKind::Api => Box::new(NoSource),
     })
+}
+
+/// No inputs of its own: the agent infers only what the local API sends.
+#[derive(Debug)]
+pub struct NoSource;
+
+impl InputSource for NoSource {
+    fn columns(&self) -> &[String] {
+        &[]
+    }
+
+    fn next_row(&mut self) -> Option<Vec<f32>> {
+        None
+    }
 }
 
 /// How far the synthetic machine has drifted from its original regime: 0 is the regime the

@@ -39,7 +39,8 @@ pub enum InstallError {
 /// The model being served and where it came from.
 #[derive(Debug, Clone)]
 pub struct Installed {
-    pub model: LoadedModel,
+    /// Shared with the local API, whose requests in flight keep it while it is replaced.
+    pub model: std::sync::Arc<LoadedModel>,
     pub slot: Slot,
 }
 
@@ -179,7 +180,10 @@ impl Installer {
         debug_assert_eq!(reverified.manifest, verified.manifest);
         let model = LoadedModel::load(&reverified)?;
         self.slots.activate(slot)?;
-        Ok(Installed { model, slot })
+        Ok(Installed {
+            model: std::sync::Arc::new(model),
+            slot,
+        })
     }
 
     /// Finds the model to serve at start: the active slot's bundle, re-verified and loaded;
@@ -196,7 +200,10 @@ impl Installer {
                         }
                     }
                     info!(model = %model.manifest.model_ref(), ?slot, "serving model");
-                    return Some(Installed { model, slot });
+                    return Some(Installed {
+                        model: std::sync::Arc::new(model),
+                        slot,
+                    });
                 }
                 Err(e) => warn!(?slot, error = %e, "cannot serve model slot"),
             }

@@ -42,6 +42,8 @@ fn bad_configs_name_the_key_at_fault() {
             "tls",
         ),
         ("broker_url = \"http://x\"\n", "broker_url"),
+        ("[api]\nlisten = \"localhost\"\n", "api.listen"),
+        ("[api]\nmax_rows = 0\n", "api.max_rows"),
     ] {
         std::fs::write(&path, text).unwrap();
         let (ok, _, err) = run(&["check-config", "--config", path.to_str().unwrap()]);

@@ -121,6 +121,23 @@ async fn the_readme_tour_works() {
         cwd,
     );
     assert!(out.contains("published vibration v1"), "{out}");
+    // A model with an operator tract cannot run is refused at publish, by the operator's
+    // name (the agent's compatibility suite holds it).
+    let refused = Command::new(EDGELOOP)
+        .args(["model", "publish"])
+        .arg(format!(
+            "{}/../agent/tests/compat/unsupported_op.onnx",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .args(["--name", "vibration", "--version", "2", "--reference"])
+        .arg(format!("{ASSETS}/reference_v1.csv"))
+        .args(["--labels", "normal,fault", "--data-dir", "edgeloop-data"])
+        .current_dir(cwd)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("Frobnicate"), "{err}");
     let models: serde_json::Value = reqwest::get(format!("{http}/api/v1/models"))
         .await
         .unwrap()

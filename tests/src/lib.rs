@@ -334,6 +334,8 @@ pub fn agent_config(
         ..AgentConfig::default()
     };
     config.source.rate_hz = 100.0;
+    // Many agents run at once: each test that wants the local API gives it a free port.
+    config.api.listen.clear();
     config
 }
 

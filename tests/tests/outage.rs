@@ -81,6 +81,7 @@ async fn a_broker_outage_loses_no_drift_window_and_stores_none_twice() {
         ..edgeloop_agent::AgentConfig::default()
     };
     agent_config.source.rate_hz = 100.0;
+    agent_config.api.listen.clear();
     let agent = TestAgent::spawn(agent_config, &shutdown);
     let store = controller.store.clone();
     wait_until("device registers", Duration::from_secs(20), || async {

@@ -22,6 +22,9 @@ Models:
                                                               label i64 and
                                                               probabilities f32
 
+Also unsupported_op.onnx: the example vibration model with one Relu renamed to
+`Frobnicate`, which the agent and the controller must refuse by the operator's name.
+
 Everything uses fixed seeds, so reruns produce the same weights and data
 (modulo library-version differences). The generated .onnx/.json files are
 committed; the Rust tests only read them and never run Python.
@@ -269,7 +272,19 @@ def make_sklearn():
         save(name, model, {"features": x})
 
 
+def make_unsupported():
+    """The example vibration model with its first Relu replaced by an operator nobody
+    implements, `Frobnicate`: the agent and the controller must refuse it by name. No
+    fixture: it cannot run anywhere."""
+    source = os.path.join(HERE, "..", "..", "..", "controller", "assets", "vibration", "model_v1.onnx")
+    model = onnx.load(source)
+    relu = next(n for n in model.graph.node if n.op_type == "Relu")
+    relu.op_type = "Frobnicate"
+    onnx.save(model, os.path.join(HERE, "unsupported_op.onnx"))
+
+
 if __name__ == "__main__":
+    make_unsupported()
     make_cnn()
     make_rnn("GRU")
     make_rnn("LSTM")

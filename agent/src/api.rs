@@ -1,0 +1,458 @@
+//! The device's local inference API: applications on the device (or its trusted network)
+//! send inputs and get predictions, and every input they send is counted into the drift
+//! window like the agent's own sensor inputs.
+//!
+//! - `POST /v1/infer`: JSON `{"rows": [[…], …]}` or `{"instances": [{"feature": value, …}]}`,
+//!   or a binary body (`Content-Type: application/octet-stream`, little-endian f32 values,
+//!   rows × features given by the `X-Edgeloop-Shape: ROWSxFEATURES` header).
+//! - `GET /v1/model`: the model being served, its inputs and outputs.
+//! - `GET /healthz`: 200 while a model is serving, 503 before.
+//! - `GET /metrics`: Prometheus text.
+//!
+//! The served model is an `Arc` swapped by the agent actor when an update becomes active: a
+//! request takes the current one when it starts and finishes on it, so no request fails
+//! during a swap. Inference runs on blocking threads, at most `max_concurrency` requests at
+//! once.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use edgeloop_shared::protocol::ModelRef;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::runtime::LoadedModel;
+
+/// Header giving a binary body's shape, `ROWSxFEATURES`.
+pub const SHAPE_HEADER: &str = "x-edgeloop-shape";
+/// Upper bounds of the latency histogram, in seconds.
+const LATENCY_BUCKETS: [f64; 12] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
+
+/// One input the API inferred, for the drift window.
+#[derive(Debug)]
+pub struct Observation {
+    /// The model that inferred it: an observation of a model swapped out since is dropped.
+    pub model: ModelRef,
+    pub row: Vec<f32>,
+    pub class: usize,
+}
+
+/// The model the API serves, swapped by the agent actor.
+#[derive(Debug, Clone, Default)]
+pub struct ServedModel(Arc<RwLock<Option<Arc<LoadedModel>>>>);
+
+impl ServedModel {
+    pub fn set(&self, model: Option<Arc<LoadedModel>>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = model;
+    }
+
+    pub fn get(&self) -> Option<Arc<LoadedModel>> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// The API's limits.
+#[derive(Debug, Clone)]
+pub struct ApiLimits {
+    pub max_body_bytes: usize,
+    pub max_rows: usize,
+    pub max_concurrency: usize,
+}
+
+#[derive(Debug, Default)]
+struct Metrics {
+    requests_ok: AtomicU64,
+    requests_bad: AtomicU64,
+    requests_unavailable: AtomicU64,
+    rows: AtomicU64,
+    observations_dropped: AtomicU64,
+    /// Cumulative counts per bucket of `LATENCY_BUCKETS`, then +Inf.
+    latency: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    latency_sum_us: AtomicU64,
+}
+
+impl Metrics {
+    fn observe_latency(&self, seconds: f64) {
+        let bucket = LATENCY_BUCKETS
+            .iter()
+            .position(|&b| seconds <= b)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.latency[bucket].fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_us
+            .fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
+    }
+}
+
+#[derive(Clone)]
+struct ApiState {
+    served: ServedModel,
+    observed: mpsc::Sender<Observation>,
+    limits: ApiLimits,
+    permits: Arc<Semaphore>,
+    metrics: Arc<Metrics>,
+}
+
+/// Binds `addr` and serves the API until `shutdown`. Returns the bound address (useful
+/// with port 0).
+pub async fn serve(
+    addr: SocketAddr,
+    served: ServedModel,
+    observed: mpsc::Sender<Observation>,
+    limits: ApiLimits,
+    shutdown: CancellationToken,
+) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    let state = ApiState {
+        served,
+        observed,
+        permits: Arc::new(Semaphore::new(limits.max_concurrency.max(1))),
+        metrics: Arc::new(Metrics::default()),
+        limits: limits.clone(),
+    };
+    let app = Router::new()
+        .route("/v1/infer", post(infer))
+        .route("/v1/model", get(model))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(limits.max_body_bytes))
+        .with_state(state);
+    info!(%local, "local inference API listening");
+    tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+        if let Err(e) = served {
+            warn!(error = %e, "local inference API stopped");
+        }
+    });
+    Ok(local)
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, axum::Json(json!({ "error": message.into() }))).into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InferJson {
+    #[serde(default)]
+    rows: Option<Vec<Vec<Option<f32>>>>,
+    #[serde(default)]
+    instances: Option<Vec<serde_json::Map<String, Value>>>,
+}
+
+#[derive(Serialize)]
+struct RowOutput {
+    class: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    label: Option<String>,
+    scores: Vec<f32>,
+}
+
+/// The model's single input as the agent serves it: `[N, features]` f32.
+fn input_text(model: &LoadedModel) -> (String, usize) {
+    let features = model.plan.features();
+    let name = model
+        .manifest
+        .inputs
+        .first()
+        .map_or_else(|| "input".to_string(), |i| i.name.clone());
+    (name, features)
+}
+
+/// Reads the request's rows, or says what is wrong with them: the input's name, the shape
+/// it expects and the shape received.
+fn read_rows(
+    model: &LoadedModel,
+    headers: &HeaderMap,
+    body: &[u8],
+    max_rows: usize,
+) -> Result<Vec<Vec<f32>>, String> {
+    let (input, width) = input_text(model);
+    let expected = format!("[N, {width}] f32 (N ≤ {max_rows})");
+    let binary = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/octet-stream"));
+    let rows: Vec<Vec<f32>> = if binary {
+        let shape = headers
+            .get(SHAPE_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| {
+                format!("a binary body needs the {SHAPE_HEADER} header (ROWSxFEATURES)")
+            })?;
+        let dims: Vec<usize> = shape
+            .split('x')
+            .map(|d| d.trim().parse())
+            .collect::<Result<_, _>>()
+            .map_err(|_| format!("{SHAPE_HEADER} `{shape}` is not ROWSxFEATURES"))?;
+        let [n, f] = dims[..] else {
+            return Err(format!(
+                "input `{input}` expects {expected}; {SHAPE_HEADER} gives rank {}",
+                dims.len()
+            ));
+        };
+        if f != width {
+            return Err(format!(
+                "input `{input}` expects {expected}; received [{n}, {f}]"
+            ));
+        }
+        if body.len() != n * f * 4 {
+            return Err(format!(
+                "{SHAPE_HEADER} `{shape}` needs {} bytes of f32; the body has {}",
+                n * f * 4,
+                body.len()
+            ));
+        }
+        body.chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect::<Vec<_>>()
+            .chunks(width.max(1))
+            .map(<[f32]>::to_vec)
+            .collect()
+    } else {
+        let request: InferJson = serde_json::from_slice(body).map_err(|e| {
+            format!("body is not {{\"rows\": [[…]]}} or {{\"instances\": [{{…}}]}}: {e}")
+        })?;
+        match (request.rows, request.instances) {
+            (Some(rows), None) => rows
+                .into_iter()
+                .enumerate()
+                .map(|(i, row)| {
+                    if row.len() != width {
+                        return Err(format!(
+                            "input `{input}` expects {expected}; row {i} has {} values",
+                            row.len()
+                        ));
+                    }
+                    // `null` stands for a missing value: refused below, by feature name.
+                    Ok(row.into_iter().map(|v| v.unwrap_or(f32::NAN)).collect())
+                })
+                .collect::<Result<_, _>>()?,
+            (None, Some(instances)) => {
+                let names = model.feature_names();
+                instances
+                    .iter()
+                    .enumerate()
+                    .map(|(i, instance)| {
+                        if let Some(unknown) = instance.keys().find(|k| !names.contains(k)) {
+                            return Err(format!(
+                                "instance {i}: `{unknown}` is not a feature of input `{input}` ({})",
+                                names.join(", ")
+                            ));
+                        }
+                        names
+                            .iter()
+                            .map(|name| match instance.get(name) {
+                                Some(Value::Number(n)) => Ok(n.as_f64().unwrap_or(f64::NAN) as f32),
+                                Some(Value::Null) | None => Err(format!(
+                                    "instance {i}: feature `{name}` of input `{input}` is missing"
+                                )),
+                                Some(other) => Err(format!(
+                                    "instance {i}: feature `{name}` of input `{input}` is {other}, not a number"
+                                )),
+                            })
+                            .collect::<Result<Vec<f32>, _>>()
+                    })
+                    .collect::<Result<_, _>>()?
+            }
+            _ => return Err("give either `rows` or `instances`".into()),
+        }
+    };
+    if rows.is_empty() {
+        return Err(format!(
+            "input `{input}` expects {expected}; received no rows"
+        ));
+    }
+    if rows.len() > max_rows {
+        return Err(format!(
+            "input `{input}` expects {expected}; received {} rows",
+            rows.len()
+        ));
+    }
+    Ok(rows)
+}
+
+async fn infer(State(state): State<ApiState>, headers: HeaderMap, body: Bytes) -> Response {
+    let started = Instant::now();
+    let metrics = state.metrics.clone();
+    let Some(model) = state.served.get() else {
+        metrics.requests_unavailable.fetch_add(1, Ordering::Relaxed);
+        return error(StatusCode::SERVICE_UNAVAILABLE, "no model is serving yet");
+    };
+    let rows = match read_rows(&model, &headers, &body, state.limits.max_rows) {
+        Ok(rows) => rows,
+        Err(message) => {
+            metrics.requests_bad.fetch_add(1, Ordering::Relaxed);
+            return error(StatusCode::BAD_REQUEST, message);
+        }
+    };
+    let Ok(_permit) = state.permits.clone().acquire_owned().await else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "the agent is stopping");
+    };
+    let running = model.clone();
+    let inferred = tokio::task::spawn_blocking(move || {
+        let outputs = rows
+            .iter()
+            .enumerate()
+            .map(|(i, row)| running.infer(row).map_err(|e| format!("row {i}: {e}")))
+            .collect::<Result<Vec<_>, _>>();
+        (rows, outputs)
+    })
+    .await;
+    let (rows, outputs) = match inferred {
+        Ok((rows, Ok(outputs))) => (rows, outputs),
+        Ok((_, Err(message))) => {
+            metrics.requests_bad.fetch_add(1, Ordering::Relaxed);
+            return error(StatusCode::BAD_REQUEST, message);
+        }
+        Err(e) => {
+            metrics.requests_bad.fetch_add(1, Ordering::Relaxed);
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("inference task: {e}"),
+            );
+        }
+    };
+    let model_ref = model.manifest.model_ref();
+    for (row, output) in rows.into_iter().zip(&outputs) {
+        let observation = Observation {
+            model: model_ref.clone(),
+            row,
+            class: output.class,
+        };
+        // The drift window is a statistic: when the actor is behind, an input goes
+        // uncounted (and counted as such) rather than slowing the caller.
+        if state.observed.try_send(observation).is_err() {
+            metrics.observations_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    let labels = model
+        .manifest
+        .outputs
+        .first()
+        .map(|o| o.names.clone())
+        .unwrap_or_default();
+    let body = json!({
+        "request_id": uuid::Uuid::now_v7().to_string(),
+        "model": model_ref,
+        "outputs": outputs
+            .into_iter()
+            .map(|p| RowOutput {
+                label: labels.get(p.class).cloned(),
+                class: p.class,
+                scores: p.scores,
+            })
+            .collect::<Vec<_>>(),
+    });
+    metrics.rows.fetch_add(
+        body["outputs"].as_array().map_or(0, Vec::len) as u64,
+        Ordering::Relaxed,
+    );
+    metrics.requests_ok.fetch_add(1, Ordering::Relaxed);
+    metrics.observe_latency(started.elapsed().as_secs_f64());
+    axum::Json(body).into_response()
+}
+
+async fn model(State(state): State<ApiState>) -> Response {
+    let Some(model) = state.served.get() else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "no model is serving yet");
+    };
+    let m = &model.manifest;
+    axum::Json(json!({
+        "name": m.name,
+        "version": m.version,
+        "label": m.label,
+        "inputs": m.inputs,
+        "outputs": m.outputs,
+        "features": model.feature_names(),
+    }))
+    .into_response()
+}
+
+async fn healthz(State(state): State<ApiState>) -> Response {
+    match state.served.get() {
+        Some(model) => {
+            axum::Json(json!({"status": "serving", "model": model.manifest.model_ref()}))
+                .into_response()
+        }
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"status": "no model"})),
+        )
+            .into_response(),
+    }
+}
+
+async fn metrics(State(state): State<ApiState>) -> Response {
+    let m = &state.metrics;
+    let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let mut out = String::new();
+    out.push_str("# HELP edgeloop_agent_requests_total Inference requests by outcome.\n");
+    out.push_str("# TYPE edgeloop_agent_requests_total counter\n");
+    for (outcome, counter) in [
+        ("ok", &m.requests_ok),
+        ("bad_request", &m.requests_bad),
+        ("unavailable", &m.requests_unavailable),
+    ] {
+        out.push_str(&format!(
+            "edgeloop_agent_requests_total{{outcome=\"{outcome}\"}} {}\n",
+            get(counter)
+        ));
+    }
+    out.push_str("# HELP edgeloop_agent_rows_total Rows inferred through the API.\n");
+    out.push_str("# TYPE edgeloop_agent_rows_total counter\n");
+    out.push_str(&format!("edgeloop_agent_rows_total {}\n", get(&m.rows)));
+    out.push_str("# HELP edgeloop_agent_drift_observations_dropped_total Inferred rows not counted into the drift window because the agent was behind.\n");
+    out.push_str("# TYPE edgeloop_agent_drift_observations_dropped_total counter\n");
+    out.push_str(&format!(
+        "edgeloop_agent_drift_observations_dropped_total {}\n",
+        get(&m.observations_dropped)
+    ));
+    out.push_str(
+        "# HELP edgeloop_agent_request_seconds Latency of successful inference requests.\n",
+    );
+    out.push_str("# TYPE edgeloop_agent_request_seconds histogram\n");
+    let mut cumulative = 0;
+    for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
+        cumulative += get(&m.latency[i]);
+        out.push_str(&format!(
+            "edgeloop_agent_request_seconds_bucket{{le=\"{bound}\"}} {cumulative}\n"
+        ));
+    }
+    cumulative += get(&m.latency[LATENCY_BUCKETS.len()]);
+    out.push_str(&format!(
+        "edgeloop_agent_request_seconds_bucket{{le=\"+Inf\"}} {cumulative}\n"
+    ));
+    out.push_str(&format!(
+        "edgeloop_agent_request_seconds_sum {}\n",
+        get(&m.latency_sum_us) as f64 / 1e6
+    ));
+    out.push_str(&format!(
+        "edgeloop_agent_request_seconds_count {cumulative}\n"
+    ));
+    if let Some(model) = state.served.get() {
+        let r = model.manifest.model_ref();
+        out.push_str("# HELP edgeloop_agent_model_info The model being served.\n");
+        out.push_str("# TYPE edgeloop_agent_model_info gauge\n");
+        out.push_str(&format!(
+            "edgeloop_agent_model_info{{name=\"{}\",version=\"{}\"}} 1\n",
+            r.name, r.version
+        ));
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}

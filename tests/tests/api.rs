@@ -1,0 +1,253 @@
+//! The agent's local inference API, with a real controller rolling models out to it: JSON
+//! and binary requests, clear 400s for bad inputs, the drift window fed by API inputs, and a
+//! model update swapped in under a stream of requests without a single failure.
+
+use std::time::Duration;
+
+use edgeloop_agent::config::SourceKind;
+use edgeloop_tests::{BrokerChoice, TestController, free_port, wait_until};
+use serde_json::{Value, json};
+
+const WINDOW: u64 = 40;
+const NORMAL: [f32; 4] = [1.0, 3.0, 3.0, 45.0];
+const FAULT: [f32; 4] = [1.9, 8.5, 6.5, 56.0];
+
+async fn post(http: &reqwest::Client, url: &str, body: Value) -> (u16, Value) {
+    let response = http.post(url).json(&body).send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+fn classes(response: &Value) -> Vec<u64> {
+    response["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["class"].as_u64().unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_api_infers_refuses_clearly_feeds_drift_and_swaps_without_failing() {
+    let ctl = TestController::start(BrokerChoice::Embedded).await.unwrap();
+    let mut config = ctl.agent_config("api-1", WINDOW);
+    let port = free_port();
+    config.api.listen = format!("127.0.0.1:{port}");
+    config.api.max_body_bytes = 4096;
+    config.source.kind = SourceKind::Api;
+    let agent = ctl.spawn_agent_with(config);
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    ctl.wait_for_model("api-1", None).await;
+
+    // No model yet: unavailable, not an error of the caller.
+    let health = http.get(format!("{base}/healthz")).send().await.unwrap();
+    assert_eq!(health.status().as_u16(), 503);
+    let (status, _) = post(
+        &http,
+        &format!("{base}/v1/infer"),
+        json!({"rows": [NORMAL]}),
+    )
+    .await;
+    assert_eq!(status, 503);
+
+    ctl.publish_example(1).await;
+    ctl.controller.rollout("vibration", 1, None).await.unwrap();
+    ctl.wait_for_model("api-1", Some(1)).await;
+    let health: Value = http
+        .get(format!("{base}/healthz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["model"]["version"], 1, "{health}");
+
+    // Rows, named instances and a binary body give the same answers.
+    let infer = format!("{base}/v1/infer");
+    let (status, rows) = post(&http, &infer, json!({"rows": [NORMAL, FAULT]})).await;
+    assert_eq!(status, 200, "{rows}");
+    assert_eq!(classes(&rows), vec![0, 1]);
+    assert_eq!(rows["model"]["version"], 1);
+    assert_eq!(rows["outputs"][1]["label"], "fault");
+    assert!(rows["request_id"].as_str().is_some_and(|id| id.len() == 36));
+    let named =
+        |r: [f32; 4]| json!({"rms": r[0], "peak": r[1], "kurtosis": r[2], "temperature": r[3]});
+    let (status, instances) = post(
+        &http,
+        &infer,
+        json!({"instances": [named(NORMAL), named(FAULT)]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{instances}");
+    assert_eq!(classes(&instances), vec![0, 1]);
+    let bytes: Vec<u8> = NORMAL
+        .iter()
+        .chain(&FAULT)
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let binary: Value = http
+        .post(&infer)
+        .header("content-type", "application/octet-stream")
+        .header("x-edgeloop-shape", "2x4")
+        .body(bytes)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(classes(&binary), vec![0, 1]);
+    assert_eq!(binary["outputs"][0]["scores"], rows["outputs"][0]["scores"]);
+
+    // Bad input: 400 naming the input, what it expects and what came.
+    for (body, needles) in [
+        (
+            json!({"rows": [[1.0, 2.0, 3.0]]}),
+            vec!["input `", "[N, 4]", "3 values"],
+        ),
+        (json!({"rows": [[1.0, null, 3.0, 4.0]]}), vec!["`peak`"]),
+        (
+            json!({"instances": [{"rms": 1.0, "peak": 3.0, "kurtosis": 3.0, "temp": 45.0}]}),
+            vec!["`temp`", "temperature"],
+        ),
+        (
+            json!({"instances": [{"rms": 1.0, "peak": "high", "kurtosis": 3.0, "temperature": 45.0}]}),
+            vec!["`peak`", "not a number"],
+        ),
+        (json!({"rows": []}), vec!["no rows"]),
+        (json!({"tensor": [1, 2]}), vec!["rows"]),
+    ] {
+        let (status, response) = post(&http, &infer, body.clone()).await;
+        assert_eq!(status, 400, "{body} -> {response}");
+        let message = response["error"].as_str().unwrap();
+        for needle in needles {
+            assert!(message.contains(needle), "{body}: {message}");
+        }
+    }
+    let wrong_shape = http
+        .post(&infer)
+        .header("content-type", "application/octet-stream")
+        .header("x-edgeloop-shape", "1x5")
+        .body(vec![0u8; 20])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong_shape.status().as_u16(), 400);
+    let message = wrong_shape.text().await.unwrap();
+    assert!(
+        message.contains("[1, 5]") && message.contains("[N, 4]"),
+        "{message}"
+    );
+    let oversize = http
+        .post(&infer)
+        .json(&json!({"rows": vec![NORMAL; 400]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(oversize.status().as_u16(), 413);
+    let (status, _) = post(&http, &infer, json!({"rows": [NORMAL]})).await;
+    assert_eq!(status, 200, "the agent keeps serving after bad requests");
+
+    // API inputs fill the drift window: the only inputs of an agent without a source.
+    let sent_so_far = 2 + 2 + 2 + 1;
+    for _ in 0..(WINDOW as usize - sent_so_far) {
+        let (status, _) = post(&http, &infer, json!({"rows": [NORMAL]})).await;
+        assert_eq!(status, 200);
+    }
+    wait_until(
+        "an API-fed window is stored",
+        Duration::from_secs(20),
+        || async {
+            ctl.stored_windows("api-1")
+                .await
+                .iter()
+                .any(|w| w.0 == 1 && w.2 == WINDOW)
+        },
+    )
+    .await;
+
+    // v2 rolls out while a client keeps asking: every request succeeds, answered by v1
+    // until the swap and by v2 after it.
+    ctl.publish_example(2).await;
+    let hammer = {
+        let (http, infer) = (http.clone(), infer.clone());
+        tokio::spawn(async move {
+            let mut seen = Vec::new();
+            loop {
+                let (status, response) = post(&http, &infer, json!({"rows": [FAULT]})).await;
+                let version = response["model"]["version"].as_u64();
+                seen.push((status, version));
+                if version == Some(2) && seen.iter().filter(|s| s.1 == Some(2)).count() >= 20 {
+                    return seen;
+                }
+                assert!(seen.len() < 100_000, "v2 never answered");
+            }
+        })
+    };
+    ctl.controller.rollout("vibration", 2, None).await.unwrap();
+    let seen = tokio::time::timeout(Duration::from_secs(60), hammer)
+        .await
+        .expect("v2 answers within a minute")
+        .unwrap();
+    assert!(
+        seen.iter().all(|s| s.0 == 200),
+        "a request failed during the swap: {seen:?}"
+    );
+    let first_v2 = seen.iter().position(|s| s.1 == Some(2)).unwrap();
+    assert!(first_v2 > 0, "v1 answered before the swap");
+    assert!(
+        seen[first_v2..].iter().all(|s| s.1 == Some(2)),
+        "v1 answered after v2 had"
+    );
+
+    let model: Value = http
+        .get(format!("{base}/v1/model"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(model["version"], 2);
+    assert_eq!(
+        model["features"],
+        json!(["rms", "peak", "kurtosis", "temperature"])
+    );
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("edgeloop_agent_model_info{name=\"vibration\",version=\"2\"} 1"),
+        "{metrics}"
+    );
+    let ok: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("edgeloop_agent_requests_total{outcome=\"ok\"} "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    // Three two-row requests, then single rows up to the window, then the stream.
+    let requests = 3 + (WINDOW - 6) + seen.len() as u64;
+    assert_eq!(ok, requests, "{metrics}");
+    assert!(
+        metrics.contains(&format!(
+            "edgeloop_agent_rows_total {}",
+            WINDOW + seen.len() as u64
+        )),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("edgeloop_agent_requests_total{outcome=\"bad_request\"} 7"),
+        "{metrics}"
+    );
+
+    agent.stop().await;
+    ctl.stop().await;
+}
