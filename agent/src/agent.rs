@@ -81,7 +81,10 @@ impl Serving {
     fn new(installed: Installed, source_columns: &[String]) -> Self {
         let reference = installed.model.manifest.reference.clone();
         let columns = map_columns(installed.model.feature_names(), source_columns);
-        if let Err(reason) = &columns {
+        // A source without columns (`api`) feeds no model: nothing to warn about.
+        if let Err(reason) = &columns
+            && !source_columns.is_empty()
+        {
             warn!(model = %installed.model.manifest.model_ref(), %reason, "inputs cannot feed this model");
         }
         Serving {
@@ -195,6 +198,22 @@ impl Agent {
             } else {
                 None
             };
+        // The API first: a port that cannot be bound stops the agent before it connects.
+        let served = ServedModel::default();
+        served.set(booted.as_ref().map(|i| i.model.clone()));
+        let (observed_tx, observed) = mpsc::channel(OBSERVED_CAPACITY);
+        if let Some(addr) = config.api.addr().expect("validated") {
+            crate::api::serve(
+                addr,
+                served.clone(),
+                observed_tx,
+                config.api.limits(),
+                shutdown.child_token(),
+            )
+            .await
+            .map_err(|source| AgentError::Api { addr, source })?;
+        }
+
         let (incoming_tx, incoming) = mpsc::channel(INCOMING_CAPACITY);
         let will_reporter = reporter.clone();
         let last_will: LastWillFn = Arc::new(move || {
@@ -229,21 +248,6 @@ impl Agent {
             incoming_tx,
         );
         let link_task = tokio::spawn(link.run(shutdown.child_token()));
-
-        let served = ServedModel::default();
-        served.set(booted.as_ref().map(|i| i.model.clone()));
-        let (observed_tx, observed) = mpsc::channel(OBSERVED_CAPACITY);
-        if let Some(addr) = config.api.addr().expect("validated") {
-            crate::api::serve(
-                addr,
-                served.clone(),
-                observed_tx,
-                config.api.limits(),
-                shutdown.child_token(),
-            )
-            .await
-            .map_err(|source| AgentError::Api { addr, source })?;
-        }
 
         let (install_tx, installs) = mpsc::channel(INSTALL_CAPACITY);
         let source_columns = self.source.columns().to_vec();

@@ -32,7 +32,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::runtime::LoadedModel;
+use crate::runtime::{LoadedModel, RuntimeError};
 
 /// Header giving a binary body's shape, `ROWSxFEATURES`.
 pub const SHAPE_HEADER: &str = "x-edgeloop-shape";
@@ -77,6 +77,7 @@ struct Metrics {
     requests_ok: AtomicU64,
     requests_bad: AtomicU64,
     requests_unavailable: AtomicU64,
+    requests_failed: AtomicU64,
     rows: AtomicU64,
     observations_dropped: AtomicU64,
     /// Cumulative counts per bucket of `LATENCY_BUCKETS`, then +Inf.
@@ -211,10 +212,11 @@ fn read_rows(
                 "input `{input}` expects {expected}; received [{n}, {f}]"
             ));
         }
-        if body.len() != n * f * 4 {
+        let needed = n.checked_mul(f).and_then(|v| v.checked_mul(4));
+        if needed != Some(body.len()) {
             return Err(format!(
                 "{SHAPE_HEADER} `{shape}` needs {} bytes of f32; the body has {}",
-                n * f * 4,
+                needed.map_or_else(|| "more".to_string(), |b| b.to_string()),
                 body.len()
             ));
         }
@@ -301,27 +303,39 @@ async fn infer(State(state): State<ApiState>, headers: HeaderMap, body: Bytes) -
             return error(StatusCode::BAD_REQUEST, message);
         }
     };
-    let Ok(_permit) = state.permits.clone().acquire_owned().await else {
+    let Ok(permit) = state.permits.clone().acquire_owned().await else {
         return error(StatusCode::SERVICE_UNAVAILABLE, "the agent is stopping");
     };
     let running = model.clone();
     let inferred = tokio::task::spawn_blocking(move || {
+        // Held by the work itself: a caller that hangs up does not free its slot early.
+        let _permit = permit;
         let outputs = rows
             .iter()
             .enumerate()
-            .map(|(i, row)| running.infer(row).map_err(|e| format!("row {i}: {e}")))
+            .map(|(i, row)| running.infer(row).map_err(|e| (i, e)))
             .collect::<Result<Vec<_>, _>>();
         (rows, outputs)
     })
     .await;
     let (rows, outputs) = match inferred {
         Ok((rows, Ok(outputs))) => (rows, outputs),
-        Ok((_, Err(message))) => {
+        // What the caller sent: the wrong width, a missing or infinite value.
+        Ok((
+            _,
+            Err((i, e @ (RuntimeError::WidthMismatch { .. } | RuntimeError::NonFinite { .. }))),
+        )) => {
             metrics.requests_bad.fetch_add(1, Ordering::Relaxed);
-            return error(StatusCode::BAD_REQUEST, message);
+            return error(StatusCode::BAD_REQUEST, format!("row {i}: {e}"));
+        }
+        // The model failed on a valid input.
+        Ok((_, Err((i, e)))) => {
+            metrics.requests_failed.fetch_add(1, Ordering::Relaxed);
+            warn!(error = %e, "inference failed");
+            return error(StatusCode::INTERNAL_SERVER_ERROR, format!("row {i}: {e}"));
         }
         Err(e) => {
-            metrics.requests_bad.fetch_add(1, Ordering::Relaxed);
+            metrics.requests_failed.fetch_add(1, Ordering::Relaxed);
             return error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 format!("inference task: {e}"),
@@ -408,6 +422,7 @@ async fn metrics(State(state): State<ApiState>) -> Response {
         ("ok", &m.requests_ok),
         ("bad_request", &m.requests_bad),
         ("unavailable", &m.requests_unavailable),
+        ("error", &m.requests_failed),
     ] {
         out.push_str(&format!(
             "edgeloop_agent_requests_total{{outcome=\"{outcome}\"}} {}\n",

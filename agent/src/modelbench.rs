@@ -38,6 +38,9 @@ pub enum BenchError {
     NoRuns,
 }
 
+/// Most elements of one benchmark input (1 GiB of f32).
+pub const MAX_INPUT_ELEMENTS: usize = 1 << 28;
+
 /// `--input NAME:DIMS[:DTYPE]`: a concrete shape (and optionally a dtype) for one input.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InputSpec {
@@ -60,6 +63,12 @@ impl FromStr for InputSpec {
         let dtype = match parts.as_slice() {
             [_, _, last] => match parse_dtype(last) {
                 Some(d) => Some(d),
+                // `image:1x3:f16`: an unknown dtype, not a name with a colon.
+                None if !last.contains('x') && last.parse::<usize>().is_err() => {
+                    return Err(bad(&format!(
+                        "unknown dtype `{last}` (f32, f64, i64, i32, u8, bool)"
+                    )));
+                }
                 None => {
                     // `a:b:1x4`: the name is `a:b`.
                     let (name, dims) = spec.rsplit_once(':').expect("three parts");
@@ -81,6 +90,15 @@ impl FromStr for InputSpec {
             .map_err(|_| bad("dimensions are positive integers joined by `x`"))?;
         if dims.contains(&0) {
             return Err(bad("a dimension of 0 makes an empty tensor"));
+        }
+        if dims
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .is_none_or(|n| n > MAX_INPUT_ELEMENTS)
+        {
+            return Err(bad(&format!(
+                "more than {MAX_INPUT_ELEMENTS} elements in one input"
+            )));
         }
         Ok(InputSpec {
             name: name.to_string(),
@@ -368,7 +386,8 @@ pub fn bench(onnx: &[u8], options: &BenchOptions) -> Result<BenchReport, BenchEr
         min_ms: ms(times[0]),
         max_ms: ms(times[times.len() - 1]),
         runs: options.runs,
-        warmup: options.warmup,
+        // The first run always happens (it reports the output shapes) and is not timed.
+        warmup: options.warmup.max(1),
         peak_rss_kb: peak_rss_kb(),
         inputs: inputs
             .iter()
@@ -527,6 +546,11 @@ mod tests {
         );
         let s: InputSpec = "input:0:2x4:u8".parse().unwrap();
         assert_eq!((s.name.as_str(), s.dtype), ("input:0", Some(DType::U8)));
+        let err = "image:1x3:f16".parse::<InputSpec>().unwrap_err();
+        assert!(err.to_string().contains("unknown dtype `f16`"), "{err}");
+        let huge = "image:65536x65536x65536x65536";
+        let err = huge.parse::<InputSpec>().unwrap_err();
+        assert!(err.to_string().contains("elements"), "{err}");
         for bad in [
             "image",
             "image:",
@@ -563,19 +587,16 @@ mod tests {
         }
     }
 
+    /// The example model's input name, as the loader reads it.
+    fn input_name() -> String {
+        ShapedModel::load(MODEL_V1, &[]).unwrap().inputs[0]
+            .0
+            .clone()
+    }
+
     #[test]
     fn a_batch_of_eight_is_run_when_asked_for() {
-        let name = bench(
-            MODEL_V1,
-            &BenchOptions {
-                runs: 1,
-                ..Default::default()
-            },
-        )
-        .unwrap()
-        .inputs[0]
-            .name
-            .clone();
+        let name = input_name();
         let report = bench(
             MODEL_V1,
             &BenchOptions {
@@ -601,17 +622,7 @@ mod tests {
         .unwrap_err();
         assert!(matches!(err, BenchError::UnknownInput { .. }), "{err}");
         assert!(err.to_string().contains("nope"), "{err}");
-        let name = bench(
-            MODEL_V1,
-            &BenchOptions {
-                runs: 1,
-                ..Default::default()
-            },
-        )
-        .unwrap()
-        .inputs[0]
-            .name
-            .clone();
+        let name = input_name();
         for shape in ["1x5", "1x4x1"] {
             let err = bench(
                 MODEL_V1,

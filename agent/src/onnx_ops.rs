@@ -8,8 +8,8 @@
 //!   (scikit-learn's binary GradientBoostingClassifier): tract refuses the single base
 //!   value, and would pick the label from the wrong column. The trees still run in tract's
 //!   own operator; the base value, the logistic transform, the two probabilities and the
-//!   label are wired here as onnxruntime computes them: `p = sigmoid(sum + base)`,
-//!   probabilities `[1 - p, p]`, label the class of the larger.
+//!   label are wired here as onnxruntime computes them: `z = sum + base`,
+//!   `p = sigmoid(z)`, probabilities `[1 - p, p]`, the second class when `z > 0`.
 //!
 //! Every other TreeEnsembleClassifier goes to tract's own builder unchanged.
 
@@ -165,7 +165,21 @@ fn tree_ensemble_classifier(ctx: &ParsingContext, node: &NodeProto) -> TractResu
     let (Some(labels), Some(&[base]), true) = (labels, base, logistic) else {
         return builder(ctx, node);
     };
-    if labels.len() != 2 {
+    // Only the layout this wrapper reproduces: every leaf scores the first class (so that
+    // tract's trees give `[1 - sum, sum]`), with weights of both signs (onnxruntime treats
+    // all-positive weights as probabilities, another layout). Anything else goes to tract.
+    let class_ids = node
+        .attribute
+        .iter()
+        .find(|a| a.name == "class_ids")
+        .map(|a| a.ints.as_slice())
+        .unwrap_or(&[]);
+    let weights = floats(node, "class_weights").unwrap_or(&[]);
+    if labels.len() != 2
+        || class_ids.is_empty()
+        || class_ids.iter().any(|&c| c != 0)
+        || weights.iter().all(|&w| w >= 0.0)
+    {
         return builder(ctx, node);
     }
     // The trees alone, through tract: no base value, no transform. For two classes whose
@@ -256,10 +270,23 @@ impl Expansion for BinaryTreeClassifier {
             TypedConcat::new(1),
             &[q[0], p[0]],
         )?;
+        // The second class when `z > 0`, as onnxruntime decides (not from the rounded
+        // probabilities): the argmax of `[-z, z]`, whose tie at 0 goes to the first class.
+        let zero = model.add_const(format!("{prefix}.zero"), rctensor2(&[[0f32]]))?;
+        let minus_z = model.wire_node(
+            format!("{prefix}.minus_z"),
+            tract_core::ops::math::sub(),
+            &[zero, z[0]],
+        )?;
+        let sides = model.wire_node(
+            format!("{prefix}.sides"),
+            TypedConcat::new(1),
+            &[minus_z[0], z[0]],
+        )?;
         let winner = model.wire_node(
             format!("{prefix}.argmax"),
             Reduce::new(tvec!(1), Reducer::ArgMax(false)),
-            &probabilities,
+            &sides,
         )?;
         let winner = model.wire_node(
             format!("{prefix}.rm_axis"),

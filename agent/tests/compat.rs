@@ -111,6 +111,7 @@ fn check(name: &str) {
             .copied()
             .collect();
         let want_values = numbers(want);
+        assert_eq!(got.len(), want_values.len(), "{name}: size of `{out_name}`");
         let exact = want["dtype"].as_str() == Some("i64");
         for (k, (g, w)) in got.iter().zip(&want_values).enumerate() {
             let ok = if exact {

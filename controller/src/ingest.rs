@@ -27,6 +27,10 @@ use crate::store::{Ingested, Store, StoreError};
 /// are never dropped here: the broker's in-flight window bounds how many it sends before
 /// they are acknowledged, and so how many can wait.
 const MAX_QOS0_BACKLOG: usize = 1024;
+/// Every this many publishes waiting for the ingest actor, a warning: only the broker's
+/// in-flight limit bounds them (MQTT 3.1.1 gives the receiver no say), and a broker
+/// without one can send a whole persistent queue at once.
+const BACKLOG_WARNING: usize = 10_000;
 /// Capacity of the MQTT client's request channel (acknowledgements and commands).
 const REQUEST_CAPACITY: usize = 1024;
 /// Largest packet the controller's client reads. Well above the protocol's message limit so
@@ -45,6 +49,8 @@ pub struct IngestStats {
     pub malformed: AtomicU64,
     pub store_errors: AtomicU64,
     pub unknown_device: AtomicU64,
+    /// QoS 0 publishes dropped because ingest was behind.
+    pub dropped_qos0: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -56,6 +62,7 @@ pub struct IngestStatsSnapshot {
     pub malformed: u64,
     pub store_errors: u64,
     pub unknown_device: u64,
+    pub dropped_qos0: u64,
 }
 
 impl IngestStats {
@@ -69,6 +76,7 @@ impl IngestStats {
             malformed: get(&self.malformed),
             store_errors: get(&self.store_errors),
             unknown_device: get(&self.unknown_device),
+            dropped_qos0: get(&self.dropped_qos0),
         }
     }
 }
@@ -301,13 +309,17 @@ async fn connection(
                     if publish.qos == QoS::AtMostOnce
                         && ingest.waiting.load(Ordering::Relaxed) >= MAX_QOS0_BACKLOG
                     {
-                        let n = stats.malformed.fetch_add(1, Ordering::Relaxed) + 1;
-                        warn!(topic = %publish.topic, malformed_total = n,
+                        let n = stats.dropped_qos0.fetch_add(1, Ordering::Relaxed) + 1;
+                        warn!(topic = %publish.topic, dropped_qos0_total = n,
                             "dropped a QoS 0 message: ingest is behind (devices publish at QoS 1)");
                         continue;
                     }
                     let checked = validate(&topics, &publish.topic, &publish.payload);
-                    ingest.waiting.fetch_add(1, Ordering::Relaxed);
+                    let waiting = ingest.waiting.fetch_add(1, Ordering::Relaxed) + 1;
+                    if waiting.is_multiple_of(BACKLOG_WARNING) {
+                        warn!(waiting, "ingest is behind the broker: set a finite \
+                            max_inflight_messages on the broker to bound what waits in memory");
+                    }
                     if ingest.tx.send((publish, checked)).is_err() {
                         break;
                     }

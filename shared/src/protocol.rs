@@ -329,8 +329,10 @@ impl Envelope {
         }
         // One parse for a well-formed envelope of this version; anything else is parsed
         // again, version first, so that the error says what is wrong in the right order.
+        // (serde would also read a struct from a JSON array: only objects take the fast path.)
+        let is_object = bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
         let wire = match serde_json::from_slice::<WireIn<'_>>(bytes) {
-            Ok(wire) if wire.v == PROTOCOL_VERSION => wire,
+            Ok(wire) if is_object && wire.v == PROTOCOL_VERSION => wire,
             _ => return Err(Self::diagnose(bytes)),
         };
         if !is_valid_identifier(&wire.device_id) {
@@ -367,7 +369,8 @@ impl Envelope {
             Some(v) if v.as_u64() == Some(u64::from(PROTOCOL_VERSION)) => {
                 match serde_json::from_slice::<WireIn<'_>>(bytes) {
                     Err(e) => DecodeError::Envelope(e.to_string()),
-                    // Not reached: such an envelope decodes on the first parse.
+                    // Not reached: a probe reads only objects, and such an envelope
+                    // decodes on the first parse.
                     Ok(_) => DecodeError::Envelope("unreadable envelope".into()),
                 }
             }
@@ -487,6 +490,13 @@ mod tests {
             Err(DecodeError::NotJson(_))
         ));
         assert!(matches!(decode_str("[1,2]"), Err(DecodeError::NotJson(_))));
+        // An envelope's fields as an array, which serde would read into a struct.
+        let array = r#"[1,"d1","m1",0,"status",{"online":true}]"#;
+        assert!(matches!(decode_str(array), Err(DecodeError::NotJson(_))));
+        assert!(matches!(
+            decode_str(&format!(" \n{array}")),
+            Err(DecodeError::NotJson(_))
+        ));
         assert_eq!(decode_str("{}"), Err(DecodeError::MissingVersion));
         assert_eq!(
             decode_str(r#"{"v":2,"anything":true}"#),

@@ -18,6 +18,10 @@ async fn post(http: &reqwest::Client, url: &str, body: Value) -> (u16, Value) {
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
+async fn get_json(http: &reqwest::Client, url: &str) -> Value {
+    http.get(url).send().await.unwrap().json().await.unwrap()
+}
+
 fn classes(response: &Value) -> Vec<u64> {
     response["outputs"]
         .as_array()
@@ -54,14 +58,7 @@ async fn the_local_api_infers_refuses_clearly_feeds_drift_and_swaps_without_fail
     ctl.publish_example(1).await;
     ctl.controller.rollout("vibration", 1, None).await.unwrap();
     ctl.wait_for_model("api-1", Some(1)).await;
-    let health: Value = http
-        .get(format!("{base}/healthz"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let health: Value = get_json(&http, &format!("{base}/healthz")).await;
     assert_eq!(health["model"]["version"], 1, "{health}");
 
     // Rows, named instances and a binary body give the same answers.
@@ -140,6 +137,17 @@ async fn the_local_api_infers_refuses_clearly_feeds_drift_and_swaps_without_fail
         message.contains("[1, 5]") && message.contains("[N, 4]"),
         "{message}"
     );
+    for shape in ["4611686018427387904x4", "2x4x1", "twox4"] {
+        let response = http
+            .post(&infer)
+            .header("content-type", "application/octet-stream")
+            .header("x-edgeloop-shape", shape)
+            .body(vec![0u8; 32])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 400, "{shape}");
+    }
     let oversize = http
         .post(&infer)
         .json(&json!({"rows": vec![NORMAL; 400]}))
@@ -202,14 +210,7 @@ async fn the_local_api_infers_refuses_clearly_feeds_drift_and_swaps_without_fail
         "v1 answered after v2 had"
     );
 
-    let model: Value = http
-        .get(format!("{base}/v1/model"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let model: Value = get_json(&http, &format!("{base}/v1/model")).await;
     assert_eq!(model["version"], 2);
     assert_eq!(
         model["features"],
@@ -244,7 +245,7 @@ async fn the_local_api_infers_refuses_clearly_feeds_drift_and_swaps_without_fail
         "{metrics}"
     );
     assert!(
-        metrics.contains("edgeloop_agent_requests_total{outcome=\"bad_request\"} 7"),
+        metrics.contains("edgeloop_agent_requests_total{outcome=\"bad_request\"} 10"),
         "{metrics}"
     );
 
