@@ -312,12 +312,19 @@ impl AgentLoop {
         let mut heartbeat =
             tokio::time::interval(Duration::from_secs(self.config.heartbeat_interval_s));
         heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // Time-closed windows are checked every second (a tenth of a short window).
+        let window_limit_ms = self.config.drift_window_s.saturating_mul(1000);
+        let mut window_clock = tokio::time::interval(Duration::from_millis(
+            (window_limit_ms / 10).clamp(100, 1000),
+        ));
+        window_clock.set_missed_tick_behavior(MissedTickBehavior::Delay);
         info!(device = %self.config.device_id, model = ?self.serving.as_ref().map(Serving::model_ref), "agent running");
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = sample.tick(), if self.serving.is_some() && !self.source_done => self.on_sample(),
                 _ = heartbeat.tick() => self.send_status(),
+                _ = window_clock.tick(), if window_limit_ms > 0 => self.close_aged_window(window_limit_ms),
                 Some(publish) = incoming.recv() => self.on_publish(&publish),
                 Some(outcome) = installs.recv() => self.on_install_done(outcome),
                 Some(observation) = observed.recv() => self.on_observed(observation),
@@ -375,7 +382,16 @@ impl AgentLoop {
                 None
             }
         };
-        if let Err(e) = serving.window.observe(&x, class) {
+        self.count_into_window(&x, class);
+    }
+
+    /// Counts one input (and the class predicted for it) into the served model's drift
+    /// window, and publishes the window when it is full.
+    fn count_into_window(&mut self, row: &[f32], class: Option<usize>) {
+        let Some(serving) = self.serving.as_mut() else {
+            return;
+        };
+        if let Err(e) = serving.window.observe(row, class) {
             warn!(error = %e, "drift window refused the input");
             return;
         }
@@ -387,22 +403,31 @@ impl AgentLoop {
     /// An input the local API inferred: counted into the window of the model that
     /// inferred it (an input of a model replaced since is dropped).
     fn on_observed(&mut self, observation: Observation) {
-        let Some(serving) = self.serving.as_mut() else {
+        let Some(serving) = self.serving.as_ref() else {
             return;
         };
         if serving.model_ref() != observation.model {
             return;
         }
         self.counters.inferences += 1;
-        if let Err(e) = serving
-            .window
-            .observe(&observation.row, Some(observation.class))
-        {
-            warn!(error = %e, "drift window refused the input");
+        self.count_into_window(&observation.row, Some(observation.class));
+    }
+
+    /// Closes the drift window once it is `limit_ms` old: published when it holds inputs,
+    /// restarted empty when it holds none (so that a quiet spell does not stretch the next
+    /// window).
+    fn close_aged_window(&mut self, limit_ms: u64) {
+        let Some(serving) = self.serving.as_mut() else {
+            return;
+        };
+        let now = now_ms();
+        if now.saturating_sub(serving.window.start_ms()) < limit_ms {
             return;
         }
-        if serving.window.samples() >= self.config.drift_window_samples {
+        if serving.window.samples() > 0 {
             Self::publish_window(&self.reporter, serving);
+        } else {
+            serving.window.finish(now);
         }
     }
 

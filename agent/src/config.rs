@@ -69,6 +69,8 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     pub heartbeat_interval_s: u64,
     pub drift_window_samples: u64,
+    /// A drift window also closes after this many seconds (0: by count only).
+    pub drift_window_s: u64,
     pub max_bundle_bytes: u64,
     pub max_inflight: u16,
     pub outbox: OutboxConfig,

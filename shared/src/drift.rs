@@ -317,6 +317,11 @@ impl DriftWindow {
         self.samples
     }
 
+    /// When the window opened, in milliseconds since the Unix epoch.
+    pub fn start_ms(&self) -> u64 {
+        self.start_ms
+    }
+
     /// Adds one input row and the class the model predicted for it, if any.
     pub fn observe(
         &mut self,
