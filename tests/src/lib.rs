@@ -862,6 +862,18 @@ impl Mosquitto {
         Mosquitto { child }
     }
 
+    /// Writes `mosquitto.conf` in `dir`: a plain listener on 127.0.0.1:`port` for anonymous
+    /// clients, then the `extra` lines. Returns its path.
+    pub fn write_config(dir: &std::path::Path, port: u16, extra: &str) -> std::path::PathBuf {
+        let path = dir.join("mosquitto.conf");
+        std::fs::write(
+            &path,
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\n{extra}"),
+        )
+        .unwrap();
+        path
+    }
+
     /// A directory Mosquitto can use: started as root, it drops to its own user.
     pub fn writable_dir(parent: &std::path::Path, name: &str) -> std::path::PathBuf {
         let dir = parent.join(name);

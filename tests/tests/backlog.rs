@@ -40,15 +40,11 @@ async fn a_burst_beyond_the_request_window_is_taken_in_whole() {
     }
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let config = dir.path().join("mosquitto.conf");
-    std::fs::write(
-        &config,
-        format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\n\
-             max_inflight_messages 5000\nmax_queued_messages 0\n"
-        ),
-    )
-    .unwrap();
+    let config = Mosquitto::write_config(
+        dir.path(),
+        port,
+        "max_inflight_messages 5000\nmax_queued_messages 0\n",
+    );
     let _broker = Mosquitto::start(&config);
     wait_for_port(port).await;
     let url = format!("mqtt://127.0.0.1:{port}");

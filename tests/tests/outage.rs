@@ -26,15 +26,14 @@ async fn a_broker_outage_loses_no_drift_window_and_stores_none_twice() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let store_dir = Mosquitto::writable_dir(dir.path(), "mosquitto");
-    let config = dir.path().join("mosquitto.conf");
-    std::fs::write(
-        &config,
-        format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nautosave_interval 1\n",
+    let config = Mosquitto::write_config(
+        dir.path(),
+        port,
+        &format!(
+            "persistence true\npersistence_location {}/\nautosave_interval 1\n",
             store_dir.display()
         ),
-    )
-    .unwrap();
+    );
     let broker = Mosquitto::start(&config);
     wait_for_port(port).await;
 
