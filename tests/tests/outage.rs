@@ -112,16 +112,30 @@ async fn a_broker_outage_loses_no_drift_window_and_stores_none_twice() {
 
     // Everything produced during the outage arrives, and keeps arriving. Resent messages
     // may arrive after newer ones, so completeness is awaited, not assumed at a count.
+    // The agent may take up to its 30 s backoff ceiling to reconnect.
     let target = before + 300;
-    wait_until(
-        "the backlog arrives, without a hole",
-        Duration::from_secs(90),
-        || async {
-            let seqs = windows().await;
-            seqs.len() >= target && seqs.iter().copied().eq(1..=seqs.len() as u64)
-        },
-    )
-    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(150);
+    loop {
+        let seqs = windows().await;
+        if seqs.len() >= target && seqs.iter().copied().eq(1..=seqs.len() as u64) {
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let missing: Vec<u64> = (1..=seqs.last().copied().unwrap_or(0))
+                .filter(|s| seqs.binary_search(s).is_err())
+                .take(20)
+                .collect();
+            panic!(
+                "the backlog did not arrive whole: {} windows stored (want {target}), \
+                 first missing {missing:?}; agent outbox holds {} telemetry entries; \
+                 controller ingest {:?}",
+                seqs.len(),
+                edgeloop_tests::agent_outbox(&agent.config.state_dir, "telemetry").len(),
+                controller.stats.snapshot(),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let seqs = windows().await;
     let expected: Vec<u64> = (1..=seqs.len() as u64).collect();
     assert_eq!(seqs, expected, "every window exactly once, none missing");
