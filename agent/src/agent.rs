@@ -172,6 +172,7 @@ impl Agent {
             &config.controller_url,
             config.max_bundle_bytes,
             Slots::open(&state_dir)?,
+            state_dir.join("downloads"),
         );
         let booted = tokio::task::spawn_blocking({
             let installer = installer.clone();
@@ -650,20 +651,25 @@ async fn deploy(
     stage(DeployStage::Downloading);
     let bytes = Arc::new(installer.download(action).await?);
     stage(DeployStage::Verifying);
-    let (installer, reporter, action) = (installer.clone(), reporter.clone(), action.clone());
-    tokio::task::spawn_blocking(move || {
-        let verified = installer.verify(&bytes, &action)?;
-        reporter.deployment(
-            Some(action.rollout_id),
-            seq,
-            Some(action.model.clone()),
-            DeployStage::Installing,
-            None,
-        );
-        installer.install(&bytes, &verified, active)
+    let result = tokio::task::spawn_blocking({
+        let (installer, reporter, action) = (installer.clone(), reporter.clone(), action.clone());
+        move || {
+            let verified = installer.verify(&bytes, &action)?;
+            reporter.deployment(
+                Some(action.rollout_id),
+                seq,
+                Some(action.model.clone()),
+                DeployStage::Installing,
+                None,
+            );
+            installer.install(&bytes, &verified, active)
+        }
     })
     .await
-    .map_err(|e| InstallError::Task(e.to_string()))?
+    .map_err(|e| InstallError::Task(e.to_string()))?;
+    // Installed (the slot holds it now) or refused (downloading it again would not help).
+    installer.discard_download(action);
+    result
 }
 
 #[cfg(test)]

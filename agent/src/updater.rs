@@ -34,6 +34,15 @@ pub enum InstallError {
     Load(#[from] RuntimeError),
     #[error("install task failed: {0}")]
     Task(String),
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the command's bundle digest `{0}` is not 64 lowercase hex digits")]
+    BadDigest(String),
 }
 
 /// The model being served and where it came from.
@@ -52,8 +61,38 @@ pub struct Installer {
     controller_url: String,
     max_bundle_bytes: u64,
     slots: Slots,
+    /// Where partial downloads wait to be resumed, one file per bundle digest.
+    downloads: std::path::PathBuf,
     limits: Limits,
 }
+
+/// What a download has been checked for so far: the bundle's framing and signature as it
+/// streams, and the SHA-256 of the whole file the command names.
+struct Received<'t> {
+    check: bundle::StreamCheck<'t>,
+    digest: Sha256,
+    bytes: u64,
+}
+
+impl<'t> Received<'t> {
+    fn new(trusted: &'t TrustedKeys, limits: Limits) -> Self {
+        Received {
+            check: bundle::StreamCheck::new(trusted, limits),
+            digest: Sha256::new(),
+            bytes: 0,
+        }
+    }
+
+    fn update(&mut self, chunk: &[u8]) -> Result<(), BundleError> {
+        self.check.update(chunk)?;
+        self.digest.update(chunk);
+        self.bytes += chunk.len() as u64;
+        Ok(())
+    }
+}
+
+/// Size of the pieces a partial download is read back in.
+const READ_BACK_CHUNK: usize = 64 * 1024;
 
 impl Installer {
     pub fn new(
@@ -61,6 +100,7 @@ impl Installer {
         controller_url: &str,
         max_bundle_bytes: u64,
         slots: Slots,
+        downloads: std::path::PathBuf,
     ) -> Self {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
@@ -73,6 +113,7 @@ impl Installer {
             controller_url: controller_url.trim_end_matches('/').to_string(),
             max_bundle_bytes,
             slots,
+            downloads,
             limits: Limits::default(),
         }
     }
@@ -91,60 +132,181 @@ impl Installer {
         }
     }
 
-    /// Downloads the bundle, refusing more bytes than the command announced (or than the
-    /// configured maximum) as they arrive, and checks size and SHA-256 at the end.
+    /// Where the download of the bundle a command names is kept until it is installed.
+    fn part_path(&self, action: &DeployAction) -> Result<std::path::PathBuf, InstallError> {
+        let d = &action.bundle_sha256;
+        // Signed, but still a file name: only the digest's own alphabet may reach the path.
+        if d.len() != 64
+            || !d
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return Err(InstallError::BadDigest(d.clone()));
+        }
+        Ok(self.downloads.join(format!("{d}.part")))
+    }
+
+    /// Downloads the bundle into a file named by its digest, checking it as it streams:
+    /// the manifest signature as soon as the head is in (a tampered or foreign bundle
+    /// stops the download there), the size against the command (and the configured
+    /// maximum) with every chunk, and the SHA-256 at the end. A download cut short is
+    /// resumed where it stopped, also by the next process, with an HTTP Range request;
+    /// what is already on disk is checked again first. Bytes proven bad are deleted.
     pub async fn download(&self, action: &DeployAction) -> Result<Vec<u8>, InstallError> {
+        use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+
         let url = self.resolve_url(&action.bundle_url);
-        let limit = action.bundle_size.min(self.max_bundle_bytes);
-        if action.bundle_size > self.max_bundle_bytes {
+        let size = action.bundle_size;
+        if size > self.max_bundle_bytes {
             return Err(InstallError::TooLarge {
-                expected: action.bundle_size,
-                limit,
+                expected: size,
+                limit: self.max_bundle_bytes,
             });
         }
-        let failed = |e: reqwest::Error| InstallError::Download {
-            url: url.clone(),
-            reason: e.to_string(),
+        let path = self.part_path(action)?;
+        let io = |action: &'static str| {
+            let path = path.clone();
+            move |source| InstallError::Io {
+                action,
+                path,
+                source,
+            }
         };
-        let mut response = self.http.get(&url).send().await.map_err(failed)?;
-        if !response.status().is_success() {
-            return Err(InstallError::HttpStatus {
-                url,
-                status: response.status().as_u16(),
-            });
+        tokio::fs::create_dir_all(&self.downloads)
+            .await
+            .map_err(io("cannot create"))?;
+        self.remove_other_parts(&path).await;
+        let mut file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .await
+            .map_err(io("cannot open"))?;
+        // Bad bytes are not kept for the next attempt.
+        let discard = |e: InstallError| {
+            let _ = std::fs::remove_file(&path);
+            e
+        };
+
+        // What an earlier attempt left is checked as if it were arriving now.
+        let mut received = Received::new(&self.trusted, self.limits);
+        let on_disk = file.metadata().await.map_err(io("cannot read"))?.len();
+        if on_disk > size {
+            file.set_len(0).await.map_err(io("cannot truncate"))?;
+        } else if on_disk > 0 {
+            let mut buf = vec![0; READ_BACK_CHUNK];
+            loop {
+                let n = file.read(&mut buf).await.map_err(io("cannot read"))?;
+                if n == 0 {
+                    break;
+                }
+                received.update(&buf[..n]).map_err(|e| discard(e.into()))?;
+            }
         }
-        if response.content_length().is_some_and(|n| n > limit) {
-            return Err(InstallError::TooLarge {
-                expected: action.bundle_size,
-                limit,
-            });
-        }
-        let mut bytes = Vec::with_capacity(limit as usize);
-        let mut digest = Sha256::new();
-        while let Some(chunk) = response.chunk().await.map_err(failed)? {
-            if (bytes.len() + chunk.len()) as u64 > limit {
+
+        if received.bytes < size {
+            let failed = |e: reqwest::Error| InstallError::Download {
+                url: url.clone(),
+                reason: e.to_string(),
+            };
+            let mut request = self.http.get(&url);
+            if received.bytes > 0 {
+                info!(%url, from = received.bytes, of = size, "resuming download");
+                request =
+                    request.header(reqwest::header::RANGE, format!("bytes={}-", received.bytes));
+            }
+            let mut response = request.send().await.map_err(failed)?;
+            let status = response.status().as_u16();
+            match status {
+                206 if received.bytes > 0 => {
+                    let start = content_range_start(&response);
+                    if start != Some(received.bytes) {
+                        return Err(discard(InstallError::Download {
+                            url,
+                            reason: format!(
+                                "asked to resume at byte {} but the server answered {:?}",
+                                received.bytes,
+                                response.headers().get(reqwest::header::CONTENT_RANGE)
+                            ),
+                        }));
+                    }
+                }
+                200 => {
+                    if received.bytes > 0 {
+                        info!(%url, "the server cannot resume; downloading from the start");
+                        file.set_len(0).await.map_err(io("cannot truncate"))?;
+                        received = Received::new(&self.trusted, self.limits);
+                    }
+                }
+                _ => return Err(InstallError::HttpStatus { url, status }),
+            }
+            if response
+                .content_length()
+                .is_some_and(|n| received.bytes + n > size)
+            {
                 return Err(InstallError::TooLarge {
-                    expected: action.bundle_size,
-                    limit,
+                    expected: size,
+                    limit: size,
                 });
             }
-            digest.update(&chunk);
-            bytes.extend_from_slice(&chunk);
+            file.seek(std::io::SeekFrom::Start(received.bytes))
+                .await
+                .map_err(io("cannot seek"))?;
+            while let Some(chunk) = response.chunk().await.map_err(failed)? {
+                if received.bytes + chunk.len() as u64 > size {
+                    return Err(discard(InstallError::TooLarge {
+                        expected: size,
+                        limit: size,
+                    }));
+                }
+                received.update(&chunk).map_err(|e| discard(e.into()))?;
+                file.write_all(&chunk).await.map_err(io("cannot write"))?;
+            }
+            file.sync_data().await.map_err(io("cannot sync"))?;
         }
-        if bytes.len() as u64 != action.bundle_size {
+
+        if received.bytes != size {
+            // Kept: the next attempt resumes from here.
             return Err(InstallError::SizeMismatch {
-                expected: action.bundle_size,
-                actual: bytes.len() as u64,
+                expected: size,
+                actual: received.bytes,
             });
         }
-        let actual = hex::encode(digest.finalize());
+        let actual = hex::encode(received.digest.finalize());
         if actual != action.bundle_sha256 {
-            return Err(InstallError::DigestMismatch {
+            return Err(discard(InstallError::DigestMismatch {
                 expected: action.bundle_sha256.clone(),
                 actual,
-            });
+            }));
         }
-        Ok(bytes)
+        received.check.finish().map_err(|e| discard(e.into()))?;
+        tokio::fs::read(&path).await.map_err(io("cannot read"))
+    }
+
+    /// Deletes the download of a bundle once it is installed or refused.
+    pub fn discard_download(&self, action: &DeployAction) {
+        if let Ok(path) = self.part_path(action)
+            && let Err(e) = std::fs::remove_file(&path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            warn!(path = %path.display(), error = %e, "cannot delete a finished download");
+        }
+    }
+
+    /// Partial downloads of other bundles are abandoned: one install runs at a time.
+    async fn remove_other_parts(&self, keep: &std::path::Path) {
+        let Ok(mut dir) = tokio::fs::read_dir(&self.downloads).await else {
+            return;
+        };
+        while let Ok(Some(entry)) = dir.next_entry().await {
+            let path = entry.path();
+            if path != keep && path.extension().is_some_and(|e| e == "part") {
+                info!(path = %path.display(), "abandoning the partial download of another bundle");
+                let _ = tokio::fs::remove_file(&path).await;
+            }
+        }
     }
 
     /// Verifies a downloaded bundle and checks that it is the model the command named.
@@ -215,5 +377,268 @@ impl Installer {
         let bytes = self.slots.read(slot)?;
         let verified = bundle::verify(&bytes, &self.trusted, &self.limits)?;
         Ok(LoadedModel::load(&verified)?)
+    }
+}
+
+/// The first byte of a 206 response's `Content-Range: bytes START-END/TOTAL`.
+fn content_range_start(response: &reqwest::Response) -> Option<u64> {
+    let value = response
+        .headers()
+        .get(reqwest::header::CONTENT_RANGE)?
+        .to_str()
+        .ok()?;
+    let range = value.strip_prefix("bytes ")?;
+    range.split_once('-')?.0.trim().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edgeloop_shared::bundle::{Artifact, DType, Manifest, TensorSpec};
+    use edgeloop_shared::drift::{DEFAULT_BINS, ReferenceProfile};
+    use edgeloop_shared::signing::SecretKey;
+    use std::sync::{Arc, Mutex};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn signed_bundle(key: &SecretKey) -> Vec<u8> {
+        let names = vec!["a".to_string()];
+        let manifest = Manifest {
+            format: bundle::FORMAT,
+            name: "demo".into(),
+            version: 2,
+            label: None,
+            created_ms: 1,
+            artifact: Artifact::default(),
+            inputs: vec![TensorSpec {
+                name: "x".into(),
+                dtype: DType::F32,
+                shape: vec![None, Some(1)],
+                names: names.clone(),
+            }],
+            outputs: vec![TensorSpec {
+                name: "y".into(),
+                dtype: DType::F32,
+                shape: vec![None, Some(1)],
+                names: vec![],
+            }],
+            reference: ReferenceProfile::from_columns(
+                &names,
+                &[(0..50).map(f64::from).collect()],
+                DEFAULT_BINS,
+            )
+            .unwrap(),
+        };
+        // Incompressible bytes, so that the bundle is large enough to cut in the middle.
+        let model: Vec<u8> = (0..200_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        bundle::pack(manifest, &model, key).unwrap()
+    }
+
+    /// How the fake server answers one request: the raw bytes it writes before closing.
+    type Answer = Box<dyn Fn(usize, &str) -> Vec<u8> + Send + Sync>;
+
+    /// An HTTP server written by hand, so that a response can be cut exactly where a test
+    /// wants it. Records the head of every request.
+    async fn serve(answer: Answer) -> (String, Arc<Mutex<Vec<String>>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/artifacts/demo/2", listener.local_addr().unwrap());
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let seen = requests.clone();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if socket.read(&mut byte).await.unwrap_or(0) == 0 {
+                        break;
+                    }
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).to_lowercase();
+                let n = {
+                    let mut r = seen.lock().unwrap();
+                    r.push(head.clone());
+                    r.len()
+                };
+                let _ = socket.write_all(&answer(n, &head)).await;
+                let _ = socket.shutdown().await;
+            }
+        });
+        (url, requests)
+    }
+
+    fn response(status: &str, headers: &str, body: &[u8], content_length: usize) -> Vec<u8> {
+        let mut out = format!(
+            "HTTP/1.1 {status}\r\ncontent-length: {content_length}\r\nconnection: close\r\n{headers}\r\n"
+        )
+        .into_bytes();
+        out.extend_from_slice(body);
+        out
+    }
+
+    /// The `Range` start a request asked for.
+    fn range_start(head: &str) -> Option<usize> {
+        let line = head.lines().find(|l| l.starts_with("range:"))?;
+        line.trim_start_matches("range:")
+            .trim()
+            .strip_prefix("bytes=")?
+            .trim_end_matches('-')
+            .parse()
+            .ok()
+    }
+
+    fn installer(dir: &std::path::Path, key: &SecretKey) -> Installer {
+        Installer::new(
+            TrustedKeys::new([key.public().clone()]),
+            "http://127.0.0.1:1",
+            10 << 20,
+            Slots::open(dir).unwrap(),
+            dir.join("downloads"),
+        )
+    }
+
+    fn action(url: &str, bundle: &[u8]) -> DeployAction {
+        DeployAction {
+            rollout_id: 1,
+            model: edgeloop_shared::protocol::ModelRef {
+                name: "demo".into(),
+                version: 2,
+            },
+            bundle_url: url.to_string(),
+            bundle_sha256: edgeloop_shared::sha256_hex(bundle),
+            bundle_size: bundle.len() as u64,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cut_download_resumes_where_it_stopped_also_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = SecretKey::from_seed([9; 32]);
+        let bundle = Arc::new(signed_bundle(&key));
+        let cut = bundle.len() / 2;
+        let b = bundle.clone();
+        let (url, requests) = serve(Box::new(move |n, head| match (n, range_start(head)) {
+            // The first answer promises everything and stops half-way.
+            (1, None) => response("200 OK", "", &b[..cut], b.len()),
+            (_, Some(from)) => response(
+                "206 Partial Content",
+                &format!(
+                    "content-range: bytes {from}-{}/{}\r\n",
+                    b.len() - 1,
+                    b.len()
+                ),
+                &b[from..],
+                b.len() - from,
+            ),
+            _ => response("500 Internal Server Error", "", b"", 0),
+        }))
+        .await;
+        let action = action(&url, &bundle);
+
+        let first = installer(dir.path(), &key).download(&action).await;
+        assert!(
+            matches!(first, Err(InstallError::Download { .. })),
+            "{first:?}"
+        );
+        let part = dir
+            .path()
+            .join("downloads")
+            .join(format!("{}.part", action.bundle_sha256));
+        assert_eq!(std::fs::read(&part).unwrap(), bundle[..cut]);
+
+        // A new installer, as after a restart, picks the partial file up.
+        let again = installer(dir.path(), &key);
+        assert_eq!(again.download(&action).await.unwrap(), *bundle);
+        let requests = requests.lock().unwrap().clone();
+        assert_eq!(requests.len(), 2);
+        assert_eq!(range_start(&requests[1]), Some(cut));
+        again.discard_download(&action);
+        assert!(!part.exists());
+    }
+
+    #[tokio::test]
+    async fn a_server_that_cannot_resume_is_downloaded_from_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = SecretKey::from_seed([9; 32]);
+        let bundle = Arc::new(signed_bundle(&key));
+        let b = bundle.clone();
+        let (url, requests) =
+            serve(Box::new(move |_, _| response("200 OK", "", &b, b.len()))).await;
+        let action = action(&url, &bundle);
+        let installer = installer(dir.path(), &key);
+        let part = installer.part_path(&action).unwrap();
+        std::fs::create_dir_all(part.parent().unwrap()).unwrap();
+        std::fs::write(&part, &bundle[..1000]).unwrap();
+        assert_eq!(installer.download(&action).await.unwrap(), *bundle);
+        assert_eq!(range_start(&requests.lock().unwrap()[0]), Some(1000));
+    }
+
+    #[tokio::test]
+    async fn a_tampered_head_stops_the_download_and_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = SecretKey::from_seed([9; 32]);
+        let bundle = signed_bundle(&key);
+        let layout = bundle::layout(&bundle, &Limits::default()).unwrap();
+        let mut tampered = bundle.clone();
+        tampered[layout.manifest.start + 10] ^= 0x20;
+        let t = Arc::new(tampered.clone());
+        let (url, _) = serve(Box::new(move |_, _| response("200 OK", "", &t, t.len()))).await;
+        let installer = installer(dir.path(), &key);
+        let action = action(&url, &tampered);
+        let err = installer.download(&action).await.unwrap_err();
+        assert!(
+            matches!(err, InstallError::Verify(BundleError::Signature(_))),
+            "{err}"
+        );
+        assert!(!installer.part_path(&action).unwrap().exists());
+
+        // Bad bytes left on disk by an earlier attempt are found before anything is fetched.
+        let (url, requests) = serve(Box::new(|_, _| response("500 Oops", "", b"", 0))).await;
+        let action = DeployAction {
+            bundle_url: url,
+            ..action
+        };
+        let part = installer.part_path(&action).unwrap();
+        std::fs::write(&part, &tampered[..layout.artifact.start]).unwrap();
+        let err = installer.download(&action).await.unwrap_err();
+        assert!(matches!(err, InstallError::Verify(_)), "{err}");
+        assert!(requests.lock().unwrap().is_empty());
+        assert!(!part.exists());
+    }
+
+    #[tokio::test]
+    async fn more_bytes_than_announced_and_a_wrong_digest_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = SecretKey::from_seed([9; 32]);
+        let bundle = Arc::new(signed_bundle(&key));
+        let b = bundle.clone();
+        let (url, _) = serve(Box::new(move |_, _| response("200 OK", "", &b, b.len()))).await;
+        let installer = installer(dir.path(), &key);
+        let short = DeployAction {
+            bundle_size: bundle.len() as u64 - 10,
+            ..action(&url, &bundle)
+        };
+        assert!(matches!(
+            installer.download(&short).await,
+            Err(InstallError::TooLarge { .. })
+        ));
+        let wrong = DeployAction {
+            bundle_sha256: "ab".repeat(32),
+            ..action(&url, &bundle)
+        };
+        assert!(matches!(
+            installer.download(&wrong).await,
+            Err(InstallError::DigestMismatch { .. })
+        ));
+        assert!(!installer.part_path(&wrong).unwrap().exists());
+        let hostile = DeployAction {
+            bundle_sha256: "../../etc/passwd".into(),
+            ..action(&url, &bundle)
+        };
+        assert!(matches!(
+            installer.download(&hostile).await,
+            Err(InstallError::BadDigest(_))
+        ));
     }
 }

@@ -217,9 +217,59 @@ async fn stats(State(s): State<AppState>) -> Json<IngestStatsSnapshot> {
     Json(s.stats.snapshot())
 }
 
+/// A byte range a client asked for, resolved against a file of `len` bytes.
+#[derive(Debug, PartialEq, Eq)]
+enum ByteRange {
+    /// No usable `Range` header: the whole file.
+    Whole,
+    /// Bytes `start..=end`.
+    Part { start: u64, end: u64 },
+    /// The range starts past the end (answered 416).
+    Unsatisfiable,
+}
+
+/// Reads a `Range` header with one range (`bytes=S-`, `bytes=S-E` or `bytes=-N`), as an
+/// agent resuming a download sends. Anything else is ignored, which RFC 9110 allows: the
+/// whole file is sent.
+fn byte_range(header: Option<&str>, len: u64) -> ByteRange {
+    let Some(spec) = header.and_then(|h| h.trim().strip_prefix("bytes=")) else {
+        return ByteRange::Whole;
+    };
+    let Some((first, last)) = spec.split_once('-') else {
+        return ByteRange::Whole;
+    };
+    if spec.contains(',') {
+        return ByteRange::Whole;
+    }
+    let (first, last) = (first.trim(), last.trim());
+    let parse = |t: &str| t.parse::<u64>().ok();
+    let (start, end) = match (first.is_empty(), last.is_empty()) {
+        (true, false) => match parse(last) {
+            Some(0) => return ByteRange::Unsatisfiable,
+            Some(n) => (len.saturating_sub(n), len.saturating_sub(1)),
+            None => return ByteRange::Whole,
+        },
+        (false, true) => match parse(first) {
+            Some(start) => (start, len.saturating_sub(1)),
+            None => return ByteRange::Whole,
+        },
+        (false, false) => match (parse(first), parse(last)) {
+            (Some(start), Some(end)) if start <= end => (start, end.min(len.saturating_sub(1))),
+            _ => return ByteRange::Whole,
+        },
+        (true, true) => return ByteRange::Whole,
+    };
+    if start >= len {
+        return ByteRange::Unsatisfiable;
+    }
+    ByteRange::Part { start, end }
+}
+
+/// A bundle file, or the part of it a `Range` header asks for (downloads resume).
 async fn artifact(
     State(s): State<AppState>,
     Path((name, version)): Path<(String, u64)>,
+    headers: axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
     if !is_valid_identifier(&name) {
         return Err(ApiError::BadRequest(format!(
@@ -240,16 +290,79 @@ async fn artifact(
         Err(e) => return Err(ApiError::Artifact(e)),
     };
     let len = file.metadata().await.map_err(ApiError::Artifact)?.len();
-    let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
-    Ok((
-        [
-            (
-                header::CONTENT_TYPE,
-                "application/vnd.edgeloop.bundle".to_string(),
-            ),
-            (header::CONTENT_LENGTH, len.to_string()),
-        ],
-        body,
-    )
-        .into_response())
+    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    let content_type = (
+        header::CONTENT_TYPE,
+        "application/vnd.edgeloop.bundle".to_string(),
+    );
+    let accept_ranges = (header::ACCEPT_RANGES, "bytes".to_string());
+    match byte_range(range, len) {
+        ByteRange::Whole => {
+            let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
+            Ok((
+                [
+                    content_type,
+                    accept_ranges,
+                    (header::CONTENT_LENGTH, len.to_string()),
+                ],
+                body,
+            )
+                .into_response())
+        }
+        ByteRange::Part { start, end } => {
+            use tokio::io::{AsyncReadExt, AsyncSeekExt};
+            let mut file = file;
+            file.seek(std::io::SeekFrom::Start(start))
+                .await
+                .map_err(ApiError::Artifact)?;
+            let count = end - start + 1;
+            let body = Body::from_stream(tokio_util::io::ReaderStream::new(file.take(count)));
+            Ok((
+                StatusCode::PARTIAL_CONTENT,
+                [
+                    content_type,
+                    accept_ranges,
+                    (header::CONTENT_LENGTH, count.to_string()),
+                    (header::CONTENT_RANGE, format!("bytes {start}-{end}/{len}")),
+                ],
+                body,
+            )
+                .into_response())
+        }
+        ByteRange::Unsatisfiable => Ok((
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            [(header::CONTENT_RANGE, format!("bytes */{len}"))],
+        )
+            .into_response()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_ranges_resolve_against_the_file_length() {
+        use ByteRange::*;
+        let r = |h: &str| byte_range(Some(h), 100);
+        assert_eq!(byte_range(None, 100), Whole);
+        assert_eq!(r("bytes=40-"), Part { start: 40, end: 99 });
+        assert_eq!(r("bytes=0-9"), Part { start: 0, end: 9 });
+        assert_eq!(r("bytes=90-500"), Part { start: 90, end: 99 });
+        assert_eq!(r("bytes=-10"), Part { start: 90, end: 99 });
+        assert_eq!(r("bytes=-500"), Part { start: 0, end: 99 });
+        assert_eq!(r("bytes=100-"), Unsatisfiable);
+        assert_eq!(r("bytes=-0"), Unsatisfiable);
+        // Not understood, so ignored: the whole file.
+        for h in [
+            "bytes=0-1,5-6",
+            "bytes=9-3",
+            "items=0-1",
+            "bytes=x-",
+            "bytes=-",
+            "bytes",
+        ] {
+            assert_eq!(r(h), Whole, "{h}");
+        }
+    }
 }

@@ -237,8 +237,19 @@ pub struct Layout {
     pub artifact: std::ops::Range<usize>,
 }
 
-/// Checks magic, format, lengths and size caps, and returns where each part lies.
-pub fn layout(bytes: &[u8], limits: &Limits) -> Result<Layout, BundleError> {
+/// Where the head of a bundle (everything before the artifact) lies.
+struct Head {
+    manifest: std::ops::Range<usize>,
+    key_id: std::ops::Range<usize>,
+    signature: std::ops::Range<usize>,
+    /// Where the artifact starts.
+    artifact_at: usize,
+    artifact_len: u64,
+}
+
+/// Checks magic, format, lengths and size caps of a bundle's head. `Truncated` means
+/// `bytes` ends before the head does.
+fn parse_head(bytes: &[u8], limits: &Limits) -> Result<Head, BundleError> {
     if bytes.len() < MAGIC.len() {
         return Err(BundleError::Truncated("header"));
     }
@@ -283,19 +294,67 @@ pub fn layout(bytes: &[u8], limits: &Limits) -> Result<Layout, BundleError> {
             limit: limits.max_artifact_bytes,
         });
     }
-    let available = (bytes.len() - artifact_len_at.end) as u64;
-    if available < artifact_len {
-        return Err(BundleError::Truncated("artifact"));
-    }
-    if available > artifact_len {
-        return Err(BundleError::TrailingBytes(available - artifact_len));
-    }
-    Ok(Layout {
+    Ok(Head {
         manifest,
         key_id,
         signature,
-        artifact: artifact_len_at.end..bytes.len(),
+        artifact_at: artifact_len_at.end,
+        artifact_len,
     })
+}
+
+/// Checks the manifest's signature, then parses and validates it, and checks that the
+/// artifact length the framing gives is the one the manifest signs.
+fn check_head(
+    bytes: &[u8],
+    head: &Head,
+    trusted: &TrustedKeys,
+) -> Result<(Manifest, KeyId), BundleError> {
+    let manifest_bytes = &bytes[head.manifest.clone()];
+    let key_id = KeyId(bytes[head.key_id.clone()].try_into().expect("8 bytes"));
+    trusted.verify(
+        key_id,
+        Context::BundleManifest,
+        manifest_bytes,
+        &bytes[head.signature.clone()],
+    )?;
+    let manifest: Manifest = serde_json::from_slice(manifest_bytes)
+        .map_err(|e| BundleError::MalformedManifest(e.to_string()))?;
+    manifest.validate()?;
+    if head.artifact_len != manifest.artifact.compressed_size {
+        return Err(BundleError::SizeMismatch {
+            what: "compressed artifact",
+            expected: manifest.artifact.compressed_size,
+            actual: head.artifact_len,
+        });
+    }
+    Ok((manifest, key_id))
+}
+
+/// Checks magic, format, lengths and size caps, and returns where each part lies.
+pub fn layout(bytes: &[u8], limits: &Limits) -> Result<Layout, BundleError> {
+    let head = parse_head(bytes, limits)?;
+    let artifact = head.artifact_range(bytes.len())?;
+    Ok(Layout {
+        manifest: head.manifest,
+        key_id: head.key_id,
+        signature: head.signature,
+        artifact,
+    })
+}
+
+impl Head {
+    /// Where the artifact lies in a bundle of `total` bytes, which must end with it.
+    fn artifact_range(&self, total: usize) -> Result<std::ops::Range<usize>, BundleError> {
+        let available = (total - self.artifact_at) as u64;
+        if available < self.artifact_len {
+            return Err(BundleError::Truncated("artifact"));
+        }
+        if available > self.artifact_len {
+            return Err(BundleError::TrailingBytes(available - self.artifact_len));
+        }
+        Ok(self.artifact_at..total)
+    }
 }
 
 /// Verifies a whole bundle against the trusted keys and returns its manifest and model.
@@ -304,28 +363,12 @@ pub fn verify(
     trusted: &TrustedKeys,
     limits: &Limits,
 ) -> Result<VerifiedBundle, BundleError> {
-    let layout = layout(bytes, limits)?;
-    let manifest_bytes = &bytes[layout.manifest];
-    let key_id = KeyId(bytes[layout.key_id].try_into().expect("8 bytes"));
-    trusted.verify(
-        key_id,
-        Context::BundleManifest,
-        manifest_bytes,
-        &bytes[layout.signature],
-    )?;
-    let manifest: Manifest = serde_json::from_slice(manifest_bytes)
-        .map_err(|e| BundleError::MalformedManifest(e.to_string()))?;
-    manifest.validate()?;
-
-    let artifact = &bytes[layout.artifact];
+    // Framing and sizes first, then the signature, then the digests.
+    let head = parse_head(bytes, limits)?;
+    let artifact = head.artifact_range(bytes.len())?;
+    let (manifest, key_id) = check_head(bytes, &head, trusted)?;
+    let artifact = &bytes[artifact];
     let a = &manifest.artifact;
-    if artifact.len() as u64 != a.compressed_size {
-        return Err(BundleError::SizeMismatch {
-            what: "compressed artifact",
-            expected: a.compressed_size,
-            actual: artifact.len() as u64,
-        });
-    }
     let digest = sha256_hex(artifact);
     if digest != a.sha256 {
         return Err(BundleError::DigestMismatch {
@@ -364,6 +407,113 @@ pub fn verify(
         key_id,
         model,
     })
+}
+
+/// Checks a bundle while its bytes arrive, so that a download can stop at the first bad
+/// byte: framing and the manifest signature as soon as the head is in (a tampered or
+/// foreign bundle is refused before its artifact is fetched), then the artifact's length
+/// and SHA-256 as it streams. [`verify`] still runs on the complete file: it is what
+/// decompresses, with its cap.
+pub struct StreamCheck<'t> {
+    trusted: &'t TrustedKeys,
+    limits: Limits,
+    /// The bytes of the head, until it is complete.
+    head: Vec<u8>,
+    /// Set once the head checked out.
+    artifact: Option<ArtifactProgress>,
+}
+
+struct ArtifactProgress {
+    manifest: Manifest,
+    seen: u64,
+    digest: sha2::Sha256,
+}
+
+impl<'t> StreamCheck<'t> {
+    pub fn new(trusted: &'t TrustedKeys, limits: Limits) -> Self {
+        StreamCheck {
+            trusted,
+            limits,
+            head: Vec::new(),
+            artifact: None,
+        }
+    }
+
+    /// The signed manifest, once the head has arrived and checked out.
+    pub fn manifest(&self) -> Option<&Manifest> {
+        self.artifact.as_ref().map(|a| &a.manifest)
+    }
+
+    /// Takes the next bytes of the bundle. Fails as soon as they cannot belong to a bundle
+    /// the trusted keys signed.
+    pub fn update(&mut self, mut bytes: &[u8]) -> Result<(), BundleError> {
+        use sha2::Digest;
+        // The head is taken no further than it reaches, so its buffer stays within the
+        // manifest cap.
+        while self.artifact.is_none() {
+            if bytes.is_empty() {
+                return Ok(());
+            }
+            let take = self.head_needs().min(bytes.len());
+            self.head.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+            match parse_head(&self.head, &self.limits) {
+                Ok(head) => {
+                    let (manifest, _) = check_head(&self.head, &head, self.trusted)?;
+                    self.head = Vec::new();
+                    self.artifact = Some(ArtifactProgress {
+                        manifest,
+                        seen: 0,
+                        digest: sha2::Sha256::new(),
+                    });
+                }
+                Err(BundleError::Truncated(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let progress = self.artifact.as_mut().expect("set above");
+        let expected = progress.manifest.artifact.compressed_size;
+        let seen = progress.seen + bytes.len() as u64;
+        if seen > expected {
+            return Err(BundleError::TrailingBytes(seen - expected));
+        }
+        progress.digest.update(bytes);
+        progress.seen = seen;
+        Ok(())
+    }
+
+    /// How many more bytes the head needs before it can be parsed further.
+    fn head_needs(&self) -> usize {
+        let have = self.head.len();
+        if have < HEADER_LEN {
+            return HEADER_LEN - have;
+        }
+        let manifest_len = u32::from_be_bytes(self.head[10..14].try_into().expect("4 bytes"));
+        HEADER_LEN + manifest_len as usize + 8 + SIGNATURE_LEN + 8 - have
+    }
+
+    /// After the last byte: the whole artifact arrived and its digest is the signed one.
+    pub fn finish(self) -> Result<Manifest, BundleError> {
+        use sha2::Digest;
+        let Some(progress) = self.artifact else {
+            return Err(parse_head(&self.head, &self.limits)
+                .err()
+                .unwrap_or(BundleError::Truncated("header")));
+        };
+        let a = &progress.manifest.artifact;
+        if progress.seen < a.compressed_size {
+            return Err(BundleError::Truncated("artifact"));
+        }
+        let digest = hex::encode(progress.digest.finalize());
+        if digest != a.sha256 {
+            return Err(BundleError::DigestMismatch {
+                what: "compressed artifact",
+                expected: a.sha256.clone(),
+                actual: digest,
+            });
+        }
+        Ok(progress.manifest)
+    }
 }
 
 #[cfg(test)]
@@ -557,5 +707,120 @@ pub(crate) mod tests {
             pack(m, b"x", &key),
             Err(BundleError::MalformedManifest(_))
         ));
+    }
+
+    /// Runs a stream check over `bytes` fed in pieces of `piece` bytes.
+    fn stream(bytes: &[u8], trusted: &TrustedKeys, piece: usize) -> Result<Manifest, BundleError> {
+        let mut check = StreamCheck::new(trusted, Limits::default());
+        for chunk in bytes.chunks(piece.max(1)) {
+            check.update(chunk)?;
+        }
+        check.finish()
+    }
+
+    #[test]
+    fn a_stream_check_accepts_a_good_bundle_in_any_pieces() {
+        let (_, trusted, bytes) = setup();
+        for piece in [1, 7, 13, 100, 4096, bytes.len()] {
+            let manifest = stream(&bytes, &trusted, piece).unwrap();
+            assert_eq!(manifest.model_ref(), manifest_of(&bytes).model_ref());
+        }
+    }
+
+    fn manifest_of(bytes: &[u8]) -> Manifest {
+        let l = layout(bytes, &Limits::default()).unwrap();
+        serde_json::from_slice(&bytes[l.manifest]).unwrap()
+    }
+
+    #[test]
+    fn a_stream_check_refuses_a_bad_head_before_the_artifact_arrives() {
+        let (_, trusted, bytes) = setup();
+        let l = layout(&bytes, &Limits::default()).unwrap();
+        let head = &bytes[..l.artifact.start];
+        let refused_at_head = |bytes: &[u8]| {
+            let mut check = StreamCheck::new(&trusted, Limits::default());
+            check.update(&bytes[..l.artifact.start]).unwrap_err()
+        };
+        let mut t = head.to_vec();
+        t[l.manifest.start + 20] ^= 0x20;
+        assert!(matches!(
+            refused_at_head(&t),
+            BundleError::Signature(SignatureError::Invalid(_))
+        ));
+        let mut t = head.to_vec();
+        t[l.key_id.start] ^= 0x20;
+        assert!(matches!(
+            refused_at_head(&t),
+            BundleError::Signature(SignatureError::UnknownKey(_))
+        ));
+        let mut t = head.to_vec();
+        t[0] ^= 0x20;
+        assert_eq!(refused_at_head(&t), BundleError::NotABundle);
+        // An artifact length that is not the signed one is caught before any of it arrives.
+        let mut t = head.to_vec();
+        t[l.artifact.start - 1] ^= 0x01;
+        assert!(matches!(
+            refused_at_head(&t),
+            BundleError::SizeMismatch {
+                what: "compressed artifact",
+                ..
+            }
+        ));
+        // A manifest length over the cap is refused from the first 14 bytes.
+        let mut check = StreamCheck::new(
+            &trusted,
+            Limits {
+                max_manifest_bytes: 16,
+                ..Limits::default()
+            },
+        );
+        assert!(matches!(
+            check.update(&bytes[..HEADER_LEN]),
+            Err(BundleError::TooLarge {
+                what: "manifest",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_stream_check_refuses_every_flipped_byte_truncation_and_excess() {
+        let (_, trusted, bytes) = setup();
+        for i in 0..bytes.len() {
+            let mut t = bytes.clone();
+            t[i] ^= 0x01;
+            assert!(
+                stream(&t, &trusted, 512).is_err(),
+                "byte {i} flipped and accepted"
+            );
+        }
+        let l = layout(&bytes, &Limits::default()).unwrap();
+        let flipped = {
+            let mut t = bytes.clone();
+            t[l.artifact.start + 10] ^= 0x20;
+            t
+        };
+        assert!(matches!(
+            stream(&flipped, &trusted, 512),
+            Err(BundleError::DigestMismatch {
+                what: "compressed artifact",
+                ..
+            })
+        ));
+        for cut in [0, 5, 12, 40, l.artifact.start, bytes.len() - 1] {
+            assert!(
+                matches!(
+                    stream(&bytes[..cut], &trusted, 512),
+                    Err(BundleError::Truncated(_))
+                ),
+                "cut at {cut}"
+            );
+        }
+        let mut long = bytes.clone();
+        long.extend_from_slice(b"xyz");
+        assert_eq!(
+            stream(&long, &trusted, 512).unwrap_err(),
+            BundleError::TrailingBytes(3)
+        );
     }
 }

@@ -14,6 +14,34 @@ use serde_json::json;
 
 const WINDOW: u64 = 50;
 
+/// An agent resumes a cut download with a `Range` request.
+async fn bundles_are_served_in_ranges(ctl: &TestController) {
+    let url = ctl.url("/artifacts/vibration/1");
+    let http = reqwest::Client::new();
+    let whole = http.get(&url).send().await.unwrap();
+    assert_eq!(whole.headers()["accept-ranges"], "bytes");
+    let whole = whole.bytes().await.unwrap();
+    let tail = http
+        .get(&url)
+        .header("range", "bytes=100-")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(tail.status(), 206);
+    assert_eq!(
+        tail.headers()["content-range"],
+        format!("bytes 100-{}/{}", whole.len() - 1, whole.len()).as_str()
+    );
+    assert_eq!(tail.bytes().await.unwrap(), whole[100..]);
+    let past = http
+        .get(&url)
+        .header("range", format!("bytes={}-", whole.len()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(past.status(), 416);
+}
+
 async fn loop_end_to_end(broker: BrokerChoice) {
     let Some(ctl) = TestController::start(broker).await else {
         eprintln!("skipped: {} is not set", edgeloop_tests::MQTT_URL_VAR);
@@ -26,6 +54,7 @@ async fn loop_end_to_end(broker: BrokerChoice) {
 
     // Publish v1 and roll it out to every known device through the API.
     ctl.publish_example(1).await;
+    bundles_are_served_in_ranges(&ctl).await;
     let models = ctl.get("/api/v1/models").await;
     assert_eq!(models[0]["name"], "vibration");
     assert_eq!(
