@@ -80,6 +80,9 @@ async fn a_broker_outage_loses_no_drift_window_and_stores_none_twice() {
         ..edgeloop_agent::AgentConfig::default()
     };
     agent_config.source.rate_hz = 100.0;
+    // A publish the broker accepted but lost across its restart is recovered by the
+    // agent's resend: after 10 s, then 20 s, 40 s (the default starts at 30 s).
+    agent_config.outbox.receipt_timeout_s = 10;
     agent_config.api.listen.clear();
     let agent = TestAgent::spawn(agent_config, &shutdown);
     let store = controller.store.clone();
