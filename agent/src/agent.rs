@@ -499,7 +499,7 @@ impl AgentLoop {
                 return;
             }
         };
-        let CommandAction::Deploy(action) = &command.action;
+        let action = command.action.deploy();
         let checked = match &self.last_seq {
             Ok(last) => command
                 .check(&self.config.device_id, now_ms(), *last)
@@ -531,12 +531,18 @@ impl AgentLoop {
             return;
         }
         self.last_seq = Ok(Some(command.seq));
+        let rollback = command.action.is_rollback();
         match command.action {
-            CommandAction::Deploy(action) => self.on_deploy(command.seq, action),
+            CommandAction::Deploy(action) | CommandAction::Rollback(action) => {
+                self.on_deploy(command.seq, action, rollback)
+            }
         }
     }
 
-    fn on_deploy(&mut self, seq: u64, action: DeployAction) {
+    /// Installs what a deploy or rollback command names. Anti-rollback: a deploy of the
+    /// active model's name must raise its version; only a rollback lowers it, and a rollback
+    /// must lower it.
+    fn on_deploy(&mut self, seq: u64, action: DeployAction, rollback: bool) {
         if let Some(serving) = &self.serving {
             let current = serving.model_ref();
             if current == action.model {
@@ -549,11 +555,22 @@ impl AgentLoop {
                 );
                 return;
             }
-            if current.name == action.model.name && action.model.version < current.version {
-                let detail = format!(
-                    "version {} is not above the active {}",
+            let refused = if current.name != action.model.name {
+                None
+            } else if action.model.version < current.version && !rollback {
+                Some(format!(
+                    "version {} is not above the active {}; only a rollback command installs it",
                     action.model.version, current.version
-                );
+                ))
+            } else if action.model.version > current.version && rollback {
+                Some(format!(
+                    "rollback to version {} is not below the active {}",
+                    action.model.version, current.version
+                ))
+            } else {
+                None
+            };
+            if let Some(detail) = refused {
                 warn!(model = %action.model, %detail, "deployment refused");
                 self.reporter.deployment(
                     Some(action.rollout_id),

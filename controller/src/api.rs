@@ -184,6 +184,10 @@ pub struct CreateRollout {
     pub version: u64,
     /// Devices to deploy to; every known device when absent.
     pub devices: Option<Vec<String>>,
+    /// Send rollback commands, with which devices install a version that is not above
+    /// their active one (plain deploys of such a version are refused).
+    #[serde(default)]
+    pub rollback: bool,
 }
 
 async fn create_rollout(
@@ -196,7 +200,14 @@ async fn create_rollout(
             device_id(d)?;
         }
     }
-    let row = rollout::create(s.store.as_ref(), &body.model, body.version, body.devices).await?;
+    let row = rollout::create(
+        s.store.as_ref(),
+        &body.model,
+        body.version,
+        body.rollback,
+        body.devices,
+    )
+    .await?;
     s.dispatcher_wake.notify_one();
     Ok((StatusCode::CREATED, Json(row)))
 }

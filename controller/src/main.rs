@@ -133,6 +133,10 @@ enum RolloutCommand {
         /// Comma-separated device ids (default: every known device).
         #[arg(long, value_delimiter = ',')]
         devices: Vec<String>,
+        /// Roll back: devices install this version although it is not above their active
+        /// one (without this they refuse it).
+        #[arg(long)]
+        rollback: bool,
         /// The controller's base URL.
         #[arg(long, default_value = "http://127.0.0.1:8080")]
         controller: String,
@@ -324,10 +328,12 @@ async fn run() -> anyhow::Result<()> {
                     model,
                     version,
                     devices,
+                    rollback,
                     controller,
                 },
         } => {
-            let mut body = serde_json::json!({ "model": model, "version": version });
+            let mut body =
+                serde_json::json!({ "model": model, "version": version, "rollback": rollback });
             if !devices.is_empty() {
                 body["devices"] = serde_json::json!(devices);
             }

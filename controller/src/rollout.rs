@@ -30,11 +30,13 @@ pub enum RolloutError {
 }
 
 /// Creates a rollout of `name` v`version` to `devices`, or to every known device when
-/// `devices` is `None`.
+/// `devices` is `None`. A `rollback` sends rollback commands: the only ones with which a
+/// device installs a version that is not above its active one.
 pub async fn create(
     store: &dyn Store,
     name: &str,
     version: u64,
+    rollback: bool,
     devices: Option<Vec<String>>,
 ) -> Result<RolloutRow, RolloutError> {
     let devices = match devices {
@@ -45,9 +47,9 @@ pub async fn create(
         return Err(RolloutError::NoDevices);
     }
     let row = store
-        .create_rollout(name, version, &devices, now_ms())
+        .create_rollout(name, version, rollback, &devices, now_ms())
         .await?;
-    info!(rollout = row.id, model = %name, version, devices = devices.len(), "rollout created");
+    info!(rollout = row.id, model = %name, version, rollback, devices = devices.len(), "rollout created");
     Ok(row)
 }
 
@@ -138,16 +140,23 @@ impl Dispatcher {
             seq,
             issued_ms: now,
             expires_ms: now + self.command_ttl.as_millis() as u64,
-            action: CommandAction::Deploy(DeployAction {
-                rollout_id: due.rollout_id,
-                model: ModelRef {
-                    name: due.model_name.clone(),
-                    version: due.model_version,
-                },
-                bundle_url: ArtifactStore::url_path(&due.model_name, due.model_version),
-                bundle_sha256: due.bundle_sha256.clone(),
-                bundle_size: due.bundle_size,
-            }),
+            action: {
+                let deploy = DeployAction {
+                    rollout_id: due.rollout_id,
+                    model: ModelRef {
+                        name: due.model_name.clone(),
+                        version: due.model_version,
+                    },
+                    bundle_url: ArtifactStore::url_path(&due.model_name, due.model_version),
+                    bundle_sha256: due.bundle_sha256.clone(),
+                    bundle_size: due.bundle_size,
+                };
+                if due.rollback {
+                    CommandAction::Rollback(deploy)
+                } else {
+                    CommandAction::Deploy(deploy)
+                }
+            },
         };
         Envelope::new(
             due.device_id.clone(),

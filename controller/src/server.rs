@@ -219,7 +219,19 @@ impl Controller {
         version: u64,
         devices: Option<Vec<String>>,
     ) -> Result<RolloutRow, RolloutError> {
-        let row = rollout::create(self.store.as_ref(), name, version, devices).await?;
+        let row = rollout::create(self.store.as_ref(), name, version, false, devices).await?;
+        self.dispatcher_wake.notify_one();
+        Ok(row)
+    }
+
+    /// A rollout of an older version, sent as rollback commands (see [`rollout::create`]).
+    pub async fn rollback(
+        &self,
+        name: &str,
+        version: u64,
+        devices: Option<Vec<String>>,
+    ) -> Result<RolloutRow, RolloutError> {
+        let row = rollout::create(self.store.as_ref(), name, version, true, devices).await?;
         self.dispatcher_wake.notify_one();
         Ok(row)
     }

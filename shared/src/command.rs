@@ -35,8 +35,25 @@ pub struct Command {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum CommandAction {
-    /// Download, verify and activate a model bundle.
+    /// Download, verify and activate a model bundle. A device refuses a version that is
+    /// not above its active one of the same name (anti-rollback).
     Deploy(DeployAction),
+    /// The same, for a version below the active one: the only command with which a device
+    /// goes back. It names the exact version, and is refused for one that is not below.
+    Rollback(DeployAction),
+}
+
+impl CommandAction {
+    /// What to install, whichever the action.
+    pub fn deploy(&self) -> &DeployAction {
+        match self {
+            CommandAction::Deploy(d) | CommandAction::Rollback(d) => d,
+        }
+    }
+
+    pub fn is_rollback(&self) -> bool {
+        matches!(self, CommandAction::Rollback(_))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -218,6 +235,19 @@ mod tests {
             command(5)
         );
         assert!(signed.verify(&trusted, "dev-1", 2_000, None).is_ok());
+    }
+
+    #[test]
+    fn a_rollback_travels_as_its_own_action() {
+        let (key, trusted) = setup();
+        let mut rollback = command(6);
+        rollback.action = CommandAction::Rollback(rollback.action.deploy().clone());
+        let json = serde_json::to_value(&rollback).unwrap();
+        assert_eq!(json["action"]["rollback"]["model"]["version"], 2);
+        let opened = SignedCommand::sign(&rollback, &key).open(&trusted).unwrap();
+        assert!(opened.action.is_rollback());
+        assert!(!command(6).action.is_rollback());
+        assert_eq!(opened.action.deploy(), command(6).action.deploy());
     }
 
     #[test]

@@ -158,6 +158,33 @@ async fn loop_end_to_end(broker: BrokerChoice) {
         assert!(by_version[&2].iter().all(|w| w.1 == WINDOW));
     }
 
+    // Anti-rollback: a plain rollout of the older version is refused by the device; a
+    // rollback rollout of it is carried out.
+    let (status, plain) = ctl
+        .post_rollout(json!({"model": "vibration", "version": 1, "devices": ["pump-a"]}))
+        .await;
+    assert_eq!(status, 201);
+    assert_eq!(plain["rollback"], false);
+    let path = format!("/api/v1/rollouts/{}", plain["id"]);
+    wait_until(
+        "the device refuses to go back without a rollback command",
+        Duration::from_secs(30),
+        || async { ctl.get(&path).await["deployments"][0]["status"] == "rejected" },
+    )
+    .await;
+    let refused = ctl.get(&path).await;
+    let detail = refused["deployments"][0]["detail"].as_str().unwrap();
+    assert!(detail.contains("only a rollback command"), "{detail}");
+    assert_eq!(ctl.device("pump-a").await.unwrap()["model_version"], 2);
+    let (status, rollback) = ctl
+        .post_rollout(
+            json!({"model": "vibration", "version": 1, "devices": ["pump-a"], "rollback": true}),
+        )
+        .await;
+    assert_eq!(status, 201);
+    assert_eq!(rollback["rollback"], true);
+    ctl.wait_for_model("pump-a", Some(1)).await;
+
     // The API refuses what it cannot do, with a status that says why.
     let (status, body) = ctl
         .post_rollout(json!({"model": "vibration", "version": 9}))

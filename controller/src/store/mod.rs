@@ -284,6 +284,8 @@ pub struct RolloutRow {
     pub id: u64,
     pub model_name: String,
     pub model_version: u64,
+    /// A rollback: devices accept this version although it is not above their active one.
+    pub rollback: bool,
     pub created_ms: u64,
     pub status: RolloutStatus,
     pub deployments: Vec<DeploymentRow>,
@@ -298,6 +300,7 @@ pub struct DueDeployment {
     pub model_version: u64,
     pub bundle_sha256: String,
     pub bundle_size: u64,
+    pub rollback: bool,
 }
 
 /// A device's report about a command, kept as an audit trail.
@@ -356,12 +359,13 @@ pub trait Store: Send + Sync + 'static {
     async fn models(&self) -> Result<Vec<ModelRow>>;
     async fn model(&self, name: &str, version: u64) -> Result<Option<ModelRow>>;
 
-    /// Creates a rollout of a model to the given devices. Unfinished deployments of those
-    /// devices in earlier rollouts become `superseded`.
+    /// Creates a rollout of a model to the given devices (a rollback when `rollback`).
+    /// Unfinished deployments of those devices in earlier rollouts become `superseded`.
     async fn create_rollout(
         &self,
         name: &str,
         version: u64,
+        rollback: bool,
         devices: &[String],
         now_ms: u64,
     ) -> Result<RolloutRow>;

@@ -9,7 +9,7 @@ use tokio_postgres::{GenericClient, NoTls, Row};
 
 use super::*;
 
-const SCHEMA_VERSION: i32 = 2;
+const SCHEMA_VERSION: i32 = 3;
 /// Serializes migrations of replicas that start at the same time.
 const MIGRATION_LOCK: i64 = 0x6564_6765_6c6f_6f70; // "edgeloop"
 const POOL_SIZE: usize = 16;
@@ -118,6 +118,9 @@ ALTER TABLE devices ADD COLUMN dropped_telemetry BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE devices ADD COLUMN dropped_samples BIGINT NOT NULL DEFAULT 0;
 ";
 
+/// Version 3: rollbacks (a rollout devices accept below their active version).
+const SCHEMA_V3: &str = "ALTER TABLE rollouts ADD COLUMN rollback BOOLEAN NOT NULL DEFAULT FALSE;";
+
 /// A PostgreSQL database reached through a connection pool.
 #[derive(Clone)]
 pub struct PgStore {
@@ -169,14 +172,18 @@ impl PgStore {
             None => {
                 tx.batch_execute(SCHEMA_V1).await?;
                 tx.batch_execute(SCHEMA_V2).await?;
+                tx.batch_execute(SCHEMA_V3).await?;
                 tx.execute(
                     "INSERT INTO edgeloop_schema (version) VALUES ($1)",
                     &[&SCHEMA_VERSION],
                 )
                 .await?;
             }
-            Some(1) => {
-                tx.batch_execute(SCHEMA_V2).await?;
+            Some(old @ 1..SCHEMA_VERSION) => {
+                if old < 2 {
+                    tx.batch_execute(SCHEMA_V2).await?;
+                }
+                tx.batch_execute(SCHEMA_V3).await?;
                 tx.execute(
                     "UPDATE edgeloop_schema SET version = $1",
                     &[&SCHEMA_VERSION],
@@ -430,7 +437,7 @@ fn model_from_row(r: &Row) -> Result<ModelRow> {
 async fn load_rollout(c: &impl GenericClient, id: u64) -> Result<Option<RolloutRow>> {
     let Some(row) = c
         .query_opt(
-            "SELECT id, model_name, model_version, created_ms, status FROM rollouts WHERE id = $1",
+            "SELECT id, model_name, model_version, created_ms, status, rollback FROM rollouts WHERE id = $1",
             &[&i(id)],
         )
         .await?
@@ -458,6 +465,7 @@ async fn load_rollout(c: &impl GenericClient, id: u64) -> Result<Option<RolloutR
         id: u(row.get(0)),
         model_name: row.get(1),
         model_version: u(row.get(2)),
+        rollback: row.get(5),
         created_ms: u(row.get(3)),
         status: RolloutStatus::parse(&status)?,
         deployments,
@@ -771,6 +779,7 @@ impl Store for PgStore {
         &self,
         name: &str,
         version: u64,
+        rollback: bool,
         devices: &[String],
         now_ms: u64,
     ) -> Result<RolloutRow> {
@@ -804,9 +813,9 @@ impl Store for PgStore {
         }
         let id: i64 = tx
             .query_one(
-                "INSERT INTO rollouts (model_name, model_version, created_ms, status)
-                 VALUES ($1, $2, $3, 'in_progress') RETURNING id",
-                &[&name, &i(version), &i(now_ms)],
+                "INSERT INTO rollouts (model_name, model_version, created_ms, status, rollback)
+                 VALUES ($1, $2, $3, 'in_progress', $4) RETURNING id",
+                &[&name, &i(version), &i(now_ms), &rollback],
             )
             .await?
             .get(0);
@@ -863,7 +872,8 @@ impl Store for PgStore {
         let rows = client
             .query(
                 &format!(
-                    "SELECT d.rollout_id, d.device_id, r.model_name, r.model_version, m.bundle_sha256, m.bundle_size
+                    "SELECT d.rollout_id, d.device_id, r.model_name, r.model_version, m.bundle_sha256, m.bundle_size,
+                            r.rollback
                      FROM deployments d
                      JOIN rollouts r ON r.id = d.rollout_id
                      JOIN models m ON m.name = r.model_name AND m.version = r.model_version
@@ -886,6 +896,7 @@ impl Store for PgStore {
                 model_version: u(r.get(3)),
                 bundle_sha256: r.get(4),
                 bundle_size: u(r.get(5)),
+                rollback: r.get(6),
             })
             .collect())
     }

@@ -10,7 +10,7 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use super::*;
 
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 pub(super) const SCHEMA_V1: &str = "
 CREATE TABLE seen_messages (
@@ -116,6 +116,9 @@ ALTER TABLE devices ADD COLUMN dropped_telemetry INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE devices ADD COLUMN dropped_samples INTEGER NOT NULL DEFAULT 0;
 ";
 
+/// Version 3: rollbacks (a rollout devices accept below their active version).
+const SCHEMA_V3: &str = "ALTER TABLE rollouts ADD COLUMN rollback INTEGER NOT NULL DEFAULT 0;";
+
 impl From<rusqlite::Error> for StoreError {
     fn from(source: rusqlite::Error) -> Self {
         StoreError::Sqlite {
@@ -160,7 +163,10 @@ impl SqliteStore {
                 if version < 1 {
                     tx.execute_batch(SCHEMA_V1).map_err(with_path)?;
                 }
-                tx.execute_batch(SCHEMA_V2).map_err(with_path)?;
+                if version < 2 {
+                    tx.execute_batch(SCHEMA_V2).map_err(with_path)?;
+                }
+                tx.execute_batch(SCHEMA_V3).map_err(with_path)?;
                 tx.pragma_update(None, "user_version", SCHEMA_VERSION)
                     .map_err(with_path)?;
                 tx.commit().map_err(with_path)?;
@@ -434,7 +440,7 @@ const MODEL_COLUMNS: &str =
 fn load_rollout(conn: &Connection, id: u64) -> Result<Option<RolloutRow>> {
     let row = conn
         .query_row(
-            "SELECT id, model_name, model_version, created_ms, status FROM rollouts WHERE id = ?1",
+            "SELECT id, model_name, model_version, created_ms, status, rollback FROM rollouts WHERE id = ?1",
             params![id as i64],
             |r| {
                 Ok((
@@ -443,11 +449,12 @@ fn load_rollout(conn: &Connection, id: u64) -> Result<Option<RolloutRow>> {
                     u(r.get(2)?),
                     u(r.get(3)?),
                     r.get::<_, String>(4)?,
+                    r.get::<_, bool>(5)?,
                 ))
             },
         )
         .optional()?;
-    let Some((id, model_name, model_version, created_ms, status)) = row else {
+    let Some((id, model_name, model_version, created_ms, status, rollback)) = row else {
         return Ok(None);
     };
     let mut stmt = conn.prepare_cached(
@@ -469,6 +476,7 @@ fn load_rollout(conn: &Connection, id: u64) -> Result<Option<RolloutRow>> {
         id,
         model_name,
         model_version,
+        rollback,
         created_ms,
         status: RolloutStatus::parse(&status)?,
         deployments,
@@ -801,6 +809,7 @@ impl Store for SqliteStore {
         &self,
         name: &str,
         version: u64,
+        rollback: bool,
         devices: &[String],
         now_ms: u64,
     ) -> Result<RolloutRow> {
@@ -823,8 +832,9 @@ impl Store for SqliteStore {
                 }
             }
             tx.execute(
-                "INSERT INTO rollouts (model_name, model_version, created_ms, status) VALUES (?1, ?2, ?3, 'in_progress')",
-                params![name, version as i64, now_ms as i64],
+                "INSERT INTO rollouts (model_name, model_version, created_ms, status, rollback)
+                 VALUES (?1, ?2, ?3, 'in_progress', ?4)",
+                params![name, version as i64, now_ms as i64, rollback],
             )?;
             let id = tx.last_insert_rowid() as u64;
             let mut superseded = std::collections::BTreeSet::new();
@@ -880,7 +890,8 @@ impl Store for SqliteStore {
     async fn due_deployments(&self, quiet_since_ms: u64) -> Result<Vec<DueDeployment>> {
         self.call(move |conn| {
             let mut stmt = conn.prepare_cached(&format!(
-                "SELECT d.rollout_id, d.device_id, r.model_name, r.model_version, m.bundle_sha256, m.bundle_size
+                "SELECT d.rollout_id, d.device_id, r.model_name, r.model_version, m.bundle_sha256, m.bundle_size,
+                        r.rollback
                  FROM deployments d
                  JOIN rollouts r ON r.id = d.rollout_id
                  JOIN models m ON m.name = r.model_name AND m.version = r.model_version
@@ -899,6 +910,7 @@ impl Store for SqliteStore {
                         model_version: u(r.get(3)?),
                         bundle_sha256: r.get(4)?,
                         bundle_size: u(r.get(5)?),
+                        rollback: r.get(6)?,
                     })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;

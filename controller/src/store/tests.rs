@@ -215,15 +215,19 @@ pub async fn suite(store: &dyn Store) {
 
     // Rollouts need a known model and known devices.
     assert!(matches!(
-        store.create_rollout("m", 9, &["d1".into()], 400).await,
+        store
+            .create_rollout("m", 9, false, &["d1".into()], 400)
+            .await,
         Err(StoreError::NotFound(_))
     ));
     assert!(matches!(
-        store.create_rollout("m", 1, &["nope".into()], 400).await,
+        store
+            .create_rollout("m", 1, false, &["nope".into()], 400)
+            .await,
         Err(StoreError::NotFound(_))
     ));
     let r = store
-        .create_rollout("m", 1, &["d1".into(), "d2".into()], 400)
+        .create_rollout("m", 1, false, &["d1".into(), "d2".into()], 400)
         .await
         .unwrap();
     assert_eq!(r.status, RolloutStatus::InProgress);
@@ -275,9 +279,10 @@ pub async fn suite(store: &dyn Store) {
     // A new rollout supersedes the unfinished deployment of the old one.
     store.insert_model(&model_row(2)).await.unwrap();
     let r2 = store
-        .create_rollout("m", 2, &["d2".into()], 700)
+        .create_rollout("m", 2, true, &["d2".into()], 700)
         .await
         .unwrap();
+    assert!(r2.rollback && !r.rollback);
     let old = store.rollout(r.id).await.unwrap().unwrap();
     assert_eq!(old.deployments[1].status, "superseded");
     assert_eq!(old.status, RolloutStatus::Completed);
@@ -285,6 +290,11 @@ pub async fn suite(store: &dyn Store) {
         .ingest(&status("d2", "s4", true, Some(1)), 710)
         .await
         .unwrap();
+    let due = store.due_deployments(0).await.unwrap();
+    assert!(
+        due.iter().any(|d| d.rollout_id == r2.id && d.rollback),
+        "{due:?}"
+    );
     store
         .ingest(&deployment("d2", "p4", r2.id, DeployStage::Failed), 720)
         .await
@@ -431,6 +441,12 @@ async fn a_version_1_sqlite_database_is_migrated_in_place() {
         store.devices().await.unwrap()[0].outbox.dropped.telemetry,
         7
     );
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 3);
+    conn.prepare("SELECT rollback FROM rollouts").unwrap();
 }
 
 #[tokio::test]
