@@ -12,8 +12,8 @@ use edgeloop_shared::protocol::{
     DeployStage, DeviceStatus, DriftSummary, Envelope, MAX_MESSAGE_BYTES, Message, ModelRef,
     OutboxStatus,
 };
-use edgeloop_shared::signing::TrustedKeys;
 use edgeloop_shared::topics::Channel;
+use edgeloop_shared::trust::{SignedTrust, TrustError};
 use rumqttc::Publish;
 use tokio::sync::mpsc;
 use tokio::time::MissedTickBehavior;
@@ -28,6 +28,7 @@ use crate::outbox::{Outbox, OutboxError, SqliteOutbox};
 use crate::report::Reporter;
 use crate::slots::{SlotError, Slots, write_atomic};
 use crate::source::InputSource;
+use crate::trust::{ApplyError, Trust};
 use crate::updater::{InstallError, Installed, Installer};
 use crate::{AGENT_VERSION, now_ms};
 
@@ -52,6 +53,8 @@ pub enum AgentError {
     Outbox(#[from] OutboxError),
     #[error(transparent)]
     Slots(#[from] SlotError),
+    #[error(transparent)]
+    Trust(#[from] crate::trust::TrustLoadError),
     #[error("cannot listen on {addr} for the local inference API: {source}")]
     Api {
         addr: std::net::SocketAddr,
@@ -155,11 +158,12 @@ impl Agent {
             path: state_dir.clone(),
             source,
         })?;
-        let trusted = config
-            .trusted_keys()
-            .map_err(crate::config::ConfigError::from)?;
-        if trusted.is_empty() {
-            warn!("no trusted keys configured: every bundle and command will be refused");
+        let trust = Trust::load(&state_dir, &config.root_keys, &config.trusted_keys)?;
+        if trust.signing().get().is_empty() {
+            warn!("no trusted keys: every bundle and command will be refused");
+        }
+        if trust.version() > 0 {
+            info!(version = trust.version(), "trust document in force");
         }
         let outbox = Outbox::new(
             SqliteOutbox::open(&state_dir.join("outbox.sqlite"))?,
@@ -168,7 +172,7 @@ impl Agent {
         let topics = config.topics();
         let reporter = Reporter::new(&config.device_id, topics.clone(), outbox.clone());
         let installer = Installer::new(
-            trusted.clone(),
+            trust.signing().clone(),
             &config.controller_url,
             config.max_bundle_bytes,
             Slots::open(&state_dir)?,
@@ -233,7 +237,7 @@ impl Agent {
                 broker,
                 keep_alive: Duration::from_secs(config.heartbeat_interval_s.clamp(5, 60) * 3),
                 max_inflight: config.max_inflight,
-                subscriptions: vec![reporter.topic(Channel::Commands)],
+                subscriptions: vec![reporter.topic(Channel::Commands), topics.trust()],
                 receipts_topic: reporter.topic(Channel::Receipts),
                 last_will: Some(last_will),
                 tls,
@@ -260,7 +264,8 @@ impl Agent {
             source_done: config.source.kind == crate::config::SourceKind::Api,
             reporter,
             installer,
-            trusted,
+            trust,
+            trust_topic: topics.trust(),
             last_seq,
             seq_path,
             installing: None,
@@ -286,7 +291,8 @@ struct AgentLoop {
     served: ServedModel,
     reporter: Reporter,
     installer: Installer,
-    trusted: TrustedKeys,
+    trust: Trust,
+    trust_topic: String,
     /// The highest command sequence accepted so far, or why it cannot be known (then every
     /// command is refused rather than risk accepting a replay).
     last_seq: Result<Option<u64>, String>,
@@ -455,6 +461,10 @@ impl AgentLoop {
     }
 
     fn on_publish(&mut self, publish: &Publish) {
+        if publish.topic == self.trust_topic {
+            self.on_trust(&publish.payload);
+            return;
+        }
         let envelope = match Envelope::decode(&publish.payload) {
             Ok(e) if e.device_id == self.config.device_id => e,
             Ok(e) => {
@@ -478,13 +488,43 @@ impl AgentLoop {
         }
     }
 
+    /// A trust document on the fleet topic (retained, so it arrives at every connection).
+    fn on_trust(&mut self, payload: &[u8]) {
+        if payload.is_empty() {
+            // A cleared retained message: nothing to apply.
+            return;
+        }
+        let signed: SignedTrust = match serde_json::from_slice(payload) {
+            Ok(s) => s,
+            Err(e) => {
+                self.malformed(&self.trust_topic.clone(), &format!("trust document: {e}"));
+                return;
+            }
+        };
+        match self.trust.apply(&signed) {
+            Ok(state) => info!(
+                version = state.version,
+                signing_keys = state.signing_keys.len(),
+                revoked = state.revoked.len(),
+                "trust document applied"
+            ),
+            // The retained document again, at a reconnection.
+            Err(ApplyError::Refused(TrustError::Stale { version, applied }))
+                if version == applied =>
+            {
+                debug!(version, "trust document already applied");
+            }
+            Err(e) => warn!(error = %e, "trust document refused"),
+        }
+    }
+
     fn malformed(&mut self, topic: &str, reason: &str) {
         self.counters.malformed_messages += 1;
         warn!(%topic, %reason, count = self.counters.malformed_messages, "malformed message dropped");
     }
 
     fn on_command(&mut self, signed: &SignedCommand) {
-        let command = match signed.open(&self.trusted) {
+        let command = match signed.open(&self.trust.signing().get()) {
             Ok(c) => c,
             Err(e) => {
                 // Not authentic: nothing in it can be believed, so nothing of it is echoed.

@@ -66,6 +66,9 @@ pub struct AgentConfig {
     pub topic_root: String,
     pub controller_url: String,
     pub trusted_keys: Vec<String>,
+    /// Keys that may sign trust documents (rotating and revoking `trusted_keys`).
+    #[serde(default)]
+    pub root_keys: Vec<String>,
     pub state_dir: PathBuf,
     pub heartbeat_interval_s: u64,
     pub drift_window_samples: u64,
@@ -230,6 +233,7 @@ impl AgentConfig {
             ));
         }
         self.trusted_keys()?;
+        TrustedKeys::parse_all(self.root_keys.iter().map(String::as_str))?;
         if self.heartbeat_interval_s == 0 {
             return Err(invalid("heartbeat_interval_s", "must be at least 1"));
         }

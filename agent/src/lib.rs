@@ -18,6 +18,7 @@ pub mod runtime;
 pub mod sim;
 pub mod slots;
 pub mod source;
+pub mod trust;
 pub mod updater;
 
 pub use agent::Agent;

@@ -6,6 +6,8 @@ use std::time::Duration;
 use edgeloop_shared::bundle::{self, BundleError, Limits, VerifiedBundle};
 use edgeloop_shared::command::DeployAction;
 use edgeloop_shared::signing::TrustedKeys;
+
+use crate::trust::SigningKeys;
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
@@ -56,7 +58,8 @@ pub struct Installed {
 /// Downloads, verifies and installs bundles. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Installer {
-    trusted: TrustedKeys,
+    /// The keys bundles must be signed with, as trust documents leave them.
+    trusted: SigningKeys,
     http: reqwest::Client,
     controller_url: String,
     max_bundle_bytes: u64,
@@ -96,7 +99,7 @@ const READ_BACK_CHUNK: usize = 64 * 1024;
 
 impl Installer {
     pub fn new(
-        trusted: TrustedKeys,
+        trusted: SigningKeys,
         controller_url: &str,
         max_bundle_bytes: u64,
         slots: Slots,
@@ -191,7 +194,8 @@ impl Installer {
         };
 
         // What an earlier attempt left is checked as if it were arriving now.
-        let mut received = Received::new(&self.trusted, self.limits);
+        let trusted = self.trusted.get();
+        let mut received = Received::new(&trusted, self.limits);
         let on_disk = file.metadata().await.map_err(io("cannot read"))?.len();
         if on_disk > size {
             file.set_len(0).await.map_err(io("cannot truncate"))?;
@@ -237,7 +241,7 @@ impl Installer {
                     if received.bytes > 0 {
                         info!(%url, "the server cannot resume; downloading from the start");
                         file.set_len(0).await.map_err(io("cannot truncate"))?;
-                        received = Received::new(&self.trusted, self.limits);
+                        received = Received::new(&trusted, self.limits);
                     }
                 }
                 _ => return Err(InstallError::HttpStatus { url, status }),
@@ -315,7 +319,7 @@ impl Installer {
         bytes: &[u8],
         action: &DeployAction,
     ) -> Result<VerifiedBundle, InstallError> {
-        let verified = bundle::verify(bytes, &self.trusted, &self.limits)?;
+        let verified = bundle::verify(bytes, &self.trusted.get(), &self.limits)?;
         let found = verified.manifest.model_ref();
         if found != action.model {
             return Err(InstallError::WrongModel {
@@ -338,7 +342,7 @@ impl Installer {
         self.slots.write(slot, bytes)?;
         // Load what is on disk, not what is in memory: that is what the next boot will serve.
         let on_disk = self.slots.read(slot)?;
-        let reverified = bundle::verify(&on_disk, &self.trusted, &self.limits)?;
+        let reverified = bundle::verify(&on_disk, &self.trusted.get(), &self.limits)?;
         debug_assert_eq!(reverified.manifest, verified.manifest);
         let model = LoadedModel::load(&reverified)?;
         self.slots.activate(slot)?;
@@ -375,7 +379,7 @@ impl Installer {
 
     fn load_slot(&self, slot: Slot) -> Result<LoadedModel, InstallError> {
         let bytes = self.slots.read(slot)?;
-        let verified = bundle::verify(&bytes, &self.trusted, &self.limits)?;
+        let verified = bundle::verify(&bytes, &self.trusted.get(), &self.limits)?;
         Ok(LoadedModel::load(&verified)?)
     }
 }
@@ -490,7 +494,7 @@ mod tests {
 
     fn installer(dir: &std::path::Path, key: &SecretKey) -> Installer {
         Installer::new(
-            TrustedKeys::new([key.public().clone()]),
+            SigningKeys::new(TrustedKeys::new([key.public().clone()])),
             "http://127.0.0.1:1",
             10 << 20,
             Slots::open(dir).unwrap(),

@@ -22,6 +22,8 @@ use crate::rollout::{self, RolloutError};
 use crate::store::{
     DeploymentEvent, DeviceRow, HourlyRow, ModelRow, RolloutRow, Store, StoreError, TelemetryRow,
 };
+use crate::trust::{Current, RelayError};
+use edgeloop_shared::trust::SignedTrust;
 
 const DASHBOARD_HTML: &str = include_str!("dashboard.html");
 const DEFAULT_LIMIT: u32 = 20;
@@ -34,6 +36,7 @@ pub struct AppState {
     pub artifacts: ArtifactStore,
     pub offline_after: Duration,
     pub dispatcher_wake: Arc<Notify>,
+    pub trust: Arc<crate::trust::TrustRelay>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -48,14 +51,17 @@ pub enum ApiError {
     Rollout(#[from] RolloutError),
     #[error("cannot read artifact: {0}")]
     Artifact(std::io::Error),
+    #[error(transparent)]
+    Trust(#[from] RelayError),
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = match &self {
-            ApiError::BadRequest(_) | ApiError::Rollout(RolloutError::NoDevices) => {
-                StatusCode::BAD_REQUEST
-            }
+            ApiError::BadRequest(_)
+            | ApiError::Rollout(RolloutError::NoDevices)
+            | ApiError::Trust(RelayError::Invalid(_)) => StatusCode::BAD_REQUEST,
+            ApiError::Trust(RelayError::NotNewer { .. }) => StatusCode::CONFLICT,
             ApiError::NotFound(_)
             | ApiError::Store(StoreError::NotFound(_))
             | ApiError::Rollout(RolloutError::Store(StoreError::NotFound(_))) => {
@@ -65,7 +71,10 @@ impl IntoResponse for ApiError {
             | ApiError::Rollout(RolloutError::Store(StoreError::Conflict(_))) => {
                 StatusCode::CONFLICT
             }
-            ApiError::Store(_) | ApiError::Rollout(_) | ApiError::Artifact(_) => {
+            ApiError::Store(_)
+            | ApiError::Rollout(_)
+            | ApiError::Artifact(_)
+            | ApiError::Trust(_) => {
                 tracing::error!(error = %self, "request failed");
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -92,6 +101,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/rollouts", post(create_rollout).get(rollouts))
         .route("/api/v1/rollouts/{id}", get(rollout))
         .route("/api/v1/stats", get(stats))
+        .route("/api/v1/trust", get(trust).post(publish_trust))
         .route("/artifacts/{name}/{version}", get(artifact))
         .with_state(state)
 }
@@ -222,6 +232,23 @@ async fn rollout(State(s): State<AppState>, Path(id): Path<u64>) -> ApiResult<Ro
         .await?
         .map(Json)
         .ok_or_else(|| ApiError::NotFound(format!("rollout {id}")))
+}
+
+async fn trust(State(s): State<AppState>) -> ApiResult<Current> {
+    s.trust
+        .current()
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound("trust document".into()))
+}
+
+/// Relays a trust document signed offline with a root key to the fleet.
+async fn publish_trust(
+    State(s): State<AppState>,
+    body: Result<Json<SignedTrust>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<Current>), ApiError> {
+    let Json(signed) = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    Ok((StatusCode::CREATED, Json(s.trust.replace(signed).await?)))
 }
 
 async fn stats(State(s): State<AppState>) -> Json<IngestStatsSnapshot> {

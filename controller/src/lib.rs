@@ -15,6 +15,7 @@ pub mod retention;
 pub mod rollout;
 pub mod server;
 pub mod store;
+pub mod trust;
 
 /// `http://` / `mqtt://` host for a listening address: a wildcard address is reached on
 /// loopback from this machine.

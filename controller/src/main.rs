@@ -78,8 +78,62 @@ enum Command {
         #[command(subcommand)]
         command: RolloutCommand,
     },
+    /// Rotate and revoke signing keys with trust documents signed by a root key.
+    Trust {
+        #[command(subcommand)]
+        command: TrustCommand,
+    },
     /// Print the built-in default configuration (a commented TOML file).
     PrintDefaultConfig,
+}
+
+#[derive(Subcommand)]
+enum TrustCommand {
+    /// Sign a trust document with a root key (keep root keys offline; create one with
+    /// `edgeloop keygen --out DIR`). Prints the signed document as JSON.
+    Sign {
+        /// The root key's secret file (mode 0600).
+        #[arg(long)]
+        root_key: PathBuf,
+        /// Above the version of every document published before.
+        #[arg(long)]
+        version: u64,
+        /// Root keys from now on: `ed25519:…` texts or files holding one, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        root_keys: Vec<String>,
+        /// Keys that sign bundles and commands from now on, as for --root-keys.
+        #[arg(long, value_delimiter = ',', required = true)]
+        signing_keys: Vec<String>,
+        /// Key ids (16 hex digits) never to trust again, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        revoke: Vec<String>,
+        /// Write the document here instead of to standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Hand a signed document to a running controller, which publishes it to the fleet.
+    Publish {
+        /// The signed document (from `edgeloop trust sign`).
+        document: PathBuf,
+        /// The controller's base URL.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        controller: String,
+    },
+}
+
+/// A public key given on the command line: its text, or a file holding it.
+fn public_key_arg(arg: &str) -> anyhow::Result<String> {
+    use edgeloop_shared::signing::PublicKey;
+    let text = if arg.starts_with(edgeloop_shared::signing::PUBLIC_KEY_PREFIX) {
+        arg.to_string()
+    } else {
+        std::fs::read_to_string(arg)
+            .with_context(|| format!("`{arg}` is neither a public key nor a readable file"))?
+            .trim()
+            .to_string()
+    };
+    PublicKey::parse(&text).with_context(|| format!("`{arg}` does not hold a public key"))?;
+    Ok(text)
 }
 
 #[derive(Subcommand)]
@@ -321,6 +375,68 @@ async fn run() -> anyhow::Result<()> {
                 "{added} device(s) added, {} already registered",
                 ids.len() as u64 - added
             );
+        }
+        Command::Trust {
+            command:
+                TrustCommand::Sign {
+                    root_key,
+                    version,
+                    root_keys,
+                    signing_keys,
+                    revoke,
+                    out,
+                },
+        } => {
+            use edgeloop_shared::signing::KeyId;
+            use edgeloop_shared::trust::{SignedTrust, TrustDocument};
+            let root = keys::load(&root_key)?;
+            let document = TrustDocument {
+                version,
+                issued_ms: edgeloop_agent::now_ms(),
+                root_keys: root_keys
+                    .iter()
+                    .map(|k| public_key_arg(k))
+                    .collect::<anyhow::Result<_>>()?,
+                signing_keys: signing_keys
+                    .iter()
+                    .map(|k| public_key_arg(k))
+                    .collect::<anyhow::Result<_>>()?,
+                revoked: revoke
+                    .iter()
+                    .map(|id| KeyId::parse(id).with_context(|| format!("--revoke {id}")))
+                    .collect::<anyhow::Result<_>>()?,
+            };
+            let json = serde_json::to_string_pretty(&SignedTrust::sign(&document, &root))?;
+            match out {
+                Some(path) => std::fs::write(&path, format!("{json}\n"))
+                    .with_context(|| format!("cannot write {}", path.display()))?,
+                None => println!("{json}"),
+            }
+        }
+        Command::Trust {
+            command:
+                TrustCommand::Publish {
+                    document,
+                    controller,
+                },
+        } => {
+            let text = std::fs::read_to_string(&document)
+                .with_context(|| format!("cannot read {}", document.display()))?;
+            let body: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not JSON", document.display()))?;
+            let url = format!("{}/api/v1/trust", controller.trim_end_matches('/'));
+            let response = reqwest::Client::new()
+                .post(&url)
+                .json(&body)
+                .send()
+                .await
+                .with_context(|| format!("cannot reach the controller at {url}"))?;
+            let status = response.status();
+            let text = response.text().await?;
+            if !status.is_success() {
+                bail!("controller answered {status}: {text}");
+            }
+            println!("{text}");
         }
         Command::Rollout {
             command:

@@ -36,6 +36,8 @@ pub enum ServeError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Broker(#[from] BrokerError),
+    #[error(transparent)]
+    Trust(#[from] crate::trust::RelayError),
     #[error("cannot listen for HTTP on {addr}: {source}")]
     Http {
         addr: SocketAddr,
@@ -132,6 +134,15 @@ impl Controller {
             stats.clone(),
             shutdown.child_token(),
         );
+        let trust = Arc::new(
+            crate::trust::TrustRelay::start(
+                &config.data_dir,
+                topics.trust(),
+                client.clone(),
+                key.clone(),
+            )
+            .await?,
+        );
         let dispatcher_wake = Arc::new(Notify::new());
         tokio::spawn(
             Dispatcher {
@@ -171,6 +182,7 @@ impl Controller {
             artifacts: artifacts.clone(),
             offline_after: Duration::from_secs(config.offline_after_s),
             dispatcher_wake: dispatcher_wake.clone(),
+            trust,
         });
         let stop = shutdown.clone();
         let http_task = tokio::spawn(async move {

@@ -203,6 +203,60 @@ async fn the_readme_tour_works() {
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("404"));
 
+    // Key rotation: an offline root key signs a document adding a second signing key, and
+    // the controller relays it to the fleet.
+    edgeloop(&["keygen", "--out", "root"], cwd);
+    edgeloop(&["keygen", "--out", "next"], cwd);
+    edgeloop(
+        &[
+            "trust",
+            "sign",
+            "--root-key",
+            "root/signing.key",
+            "--version",
+            "1",
+            "--root-keys",
+            "root/signing.pub",
+            "--signing-keys",
+            "edgeloop-data/keys/signing.pub,next/signing.pub",
+            "--out",
+            "trust-1.json",
+        ],
+        cwd,
+    );
+    let out = edgeloop(
+        &["trust", "publish", "trust-1.json", "--controller", &http],
+        cwd,
+    );
+    assert!(
+        out.contains("\"version\":1") && !out.contains("warning"),
+        "{out}"
+    );
+    let again = Command::new(EDGELOOP)
+        .current_dir(cwd)
+        .args(["trust", "publish", "trust-1.json", "--controller", &http])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&again.stderr).contains("409"));
+    let unsigned = Command::new(EDGELOOP)
+        .current_dir(cwd)
+        .args([
+            "trust",
+            "sign",
+            "--root-key",
+            "root/signing.key",
+            "--version",
+            "2",
+            "--root-keys",
+            "root/signing.pub",
+            "--signing-keys",
+            "nope.pub",
+        ])
+        .output()
+        .unwrap();
+    assert!(!unsigned.status.success());
+    assert!(String::from_utf8_lossy(&unsigned.stderr).contains("nope.pub"));
+
     shutdown.cancel();
     agent_task.await.unwrap().unwrap();
 }

@@ -10,6 +10,7 @@
 //! - [`signing`]: ed25519 keys, key ids and verification against a set of trusted keys.
 //! - [`command`]: signed controller → device commands (expiry, sequence, target).
 //! - [`bundle`]: the signed model bundle (manifest + zstd-compressed ONNX + signature).
+//! - [`trust`]: trust documents: root keys rotate and revoke signing keys.
 //! - [`drift`]: reference profiles, drift windows and PSI.
 
 pub mod batch;
@@ -19,6 +20,7 @@ pub mod drift;
 pub mod protocol;
 pub mod signing;
 pub mod topics;
+pub mod trust;
 
 /// Lowercase hex SHA-256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {

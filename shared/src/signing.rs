@@ -28,6 +28,8 @@ pub const SIGNATURE_LEN: usize = 64;
 pub enum Context {
     BundleManifest,
     Command,
+    /// Trust documents (key rotation and revocation), signed by root keys.
+    Trust,
 }
 
 impl Context {
@@ -35,6 +37,7 @@ impl Context {
         match self {
             Context::BundleManifest => b"edgeloop/v1/bundle-manifest\0",
             Context::Command => b"edgeloop/v1/command\0",
+            Context::Trust => b"edgeloop/v1/trust\0",
         }
     }
 

@@ -113,6 +113,11 @@ impl Topics {
         ))
     }
 
+    /// Where the current trust document is kept (retained) for the whole fleet.
+    pub fn trust(&self) -> String {
+        format!("{}/v1/fleet/trust", self.root)
+    }
+
     /// The filter matching `channel` of every device.
     pub fn all_devices(&self, channel: Channel) -> String {
         format!("{}/v1/devices/+/{}", self.root, channel.as_str())
