@@ -13,7 +13,7 @@ use edgeloop_shared::protocol::{
     OutboxStatus,
 };
 use edgeloop_shared::topics::Channel;
-use edgeloop_shared::trust::{SignedTrust, TrustError};
+use edgeloop_shared::trust::SignedTrust;
 use rumqttc::Publish;
 use tokio::sync::mpsc;
 use tokio::time::MissedTickBehavior;
@@ -28,7 +28,7 @@ use crate::outbox::{Outbox, OutboxError, SqliteOutbox};
 use crate::report::Reporter;
 use crate::slots::{SlotError, Slots, write_atomic};
 use crate::source::InputSource;
-use crate::trust::{ApplyError, Trust};
+use crate::trust::Trust;
 use crate::updater::{InstallError, Installed, Installer};
 use crate::{AGENT_VERSION, now_ms};
 
@@ -269,6 +269,7 @@ impl Agent {
             last_seq,
             seq_path,
             installing: None,
+            journal_path: state_dir.join(JOURNAL_FILE),
             install_tx,
             counters: Counters::default(),
             started: Instant::now(),
@@ -299,6 +300,8 @@ struct AgentLoop {
     seq_path: PathBuf,
     /// The deployment being carried out, if any.
     installing: Option<ModelRef>,
+    /// Where the deployment being carried out is recorded until it ends (see [`Journal`]).
+    journal_path: PathBuf,
     install_tx: mpsc::Sender<InstallOutcome>,
     counters: Counters,
     started: Instant,
@@ -326,6 +329,7 @@ impl AgentLoop {
         ));
         window_clock.set_missed_tick_behavior(MissedTickBehavior::Delay);
         info!(device = %self.config.device_id, model = ?self.serving.as_ref().map(Serving::model_ref), "agent running");
+        self.resume_interrupted_install();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -501,18 +505,33 @@ impl AgentLoop {
                 return;
             }
         };
+        // The retained document again, at a reconnection: its signer may no longer be a
+        // root (it handed over), so the version is looked at before the signature.
+        if let Ok(document) = signed.peek()
+            && document.version == self.trust.version()
+        {
+            debug!(version = document.version, "trust document already applied");
+            return;
+        }
         match self.trust.apply(&signed) {
-            Ok(state) => info!(
-                version = state.version,
-                signing_keys = state.signing_keys.len(),
-                revoked = state.revoked.len(),
-                "trust document applied"
-            ),
-            // The retained document again, at a reconnection.
-            Err(ApplyError::Refused(TrustError::Stale { version, applied }))
-                if version == applied =>
-            {
-                debug!(version, "trust document already applied");
+            Ok(state) => {
+                info!(
+                    version = state.version,
+                    signing_keys = state.signing_keys.len(),
+                    revoked = state.revoked.len(),
+                    "trust document applied"
+                );
+                let active = self.serving.as_ref().map(|s| s.installed.slot);
+                for (slot, key_id) in self.installer.slots_signed_by_untrusted() {
+                    let which = if Some(slot) == active {
+                        "the active"
+                    } else {
+                        "the other"
+                    };
+                    warn!(?slot, %key_id, "{which} slot's bundle is signed by a key no longer \
+                        trusted: the device refuses it at its next start; roll out a model \
+                        signed by a trusted key");
+                }
             }
             Err(e) => warn!(error = %e, "trust document refused"),
         }
@@ -596,7 +615,12 @@ impl AgentLoop {
                 return;
             }
             let refused = if current.name != action.model.name {
-                None
+                rollback.then(|| {
+                    format!(
+                        "a rollback goes back within the active model's versions, and {} is active",
+                        current.name
+                    )
+                })
             } else if action.model.version < current.version && !rollback {
                 Some(format!(
                     "version {} is not above the active {}; only a rollback command installs it",
@@ -629,6 +653,18 @@ impl AgentLoop {
             return;
         }
         info!(model = %action.model, rollout = action.rollout_id, "deploying");
+        let journal = Journal {
+            seq,
+            rollback,
+            action: action.clone(),
+        };
+        if let Err(e) = write_atomic(
+            &self.journal_path,
+            &serde_json::to_vec(&journal).expect("journals serialize"),
+        ) {
+            // Without the record a crash would not resume; the install still runs.
+            warn!(error = %e, "cannot record the install in the journal");
+        }
         self.installing = Some(action.model.clone());
         let installer = self.installer.clone();
         let reporter = self.reporter.clone();
@@ -646,8 +682,57 @@ impl AgentLoop {
         });
     }
 
+    /// An install a crash or power cut interrupted, found in the journal at start: if the
+    /// switch had happened the model is active and that is reported; otherwise the install
+    /// runs again (its download resumes where it stopped). The previous model serves
+    /// meanwhile, as the active slot still names it.
+    fn resume_interrupted_install(&mut self) {
+        let bytes = match std::fs::read(&self.journal_path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) => {
+                warn!(error = %e, "cannot read the install journal");
+                return;
+            }
+        };
+        let journal: Journal = match serde_json::from_slice(&bytes) {
+            Ok(j) => j,
+            Err(e) => {
+                warn!(error = %e, "install journal unreadable; discarded");
+                self.clear_journal();
+                return;
+            }
+        };
+        if self.serving.as_ref().map(Serving::model_ref) == Some(journal.action.model.clone()) {
+            info!(model = %journal.action.model, "an install interrupted after its switch: active");
+            self.reporter.deployment(
+                Some(journal.action.rollout_id),
+                journal.seq,
+                Some(journal.action.model.clone()),
+                DeployStage::Active,
+                Some("active after a restart".into()),
+            );
+            self.clear_journal();
+            return;
+        }
+        info!(model = %journal.action.model, "resuming an install interrupted by a restart");
+        // Cleared first: if the install is refused now, it is not retried at every start.
+        // Carrying it out records it again.
+        self.clear_journal();
+        self.on_deploy(journal.seq, journal.action, journal.rollback);
+    }
+
+    fn clear_journal(&self) {
+        if let Err(e) = std::fs::remove_file(&self.journal_path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            warn!(error = %e, "cannot clear the install journal");
+        }
+    }
+
     fn on_install_done(&mut self, outcome: InstallOutcome) {
         self.installing = None;
+        self.clear_journal();
         let InstallOutcome {
             seq,
             action,
@@ -686,6 +771,18 @@ impl AgentLoop {
             }
         }
     }
+}
+
+/// The install journal: the deployment being carried out, written (fsync, rename) before it
+/// starts and removed when it ends, so that a restart in between resumes it.
+const JOURNAL_FILE: &str = "install.json";
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Journal {
+    /// The sequence of the authentic command that asked for it.
+    seq: u64,
+    rollback: bool,
+    action: DeployAction,
 }
 
 /// Downloads, verifies and installs, reporting each stage.

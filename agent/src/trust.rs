@@ -100,10 +100,6 @@ impl Trust {
         self.state.version
     }
 
-    pub fn has_roots(&self) -> bool {
-        !self.state.roots().is_empty()
-    }
-
     /// Verifies, records and adopts a signed document.
     pub fn apply(&mut self, signed: &SignedTrust) -> Result<&TrustState, ApplyError> {
         let next = self.state.apply(signed)?;

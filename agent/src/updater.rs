@@ -45,6 +45,8 @@ pub enum InstallError {
     },
     #[error("the command's bundle digest `{0}` is not 64 lowercase hex digits")]
     BadDigest(String),
+    #[error("{url} sent more than the {announced} bytes the command announces; download stopped")]
+    Oversize { url: String, announced: u64 },
 }
 
 /// The model being served and where it came from.
@@ -210,7 +212,11 @@ impl Installer {
             }
         }
 
-        if received.bytes < size {
+        // At most two requests: a resume, and a fresh start when the server cannot resume
+        // from where this device stands.
+        let mut attempts = 0;
+        while received.bytes < size && attempts < 2 {
+            attempts += 1;
             let failed = |e: reqwest::Error| InstallError::Download {
                 url: url.clone(),
                 reason: e.to_string(),
@@ -223,47 +229,40 @@ impl Installer {
             }
             let mut response = request.send().await.map_err(failed)?;
             let status = response.status().as_u16();
-            match status {
-                206 if received.bytes > 0 => {
-                    let start = content_range_start(&response);
-                    if start != Some(received.bytes) {
-                        return Err(discard(InstallError::Download {
-                            url,
-                            reason: format!(
-                                "asked to resume at byte {} but the server answered {:?}",
-                                received.bytes,
-                                response.headers().get(reqwest::header::CONTENT_RANGE)
-                            ),
-                        }));
-                    }
-                }
-                200 => {
-                    if received.bytes > 0 {
-                        info!(%url, "the server cannot resume; downloading from the start");
-                        file.set_len(0).await.map_err(io("cannot truncate"))?;
-                        received = Received::new(&trusted, self.limits);
-                    }
-                }
+            let restart = match status {
+                206 if received.bytes > 0 => content_range_start(&response) != Some(received.bytes),
+                200 => received.bytes > 0,
+                // The file is shorter than what this device holds of it.
+                416 if received.bytes > 0 => true,
                 _ => return Err(InstallError::HttpStatus { url, status }),
+            };
+            if restart {
+                info!(%url, status, from = received.bytes,
+                    "the server cannot resume from here; downloading from the start");
+                file.set_len(0).await.map_err(io("cannot truncate"))?;
+                received = Received::new(&trusted, self.limits);
+                if status != 200 {
+                    continue;
+                }
             }
+            let oversize = || {
+                discard(InstallError::Oversize {
+                    url: url.clone(),
+                    announced: size,
+                })
+            };
             if response
                 .content_length()
                 .is_some_and(|n| received.bytes + n > size)
             {
-                return Err(InstallError::TooLarge {
-                    expected: size,
-                    limit: size,
-                });
+                return Err(oversize());
             }
             file.seek(std::io::SeekFrom::Start(received.bytes))
                 .await
                 .map_err(io("cannot seek"))?;
             while let Some(chunk) = response.chunk().await.map_err(failed)? {
                 if received.bytes + chunk.len() as u64 > size {
-                    return Err(discard(InstallError::TooLarge {
-                        expected: size,
-                        limit: size,
-                    }));
+                    return Err(oversize());
                 }
                 received.update(&chunk).map_err(|e| discard(e.into()))?;
                 file.write_all(&chunk).await.map_err(io("cannot write"))?;
@@ -350,6 +349,21 @@ impl Installer {
             model: std::sync::Arc::new(model),
             slot,
         })
+    }
+
+    /// Slots holding a bundle signed by a key that is not trusted now (after a trust
+    /// document revoked it): the device would refuse them at its next start.
+    pub fn slots_signed_by_untrusted(&self) -> Vec<(Slot, edgeloop_shared::signing::KeyId)> {
+        let trusted = self.trusted.get();
+        [Slot::A, Slot::B]
+            .into_iter()
+            .filter_map(|slot| {
+                let bytes = self.slots.read(slot).ok()?;
+                let layout = bundle::layout(&bytes, &self.limits).ok()?;
+                let id = edgeloop_shared::signing::KeyId(bytes[layout.key_id].try_into().ok()?);
+                (!trusted.contains(id)).then_some((slot, id))
+            })
+            .collect()
     }
 
     /// Finds the model to serve at start: the active slot's bundle, re-verified and loaded;
@@ -466,6 +480,9 @@ mod tests {
                     r.len()
                 };
                 let _ = socket.write_all(&answer(n, &head)).await;
+                let _ = socket.flush().await;
+                // The client sees what was sent before it sees the connection end.
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 let _ = socket.shutdown().await;
             }
         });
@@ -549,7 +566,12 @@ mod tests {
             .path()
             .join("downloads")
             .join(format!("{}.part", action.bundle_sha256));
-        assert_eq!(std::fs::read(&part).unwrap(), bundle[..cut]);
+        let kept = std::fs::read(&part).unwrap();
+        assert!(
+            kept == bundle[..cut],
+            "the partial file holds {} bytes, not the {cut} received",
+            kept.len()
+        );
 
         // A new installer, as after a restart, picks the partial file up.
         let again = installer(dir.path(), &key);
@@ -576,6 +598,45 @@ mod tests {
         std::fs::write(&part, &bundle[..1000]).unwrap();
         assert_eq!(installer.download(&action).await.unwrap(), *bundle);
         assert_eq!(range_start(&requests.lock().unwrap()[0]), Some(1000));
+    }
+
+    #[tokio::test]
+    async fn a_server_that_answers_another_range_or_416_is_downloaded_from_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = SecretKey::from_seed([9; 32]);
+        let bundle = Arc::new(signed_bundle(&key));
+        for odd in ["wrong range", "416"] {
+            let b = bundle.clone();
+            let (url, requests) = serve(Box::new(move |_, head| match range_start(head) {
+                Some(_) if odd == "416" => response(
+                    "416 Range Not Satisfiable",
+                    &format!("content-range: bytes */{}\r\n", b.len()),
+                    b"",
+                    0,
+                ),
+                // Claims to resume, but from the start of the file.
+                Some(_) => response(
+                    "206 Partial Content",
+                    &format!("content-range: bytes 0-{}/{}\r\n", b.len() - 1, b.len()),
+                    &b,
+                    b.len(),
+                ),
+                None => response("200 OK", "", &b, b.len()),
+            }))
+            .await;
+            let action = action(&url, &bundle);
+            let installer = installer(dir.path(), &key);
+            let part = installer.part_path(&action).unwrap();
+            std::fs::create_dir_all(part.parent().unwrap()).unwrap();
+            std::fs::write(&part, &bundle[..1000]).unwrap();
+            assert_eq!(installer.download(&action).await.unwrap(), *bundle, "{odd}");
+            let requests = requests.lock().unwrap().clone();
+            assert_eq!(
+                requests.iter().map(|r| range_start(r)).collect::<Vec<_>>(),
+                vec![Some(1000), None],
+                "{odd}"
+            );
+        }
     }
 
     #[tokio::test]
@@ -625,8 +686,26 @@ mod tests {
         };
         assert!(matches!(
             installer.download(&short).await,
-            Err(InstallError::TooLarge { .. })
+            Err(InstallError::Oversize { .. })
         ));
+        assert!(!installer.part_path(&short).unwrap().exists());
+        // Without a length announced, the overflow is caught as the bytes arrive.
+        let b = bundle.clone();
+        let (url, _) = serve(Box::new(move |_, _| {
+            let mut out = b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n".to_vec();
+            out.extend_from_slice(&b);
+            out
+        }))
+        .await;
+        let short = DeployAction {
+            bundle_size: bundle.len() as u64 - 10,
+            ..action(&url, &bundle)
+        };
+        assert!(matches!(
+            installer.download(&short).await,
+            Err(InstallError::Oversize { .. })
+        ));
+        assert!(!installer.part_path(&short).unwrap().exists());
         let wrong = DeployAction {
             bundle_sha256: "ab".repeat(32),
             ..action(&url, &bundle)

@@ -60,8 +60,10 @@ impl IntoResponse for ApiError {
         let status = match &self {
             ApiError::BadRequest(_)
             | ApiError::Rollout(RolloutError::NoDevices)
-            | ApiError::Trust(RelayError::Invalid(_)) => StatusCode::BAD_REQUEST,
-            ApiError::Trust(RelayError::NotNewer { .. }) => StatusCode::CONFLICT,
+            | ApiError::Trust(RelayError::Invalid(_) | RelayError::NoRoots) => {
+                StatusCode::BAD_REQUEST
+            }
+            ApiError::Trust(RelayError::Stale(_) | RelayError::Raced) => StatusCode::CONFLICT,
             ApiError::NotFound(_)
             | ApiError::Store(StoreError::NotFound(_))
             | ApiError::Rollout(RolloutError::Store(StoreError::NotFound(_))) => {

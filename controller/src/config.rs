@@ -35,6 +35,8 @@ pub struct ControllerConfig {
     pub topic_root: String,
     pub mqtt_client_id: String,
     pub signing_key: String,
+    /// Root keys whose trust documents the controller relays (see `trust`).
+    pub root_keys: Vec<String>,
     pub offline_after_s: u64,
     pub command_ttl_s: u64,
     pub resend_after_s: u64,
@@ -88,6 +90,10 @@ impl ControllerConfig {
             BrokerAddr::parse(&self.mqtt_url).map_err(|e| invalid("mqtt_url", e.to_string()))?;
         }
         Topics::new(&self.topic_root).map_err(|e| invalid("topic_root", e.to_string()))?;
+        for key in &self.root_keys {
+            edgeloop_shared::signing::PublicKey::parse(key)
+                .map_err(|e| invalid("root_keys", format!("`{key}`: {e}")))?;
+        }
         if self.mqtt_client_id.is_empty() || self.mqtt_client_id.len() > 64 {
             return Err(invalid("mqtt_client_id", "must be 1-64 characters".into()));
         }

@@ -406,6 +406,9 @@ async fn run() -> anyhow::Result<()> {
                     .map(|id| KeyId::parse(id).with_context(|| format!("--revoke {id}")))
                     .collect::<anyhow::Result<_>>()?,
             };
+            document
+                .check()
+                .context("no device would apply this document")?;
             let json = serde_json::to_string_pretty(&SignedTrust::sign(&document, &root))?;
             match out {
                 Some(path) => std::fs::write(&path, format!("{json}\n"))

@@ -136,7 +136,8 @@ impl Controller {
         );
         let trust = Arc::new(
             crate::trust::TrustRelay::start(
-                &config.data_dir,
+                store.clone(),
+                config.root_keys.clone(),
                 topics.trust(),
                 client.clone(),
                 key.clone(),

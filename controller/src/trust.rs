@@ -1,38 +1,54 @@
-//! Trust documents: the controller relays the current one to the fleet.
+//! Trust documents: the controller checks them as a device would and relays the newest to
+//! the fleet.
 //!
 //! An operator signs a document offline with a root key (`edgeloop trust sign`) and hands
 //! it to the controller (`edgeloop trust publish`, `POST /api/v1/trust`). The controller
-//! keeps the newest in `{data_dir}/trust.json` and publishes it retained on
+//! applies it to its own copy of the fleet's trust state, starting from the configured
+//! `root_keys`, exactly as devices do: a document no device would apply (not signed by a
+//! current root, not newer, listing a revoked key) is refused, so nobody who can reach the
+//! API can block a rotation with a bogus high version. The document and the state it leads
+//! to are kept in the store (replicas see the same; a version replaces another only if it
+//! is still the one it was checked against) and published retained on
 //! `{root}/v1/fleet/trust`, again at every start, so that a device gets it whenever it
-//! connects. The controller does not hold root keys and cannot verify the signature:
-//! devices do, against their own roots. It refuses what no device would apply anyway: a
-//! document that does not parse or is not newer than the one it has.
+//! connects.
 
-use std::path::PathBuf;
+use std::sync::Arc;
 
 use edgeloop_shared::signing::SecretKey;
-use edgeloop_shared::trust::{SignedTrust, TrustDocument, TrustError};
+use edgeloop_shared::trust::{SignedTrust, TrustDocument, TrustError, TrustState};
 use rumqttc::{AsyncClient, QoS};
 use serde::Serialize;
-use tokio::sync::Mutex;
 use tracing::{info, warn};
 
-const TRUST_FILE: &str = "trust.json";
+use crate::store::{Store, StoreError, StoredTrust};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
+    #[error("the controller has no root_keys configured, so it cannot check trust documents")]
+    NoRoots,
     #[error("trust document refused: {0}")]
-    Invalid(#[from] TrustError),
-    #[error("trust document version {version} is not above the current {current}")]
-    NotNewer { version: u64, current: u64 },
-    #[error("cannot keep the trust document in {path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    Invalid(TrustError),
+    #[error("trust document refused: {0}")]
+    Stale(TrustError),
+    #[error(
+        "another trust document was published at the same time; check GET /api/v1/trust and try again"
+    )]
+    Raced,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the stored trust document is damaged: {0}")]
+    Corrupt(String),
     #[error("cannot publish the trust document: {0}")]
     Publish(String),
+}
+
+impl From<TrustError> for RelayError {
+    fn from(e: TrustError) -> Self {
+        match e {
+            TrustError::Stale { .. } => RelayError::Stale(e),
+            other => RelayError::Invalid(other),
+        }
+    }
 }
 
 /// The current document with what it says, as the API shows it.
@@ -46,51 +62,45 @@ pub struct Current {
 }
 
 pub struct TrustRelay {
-    path: PathBuf,
+    store: Arc<dyn Store>,
+    root_keys: Vec<String>,
     topic: String,
     client: AsyncClient,
     /// The controller's own signing key, checked against every document.
     signing: SecretKey,
-    current: Mutex<Option<SignedTrust>>,
 }
 
 impl TrustRelay {
-    /// Loads the stored document, if any, and publishes it again.
+    /// Publishes the stored document again, if there is one.
     pub async fn start(
-        data_dir: &std::path::Path,
+        store: Arc<dyn Store>,
+        root_keys: Vec<String>,
         topic: String,
         client: AsyncClient,
         signing: SecretKey,
     ) -> Result<Self, RelayError> {
-        let path = data_dir.join(TRUST_FILE);
-        let current = match std::fs::read(&path) {
-            Ok(bytes) => Some(serde_json::from_slice::<SignedTrust>(&bytes).map_err(|e| {
-                RelayError::Invalid(TrustError::Malformed(format!("{}: {e}", path.display())))
-            })?),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(source) => return Err(RelayError::Io { path, source }),
-        };
         let relay = TrustRelay {
-            path,
+            store,
+            root_keys,
             topic,
             client,
             signing,
-            current: Mutex::new(current.clone()),
         };
-        if let Some(signed) = current {
-            let document = signed.peek()?;
-            if let Some(warning) = relay.warning(&document) {
-                warn!(%warning, "trust document in force");
+        if let Some(current) = relay.current().await? {
+            if let Some(warning) = &current.warning {
+                warn!(%warning, version = current.document.version, "trust document in force");
             }
-            relay.publish(&signed).await?;
+            relay.publish(&current.signed).await?;
         }
         Ok(relay)
     }
 
     pub async fn current(&self) -> Result<Option<Current>, RelayError> {
-        let Some(signed) = self.current.lock().await.clone() else {
+        let Some(stored) = self.store.trust().await? else {
             return Ok(None);
         };
+        let signed: SignedTrust =
+            serde_json::from_str(&stored.signed).map_err(|e| RelayError::Corrupt(e.to_string()))?;
         let document = signed.peek()?;
         Ok(Some(Current {
             warning: self.warning(&document),
@@ -99,32 +109,33 @@ impl TrustRelay {
         }))
     }
 
-    /// Keeps and publishes a newer document.
+    /// Checks a document against the fleet's trust state, keeps it and publishes it.
     pub async fn replace(&self, signed: SignedTrust) -> Result<Current, RelayError> {
-        let document = signed.peek()?;
-        let mut current = self.current.lock().await;
-        if let Some(old) = current.as_ref() {
-            let version = old.peek()?.version;
-            if document.version <= version {
-                return Err(RelayError::NotNewer {
-                    version: document.version,
-                    current: version,
-                });
-            }
-        }
-        let bytes = serde_json::to_vec_pretty(&signed).expect("signed documents serialize");
-        let tmp = self.path.with_extension("tmp");
-        let io = |source| RelayError::Io {
-            path: self.path.clone(),
-            source,
+        let stored = self.store.trust().await?;
+        let state = match &stored {
+            Some(s) => serde_json::from_str::<TrustState>(&s.state)
+                .map_err(|e| RelayError::Corrupt(e.to_string()))?,
+            None if self.root_keys.is_empty() => return Err(RelayError::NoRoots),
+            None => TrustState::configured(&self.root_keys, &[self.signing.public().to_text()])
+                .map_err(|e| RelayError::Invalid(TrustError::BadKey(e)))?,
         };
-        std::fs::write(&tmp, &bytes).map_err(io)?;
-        std::fs::File::open(&tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(io)?;
-        std::fs::rename(&tmp, &self.path).map_err(io)?;
+        let next = state.apply(&signed)?;
+        let replaced = self
+            .store
+            .replace_trust(
+                stored.as_ref().map_or(0, |s| s.version),
+                &StoredTrust {
+                    version: next.version,
+                    state: serde_json::to_string(&next).expect("trust states serialize"),
+                    signed: serde_json::to_string(&signed).expect("signed documents serialize"),
+                },
+            )
+            .await?;
+        if !replaced {
+            return Err(RelayError::Raced);
+        }
         self.publish(&signed).await?;
-        *current = Some(signed.clone());
+        let document = signed.peek()?;
         let warning = self.warning(&document);
         info!(version = document.version, key_id = %signed.key_id, "trust document published");
         if let Some(w) = &warning {

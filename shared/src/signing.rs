@@ -272,6 +272,10 @@ impl TrustedKeys {
         self.keys.is_empty()
     }
 
+    pub fn contains(&self, id: KeyId) -> bool {
+        self.keys.contains_key(&id)
+    }
+
     pub fn verify(
         &self,
         key_id: KeyId,

@@ -36,6 +36,38 @@ pub struct TrustDocument {
     pub revoked: Vec<KeyId>,
 }
 
+impl TrustDocument {
+    /// What makes a document unusable on any device: version 0, an empty key list, a key
+    /// that does not parse, or a key it both lists and revokes. For signing tools; devices
+    /// check this and more in [`TrustState::apply`].
+    pub fn check(&self) -> Result<(), TrustError> {
+        if self.version == 0 {
+            return Err(TrustError::Stale {
+                version: 0,
+                applied: 0,
+            });
+        }
+        check_lists(self, &self.revoked.iter().copied().collect())
+    }
+}
+
+/// Every listed key parses, none is revoked, and both lists have one.
+fn check_lists(document: &TrustDocument, revoked: &BTreeSet<KeyId>) -> Result<(), TrustError> {
+    for key in document.root_keys.iter().chain(&document.signing_keys) {
+        let id = PublicKey::parse(key)?.id();
+        if revoked.contains(&id) {
+            return Err(TrustError::ListsRevoked(id));
+        }
+    }
+    if document.root_keys.is_empty() {
+        return Err(TrustError::Empty("root"));
+    }
+    if document.signing_keys.is_empty() {
+        return Err(TrustError::Empty("signing"));
+    }
+    Ok(())
+}
+
 /// A trust document as it travels: the signed bytes, base64-encoded, and their signature.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -160,18 +192,7 @@ impl TrustState {
         }
         let mut revoked = self.revoked.clone();
         revoked.extend(document.revoked.iter().copied());
-        for key in document.root_keys.iter().chain(&document.signing_keys) {
-            let id = PublicKey::parse(key)?.id();
-            if revoked.contains(&id) {
-                return Err(TrustError::ListsRevoked(id));
-            }
-        }
-        if document.root_keys.is_empty() {
-            return Err(TrustError::Empty("root"));
-        }
-        if document.signing_keys.is_empty() {
-            return Err(TrustError::Empty("signing"));
-        }
+        check_lists(&document, &revoked)?;
         Ok(TrustState {
             version: document.version,
             root_keys: document.root_keys,
@@ -298,6 +319,23 @@ mod tests {
             applied.apply(&garbled),
             Err(TrustError::Encoding(_))
         ));
+    }
+
+    #[test]
+    fn a_document_no_device_could_apply_is_caught_before_signing() {
+        assert!(doc(1, &[1], &[2], &[]).check().is_ok());
+        assert!(matches!(
+            doc(0, &[1], &[2], &[]).check(),
+            Err(TrustError::Stale { version: 0, .. })
+        ));
+        assert_eq!(
+            doc(1, &[1], &[2], &[2]).check(),
+            Err(TrustError::ListsRevoked(key(2).id()))
+        );
+        assert_eq!(
+            doc(1, &[1], &[], &[]).check(),
+            Err(TrustError::Empty("signing"))
+        );
     }
 
     #[test]

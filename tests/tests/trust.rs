@@ -51,11 +51,14 @@ async fn post_trust(ctl: &TestController, signed: &SignedTrust) -> (u16, serde_j
 }
 
 async fn rotation_and_revocation(broker: BrokerChoice) {
-    let Some(ctl) = TestController::start(broker).await else {
+    let root = SecretKey::from_seed([7; 32]);
+    let root_public = root.public().to_text();
+    let Some(ctl) =
+        TestController::start_with(broker, |c| c.root_keys = vec![root_public.clone()]).await
+    else {
         eprintln!("skipped: {} is not set", edgeloop_tests::MQTT_URL_VAR);
         return;
     };
-    let root = SecretKey::from_seed([7; 32]);
     let old = ctl.controller.signing_key().clone();
     let new = SecretKey::from_seed([8; 32]);
     let mut config = ctl.agent_config("valve-1", WINDOW);
@@ -67,8 +70,8 @@ async fn rotation_and_revocation(broker: BrokerChoice) {
     ctl.controller.rollout("vibration", 1, None).await.unwrap();
     ctl.wait_for_model("valve-1", Some(1)).await;
 
-    // A document signed by the controller's own (signing) key is no root's: refused by
-    // the device, which keeps trusting what it did.
+    // A document signed by the controller's own (signing) key is no root's: the controller
+    // checks it as a device would and refuses to relay it.
     let document = |version: u64| TrustDocument {
         version,
         issued_ms: edgeloop_agent::now_ms(),
@@ -76,8 +79,15 @@ async fn rotation_and_revocation(broker: BrokerChoice) {
         signing_keys: vec![new.public().to_text()],
         revoked: vec![old.id()],
     };
-    let (status, _) = post_trust(&ctl, &SignedTrust::sign(&document(1), &old)).await;
-    assert_eq!(status, 201, "the controller relays what it cannot verify");
+    let (status, body) = post_trust(&ctl, &SignedTrust::sign(&document(1), &old)).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("not among the trusted keys"),
+        "{body}"
+    );
 
     // The root rotates to the new key and revokes the old one.
     let (status, body) = post_trust(&ctl, &SignedTrust::sign(&document(2), &root)).await;

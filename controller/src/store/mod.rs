@@ -291,6 +291,14 @@ pub struct RolloutRow {
     pub deployments: Vec<DeploymentRow>,
 }
 
+/// The trust document the controller relays, with the trust state it leads to (both JSON).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredTrust {
+    pub version: u64,
+    pub state: String,
+    pub signed: String,
+}
+
 /// A deployment the dispatcher should (re)send a command for.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DueDeployment {
@@ -353,6 +361,12 @@ pub trait Store: Send + Sync + 'static {
         ttl_ms: u64,
     ) -> Result<bool>;
     async fn deployment_events(&self, device_id: &str, limit: u32) -> Result<Vec<DeploymentEvent>>;
+
+    /// The trust document being relayed, if any.
+    async fn trust(&self) -> Result<Option<StoredTrust>>;
+    /// Replaces the trust document if the stored one is still version `previous` (0: none
+    /// yet); false when another replica replaced it first.
+    async fn replace_trust(&self, previous: u64, next: &StoredTrust) -> Result<bool>;
 
     /// Records a published model; a name and version that exist already are a conflict.
     async fn insert_model(&self, model: &ModelRow) -> Result<()>;

@@ -118,8 +118,17 @@ ALTER TABLE devices ADD COLUMN dropped_telemetry BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE devices ADD COLUMN dropped_samples BIGINT NOT NULL DEFAULT 0;
 ";
 
-/// Version 3: rollbacks (a rollout devices accept below their active version).
-const SCHEMA_V3: &str = "ALTER TABLE rollouts ADD COLUMN rollback BOOLEAN NOT NULL DEFAULT FALSE;";
+/// Version 3: rollbacks (a rollout devices accept below their active version); the trust
+/// document being relayed.
+const SCHEMA_V3: &str = "
+ALTER TABLE rollouts ADD COLUMN rollback BOOLEAN NOT NULL DEFAULT FALSE;
+CREATE TABLE trust (
+    id BIGINT PRIMARY KEY CHECK (id = 1),
+    version BIGINT NOT NULL,
+    state TEXT NOT NULL,
+    signed TEXT NOT NULL
+);
+";
 
 /// A PostgreSQL database reached through a connection pool.
 #[derive(Clone)]
@@ -694,6 +703,32 @@ impl Store for PgStore {
                 })
             })
             .collect()
+    }
+
+    async fn trust(&self) -> Result<Option<StoredTrust>> {
+        let client = self.client().await?;
+        Ok(client
+            .query_opt("SELECT version, state, signed FROM trust WHERE id = 1", &[])
+            .await?
+            .map(|r| StoredTrust {
+                version: u(r.get(0)),
+                state: r.get(1),
+                signed: r.get(2),
+            }))
+    }
+
+    async fn replace_trust(&self, previous: u64, next: &StoredTrust) -> Result<bool> {
+        let client = self.client().await?;
+        let changed = client
+            .execute(
+                "INSERT INTO trust (id, version, state, signed) VALUES (1, $1, $2, $3)
+                 ON CONFLICT (id) DO UPDATE SET version = excluded.version,
+                     state = excluded.state, signed = excluded.signed
+                 WHERE trust.version = $4",
+                &[&i(next.version), &next.state, &next.signed, &i(previous)],
+            )
+            .await?;
+        Ok(changed == 1)
     }
 
     async fn deployment_events(&self, device_id: &str, limit: u32) -> Result<Vec<DeploymentEvent>> {

@@ -116,8 +116,17 @@ ALTER TABLE devices ADD COLUMN dropped_telemetry INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE devices ADD COLUMN dropped_samples INTEGER NOT NULL DEFAULT 0;
 ";
 
-/// Version 3: rollbacks (a rollout devices accept below their active version).
-const SCHEMA_V3: &str = "ALTER TABLE rollouts ADD COLUMN rollback INTEGER NOT NULL DEFAULT 0;";
+/// Version 3: rollbacks (a rollout devices accept below their active version); the trust
+/// document being relayed.
+const SCHEMA_V3: &str = "
+ALTER TABLE rollouts ADD COLUMN rollback INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE trust (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    version INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    signed TEXT NOT NULL
+);
+";
 
 impl From<rusqlite::Error> for StoreError {
     fn from(source: rusqlite::Error) -> Self {
@@ -723,6 +732,45 @@ impl Store for SqliteStore {
                 params![name, holder, (now_ms + ttl_ms) as i64, now_ms as i64],
             )?;
             Ok(taken == 1)
+        })
+        .await
+    }
+
+    async fn trust(&self) -> Result<Option<StoredTrust>> {
+        self.call(|conn| {
+            Ok(conn
+                .query_row(
+                    "SELECT version, state, signed FROM trust WHERE id = 1",
+                    [],
+                    |r| {
+                        Ok(StoredTrust {
+                            version: u(r.get(0)?),
+                            state: r.get(1)?,
+                            signed: r.get(2)?,
+                        })
+                    },
+                )
+                .optional()?)
+        })
+        .await
+    }
+
+    async fn replace_trust(&self, previous: u64, next: &StoredTrust) -> Result<bool> {
+        let next = next.clone();
+        self.call(move |conn| {
+            let changed = conn.execute(
+                "INSERT INTO trust (id, version, state, signed) VALUES (1, ?1, ?2, ?3)
+                 ON CONFLICT (id) DO UPDATE SET version = excluded.version,
+                     state = excluded.state, signed = excluded.signed
+                 WHERE trust.version = ?4",
+                params![
+                    next.version as i64,
+                    next.state,
+                    next.signed,
+                    previous as i64
+                ],
+            )?;
+            Ok(changed == 1)
         })
         .await
     }

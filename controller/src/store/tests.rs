@@ -307,6 +307,7 @@ pub async fn suite(store: &dyn Store) {
     assert!(store.rollout(99).await.unwrap().is_none());
 
     hourly_aggregates_and_retention(store).await;
+    the_trust_document_is_replaced_only_from_the_version_it_was_checked_against(store).await;
 
     // Registration adds what is new and leaves known devices as they are.
     assert!(!store.device_exists("reg-1").await.unwrap());
@@ -343,6 +344,24 @@ pub async fn suite(store: &dyn Store) {
 }
 
 /// Hourly aggregates fold each stored summary once; retention prunes by age.
+async fn the_trust_document_is_replaced_only_from_the_version_it_was_checked_against(
+    store: &dyn Store,
+) {
+    let document = |version: u64| StoredTrust {
+        version,
+        state: format!("state {version}"),
+        signed: format!("signed {version}"),
+    };
+    assert_eq!(store.trust().await.unwrap(), None);
+    assert!(store.replace_trust(0, &document(1)).await.unwrap());
+    // Another replica that also checked against "none yet" loses.
+    assert!(!store.replace_trust(0, &document(1)).await.unwrap());
+    assert!(!store.replace_trust(5, &document(2)).await.unwrap());
+    assert_eq!(store.trust().await.unwrap(), Some(document(1)));
+    assert!(store.replace_trust(1, &document(2)).await.unwrap());
+    assert_eq!(store.trust().await.unwrap(), Some(document(2)));
+}
+
 async fn hourly_aggregates_and_retention(store: &dyn Store) {
     const HOUR: u64 = 3_600_000;
     let at = |id: &str, end: u64, psi: f64| {
