@@ -231,8 +231,9 @@ pub struct LinkConfig {
     /// Largest MQTT packet received.
     pub max_packet_bytes: usize,
     /// How long a sent message waits for its receipt before it is sent again. Doubles with
-    /// every resend (up to ten minutes) until everything sent is confirmed, so a controller
-    /// that is down or behind is not flooded with copies.
+    /// every resend of that message (up to ten minutes), so a controller that is down or
+    /// behind is not flooded with copies, while a message lost alone (a broker that dropped
+    /// it) goes again after this base time whatever happened to the others.
     pub receipt_timeout: Duration,
     pub packing: Packing,
 }
@@ -337,8 +338,6 @@ pub struct Link {
     config: LinkConfig,
     outbox: Outbox,
     incoming: mpsc::Sender<Publish>,
-    /// The current receipt timeout (see [`LinkConfig::receipt_timeout`]).
-    resend_after: Duration,
 }
 
 /// Capacity of the channel from a connection's event-loop task to the link.
@@ -371,8 +370,27 @@ struct Inflight {
     awaiting_pkid: VecDeque<Vec<u64>>,
     /// Packet id → outbox ids, for publishes waiting for their PUBACK.
     by_pkid: HashMap<u16, Vec<u64>>,
-    /// Entries sent in this connection and not yet confirmed by a receipt, with when.
-    sent: HashMap<u64, Instant>,
+    /// Entries sent in this connection and not yet confirmed by a receipt.
+    sent: HashMap<u64, Sent>,
+    /// How many times entries taken back for a resend were sent in this connection.
+    resent: HashMap<u64, u32>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Sent {
+    at: Instant,
+    times: u32,
+}
+
+impl Sent {
+    /// Whether its receipt is overdue at `now`: after the base timeout, doubled for every
+    /// earlier send.
+    fn overdue(&self, base: Duration, now: Instant) -> bool {
+        let wait = base
+            .saturating_mul(1 << (self.times.saturating_sub(1)).min(16))
+            .min(MAX_RECEIPT_TIMEOUT);
+        now.saturating_duration_since(self.at) >= wait
+    }
 }
 
 impl Inflight {
@@ -392,7 +410,6 @@ impl Inflight {
 impl Link {
     pub fn new(config: LinkConfig, outbox: Outbox, incoming: mpsc::Sender<Publish>) -> Self {
         Link {
-            resend_after: config.receipt_timeout,
             config,
             outbox,
             incoming,
@@ -551,36 +568,33 @@ impl Link {
             Ok(removed) => {
                 for id in removed {
                     flight.sent.remove(&id);
+                    flight.resent.remove(&id);
                 }
             }
             // The entries stay and are sent again later: a duplicate, not a loss.
             Err(e) => warn!(error = %e, "cannot remove confirmed outbox entries"),
         }
-        // Caught up: the next silence starts from the base timeout again.
-        if flight.sent.is_empty() {
-            self.resend_after = self.config.receipt_timeout;
-        }
     }
 
     /// Makes entries whose receipt is overdue due again.
     fn rewind_unconfirmed(&mut self, flight: &mut Inflight) {
+        let (base, now) = (self.config.receipt_timeout, Instant::now());
         let overdue: Vec<u64> = flight
             .sent
             .iter()
-            .filter(|(id, at)| at.elapsed() >= self.resend_after && !flight.awaiting_puback(**id))
+            .filter(|(id, sent)| sent.overdue(base, now) && !flight.awaiting_puback(**id))
             .map(|(id, _)| *id)
             .collect();
         let Some(&first) = overdue.iter().min() else {
             return;
         };
-        debug!(count = overdue.len(), after = ?self.resend_after, "no receipt; sending again");
+        debug!(count = overdue.len(), "no receipt; sending again");
         for id in &overdue {
-            flight.sent.remove(id);
+            if let Some(sent) = flight.sent.remove(id) {
+                flight.resent.insert(*id, sent.times);
+            }
         }
         flight.cursor = flight.cursor.min(first - 1);
-        // Every resend while not caught up waits twice as long as the last, so a controller
-        // working through a backlog is not flooded with copies.
-        self.resend_after = (self.resend_after * 2).min(MAX_RECEIPT_TIMEOUT);
     }
 
     /// Hands outbox entries to the MQTT client until the in-flight window is full.
@@ -637,7 +651,8 @@ impl Link {
                     }
                     let now = Instant::now();
                     for id in &publication.ids {
-                        flight.sent.insert(*id, now);
+                        let times = flight.resent.remove(id).unwrap_or(0) + 1;
+                        flight.sent.insert(*id, Sent { at: now, times });
                     }
                     flight.awaiting_pkid.push_back(publication.ids);
                 }
@@ -748,6 +763,19 @@ mod tests {
         let entries: Vec<OutboxEntry> = (1..=8).map(|i| entry(i, "t", 400)).collect();
         let (publications, _) = packing.encode("d", &entries);
         assert_eq!(publications.len(), 1);
+    }
+
+    #[test]
+    fn each_message_backs_off_on_its_own() {
+        let base = Duration::from_secs(10);
+        let at = Instant::now();
+        let overdue = |after_s: u64, times: u32| {
+            Sent { at, times }.overdue(base, at + Duration::from_secs(after_s))
+        };
+        assert!(!overdue(9, 1) && overdue(10, 1));
+        assert!(!overdue(19, 2) && overdue(20, 2));
+        assert!(!overdue(39, 3) && overdue(40, 3));
+        assert!(!overdue(599, 40) && overdue(600, 40), "ten minutes at most");
     }
 
     #[test]
