@@ -532,11 +532,22 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_cut_download_resumes_where_it_stopped_also_after_a_restart() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A state directory, a signing key and a bundle it signed.
+    fn fixture() -> (tempfile::TempDir, SecretKey, Arc<Vec<u8>>) {
         let key = SecretKey::from_seed([9; 32]);
         let bundle = Arc::new(signed_bundle(&key));
+        (tempfile::tempdir().unwrap(), key, bundle)
+    }
+
+    /// A server answering every request with the whole of `bundle`.
+    fn whole(bundle: &Arc<Vec<u8>>) -> Answer {
+        let b = bundle.clone();
+        Box::new(move |_, _| response("200 OK", "", &b, b.len()))
+    }
+
+    #[tokio::test]
+    async fn a_cut_download_resumes_where_it_stopped_also_after_a_restart() {
+        let (dir, key, bundle) = fixture();
         let cut = bundle.len() / 2;
         let b = bundle.clone();
         let (url, requests) = serve(Box::new(move |n, head| match (n, range_start(head)) {
@@ -585,12 +596,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_server_that_cannot_resume_is_downloaded_from_the_start() {
-        let dir = tempfile::tempdir().unwrap();
-        let key = SecretKey::from_seed([9; 32]);
-        let bundle = Arc::new(signed_bundle(&key));
-        let b = bundle.clone();
-        let (url, requests) =
-            serve(Box::new(move |_, _| response("200 OK", "", &b, b.len()))).await;
+        let (dir, key, bundle) = fixture();
+        let (url, requests) = serve(whole(&bundle)).await;
         let action = action(&url, &bundle);
         let installer = installer(dir.path(), &key);
         let part = installer.part_path(&action).unwrap();
@@ -602,9 +609,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_server_that_answers_another_range_or_416_is_downloaded_from_the_start() {
-        let dir = tempfile::tempdir().unwrap();
-        let key = SecretKey::from_seed([9; 32]);
-        let bundle = Arc::new(signed_bundle(&key));
+        let (dir, key, bundle) = fixture();
         for odd in ["wrong range", "416"] {
             let b = bundle.clone();
             let (url, requests) = serve(Box::new(move |_, head| match range_start(head) {
@@ -641,14 +646,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_tampered_head_stops_the_download_and_leaves_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let key = SecretKey::from_seed([9; 32]);
-        let bundle = signed_bundle(&key);
+        let (dir, key, bundle) = fixture();
         let layout = bundle::layout(&bundle, &Limits::default()).unwrap();
-        let mut tampered = bundle.clone();
+        let mut tampered = bundle.to_vec();
         tampered[layout.manifest.start + 10] ^= 0x20;
-        let t = Arc::new(tampered.clone());
-        let (url, _) = serve(Box::new(move |_, _| response("200 OK", "", &t, t.len()))).await;
+        let (url, _) = serve(whole(&Arc::new(tampered.clone()))).await;
         let installer = installer(dir.path(), &key);
         let action = action(&url, &tampered);
         let err = installer.download(&action).await.unwrap_err();
@@ -674,38 +676,29 @@ mod tests {
 
     #[tokio::test]
     async fn more_bytes_than_announced_and_a_wrong_digest_are_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let key = SecretKey::from_seed([9; 32]);
-        let bundle = Arc::new(signed_bundle(&key));
-        let b = bundle.clone();
-        let (url, _) = serve(Box::new(move |_, _| response("200 OK", "", &b, b.len()))).await;
+        let (dir, key, bundle) = fixture();
         let installer = installer(dir.path(), &key);
-        let short = DeployAction {
-            bundle_size: bundle.len() as u64 - 10,
-            ..action(&url, &bundle)
-        };
-        assert!(matches!(
-            installer.download(&short).await,
-            Err(InstallError::Oversize { .. })
-        ));
-        assert!(!installer.part_path(&short).unwrap().exists());
-        // Without a length announced, the overflow is caught as the bytes arrive.
+        // With a length announced, and without one: then the overflow is caught as the
+        // bytes arrive.
         let b = bundle.clone();
-        let (url, _) = serve(Box::new(move |_, _| {
+        let unannounced: Answer = Box::new(move |_, _| {
             let mut out = b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n".to_vec();
             out.extend_from_slice(&b);
             out
-        }))
-        .await;
-        let short = DeployAction {
-            bundle_size: bundle.len() as u64 - 10,
-            ..action(&url, &bundle)
-        };
-        assert!(matches!(
-            installer.download(&short).await,
-            Err(InstallError::Oversize { .. })
-        ));
-        assert!(!installer.part_path(&short).unwrap().exists());
+        });
+        let mut url = String::new();
+        for answer in [whole(&bundle), unannounced] {
+            url = serve(answer).await.0;
+            let short = DeployAction {
+                bundle_size: bundle.len() as u64 - 10,
+                ..action(&url, &bundle)
+            };
+            assert!(matches!(
+                installer.download(&short).await,
+                Err(InstallError::Oversize { .. })
+            ));
+            assert!(!installer.part_path(&short).unwrap().exists());
+        }
         let wrong = DeployAction {
             bundle_sha256: "ab".repeat(32),
             ..action(&url, &bundle)

@@ -121,6 +121,22 @@ enum TrustCommand {
     },
 }
 
+/// POSTs `body` to the controller's API; its answer, or its error as the controller said it.
+async fn post_json(url: &str, body: &serde_json::Value) -> anyhow::Result<String> {
+    let response = reqwest::Client::new()
+        .post(url)
+        .json(body)
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the controller at {url}"))?;
+    let status = response.status();
+    let text = response.text().await?;
+    if !status.is_success() {
+        bail!("controller answered {status}: {text}");
+    }
+    Ok(text)
+}
+
 /// A public key given on the command line: its text, or a file holding it.
 fn public_key_arg(arg: &str) -> anyhow::Result<String> {
     use edgeloop_shared::signing::PublicKey;
@@ -428,18 +444,7 @@ async fn run() -> anyhow::Result<()> {
             let body: serde_json::Value = serde_json::from_str(&text)
                 .with_context(|| format!("{} is not JSON", document.display()))?;
             let url = format!("{}/api/v1/trust", controller.trim_end_matches('/'));
-            let response = reqwest::Client::new()
-                .post(&url)
-                .json(&body)
-                .send()
-                .await
-                .with_context(|| format!("cannot reach the controller at {url}"))?;
-            let status = response.status();
-            let text = response.text().await?;
-            if !status.is_success() {
-                bail!("controller answered {status}: {text}");
-            }
-            println!("{text}");
+            println!("{}", post_json(&url, &body).await?);
         }
         Command::Rollout {
             command:
@@ -457,18 +462,7 @@ async fn run() -> anyhow::Result<()> {
                 body["devices"] = serde_json::json!(devices);
             }
             let url = format!("{}/api/v1/rollouts", controller.trim_end_matches('/'));
-            let response = reqwest::Client::new()
-                .post(&url)
-                .json(&body)
-                .send()
-                .await
-                .with_context(|| format!("cannot reach the controller at {url}"))?;
-            let status = response.status();
-            let text = response.text().await?;
-            if !status.is_success() {
-                bail!("controller answered {status}: {text}");
-            }
-            println!("{text}");
+            println!("{}", post_json(&url, &body).await?);
         }
         Command::Demo {
             devices,

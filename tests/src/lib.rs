@@ -18,6 +18,10 @@ use edgeloop_controller::demo::{
 use edgeloop_controller::registry::PublishRequest;
 use edgeloop_controller::server::Controller;
 use edgeloop_controller::store::ModelRow;
+use edgeloop_shared::command::{Command, CommandAction, DeployAction, SignedCommand};
+use edgeloop_shared::protocol::{Envelope, Message, ModelRef};
+use edgeloop_shared::signing::SecretKey;
+use edgeloop_shared::topics::{Channel, Topics};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -278,6 +282,73 @@ impl TestController {
     }
 
     /// A raw MQTT client on the same broker, for injecting messages.
+    /// Waits until `device` has reported a deployment stage `stage` whose detail contains
+    /// `detail`.
+    pub async fn wait_for_report(&self, device: &str, stage: &str, detail: &str) {
+        let path = format!("/api/v1/devices/{device}/deployments?limit=100");
+        wait_until(
+            &format!("{device} reports {stage}: …{detail}…"),
+            Duration::from_secs(30),
+            || async {
+                self.get(&path).await.as_array().unwrap().iter().any(|e| {
+                    e["stage"] == stage && e["detail"].as_str().is_some_and(|d| d.contains(detail))
+                })
+            },
+        )
+        .await;
+    }
+
+    /// A deploy command for `device` of vibration `version`, valid for a minute.
+    pub fn deploy_command(
+        device: &str,
+        seq: u64,
+        rollout_id: u64,
+        version: u64,
+        bundle_sha256: &str,
+        bundle_size: u64,
+    ) -> Command {
+        Command {
+            device_id: device.into(),
+            seq,
+            issued_ms: now_ms(),
+            expires_ms: now_ms() + 60_000,
+            action: CommandAction::Deploy(DeployAction {
+                rollout_id,
+                model: ModelRef {
+                    name: MODEL_NAME.into(),
+                    version,
+                },
+                bundle_url: format!("/artifacts/{MODEL_NAME}/{version}"),
+                bundle_sha256: bundle_sha256.into(),
+                bundle_size,
+            }),
+        }
+    }
+
+    /// Signs `command` with `key` and publishes it on its device's command topic, as the
+    /// controller would (or an attacker holding `key`). Keep the client it returns until the
+    /// command has had its effect: dropping it ends its connection.
+    pub async fn send_command(
+        &self,
+        command: &Command,
+        key: &SecretKey,
+        msg_id: &str,
+    ) -> RawClient {
+        let envelope = Envelope::new(
+            command.device_id.clone(),
+            msg_id,
+            edgeloop_agent::now_ms(),
+            Message::Command(SignedCommand::sign(command, key)),
+        );
+        let topic = Topics::new(&self.root)
+            .unwrap()
+            .device(&command.device_id, Channel::Commands)
+            .unwrap();
+        let client = self.raw_client(&format!("sender-{msg_id}")).await;
+        client.publish(&topic, envelope.encode()).await;
+        client
+    }
+
     pub async fn raw_client(&self, name: &str) -> RawClient {
         RawClient::connect(&self.controller.mqtt_url, &format!("{}-{name}", self.root)).await
     }

@@ -5,8 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use edgeloop_shared::bundle::{self, Limits};
-use edgeloop_shared::command::{Command, CommandAction, DeployAction, SignedCommand};
-use edgeloop_shared::protocol::{Envelope, Message, ModelRef};
+use edgeloop_shared::protocol::{Envelope, Message};
 use edgeloop_shared::signing::SecretKey;
 use edgeloop_shared::topics::{Channel, Topics};
 use edgeloop_tests::{BrokerChoice, TestController, on_both_brokers, wait_until};
@@ -293,54 +292,12 @@ async fn tampered_bundles_and_forged_commands_are_refused(broker: BrokerChoice) 
 
     // A deploy command signed by a key the device does not trust is refused and reported.
     let stranger = SecretKey::from_seed([42; 32]);
-    let command = Command {
-        device_id: "press-1".into(),
-        seq: u64::MAX / 2,
-        issued_ms: edgeloop_agent::now_ms(),
-        expires_ms: edgeloop_agent::now_ms() + 60_000,
-        action: CommandAction::Deploy(DeployAction {
-            rollout_id: 999,
-            model: ModelRef {
-                name: "vibration".into(),
-                version: 5,
-            },
-            bundle_url: "/artifacts/vibration/1".into(),
-            bundle_sha256: "00".repeat(32),
-            bundle_size: 1,
-        }),
-    };
-    let envelope = Envelope::new(
-        "press-1",
-        "forged-1",
-        edgeloop_agent::now_ms(),
-        Message::Command(SignedCommand::sign(&command, &stranger)),
-    );
-    let topics = Topics::new(&ctl.root).unwrap();
-    let raw = ctl.raw_client("attacker").await;
-    raw.publish(
-        &topics.device("press-1", Channel::Commands).unwrap(),
-        envelope.encode(),
-    )
-    .await;
-    wait_until(
-        "forged command reported as rejected",
-        Duration::from_secs(20),
-        || async {
-            ctl.get("/api/v1/devices/press-1/deployments?limit=50")
-                .await
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|e| {
-                    e["stage"] == "rejected"
-                        && e["detail"]
-                            .as_str()
-                            .unwrap()
-                            .contains("not among the trusted keys")
-                })
-        },
-    )
-    .await;
+    // Its sequence number is huge: if the device recorded it, later commands would fail.
+    let command =
+        TestController::deploy_command("press-1", u64::MAX / 2, 999, 5, &"00".repeat(32), 1);
+    let _attacker = ctl.send_command(&command, &stranger, "forged-1").await;
+    ctl.wait_for_report("press-1", "rejected", "not among the trusted keys")
+        .await;
 
     // And a genuine update still goes through afterwards: the forged sequence number did
     // not poison the device's replay protection, and the device is healthy.

@@ -4,10 +4,8 @@
 
 use std::time::Duration;
 
-use edgeloop_shared::command::{Command, CommandAction, DeployAction, SignedCommand};
-use edgeloop_shared::protocol::{Envelope, Message, ModelRef};
 use edgeloop_shared::signing::SecretKey;
-use edgeloop_shared::topics::{Channel, Topics};
+use edgeloop_shared::topics::Topics;
 use edgeloop_shared::trust::{SignedTrust, TrustDocument};
 use edgeloop_tests::{BrokerChoice, TestController, on_both_brokers, wait_until};
 
@@ -110,24 +108,8 @@ async fn rotation_and_revocation(broker: BrokerChoice) {
     // is echoed: the device's report names no rollout.
     ctl.publish_example(2).await;
     ctl.controller.rollout("vibration", 2, None).await.unwrap();
-    wait_until(
-        "the revoked key's command is refused",
-        Duration::from_secs(30),
-        || async {
-            ctl.get("/api/v1/devices/valve-1/deployments?limit=100")
-                .await
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|e| {
-                    e["stage"] == "rejected"
-                        && e["detail"]
-                            .as_str()
-                            .is_some_and(|d| d.contains("not among the trusted keys"))
-                })
-        },
-    )
-    .await;
+    ctl.wait_for_report("valve-1", "rejected", "not among the trusted keys")
+        .await;
     assert_eq!(ctl.device("valve-1").await.unwrap()["model_version"], 1);
 
     // A command signed by the new key is carried out, and the bundle, still signed by the
@@ -139,35 +121,15 @@ async fn rotation_and_revocation(broker: BrokerChoice) {
         .await
         .unwrap()
         .unwrap();
-    let command = Command {
-        device_id: "valve-1".into(),
-        seq: edgeloop_agent::now_ms() + 10_000_000,
-        issued_ms: edgeloop_agent::now_ms(),
-        expires_ms: edgeloop_agent::now_ms() + 60_000,
-        action: CommandAction::Deploy(DeployAction {
-            rollout_id: 4242,
-            model: ModelRef {
-                name: "vibration".into(),
-                version: 2,
-            },
-            bundle_url: "/artifacts/vibration/2".into(),
-            bundle_sha256: v2.bundle_sha256.clone(),
-            bundle_size: v2.bundle_size,
-        }),
-    };
-    let envelope = Envelope::new(
+    let command = TestController::deploy_command(
         "valve-1",
-        "rotated-1",
-        edgeloop_agent::now_ms(),
-        Message::Command(SignedCommand::sign(&command, &new)),
+        edgeloop_agent::now_ms() + 10_000_000,
+        4242,
+        2,
+        &v2.bundle_sha256,
+        v2.bundle_size,
     );
-    let topics = Topics::new(&ctl.root).unwrap();
-    let raw = ctl.raw_client("operator").await;
-    raw.publish(
-        &topics.device("valve-1", Channel::Commands).unwrap(),
-        envelope.encode(),
-    )
-    .await;
+    let raw = ctl.send_command(&command, &new, "rotated-1").await;
     wait_until(
         "the new key's command is carried out up to bundle verification",
         Duration::from_secs(30),
@@ -194,6 +156,7 @@ async fn rotation_and_revocation(broker: BrokerChoice) {
     assert_eq!(ctl.device("valve-1").await.unwrap()["model_version"], 1);
 
     // The retained document is cleared, so that a shared broker keeps nothing of the test.
+    let topics = Topics::new(&ctl.root).unwrap();
     raw.client
         .publish(topics.trust(), rumqttc::QoS::AtLeastOnce, true, Vec::new())
         .await
