@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use edgeloop_shared::command::{CommandAction, CommandError, DeployAction, SignedCommand};
+use edgeloop_shared::command::{
+    CommandAction, CommandError, DeployAction, Disposition, SignedCommand,
+};
 use edgeloop_shared::drift::DriftWindow;
 use edgeloop_shared::protocol::{
     DeployStage, DeviceStatus, DriftSummary, Envelope, MAX_MESSAGE_BYTES, Message, ModelRef,
@@ -590,61 +592,37 @@ impl AgentLoop {
             return;
         }
         self.last_seq = Ok(Some(command.seq));
-        let rollback = command.action.is_rollback();
-        match command.action {
-            CommandAction::Deploy(action) | CommandAction::Rollback(action) => {
-                self.on_deploy(command.seq, action, rollback)
-            }
-        }
+        self.on_deploy(command.seq, command.action);
     }
 
     /// Installs what a deploy or rollback command names. Anti-rollback: a deploy of the
     /// active model's name must raise its version; only a rollback lowers it, and a rollback
     /// must lower it.
-    fn on_deploy(&mut self, seq: u64, action: DeployAction, rollback: bool) {
-        if let Some(serving) = &self.serving {
-            let current = serving.model_ref();
-            if current == action.model {
-                self.reporter.deployment(
-                    Some(action.rollout_id),
-                    seq,
-                    Some(action.model.clone()),
-                    DeployStage::Active,
-                    Some("already active".into()),
-                );
+    fn on_deploy(&mut self, seq: u64, command: CommandAction) {
+        let active = self.serving.as_ref().map(Serving::model_ref);
+        let disposition = command.disposition(active.as_ref());
+        let rollback = command.is_rollback();
+        let (CommandAction::Deploy(action) | CommandAction::Rollback(action)) = command;
+        let report = |stage, detail: String| {
+            self.reporter.deployment(
+                Some(action.rollout_id),
+                seq,
+                Some(action.model.clone()),
+                stage,
+                Some(detail),
+            )
+        };
+        match disposition {
+            Ok(Disposition::AlreadyActive) => {
+                report(DeployStage::Active, "already active".into());
                 return;
             }
-            let refused = if current.name != action.model.name {
-                rollback.then(|| {
-                    format!(
-                        "a rollback goes back within the active model's versions, and {} is active",
-                        current.name
-                    )
-                })
-            } else if action.model.version < current.version && !rollback {
-                Some(format!(
-                    "version {} is not above the active {}; only a rollback command installs it",
-                    action.model.version, current.version
-                ))
-            } else if action.model.version > current.version && rollback {
-                Some(format!(
-                    "rollback to version {} is not below the active {}",
-                    action.model.version, current.version
-                ))
-            } else {
-                None
-            };
-            if let Some(detail) = refused {
-                warn!(model = %action.model, %detail, "deployment refused");
-                self.reporter.deployment(
-                    Some(action.rollout_id),
-                    seq,
-                    Some(action.model.clone()),
-                    DeployStage::Rejected,
-                    Some(detail),
-                );
+            Err(e) => {
+                warn!(model = %action.model, reason = %e, "deployment refused");
+                report(DeployStage::Rejected, e.to_string());
                 return;
             }
+            Ok(Disposition::Install) => {}
         }
         if let Some(busy) = &self.installing {
             // One install at a time. The controller sends a quiet deployment's command again,
@@ -719,7 +697,12 @@ impl AgentLoop {
         // Cleared first: if the install is refused now, it is not retried at every start.
         // Carrying it out records it again.
         self.clear_journal();
-        self.on_deploy(journal.seq, journal.action, journal.rollback);
+        let command = if journal.rollback {
+            CommandAction::Rollback(journal.action)
+        } else {
+            CommandAction::Deploy(journal.action)
+        };
+        self.on_deploy(journal.seq, command);
     }
 
     fn clear_journal(&self) {

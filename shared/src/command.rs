@@ -54,6 +54,38 @@ impl CommandAction {
     pub fn is_rollback(&self) -> bool {
         matches!(self, CommandAction::Rollback(_))
     }
+
+    /// Anti-rollback, given the model the device serves: a deploy of the active model's
+    /// name must raise its version; only a rollback lowers it, and a rollback must lower it,
+    /// within that model. A device serving nothing installs either, to recover.
+    pub fn disposition(&self, active: Option<&ModelRef>) -> Result<Disposition, CommandError> {
+        let target = &self.deploy().model;
+        let Some(active) = active else {
+            return Ok(Disposition::Install);
+        };
+        if active == target {
+            return Ok(Disposition::AlreadyActive);
+        }
+        let (version, current) = (target.version, active.version);
+        match self {
+            CommandAction::Rollback(_) if active.name != target.name => {
+                Err(CommandError::RollbackOtherModel {
+                    active: active.name.clone(),
+                })
+            }
+            CommandAction::Rollback(_) if version > current => Err(CommandError::RollbackNotDown {
+                version,
+                active: current,
+            }),
+            CommandAction::Deploy(_) if active.name == target.name && version < current => {
+                Err(CommandError::NotAnUpgrade {
+                    version,
+                    active: current,
+                })
+            }
+            _ => Ok(Disposition::Install),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,6 +136,22 @@ pub enum CommandError {
     },
     #[error("command sequence {seq} is not above the last accepted {last} (replay?)")]
     Replayed { seq: u64, last: u64 },
+    #[error(
+        "version {version} is not above the active {active}; only a rollback command installs it"
+    )]
+    NotAnUpgrade { version: u64, active: u64 },
+    #[error("rollback to version {version} is not below the active {active}")]
+    RollbackNotDown { version: u64, active: u64 },
+    #[error("a rollback goes back within the active model's versions, and {active} is active")]
+    RollbackOtherModel { active: String },
+}
+
+/// What a device does with an authentic, current deploy or rollback command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// The named model is the one serving: nothing to install.
+    AlreadyActive,
+    Install,
 }
 
 impl SignedCommand {
@@ -248,6 +296,54 @@ mod tests {
         assert!(opened.action.is_rollback());
         assert!(!command(6).action.is_rollback());
         assert_eq!(opened.action.deploy(), command(6).action.deploy());
+    }
+
+    #[test]
+    fn versions_only_go_down_by_rollback_and_rollbacks_only_go_down() {
+        let model = |name: &str, version| ModelRef {
+            name: name.into(),
+            version,
+        };
+        let deploy = |m: ModelRef| {
+            let mut d = command(1).action.deploy().clone();
+            d.model = m;
+            d
+        };
+        let up = CommandAction::Deploy(deploy(model("m", 3)));
+        let down = CommandAction::Deploy(deploy(model("m", 1)));
+        let back = CommandAction::Rollback(deploy(model("m", 1)));
+        let ahead = CommandAction::Rollback(deploy(model("m", 3)));
+        let other = CommandAction::Rollback(deploy(model("x", 1)));
+        let active = model("m", 2);
+        let at = Some(&active);
+        assert_eq!(up.disposition(at), Ok(Disposition::Install));
+        assert_eq!(back.disposition(at), Ok(Disposition::Install));
+        assert_eq!(
+            down.disposition(at),
+            Err(CommandError::NotAnUpgrade {
+                version: 1,
+                active: 2
+            })
+        );
+        assert_eq!(
+            ahead.disposition(at),
+            Err(CommandError::RollbackNotDown {
+                version: 3,
+                active: 2
+            })
+        );
+        assert!(matches!(
+            other.disposition(at),
+            Err(CommandError::RollbackOtherModel { .. })
+        ));
+        let same = CommandAction::Deploy(deploy(model("m", 2)));
+        assert_eq!(same.disposition(at), Ok(Disposition::AlreadyActive));
+        // Another model is installed by a deploy; with nothing serving, anything is.
+        let fresh = CommandAction::Deploy(deploy(model("x", 1)));
+        assert_eq!(fresh.disposition(at), Ok(Disposition::Install));
+        for action in [up, down, back, ahead, other] {
+            assert_eq!(action.disposition(None), Ok(Disposition::Install));
+        }
     }
 
     #[test]

@@ -67,6 +67,8 @@ pub enum KeyError {
 pub enum SignatureError {
     #[error("signed by key {0}, which is not among the trusted keys")]
     UnknownKey(KeyId),
+    #[error("signed by key {0}, which is revoked")]
+    Revoked(KeyId),
     #[error("signature by key {0} does not match the signed bytes")]
     Invalid(KeyId),
     #[error("signature must be {SIGNATURE_LEN} bytes, got {0}")]
@@ -246,16 +248,34 @@ impl fmt::Debug for SecretKey {
     }
 }
 
-/// The set of public keys a verifier trusts, by key id.
+/// The set of public keys a verifier trusts, by key id, and the ids it knows are revoked.
 #[derive(Debug, Clone, Default)]
 pub struct TrustedKeys {
     keys: BTreeMap<KeyId, PublicKey>,
+    revoked: std::collections::BTreeSet<KeyId>,
 }
 
 impl TrustedKeys {
     pub fn new(keys: impl IntoIterator<Item = PublicKey>) -> Self {
         TrustedKeys {
             keys: keys.into_iter().map(|k| (k.id(), k)).collect(),
+            revoked: Default::default(),
+        }
+    }
+
+    /// `keys` less the `revoked` ones, whose signatures are refused as revoked.
+    pub fn with_revoked(
+        keys: impl IntoIterator<Item = PublicKey>,
+        revoked: impl IntoIterator<Item = KeyId>,
+    ) -> Self {
+        let revoked: std::collections::BTreeSet<KeyId> = revoked.into_iter().collect();
+        TrustedKeys {
+            keys: keys
+                .into_iter()
+                .filter(|k| !revoked.contains(&k.id()))
+                .map(|k| (k.id(), k))
+                .collect(),
+            revoked,
         }
     }
 
@@ -283,6 +303,9 @@ impl TrustedKeys {
         bytes: &[u8],
         signature: &[u8],
     ) -> Result<(), SignatureError> {
+        if self.revoked.contains(&key_id) {
+            return Err(SignatureError::Revoked(key_id));
+        }
         self.keys
             .get(&key_id)
             .ok_or(SignatureError::UnknownKey(key_id))?

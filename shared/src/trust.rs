@@ -169,11 +169,9 @@ impl TrustState {
     }
 
     fn trusted(&self, texts: &[String]) -> TrustedKeys {
-        TrustedKeys::new(
-            texts
-                .iter()
-                .filter_map(|t| PublicKey::parse(t).ok())
-                .filter(|k| !self.revoked.contains(&k.id())),
+        TrustedKeys::with_revoked(
+            texts.iter().filter_map(|t| PublicKey::parse(t).ok()),
+            self.revoked.iter().copied(),
         )
     }
 
@@ -264,7 +262,7 @@ mod tests {
             rotated
                 .signing()
                 .verify(key(2).id(), Context::Command, b"x", &sig),
-            Err(SignatureError::UnknownKey(key(2).id()))
+            Err(SignatureError::Revoked(key(2).id()))
         );
         // The state survives a round trip through its stored form.
         let stored = serde_json::to_string(&rotated).unwrap();

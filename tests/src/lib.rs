@@ -6,6 +6,8 @@
 //! Every test gets its own topic root, MQTT client ids, directories and database schema,
 //! so tests can run in parallel against shared services.
 
+pub mod fixtures;
+
 use std::time::{Duration, Instant};
 
 use edgeloop_agent::config::AgentConfig;

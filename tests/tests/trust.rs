@@ -108,7 +108,7 @@ async fn rotation_and_revocation(broker: BrokerChoice) {
     // is echoed: the device's report names no rollout.
     ctl.publish_example(2).await;
     ctl.controller.rollout("vibration", 2, None).await.unwrap();
-    ctl.wait_for_report("valve-1", "rejected", "not among the trusted keys")
+    ctl.wait_for_report("valve-1", "rejected", "which is revoked")
         .await;
     assert_eq!(ctl.device("valve-1").await.unwrap()["model_version"], 1);
 
@@ -149,8 +149,7 @@ async fn rotation_and_revocation(broker: BrokerChoice) {
     assert!(
         events
             .iter()
-            .any(|(stage, detail)| stage == "failed"
-                && detail.contains("not among the trusted keys")),
+            .any(|(stage, detail)| stage == "failed" && detail.contains("which is revoked")),
         "{events:?}"
     );
     assert_eq!(ctl.device("valve-1").await.unwrap()["model_version"], 1);
