@@ -29,6 +29,15 @@ pub enum RuntimeError {
     OutputShape { expected: usize, got: usize },
     #[error("model output contains a non-finite score")]
     NonFiniteOutput,
+    #[error(
+        "golden vector {index}: this device computes {got:?}, the publisher {expected:?} (tolerance {tolerance})"
+    )]
+    Golden {
+        index: usize,
+        expected: Vec<f64>,
+        got: Vec<f32>,
+        tolerance: f64,
+    },
 }
 
 /// What was learned about an ONNX graph by loading it with tract.
@@ -206,7 +215,8 @@ pub struct LoadedModel {
 
 impl LoadedModel {
     /// Plans the bundle's model and runs it on the reference means, which must give one
-    /// finite score per declared class.
+    /// finite score per declared class, then on the golden vectors, which must give the
+    /// publisher's outputs within the tolerance.
     pub fn load(bundle: &VerifiedBundle) -> Result<Self, RuntimeError> {
         let manifest = bundle.manifest.clone();
         let input = &manifest.inputs[0];
@@ -239,7 +249,52 @@ impl LoadedModel {
             .map(|f| f.mean as f32)
             .collect();
         model.infer(&means)?;
+        if let Some(golden) = &model.manifest.golden {
+            for (index, vector) in golden.vectors.iter().enumerate() {
+                let got = model.infer(&golden_input(&vector.input))?.scores;
+                let close = got.len() == vector.output.len()
+                    && got.iter().zip(&vector.output).all(|(g, e)| {
+                        (f64::from(*g) - e).abs() <= golden.tolerance * e.abs().max(1.0)
+                    });
+                if !close {
+                    return Err(RuntimeError::Golden {
+                        index,
+                        expected: vector.output.clone(),
+                        got,
+                        tolerance: golden.tolerance,
+                    });
+                }
+            }
+        }
         Ok(model)
+    }
+
+    /// The median time of one single-row inference over `rounds` passes through the golden
+    /// vectors (the reference means when there are none).
+    pub fn median_latency(&self, rounds: usize) -> Result<std::time::Duration, RuntimeError> {
+        let rows: Vec<Vec<f32>> = match &self.manifest.golden {
+            Some(g) if !g.vectors.is_empty() => {
+                g.vectors.iter().map(|v| golden_input(&v.input)).collect()
+            }
+            _ => vec![
+                self.manifest
+                    .reference
+                    .features
+                    .iter()
+                    .map(|f| f.mean as f32)
+                    .collect(),
+            ],
+        };
+        let mut times = Vec::with_capacity(rows.len() * rounds.max(1));
+        for _ in 0..rounds.max(1) {
+            for row in &rows {
+                let started = std::time::Instant::now();
+                self.infer(row)?;
+                times.push(started.elapsed());
+            }
+        }
+        times.sort_unstable();
+        Ok(times[times.len() / 2])
     }
 
     pub fn infer(&self, row: &[f32]) -> Result<Prediction, RuntimeError> {
@@ -249,6 +304,10 @@ impl LoadedModel {
     pub fn feature_names(&self) -> &[String] {
         &self.feature_names
     }
+}
+
+fn golden_input(input: &[f64]) -> Vec<f32> {
+    input.iter().map(|x| *x as f32).collect()
 }
 
 fn check_spec(spec: &TensorSpec) -> Result<(), RuntimeError> {
@@ -285,6 +344,72 @@ mod tests {
         assert!((normal.scores.iter().sum::<f32>() - 1.0).abs() < 1e-5);
         let fault = plan.infer(&[1.9, 8.5, 6.5, 56.0], &names()).unwrap();
         assert_eq!(fault.class, 1);
+    }
+
+    fn bundle_with_golden(expected: Vec<f64>) -> VerifiedBundle {
+        use edgeloop_shared::bundle::{Artifact, Golden, GoldenVector};
+        use edgeloop_shared::drift::{DEFAULT_BINS, ReferenceProfile};
+        let columns: Vec<Vec<f64>> = vec![
+            vec![1.0, 1.9, 1.2],
+            vec![3.0, 8.5, 3.3],
+            vec![3.0, 6.5, 3.1],
+            vec![45.0, 56.0, 47.0],
+        ];
+        VerifiedBundle {
+            manifest: Manifest {
+                format: edgeloop_shared::bundle::FORMAT,
+                name: "vibration".into(),
+                version: 1,
+                label: None,
+                created_ms: 1,
+                artifact: Artifact::default(),
+                inputs: vec![TensorSpec {
+                    name: "features".into(),
+                    dtype: DType::F32,
+                    shape: vec![None, Some(4)],
+                    names: names(),
+                }],
+                outputs: vec![TensorSpec {
+                    name: "probabilities".into(),
+                    dtype: DType::F32,
+                    shape: vec![None, Some(2)],
+                    names: vec![],
+                }],
+                reference: ReferenceProfile::from_columns(&names(), &columns, DEFAULT_BINS)
+                    .unwrap(),
+                golden: Some(Golden {
+                    tolerance: 1e-4,
+                    vectors: vec![GoldenVector {
+                        input: vec![1.9, 8.5, 6.5, 56.0],
+                        output: expected,
+                    }],
+                }),
+                requirements: Default::default(),
+                lineage: None,
+            },
+            key_id: edgeloop_shared::signing::KeyId([0; 8]),
+            model: MODEL_V1.to_vec(),
+        }
+    }
+
+    #[test]
+    fn golden_vectors_must_come_out_as_the_publisher_computed() {
+        let plan = Plan::compile(MODEL_V1, 4).unwrap();
+        let scores: Vec<f64> = plan
+            .infer(&[1.9, 8.5, 6.5, 56.0], &names())
+            .unwrap()
+            .scores
+            .iter()
+            .map(|s| f64::from(*s))
+            .collect();
+        let model = LoadedModel::load(&bundle_with_golden(scores.clone())).unwrap();
+        assert!(model.median_latency(3).unwrap() > std::time::Duration::ZERO);
+        let mut off = scores;
+        off[1] += 0.01;
+        assert!(matches!(
+            LoadedModel::load(&bundle_with_golden(off)),
+            Err(RuntimeError::Golden { index: 0, .. })
+        ));
     }
 
     #[test]

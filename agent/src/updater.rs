@@ -47,6 +47,14 @@ pub enum InstallError {
     BadDigest(String),
     #[error("{url} sent more than the {announced} bytes the command announces; download stopped")]
     Oversize { url: String, announced: u64 },
+    #[error("the model needs agent version {required} or later; this is {running}")]
+    AgentTooOld { required: String, running: String },
+    #[error("the model is for {targets:?}; this device is {arch}")]
+    WrongTarget { targets: Vec<String>, arch: String },
+    #[error(
+        "one inference takes {median_ms:.3} ms here (median), over the model's budget of {budget_ms} ms"
+    )]
+    OverLatencyBudget { median_ms: f64, budget_ms: f64 },
 }
 
 /// The model being served and where it came from.
@@ -337,6 +345,7 @@ impl Installer {
         verified: &VerifiedBundle,
         active: Option<Slot>,
     ) -> Result<Installed, InstallError> {
+        check_requirements(&verified.manifest.requirements)?;
         let slot = active.map_or(Slot::A, Slot::other);
         self.slots.write(slot, bytes)?;
         // Load what is on disk, not what is in memory: that is what the next boot will serve.
@@ -344,6 +353,15 @@ impl Installer {
         let reverified = bundle::verify(&on_disk, &self.trusted.get(), &self.limits)?;
         debug_assert_eq!(reverified.manifest, verified.manifest);
         let model = LoadedModel::load(&reverified)?;
+        if let Some(budget_ms) = reverified.manifest.requirements.latency_budget_ms {
+            let median_ms = model.median_latency(LATENCY_ROUNDS)?.as_secs_f64() * 1000.0;
+            if median_ms > budget_ms {
+                return Err(InstallError::OverLatencyBudget {
+                    median_ms,
+                    budget_ms,
+                });
+            }
+        }
         self.slots.activate(slot)?;
         Ok(Installed {
             model: std::sync::Arc::new(model),
@@ -398,6 +416,38 @@ impl Installer {
     }
 }
 
+/// Passes through the golden vectors when measuring latency against a budget.
+const LATENCY_ROUNDS: usize = 20;
+
+/// What the manifest asks of the device itself: its agent version and architecture.
+fn check_requirements(
+    requirements: &edgeloop_shared::bundle::Requirements,
+) -> Result<(), InstallError> {
+    check_requirements_of(requirements, crate::AGENT_VERSION, std::env::consts::ARCH)
+}
+
+fn check_requirements_of(
+    requirements: &edgeloop_shared::bundle::Requirements,
+    running: &str,
+    arch: &str,
+) -> Result<(), InstallError> {
+    if let Some(required) = &requirements.min_agent_version
+        && bundle::parse_version(running) < bundle::parse_version(required)
+    {
+        return Err(InstallError::AgentTooOld {
+            required: required.clone(),
+            running: running.to_string(),
+        });
+    }
+    if !requirements.targets.is_empty() && !requirements.targets.iter().any(|t| t == arch) {
+        return Err(InstallError::WrongTarget {
+            targets: requirements.targets.clone(),
+            arch: arch.to_string(),
+        });
+    }
+    Ok(())
+}
+
 /// The first byte of a 206 response's `Content-Range: bytes START-END/TOTAL`.
 fn content_range_start(response: &reqwest::Response) -> Option<u64> {
     let value = response
@@ -445,6 +495,9 @@ mod tests {
                 DEFAULT_BINS,
             )
             .unwrap(),
+            golden: None,
+            requirements: Default::default(),
+            lineage: None,
         };
         // Incompressible bytes, so that the bundle is large enough to cut in the middle.
         let model: Vec<u8> = (0..200_000u32)
@@ -642,6 +695,87 @@ mod tests {
                 "{odd}"
             );
         }
+    }
+
+    #[test]
+    fn the_device_must_be_recent_enough_and_of_a_listed_architecture() {
+        use edgeloop_shared::bundle::Requirements;
+        let needs = |min: Option<&str>, targets: &[&str]| Requirements {
+            latency_budget_ms: None,
+            min_agent_version: min.map(str::to_string),
+            targets: targets.iter().map(|t| t.to_string()).collect(),
+        };
+        assert!(check_requirements_of(&needs(None, &[]), "0.1.0", "x86_64").is_ok());
+        assert!(
+            check_requirements_of(&needs(Some("0.1.0"), &["x86_64"]), "0.1.0", "x86_64").is_ok()
+        );
+        assert!(check_requirements_of(&needs(Some("0.1.2"), &[]), "0.1.10", "x86_64").is_ok());
+        assert!(matches!(
+            check_requirements_of(&needs(Some("0.2.0"), &[]), "0.1.9", "x86_64"),
+            Err(InstallError::AgentTooOld { .. })
+        ));
+        let err = check_requirements_of(&needs(None, &["aarch64", "arm"]), "0.1.0", "x86_64")
+            .unwrap_err();
+        assert!(matches!(err, InstallError::WrongTarget { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_model_over_its_latency_budget_is_not_activated() {
+        const MODEL_V1: &[u8] = include_bytes!("../../controller/assets/vibration/model_v1.onnx");
+        let (dir, key, _) = fixture();
+        let names: Vec<String> = ["rms", "peak", "kurtosis", "temperature"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let columns: Vec<Vec<f64>> = (1..=4)
+            .map(|f| (0..20).map(|i| f64::from(i * f)).collect())
+            .collect();
+        let pack = |budget_ms: f64| {
+            let manifest = Manifest {
+                format: bundle::FORMAT,
+                name: "vibration".into(),
+                version: 1,
+                label: None,
+                created_ms: 1,
+                artifact: Artifact::default(),
+                inputs: vec![TensorSpec {
+                    name: "features".into(),
+                    dtype: DType::F32,
+                    shape: vec![None, Some(4)],
+                    names: names.clone(),
+                }],
+                outputs: vec![TensorSpec {
+                    name: "probabilities".into(),
+                    dtype: DType::F32,
+                    shape: vec![None, Some(2)],
+                    names: vec![],
+                }],
+                reference: ReferenceProfile::from_columns(&names, &columns, DEFAULT_BINS).unwrap(),
+                golden: None,
+                requirements: edgeloop_shared::bundle::Requirements {
+                    latency_budget_ms: Some(budget_ms),
+                    ..Default::default()
+                },
+                lineage: None,
+            };
+            bundle::pack(manifest, MODEL_V1, &key).unwrap()
+        };
+        let installer = installer(dir.path(), &key);
+        // A nanosecond for one inference: no device meets that.
+        let tight = pack(1e-6);
+        let verified =
+            bundle::verify(&tight, &installer.trusted.get(), &Limits::default()).unwrap();
+        let err = installer.install(&tight, &verified, None).unwrap_err();
+        assert!(
+            matches!(err, InstallError::OverLatencyBudget { .. }),
+            "{err}"
+        );
+        assert_eq!(installer.slots.active(), None, "nothing was activated");
+        let roomy = pack(10_000.0);
+        let verified =
+            bundle::verify(&roomy, &installer.trusted.get(), &Limits::default()).unwrap();
+        installer.install(&roomy, &verified, None).unwrap();
+        assert!(installer.slots.active().is_some());
     }
 
     #[tokio::test]

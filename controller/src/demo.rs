@@ -237,6 +237,8 @@ async fn publish(
             label_column: None,
             class_labels: CLASS_LABELS.iter().map(|s| s.to_string()).collect(),
             created_ms: now_ms(),
+            requirements: Default::default(),
+            lineage: None,
         })
         .await?;
     tracing::info!(model = %row.name, version = row.version, sha256 = %row.bundle_sha256, "published");

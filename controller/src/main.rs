@@ -174,6 +174,23 @@ enum ModelCommand {
         /// A human-readable description of this version.
         #[arg(long)]
         label: Option<String>,
+        /// Devices refuse the model if one inference takes longer (median, measured at
+        /// install), in milliseconds.
+        #[arg(long)]
+        latency_budget_ms: Option<f64>,
+        /// Devices with an older agent refuse the model.
+        #[arg(long)]
+        min_agent_version: Option<String>,
+        /// CPU architectures the model is for (x86_64, aarch64, arm), comma-separated;
+        /// default: any.
+        #[arg(long, value_delimiter = ',')]
+        targets: Vec<String>,
+        /// Lineage: the version this one was trained from.
+        #[arg(long)]
+        parent_version: Option<u64>,
+        /// Lineage: the training data, whose SHA-256 goes into the manifest.
+        #[arg(long)]
+        training_data: Option<PathBuf>,
         #[command(flatten)]
         config: ConfigArgs,
     },
@@ -335,10 +352,28 @@ async fn run() -> anyhow::Result<()> {
                     label_column,
                     labels,
                     label,
+                    latency_budget_ms,
+                    min_agent_version,
+                    targets,
+                    parent_version,
+                    training_data,
                     config,
                 },
         } => {
             init_tracing("warn");
+            let training_data_sha256 = match &training_data {
+                Some(path) => Some(edgeloop_shared::sha256_hex(
+                    &std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+                )),
+                None => None,
+            };
+            let lineage = (parent_version.is_some() || training_data_sha256.is_some()).then(|| {
+                edgeloop_shared::bundle::Lineage {
+                    parent_version,
+                    training_data_sha256,
+                    ..Default::default()
+                }
+            });
             let config = config.load()?;
             config.validate()?;
             let key = load_key(&config)?;
@@ -360,6 +395,12 @@ async fn run() -> anyhow::Result<()> {
                     label_column: label_column.as_deref(),
                     class_labels: labels,
                     created_ms: now_ms(),
+                    requirements: edgeloop_shared::bundle::Requirements {
+                        latency_budget_ms,
+                        min_agent_version,
+                        targets,
+                    },
+                    lineage,
                 },
             )
             .await?;

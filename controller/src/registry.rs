@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 use edgeloop_agent::runtime::{LoadedModel, Plan, RuntimeError, inspect_onnx};
 use edgeloop_agent::slots::write_atomic;
 use edgeloop_agent::source::{SourceError, read_numeric_csv};
-use edgeloop_shared::bundle::{self, Artifact, BundleError, DType, Limits, Manifest, TensorSpec};
+use edgeloop_shared::bundle::{
+    self, Artifact, BundleError, DType, Golden, GoldenVector, Limits, Lineage, Manifest,
+    Requirements, TensorSpec,
+};
 use edgeloop_shared::drift::{DEFAULT_BINS, DriftError, ReferenceProfile};
 use edgeloop_shared::signing::{SecretKey, TrustedKeys};
 use edgeloop_shared::{is_valid_identifier, sha256_hex};
@@ -59,7 +62,15 @@ pub struct PublishRequest<'a> {
     /// Class labels, in output order; `class_0`, `class_1`, … when empty.
     pub class_labels: Vec<String>,
     pub created_ms: u64,
+    /// What a device must satisfy before it activates the model.
+    pub requirements: Requirements,
+    pub lineage: Option<Lineage>,
 }
+
+/// Reference rows turned into golden vectors at publish.
+const GOLDEN_VECTORS: usize = 8;
+/// Their tolerance: tract on the device against tract here, so only float noise differs.
+const GOLDEN_TOLERANCE: f64 = 1e-4;
 
 /// Where bundles live on disk: `{root}/{name}/{version}.elb`.
 #[derive(Debug, Clone)]
@@ -168,9 +179,16 @@ fn build_bundle(key: &SecretKey, request: &PublishRequest<'_>) -> Result<Vec<u8>
     let signature = inspect_onnx(request.onnx)?;
     let plan = Plan::compile(request.onnx, columns.len())?;
     // Every reference row must run: a model that fails on its own reference data would
-    // fail on devices too.
+    // fail on devices too. The first few, with their outputs, become the golden vectors.
+    let mut golden = Vec::new();
     for row in rows.iter().filter(|r| r.iter().all(|v| v.is_finite())) {
-        plan.infer(row, &columns)?;
+        let scores = plan.infer(row, &columns)?.scores;
+        if golden.len() < GOLDEN_VECTORS {
+            golden.push(GoldenVector {
+                input: row.iter().map(|v| f64::from(*v)).collect(),
+                output: scores.iter().map(|v| f64::from(*v)).collect(),
+            });
+        }
     }
     let classes = plan.classes();
     let labels = if request.class_labels.is_empty() {
@@ -207,6 +225,12 @@ fn build_bundle(key: &SecretKey, request: &PublishRequest<'_>) -> Result<Vec<u8>
             names: labels,
         }],
         reference,
+        golden: Some(Golden {
+            tolerance: GOLDEN_TOLERANCE,
+            vectors: golden,
+        }),
+        requirements: request.requirements.clone(),
+        lineage: request.lineage.clone(),
     };
     Ok(bundle::pack(manifest, request.onnx, key)?)
 }

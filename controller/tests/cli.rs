@@ -115,12 +115,38 @@ async fn the_readme_tour_works() {
             &format!("{ASSETS}/reference_v1.csv"),
             "--labels",
             "normal,fault",
+            // What the device checks before it activates the model (it runs it below).
+            "--latency-budget-ms",
+            "1000",
+            "--min-agent-version",
+            "0.1.0",
+            "--targets",
+            std::env::consts::ARCH,
             "--data-dir",
             "edgeloop-data",
         ],
         cwd,
     );
     assert!(out.contains("published vibration v1"), "{out}");
+    let refused = Command::new(EDGELOOP)
+        .args(["model", "publish"])
+        .arg(format!("{ASSETS}/model_v1.onnx"))
+        .args(["--name", "vibration", "--version", "2", "--reference"])
+        .arg(format!("{ASSETS}/reference_v1.csv"))
+        .args([
+            "--min-agent-version",
+            "latest",
+            "--data-dir",
+            "edgeloop-data",
+        ])
+        .current_dir(cwd)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && err.contains("`latest`"),
+        "{err}"
+    );
     // A model with an operator tract cannot run is refused at publish, by the operator's
     // name (the agent's compatibility suite holds it).
     let refused = Command::new(EDGELOOP)

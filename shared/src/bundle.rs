@@ -149,6 +149,79 @@ pub struct Manifest {
     pub outputs: Vec<TensorSpec>,
     /// Reference distribution of the inputs, for drift monitoring.
     pub reference: ReferenceProfile,
+    /// Inputs with the outputs the publisher computed; a device checks them after loading.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub golden: Option<Golden>,
+    /// What a device must satisfy before it activates the model.
+    #[serde(default, skip_serializing_if = "Requirements::is_empty")]
+    pub requirements: Requirements,
+    /// Where the model comes from (informational).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lineage: Option<Lineage>,
+}
+
+/// Golden vectors: rows of the first input with the first output the publisher's runtime
+/// computed for them. A device whose runtime disagrees beyond the tolerance refuses the
+/// model (a miscompiled or misoptimized graph, a runtime bug).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Golden {
+    /// Largest accepted difference: `|got − expected| ≤ tolerance · max(1, |expected|)`.
+    pub tolerance: f64,
+    pub vectors: Vec<GoldenVector>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GoldenVector {
+    pub input: Vec<f64>,
+    pub output: Vec<f64>,
+}
+
+/// What a device must satisfy before it activates a model.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Requirements {
+    /// Largest median time of one single-row inference on the device, in milliseconds,
+    /// measured at install on the golden vectors.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_budget_ms: Option<f64>,
+    /// The oldest agent version that may run the model (dotted numbers, `0.2.0`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_agent_version: Option<String>,
+    /// CPU architectures the model is for, by Rust's names (`x86_64`, `aarch64`, `arm`);
+    /// empty: any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<String>,
+}
+
+impl Requirements {
+    pub fn is_empty(&self) -> bool {
+        *self == Requirements::default()
+    }
+}
+
+/// Where a model comes from.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Lineage {
+    /// The version this one was trained from, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_version: Option<u64>,
+    /// SHA-256 of the training data, lowercase hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub training_data_sha256: Option<String>,
+    /// Quality metrics measured before publishing (name → value).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub metrics: std::collections::BTreeMap<String, f64>,
+    /// Results of the gates the model passed (name → result).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub gates: std::collections::BTreeMap<String, String>,
+}
+
+/// Parses a dotted version (`0.2.10`) into its numbers, for comparing.
+pub fn parse_version(text: &str) -> Option<Vec<u64>> {
+    text.split('.').map(|p| p.parse().ok()).collect()
 }
 
 impl Manifest {
@@ -179,6 +252,44 @@ impl Manifest {
         self.reference
             .validate()
             .map_err(|e: DriftError| bad(e.to_string()))?;
+        if let Some(golden) = &self.golden {
+            if !(golden.tolerance.is_finite() && golden.tolerance >= 0.0) {
+                return Err(bad("golden tolerance must be a finite number ≥ 0".into()));
+            }
+            let width = self.reference.features.len();
+            if let Some((i, _)) = golden.vectors.iter().enumerate().find(|(_, v)| {
+                v.input.len() != width || v.input.iter().chain(&v.output).any(|x| !x.is_finite())
+            }) {
+                return Err(bad(format!(
+                    "golden vector {i} must have {width} finite inputs and finite outputs"
+                )));
+            }
+        }
+        let r = &self.requirements;
+        if r.latency_budget_ms
+            .is_some_and(|b| !(b.is_finite() && b > 0.0))
+        {
+            return Err(bad(
+                "latency budget must be a positive number of milliseconds".into(),
+            ));
+        }
+        if let Some(v) = &r.min_agent_version
+            && parse_version(v).is_none()
+        {
+            return Err(bad(format!(
+                "minimum agent version `{v}` is not dotted numbers"
+            )));
+        }
+        if let Some(sha) = self
+            .lineage
+            .as_ref()
+            .and_then(|l| l.training_data_sha256.as_ref())
+            && !(sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            return Err(bad(format!(
+                "training data digest `{sha}` is not a SHA-256"
+            )));
+        }
         Ok(())
     }
 }
@@ -547,6 +658,9 @@ pub(crate) mod tests {
                 names: vec!["no".into(), "yes".into()],
             }],
             reference: ReferenceProfile::from_columns(&names, &columns, DEFAULT_BINS).unwrap(),
+            golden: None,
+            requirements: Requirements::default(),
+            lineage: None,
         }
     }
 
@@ -696,6 +810,67 @@ pub(crate) mod tests {
             verify(&forged, &trusted, &Limits::default()),
             Err(BundleError::Decompress(_))
         ));
+    }
+
+    #[test]
+    fn install_requirements_golden_vectors_and_lineage_travel_and_are_checked() {
+        let key = SecretKey::from_seed([5; 32]);
+        let trusted = TrustedKeys::new([key.public().clone()]);
+        let mut m = manifest(4);
+        m.golden = Some(Golden {
+            tolerance: 1e-4,
+            vectors: vec![GoldenVector {
+                input: vec![1.0, 2.0],
+                output: vec![0.25, 0.75],
+            }],
+        });
+        m.requirements = Requirements {
+            latency_budget_ms: Some(5.0),
+            min_agent_version: Some("0.2.0".into()),
+            targets: vec!["aarch64".into()],
+        };
+        m.lineage = Some(Lineage {
+            parent_version: Some(3),
+            training_data_sha256: Some("ab".repeat(32)),
+            ..Lineage::default()
+        });
+        let bytes = pack(m.clone(), &model_bytes(), &key).unwrap();
+        let got = verify(&bytes, &trusted, &Limits::default())
+            .unwrap()
+            .manifest;
+        assert_eq!(
+            (got.golden, got.requirements, got.lineage),
+            (m.golden.clone(), m.requirements.clone(), m.lineage.clone())
+        );
+        // Without them, the manifest is what it was before they existed.
+        let plain = serde_json::to_value(manifest(4)).unwrap();
+        for field in ["golden", "requirements", "lineage"] {
+            assert!(plain.get(field).is_none(), "{field}");
+        }
+        let refused = |change: fn(&mut Manifest)| {
+            let mut bad = m.clone();
+            change(&mut bad);
+            pack(bad, b"x", &key).unwrap_err().to_string()
+        };
+        assert!(
+            refused(|m| m.golden.as_mut().unwrap().vectors[0]
+                .input
+                .pop()
+                .map_or((), drop))
+            .contains("golden vector 0")
+        );
+        assert!(refused(|m| m.golden.as_mut().unwrap().tolerance = f64::NAN).contains("tolerance"));
+        assert!(
+            refused(|m| m.requirements.latency_budget_ms = Some(0.0)).contains("latency budget")
+        );
+        assert!(refused(|m| m.requirements.min_agent_version = Some("v2".into())).contains("`v2`"));
+        assert!(
+            refused(|m| m.lineage.as_mut().unwrap().training_data_sha256 = Some("xyz".into()))
+                .contains("`xyz`")
+        );
+        assert_eq!(parse_version("0.10.2"), Some(vec![0, 10, 2]));
+        assert!(parse_version("0.10.2") > parse_version("0.9.9"));
+        assert_eq!(parse_version("1.x"), None);
     }
 
     #[test]

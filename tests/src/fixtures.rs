@@ -150,6 +150,9 @@ fn manifest(name: &str, version: u64) -> Manifest {
         }],
         reference: ReferenceProfile::from_columns(&names, &columns, DEFAULT_BINS)
             .expect("a valid profile"),
+        golden: None,
+        requirements: Default::default(),
+        lineage: None,
     }
 }
 

@@ -160,6 +160,8 @@ impl TestController {
                 label_column: None,
                 class_labels: CLASS_LABELS.iter().map(|s| s.to_string()).collect(),
                 created_ms: now_ms(),
+                requirements: Default::default(),
+                lineage: None,
             })
             .await
             .expect("publish")

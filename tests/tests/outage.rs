@@ -71,6 +71,8 @@ impl Fleet {
                 label_column: None,
                 class_labels: vec![],
                 created_ms: edgeloop_agent::now_ms(),
+                requirements: Default::default(),
+                lineage: None,
             })
             .await
             .unwrap();

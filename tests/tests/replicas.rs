@@ -79,6 +79,8 @@ async fn two_replicas_split_ingest_and_one_dispatches() {
         label_column: None,
         class_labels: CLASS_LABELS.iter().map(|s| s.to_string()).collect(),
         created_ms: edgeloop_agent::now_ms(),
+        requirements: Default::default(),
+        lineage: None,
     })
     .await
     .unwrap();
