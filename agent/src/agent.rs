@@ -272,6 +272,7 @@ impl Agent {
             seq_path,
             installing: None,
             journal_path: state_dir.join(JOURNAL_FILE),
+            watch: None,
             install_tx,
             counters: Counters::default(),
             started: Instant::now(),
@@ -304,6 +305,8 @@ struct AgentLoop {
     installing: Option<ModelRef>,
     /// Where the deployment being carried out is recorded until it ends (see [`Journal`]).
     journal_path: PathBuf,
+    /// The health window of the model activated last, while it runs.
+    watch: Option<Watch>,
     install_tx: mpsc::Sender<InstallOutcome>,
     counters: Counters,
     started: Instant,
@@ -330,6 +333,8 @@ impl AgentLoop {
             (window_limit_ms / 10).clamp(100, 1000),
         ));
         window_clock.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut health_clock = tokio::time::interval(Duration::from_secs(1));
+        health_clock.set_missed_tick_behavior(MissedTickBehavior::Delay);
         info!(device = %self.config.device_id, model = ?self.serving.as_ref().map(Serving::model_ref), "agent running");
         self.resume_interrupted_install();
         loop {
@@ -341,6 +346,7 @@ impl AgentLoop {
                 Some(publish) = incoming.recv() => self.on_publish(&publish),
                 Some(outcome) = installs.recv() => self.on_install_done(outcome),
                 Some(observation) = observed.recv() => self.on_observed(observation),
+                _ = health_clock.tick(), if self.watch.is_some() => self.check_health(),
             }
         }
         info!(device = %self.config.device_id, "agent stopped");
@@ -384,7 +390,12 @@ impl AgentLoop {
             .iter()
             .map(|&c| row.get(c).copied().unwrap_or(f32::NAN))
             .collect();
-        let class = match serving.installed.model.infer(&x) {
+        let result = serving.installed.model.infer(&x);
+        if let Some(watch) = self.watch.as_mut() {
+            watch.inferences += 1;
+            watch.errors += u64::from(result.is_err());
+        }
+        let class = match result {
             Ok(prediction) => {
                 self.counters.inferences += 1;
                 Some(prediction.class)
@@ -409,7 +420,8 @@ impl AgentLoop {
             return;
         }
         if serving.window.samples() >= self.config.drift_window_samples {
-            Self::publish_window(&self.reporter, serving);
+            let psi = Self::publish_window(&self.reporter, serving);
+            self.watch_drift(psi);
         }
     }
 
@@ -423,6 +435,9 @@ impl AgentLoop {
             return;
         }
         self.counters.inferences += 1;
+        if let Some(watch) = self.watch.as_mut() {
+            watch.inferences += 1;
+        }
         self.count_into_window(&observation.row, Some(observation.class));
     }
 
@@ -438,14 +453,17 @@ impl AgentLoop {
             return;
         }
         if serving.window.samples() > 0 {
-            Self::publish_window(&self.reporter, serving);
+            let psi = Self::publish_window(&self.reporter, serving);
+            self.watch_drift(psi);
         } else {
             serving.window.finish(now);
         }
     }
 
-    fn publish_window(reporter: &Reporter, serving: &mut Serving) {
+    /// Publishes the window; returns its largest PSI.
+    fn publish_window(reporter: &Reporter, serving: &mut Serving) -> f64 {
         let stats = serving.window.finish(now_ms());
+        let psi = stats.psi_max;
         let model = serving.model_ref();
         // The sequence lives in the outbox database, so it goes on across restarts: a
         // window is never numbered twice (a crash may leave a gap).
@@ -464,6 +482,98 @@ impl AgentLoop {
             window_seq: serving.window_seq,
             stats,
         });
+        psi
+    }
+
+    fn watch_drift(&mut self, psi: f64) {
+        if let Some(watch) = self.watch.as_mut() {
+            watch.worst_psi = watch.worst_psi.max(psi);
+        }
+    }
+
+    /// Judges the health window: a breached limit rolls the model back at once; a window
+    /// that has passed commits it.
+    fn check_health(&mut self) {
+        let Some(watch) = self.watch.as_ref() else {
+            return;
+        };
+        let limits = &self.config.health;
+        let breach = if limits.max_psi > 0.0 && watch.worst_psi > limits.max_psi {
+            Some(format!(
+                "drift: a window's PSI reached {:.3}, over the limit {}",
+                watch.worst_psi, limits.max_psi
+            ))
+        } else if watch.inferences >= limits.min_inferences.max(1)
+            && watch.errors as f64 > limits.max_error_rate * watch.inferences as f64
+        {
+            Some(format!(
+                "{} of {} inferences failed, over the limit of {:.1}%",
+                watch.errors,
+                watch.inferences,
+                limits.max_error_rate * 100.0
+            ))
+        } else {
+            None
+        };
+        match breach {
+            Some(reason) => self.roll_back(reason),
+            None if watch.started.elapsed() >= Duration::from_secs(limits.window_s) => {
+                let watch = self.watch.take().expect("checked above");
+                let detail = format!(
+                    "healthy for {} s: {} inferences, {} failed, worst PSI {:.3}",
+                    limits.window_s, watch.inferences, watch.errors, watch.worst_psi
+                );
+                info!(model = %watch.model, %detail, "model committed");
+                self.reporter.deployment(
+                    Some(watch.rollout_id),
+                    watch.seq,
+                    Some(watch.model),
+                    DeployStage::Committed,
+                    Some(detail),
+                );
+            }
+            None => {}
+        }
+    }
+
+    /// Goes back to the previous model, which the other slot still holds.
+    fn roll_back(&mut self, reason: String) {
+        let Some(watch) = self.watch.take() else {
+            return;
+        };
+        warn!(model = %watch.model, %reason, "health window breached; rolling back");
+        // Rare, and as fast as a start: the previous bundle is verified and loaded here.
+        let (stage, detail) = match self.installer.roll_back_to(watch.previous) {
+            Ok(installed) => {
+                let back = installed.model.manifest.model_ref();
+                self.switch_to(installed);
+                (DeployStage::RolledBack, format!("{reason}; back on {back}"))
+            }
+            Err(e) => (
+                DeployStage::Failed,
+                format!("{reason}; the previous model cannot serve ({e}), so this one stays"),
+            ),
+        };
+        self.reporter.deployment(
+            Some(watch.rollout_id),
+            watch.seq,
+            Some(watch.model),
+            stage,
+            Some(detail),
+        );
+    }
+
+    /// Serves `installed` from now on: the current model's inputs go out as a short window,
+    /// requests already running finish on it, new ones get the new model.
+    fn switch_to(&mut self, installed: Installed) {
+        if let Some(old) = self.serving.as_mut()
+            && old.window.samples() > 0
+        {
+            Self::publish_window(&self.reporter, old);
+        }
+        self.served.set(Some(installed.model.clone()));
+        self.serving = Some(Serving::new(installed, &self.source_columns));
+        self.send_status();
     }
 
     fn on_publish(&mut self, publish: &Publish) {
@@ -723,24 +833,39 @@ impl AgentLoop {
         } = outcome;
         match result {
             Ok(installed) => {
-                if let Some(old) = self.serving.as_mut()
-                    && old.window.samples() > 0
-                {
-                    // The inputs seen under the old model still count: send them as a short window.
-                    Self::publish_window(&self.reporter, old);
-                }
                 info!(model = %action.model, slot = ?installed.slot, "model active");
-                // Requests already running finish on the old model; new ones get this one.
-                self.served.set(Some(installed.model.clone()));
-                self.serving = Some(Serving::new(installed, &self.source_columns));
+                let previous = self.serving.as_ref().map(|s| s.installed.slot);
+                self.switch_to(installed);
                 self.reporter.deployment(
                     Some(action.rollout_id),
                     seq,
-                    Some(action.model),
+                    Some(action.model.clone()),
                     DeployStage::Active,
                     None,
                 );
-                self.send_status();
+                // Watched when there is a model to go back to; otherwise nothing to weigh.
+                self.watch = None;
+                match previous {
+                    Some(previous) if self.config.health.window_s > 0 => {
+                        self.watch = Some(Watch {
+                            started: Instant::now(),
+                            seq,
+                            rollout_id: action.rollout_id,
+                            model: action.model,
+                            previous,
+                            inferences: 0,
+                            errors: 0,
+                            worst_psi: 0.0,
+                        });
+                    }
+                    _ => self.reporter.deployment(
+                        Some(action.rollout_id),
+                        seq,
+                        Some(action.model),
+                        DeployStage::Committed,
+                        Some("no health window: nothing to go back to, or window_s = 0".into()),
+                    ),
+                }
             }
             Err(e) => {
                 warn!(model = %action.model, error = %e, "deployment failed; previous model keeps serving");
@@ -754,6 +879,19 @@ impl AgentLoop {
             }
         }
     }
+}
+
+/// The health window of a newly activated model.
+struct Watch {
+    started: Instant,
+    seq: u64,
+    rollout_id: u64,
+    model: ModelRef,
+    /// The slot holding the model to go back to.
+    previous: crate::slots::Slot,
+    inferences: u64,
+    errors: u64,
+    worst_psi: f64,
 }
 
 /// The install journal: the deployment being carried out, written (fsync, rename) before it

@@ -82,6 +82,22 @@ pub struct AgentConfig {
     pub tls: crate::link::TlsFiles,
     pub source: SourceConfig,
     pub api: ApiConfig,
+    pub health: HealthConfig,
+}
+
+/// The health window: how a newly activated model is watched, and when the device goes
+/// back to the previous one by itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Seconds a new model is watched before it is committed (0: committed at once).
+    pub window_s: u64,
+    /// Share of failed inferences over which the model is rolled back.
+    pub max_error_rate: f64,
+    /// Inferences needed before the error rate is judged.
+    pub min_inferences: u64,
+    /// A drift window whose largest PSI exceeds this rolls the model back (0: off).
+    pub max_psi: f64,
 }
 
 /// The local inference API.
@@ -255,6 +271,12 @@ impl AgentConfig {
         }
         if self.outbox.receipt_timeout_s == 0 {
             return Err(invalid("outbox.receipt_timeout_s", "must be at least 1"));
+        }
+        if !(0.0..=1.0).contains(&self.health.max_error_rate) {
+            return Err(invalid("health.max_error_rate", "must be in [0, 1]"));
+        }
+        if !(self.health.max_psi.is_finite() && self.health.max_psi >= 0.0) {
+            return Err(invalid("health.max_psi", "must be a number ≥ 0 (0: off)"));
         }
         if !(1..=edgeloop_shared::batch::MAX_BATCH_MESSAGES).contains(&self.batching.max_messages) {
             return Err(invalid(

@@ -409,6 +409,16 @@ impl Installer {
         None
     }
 
+    /// Goes back to the model in `slot`: verified and loaded again, then made active.
+    pub fn roll_back_to(&self, slot: Slot) -> Result<Installed, InstallError> {
+        let model = self.load_slot(slot)?;
+        self.slots.activate(slot)?;
+        Ok(Installed {
+            model: std::sync::Arc::new(model),
+            slot,
+        })
+    }
+
     fn load_slot(&self, slot: Slot) -> Result<LoadedModel, InstallError> {
         let bytes = self.slots.read(slot)?;
         let verified = bundle::verify(&bytes, &self.trusted.get(), &self.limits)?;

@@ -148,8 +148,13 @@ pub enum DeployStage {
     Verifying,
     /// The verified bundle is being written to the inactive slot and smoke-tested.
     Installing,
-    /// The new model is active and serving.
+    /// The new model is active and serving; its health window starts.
     Active,
+    /// The new model passed its health window: its slot is committed.
+    Committed,
+    /// The new model failed its health window and the device went back to the previous
+    /// one by itself; the detail says why.
+    RolledBack,
     /// The deployment failed after the command was accepted; the previous model serves.
     Failed,
     /// The command itself was refused (signature, target, expiry, sequence, version).
@@ -157,8 +162,12 @@ pub enum DeployStage {
 }
 
 impl DeployStage {
+    /// No further report follows for the command.
     pub fn is_terminal(self) -> bool {
-        matches!(self, Self::Active | Self::Failed | Self::Rejected)
+        matches!(
+            self,
+            Self::Committed | Self::RolledBack | Self::Failed | Self::Rejected
+        )
     }
 
     pub fn as_str(self) -> &'static str {
@@ -167,6 +176,8 @@ impl DeployStage {
             Self::Verifying => "verifying",
             Self::Installing => "installing",
             Self::Active => "active",
+            Self::Committed => "committed",
+            Self::RolledBack => "rolled_back",
             Self::Failed => "failed",
             Self::Rejected => "rejected",
         }

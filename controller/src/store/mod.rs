@@ -274,10 +274,13 @@ pub struct DeploymentRow {
 }
 
 /// The final deployment states, as an SQL list for `status IN (…)` in every store.
-pub(crate) const FINAL_STATES_SQL: &str = "'active', 'failed', 'rejected', 'superseded'";
+pub(crate) const FINAL_STATES_SQL: &str =
+    "'active', 'failed', 'rejected', 'superseded', 'committed', 'rolled_back'";
+/// The health window's verdicts: the only reports that still change an `active` deployment.
+pub(crate) const HEALTH_VERDICTS_SQL: &str = "'committed', 'rolled_back'";
 /// The final states in which the device runs the model (its own, or a later rollout's):
 /// what [`RolloutStatus::from_counts`] counts as running.
-pub(crate) const RUNNING_STATES_SQL: &str = "'active', 'superseded'";
+pub(crate) const RUNNING_STATES_SQL: &str = "'active', 'superseded', 'committed'";
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RolloutRow {

@@ -384,7 +384,9 @@ fn apply_deployment(
         tx,
         &format!(
             "UPDATE deployments SET status = ?3, detail = ?4, updated_ms = ?5
-             WHERE rollout_id = ?1 AND device_id = ?2 AND status NOT IN ({FINAL_STATES_SQL})"
+             WHERE rollout_id = ?1 AND device_id = ?2
+               AND (status NOT IN ({FINAL_STATES_SQL})
+                    OR (status = 'active' AND ?3 IN ({HEALTH_VERDICTS_SQL})))"
         ),
         params![
             rollout_id as i64,

@@ -286,6 +286,18 @@ pub async fn suite(store: &dyn Store) {
     let old = store.rollout(r.id).await.unwrap().unwrap();
     assert_eq!(old.deployments[1].status, "superseded");
     assert_eq!(old.status, RolloutStatus::Completed);
+    // The health window's verdict still changes an active deployment, and then nothing does.
+    store
+        .ingest(&deployment("d1", "p5", r.id, DeployStage::RolledBack), 705)
+        .await
+        .unwrap();
+    store
+        .ingest(&deployment("d1", "p6", r.id, DeployStage::Committed), 706)
+        .await
+        .unwrap();
+    let old = store.rollout(r.id).await.unwrap().unwrap();
+    assert_eq!(old.deployments[0].status, "rolled_back");
+    assert_eq!(old.status, RolloutStatus::Failed);
     store
         .ingest(&status("d2", "s4", true, Some(1)), 710)
         .await
