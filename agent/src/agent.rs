@@ -28,6 +28,7 @@ use crate::config::Compression;
 use crate::link::{BrokerAddr, LastWillFn, Link, LinkConfig, Packing};
 use crate::outbox::{Outbox, OutboxError, SqliteOutbox};
 use crate::report::Reporter;
+use crate::runtime::RuntimeError;
 use crate::slots::{SlotError, Slots, write_atomic};
 use crate::source::InputSource;
 use crate::trust::Trust;
@@ -137,6 +138,7 @@ fn map_columns(features: &[String], columns: &[String]) -> Result<Vec<usize>, St
 struct InstallOutcome {
     seq: u64,
     action: DeployAction,
+    rollback: bool,
     result: Result<Installed, InstallError>,
 }
 
@@ -383,6 +385,10 @@ impl AgentLoop {
             Ok(columns) => columns,
             Err(_) => {
                 self.counters.errors += 1;
+                if let Some(watch) = self.watch.as_mut() {
+                    watch.inferences += 1;
+                    watch.errors += 1;
+                }
                 return;
             }
         };
@@ -391,7 +397,14 @@ impl AgentLoop {
             .map(|&c| row.get(c).copied().unwrap_or(f32::NAN))
             .collect();
         let result = serving.installed.model.infer(&x);
-        if let Some(watch) = self.watch.as_mut() {
+        // A gap in the input (NaN, a missing column) is the data's fault, not the model's.
+        let input_fault = matches!(
+            result,
+            Err(RuntimeError::NonFinite { .. } | RuntimeError::WidthMismatch { .. })
+        );
+        if let Some(watch) = self.watch.as_mut()
+            && !input_fault
+        {
             watch.inferences += 1;
             watch.errors += u64::from(result.is_err());
         }
@@ -460,10 +473,10 @@ impl AgentLoop {
         }
     }
 
-    /// Publishes the window; returns its largest PSI.
-    fn publish_window(reporter: &Reporter, serving: &mut Serving) -> f64 {
+    /// Publishes the window; returns its largest PSI and how many inputs it holds.
+    fn publish_window(reporter: &Reporter, serving: &mut Serving) -> (f64, u64) {
         let stats = serving.window.finish(now_ms());
-        let psi = stats.psi_max;
+        let psi = (stats.psi_max, stats.samples);
         let model = serving.model_ref();
         // The sequence lives in the outbox database, so it goes on across restarts: a
         // window is never numbered twice (a crash may leave a gap).
@@ -485,8 +498,12 @@ impl AgentLoop {
         psi
     }
 
-    fn watch_drift(&mut self, psi: f64) {
-        if let Some(watch) = self.watch.as_mut() {
+    /// Counts a published window's PSI into the health window; a window closed by time
+    /// with less than half the inputs of a full one is too noisy to judge.
+    fn watch_drift(&mut self, (psi, samples): (f64, u64)) {
+        if let Some(watch) = self.watch.as_mut()
+            && samples * 2 >= self.config.drift_window_samples
+        {
             watch.worst_psi = watch.worst_psi.max(psi);
         }
     }
@@ -517,7 +534,10 @@ impl AgentLoop {
         };
         match breach {
             Some(reason) => self.roll_back(reason),
-            None if watch.started.elapsed() >= Duration::from_secs(limits.window_s) => {
+            // Committed on evidence: the window has passed and enough inferences were judged.
+            None if watch.started.elapsed() >= Duration::from_secs(limits.window_s)
+                && watch.inferences >= limits.min_inferences.max(1) =>
+            {
                 let watch = self.watch.take().expect("checked above");
                 let detail = format!(
                     "healthy for {} s: {} inferences, {} failed, worst PSI {:.3}",
@@ -543,15 +563,21 @@ impl AgentLoop {
         };
         warn!(model = %watch.model, %reason, "health window breached; rolling back");
         // Rare, and as fast as a start: the previous bundle is verified and loaded here.
-        let (stage, detail) = match self.installer.roll_back_to(watch.previous) {
+        let rolled = self
+            .installer
+            .roll_back_to(watch.previous, &watch.previous_model);
+        let (stage, detail) = match rolled {
             Ok(installed) => {
-                let back = installed.model.manifest.model_ref();
                 self.switch_to(installed);
-                (DeployStage::RolledBack, format!("{reason}; back on {back}"))
+                (
+                    DeployStage::RolledBack,
+                    format!("{reason}; back on {}", watch.previous_model),
+                )
             }
+            // Kept, and so committed: there is nothing better to serve.
             Err(e) => (
-                DeployStage::Failed,
-                format!("{reason}; the previous model cannot serve ({e}), so this one stays"),
+                DeployStage::Committed,
+                format!("{reason}, but the previous model cannot serve ({e}), so this one stays"),
             ),
         };
         self.reporter.deployment(
@@ -754,6 +780,11 @@ impl AgentLoop {
             warn!(error = %e, "cannot record the install in the journal");
         }
         self.installing = Some(action.model.clone());
+        // The install writes the slot the health window would go back to: the model being
+        // watched is replaced, so its window ends without a verdict.
+        if let Some(watch) = self.watch.take() {
+            info!(model = %watch.model, "health window ended by a new install");
+        }
         let installer = self.installer.clone();
         let reporter = self.reporter.clone();
         let active = self.serving.as_ref().map(|s| s.installed.slot);
@@ -764,6 +795,7 @@ impl AgentLoop {
                 .send(InstallOutcome {
                     seq,
                     action,
+                    rollback,
                     result,
                 })
                 .await;
@@ -829,12 +861,16 @@ impl AgentLoop {
         let InstallOutcome {
             seq,
             action,
+            rollback,
             result,
         } = outcome;
         match result {
             Ok(installed) => {
                 info!(model = %action.model, slot = ?installed.slot, "model active");
-                let previous = self.serving.as_ref().map(|s| s.installed.slot);
+                let previous = self
+                    .serving
+                    .as_ref()
+                    .map(|s| (s.installed.slot, s.model_ref()));
                 self.switch_to(installed);
                 self.reporter.deployment(
                     Some(action.rollout_id),
@@ -843,16 +879,20 @@ impl AgentLoop {
                     DeployStage::Active,
                     None,
                 );
-                // Watched when there is a model to go back to; otherwise nothing to weigh.
+                // Watched when there is a model to go back to. An operator's rollback is not:
+                // going back from it would undo the operator's decision.
                 self.watch = None;
                 match previous {
-                    Some(previous) if self.config.health.window_s > 0 => {
+                    Some((previous, previous_model))
+                        if self.config.health.window_s > 0 && !rollback =>
+                    {
                         self.watch = Some(Watch {
                             started: Instant::now(),
                             seq,
                             rollout_id: action.rollout_id,
                             model: action.model,
                             previous,
+                            previous_model,
                             inferences: 0,
                             errors: 0,
                             worst_psi: 0.0,
@@ -863,7 +903,10 @@ impl AgentLoop {
                         seq,
                         Some(action.model),
                         DeployStage::Committed,
-                        Some("no health window: nothing to go back to, or window_s = 0".into()),
+                        Some(
+                            "no health window: nothing to go back to, a rollback, or window_s = 0"
+                                .into(),
+                        ),
                     ),
                 }
             }
@@ -887,8 +930,9 @@ struct Watch {
     seq: u64,
     rollout_id: u64,
     model: ModelRef,
-    /// The slot holding the model to go back to.
+    /// The slot holding the model to go back to, and that model.
     previous: crate::slots::Slot,
+    previous_model: ModelRef,
     inferences: u64,
     errors: u64,
     worst_psi: f64,

@@ -616,6 +616,16 @@ impl Link {
             let Some(last) = entries.last().map(|e| e.id) else {
                 return;
             };
+            // Entries taken back for a resend and gone from the outbox since (dropped for
+            // room) are forgotten, so the count of resends stays bounded by the outbox.
+            if !flight.resent.is_empty() {
+                let cursor = flight.cursor;
+                let present: std::collections::HashSet<u64> =
+                    entries.iter().map(|e| e.id).collect();
+                flight
+                    .resent
+                    .retain(|id, _| *id <= cursor || *id > last || present.contains(id));
+            }
             let due: Vec<OutboxEntry> = entries
                 .into_iter()
                 .filter(|e| !flight.sent.contains_key(&e.id))

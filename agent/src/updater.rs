@@ -409,9 +409,21 @@ impl Installer {
         None
     }
 
-    /// Goes back to the model in `slot`: verified and loaded again, then made active.
-    pub fn roll_back_to(&self, slot: Slot) -> Result<Installed, InstallError> {
+    /// Goes back to `expected`, which `slot` must still hold: verified and loaded again,
+    /// then made active.
+    pub fn roll_back_to(
+        &self,
+        slot: Slot,
+        expected: &edgeloop_shared::protocol::ModelRef,
+    ) -> Result<Installed, InstallError> {
         let model = self.load_slot(slot)?;
+        let found = model.manifest.model_ref();
+        if &found != expected {
+            return Err(InstallError::WrongModel {
+                expected: expected.to_string(),
+                found: found.to_string(),
+            });
+        }
         self.slots.activate(slot)?;
         Ok(Installed {
             model: std::sync::Arc::new(model),
@@ -442,7 +454,7 @@ fn check_requirements_of(
     arch: &str,
 ) -> Result<(), InstallError> {
     if let Some(required) = &requirements.min_agent_version
-        && bundle::parse_version(running) < bundle::parse_version(required)
+        && !bundle::version_at_least(running, required)
     {
         return Err(InstallError::AgentTooOld {
             required: required.clone(),

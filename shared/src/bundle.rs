@@ -224,6 +224,20 @@ pub fn parse_version(text: &str) -> Option<Vec<u64>> {
     text.split('.').map(|p| p.parse().ok()).collect()
 }
 
+/// Whether `running` is at least `required`: dotted numbers compared with missing parts as
+/// zero (`0.2` is `0.2.0`), a pre-release or build suffix (`-rc.1`, `+abc`) ignored. A
+/// version that does not parse is never enough.
+pub fn version_at_least(running: &str, required: &str) -> bool {
+    let numbers = |v: &str| parse_version(v.split(['-', '+']).next().unwrap_or(v));
+    let (Some(mut a), Some(mut b)) = (numbers(running), numbers(required)) else {
+        return false;
+    };
+    let len = a.len().max(b.len());
+    a.resize(len, 0);
+    b.resize(len, 0);
+    a >= b
+}
+
 impl Manifest {
     pub fn model_ref(&self) -> crate::protocol::ModelRef {
         crate::protocol::ModelRef {
@@ -871,6 +885,11 @@ pub(crate) mod tests {
         assert_eq!(parse_version("0.10.2"), Some(vec![0, 10, 2]));
         assert!(parse_version("0.10.2") > parse_version("0.9.9"));
         assert_eq!(parse_version("1.x"), None);
+        assert!(version_at_least("0.2.0", "0.2"));
+        assert!(version_at_least("0.2", "0.2.0"));
+        assert!(version_at_least("0.3.0-rc.1", "0.3.0"));
+        assert!(!version_at_least("0.1.9", "0.2.0"));
+        assert!(!version_at_least("dev", "0.1.0"));
     }
 
     #[test]

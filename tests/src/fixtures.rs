@@ -25,11 +25,12 @@ pub fn data_dir() -> std::path::PathBuf {
 pub fn root() -> SecretKey {
     SecretKey::from_seed([0xa1; 32])
 }
-/// The signing key the device is configured with, revoked by `trust/rotation.json`.
+/// The signing key the device is configured with, revoked by the rotation document (the
+/// one `trust/replayed.json` replays).
 pub fn old_signing() -> SecretKey {
     SecretKey::from_seed([0xa2; 32])
 }
-/// The signing key `trust/rotation.json` introduces.
+/// The signing key the rotation document introduces.
 pub fn signing() -> SecretKey {
     SecretKey::from_seed([0xa3; 32])
 }

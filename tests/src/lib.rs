@@ -285,7 +285,6 @@ impl TestController {
         }
     }
 
-    /// A raw MQTT client on the same broker, for injecting messages.
     /// Waits until `device` has reported a deployment stage `stage` whose detail contains
     /// `detail`.
     pub async fn wait_for_report(&self, device: &str, stage: &str, detail: &str) {
@@ -353,6 +352,7 @@ impl TestController {
         client
     }
 
+    /// A raw MQTT client on the same broker, for injecting messages.
     pub async fn raw_client(&self, name: &str) -> RawClient {
         RawClient::connect(&self.controller.mqtt_url, &format!("{}-{name}", self.root)).await
     }
