@@ -347,46 +347,23 @@ mod tests {
     }
 
     fn bundle_with_golden(expected: Vec<f64>) -> VerifiedBundle {
-        use edgeloop_shared::bundle::{Artifact, Golden, GoldenVector};
-        use edgeloop_shared::drift::{DEFAULT_BINS, ReferenceProfile};
+        use edgeloop_shared::bundle::{Golden, GoldenVector};
         let columns: Vec<Vec<f64>> = vec![
             vec![1.0, 1.9, 1.2],
             vec![3.0, 8.5, 3.3],
             vec![3.0, 6.5, 3.1],
             vec![45.0, 56.0, 47.0],
         ];
+        let mut manifest = Manifest::classifier("vibration", 1, &names(), &columns, 2).unwrap();
+        manifest.golden = Some(Golden {
+            tolerance: 1e-4,
+            vectors: vec![GoldenVector {
+                input: vec![1.9, 8.5, 6.5, 56.0],
+                output: expected,
+            }],
+        });
         VerifiedBundle {
-            manifest: Manifest {
-                format: edgeloop_shared::bundle::FORMAT,
-                name: "vibration".into(),
-                version: 1,
-                label: None,
-                created_ms: 1,
-                artifact: Artifact::default(),
-                inputs: vec![TensorSpec {
-                    name: "features".into(),
-                    dtype: DType::F32,
-                    shape: vec![None, Some(4)],
-                    names: names(),
-                }],
-                outputs: vec![TensorSpec {
-                    name: "probabilities".into(),
-                    dtype: DType::F32,
-                    shape: vec![None, Some(2)],
-                    names: vec![],
-                }],
-                reference: ReferenceProfile::from_columns(&names(), &columns, DEFAULT_BINS)
-                    .unwrap(),
-                golden: Some(Golden {
-                    tolerance: 1e-4,
-                    vectors: vec![GoldenVector {
-                        input: vec![1.9, 8.5, 6.5, 56.0],
-                        output: expected,
-                    }],
-                }),
-                requirements: Default::default(),
-                lineage: None,
-            },
+            manifest,
             key_id: edgeloop_shared::signing::KeyId([0; 8]),
             model: MODEL_V1.to_vec(),
         }

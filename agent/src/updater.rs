@@ -753,33 +753,8 @@ mod tests {
             .map(|f| (0..20).map(|i| f64::from(i * f)).collect())
             .collect();
         let pack = |budget_ms: f64| {
-            let manifest = Manifest {
-                format: bundle::FORMAT,
-                name: "vibration".into(),
-                version: 1,
-                label: None,
-                created_ms: 1,
-                artifact: Artifact::default(),
-                inputs: vec![TensorSpec {
-                    name: "features".into(),
-                    dtype: DType::F32,
-                    shape: vec![None, Some(4)],
-                    names: names.clone(),
-                }],
-                outputs: vec![TensorSpec {
-                    name: "probabilities".into(),
-                    dtype: DType::F32,
-                    shape: vec![None, Some(2)],
-                    names: vec![],
-                }],
-                reference: ReferenceProfile::from_columns(&names, &columns, DEFAULT_BINS).unwrap(),
-                golden: None,
-                requirements: edgeloop_shared::bundle::Requirements {
-                    latency_budget_ms: Some(budget_ms),
-                    ..Default::default()
-                },
-                lineage: None,
-            };
+            let mut manifest = Manifest::classifier("vibration", 1, &names, &columns, 2).unwrap();
+            manifest.requirements.latency_budget_ms = Some(budget_ms);
             bundle::pack(manifest, MODEL_V1, &key).unwrap()
         };
         let installer = installer(dir.path(), &key);

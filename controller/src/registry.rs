@@ -7,10 +7,9 @@ use edgeloop_agent::runtime::{LoadedModel, Plan, RuntimeError, inspect_onnx};
 use edgeloop_agent::slots::write_atomic;
 use edgeloop_agent::source::{SourceError, read_numeric_csv};
 use edgeloop_shared::bundle::{
-    self, Artifact, BundleError, DType, Golden, GoldenVector, Limits, Lineage, Manifest,
-    Requirements, TensorSpec,
+    self, BundleError, Golden, GoldenVector, Limits, Lineage, Manifest, Requirements,
 };
-use edgeloop_shared::drift::{DEFAULT_BINS, DriftError, ReferenceProfile};
+use edgeloop_shared::drift::DriftError;
 use edgeloop_shared::signing::{SecretKey, TrustedKeys};
 use edgeloop_shared::{is_valid_identifier, sha256_hex};
 
@@ -204,34 +203,24 @@ fn build_bundle(key: &SecretKey, request: &PublishRequest<'_>) -> Result<Vec<u8>
     let by_column: Vec<Vec<f64>> = (0..columns.len())
         .map(|c| rows.iter().map(|r| f64::from(r[c])).collect())
         .collect();
-    let reference = ReferenceProfile::from_columns(&columns, &by_column, DEFAULT_BINS)?;
-    let manifest = Manifest {
-        format: bundle::FORMAT,
-        name: request.name.to_string(),
-        version: request.version,
-        label: request.label.clone(),
-        created_ms: request.created_ms,
-        artifact: Artifact::default(),
-        inputs: vec![TensorSpec {
-            name: signature.input_name,
-            dtype: DType::F32,
-            shape: vec![None, Some(columns.len() as u64)],
-            names: columns,
-        }],
-        outputs: vec![TensorSpec {
-            name: signature.output_name,
-            dtype: DType::F32,
-            shape: vec![None, Some(classes as u64)],
-            names: labels,
-        }],
-        reference,
-        golden: Some(Golden {
-            tolerance: GOLDEN_TOLERANCE,
-            vectors: golden,
-        }),
-        requirements: request.requirements.clone(),
-        lineage: request.lineage.clone(),
-    };
+    let mut manifest = Manifest::classifier(
+        request.name,
+        request.version,
+        &columns,
+        &by_column,
+        classes as u64,
+    )?;
+    manifest.label = request.label.clone();
+    manifest.created_ms = request.created_ms;
+    manifest.inputs[0].name = signature.input_name;
+    manifest.outputs[0].name = signature.output_name;
+    manifest.outputs[0].names = labels;
+    manifest.golden = Some(Golden {
+        tolerance: GOLDEN_TOLERANCE,
+        vectors: golden,
+    });
+    manifest.requirements = request.requirements.clone();
+    manifest.lineage = request.lineage.clone();
     Ok(bundle::pack(manifest, request.onnx, key)?)
 }
 

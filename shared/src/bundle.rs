@@ -239,6 +239,48 @@ pub fn version_at_least(running: &str, required: &str) -> bool {
 }
 
 impl Manifest {
+    /// A manifest for the shape the reference agent serves: one f32 `[batch, features]`
+    /// input named `features` and one f32 `[batch, classes]` output of class scores named
+    /// `probabilities`, with the reference profile of `columns` (one per feature). Label,
+    /// class labels, artifact, golden vectors, requirements and lineage start empty; set
+    /// what differs.
+    pub fn classifier(
+        name: &str,
+        version: u64,
+        features: &[String],
+        columns: &[Vec<f64>],
+        classes: u64,
+    ) -> Result<Manifest, DriftError> {
+        Ok(Manifest {
+            format: FORMAT,
+            name: name.to_string(),
+            version,
+            label: None,
+            created_ms: 0,
+            artifact: Artifact::default(),
+            inputs: vec![TensorSpec {
+                name: "features".into(),
+                dtype: DType::F32,
+                shape: vec![None, Some(features.len() as u64)],
+                names: features.to_vec(),
+            }],
+            outputs: vec![TensorSpec {
+                name: "probabilities".into(),
+                dtype: DType::F32,
+                shape: vec![None, Some(classes)],
+                names: Vec::new(),
+            }],
+            reference: ReferenceProfile::from_columns(
+                features,
+                columns,
+                crate::drift::DEFAULT_BINS,
+            )?,
+            golden: None,
+            requirements: Requirements::default(),
+            lineage: None,
+        })
+    }
+
     pub fn model_ref(&self) -> crate::protocol::ModelRef {
         crate::protocol::ModelRef {
             name: self.name.clone(),

@@ -9,9 +9,8 @@
 
 use std::path::Path;
 
-use edgeloop_shared::bundle::{self, Artifact, DType, Limits, Manifest, TensorSpec};
+use edgeloop_shared::bundle::{self, Limits, Manifest};
 use edgeloop_shared::command::{Command, CommandAction, DeployAction, SignedCommand};
-use edgeloop_shared::drift::{DEFAULT_BINS, ReferenceProfile};
 use edgeloop_shared::protocol::ModelRef;
 use edgeloop_shared::signing::{Context, SecretKey};
 use edgeloop_shared::trust::{SignedTrust, TrustDocument, TrustState};
@@ -76,23 +75,23 @@ pub fn device_trust() -> TrustState {
 
 fn rotation() -> SignedTrust {
     SignedTrust::sign(
-        &trust_document(1, &[root()], &[signing()], &[old_signing()]),
+        &trust_document(1, &[&root()], &[&signing()], &[&old_signing()]),
         &root(),
     )
 }
 
 fn trust_document(
     version: u64,
-    roots: &[SecretKey],
-    signing: &[SecretKey],
-    revoked: &[SecretKey],
+    roots: &[&SecretKey],
+    signing: &[&SecretKey],
+    revoked: &[&SecretKey],
 ) -> TrustDocument {
     TrustDocument {
         version,
         issued_ms: NOW_MS - 60_000,
         root_keys: roots.iter().map(|k| k.public().to_text()).collect(),
         signing_keys: signing.iter().map(|k| k.public().to_text()).collect(),
-        revoked: revoked.iter().map(SecretKey::id).collect(),
+        revoked: revoked.iter().map(|k| k.id()).collect(),
     }
 }
 
@@ -130,31 +129,12 @@ fn manifest(name: &str, version: u64) -> Manifest {
     let columns: Vec<Vec<f64>> = (0..4)
         .map(|f| (0..100).map(|i| f64::from(i * (f + 1))).collect())
         .collect();
-    Manifest {
-        format: bundle::FORMAT,
-        name: name.into(),
-        version,
-        label: Some("catalogue fixture".into()),
-        created_ms: NOW_MS - 3_600_000,
-        artifact: Artifact::default(),
-        inputs: vec![TensorSpec {
-            name: "features".into(),
-            dtype: DType::F32,
-            shape: vec![None, Some(4)],
-            names: names.clone(),
-        }],
-        outputs: vec![TensorSpec {
-            name: "probabilities".into(),
-            dtype: DType::F32,
-            shape: vec![None, Some(2)],
-            names: vec!["normal".into(), "fault".into()],
-        }],
-        reference: ReferenceProfile::from_columns(&names, &columns, DEFAULT_BINS)
-            .expect("a valid profile"),
-        golden: None,
-        requirements: Default::default(),
-        lineage: None,
-    }
+    let mut manifest =
+        Manifest::classifier(name, version, &names, &columns, 2).expect("a valid profile");
+    manifest.label = Some("catalogue fixture".into());
+    manifest.created_ms = NOW_MS - 3_600_000;
+    manifest.outputs[0].names = vec!["normal".into(), "fault".into()];
+    manifest
 }
 
 /// A bundle whose manifest is re-signed after `change`, with the artifact left as packed:
@@ -367,20 +347,25 @@ fn commands() -> Vec<Fixture> {
 
 fn trust_documents() -> Vec<Fixture> {
     let json = |signed: &SignedTrust| serde_json::to_vec_pretty(signed).expect("serializes");
+    // Version 2, with these roots, signing keys and revocations, signed by `by`.
+    let next = |roots: &[&SecretKey], signing: &[&SecretKey], revoked: &[&SecretKey], by| {
+        json(&SignedTrust::sign(
+            &trust_document(2, roots, signing, revoked),
+            by,
+        ))
+    };
     let f = |file, what, bytes, refused_with| Fixture {
         file,
         what,
         bytes,
         refused_with,
     };
+    let (root, signing, old) = (root(), signing(), old_signing());
     vec![
         f(
             "trust/next.json",
             "version 2 from the root, keeping the current keys",
-            json(&SignedTrust::sign(
-                &trust_document(2, &[root()], &[signing()], &[]),
-                &root(),
-            )),
+            next(&[&root], &[&signing], &[], &root),
             "",
         ),
         f(
@@ -392,28 +377,19 @@ fn trust_documents() -> Vec<Fixture> {
         f(
             "trust/not-root.json",
             "signed by the signing key, which is no root",
-            json(&SignedTrust::sign(
-                &trust_document(2, &[signing()], &[signing()], &[root()]),
-                &signing(),
-            )),
+            next(&[&signing], &[&signing], &[&root], &signing),
             "not among the trusted keys",
         ),
         f(
             "trust/revoked-signer.json",
             "signed by the revoked key",
-            json(&SignedTrust::sign(
-                &trust_document(2, &[old_signing()], &[old_signing()], &[]),
-                &old_signing(),
-            )),
+            next(&[&old], &[&old], &[], &old),
             "signed by revoked key",
         ),
         f(
             "trust/lists-revoked.json",
             "a root document trusting the revoked key again",
-            json(&SignedTrust::sign(
-                &trust_document(2, &[root()], &[old_signing()], &[]),
-                &root(),
-            )),
+            next(&[&root], &[&old], &[], &root),
             "both lists and revokes",
         ),
     ]
