@@ -232,9 +232,7 @@ impl Controller {
         version: u64,
         devices: Option<Vec<String>>,
     ) -> Result<RolloutRow, RolloutError> {
-        let row = rollout::create(self.store.as_ref(), name, version, false, devices).await?;
-        self.dispatcher_wake.notify_one();
-        Ok(row)
+        self.create_rollout(name, version, false, devices).await
     }
 
     /// A rollout of an older version, sent as rollback commands (see [`rollout::create`]).
@@ -244,7 +242,17 @@ impl Controller {
         version: u64,
         devices: Option<Vec<String>>,
     ) -> Result<RolloutRow, RolloutError> {
-        let row = rollout::create(self.store.as_ref(), name, version, true, devices).await?;
+        self.create_rollout(name, version, true, devices).await
+    }
+
+    async fn create_rollout(
+        &self,
+        name: &str,
+        version: u64,
+        rollback: bool,
+        devices: Option<Vec<String>>,
+    ) -> Result<RolloutRow, RolloutError> {
+        let row = rollout::create(self.store.as_ref(), name, version, rollback, devices).await?;
         self.dispatcher_wake.notify_one();
         Ok(row)
     }

@@ -14,7 +14,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use serde::{Deserialize, Serialize};
 
 use crate::protocol::ModelRef;
-use crate::signing::{Context, KeyId, SecretKey, SignatureError, TrustedKeys};
+use crate::signing::{Context, KeyId, OpenError, SecretKey, SignatureError, TrustedKeys};
 
 /// How far a command's issue time may lie in the device's future (clock skew).
 pub const MAX_CLOCK_SKEW_MS: u64 = 5 * 60 * 1000;
@@ -183,13 +183,17 @@ impl SignedCommand {
     /// is authentic but not yet checked for target, time and sequence: see
     /// [`Command::check`].
     pub fn open(&self, trusted: &TrustedKeys) -> Result<Command, CommandError> {
-        let bytes = B64
-            .decode(&self.command)
-            .map_err(|e| CommandError::Encoding(e.to_string()))?;
-        let signature = B64
-            .decode(&self.signature)
-            .map_err(|e| CommandError::Encoding(e.to_string()))?;
-        trusted.verify(self.key_id, Context::Command, &bytes, &signature)?;
+        let bytes = trusted
+            .open_encoded(
+                self.key_id,
+                Context::Command,
+                &self.command,
+                &self.signature,
+            )
+            .map_err(|e| match e {
+                OpenError::Encoding(e) => CommandError::Encoding(e),
+                OpenError::Signature(e) => CommandError::Signature(e),
+            })?;
         serde_json::from_slice(&bytes).map_err(|e| CommandError::Malformed(e.to_string()))
     }
 

@@ -75,6 +75,15 @@ pub enum SignatureError {
     WrongLength(usize),
 }
 
+/// Why signed bytes that travel base64-encoded were not opened.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum OpenError {
+    #[error("not valid base64: {0}")]
+    Encoding(String),
+    #[error(transparent)]
+    Signature(#[from] SignatureError),
+}
+
 /// First 8 bytes of SHA-256 over the public key.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct KeyId(pub [u8; 8]);
@@ -294,6 +303,26 @@ impl TrustedKeys {
 
     pub fn contains(&self, id: KeyId) -> bool {
         self.keys.contains_key(&id)
+    }
+
+    /// Decodes signed bytes and their signature as they travel (base64) and verifies them;
+    /// returns the bytes, to be parsed only now.
+    pub fn open_encoded(
+        &self,
+        key_id: KeyId,
+        context: Context,
+        bytes: &str,
+        signature: &str,
+    ) -> Result<Vec<u8>, OpenError> {
+        use base64::Engine;
+        let decode = |text: &str| {
+            base64::engine::general_purpose::STANDARD
+                .decode(text)
+                .map_err(|e| OpenError::Encoding(e.to_string()))
+        };
+        let (bytes, signature) = (decode(bytes)?, decode(signature)?);
+        self.verify(key_id, context, &bytes, &signature)?;
+        Ok(bytes)
     }
 
     pub fn verify(

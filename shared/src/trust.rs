@@ -19,7 +19,9 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde::{Deserialize, Serialize};
 
-use crate::signing::{Context, KeyError, KeyId, PublicKey, SecretKey, SignatureError, TrustedKeys};
+use crate::signing::{
+    Context, KeyError, KeyId, OpenError, PublicKey, SecretKey, SignatureError, TrustedKeys,
+};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -121,13 +123,12 @@ impl SignedTrust {
 
     /// Checks the signature over the exact bytes received under `roots`, then parses them.
     pub fn open(&self, roots: &TrustedKeys) -> Result<TrustDocument, TrustError> {
-        let bytes = B64
-            .decode(&self.document)
-            .map_err(|e| TrustError::Encoding(e.to_string()))?;
-        let signature = B64
-            .decode(&self.signature)
-            .map_err(|e| TrustError::Encoding(e.to_string()))?;
-        roots.verify(self.key_id, Context::Trust, &bytes, &signature)?;
+        let bytes = roots
+            .open_encoded(self.key_id, Context::Trust, &self.document, &self.signature)
+            .map_err(|e| match e {
+                OpenError::Encoding(e) => TrustError::Encoding(e),
+                OpenError::Signature(e) => TrustError::Signature(e),
+            })?;
         serde_json::from_slice(&bytes).map_err(|e| TrustError::Malformed(e.to_string()))
     }
 }

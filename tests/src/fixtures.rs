@@ -61,6 +61,20 @@ pub struct Fixture {
     pub refused_with: &'static str,
 }
 
+fn fixture(
+    file: &'static str,
+    what: &'static str,
+    bytes: Vec<u8>,
+    refused_with: &'static str,
+) -> Fixture {
+    Fixture {
+        file,
+        what,
+        bytes,
+        refused_with,
+    }
+}
+
 /// The device's trust state: configured with `root` and `old_signing`, then the rotation
 /// document applied.
 pub fn device_trust() -> TrustState {
@@ -175,74 +189,68 @@ fn bundles() -> Vec<Fixture> {
     oversize[10..14].copy_from_slice(&(5u32 << 20).to_be_bytes());
     let mut trailing = valid.clone();
     trailing.extend_from_slice(b"appended");
-    let f = |file, what, bytes, refused_with| Fixture {
-        file,
-        what,
-        bytes,
-        refused_with,
-    };
     vec![
-        f(
+        fixture(
             "bundles/valid.elb",
             "a valid bundle signed by the current key",
             valid.clone(),
             "",
         ),
-        f(
+        fixture(
             "bundles/flipped-manifest.elb",
             "one byte of the manifest flipped",
             flipped(layout.manifest.start + 40),
             "does not match the signed bytes",
         ),
-        f(
+        fixture(
             "bundles/flipped-artifact.elb",
             "one byte of the compressed model flipped",
             flipped(layout.artifact.start + 100),
             "compressed artifact SHA-256",
         ),
-        f(
+        fixture(
             "bundles/flipped-signature.elb",
             "one byte of the signature flipped",
             flipped(layout.signature.start + 5),
             "does not match the signed bytes",
         ),
-        f(
+        fixture(
             "bundles/truncated.elb",
             "the last 100 bytes cut off",
             valid[..valid.len() - 100].to_vec(),
             "the artifact is incomplete",
         ),
-        f(
+        fixture(
             "bundles/trailing-bytes.elb",
             "bytes appended after the artifact",
             trailing,
             "unexpected bytes after the artifact",
         ),
-        f(
+        fixture(
             "bundles/wrong-key.elb",
             "signed by a key the device never trusted",
             pack(&stranger()),
             "not among the trusted keys",
         ),
-        f(
+        fixture(
             "bundles/revoked-key.elb",
             "signed by the key the rotation document revoked",
             pack(&old_signing()),
             "which is revoked",
         ),
-        f(
+        fixture(
             "bundles/oversize-manifest.elb",
             "a manifest length of 5 MiB in the header",
             oversize,
             "manifest is 5242880 bytes, over the limit",
         ),
-        f(
+        fixture(
             "bundles/decompression-bomb.elb",
             "8 MiB of zeros whose signed manifest claims 1 KiB",
             bomb,
             "does not decompress",
         ),
-        f(
+        fixture(
             "bundles/path-traversal.elb",
             "a signed manifest naming the model ../../etc/passwd",
             resigned(&valid, &signing(), |m| m.name = "../../etc/passwd".into()),
@@ -287,56 +295,50 @@ fn commands() -> Vec<Fixture> {
             base64::engine::general_purpose::STANDARD.encode(serde_json::to_vec(&forged).unwrap());
         serde_json::to_vec_pretty(&signed).unwrap()
     };
-    let f = |file, what, bytes, refused_with| Fixture {
-        file,
-        what,
-        bytes,
-        refused_with,
-    };
     vec![
-        f(
+        fixture(
             "commands/valid.json",
             "a deploy of v3 signed by the current key",
             json(&command(101, 3, DEVICE, later), &signing()),
             "",
         ),
-        f(
+        fixture(
             "commands/tampered.json",
             "the signed bytes changed (another bundle digest) under the original signature",
             tampered,
             "does not match the signed bytes",
         ),
-        f(
+        fixture(
             "commands/forged.json",
             "signed by a key the device never trusted",
             json(&command(101, 3, DEVICE, later), &stranger()),
             "not among the trusted keys",
         ),
-        f(
+        fixture(
             "commands/revoked-key.json",
             "signed by the revoked key",
             json(&command(101, 3, DEVICE, later), &old_signing()),
             "which is revoked",
         ),
-        f(
+        fixture(
             "commands/wrong-target.json",
             "meant for another device",
             json(&command(101, 3, "fixture-2", later), &signing()),
             "is for device `fixture-2`",
         ),
-        f(
+        fixture(
             "commands/expired.json",
             "expired a second before the device sees it",
             json(&command(101, 3, DEVICE, NOW_MS - 1_000), &signing()),
             "expired",
         ),
-        f(
+        fixture(
             "commands/replayed.json",
             "a sequence number the device already accepted",
             json(&command(LAST_SEQ, 3, DEVICE, later), &signing()),
             "is not above the last accepted",
         ),
-        f(
+        fixture(
             "commands/older-version.json",
             "a deploy (not a rollback) of v1 while v2 is active",
             json(&command(101, 1, DEVICE, later), &signing()),
@@ -354,39 +356,33 @@ fn trust_documents() -> Vec<Fixture> {
             by,
         ))
     };
-    let f = |file, what, bytes, refused_with| Fixture {
-        file,
-        what,
-        bytes,
-        refused_with,
-    };
     let (root, signing, old) = (root(), signing(), old_signing());
     vec![
-        f(
+        fixture(
             "trust/next.json",
             "version 2 from the root, keeping the current keys",
             next(&[&root], &[&signing], &[], &root),
             "",
         ),
-        f(
+        fixture(
             "trust/replayed.json",
             "the rotation document (version 1) again",
             json(&rotation()),
             "is not above the applied 1",
         ),
-        f(
+        fixture(
             "trust/not-root.json",
             "signed by the signing key, which is no root",
             next(&[&signing], &[&signing], &[&root], &signing),
             "not among the trusted keys",
         ),
-        f(
+        fixture(
             "trust/revoked-signer.json",
             "signed by the revoked key",
             next(&[&old], &[&old], &[], &old),
             "signed by revoked key",
         ),
-        f(
+        fixture(
             "trust/lists-revoked.json",
             "a root document trusting the revoked key again",
             next(&[&root], &[&old], &[], &root),
