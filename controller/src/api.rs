@@ -8,7 +8,7 @@ use axum::Json;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use edgeloop_agent::now_ms;
@@ -17,10 +17,12 @@ use serde::Deserialize;
 use tokio::sync::Notify;
 
 use crate::ingest::{IngestStats, IngestStatsSnapshot};
+use crate::plan::RolloutPlan;
 use crate::registry::ArtifactStore;
-use crate::rollout::{self, RolloutError};
+use crate::rollout::{self, Change, RolloutError, RolloutRequest};
 use crate::store::{
-    DeploymentEvent, DeviceRow, HourlyRow, ModelRow, RolloutRow, Store, StoreError, TelemetryRow,
+    AuditEntry, DeploymentEvent, DeviceRow, HourlyRow, ModelRow, RolloutRow, Store, StoreError,
+    TelemetryRow,
 };
 use crate::trust::{Current, RelayError};
 use edgeloop_shared::trust::SignedTrust;
@@ -59,7 +61,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = match &self {
             ApiError::BadRequest(_)
-            | ApiError::Rollout(RolloutError::NoDevices)
+            | ApiError::Rollout(RolloutError::NoDevices | RolloutError::Plan(_))
             | ApiError::Trust(RelayError::Invalid(_) | RelayError::NoRoots) => {
                 StatusCode::BAD_REQUEST
             }
@@ -70,9 +72,9 @@ impl IntoResponse for ApiError {
                 StatusCode::NOT_FOUND
             }
             ApiError::Store(StoreError::Conflict(_))
-            | ApiError::Rollout(RolloutError::Store(StoreError::Conflict(_))) => {
-                StatusCode::CONFLICT
-            }
+            | ApiError::Rollout(
+                RolloutError::Store(StoreError::Conflict(_)) | RolloutError::WrongState { .. },
+            ) => StatusCode::CONFLICT,
             ApiError::Store(_)
             | ApiError::Rollout(_)
             | ApiError::Artifact(_)
@@ -102,6 +104,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/models", get(models))
         .route("/api/v1/rollouts", post(create_rollout).get(rollouts))
         .route("/api/v1/rollouts/{id}", get(rollout))
+        .route("/api/v1/rollouts/{id}/pause", post(pause_rollout))
+        .route("/api/v1/rollouts/{id}/resume", post(resume_rollout))
+        .route("/api/v1/rollouts/{id}/abort", post(abort_rollout))
+        .route("/api/v1/audit", get(audit))
         .route("/api/v1/stats", get(stats))
         .route("/api/v1/trust", get(trust).post(publish_trust))
         .route("/artifacts/{name}/{version}", get(artifact))
@@ -200,10 +206,37 @@ pub struct CreateRollout {
     /// their active one (plain deploys of such a version are refused).
     #[serde(default)]
     pub rollback: bool,
+    /// Waves, thresholds and the device timeout; all at once when absent.
+    #[serde(default)]
+    pub plan: RolloutPlan,
+    /// Why, for the audit log.
+    pub reason: Option<String>,
+}
+
+/// The header in which an operator's tool names who acts, for the audit log.
+pub const ACTOR_HEADER: &str = "x-edgeloop-actor";
+
+/// Who a request acts for: the `x-edgeloop-actor` header, `api` when there is none.
+fn actor(headers: &HeaderMap) -> Result<String, ApiError> {
+    match headers.get(ACTOR_HEADER) {
+        None => Ok("api".into()),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .map(str::trim)
+            .filter(|a| !a.is_empty() && a.len() <= 128)
+            .map(str::to_string)
+            .ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "{ACTOR_HEADER} must be 1 to 128 visible ASCII characters"
+                ))
+            }),
+    }
 }
 
 async fn create_rollout(
     State(s): State<AppState>,
+    headers: HeaderMap,
     body: Result<Json<CreateRollout>, axum::extract::rejection::JsonRejection>,
 ) -> Result<(StatusCode, Json<RolloutRow>), ApiError> {
     let Json(body) = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
@@ -214,14 +247,119 @@ async fn create_rollout(
     }
     let row = rollout::create(
         s.store.as_ref(),
-        &body.model,
-        body.version,
-        body.rollback,
-        body.devices,
+        RolloutRequest {
+            name: body.model,
+            version: body.version,
+            rollback: body.rollback,
+            devices: body.devices,
+            plan: body.plan,
+            actor: actor(&headers)?,
+            reason: body.reason,
+        },
     )
     .await?;
     s.dispatcher_wake.notify_one();
     Ok((StatusCode::CREATED, Json(row)))
+}
+
+/// The body of pause, resume and abort; all optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChangeRollout {
+    /// Why, for the audit log and the rollout's `reason`.
+    pub reason: Option<String>,
+    /// Abort only: roll the devices that run the new version back to their previous model.
+    #[serde(default)]
+    pub rollback: bool,
+}
+
+/// What pause, resume and abort answer: the rollout, and the rollbacks an abort started.
+#[derive(Debug, serde::Serialize)]
+pub struct Changed {
+    pub rollout: RolloutRow,
+    pub rollbacks: Vec<RolloutRow>,
+}
+
+async fn change_rollout(
+    s: AppState,
+    headers: &HeaderMap,
+    id: u64,
+    body: axum::body::Bytes,
+    change: impl FnOnce(&ChangeRollout) -> Result<Change, ApiError>,
+) -> ApiResult<Changed> {
+    // The body is optional: no body means no reason.
+    let body: ChangeRollout = if body.iter().all(u8::is_ascii_whitespace) {
+        ChangeRollout::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::BadRequest(format!("invalid request body: {e}")))?
+    };
+    let change = change(&body)?;
+    let (rollout, rollbacks) = rollout::change(
+        s.store.as_ref(),
+        id,
+        change,
+        &actor(headers)?,
+        body.reason.as_deref(),
+    )
+    .await?;
+    s.dispatcher_wake.notify_one();
+    Ok(Json(Changed { rollout, rollbacks }))
+}
+
+async fn pause_rollout(
+    State(s): State<AppState>,
+    Path(id): Path<u64>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> ApiResult<Changed> {
+    change_rollout(s, &headers, id, body, |b| {
+        only_abort_rolls_back(b, Change::Pause)
+    })
+    .await
+}
+
+async fn resume_rollout(
+    State(s): State<AppState>,
+    Path(id): Path<u64>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> ApiResult<Changed> {
+    change_rollout(s, &headers, id, body, |b| {
+        only_abort_rolls_back(b, Change::Resume)
+    })
+    .await
+}
+
+async fn abort_rollout(
+    State(s): State<AppState>,
+    Path(id): Path<u64>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> ApiResult<Changed> {
+    change_rollout(s, &headers, id, body, |b| {
+        Ok(Change::Abort {
+            rollback: b.rollback,
+        })
+    })
+    .await
+}
+
+fn only_abort_rolls_back(body: &ChangeRollout, change: Change) -> Result<Change, ApiError> {
+    if body.rollback {
+        Err(ApiError::BadRequest(
+            "`rollback` goes with abort only".into(),
+        ))
+    } else {
+        Ok(change)
+    }
+}
+
+async fn audit(
+    State(s): State<AppState>,
+    Query(q): Query<LimitQuery>,
+) -> ApiResult<Vec<AuditEntry>> {
+    Ok(Json(s.store.audit(limit(&q)?).await?))
 }
 
 async fn rollouts(State(s): State<AppState>) -> ApiResult<Vec<RolloutRow>> {

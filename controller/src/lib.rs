@@ -10,6 +10,7 @@ pub mod config;
 pub mod demo;
 pub mod ingest;
 pub mod keys;
+pub mod plan;
 pub mod registry;
 pub mod retention;
 pub mod rollout;

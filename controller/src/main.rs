@@ -78,6 +78,14 @@ enum Command {
         #[command(subcommand)]
         command: RolloutCommand,
     },
+    /// Read the audit log: who created, paused, resumed or aborted what, and what the
+    /// rollout engine did by itself.
+    Audit {
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Rotate and revoke signing keys with trust documents signed by a root key.
     Trust {
         #[command(subcommand)]
@@ -123,9 +131,25 @@ enum TrustCommand {
 
 /// POSTs `body` to the controller's API; its answer, or its error as the controller said it.
 async fn post_json(url: &str, body: &serde_json::Value) -> anyhow::Result<String> {
-    let response = reqwest::Client::new()
-        .post(url)
-        .json(body)
+    send(reqwest::Client::new().post(url).json(body), url).await
+}
+
+async fn get_json(url: &str) -> anyhow::Result<serde_json::Value> {
+    let text = send(reqwest::Client::new().get(url), url).await?;
+    serde_json::from_str(&text).with_context(|| format!("{url} did not answer JSON"))
+}
+
+/// Who the CLI acts for in the audit log: `EDGELOOP_ACTOR`, else the login name.
+fn cli_actor() -> String {
+    ["EDGELOOP_ACTOR", "USER", "LOGNAME"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok().filter(|a| !a.trim().is_empty()))
+        .unwrap_or_else(|| "cli".into())
+}
+
+async fn send(request: reqwest::RequestBuilder, url: &str) -> anyhow::Result<String> {
+    let response = request
+        .header(edgeloop_controller::api::ACTOR_HEADER, cli_actor())
         .send()
         .await
         .with_context(|| format!("cannot reach the controller at {url}"))?;
@@ -224,10 +248,246 @@ enum RolloutCommand {
         /// one (without this they refuse it).
         #[arg(long)]
         rollback: bool,
-        /// The controller's base URL.
-        #[arg(long, default_value = "http://127.0.0.1:8080")]
-        controller: String,
+        /// Cumulative reach of each wave, devices or percentages, the last `100%`; for
+        /// example `1,10%,50%,100%` (default: every device at once).
+        #[arg(long, value_delimiter = ',')]
+        waves: Vec<String>,
+        /// Share of a wave that must commit before the next wave starts (default 1).
+        #[arg(long)]
+        success_threshold: Option<f64>,
+        /// Share of a wave's executed deployments that, failed, stops the rollout (default:
+        /// never stops early).
+        #[arg(long)]
+        failure_threshold: Option<f64>,
+        /// Deployments of a wave that must have executed before thresholds are judged.
+        #[arg(long)]
+        min_executed: Option<u64>,
+        /// What a failed wave does: pause, or abort and roll back.
+        #[arg(long, value_enum)]
+        on_failure: Option<OnFailureArg>,
+        /// Seconds a device has, from its wave's start, to commit or fail (default 3600).
+        #[arg(long)]
+        device_timeout_s: Option<u64>,
+        /// Why, for the audit log.
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
     },
+    /// List rollouts.
+    List {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Show one rollout with its deployments.
+    Show {
+        id: u64,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Stop sending commands; deployments in flight finish.
+    Pause {
+        id: u64,
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Go on; a rollout paused by a failed wave moves on to the next wave.
+    Resume {
+        id: u64,
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Stop for good; commands not yet sent are cancelled.
+    Abort {
+        id: u64,
+        /// Roll the devices that run the new version back to their previous model.
+        #[arg(long)]
+        rollback: bool,
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum OnFailureArg {
+    Pause,
+    Abort,
+}
+
+/// How the CLI reaches a running controller.
+#[derive(clap::Args)]
+struct ApiArgs {
+    /// The controller's base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    controller: String,
+    #[arg(long, value_enum, default_value = "text")]
+    output: Output,
+}
+
+impl ApiArgs {
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.controller.trim_end_matches('/'))
+    }
+}
+
+async fn rollout_command(command: RolloutCommand) -> anyhow::Result<()> {
+    match command {
+        RolloutCommand::Create {
+            model,
+            version,
+            devices,
+            rollback,
+            waves,
+            success_threshold,
+            failure_threshold,
+            min_executed,
+            on_failure,
+            device_timeout_s,
+            reason,
+            api,
+        } => {
+            let mut plan = serde_json::Map::new();
+            if !waves.is_empty() {
+                plan.insert("waves".into(), serde_json::json!(waves));
+            }
+            let mut set = |key: &str, value: Option<serde_json::Value>| {
+                if let Some(v) = value {
+                    plan.insert(key.into(), v);
+                }
+            };
+            set("success_threshold", success_threshold.map(Into::into));
+            set("failure_threshold", failure_threshold.map(Into::into));
+            set("min_executed", min_executed.map(Into::into));
+            set("device_timeout_s", device_timeout_s.map(Into::into));
+            set(
+                "on_failure",
+                on_failure.map(|o| match o {
+                    OnFailureArg::Pause => "pause".into(),
+                    OnFailureArg::Abort => "abort".into(),
+                }),
+            );
+            let mut body = serde_json::json!({
+                "model": model, "version": version, "rollback": rollback, "plan": plan,
+            });
+            if !devices.is_empty() {
+                body["devices"] = serde_json::json!(devices);
+            }
+            if let Some(reason) = reason {
+                body["reason"] = reason.into();
+            }
+            let row = post_json(&api.url("/api/v1/rollouts"), &body).await?;
+            print_rollouts(&api, &[serde_json::from_str(&row)?]);
+        }
+        RolloutCommand::List { api } => {
+            let rows = get_json(&api.url("/api/v1/rollouts")).await?;
+            print_rollouts(&api, rows.as_array().map(Vec::as_slice).unwrap_or_default());
+        }
+        RolloutCommand::Show { id, api } => {
+            let row = get_json(&api.url(&format!("/api/v1/rollouts/{id}"))).await?;
+            if api.output == Output::Json {
+                println!("{row}");
+            } else {
+                print_rollouts(&api, std::slice::from_ref(&row));
+                for d in row["deployments"].as_array().into_iter().flatten() {
+                    println!(
+                        "  wave {:<3} {:<24} {:<12} {}",
+                        d["wave"],
+                        d["device_id"].as_str().unwrap_or(""),
+                        d["status"].as_str().unwrap_or(""),
+                        d["detail"].as_str().unwrap_or("")
+                    );
+                }
+            }
+        }
+        RolloutCommand::Pause { id, reason, api } => {
+            change_rollout(&api, id, "pause", serde_json::json!({ "reason": reason })).await?
+        }
+        RolloutCommand::Resume { id, reason, api } => {
+            change_rollout(&api, id, "resume", serde_json::json!({ "reason": reason })).await?
+        }
+        RolloutCommand::Abort {
+            id,
+            rollback,
+            reason,
+            api,
+        } => {
+            change_rollout(
+                &api,
+                id,
+                "abort",
+                serde_json::json!({ "reason": reason, "rollback": rollback }),
+            )
+            .await?
+        }
+    }
+    Ok(())
+}
+
+async fn change_rollout(
+    api: &ApiArgs,
+    id: u64,
+    action: &str,
+    body: serde_json::Value,
+) -> anyhow::Result<()> {
+    let text = post_json(&api.url(&format!("/api/v1/rollouts/{id}/{action}")), &body).await?;
+    let changed: serde_json::Value = serde_json::from_str(&text)?;
+    if api.output == Output::Json {
+        println!("{changed}");
+        return Ok(());
+    }
+    print_rollouts(api, std::slice::from_ref(&changed["rollout"]));
+    for r in changed["rollbacks"].as_array().into_iter().flatten() {
+        print!("rollback started: ");
+        print_rollouts(api, std::slice::from_ref(r));
+    }
+    Ok(())
+}
+
+/// Rollouts as JSON (one array), or a line each: id, model, status, wave and counts.
+fn print_rollouts(api: &ApiArgs, rows: &[serde_json::Value]) {
+    if api.output == Output::Json {
+        println!("{}", serde_json::Value::Array(rows.to_vec()));
+        return;
+    }
+    for r in rows {
+        let deployments = r["deployments"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let count = |states: &[&str]| {
+            deployments
+                .iter()
+                .filter(|d| states.contains(&d["status"].as_str().unwrap_or("")))
+                .count()
+        };
+        println!(
+            "rollout {} {} v{}{}: {}, wave {} of {}, {} committed, {} failed of {}{}",
+            r["id"],
+            r["model_name"].as_str().unwrap_or(""),
+            r["model_version"],
+            if r["rollback"] == true {
+                " (rollback)"
+            } else {
+                ""
+            },
+            r["status"].as_str().unwrap_or(""),
+            r["current_wave"].as_u64().unwrap_or(0) + 1,
+            r["plan"]["waves"].as_array().map_or(1, Vec::len),
+            count(&["committed"]),
+            count(&["failed", "rejected", "rolled_back", "timed_out"]),
+            deployments.len(),
+            r["reason"]
+                .as_str()
+                .map(|why| format!(" ({why})"))
+                .unwrap_or_default(),
+        );
+    }
 }
 
 #[derive(clap::Args)]
@@ -487,23 +747,23 @@ async fn run() -> anyhow::Result<()> {
             let url = format!("{}/api/v1/trust", controller.trim_end_matches('/'));
             println!("{}", post_json(&url, &body).await?);
         }
-        Command::Rollout {
-            command:
-                RolloutCommand::Create {
-                    model,
-                    version,
-                    devices,
-                    rollback,
-                    controller,
-                },
-        } => {
-            let mut body =
-                serde_json::json!({ "model": model, "version": version, "rollback": rollback });
-            if !devices.is_empty() {
-                body["devices"] = serde_json::json!(devices);
+        Command::Rollout { command } => rollout_command(command).await?,
+        Command::Audit { limit, api } => {
+            let entries = get_json(&api.url(&format!("/api/v1/audit?limit={limit}"))).await?;
+            if api.output == Output::Json {
+                println!("{entries}");
+            } else {
+                for e in entries.as_array().into_iter().flatten() {
+                    println!(
+                        "{}  {:<12} {:<18} {:<12} {}",
+                        e["at_ms"],
+                        e["actor"].as_str().unwrap_or(""),
+                        e["action"].as_str().unwrap_or(""),
+                        e["target"].as_str().unwrap_or(""),
+                        e["detail"].as_str().unwrap_or("")
+                    );
+                }
             }
-            let url = format!("{}/api/v1/rollouts", controller.trim_end_matches('/'));
-            println!("{}", post_json(&url, &body).await?);
         }
         Command::Demo {
             devices,

@@ -1,6 +1,8 @@
-//! Rollouts: a model version sent to a set of devices. The [`Dispatcher`] turns unfinished
-//! deployments into signed deploy commands, and sends them again to devices that went
-//! quiet, until each device reports the deployment finished.
+//! Rollouts: a model version sent to a set of devices in waves. The [`Dispatcher`] moves
+//! each rollout along its plan (opens the next wave, stops one that fails, times out
+//! devices that do not answer), turns the deployments of open waves into signed deploy
+//! commands, and sends them again to devices that went quiet, until each device reports
+//! the deployment finished. Operators pause, resume and abort through [`change`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,42 +17,367 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::plan::{Decision, OnFailure, PlanError, RolloutPlan, WaveCounts, next_step};
 use crate::registry::ArtifactStore;
-use crate::store::{DueDeployment, RolloutRow, Store, StoreError};
+use crate::store::{
+    AuditEntry, DueDeployment, NewRollout, RolloutRow, RolloutStatus, Store, StoreError,
+};
 
 /// How often the dispatcher looks for work when nothing wakes it.
 const DISPATCH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The actor the engine writes into the audit log.
+pub const ENGINE: &str = "controller";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RolloutError {
     #[error("a rollout needs at least one device, and none are known")]
     NoDevices,
     #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error("rollout {id} is {status}: cannot {action} it")]
+    WrongState {
+        id: u64,
+        status: &'static str,
+        action: &'static str,
+    },
+    #[error(transparent)]
     Store(#[from] StoreError),
 }
 
-/// Creates a rollout of `name` v`version` to `devices`, or to every known device when
-/// `devices` is `None`. A `rollback` sends rollback commands: the only ones with which a
-/// device installs a version that is not above its active one.
+/// A rollout to create.
+#[derive(Debug, Clone)]
+pub struct RolloutRequest {
+    pub name: String,
+    pub version: u64,
+    /// Send rollback commands: the only ones with which a device installs a version that
+    /// is not above its active one.
+    pub rollback: bool,
+    /// Every known device when none.
+    pub devices: Option<Vec<String>>,
+    pub plan: RolloutPlan,
+    /// Who asks, and why, for the audit log.
+    pub actor: String,
+    pub reason: Option<String>,
+}
+
+impl RolloutRequest {
+    /// A rollout of `name` v`version` to every known device, all at once.
+    pub fn new(name: &str, version: u64) -> Self {
+        RolloutRequest {
+            name: name.to_string(),
+            version,
+            rollback: false,
+            devices: None,
+            plan: RolloutPlan::default(),
+            actor: ENGINE.to_string(),
+            reason: None,
+        }
+    }
+}
+
+/// Creates a rollout, its first wave open.
 pub async fn create(
     store: &dyn Store,
-    name: &str,
-    version: u64,
-    rollback: bool,
-    devices: Option<Vec<String>>,
+    request: RolloutRequest,
 ) -> Result<RolloutRow, RolloutError> {
-    let devices = match devices {
+    request.plan.validate()?;
+    let devices = match request.devices {
         Some(list) => list,
         None => store.devices().await?.into_iter().map(|d| d.id).collect(),
     };
     if devices.is_empty() {
         return Err(RolloutError::NoDevices);
     }
+    let now = now_ms();
     let row = store
-        .create_rollout(name, version, rollback, &devices, now_ms())
+        .create_rollout(&NewRollout {
+            name: request.name,
+            version: request.version,
+            rollback: request.rollback,
+            devices,
+            plan: request.plan,
+            now_ms: now,
+        })
         .await?;
-    info!(rollout = row.id, model = %name, version, rollback, devices = devices.len(), "rollout created");
+    let what = if row.rollback { "rollback" } else { "rollout" };
+    audit(
+        store,
+        &request.actor,
+        "rollout.create",
+        row.id,
+        Some(format!(
+            "{what} of {} v{} to {} devices in {} waves{}",
+            row.model_name,
+            row.model_version,
+            row.deployments.len(),
+            row.plan.waves.len(),
+            request.reason.map(|r| format!(": {r}")).unwrap_or_default()
+        )),
+    )
+    .await;
+    info!(rollout = row.id, model = %row.model_name, version = row.model_version, rollback = row.rollback, devices = row.deployments.len(), "rollout created");
     Ok(row)
+}
+
+/// An operator's action on a rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// Stop sending commands; in-flight deployments finish.
+    Pause,
+    /// Go on. A rollout paused because a wave failed moves on to the next wave.
+    Resume,
+    /// Stop for good: deployments never sent are cancelled; with `rollback`, devices that
+    /// run the new version are rolled back to what they ran before.
+    Abort { rollback: bool },
+}
+
+impl Change {
+    fn name(self) -> &'static str {
+        match self {
+            Change::Pause => "pause",
+            Change::Resume => "resume",
+            Change::Abort { .. } => "abort",
+        }
+    }
+}
+
+/// Applies an operator's `change` to rollout `id`. Returns the rollout as it is now, and
+/// the rollback rollouts an abort created.
+pub async fn change(
+    store: &dyn Store,
+    id: u64,
+    change: Change,
+    actor: &str,
+    reason: Option<&str>,
+) -> Result<(RolloutRow, Vec<RolloutRow>), RolloutError> {
+    let row = store
+        .rollout(id)
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("rollout {id}")))?;
+    let wrong_state = || RolloutError::WrongState {
+        id,
+        status: row.status.as_str(),
+        action: change.name(),
+    };
+    let now = now_ms();
+    let mut rollbacks = Vec::new();
+    let changed = match change {
+        Change::Pause => {
+            if row.status != RolloutStatus::InProgress {
+                return Err(wrong_state());
+            }
+            store
+                .set_rollout_status(
+                    id,
+                    RolloutStatus::InProgress,
+                    RolloutStatus::Paused,
+                    reason,
+                    None,
+                    now,
+                )
+                .await?
+        }
+        Change::Resume => {
+            if row.status != RolloutStatus::Paused {
+                return Err(wrong_state());
+            }
+            let deadline = now + row.plan.device_timeout_s * 1000;
+            // The operator overrides a failed wave: the next one opens, before the rollout
+            // is in progress again so that the engine does not judge the failed wave anew.
+            if matches!(next_step(&row), Decision::Stop(_))
+                && row.current_wave < row.plan.last_wave()
+            {
+                open_next_wave(store, &row, RolloutStatus::Paused, actor, now).await?;
+            }
+            store
+                .set_rollout_status(
+                    id,
+                    RolloutStatus::Paused,
+                    RolloutStatus::InProgress,
+                    reason,
+                    Some(deadline),
+                    now,
+                )
+                .await?
+        }
+        Change::Abort { rollback } => {
+            if !matches!(
+                row.status,
+                RolloutStatus::InProgress | RolloutStatus::Paused
+            ) {
+                return Err(wrong_state());
+            }
+            let aborted = store
+                .set_rollout_status(id, row.status, RolloutStatus::Aborted, reason, None, now)
+                .await?;
+            if aborted && rollback {
+                rollbacks = roll_back_devices(store, &row, actor).await?;
+            }
+            aborted
+        }
+    };
+    if !changed {
+        // Another replica or the engine changed it first.
+        let now_row = store
+            .rollout(id)
+            .await?
+            .expect("rollouts are never deleted");
+        return Err(RolloutError::WrongState {
+            id,
+            status: now_row.status.as_str(),
+            action: change.name(),
+        });
+    }
+    audit(
+        store,
+        actor,
+        &format!("rollout.{}", change.name()),
+        id,
+        reason.map(str::to_string),
+    )
+    .await;
+    info!(
+        rollout = id,
+        action = change.name(),
+        actor,
+        "rollout changed"
+    );
+    let row = store
+        .rollout(id)
+        .await?
+        .expect("rollouts are never deleted");
+    Ok((row, rollbacks))
+}
+
+/// Creates rollback rollouts for the devices of `row` that run its version (active or
+/// committed), back to the model each ran before, one rollout per previous model.
+async fn roll_back_devices(
+    store: &dyn Store,
+    row: &RolloutRow,
+    actor: &str,
+) -> Result<Vec<RolloutRow>, RolloutError> {
+    let mut groups = std::collections::BTreeMap::<(String, u64), Vec<String>>::new();
+    for d in &row.deployments {
+        if matches!(d.status.as_str(), "active" | "committed")
+            && let Some(previous) = &d.previous
+            && (previous.name != row.model_name || previous.version != row.model_version)
+        {
+            groups
+                .entry((previous.name.clone(), previous.version))
+                .or_default()
+                .push(d.device_id.clone());
+        }
+    }
+    let mut created = Vec::new();
+    for ((name, version), devices) in groups {
+        let request = RolloutRequest {
+            // Only a rollback goes below the active version of the same model; another
+            // model is an ordinary deploy.
+            rollback: name == row.model_name,
+            devices: Some(devices),
+            actor: actor.to_string(),
+            reason: Some(format!("rollout {} aborted", row.id)),
+            ..RolloutRequest::new(&name, version)
+        };
+        created.push(create(store, request).await?);
+    }
+    Ok(created)
+}
+
+/// Opens the wave after `row`'s current one if the rollout is still `status` and in that
+/// wave.
+async fn open_next_wave(
+    store: &dyn Store,
+    row: &RolloutRow,
+    status: RolloutStatus,
+    actor: &str,
+    now: u64,
+) -> Result<(), StoreError> {
+    let deadline = now + row.plan.device_timeout_s * 1000;
+    if store
+        .open_wave(row.id, status, row.current_wave, deadline)
+        .await?
+    {
+        let next = row.current_wave + 1;
+        let devices = row.deployments.iter().filter(|d| d.wave == next).count();
+        audit(
+            store,
+            actor,
+            "rollout.advance",
+            row.id,
+            Some(format!("wave {next} opened: {devices} devices")),
+        )
+        .await;
+        info!(rollout = row.id, wave = next, devices, "wave opened");
+    }
+    Ok(())
+}
+
+/// Writes an audit entry; a failure is logged, not returned: the action has happened.
+pub async fn audit(
+    store: &dyn Store,
+    actor: &str,
+    action: &str,
+    rollout: u64,
+    detail: Option<String>,
+) {
+    let entry = AuditEntry {
+        at_ms: now_ms(),
+        actor: actor.to_string(),
+        action: action.to_string(),
+        target: format!("rollout/{rollout}"),
+        detail,
+    };
+    if let Err(e) = store.record_audit(&entry).await {
+        warn!(error = %e, ?entry, "cannot write the audit log");
+    }
+}
+
+/// One engine step: times out silent deployments, then moves every rollout in progress
+/// along its plan.
+pub async fn advance(store: &dyn Store) -> Result<(), RolloutError> {
+    let now = now_ms();
+    let expired = store.expire_deployments(now).await?;
+    if expired > 0 {
+        warn!(deployments = expired, "deployments timed out");
+    }
+    for row in store.rollouts_in_progress().await? {
+        match next_step(&row) {
+            Decision::Wait => {}
+            Decision::Advance => {
+                open_next_wave(store, &row, RolloutStatus::InProgress, ENGINE, now).await?
+            }
+            Decision::Stop(reason) => {
+                let counts = WaveCounts::of(&row.deployments, row.current_wave);
+                warn!(rollout = row.id, wave = row.current_wave, ?counts, %reason, "wave failed");
+                let change = match row.plan.on_failure {
+                    OnFailure::Pause => Change::Pause,
+                    OnFailure::Abort => Change::Abort { rollback: true },
+                };
+                match self::change(store, row.id, change, ENGINE, Some(&reason)).await {
+                    Ok(_) | Err(RolloutError::WrongState { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Decision::Finish(reason) => {
+                if store
+                    .set_rollout_status(
+                        row.id,
+                        RolloutStatus::InProgress,
+                        RolloutStatus::Failed,
+                        Some(&reason),
+                        None,
+                        now,
+                    )
+                    .await?
+                {
+                    audit(store, ENGINE, "rollout.fail", row.id, Some(reason)).await;
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Sends deploy commands for unfinished deployments.
@@ -98,6 +425,9 @@ impl Dispatcher {
                     warn!(error = %e, "cannot take the dispatch lease; retrying");
                     continue;
                 }
+            }
+            if let Err(e) = advance(self.store.as_ref()).await {
+                warn!(error = %e, "rollout engine step failed; retrying");
             }
             if let Err(e) = self.dispatch_due().await {
                 warn!(error = %e, "rollout dispatch failed; retrying");

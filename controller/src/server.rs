@@ -17,7 +17,7 @@ use crate::broker::{BrokerError, EmbeddedBroker};
 use crate::config::{ConfigError, ControllerConfig};
 use crate::ingest::{self, BusConfig, IngestStats};
 use crate::registry::{self, ArtifactStore, PublishError, PublishRequest};
-use crate::rollout::{self, Dispatcher, RolloutError};
+use crate::rollout::{self, Dispatcher, RolloutError, RolloutRequest};
 use crate::store::{ModelRow, PgStore, RolloutRow, SqliteStore, Store, StoreError};
 
 pub const DATABASE_FILE: &str = "edgeloop.sqlite";
@@ -226,33 +226,42 @@ impl Controller {
         registry::publish(self.store.as_ref(), &self.artifacts, &self.key, request).await
     }
 
+    /// A rollout of `name` v`version` to `devices` (every known device when none), all at
+    /// once.
     pub async fn rollout(
         &self,
         name: &str,
         version: u64,
         devices: Option<Vec<String>>,
     ) -> Result<RolloutRow, RolloutError> {
-        self.create_rollout(name, version, false, devices).await
+        self.create_rollout(RolloutRequest {
+            devices,
+            ..RolloutRequest::new(name, version)
+        })
+        .await
     }
 
-    /// A rollout of an older version, sent as rollback commands (see [`rollout::create`]).
+    /// A rollout of an older version, sent as rollback commands (see [`RolloutRequest`]).
     pub async fn rollback(
         &self,
         name: &str,
         version: u64,
         devices: Option<Vec<String>>,
     ) -> Result<RolloutRow, RolloutError> {
-        self.create_rollout(name, version, true, devices).await
+        self.create_rollout(RolloutRequest {
+            rollback: true,
+            devices,
+            ..RolloutRequest::new(name, version)
+        })
+        .await
     }
 
-    async fn create_rollout(
+    /// Creates a rollout and wakes the dispatcher so its first wave goes out at once.
+    pub async fn create_rollout(
         &self,
-        name: &str,
-        version: u64,
-        rollback: bool,
-        devices: Option<Vec<String>>,
+        request: RolloutRequest,
     ) -> Result<RolloutRow, RolloutError> {
-        let row = rollout::create(self.store.as_ref(), name, version, rollback, devices).await?;
+        let row = rollout::create(self.store.as_ref(), request).await?;
         self.dispatcher_wake.notify_one();
         Ok(row)
     }

@@ -201,16 +201,60 @@ async fn the_readme_tour_works() {
             "vibration",
             "--version",
             "1",
+            "--waves",
+            "1,100%",
+            "--failure-threshold",
+            "0.5",
+            "--reason",
+            "first model",
             "--controller",
             &http,
         ],
         cwd,
     );
-    assert!(out.contains("\"model_version\":1"), "{out}");
+    assert!(
+        out.starts_with("rollout 1 vibration v1: in_progress, wave 1 of 2"),
+        "{out}"
+    );
     wait(Duration::from_secs(30), || async {
         devices(&http).await[0]["model_version"] == 1
     })
     .await;
+    let listed: serde_json::Value = serde_json::from_str(&edgeloop(
+        &["rollout", "list", "--output", "json", "--controller", &http],
+        cwd,
+    ))
+    .unwrap();
+    assert_eq!(listed[0]["plan"]["waves"], serde_json::json!(["1", "100%"]));
+    assert_eq!(listed[0]["plan"]["failure_threshold"], 0.5);
+    let shown = edgeloop(&["rollout", "show", "1", "--controller", &http], cwd);
+    assert!(shown.contains("wave 0"), "{shown}");
+    let audit = edgeloop(&["audit", "--controller", &http], cwd);
+    assert!(
+        audit.contains("rollout.create") && audit.contains("first model"),
+        "{audit}"
+    );
+    // Pausing a finished rollout is refused with the reason.
+    wait(Duration::from_secs(30), || async {
+        reqwest::get(format!("{http}/api/v1/rollouts/1"))
+            .await
+            .unwrap()
+            .json::<serde_json::Value>()
+            .await
+            .unwrap()["status"]
+            == "completed"
+    })
+    .await;
+    let refused = Command::new(EDGELOOP)
+        .args(["rollout", "pause", "1", "--controller", &http])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("409") && stderr.contains("is completed"),
+        "{stderr}"
+    );
 
     // A rollout of a model that does not exist is refused with the controller's reason.
     let refused = Command::new(EDGELOOP)

@@ -183,9 +183,16 @@ impl TestController {
 
     /// `POST /api/v1/rollouts`; returns the status code and body.
     pub async fn post_rollout(&self, body: Value) -> (u16, Value) {
+        self.post_as("api", "/api/v1/rollouts", body).await
+    }
+
+    /// `POST path` with a JSON body on behalf of `actor` (the audit log's name for who
+    /// acted); returns the status code and body.
+    pub async fn post_as(&self, actor: &str, path: &str, body: Value) -> (u16, Value) {
         let response = self
             .http
-            .post(self.url("/api/v1/rollouts"))
+            .post(self.url(path))
+            .header(edgeloop_controller::api::ACTOR_HEADER, actor)
             .json(&body)
             .send()
             .await

@@ -10,8 +10,10 @@ mod sqlite;
 #[cfg(test)]
 mod tests;
 
-use edgeloop_shared::protocol::{Envelope, OutboxStatus};
-use serde::Serialize;
+use edgeloop_shared::protocol::{Envelope, ModelRef, OutboxStatus};
+use serde::{Deserialize, Serialize};
+
+use crate::plan::RolloutPlan;
 
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
@@ -227,27 +229,37 @@ pub enum RolloutStatus {
     Completed,
     /// Every deployment finished and some failed or were refused.
     Failed,
+    /// Stopped sending commands, by an operator or a failed wave, until resumed.
+    Paused,
+    /// Stopped for good: deployments never sent were cancelled.
+    Aborted,
 }
 
 impl RolloutStatus {
     /// A rollout's status from its deployments: how many there are, how many ended with
     /// the model running (`active`, or `superseded` by a later rollout) and how many ended
-    /// at all.
-    pub fn from_counts(total: u64, running: u64, finished: u64) -> Self {
+    /// at all. A rollout whose plan has a failure threshold (`gated`) is not failed here but
+    /// left in progress: the engine judges it against the threshold
+    /// ([`crate::plan::Decision::Finish`]).
+    pub fn from_counts(total: u64, running: u64, finished: u64, gated: bool) -> Self {
         if finished < total {
             Self::InProgress
         } else if running == total {
             Self::Completed
+        } else if gated {
+            Self::InProgress
         } else {
             Self::Failed
         }
     }
 
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Self::InProgress => "in_progress",
             Self::Completed => "completed",
             Self::Failed => "failed",
+            Self::Paused => "paused",
+            Self::Aborted => "aborted",
         }
     }
 
@@ -256,14 +268,17 @@ impl RolloutStatus {
             "in_progress" => Self::InProgress,
             "completed" => Self::Completed,
             "failed" => Self::Failed,
+            "paused" => Self::Paused,
+            "aborted" => Self::Aborted,
             other => return Err(StoreError::Corrupt(format!("rollout status `{other}`"))),
         })
     }
 }
 
 /// State of one device's deployment within a rollout: `pending` (no command sent yet),
-/// `sent`, a device-reported stage (`downloading` … `active`, `failed`, `rejected`), or
-/// `superseded` by a later rollout.
+/// `sent`, a device-reported stage (`downloading` … `active`, `committed`, `rolled_back`,
+/// `failed`, `rejected`), `superseded` by a later rollout, `cancelled` (never sent, the
+/// rollout was aborted) or `timed_out` (no verdict within the plan's device timeout).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DeploymentRow {
     pub device_id: String,
@@ -271,13 +286,33 @@ pub struct DeploymentRow {
     pub detail: Option<String>,
     pub command_seq: Option<u64>,
     pub updated_ms: u64,
+    /// The wave the device belongs to (0 first).
+    pub wave: u32,
+    /// The model the device reported running when the rollout was created: what an abort
+    /// rolls it back to.
+    pub previous: Option<ModelRef>,
 }
 
-/// The final deployment states, as an SQL list for `status IN (…)` in every store.
-pub(crate) const FINAL_STATES_SQL: &str =
-    "'active', 'failed', 'rejected', 'superseded', 'committed', 'rolled_back'";
-/// The health window's verdicts: the only reports that still change an `active` deployment.
+/// The final deployment states: a device reported an outcome, or the controller gave up.
+pub const FINAL_STATES: [&str; 8] = [
+    "active",
+    "failed",
+    "rejected",
+    "superseded",
+    "committed",
+    "rolled_back",
+    "cancelled",
+    "timed_out",
+];
+/// [`FINAL_STATES`] as an SQL list for `status IN (…)` in every store.
+pub(crate) const FINAL_STATES_SQL: &str = "'active', 'failed', 'rejected', 'superseded', 'committed', 'rolled_back', 'cancelled', 'timed_out'";
+/// The health window's verdicts: the only reports that still change a deployment that is
+/// `active`, or `timed_out` waiting for one.
 pub(crate) const HEALTH_VERDICTS_SQL: &str = "'committed', 'rolled_back'";
+/// The final states a health verdict may still replace.
+pub(crate) const AWAITING_VERDICT_SQL: &str = "'active', 'timed_out'";
+/// The rollout states in which the store sets completed or failed from the deployments.
+pub(crate) const SELF_FINISHING_SQL: &str = "'in_progress', 'completed', 'failed'";
 /// The final states in which the device runs the model (its own, or a later rollout's):
 /// what [`RolloutStatus::from_counts`] counts as running.
 pub(crate) const RUNNING_STATES_SQL: &str = "'active', 'superseded', 'committed'";
@@ -291,7 +326,88 @@ pub struct RolloutRow {
     pub rollback: bool,
     pub created_ms: u64,
     pub status: RolloutStatus,
+    /// Why the rollout was paused, aborted or resumed, when it was.
+    pub reason: Option<String>,
+    pub plan: RolloutPlan,
+    /// The wave whose devices get commands now (and every earlier one).
+    pub current_wave: u32,
     pub deployments: Vec<DeploymentRow>,
+}
+
+/// A `rollouts` row as every store reads it, before its deployments are attached.
+pub(crate) struct StoredRollout {
+    pub id: u64,
+    pub model_name: String,
+    pub model_version: u64,
+    pub created_ms: u64,
+    pub status: String,
+    pub rollback: bool,
+    /// JSON; none in rollouts created before plans existed (the default plan).
+    pub plan: Option<String>,
+    pub current_wave: u32,
+    pub reason: Option<String>,
+}
+
+impl StoredRollout {
+    pub(crate) fn into_rollout(self, deployments: Vec<DeploymentRow>) -> Result<RolloutRow> {
+        let plan = match &self.plan {
+            None => RolloutPlan::default(),
+            Some(json) => serde_json::from_str(json)
+                .map_err(|e| StoreError::Corrupt(format!("plan of rollout {}: {e}", self.id)))?,
+        };
+        Ok(RolloutRow {
+            id: self.id,
+            model_name: self.model_name,
+            model_version: self.model_version,
+            rollback: self.rollback,
+            created_ms: self.created_ms,
+            status: RolloutStatus::parse(&self.status)?,
+            reason: self.reason,
+            plan,
+            current_wave: self.current_wave,
+            deployments,
+        })
+    }
+}
+
+/// A deployment's previous model from its two nullable columns.
+pub(crate) fn previous_model(name: Option<String>, version: Option<i64>) -> Option<ModelRef> {
+    Some(ModelRef {
+        name: name?,
+        version: version? as u64,
+    })
+}
+
+/// What [`Store::create_rollout`] needs.
+#[derive(Debug, Clone)]
+pub struct NewRollout {
+    pub name: String,
+    pub version: u64,
+    /// A rollback: devices accept this version although it is not above their active one.
+    pub rollback: bool,
+    pub devices: Vec<String>,
+    pub plan: RolloutPlan,
+    pub now_ms: u64,
+}
+
+impl NewRollout {
+    /// When the first wave's deployments time out.
+    pub fn first_deadline_ms(&self) -> u64 {
+        self.now_ms + self.plan.device_timeout_s * 1000
+    }
+}
+
+/// One line of the audit log: who did what to what, when, and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub at_ms: u64,
+    /// The operator (as the API request named itself) or `controller` for the engine.
+    pub actor: String,
+    /// For example `rollout.create`, `rollout.pause`, `rollout.advance`.
+    pub action: String,
+    /// What was acted on, for example `rollout/3`.
+    pub target: String,
+    pub detail: Option<String>,
 }
 
 /// The trust document the controller relays, with the trust state it leads to (both JSON).
@@ -376,21 +492,45 @@ pub trait Store: Send + Sync + 'static {
     async fn models(&self) -> Result<Vec<ModelRow>>;
     async fn model(&self, name: &str, version: u64) -> Result<Option<ModelRow>>;
 
-    /// Creates a rollout of a model to the given devices (a rollback when `rollback`).
+    /// Creates a rollout of a model to the given devices (a rollback when `rollback`), each
+    /// in the wave its plan assigns ([`RolloutPlan::assign`]), the first wave open.
     /// Unfinished deployments of those devices in earlier rollouts become `superseded`.
-    async fn create_rollout(
-        &self,
-        name: &str,
-        version: u64,
-        rollback: bool,
-        devices: &[String],
-        now_ms: u64,
-    ) -> Result<RolloutRow>;
+    async fn create_rollout(&self, new: &NewRollout) -> Result<RolloutRow>;
     async fn rollouts(&self) -> Result<Vec<RolloutRow>>;
     async fn rollout(&self, id: u64) -> Result<Option<RolloutRow>>;
+    /// The rollouts whose status is `in_progress`.
+    async fn rollouts_in_progress(&self) -> Result<Vec<RolloutRow>>;
+    /// Opens wave `from + 1` of rollout `id` if its status is `status` and it is still in
+    /// wave `from`; that wave's deployments time out at `deadline_ms`. False when it was not.
+    async fn open_wave(
+        &self,
+        id: u64,
+        status: RolloutStatus,
+        from: u32,
+        deadline_ms: u64,
+    ) -> Result<bool>;
+    /// Moves rollout `id` from status `from` to `to` with a reason; false when it was not
+    /// in `from`. Aborting cancels the deployments never sent. With `deadline_ms`, the open
+    /// deployments of the waves opened so far get that deadline (a resume).
+    async fn set_rollout_status(
+        &self,
+        id: u64,
+        from: RolloutStatus,
+        to: RolloutStatus,
+        reason: Option<&str>,
+        deadline_ms: Option<u64>,
+        now_ms: u64,
+    ) -> Result<bool>;
+    /// Marks `timed_out` the deployments of rollouts in progress that are past their
+    /// deadline and neither finished nor judged by the health window; returns how many.
+    async fn expire_deployments(&self, now_ms: u64) -> Result<u64>;
 
-    /// Unfinished deployments on devices reported online whose last command or report is
-    /// older than `quiet_since_ms`.
+    async fn record_audit(&self, entry: &AuditEntry) -> Result<()>;
+    /// The audit log, newest first.
+    async fn audit(&self, limit: u32) -> Result<Vec<AuditEntry>>;
+
+    /// Unfinished deployments on devices reported online, in the open waves of rollouts in
+    /// progress, whose last command or report is older than `quiet_since_ms`.
     async fn due_deployments(&self, quiet_since_ms: u64) -> Result<Vec<DueDeployment>>;
     /// Takes the next command sequence number for a device and marks the deployment sent;
     /// `None` when the deployment has finished or been superseded meanwhile.

@@ -9,7 +9,7 @@ use tokio_postgres::{GenericClient, NoTls, Row};
 
 use super::*;
 
-const SCHEMA_VERSION: i32 = 3;
+const SCHEMA_VERSION: i32 = 4;
 /// Serializes migrations of replicas that start at the same time.
 const MIGRATION_LOCK: i64 = 0x6564_6765_6c6f_6f70; // "edgeloop"
 const POOL_SIZE: usize = 16;
@@ -130,6 +130,27 @@ CREATE TABLE trust (
 );
 ";
 
+/// Version 4: rollout plans (waves, thresholds, timeouts), pause and abort, the audit log.
+const SCHEMA_V4: &str = "
+ALTER TABLE rollouts ADD COLUMN plan TEXT;
+ALTER TABLE rollouts ADD COLUMN current_wave BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE rollouts ADD COLUMN reason TEXT;
+ALTER TABLE rollouts ADD COLUMN failure_gated BOOLEAN NOT NULL DEFAULT FALSE;
+ALTER TABLE deployments ADD COLUMN wave BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE deployments ADD COLUMN deadline_ms BIGINT;
+ALTER TABLE deployments ADD COLUMN previous_model TEXT;
+ALTER TABLE deployments ADD COLUMN previous_version BIGINT;
+CREATE INDEX deployments_by_status ON deployments (status);
+CREATE TABLE audit (
+    id BIGSERIAL PRIMARY KEY,
+    at_ms BIGINT NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    detail TEXT
+);
+";
+
 /// A PostgreSQL database reached through a connection pool.
 #[derive(Clone)]
 pub struct PgStore {
@@ -182,6 +203,7 @@ impl PgStore {
                 tx.batch_execute(SCHEMA_V1).await?;
                 tx.batch_execute(SCHEMA_V2).await?;
                 tx.batch_execute(SCHEMA_V3).await?;
+                tx.batch_execute(SCHEMA_V4).await?;
                 tx.execute(
                     "INSERT INTO edgeloop_schema (version) VALUES ($1)",
                     &[&SCHEMA_VERSION],
@@ -192,7 +214,10 @@ impl PgStore {
                 if old < 2 {
                     tx.batch_execute(SCHEMA_V2).await?;
                 }
-                tx.batch_execute(SCHEMA_V3).await?;
+                if old < 3 {
+                    tx.batch_execute(SCHEMA_V3).await?;
+                }
+                tx.batch_execute(SCHEMA_V4).await?;
                 tx.execute(
                     "UPDATE edgeloop_schema SET version = $1",
                     &[&SCHEMA_VERSION],
@@ -388,7 +413,7 @@ async fn apply_deployment(
             "UPDATE deployments SET status = $3, detail = $4, updated_ms = $5
              WHERE rollout_id = $1 AND device_id = $2
                AND (status NOT IN ({FINAL_STATES_SQL})
-                    OR (status = 'active' AND $3 IN ({HEALTH_VERDICTS_SQL})))"
+                    OR (status IN ({AWAITING_VERDICT_SQL}) AND $3 IN ({HEALTH_VERDICTS_SQL})))"
         ),
         &[
             &i(rollout_id),
@@ -408,16 +433,20 @@ async fn refresh_rollout_status(tx: &impl GenericClient, rollout_id: u64) -> Res
             &format!(
                 "SELECT COUNT(*),
                         COALESCE(SUM(CASE WHEN status IN ({RUNNING_STATES_SQL}) THEN 1 ELSE 0 END), 0),
-                        COALESCE(SUM(CASE WHEN status IN ({FINAL_STATES_SQL}) THEN 1 ELSE 0 END), 0)
+                        COALESCE(SUM(CASE WHEN status IN ({FINAL_STATES_SQL}) THEN 1 ELSE 0 END), 0),
+                        (SELECT failure_gated FROM rollouts WHERE id = $1)
                  FROM deployments WHERE rollout_id = $1"
             ),
             &[&i(rollout_id)],
         )
         .await?;
-    let (total, active, finished): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
-    let status = RolloutStatus::from_counts(u(total), u(active), u(finished));
+    let (total, active, finished, gated): (i64, i64, i64, bool) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    let status = RolloutStatus::from_counts(u(total), u(active), u(finished), gated);
     tx.execute(
-        "UPDATE rollouts SET status = $2 WHERE id = $1",
+        &format!(
+            "UPDATE rollouts SET status = $2 WHERE id = $1 AND status IN ({SELF_FINISHING_SQL})"
+        ),
         &[&i(rollout_id), &status.as_str()],
     )
     .await?;
@@ -447,18 +476,18 @@ fn model_from_row(r: &Row) -> Result<ModelRow> {
 async fn load_rollout(c: &impl GenericClient, id: u64) -> Result<Option<RolloutRow>> {
     let Some(row) = c
         .query_opt(
-            "SELECT id, model_name, model_version, created_ms, status, rollback FROM rollouts WHERE id = $1",
+            "SELECT id, model_name, model_version, created_ms, status, rollback, plan, current_wave, reason
+             FROM rollouts WHERE id = $1",
             &[&i(id)],
         )
         .await?
     else {
         return Ok(None);
     };
-    let status: String = row.get(4);
     let deployments = c
         .query(
-            "SELECT device_id, status, detail, command_seq, updated_ms FROM deployments
-             WHERE rollout_id = $1 ORDER BY device_id",
+            "SELECT device_id, status, detail, command_seq, updated_ms, wave, previous_model, previous_version
+             FROM deployments WHERE rollout_id = $1 ORDER BY device_id",
             &[&i(id)],
         )
         .await?
@@ -469,17 +498,23 @@ async fn load_rollout(c: &impl GenericClient, id: u64) -> Result<Option<RolloutR
             detail: r.get(2),
             command_seq: r.get::<_, Option<i64>>(3).map(u),
             updated_ms: u(r.get(4)),
+            wave: u(r.get(5)) as u32,
+            previous: previous_model(r.get(6), r.get(7)),
         })
         .collect();
-    Ok(Some(RolloutRow {
+    StoredRollout {
         id: u(row.get(0)),
         model_name: row.get(1),
         model_version: u(row.get(2)),
-        rollback: row.get(5),
         created_ms: u(row.get(3)),
-        status: RolloutStatus::parse(&status)?,
-        deployments,
-    }))
+        status: row.get(4),
+        rollback: row.get(5),
+        plan: row.get(6),
+        current_wave: u(row.get(7)) as u32,
+        reason: row.get(8),
+    }
+    .into_rollout(deployments)
+    .map(Some)
 }
 
 #[async_trait::async_trait]
@@ -811,14 +846,17 @@ impl Store for PgStore {
             .transpose()
     }
 
-    async fn create_rollout(
-        &self,
-        name: &str,
-        version: u64,
-        rollback: bool,
-        devices: &[String],
-        now_ms: u64,
-    ) -> Result<RolloutRow> {
+    async fn create_rollout(&self, new: &NewRollout) -> Result<RolloutRow> {
+        let NewRollout {
+            name,
+            version,
+            rollback,
+            devices,
+            plan,
+            now_ms,
+        } = new;
+        let (version, now_ms) = (*version, *now_ms);
+        let plan_json = serde_json::to_string(plan).expect("a plan serializes");
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         // Lock the devices first: two rollouts created at once for one device then run one
@@ -849,14 +887,16 @@ impl Store for PgStore {
         }
         let id: i64 = tx
             .query_one(
-                "INSERT INTO rollouts (model_name, model_version, created_ms, status, rollback)
-                 VALUES ($1, $2, $3, 'in_progress', $4) RETURNING id",
-                &[&name, &i(version), &i(now_ms), &rollback],
+                "INSERT INTO rollouts (model_name, model_version, created_ms, status, rollback, plan, current_wave,
+                                       failure_gated)
+                 VALUES ($1, $2, $3, 'in_progress', $4, $5, 0, $6) RETURNING id",
+                &[name, &i(version), &i(now_ms), rollback, &plan_json, &plan.failure_threshold.is_some()],
             )
             .await?
             .get(0);
+        let waves = plan.assign(u(id), devices);
         let mut superseded = std::collections::BTreeSet::new();
-        for device in devices {
+        for (device, wave) in devices.iter().zip(waves) {
             let older = tx
                 .query(
                     &format!(
@@ -869,9 +909,12 @@ impl Store for PgStore {
                 )
                 .await?;
             superseded.extend(older.iter().map(|r| u(r.get(0))));
+            let deadline = (wave == 0).then(|| i(new.first_deadline_ms()));
             tx.execute(
-                "INSERT INTO deployments (rollout_id, device_id, status, updated_ms) VALUES ($1, $2, 'pending', $3)",
-                &[&id, device, &i(now_ms)],
+                "INSERT INTO deployments (rollout_id, device_id, status, updated_ms, wave, deadline_ms,
+                                          previous_model, previous_version)
+                 SELECT $1, $2, 'pending', $3, $4, $5, model_name, model_version FROM devices WHERE id = $2",
+                &[&id, device, &i(now_ms), &i64::from(wave), &deadline],
             )
             .await?;
         }
@@ -903,6 +946,163 @@ impl Store for PgStore {
         load_rollout(&**client, id).await
     }
 
+    async fn rollouts_in_progress(&self) -> Result<Vec<RolloutRow>> {
+        let client = self.client().await?;
+        let ids = client
+            .query(
+                "SELECT id FROM rollouts WHERE status = 'in_progress' ORDER BY id",
+                &[],
+            )
+            .await?;
+        let mut rollouts = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(r) = load_rollout(&**client, u(id.get(0))).await? {
+                rollouts.push(r);
+            }
+        }
+        Ok(rollouts)
+    }
+
+    async fn open_wave(
+        &self,
+        id: u64,
+        status: RolloutStatus,
+        from: u32,
+        deadline_ms: u64,
+    ) -> Result<bool> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let opened = tx
+            .execute(
+                "UPDATE rollouts SET current_wave = $2::BIGINT + 1
+                 WHERE id = $1 AND current_wave = $2::BIGINT AND status = $3",
+                &[&i(id), &i64::from(from), &status.as_str()],
+            )
+            .await?;
+        if opened == 0 {
+            return Ok(false);
+        }
+        tx.execute(
+            "UPDATE deployments SET deadline_ms = $3 WHERE rollout_id = $1 AND wave = $2::BIGINT + 1",
+            &[&i(id), &i64::from(from), &i(deadline_ms)],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn set_rollout_status(
+        &self,
+        id: u64,
+        from: RolloutStatus,
+        to: RolloutStatus,
+        reason: Option<&str>,
+        deadline_ms: Option<u64>,
+        now_ms: u64,
+    ) -> Result<bool> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let changed = tx
+            .execute(
+                "UPDATE rollouts SET status = $3, reason = $4 WHERE id = $1 AND status = $2",
+                &[&i(id), &from.as_str(), &to.as_str(), &reason],
+            )
+            .await?;
+        if changed == 0 {
+            return Ok(false);
+        }
+        if to == RolloutStatus::Aborted {
+            tx.execute(
+                "UPDATE deployments SET status = 'cancelled', detail = $2, updated_ms = $3
+                 WHERE rollout_id = $1 AND status = 'pending'",
+                &[
+                    &i(id),
+                    &format!("rollout aborted: {}", reason.unwrap_or("no reason given")),
+                    &i(now_ms),
+                ],
+            )
+            .await?;
+        }
+        if let Some(deadline) = deadline_ms {
+            tx.execute(
+                &format!(
+                    "UPDATE deployments SET deadline_ms = $2
+                     WHERE rollout_id = $1 AND wave <= (SELECT current_wave FROM rollouts WHERE id = $1)
+                       AND (status NOT IN ({FINAL_STATES_SQL}) OR status = 'active')"
+                ),
+                &[&i(id), &i(deadline)],
+            )
+            .await?;
+        }
+        if to == RolloutStatus::InProgress {
+            refresh_rollout_status(&*tx, id).await?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn expire_deployments(&self, now_ms: u64) -> Result<u64> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let touched = tx
+            .query(
+                &format!(
+                    "UPDATE deployments SET status = 'timed_out', updated_ms = $1,
+                         detail = 'no verdict within the device timeout (last: ' || status || ')'
+                     WHERE deadline_ms < $1
+                       AND (status NOT IN ({FINAL_STATES_SQL}) OR status = 'active')
+                       AND rollout_id IN (SELECT id FROM rollouts WHERE status = 'in_progress')
+                     RETURNING rollout_id"
+                ),
+                &[&i(now_ms)],
+            )
+            .await?;
+        let rollouts: std::collections::BTreeSet<u64> =
+            touched.iter().map(|r| u(r.get(0))).collect();
+        for rollout in rollouts {
+            refresh_rollout_status(&*tx, rollout).await?;
+        }
+        tx.commit().await?;
+        Ok(touched.len() as u64)
+    }
+
+    async fn record_audit(&self, entry: &AuditEntry) -> Result<()> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO audit (at_ms, actor, action, target, detail) VALUES ($1, $2, $3, $4, $5)",
+                &[
+                    &i(entry.at_ms),
+                    &entry.actor,
+                    &entry.action,
+                    &entry.target,
+                    &entry.detail,
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn audit(&self, limit: u32) -> Result<Vec<AuditEntry>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT at_ms, actor, action, target, detail FROM audit ORDER BY id DESC LIMIT $1",
+                &[&i64::from(limit)],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| AuditEntry {
+                at_ms: u(r.get(0)),
+                actor: r.get(1),
+                action: r.get(2),
+                target: r.get(3),
+                detail: r.get(4),
+            })
+            .collect())
+    }
+
     async fn due_deployments(&self, quiet_since_ms: u64) -> Result<Vec<DueDeployment>> {
         let client = self.client().await?;
         let rows = client
@@ -915,6 +1115,7 @@ impl Store for PgStore {
                      JOIN models m ON m.name = r.model_name AND m.version = r.model_version
                      JOIN devices v ON v.id = d.device_id
                      WHERE d.status NOT IN ({})
+                       AND r.status = 'in_progress' AND d.wave <= r.current_wave
                        AND v.online
                        AND (d.status = 'pending' OR d.updated_ms < $1)
                      ORDER BY d.rollout_id, d.device_id",

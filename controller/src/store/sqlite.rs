@@ -10,7 +10,7 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use super::*;
 
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 pub(super) const SCHEMA_V1: &str = "
 CREATE TABLE seen_messages (
@@ -128,6 +128,27 @@ CREATE TABLE trust (
 );
 ";
 
+/// Version 4: rollout plans (waves, thresholds, timeouts), pause and abort, the audit log.
+const SCHEMA_V4: &str = "
+ALTER TABLE rollouts ADD COLUMN plan TEXT;
+ALTER TABLE rollouts ADD COLUMN current_wave INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE rollouts ADD COLUMN reason TEXT;
+ALTER TABLE rollouts ADD COLUMN failure_gated INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE deployments ADD COLUMN wave INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE deployments ADD COLUMN deadline_ms INTEGER;
+ALTER TABLE deployments ADD COLUMN previous_model TEXT;
+ALTER TABLE deployments ADD COLUMN previous_version INTEGER;
+CREATE INDEX deployments_by_status ON deployments (status);
+CREATE TABLE audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_ms INTEGER NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    detail TEXT
+);
+";
+
 impl From<rusqlite::Error> for StoreError {
     fn from(source: rusqlite::Error) -> Self {
         StoreError::Sqlite {
@@ -175,7 +196,10 @@ impl SqliteStore {
                 if version < 2 {
                     tx.execute_batch(SCHEMA_V2).map_err(with_path)?;
                 }
-                tx.execute_batch(SCHEMA_V3).map_err(with_path)?;
+                if version < 3 {
+                    tx.execute_batch(SCHEMA_V3).map_err(with_path)?;
+                }
+                tx.execute_batch(SCHEMA_V4).map_err(with_path)?;
                 tx.pragma_update(None, "user_version", SCHEMA_VERSION)
                     .map_err(with_path)?;
                 tx.commit().map_err(with_path)?;
@@ -386,7 +410,7 @@ fn apply_deployment(
             "UPDATE deployments SET status = ?3, detail = ?4, updated_ms = ?5
              WHERE rollout_id = ?1 AND device_id = ?2
                AND (status NOT IN ({FINAL_STATES_SQL})
-                    OR (status = 'active' AND ?3 IN ({HEALTH_VERDICTS_SQL})))"
+                    OR (status IN ({AWAITING_VERDICT_SQL}) AND ?3 IN ({HEALTH_VERDICTS_SQL})))"
         ),
         params![
             rollout_id as i64,
@@ -400,20 +424,23 @@ fn apply_deployment(
 }
 
 fn refresh_rollout_status(tx: &Transaction<'_>, rollout_id: u64) -> Result<()> {
-    let (total, active, finished): (i64, i64, i64) = tx
+    let (total, active, finished, gated): (i64, i64, i64, bool) = tx
         .prepare_cached(&format!(
             "SELECT COUNT(*),
                     COALESCE(SUM(status IN ({RUNNING_STATES_SQL})), 0),
-                    COALESCE(SUM(status IN ({FINAL_STATES_SQL})), 0)
+                    COALESCE(SUM(status IN ({FINAL_STATES_SQL})), 0),
+                    (SELECT failure_gated FROM rollouts WHERE id = ?1)
              FROM deployments WHERE rollout_id = ?1"
         ))?
         .query_row(params![rollout_id as i64], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
         })?;
-    let status = RolloutStatus::from_counts(u(total), u(active), u(finished));
+    let status = RolloutStatus::from_counts(u(total), u(active), u(finished), gated);
     exec(
         tx,
-        "UPDATE rollouts SET status = ?2 WHERE id = ?1",
+        &format!(
+            "UPDATE rollouts SET status = ?2 WHERE id = ?1 AND status IN ({SELF_FINISHING_SQL})"
+        ),
         params![rollout_id as i64, status.as_str()],
     )?;
     Ok(())
@@ -451,26 +478,30 @@ const MODEL_COLUMNS: &str =
 fn load_rollout(conn: &Connection, id: u64) -> Result<Option<RolloutRow>> {
     let row = conn
         .query_row(
-            "SELECT id, model_name, model_version, created_ms, status, rollback FROM rollouts WHERE id = ?1",
+            "SELECT id, model_name, model_version, created_ms, status, rollback, plan, current_wave, reason
+             FROM rollouts WHERE id = ?1",
             params![id as i64],
             |r| {
-                Ok((
-                    u(r.get(0)?),
-                    r.get::<_, String>(1)?,
-                    u(r.get(2)?),
-                    u(r.get(3)?),
-                    r.get::<_, String>(4)?,
-                    r.get::<_, bool>(5)?,
-                ))
+                Ok(StoredRollout {
+                    id: u(r.get(0)?),
+                    model_name: r.get(1)?,
+                    model_version: u(r.get(2)?),
+                    created_ms: u(r.get(3)?),
+                    status: r.get(4)?,
+                    rollback: r.get(5)?,
+                    plan: r.get(6)?,
+                    current_wave: u(r.get(7)?) as u32,
+                    reason: r.get(8)?,
+                })
             },
         )
         .optional()?;
-    let Some((id, model_name, model_version, created_ms, status, rollback)) = row else {
+    let Some(row) = row else {
         return Ok(None);
     };
     let mut stmt = conn.prepare_cached(
-        "SELECT device_id, status, detail, command_seq, updated_ms FROM deployments
-         WHERE rollout_id = ?1 ORDER BY device_id",
+        "SELECT device_id, status, detail, command_seq, updated_ms, wave, previous_model, previous_version
+         FROM deployments WHERE rollout_id = ?1 ORDER BY device_id",
     )?;
     let deployments = stmt
         .query_map(params![id as i64], |r| {
@@ -480,18 +511,12 @@ fn load_rollout(conn: &Connection, id: u64) -> Result<Option<RolloutRow>> {
                 detail: r.get(2)?,
                 command_seq: r.get::<_, Option<i64>>(3)?.map(u),
                 updated_ms: u(r.get(4)?),
+                wave: u(r.get(5)?) as u32,
+                previous: previous_model(r.get(6)?, r.get(7)?),
             })
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
-    Ok(Some(RolloutRow {
-        id,
-        model_name,
-        model_version,
-        rollback,
-        created_ms,
-        status: RolloutStatus::parse(&status)?,
-        deployments,
-    }))
+    row.into_rollout(deployments).map(Some)
 }
 
 #[async_trait::async_trait]
@@ -855,16 +880,12 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn create_rollout(
-        &self,
-        name: &str,
-        version: u64,
-        rollback: bool,
-        devices: &[String],
-        now_ms: u64,
-    ) -> Result<RolloutRow> {
-        let (name, devices) = (name.to_string(), devices.to_vec());
+    async fn create_rollout(&self, new: &NewRollout) -> Result<RolloutRow> {
+        let new = new.clone();
         self.call(move |conn| {
+            let NewRollout { name, version, rollback, devices, plan, now_ms } = &new;
+            let (version, now_ms, rollback) = (*version, *now_ms, *rollback);
+            let plan_json = serde_json::to_string(plan).expect("a plan serializes");
             let tx = conn.transaction()?;
             let known: i64 = tx.query_row(
                 "SELECT COUNT(*) FROM models WHERE name = ?1 AND version = ?2",
@@ -874,7 +895,7 @@ impl Store for SqliteStore {
             if known == 0 {
                 return Err(StoreError::NotFound(format!("model {name} v{version}")));
             }
-            for device in &devices {
+            for device in devices {
                 let exists: i64 =
                     tx.query_row("SELECT COUNT(*) FROM devices WHERE id = ?1", params![device], |r| r.get(0))?;
                 if exists == 0 {
@@ -882,13 +903,15 @@ impl Store for SqliteStore {
                 }
             }
             tx.execute(
-                "INSERT INTO rollouts (model_name, model_version, created_ms, status, rollback)
-                 VALUES (?1, ?2, ?3, 'in_progress', ?4)",
-                params![name, version as i64, now_ms as i64, rollback],
+                "INSERT INTO rollouts (model_name, model_version, created_ms, status, rollback, plan, current_wave,
+                                       failure_gated)
+                 VALUES (?1, ?2, ?3, 'in_progress', ?4, ?5, 0, ?6)",
+                params![name, version as i64, now_ms as i64, rollback, plan_json, plan.failure_threshold.is_some()],
             )?;
             let id = tx.last_insert_rowid() as u64;
+            let waves = plan.assign(id, devices);
             let mut superseded = std::collections::BTreeSet::new();
-            for device in &devices {
+            for (device, wave) in devices.iter().zip(waves) {
                 let mut stmt = tx.prepare_cached(&format!(
                     "SELECT rollout_id FROM deployments WHERE device_id = ?1
                      AND status NOT IN ({FINAL_STATES_SQL})"
@@ -904,9 +927,17 @@ impl Store for SqliteStore {
                     )?;
                     superseded.insert(rollout as u64);
                 }
+                let (previous_model, previous_version): (Option<String>, Option<i64>) = tx.query_row(
+                    "SELECT model_name, model_version FROM devices WHERE id = ?1",
+                    params![device],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )?;
+                let deadline = (wave == 0).then(|| new.first_deadline_ms() as i64);
                 tx.execute(
-                    "INSERT INTO deployments (rollout_id, device_id, status, updated_ms) VALUES (?1, ?2, 'pending', ?3)",
-                    params![id as i64, device, now_ms as i64],
+                    "INSERT INTO deployments (rollout_id, device_id, status, updated_ms, wave, deadline_ms,
+                                              previous_model, previous_version)
+                     VALUES (?1, ?2, 'pending', ?3, ?4, ?5, ?6, ?7)",
+                    params![id as i64, device, now_ms as i64, wave, deadline, previous_model, previous_version],
                 )?;
             }
             for rollout in superseded {
@@ -937,6 +968,155 @@ impl Store for SqliteStore {
         self.call(move |conn| load_rollout(conn, id)).await
     }
 
+    async fn rollouts_in_progress(&self) -> Result<Vec<RolloutRow>> {
+        self.call(|conn| {
+            let ids: Vec<i64> = conn
+                .prepare_cached("SELECT id FROM rollouts WHERE status = 'in_progress' ORDER BY id")?
+                .query_map([], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            ids.into_iter()
+                .filter_map(|id| load_rollout(conn, u(id)).transpose())
+                .collect()
+        })
+        .await
+    }
+
+    async fn open_wave(
+        &self,
+        id: u64,
+        status: RolloutStatus,
+        from: u32,
+        deadline_ms: u64,
+    ) -> Result<bool> {
+        self.call(move |conn| {
+            let tx = conn.transaction()?;
+            let opened = tx.execute(
+                "UPDATE rollouts SET current_wave = ?2 + 1
+                 WHERE id = ?1 AND current_wave = ?2 AND status = ?3",
+                params![id as i64, from, status.as_str()],
+            )?;
+            if opened == 0 {
+                return Ok(false);
+            }
+            tx.execute(
+                "UPDATE deployments SET deadline_ms = ?3 WHERE rollout_id = ?1 AND wave = ?2 + 1",
+                params![id as i64, from, deadline_ms as i64],
+            )?;
+            tx.commit()?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn set_rollout_status(
+        &self,
+        id: u64,
+        from: RolloutStatus,
+        to: RolloutStatus,
+        reason: Option<&str>,
+        deadline_ms: Option<u64>,
+        now_ms: u64,
+    ) -> Result<bool> {
+        let reason = reason.map(str::to_string);
+        self.call(move |conn| {
+            let tx = conn.transaction()?;
+            let changed = tx.execute(
+                "UPDATE rollouts SET status = ?3, reason = ?4 WHERE id = ?1 AND status = ?2",
+                params![id as i64, from.as_str(), to.as_str(), reason],
+            )?;
+            if changed == 0 {
+                return Ok(false);
+            }
+            if to == RolloutStatus::Aborted {
+                tx.execute(
+                    "UPDATE deployments SET status = 'cancelled', detail = ?2, updated_ms = ?3
+                     WHERE rollout_id = ?1 AND status = 'pending'",
+                    params![id as i64, format!("rollout aborted: {}", reason.as_deref().unwrap_or("no reason given")), now_ms as i64],
+                )?;
+            }
+            if let Some(deadline) = deadline_ms {
+                tx.execute(
+                    &format!(
+                        "UPDATE deployments SET deadline_ms = ?2
+                         WHERE rollout_id = ?1 AND wave <= (SELECT current_wave FROM rollouts WHERE id = ?1)
+                           AND (status NOT IN ({FINAL_STATES_SQL}) OR status = 'active')"
+                    ),
+                    params![id as i64, deadline as i64],
+                )?;
+            }
+            if to == RolloutStatus::InProgress {
+                refresh_rollout_status(&tx, id)?;
+            }
+            tx.commit()?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn expire_deployments(&self, now_ms: u64) -> Result<u64> {
+        self.call(move |conn| {
+            let tx = conn.transaction()?;
+            let mut stmt = tx.prepare_cached(&format!(
+                "UPDATE deployments SET status = 'timed_out', updated_ms = ?1,
+                     detail = 'no verdict within the device timeout (last: ' || status || ')'
+                 WHERE deadline_ms < ?1
+                   AND (status NOT IN ({FINAL_STATES_SQL}) OR status = 'active')
+                   AND rollout_id IN (SELECT id FROM rollouts WHERE status = 'in_progress')
+                 RETURNING rollout_id"
+            ))?;
+            let touched: Vec<i64> = stmt
+                .query_map(params![now_ms as i64], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            drop(stmt);
+            let rollouts: std::collections::BTreeSet<i64> = touched.iter().copied().collect();
+            for rollout in rollouts {
+                refresh_rollout_status(&tx, u(rollout))?;
+            }
+            tx.commit()?;
+            Ok(touched.len() as u64)
+        })
+        .await
+    }
+
+    async fn record_audit(&self, entry: &AuditEntry) -> Result<()> {
+        let entry = entry.clone();
+        self.call(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO audit (at_ms, actor, action, target, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![
+                entry.at_ms as i64,
+                entry.actor,
+                entry.action,
+                entry.target,
+                entry.detail
+            ])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn audit(&self, limit: u32) -> Result<Vec<AuditEntry>> {
+        self.call(move |conn| {
+            let rows = conn
+                .prepare_cached(
+                    "SELECT at_ms, actor, action, target, detail FROM audit ORDER BY id DESC LIMIT ?1",
+                )?
+                .query_map(params![limit], |r| {
+                    Ok(AuditEntry {
+                        at_ms: u(r.get(0)?),
+                        actor: r.get(1)?,
+                        action: r.get(2)?,
+                        target: r.get(3)?,
+                        detail: r.get(4)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
     async fn due_deployments(&self, quiet_since_ms: u64) -> Result<Vec<DueDeployment>> {
         self.call(move |conn| {
             let mut stmt = conn.prepare_cached(&format!(
@@ -947,6 +1127,7 @@ impl Store for SqliteStore {
                  JOIN models m ON m.name = r.model_name AND m.version = r.model_version
                  JOIN devices v ON v.id = d.device_id
                  WHERE d.status NOT IN ({FINAL_STATES_SQL})
+                   AND r.status = 'in_progress' AND d.wave <= r.current_wave
                    AND v.online = 1
                    AND (d.status = 'pending' OR d.updated_ms < ?1)
                  ORDER BY d.rollout_id, d.device_id"

@@ -95,6 +95,17 @@ fn model_row(version: u64) -> ModelRow {
     }
 }
 
+fn new_rollout(version: u64, rollback: bool, devices: &[&str], now_ms: u64) -> NewRollout {
+    NewRollout {
+        name: "m".into(),
+        version,
+        rollback,
+        devices: devices.iter().map(|d| d.to_string()).collect(),
+        plan: RolloutPlan::default(),
+        now_ms,
+    }
+}
+
 pub async fn suite(store: &dyn Store) {
     // Devices register themselves with their first message; duplicates change nothing.
     assert_eq!(
@@ -216,18 +227,18 @@ pub async fn suite(store: &dyn Store) {
     // Rollouts need a known model and known devices.
     assert!(matches!(
         store
-            .create_rollout("m", 9, false, &["d1".into()], 400)
+            .create_rollout(&new_rollout(9, false, &["d1"], 400))
             .await,
         Err(StoreError::NotFound(_))
     ));
     assert!(matches!(
         store
-            .create_rollout("m", 1, false, &["nope".into()], 400)
+            .create_rollout(&new_rollout(1, false, &["nope"], 400))
             .await,
         Err(StoreError::NotFound(_))
     ));
     let r = store
-        .create_rollout("m", 1, false, &["d1".into(), "d2".into()], 400)
+        .create_rollout(&new_rollout(1, false, &["d1", "d2"], 400))
         .await
         .unwrap();
     assert_eq!(r.status, RolloutStatus::InProgress);
@@ -279,7 +290,7 @@ pub async fn suite(store: &dyn Store) {
     // A new rollout supersedes the unfinished deployment of the old one.
     store.insert_model(&model_row(2)).await.unwrap();
     let r2 = store
-        .create_rollout("m", 2, true, &["d2".into()], 700)
+        .create_rollout(&new_rollout(2, true, &["d2"], 700))
         .await
         .unwrap();
     assert!(r2.rollback && !r.rollback);
@@ -319,6 +330,7 @@ pub async fn suite(store: &dyn Store) {
     assert!(store.rollout(99).await.unwrap().is_none());
 
     hourly_aggregates_and_retention(store).await;
+    waves_pauses_aborts_timeouts_and_the_audit_log(store).await;
     the_trust_document_is_replaced_only_from_the_version_it_was_checked_against(store).await;
 
     // Registration adds what is new and leaves known devices as they are.
@@ -353,6 +365,279 @@ pub async fn suite(store: &dyn Store) {
     );
     assert!(!store.acquire_lease("job", "a", 1200, 100).await.unwrap());
     assert!(store.acquire_lease("other", "a", 1200, 100).await.unwrap());
+}
+
+/// A rollout's waves open one at a time; deployments past their deadline time out; pause,
+/// resume and abort are compare-and-set; the audit log keeps its order.
+async fn waves_pauses_aborts_timeouts_and_the_audit_log(store: &dyn Store) {
+    use crate::plan::WaveSize;
+    use std::collections::BTreeSet;
+
+    let devices: Vec<String> = (0..6).map(|i| format!("w{i}")).collect();
+    for (i, d) in devices.iter().enumerate() {
+        store
+            .ingest(&status(d, &format!("w-status-{i}"), true, Some(1)), 1000)
+            .await
+            .unwrap();
+    }
+    store.insert_model(&model_row(3)).await.unwrap();
+    let plan = RolloutPlan {
+        waves: vec![WaveSize::Devices(2), WaveSize::Percent(100.0)],
+        failure_threshold: Some(0.5),
+        device_timeout_s: 10,
+        ..RolloutPlan::default()
+    };
+    let r = store
+        .create_rollout(&NewRollout {
+            name: "m".into(),
+            version: 3,
+            rollback: false,
+            devices: devices.clone(),
+            plan: plan.clone(),
+            now_ms: 1000,
+        })
+        .await
+        .unwrap();
+    assert_eq!((r.plan.clone(), r.current_wave), (plan.clone(), 0));
+    let assigned = plan.assign(r.id, &devices);
+    for d in &r.deployments {
+        let i = devices.iter().position(|x| *x == d.device_id).unwrap();
+        assert_eq!(d.wave, assigned[i], "{}", d.device_id);
+        assert_eq!(d.previous, Some(model_ref(1)), "what an abort goes back to");
+    }
+    let wave = |k: u32| -> BTreeSet<String> {
+        r.deployments
+            .iter()
+            .filter(|d| d.wave == k)
+            .map(|d| d.device_id.clone())
+            .collect()
+    };
+    assert_eq!(wave(0).len(), 2);
+    // Due with `quiet_since` 0: deployments never sent.
+    let due = || async {
+        store
+            .due_deployments(0)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|d| d.rollout_id == r.id)
+            .map(|d| d.device_id)
+            .collect::<BTreeSet<_>>()
+    };
+    assert_eq!(due().await, wave(0), "only the open wave is due");
+    assert!(
+        store
+            .rollouts_in_progress()
+            .await
+            .unwrap()
+            .iter()
+            .any(|x| x.id == r.id)
+    );
+
+    // Opening a wave is a compare-and-set on the current one.
+    use RolloutStatus::*;
+    assert!(!store.open_wave(r.id, InProgress, 1, 5000).await.unwrap());
+    assert!(!store.open_wave(r.id, Paused, 0, 5000).await.unwrap());
+    assert!(store.open_wave(r.id, InProgress, 0, 5000).await.unwrap());
+    assert!(!store.open_wave(r.id, InProgress, 0, 5000).await.unwrap());
+    assert_eq!(store.rollout(r.id).await.unwrap().unwrap().current_wave, 1);
+    assert_eq!(due().await.len(), 6);
+
+    // Wave 1's deadline (5000) passes before wave 0's (11000). One canary commits.
+    let canary = wave(0).into_iter().next().unwrap();
+    store
+        .ingest(
+            &deployment(&canary, "w-d1", r.id, DeployStage::Committed),
+            2000,
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.expire_deployments(4999).await.unwrap(), 0);
+    assert_eq!(store.expire_deployments(6000).await.unwrap(), 4);
+    let row = store.rollout(r.id).await.unwrap().unwrap();
+    for d in row.deployments.iter().filter(|d| d.wave == 1) {
+        assert_eq!(d.status, "timed_out");
+        assert!(
+            d.detail.as_deref().unwrap().contains("last: pending"),
+            "{d:?}"
+        );
+    }
+    // A late verdict still lands on a timed-out deployment.
+    let late = wave(1).into_iter().next().unwrap();
+    store
+        .ingest(
+            &deployment(&late, "w-d2", r.id, DeployStage::Committed),
+            6100,
+        )
+        .await
+        .unwrap();
+    let row = store.rollout(r.id).await.unwrap().unwrap();
+    assert_eq!(
+        row.deployments
+            .iter()
+            .find(|d| d.device_id == late)
+            .unwrap()
+            .status,
+        "committed"
+    );
+
+    // Pause is a compare-and-set; a paused rollout has nothing due and nothing expires.
+    assert!(
+        store
+            .set_rollout_status(r.id, InProgress, Paused, Some("looking"), None, 7000)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .set_rollout_status(r.id, InProgress, Paused, None, None, 7000)
+            .await
+            .unwrap()
+    );
+    let row = store.rollout(r.id).await.unwrap().unwrap();
+    assert_eq!(
+        (row.status, row.reason.as_deref()),
+        (Paused, Some("looking"))
+    );
+    assert!(due().await.is_empty());
+    assert_eq!(store.expire_deployments(20_000).await.unwrap(), 0);
+    // A report does not end a paused rollout.
+    let other = wave(0).into_iter().nth(1).unwrap();
+    store
+        .ingest(
+            &deployment(&other, "w-d3", r.id, DeployStage::Downloading),
+            7100,
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.rollout(r.id).await.unwrap().unwrap().status, Paused);
+
+    // Resume moves the open deployments' deadline.
+    assert!(
+        store
+            .set_rollout_status(r.id, Paused, InProgress, Some("go on"), Some(30_000), 8000)
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.expire_deployments(20_000).await.unwrap(), 0);
+    let quiet: Vec<_> = store
+        .due_deployments(100_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|d| d.rollout_id == r.id)
+        .map(|d| d.device_id)
+        .collect();
+    assert_eq!(
+        quiet,
+        std::slice::from_ref(&other),
+        "the unfinished one goes again"
+    );
+
+    // Abort cancels only what was never sent; the rollout stays aborted.
+    let r2 = store
+        .create_rollout(&NewRollout {
+            name: "m".into(),
+            version: 3,
+            rollback: false,
+            devices: vec![devices[0].clone(), devices[1].clone()],
+            plan: RolloutPlan::default(),
+            now_ms: 9000,
+        })
+        .await
+        .unwrap();
+    store
+        .mark_sent(r2.id, &devices[0], 9001)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        store
+            .set_rollout_status(r2.id, InProgress, Aborted, Some("bad canary"), None, 9002)
+            .await
+            .unwrap()
+    );
+    let row = store.rollout(r2.id).await.unwrap().unwrap();
+    assert_eq!(row.status, Aborted);
+    assert_eq!(row.deployments[0].status, "sent");
+    assert_eq!(row.deployments[1].status, "cancelled");
+    assert_eq!(
+        row.deployments[1].detail.as_deref(),
+        Some("rollout aborted: bad canary")
+    );
+    store
+        .ingest(
+            &deployment(&devices[0], "w-d4", r2.id, DeployStage::Failed),
+            9100,
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.rollout(r2.id).await.unwrap().unwrap().status, Aborted);
+    assert!(
+        !store
+            .rollouts_in_progress()
+            .await
+            .unwrap()
+            .iter()
+            .any(|x| x.id == r2.id)
+    );
+
+    // With a failure threshold, a rollout whose deployments all ended with failures is
+    // left in progress for the engine to judge.
+    let gated = store
+        .create_rollout(&NewRollout {
+            name: "m".into(),
+            version: 3,
+            rollback: false,
+            devices: vec![devices[2].clone()],
+            plan: RolloutPlan {
+                failure_threshold: Some(0.5),
+                ..RolloutPlan::default()
+            },
+            now_ms: 9200,
+        })
+        .await
+        .unwrap();
+    store
+        .ingest(
+            &deployment(&devices[2], "w-d5", gated.id, DeployStage::Failed),
+            9300,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store.rollout(gated.id).await.unwrap().unwrap().status,
+        InProgress
+    );
+    assert!(
+        store
+            .set_rollout_status(gated.id, InProgress, Failed, Some("judged"), None, 9400)
+            .await
+            .unwrap()
+    );
+
+    // The audit log: newest first, limited.
+    for (i, action) in ["rollout.create", "rollout.pause", "rollout.resume"]
+        .iter()
+        .enumerate()
+    {
+        store
+            .record_audit(&AuditEntry {
+                at_ms: 10_000 + i as u64,
+                actor: "alice".into(),
+                action: action.to_string(),
+                target: format!("rollout/{}", r.id),
+                detail: (i == 1).then(|| "looking".to_string()),
+            })
+            .await
+            .unwrap();
+    }
+    let log = store.audit(2).await.unwrap();
+    assert_eq!(
+        log.iter().map(|e| e.action.as_str()).collect::<Vec<_>>(),
+        ["rollout.resume", "rollout.pause"]
+    );
+    assert_eq!(log[1].detail.as_deref(), Some("looking"));
 }
 
 /// Hourly aggregates fold each stored summary once; retention prunes by age.
@@ -442,10 +727,12 @@ async fn hourly_aggregates_and_retention(store: &dyn Store) {
 async fn sqlite_store_passes_the_suite() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.sqlite");
-    suite(&SqliteStore::open(&path).unwrap()).await;
+    let store = SqliteStore::open(&path).unwrap();
+    suite(&store).await;
+    let devices = store.devices().await.unwrap();
     // Reopening keeps everything and does not migrate twice.
     let again = SqliteStore::open(&path).unwrap();
-    assert_eq!(again.devices().await.unwrap().len(), 6);
+    assert_eq!(again.devices().await.unwrap(), devices);
 }
 
 #[tokio::test]
@@ -476,8 +763,12 @@ async fn a_version_1_sqlite_database_is_migrated_in_place() {
     let version: i64 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 3);
-    conn.prepare("SELECT rollback FROM rollouts").unwrap();
+    assert_eq!(version, 4);
+    conn.prepare("SELECT rollback, plan, current_wave, reason FROM rollouts")
+        .unwrap();
+    conn.prepare("SELECT wave, deadline_ms, previous_model FROM deployments")
+        .unwrap();
+    conn.prepare("SELECT actor FROM audit").unwrap();
 }
 
 #[tokio::test]
@@ -521,11 +812,13 @@ async fn postgres_store_passes_the_suite() {
         .await
         .unwrap();
     let scoped = with_search_path(&url, &schema);
-    suite(&PgStore::connect(&scoped).await.unwrap()).await;
+    let store = PgStore::connect(&scoped).await.unwrap();
+    suite(&store).await;
+    let devices = store.devices().await.unwrap();
     let again = PgStore::connect(&scoped).await.unwrap();
     assert_eq!(
-        again.devices().await.unwrap().len(),
-        6,
+        again.devices().await.unwrap(),
+        devices,
         "reopening keeps everything"
     );
     admin

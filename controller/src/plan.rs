@@ -1,0 +1,586 @@
+//! Rollout plans: waves over deterministic cohorts, success and failure thresholds, a
+//! per-device timeout, and the pure decision of what a rollout does next. The engine in
+//! [`crate::rollout`] applies the decisions; nothing here touches the store.
+
+use std::fmt;
+use std::str::FromStr;
+
+use edgeloop_shared::sha256_hex;
+use serde::{Deserialize, Serialize};
+
+use crate::store::{DeploymentRow, FINAL_STATES, RolloutRow};
+
+/// How far a wave reaches, counted from the start of the rollout: a number of devices, or
+/// a percentage of the rollout's devices (rounded up). Written `"5"` or `"10%"`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum WaveSize {
+    Devices(u64),
+    Percent(f64),
+}
+
+impl WaveSize {
+    /// The number of devices this wave reaches when the rollout has `total`.
+    fn reach(self, total: usize) -> usize {
+        match self {
+            WaveSize::Devices(n) => (n as usize).min(total),
+            // Rounded up, less a tolerance for percentages such as 33.33 of 3 devices.
+            WaveSize::Percent(p) => {
+                ((p / 100.0 * total as f64 - 1e-9).ceil().max(0.0) as usize).min(total)
+            }
+        }
+    }
+}
+
+impl fmt::Display for WaveSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WaveSize::Devices(n) => write!(f, "{n}"),
+            WaveSize::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+impl FromStr for WaveSize {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if let Some(p) = s.strip_suffix('%') {
+            match p.trim().parse::<f64>() {
+                Ok(p) if p > 0.0 && p <= 100.0 => Ok(WaveSize::Percent(p)),
+                _ => Err(format!("`{s}` is not a percentage above 0 and at most 100")),
+            }
+        } else {
+            match s.parse::<u64>() {
+                Ok(n) if n > 0 => Ok(WaveSize::Devices(n)),
+                _ => Err(format!(
+                    "`{s}` is neither a device count above 0 nor a percentage such as `10%`"
+                )),
+            }
+        }
+    }
+}
+
+impl Serialize for WaveSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for WaveSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// What the engine does when a wave fails.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFailure {
+    /// Stop sending commands until an operator resumes or aborts.
+    #[default]
+    Pause,
+    /// Stop for good and roll back the devices that run the new version.
+    Abort,
+}
+
+/// How a rollout proceeds. Every field has a default; the default plan sends to every
+/// device at once and never stops by itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutPlan {
+    /// Cumulative reach of each wave; the last must reach every device (`"100%"`).
+    #[serde(default = "RolloutPlan::all_at_once")]
+    pub waves: Vec<WaveSize>,
+    /// Share of a wave's devices that must have committed the new version before the next
+    /// wave starts.
+    #[serde(default = "RolloutPlan::default_success_threshold")]
+    pub success_threshold: f64,
+    /// Share of a wave's executed deployments (committed or failed) that, once reached,
+    /// stops the rollout as `on_failure` says. None: never stops early.
+    #[serde(default)]
+    pub failure_threshold: Option<f64>,
+    /// Deployments of a wave that must have executed before either threshold is judged.
+    #[serde(default = "RolloutPlan::default_min_executed")]
+    pub min_executed: u64,
+    #[serde(default)]
+    pub on_failure: OnFailure,
+    /// A deployment not committed, failed or rolled back this long after its wave started
+    /// counts as failed (`timed_out`).
+    #[serde(default = "RolloutPlan::default_device_timeout_s")]
+    pub device_timeout_s: u64,
+}
+
+impl Default for RolloutPlan {
+    fn default() -> Self {
+        RolloutPlan {
+            waves: Self::all_at_once(),
+            success_threshold: Self::default_success_threshold(),
+            failure_threshold: None,
+            min_executed: Self::default_min_executed(),
+            on_failure: OnFailure::default(),
+            device_timeout_s: Self::default_device_timeout_s(),
+        }
+    }
+}
+
+/// A plan that cannot be followed; the message names the field.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("invalid rollout plan: {0}")]
+pub struct PlanError(pub String);
+
+/// How a wave's deployments stand.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WaveCounts {
+    /// Deployments in the wave, less those superseded by a later rollout or cancelled.
+    pub total: u64,
+    pub committed: u64,
+    /// Failed, refused, rolled back by the device, or timed out.
+    pub failed: u64,
+}
+
+impl WaveCounts {
+    pub fn executed(&self) -> u64 {
+        self.committed + self.failed
+    }
+
+    /// Counts the deployments of `wave`.
+    pub fn of(deployments: &[DeploymentRow], wave: u32) -> Self {
+        let mut counts = WaveCounts::default();
+        for d in deployments.iter().filter(|d| d.wave == wave) {
+            match d.status.as_str() {
+                "superseded" | "cancelled" => continue,
+                "committed" => counts.committed += 1,
+                "failed" | "rejected" | "rolled_back" | "timed_out" => counts.failed += 1,
+                _ => {}
+            }
+            counts.total += 1;
+        }
+        counts
+    }
+}
+
+/// What a rollout in progress does next.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    Wait,
+    /// Start the next wave.
+    Advance,
+    /// Stop as the plan's `on_failure` says, for this reason.
+    Stop(String),
+    /// End as failed, for this reason: every deployment has ended and some failed, below
+    /// the failure threshold. (Rollouts without a threshold are ended by the store.)
+    Finish(String),
+}
+
+impl RolloutPlan {
+    fn all_at_once() -> Vec<WaveSize> {
+        vec![WaveSize::Percent(100.0)]
+    }
+    fn default_success_threshold() -> f64 {
+        1.0
+    }
+    fn default_min_executed() -> u64 {
+        1
+    }
+    fn default_device_timeout_s() -> u64 {
+        3600
+    }
+
+    pub fn validate(&self) -> Result<(), PlanError> {
+        let bad = |m: String| Err(PlanError(m));
+        match self.waves.last() {
+            None => return bad("waves: at least one wave is needed".into()),
+            Some(WaveSize::Percent(p)) if *p >= 100.0 => {}
+            Some(last) => {
+                return bad(format!(
+                    "waves: the last wave must reach every device (`100%`), not `{last}`"
+                ));
+            }
+        }
+        if self.waves.len() > 100 {
+            return bad(format!("waves: {} waves, at most 100", self.waves.len()));
+        }
+        let percents: Vec<f64> = self
+            .waves
+            .iter()
+            .filter_map(|w| match w {
+                WaveSize::Percent(p) => Some(*p),
+                WaveSize::Devices(_) => None,
+            })
+            .collect();
+        if percents.windows(2).any(|w| w[1] <= w[0]) {
+            return bad("waves: percentages must rise from wave to wave".into());
+        }
+        if !(self.success_threshold > 0.0 && self.success_threshold <= 1.0) {
+            return bad(format!(
+                "success_threshold: {} is not a share above 0 and at most 1",
+                self.success_threshold
+            ));
+        }
+        if let Some(t) = self.failure_threshold
+            && !(t > 0.0 && t <= 1.0)
+        {
+            return bad(format!(
+                "failure_threshold: {t} is not a share above 0 and at most 1"
+            ));
+        }
+        if self.min_executed == 0 {
+            return bad("min_executed: must be at least 1".into());
+        }
+        if self.device_timeout_s == 0 {
+            return bad("device_timeout_s: must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The index of the last wave.
+    pub fn last_wave(&self) -> u32 {
+        self.waves.len().saturating_sub(1) as u32
+    }
+
+    /// The wave of each of `devices` (in the same order) in rollout `rollout_id`. Devices
+    /// are ordered by a hash of the rollout id and their own id, so cohorts are
+    /// deterministic, differ from one rollout to the next, and do not follow device names;
+    /// wave `k` takes devices up to its reach. Every wave reaches at least as far as the
+    /// one before it.
+    pub fn assign(&self, rollout_id: u64, devices: &[String]) -> Vec<u32> {
+        let mut order: Vec<(String, usize)> = devices
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (sha256_hex(format!("{rollout_id}:{d}").as_bytes()), i))
+            .collect();
+        order.sort();
+        let mut ends = Vec::with_capacity(self.waves.len());
+        for w in &self.waves {
+            let previous = ends.last().copied().unwrap_or(0);
+            ends.push(w.reach(devices.len()).max(previous));
+        }
+        // The last wave is validated to reach 100%; keep every device covered regardless.
+        if let Some(last) = ends.last_mut() {
+            *last = devices.len();
+        }
+        let mut waves = vec![0; devices.len()];
+        let mut wave = 0;
+        for (position, (_, index)) in order.into_iter().enumerate() {
+            while position >= ends[wave] {
+                wave += 1;
+            }
+            waves[index] = wave as u32;
+        }
+        waves
+    }
+
+    /// What a rollout in progress in `wave` does next, given that wave's deployments.
+    pub fn decide(&self, wave: u32, counts: WaveCounts) -> Decision {
+        let executed = counts.executed();
+        if let Some(threshold) = self.failure_threshold
+            && counts.failed > 0
+            && executed >= self.min_executed.min(counts.total)
+            && counts.failed as f64 >= threshold * executed as f64
+        {
+            return Decision::Stop(format!(
+                "wave {wave}: {} of {executed} executed deployments failed, at or above the failure threshold {threshold}",
+                counts.failed
+            ));
+        }
+        if wave >= self.last_wave() {
+            // The last wave ends when its deployments do; the store marks the rollout
+            // completed or failed then.
+            return Decision::Wait;
+        }
+        if counts.total == 0 {
+            return Decision::Advance;
+        }
+        if counts.committed as f64 >= self.success_threshold * counts.total as f64
+            && executed >= self.min_executed.min(counts.total)
+        {
+            return Decision::Advance;
+        }
+        if executed == counts.total {
+            return Decision::Stop(format!(
+                "wave {wave}: {} of {} deployments committed, below the success threshold {}",
+                counts.committed, counts.total, self.success_threshold
+            ));
+        }
+        Decision::Wait
+    }
+}
+
+/// The plan's decision for a rollout in progress, from its current wave's counts; and, in
+/// the last wave, whether it has ended.
+pub fn next_step(row: &RolloutRow) -> Decision {
+    let decision = row.plan.decide(
+        row.current_wave,
+        WaveCounts::of(&row.deployments, row.current_wave),
+    );
+    // Ended, and no device is still in its health window (`active`, awaiting a verdict).
+    let ended = row
+        .deployments
+        .iter()
+        .all(|d| d.status != "active" && FINAL_STATES.contains(&d.status.as_str()));
+    if decision == Decision::Wait && row.current_wave >= row.plan.last_wave() && ended {
+        let failed = row
+            .deployments
+            .iter()
+            .filter(|d| !matches!(d.status.as_str(), "active" | "committed" | "superseded"))
+            .count();
+        if failed > 0 {
+            return Decision::Finish(format!(
+                "every deployment has ended: {failed} of {} failed, below the failure threshold",
+                row.deployments.len()
+            ));
+        }
+    }
+    decision
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(waves: &[&str]) -> RolloutPlan {
+        RolloutPlan {
+            waves: waves.iter().map(|w| w.parse().unwrap()).collect(),
+            ..RolloutPlan::default()
+        }
+    }
+
+    fn devices(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("dev-{i:03}")).collect()
+    }
+
+    fn sizes(waves: &[u32], count: usize) -> Vec<usize> {
+        (0..count as u32)
+            .map(|w| waves.iter().filter(|&&x| x == w).count())
+            .collect()
+    }
+
+    #[test]
+    fn wave_sizes_parse_and_print_and_bad_ones_say_why() {
+        assert_eq!("5".parse::<WaveSize>(), Ok(WaveSize::Devices(5)));
+        assert_eq!(" 12.5% ".parse::<WaveSize>(), Ok(WaveSize::Percent(12.5)));
+        assert_eq!(WaveSize::Percent(10.0).to_string(), "10%");
+        for bad in ["0", "0%", "101%", "-3", "ten", ""] {
+            assert!(bad.parse::<WaveSize>().is_err(), "{bad}");
+        }
+        let json = r#"{"waves": ["1", "10%", "100%"], "failure_threshold": 0.2}"#;
+        let parsed: RolloutPlan = serde_json::from_str(json).unwrap();
+        assert_eq!(parsed.waves.len(), 3);
+        assert_eq!(parsed.failure_threshold, Some(0.2));
+        assert_eq!(parsed.success_threshold, 1.0);
+        let back: RolloutPlan =
+            serde_json::from_str(&serde_json::to_string(&parsed).unwrap()).unwrap();
+        assert_eq!(back, parsed);
+        let err = serde_json::from_str::<RolloutPlan>(r#"{"wavez": []}"#).unwrap_err();
+        assert!(err.to_string().contains("wavez"), "{err}");
+        let err = serde_json::from_str::<RolloutPlan>(r#"{"waves": ["1", "x"]}"#).unwrap_err();
+        assert!(err.to_string().contains("`x`"), "{err}");
+    }
+
+    #[test]
+    fn invalid_plans_name_the_field() {
+        let cases = [
+            (plan(&[]), "waves"),
+            (plan(&["1", "50%"]), "waves: the last wave"),
+            (
+                plan(&["50%", "10%", "100%"]),
+                "waves: percentages must rise",
+            ),
+            (
+                RolloutPlan {
+                    success_threshold: 0.0,
+                    ..RolloutPlan::default()
+                },
+                "success_threshold",
+            ),
+            (
+                RolloutPlan {
+                    failure_threshold: Some(1.5),
+                    ..RolloutPlan::default()
+                },
+                "failure_threshold",
+            ),
+            (
+                RolloutPlan {
+                    min_executed: 0,
+                    ..RolloutPlan::default()
+                },
+                "min_executed",
+            ),
+            (
+                RolloutPlan {
+                    device_timeout_s: 0,
+                    ..RolloutPlan::default()
+                },
+                "device_timeout_s",
+            ),
+        ];
+        for (plan, field) in cases {
+            let err = plan.validate().unwrap_err().to_string();
+            assert!(err.contains(field), "{err} should name {field}");
+        }
+        plan(&["1", "10%", "50%", "100%"]).validate().unwrap();
+        RolloutPlan::default().validate().unwrap();
+    }
+
+    #[test]
+    fn cohorts_are_deterministic_cumulative_and_differ_between_rollouts() {
+        let p = plan(&["1", "10%", "50%", "100%"]);
+        let ids = devices(100);
+        let a = p.assign(7, &ids);
+        assert_eq!(a, p.assign(7, &ids), "same rollout, same cohorts");
+        assert_eq!(sizes(&a, 4), [1, 9, 40, 50]);
+        let b = p.assign(8, &ids);
+        assert_ne!(a, b, "another rollout draws other cohorts");
+        // A device's wave does not depend on the order the devices were listed in.
+        let mut reversed = ids.clone();
+        reversed.reverse();
+        let mut r = p.assign(7, &reversed);
+        r.reverse();
+        assert_eq!(r, a);
+        // Small fleets: a wave never shrinks what the previous one reached.
+        assert_eq!(sizes(&p.assign(1, &devices(3)), 4), [1, 0, 1, 1]);
+        assert_eq!(
+            sizes(&plan(&["5", "100%"]).assign(1, &devices(2)), 2),
+            [2, 0]
+        );
+        assert!(
+            plan(&["100%"])
+                .assign(3, &devices(5))
+                .iter()
+                .all(|&w| w == 0)
+        );
+    }
+
+    fn counts(total: u64, committed: u64, failed: u64) -> WaveCounts {
+        WaveCounts {
+            total,
+            committed,
+            failed,
+        }
+    }
+
+    #[test]
+    fn a_wave_advances_at_the_success_threshold_and_stops_at_the_failure_threshold() {
+        let p = RolloutPlan {
+            waves: vec![WaveSize::Devices(10), WaveSize::Percent(100.0)],
+            success_threshold: 0.8,
+            failure_threshold: Some(0.3),
+            min_executed: 4,
+            ..RolloutPlan::default()
+        };
+        assert_eq!(p.decide(0, counts(10, 0, 0)), Decision::Wait);
+        assert_eq!(p.decide(0, counts(10, 7, 0)), Decision::Wait);
+        assert_eq!(p.decide(0, counts(10, 8, 0)), Decision::Advance);
+        // Failures below the minimum executed are not judged yet.
+        assert_eq!(p.decide(0, counts(10, 0, 3)), Decision::Wait);
+        // 2 of 5 executed: 40 % is over 30 %.
+        let Decision::Stop(why) = p.decide(0, counts(10, 3, 2)) else {
+            panic!("should stop");
+        };
+        assert!(why.contains("2 of 5"), "{why}");
+        assert_eq!(p.decide(0, counts(10, 8, 2)), Decision::Advance);
+        // The last wave stops on failures too, but never advances.
+        assert!(matches!(p.decide(1, counts(10, 1, 5)), Decision::Stop(_)));
+        assert_eq!(p.decide(1, counts(10, 10, 0)), Decision::Wait);
+        // An empty wave (everything superseded) is skipped.
+        assert_eq!(p.decide(0, counts(0, 0, 0)), Decision::Advance);
+    }
+
+    #[test]
+    fn a_wave_that_ends_below_the_success_threshold_stops_even_without_a_failure_threshold() {
+        let p = plan(&["2", "100%"]);
+        assert_eq!(p.decide(0, counts(2, 1, 0)), Decision::Wait);
+        let Decision::Stop(why) = p.decide(0, counts(2, 1, 1)) else {
+            panic!("should stop");
+        };
+        assert!(why.contains("1 of 2 deployments committed"), "{why}");
+        // With no failure threshold the last wave just ends; the rollout is then failed.
+        assert_eq!(p.decide(1, counts(3, 1, 2)), Decision::Wait);
+    }
+
+    #[test]
+    fn a_gated_rollout_whose_deployments_all_ended_below_the_threshold_finishes_failed() {
+        use crate::store::{FINAL_STATES_SQL, RolloutStatus};
+        assert_eq!(
+            FINAL_STATES_SQL,
+            FINAL_STATES.map(|s| format!("'{s}'")).join(", ")
+        );
+        let deployment = |status: &str| DeploymentRow {
+            device_id: "d".into(),
+            status: status.into(),
+            detail: None,
+            command_seq: None,
+            updated_ms: 0,
+            wave: 0,
+            previous: None,
+        };
+        let mut row = RolloutRow {
+            id: 1,
+            model_name: "m".into(),
+            model_version: 2,
+            rollback: false,
+            created_ms: 0,
+            status: RolloutStatus::InProgress,
+            reason: None,
+            plan: RolloutPlan {
+                failure_threshold: Some(0.5),
+                ..RolloutPlan::default()
+            },
+            current_wave: 0,
+            deployments: ["committed", "committed", "rolled_back", "sent"]
+                .map(deployment)
+                .to_vec(),
+        };
+        assert_eq!(next_step(&row), Decision::Wait, "one has not ended");
+        row.deployments[3].status = "active".into();
+        assert_eq!(
+            next_step(&row),
+            Decision::Wait,
+            "one awaits its health verdict"
+        );
+        row.deployments[3].status = "committed".into();
+        let Decision::Finish(why) = next_step(&row) else {
+            panic!("should finish");
+        };
+        assert!(why.contains("1 of 4 failed"), "{why}");
+        row.deployments[2].status = "superseded".into();
+        assert_eq!(
+            next_step(&row),
+            Decision::Wait,
+            "all run it: the store completes it"
+        );
+        row.deployments[0].status = "failed".into();
+        row.deployments[1].status = "timed_out".into();
+        assert!(
+            matches!(next_step(&row), Decision::Stop(_)),
+            "2 of 3 executed failed"
+        );
+    }
+
+    #[test]
+    fn wave_counts_leave_out_superseded_and_cancelled_deployments() {
+        let row = |status: &str, wave: u32| DeploymentRow {
+            device_id: "d".into(),
+            status: status.into(),
+            detail: None,
+            command_seq: None,
+            updated_ms: 0,
+            wave,
+            previous: None,
+        };
+        let deployments = [
+            row("committed", 0),
+            row("rolled_back", 0),
+            row("timed_out", 0),
+            row("active", 0),
+            row("superseded", 0),
+            row("cancelled", 0),
+            row("committed", 1),
+        ];
+        assert_eq!(WaveCounts::of(&deployments, 0), counts(4, 1, 2));
+        assert_eq!(WaveCounts::of(&deployments, 1), counts(1, 1, 0));
+    }
+}
