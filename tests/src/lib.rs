@@ -817,17 +817,25 @@ impl ControllerProcess {
     }
 
     pub async fn rollout(&self, version: u64) {
+        self.post(
+            "/api/v1/rollouts",
+            serde_json::json!({"model": MODEL_NAME, "version": version}),
+        )
+        .await;
+    }
+
+    /// `POST path` with a JSON body; the request must succeed. Returns the answer.
+    pub async fn post(&self, path: &str, body: Value) -> Value {
         let response = reqwest::Client::new()
-            .post(format!("{}/api/v1/rollouts", self.endpoints.http_url))
-            .json(&serde_json::json!({"model": MODEL_NAME, "version": version}))
+            .post(format!("{}{path}", self.endpoints.http_url))
+            .json(&body)
             .send()
             .await
             .expect("POST");
-        assert!(
-            response.status().is_success(),
-            "rollout: {}",
-            response.status()
-        );
+        let status = response.status();
+        let body: Value = response.json().await.expect("JSON");
+        assert!(status.is_success(), "POST {path}: {status} {body}");
+        body
     }
 
     /// Window sequence numbers stored for a device's model `version`, sorted, with

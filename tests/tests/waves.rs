@@ -9,8 +9,12 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use edgeloop_controller::plan::RolloutPlan;
-use edgeloop_tests::{BrokerChoice, TestAgent, TestController, on_both_brokers, wait_until};
+use edgeloop_tests::{
+    BrokerChoice, ControllerProcess, TestAgent, TestController, agent_config, on_both_brokers,
+    wait_until,
+};
 use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
 
 /// 200 inputs a window at 100 a second.
 const WINDOW: u64 = 200;
@@ -393,3 +397,104 @@ async fn a_failed_wave_aborts_and_rolls_back_the_devices_that_took_the_new_versi
     fleet.stop().await;
 }
 on_both_brokers!(a_failed_wave_aborts_and_rolls_back_the_devices_that_took_the_new_version);
+
+async fn a_controller_killed_mid_rollout_resumes_it_and_deploys_no_device_twice(
+    broker: BrokerChoice,
+) {
+    let Some(mut ctl) = ControllerProcess::start(broker).await else {
+        eprintln!("skipped: {} is not set", edgeloop_tests::MQTT_URL_VAR);
+        return;
+    };
+    let shutdown = CancellationToken::new();
+    let ids: Vec<String> = (0..3).map(|i| format!("wave-{i}")).collect();
+    let agents: Vec<TestAgent> = ids
+        .iter()
+        .map(|id| {
+            let mut config = agent_config(id, WINDOW, &ctl.endpoints, &ctl.dir.path().join(id));
+            config.health.window_s = HEALTH_WINDOW_S;
+            config.health.max_psi = MAX_PSI;
+            let agent = TestAgent::spawn(config, &shutdown);
+            agent.shift.set(1.0);
+            agent
+        })
+        .collect();
+    wait_until("devices register", WAIT, || async {
+        ctl.get("/api/v1/devices").await.as_array().unwrap().len() == ids.len()
+    })
+    .await;
+    ctl.publish_example(1);
+    ctl.rollout(1).await;
+    let on_version = |version: u64| {
+        let ctl = &ctl;
+        async move {
+            ctl.get("/api/v1/devices")
+                .await
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|d| d["model_version"] == version)
+        }
+    };
+    wait_until("every device on v1", WAIT, || on_version(1)).await;
+    ctl.publish_example(2);
+    let created = ctl
+        .post(
+            "/api/v1/rollouts",
+            json!({ "model": "vibration", "version": 2, "plan": { "waves": ["1", "100%"] } }),
+        )
+        .await;
+    let id = created["id"].as_u64().unwrap();
+    let canary = waves_of(&created)
+        .into_iter()
+        .find(|(_, w)| *w == 0)
+        .unwrap()
+        .0;
+
+    // The controller dies while the canary is in its health window; its verdict arrives
+    // while the controller is down, and waits in the device's outbox.
+    wait_until("the canary activates v2", WAIT, || async {
+        let r = ctl.get(&format!("/api/v1/rollouts/{id}")).await;
+        deployment(&r, &canary)["status"] == "active"
+    })
+    .await;
+    ctl.kill9();
+    tokio::time::sleep(Duration::from_secs(HEALTH_WINDOW_S + 2)).await;
+    ctl.run().await;
+
+    wait_until("the rollout completes after the restart", WAIT, || async {
+        let r = ctl.get(&format!("/api/v1/rollouts/{id}")).await;
+        r["status"] == "completed"
+            && r["deployments"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|d| d["status"] == "committed")
+    })
+    .await;
+    // Each device installed v2 once: one activation, one verdict.
+    for device in &ids {
+        let events = ctl
+            .get(&format!("/api/v1/devices/{device}/deployments?limit=100"))
+            .await;
+        let stages: Vec<&str> = events
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["rollout_id"] == id)
+            .map(|e| e["stage"].as_str().unwrap())
+            .collect();
+        for stage in ["active", "committed"] {
+            assert_eq!(
+                stages.iter().filter(|s| **s == stage).count(),
+                1,
+                "{device}: {stages:?}"
+            );
+        }
+    }
+    shutdown.cancel();
+    for agent in agents {
+        agent.stop().await;
+    }
+    ctl.stop().await;
+}
+on_both_brokers!(a_controller_killed_mid_rollout_resumes_it_and_deploys_no_device_twice);
