@@ -239,6 +239,7 @@ async fn publish(
             created_ms: now_ms(),
             requirements: Default::default(),
             lineage: None,
+            gate: None,
         })
         .await?;
     tracing::info!(model = %row.name, version = row.version, sha256 = %row.bundle_sha256, "published");

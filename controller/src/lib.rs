@@ -8,6 +8,7 @@ pub mod api;
 pub mod broker;
 pub mod config;
 pub mod demo;
+pub mod gate;
 pub mod ingest;
 pub mod keys;
 pub mod plan;

@@ -25,6 +25,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the whole loop locally: controller, embedded broker, SQLite, simulated devices.
@@ -176,6 +178,8 @@ fn public_key_arg(arg: &str) -> anyhow::Result<String> {
     Ok(text)
 }
 
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum ModelCommand {
     /// Check a model with tract, profile its reference data, sign it and store it.
@@ -216,8 +220,102 @@ enum ModelCommand {
         #[arg(long)]
         training_data: Option<PathBuf>,
         #[command(flatten)]
+        gate: GateArgs,
+        #[command(flatten)]
         config: ConfigArgs,
     },
+    /// List published models with their lineage.
+    List {
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Compare two published versions on a labelled holdout, as the quality gate would judge
+    /// the second against the first. Exits non-zero when the gate would fail.
+    Compare {
+        name: String,
+        /// The version to compare with (the current model).
+        baseline: u64,
+        /// The version judged (the candidate).
+        candidate: u64,
+        #[command(flatten)]
+        gate: GateArgs,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+}
+
+/// The quality and bias gate, on the command line.
+#[derive(clap::Args)]
+struct GateArgs {
+    /// Labelled holdout data (CSV with the model's features and a label column of class
+    /// indices). With it, `publish` signs the model only if it passes the gate.
+    #[arg(long)]
+    holdout: Option<PathBuf>,
+    /// The holdout's label column.
+    #[arg(long, default_value = "label")]
+    holdout_label: String,
+    /// accuracy or f1 (macro).
+    #[arg(long, default_value = "accuracy")]
+    gate_metric: String,
+    /// How much worse than the current model the candidate may be.
+    #[arg(long, default_value_t = 0.01)]
+    gate_tolerance: f64,
+    /// The lowest share of its overall figure any segment may reach.
+    #[arg(long, default_value_t = 0.8)]
+    parity: f64,
+    /// Segments for the bias check: a holdout column (device group, board) or
+    /// FEATURE:BUCKETS (quantile buckets of a feature).
+    #[arg(long)]
+    segment_by: Option<String>,
+    /// Segments with fewer rows are not judged.
+    #[arg(long, default_value_t = edgeloop_controller::gate::DEFAULT_MIN_SEGMENT_ROWS)]
+    min_segment_rows: usize,
+    /// publish only: the version to compare with (default: the newest published).
+    #[arg(long)]
+    against: Option<u64>,
+}
+
+impl GateArgs {
+    fn policy(&self) -> anyhow::Result<edgeloop_controller::gate::GatePolicy> {
+        use edgeloop_controller::gate::{GatePolicy, Metric};
+        let metric = match self.gate_metric.as_str() {
+            "accuracy" => Metric::Accuracy,
+            "f1" => Metric::F1,
+            other => bail!("--gate-metric `{other}`: expected accuracy or f1"),
+        };
+        let segments = match &self.segment_by {
+            Some(s) => Some(
+                s.parse()
+                    .map_err(|e: String| anyhow::anyhow!("--segment-by: {e}"))?,
+            ),
+            None => None,
+        };
+        let policy = GatePolicy {
+            metric,
+            tolerance: self.gate_tolerance,
+            parity: self.parity,
+            label_column: self.holdout_label.clone(),
+            segments,
+            min_segment_rows: self.min_segment_rows,
+        };
+        policy.validate()?;
+        Ok(policy)
+    }
+
+    fn gate(&self) -> anyhow::Result<Option<registry::QualityGate<'_>>> {
+        let Some(holdout) = &self.holdout else {
+            return Ok(None);
+        };
+        Ok(Some(registry::QualityGate {
+            holdout,
+            policy: self.policy()?,
+            against: self.against,
+        }))
+    }
 }
 
 #[derive(Subcommand)]
@@ -617,6 +715,7 @@ async fn run() -> anyhow::Result<()> {
                     targets,
                     parent_version,
                     training_data,
+                    gate,
                     config,
                 },
         } => {
@@ -661,6 +760,7 @@ async fn run() -> anyhow::Result<()> {
                         targets,
                     },
                     lineage,
+                    gate: gate.gate()?,
                 },
             )
             .await?;
@@ -673,6 +773,104 @@ async fn run() -> anyhow::Result<()> {
                 row.features.join(","),
                 row.signed_by
             );
+            if let Some(verdict) = row.lineage.as_ref().and_then(|l| l.gates.get("quality")) {
+                println!("quality gate {verdict}");
+            }
+        }
+        Command::Model {
+            command: ModelCommand::List { output, config },
+        } => {
+            let config = config.load()?;
+            let store = open_store(&config).await?;
+            let models = store.models().await?;
+            if output == Output::Json {
+                println!("{}", serde_json::to_string(&models)?);
+            } else {
+                for m in models {
+                    let lineage = m.lineage.unwrap_or_default();
+                    println!(
+                        "{} v{}{}  {} bytes  signed by {}{}{}",
+                        m.name,
+                        m.version,
+                        m.label.map(|l| format!(" ({l})")).unwrap_or_default(),
+                        m.bundle_size,
+                        m.signed_by,
+                        lineage
+                            .parent_version
+                            .map(|p| format!("  parent v{p}"))
+                            .unwrap_or_default(),
+                        lineage
+                            .gates
+                            .get("quality")
+                            .map(|g| format!("  gate {g}"))
+                            .unwrap_or_default(),
+                    );
+                }
+            }
+        }
+        Command::Model {
+            command:
+                ModelCommand::Compare {
+                    name,
+                    baseline,
+                    candidate,
+                    gate,
+                    output,
+                    config,
+                },
+        } => {
+            init_tracing("warn");
+            let Some(holdout) = &gate.holdout else {
+                bail!("compare needs --holdout");
+            };
+            let config = config.load()?;
+            let key = load_key(&config)?;
+            let store = open_store(&config).await?;
+            let artifacts = ArtifactStore::new(config.data_dir.join("artifacts"));
+            let open = |version| {
+                registry::open_published(store.as_ref(), &artifacts, &key, &name, version)
+            };
+            let current = open(baseline).await?;
+            let (_, judged) = open(candidate).await?;
+            let features: Vec<String> = judged
+                .manifest
+                .reference
+                .feature_names()
+                .map(str::to_string)
+                .collect();
+            let report = registry::run_gate(
+                &registry::QualityGate {
+                    holdout,
+                    policy: gate.policy()?,
+                    against: Some(baseline),
+                },
+                &judged.model,
+                &features,
+                Some(&current),
+            )?;
+            if output == Output::Json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!(
+                    "{name} v{candidate} against v{baseline}: {}",
+                    report.summary()
+                );
+                for (segment, score) in &report.candidate.segments {
+                    let before = report
+                        .current
+                        .as_ref()
+                        .and_then(|c| c.segments.get(segment))
+                        .map(|s| format!("{:.4}", s.value))
+                        .unwrap_or_else(|| "-".into());
+                    println!(
+                        "  {segment:<24} {:.4}  (v{baseline}: {before})  {} rows",
+                        score.value, score.rows
+                    );
+                }
+            }
+            if !report.passed {
+                bail!("v{candidate} would not pass the quality gate against v{baseline}");
+            }
         }
         Command::Device {
             command: DeviceCommand::Add { ids, config },

@@ -8,11 +8,13 @@ use edgeloop_agent::slots::write_atomic;
 use edgeloop_agent::source::{SourceError, read_numeric_csv};
 use edgeloop_shared::bundle::{
     self, BundleError, Golden, GoldenVector, Limits, Lineage, Manifest, Requirements,
+    VerifiedBundle,
 };
 use edgeloop_shared::drift::DriftError;
 use edgeloop_shared::signing::{SecretKey, TrustedKeys};
 use edgeloop_shared::{is_valid_identifier, sha256_hex};
 
+use crate::gate::{self, GateError, GatePolicy, GateReport, Holdout};
 use crate::store::{ModelRow, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +47,29 @@ pub enum PublishError {
     Artifact(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("quality gate {}", .0.summary())]
+    GateFailed(Box<GateReport>),
+    #[error("quality gate: {0}")]
+    Gate(#[from] GateError),
+    #[error("quality gate: {name} v{version} to compare with is not published")]
+    NoBaseline { name: String, version: u64 },
+    #[error("quality gate: cannot open {name} v{version} to compare with: {message}")]
+    Baseline {
+        name: String,
+        version: u64,
+        message: String,
+    },
+}
+
+/// The quality and bias gate a model must pass to be published.
+#[derive(Debug, Clone)]
+pub struct QualityGate<'a> {
+    /// Labelled holdout data (CSV).
+    pub holdout: &'a Path,
+    pub policy: GatePolicy,
+    /// The version to compare with; the newest published version of the name when none
+    /// (and nothing to compare with for a first version).
+    pub against: Option<u64>,
 }
 
 /// What to publish.
@@ -64,6 +89,8 @@ pub struct PublishRequest<'a> {
     /// What a device must satisfy before it activates the model.
     pub requirements: Requirements,
     pub lineage: Option<Lineage>,
+    /// When set, the model is published only if it passes; the result goes into its lineage.
+    pub gate: Option<QualityGate<'a>>,
 }
 
 /// Reference rows turned into golden vectors at publish.
@@ -113,13 +140,14 @@ pub async fn publish(
     if request.version == 0 {
         return Err(PublishError::BadVersion);
     }
-    if let Some(newest) = store
+    let newest = store
         .models()
         .await?
         .iter()
         .filter(|m| m.name == name)
         .map(|m| m.version)
-        .max()
+        .max();
+    if let Some(newest) = newest
         && newest >= request.version
     {
         return Err(PublishError::NotNewer {
@@ -128,8 +156,15 @@ pub async fn publish(
             newest,
         });
     }
+    let baseline = match &request.gate {
+        Some(g) => match g.against.or(newest) {
+            Some(version) => Some(open_published(store, artifacts, key, name, version).await?),
+            None => None,
+        },
+        None => None,
+    };
 
-    let bundle_bytes = build_bundle(key, &request)?;
+    let bundle_bytes = build_bundle(key, &request, baseline.as_ref())?;
     let manifest = verify_as_a_device_would(&bundle_bytes, key)?;
 
     let sha256 = sha256_hex(&bundle_bytes);
@@ -154,6 +189,7 @@ pub async fn publish(
             .map(str::to_string)
             .collect(),
         signed_by: key.id().to_string(),
+        lineage: manifest.lineage.clone(),
     };
     if let Err(e) = store.insert_model(&row).await {
         let _ = std::fs::remove_file(&path);
@@ -162,8 +198,97 @@ pub async fn publish(
     Ok(row)
 }
 
-/// Reads the reference data, checks the model against it and packs the signed bundle.
-fn build_bundle(key: &SecretKey, request: &PublishRequest<'_>) -> Result<Vec<u8>, PublishError> {
+/// A published model's verified bundle, read back from the artifact store.
+pub async fn open_published(
+    store: &dyn Store,
+    artifacts: &ArtifactStore,
+    key: &SecretKey,
+    name: &str,
+    version: u64,
+) -> Result<(u64, VerifiedBundle), PublishError> {
+    let row = store
+        .model(name, version)
+        .await?
+        .ok_or_else(|| PublishError::NoBaseline {
+            name: name.to_string(),
+            version,
+        })?;
+    let failed = |message: String| PublishError::Baseline {
+        name: name.to_string(),
+        version,
+        message,
+    };
+    let bytes = std::fs::read(artifacts.path(name, version, &row.bundle_sha256))
+        .map_err(|e| failed(e.to_string()))?;
+    let trusted = TrustedKeys::new([key.public().clone()]);
+    let verified =
+        bundle::verify(&bytes, &trusted, &Limits::default()).map_err(|e| failed(e.to_string()))?;
+    Ok((version, verified))
+}
+
+/// Runs the quality gate: the candidate (`onnx` with `features`) and the baseline, if any,
+/// on the holdout. Returns the report whether it passed or not.
+pub fn run_gate(
+    gate: &QualityGate<'_>,
+    onnx: &[u8],
+    features: &[String],
+    baseline: Option<&(u64, VerifiedBundle)>,
+) -> Result<GateReport, GateError> {
+    gate.policy.validate()?;
+    let holdout = Holdout::read(gate.holdout, features, &gate.policy)?;
+    let candidate = gate::evaluate(onnx, &holdout, gate.policy.metric)?;
+    let current = match baseline {
+        Some((_, verified)) => {
+            let features: Vec<String> = verified
+                .manifest
+                .reference
+                .feature_names()
+                .map(str::to_string)
+                .collect();
+            let holdout = Holdout::read(gate.holdout, &features, &gate.policy)?;
+            Some(gate::evaluate(
+                &verified.model,
+                &holdout,
+                gate.policy.metric,
+            )?)
+        }
+        None => None,
+    };
+    Ok(gate::judge(&gate.policy, candidate, current))
+}
+
+/// The lineage a gated model is signed with: the request's, with the baseline as parent
+/// (unless given), the metrics and the verdict.
+fn gated_lineage(lineage: Option<Lineage>, report: &GateReport, baseline: Option<u64>) -> Lineage {
+    let mut lineage = lineage.unwrap_or_default();
+    if lineage.parent_version.is_none() {
+        lineage.parent_version = baseline;
+    }
+    let metric = report.policy.metric;
+    lineage
+        .metrics
+        .insert(metric.to_string(), report.candidate.value);
+    if let Some(current) = &report.current {
+        lineage
+            .metrics
+            .insert(format!("{metric}/baseline"), current.value);
+    }
+    for (segment, score) in &report.candidate.segments {
+        lineage
+            .metrics
+            .insert(format!("{metric}/{segment}"), score.value);
+    }
+    lineage.gates.insert("quality".into(), report.summary());
+    lineage
+}
+
+/// Reads the reference data, checks the model against it (and the quality gate, when
+/// asked) and packs the signed bundle.
+fn build_bundle(
+    key: &SecretKey,
+    request: &PublishRequest<'_>,
+    baseline: Option<&(u64, VerifiedBundle)>,
+) -> Result<Vec<u8>, PublishError> {
     let (mut columns, mut rows) = read_numeric_csv(request.reference_csv)?;
     if let Some(label) = request.label_column {
         let at = columns
@@ -221,6 +346,17 @@ fn build_bundle(key: &SecretKey, request: &PublishRequest<'_>) -> Result<Vec<u8>
     });
     manifest.requirements = request.requirements.clone();
     manifest.lineage = request.lineage.clone();
+    if let Some(gate) = &request.gate {
+        let report = run_gate(gate, request.onnx, &columns, baseline)?;
+        if !report.passed {
+            return Err(PublishError::GateFailed(Box::new(report)));
+        }
+        manifest.lineage = Some(gated_lineage(
+            manifest.lineage.take(),
+            &report,
+            baseline.map(|(v, _)| *v),
+        ));
+    }
     Ok(bundle::pack(manifest, request.onnx, key)?)
 }
 
@@ -233,4 +369,237 @@ fn verify_as_a_device_would(
     let verified = bundle::verify(bundle_bytes, &trusted, &Limits::default())?;
     LoadedModel::load(&verified)?;
     Ok(verified.manifest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::demo::{CLASS_LABELS, MODEL_V1, MODEL_V2, REFERENCE_V1, REFERENCE_V2};
+    use crate::gate::Segments;
+    use crate::store::SqliteStore;
+
+    const HOLDOUT_V2: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/assets/vibration/holdout_v2.csv"
+    );
+
+    struct Registry {
+        dir: tempfile::TempDir,
+        store: SqliteStore,
+        artifacts: ArtifactStore,
+        key: SecretKey,
+    }
+
+    impl Registry {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            Registry {
+                store: SqliteStore::open(&dir.path().join("db.sqlite")).unwrap(),
+                artifacts: ArtifactStore::new(dir.path().join("artifacts")),
+                key: crate::keys::generate().unwrap(),
+                dir,
+            }
+        }
+
+        async fn publish(
+            &self,
+            version: u64,
+            onnx: &[u8],
+            reference: &str,
+            gate: Option<QualityGate<'_>>,
+        ) -> Result<ModelRow, PublishError> {
+            let csv = self.dir.path().join(format!("reference-{version}.csv"));
+            std::fs::write(&csv, reference).unwrap();
+            publish(
+                &self.store,
+                &self.artifacts,
+                &self.key,
+                PublishRequest {
+                    name: "vibration",
+                    version,
+                    label: None,
+                    onnx,
+                    reference_csv: &csv,
+                    label_column: None,
+                    class_labels: CLASS_LABELS.iter().map(|s| s.to_string()).collect(),
+                    created_ms: 1,
+                    requirements: Requirements::default(),
+                    lineage: None,
+                    gate,
+                },
+            )
+            .await
+        }
+    }
+
+    fn gate(policy: GatePolicy) -> Option<QualityGate<'static>> {
+        Some(QualityGate {
+            holdout: Path::new(HOLDOUT_V2),
+            policy,
+            against: None,
+        })
+    }
+
+    #[tokio::test]
+    async fn a_retrained_model_passes_the_gate_and_carries_the_result_in_its_lineage() {
+        let r = Registry::new();
+        // The first version has nothing to compare with: judged on its own.
+        let v1 = r
+            .publish(1, MODEL_V1, REFERENCE_V1, gate(GatePolicy::default()))
+            .await
+            .unwrap();
+        assert!(v1.lineage.unwrap().gates["quality"].starts_with("passed"));
+        let v2 = r
+            .publish(2, MODEL_V2, REFERENCE_V2, gate(GatePolicy::default()))
+            .await
+            .unwrap();
+        let lineage = v2.lineage.unwrap();
+        assert_eq!(lineage.parent_version, Some(1));
+        assert!(
+            lineage.metrics["accuracy"] > lineage.metrics["accuracy/baseline"] + 0.1,
+            "v2 was trained on the shifted regime the holdout comes from: {lineage:?}"
+        );
+        assert!(
+            lineage.gates["quality"].starts_with("passed"),
+            "{lineage:?}"
+        );
+        // What the registry stores is what the bundle was signed with.
+        let (_, verified) = open_published(&r.store, &r.artifacts, &r.key, "vibration", 2)
+            .await
+            .unwrap();
+        assert_eq!(verified.manifest.lineage, Some(lineage));
+    }
+
+    #[tokio::test]
+    async fn a_worse_candidate_fails_the_gate_and_nothing_is_published() {
+        let r = Registry::new();
+        r.publish(1, MODEL_V2, REFERENCE_V2, None).await.unwrap();
+        // v1's network, trained on the old regime, as a candidate on the new one.
+        let err = r
+            .publish(2, MODEL_V1, REFERENCE_V1, gate(GatePolicy::default()))
+            .await
+            .unwrap_err();
+        let PublishError::GateFailed(report) = &err else {
+            panic!("{err}");
+        };
+        assert!(!report.passed);
+        assert!(
+            report.failures[0].contains("below the current model's"),
+            "{:?}",
+            report.failures
+        );
+        assert!(
+            err.to_string().starts_with("quality gate failed: accuracy"),
+            "{err}"
+        );
+        assert_eq!(
+            r.store.models().await.unwrap().len(),
+            1,
+            "nothing published"
+        );
+        let stored = std::fs::read_dir(r.dir.path().join("artifacts/vibration")).unwrap();
+        assert_eq!(stored.count(), 1, "no artifact written");
+    }
+
+    #[tokio::test]
+    async fn a_candidate_much_worse_on_one_segment_fails_the_parity_bound() {
+        let r = Registry::new();
+        // The old-regime model on the new regime: good enough where the shift is small
+        // (cool machines), poorer where it is large; cut by temperature, the hotter quarters
+        // break a parity bound of 95 % of the overall accuracy.
+        let policy = GatePolicy {
+            tolerance: 1.0,
+            parity: 0.95,
+            segments: Some(Segments::Buckets {
+                feature: "temperature".into(),
+                buckets: 4,
+            }),
+            ..GatePolicy::default()
+        };
+        let err = r
+            .publish(1, MODEL_V1, REFERENCE_V1, gate(policy.clone()))
+            .await
+            .unwrap_err();
+        let PublishError::GateFailed(report) = &err else {
+            panic!("{err}");
+        };
+        assert!(report.current.is_none());
+        assert_eq!(report.candidate.segments.len(), 4, "{report:?}");
+        assert!(
+            report
+                .failures
+                .iter()
+                .all(|f| f.starts_with("segment temperature[q")),
+            "{:?}",
+            report.failures
+        );
+        // The model trained on this regime keeps parity.
+        r.publish(1, MODEL_V2, REFERENCE_V2, gate(policy))
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_bad_holdout_is_refused_with_the_row_and_column() {
+        let r = Registry::new();
+        let dir = tempfile::tempdir().unwrap();
+        let cases = [
+            (
+                "rms,peak,kurtosis,label\n1,2,3,0\n",
+                "no column `temperature`",
+            ),
+            (
+                "rms,peak,kurtosis,temperature,label\n1,2,3,40,0\n1,2,NaN,40,1\n",
+                "row 3: `kurtosis` is `NaN`",
+            ),
+            (
+                "rms,peak,kurtosis,temperature,label\n1,2,3,40,fault\n",
+                "label `fault` is not a class index",
+            ),
+            (
+                "rms,peak,kurtosis,temperature,label\n1,2,3,40,7\n",
+                "label 7 is not one of the model's 2 classes",
+            ),
+            (
+                "rms,peak,kurtosis,temperature,label\n",
+                "the holdout has no rows",
+            ),
+        ];
+        for (i, (csv, expected)) in cases.iter().enumerate() {
+            let path = dir.path().join(format!("h{i}.csv"));
+            std::fs::write(&path, csv).unwrap();
+            let err = r
+                .publish(
+                    1,
+                    MODEL_V1,
+                    REFERENCE_V1,
+                    Some(QualityGate {
+                        holdout: &path,
+                        policy: GatePolicy::default(),
+                        against: None,
+                    }),
+                )
+                .await
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(expected), "{err} should say {expected}");
+        }
+        let err = r
+            .publish(
+                1,
+                MODEL_V1,
+                REFERENCE_V1,
+                Some(QualityGate {
+                    holdout: Path::new(HOLDOUT_V2),
+                    policy: GatePolicy::default(),
+                    against: Some(9),
+                }),
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, PublishError::NoBaseline { version: 9, .. }),
+            "{err}"
+        );
+    }
 }

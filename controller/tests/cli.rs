@@ -172,6 +172,59 @@ async fn the_readme_tour_works() {
         .unwrap();
     assert_eq!(models[0]["version"], 1);
 
+    // The quality gate: v2, retrained on the shifted regime, passes against v1 on a
+    // holdout from that regime, also per temperature quartile; judged the other way round,
+    // v1 fails.
+    let out = edgeloop(
+        &[
+            "model",
+            "publish",
+            &format!("{ASSETS}/model_v2.onnx"),
+            "--name",
+            "vibration",
+            "--version",
+            "2",
+            "--reference",
+            &format!("{ASSETS}/reference_v2.csv"),
+            "--labels",
+            "normal,fault",
+            "--holdout",
+            &format!("{ASSETS}/holdout_v2.csv"),
+            "--segment-by",
+            "temperature:4",
+            "--data-dir",
+            "edgeloop-data",
+        ],
+        cwd,
+    );
+    assert!(out.contains("quality gate passed: accuracy"), "{out}");
+    let compared = Command::new(EDGELOOP)
+        .args(["model", "compare", "vibration", "2", "1", "--holdout"])
+        .arg(format!("{ASSETS}/holdout_v2.csv"))
+        .args(["--data-dir", "edgeloop-data"])
+        .current_dir(cwd)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&compared.stdout);
+    assert!(!compared.status.success(), "{stdout}");
+    assert!(
+        stdout.starts_with("vibration v1 against v2: failed"),
+        "{stdout}"
+    );
+    let listed: serde_json::Value = serde_json::from_str(&edgeloop(
+        &[
+            "model",
+            "list",
+            "--output",
+            "json",
+            "--data-dir",
+            "edgeloop-data",
+        ],
+        cwd,
+    ))
+    .unwrap();
+    assert_eq!(listed[1]["lineage"]["parent_version"], 1, "{listed}");
+
     // 4. An agent from a config file like the README's.
     let agent_toml = cwd.join("agent.toml");
     std::fs::write(

@@ -162,6 +162,7 @@ impl TestController {
                 created_ms: now_ms(),
                 requirements: Default::default(),
                 lineage: None,
+                gate: None,
             })
             .await
             .expect("publish")

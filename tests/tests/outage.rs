@@ -73,6 +73,7 @@ impl Fleet {
                 created_ms: edgeloop_agent::now_ms(),
                 requirements: Default::default(),
                 lineage: None,
+                gate: None,
             })
             .await
             .unwrap();

@@ -81,6 +81,7 @@ async fn two_replicas_split_ingest_and_one_dispatches() {
         created_ms: edgeloop_agent::now_ms(),
         requirements: Default::default(),
         lineage: None,
+        gate: None,
     })
     .await
     .unwrap();

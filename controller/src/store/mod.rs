@@ -10,6 +10,7 @@ mod sqlite;
 #[cfg(test)]
 mod tests;
 
+use edgeloop_shared::bundle::Lineage;
 use edgeloop_shared::protocol::{Envelope, ModelRef, OutboxStatus};
 use serde::{Deserialize, Serialize};
 
@@ -218,6 +219,29 @@ pub struct ModelRow {
     pub bundle_size: u64,
     pub features: Vec<String>,
     pub signed_by: String,
+    /// Where the model comes from and the gates it passed, as signed into its manifest.
+    pub lineage: Option<Lineage>,
+}
+
+/// A model's lineage from its stored JSON.
+pub(crate) fn parse_lineage(
+    name: &str,
+    version: u64,
+    json: Option<String>,
+) -> Result<Option<Lineage>> {
+    json.map(|j| {
+        serde_json::from_str(&j)
+            .map_err(|e| StoreError::Corrupt(format!("lineage of {name} v{version}: {e}")))
+    })
+    .transpose()
+}
+
+/// A model's lineage as stored.
+pub(crate) fn lineage_json(model: &ModelRow) -> Option<String> {
+    model
+        .lineage
+        .as_ref()
+        .map(|l| serde_json::to_string(l).expect("lineage serializes"))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -133,6 +133,7 @@ CREATE TABLE trust (
 /// Version 4: rollout plans (waves, thresholds, timeouts), pause and abort, the audit log.
 const SCHEMA_V4: &str = "
 ALTER TABLE rollouts ADD COLUMN plan TEXT;
+ALTER TABLE models ADD COLUMN lineage TEXT;
 ALTER TABLE rollouts ADD COLUMN current_wave BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE rollouts ADD COLUMN reason TEXT;
 ALTER TABLE rollouts ADD COLUMN failure_gated BOOLEAN NOT NULL DEFAULT FALSE;
@@ -454,7 +455,7 @@ async fn refresh_rollout_status(tx: &impl GenericClient, rollout_id: u64) -> Res
 }
 
 const MODEL_COLUMNS: &str =
-    "name, version, label, created_ms, bundle_sha256, bundle_size, features, signed_by";
+    "name, version, label, created_ms, bundle_sha256, bundle_size, features, signed_by, lineage";
 
 fn model_from_row(r: &Row) -> Result<ModelRow> {
     let name: String = r.get(0);
@@ -463,6 +464,7 @@ fn model_from_row(r: &Row) -> Result<ModelRow> {
     Ok(ModelRow {
         features: serde_json::from_str(&features)
             .map_err(|e| StoreError::Corrupt(format!("features of {name} v{version}: {e}")))?,
+        lineage: parse_lineage(&name, version, r.get(8))?,
         name,
         version,
         label: r.get(2),
@@ -796,7 +798,7 @@ impl Store for PgStore {
         let inserted = client
             .execute(
                 &format!(
-                    "INSERT INTO models ({MODEL_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                    "INSERT INTO models ({MODEL_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
                      ON CONFLICT (name, version) DO NOTHING"
                 ),
                 &[
@@ -808,6 +810,7 @@ impl Store for PgStore {
                     &i(model.bundle_size),
                     &features,
                     &model.signed_by,
+                    &lineage_json(model),
                 ],
             )
             .await?;

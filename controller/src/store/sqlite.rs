@@ -131,6 +131,7 @@ CREATE TABLE trust (
 /// Version 4: rollout plans (waves, thresholds, timeouts), pause and abort, the audit log.
 const SCHEMA_V4: &str = "
 ALTER TABLE rollouts ADD COLUMN plan TEXT;
+ALTER TABLE models ADD COLUMN lineage TEXT;
 ALTER TABLE rollouts ADD COLUMN current_wave INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE rollouts ADD COLUMN reason TEXT;
 ALTER TABLE rollouts ADD COLUMN failure_gated INTEGER NOT NULL DEFAULT 0;
@@ -446,7 +447,9 @@ fn refresh_rollout_status(tx: &Transaction<'_>, rollout_id: u64) -> Result<()> {
     Ok(())
 }
 
-fn model_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(ModelRow, String)> {
+type StoredModel = (ModelRow, String, Option<String>);
+
+fn model_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredModel> {
     Ok((
         ModelRow {
             name: r.get(0)?,
@@ -457,23 +460,26 @@ fn model_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(ModelRow, String)>
             bundle_size: u(r.get(5)?),
             features: Vec::new(),
             signed_by: r.get(7)?,
+            lineage: None,
         },
         r.get(6)?,
+        r.get(8)?,
     ))
 }
 
-fn with_features((mut model, features): (ModelRow, String)) -> Result<ModelRow> {
+fn with_features((mut model, features, lineage): StoredModel) -> Result<ModelRow> {
     model.features = serde_json::from_str(&features).map_err(|e| {
         StoreError::Corrupt(format!(
             "features of {} v{}: {e}",
             model.name, model.version
         ))
     })?;
+    model.lineage = parse_lineage(&model.name, model.version, lineage)?;
     Ok(model)
 }
 
 const MODEL_COLUMNS: &str =
-    "name, version, label, created_ms, bundle_sha256, bundle_size, features, signed_by";
+    "name, version, label, created_ms, bundle_sha256, bundle_size, features, signed_by, lineage";
 
 fn load_rollout(conn: &Connection, id: u64) -> Result<Option<RolloutRow>> {
     let row = conn
@@ -832,7 +838,7 @@ impl Store for SqliteStore {
         self.call(move |conn| {
             let features = serde_json::to_string(&model.features).expect("strings serialize");
             let inserted = conn.execute(
-                &format!("INSERT OR IGNORE INTO models ({MODEL_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"),
+                &format!("INSERT OR IGNORE INTO models ({MODEL_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"),
                 params![
                     model.name,
                     model.version as i64,
@@ -842,6 +848,7 @@ impl Store for SqliteStore {
                     model.bundle_size as i64,
                     features,
                     model.signed_by,
+                    lineage_json(&model),
                 ],
             )?;
             if inserted == 0 {

@@ -92,6 +92,11 @@ fn model_row(version: u64) -> ModelRow {
         bundle_size: 99,
         features: vec!["x".into()],
         signed_by: "0011223344556677".into(),
+        lineage: (version == 2).then(|| Lineage {
+            parent_version: Some(1),
+            gates: [("quality".to_string(), "passed".to_string())].into(),
+            ..Lineage::default()
+        }),
     }
 }
 
@@ -289,6 +294,11 @@ pub async fn suite(store: &dyn Store) {
 
     // A new rollout supersedes the unfinished deployment of the old one.
     store.insert_model(&model_row(2)).await.unwrap();
+    assert_eq!(
+        store.model("m", 2).await.unwrap(),
+        Some(model_row(2)),
+        "lineage kept"
+    );
     let r2 = store
         .create_rollout(&new_rollout(2, true, &["d2"], 700))
         .await
