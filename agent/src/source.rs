@@ -117,6 +117,14 @@ impl InputSource for VibrationGenerator {
     }
 
     fn next_row(&mut self) -> Option<Vec<f32>> {
+        Some(self.labelled_row().0)
+    }
+}
+
+impl VibrationGenerator {
+    /// The next row with its ground truth: 1 for a faulty machine, 0 for a normal one.
+    /// Simulations and tests use the label to measure accuracy; devices never see it.
+    pub fn labelled_row(&mut self) -> (Vec<f32>, usize) {
         let fault = rand::Rng::random_bool(&mut self.rng, FAULT_RATE);
         let (rms, crest, kurtosis, temperature) = if fault {
             (
@@ -136,12 +144,15 @@ impl InputSource for VibrationGenerator {
         let s = f64::from(self.shift.get());
         let rms = rms * (1.0 + (SHIFT_RMS_FACTOR - 1.0) * s);
         let temperature = temperature + SHIFT_TEMPERATURE * s;
-        Some(vec![
-            rms as f32,
-            (rms * crest) as f32,
-            kurtosis as f32,
-            temperature as f32,
-        ])
+        (
+            vec![
+                rms as f32,
+                (rms * crest) as f32,
+                kurtosis as f32,
+                temperature as f32,
+            ],
+            usize::from(fault),
+        )
     }
 }
 

@@ -21,8 +21,8 @@ use crate::plan::RolloutPlan;
 use crate::registry::ArtifactStore;
 use crate::rollout::{self, Change, RolloutError, RolloutRequest};
 use crate::store::{
-    AuditEntry, DeploymentEvent, DeviceRow, HourlyRow, ModelRow, RolloutRow, Store, StoreError,
-    TelemetryRow,
+    AuditEntry, DeploymentEvent, DeviceRow, HourlyRow, ModelRow, RetrainingRow, RolloutRow, Store,
+    StoreError, TelemetryRow,
 };
 use crate::trust::{Current, RelayError};
 use edgeloop_shared::trust::SignedTrust;
@@ -108,6 +108,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/rollouts/{id}/resume", post(resume_rollout))
         .route("/api/v1/rollouts/{id}/abort", post(abort_rollout))
         .route("/api/v1/audit", get(audit))
+        .route("/api/v1/retrainings", get(retrainings))
         .route("/api/v1/stats", get(stats))
         .route("/api/v1/trust", get(trust).post(publish_trust))
         .route("/artifacts/{name}/{version}", get(artifact))
@@ -353,6 +354,13 @@ fn only_abort_rolls_back(body: &ChangeRollout, change: Change) -> Result<Change,
     } else {
         Ok(change)
     }
+}
+
+async fn retrainings(
+    State(s): State<AppState>,
+    Query(q): Query<LimitQuery>,
+) -> ApiResult<Vec<RetrainingRow>> {
+    Ok(Json(s.store.retrainings(limit(&q)?).await?))
 }
 
 async fn audit(

@@ -47,6 +47,11 @@ pub struct ControllerConfig {
     pub accept_unknown_devices: bool,
     pub retention_raw_days: u64,
     pub retention_hourly_days: u64,
+    /// How often retraining policies are evaluated.
+    pub retraining_check_s: u64,
+    /// Retraining policies, one per model (`[[retraining]]` tables).
+    #[serde(default)]
+    pub retraining: Vec<crate::retrain::RetrainingPolicy>,
 }
 
 impl Default for ControllerConfig {
@@ -114,7 +119,22 @@ impl ControllerConfig {
                 "must be 0 (forever) or at least retention_raw_days".into(),
             ));
         }
+        for (i, policy) in self.retraining.iter().enumerate() {
+            policy.validate().map_err(|reason| {
+                invalid(
+                    "retraining",
+                    format!("policy {i} ({}): {reason}", policy.model),
+                )
+            })?;
+            if self.retraining[..i].iter().any(|p| p.model == policy.model) {
+                return Err(invalid(
+                    "retraining",
+                    format!("policy {i}: a second policy for model `{}`", policy.model),
+                ));
+            }
+        }
         for (key, value) in [
+            ("retraining_check_s", self.retraining_check_s),
             ("offline_after_s", self.offline_after_s),
             ("command_ttl_s", self.command_ttl_s),
             ("resend_after_s", self.resend_after_s),

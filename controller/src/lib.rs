@@ -14,6 +14,7 @@ pub mod keys;
 pub mod plan;
 pub mod registry;
 pub mod retention;
+pub mod retrain;
 pub mod rollout;
 pub mod server;
 pub mod store;

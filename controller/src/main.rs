@@ -80,6 +80,13 @@ enum Command {
         #[command(subcommand)]
         command: RolloutCommand,
     },
+    /// Retrainings the policies fired, and how far each got.
+    Retrainings {
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Read the audit log: who created, paused, resumed or aborted what, and what the
     /// rollout engine did by itself.
     Audit {
@@ -946,6 +953,32 @@ async fn run() -> anyhow::Result<()> {
             println!("{}", post_json(&url, &body).await?);
         }
         Command::Rollout { command } => rollout_command(command).await?,
+        Command::Retrainings { limit, api } => {
+            let rows = get_json(&api.url(&format!("/api/v1/retrainings?limit={limit}"))).await?;
+            if api.output == Output::Json {
+                println!("{rows}");
+            } else {
+                for r in rows.as_array().into_iter().flatten() {
+                    println!(
+                        "retraining {} {} v{}: {}{}{}\n  fired: {}\n  {}",
+                        r["id"],
+                        r["model_name"].as_str().unwrap_or(""),
+                        r["from_version"],
+                        r["status"].as_str().unwrap_or(""),
+                        r["candidate_version"]
+                            .as_u64()
+                            .map(|v| format!(", candidate v{v}"))
+                            .unwrap_or_default(),
+                        r["rollout_id"]
+                            .as_u64()
+                            .map(|v| format!(", rollout {v}"))
+                            .unwrap_or_default(),
+                        r["reason"].as_str().unwrap_or(""),
+                        r["detail"].as_str().unwrap_or(""),
+                    );
+                }
+            }
+        }
         Command::Audit { limit, api } => {
             let entries = get_json(&api.url(&format!("/api/v1/audit?limit={limit}"))).await?;
             if api.output == Output::Json {

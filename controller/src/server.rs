@@ -177,6 +177,24 @@ impl Controller {
             addr: config.http_addr,
             source,
         })?;
+        tokio::spawn(
+            crate::retrain::Retrainer {
+                store: store.clone(),
+                artifacts: artifacts.clone(),
+                key: key.clone(),
+                policies: config.retraining.clone(),
+                data_dir: config.data_dir.clone(),
+                controller_url: format!(
+                    "http://{}:{}",
+                    crate::reachable_host(http_addr),
+                    http_addr.port()
+                ),
+                interval: Duration::from_secs(config.retraining_check_s),
+                dispatcher_wake: dispatcher_wake.clone(),
+                holder: config.mqtt_client_id.clone(),
+            }
+            .run(shutdown.child_token()),
+        );
         let app = api::router(AppState {
             store: store.clone(),
             stats: stats.clone(),

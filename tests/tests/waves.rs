@@ -31,9 +31,16 @@ struct Fleet {
 impl Fleet {
     /// `n` agents watching new models for a health window, those `shifted` says seeing the
     /// shifted regime; all on model v1 (rollout 1), with v2 published.
-    async fn start(broker: BrokerChoice, n: usize, shifted: impl Fn(&str) -> bool) -> Option<Self> {
+    /// Devices are named `{prefix}-0`…: each test its own prefix, because tests run at once
+    /// against the one external broker, where a device id is an MQTT client id.
+    async fn start(
+        broker: BrokerChoice,
+        prefix: &str,
+        n: usize,
+        shifted: impl Fn(&str) -> bool,
+    ) -> Option<Self> {
         let ctl = TestController::start(broker).await?;
-        let ids: Vec<String> = (0..n).map(|i| format!("wave-{i}")).collect();
+        let ids: Vec<String> = (0..n).map(|i| format!("{prefix}-{i}")).collect();
         let mut agents = Vec::new();
         for id in &ids {
             let mut config = ctl.agent_config(id, WINDOW);
@@ -120,7 +127,7 @@ fn deployment<'a>(rollout: &'a Value, device: &str) -> &'a Value {
 }
 
 async fn waves_open_one_after_another_until_the_rollout_completes(broker: BrokerChoice) {
-    let Some(fleet) = Fleet::start(broker, 3, |_| true).await else {
+    let Some(fleet) = Fleet::start(broker, "wv-ok", 3, |_| true).await else {
         eprintln!("skipped: {} is not set", edgeloop_tests::MQTT_URL_VAR);
         return;
     };
@@ -213,7 +220,7 @@ async fn waves_open_one_after_another_until_the_rollout_completes(broker: Broker
 on_both_brokers!(waves_open_one_after_another_until_the_rollout_completes);
 
 async fn a_failing_canary_pauses_the_rollout_until_an_operator_acts(broker: BrokerChoice) {
-    let Some(fleet) = Fleet::start(broker, 3, |_| false).await else {
+    let Some(fleet) = Fleet::start(broker, "wv-pause", 3, |_| false).await else {
         eprintln!("skipped: {} is not set", edgeloop_tests::MQTT_URL_VAR);
         return;
     };
@@ -330,7 +337,7 @@ async fn a_failed_wave_aborts_and_rolls_back_the_devices_that_took_the_new_versi
         "on_failure": "abort",
     }))
     .unwrap();
-    let ids: Vec<String> = (0..4).map(|i| format!("wave-{i}")).collect();
+    let ids: Vec<String> = (0..4).map(|i| format!("wv-abort-{i}")).collect();
     let predicted = plan.assign(2, &ids);
     let canaries: Vec<&String> = ids
         .iter()
@@ -339,7 +346,7 @@ async fn a_failed_wave_aborts_and_rolls_back_the_devices_that_took_the_new_versi
         .map(|(d, _)| d)
         .collect();
     let (taker, refuser) = (canaries[0].clone(), canaries[1].clone());
-    let Some(fleet) = Fleet::start(broker, 4, |id| id == taker).await else {
+    let Some(fleet) = Fleet::start(broker, "wv-abort", 4, |id| id == taker).await else {
         eprintln!("skipped: {} is not set", edgeloop_tests::MQTT_URL_VAR);
         return;
     };
@@ -406,7 +413,7 @@ async fn a_controller_killed_mid_rollout_resumes_it_and_deploys_no_device_twice(
         return;
     };
     let shutdown = CancellationToken::new();
-    let ids: Vec<String> = (0..3).map(|i| format!("wave-{i}")).collect();
+    let ids: Vec<String> = (0..3).map(|i| format!("wv-kill-{i}")).collect();
     let agents: Vec<TestAgent> = ids
         .iter()
         .map(|id| {

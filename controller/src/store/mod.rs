@@ -402,6 +402,103 @@ pub(crate) fn previous_model(name: Option<String>, version: Option<i64>) -> Opti
     })
 }
 
+/// One drift window as the retraining triggers read it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WindowPoint {
+    pub device_id: String,
+    pub model_version: u64,
+    pub window_end_ms: u64,
+    pub psi_max: f64,
+}
+
+/// Where a retraining stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RetrainingStatus {
+    /// The trainer was started (or the webhook accepted); waiting for a candidate.
+    Training,
+    /// A candidate passed the gate and is being rolled out.
+    RollingOut,
+    /// The candidate runs on the fleet.
+    Completed,
+    /// The candidate failed the gate, or none came: nothing shipped.
+    Rejected,
+    /// The trainer, the webhook or the rollout failed.
+    Failed,
+}
+
+impl RetrainingStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Training => "training",
+            Self::RollingOut => "rolling_out",
+            Self::Completed => "completed",
+            Self::Rejected => "rejected",
+            Self::Failed => "failed",
+        }
+    }
+
+    pub(crate) fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "training" => Self::Training,
+            "rolling_out" => Self::RollingOut,
+            "completed" => Self::Completed,
+            "rejected" => Self::Rejected,
+            "failed" => Self::Failed,
+            other => return Err(StoreError::Corrupt(format!("retraining status `{other}`"))),
+        })
+    }
+
+    /// Still under way: no other retraining of the model starts meanwhile.
+    pub fn is_open(self) -> bool {
+        matches!(self, Self::Training | Self::RollingOut)
+    }
+}
+
+/// The retraining states still under way, as an SQL list.
+pub(crate) const OPEN_RETRAINING_SQL: &str = "'training', 'rolling_out'";
+
+/// One retraining: why it fired, and how far it got.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RetrainingRow {
+    pub id: u64,
+    pub model_name: String,
+    /// The version whose drift fired it.
+    pub from_version: u64,
+    pub fired_ms: u64,
+    pub reason: String,
+    pub status: RetrainingStatus,
+    /// The latest step's detail or error.
+    pub detail: Option<String>,
+    pub candidate_version: Option<u64>,
+    /// The quality gate's verdict on the candidate.
+    pub gate: Option<String>,
+    pub rollout_id: Option<u64>,
+    pub updated_ms: u64,
+}
+
+/// A change to a retraining; fields left `None` keep their value.
+#[derive(Debug, Clone)]
+pub struct RetrainingUpdate {
+    pub status: RetrainingStatus,
+    pub detail: Option<String>,
+    pub candidate_version: Option<u64>,
+    pub gate: Option<String>,
+    pub rollout_id: Option<u64>,
+}
+
+impl RetrainingUpdate {
+    pub fn status(status: RetrainingStatus, detail: impl Into<String>) -> Self {
+        RetrainingUpdate {
+            status,
+            detail: Some(detail.into()),
+            candidate_version: None,
+            gate: None,
+            rollout_id: None,
+        }
+    }
+}
+
 /// What [`Store::create_rollout`] needs.
 #[derive(Debug, Clone)]
 pub struct NewRollout {
@@ -548,6 +645,34 @@ pub trait Store: Send + Sync + 'static {
     /// Marks `timed_out` the deployments of rollouts in progress that are past their
     /// deadline and neither finished nor judged by the health window; returns how many.
     async fn expire_deployments(&self, now_ms: u64) -> Result<u64>;
+
+    /// The newest `per_device` drift windows of each device for model `name` received
+    /// since `since_ms`, newest first within each device.
+    async fn recent_windows(
+        &self,
+        name: &str,
+        per_device: u32,
+        since_ms: u64,
+    ) -> Result<Vec<WindowPoint>>;
+    /// Records a fired retraining of `name` (status `training`) unless one of the model is
+    /// still under way or one fired at or after `cooldown_since_ms`; None then.
+    async fn start_retraining(
+        &self,
+        name: &str,
+        from_version: u64,
+        reason: &str,
+        now_ms: u64,
+        cooldown_since_ms: u64,
+    ) -> Result<Option<RetrainingRow>>;
+    /// Moves a retraining on, if it is still under way; false when it had ended.
+    async fn update_retraining(
+        &self,
+        id: u64,
+        update: &RetrainingUpdate,
+        now_ms: u64,
+    ) -> Result<bool>;
+    /// Retrainings, newest first.
+    async fn retrainings(&self, limit: u32) -> Result<Vec<RetrainingRow>>;
 
     async fn record_audit(&self, entry: &AuditEntry) -> Result<()>;
     /// The audit log, newest first.

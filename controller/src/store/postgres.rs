@@ -142,6 +142,21 @@ ALTER TABLE deployments ADD COLUMN deadline_ms BIGINT;
 ALTER TABLE deployments ADD COLUMN previous_model TEXT;
 ALTER TABLE deployments ADD COLUMN previous_version BIGINT;
 CREATE INDEX deployments_by_status ON deployments (status);
+CREATE TABLE retrainings (
+    id BIGSERIAL PRIMARY KEY,
+    model_name TEXT NOT NULL,
+    from_version BIGINT NOT NULL,
+    fired_ms BIGINT NOT NULL,
+    reason TEXT NOT NULL,
+    status TEXT NOT NULL,
+    detail TEXT,
+    candidate_version BIGINT,
+    gate TEXT,
+    rollout_id BIGINT,
+    updated_ms BIGINT NOT NULL
+);
+CREATE INDEX retrainings_by_model ON retrainings (model_name, fired_ms);
+CREATE INDEX telemetry_by_model ON telemetry (model_name, received_ms);
 CREATE TABLE audit (
     id BIGSERIAL PRIMARY KEY,
     at_ms BIGINT NOT NULL,
@@ -473,6 +488,42 @@ fn model_from_row(r: &Row) -> Result<ModelRow> {
         bundle_size: u(r.get(5)),
         signed_by: r.get(7),
     })
+}
+
+/// The advisory lock class that serializes retraining starts per model.
+const RETRAINING_LOCK: i32 = 0x6564_6c72;
+
+async fn load_retrainings(
+    c: &impl GenericClient,
+    filter: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Vec<RetrainingRow>> {
+    c.query(
+        &format!(
+            "SELECT id, model_name, from_version, fired_ms, reason, status, detail, candidate_version,
+                    gate, rollout_id, updated_ms
+             FROM retrainings {filter}"
+        ),
+        params,
+    )
+    .await?
+    .iter()
+    .map(|r| {
+        Ok(RetrainingRow {
+            id: u(r.get(0)),
+            model_name: r.get(1),
+            from_version: u(r.get(2)),
+            fired_ms: u(r.get(3)),
+            reason: r.get(4),
+            status: RetrainingStatus::parse(r.get(5))?,
+            detail: r.get(6),
+            candidate_version: r.get::<_, Option<i64>>(7).map(u),
+            gate: r.get(8),
+            rollout_id: r.get::<_, Option<i64>>(9).map(u),
+            updated_ms: u(r.get(10)),
+        })
+    })
+    .collect()
 }
 
 async fn load_rollout(c: &impl GenericClient, id: u64) -> Result<Option<RolloutRow>> {
@@ -1067,6 +1118,110 @@ impl Store for PgStore {
         }
         tx.commit().await?;
         Ok(touched.len() as u64)
+    }
+
+    async fn recent_windows(
+        &self,
+        name: &str,
+        per_device: u32,
+        since_ms: u64,
+    ) -> Result<Vec<WindowPoint>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT device_id, model_version, window_end_ms, psi_max FROM (
+                     SELECT device_id, model_version, window_end_ms, psi_max,
+                            ROW_NUMBER() OVER (PARTITION BY device_id ORDER BY window_end_ms DESC) AS n
+                     FROM telemetry WHERE model_name = $1 AND received_ms >= $2) recent
+                 WHERE n <= $3 ORDER BY device_id, window_end_ms DESC",
+                &[&name, &i(since_ms), &i64::from(per_device)],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| WindowPoint {
+                device_id: r.get(0),
+                model_version: u(r.get(1)),
+                window_end_ms: u(r.get(2)),
+                psi_max: r.get(3),
+            })
+            .collect())
+    }
+
+    async fn start_retraining(
+        &self,
+        name: &str,
+        from_version: u64,
+        reason: &str,
+        now_ms: u64,
+        cooldown_since_ms: u64,
+    ) -> Result<Option<RetrainingRow>> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        // One at a time per model, across replicas.
+        tx.execute(
+            "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+            &[&RETRAINING_LOCK, &name],
+        )
+        .await?;
+        let blocking: i64 = tx
+            .query_one(
+                &format!(
+                    "SELECT COUNT(*) FROM retrainings WHERE model_name = $1
+                     AND (status IN ({OPEN_RETRAINING_SQL}) OR fired_ms >= $2)"
+                ),
+                &[&name, &i(cooldown_since_ms)],
+            )
+            .await?
+            .get(0);
+        if blocking > 0 {
+            return Ok(None);
+        }
+        let id: i64 = tx
+            .query_one(
+                "INSERT INTO retrainings (model_name, from_version, fired_ms, reason, status, updated_ms)
+                 VALUES ($1, $2, $3, $4, 'training', $3) RETURNING id",
+                &[&name, &i(from_version), &i(now_ms), &reason],
+            )
+            .await?
+            .get(0);
+        let row = load_retrainings(&*tx, "WHERE id = $1", &[&id]).await?.pop();
+        tx.commit().await?;
+        Ok(row)
+    }
+
+    async fn update_retraining(
+        &self,
+        id: u64,
+        update: &RetrainingUpdate,
+        now_ms: u64,
+    ) -> Result<bool> {
+        let client = self.client().await?;
+        let changed = client
+            .execute(
+                &format!(
+                    "UPDATE retrainings SET status = $2, detail = COALESCE($3, detail),
+                         candidate_version = COALESCE($4, candidate_version), gate = COALESCE($5, gate),
+                         rollout_id = COALESCE($6, rollout_id), updated_ms = $7
+                     WHERE id = $1 AND status IN ({OPEN_RETRAINING_SQL})"
+                ),
+                &[
+                    &i(id),
+                    &update.status.as_str(),
+                    &update.detail,
+                    &update.candidate_version.map(i),
+                    &update.gate,
+                    &update.rollout_id.map(i),
+                    &i(now_ms),
+                ],
+            )
+            .await?;
+        Ok(changed > 0)
+    }
+
+    async fn retrainings(&self, limit: u32) -> Result<Vec<RetrainingRow>> {
+        let client = self.client().await?;
+        load_retrainings(&**client, "ORDER BY id DESC LIMIT $1", &[&i64::from(limit)]).await
     }
 
     async fn record_audit(&self, entry: &AuditEntry) -> Result<()> {

@@ -140,6 +140,21 @@ ALTER TABLE deployments ADD COLUMN deadline_ms INTEGER;
 ALTER TABLE deployments ADD COLUMN previous_model TEXT;
 ALTER TABLE deployments ADD COLUMN previous_version INTEGER;
 CREATE INDEX deployments_by_status ON deployments (status);
+CREATE TABLE retrainings (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    model_name TEXT NOT NULL,
+    from_version INTEGER NOT NULL,
+    fired_ms INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    status TEXT NOT NULL,
+    detail TEXT,
+    candidate_version INTEGER,
+    gate TEXT,
+    rollout_id INTEGER,
+    updated_ms INTEGER NOT NULL
+);
+CREATE INDEX retrainings_by_model ON retrainings (model_name, fired_ms);
+CREATE INDEX telemetry_by_model ON telemetry (model_name, received_ms);
 CREATE TABLE audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     at_ms INTEGER NOT NULL,
@@ -480,6 +495,44 @@ fn with_features((mut model, features, lineage): StoredModel) -> Result<ModelRow
 
 const MODEL_COLUMNS: &str =
     "name, version, label, created_ms, bundle_sha256, bundle_size, features, signed_by, lineage";
+
+fn load_retrainings(
+    conn: &Connection,
+    filter: &str,
+    params: impl rusqlite::Params,
+) -> Result<Vec<RetrainingRow>> {
+    let rows = conn
+        .prepare_cached(&format!(
+            "SELECT id, model_name, from_version, fired_ms, reason, status, detail, candidate_version,
+                    gate, rollout_id, updated_ms
+             FROM retrainings {filter}"
+        ))?
+        .query_map(params, |r| {
+            Ok((
+                RetrainingRow {
+                    id: u(r.get(0)?),
+                    model_name: r.get(1)?,
+                    from_version: u(r.get(2)?),
+                    fired_ms: u(r.get(3)?),
+                    reason: r.get(4)?,
+                    status: RetrainingStatus::Training,
+                    detail: r.get(6)?,
+                    candidate_version: r.get::<_, Option<i64>>(7)?.map(u),
+                    gate: r.get(8)?,
+                    rollout_id: r.get::<_, Option<i64>>(9)?.map(u),
+                    updated_ms: u(r.get(10)?),
+                },
+                r.get::<_, String>(5)?,
+            ))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    rows.into_iter()
+        .map(|(mut row, status)| {
+            row.status = RetrainingStatus::parse(&status)?;
+            Ok(row)
+        })
+        .collect()
+}
 
 fn load_rollout(conn: &Connection, id: u64) -> Result<Option<RolloutRow>> {
     let row = conn
@@ -1083,6 +1136,106 @@ impl Store for SqliteStore {
             Ok(touched.len() as u64)
         })
         .await
+    }
+
+    async fn recent_windows(
+        &self,
+        name: &str,
+        per_device: u32,
+        since_ms: u64,
+    ) -> Result<Vec<WindowPoint>> {
+        let name = name.to_string();
+        self.call(move |conn| {
+            let rows = conn
+                .prepare_cached(
+                    "SELECT device_id, model_version, window_end_ms, psi_max FROM (
+                         SELECT device_id, model_version, window_end_ms, psi_max,
+                                ROW_NUMBER() OVER (PARTITION BY device_id ORDER BY window_end_ms DESC) AS n
+                         FROM telemetry WHERE model_name = ?1 AND received_ms >= ?2)
+                     WHERE n <= ?3 ORDER BY device_id, window_end_ms DESC",
+                )?
+                .query_map(params![name, since_ms as i64, per_device], |r| {
+                    Ok(WindowPoint {
+                        device_id: r.get(0)?,
+                        model_version: u(r.get(1)?),
+                        window_end_ms: u(r.get(2)?),
+                        psi_max: r.get(3)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn start_retraining(
+        &self,
+        name: &str,
+        from_version: u64,
+        reason: &str,
+        now_ms: u64,
+        cooldown_since_ms: u64,
+    ) -> Result<Option<RetrainingRow>> {
+        let (name, reason) = (name.to_string(), reason.to_string());
+        self.call(move |conn| {
+            let tx = conn.transaction()?;
+            let blocking: i64 = tx.query_row(
+                &format!(
+                    "SELECT COUNT(*) FROM retrainings WHERE model_name = ?1
+                     AND (status IN ({OPEN_RETRAINING_SQL}) OR fired_ms >= ?2)"
+                ),
+                params![name, cooldown_since_ms as i64],
+                |r| r.get(0),
+            )?;
+            if blocking > 0 {
+                return Ok(None);
+            }
+            tx.execute(
+                "INSERT INTO retrainings (model_name, from_version, fired_ms, reason, status, updated_ms)
+                 VALUES (?1, ?2, ?3, ?4, 'training', ?3)",
+                params![name, from_version as i64, now_ms as i64, reason],
+            )?;
+            let id = tx.last_insert_rowid();
+            let row = load_retrainings(&tx, "WHERE id = ?1", params![id])?.pop();
+            tx.commit()?;
+            Ok(row)
+        })
+        .await
+    }
+
+    async fn update_retraining(
+        &self,
+        id: u64,
+        update: &RetrainingUpdate,
+        now_ms: u64,
+    ) -> Result<bool> {
+        let update = update.clone();
+        self.call(move |conn| {
+            let changed = conn.execute(
+                &format!(
+                    "UPDATE retrainings SET status = ?2, detail = COALESCE(?3, detail),
+                         candidate_version = COALESCE(?4, candidate_version), gate = COALESCE(?5, gate),
+                         rollout_id = COALESCE(?6, rollout_id), updated_ms = ?7
+                     WHERE id = ?1 AND status IN ({OPEN_RETRAINING_SQL})"
+                ),
+                params![
+                    id as i64,
+                    update.status.as_str(),
+                    update.detail,
+                    update.candidate_version.map(|v| v as i64),
+                    update.gate,
+                    update.rollout_id.map(|v| v as i64),
+                    now_ms as i64
+                ],
+            )?;
+            Ok(changed > 0)
+        })
+        .await
+    }
+
+    async fn retrainings(&self, limit: u32) -> Result<Vec<RetrainingRow>> {
+        self.call(move |conn| load_retrainings(conn, "ORDER BY id DESC LIMIT ?1", params![limit]))
+            .await
     }
 
     async fn record_audit(&self, entry: &AuditEntry) -> Result<()> {

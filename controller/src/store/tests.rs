@@ -341,6 +341,7 @@ pub async fn suite(store: &dyn Store) {
 
     hourly_aggregates_and_retention(store).await;
     waves_pauses_aborts_timeouts_and_the_audit_log(store).await;
+    retraining_windows_and_records(store).await;
     the_trust_document_is_replaced_only_from_the_version_it_was_checked_against(store).await;
 
     // Registration adds what is new and leaves known devices as they are.
@@ -648,6 +649,132 @@ async fn waves_pauses_aborts_timeouts_and_the_audit_log(store: &dyn Store) {
         ["rollout.resume", "rollout.pause"]
     );
     assert_eq!(log[1].detail.as_deref(), Some("looking"));
+}
+
+/// The windows a trigger reads; one retraining under way per model, and a cooldown.
+async fn retraining_windows_and_records(store: &dyn Store) {
+    let window = |device: &str, seq: u64, end_ms: u64, psi: f64| {
+        Envelope::new(
+            device,
+            format!("rt-{device}-{seq}"),
+            1,
+            Message::DriftSummary(DriftSummary {
+                model: ModelRef {
+                    name: "rt".into(),
+                    version: 1,
+                },
+                window_seq: seq,
+                stats: WindowStats {
+                    samples: 10,
+                    start_ms: end_ms - 5,
+                    end_ms,
+                    features: vec![],
+                    psi_max: psi,
+                    predictions: vec![10],
+                },
+            }),
+        )
+    };
+    for seq in 1..=4 {
+        store
+            .ingest(
+                &window("rt-a", seq, 100 * seq, seq as f64 / 10.0),
+                50_000 + seq,
+            )
+            .await
+            .unwrap();
+    }
+    store
+        .ingest(&window("rt-b", 1, 100, 0.9), 40_000)
+        .await
+        .unwrap();
+    let recent = store.recent_windows("rt", 2, 45_000).await.unwrap();
+    assert_eq!(
+        recent
+            .iter()
+            .map(|w| (w.device_id.as_str(), w.window_end_ms, w.psi_max))
+            .collect::<Vec<_>>(),
+        [("rt-a", 400, 0.4), ("rt-a", 300, 0.3)],
+        "newest two of each device, received since 45000"
+    );
+    assert_eq!(store.recent_windows("rt", 9, 0).await.unwrap().len(), 5);
+
+    use RetrainingStatus::*;
+    let first = store
+        .start_retraining("rt", 1, "drift", 1000, 0)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((first.status, first.from_version), (Training, 1));
+    assert!(
+        store
+            .start_retraining("rt", 1, "again", 2000, 0)
+            .await
+            .unwrap()
+            .is_none(),
+        "one under way per model"
+    );
+    assert!(
+        store
+            .start_retraining("other", 1, "drift", 2000, 0)
+            .await
+            .unwrap()
+            .is_some(),
+        "another model is independent"
+    );
+    let update = RetrainingUpdate {
+        status: RollingOut,
+        detail: Some("v2 passed".into()),
+        candidate_version: Some(2),
+        gate: Some("passed: accuracy 0.95".into()),
+        rollout_id: Some(7),
+    };
+    assert!(
+        store
+            .update_retraining(first.id, &update, 3000)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .update_retraining(first.id, &RetrainingUpdate::status(Completed, "done"), 4000)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .update_retraining(first.id, &RetrainingUpdate::status(Failed, "late"), 5000)
+            .await
+            .unwrap(),
+        "an ended retraining stays ended"
+    );
+    let row = store
+        .retrainings(10)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|r| r.id == first.id)
+        .unwrap();
+    assert_eq!(row.status, Completed);
+    assert_eq!(row.detail.as_deref(), Some("done"));
+    assert_eq!((row.candidate_version, row.rollout_id), (Some(2), Some(7)));
+    assert_eq!(row.gate.as_deref(), Some("passed: accuracy 0.95"));
+    // Ended, but within the cooldown: nothing; after it, a new one.
+    assert!(
+        store
+            .start_retraining("rt", 2, "drift", 6000, 1000)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        store
+            .start_retraining("rt", 2, "drift", 6000, 1001)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert_eq!(store.retrainings(1).await.unwrap()[0].from_version, 2);
 }
 
 /// Hourly aggregates fold each stored summary once; retention prunes by age.

@@ -1,0 +1,1063 @@
+//! Retraining triggers. A policy per model watches the fleet's drift windows; when enough
+//! devices drift for long enough it fires one retraining (one at a time per model, then a
+//! cooldown), starts a trainer (a webhook to a training pipeline, or a local command), and
+//! once a candidate that passed the quality gate is published, rolls it out by the policy's
+//! plan, canary first. Every step is stored, so a controller restart picks it up again.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use edgeloop_agent::now_ms;
+use edgeloop_shared::signing::SecretKey;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::gate::GatePolicy;
+use crate::plan::RolloutPlan;
+use crate::registry::{self, ArtifactStore, PublishError, PublishRequest, QualityGate};
+use crate::rollout::{self, ENGINE, RolloutRequest};
+use crate::store::{
+    RetrainingRow, RetrainingStatus, RetrainingUpdate, RolloutStatus, Store, StoreError,
+    WindowPoint,
+};
+
+/// The header that carries the webhook body's HMAC-SHA256, as `sha256=<hex>`.
+pub const SIGNATURE_HEADER: &str = "x-edgeloop-signature";
+
+/// Who starts the training.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Trainer {
+    /// POST a JSON description of the retraining to a pipeline (Airflow, Kubeflow, a CI
+    /// dispatch…), which publishes the candidate with `edgeloop model publish --holdout`.
+    Webhook {
+        url: String,
+        /// The environment variable holding the HMAC-SHA256 key…
+        #[serde(default)]
+        secret_env: Option<String>,
+        /// …or a file holding it (trailing whitespace ignored). Unsigned when neither.
+        #[serde(default)]
+        secret_file: Option<PathBuf>,
+        /// Extra headers (for example `Authorization`).
+        #[serde(default)]
+        headers: BTreeMap<String, String>,
+        /// Attempts after the first, with doubling waits from 1 s, on 5xx, 408, 429 and
+        /// network errors.
+        #[serde(default = "Trainer::default_retries")]
+        retries: u32,
+        #[serde(default = "Trainer::default_request_timeout_s")]
+        timeout_s: u64,
+    },
+    /// Run a program that writes `model.onnx` and `reference.csv` into
+    /// `$EDGELOOP_OUTPUT_DIR`; the controller publishes them through the quality gate.
+    Command {
+        program: PathBuf,
+        #[serde(default)]
+        args: Vec<String>,
+        #[serde(default = "Trainer::default_command_timeout_s")]
+        timeout_s: u64,
+    },
+}
+
+impl Trainer {
+    fn default_retries() -> u32 {
+        3
+    }
+    fn default_request_timeout_s() -> u64 {
+        10
+    }
+    fn default_command_timeout_s() -> u64 {
+        3600
+    }
+}
+
+/// When to retrain a model, how, and how to ship the result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrainingPolicy {
+    /// The model name.
+    pub model: String,
+    /// A window drifts when its largest feature PSI reaches this.
+    #[serde(default = "RetrainingPolicy::default_psi_threshold")]
+    pub psi_threshold: f64,
+    /// A device drifts when this many of its newest windows on its current version all do.
+    #[serde(default = "RetrainingPolicy::default_consecutive_windows")]
+    pub consecutive_windows: u32,
+    /// Drifting devices needed, at least…
+    #[serde(default = "RetrainingPolicy::default_min_devices")]
+    pub min_devices: u64,
+    /// …and at least this share of the devices reporting on that version.
+    #[serde(default = "RetrainingPolicy::default_min_share")]
+    pub min_share: f64,
+    /// Windows received longer ago than this do not count.
+    #[serde(default = "RetrainingPolicy::default_horizon_s")]
+    pub horizon_s: u64,
+    /// After a retraining fires, none fires for the model for this long.
+    #[serde(default = "RetrainingPolicy::default_cooldown_s")]
+    pub cooldown_s: u64,
+    /// A retraining with no candidate published this long after it fired is rejected.
+    #[serde(default = "RetrainingPolicy::default_candidate_timeout_s")]
+    pub candidate_timeout_s: u64,
+    pub trainer: Trainer,
+    /// Training data handed to the trainer (`EDGELOOP_DATASET`, and in the webhook body).
+    #[serde(default)]
+    pub dataset: Option<PathBuf>,
+    /// Labelled holdout for the quality gate of a command trainer's candidate.
+    #[serde(default)]
+    pub holdout: Option<PathBuf>,
+    #[serde(default)]
+    pub gate: GatePolicy,
+    /// How the candidate is rolled out.
+    #[serde(default = "RetrainingPolicy::default_rollout")]
+    pub rollout: RolloutPlan,
+}
+
+impl RetrainingPolicy {
+    fn default_psi_threshold() -> f64 {
+        0.25
+    }
+    fn default_consecutive_windows() -> u32 {
+        2
+    }
+    fn default_min_devices() -> u64 {
+        1
+    }
+    fn default_min_share() -> f64 {
+        0.5
+    }
+    fn default_horizon_s() -> u64 {
+        3600
+    }
+    fn default_cooldown_s() -> u64 {
+        3600
+    }
+    fn default_candidate_timeout_s() -> u64 {
+        86_400
+    }
+    /// A canary, then a tenth, then everyone; a failed wave pauses.
+    fn default_rollout() -> RolloutPlan {
+        RolloutPlan {
+            waves: ["1", "10%", "100%"]
+                .iter()
+                .map(|w| w.parse().expect("valid wave"))
+                .collect(),
+            failure_threshold: Some(0.2),
+            ..RolloutPlan::default()
+        }
+    }
+
+    /// Checks every field; the error names the one that is wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        if !edgeloop_shared::is_valid_identifier(&self.model) {
+            return Err(format!("model: `{}` is not a valid model name", self.model));
+        }
+        if !(self.psi_threshold > 0.0 && self.psi_threshold.is_finite()) {
+            return Err(format!(
+                "psi_threshold: {} must be above 0",
+                self.psi_threshold
+            ));
+        }
+        if self.consecutive_windows == 0 || self.consecutive_windows > 1000 {
+            return Err("consecutive_windows: must be 1 to 1000".into());
+        }
+        if self.min_devices == 0 {
+            return Err("min_devices: must be at least 1".into());
+        }
+        if !(self.min_share > 0.0 && self.min_share <= 1.0) {
+            return Err(format!(
+                "min_share: {} is not a share above 0 and at most 1",
+                self.min_share
+            ));
+        }
+        for (field, value) in [
+            ("horizon_s", self.horizon_s),
+            ("candidate_timeout_s", self.candidate_timeout_s),
+        ] {
+            if value == 0 {
+                return Err(format!("{field}: must be at least 1"));
+            }
+        }
+        match &self.trainer {
+            Trainer::Webhook {
+                url,
+                timeout_s,
+                secret_env,
+                secret_file,
+                ..
+            } => {
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return Err(format!("trainer.url: `{url}` is not an http(s) URL"));
+                }
+                if secret_env.is_some() && secret_file.is_some() {
+                    return Err(
+                        "trainer.secret_file: give secret_env or secret_file, not both".into(),
+                    );
+                }
+                if *timeout_s == 0 {
+                    return Err("trainer.timeout_s: must be at least 1".into());
+                }
+            }
+            Trainer::Command {
+                program, timeout_s, ..
+            } => {
+                if program.as_os_str().is_empty() {
+                    return Err("trainer.program: must name a program".into());
+                }
+                if *timeout_s == 0 {
+                    return Err("trainer.timeout_s: must be at least 1".into());
+                }
+                if self.holdout.is_none() {
+                    return Err(
+                        "holdout: a command trainer's candidate is gated on a holdout; name one"
+                            .into(),
+                    );
+                }
+            }
+        }
+        self.gate.validate().map_err(|e| format!("gate: {e}"))?;
+        self.rollout
+            .validate()
+            .map_err(|e| format!("rollout: {e}"))?;
+        Ok(())
+    }
+
+    /// Whether the windows say the model has drifted: for each device its newest
+    /// `consecutive_windows` windows on its current version, all at or above the threshold;
+    /// enough such devices among those reporting on one version.
+    pub fn evaluate(&self, windows: &[WindowPoint]) -> Option<Fired> {
+        let n = self.consecutive_windows as usize;
+        let mut by_device = BTreeMap::<&str, Vec<&WindowPoint>>::new();
+        for w in windows {
+            by_device.entry(&w.device_id).or_default().push(w);
+        }
+        // version → (reporting devices, drifting devices, worst PSI)
+        let mut versions = BTreeMap::<u64, (usize, Vec<String>, f64)>::new();
+        for (device, mut ws) in by_device {
+            ws.sort_by_key(|w| std::cmp::Reverse(w.window_end_ms));
+            let version = ws[0].model_version;
+            let current: Vec<&&WindowPoint> = ws
+                .iter()
+                .take_while(|w| w.model_version == version)
+                .take(n)
+                .collect();
+            let entry = versions.entry(version).or_default();
+            entry.0 += 1;
+            if current.len() == n && current.iter().all(|w| w.psi_max >= self.psi_threshold) {
+                entry.1.push(device.to_string());
+                let worst = current.iter().map(|w| w.psi_max).fold(0.0, f64::max);
+                entry.2 = entry.2.max(worst);
+            }
+        }
+        versions
+            .into_iter()
+            .find(|(_, (reporting, drifting, _))| {
+                drifting.len() as u64 >= self.min_devices
+                    && drifting.len() as f64 >= self.min_share * *reporting as f64
+            })
+            .map(|(version, (reporting, drifting, worst))| Fired {
+                reason: format!(
+                    "{} of {reporting} devices on v{version} drifted: PSI at or above {} in each of their last {n} windows (worst {worst:.3})",
+                    drifting.len(),
+                    self.psi_threshold
+                ),
+                version,
+                drifting,
+                reporting,
+            })
+    }
+}
+
+/// A trigger's evidence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fired {
+    pub version: u64,
+    pub drifting: Vec<String>,
+    pub reporting: usize,
+    pub reason: String,
+}
+
+/// The JSON a webhook trainer receives.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WebhookPayload {
+    pub event: String,
+    pub retraining_id: u64,
+    pub model: String,
+    pub from_version: u64,
+    pub reason: String,
+    pub drifting_devices: Vec<String>,
+    pub dataset: Option<String>,
+    pub dataset_sha256: Option<String>,
+    /// The controller's API, for the pipeline to follow up.
+    pub controller_url: String,
+}
+
+/// `sha256=<hex>`: the HMAC-SHA256 of `body` under `secret`.
+pub fn signature(secret: &[u8], body: &[u8]) -> String {
+    use hmac::{Hmac, Mac};
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret).expect("any key length");
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// The retraining actor: evaluates every policy on a tick and moves retrainings on.
+pub struct Retrainer {
+    pub store: Arc<dyn Store>,
+    pub artifacts: ArtifactStore,
+    pub key: SecretKey,
+    pub policies: Vec<RetrainingPolicy>,
+    /// Where trainers' working directories and logs go (`{data_dir}/retrainings/{id}`).
+    pub data_dir: PathBuf,
+    pub controller_url: String,
+    pub interval: Duration,
+    /// Wakes the rollout dispatcher when a candidate's rollout is created.
+    pub dispatcher_wake: Arc<Notify>,
+    /// This replica's name for the `retrainer` lease.
+    pub holder: String,
+}
+
+const LEASE_TTL: Duration = Duration::from_secs(30);
+
+impl Retrainer {
+    pub async fn run(self, shutdown: CancellationToken) {
+        if self.policies.is_empty() {
+            return;
+        }
+        let this = Arc::new(self);
+        let mut tick = tokio::time::interval(this.interval);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            match this
+                .store
+                .acquire_lease(
+                    "retrainer",
+                    &this.holder,
+                    now_ms(),
+                    LEASE_TTL.as_millis() as u64,
+                )
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    warn!(error = %e, "cannot take the retrainer lease; retrying");
+                    continue;
+                }
+            }
+            if let Err(e) = this.step(&shutdown).await {
+                warn!(error = %e, "retraining step failed; retrying");
+            }
+        }
+    }
+
+    async fn step(self: &Arc<Self>, shutdown: &CancellationToken) -> Result<(), StoreError> {
+        let now = now_ms();
+        let open: Vec<RetrainingRow> = self
+            .store
+            .retrainings(1000)
+            .await?
+            .into_iter()
+            .filter(|r| r.status.is_open())
+            .collect();
+        for row in &open {
+            if let Some(policy) = self.policies.iter().find(|p| p.model == row.model_name) {
+                self.progress(policy, row, now).await?;
+            }
+        }
+        for policy in &self.policies {
+            let since = now.saturating_sub(policy.horizon_s * 1000);
+            let windows = self
+                .store
+                .recent_windows(&policy.model, policy.consecutive_windows, since)
+                .await?;
+            let Some(fired) = policy.evaluate(&windows) else {
+                continue;
+            };
+            let cooldown_since = now.saturating_sub(policy.cooldown_s * 1000);
+            let Some(row) = self
+                .store
+                .start_retraining(
+                    &policy.model,
+                    fired.version,
+                    &fired.reason,
+                    now,
+                    cooldown_since,
+                )
+                .await?
+            else {
+                continue;
+            };
+            info!(retraining = row.id, model = %policy.model, reason = %fired.reason, "retraining fired");
+            self.audit("retraining.fire", &row, Some(fired.reason.clone()))
+                .await;
+            let (this, policy, shutdown) = (self.clone(), policy.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                this.train(&policy, &row, &fired, shutdown).await;
+            });
+        }
+        Ok(())
+    }
+
+    /// Moves an open retraining on: a published candidate that passed the gate is rolled
+    /// out; the rollout's end ends the retraining.
+    async fn progress(
+        &self,
+        policy: &RetrainingPolicy,
+        row: &RetrainingRow,
+        now: u64,
+    ) -> Result<(), StoreError> {
+        match row.status {
+            RetrainingStatus::Training => {
+                let candidate = self
+                    .store
+                    .models()
+                    .await?
+                    .into_iter()
+                    .filter(|m| {
+                        m.name == row.model_name
+                            && m.version > row.from_version
+                            && m.created_ms >= row.fired_ms
+                    })
+                    .max_by_key(|m| m.version);
+                let Some(candidate) = candidate else {
+                    if now.saturating_sub(row.fired_ms) > policy.candidate_timeout_s * 1000 {
+                        self.end(
+                            row,
+                            RetrainingUpdate::status(
+                                RetrainingStatus::Rejected,
+                                format!(
+                                    "no candidate was published within candidate_timeout_s ({} s)",
+                                    policy.candidate_timeout_s
+                                ),
+                            ),
+                            true,
+                        )
+                        .await;
+                    }
+                    return Ok(());
+                };
+                let verdict = candidate
+                    .lineage
+                    .as_ref()
+                    .and_then(|l| l.gates.get("quality"))
+                    .cloned();
+                if !verdict.as_deref().is_some_and(|v| v.starts_with("passed")) {
+                    self.end(
+                        row,
+                        RetrainingUpdate {
+                            candidate_version: Some(candidate.version),
+                            gate: verdict,
+                            ..RetrainingUpdate::status(
+                                RetrainingStatus::Rejected,
+                                format!(
+                                    "v{} was published without passing the quality gate (publish it with --holdout)",
+                                    candidate.version
+                                ),
+                            )
+                        },
+                        true,
+                    )
+                    .await;
+                    return Ok(());
+                }
+                let devices: Vec<String> = self
+                    .store
+                    .devices()
+                    .await?
+                    .into_iter()
+                    .filter(|d| d.model_name.as_deref() == Some(row.model_name.as_str()))
+                    .map(|d| d.id)
+                    .collect();
+                let created = rollout::create(
+                    self.store.as_ref(),
+                    RolloutRequest {
+                        devices: Some(devices),
+                        plan: policy.rollout.clone(),
+                        reason: Some(format!("retraining {}: {}", row.id, row.reason)),
+                        ..RolloutRequest::new(&row.model_name, candidate.version)
+                    },
+                )
+                .await;
+                match created {
+                    Ok(rollout) => {
+                        self.dispatcher_wake.notify_one();
+                        let update = RetrainingUpdate {
+                            candidate_version: Some(candidate.version),
+                            gate: verdict,
+                            rollout_id: Some(rollout.id),
+                            ..RetrainingUpdate::status(
+                                RetrainingStatus::RollingOut,
+                                format!(
+                                    "rolling out v{} (rollout {})",
+                                    candidate.version, rollout.id
+                                ),
+                            )
+                        };
+                        self.store.update_retraining(row.id, &update, now).await?;
+                        info!(
+                            retraining = row.id,
+                            rollout = rollout.id,
+                            version = candidate.version,
+                            "candidate rolling out"
+                        );
+                    }
+                    Err(e) => {
+                        self.end(
+                            row,
+                            RetrainingUpdate::status(
+                                RetrainingStatus::Failed,
+                                format!("cannot roll out v{}: {e}", candidate.version),
+                            ),
+                            true,
+                        )
+                        .await;
+                    }
+                }
+            }
+            RetrainingStatus::RollingOut => {
+                let Some(id) = row.rollout_id else {
+                    return Ok(());
+                };
+                let Some(rollout) = self.store.rollout(id).await? else {
+                    return Ok(());
+                };
+                // Completed once every device has judged the candidate healthy, not merely
+                // activated it: a health window may still roll it back.
+                let judged = rollout
+                    .deployments
+                    .iter()
+                    .all(|d| matches!(d.status.as_str(), "committed" | "superseded"));
+                let ended = match rollout.status {
+                    RolloutStatus::Completed if judged => {
+                        Some((RetrainingStatus::Completed, false))
+                    }
+                    RolloutStatus::Completed => None,
+                    RolloutStatus::Failed | RolloutStatus::Aborted => {
+                        Some((RetrainingStatus::Failed, true))
+                    }
+                    RolloutStatus::InProgress | RolloutStatus::Paused => None,
+                };
+                if let Some((status, alert)) = ended {
+                    let detail = format!(
+                        "rollout {id} {}{}",
+                        rollout.status.as_str(),
+                        rollout.reason.map(|r| format!(": {r}")).unwrap_or_default()
+                    );
+                    self.end(row, RetrainingUpdate::status(status, detail), alert)
+                        .await;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Ends a retraining; an alert is an error in the log and an `retraining.alert` audit
+    /// entry.
+    async fn end(&self, row: &RetrainingRow, update: RetrainingUpdate, alert: bool) {
+        match self
+            .store
+            .update_retraining(row.id, &update, now_ms())
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                warn!(retraining = row.id, error = %e, "cannot record the retraining's end");
+                return;
+            }
+        }
+        let detail = update.detail.clone().unwrap_or_default();
+        if alert {
+            error!(retraining = row.id, model = %row.model_name, status = update.status.as_str(), %detail, "retraining alert");
+            self.audit("retraining.alert", row, Some(detail)).await;
+        } else {
+            info!(retraining = row.id, status = update.status.as_str(), %detail, "retraining ended");
+            self.audit(
+                &format!("retraining.{}", update.status.as_str()),
+                row,
+                Some(detail),
+            )
+            .await;
+        }
+    }
+
+    async fn audit(&self, action: &str, row: &RetrainingRow, detail: Option<String>) {
+        let entry = crate::store::AuditEntry {
+            at_ms: now_ms(),
+            actor: ENGINE.to_string(),
+            action: action.to_string(),
+            target: format!("retraining/{}", row.id),
+            detail,
+        };
+        if let Err(e) = self.store.record_audit(&entry).await {
+            warn!(error = %e, ?entry, "cannot write the audit log");
+        }
+    }
+
+    /// Runs the policy's trainer for a fired retraining.
+    async fn train(
+        &self,
+        policy: &RetrainingPolicy,
+        row: &RetrainingRow,
+        fired: &Fired,
+        shutdown: CancellationToken,
+    ) {
+        let outcome = match &policy.trainer {
+            Trainer::Webhook {
+                url,
+                secret_env,
+                secret_file,
+                headers,
+                retries,
+                timeout_s,
+            } => {
+                let payload = self.payload(policy, row, fired);
+                let secret = webhook_secret(secret_env.as_deref(), secret_file.as_deref());
+                let called = match secret {
+                    Ok(secret) => {
+                        call_webhook(
+                            url,
+                            secret.as_deref(),
+                            headers,
+                            *retries,
+                            *timeout_s,
+                            &payload,
+                        )
+                        .await
+                    }
+                    Err(e) => Err(e),
+                };
+                called
+                    .map(|answer| {
+                        format!("the webhook accepted ({answer}); waiting for the pipeline to publish a candidate")
+                    })
+                    .map_err(|e| RetrainingUpdate::status(RetrainingStatus::Failed, e))
+            }
+            Trainer::Command {
+                program,
+                args,
+                timeout_s,
+            } => {
+                self.run_command(policy, row, fired, program, args, *timeout_s, shutdown)
+                    .await
+            }
+        };
+        match outcome {
+            Ok(detail) => {
+                let update = RetrainingUpdate::status(RetrainingStatus::Training, detail);
+                if let Err(e) = self
+                    .store
+                    .update_retraining(row.id, &update, now_ms())
+                    .await
+                {
+                    warn!(retraining = row.id, error = %e, "cannot record the trainer's result");
+                }
+            }
+            Err(update) => self.end(row, update, true).await,
+        }
+    }
+
+    fn payload(
+        &self,
+        policy: &RetrainingPolicy,
+        row: &RetrainingRow,
+        fired: &Fired,
+    ) -> WebhookPayload {
+        WebhookPayload {
+            event: "retraining".into(),
+            retraining_id: row.id,
+            model: row.model_name.clone(),
+            from_version: row.from_version,
+            reason: row.reason.clone(),
+            drifting_devices: fired.drifting.clone(),
+            dataset: policy.dataset.as_ref().map(|p| p.display().to_string()),
+            dataset_sha256: policy
+                .dataset
+                .as_ref()
+                .and_then(|p| std::fs::read(p).ok())
+                .map(|b| edgeloop_shared::sha256_hex(&b)),
+            controller_url: self.controller_url.clone(),
+        }
+    }
+
+    /// Runs the command trainer and publishes what it wrote through the quality gate.
+    /// Ok: what was published; Err: how the retraining ends.
+    #[allow(clippy::too_many_arguments)]
+    async fn run_command(
+        &self,
+        policy: &RetrainingPolicy,
+        row: &RetrainingRow,
+        fired: &Fired,
+        program: &Path,
+        args: &[String],
+        timeout_s: u64,
+        shutdown: CancellationToken,
+    ) -> Result<String, RetrainingUpdate> {
+        let failed = |m: String| RetrainingUpdate::status(RetrainingStatus::Failed, m);
+        let dir = self.data_dir.join("retrainings").join(row.id.to_string());
+        let output = dir.join("output");
+        std::fs::create_dir_all(&output)
+            .map_err(|e| failed(format!("cannot create {}: {e}", output.display())))?;
+        let log_path = dir.join("trainer.log");
+        let log = std::fs::File::create(&log_path)
+            .map_err(|e| failed(format!("cannot create {}: {e}", log_path.display())))?;
+        let log_err = log
+            .try_clone()
+            .map_err(|e| failed(format!("{}: {e}", log_path.display())))?;
+        let mut command = tokio::process::Command::new(program);
+        command
+            .args(args)
+            .env("EDGELOOP_RETRAINING_ID", row.id.to_string())
+            .env("EDGELOOP_MODEL", &row.model_name)
+            .env("EDGELOOP_FROM_VERSION", row.from_version.to_string())
+            .env("EDGELOOP_REASON", &row.reason)
+            .env("EDGELOOP_DRIFTING_DEVICES", fired.drifting.join(","))
+            .env("EDGELOOP_OUTPUT_DIR", &output)
+            .stdin(std::process::Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .kill_on_drop(true);
+        if let Some(dataset) = &policy.dataset {
+            command.env("EDGELOOP_DATASET", dataset);
+        }
+        let mut child = command
+            .spawn()
+            .map_err(|e| failed(format!("cannot start {}: {e}", program.display())))?;
+        let status = tokio::select! {
+            status = child.wait() => status.map_err(|e| failed(format!("waiting for the trainer: {e}")))?,
+            _ = tokio::time::sleep(Duration::from_secs(timeout_s)) => {
+                let _ = child.kill().await;
+                return Err(failed(format!(
+                    "the trainer ran past timeout_s ({timeout_s} s) and was killed; log: {}",
+                    log_path.display()
+                )));
+            }
+            _ = shutdown.cancelled() => {
+                let _ = child.kill().await;
+                return Err(failed("the controller stopped during training".into()));
+            }
+        };
+        if !status.success() {
+            let tail = std::fs::read_to_string(&log_path)
+                .ok()
+                .and_then(|l| l.lines().last().map(str::to_string))
+                .unwrap_or_default();
+            return Err(failed(format!(
+                "the trainer exited with {status}: {tail} (log: {})",
+                log_path.display()
+            )));
+        }
+        self.register(policy, row, &output, &log_path).await
+    }
+
+    /// Publishes the command trainer's candidate, gated.
+    async fn register(
+        &self,
+        policy: &RetrainingPolicy,
+        row: &RetrainingRow,
+        output: &Path,
+        log_path: &Path,
+    ) -> Result<String, RetrainingUpdate> {
+        let failed = |m: String| RetrainingUpdate::status(RetrainingStatus::Failed, m);
+        let model_path = output.join("model.onnx");
+        let reference = output.join("reference.csv");
+        let onnx = std::fs::read(&model_path).map_err(|e| {
+            failed(format!(
+                "the trainer left no {}: {e} (log: {})",
+                model_path.display(),
+                log_path.display()
+            ))
+        })?;
+        if !reference.exists() {
+            return Err(failed(format!(
+                "the trainer left no {} (log: {})",
+                reference.display(),
+                log_path.display()
+            )));
+        }
+        let (_, current) = registry::open_published(
+            self.store.as_ref(),
+            &self.artifacts,
+            &self.key,
+            &row.model_name,
+            row.from_version,
+        )
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+        let newest = self
+            .store
+            .models()
+            .await
+            .map_err(|e| failed(e.to_string()))?
+            .iter()
+            .filter(|m| m.name == row.model_name)
+            .map(|m| m.version)
+            .max()
+            .unwrap_or(row.from_version);
+        let holdout = policy
+            .holdout
+            .as_deref()
+            .expect("validated: command trainers have one");
+        let published = registry::publish(
+            self.store.as_ref(),
+            &self.artifacts,
+            &self.key,
+            PublishRequest {
+                name: &row.model_name,
+                version: newest + 1,
+                label: Some(format!("retraining {}", row.id)),
+                onnx: &onnx,
+                reference_csv: &reference,
+                label_column: None,
+                class_labels: current.manifest.outputs[0].names.clone(),
+                created_ms: now_ms(),
+                requirements: current.manifest.requirements.clone(),
+                lineage: Some(edgeloop_shared::bundle::Lineage {
+                    parent_version: Some(row.from_version),
+                    training_data_sha256: policy
+                        .dataset
+                        .as_ref()
+                        .and_then(|p| std::fs::read(p).ok())
+                        .map(|b| edgeloop_shared::sha256_hex(&b)),
+                    ..Default::default()
+                }),
+                gate: Some(QualityGate {
+                    holdout,
+                    policy: policy.gate.clone(),
+                    against: Some(row.from_version),
+                }),
+            },
+        )
+        .await;
+        match published {
+            Ok(model) => Ok(format!(
+                "published v{}: quality gate {}",
+                model.version,
+                model
+                    .lineage
+                    .and_then(|l| l.gates.get("quality").cloned())
+                    .unwrap_or_default()
+            )),
+            Err(PublishError::GateFailed(report)) => Err(RetrainingUpdate {
+                gate: Some(report.summary()),
+                ..RetrainingUpdate::status(
+                    RetrainingStatus::Rejected,
+                    format!(
+                        "the candidate failed the quality gate: {}",
+                        report.summary()
+                    ),
+                )
+            }),
+            Err(e) => Err(failed(format!("cannot publish the candidate: {e}"))),
+        }
+    }
+}
+
+/// The webhook's HMAC key, read when the retraining fires (so a rotated secret is used).
+fn webhook_secret(env: Option<&str>, file: Option<&Path>) -> Result<Option<String>, String> {
+    if let Some(var) = env {
+        return std::env::var(var).map(Some).map_err(|_| {
+            format!("the webhook's secret_env {var} is not set in the controller's environment")
+        });
+    }
+    if let Some(path) = file {
+        return std::fs::read_to_string(path)
+            .map(|s| Some(s.trim_end().to_string()))
+            .map_err(|e| format!("the webhook's secret_file {}: {e}", path.display()));
+    }
+    Ok(None)
+}
+
+/// POSTs the payload, retrying what may pass on a second try. Ok: the answer's status.
+async fn call_webhook(
+    url: &str,
+    secret: Option<&str>,
+    headers: &BTreeMap<String, String>,
+    retries: u32,
+    timeout_s: u64,
+    payload: &WebhookPayload,
+) -> Result<String, String> {
+    let body = serde_json::to_vec(payload).expect("the payload serializes");
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(timeout_s))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut last = String::new();
+    for attempt in 0..=retries {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_secs(1 << (attempt - 1).min(6))).await;
+        }
+        let mut request = client
+            .post(url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body.clone());
+        if let Some(secret) = &secret {
+            request = request.header(SIGNATURE_HEADER, signature(secret.as_bytes(), &body));
+        }
+        for (name, value) in headers {
+            request = request.header(name, value);
+        }
+        match request.send().await {
+            Ok(response) if response.status().is_success() => {
+                return Ok(format!("HTTP {}", response.status().as_u16()));
+            }
+            Ok(response) => {
+                let status = response.status();
+                let text = response.text().await.unwrap_or_default();
+                last = format!(
+                    "HTTP {}: {}",
+                    status.as_u16(),
+                    text.chars().take(200).collect::<String>()
+                );
+                let retryable = status.is_server_error()
+                    || status == reqwest::StatusCode::REQUEST_TIMEOUT
+                    || status == reqwest::StatusCode::TOO_MANY_REQUESTS;
+                if !retryable {
+                    return Err(format!("the webhook {url} refused the retraining: {last}"));
+                }
+            }
+            Err(e) => last = e.to_string(),
+        }
+        warn!(%url, attempt, error = %last, "webhook attempt failed");
+    }
+    Err(format!(
+        "the webhook {url} failed {} times; last: {last}",
+        retries + 1
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> RetrainingPolicy {
+        RetrainingPolicy {
+            min_devices: 2,
+            ..toml::from_str(
+                "model = \"m\"\ntrainer = { kind = \"webhook\", url = \"http://127.0.0.1:1/\" }\n",
+            )
+            .unwrap()
+        }
+    }
+
+    fn w(device: &str, version: u64, end: u64, psi: f64) -> WindowPoint {
+        WindowPoint {
+            device_id: device.into(),
+            model_version: version,
+            window_end_ms: end,
+            psi_max: psi,
+        }
+    }
+
+    #[test]
+    fn drift_on_enough_devices_for_enough_windows_fires_once_per_evidence() {
+        let p = policy();
+        // a and b drift in both newest windows, c only in one: 2 of 3 devices.
+        let windows = [
+            w("a", 1, 2, 0.5),
+            w("a", 1, 1, 0.3),
+            w("b", 1, 2, 0.9),
+            w("b", 1, 1, 0.4),
+            w("c", 1, 2, 0.9),
+            w("c", 1, 1, 0.1),
+        ];
+        let fired = p.evaluate(&windows).unwrap();
+        assert_eq!(fired.version, 1);
+        assert_eq!(fired.drifting, ["a", "b"]);
+        assert_eq!(fired.reporting, 3);
+        assert!(
+            fired.reason.starts_with("2 of 3 devices on v1 drifted"),
+            "{}",
+            fired.reason
+        );
+        assert!(fired.reason.contains("worst 0.900"), "{}", fired.reason);
+        // One device is not enough; one drifting window is not enough.
+        assert_eq!(
+            p.evaluate(
+                &windows[..4]
+                    .iter()
+                    .filter(|x| x.device_id == "a")
+                    .cloned()
+                    .collect::<Vec<_>>()
+            ),
+            None
+        );
+        assert_eq!(p.evaluate(&[w("a", 1, 2, 0.9), w("b", 1, 2, 0.9)]), None);
+        // Windows of an older version do not count for a device's current one.
+        assert_eq!(
+            p.evaluate(&[
+                w("a", 2, 3, 0.9),
+                w("a", 1, 2, 0.9),
+                w("b", 2, 3, 0.9),
+                w("b", 1, 2, 0.9)
+            ]),
+            None
+        );
+        // The share: 2 drifting of 5 reporting is below 0.5.
+        let mut five = windows.to_vec();
+        five.extend([
+            w("d", 1, 2, 0.0),
+            w("d", 1, 1, 0.0),
+            w("e", 1, 2, 0.0),
+            w("e", 1, 1, 0.0),
+        ]);
+        assert_eq!(p.evaluate(&five), None);
+    }
+
+    #[test]
+    fn invalid_policies_name_the_field() {
+        let cases = [
+            (
+                "model = \"m\"\npsi_threshold = 0\ntrainer = { kind = \"webhook\", url = \"http://x\" }",
+                "psi_threshold",
+            ),
+            (
+                "model = \"m\"\nmin_share = 2\ntrainer = { kind = \"webhook\", url = \"http://x\" }",
+                "min_share",
+            ),
+            (
+                "model = \"m\"\ntrainer = { kind = \"webhook\", url = \"ftp://x\" }",
+                "trainer.url",
+            ),
+            (
+                "model = \"m\"\ntrainer = { kind = \"command\", program = \"/bin/true\" }",
+                "holdout",
+            ),
+            (
+                "model = \"m\"\nrollout = { waves = [\"50%\"] }\ntrainer = { kind = \"webhook\", url = \"http://x\" }",
+                "rollout: invalid rollout plan: waves",
+            ),
+            (
+                "model = \"m\"\ngate = { parity = 3 }\ntrainer = { kind = \"webhook\", url = \"http://x\" }",
+                "gate: invalid gate policy: parity",
+            ),
+        ];
+        for (toml_text, field) in cases {
+            let p: RetrainingPolicy = toml::from_str(toml_text).unwrap();
+            let err = p.validate().unwrap_err();
+            assert!(err.starts_with(field), "{err} should start with {field}");
+        }
+        let err = toml::from_str::<RetrainingPolicy>(
+            "model = \"m\"\ntrainer = { kind = \"webhook\", url = \"http://x\", retry = 3 }",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("retry"), "{err}");
+        policy().validate().unwrap();
+    }
+
+    #[test]
+    fn the_webhook_signature_is_hmac_sha256_of_the_body() {
+        // RFC 4231 test case 2.
+        assert_eq!(
+            signature(b"Jefe", b"what do ya want for nothing?"),
+            "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+    }
+}

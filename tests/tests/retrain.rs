@@ -1,0 +1,532 @@
+//! The closed loop: a fleet of real agents, a covariate shift injected at t0, and nothing
+//! else. The retraining policy sees the drift, fires one retraining, the trainer's candidate
+//! passes the quality gate, waves roll it out, drift falls and accuracy recovers — with no
+//! operator action. Also: no false alarm without a shift, and a webhook trainer that is
+//! retried, signed and alerted on.
+//!
+//! The trainer here is a shell script that hands over the model the example pipeline trained
+//! on the shifted regime (`model_v2.onnx`): the trainer is an external program by design, and
+//! the script stands in for it at that seam. Everything around it is the real controller.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use edgeloop_agent::now_ms;
+use edgeloop_agent::runtime::Plan;
+use edgeloop_agent::source::{ShiftControl, VibrationGenerator};
+use edgeloop_controller::demo::{MODEL_V1, MODEL_V2, REFERENCE_V2};
+use edgeloop_controller::registry::{PublishRequest, QualityGate};
+use edgeloop_controller::retrain::{RetrainingPolicy, SIGNATURE_HEADER, signature};
+use edgeloop_tests::{BrokerChoice, TestAgent, TestController, on_both_brokers, wait_until};
+use serde_json::Value;
+
+const HOLDOUT_V2: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../controller/assets/vibration/holdout_v2.csv"
+);
+const WAIT: Duration = Duration::from_secs(90);
+
+/// A policy from TOML, as an operator writes it.
+fn policy(toml_text: &str) -> RetrainingPolicy {
+    let p: RetrainingPolicy = toml::from_str(toml_text).unwrap();
+    p.validate().unwrap();
+    p
+}
+
+async fn start(broker: BrokerChoice, policy: RetrainingPolicy) -> Option<TestController> {
+    TestController::start_with(broker, move |c| {
+        c.retraining_check_s = 1;
+        c.retraining = vec![policy];
+    })
+    .await
+}
+
+/// `n` agents named `{prefix}-00`…: each test its own prefix, because tests run at once
+/// against the one external broker, where a device id is an MQTT client id.
+fn spawn_fleet(
+    ctl: &TestController,
+    prefix: &str,
+    n: usize,
+    window: u64,
+    rate_hz: f64,
+) -> Vec<TestAgent> {
+    (0..n)
+        .map(|i| {
+            let mut config = ctl.agent_config(&format!("{prefix}-{i:02}"), window);
+            config.source.rate_hz = rate_hz;
+            config.source.seed = i as u64;
+            config.health.window_s = 4;
+            // Far above window noise, far below a model fed the other regime (PSI ~10).
+            config.health.max_psi = 0.5;
+            ctl.spawn_agent_with(config)
+        })
+        .collect()
+}
+
+/// Waits for the devices to register, then puts them all on v1.
+async fn on_v1(ctl: &TestController, n: usize) {
+    wait_until(&format!("{n} devices register"), WAIT, || async {
+        ctl.get("/api/v1/devices").await.as_array().unwrap().len() == n
+    })
+    .await;
+    ctl.publish_example(1).await;
+    ctl.controller.rollout("vibration", 1, None).await.unwrap();
+}
+
+async fn every_device_on(ctl: &TestController, n: usize, version: u64) {
+    wait_until(&format!("{n} devices on v{version}"), WAIT, || async {
+        let devices = ctl.get("/api/v1/devices").await;
+        let devices = devices.as_array().unwrap();
+        devices.len() == n
+            && devices
+                .iter()
+                .all(|d| d["online"] == true && d["model_version"] == version)
+    })
+    .await;
+}
+
+async fn retrainings(ctl: &TestController) -> Vec<Value> {
+    ctl.get("/api/v1/retrainings?limit=100")
+        .await
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// A trainer script that records each call and writes the model trained on the shifted
+/// regime.
+fn trainer_script(dir: &Path) -> (PathBuf, PathBuf) {
+    let model = dir.join("trained.onnx");
+    let reference = dir.join("trained-reference.csv");
+    std::fs::write(&model, MODEL_V2).unwrap();
+    std::fs::write(&reference, REFERENCE_V2).unwrap();
+    let calls = dir.join("trainer-calls.txt");
+    let script = dir.join("train.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nset -e\necho \"$EDGELOOP_RETRAINING_ID $EDGELOOP_MODEL $EDGELOOP_FROM_VERSION\" >> '{}'\necho training on the drifting devices: $EDGELOOP_DRIFTING_DEVICES\ncp '{}' \"$EDGELOOP_OUTPUT_DIR/model.onnx\"\ncp '{}' \"$EDGELOOP_OUTPUT_DIR/reference.csv\"\n",
+            calls.display(),
+            model.display(),
+            reference.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    (script, calls)
+}
+
+/// Accuracy of `onnx` on `n` rows from the same generator the devices read, at `shift`.
+fn accuracy(onnx: &[u8], shift: f32, n: usize) -> f64 {
+    let plan = Plan::compile(onnx, 4).unwrap();
+    let control = ShiftControl::default();
+    control.set(shift);
+    let mut generator = VibrationGenerator::new(12345, control);
+    let names: Vec<String> = ["rms", "peak", "kurtosis", "temperature"]
+        .map(String::from)
+        .to_vec();
+    let hits = (0..n)
+        .filter(|_| {
+            let (row, label) = generator.labelled_row();
+            plan.infer(&row, &names).unwrap().class == label
+        })
+        .count();
+    hits as f64 / n as f64
+}
+
+async fn a_covariate_shift_closes_the_loop_with_no_operator(broker: BrokerChoice) {
+    const DEVICES: usize = 20;
+    const WINDOW: u64 = 200;
+    const RATE_HZ: f64 = 100.0;
+    let window_ms = WINDOW as f64 / RATE_HZ * 1000.0;
+    let scratch = tempfile::tempdir().unwrap();
+    let (script, calls) = trainer_script(scratch.path());
+    let policy = policy(&format!(
+        r#"
+model = "vibration"
+psi_threshold = 0.25
+consecutive_windows = 2
+min_devices = 5
+min_share = 0.5
+holdout = "{HOLDOUT_V2}"
+rollout = {{ waves = ["1", "25%", "100%"], failure_threshold = 0.2 }}
+trainer = {{ kind = "command", program = "{}", timeout_s = 60 }}
+"#,
+        script.display()
+    ));
+    let Some(ctl) = start(broker, policy).await else {
+        eprintln!("skipped: {} is not set", edgeloop_tests::MQTT_URL_VAR);
+        return;
+    };
+    let agents = spawn_fleet(&ctl, "loop", DEVICES, WINDOW, RATE_HZ);
+    on_v1(&ctl, agents.len()).await;
+    every_device_on(&ctl, DEVICES, 1).await;
+    // Before the shift: windows flow and nothing fires.
+    tokio::time::sleep(Duration::from_millis(3 * window_ms as u64)).await;
+    assert!(retrainings(&ctl).await.is_empty(), "fired before the shift");
+
+    let t0 = now_ms();
+    for agent in &agents {
+        agent.shift.set(1.0);
+    }
+    wait_until("a retraining fires", WAIT, || async {
+        !retrainings(&ctl).await.is_empty()
+    })
+    .await;
+    let fired = retrainings(&ctl).await[0].clone();
+    let detected_windows = (fired["fired_ms"].as_u64().unwrap() - t0) as f64 / window_ms;
+    assert_eq!(fired["from_version"], 1, "{fired}");
+    assert!(
+        fired["reason"]
+            .as_str()
+            .unwrap()
+            .contains("devices on v1 drifted"),
+        "{fired}"
+    );
+    // Two windows wholly after the shift, plus the one it fell in, plus the check interval.
+    assert!(
+        detected_windows <= 3.0 + 1000.0 / window_ms,
+        "detected {detected_windows:.1} windows after the shift"
+    );
+
+    wait_until("the retraining completes", WAIT, || async {
+        retrainings(&ctl).await[0]["status"] == "completed"
+    })
+    .await;
+    let done = retrainings(&ctl).await[0].clone();
+    let completed_windows = (now_ms() - t0) as f64 / window_ms;
+    assert_eq!(done["candidate_version"], 2, "{done}");
+    assert!(
+        done["gate"]
+            .as_str()
+            .unwrap()
+            .starts_with("passed: accuracy"),
+        "{done}"
+    );
+    let rollout = ctl
+        .get(&format!("/api/v1/rollouts/{}", done["rollout_id"]))
+        .await;
+    assert_eq!(rollout["status"], "completed", "{rollout}");
+    assert_eq!(rollout["plan"]["waves"].as_array().unwrap().len(), 3);
+    every_device_on(&ctl, DEVICES, 2).await;
+
+    // Drift falls: every device's newest window on v2 is calm again.
+    wait_until("drift falls on v2", WAIT, || async {
+        ctl.get("/api/v1/devices")
+            .await
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["model_version"] == 2 && d["last_psi_max"].as_f64().unwrap_or(9.0) < 0.25)
+    })
+    .await;
+    let recovered_windows = (now_ms() - t0) as f64 / window_ms;
+
+    // Accuracy: v1 on the old regime, v1 after the shift, the deployed v2 after it.
+    let bundle = ctl
+        .http
+        .get(ctl.url("/artifacts/vibration/2"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let trusted =
+        edgeloop_shared::signing::TrustedKeys::new([ctl.controller.signing_key().public().clone()]);
+    let deployed = edgeloop_shared::bundle::verify(&bundle, &trusted, &Default::default())
+        .unwrap()
+        .model;
+    let before = accuracy(MODEL_V1, 0.0, 3000);
+    let decayed = accuracy(MODEL_V1, 1.0, 3000);
+    let after = accuracy(&deployed, 1.0, 3000);
+    assert!(
+        decayed < before - 0.05,
+        "the shift hurts v1: {before} → {decayed}"
+    );
+    assert!(
+        after >= before - 0.02,
+        "accuracy recovers within 2 points: {before:.3} before, {after:.3} after"
+    );
+
+    // Exactly one retraining, one trainer run, and nobody but the controller acted.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(retrainings(&ctl).await.len(), 1);
+    let runs = std::fs::read_to_string(&calls).unwrap();
+    assert_eq!(runs.lines().count(), 1, "{runs}");
+    let audit = ctl.get("/api/v1/audit?limit=100").await;
+    for entry in audit.as_array().unwrap() {
+        assert_eq!(entry["actor"], "controller", "{entry}");
+    }
+    eprintln!(
+        "closed loop ({DEVICES} devices, {window_ms} ms windows): detected after {detected_windows:.1} windows, \
+         retraining completed after {completed_windows:.1}, drift recovered after {recovered_windows:.1}; \
+         accuracy {before:.3} before the shift, {decayed:.3} after it, {after:.3} on the new model"
+    );
+    for agent in agents {
+        agent.stop().await;
+    }
+    ctl.stop().await;
+}
+on_both_brokers!(a_covariate_shift_closes_the_loop_with_no_operator);
+
+async fn a_fleet_without_a_shift_fires_nothing_in_fifty_windows(broker: BrokerChoice) {
+    const DEVICES: usize = 5;
+    const WINDOW: u64 = 400;
+    let scratch = tempfile::tempdir().unwrap();
+    let (script, calls) = trainer_script(scratch.path());
+    // More sensitive than the closed-loop policy: one device is enough.
+    let policy = policy(&format!(
+        r#"
+model = "vibration"
+psi_threshold = 0.25
+consecutive_windows = 2
+min_devices = 1
+min_share = 0.2
+holdout = "{HOLDOUT_V2}"
+trainer = {{ kind = "command", program = "{}" }}
+"#,
+        script.display()
+    ));
+    let Some(ctl) = start(broker, policy).await else {
+        eprintln!("skipped: {} is not set", edgeloop_tests::MQTT_URL_VAR);
+        return;
+    };
+    let agents = spawn_fleet(&ctl, "calm", DEVICES, WINDOW, 500.0);
+    on_v1(&ctl, agents.len()).await;
+    every_device_on(&ctl, DEVICES, 1).await;
+    for i in 0..DEVICES {
+        let device = format!("calm-{i:02}");
+        wait_until(&format!("{device} sends 50 windows"), WAIT, || async {
+            ctl.get(&format!("/api/v1/devices/{device}/telemetry?limit=100"))
+                .await
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|w| w["model_version"] == 1)
+                .count()
+                >= 50
+        })
+        .await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(retrainings(&ctl).await, Vec::<Value>::new());
+    assert!(!calls.exists(), "the trainer never ran");
+    for agent in agents {
+        agent.stop().await;
+    }
+    ctl.stop().await;
+}
+on_both_brokers!(a_fleet_without_a_shift_fires_nothing_in_fifty_windows);
+
+/// What a pipeline's webhook endpoint received.
+#[derive(Default)]
+struct Hook {
+    calls: Vec<(Option<String>, Vec<u8>)>,
+    /// Answers to give, in order; 200 once they run out.
+    answers: Vec<u16>,
+}
+
+async fn serve_hook(hook: Arc<Mutex<Hook>>) -> String {
+    use axum::http::{HeaderMap, StatusCode};
+    let app = axum::Router::new().route(
+        "/hooks/retrain",
+        axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
+            let hook = hook.clone();
+            async move {
+                let mut h = hook.lock().unwrap();
+                let signed = headers
+                    .get(SIGNATURE_HEADER)
+                    .map(|v| v.to_str().unwrap().to_string());
+                h.calls.push((signed, body.to_vec()));
+                let code = if h.answers.is_empty() {
+                    200
+                } else {
+                    h.answers.remove(0)
+                };
+                StatusCode::from_u16(code).unwrap()
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}/hooks/retrain")
+}
+
+async fn a_webhook_trainer_is_signed_retried_and_alerted_on(broker: BrokerChoice) {
+    let scratch = tempfile::tempdir().unwrap();
+    let secret = scratch.path().join("webhook.key");
+    std::fs::write(&secret, "s3cret\n").unwrap();
+    let hook = Arc::new(Mutex::new(Hook {
+        answers: vec![503, 502],
+        ..Hook::default()
+    }));
+    let url = serve_hook(hook.clone()).await;
+    let policy = policy(&format!(
+        r#"
+model = "vibration"
+consecutive_windows = 1
+min_devices = 2
+cooldown_s = 1
+trainer = {{ kind = "webhook", url = "{url}", secret_file = "{}", retries = 3 }}
+"#,
+        secret.display()
+    ));
+    let Some(ctl) = start(broker, policy).await else {
+        eprintln!("skipped: {} is not set", edgeloop_tests::MQTT_URL_VAR);
+        return;
+    };
+    let agents = spawn_fleet(&ctl, "hook", 2, 400, 400.0);
+    on_v1(&ctl, agents.len()).await;
+    every_device_on(&ctl, 2, 1).await;
+    for agent in &agents {
+        agent.shift.set(1.0);
+    }
+
+    // Two 5xx answers, then the pipeline accepts: signed, with the evidence.
+    wait_until("the webhook accepts", WAIT, || async {
+        retrainings(&ctl).await.first().is_some_and(|r| {
+            r["detail"]
+                .as_str()
+                .is_some_and(|d| d.starts_with("the webhook accepted (HTTP 200)"))
+        })
+    })
+    .await;
+    let (signed, body) = {
+        let h = hook.lock().unwrap();
+        assert_eq!(h.calls.len(), 3, "retried twice");
+        h.calls[2].clone()
+    };
+    assert_eq!(
+        signed.as_deref(),
+        Some(signature(b"s3cret", &body).as_str())
+    );
+    let payload: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(payload["model"], "vibration");
+    assert_eq!(payload["from_version"], 1);
+    assert_eq!(payload["drifting_devices"].as_array().unwrap().len(), 2);
+
+    // The pipeline publishes its candidate through the gate: the controller rolls it out.
+    let reference = ctl.dir.path().join("pipeline-reference.csv");
+    std::fs::write(&reference, REFERENCE_V2).unwrap();
+    ctl.controller
+        .publish(PublishRequest {
+            name: "vibration",
+            version: 2,
+            label: Some("from the pipeline".into()),
+            onnx: MODEL_V2,
+            reference_csv: &reference,
+            label_column: None,
+            class_labels: vec!["normal".into(), "fault".into()],
+            created_ms: now_ms(),
+            requirements: Default::default(),
+            lineage: None,
+            gate: Some(QualityGate {
+                holdout: Path::new(HOLDOUT_V2),
+                policy: Default::default(),
+                against: None,
+            }),
+        })
+        .await
+        .unwrap();
+    wait_until("the pipeline's candidate is rolled out", WAIT, || async {
+        retrainings(&ctl).await[0]["status"] == "completed"
+    })
+    .await;
+    every_device_on(&ctl, 2, 2).await;
+
+    // v2 drifts too when the machines shift back; this time the pipeline is down for good.
+    hook.lock().unwrap().answers = vec![500; 10];
+    for agent in &agents {
+        agent.shift.set(0.0);
+    }
+    wait_until("the second retraining fails", WAIT, || async {
+        let rows = retrainings(&ctl).await;
+        rows.len() == 2 && rows[0]["status"] == "failed"
+    })
+    .await;
+    let failed = retrainings(&ctl).await[0].clone();
+    assert!(
+        failed["detail"]
+            .as_str()
+            .unwrap()
+            .contains("failed 4 times; last: HTTP 500"),
+        "{failed}"
+    );
+    let audit = ctl.get("/api/v1/audit?limit=100").await;
+    assert!(
+        audit
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "retraining.alert"
+                && e["target"] == format!("retraining/{}", failed["id"])),
+        "{audit}"
+    );
+    for agent in agents {
+        agent.stop().await;
+    }
+    ctl.stop().await;
+}
+on_both_brokers!(a_webhook_trainer_is_signed_retried_and_alerted_on);
+
+async fn a_trainer_that_writes_an_invalid_model_ends_the_retraining_cleanly(broker: BrokerChoice) {
+    let scratch = tempfile::tempdir().unwrap();
+    let script = scratch.path().join("bad-train.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho 'not a model' > \"$EDGELOOP_OUTPUT_DIR/model.onnx\"\ncp '{HOLDOUT_V2}' \"$EDGELOOP_OUTPUT_DIR/reference.csv\"\n"
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let policy = policy(&format!(
+        r#"
+model = "vibration"
+consecutive_windows = 1
+holdout = "{HOLDOUT_V2}"
+trainer = {{ kind = "command", program = "{}" }}
+"#,
+        script.display()
+    ));
+    let Some(ctl) = start(broker, policy).await else {
+        eprintln!("skipped: {} is not set", edgeloop_tests::MQTT_URL_VAR);
+        return;
+    };
+    let agents = spawn_fleet(&ctl, "bad", 1, 400, 400.0);
+    on_v1(&ctl, agents.len()).await;
+    every_device_on(&ctl, 1, 1).await;
+    agents[0].shift.set(1.0);
+    wait_until("the retraining fails", WAIT, || async {
+        retrainings(&ctl)
+            .await
+            .first()
+            .is_some_and(|r| r["status"] == "failed")
+    })
+    .await;
+    let failed = retrainings(&ctl).await[0].clone();
+    assert!(
+        failed["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("cannot publish the candidate: the model does not run with tract"),
+        "{failed}"
+    );
+    let models = ctl.get("/api/v1/models").await;
+    assert_eq!(
+        models.as_array().unwrap().len(),
+        1,
+        "nothing published: {models}"
+    );
+    assert_eq!(ctl.device("bad-00").await.unwrap()["model_version"], 1);
+    for agent in agents {
+        agent.stop().await;
+    }
+    ctl.stop().await;
+}
+on_both_brokers!(a_trainer_that_writes_an_invalid_model_ends_the_retraining_cleanly);
