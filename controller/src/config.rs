@@ -164,6 +164,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_readmes_retraining_policy_is_valid_and_a_bad_one_is_named() {
+        let readme = include_str!("../../README.md");
+        let section = &readme[readme
+            .find("## Retraining: the loop closes itself")
+            .expect("the README has the section")..];
+        let start = section.find("```toml\n").unwrap() + "```toml\n".len();
+        let end = start + section[start..].find("```").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, &section[start..end]).unwrap();
+        let config = ControllerConfig::load(Some(&path)).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.retraining.len(), 1);
+        assert_eq!(config.retraining[0].min_devices, 3);
+        std::fs::write(
+            &path,
+            section[start..end].replace("min_share = 0.5", "min_share = 5"),
+        )
+        .unwrap();
+        let err = ControllerConfig::load(Some(&path))
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("policy 0 (vibration): min_share"), "{err}");
+    }
+
+    #[test]
     fn defaults_are_valid_and_a_file_overrides_them() {
         ControllerConfig::default().validate().unwrap();
         let dir = tempfile::tempdir().unwrap();

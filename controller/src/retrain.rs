@@ -45,6 +45,9 @@ pub enum Trainer {
         /// Extra headers (for example `Authorization`).
         #[serde(default)]
         headers: BTreeMap<String, String>,
+        /// How the body wraps the payload, for the receiving API.
+        #[serde(default)]
+        format: WebhookFormat,
         /// Attempts after the first, with doubling waits from 1 s, on 5xx, 408, 429 and
         /// network errors.
         #[serde(default = "Trainer::default_retries")]
@@ -72,6 +75,39 @@ impl Trainer {
     }
     fn default_command_timeout_s() -> u64 {
         3600
+    }
+}
+
+/// The shape of a webhook's body.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WebhookFormat {
+    /// The [`WebhookPayload`] itself.
+    #[default]
+    Plain,
+    /// Airflow's REST API, `POST /api/v1/dags/{dag_id}/dagRuns`:
+    /// `{"dag_run_id": "edgeloop-retraining-<id>", "conf": payload}`.
+    Airflow,
+    /// GitHub's `POST /repos/{owner}/{repo}/dispatches`:
+    /// `{"event_type": "edgeloop-retraining", "client_payload": payload}`.
+    Github,
+}
+
+impl WebhookFormat {
+    /// The request body for `payload`.
+    pub fn body(self, payload: &WebhookPayload) -> Vec<u8> {
+        let value = match self {
+            WebhookFormat::Plain => serde_json::to_value(payload),
+            WebhookFormat::Airflow => Ok(serde_json::json!({
+                "dag_run_id": format!("edgeloop-retraining-{}", payload.retraining_id),
+                "conf": payload,
+            })),
+            WebhookFormat::Github => Ok(serde_json::json!({
+                "event_type": "edgeloop-retraining",
+                "client_payload": payload,
+            })),
+        };
+        serde_json::to_vec(&value.expect("the payload serializes")).expect("JSON serializes")
     }
 }
 
@@ -615,22 +651,16 @@ impl Retrainer {
                 secret_env,
                 secret_file,
                 headers,
+                format,
                 retries,
                 timeout_s,
             } => {
-                let payload = self.payload(policy, row, fired);
+                let body = format.body(&self.payload(policy, row, fired));
                 let secret = webhook_secret(secret_env.as_deref(), secret_file.as_deref());
                 let called = match secret {
                     Ok(secret) => {
-                        call_webhook(
-                            url,
-                            secret.as_deref(),
-                            headers,
-                            *retries,
-                            *timeout_s,
-                            &payload,
-                        )
-                        .await
+                        call_webhook(url, secret.as_deref(), headers, *retries, *timeout_s, body)
+                            .await
                     }
                     Err(e) => Err(e),
                 };
@@ -882,9 +912,8 @@ async fn call_webhook(
     headers: &BTreeMap<String, String>,
     retries: u32,
     timeout_s: u64,
-    payload: &WebhookPayload,
+    body: Vec<u8>,
 ) -> Result<String, String> {
-    let body = serde_json::to_vec(payload).expect("the payload serializes");
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(timeout_s))
         .build()
@@ -1050,6 +1079,33 @@ mod tests {
         .unwrap_err();
         assert!(err.to_string().contains("retry"), "{err}");
         policy().validate().unwrap();
+    }
+
+    #[test]
+    fn webhook_bodies_fit_airflow_and_github() {
+        let payload = WebhookPayload {
+            event: "retraining".into(),
+            retraining_id: 7,
+            model: "m".into(),
+            from_version: 1,
+            reason: "drift".into(),
+            drifting_devices: vec!["a".into()],
+            dataset: None,
+            dataset_sha256: None,
+            controller_url: "http://c".into(),
+        };
+        let parse = |f: WebhookFormat| -> serde_json::Value {
+            serde_json::from_slice(&f.body(&payload)).unwrap()
+        };
+        assert_eq!(parse(WebhookFormat::Plain)["retraining_id"], 7);
+        let airflow = parse(WebhookFormat::Airflow);
+        assert_eq!(airflow["dag_run_id"], "edgeloop-retraining-7");
+        assert_eq!(airflow["conf"]["model"], "m");
+        let github = parse(WebhookFormat::Github);
+        assert_eq!(github["event_type"], "edgeloop-retraining");
+        assert_eq!(github["client_payload"]["from_version"], 1);
+        // GitHub allows at most 10 top-level keys in client_payload.
+        assert!(github["client_payload"].as_object().unwrap().len() <= 10);
     }
 
     #[test]
