@@ -18,6 +18,7 @@ pub mod retrain;
 pub mod rollout;
 pub mod server;
 pub mod store;
+pub mod trainer;
 pub mod trust;
 
 /// `http://` / `mqtt://` host for a listening address: a wildcard address is reached on

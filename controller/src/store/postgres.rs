@@ -450,7 +450,7 @@ async fn refresh_rollout_status(tx: &impl GenericClient, rollout_id: u64) -> Res
                 "SELECT COUNT(*),
                         COALESCE(SUM(CASE WHEN status IN ({RUNNING_STATES_SQL}) THEN 1 ELSE 0 END), 0),
                         COALESCE(SUM(CASE WHEN status IN ({FINAL_STATES_SQL}) THEN 1 ELSE 0 END), 0),
-                        (SELECT failure_gated FROM rollouts WHERE id = $1)
+                        COALESCE((SELECT failure_gated FROM rollouts WHERE id = $1), FALSE)
                  FROM deployments WHERE rollout_id = $1"
             ),
             &[&i(rollout_id)],

@@ -445,7 +445,7 @@ fn refresh_rollout_status(tx: &Transaction<'_>, rollout_id: u64) -> Result<()> {
             "SELECT COUNT(*),
                     COALESCE(SUM(status IN ({RUNNING_STATES_SQL})), 0),
                     COALESCE(SUM(status IN ({FINAL_STATES_SQL})), 0),
-                    (SELECT failure_gated FROM rollouts WHERE id = ?1)
+                    COALESCE((SELECT failure_gated FROM rollouts WHERE id = ?1), 0)
              FROM deployments WHERE rollout_id = ?1"
         ))?
         .query_row(params![rollout_id as i64], |r| {

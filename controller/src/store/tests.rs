@@ -593,6 +593,17 @@ async fn waves_pauses_aborts_timeouts_and_the_audit_log(store: &dyn Store) {
             .any(|x| x.id == r2.id)
     );
 
+    // A report about a rollout this controller does not know (another controller's, or a
+    // lost database's) is kept as an event and changes nothing else.
+    store
+        .ingest(
+            &deployment(&devices[3], "w-unknown", 777, DeployStage::Active),
+            9150,
+        )
+        .await
+        .unwrap();
+    assert!(store.rollout(777).await.unwrap().is_none());
+
     // With a failure threshold, a rollout whose deployments all ended with failures is
     // left in progress for the engine to judge.
     let gated = store
