@@ -55,6 +55,14 @@ pub enum Trainer {
         #[serde(default = "Trainer::default_request_timeout_s")]
         timeout_s: u64,
     },
+    /// The built-in reference trainer ([`crate::trainer`]): fits a softmax regression to the
+    /// policy's `dataset` (a labelled CSV) inside the controller.
+    Builtin {
+        #[serde(default = "Trainer::default_label_column")]
+        label_column: String,
+        #[serde(default = "Trainer::default_epochs")]
+        epochs: usize,
+    },
     /// Run a program that writes `model.onnx` and `reference.csv` into
     /// `$EDGELOOP_OUTPUT_DIR`; the controller publishes them through the quality gate.
     Command {
@@ -67,6 +75,12 @@ pub enum Trainer {
 }
 
 impl Trainer {
+    fn default_label_column() -> String {
+        crate::trainer::TrainOptions::default().label_column
+    }
+    fn default_epochs() -> usize {
+        crate::trainer::TrainOptions::default().epochs
+    }
     fn default_retries() -> u32 {
         3
     }
@@ -235,6 +249,29 @@ impl RetrainingPolicy {
                 }
                 if *timeout_s == 0 {
                     return Err("trainer.timeout_s: must be at least 1".into());
+                }
+            }
+            Trainer::Builtin {
+                label_column,
+                epochs,
+            } => {
+                crate::trainer::TrainOptions {
+                    label_column: label_column.clone(),
+                    epochs: *epochs,
+                    ..Default::default()
+                }
+                .validate()
+                .map_err(|e| format!("trainer.{e}"))?;
+                if self.dataset.is_none() {
+                    return Err(
+                        "dataset: the built-in trainer fits a labelled dataset; name one".into(),
+                    );
+                }
+                if self.holdout.is_none() {
+                    return Err(
+                        "holdout: the built-in trainer's candidate is gated on a holdout; name one"
+                            .into(),
+                    );
                 }
             }
             Trainer::Command {
@@ -670,6 +707,17 @@ impl Retrainer {
                     })
                     .map_err(|e| RetrainingUpdate::status(RetrainingStatus::Failed, e))
             }
+            Trainer::Builtin {
+                label_column,
+                epochs,
+            } => {
+                let options = crate::trainer::TrainOptions {
+                    label_column: label_column.clone(),
+                    epochs: *epochs,
+                    ..Default::default()
+                };
+                self.run_builtin(policy, row, options).await
+            }
             Trainer::Command {
                 program,
                 args,
@@ -787,7 +835,46 @@ impl Retrainer {
         self.register(policy, row, &output, &log_path).await
     }
 
-    /// Publishes the command trainer's candidate, gated.
+    /// Fits the built-in model to the policy's dataset and publishes it, gated.
+    async fn run_builtin(
+        &self,
+        policy: &RetrainingPolicy,
+        row: &RetrainingRow,
+        options: crate::trainer::TrainOptions,
+    ) -> Result<String, RetrainingUpdate> {
+        let failed = |m: String| RetrainingUpdate::status(RetrainingStatus::Failed, m);
+        let dir = self.data_dir.join("retrainings").join(row.id.to_string());
+        let output = dir.join("output");
+        std::fs::create_dir_all(&output)
+            .map_err(|e| failed(format!("cannot create {}: {e}", output.display())))?;
+        let dataset = policy
+            .dataset
+            .clone()
+            .expect("validated: the built-in trainer has a dataset");
+        let trained =
+            tokio::task::spawn_blocking(move || crate::trainer::train_csv(&dataset, &options))
+                .await
+                .expect("training does not panic")
+                .map_err(|e| failed(format!("the built-in trainer: {e}")))?;
+        let log_path = dir.join("trainer.log");
+        let written = std::fs::write(output.join("model.onnx"), &trained.onnx)
+            .and_then(|()| std::fs::write(output.join("reference.csv"), &trained.reference_csv))
+            .and_then(|()| {
+                std::fs::write(
+                    &log_path,
+                    format!(
+                        "built-in trainer: softmax regression over {} features, {} classes; training accuracy {:.4}\n",
+                        trained.features.len(),
+                        trained.classes,
+                        trained.train_accuracy
+                    ),
+                )
+            });
+        written.map_err(|e| failed(format!("cannot write the trained model: {e}")))?;
+        self.register(policy, row, &output, &log_path).await
+    }
+
+    /// Publishes a trainer's candidate (`model.onnx`, `reference.csv` in `output`), gated.
     async fn register(
         &self,
         policy: &RetrainingPolicy,
@@ -834,7 +921,7 @@ impl Retrainer {
         let holdout = policy
             .holdout
             .as_deref()
-            .expect("validated: command trainers have one");
+            .expect("validated: command and built-in trainers have one");
         let published = registry::publish(
             self.store.as_ref(),
             &self.artifacts,
@@ -1058,6 +1145,14 @@ mod tests {
             (
                 "model = \"m\"\ntrainer = { kind = \"command\", program = \"/bin/true\" }",
                 "holdout",
+            ),
+            (
+                "model = \"m\"\nholdout = \"h.csv\"\ntrainer = { kind = \"builtin\" }",
+                "dataset",
+            ),
+            (
+                "model = \"m\"\ndataset = \"d.csv\"\nholdout = \"h.csv\"\ntrainer = { kind = \"builtin\", epochs = 0 }",
+                "trainer.epochs",
             ),
             (
                 "model = \"m\"\nrollout = { waves = [\"50%\"] }\ntrainer = { kind = \"webhook\", url = \"http://x\" }",

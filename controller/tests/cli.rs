@@ -404,7 +404,7 @@ fn the_demo_runs_the_loop_and_ends_with_a_json_line() {
             "--devices",
             "2",
             "--duration",
-            "24",
+            "45",
             "--http-addr",
             "127.0.0.1:0",
             "--output",
@@ -435,6 +435,21 @@ fn the_demo_runs_the_loop_and_ends_with_a_json_line() {
             .iter()
             .all(|r| r["status"] == "completed")
     );
+    // The loop closed by itself: one retraining, gated, rolled out in waves.
+    let retrainings = last["retrainings"].as_array().unwrap();
+    assert_eq!(retrainings.len(), 1, "{last}");
+    let r = &retrainings[0];
+    assert_eq!(r["status"], "completed", "{r}");
+    assert!(r["reason"].as_str().unwrap().contains("drifted"), "{r}");
+    assert!(r["gate"].as_str().unwrap().starts_with("passed"), "{r}");
+    assert_eq!(r["candidate_version"], 2, "{r}");
+    let rollout = last["rollouts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["id"] == r["rollout_id"])
+        .unwrap();
+    assert_eq!(rollout["plan"]["waves"].as_array().unwrap().len(), 3);
 }
 
 #[test]
@@ -444,7 +459,7 @@ fn bad_flags_get_clear_errors() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("at least 15"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at least 30"));
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(EDGELOOP)
         .args(["serve", "--data-dir"])
