@@ -373,6 +373,10 @@ enum RolloutCommand {
         /// Seconds a device has, from its wave's start, to commit or fail (default 3600).
         #[arg(long)]
         device_timeout_s: Option<u64>,
+        /// Telemetry gate: the next wave opens only if the new version's median drift is at
+        /// most this many times the old version's over the same period.
+        #[arg(long)]
+        max_drift_ratio: Option<f64>,
         /// Why, for the audit log.
         #[arg(long)]
         reason: Option<String>,
@@ -454,6 +458,7 @@ async fn rollout_command(command: RolloutCommand) -> anyhow::Result<()> {
             min_executed,
             on_failure,
             device_timeout_s,
+            max_drift_ratio,
             reason,
             api,
         } => {
@@ -470,6 +475,10 @@ async fn rollout_command(command: RolloutCommand) -> anyhow::Result<()> {
             set("failure_threshold", failure_threshold.map(Into::into));
             set("min_executed", min_executed.map(Into::into));
             set("device_timeout_s", device_timeout_s.map(Into::into));
+            set(
+                "telemetry_gate",
+                max_drift_ratio.map(|r| serde_json::json!({ "max_drift_ratio": r })),
+            );
             set(
                 "on_failure",
                 on_failure.map(|o| match o {

@@ -110,6 +110,112 @@ pub struct RolloutPlan {
     /// counts as failed (`timed_out`).
     #[serde(default = "RolloutPlan::default_device_timeout_s")]
     pub device_timeout_s: u64,
+    /// A gate on live drift telemetry, judged before a wave opens the next.
+    #[serde(default)]
+    pub telemetry_gate: Option<TelemetryGate>,
+}
+
+/// Before the next wave opens, the new version's drift on the devices that run it must not
+/// be much worse than the old version's on the devices that still run that, over the same
+/// period (since the current wave opened): a model whose reference does not fit what the
+/// devices see stops at the canary even when every device reports it healthy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryGate {
+    /// The new version's median window PSI may be at most this many times the old
+    /// version's…
+    #[serde(default = "TelemetryGate::default_max_drift_ratio")]
+    pub max_drift_ratio: f64,
+    /// …or at most this, whichever is higher: below it PSI is noise.
+    #[serde(default = "TelemetryGate::default_drift_floor")]
+    pub drift_floor: f64,
+    /// Windows of the new version needed before the gate judges; the wave waits until then.
+    #[serde(default = "TelemetryGate::default_min_windows")]
+    pub min_windows: usize,
+}
+
+impl TelemetryGate {
+    fn default_max_drift_ratio() -> f64 {
+        2.0
+    }
+    fn default_drift_floor() -> f64 {
+        0.1
+    }
+    fn default_min_windows() -> usize {
+        3
+    }
+
+    fn validate(&self) -> Result<(), PlanError> {
+        if !(self.max_drift_ratio >= 1.0 && self.max_drift_ratio.is_finite()) {
+            return Err(PlanError(format!(
+                "telemetry_gate.max_drift_ratio: {} must be at least 1",
+                self.max_drift_ratio
+            )));
+        }
+        if !(self.drift_floor >= 0.0 && self.drift_floor.is_finite()) {
+            return Err(PlanError(
+                "telemetry_gate.drift_floor: must be 0 or more".into(),
+            ));
+        }
+        if self.min_windows == 0 {
+            return Err(PlanError(
+                "telemetry_gate.min_windows: must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Judges the evidence: None while there are too few windows of the new version.
+    pub fn judge(&self, version: u64, evidence: &DriftEvidence) -> Option<Result<(), String>> {
+        if evidence.new.len() < self.min_windows {
+            return None;
+        }
+        let new = median(&evidence.new);
+        let (limit, against) = if evidence.old.is_empty() {
+            (
+                self.drift_floor,
+                "no window of the old version to compare with".to_string(),
+            )
+        } else {
+            let old = median(&evidence.old);
+            (
+                (old * self.max_drift_ratio).max(self.drift_floor),
+                format!(
+                    "the old version's {old:.3} over {} windows, limit {}x",
+                    evidence.old.len(),
+                    self.max_drift_ratio
+                ),
+            )
+        };
+        Some(if new <= limit {
+            Ok(())
+        } else {
+            Err(format!(
+                "telemetry gate: v{version}'s median drift (PSI) {new:.3} over {} windows is above {limit:.3} ({against})",
+                evidence.new.len()
+            ))
+        })
+    }
+}
+
+/// The largest feature PSI of each window received since the current wave opened: of the
+/// new version on the rollout's devices that run it, and of other versions on those that do
+/// not yet.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DriftEvidence {
+    pub new: Vec<f64>,
+    pub old: Vec<f64>,
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let mid = sorted.len() / 2;
+    if sorted.len().is_multiple_of(2) {
+        (sorted[mid - 1] + sorted[mid]) / 2.0
+    } else {
+        sorted[mid]
+    }
 }
 
 impl Default for RolloutPlan {
@@ -121,6 +227,7 @@ impl Default for RolloutPlan {
             min_executed: Self::default_min_executed(),
             on_failure: OnFailure::default(),
             device_timeout_s: Self::default_device_timeout_s(),
+            telemetry_gate: None,
         }
     }
 }
@@ -232,6 +339,9 @@ impl RolloutPlan {
         if self.device_timeout_s == 0 {
             return bad("device_timeout_s: must be at least 1".into());
         }
+        if let Some(gate) = &self.telemetry_gate {
+            gate.validate()?;
+        }
         Ok(())
     }
 
@@ -308,13 +418,23 @@ impl RolloutPlan {
     }
 }
 
-/// The plan's decision for a rollout in progress, from its current wave's counts; and, in
-/// the last wave, whether it has ended.
-pub fn next_step(row: &RolloutRow) -> Decision {
-    let decision = row.plan.decide(
+/// The plan's decision for a rollout in progress, from its current wave's counts and, when
+/// the plan has a telemetry gate, the drift `evidence` (a wave waits while there is none);
+/// and, in the last wave, whether it has ended.
+pub fn next_step(row: &RolloutRow, evidence: Option<&DriftEvidence>) -> Decision {
+    let mut decision = row.plan.decide(
         row.current_wave,
         WaveCounts::of(&row.deployments, row.current_wave),
     );
+    if decision == Decision::Advance
+        && let Some(gate) = &row.plan.telemetry_gate
+    {
+        decision = match evidence.and_then(|e| gate.judge(row.model_version, e)) {
+            None => Decision::Wait,
+            Some(Ok(())) => Decision::Advance,
+            Some(Err(reason)) => Decision::Stop(reason),
+        };
+    }
     // Ended, and no device is still in its health window (`active`, awaiting a verdict).
     let ended = row
         .deployments
@@ -530,33 +650,134 @@ mod tests {
                 ..RolloutPlan::default()
             },
             current_wave: 0,
+            wave_opened_ms: 0,
             deployments: ["committed", "committed", "rolled_back", "sent"]
                 .map(deployment)
                 .to_vec(),
         };
-        assert_eq!(next_step(&row), Decision::Wait, "one has not ended");
+        assert_eq!(next_step(&row, None), Decision::Wait, "one has not ended");
         row.deployments[3].status = "active".into();
         assert_eq!(
-            next_step(&row),
+            next_step(&row, None),
             Decision::Wait,
             "one awaits its health verdict"
         );
         row.deployments[3].status = "committed".into();
-        let Decision::Finish(why) = next_step(&row) else {
+        let Decision::Finish(why) = next_step(&row, None) else {
             panic!("should finish");
         };
         assert!(why.contains("1 of 4 failed"), "{why}");
         row.deployments[2].status = "superseded".into();
         assert_eq!(
-            next_step(&row),
+            next_step(&row, None),
             Decision::Wait,
             "all run it: the store completes it"
         );
         row.deployments[0].status = "failed".into();
         row.deployments[1].status = "timed_out".into();
         assert!(
-            matches!(next_step(&row), Decision::Stop(_)),
+            matches!(next_step(&row, None), Decision::Stop(_)),
             "2 of 3 executed failed"
+        );
+    }
+
+    #[test]
+    fn the_telemetry_gate_holds_a_wave_until_it_has_evidence_and_stops_a_drifting_version() {
+        let gate = TelemetryGate {
+            max_drift_ratio: 2.0,
+            drift_floor: 0.1,
+            min_windows: 3,
+        };
+        let evidence = |new: &[f64], old: &[f64]| DriftEvidence {
+            new: new.to_vec(),
+            old: old.to_vec(),
+        };
+        assert_eq!(
+            gate.judge(2, &evidence(&[0.5, 0.5], &[0.1])),
+            None,
+            "too few windows"
+        );
+        assert_eq!(
+            gate.judge(2, &evidence(&[0.05, 0.3, 0.1], &[0.06, 0.07])),
+            Some(Ok(()))
+        );
+        // Below the floor passes even against a calmer old version.
+        assert_eq!(
+            gate.judge(2, &evidence(&[0.08, 0.09, 0.07], &[0.01])),
+            Some(Ok(()))
+        );
+        let Some(Err(why)) = gate.judge(2, &evidence(&[5.0, 6.0, 7.0, 8.0], &[0.1, 0.2, 0.1]))
+        else {
+            panic!("should fail");
+        };
+        assert!(
+            why.starts_with(
+                "telemetry gate: v2's median drift (PSI) 6.500 over 4 windows is above 0.200"
+            ),
+            "{why}"
+        );
+        // A version that drifts less than the old one (a retrained model) passes.
+        assert_eq!(
+            gate.judge(2, &evidence(&[0.05, 0.06, 0.05], &[8.0, 9.0])),
+            Some(Ok(()))
+        );
+        // No old windows: judged against the floor alone.
+        assert!(matches!(
+            gate.judge(2, &evidence(&[0.5, 0.5, 0.5], &[])),
+            Some(Err(_))
+        ));
+
+        // In a rollout: the wave's success alone no longer opens the next wave.
+        let mut p = plan(&["1", "100%"]);
+        p.telemetry_gate = Some(gate);
+        p.validate().unwrap();
+        let row = RolloutRow {
+            id: 1,
+            model_name: "m".into(),
+            model_version: 2,
+            rollback: false,
+            created_ms: 0,
+            status: crate::store::RolloutStatus::InProgress,
+            reason: None,
+            plan: p,
+            current_wave: 0,
+            wave_opened_ms: 0,
+            deployments: vec![DeploymentRow {
+                device_id: "d".into(),
+                status: "committed".into(),
+                detail: None,
+                command_seq: None,
+                updated_ms: 0,
+                wave: 0,
+                previous: None,
+            }],
+        };
+        assert_eq!(next_step(&row, None), Decision::Wait);
+        assert_eq!(
+            next_step(&row, Some(&evidence(&[0.1], &[0.1]))),
+            Decision::Wait
+        );
+        assert_eq!(
+            next_step(&row, Some(&evidence(&[0.1; 3], &[0.1]))),
+            Decision::Advance
+        );
+        assert!(matches!(
+            next_step(&row, Some(&evidence(&[9.0; 3], &[0.1]))),
+            Decision::Stop(_)
+        ));
+        let bad = RolloutPlan {
+            telemetry_gate: Some(TelemetryGate {
+                max_drift_ratio: 0.5,
+                drift_floor: 0.1,
+                min_windows: 3,
+            }),
+            ..RolloutPlan::default()
+        };
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("telemetry_gate.max_drift_ratio")
         );
     }
 

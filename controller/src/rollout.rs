@@ -17,7 +17,9 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::plan::{Decision, OnFailure, PlanError, RolloutPlan, WaveCounts, next_step};
+use crate::plan::{
+    Decision, DriftEvidence, OnFailure, PlanError, RolloutPlan, WaveCounts, next_step,
+};
 use crate::registry::ArtifactStore;
 use crate::store::{
     AuditEntry, DueDeployment, NewRollout, RolloutRow, RolloutStatus, Store, StoreError,
@@ -185,7 +187,8 @@ pub async fn change(
             let deadline = now + row.plan.device_timeout_s * 1000;
             // The operator overrides a failed wave: the next one opens, before the rollout
             // is in progress again so that the engine does not judge the failed wave anew.
-            if matches!(next_step(&row), Decision::Stop(_))
+            let evidence = drift_evidence(store, &row).await?;
+            if matches!(next_step(&row, evidence.as_ref()), Decision::Stop(_))
                 && row.current_wave < row.plan.last_wave()
             {
                 open_next_wave(store, &row, RolloutStatus::Paused, actor, now).await?;
@@ -296,7 +299,7 @@ async fn open_next_wave(
 ) -> Result<(), StoreError> {
     let deadline = now + row.plan.device_timeout_s * 1000;
     if store
-        .open_wave(row.id, status, row.current_wave, deadline)
+        .open_wave(row.id, status, row.current_wave, now, deadline)
         .await?
     {
         let next = row.current_wave + 1;
@@ -312,6 +315,36 @@ async fn open_next_wave(
         info!(rollout = row.id, wave = next, devices, "wave opened");
     }
     Ok(())
+}
+
+/// The drift windows a rollout's telemetry gate judges, received since its current wave
+/// opened; None when its plan has no gate.
+async fn drift_evidence(
+    store: &dyn Store,
+    row: &RolloutRow,
+) -> Result<Option<DriftEvidence>, StoreError> {
+    if row.plan.telemetry_gate.is_none() {
+        return Ok(None);
+    }
+    let ours: std::collections::HashSet<&str> = row
+        .deployments
+        .iter()
+        .map(|d| d.device_id.as_str())
+        .collect();
+    let mut evidence = DriftEvidence::default();
+    for w in store
+        .recent_windows(&row.model_name, 1000, row.wave_opened_ms)
+        .await?
+        .into_iter()
+        .filter(|w| ours.contains(w.device_id.as_str()))
+    {
+        if w.model_version == row.model_version {
+            evidence.new.push(w.psi_max);
+        } else {
+            evidence.old.push(w.psi_max);
+        }
+    }
+    Ok(Some(evidence))
 }
 
 /// Writes an audit entry; a failure is logged, not returned: the action has happened.
@@ -343,7 +376,8 @@ pub async fn advance(store: &dyn Store) -> Result<(), RolloutError> {
         warn!(deployments = expired, "deployments timed out");
     }
     for row in store.rollouts_in_progress().await? {
-        match next_step(&row) {
+        let evidence = drift_evidence(store, &row).await?;
+        match next_step(&row, evidence.as_ref()) {
             Decision::Wait => {}
             Decision::Advance => {
                 open_next_wave(store, &row, RolloutStatus::InProgress, ENGINE, now).await?

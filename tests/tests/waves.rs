@@ -39,13 +39,24 @@ impl Fleet {
         n: usize,
         shifted: impl Fn(&str) -> bool,
     ) -> Option<Self> {
+        Self::start_with(broker, prefix, n, shifted, MAX_PSI).await
+    }
+
+    /// [`Fleet::start`] with the health window's PSI limit (0: drift not watched).
+    async fn start_with(
+        broker: BrokerChoice,
+        prefix: &str,
+        n: usize,
+        shifted: impl Fn(&str) -> bool,
+        max_psi: f64,
+    ) -> Option<Self> {
         let ctl = TestController::start(broker).await?;
         let ids: Vec<String> = (0..n).map(|i| format!("{prefix}-{i}")).collect();
         let mut agents = Vec::new();
         for id in &ids {
             let mut config = ctl.agent_config(id, WINDOW);
             config.health.window_s = HEALTH_WINDOW_S;
-            config.health.max_psi = MAX_PSI;
+            config.health.max_psi = max_psi;
             let agent = ctl.spawn_agent_with(config);
             if shifted(id) {
                 agent.shift.set(1.0);
@@ -325,6 +336,47 @@ async fn a_failing_canary_pauses_the_rollout_until_an_operator_acts(broker: Brok
     fleet.stop().await;
 }
 on_both_brokers!(a_failing_canary_pauses_the_rollout_until_an_operator_acts);
+
+async fn a_candidate_that_drifts_stops_at_the_canary_on_the_telemetry_gate(broker: BrokerChoice) {
+    // The devices' health windows judge failed inferences only, so every device would
+    // commit v2 (trained on the shifted regime) although it does not fit what they see:
+    // the fleet-level gate compares its drift with v1's over the same period and stops it.
+    let Some(fleet) = Fleet::start_with(broker, "wv-gate", 3, |_| false, 0.0).await else {
+        eprintln!("skipped: {} is not set", edgeloop_tests::MQTT_URL_VAR);
+        return;
+    };
+    let (code, created) = fleet
+        .ctl
+        .post_rollout(json!({
+            "model": "vibration", "version": 2,
+            "plan": {
+                "waves": ["1", "100%"],
+                "telemetry_gate": { "max_drift_ratio": 2.0, "min_windows": 3 },
+            },
+        }))
+        .await;
+    assert_eq!(code, 201, "{created}");
+    let id = created["id"].as_u64().unwrap();
+    let waves = waves_of(&created);
+    let canary = waves.iter().find(|(_, w)| **w == 0).unwrap().0.clone();
+    let paused = fleet.wait_for_status(id, "paused").await;
+    let reason = paused["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("telemetry gate: v2's median drift"),
+        "{reason}"
+    );
+    assert_eq!(
+        deployment(&paused, &canary)["status"],
+        "committed",
+        "{paused}"
+    );
+    for (device, _) in waves.iter().filter(|(_, w)| **w == 1) {
+        let d = deployment(&paused, device);
+        assert!(d["command_seq"].is_null(), "{paused}");
+    }
+    fleet.stop().await;
+}
+on_both_brokers!(a_candidate_that_drifts_stops_at_the_canary_on_the_telemetry_gate);
 
 async fn a_failed_wave_aborts_and_rolls_back_the_devices_that_took_the_new_version(
     broker: BrokerChoice,

@@ -355,6 +355,8 @@ pub struct RolloutRow {
     pub plan: RolloutPlan,
     /// The wave whose devices get commands now (and every earlier one).
     pub current_wave: u32,
+    /// When the current wave opened.
+    pub wave_opened_ms: u64,
     pub deployments: Vec<DeploymentRow>,
 }
 
@@ -369,6 +371,7 @@ pub(crate) struct StoredRollout {
     /// JSON; none in rollouts created before plans existed (the default plan).
     pub plan: Option<String>,
     pub current_wave: u32,
+    pub wave_opened_ms: u64,
     pub reason: Option<String>,
 }
 
@@ -389,6 +392,7 @@ impl StoredRollout {
             reason: self.reason,
             plan,
             current_wave: self.current_wave,
+            wave_opened_ms: self.wave_opened_ms,
             deployments,
         })
     }
@@ -621,13 +625,15 @@ pub trait Store: Send + Sync + 'static {
     async fn rollout(&self, id: u64) -> Result<Option<RolloutRow>>;
     /// The rollouts whose status is `in_progress`.
     async fn rollouts_in_progress(&self) -> Result<Vec<RolloutRow>>;
-    /// Opens wave `from + 1` of rollout `id` if its status is `status` and it is still in
-    /// wave `from`; that wave's deployments time out at `deadline_ms`. False when it was not.
+    /// Opens wave `from + 1` of rollout `id` at `now_ms` if its status is `status` and it is
+    /// still in wave `from`; that wave's deployments time out at `deadline_ms`. False when it
+    /// was not.
     async fn open_wave(
         &self,
         id: u64,
         status: RolloutStatus,
         from: u32,
+        now_ms: u64,
         deadline_ms: u64,
     ) -> Result<bool>;
     /// Moves rollout `id` from status `from` to `to` with a reason; false when it was not

@@ -135,6 +135,7 @@ const SCHEMA_V4: &str = "
 ALTER TABLE rollouts ADD COLUMN plan TEXT;
 ALTER TABLE models ADD COLUMN lineage TEXT;
 ALTER TABLE rollouts ADD COLUMN current_wave BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE rollouts ADD COLUMN wave_opened_ms BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE rollouts ADD COLUMN reason TEXT;
 ALTER TABLE rollouts ADD COLUMN failure_gated BOOLEAN NOT NULL DEFAULT FALSE;
 ALTER TABLE deployments ADD COLUMN wave BIGINT NOT NULL DEFAULT 0;
@@ -529,7 +530,8 @@ async fn load_retrainings(
 async fn load_rollout(c: &impl GenericClient, id: u64) -> Result<Option<RolloutRow>> {
     let Some(row) = c
         .query_opt(
-            "SELECT id, model_name, model_version, created_ms, status, rollback, plan, current_wave, reason
+            "SELECT id, model_name, model_version, created_ms, status, rollback, plan, current_wave, reason,
+                    wave_opened_ms
              FROM rollouts WHERE id = $1",
             &[&i(id)],
         )
@@ -565,6 +567,7 @@ async fn load_rollout(c: &impl GenericClient, id: u64) -> Result<Option<RolloutR
         plan: row.get(6),
         current_wave: u(row.get(7)) as u32,
         reason: row.get(8),
+        wave_opened_ms: u(row.get(9)),
     }
     .into_rollout(deployments)
     .map(Some)
@@ -942,8 +945,8 @@ impl Store for PgStore {
         let id: i64 = tx
             .query_one(
                 "INSERT INTO rollouts (model_name, model_version, created_ms, status, rollback, plan, current_wave,
-                                       failure_gated)
-                 VALUES ($1, $2, $3, 'in_progress', $4, $5, 0, $6) RETURNING id",
+                                       failure_gated, wave_opened_ms)
+                 VALUES ($1, $2, $3, 'in_progress', $4, $5, 0, $6, $3) RETURNING id",
                 &[name, &i(version), &i(now_ms), rollback, &plan_json, &plan.failure_threshold.is_some()],
             )
             .await?
@@ -1022,15 +1025,16 @@ impl Store for PgStore {
         id: u64,
         status: RolloutStatus,
         from: u32,
+        now_ms: u64,
         deadline_ms: u64,
     ) -> Result<bool> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         let opened = tx
             .execute(
-                "UPDATE rollouts SET current_wave = $2::BIGINT + 1
+                "UPDATE rollouts SET current_wave = $2::BIGINT + 1, wave_opened_ms = $4
                  WHERE id = $1 AND current_wave = $2::BIGINT AND status = $3",
-                &[&i(id), &i64::from(from), &status.as_str()],
+                &[&i(id), &i64::from(from), &status.as_str(), &i(now_ms)],
             )
             .await?;
         if opened == 0 {

@@ -133,6 +133,7 @@ const SCHEMA_V4: &str = "
 ALTER TABLE rollouts ADD COLUMN plan TEXT;
 ALTER TABLE models ADD COLUMN lineage TEXT;
 ALTER TABLE rollouts ADD COLUMN current_wave INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE rollouts ADD COLUMN wave_opened_ms INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE rollouts ADD COLUMN reason TEXT;
 ALTER TABLE rollouts ADD COLUMN failure_gated INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE deployments ADD COLUMN wave INTEGER NOT NULL DEFAULT 0;
@@ -537,7 +538,8 @@ fn load_retrainings(
 fn load_rollout(conn: &Connection, id: u64) -> Result<Option<RolloutRow>> {
     let row = conn
         .query_row(
-            "SELECT id, model_name, model_version, created_ms, status, rollback, plan, current_wave, reason
+            "SELECT id, model_name, model_version, created_ms, status, rollback, plan, current_wave, reason,
+                    wave_opened_ms
              FROM rollouts WHERE id = ?1",
             params![id as i64],
             |r| {
@@ -551,6 +553,7 @@ fn load_rollout(conn: &Connection, id: u64) -> Result<Option<RolloutRow>> {
                     plan: r.get(6)?,
                     current_wave: u(r.get(7)?) as u32,
                     reason: r.get(8)?,
+                    wave_opened_ms: u(r.get(9)?),
                 })
             },
         )
@@ -964,8 +967,8 @@ impl Store for SqliteStore {
             }
             tx.execute(
                 "INSERT INTO rollouts (model_name, model_version, created_ms, status, rollback, plan, current_wave,
-                                       failure_gated)
-                 VALUES (?1, ?2, ?3, 'in_progress', ?4, ?5, 0, ?6)",
+                                       failure_gated, wave_opened_ms)
+                 VALUES (?1, ?2, ?3, 'in_progress', ?4, ?5, 0, ?6, ?3)",
                 params![name, version as i64, now_ms as i64, rollback, plan_json, plan.failure_threshold.is_some()],
             )?;
             let id = tx.last_insert_rowid() as u64;
@@ -1046,14 +1049,15 @@ impl Store for SqliteStore {
         id: u64,
         status: RolloutStatus,
         from: u32,
+        now_ms: u64,
         deadline_ms: u64,
     ) -> Result<bool> {
         self.call(move |conn| {
             let tx = conn.transaction()?;
             let opened = tx.execute(
-                "UPDATE rollouts SET current_wave = ?2 + 1
+                "UPDATE rollouts SET current_wave = ?2 + 1, wave_opened_ms = ?4
                  WHERE id = ?1 AND current_wave = ?2 AND status = ?3",
-                params![id as i64, from, status.as_str()],
+                params![id as i64, from, status.as_str(), now_ms as i64],
             )?;
             if opened == 0 {
                 return Ok(false);

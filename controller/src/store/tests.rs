@@ -447,11 +447,28 @@ async fn waves_pauses_aborts_timeouts_and_the_audit_log(store: &dyn Store) {
 
     // Opening a wave is a compare-and-set on the current one.
     use RolloutStatus::*;
-    assert!(!store.open_wave(r.id, InProgress, 1, 5000).await.unwrap());
-    assert!(!store.open_wave(r.id, Paused, 0, 5000).await.unwrap());
-    assert!(store.open_wave(r.id, InProgress, 0, 5000).await.unwrap());
-    assert!(!store.open_wave(r.id, InProgress, 0, 5000).await.unwrap());
-    assert_eq!(store.rollout(r.id).await.unwrap().unwrap().current_wave, 1);
+    assert_eq!(r.wave_opened_ms, 1000);
+    assert!(
+        !store
+            .open_wave(r.id, InProgress, 1, 1500, 5000)
+            .await
+            .unwrap()
+    );
+    assert!(!store.open_wave(r.id, Paused, 0, 1500, 5000).await.unwrap());
+    assert!(
+        store
+            .open_wave(r.id, InProgress, 0, 1500, 5000)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .open_wave(r.id, InProgress, 0, 1500, 5000)
+            .await
+            .unwrap()
+    );
+    let opened = store.rollout(r.id).await.unwrap().unwrap();
+    assert_eq!((opened.current_wave, opened.wave_opened_ms), (1, 1500));
     assert_eq!(due().await.len(), 6);
 
     // Wave 1's deadline (5000) passes before wave 0's (11000). One canary commits.
