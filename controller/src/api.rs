@@ -104,9 +104,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/models", get(models))
         .route("/api/v1/rollouts", post(create_rollout).get(rollouts))
         .route("/api/v1/rollouts/{id}", get(rollout))
-        .route("/api/v1/rollouts/{id}/pause", post(pause_rollout))
-        .route("/api/v1/rollouts/{id}/resume", post(resume_rollout))
-        .route("/api/v1/rollouts/{id}/abort", post(abort_rollout))
+        .route("/api/v1/rollouts/{id}/{action}", post(change_rollout))
         .route("/api/v1/audit", get(audit))
         .route("/api/v1/retrainings", get(retrainings))
         .route("/api/v1/stats", get(stats))
@@ -281,12 +279,12 @@ pub struct Changed {
     pub rollbacks: Vec<RolloutRow>,
 }
 
+/// `POST /api/v1/rollouts/{id}/pause|resume|abort`, with an optional JSON body.
 async fn change_rollout(
-    s: AppState,
-    headers: &HeaderMap,
-    id: u64,
+    State(s): State<AppState>,
+    Path((id, action)): Path<(u64, String)>,
+    headers: HeaderMap,
     body: axum::body::Bytes,
-    change: impl FnOnce(&ChangeRollout) -> Result<Change, ApiError>,
 ) -> ApiResult<Changed> {
     // The body is optional: no body means no reason.
     let body: ChangeRollout = if body.iter().all(u8::is_ascii_whitespace) {
@@ -295,65 +293,33 @@ async fn change_rollout(
         serde_json::from_slice(&body)
             .map_err(|e| ApiError::BadRequest(format!("invalid request body: {e}")))?
     };
-    let change = change(&body)?;
+    let change = match action.as_str() {
+        "abort" => Change::Abort {
+            rollback: body.rollback,
+        },
+        "pause" | "resume" if body.rollback => {
+            return Err(ApiError::BadRequest(
+                "`rollback` goes with abort only".into(),
+            ));
+        }
+        "pause" => Change::Pause,
+        "resume" => Change::Resume,
+        other => {
+            return Err(ApiError::NotFound(format!(
+                "rollout action `{other}` (pause, resume or abort)"
+            )));
+        }
+    };
     let (rollout, rollbacks) = rollout::change(
         s.store.as_ref(),
         id,
         change,
-        &actor(headers)?,
+        &actor(&headers)?,
         body.reason.as_deref(),
     )
     .await?;
     s.dispatcher_wake.notify_one();
     Ok(Json(Changed { rollout, rollbacks }))
-}
-
-async fn pause_rollout(
-    State(s): State<AppState>,
-    Path(id): Path<u64>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> ApiResult<Changed> {
-    change_rollout(s, &headers, id, body, |b| {
-        only_abort_rolls_back(b, Change::Pause)
-    })
-    .await
-}
-
-async fn resume_rollout(
-    State(s): State<AppState>,
-    Path(id): Path<u64>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> ApiResult<Changed> {
-    change_rollout(s, &headers, id, body, |b| {
-        only_abort_rolls_back(b, Change::Resume)
-    })
-    .await
-}
-
-async fn abort_rollout(
-    State(s): State<AppState>,
-    Path(id): Path<u64>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> ApiResult<Changed> {
-    change_rollout(s, &headers, id, body, |b| {
-        Ok(Change::Abort {
-            rollback: b.rollback,
-        })
-    })
-    .await
-}
-
-fn only_abort_rolls_back(body: &ChangeRollout, change: Change) -> Result<Change, ApiError> {
-    if body.rollback {
-        Err(ApiError::BadRequest(
-            "`rollback` goes with abort only".into(),
-        ))
-    } else {
-        Ok(change)
-    }
 }
 
 async fn retrainings(

@@ -779,10 +779,7 @@ impl Retrainer {
         shutdown: CancellationToken,
     ) -> Result<String, RetrainingUpdate> {
         let failed = |m: String| RetrainingUpdate::status(RetrainingStatus::Failed, m);
-        let dir = self.data_dir.join("retrainings").join(row.id.to_string());
-        let output = dir.join("output");
-        std::fs::create_dir_all(&output)
-            .map_err(|e| failed(format!("cannot create {}: {e}", output.display())))?;
+        let (dir, output) = self.work_dir(row)?;
         let log_path = dir.join("trainer.log");
         let log = std::fs::File::create(&log_path)
             .map_err(|e| failed(format!("cannot create {}: {e}", log_path.display())))?;
@@ -835,6 +832,20 @@ impl Retrainer {
         self.register(policy, row, &output, &log_path).await
     }
 
+    /// A retraining's working directory and, inside it, the empty-to-start `output` the
+    /// trainer writes its candidate into.
+    fn work_dir(&self, row: &RetrainingRow) -> Result<(PathBuf, PathBuf), RetrainingUpdate> {
+        let dir = self.data_dir.join("retrainings").join(row.id.to_string());
+        let output = dir.join("output");
+        std::fs::create_dir_all(&output).map_err(|e| {
+            RetrainingUpdate::status(
+                RetrainingStatus::Failed,
+                format!("cannot create {}: {e}", output.display()),
+            )
+        })?;
+        Ok((dir, output))
+    }
+
     /// Fits the built-in model to the policy's dataset and publishes it, gated.
     async fn run_builtin(
         &self,
@@ -843,10 +854,7 @@ impl Retrainer {
         options: crate::trainer::TrainOptions,
     ) -> Result<String, RetrainingUpdate> {
         let failed = |m: String| RetrainingUpdate::status(RetrainingStatus::Failed, m);
-        let dir = self.data_dir.join("retrainings").join(row.id.to_string());
-        let output = dir.join("output");
-        std::fs::create_dir_all(&output)
-            .map_err(|e| failed(format!("cannot create {}: {e}", output.display())))?;
+        let (dir, output) = self.work_dir(row)?;
         let dataset = policy
             .dataset
             .clone()

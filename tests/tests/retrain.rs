@@ -34,12 +34,39 @@ fn policy(toml_text: &str) -> RetrainingPolicy {
     p
 }
 
-async fn start(broker: BrokerChoice, policy: RetrainingPolicy) -> Option<TestController> {
-    TestController::start_with(broker, move |c| {
-        c.retraining_check_s = 1;
-        c.retraining = vec![policy];
-    })
-    .await
+/// A controller with one retraining policy, checked every second, and its fleet.
+struct Loop {
+    ctl: TestController,
+    agents: Vec<TestAgent>,
+}
+
+impl Loop {
+    /// The controller and `n` agents, every one on model v1.
+    async fn on_v1(
+        broker: BrokerChoice,
+        policy: RetrainingPolicy,
+        prefix: &str,
+        n: usize,
+        window: u64,
+        rate_hz: f64,
+    ) -> Option<Self> {
+        let ctl = TestController::start_with(broker, move |c| {
+            c.retraining_check_s = 1;
+            c.retraining = vec![policy];
+        })
+        .await?;
+        let agents = spawn_fleet(&ctl, prefix, n, window, rate_hz);
+        on_v1(&ctl, n).await;
+        every_device_on(&ctl, n, 1).await;
+        Some(Loop { ctl, agents })
+    }
+
+    async fn stop(self) {
+        for agent in self.agents {
+            agent.stop().await;
+        }
+        self.ctl.stop().await;
+    }
 }
 
 /// `n` agents named `{prefix}-00`…: each test its own prefix, because tests run at once
@@ -156,13 +183,12 @@ trainer = {{ kind = "command", program = "{}", timeout_s = 60 }}
 "#,
         script.display()
     ));
-    let Some(ctl) = start(broker, policy).await else {
+    let Some(Loop { ctl, agents }) =
+        Loop::on_v1(broker, policy, "loop", DEVICES, WINDOW, RATE_HZ).await
+    else {
         eprintln!("skipped: {} is not set", edgeloop_tests::MQTT_URL_VAR);
         return;
     };
-    let agents = spawn_fleet(&ctl, "loop", DEVICES, WINDOW, RATE_HZ);
-    on_v1(&ctl, agents.len()).await;
-    every_device_on(&ctl, DEVICES, 1).await;
     // Before the shift: windows flow and nothing fires.
     tokio::time::sleep(Duration::from_millis(3 * window_ms as u64)).await;
     assert!(retrainings(&ctl).await.is_empty(), "fired before the shift");
@@ -265,10 +291,7 @@ trainer = {{ kind = "command", program = "{}", timeout_s = 60 }}
          retraining completed after {completed_windows:.1}, drift recovered after {recovered_windows:.1}; \
          accuracy {before:.3} before the shift, {decayed:.3} after it, {after:.3} on the new model"
     );
-    for agent in agents {
-        agent.stop().await;
-    }
-    ctl.stop().await;
+    Loop { ctl, agents }.stop().await;
 }
 on_both_brokers!(a_covariate_shift_closes_the_loop_with_no_operator);
 
@@ -290,13 +313,12 @@ trainer = {{ kind = "command", program = "{}" }}
 "#,
         script.display()
     ));
-    let Some(ctl) = start(broker, policy).await else {
+    let Some(Loop { ctl, agents }) =
+        Loop::on_v1(broker, policy, "calm", DEVICES, WINDOW, 500.0).await
+    else {
         eprintln!("skipped: {} is not set", edgeloop_tests::MQTT_URL_VAR);
         return;
     };
-    let agents = spawn_fleet(&ctl, "calm", DEVICES, WINDOW, 500.0);
-    on_v1(&ctl, agents.len()).await;
-    every_device_on(&ctl, DEVICES, 1).await;
     for i in 0..DEVICES {
         let device = format!("calm-{i:02}");
         wait_until(&format!("{device} sends 50 windows"), WAIT, || async {
@@ -314,10 +336,7 @@ trainer = {{ kind = "command", program = "{}" }}
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(retrainings(&ctl).await, Vec::<Value>::new());
     assert!(!calls.exists(), "the trainer never ran");
-    for agent in agents {
-        agent.stop().await;
-    }
-    ctl.stop().await;
+    Loop { ctl, agents }.stop().await;
 }
 on_both_brokers!(a_fleet_without_a_shift_fires_nothing_in_fifty_windows);
 
@@ -375,13 +394,11 @@ trainer = {{ kind = "webhook", url = "{url}", secret_file = "{}", retries = 3 }}
 "#,
         secret.display()
     ));
-    let Some(ctl) = start(broker, policy).await else {
+    let Some(Loop { ctl, agents }) = Loop::on_v1(broker, policy, "hook", 2, 400, 400.0).await
+    else {
         eprintln!("skipped: {} is not set", edgeloop_tests::MQTT_URL_VAR);
         return;
     };
-    let agents = spawn_fleet(&ctl, "hook", 2, 400, 400.0);
-    on_v1(&ctl, agents.len()).await;
-    every_device_on(&ctl, 2, 1).await;
     for agent in &agents {
         agent.shift.set(1.0);
     }
@@ -466,10 +483,7 @@ trainer = {{ kind = "webhook", url = "{url}", secret_file = "{}", retries = 3 }}
                 && e["target"] == format!("retraining/{}", failed["id"])),
         "{audit}"
     );
-    for agent in agents {
-        agent.stop().await;
-    }
-    ctl.stop().await;
+    Loop { ctl, agents }.stop().await;
 }
 on_both_brokers!(a_webhook_trainer_is_signed_retried_and_alerted_on);
 
@@ -494,13 +508,10 @@ trainer = {{ kind = "command", program = "{}" }}
 "#,
         script.display()
     ));
-    let Some(ctl) = start(broker, policy).await else {
+    let Some(Loop { ctl, agents }) = Loop::on_v1(broker, policy, "bad", 1, 400, 400.0).await else {
         eprintln!("skipped: {} is not set", edgeloop_tests::MQTT_URL_VAR);
         return;
     };
-    let agents = spawn_fleet(&ctl, "bad", 1, 400, 400.0);
-    on_v1(&ctl, agents.len()).await;
-    every_device_on(&ctl, 1, 1).await;
     agents[0].shift.set(1.0);
     wait_until("the retraining fails", WAIT, || async {
         retrainings(&ctl)
@@ -524,9 +535,6 @@ trainer = {{ kind = "command", program = "{}" }}
         "nothing published: {models}"
     );
     assert_eq!(ctl.device("bad-00").await.unwrap()["model_version"], 1);
-    for agent in agents {
-        agent.stop().await;
-    }
-    ctl.stop().await;
+    Loop { ctl, agents }.stop().await;
 }
 on_both_brokers!(a_trainer_that_writes_an_invalid_model_ends_the_retraining_cleanly);

@@ -527,6 +527,23 @@ async fn load_retrainings(
     .collect()
 }
 
+/// The rollouts a `WHERE` clause (or none) selects, oldest first.
+async fn load_rollouts(c: &impl GenericClient, filter: &str) -> Result<Vec<RolloutRow>> {
+    let ids = c
+        .query(
+            &format!("SELECT id FROM rollouts {filter} ORDER BY id"),
+            &[],
+        )
+        .await?;
+    let mut rollouts = Vec::with_capacity(ids.len());
+    for id in ids {
+        if let Some(r) = load_rollout(c, u(id.get(0))).await? {
+            rollouts.push(r);
+        }
+    }
+    Ok(rollouts)
+}
+
 async fn load_rollout(c: &impl GenericClient, id: u64) -> Result<Option<RolloutRow>> {
     let Some(row) = c
         .query_opt(
@@ -985,17 +1002,7 @@ impl Store for PgStore {
     }
 
     async fn rollouts(&self) -> Result<Vec<RolloutRow>> {
-        let client = self.client().await?;
-        let ids = client
-            .query("SELECT id FROM rollouts ORDER BY id", &[])
-            .await?;
-        let mut rollouts = Vec::with_capacity(ids.len());
-        for id in ids {
-            if let Some(r) = load_rollout(&**client, u(id.get(0))).await? {
-                rollouts.push(r);
-            }
-        }
-        Ok(rollouts)
+        load_rollouts(&**self.client().await?, "").await
     }
 
     async fn rollout(&self, id: u64) -> Result<Option<RolloutRow>> {
@@ -1004,20 +1011,7 @@ impl Store for PgStore {
     }
 
     async fn rollouts_in_progress(&self) -> Result<Vec<RolloutRow>> {
-        let client = self.client().await?;
-        let ids = client
-            .query(
-                "SELECT id FROM rollouts WHERE status = 'in_progress' ORDER BY id",
-                &[],
-            )
-            .await?;
-        let mut rollouts = Vec::with_capacity(ids.len());
-        for id in ids {
-            if let Some(r) = load_rollout(&**client, u(id.get(0))).await? {
-                rollouts.push(r);
-            }
-        }
-        Ok(rollouts)
+        load_rollouts(&**self.client().await?, "WHERE status = 'in_progress'").await
     }
 
     async fn open_wave(

@@ -535,6 +535,17 @@ fn load_retrainings(
         .collect()
 }
 
+/// The rollouts a `WHERE` clause (or none) selects, oldest first.
+fn load_rollouts(conn: &Connection, filter: &str) -> Result<Vec<RolloutRow>> {
+    let ids: Vec<i64> = conn
+        .prepare_cached(&format!("SELECT id FROM rollouts {filter} ORDER BY id"))?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    ids.into_iter()
+        .filter_map(|id| load_rollout(conn, u(id)).transpose())
+        .collect()
+}
+
 fn load_rollout(conn: &Connection, id: u64) -> Result<Option<RolloutRow>> {
     let row = conn
         .query_row(
@@ -1015,16 +1026,7 @@ impl Store for SqliteStore {
     }
 
     async fn rollouts(&self) -> Result<Vec<RolloutRow>> {
-        self.call(|conn| {
-            let ids: Vec<i64> = conn
-                .prepare_cached("SELECT id FROM rollouts ORDER BY id")?
-                .query_map([], |r| r.get(0))?
-                .collect::<rusqlite::Result<_>>()?;
-            ids.into_iter()
-                .filter_map(|id| load_rollout(conn, u(id)).transpose())
-                .collect()
-        })
-        .await
+        self.call(|conn| load_rollouts(conn, "")).await
     }
 
     async fn rollout(&self, id: u64) -> Result<Option<RolloutRow>> {
@@ -1032,16 +1034,8 @@ impl Store for SqliteStore {
     }
 
     async fn rollouts_in_progress(&self) -> Result<Vec<RolloutRow>> {
-        self.call(|conn| {
-            let ids: Vec<i64> = conn
-                .prepare_cached("SELECT id FROM rollouts WHERE status = 'in_progress' ORDER BY id")?
-                .query_map([], |r| r.get(0))?
-                .collect::<rusqlite::Result<_>>()?;
-            ids.into_iter()
-                .filter_map(|id| load_rollout(conn, u(id)).transpose())
-                .collect()
-        })
-        .await
+        self.call(|conn| load_rollouts(conn, "WHERE status = 'in_progress'"))
+            .await
     }
 
     async fn open_wave(
