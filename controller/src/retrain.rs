@@ -22,7 +22,7 @@ use crate::registry::{self, ArtifactStore, PublishError, PublishRequest, Quality
 use crate::rollout::{self, ENGINE, RolloutRequest};
 use crate::store::{
     RetrainingRow, RetrainingStatus, RetrainingUpdate, RolloutStatus, Store, StoreError,
-    WindowPoint,
+    WindowPoint, record_audit_now,
 };
 
 /// The header that carries the webhook body's HMAC-SHA256, as `sha256=<hex>`.
@@ -662,16 +662,14 @@ impl Retrainer {
     }
 
     async fn audit(&self, action: &str, row: &RetrainingRow, detail: Option<String>) {
-        let entry = crate::store::AuditEntry {
-            at_ms: now_ms(),
-            actor: ENGINE.to_string(),
-            action: action.to_string(),
-            target: format!("retraining/{}", row.id),
+        record_audit_now(
+            self.store.as_ref(),
+            ENGINE,
+            action,
+            format!("retraining/{}", row.id),
             detail,
-        };
-        if let Err(e) = self.store.record_audit(&entry).await {
-            warn!(error = %e, ?entry, "cannot write the audit log");
-        }
+        )
+        .await;
     }
 
     /// Runs the policy's trainer for a fired retraining.

@@ -22,7 +22,7 @@ use crate::plan::{
 };
 use crate::registry::ArtifactStore;
 use crate::store::{
-    AuditEntry, DueDeployment, NewRollout, RolloutRow, RolloutStatus, Store, StoreError,
+    DueDeployment, NewRollout, RolloutRow, RolloutStatus, Store, StoreError, record_audit_now,
 };
 
 /// How often the dispatcher looks for work when nothing wakes it.
@@ -347,24 +347,9 @@ async fn drift_evidence(
     Ok(Some(evidence))
 }
 
-/// Writes an audit entry; a failure is logged, not returned: the action has happened.
-pub async fn audit(
-    store: &dyn Store,
-    actor: &str,
-    action: &str,
-    rollout: u64,
-    detail: Option<String>,
-) {
-    let entry = AuditEntry {
-        at_ms: now_ms(),
-        actor: actor.to_string(),
-        action: action.to_string(),
-        target: format!("rollout/{rollout}"),
-        detail,
-    };
-    if let Err(e) = store.record_audit(&entry).await {
-        warn!(error = %e, ?entry, "cannot write the audit log");
-    }
+/// Writes an audit entry about rollout `rollout`.
+async fn audit(store: &dyn Store, actor: &str, action: &str, rollout: u64, detail: Option<String>) {
+    record_audit_now(store, actor, action, format!("rollout/{rollout}"), detail).await;
 }
 
 /// One engine step: times out silent deployments, then moves every rollout in progress

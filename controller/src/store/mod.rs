@@ -522,6 +522,27 @@ impl NewRollout {
     }
 }
 
+/// Writes an audit entry stamped now; a failure is logged, not returned: the action it
+/// records has happened.
+pub async fn record_audit_now(
+    store: &dyn Store,
+    actor: &str,
+    action: &str,
+    target: String,
+    detail: Option<String>,
+) {
+    let entry = AuditEntry {
+        at_ms: edgeloop_agent::now_ms(),
+        actor: actor.to_string(),
+        action: action.to_string(),
+        target,
+        detail,
+    };
+    if let Err(e) = store.record_audit(&entry).await {
+        tracing::warn!(error = %e, ?entry, "cannot write the audit log");
+    }
+}
+
 /// One line of the audit log: who did what to what, when, and why.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuditEntry {
