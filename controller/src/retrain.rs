@@ -149,6 +149,10 @@ pub struct RetrainingPolicy {
     /// After a retraining fires, none fires for the model for this long.
     #[serde(default = "RetrainingPolicy::default_cooldown_s")]
     pub cooldown_s: u64,
+    /// Also retrain on a schedule: when no retraining of the model has fired for this many
+    /// seconds, whatever the drift.
+    #[serde(default)]
+    pub schedule_s: Option<u64>,
     /// A retraining with no candidate published this long after it fired is rejected.
     #[serde(default = "RetrainingPolicy::default_candidate_timeout_s")]
     pub candidate_timeout_s: u64,
@@ -216,6 +220,9 @@ impl RetrainingPolicy {
         }
         if self.min_devices == 0 {
             return Err("min_devices: must be at least 1".into());
+        }
+        if self.schedule_s == Some(0) {
+            return Err("schedule_s: must be at least 1".into());
         }
         if !(self.min_share > 0.0 && self.min_share <= 1.0) {
             return Err(format!(
@@ -344,6 +351,27 @@ impl RetrainingPolicy {
     }
 }
 
+impl RetrainingPolicy {
+    /// A scheduled retraining of the version most of the model's devices run (`versions`:
+    /// one entry per device); None without a schedule or a device. Whether it is due is the
+    /// store's to say ([`crate::store::Store::start_retraining`] with the schedule as the
+    /// cooldown).
+    pub fn scheduled(&self, versions: &[u64]) -> Option<Fired> {
+        let every = self.schedule_s?;
+        let mut counts = BTreeMap::<u64, usize>::new();
+        for v in versions {
+            *counts.entry(*v).or_default() += 1;
+        }
+        let (version, _) = counts.into_iter().max_by_key(|(v, n)| (*n, *v))?;
+        Some(Fired {
+            version,
+            drifting: Vec::new(),
+            reporting: versions.len(),
+            reason: format!("schedule: none fired in the last {every} s"),
+        })
+    }
+}
+
 /// A trigger's evidence.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Fired {
@@ -449,10 +477,24 @@ impl Retrainer {
                 .store
                 .recent_windows(&policy.model, policy.consecutive_windows, since)
                 .await?;
-            let Some(fired) = policy.evaluate(&windows) else {
-                continue;
+            let (fired, quiet_for_s) = match policy.evaluate(&windows) {
+                Some(fired) => (fired, policy.cooldown_s),
+                None => {
+                    let versions: Vec<u64> = self
+                        .store
+                        .devices()
+                        .await?
+                        .into_iter()
+                        .filter(|d| d.model_name.as_deref() == Some(policy.model.as_str()))
+                        .filter_map(|d| d.model_version)
+                        .collect();
+                    match (policy.scheduled(&versions), policy.schedule_s) {
+                        (Some(fired), Some(every)) => (fired, every),
+                        _ => continue,
+                    }
+                }
             };
-            let cooldown_since = now.saturating_sub(policy.cooldown_s * 1000);
+            let cooldown_since = now.saturating_sub(quiet_for_s * 1000);
             let Some(row) = self
                 .store
                 .start_retraining(
@@ -1131,6 +1173,20 @@ mod tests {
             w("e", 1, 1, 0.0),
         ]);
         assert_eq!(p.evaluate(&five), None);
+    }
+
+    #[test]
+    fn a_schedule_fires_for_the_version_most_devices_run() {
+        let mut p = policy();
+        assert_eq!(p.scheduled(&[1, 2, 2]), None, "no schedule");
+        p.schedule_s = Some(86_400);
+        let fired = p.scheduled(&[1, 2, 2, 3]).unwrap();
+        assert_eq!((fired.version, fired.reporting), (2, 4));
+        assert!(fired.drifting.is_empty());
+        assert_eq!(fired.reason, "schedule: none fired in the last 86400 s");
+        assert_eq!(p.scheduled(&[]), None, "no device runs the model");
+        p.schedule_s = Some(0);
+        assert!(p.validate().unwrap_err().starts_with("schedule_s"));
     }
 
     #[test]

@@ -538,3 +538,48 @@ trainer = {{ kind = "command", program = "{}" }}
     Loop { ctl, agents }.stop().await;
 }
 on_both_brokers!(a_trainer_that_writes_an_invalid_model_ends_the_retraining_cleanly);
+
+async fn a_schedule_retrains_without_drift_and_a_missing_candidate_is_rejected(
+    broker: BrokerChoice,
+) {
+    let hook = Arc::new(Mutex::new(Hook::default()));
+    let url = serve_hook(hook.clone()).await;
+    let policy = policy(&format!(
+        r#"
+model = "vibration"
+schedule_s = 3
+candidate_timeout_s = 2
+trainer = {{ kind = "webhook", url = "{url}" }}
+"#
+    ));
+    let Some(Loop { ctl, agents }) = Loop::on_v1(broker, policy, "cron", 1, 400, 400.0).await
+    else {
+        eprintln!("skipped: {} is not set", edgeloop_tests::MQTT_URL_VAR);
+        return;
+    };
+    // No shift: the schedule fires; no pipeline publishes, so the retraining is rejected
+    // after candidate_timeout_s; the schedule fires again once 3 s have passed since.
+    wait_until("two scheduled retrainings", WAIT, || async {
+        retrainings(&ctl).await.len() >= 2
+    })
+    .await;
+    let rows = retrainings(&ctl).await;
+    let (second, first) = (&rows[0], &rows[1]);
+    for r in [first, second] {
+        assert_eq!(r["reason"], "schedule: none fired in the last 3 s", "{r}");
+        assert_eq!(r["from_version"], 1, "{r}");
+    }
+    assert_eq!(first["status"], "rejected", "{first}");
+    assert!(
+        first["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("no candidate was published within candidate_timeout_s"),
+        "{first}"
+    );
+    let gap = second["fired_ms"].as_u64().unwrap() - first["fired_ms"].as_u64().unwrap();
+    assert!(gap >= 3000, "fired {gap} ms apart");
+    assert!(hook.lock().unwrap().calls.len() >= 2);
+    Loop { ctl, agents }.stop().await;
+}
+on_both_brokers!(a_schedule_retrains_without_drift_and_a_missing_candidate_is_rejected);
