@@ -39,6 +39,8 @@ pub struct AppState {
     pub offline_after: Duration,
     pub dispatcher_wake: Arc<Notify>,
     pub trust: Arc<crate::trust::TrustRelay>,
+    /// The retraining policies this controller runs (from its configuration).
+    pub policies: Arc<Vec<crate::retrain::RetrainingPolicy>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +109,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/rollouts/{id}/{action}", post(change_rollout))
         .route("/api/v1/audit", get(audit))
         .route("/api/v1/retrainings", get(retrainings))
+        .route("/api/v1/retraining-policies", get(policies))
         .route("/api/v1/stats", get(stats))
         .route("/api/v1/trust", get(trust).post(publish_trust))
         .route("/artifacts/{name}/{version}", get(artifact))
@@ -320,6 +323,10 @@ async fn change_rollout(
     .await?;
     s.dispatcher_wake.notify_one();
     Ok(Json(Changed { rollout, rollbacks }))
+}
+
+async fn policies(State(s): State<AppState>) -> Json<Vec<crate::retrain::RetrainingPolicy>> {
+    Json(s.policies.as_ref().clone())
 }
 
 async fn retrainings(

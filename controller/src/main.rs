@@ -80,6 +80,11 @@ enum Command {
         #[command(subcommand)]
         command: RolloutCommand,
     },
+    /// The retraining policies the controller runs (its `[[retraining]]` configuration).
+    Policies {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Retrainings the policies fired, and how far each got.
     Retrainings {
         #[arg(long, default_value_t = 20)]
@@ -962,6 +967,30 @@ async fn run() -> anyhow::Result<()> {
             println!("{}", post_json(&url, &body).await?);
         }
         Command::Rollout { command } => rollout_command(command).await?,
+        Command::Policies { api } => {
+            let policies = get_json(&api.url("/api/v1/retraining-policies")).await?;
+            if api.output == Output::Json {
+                println!("{policies}");
+            } else {
+                for p in policies.as_array().into_iter().flatten() {
+                    println!(
+                        "{}: PSI >= {} in {} consecutive windows on >= {} devices and >= {} of them; cooldown {} s{}; trainer {}; waves {}",
+                        p["model"].as_str().unwrap_or(""),
+                        p["psi_threshold"],
+                        p["consecutive_windows"],
+                        p["min_devices"],
+                        p["min_share"],
+                        p["cooldown_s"],
+                        p["schedule_s"]
+                            .as_u64()
+                            .map(|s| format!("; every {s} s"))
+                            .unwrap_or_default(),
+                        p["trainer"]["kind"].as_str().unwrap_or(""),
+                        p["rollout"]["waves"],
+                    );
+                }
+            }
+        }
         Command::Retrainings { limit, api } => {
             let rows = get_json(&api.url(&format!("/api/v1/retrainings?limit={limit}"))).await?;
             if api.output == Output::Json {

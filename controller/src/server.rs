@@ -202,6 +202,7 @@ impl Controller {
             offline_after: Duration::from_secs(config.offline_after_s),
             dispatcher_wake: dispatcher_wake.clone(),
             trust,
+            policies: Arc::new(config.retraining.clone()),
         });
         let stop = shutdown.clone();
         let http_task = tokio::spawn(async move {

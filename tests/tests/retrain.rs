@@ -19,7 +19,7 @@ use edgeloop_controller::demo::{MODEL_V1, MODEL_V2, REFERENCE_V2};
 use edgeloop_controller::registry::{PublishRequest, QualityGate};
 use edgeloop_controller::retrain::{RetrainingPolicy, SIGNATURE_HEADER, signature};
 use edgeloop_tests::{BrokerChoice, TestAgent, TestController, on_both_brokers, wait_until};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 const HOLDOUT_V2: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -512,6 +512,12 @@ trainer = {{ kind = "command", program = "{}" }}
         eprintln!("skipped: {} is not set", edgeloop_tests::MQTT_URL_VAR);
         return;
     };
+    // The policy as the controller runs it, defaults filled in.
+    let policies = ctl.get("/api/v1/retraining-policies").await;
+    assert_eq!(policies[0]["model"], "vibration", "{policies}");
+    assert_eq!(policies[0]["trainer"]["kind"], "command", "{policies}");
+    assert_eq!(policies[0]["cooldown_s"], 3600, "{policies}");
+    assert_eq!(policies[0]["rollout"]["waves"], json!(["1", "10%", "100%"]));
     agents[0].shift.set(1.0);
     wait_until("the retraining fails", WAIT, || async {
         retrainings(&ctl)
