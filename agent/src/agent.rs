@@ -169,6 +169,15 @@ impl Agent {
         if trust.version() > 0 {
             info!(version = trust.version(), "trust document in force");
         }
+        // Enrollment goes on beside everything else (see `enroll`).
+        tokio::spawn({
+            let (config, shutdown) = (config.clone(), shutdown.child_token());
+            async move {
+                if let Err(e) = crate::enroll::run(config, shutdown).await {
+                    tracing::error!(error = %e, "enrollment stopped");
+                }
+            }
+        });
         let outbox = Outbox::new(
             SqliteOutbox::open(&state_dir.join("outbox.sqlite"))?,
             config.outbox.budget_bytes,

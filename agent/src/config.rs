@@ -83,6 +83,12 @@ pub struct AgentConfig {
     pub source: SourceConfig,
     pub api: ApiConfig,
     pub health: HealthConfig,
+    /// Enrollment (see `enroll`): a token from the controller; empty: no enrollment.
+    pub enrollment_token: String,
+    /// The board this device is (`rpi4`, `jetson-orin-nano`…), reported at enrollment.
+    pub board: String,
+    /// Seconds between enrollment attempts while waiting for approval or the controller.
+    pub enrollment_retry_s: u64,
 }
 
 /// The health window: how a newly activated model is watched, and when the device goes
@@ -252,6 +258,20 @@ impl AgentConfig {
         TrustedKeys::parse_all(self.root_keys.iter().map(String::as_str))?;
         if self.heartbeat_interval_s == 0 {
             return Err(invalid("heartbeat_interval_s", "must be at least 1"));
+        }
+        if self.enrollment_token.len() > 256
+            || self.enrollment_token.chars().any(|c| c.is_whitespace())
+        {
+            return Err(invalid(
+                "enrollment_token",
+                "must be the token as printed, without spaces",
+            ));
+        }
+        if !(self.board.is_empty() || edgeloop_shared::is_valid_identifier(&self.board)) {
+            return Err(invalid("board", "use 1-64 characters of [A-Za-z0-9_.-]"));
+        }
+        if self.enrollment_retry_s == 0 {
+            return Err(invalid("enrollment_retry_s", "must be at least 1"));
         }
         self.api.addr().map_err(|e| invalid("api.listen", &e))?;
         if self.api.max_body_bytes < 64 {

@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod api;
 pub mod config;
+pub mod enroll;
 pub mod link;
 pub mod modelbench;
 pub mod onnx_ops;

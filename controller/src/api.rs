@@ -21,8 +21,8 @@ use crate::plan::RolloutPlan;
 use crate::registry::ArtifactStore;
 use crate::rollout::{self, Change, RolloutError, RolloutRequest};
 use crate::store::{
-    AuditEntry, DeploymentEvent, DeviceRow, HourlyRow, ModelRow, RetrainingRow, RolloutRow, Store,
-    StoreError, TelemetryRow,
+    AuditEntry, DeploymentEvent, DeviceRow, EnrollOutcome, EnrollmentRow, HourlyRow, ModelRow,
+    RetrainingRow, RolloutRow, Store, StoreError, TelemetryRow, TokenRow,
 };
 use crate::trust::{Current, RelayError};
 use edgeloop_shared::trust::SignedTrust;
@@ -41,6 +41,17 @@ pub struct AppState {
     pub trust: Arc<crate::trust::TrustRelay>,
     /// The retraining policies this controller runs (from its configuration).
     pub policies: Arc<Vec<crate::retrain::RetrainingPolicy>>,
+    /// What an enrolled device is told: where the broker is, the topic root, the keys to
+    /// trust.
+    pub device_settings: Arc<DeviceSettings>,
+}
+
+/// The settings an enrolled device needs.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeviceSettings {
+    pub mqtt_url: String,
+    pub topic_root: String,
+    pub trusted_keys: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,17 +68,26 @@ pub enum ApiError {
     Artifact(std::io::Error),
     #[error(transparent)]
     Trust(#[from] RelayError),
+    /// Refused with this status (an enrollment: 401, 403 or 409).
+    #[error("{1}")]
+    Refused(StatusCode, String),
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = match &self {
             ApiError::BadRequest(_)
-            | ApiError::Rollout(RolloutError::NoDevices | RolloutError::Plan(_))
+            | ApiError::Rollout(
+                RolloutError::NoDevices
+                | RolloutError::Plan(_)
+                | RolloutError::NoMatch { .. }
+                | RolloutError::DevicesAndTarget,
+            )
             | ApiError::Trust(RelayError::Invalid(_) | RelayError::NoRoots) => {
                 StatusCode::BAD_REQUEST
             }
             ApiError::Trust(RelayError::Stale(_) | RelayError::Raced) => StatusCode::CONFLICT,
+            ApiError::Refused(status, _) => *status,
             ApiError::NotFound(_)
             | ApiError::Store(StoreError::NotFound(_))
             | ApiError::Rollout(RolloutError::Store(StoreError::NotFound(_))) => {
@@ -110,6 +130,11 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/audit", get(audit))
         .route("/api/v1/retrainings", get(retrainings))
         .route("/api/v1/retraining-policies", get(policies))
+        .route("/api/v1/enrollment-tokens", post(create_token).get(tokens))
+        .route("/api/v1/enroll", post(enroll))
+        .route("/api/v1/device-settings", get(device_settings))
+        .route("/api/v1/enrollments", get(enrollments))
+        .route("/api/v1/enrollments/{id}/approve", post(approve))
         .route("/api/v1/stats", get(stats))
         .route("/api/v1/trust", get(trust).post(publish_trust))
         .route("/artifacts/{name}/{version}", get(artifact))
@@ -208,6 +233,11 @@ pub struct CreateRollout {
     /// their active one (plain deploys of such a version are refused).
     #[serde(default)]
     pub rollback: bool,
+    /// Instead of `devices`: the devices of this group…
+    pub group: Option<String>,
+    /// …and/or with all these tags.
+    #[serde(default)]
+    pub tags: Vec<String>,
     /// Waves, thresholds and the device timeout; all at once when absent.
     #[serde(default)]
     pub plan: RolloutPlan,
@@ -254,6 +284,12 @@ async fn create_rollout(
             version: body.version,
             rollback: body.rollback,
             devices: body.devices,
+            target: (body.group.is_some() || !body.tags.is_empty()).then_some(
+                crate::rollout::Target {
+                    group: body.group,
+                    tags: body.tags,
+                },
+            ),
             plan: body.plan,
             actor: actor(&headers)?,
             reason: body.reason,
@@ -323,6 +359,262 @@ async fn change_rollout(
     .await?;
     s.dispatcher_wake.notify_one();
     Ok(Json(Changed { rollout, rollbacks }))
+}
+
+/// `POST /api/v1/enrollment-tokens`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateToken {
+    /// The group devices enrolled with the token join.
+    pub group: String,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// How long the token is valid, in seconds.
+    #[serde(default = "CreateToken::default_ttl_s")]
+    pub ttl_s: u64,
+    /// Enrollments it allows; null: any number until it expires.
+    #[serde(default = "CreateToken::default_uses")]
+    pub uses: Option<u64>,
+    /// Approve its devices at once; false: an operator approves each.
+    #[serde(default = "CreateToken::default_auto_approve")]
+    pub auto_approve: bool,
+}
+
+impl CreateToken {
+    fn default_ttl_s() -> u64 {
+        86_400
+    }
+    fn default_uses() -> Option<u64> {
+        Some(1)
+    }
+    fn default_auto_approve() -> bool {
+        true
+    }
+}
+
+/// A new token: its row, and the secret, shown this once.
+#[derive(Debug, serde::Serialize)]
+pub struct CreatedToken {
+    #[serde(flatten)]
+    pub row: TokenRow,
+    pub token: String,
+}
+
+/// Makes and stores an enrollment token; the secret is returned, only its hash is kept.
+pub async fn new_token(
+    store: &dyn Store,
+    body: CreateToken,
+    actor: &str,
+) -> Result<CreatedToken, ApiError> {
+    let bad = |m: String| Err(ApiError::BadRequest(m));
+    if !is_valid_identifier(&body.group) {
+        return bad(format!(
+            "group `{}` must be 1-64 characters of [A-Za-z0-9_.-]",
+            body.group
+        ));
+    }
+    if let Some(t) = body.tags.iter().find(|t| !is_valid_identifier(t)) {
+        return bad(format!(
+            "tag `{t}` must be 1-64 characters of [A-Za-z0-9_.-]"
+        ));
+    }
+    if !(1..=366 * 86_400).contains(&body.ttl_s) {
+        return bad("ttl_s must be from 1 s to a year".into());
+    }
+    if body.uses == Some(0) {
+        return bad("uses must be at least 1 (null: unlimited)".into());
+    }
+    let mut secret = [0u8; 24];
+    let mut id = [0u8; 4];
+    getrandom::fill(&mut secret)
+        .and_then(|()| getrandom::fill(&mut id))
+        .map_err(|e| ApiError::BadRequest(format!("no entropy: {e}")))?;
+    let token = format!("elt_{}", hex::encode(secret));
+    let now = now_ms();
+    let row = TokenRow {
+        id: format!("tok-{}", hex::encode(id)),
+        group: body.group,
+        tags: body.tags,
+        expires_ms: now + body.ttl_s * 1000,
+        uses_left: body.uses,
+        auto_approve: body.auto_approve,
+        created_ms: now,
+        created_by: actor.to_string(),
+    };
+    store
+        .create_token(&row, &edgeloop_shared::sha256_hex(token.as_bytes()))
+        .await?;
+    crate::store::record_audit_now(
+        store,
+        actor,
+        "token.create",
+        format!("token/{}", row.id),
+        Some(format!(
+            "group {} tags {:?}, {} uses, {}",
+            row.group,
+            row.tags,
+            row.uses_left.map_or("unlimited".into(), |u| u.to_string()),
+            if row.auto_approve {
+                "auto-approved"
+            } else {
+                "approved by an operator"
+            }
+        )),
+    )
+    .await;
+    Ok(CreatedToken { row, token })
+}
+
+async fn create_token(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<CreateToken>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<CreatedToken>), ApiError> {
+    let Json(body) = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let created = new_token(s.store.as_ref(), body, &actor(&headers)?).await?;
+    Ok((StatusCode::CREATED, Json(created)))
+}
+
+async fn tokens(State(s): State<AppState>) -> ApiResult<Vec<TokenRow>> {
+    Ok(Json(s.store.tokens().await?))
+}
+
+/// `POST /api/v1/enroll`: what a device sends.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollBody {
+    pub token: String,
+    pub device_id: String,
+    pub public_key: String,
+    pub board: Option<String>,
+    pub arch: Option<String>,
+    pub agent_version: Option<String>,
+}
+
+/// What an enrolling device is told.
+#[derive(Debug, serde::Serialize)]
+pub struct Enrolled {
+    pub device_id: String,
+    /// `approved`, or `pending` until an operator approves.
+    pub status: crate::store::EnrollmentStatus,
+    pub group: String,
+    pub tags: Vec<String>,
+    #[serde(flatten)]
+    pub settings: DeviceSettings,
+}
+
+async fn enroll(
+    State(s): State<AppState>,
+    body: Result<Json<EnrollBody>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<Enrolled>), ApiError> {
+    let Json(body) = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    device_id(&body.device_id)?;
+    edgeloop_shared::signing::PublicKey::parse(&body.public_key)
+        .map_err(|e| ApiError::BadRequest(format!("public_key: {e}")))?;
+    for (field, value) in [
+        ("board", &body.board),
+        ("arch", &body.arch),
+        ("agent_version", &body.agent_version),
+    ] {
+        if let Some(v) = value
+            && (v.is_empty()
+                || v.len() > 64
+                || v.chars().any(|c| c.is_control() || c.is_whitespace()))
+        {
+            return Err(ApiError::BadRequest(format!(
+                "{field} `{v}` must be 1-64 visible characters"
+            )));
+        }
+    }
+    let now = now_ms();
+    let request = crate::store::EnrollRequest {
+        device_id: body.device_id,
+        public_key: body.public_key,
+        board: body.board,
+        arch: body.arch,
+        agent_version: body.agent_version,
+    };
+    let secret = edgeloop_shared::sha256_hex(body.token.as_bytes());
+    let row = match s.store.enroll(&secret, &request, now).await? {
+        EnrollOutcome::Enrolled(row) => *row,
+        EnrollOutcome::BadToken => {
+            return Err(ApiError::Refused(
+                StatusCode::UNAUTHORIZED,
+                "the enrollment token is unknown or has expired".into(),
+            ));
+        }
+        EnrollOutcome::UsedUp => {
+            return Err(ApiError::Refused(
+                StatusCode::FORBIDDEN,
+                "the enrollment token has been used as often as it allows".into(),
+            ));
+        }
+        EnrollOutcome::KeyConflict => {
+            return Err(ApiError::Refused(
+                StatusCode::CONFLICT,
+                format!("device {} is enrolled with another key", request.device_id),
+            ));
+        }
+    };
+    if row.created_ms == now {
+        crate::store::record_audit_now(
+            s.store.as_ref(),
+            &row.device_id,
+            "device.enroll",
+            format!("device/{}", row.device_id),
+            Some(format!(
+                "with token {} into group {}: {}",
+                row.token_id,
+                row.group,
+                crate::store::enrollment_status_str(row.status)
+            )),
+        )
+        .await;
+    }
+    let status = match row.status {
+        crate::store::EnrollmentStatus::Approved => StatusCode::OK,
+        crate::store::EnrollmentStatus::Pending => StatusCode::ACCEPTED,
+    };
+    Ok((
+        status,
+        Json(Enrolled {
+            device_id: row.device_id,
+            status: row.status,
+            group: row.group,
+            tags: row.tags,
+            settings: s.device_settings.as_ref().clone(),
+        }),
+    ))
+}
+
+async fn device_settings(State(s): State<AppState>) -> Json<DeviceSettings> {
+    Json(s.device_settings.as_ref().clone())
+}
+
+async fn enrollments(State(s): State<AppState>) -> ApiResult<Vec<EnrollmentRow>> {
+    Ok(Json(s.store.enrollments().await?))
+}
+
+async fn approve(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<EnrollmentRow> {
+    let actor = actor(&headers)?;
+    let row = s
+        .store
+        .approve_enrollment(device_id(&id)?, &actor, now_ms())
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("pending enrollment of {id}")))?;
+    crate::store::record_audit_now(
+        s.store.as_ref(),
+        &actor,
+        "device.approve",
+        format!("device/{id}"),
+        None,
+    )
+    .await;
+    Ok(Json(row))
 }
 
 async fn policies(State(s): State<AppState>) -> Json<Vec<crate::retrain::RetrainingPolicy>> {

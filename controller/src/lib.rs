@@ -12,6 +12,7 @@ pub mod gate;
 pub mod ingest;
 pub mod keys;
 pub mod plan;
+pub mod provision;
 pub mod registry;
 pub mod retention;
 pub mod retrain;

@@ -75,6 +75,11 @@ enum Command {
         #[command(subcommand)]
         command: DeviceCommand,
     },
+    /// Enrollment tokens for devices to join with.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// Manage rollouts through a running controller's API.
     Rollout {
         #[command(subcommand)]
@@ -340,6 +345,81 @@ enum DeviceCommand {
         ids: Vec<String>,
         #[command(flatten)]
         config: ConfigArgs,
+    },
+    /// Enrollments, pending and approved.
+    Enrollments {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Approve a pending enrollment: the device joins the registry and is heard.
+    Approve {
+        id: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Write a provisioning bundle to copy onto a device's image before flashing: the agent
+    /// configuration with a new enrollment token, the controller's keys, a systemd unit and
+    /// the board's settings.
+    Provision {
+        /// The device's id (1-64 characters of [A-Za-z0-9_.-]).
+        #[arg(long)]
+        device_id: String,
+        /// The board: rpi4, rpi5, jetson-orin-nano, beaglebone-black, linux-x86_64,
+        /// linux-aarch64 or android-arm64.
+        #[arg(long)]
+        board: String,
+        #[arg(long)]
+        group: String,
+        #[arg(long, value_delimiter = ',')]
+        tags: Vec<String>,
+        /// The device waits for `edgeloop device approve` instead of joining at once.
+        #[arg(long)]
+        review: bool,
+        /// How long the token is valid.
+        #[arg(long, default_value_t = 7 * 86_400)]
+        ttl_s: u64,
+        /// The broker as the device reaches it (default: the controller's own view).
+        #[arg(long)]
+        broker_url: Option<String>,
+        /// The controller as the device reaches it (default: --controller).
+        #[arg(long)]
+        public_url: Option<String>,
+        /// Where to write the bundle (created; must not exist).
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+/// Manage enrollment tokens through a running controller's API.
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a token; prints its secret once.
+    Create {
+        #[arg(long)]
+        group: String,
+        #[arg(long, value_delimiter = ',')]
+        tags: Vec<String>,
+        /// Seconds it is valid.
+        #[arg(long, default_value_t = 86_400)]
+        ttl_s: u64,
+        /// Enrollments it allows.
+        #[arg(long, default_value_t = 1, conflicts_with = "unlimited")]
+        uses: u64,
+        /// Any number of enrollments until it expires.
+        #[arg(long)]
+        unlimited: bool,
+        /// Its devices wait for `edgeloop device approve`.
+        #[arg(long)]
+        review: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// List tokens (never their secrets).
+    List {
+        #[command(flatten)]
+        api: ApiArgs,
     },
 }
 
@@ -912,6 +992,137 @@ async fn run() -> anyhow::Result<()> {
                 ids.len() as u64 - added
             );
         }
+        Command::Device {
+            command: DeviceCommand::Enrollments { api },
+        } => {
+            let rows = get_json(&api.url("/api/v1/enrollments")).await?;
+            if api.output == Output::Json {
+                println!("{rows}");
+            } else {
+                for r in rows.as_array().into_iter().flatten() {
+                    println!(
+                        "{:<24} {:<9} group {} tags {} board {} token {}",
+                        r["device_id"].as_str().unwrap_or(""),
+                        r["status"].as_str().unwrap_or(""),
+                        r["group"].as_str().unwrap_or(""),
+                        r["tags"],
+                        r["board"].as_str().unwrap_or("-"),
+                        r["token_id"].as_str().unwrap_or("")
+                    );
+                }
+            }
+        }
+        Command::Device {
+            command: DeviceCommand::Approve { id, api },
+        } => {
+            let row = post_json(
+                &api.url(&format!("/api/v1/enrollments/{id}/approve")),
+                &serde_json::json!({}),
+            )
+            .await?;
+            if api.output == Output::Json {
+                println!("{row}");
+            } else {
+                println!("{id} approved");
+            }
+        }
+        Command::Device {
+            command:
+                DeviceCommand::Provision {
+                    device_id,
+                    board,
+                    group,
+                    tags,
+                    review,
+                    ttl_s,
+                    broker_url,
+                    public_url,
+                    out,
+                    api,
+                },
+        } => {
+            let written = edgeloop_controller::provision::write(
+                &api.controller,
+                edgeloop_controller::provision::Request {
+                    device_id,
+                    board,
+                    group,
+                    tags,
+                    review,
+                    ttl_s,
+                    broker_url,
+                    public_url,
+                    out,
+                },
+                &cli_actor(),
+            )
+            .await?;
+            if api.output == Output::Json {
+                println!("{}", serde_json::to_string(&written)?);
+            } else {
+                println!(
+                    "provisioning bundle for {} in {} (token {} for group {})",
+                    written.device_id,
+                    written.dir.display(),
+                    written.token_id,
+                    written.group,
+                );
+                for f in &written.files {
+                    println!("  {f}");
+                }
+            }
+        }
+        Command::Token { command } => match command {
+            TokenCommand::Create {
+                group,
+                tags,
+                ttl_s,
+                uses,
+                unlimited,
+                review,
+                api,
+            } => {
+                let body = serde_json::json!({
+                    "group": group, "tags": tags, "ttl_s": ttl_s,
+                    "uses": (!unlimited).then_some(uses), "auto_approve": !review,
+                });
+                let created: serde_json::Value = serde_json::from_str(
+                    &post_json(&api.url("/api/v1/enrollment-tokens"), &body).await?,
+                )?;
+                if api.output == Output::Json {
+                    println!("{created}");
+                } else {
+                    println!(
+                        "token {} for group {}: {}\n(shown once; put it in the device's enrollment_token)",
+                        created["id"].as_str().unwrap_or(""),
+                        created["group"].as_str().unwrap_or(""),
+                        created["token"].as_str().unwrap_or("")
+                    );
+                }
+            }
+            TokenCommand::List { api } => {
+                let rows = get_json(&api.url("/api/v1/enrollment-tokens")).await?;
+                if api.output == Output::Json {
+                    println!("{rows}");
+                } else {
+                    for t in rows.as_array().into_iter().flatten() {
+                        println!(
+                            "{} group {} tags {} expires {} uses left {} {}",
+                            t["id"].as_str().unwrap_or(""),
+                            t["group"].as_str().unwrap_or(""),
+                            t["tags"],
+                            t["expires_ms"],
+                            t["uses_left"],
+                            if t["auto_approve"] == true {
+                                "auto-approved"
+                            } else {
+                                "reviewed"
+                            }
+                        );
+                    }
+                }
+            }
+        },
         Command::Trust {
             command:
                 TrustCommand::Sign {

@@ -35,6 +35,13 @@ pub const ENGINE: &str = "controller";
 pub enum RolloutError {
     #[error("a rollout needs at least one device, and none are known")]
     NoDevices,
+    #[error("no device is in group {group:?} with tags {tags:?}")]
+    NoMatch {
+        group: Option<String>,
+        tags: Vec<String>,
+    },
+    #[error("name devices, or a group and tags, not both")]
+    DevicesAndTarget,
     #[error(transparent)]
     Plan(#[from] PlanError),
     #[error("rollout {id} is {status}: cannot {action} it")]
@@ -55,8 +62,10 @@ pub struct RolloutRequest {
     /// Send rollback commands: the only ones with which a device installs a version that
     /// is not above its active one.
     pub rollback: bool,
-    /// Every known device when none.
+    /// Every known device when none (and no target).
     pub devices: Option<Vec<String>>,
+    /// The devices of this group (when given) that have all these tags.
+    pub target: Option<Target>,
     pub plan: RolloutPlan,
     /// Who asks, and why, for the audit log.
     pub actor: String,
@@ -71,10 +80,27 @@ impl RolloutRequest {
             version,
             rollback: false,
             devices: None,
+            target: None,
             plan: RolloutPlan::default(),
             actor: ENGINE.to_string(),
             reason: None,
         }
+    }
+}
+
+/// Devices chosen by their enrollment: a group, tags, or both.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Target {
+    pub group: Option<String>,
+    pub tags: Vec<String>,
+}
+
+impl Target {
+    pub fn matches(&self, device: &crate::store::DeviceRow) -> bool {
+        self.group
+            .as_ref()
+            .is_none_or(|g| device.group.as_ref() == Some(g))
+            && self.tags.iter().all(|t| device.tags.contains(t))
     }
 }
 
@@ -84,9 +110,26 @@ pub async fn create(
     request: RolloutRequest,
 ) -> Result<RolloutRow, RolloutError> {
     request.plan.validate()?;
-    let devices = match request.devices {
-        Some(list) => list,
-        None => store.devices().await?.into_iter().map(|d| d.id).collect(),
+    let devices = match (request.devices, request.target) {
+        (Some(_), Some(_)) => return Err(RolloutError::DevicesAndTarget),
+        (Some(list), None) => list,
+        (None, Some(target)) => {
+            let matching: Vec<String> = store
+                .devices()
+                .await?
+                .into_iter()
+                .filter(|d| target.matches(d))
+                .map(|d| d.id)
+                .collect();
+            if matching.is_empty() {
+                return Err(RolloutError::NoMatch {
+                    group: target.group,
+                    tags: target.tags,
+                });
+            }
+            matching
+        }
+        (None, None) => store.devices().await?.into_iter().map(|d| d.id).collect(),
     };
     if devices.is_empty() {
         return Err(RolloutError::NoDevices);

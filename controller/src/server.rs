@@ -203,6 +203,11 @@ impl Controller {
             dispatcher_wake: dispatcher_wake.clone(),
             trust,
             policies: Arc::new(config.retraining.clone()),
+            device_settings: Arc::new(api::DeviceSettings {
+                mqtt_url: mqtt_url.clone(),
+                topic_root: config.topic_root.clone(),
+                trusted_keys: vec![key.public().to_text()],
+            }),
         });
         let stop = shutdown.clone();
         let http_task = tokio::spawn(async move {

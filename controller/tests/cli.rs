@@ -309,6 +309,118 @@ async fn the_readme_tour_works() {
         "{stderr}"
     );
 
+    // Provisioning a device: a bundle with the agent's configuration and a token of its
+    // own; an agent started from it enrolls into its group.
+    let out = edgeloop(
+        &[
+            "device",
+            "provision",
+            "--device-id",
+            "pump-9",
+            "--board",
+            "rpi4",
+            "--group",
+            "line-a",
+            "--tags",
+            "hall-2",
+            "--out",
+            "pump-9-bundle",
+            "--controller",
+            &http,
+        ],
+        cwd,
+    );
+    assert!(out.starts_with("provisioning bundle for pump-9"), "{out}");
+    let bundle = cwd.join("pump-9-bundle");
+    let unit = std::fs::read_to_string(bundle.join("edgeloop-agent.service")).unwrap();
+    assert!(
+        unit.contains(
+            "ExecStart=/usr/local/bin/edgeloop-agent run --config /etc/edgeloop/agent.toml"
+        ),
+        "{unit}"
+    );
+    assert!(
+        std::fs::read_to_string(bundle.join("board.toml"))
+            .unwrap()
+            .contains("aarch64-unknown-linux-gnu")
+    );
+    let mut provisioned = AgentConfig::load(Some(&bundle.join("agent.toml"))).unwrap();
+    assert_eq!(provisioned.device_id, "pump-9");
+    assert_eq!(provisioned.board, "rpi4");
+    assert!(provisioned.enrollment_token.starts_with("elt_"));
+    assert_eq!(provisioned.trusted_keys, [public.trim().to_string()]);
+    provisioned.state_dir = cwd.join("pump-9-state");
+    provisioned.api.listen.clear();
+    let enrolled = Agent::new(
+        provisioned.clone(),
+        source::from_config(&provisioned.source).unwrap(),
+    )
+    .unwrap();
+    let enrolled_task = tokio::spawn(enrolled.run(shutdown.clone()));
+    wait(Duration::from_secs(30), || async {
+        devices(&http)
+            .await
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["id"] == "pump-9" && d["group"] == "line-a" && d["board"] == "rpi4")
+    })
+    .await;
+    let enrollments = edgeloop(&["device", "enrollments", "--controller", &http], cwd);
+    assert!(
+        enrollments.contains("pump-9") && enrollments.contains("approved"),
+        "{enrollments}"
+    );
+    for (args, expected) in [
+        (
+            vec!["--board", "toaster", "--out", "x"],
+            "is not one of rpi4",
+        ),
+        (
+            vec!["--board", "rpi4", "--out", "pump-9-bundle"],
+            "exists already",
+        ),
+    ] {
+        let refused = Command::new(EDGELOOP)
+            .current_dir(cwd)
+            .args([
+                "device",
+                "provision",
+                "--device-id",
+                "pump-10",
+                "--group",
+                "g",
+            ])
+            .args(&args)
+            .args(["--controller", &http])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(
+            !refused.status.success() && stderr.contains(expected),
+            "{stderr}"
+        );
+    }
+    let created = edgeloop(
+        &[
+            "token",
+            "create",
+            "--group",
+            "line-b",
+            "--review",
+            "--controller",
+            &http,
+        ],
+        cwd,
+    );
+    assert!(created.contains("for group line-b: elt_"), "{created}");
+    let tokens: serde_json::Value = serde_json::from_str(&edgeloop(
+        &["token", "list", "--output", "json", "--controller", &http],
+        cwd,
+    ))
+    .unwrap();
+    assert_eq!(tokens.as_array().unwrap().len(), 2, "{tokens}");
+
     // A rollout of a model that does not exist is refused with the controller's reason.
     let refused = Command::new(EDGELOOP)
         .args([
@@ -382,6 +494,7 @@ async fn the_readme_tour_works() {
 
     shutdown.cancel();
     agent_task.await.unwrap().unwrap();
+    enrolled_task.await.unwrap().unwrap();
 }
 
 async fn wait<F, Fut>(timeout: Duration, mut check: F)

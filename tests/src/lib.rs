@@ -204,6 +204,13 @@ impl TestController {
         )
     }
 
+    /// Messages the controller held back because their device was not in the registry.
+    pub async fn stats_unknown_device(&self) -> u64 {
+        self.get("/api/v1/stats").await["unknown_device"]
+            .as_u64()
+            .expect("a count")
+    }
+
     pub async fn device(&self, id: &str) -> Option<Value> {
         self.get("/api/v1/devices")
             .await

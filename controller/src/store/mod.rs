@@ -65,6 +65,129 @@ pub struct DeviceRow {
     pub last_psi_max: Option<f64>,
     /// The device's outbox as of its last heartbeat, with what it had to drop.
     pub outbox: OutboxStatus,
+    /// From its enrollment: the group and tags rollouts target, its board and CPU.
+    pub group: Option<String>,
+    pub tags: Vec<String>,
+    pub board: Option<String>,
+    pub arch: Option<String>,
+}
+
+/// A device's tags from their stored JSON (none when never enrolled).
+pub(crate) fn parse_tags(id: &str, json: Option<String>) -> Result<Vec<String>> {
+    match json {
+        None => Ok(Vec::new()),
+        Some(j) => serde_json::from_str(&j)
+            .map_err(|e| StoreError::Corrupt(format!("tags of device {id}: {e}"))),
+    }
+}
+
+/// An enrollment token, without its secret (the store keeps only the secret's SHA-256).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TokenRow {
+    /// A public name for the token, for lists and the audit log.
+    pub id: String,
+    /// The group and tags every device enrolled with it gets.
+    pub group: String,
+    pub tags: Vec<String>,
+    pub expires_ms: u64,
+    /// Enrollments it still allows; None: any number until it expires.
+    pub uses_left: Option<u64>,
+    /// Devices enrolled with it are approved at once; otherwise they wait for an operator.
+    pub auto_approve: bool,
+    pub created_ms: u64,
+    pub created_by: String,
+}
+
+/// What a device says about itself when it enrolls.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EnrollRequest {
+    pub device_id: String,
+    /// The device's own ed25519 public key (`ed25519:<base64>`), created at first boot.
+    pub public_key: String,
+    pub board: Option<String>,
+    pub arch: Option<String>,
+    pub agent_version: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EnrollmentStatus {
+    /// Waiting for an operator; the device's messages are not accepted yet.
+    Pending,
+    /// In the registry.
+    Approved,
+}
+
+/// A device's enrollment.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EnrollmentRow {
+    pub device_id: String,
+    pub public_key: String,
+    pub token_id: String,
+    pub group: String,
+    pub tags: Vec<String>,
+    pub board: Option<String>,
+    pub arch: Option<String>,
+    pub agent_version: Option<String>,
+    pub status: EnrollmentStatus,
+    pub created_ms: u64,
+    pub decided_ms: Option<u64>,
+    pub decided_by: Option<String>,
+}
+
+pub(crate) fn enrollment_status_str(status: EnrollmentStatus) -> &'static str {
+    match status {
+        EnrollmentStatus::Pending => "pending",
+        EnrollmentStatus::Approved => "approved",
+    }
+}
+
+pub(crate) fn parse_enrollment_status(s: &str) -> Result<EnrollmentStatus> {
+    match s {
+        "pending" => Ok(EnrollmentStatus::Pending),
+        "approved" => Ok(EnrollmentStatus::Approved),
+        other => Err(StoreError::Corrupt(format!("enrollment status `{other}`"))),
+    }
+}
+
+/// The enrollment a token makes of a request: approved at once by an auto-approving token.
+pub(crate) fn new_enrollment(
+    token: &TokenRow,
+    request: &EnrollRequest,
+    now_ms: u64,
+) -> EnrollmentRow {
+    let approved = token.auto_approve;
+    EnrollmentRow {
+        device_id: request.device_id.clone(),
+        public_key: request.public_key.clone(),
+        token_id: token.id.clone(),
+        group: token.group.clone(),
+        tags: token.tags.clone(),
+        board: request.board.clone(),
+        arch: request.arch.clone(),
+        agent_version: request.agent_version.clone(),
+        status: if approved {
+            EnrollmentStatus::Approved
+        } else {
+            EnrollmentStatus::Pending
+        },
+        created_ms: now_ms,
+        decided_ms: approved.then_some(now_ms),
+        decided_by: approved.then(|| format!("token {}", token.id)),
+    }
+}
+
+/// How an enrollment attempt ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EnrollOutcome {
+    /// Enrolled (approved or pending), or enrolled before with the same key.
+    Enrolled(Box<EnrollmentRow>),
+    /// No token has this secret, or it has expired.
+    BadToken,
+    /// The token allowed no more enrollments.
+    UsedUp,
+    /// The device id is enrolled with another key.
+    KeyConflict,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -700,6 +823,29 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<bool>;
     /// Retrainings, newest first.
     async fn retrainings(&self, limit: u32) -> Result<Vec<RetrainingRow>>;
+
+    /// Stores an enrollment token under the SHA-256 of its secret.
+    async fn create_token(&self, token: &TokenRow, secret_sha256: &str) -> Result<()>;
+    async fn tokens(&self) -> Result<Vec<TokenRow>>;
+    /// Enrolls a device with the token whose secret hashes to `secret_sha256`, in one
+    /// transaction: checks and spends a use of the token, records the enrollment, and with
+    /// an auto-approving token puts the device in the registry. Enrolling again with the same
+    /// key returns the enrollment as it is, spending nothing.
+    async fn enroll(
+        &self,
+        secret_sha256: &str,
+        request: &EnrollRequest,
+        now_ms: u64,
+    ) -> Result<EnrollOutcome>;
+    /// Approves a pending enrollment and puts the device in the registry; None when there
+    /// is no pending enrollment of that id.
+    async fn approve_enrollment(
+        &self,
+        device_id: &str,
+        by: &str,
+        now_ms: u64,
+    ) -> Result<Option<EnrollmentRow>>;
+    async fn enrollments(&self) -> Result<Vec<EnrollmentRow>>;
 
     async fn record_audit(&self, entry: &AuditEntry) -> Result<()>;
     /// The audit log, newest first.

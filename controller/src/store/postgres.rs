@@ -143,6 +143,35 @@ ALTER TABLE deployments ADD COLUMN deadline_ms BIGINT;
 ALTER TABLE deployments ADD COLUMN previous_model TEXT;
 ALTER TABLE deployments ADD COLUMN previous_version BIGINT;
 CREATE INDEX deployments_by_status ON deployments (status);
+ALTER TABLE devices ADD COLUMN group_name TEXT;
+ALTER TABLE devices ADD COLUMN tags TEXT;
+ALTER TABLE devices ADD COLUMN board TEXT;
+ALTER TABLE devices ADD COLUMN arch TEXT;
+CREATE TABLE enrollment_tokens (
+    id TEXT PRIMARY KEY,
+    secret_sha256 TEXT NOT NULL UNIQUE,
+    group_name TEXT NOT NULL,
+    tags TEXT NOT NULL,
+    expires_ms BIGINT NOT NULL,
+    uses_left BIGINT,
+    auto_approve BOOLEAN NOT NULL,
+    created_ms BIGINT NOT NULL,
+    created_by TEXT NOT NULL
+);
+CREATE TABLE enrollments (
+    device_id TEXT PRIMARY KEY,
+    public_key TEXT NOT NULL,
+    token_id TEXT NOT NULL,
+    group_name TEXT NOT NULL,
+    tags TEXT NOT NULL,
+    board TEXT,
+    arch TEXT,
+    agent_version TEXT,
+    status TEXT NOT NULL,
+    created_ms BIGINT NOT NULL,
+    decided_ms BIGINT,
+    decided_by TEXT
+);
 CREATE TABLE retrainings (
     id BIGSERIAL PRIMARY KEY,
     model_name TEXT NOT NULL,
@@ -491,6 +520,78 @@ fn model_from_row(r: &Row) -> Result<ModelRow> {
     })
 }
 
+const TOKEN_COLUMNS: &str =
+    "id, group_name, tags, expires_ms, uses_left, auto_approve, created_ms, created_by";
+
+fn token_from_row(r: &Row) -> Result<TokenRow> {
+    let id: String = r.get(0);
+    Ok(TokenRow {
+        tags: parse_tags(&id, Some(r.get(2)))?,
+        id,
+        group: r.get(1),
+        expires_ms: u(r.get(3)),
+        uses_left: r.get::<_, Option<i64>>(4).map(u),
+        auto_approve: r.get(5),
+        created_ms: u(r.get(6)),
+        created_by: r.get(7),
+    })
+}
+
+async fn load_enrollments(
+    c: &impl GenericClient,
+    filter: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Vec<EnrollmentRow>> {
+    c.query(
+        &format!(
+            "SELECT device_id, public_key, token_id, group_name, tags, board, arch, agent_version,
+                    status, created_ms, decided_ms, decided_by
+             FROM enrollments {filter}"
+        ),
+        params,
+    )
+    .await?
+    .iter()
+    .map(|r| {
+        let device_id: String = r.get(0);
+        Ok(EnrollmentRow {
+            tags: parse_tags(&device_id, Some(r.get(4)))?,
+            status: parse_enrollment_status(r.get(8))?,
+            device_id,
+            public_key: r.get(1),
+            token_id: r.get(2),
+            group: r.get(3),
+            board: r.get(5),
+            arch: r.get(6),
+            agent_version: r.get(7),
+            created_ms: u(r.get(9)),
+            decided_ms: r.get::<_, Option<i64>>(10).map(u),
+            decided_by: r.get(11),
+        })
+    })
+    .collect()
+}
+
+/// Puts an approved enrollment's device in the registry with its group, tags and board.
+async fn register_enrolled(c: &impl GenericClient, row: &EnrollmentRow) -> Result<()> {
+    c.execute(
+        "INSERT INTO devices (id, last_seen_ms, group_name, tags, board, arch, agent_version)
+         VALUES ($1, 0, $2, $3, $4, $5, $6)
+         ON CONFLICT (id) DO UPDATE SET group_name = excluded.group_name, tags = excluded.tags,
+             board = excluded.board, arch = excluded.arch",
+        &[
+            &row.device_id,
+            &row.group,
+            &serde_json::to_string(&row.tags).expect("strings serialize"),
+            &row.board,
+            &row.arch,
+            &row.agent_version,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
 /// The advisory lock class that serializes retraining starts per model.
 const RETRAINING_LOCK: i32 = 0x6564_6c72;
 
@@ -670,36 +771,43 @@ impl Store for PgStore {
                 "SELECT id, online, agent_version, model_name, model_version, last_seen_ms,
                         inferences, errors, malformed_messages, last_psi_max,
                         outbox_entries, outbox_bytes, outbox_budget_bytes,
-                        dropped_control, dropped_telemetry, dropped_samples
+                        dropped_control, dropped_telemetry, dropped_samples,
+                        group_name, tags, board, arch
                  FROM devices ORDER BY id",
                 &[],
             )
             .await?;
-        Ok(rows
-            .iter()
-            .map(|r| DeviceRow {
-                id: r.get(0),
-                online: r.get(1),
-                agent_version: r.get(2),
-                model_name: r.get(3),
-                model_version: r.get::<_, Option<i64>>(4).map(u),
-                last_seen_ms: u(r.get(5)),
-                inferences: u(r.get(6)),
-                errors: u(r.get(7)),
-                malformed_messages: u(r.get(8)),
-                last_psi_max: r.get(9),
-                outbox: OutboxStatus {
-                    entries: u(r.get(10)),
-                    bytes: u(r.get(11)),
-                    budget_bytes: u(r.get(12)),
-                    dropped: DropCounts {
-                        control: u(r.get(13)),
-                        telemetry: u(r.get(14)),
-                        samples: u(r.get(15)),
+        rows.iter()
+            .map(|r| {
+                let id: String = r.get(0);
+                Ok(DeviceRow {
+                    tags: parse_tags(&id, r.get(17))?,
+                    group: r.get(16),
+                    board: r.get(18),
+                    arch: r.get(19),
+                    id,
+                    online: r.get(1),
+                    agent_version: r.get(2),
+                    model_name: r.get(3),
+                    model_version: r.get::<_, Option<i64>>(4).map(u),
+                    last_seen_ms: u(r.get(5)),
+                    inferences: u(r.get(6)),
+                    errors: u(r.get(7)),
+                    malformed_messages: u(r.get(8)),
+                    last_psi_max: r.get(9),
+                    outbox: OutboxStatus {
+                        entries: u(r.get(10)),
+                        bytes: u(r.get(11)),
+                        budget_bytes: u(r.get(12)),
+                        dropped: DropCounts {
+                            control: u(r.get(13)),
+                            telemetry: u(r.get(14)),
+                            samples: u(r.get(15)),
+                        },
                     },
-                },
+                })
             })
-            .collect())
+            .collect()
     }
 
     async fn hourly(&self, device_id: &str, limit: u32) -> Result<Vec<HourlyRow>> {
@@ -1220,6 +1328,157 @@ impl Store for PgStore {
     async fn retrainings(&self, limit: u32) -> Result<Vec<RetrainingRow>> {
         let client = self.client().await?;
         load_retrainings(&**client, "ORDER BY id DESC LIMIT $1", &[&i64::from(limit)]).await
+    }
+
+    async fn create_token(&self, token: &TokenRow, secret_sha256: &str) -> Result<()> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO enrollment_tokens (id, secret_sha256, group_name, tags, expires_ms, uses_left,
+                                                auto_approve, created_ms, created_by)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                &[
+                    &token.id,
+                    &secret_sha256,
+                    &token.group,
+                    &serde_json::to_string(&token.tags).expect("strings serialize"),
+                    &i(token.expires_ms),
+                    &token.uses_left.map(i),
+                    &token.auto_approve,
+                    &i(token.created_ms),
+                    &token.created_by,
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn tokens(&self) -> Result<Vec<TokenRow>> {
+        let client = self.client().await?;
+        client
+            .query(
+                &format!("SELECT {TOKEN_COLUMNS} FROM enrollment_tokens ORDER BY created_ms, id"),
+                &[],
+            )
+            .await?
+            .iter()
+            .map(token_from_row)
+            .collect()
+    }
+
+    async fn enroll(
+        &self,
+        secret_sha256: &str,
+        request: &EnrollRequest,
+        now_ms: u64,
+    ) -> Result<EnrollOutcome> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let token = tx
+            .query_opt(
+                &format!(
+                    "SELECT {TOKEN_COLUMNS} FROM enrollment_tokens WHERE secret_sha256 = $1 FOR UPDATE"
+                ),
+                &[&secret_sha256],
+            )
+            .await?
+            .as_ref()
+            .map(token_from_row)
+            .transpose()?;
+        let Some(token) = token.filter(|t| t.expires_ms > now_ms) else {
+            return Ok(EnrollOutcome::BadToken);
+        };
+        if let Some(existing) =
+            load_enrollments(&*tx, "WHERE device_id = $1", &[&request.device_id])
+                .await?
+                .pop()
+        {
+            return Ok(if existing.public_key == request.public_key {
+                EnrollOutcome::Enrolled(Box::new(existing))
+            } else {
+                EnrollOutcome::KeyConflict
+            });
+        }
+        if token.uses_left == Some(0) {
+            return Ok(EnrollOutcome::UsedUp);
+        }
+        tx.execute(
+            "UPDATE enrollment_tokens SET uses_left = uses_left - 1 WHERE id = $1 AND uses_left IS NOT NULL",
+            &[&token.id],
+        )
+        .await?;
+        let row = new_enrollment(&token, request, now_ms);
+        let inserted = tx
+            .execute(
+                "INSERT INTO enrollments (device_id, public_key, token_id, group_name, tags, board, arch,
+                                          agent_version, status, created_ms, decided_ms, decided_by)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+                 ON CONFLICT (device_id) DO NOTHING",
+                &[
+                    &row.device_id,
+                    &row.public_key,
+                    &row.token_id,
+                    &row.group,
+                    &serde_json::to_string(&row.tags).expect("strings serialize"),
+                    &row.board,
+                    &row.arch,
+                    &row.agent_version,
+                    &enrollment_status_str(row.status),
+                    &i(row.created_ms),
+                    &row.decided_ms.map(i),
+                    &row.decided_by,
+                ],
+            )
+            .await?;
+        if inserted == 0 {
+            // Another request enrolled this id at the same moment; the caller may try again.
+            return Err(StoreError::Conflict(format!(
+                "enrollment of {}",
+                row.device_id
+            )));
+        }
+        if row.status == EnrollmentStatus::Approved {
+            register_enrolled(&*tx, &row).await?;
+        }
+        tx.commit().await?;
+        Ok(EnrollOutcome::Enrolled(Box::new(row)))
+    }
+
+    async fn approve_enrollment(
+        &self,
+        device_id: &str,
+        by: &str,
+        now_ms: u64,
+    ) -> Result<Option<EnrollmentRow>> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let changed = tx
+            .execute(
+                "UPDATE enrollments SET status = 'approved', decided_ms = $2, decided_by = $3
+                 WHERE device_id = $1 AND status = 'pending'",
+                &[&device_id, &i(now_ms), &by],
+            )
+            .await?;
+        if changed == 0 {
+            return Ok(None);
+        }
+        let row = load_enrollments(&*tx, "WHERE device_id = $1", &[&device_id])
+            .await?
+            .pop();
+        if let Some(row) = &row {
+            register_enrolled(&*tx, row).await?;
+        }
+        tx.commit().await?;
+        Ok(row)
+    }
+
+    async fn enrollments(&self) -> Result<Vec<EnrollmentRow>> {
+        load_enrollments(
+            &**self.client().await?,
+            "ORDER BY created_ms, device_id",
+            &[],
+        )
+        .await
     }
 
     async fn record_audit(&self, entry: &AuditEntry) -> Result<()> {

@@ -141,6 +141,35 @@ ALTER TABLE deployments ADD COLUMN deadline_ms INTEGER;
 ALTER TABLE deployments ADD COLUMN previous_model TEXT;
 ALTER TABLE deployments ADD COLUMN previous_version INTEGER;
 CREATE INDEX deployments_by_status ON deployments (status);
+ALTER TABLE devices ADD COLUMN group_name TEXT;
+ALTER TABLE devices ADD COLUMN tags TEXT;
+ALTER TABLE devices ADD COLUMN board TEXT;
+ALTER TABLE devices ADD COLUMN arch TEXT;
+CREATE TABLE enrollment_tokens (
+    id TEXT PRIMARY KEY,
+    secret_sha256 TEXT NOT NULL UNIQUE,
+    group_name TEXT NOT NULL,
+    tags TEXT NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    uses_left INTEGER,
+    auto_approve BOOL NOT NULL,
+    created_ms INTEGER NOT NULL,
+    created_by TEXT NOT NULL
+);
+CREATE TABLE enrollments (
+    device_id TEXT PRIMARY KEY,
+    public_key TEXT NOT NULL,
+    token_id TEXT NOT NULL,
+    group_name TEXT NOT NULL,
+    tags TEXT NOT NULL,
+    board TEXT,
+    arch TEXT,
+    agent_version TEXT,
+    status TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    decided_ms INTEGER,
+    decided_by TEXT
+);
 CREATE TABLE retrainings (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     model_name TEXT NOT NULL,
@@ -497,6 +526,87 @@ fn with_features((mut model, features, lineage): StoredModel) -> Result<ModelRow
 const MODEL_COLUMNS: &str =
     "name, version, label, created_ms, bundle_sha256, bundle_size, features, signed_by, lineage";
 
+fn token_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(TokenRow, String)> {
+    Ok((
+        TokenRow {
+            id: r.get(0)?,
+            group: r.get(1)?,
+            tags: Vec::new(),
+            expires_ms: u(r.get(3)?),
+            uses_left: r.get::<_, Option<i64>>(4)?.map(u),
+            auto_approve: r.get(5)?,
+            created_ms: u(r.get(6)?),
+            created_by: r.get(7)?,
+        },
+        r.get(2)?,
+    ))
+}
+
+fn with_token_tags((mut token, tags): (TokenRow, String)) -> Result<TokenRow> {
+    token.tags = parse_tags(&token.id, Some(tags))?;
+    Ok(token)
+}
+
+fn load_enrollments(
+    conn: &Connection,
+    filter: &str,
+    params: impl rusqlite::Params,
+) -> Result<Vec<EnrollmentRow>> {
+    let rows = conn
+        .prepare_cached(&format!(
+            "SELECT device_id, public_key, token_id, group_name, tags, board, arch, agent_version,
+                    status, created_ms, decided_ms, decided_by
+             FROM enrollments {filter}"
+        ))?
+        .query_map(params, |r| {
+            Ok((
+                EnrollmentRow {
+                    device_id: r.get(0)?,
+                    public_key: r.get(1)?,
+                    token_id: r.get(2)?,
+                    group: r.get(3)?,
+                    tags: Vec::new(),
+                    board: r.get(5)?,
+                    arch: r.get(6)?,
+                    agent_version: r.get(7)?,
+                    status: EnrollmentStatus::Pending,
+                    created_ms: u(r.get(9)?),
+                    decided_ms: r.get::<_, Option<i64>>(10)?.map(u),
+                    decided_by: r.get(11)?,
+                },
+                r.get::<_, String>(4)?,
+                r.get::<_, String>(8)?,
+            ))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    rows.into_iter()
+        .map(|(mut row, tags, status)| {
+            row.tags = parse_tags(&row.device_id, Some(tags))?;
+            row.status = parse_enrollment_status(&status)?;
+            Ok(row)
+        })
+        .collect()
+}
+
+/// Puts an approved enrollment's device in the registry with its group, tags and board.
+fn register_enrolled(tx: &Transaction<'_>, row: &EnrollmentRow) -> Result<()> {
+    tx.execute(
+        "INSERT INTO devices (id, last_seen_ms, group_name, tags, board, arch, agent_version)
+         VALUES (?1, 0, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (id) DO UPDATE SET group_name = excluded.group_name, tags = excluded.tags,
+             board = excluded.board, arch = excluded.arch",
+        params![
+            row.device_id,
+            row.group,
+            serde_json::to_string(&row.tags).expect("strings serialize"),
+            row.board,
+            row.arch,
+            row.agent_version
+        ],
+    )?;
+    Ok(())
+}
+
 fn load_retrainings(
     conn: &Connection,
     filter: &str,
@@ -677,36 +787,50 @@ impl Store for SqliteStore {
                 "SELECT id, online, agent_version, model_name, model_version, last_seen_ms,
                         inferences, errors, malformed_messages, last_psi_max,
                         outbox_entries, outbox_bytes, outbox_budget_bytes,
-                        dropped_control, dropped_telemetry, dropped_samples
+                        dropped_control, dropped_telemetry, dropped_samples,
+                        group_name, tags, board, arch
                  FROM devices ORDER BY id",
             )?;
             let rows = stmt
                 .query_map([], |r| {
-                    Ok(DeviceRow {
-                        id: r.get(0)?,
-                        online: r.get(1)?,
-                        agent_version: r.get(2)?,
-                        model_name: r.get(3)?,
-                        model_version: r.get::<_, Option<i64>>(4)?.map(u),
-                        last_seen_ms: u(r.get(5)?),
-                        inferences: u(r.get(6)?),
-                        errors: u(r.get(7)?),
-                        malformed_messages: u(r.get(8)?),
-                        last_psi_max: r.get(9)?,
-                        outbox: OutboxStatus {
-                            entries: u(r.get(10)?),
-                            bytes: u(r.get(11)?),
-                            budget_bytes: u(r.get(12)?),
-                            dropped: DropCounts {
-                                control: u(r.get(13)?),
-                                telemetry: u(r.get(14)?),
-                                samples: u(r.get(15)?),
+                    let tags: Option<String> = r.get(17)?;
+                    Ok((
+                        DeviceRow {
+                            id: r.get(0)?,
+                            online: r.get(1)?,
+                            agent_version: r.get(2)?,
+                            model_name: r.get(3)?,
+                            model_version: r.get::<_, Option<i64>>(4)?.map(u),
+                            last_seen_ms: u(r.get(5)?),
+                            inferences: u(r.get(6)?),
+                            errors: u(r.get(7)?),
+                            malformed_messages: u(r.get(8)?),
+                            last_psi_max: r.get(9)?,
+                            outbox: OutboxStatus {
+                                entries: u(r.get(10)?),
+                                bytes: u(r.get(11)?),
+                                budget_bytes: u(r.get(12)?),
+                                dropped: DropCounts {
+                                    control: u(r.get(13)?),
+                                    telemetry: u(r.get(14)?),
+                                    samples: u(r.get(15)?),
+                                },
                             },
+                            group: r.get(16)?,
+                            tags: Vec::new(),
+                            board: r.get(18)?,
+                            arch: r.get(19)?,
                         },
-                    })
+                        tags,
+                    ))
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
-            Ok(rows)
+            rows.into_iter()
+                .map(|(mut row, tags)| {
+                    row.tags = parse_tags(&row.id, tags)?;
+                    Ok(row)
+                })
+                .collect()
         })
         .await
     }
@@ -1233,6 +1357,141 @@ impl Store for SqliteStore {
 
     async fn retrainings(&self, limit: u32) -> Result<Vec<RetrainingRow>> {
         self.call(move |conn| load_retrainings(conn, "ORDER BY id DESC LIMIT ?1", params![limit]))
+            .await
+    }
+
+    async fn create_token(&self, token: &TokenRow, secret_sha256: &str) -> Result<()> {
+        let (token, secret) = (token.clone(), secret_sha256.to_string());
+        self.call(move |conn| {
+            conn.execute(
+                "INSERT INTO enrollment_tokens (id, secret_sha256, group_name, tags, expires_ms, uses_left,
+                                                auto_approve, created_ms, created_by)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                params![
+                    token.id,
+                    secret,
+                    token.group,
+                    serde_json::to_string(&token.tags).expect("strings serialize"),
+                    token.expires_ms as i64,
+                    token.uses_left.map(|u| u as i64),
+                    token.auto_approve,
+                    token.created_ms as i64,
+                    token.created_by
+                ],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn tokens(&self) -> Result<Vec<TokenRow>> {
+        self.call(|conn| {
+            let rows = conn
+                .prepare_cached(
+                    "SELECT id, group_name, tags, expires_ms, uses_left, auto_approve, created_ms, created_by
+                     FROM enrollment_tokens ORDER BY created_ms, id",
+                )?
+                .query_map([], token_from_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            rows.into_iter().map(with_token_tags).collect()
+        })
+        .await
+    }
+
+    async fn enroll(
+        &self,
+        secret_sha256: &str,
+        request: &EnrollRequest,
+        now_ms: u64,
+    ) -> Result<EnrollOutcome> {
+        let (secret, request) = (secret_sha256.to_string(), request.clone());
+        self.call(move |conn| {
+            let tx = conn.transaction()?;
+            let token = tx
+                .query_row(
+                    "SELECT id, group_name, tags, expires_ms, uses_left, auto_approve, created_ms, created_by
+                     FROM enrollment_tokens WHERE secret_sha256 = ?1",
+                    params![secret],
+                    token_from_row,
+                )
+                .optional()?
+                .map(with_token_tags)
+                .transpose()?;
+            let Some(token) = token.filter(|t| t.expires_ms > now_ms) else {
+                return Ok(EnrollOutcome::BadToken);
+            };
+            if let Some(existing) = load_enrollments(&tx, "WHERE device_id = ?1", params![request.device_id])?.pop() {
+                return Ok(if existing.public_key == request.public_key {
+                    EnrollOutcome::Enrolled(Box::new(existing))
+                } else {
+                    EnrollOutcome::KeyConflict
+                });
+            }
+            if token.uses_left == Some(0) {
+                return Ok(EnrollOutcome::UsedUp);
+            }
+            tx.execute(
+                "UPDATE enrollment_tokens SET uses_left = uses_left - 1 WHERE id = ?1 AND uses_left IS NOT NULL",
+                params![token.id],
+            )?;
+            let row = new_enrollment(&token, &request, now_ms);
+            tx.execute(
+                "INSERT INTO enrollments (device_id, public_key, token_id, group_name, tags, board, arch,
+                                          agent_version, status, created_ms, decided_ms, decided_by)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                params![
+                    row.device_id,
+                    row.public_key,
+                    row.token_id,
+                    row.group,
+                    serde_json::to_string(&row.tags).expect("strings serialize"),
+                    row.board,
+                    row.arch,
+                    row.agent_version,
+                    enrollment_status_str(row.status),
+                    row.created_ms as i64,
+                    row.decided_ms.map(|v| v as i64),
+                    row.decided_by
+                ],
+            )?;
+            if row.status == EnrollmentStatus::Approved {
+                register_enrolled(&tx, &row)?;
+            }
+            tx.commit()?;
+            Ok(EnrollOutcome::Enrolled(Box::new(row)))
+        })
+        .await
+    }
+
+    async fn approve_enrollment(
+        &self,
+        device_id: &str,
+        by: &str,
+        now_ms: u64,
+    ) -> Result<Option<EnrollmentRow>> {
+        let (device_id, by) = (device_id.to_string(), by.to_string());
+        self.call(move |conn| {
+            let tx = conn.transaction()?;
+            let changed = tx.execute(
+                "UPDATE enrollments SET status = 'approved', decided_ms = ?2, decided_by = ?3
+                 WHERE device_id = ?1 AND status = 'pending'",
+                params![device_id, now_ms as i64, by],
+            )?;
+            if changed == 0 {
+                return Ok(None);
+            }
+            let row = load_enrollments(&tx, "WHERE device_id = ?1", params![device_id])?.pop();
+            if let Some(row) = &row {
+                register_enrolled(&tx, row)?;
+            }
+            tx.commit()?;
+            Ok(row)
+        })
+        .await
+    }
+
+    async fn enrollments(&self) -> Result<Vec<EnrollmentRow>> {
+        self.call(|conn| load_enrollments(conn, "ORDER BY created_ms, device_id", []))
             .await
     }
 

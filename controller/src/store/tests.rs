@@ -342,6 +342,7 @@ pub async fn suite(store: &dyn Store) {
     hourly_aggregates_and_retention(store).await;
     waves_pauses_aborts_timeouts_and_the_audit_log(store).await;
     retraining_windows_and_records(store).await;
+    enrollment_tokens_and_approvals(store).await;
     the_trust_document_is_replaced_only_from_the_version_it_was_checked_against(store).await;
 
     // Registration adds what is new and leaves known devices as they are.
@@ -803,6 +804,140 @@ async fn retraining_windows_and_records(store: &dyn Store) {
             .is_some()
     );
     assert_eq!(store.retrainings(1).await.unwrap()[0].from_version, 2);
+}
+
+/// Tokens are checked and spent in one step; a pending enrollment waits for approval;
+/// approved devices join the registry with their group, tags and board.
+async fn enrollment_tokens_and_approvals(store: &dyn Store) {
+    let token = |id: &str, uses: Option<u64>, auto: bool, expires_ms: u64| TokenRow {
+        id: id.into(),
+        group: "line-a".into(),
+        tags: vec!["hall-2".into(), "rev-b".into()],
+        expires_ms,
+        uses_left: uses,
+        auto_approve: auto,
+        created_ms: 100,
+        created_by: "alice".into(),
+    };
+    let request = |device: &str, key: &str| EnrollRequest {
+        device_id: device.into(),
+        public_key: key.into(),
+        board: Some("rpi4".into()),
+        arch: Some("aarch64".into()),
+        agent_version: Some("0.1.0".into()),
+    };
+    store
+        .create_token(&token("t-auto", Some(1), true, 10_000), "secret-auto")
+        .await
+        .unwrap();
+    store
+        .create_token(&token("t-review", None, false, 10_000), "secret-review")
+        .await
+        .unwrap();
+    store
+        .create_token(&token("t-old", None, true, 500), "secret-old")
+        .await
+        .unwrap();
+    let listed = store.tokens().await.unwrap();
+    assert_eq!(listed.len(), 3);
+    assert_eq!(listed[0], token("t-auto", Some(1), true, 10_000));
+
+    use EnrollOutcome::*;
+    assert_eq!(
+        store
+            .enroll("nope", &request("e1", "k1"), 1000)
+            .await
+            .unwrap(),
+        BadToken
+    );
+    assert_eq!(
+        store
+            .enroll("secret-old", &request("e1", "k1"), 1000)
+            .await
+            .unwrap(),
+        BadToken,
+        "expired"
+    );
+    let Enrolled(e1) = store
+        .enroll("secret-auto", &request("e1", "k1"), 1000)
+        .await
+        .unwrap()
+    else {
+        panic!("enrolled");
+    };
+    assert_eq!(e1.status, EnrollmentStatus::Approved);
+    assert_eq!(e1.decided_by.as_deref(), Some("token t-auto"));
+    // Again with the same key: the same enrollment, no use spent; another key: refused.
+    assert_eq!(
+        store
+            .enroll("secret-auto", &request("e1", "k1"), 1100)
+            .await
+            .unwrap(),
+        Enrolled(e1.clone())
+    );
+    assert_eq!(
+        store
+            .enroll("secret-review", &request("e1", "k2"), 1100)
+            .await
+            .unwrap(),
+        KeyConflict
+    );
+    assert_eq!(
+        store
+            .enroll("secret-auto", &request("e2", "k2"), 1100)
+            .await
+            .unwrap(),
+        UsedUp
+    );
+    assert_eq!(store.tokens().await.unwrap()[0].uses_left, Some(0));
+    let device = store
+        .devices()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|d| d.id == "e1")
+        .unwrap();
+    assert_eq!(device.group.as_deref(), Some("line-a"));
+    assert_eq!(device.tags, ["hall-2", "rev-b"]);
+    assert_eq!(
+        (device.board.as_deref(), device.arch.as_deref()),
+        (Some("rpi4"), Some("aarch64"))
+    );
+
+    // A reviewed token: pending until approved, and not in the registry meanwhile.
+    let Enrolled(e3) = store
+        .enroll("secret-review", &request("e3", "k3"), 1200)
+        .await
+        .unwrap()
+    else {
+        panic!("enrolled");
+    };
+    assert_eq!(e3.status, EnrollmentStatus::Pending);
+    assert!(!store.device_exists("e3").await.unwrap());
+    assert_eq!(
+        store
+            .approve_enrollment("nobody", "bob", 1300)
+            .await
+            .unwrap(),
+        None
+    );
+    let approved = store
+        .approve_enrollment("e3", "bob", 1300)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(approved.status, EnrollmentStatus::Approved);
+    assert_eq!(
+        (approved.decided_ms, approved.decided_by.as_deref()),
+        (Some(1300), Some("bob"))
+    );
+    assert!(store.device_exists("e3").await.unwrap());
+    assert_eq!(
+        store.approve_enrollment("e3", "bob", 1400).await.unwrap(),
+        None,
+        "once"
+    );
+    assert_eq!(store.enrollments().await.unwrap().len(), 2);
 }
 
 /// Hourly aggregates fold each stored summary once; retention prunes by age.

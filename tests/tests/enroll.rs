@@ -1,0 +1,230 @@
+//! Enrollment: a device with a token creates its key, enrolls, waits for an operator when
+//! the token says so, and once approved joins the registry with its group, tags and board;
+//! its messages wait in its outbox meanwhile. Tokens expire, run out and bind a device id
+//! to its key. Rollouts can target the group.
+
+use std::time::Duration;
+
+use edgeloop_tests::{BrokerChoice, TestController, on_both_brokers, wait_until};
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+async fn token(ctl: &TestController, body: Value) -> Value {
+    let (code, created) = ctl
+        .post_as("alice", "/api/v1/enrollment-tokens", body)
+        .await;
+    assert_eq!(code, 201, "{created}");
+    created
+}
+
+fn enrollment(token: &str, device: &str, key: &str) -> Value {
+    json!({
+        "token": token, "device_id": device, "public_key": key,
+        "board": "rpi4", "arch": "aarch64", "agent_version": "0.1.0",
+    })
+}
+
+async fn a_device_enrolls_waits_for_approval_and_joins_its_group(broker: BrokerChoice) {
+    let Some(ctl) = TestController::start_with(broker, |c| c.accept_unknown_devices = false).await
+    else {
+        eprintln!("skipped: {} is not set", edgeloop_tests::MQTT_URL_VAR);
+        return;
+    };
+    let reviewed = token(
+        &ctl,
+        json!({ "group": "line-a", "tags": ["hall-2"], "uses": 2, "auto_approve": false }),
+    )
+    .await;
+    let secret = reviewed["token"].as_str().unwrap();
+    assert!(secret.starts_with("elt_"), "{reviewed}");
+    let listed = ctl.get("/api/v1/enrollment-tokens").await;
+    assert_eq!(listed[0]["id"], reviewed["id"]);
+    assert!(
+        listed[0].get("token").is_none(),
+        "the secret is shown once: {listed}"
+    );
+
+    let mut config = ctl.agent_config("enr-1", 50);
+    config.enrollment_token = secret.to_string();
+    config.board = "rpi4".into();
+    config.enrollment_retry_s = 1;
+    let agent = ctl.spawn_agent_with(config.clone());
+
+    // Pending: known as an enrollment, not in the registry, its windows held back.
+    wait_until("the enrollment is pending", WAIT, || async {
+        ctl.get("/api/v1/enrollments")
+            .await
+            .as_array()
+            .unwrap()
+            .len()
+            == 1
+    })
+    .await;
+    let pending = ctl.get("/api/v1/enrollments").await[0].clone();
+    assert_eq!(pending["status"], "pending", "{pending}");
+    assert_eq!(pending["board"], "rpi4");
+    assert_eq!(pending["arch"], std::env::consts::ARCH);
+    let key = std::fs::read_to_string(config.state_dir.join("device.key")).unwrap();
+    let public = edgeloop_shared::signing::SecretKey::parse(&key)
+        .unwrap()
+        .public()
+        .to_text();
+    assert_eq!(pending["public_key"], public);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        ctl.device("enr-1").await.is_none(),
+        "not registered before approval"
+    );
+    assert!(
+        ctl.stats_unknown_device().await > 0,
+        "its messages were held back"
+    );
+
+    // Approved: in the registry with its group and board; what it held back arrives.
+    let (code, approved) = ctl
+        .post_as("bob", "/api/v1/enrollments/enr-1/approve", json!({}))
+        .await;
+    assert_eq!(code, 200, "{approved}");
+    assert_eq!(approved["decided_by"], "bob");
+    wait_until("the device's held-back heartbeats arrive", WAIT, || async {
+        ctl.device("enr-1")
+            .await
+            .is_some_and(|d| d["online"] == true && d["last_seen_ms"].as_u64() > Some(0))
+    })
+    .await;
+    let device = ctl.device("enr-1").await.unwrap();
+    assert_eq!(device["group"], "line-a", "{device}");
+    assert_eq!(device["tags"], json!(["hall-2"]));
+    assert_eq!(device["board"], "rpi4");
+    wait_until("the agent records its approval", WAIT, || async {
+        std::fs::read_to_string(config.state_dir.join("enrollment.json"))
+            .is_ok_and(|t| t.contains("\"approved\""))
+    })
+    .await;
+    let (code, _) = ctl
+        .post_as("bob", "/api/v1/enrollments/enr-1/approve", json!({}))
+        .await;
+    assert_eq!(code, 404, "approved once");
+
+    // The token's second use; a third is refused; the id stays bound to its key.
+    let (code, second) = ctl
+        .post_as(
+            "x",
+            "/api/v1/enroll",
+            enrollment(secret, "enr-2", &public_key(2)),
+        )
+        .await;
+    assert_eq!(code, 202, "{second}");
+    assert_eq!(second["status"], "pending");
+    assert_eq!(second["topic_root"], ctl.root.as_str());
+    let (code, refused) = ctl
+        .post_as(
+            "x",
+            "/api/v1/enroll",
+            enrollment(secret, "enr-3", &public_key(3)),
+        )
+        .await;
+    assert_eq!(code, 403, "{refused}");
+    let (code, refused) = ctl
+        .post_as(
+            "x",
+            "/api/v1/enroll",
+            enrollment(secret, "enr-1", &public_key(4)),
+        )
+        .await;
+    assert_eq!(code, 409, "{refused}");
+    assert!(refused["error"].as_str().unwrap().contains("another key"));
+    let (code, refused) = ctl
+        .post_as(
+            "x",
+            "/api/v1/enroll",
+            enrollment("elt_nope", "enr-5", &public_key(5)),
+        )
+        .await;
+    assert_eq!(code, 401, "{refused}");
+    let (code, refused) = ctl
+        .post_as(
+            "x",
+            "/api/v1/enroll",
+            enrollment(secret, "bad id!", &public_key(6)),
+        )
+        .await;
+    assert_eq!(code, 400, "{refused}");
+
+    // An auto-approving, short-lived token: approved at once, refused once expired.
+    let quick = token(&ctl, json!({ "group": "line-b", "ttl_s": 1, "uses": null })).await;
+    let quick_secret = quick["token"].as_str().unwrap();
+    let (code, at_once) = ctl
+        .post_as(
+            "x",
+            "/api/v1/enroll",
+            enrollment(quick_secret, "enr-6", &public_key(6)),
+        )
+        .await;
+    assert_eq!(code, 200, "{at_once}");
+    assert_eq!(at_once["status"], "approved");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (code, _) = ctl
+        .post_as(
+            "x",
+            "/api/v1/enroll",
+            enrollment(quick_secret, "enr-7", &public_key(7)),
+        )
+        .await;
+    assert_eq!(code, 401, "expired");
+
+    // A rollout to the group reaches its devices only.
+    ctl.publish_example(1).await;
+    let (code, rollout) = ctl
+        .post_rollout(json!({ "model": "vibration", "version": 1, "group": "line-a" }))
+        .await;
+    assert_eq!(code, 201, "{rollout}");
+    let targeted: Vec<&str> = rollout["deployments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["device_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(targeted, ["enr-1"], "enr-2 is pending, enr-6 in line-b");
+    ctl.wait_for_model("enr-1", Some(1)).await;
+    wait_until("the device streams drift windows", WAIT, || async {
+        !ctl.stored_windows("enr-1").await.is_empty()
+    })
+    .await;
+    let (code, refused) = ctl
+        .post_rollout(json!({ "model": "vibration", "version": 1, "group": "nowhere" }))
+        .await;
+    assert_eq!(code, 400, "{refused}");
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains("no device is in group")
+    );
+
+    let audit = ctl.get("/api/v1/audit?limit=100").await;
+    let actions: Vec<(&str, &str)> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["actor"].as_str().unwrap(), e["action"].as_str().unwrap()))
+        .collect();
+    for expected in [
+        ("alice", "token.create"),
+        ("enr-1", "device.enroll"),
+        ("bob", "device.approve"),
+    ] {
+        assert!(actions.contains(&expected), "{expected:?} in {actions:?}");
+    }
+    agent.stop().await;
+    ctl.stop().await;
+}
+on_both_brokers!(a_device_enrolls_waits_for_approval_and_joins_its_group);
+
+/// A public key nobody holds the secret of, different for each `n`.
+fn public_key(n: u8) -> String {
+    edgeloop_shared::signing::SecretKey::from_seed([n; 32])
+        .public()
+        .to_text()
+}
