@@ -814,7 +814,9 @@ pub trait Store: Send + Sync + 'static {
         now_ms: u64,
         cooldown_since_ms: u64,
     ) -> Result<Option<RetrainingRow>>;
-    /// Moves a retraining on, if it is still under way; false when it had ended.
+    /// Moves a retraining on, if it is still under way and never back: an update that says
+    /// `training` (a trainer's progress) applies only while it is training, so it cannot undo
+    /// a rollout the candidate started meanwhile. False when it did not apply.
     async fn update_retraining(
         &self,
         id: u64,

@@ -1309,7 +1309,8 @@ impl Store for PgStore {
                     "UPDATE retrainings SET status = $2, detail = COALESCE($3, detail),
                          candidate_version = COALESCE($4, candidate_version), gate = COALESCE($5, gate),
                          rollout_id = COALESCE($6, rollout_id), updated_ms = $7
-                     WHERE id = $1 AND status IN ({OPEN_RETRAINING_SQL})"
+                     WHERE id = $1 AND status IN ({OPEN_RETRAINING_SQL})
+                       AND ($2 <> 'training' OR status = 'training')"
                 ),
                 &[
                     &i(id),

@@ -765,6 +765,17 @@ async fn retraining_windows_and_records(store: &dyn Store) {
             .unwrap()
     );
     assert!(
+        !store
+            .update_retraining(
+                first.id,
+                &RetrainingUpdate::status(Training, "trainer done"),
+                3500
+            )
+            .await
+            .unwrap(),
+        "a trainer's late word does not undo the rollout"
+    );
+    assert!(
         store
             .update_retraining(first.id, &RetrainingUpdate::status(Completed, "done"), 4000)
             .await
