@@ -153,6 +153,24 @@ async fn post_json(url: &str, body: &serde_json::Value) -> anyhow::Result<String
     send(reqwest::Client::new().post(url).json(body), url).await
 }
 
+/// Prints what a listing endpoint answers: as it is with `--output json`, else a line per
+/// entry.
+async fn list(
+    api: &ApiArgs,
+    path: &str,
+    line: impl Fn(&serde_json::Value) -> String,
+) -> anyhow::Result<()> {
+    let rows = get_json(&api.url(path)).await?;
+    if api.output == Output::Json {
+        println!("{rows}");
+    } else {
+        for row in rows.as_array().into_iter().flatten() {
+            println!("{}", line(row));
+        }
+    }
+    Ok(())
+}
+
 async fn get_json(url: &str) -> anyhow::Result<serde_json::Value> {
     let text = send(reqwest::Client::new().get(url), url).await?;
     serde_json::from_str(&text).with_context(|| format!("{url} did not answer JSON"))
@@ -995,22 +1013,18 @@ async fn run() -> anyhow::Result<()> {
         Command::Device {
             command: DeviceCommand::Enrollments { api },
         } => {
-            let rows = get_json(&api.url("/api/v1/enrollments")).await?;
-            if api.output == Output::Json {
-                println!("{rows}");
-            } else {
-                for r in rows.as_array().into_iter().flatten() {
-                    println!(
-                        "{:<24} {:<9} group {} tags {} board {} token {}",
-                        r["device_id"].as_str().unwrap_or(""),
-                        r["status"].as_str().unwrap_or(""),
-                        r["group"].as_str().unwrap_or(""),
-                        r["tags"],
-                        r["board"].as_str().unwrap_or("-"),
-                        r["token_id"].as_str().unwrap_or("")
-                    );
-                }
-            }
+            list(&api, "/api/v1/enrollments", |r| {
+                format!(
+                    "{:<24} {:<9} group {} tags {} board {} token {}",
+                    r["device_id"].as_str().unwrap_or(""),
+                    r["status"].as_str().unwrap_or(""),
+                    r["group"].as_str().unwrap_or(""),
+                    r["tags"],
+                    r["board"].as_str().unwrap_or("-"),
+                    r["token_id"].as_str().unwrap_or("")
+                )
+            })
+            .await?;
         }
         Command::Device {
             command: DeviceCommand::Approve { id, api },
@@ -1101,26 +1115,22 @@ async fn run() -> anyhow::Result<()> {
                 }
             }
             TokenCommand::List { api } => {
-                let rows = get_json(&api.url("/api/v1/enrollment-tokens")).await?;
-                if api.output == Output::Json {
-                    println!("{rows}");
-                } else {
-                    for t in rows.as_array().into_iter().flatten() {
-                        println!(
-                            "{} group {} tags {} expires {} uses left {} {}",
-                            t["id"].as_str().unwrap_or(""),
-                            t["group"].as_str().unwrap_or(""),
-                            t["tags"],
-                            t["expires_ms"],
-                            t["uses_left"],
-                            if t["auto_approve"] == true {
-                                "auto-approved"
-                            } else {
-                                "reviewed"
-                            }
-                        );
-                    }
-                }
+                list(&api, "/api/v1/enrollment-tokens", |t| {
+                    format!(
+                        "{} group {} tags {} expires {} uses left {} {}",
+                        t["id"].as_str().unwrap_or(""),
+                        t["group"].as_str().unwrap_or(""),
+                        t["tags"],
+                        t["expires_ms"],
+                        t["uses_left"],
+                        if t["auto_approve"] == true {
+                            "auto-approved"
+                        } else {
+                            "reviewed"
+                        }
+                    )
+                })
+                .await?;
             }
         },
         Command::Trust {
@@ -1179,12 +1189,8 @@ async fn run() -> anyhow::Result<()> {
         }
         Command::Rollout { command } => rollout_command(command).await?,
         Command::Policies { api } => {
-            let policies = get_json(&api.url("/api/v1/retraining-policies")).await?;
-            if api.output == Output::Json {
-                println!("{policies}");
-            } else {
-                for p in policies.as_array().into_iter().flatten() {
-                    println!(
+            list(&api, "/api/v1/retraining-policies", |p| {
+                format!(
                         "{}: PSI >= {} in {} consecutive windows on >= {} devices and >= {} of them; cooldown {} s{}; trainer {}; waves {}",
                         p["model"].as_str().unwrap_or(""),
                         p["psi_threshold"],
@@ -1198,52 +1204,44 @@ async fn run() -> anyhow::Result<()> {
                             .unwrap_or_default(),
                         p["trainer"]["kind"].as_str().unwrap_or(""),
                         p["rollout"]["waves"],
-                    );
-                }
-            }
+                )
+            })
+            .await?;
         }
         Command::Retrainings { limit, api } => {
-            let rows = get_json(&api.url(&format!("/api/v1/retrainings?limit={limit}"))).await?;
-            if api.output == Output::Json {
-                println!("{rows}");
-            } else {
-                for r in rows.as_array().into_iter().flatten() {
-                    println!(
-                        "retraining {} {} v{}: {}{}{}\n  fired: {}\n  {}",
-                        r["id"],
-                        r["model_name"].as_str().unwrap_or(""),
-                        r["from_version"],
-                        r["status"].as_str().unwrap_or(""),
-                        r["candidate_version"]
-                            .as_u64()
-                            .map(|v| format!(", candidate v{v}"))
-                            .unwrap_or_default(),
-                        r["rollout_id"]
-                            .as_u64()
-                            .map(|v| format!(", rollout {v}"))
-                            .unwrap_or_default(),
-                        r["reason"].as_str().unwrap_or(""),
-                        r["detail"].as_str().unwrap_or(""),
-                    );
-                }
-            }
+            list(&api, &format!("/api/v1/retrainings?limit={limit}"), |r| {
+                format!(
+                    "retraining {} {} v{}: {}{}{}\n  fired: {}\n  {}",
+                    r["id"],
+                    r["model_name"].as_str().unwrap_or(""),
+                    r["from_version"],
+                    r["status"].as_str().unwrap_or(""),
+                    r["candidate_version"]
+                        .as_u64()
+                        .map(|v| format!(", candidate v{v}"))
+                        .unwrap_or_default(),
+                    r["rollout_id"]
+                        .as_u64()
+                        .map(|v| format!(", rollout {v}"))
+                        .unwrap_or_default(),
+                    r["reason"].as_str().unwrap_or(""),
+                    r["detail"].as_str().unwrap_or(""),
+                )
+            })
+            .await?;
         }
         Command::Audit { limit, api } => {
-            let entries = get_json(&api.url(&format!("/api/v1/audit?limit={limit}"))).await?;
-            if api.output == Output::Json {
-                println!("{entries}");
-            } else {
-                for e in entries.as_array().into_iter().flatten() {
-                    println!(
-                        "{}  {:<12} {:<18} {:<12} {}",
-                        e["at_ms"],
-                        e["actor"].as_str().unwrap_or(""),
-                        e["action"].as_str().unwrap_or(""),
-                        e["target"].as_str().unwrap_or(""),
-                        e["detail"].as_str().unwrap_or("")
-                    );
-                }
-            }
+            list(&api, &format!("/api/v1/audit?limit={limit}"), |e| {
+                format!(
+                    "{}  {:<12} {:<18} {:<12} {}",
+                    e["at_ms"],
+                    e["actor"].as_str().unwrap_or(""),
+                    e["action"].as_str().unwrap_or(""),
+                    e["target"].as_str().unwrap_or(""),
+                    e["detail"].as_str().unwrap_or("")
+                )
+            })
+            .await?;
         }
         Command::Demo {
             devices,
