@@ -379,32 +379,8 @@ enum DeviceCommand {
     /// configuration with a new enrollment token, the controller's keys, a systemd unit and
     /// the board's settings.
     Provision {
-        /// The device's id (1-64 characters of [A-Za-z0-9_.-]).
-        #[arg(long)]
-        device_id: String,
-        /// The board: rpi4, rpi5, jetson-orin-nano, beaglebone-black, linux-x86_64,
-        /// linux-aarch64 or android-arm64.
-        #[arg(long)]
-        board: String,
-        #[arg(long)]
-        group: String,
-        #[arg(long, value_delimiter = ',')]
-        tags: Vec<String>,
-        /// The device waits for `edgeloop device approve` instead of joining at once.
-        #[arg(long)]
-        review: bool,
-        /// How long the token is valid.
-        #[arg(long, default_value_t = 7 * 86_400)]
-        ttl_s: u64,
-        /// The broker as the device reaches it (default: the controller's own view).
-        #[arg(long)]
-        broker_url: Option<String>,
-        /// The controller as the device reaches it (default: --controller).
-        #[arg(long)]
-        public_url: Option<String>,
-        /// Where to write the bundle (created; must not exist).
-        #[arg(long)]
-        out: PathBuf,
+        #[command(flatten)]
+        request: edgeloop_controller::provision::Request,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -697,7 +673,7 @@ fn print_rollouts(api: &ApiArgs, rows: &[serde_json::Value]) {
             r["current_wave"].as_u64().unwrap_or(0) + 1,
             r["plan"]["waves"].as_array().map_or(1, Vec::len),
             count(&["committed"]),
-            count(&["failed", "rejected", "rolled_back", "timed_out"]),
+            count(&edgeloop_controller::store::FAILED_STATES),
             deployments.len(),
             r["reason"]
                 .as_str()
@@ -1041,36 +1017,11 @@ async fn run() -> anyhow::Result<()> {
             }
         }
         Command::Device {
-            command:
-                DeviceCommand::Provision {
-                    device_id,
-                    board,
-                    group,
-                    tags,
-                    review,
-                    ttl_s,
-                    broker_url,
-                    public_url,
-                    out,
-                    api,
-                },
+            command: DeviceCommand::Provision { request, api },
         } => {
-            let written = edgeloop_controller::provision::write(
-                &api.controller,
-                edgeloop_controller::provision::Request {
-                    device_id,
-                    board,
-                    group,
-                    tags,
-                    review,
-                    ttl_s,
-                    broker_url,
-                    public_url,
-                    out,
-                },
-                &cli_actor(),
-            )
-            .await?;
+            let written =
+                edgeloop_controller::provision::write(&api.controller, request, &cli_actor())
+                    .await?;
             if api.output == Output::Json {
                 println!("{}", serde_json::to_string(&written)?);
             } else {

@@ -8,7 +8,7 @@ use std::str::FromStr;
 use edgeloop_shared::sha256_hex;
 use serde::{Deserialize, Serialize};
 
-use crate::store::{DeploymentRow, FINAL_STATES, RolloutRow};
+use crate::store::{DeploymentRow, FAILED_STATES, FINAL_STATES, RUNNING_STATES, RolloutRow};
 
 /// How far a wave reaches, counted from the start of the rollout: a number of devices, or
 /// a percentage of the rollout's devices (rounded up). Written `"5"` or `"10%"`.
@@ -259,7 +259,7 @@ impl WaveCounts {
             match d.status.as_str() {
                 "superseded" | "cancelled" => continue,
                 "committed" => counts.committed += 1,
-                "failed" | "rejected" | "rolled_back" | "timed_out" => counts.failed += 1,
+                s if FAILED_STATES.contains(&s) => counts.failed += 1,
                 _ => {}
             }
             counts.total += 1;
@@ -444,7 +444,7 @@ pub fn next_step(row: &RolloutRow, evidence: Option<&DriftEvidence>) -> Decision
         let failed = row
             .deployments
             .iter()
-            .filter(|d| !matches!(d.status.as_str(), "active" | "committed" | "superseded"))
+            .filter(|d| !RUNNING_STATES.contains(&d.status.as_str()))
             .count();
         if failed > 0 {
             return Decision::Finish(format!(
@@ -623,11 +623,16 @@ mod tests {
 
     #[test]
     fn a_gated_rollout_whose_deployments_all_ended_below_the_threshold_finishes_failed() {
-        use crate::store::{FINAL_STATES_SQL, RolloutStatus};
-        assert_eq!(
-            FINAL_STATES_SQL,
-            FINAL_STATES.map(|s| format!("'{s}'")).join(", ")
-        );
+        use crate::store::{FINAL_STATES_SQL, RUNNING_STATES_SQL, RolloutStatus};
+        let sql = |states: &[&str]| {
+            states
+                .iter()
+                .map(|s| format!("'{s}'"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        assert_eq!(FINAL_STATES_SQL, sql(&FINAL_STATES));
+        assert_eq!(RUNNING_STATES_SQL, sql(&RUNNING_STATES));
         let deployment = |status: &str| DeploymentRow {
             device_id: "d".into(),
             status: status.into(),

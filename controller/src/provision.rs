@@ -31,20 +31,34 @@ pub enum ProvisionError {
     Config(String),
 }
 
-/// What to provision.
-#[derive(Debug, Clone)]
+/// What to provision (also the arguments of `edgeloop device provision`).
+#[derive(Debug, Clone, clap::Args)]
 pub struct Request {
+    /// The device's id (1-64 characters of [A-Za-z0-9_.-]).
+    #[arg(long)]
     pub device_id: String,
+    /// The board: rpi4, rpi5, jetson-orin-nano, beaglebone-black, linux-x86_64,
+    /// linux-aarch64 or android-arm64.
+    #[arg(long)]
     pub board: String,
+    #[arg(long)]
     pub group: String,
+    #[arg(long, value_delimiter = ',')]
     pub tags: Vec<String>,
-    /// The device waits for an operator's approval.
+    /// The device waits for `edgeloop device approve` instead of joining at once.
+    #[arg(long)]
     pub review: bool,
+    /// How long the token is valid.
+    #[arg(long, default_value_t = 7 * 86_400)]
     pub ttl_s: u64,
-    /// The broker as the device reaches it; the controller's own view when none.
+    /// The broker as the device reaches it (default: the controller's own view).
+    #[arg(long)]
     pub broker_url: Option<String>,
-    /// The controller as the device reaches it; the one asked when none.
+    /// The controller as the device reaches it (default: --controller).
+    #[arg(long)]
     pub public_url: Option<String>,
+    /// Where to write the bundle (created; must not exist).
+    #[arg(long)]
     pub out: PathBuf,
 }
 

@@ -128,6 +128,16 @@ fn waves_of(rollout: &Value) -> BTreeMap<String, u64> {
         .collect()
 }
 
+/// A completed rollout whose every device has committed the model.
+fn all_committed(rollout: &Value) -> bool {
+    rollout["status"] == "completed"
+        && rollout["deployments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["status"] == "committed")
+}
+
 fn deployment<'a>(rollout: &'a Value, device: &str) -> &'a Value {
     rollout["deployments"]
         .as_array()
@@ -160,13 +170,7 @@ async fn waves_open_one_after_another_until_the_rollout_completes(broker: Broker
     // commit them.
     fleet.wait_for_status(id, "completed").await;
     wait_until("every device committed", WAIT, || async {
-        let r = fleet.rollout(id).await;
-        r["status"] == "completed"
-            && r["deployments"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .all(|d| d["status"] == "committed")
+        all_committed(&fleet.rollout(id).await)
     })
     .await;
     // No device of a wave heard of the rollout before every device of the wave before it
@@ -521,13 +525,7 @@ async fn a_controller_killed_mid_rollout_resumes_it_and_deploys_no_device_twice(
     ctl.run().await;
 
     wait_until("the rollout completes after the restart", WAIT, || async {
-        let r = ctl.get(&format!("/api/v1/rollouts/{id}")).await;
-        r["status"] == "completed"
-            && r["deployments"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .all(|d| d["status"] == "committed")
+        all_committed(&ctl.get(&format!("/api/v1/rollouts/{id}")).await)
     })
     .await;
     // Each device installed v2 once: one activation, one verdict.

@@ -462,7 +462,12 @@ pub(crate) const AWAITING_VERDICT_SQL: &str = "'active', 'timed_out'";
 pub(crate) const SELF_FINISHING_SQL: &str = "'in_progress', 'completed', 'failed'";
 /// The final states in which the device runs the model (its own, or a later rollout's):
 /// what [`RolloutStatus::from_counts`] counts as running.
+pub const RUNNING_STATES: [&str; 3] = ["active", "superseded", "committed"];
+/// [`RUNNING_STATES`] as an SQL list.
 pub(crate) const RUNNING_STATES_SQL: &str = "'active', 'superseded', 'committed'";
+/// The final states that count against a wave: the deployment did not end with the model
+/// running.
+pub const FAILED_STATES: [&str; 4] = ["failed", "rejected", "rolled_back", "timed_out"];
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RolloutRow {
