@@ -74,6 +74,14 @@ struct Counters {
     malformed_messages: u64,
 }
 
+/// What the model made of one input.
+struct Predicted {
+    class: usize,
+    /// Its top score, as a probability.
+    confidence: f64,
+    latency_ms: f64,
+}
+
 /// The model being served with its drift window.
 struct Serving {
     installed: Installed,
@@ -94,7 +102,11 @@ impl Serving {
             warn!(model = %installed.model.manifest.model_ref(), %reason, "inputs cannot feed this model");
         }
         Serving {
-            window: DriftWindow::new(reference, now_ms()),
+            window: DriftWindow::with_policy(
+                reference,
+                installed.model.manifest.drift.unwrap_or_default(),
+                now_ms(),
+            ),
             window_seq: 0,
             columns,
             installed,
@@ -405,7 +417,9 @@ impl AgentLoop {
             .iter()
             .map(|&c| row.get(c).copied().unwrap_or(f32::NAN))
             .collect();
+        let started = std::time::Instant::now();
         let result = serving.installed.model.infer(&x);
+        let latency_ms = started.elapsed().as_secs_f64() * 1e3;
         // A gap in the input (NaN, a missing column) is the data's fault, not the model's.
         let input_fault = matches!(
             result,
@@ -417,10 +431,14 @@ impl AgentLoop {
             watch.inferences += 1;
             watch.errors += u64::from(result.is_err());
         }
-        let class = match result {
+        let predicted = match result {
             Ok(prediction) => {
                 self.counters.inferences += 1;
-                Some(prediction.class)
+                Some(Predicted {
+                    class: prediction.class,
+                    confidence: crate::api::confidence(&prediction.scores),
+                    latency_ms,
+                })
             }
             Err(e) => {
                 self.counters.errors += 1;
@@ -428,20 +446,37 @@ impl AgentLoop {
                 None
             }
         };
-        self.count_into_window(&x, class);
+        let label = self.source.label();
+        if let (Some(serving), Some(label), Some(p)) = (self.serving.as_mut(), label, &predicted) {
+            serving.window.observe_label(label, p.class);
+        }
+        self.count_into_window(&x, predicted);
     }
 
-    /// Counts one input (and the class predicted for it) into the served model's drift
-    /// window, and publishes the window when it is full.
-    fn count_into_window(&mut self, row: &[f32], class: Option<usize>) {
+    /// Counts one input (and what the model predicted for it) into the served model's
+    /// drift window, and publishes the window when it is full, or at once when the
+    /// model's confidence has fallen (the Page–Hinkley alert).
+    fn count_into_window(&mut self, row: &[f32], predicted: Option<Predicted>) {
         let Some(serving) = self.serving.as_mut() else {
             return;
         };
-        if let Err(e) = serving.window.observe(row, class) {
+        if let Err(e) = serving
+            .window
+            .observe(row, predicted.as_ref().map(|p| p.class))
+        {
             warn!(error = %e, "drift window refused the input");
             return;
         }
-        if serving.window.samples() >= self.config.drift_window_samples {
+        let mut alert = false;
+        if let Some(p) = &predicted {
+            serving.window.observe_latency(p.latency_ms);
+            alert = serving.window.observe_confidence(p.confidence);
+        }
+        if alert {
+            warn!(model = %serving.model_ref(), samples = serving.window.samples(),
+                "the model's confidence has fallen (Page-Hinkley): window published early");
+        }
+        if alert || serving.window.samples() >= self.config.drift_window_samples {
             let psi = Self::publish_window(&self.reporter, serving);
             self.watch_drift(psi);
         }
@@ -450,17 +485,42 @@ impl AgentLoop {
     /// An input the local API inferred: counted into the window of the model that
     /// inferred it (an input of a model replaced since is dropped).
     fn on_observed(&mut self, observation: Observation) {
-        let Some(serving) = self.serving.as_ref() else {
+        let Some(serving) = self.serving.as_mut() else {
             return;
         };
-        if serving.model_ref() != observation.model {
-            return;
+        match observation {
+            Observation::Inferred {
+                model,
+                row,
+                class,
+                confidence,
+                latency_ms,
+            } => {
+                if serving.model_ref() != model {
+                    return;
+                }
+                self.counters.inferences += 1;
+                if let Some(watch) = self.watch.as_mut() {
+                    watch.inferences += 1;
+                }
+                let predicted = Predicted {
+                    class,
+                    confidence,
+                    latency_ms,
+                };
+                self.count_into_window(&row, Some(predicted));
+            }
+            // A label counts into the window open when it arrives.
+            Observation::Labelled {
+                model,
+                label,
+                predicted,
+            } => {
+                if serving.model_ref() == model {
+                    serving.window.observe_label(label, predicted);
+                }
+            }
         }
-        self.counters.inferences += 1;
-        if let Some(watch) = self.watch.as_mut() {
-            watch.inferences += 1;
-        }
-        self.count_into_window(&observation.row, Some(observation.class));
     }
 
     /// Closes the drift window once it is `limit_ms` old: published when it holds inputs,

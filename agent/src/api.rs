@@ -5,6 +5,9 @@
 //! - `POST /v1/infer`: JSON `{"rows": [[…], …]}` or `{"instances": [{"feature": value, …}]}`,
 //!   or a binary body (`Content-Type: application/octet-stream`, little-endian f32 values,
 //!   rows × features given by the `X-Edgeloop-Shape: ROWSxFEATURES` header).
+//! - `POST /v1/feedback`: `{"request_id": "…", "label": "fault" | 1, "row": 0}` attaches
+//!   the ground truth to a prediction of one of the last `feedback_memory` requests; it
+//!   goes into the drift window's confusion counts and accuracy.
 //! - `GET /v1/model`: the model being served, its inputs and outputs.
 //! - `GET /healthz`: 200 while a model is serving, 503 before.
 //! - `GET /metrics`: Prometheus text.
@@ -14,9 +17,10 @@
 //! during a swap. Inference runs on blocking threads, at most `max_concurrency` requests at
 //! once.
 
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use axum::Router;
@@ -41,15 +45,88 @@ const LATENCY_BUCKETS: [f64; 12] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 ];
 
-/// One input the API inferred, for the drift window.
-#[derive(Debug)]
-pub struct Observation {
-    /// The model that inferred it: an observation of a model swapped out since is dropped.
-    pub model: ModelRef,
-    pub row: Vec<f32>,
-    pub class: usize,
+/// What the API tells the agent actor, for the drift window. Each names the model that
+/// made the prediction: an observation of a model swapped out since is dropped.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Observation {
+    /// One input the API inferred.
+    Inferred {
+        model: ModelRef,
+        row: Vec<f32>,
+        class: usize,
+        /// The model's top score, as a probability.
+        confidence: f64,
+        /// The request's inference time per row, in milliseconds.
+        latency_ms: f64,
+    },
+    /// The ground truth for an earlier prediction.
+    Labelled {
+        model: ModelRef,
+        label: usize,
+        predicted: usize,
+    },
 }
 
+/// The model's confidence in a prediction: its top score when the scores are
+/// probabilities, the top softmax probability of them otherwise.
+pub fn confidence(scores: &[f32]) -> f64 {
+    let top = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if !top.is_finite() {
+        return 0.0;
+    }
+    let sum: f32 = scores.iter().sum();
+    if scores.iter().all(|s| (0.0..=1.0).contains(s)) && (sum - 1.0).abs() < 1e-3 {
+        return f64::from(top);
+    }
+    let exp_sum: f64 = scores.iter().map(|&s| f64::from(s - top).exp()).sum();
+    1.0 / exp_sum
+}
+
+/// The predictions of the last requests, so that feedback can name them by request id.
+#[derive(Debug)]
+struct Recent {
+    capacity: usize,
+    order: VecDeque<String>,
+    by_id: HashMap<String, RecentRequest>,
+}
+
+#[derive(Debug)]
+struct RecentRequest {
+    model: ModelRef,
+    classes: Vec<usize>,
+    labelled: Vec<bool>,
+}
+
+impl Recent {
+    fn new(capacity: usize) -> Self {
+        Recent {
+            capacity,
+            order: VecDeque::new(),
+            by_id: HashMap::new(),
+        }
+    }
+
+    fn remember(&mut self, id: String, model: ModelRef, classes: Vec<usize>) {
+        if self.capacity == 0 {
+            return;
+        }
+        while self.order.len() >= self.capacity {
+            if let Some(old) = self.order.pop_front() {
+                self.by_id.remove(&old);
+            }
+        }
+        let labelled = vec![false; classes.len()];
+        self.order.push_back(id.clone());
+        self.by_id.insert(
+            id,
+            RecentRequest {
+                model,
+                classes,
+                labelled,
+            },
+        );
+    }
+}
 /// The model the API serves, swapped by the agent actor.
 #[derive(Debug, Clone, Default)]
 pub struct ServedModel(Arc<RwLock<Option<Arc<LoadedModel>>>>);
@@ -70,6 +147,8 @@ pub struct ApiLimits {
     pub max_body_bytes: usize,
     pub max_rows: usize,
     pub max_concurrency: usize,
+    /// Requests remembered for feedback.
+    pub feedback_memory: usize,
 }
 
 #[derive(Debug, Default)]
@@ -80,6 +159,8 @@ struct Metrics {
     requests_failed: AtomicU64,
     rows: AtomicU64,
     observations_dropped: AtomicU64,
+    feedback_ok: AtomicU64,
+    feedback_refused: AtomicU64,
     /// Cumulative counts per bucket of `LATENCY_BUCKETS`, then +Inf.
     latency: [AtomicU64; LATENCY_BUCKETS.len() + 1],
     latency_sum_us: AtomicU64,
@@ -104,6 +185,7 @@ struct ApiState {
     limits: ApiLimits,
     permits: Arc<Semaphore>,
     metrics: Arc<Metrics>,
+    recent: Arc<Mutex<Recent>>,
 }
 
 /// Binds `addr` and serves the API until `shutdown`. Returns the bound address (useful
@@ -122,10 +204,12 @@ pub async fn serve(
         observed,
         permits: Arc::new(Semaphore::new(limits.max_concurrency.max(1))),
         metrics: Arc::new(Metrics::default()),
+        recent: Arc::new(Mutex::new(Recent::new(limits.feedback_memory))),
         limits: limits.clone(),
     };
     let app = Router::new()
         .route("/v1/infer", post(infer))
+        .route("/v1/feedback", post(feedback))
         .route("/v1/model", get(model))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
@@ -343,11 +427,14 @@ async fn infer(State(state): State<ApiState>, headers: HeaderMap, body: Bytes) -
         }
     };
     let model_ref = model.manifest.model_ref();
+    let latency_ms = started.elapsed().as_secs_f64() * 1e3 / rows.len().max(1) as f64;
     for (row, output) in rows.into_iter().zip(&outputs) {
-        let observation = Observation {
+        let observation = Observation::Inferred {
             model: model_ref.clone(),
             row,
             class: output.class,
+            confidence: confidence(&output.scores),
+            latency_ms,
         };
         // The drift window is a statistic: when the actor is behind, an input goes
         // uncounted (and counted as such) rather than slowing the caller.
@@ -361,8 +448,18 @@ async fn infer(State(state): State<ApiState>, headers: HeaderMap, body: Bytes) -
         .first()
         .map(|o| o.names.clone())
         .unwrap_or_default();
+    let request_id = uuid::Uuid::now_v7().to_string();
+    state
+        .recent
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remember(
+            request_id.clone(),
+            model_ref.clone(),
+            outputs.iter().map(|o| o.class).collect(),
+        );
     let body = json!({
-        "request_id": uuid::Uuid::now_v7().to_string(),
+        "request_id": request_id,
         "model": model_ref,
         "outputs": outputs
             .into_iter()
@@ -380,6 +477,110 @@ async fn infer(State(state): State<ApiState>, headers: HeaderMap, body: Bytes) -
     metrics.requests_ok.fetch_add(1, Ordering::Relaxed);
     metrics.observe_latency(started.elapsed().as_secs_f64());
     axum::Json(body).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Feedback {
+    request_id: String,
+    /// A class name of the model's output, or a class index.
+    label: Value,
+    /// Which row of the request (0 for a single-row request).
+    #[serde(default)]
+    row: usize,
+}
+
+async fn feedback(State(state): State<ApiState>, body: Bytes) -> Response {
+    let refused = |status: StatusCode, message: String| {
+        state
+            .metrics
+            .feedback_refused
+            .fetch_add(1, Ordering::Relaxed);
+        error(status, message)
+    };
+    let feedback: Feedback = match serde_json::from_slice(&body) {
+        Ok(f) => f,
+        Err(e) => {
+            return refused(
+                StatusCode::BAD_REQUEST,
+                format!("feedback must be {{\"request_id\", \"label\", \"row\"}}: {e}"),
+            );
+        }
+    };
+    let (model, predicted, label) = {
+        let mut recent = state.recent.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(request) = recent.by_id.get_mut(&feedback.request_id) else {
+            return refused(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "request `{}` is unknown or older than the last {} requests",
+                    feedback.request_id, state.limits.feedback_memory
+                ),
+            );
+        };
+        let rows = request.classes.len();
+        let Some(&predicted) = request.classes.get(feedback.row) else {
+            return refused(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "request `{}` has {rows} rows, no row {}",
+                    feedback.request_id, feedback.row
+                ),
+            );
+        };
+        let names = state
+            .served
+            .get()
+            .filter(|m| m.manifest.model_ref() == request.model)
+            .and_then(|m| m.manifest.outputs.first().map(|o| o.names.clone()))
+            .unwrap_or_default();
+        let label = match &feedback.label {
+            Value::String(name) => names.iter().position(|n| n == name).ok_or_else(|| {
+                format!("label `{name}` is not one of the model's classes {names:?}")
+            }),
+            Value::Number(n) => n
+                .as_u64()
+                .map(|i| i as usize)
+                .filter(|&i| names.is_empty() || i < names.len())
+                .ok_or_else(|| format!("label {n} is not a class index of the model")),
+            other => Err(format!("label must be a class name or index, got {other}")),
+        };
+        let label = match label {
+            Ok(l) => l,
+            Err(message) => return refused(StatusCode::BAD_REQUEST, message),
+        };
+        if std::mem::replace(&mut request.labelled[feedback.row], true) {
+            return refused(
+                StatusCode::CONFLICT,
+                format!(
+                    "row {} of request `{}` is already labelled",
+                    feedback.row, feedback.request_id
+                ),
+            );
+        }
+        (request.model.clone(), predicted, label)
+    };
+    let observation = Observation::Labelled {
+        model: model.clone(),
+        label,
+        predicted,
+    };
+    if state.observed.try_send(observation).is_err() {
+        state
+            .metrics
+            .observations_dropped
+            .fetch_add(1, Ordering::Relaxed);
+    }
+    state.metrics.feedback_ok.fetch_add(1, Ordering::Relaxed);
+    axum::Json(json!({
+        "request_id": feedback.request_id,
+        "row": feedback.row,
+        "model": model,
+        "label": label,
+        "predicted": predicted,
+        "correct": label == predicted,
+    }))
+    .into_response()
 }
 
 async fn model(State(state): State<ApiState>) -> Response {
@@ -426,6 +627,14 @@ async fn metrics(State(state): State<ApiState>) -> Response {
     ] {
         out.push_str(&format!(
             "edgeloop_agent_requests_total{{outcome=\"{outcome}\"}} {}\n",
+            get(counter)
+        ));
+    }
+    out.push_str("# HELP edgeloop_agent_feedback_total Ground-truth labels by outcome.\n");
+    out.push_str("# TYPE edgeloop_agent_feedback_total counter\n");
+    for (outcome, counter) in [("ok", &m.feedback_ok), ("refused", &m.feedback_refused)] {
+        out.push_str(&format!(
+            "edgeloop_agent_feedback_total{{outcome=\"{outcome}\"}} {}\n",
             get(counter)
         ));
     }

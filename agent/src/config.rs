@@ -118,6 +118,8 @@ pub struct ApiConfig {
     pub max_rows: usize,
     /// Requests inferring at once; 0 is one per CPU core.
     pub max_concurrency: usize,
+    /// Requests remembered so that feedback can label their predictions.
+    pub feedback_memory: usize,
 }
 
 impl ApiConfig {
@@ -140,6 +142,7 @@ impl ApiConfig {
                 0 => std::thread::available_parallelism().map_or(1, usize::from),
                 n => n,
             },
+            feedback_memory: self.feedback_memory,
         }
     }
 }
@@ -191,6 +194,8 @@ pub struct SourceConfig {
     /// csv: start again at the end of the file.
     #[serde(rename = "loop")]
     pub repeat: bool,
+    /// synthetic: the simulated machine's ground truth comes back as feedback.
+    pub labels: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -40,7 +40,8 @@ impl Fleet {
             // Many devices in one process cannot share one port: no local API.
             config.api.listen.clear();
             let seed = base_seed.wrapping_add(i as u64 * 7919);
-            let source = VibrationGenerator::new(seed, shift.clone());
+            let source =
+                VibrationGenerator::new(seed, shift.clone()).with_labels(config.source.labels);
             let agent = Agent::new(config.clone(), Box::new(source))?;
             let token = shutdown.child_token();
             let id = config.device_id.clone();

@@ -33,15 +33,20 @@ pub trait InputSource: Send {
     fn columns(&self) -> &[String];
     /// The next row, or `None` when the source is exhausted.
     fn next_row(&mut self) -> Option<Vec<f32>>;
+    /// The ground truth of the row `next_row` returned last, when the source knows it
+    /// (it is then counted as feedback).
+    fn label(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// Builds the source a config describes.
 pub fn from_config(config: &SourceConfig) -> Result<Box<dyn InputSource>, SourceError> {
     Ok(match config.kind {
-        SourceKind::Synthetic => Box::new(VibrationGenerator::new(
-            config.seed,
-            ShiftControl::default(),
-        )),
+        SourceKind::Synthetic => Box::new(
+            VibrationGenerator::new(config.seed, ShiftControl::default())
+                .with_labels(config.labels),
+        ),
         SourceKind::Csv => Box::new(CsvReplay::open(
             config.path.as_deref().ok_or(SourceError::NoPath)?,
             config.repeat,
@@ -88,6 +93,9 @@ pub struct VibrationGenerator {
     rng: SmallRng,
     shift: ShiftControl,
     columns: Vec<String>,
+    /// Whether `label` gives the ground truth, and the last row's.
+    labels: bool,
+    last_label: Option<usize>,
 }
 
 pub const VIBRATION_FEATURES: [&str; 4] = ["rms", "peak", "kurtosis", "temperature"];
@@ -101,7 +109,15 @@ impl VibrationGenerator {
             rng: SmallRng::seed_from_u64(seed),
             shift,
             columns: VIBRATION_FEATURES.iter().map(|s| s.to_string()).collect(),
+            labels: false,
+            last_label: None,
         }
+    }
+
+    /// Gives each row's ground truth as feedback (`label`), as inspections would.
+    pub fn with_labels(mut self, labels: bool) -> Self {
+        self.labels = labels;
+        self
     }
 
     fn normal(&mut self, mean: f64, std: f64) -> f64 {
@@ -117,7 +133,13 @@ impl InputSource for VibrationGenerator {
     }
 
     fn next_row(&mut self) -> Option<Vec<f32>> {
-        Some(self.labelled_row().0)
+        let (row, label) = self.labelled_row();
+        self.last_label = self.labels.then_some(label);
+        Some(row)
+    }
+
+    fn label(&self) -> Option<usize> {
+        self.last_label
     }
 }
 

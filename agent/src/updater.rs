@@ -517,6 +517,7 @@ mod tests {
                 DEFAULT_BINS,
             )
             .unwrap(),
+            drift: None,
             golden: None,
             requirements: Default::default(),
             lineage: None,

@@ -315,6 +315,42 @@ async fn main() {
             "embedded rumqttd"
         }
     );
+    // The controller's own costs per summary, without a broker: decoding and validating
+    // a publish, and storing decoded envelopes in groups the size ingest forms.
+    let all: Vec<(&str, &[u8])> = singles
+        .iter()
+        .flat_map(|(topic, items)| items.iter().map(move |p| (topic.as_str(), p.as_slice())))
+        .collect();
+    let start = Instant::now();
+    let mut decoded = Vec::with_capacity(all.len());
+    for (topic, payload) in &all {
+        let checked = edgeloop_controller::ingest::validate(&topics, topic, payload).unwrap();
+        decoded.extend(checked.accepted);
+    }
+    let decode_s = start.elapsed().as_secs_f64();
+    let store =
+        edgeloop_controller::store::SqliteStore::open(&dir.path().join("alone.db")).unwrap();
+    let start = Instant::now();
+    for group in decoded.chunks(80) {
+        edgeloop_controller::store::Store::ingest_many(&store, group, 1_764_400_020_000)
+            .await
+            .unwrap();
+    }
+    let store_s = start.elapsed().as_secs_f64();
+    println!(
+        "controller work per summary, no broker ({} summaries):",
+        all.len()
+    );
+    println!(
+        "  decode and validate {:>6.1} us ({:.0}/s)",
+        decode_s * 1e6 / all.len() as f64,
+        all.len() as f64 / decode_s
+    );
+    println!(
+        "  store, groups of 80 {:>6.1} us ({:.0}/s)",
+        store_s * 1e6 / all.len() as f64,
+        all.len() as f64 / store_s
+    );
     let raw_single = raw_rate(&url, &singles, 1).await;
     let ingest_single = ingest_rate(&controller, &singles, 1).await;
     println!("single envelopes ({total} summaries, {DEVICES} devices):");

@@ -127,7 +127,7 @@ pub fn validate(topics: &Topics, topic: &str, payload: &[u8]) -> Result<Checked,
         ..Checked::default()
     };
     let items = match batch::decode(payload) {
-        Ok(Payload::Single(envelope)) => vec![Ok(envelope)],
+        Ok(Payload::Single(envelope)) => vec![Ok(*envelope)],
         Ok(Payload::Batch {
             device_id: from,
             items,

@@ -70,7 +70,7 @@ pub struct ItemError {
 /// A decoded MQTT payload.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Payload {
-    Single(Envelope),
+    Single(Box<Envelope>),
     Batch {
         /// The device the header names; every envelope must be from it too.
         device_id: String,
@@ -123,7 +123,7 @@ pub fn decode(bytes: &[u8]) -> Result<Payload, DecodeError> {
     {
         return decode_batch(&bytes[..nl], &bytes[nl + 1..]);
     }
-    Envelope::decode(bytes).map(Payload::Single)
+    Envelope::decode(bytes).map(|e| Payload::Single(Box::new(e)))
 }
 
 fn decode_batch(header: &[u8], body: &[u8]) -> Result<Payload, DecodeError> {
@@ -238,7 +238,7 @@ mod tests {
         }
         assert_eq!(
             decode(&envelope("x").encode()).unwrap(),
-            Payload::Single(envelope("x"))
+            Payload::Single(Box::new(envelope("x")))
         );
     }
 

@@ -21,7 +21,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::drift::{DriftError, ReferenceProfile};
+use crate::drift::{DriftError, DriftPolicy, ReferenceProfile};
 use crate::signing::{Context, KeyId, SIGNATURE_LEN, SecretKey, SignatureError, TrustedKeys};
 use crate::{is_valid_identifier, sha256_hex};
 
@@ -149,6 +149,9 @@ pub struct Manifest {
     pub outputs: Vec<TensorSpec>,
     /// Reference distribution of the inputs, for drift monitoring.
     pub reference: ReferenceProfile,
+    /// When a feature and a window count as drifted; the defaults when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift: Option<DriftPolicy>,
     /// Inputs with the outputs the publisher computed; a device checks them after loading.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub golden: Option<Golden>,
@@ -275,6 +278,7 @@ impl Manifest {
                 columns,
                 crate::drift::DEFAULT_BINS,
             )?,
+            drift: None,
             golden: None,
             requirements: Requirements::default(),
             lineage: None,
@@ -308,6 +312,9 @@ impl Manifest {
         self.reference
             .validate()
             .map_err(|e: DriftError| bad(e.to_string()))?;
+        if let Some(policy) = &self.drift {
+            policy.validate().map_err(|e| bad(e.to_string()))?;
+        }
         if let Some(golden) = &self.golden {
             if !(golden.tolerance.is_finite() && golden.tolerance >= 0.0) {
                 return Err(bad("golden tolerance must be a finite number ≥ 0".into()));
@@ -714,6 +721,7 @@ pub(crate) mod tests {
                 names: vec!["no".into(), "yes".into()],
             }],
             reference: ReferenceProfile::from_columns(&names, &columns, DEFAULT_BINS).unwrap(),
+            drift: None,
             golden: None,
             requirements: Requirements::default(),
             lineage: None,

@@ -12,12 +12,22 @@
 //! PSI follows the usual definition (and Evidently's smoothing): with `e` and `a` the
 //! expected and actual bin fractions, each floored at [`PSI_EPSILON`],
 //! `PSI = Σ (a − e) · ln(a / e)`. Below 0.1 is stable, 0.1–0.25 a moderate shift, above
-//! 0.25 a significant one.
+//! 0.25 a significant one. The Jensen–Shannon distance uses the same bins.
+//!
+//! Each feature also has a sketch: [`SKETCH_BINS`] finer quantile bins of the reference,
+//! binned the same way. The Kolmogorov–Smirnov statistic and the Wasserstein distance are
+//! read from it (see [`crate::stats`] for their definitions and error bound). Bin counts,
+//! sketch counts, moments, the latency histogram and the confusion counts all add up, so
+//! that merged windows give the scores of the union of their inputs
+//! ([`WindowStats::rescore`]).
 
 use serde::{Deserialize, Serialize};
 
-/// Floor for empty bins, so that an empty bin does not make PSI infinite.
-pub const PSI_EPSILON: f64 = 1e-4;
+use crate::stats::{self, LATENCY_BOUNDS_MS, Moments, PageHinkley};
+pub use crate::stats::{PSI_EPSILON, psi};
+
+/// Default number of fine quantile bins in each feature's sketch.
+pub const SKETCH_BINS: usize = 100;
 /// The PSI at which a feature is usually said to have drifted moderately.
 pub const PSI_WARN: f64 = 0.1;
 /// The PSI at which a feature is usually said to have drifted significantly.
@@ -37,6 +47,8 @@ pub enum DriftError {
     WrongWidth { expected: usize, got: usize },
     #[error("reference for feature `{feature}` is inconsistent: {reason}")]
     BadReference { feature: String, reason: String },
+    #[error("drift policy: `{field}` {reason}")]
+    BadPolicy { field: &'static str, reason: String },
 }
 
 /// The reference distribution of one numeric input feature.
@@ -50,6 +62,25 @@ pub struct FeatureReference {
     pub fractions: Vec<f64>,
     pub mean: f64,
     pub std: f64,
+    /// Finer quantile edges ([`SKETCH_BINS`] bins) for the KS statistic and the
+    /// Wasserstein distance; empty in profiles made before they existed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sketch_edges: Vec<f64>,
+    /// Reference fraction per sketch bin (underflow, inner bins, overflow).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sketch_fractions: Vec<f64>,
+    /// Finite reference values (the KS p-value's reference sample size); 0 in older
+    /// profiles, which then use the profile's row count.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub count: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+fn is_zero_f64(x: &f64) -> bool {
+    *x == 0.0
 }
 
 impl FeatureReference {
@@ -62,29 +93,55 @@ impl FeatureReference {
         bin_count(&self.edges)
     }
 
+    /// Whether the profile has a sketch for this feature.
+    pub fn has_sketch(&self) -> bool {
+        !self.sketch_edges.is_empty()
+    }
+
     fn validate(&self) -> Result<(), DriftError> {
         let bad = |reason: &str| DriftError::BadReference {
             feature: self.name.clone(),
             reason: reason.to_string(),
         };
-        if self.edges.is_empty() {
-            return Err(bad("no bin edges"));
-        }
-        if self.edges.iter().any(|e| !e.is_finite()) {
-            return Err(bad("a bin edge is not finite"));
-        }
-        if self.edges.windows(2).any(|w| w[0] >= w[1]) {
-            return Err(bad("bin edges are not strictly ascending"));
-        }
-        if self.fractions.len() != self.bin_count() {
-            return Err(bad("fractions do not match the number of bins"));
-        }
-        let sum: f64 = self.fractions.iter().sum();
-        if self.fractions.iter().any(|f| !(0.0..=1.0).contains(f)) || (sum - 1.0).abs() > 1e-6 {
-            return Err(bad("fractions are not a distribution"));
+        check_bins(&self.edges, &self.fractions).map_err(|r| bad(&format!("bins: {r}")))?;
+        if self.has_sketch() || !self.sketch_fractions.is_empty() {
+            check_bins(&self.sketch_edges, &self.sketch_fractions)
+                .map_err(|r| bad(&format!("sketch: {r}")))?;
         }
         Ok(())
     }
+}
+
+/// Checks edges and fractions: ascending finite edges, one fraction per bin, a distribution.
+fn check_bins(edges: &[f64], fractions: &[f64]) -> Result<(), &'static str> {
+    if edges.is_empty() {
+        return Err("no bin edges");
+    }
+    if edges.iter().any(|e| !e.is_finite()) {
+        return Err("a bin edge is not finite");
+    }
+    if edges.windows(2).any(|w| w[0] >= w[1]) {
+        return Err("bin edges are not strictly ascending");
+    }
+    if fractions.len() != bin_count(edges) {
+        return Err("fractions do not match the number of bins");
+    }
+    let sum: f64 = fractions.iter().sum();
+    if fractions.iter().any(|f| !(0.0..=1.0).contains(f)) || (sum - 1.0).abs() > 1e-6 {
+        return Err("fractions are not a distribution");
+    }
+    Ok(())
+}
+
+/// Quantile edges of sorted finite values and the share of the values in each bin.
+fn binned(sorted: &[f64], bins: usize) -> (Vec<f64>, Vec<f64>) {
+    let edges = quantile_edges(sorted, bins);
+    let mut counts = vec![0u64; bin_count(&edges)];
+    for &v in sorted {
+        counts[bin_index(&edges, v)] += 1;
+    }
+    let n = sorted.len() as f64;
+    (edges, counts.iter().map(|&c| c as f64 / n).collect())
 }
 
 /// Reference distributions of all input features, in input order.
@@ -122,21 +179,21 @@ impl ReferenceProfile {
                 });
             }
             values.sort_by(f64::total_cmp);
-            let edges = quantile_edges(&values, bins);
-            let mut counts = vec![0u64; bin_count(&edges)];
-            for &v in &values {
-                counts[bin_index(&edges, v)] += 1;
-            }
+            let (edges, fractions) = binned(&values, bins);
+            let (sketch_edges, sketch_fractions) = binned(&values, SKETCH_BINS.max(bins));
             let n = values.len() as f64;
             let mean = values.iter().sum::<f64>() / n;
             let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
             samples = samples.max(column.len() as u64);
             features.push(FeatureReference {
                 name: name.clone(),
-                fractions: counts.iter().map(|&c| c as f64 / n).collect(),
+                fractions,
                 edges,
                 mean,
                 std: var.sqrt(),
+                sketch_edges,
+                sketch_fractions,
+                count: values.len() as u64,
             });
         }
         Ok(ReferenceProfile { samples, features })
@@ -191,26 +248,121 @@ pub fn bin_index(edges: &[f64], x: f64) -> usize {
     }
 }
 
-/// Population Stability Index between reference fractions and observed counts.
-/// Returns 0 when nothing was observed.
-pub fn psi(expected: &[f64], actual_counts: &[u64]) -> f64 {
-    let total: u64 = actual_counts.iter().sum();
-    if total == 0 {
-        return 0.0;
+/// Which score decides that a feature drifted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DriftMethod {
+    /// PSI at or above `psi_alert`.
+    #[default]
+    Psi,
+    /// Jensen–Shannon distance at or above `js`.
+    Js,
+    /// Normed Wasserstein distance at or above `wasserstein`.
+    Wasserstein,
+    /// KS p-value below `ks_alpha` divided by the number of features (Bonferroni).
+    Ks,
+}
+
+/// When a feature and a window count as drifted. The defaults are the usual ones (and
+/// Evidently's); a model's manifest may override them.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DriftPolicy {
+    pub method: DriftMethod,
+    pub psi_warn: f64,
+    pub psi_alert: f64,
+    pub js: f64,
+    pub wasserstein: f64,
+    pub ks_alpha: f64,
+    /// Share of the features that must drift for the window's dataset drift.
+    pub dataset_share: f64,
+    /// Page–Hinkley on the model's confidence: tolerated fall per input (δ), alarm level
+    /// (λ), and the inputs seen before it may raise an alarm. `ph_lambda` 0 turns it off.
+    pub ph_delta: f64,
+    pub ph_lambda: f64,
+    pub ph_min_samples: u64,
+}
+
+impl Default for DriftPolicy {
+    fn default() -> Self {
+        DriftPolicy {
+            method: DriftMethod::Psi,
+            psi_warn: PSI_WARN,
+            psi_alert: PSI_ALERT,
+            js: 0.1,
+            wasserstein: 0.1,
+            ks_alpha: 0.05,
+            dataset_share: 0.5,
+            ph_delta: 0.005,
+            ph_lambda: 5.0,
+            ph_min_samples: 30,
+        }
     }
-    expected
-        .iter()
-        .zip(actual_counts)
-        .map(|(&e, &c)| {
-            let e = e.max(PSI_EPSILON);
-            let a = (c as f64 / total as f64).max(PSI_EPSILON);
-            (a - e) * (a / e).ln()
-        })
-        .sum()
+}
+
+impl DriftPolicy {
+    pub fn validate(&self) -> Result<(), DriftError> {
+        let positive = |field: &'static str, v: f64| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(DriftError::BadPolicy {
+                    field,
+                    reason: format!("must be a positive number, got {v}"),
+                })
+            }
+        };
+        let share = |field: &'static str, v: f64| {
+            if v > 0.0 && v <= 1.0 {
+                Ok(())
+            } else {
+                Err(DriftError::BadPolicy {
+                    field,
+                    reason: format!("must be in (0, 1], got {v}"),
+                })
+            }
+        };
+        positive("psi_warn", self.psi_warn)?;
+        positive("psi_alert", self.psi_alert)?;
+        if self.psi_warn > self.psi_alert {
+            return Err(DriftError::BadPolicy {
+                field: "psi_warn",
+                reason: format!("{} is above psi_alert {}", self.psi_warn, self.psi_alert),
+            });
+        }
+        positive("js", self.js)?;
+        positive("wasserstein", self.wasserstein)?;
+        share("ks_alpha", self.ks_alpha)?;
+        share("dataset_share", self.dataset_share)?;
+        if !(self.ph_delta.is_finite() && self.ph_delta >= 0.0) {
+            return Err(DriftError::BadPolicy {
+                field: "ph_delta",
+                reason: format!("must be a number ≥ 0, got {}", self.ph_delta),
+            });
+        }
+        if !(self.ph_lambda.is_finite() && self.ph_lambda >= 0.0) {
+            return Err(DriftError::BadPolicy {
+                field: "ph_lambda",
+                reason: format!("must be a number ≥ 0 (0: off), got {}", self.ph_lambda),
+            });
+        }
+        Ok(())
+    }
+
+    fn feature_drifted(&self, f: &FeatureWindow, features: usize) -> bool {
+        match self.method {
+            DriftMethod::Psi => f.psi >= self.psi_alert,
+            DriftMethod::Js => f.js >= self.js,
+            DriftMethod::Wasserstein => f.wasserstein.is_some_and(|w| w >= self.wasserstein),
+            DriftMethod::Ks => f
+                .ks_p
+                .is_some_and(|p| p < self.ks_alpha / features.max(1) as f64),
+        }
+    }
 }
 
 /// Per-feature statistics of one finished window.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FeatureWindow {
     pub name: String,
@@ -218,10 +370,79 @@ pub struct FeatureWindow {
     pub counts: Vec<u64>,
     pub nan: u64,
     pub psi: f64,
+    /// Counts per sketch bin; empty when the profile has no sketch.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sketch: Vec<u64>,
+    /// Summed distances of the inputs below the sketch's first edge and above its last
+    /// (for the Wasserstein distance outside the reference range).
+    #[serde(default, skip_serializing_if = "is_zero_f64")]
+    pub below: f64,
+    #[serde(default, skip_serializing_if = "is_zero_f64")]
+    pub above: f64,
+    #[serde(default)]
+    pub moments: Moments,
+    /// Jensen–Shannon distance on the PSI bins.
+    #[serde(default)]
+    pub js: f64,
+    /// KS statistic on the sketch, its asymptotic p-value, and how far the statistic may
+    /// be below the exact one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ks: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ks_p: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ks_error: Option<f64>,
+    /// Wasserstein-1 distance on the sketch over the reference's standard deviation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wasserstein: Option<f64>,
+    /// Whether the policy's score says this feature drifted.
+    #[serde(default)]
+    pub drifted: bool,
+}
+
+impl FeatureWindow {
+    /// Inputs of this feature outside the reference range (the underflow and overflow
+    /// bins).
+    pub fn out_of_range(&self) -> u64 {
+        match self.counts.as_slice() {
+            [] => 0,
+            [only] => *only,
+            [first, .., last] => first.saturating_add(*last),
+        }
+    }
+
+    /// Recomputes the scores from the counts.
+    fn score(&mut self, reference: &FeatureReference, reference_count: u64) {
+        self.psi = psi(&reference.fractions, &self.counts);
+        self.js = stats::js_distance(&reference.fractions, &self.counts);
+        let sketched =
+            reference.has_sketch() && self.sketch.len() == reference.sketch_fractions.len();
+        let observed: u64 = self.sketch.iter().sum();
+        if sketched && observed > 0 {
+            let d = stats::ks_statistic(&reference.sketch_fractions, &self.sketch);
+            self.ks = d;
+            self.ks_p = d.map(|d| stats::ks_p_value(d, reference_count, observed));
+            self.ks_error = Some(stats::ks_error_bound(&reference.sketch_fractions));
+            self.wasserstein = (reference.std > 0.0)
+                .then(|| {
+                    stats::wasserstein(
+                        &reference.sketch_edges,
+                        &reference.sketch_fractions,
+                        &self.sketch,
+                        self.below,
+                        self.above,
+                    )
+                })
+                .flatten()
+                .map(|w| w / reference.std);
+        } else {
+            (self.ks, self.ks_p, self.ks_error, self.wasserstein) = (None, None, None, None);
+        }
+    }
 }
 
 /// The statistics of one finished window.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WindowStats {
     pub samples: u64,
@@ -232,6 +453,26 @@ pub struct WindowStats {
     pub psi_max: f64,
     /// Predicted class counts, by class index.
     pub predictions: Vec<u64>,
+    /// Share of the features that drifted, and whether that makes the window's dataset
+    /// drift under the policy.
+    #[serde(default)]
+    pub drift_share: f64,
+    #[serde(default)]
+    pub dataset_drift: bool,
+    /// Inference latency histogram: counts per bucket of
+    /// [`LATENCY_BOUNDS_MS`](crate::stats::LATENCY_BOUNDS_MS), the last one slower.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub latency_ms: Vec<u64>,
+    /// Ground-truth labels received: `confusion[label][predicted]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub confusion: Vec<Vec<u64>>,
+    /// Share of labelled predictions that were right; `None` without labels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accuracy: Option<f64>,
+    /// The Page–Hinkley test saw the model's confidence fall during this window (which
+    /// then closed early).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub confidence_alert: bool,
 }
 
 /// Why two windows cannot be merged.
@@ -239,10 +480,22 @@ pub struct WindowStats {
 #[error("windows do not match: {0}")]
 pub struct MergeError(String);
 
+/// Adds `b` into `a` element by element, growing `a` as needed (saturating: counts come
+/// from devices, and a hostile one must not overflow them).
+fn add_counts(a: &mut Vec<u64>, b: &[u64]) {
+    if a.len() < b.len() {
+        a.resize(b.len(), 0);
+    }
+    for (x, y) in a.iter_mut().zip(b) {
+        *x = x.saturating_add(*y);
+    }
+}
+
 impl WindowStats {
-    /// Adds another window of the same reference profile: counts add up, the time span
-    /// widens, and each PSI figure becomes the larger of the two (an aggregate's PSI is the
-    /// worst of its windows; its merged counts let PSI be recomputed against the reference).
+    /// Adds another window of the same reference profile: counts, moments, latencies and
+    /// labels add up and the time span widens. Without the profile, each score becomes
+    /// the worse of the two; [`WindowStats::rescore`] then computes the scores of the
+    /// merged counts.
     pub fn merge(&mut self, other: &WindowStats) -> Result<(), MergeError> {
         if self.features.len() != other.features.len() {
             return Err(MergeError(format!(
@@ -263,63 +516,178 @@ impl WindowStats {
             }
         }
         for (a, b) in self.features.iter_mut().zip(&other.features) {
-            // Saturating: counts come from devices, and a hostile one must not overflow them.
-            for (x, y) in a.counts.iter_mut().zip(&b.counts) {
-                *x = x.saturating_add(*y);
+            add_counts(&mut a.counts, &b.counts);
+            if a.sketch.len() == b.sketch.len() {
+                add_counts(&mut a.sketch, &b.sketch);
+                a.below += b.below;
+                a.above += b.above;
+            } else {
+                // One side predates sketches: the merged sketch would not cover all inputs.
+                a.sketch.clear();
+                (a.below, a.above) = (0.0, 0.0);
             }
             a.nan = a.nan.saturating_add(b.nan);
+            a.moments.merge(&b.moments);
             a.psi = a.psi.max(b.psi);
+            a.js = a.js.max(b.js);
+            a.ks = max_opt(a.ks, b.ks);
+            a.ks_p = match (a.ks_p, b.ks_p) {
+                (Some(x), Some(y)) => Some(x.min(y)),
+                (x, y) => x.or(y),
+            };
+            a.ks_error = max_opt(a.ks_error, b.ks_error);
+            a.wasserstein = max_opt(a.wasserstein, b.wasserstein);
+            a.drifted |= b.drifted;
         }
-        if self.predictions.len() < other.predictions.len() {
-            self.predictions.resize(other.predictions.len(), 0);
+        add_counts(&mut self.predictions, &other.predictions);
+        add_counts(&mut self.latency_ms, &other.latency_ms);
+        if self.confusion.len() < other.confusion.len() {
+            self.confusion.resize(other.confusion.len(), Vec::new());
         }
-        for (x, y) in self.predictions.iter_mut().zip(&other.predictions) {
-            *x = x.saturating_add(*y);
+        for (a, b) in self.confusion.iter_mut().zip(&other.confusion) {
+            add_counts(a, b);
         }
+        self.accuracy = accuracy(&self.confusion);
         self.samples = self.samples.saturating_add(other.samples);
         self.start_ms = self.start_ms.min(other.start_ms);
         self.end_ms = self.end_ms.max(other.end_ms);
         self.psi_max = self.psi_max.max(other.psi_max);
+        self.drift_share = self.drift_share.max(other.drift_share);
+        self.dataset_drift |= other.dataset_drift;
+        self.confidence_alert |= other.confidence_alert;
         Ok(())
     }
+
+    /// Recomputes every score from the counts against `profile` under `policy`: after a
+    /// merge, the scores of the union of the merged windows' inputs.
+    pub fn rescore(
+        &mut self,
+        profile: &ReferenceProfile,
+        policy: &DriftPolicy,
+    ) -> Result<(), MergeError> {
+        if profile.features.len() != self.features.len() {
+            return Err(MergeError(format!(
+                "{} features against a profile of {}",
+                self.features.len(),
+                profile.features.len()
+            )));
+        }
+        let n = self.features.len();
+        let mut drifted = 0;
+        for (f, reference) in self.features.iter_mut().zip(&profile.features) {
+            if f.name != reference.name || f.counts.len() != reference.fractions.len() {
+                return Err(MergeError(format!(
+                    "feature `{}` does not match the profile's `{}`",
+                    f.name, reference.name
+                )));
+            }
+            let reference_count = if reference.count > 0 {
+                reference.count
+            } else {
+                profile.samples
+            };
+            f.score(reference, reference_count);
+            f.drifted = f.counts.iter().any(|&c| c > 0) && policy.feature_drifted(f, n);
+            drifted += usize::from(f.drifted);
+        }
+        self.psi_max = self.features.iter().map(|f| f.psi).fold(0.0, f64::max);
+        self.drift_share = if n == 0 {
+            0.0
+        } else {
+            drifted as f64 / n as f64
+        };
+        self.dataset_drift = n > 0 && self.drift_share >= policy.dataset_share;
+        self.accuracy = accuracy(&self.confusion);
+        Ok(())
+    }
+
+    /// Labelled predictions in the window.
+    pub fn labelled(&self) -> u64 {
+        self.confusion.iter().flatten().sum()
+    }
+
+    /// The latency below which `q` of the window's inferences finished, in milliseconds
+    /// (a bucket's upper bound).
+    pub fn latency_quantile_ms(&self, q: f64) -> Option<f64> {
+        stats::latency_quantile(&self.latency_ms, q)
+    }
+}
+
+fn max_opt(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(x.max(y)),
+        (x, y) => x.or(y),
+    }
+}
+
+fn accuracy(confusion: &[Vec<u64>]) -> Option<f64> {
+    let total: u64 = confusion.iter().flatten().sum();
+    let right: u64 = confusion
+        .iter()
+        .enumerate()
+        .map(|(i, row)| row.get(i).copied().unwrap_or(0))
+        .sum();
+    (total > 0).then(|| right as f64 / total as f64)
 }
 
 /// Counts live inputs into the reference bins until the window is finished.
 #[derive(Debug, Clone)]
 pub struct DriftWindow {
     profile: ReferenceProfile,
-    counts: Vec<Vec<u64>>,
-    nan: Vec<u64>,
-    predictions: Vec<u64>,
-    samples: u64,
-    start_ms: u64,
+    policy: DriftPolicy,
+    current: WindowStats,
+    confidence: Option<PageHinkley>,
 }
 
 impl DriftWindow {
     pub fn new(profile: ReferenceProfile, start_ms: u64) -> Self {
-        let counts = profile
-            .features
-            .iter()
-            .map(|f| vec![0; f.bin_count()])
-            .collect();
-        let nan = vec![0; profile.features.len()];
+        Self::with_policy(profile, DriftPolicy::default(), start_ms)
+    }
+
+    pub fn with_policy(profile: ReferenceProfile, policy: DriftPolicy, start_ms: u64) -> Self {
+        let confidence = (policy.ph_lambda > 0.0)
+            .then(|| PageHinkley::new(policy.ph_delta, policy.ph_lambda, policy.ph_min_samples));
+        let current = Self::empty(&profile, start_ms);
         DriftWindow {
             profile,
-            counts,
-            nan,
-            predictions: Vec::new(),
-            samples: 0,
+            policy,
+            current,
+            confidence,
+        }
+    }
+
+    fn empty(profile: &ReferenceProfile, start_ms: u64) -> WindowStats {
+        WindowStats {
             start_ms,
+            features: profile
+                .features
+                .iter()
+                .map(|f| FeatureWindow {
+                    name: f.name.clone(),
+                    counts: vec![0; f.bin_count()],
+                    sketch: if f.has_sketch() {
+                        vec![0; bin_count(&f.sketch_edges)]
+                    } else {
+                        Vec::new()
+                    },
+                    ..FeatureWindow::default()
+                })
+                .collect(),
+            ..WindowStats::default()
         }
     }
 
     pub fn samples(&self) -> u64 {
-        self.samples
+        self.current.samples
     }
 
     /// When the window opened, in milliseconds since the Unix epoch.
     pub fn start_ms(&self) -> u64 {
-        self.start_ms
+        self.current.start_ms
+    }
+
+    pub fn policy(&self) -> &DriftPolicy {
+        &self.policy
     }
 
     /// Adds one input row and the class the model predicted for it, if any.
@@ -334,51 +702,79 @@ impl DriftWindow {
                 got: row.len(),
             });
         }
-        for (i, (&x, feature)) in row.iter().zip(&self.profile.features).enumerate() {
+        for ((&x, reference), f) in row
+            .iter()
+            .zip(&self.profile.features)
+            .zip(&mut self.current.features)
+        {
             if x.is_nan() {
-                self.nan[i] += 1;
-            } else {
-                self.counts[i][feature.bin_of(f64::from(x))] += 1;
+                f.nan += 1;
+                continue;
             }
+            let x = f64::from(x);
+            f.counts[reference.bin_of(x)] += 1;
+            if !f.sketch.is_empty() {
+                let edges = &reference.sketch_edges;
+                let bin = bin_index(edges, x);
+                f.sketch[bin] += 1;
+                if bin == 0 {
+                    f.below += edges[0] - x;
+                } else if bin == f.sketch.len() - 1 {
+                    f.above += x - edges[edges.len() - 1];
+                }
+            }
+            f.moments.push(x);
         }
         if let Some(class) = predicted_class {
-            if self.predictions.len() <= class {
-                self.predictions.resize(class + 1, 0);
+            let predictions = &mut self.current.predictions;
+            if predictions.len() <= class {
+                predictions.resize(class + 1, 0);
             }
-            self.predictions[class] += 1;
+            predictions[class] += 1;
         }
-        self.samples += 1;
+        self.current.samples += 1;
         Ok(())
+    }
+
+    /// Counts how long one inference took.
+    pub fn observe_latency(&mut self, ms: f64) {
+        let latency = &mut self.current.latency_ms;
+        if latency.is_empty() {
+            latency.resize(LATENCY_BOUNDS_MS.len() + 1, 0);
+        }
+        latency[stats::latency_bucket(ms)] += 1;
+    }
+
+    /// Counts a ground-truth label for a prediction.
+    pub fn observe_label(&mut self, label: usize, predicted: usize) {
+        let confusion = &mut self.current.confusion;
+        let size = confusion.len().max(label + 1).max(predicted + 1);
+        confusion.resize(size, Vec::new());
+        for row in confusion.iter_mut() {
+            row.resize(size, 0);
+        }
+        confusion[label][predicted] += 1;
+    }
+
+    /// Feeds the model's confidence in one prediction (its top score) to the Page–Hinkley
+    /// test; true when the confidence has fallen, and the window should close now.
+    pub fn observe_confidence(&mut self, confidence: f64) -> bool {
+        let fired = self
+            .confidence
+            .as_mut()
+            .is_some_and(|ph| ph.push(confidence));
+        self.current.confidence_alert |= fired;
+        fired
     }
 
     /// Closes the window at `end_ms`, returns its statistics and starts the next window.
     pub fn finish(&mut self, end_ms: u64) -> WindowStats {
-        let features: Vec<FeatureWindow> = self
-            .profile
-            .features
-            .iter()
-            .zip(&mut self.counts)
-            .zip(&mut self.nan)
-            .map(|((reference, counts), nan)| {
-                let counts = std::mem::replace(counts, vec![0; reference.bin_count()]);
-                FeatureWindow {
-                    name: reference.name.clone(),
-                    psi: psi(&reference.fractions, &counts),
-                    counts,
-                    nan: std::mem::take(nan),
-                }
-            })
-            .collect();
-        let stats = WindowStats {
-            samples: self.samples,
-            start_ms: self.start_ms,
-            end_ms,
-            psi_max: features.iter().map(|f| f.psi).fold(0.0, f64::max),
-            features,
-            predictions: std::mem::take(&mut self.predictions),
-        };
-        self.samples = 0;
-        self.start_ms = end_ms;
+        let next = Self::empty(&self.profile, end_ms);
+        let mut stats = std::mem::replace(&mut self.current, next);
+        stats.end_ms = end_ms;
+        stats
+            .rescore(&self.profile, &self.policy)
+            .expect("a window matches its own profile");
         stats
     }
 }
@@ -397,9 +793,11 @@ mod tests {
                 counts,
                 nan: 1,
                 psi,
+                ..FeatureWindow::default()
             }],
             psi_max: psi,
             predictions,
+            ..WindowStats::default()
         }
     }
 

@@ -19,6 +19,7 @@ pub mod command;
 pub mod drift;
 pub mod protocol;
 pub mod signing;
+pub mod stats;
 pub mod topics;
 pub mod trust;
 

@@ -451,9 +451,11 @@ mod tests {
                     counts: vec![0, 1, 1],
                     nan: 0,
                     psi: 0.5,
+                    ..FeatureWindow::default()
                 }],
                 psi_max: 0.5,
                 predictions: vec![2],
+                ..WindowStats::default()
             },
         })
     }

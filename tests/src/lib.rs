@@ -503,7 +503,8 @@ pub struct TestAgent {
 impl TestAgent {
     pub fn spawn(config: AgentConfig, parent: &CancellationToken) -> Self {
         let shift = ShiftControl::default();
-        let source = VibrationGenerator::new(config.source.seed, shift.clone());
+        let source = VibrationGenerator::new(config.source.seed, shift.clone())
+            .with_labels(config.source.labels);
         let agent = Agent::new(config.clone(), Box::new(source)).expect("valid agent config");
         let token = parent.child_token();
         let task = tokio::spawn({

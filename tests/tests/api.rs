@@ -252,3 +252,146 @@ async fn the_local_api_infers_refuses_clearly_feeds_drift_and_swaps_without_fail
     agent.stop().await;
     ctl.stop().await;
 }
+
+/// Ground truth sent to `POST /v1/feedback` reaches the controller as the window's
+/// confusion counts and accuracy, with the window's latency histogram and drift scores;
+/// bad feedback is refused with a reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feedback_labels_reach_the_controller_as_confusion_counts_and_accuracy() {
+    const WINDOW: u64 = 20;
+    let ctl = TestController::start(BrokerChoice::Embedded).await.unwrap();
+    let mut config = ctl.agent_config("feedback-1", WINDOW);
+    let port = free_port();
+    config.api.listen = format!("127.0.0.1:{port}");
+    config.api.feedback_memory = 100;
+    config.source.kind = SourceKind::Api;
+    let agent = ctl.spawn_agent_with(config);
+    let base = format!("http://127.0.0.1:{port}");
+    let (infer, feedback) = (format!("{base}/v1/infer"), format!("{base}/v1/feedback"));
+    let http = reqwest::Client::new();
+    ctl.publish_example(1).await;
+    ctl.controller.rollout("vibration", 1, None).await.unwrap();
+    ctl.wait_for_model("feedback-1", Some(1)).await;
+
+    // 19 predictions labelled as they come: the 10 normal ones rightly, 4 of the 9 faults
+    // wrongly ("normal"), by name and by index. Then the 20th input closes the window.
+    let mut first_id = String::new();
+    for i in 0..19 {
+        let row = if i < 10 { NORMAL } else { FAULT };
+        let (status, response) = post(&http, &infer, json!({"rows": [row]})).await;
+        assert_eq!(status, 200, "{response}");
+        let id = response["request_id"].as_str().unwrap().to_string();
+        let label = match i {
+            0..10 => json!("normal"),
+            10..14 => json!(0),
+            _ => json!("fault"),
+        };
+        let (status, answer) =
+            post(&http, &feedback, json!({"request_id": id, "label": label})).await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["correct"], json!(!(10..14).contains(&i)), "{answer}");
+        if i == 0 {
+            first_id = id;
+        }
+    }
+
+    // Bad feedback: each refused with its own reason, none counted.
+    for (body, status, needle) in [
+        (
+            json!({"request_id": first_id, "label": "normal"}),
+            409,
+            "already labelled",
+        ),
+        (json!({"request_id": "nope", "label": 1}), 404, "unknown"),
+        (
+            json!({"request_id": first_id, "label": "broken"}),
+            400,
+            "`broken`",
+        ),
+        (
+            json!({"request_id": first_id, "label": 7}),
+            400,
+            "class index",
+        ),
+        (
+            json!({"request_id": first_id, "label": 1, "row": 3}),
+            400,
+            "no row 3",
+        ),
+        (json!({"request": first_id}), 400, "request_id"),
+    ] {
+        let (got, response) = post(&http, &feedback, body.clone()).await;
+        assert_eq!(got, status, "{body} -> {response}");
+        let message = response["error"].as_str().unwrap_or_default();
+        assert!(message.contains(needle), "{body}: {message}");
+    }
+
+    let (status, _) = post(&http, &infer, json!({"rows": [NORMAL]})).await;
+    assert_eq!(status, 200);
+    let summary = wait_until_some(Duration::from_secs(20), || async {
+        let rows = ctl
+            .controller
+            .store
+            .telemetry("feedback-1", 10)
+            .await
+            .unwrap();
+        rows.into_iter()
+            .find(|r| r.samples == WINDOW)
+            .map(|r| r.summary)
+    })
+    .await;
+    let stats = &summary["stats"];
+    // confusion[label][predicted]: 4 faults labelled normal
+    assert_eq!(stats["confusion"], json!([[10, 4], [0, 5]]), "{stats}");
+    let accuracy = stats["accuracy"].as_f64().unwrap();
+    assert!((accuracy - 15.0 / 19.0).abs() < 1e-9, "{accuracy}");
+    let latencies: u64 = stats["latency_ms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_u64().unwrap())
+        .sum();
+    assert_eq!(latencies, WINDOW, "one latency per inferred input");
+    let rms = &stats["features"][0];
+    assert_eq!(rms["moments"]["count"], WINDOW);
+    assert!(
+        rms["ks"].as_f64().is_some() && rms["wasserstein"].as_f64().is_some(),
+        "{rms}"
+    );
+    assert!(rms["js"].as_f64().is_some());
+
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("edgeloop_agent_feedback_total{outcome=\"ok\"} 19"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("edgeloop_agent_feedback_total{outcome=\"refused\"} 6"),
+        "{metrics}"
+    );
+    agent.stop().await;
+    ctl.stop().await;
+}
+
+/// Polls `probe` until it gives a value.
+async fn wait_until_some<T, F, Fut>(timeout: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

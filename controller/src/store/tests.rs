@@ -59,9 +59,11 @@ fn drift(device: &str, msg_id: &str, samples: u64, psi: f64) -> Envelope {
                     counts: vec![0, samples, 0],
                     nan: 0,
                     psi,
+                    ..FeatureWindow::default()
                 }],
                 psi_max: psi,
                 predictions: vec![samples],
+                ..WindowStats::default()
             },
         }),
     )
@@ -700,6 +702,7 @@ async fn retraining_windows_and_records(store: &dyn Store) {
                     features: vec![],
                     psi_max: psi,
                     predictions: vec![10],
+                    ..WindowStats::default()
                 },
             }),
         )
