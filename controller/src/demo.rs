@@ -328,6 +328,7 @@ async fn publish(
             class_labels: CLASS_LABELS.iter().map(|s| s.to_string()).collect(),
             created_ms: now_ms(),
             requirements: Default::default(),
+            drift: None,
             lineage: None,
             gate: None,
         })

@@ -248,6 +248,11 @@ enum ModelCommand {
         /// default: any.
         #[arg(long, value_delimiter = ',')]
         targets: Vec<String>,
+        /// When a feature and a window count as drifted: a TOML file of drift policy keys
+        /// (`method = "ks"`, `ks_alpha = 0.01`, `dataset_share = 0.5`, …); default: PSI
+        /// at 0.25.
+        #[arg(long)]
+        drift_policy: Option<PathBuf>,
         /// Lineage: the version this one was trained from.
         #[arg(long)]
         parent_version: Option<u64>,
@@ -808,6 +813,7 @@ async fn run() -> anyhow::Result<()> {
                     latency_budget_ms,
                     min_agent_version,
                     targets,
+                    drift_policy,
                     parent_version,
                     training_data,
                     gate,
@@ -815,6 +821,19 @@ async fn run() -> anyhow::Result<()> {
                 },
         } => {
             init_tracing("warn");
+            let drift = match &drift_policy {
+                Some(path) => {
+                    let text = std::fs::read_to_string(path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    let policy: edgeloop_shared::drift::DriftPolicy = toml::from_str(&text)
+                        .with_context(|| format!("drift policy {}", path.display()))?;
+                    policy
+                        .validate()
+                        .with_context(|| format!("drift policy {}", path.display()))?;
+                    Some(policy)
+                }
+                None => None,
+            };
             let training_data_sha256 = match &training_data {
                 Some(path) => Some(edgeloop_shared::sha256_hex(
                     &std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
@@ -854,6 +873,7 @@ async fn run() -> anyhow::Result<()> {
                         min_agent_version,
                         targets,
                     },
+                    drift,
                     lineage,
                     gate: gate.gate()?,
                 },

@@ -10,7 +10,7 @@ use edgeloop_shared::bundle::{
     self, BundleError, Golden, GoldenVector, Limits, Lineage, Manifest, Requirements,
     VerifiedBundle,
 };
-use edgeloop_shared::drift::DriftError;
+use edgeloop_shared::drift::{DriftError, DriftPolicy};
 use edgeloop_shared::signing::{SecretKey, TrustedKeys};
 use edgeloop_shared::{is_valid_identifier, sha256_hex};
 
@@ -88,6 +88,8 @@ pub struct PublishRequest<'a> {
     pub created_ms: u64,
     /// What a device must satisfy before it activates the model.
     pub requirements: Requirements,
+    /// When a feature and a window drift; the defaults when `None`.
+    pub drift: Option<DriftPolicy>,
     pub lineage: Option<Lineage>,
     /// When set, the model is published only if it passes; the result goes into its lineage.
     pub gate: Option<QualityGate<'a>>,
@@ -345,6 +347,10 @@ fn build_bundle(
         vectors: golden,
     });
     manifest.requirements = request.requirements.clone();
+    if let Some(policy) = &request.drift {
+        policy.validate()?;
+    }
+    manifest.drift = request.drift;
     manifest.lineage = request.lineage.clone();
     if let Some(gate) = &request.gate {
         let report = run_gate(gate, request.onnx, &columns, baseline)?;
@@ -424,6 +430,7 @@ mod tests {
                     class_labels: CLASS_LABELS.iter().map(|s| s.to_string()).collect(),
                     created_ms: 1,
                     requirements: Requirements::default(),
+                    drift: None,
                     lineage: None,
                     gate,
                 },

@@ -131,9 +131,19 @@ impl WebhookFormat {
 pub struct RetrainingPolicy {
     /// The model name.
     pub model: String,
-    /// A window drifts when its largest feature PSI reaches this.
+    /// A window drifts when its largest feature PSI reaches this…
     #[serde(default = "RetrainingPolicy::default_psi_threshold")]
     pub psi_threshold: f64,
+    /// …or, when set, when at least this share of the model's features drifted under the
+    /// model's drift policy (the window's dataset drift).
+    #[serde(default)]
+    pub min_drift_share: Option<f64>,
+    /// When set, a window with at least `min_labels` labelled predictions (feedback) has
+    /// lost accuracy when its accuracy is below this.
+    #[serde(default)]
+    pub min_accuracy: Option<f64>,
+    #[serde(default = "RetrainingPolicy::default_min_labels")]
+    pub min_labels: u64,
     /// A device drifts when this many of its newest windows on its current version all do.
     #[serde(default = "RetrainingPolicy::default_consecutive_windows")]
     pub consecutive_windows: u32,
@@ -177,6 +187,9 @@ impl RetrainingPolicy {
     fn default_consecutive_windows() -> u32 {
         2
     }
+    fn default_min_labels() -> u64 {
+        20
+    }
     fn default_min_devices() -> u64 {
         1
     }
@@ -214,6 +227,19 @@ impl RetrainingPolicy {
                 "psi_threshold: {} must be above 0",
                 self.psi_threshold
             ));
+        }
+        for (field, share) in [
+            ("min_drift_share", self.min_drift_share),
+            ("min_accuracy", self.min_accuracy),
+        ] {
+            if let Some(v) = share
+                && !(v > 0.0 && v <= 1.0)
+            {
+                return Err(format!("{field}: {v} is not a share above 0 and at most 1"));
+            }
+        }
+        if self.min_labels == 0 {
+            return Err("min_labels: must be at least 1".into());
         }
         if self.consecutive_windows == 0 || self.consecutive_windows > 1000 {
             return Err("consecutive_windows: must be 1 to 1000".into());
@@ -305,17 +331,68 @@ impl RetrainingPolicy {
         Ok(())
     }
 
-    /// Whether the windows say the model has drifted: for each device its newest
-    /// `consecutive_windows` windows on its current version, all at or above the threshold;
-    /// enough such devices among those reporting on one version.
+    /// Whether the windows say the model must be retrained: for each device its newest
+    /// `consecutive_windows` windows on its current version all drifted (or, with
+    /// `min_accuracy`, all lost accuracy); enough such devices among those reporting on one
+    /// version. Drift is judged first.
     pub fn evaluate(&self, windows: &[WindowPoint]) -> Option<Fired> {
+        let n = self.consecutive_windows;
+        let drifted = |w: &WindowPoint| {
+            w.psi_max >= self.psi_threshold
+                || self.min_drift_share.is_some_and(|s| w.drift_share >= s)
+        };
+        if let Some((version, devices, reporting, worst)) =
+            self.judge(windows, drifted, |w| w.psi_max, f64::max)
+        {
+            let shares = match self.min_drift_share {
+                Some(s) => format!(" (or at least {s} of the features drifting)"),
+                None => String::new(),
+            };
+            return Some(Fired {
+                reason: format!(
+                    "{} of {reporting} devices on v{version} drifted: PSI at or above {}{shares} in each of their last {n} windows (worst {worst:.3})",
+                    devices.len(),
+                    self.psi_threshold
+                ),
+                version,
+                drifting: devices,
+                reporting,
+            });
+        }
+        let floor = self.min_accuracy?;
+        let lost = |w: &WindowPoint| {
+            w.labelled >= self.min_labels && w.accuracy.is_some_and(|a| a < floor)
+        };
+        let accuracy = |w: &WindowPoint| w.accuracy.unwrap_or(1.0);
+        let (version, devices, reporting, worst) = self.judge(windows, lost, accuracy, f64::min)?;
+        Some(Fired {
+            reason: format!(
+                "{} of {reporting} devices on v{version} lost accuracy: below {floor} on at least {} labelled predictions in each of their last {n} windows (worst {worst:.3})",
+                devices.len(),
+                self.min_labels
+            ),
+            version,
+            drifting: devices,
+            reporting,
+        })
+    }
+
+    /// The version on which enough devices have `bad` newest windows: the version, those
+    /// devices, how many report on it, and the worst `score` among their windows.
+    fn judge(
+        &self,
+        windows: &[WindowPoint],
+        bad: impl Fn(&WindowPoint) -> bool,
+        score: impl Fn(&WindowPoint) -> f64,
+        worse: fn(f64, f64) -> f64,
+    ) -> Option<(u64, Vec<String>, usize, f64)> {
         let n = self.consecutive_windows as usize;
         let mut by_device = BTreeMap::<&str, Vec<&WindowPoint>>::new();
         for w in windows {
             by_device.entry(&w.device_id).or_default().push(w);
         }
-        // version → (reporting devices, drifting devices, worst PSI)
-        let mut versions = BTreeMap::<u64, (usize, Vec<String>, f64)>::new();
+        // version → (reporting devices, bad devices, worst score)
+        let mut versions = BTreeMap::<u64, (usize, Vec<String>, Option<f64>)>::new();
         for (device, mut ws) in by_device {
             ws.sort_by_key(|w| std::cmp::Reverse(w.window_end_ms));
             let version = ws[0].model_version;
@@ -326,27 +403,22 @@ impl RetrainingPolicy {
                 .collect();
             let entry = versions.entry(version).or_default();
             entry.0 += 1;
-            if current.len() == n && current.iter().all(|w| w.psi_max >= self.psi_threshold) {
+            if current.len() == n && current.iter().all(|w| bad(w)) {
                 entry.1.push(device.to_string());
-                let worst = current.iter().map(|w| w.psi_max).fold(0.0, f64::max);
-                entry.2 = entry.2.max(worst);
+                for w in &current {
+                    let s = score(w);
+                    entry.2 = Some(entry.2.map_or(s, |worst| worse(worst, s)));
+                }
             }
         }
         versions
             .into_iter()
-            .find(|(_, (reporting, drifting, _))| {
-                drifting.len() as u64 >= self.min_devices
-                    && drifting.len() as f64 >= self.min_share * *reporting as f64
+            .find(|(_, (reporting, bad, _))| {
+                bad.len() as u64 >= self.min_devices
+                    && bad.len() as f64 >= self.min_share * *reporting as f64
             })
-            .map(|(version, (reporting, drifting, worst))| Fired {
-                reason: format!(
-                    "{} of {reporting} devices on v{version} drifted: PSI at or above {} in each of their last {n} windows (worst {worst:.3})",
-                    drifting.len(),
-                    self.psi_threshold
-                ),
-                version,
-                drifting,
-                reporting,
+            .map(|(version, (reporting, bad, worst))| {
+                (version, bad, reporting, worst.unwrap_or_default())
             })
     }
 }
@@ -984,6 +1056,7 @@ impl Retrainer {
                 class_labels: current.manifest.outputs[0].names.clone(),
                 created_ms: now_ms(),
                 requirements: current.manifest.requirements.clone(),
+                drift: None,
                 lineage: Some(edgeloop_shared::bundle::Lineage {
                     parent_version: Some(row.from_version),
                     training_data_sha256: policy
@@ -1117,6 +1190,81 @@ mod tests {
             model_version: version,
             window_end_ms: end,
             psi_max: psi,
+            drift_share: 0.0,
+            labelled: 0,
+            accuracy: None,
+        }
+    }
+
+    /// A window without PSI drift, with `labelled` labels and this accuracy.
+    fn labelled(device: &str, end: u64, labelled: u64, accuracy: f64) -> WindowPoint {
+        WindowPoint {
+            labelled,
+            accuracy: Some(accuracy),
+            ..w(device, 1, end, 0.01)
+        }
+    }
+
+    #[test]
+    fn lost_accuracy_or_a_drifting_share_of_features_fires_when_asked_for() {
+        let mut p = policy();
+        let windows = [
+            labelled("a", 2, 40, 0.70),
+            labelled("a", 1, 40, 0.80),
+            labelled("b", 2, 25, 0.60),
+            labelled("b", 1, 30, 0.85),
+            // c is below the floor, but on too few labels to say
+            labelled("c", 2, 5, 0.20),
+            labelled("c", 1, 5, 0.20),
+        ];
+        assert_eq!(
+            p.evaluate(&windows),
+            None,
+            "accuracy is not judged unless asked"
+        );
+        p.min_accuracy = Some(0.9);
+        let fired = p.evaluate(&windows).unwrap();
+        assert_eq!(fired.drifting, ["a", "b"]);
+        assert!(
+            fired
+                .reason
+                .starts_with("2 of 3 devices on v1 lost accuracy: below 0.9 on at least 20"),
+            "{}",
+            fired.reason
+        );
+        assert!(fired.reason.contains("worst 0.600"), "{}", fired.reason);
+        p.min_accuracy = Some(0.75);
+        assert_eq!(p.evaluate(&windows), None, "b's older window is above 0.75");
+
+        let share = |device: &str, end: u64, s: f64| WindowPoint {
+            drift_share: s,
+            ..w(device, 1, end, 0.05)
+        };
+        let windows = [
+            share("a", 2, 0.75),
+            share("a", 1, 0.5),
+            share("b", 2, 1.0),
+            share("b", 1, 0.5),
+        ];
+        assert_eq!(p.evaluate(&windows), None, "PSI alone says nothing drifted");
+        p.min_drift_share = Some(0.5);
+        let fired = p.evaluate(&windows).unwrap();
+        assert!(
+            fired
+                .reason
+                .contains("or at least 0.5 of the features drifting"),
+            "{}",
+            fired.reason
+        );
+        assert_eq!(fired.drifting, ["a", "b"]);
+        for (field, bad) in [("min_accuracy", 1.5), ("min_drift_share", 0.0)] {
+            let mut q = policy();
+            if field == "min_accuracy" {
+                q.min_accuracy = Some(bad);
+            } else {
+                q.min_drift_share = Some(bad);
+            }
+            assert!(q.validate().unwrap_err().starts_with(field));
         }
     }
 

@@ -101,7 +101,13 @@ async fn the_readme_tour_works() {
     // 2. The controller with its embedded broker.
     let (_serve, http, mqtt) = serve(&data, cwd);
 
-    // 3. Publish the example model.
+    // 3. Publish the example model, with its own drift policy.
+    std::fs::write(cwd.join("drift.toml"), "method = \"js\"\njs = 0.12\n").unwrap();
+    std::fs::write(
+        cwd.join("bad-drift.toml"),
+        "method = \"ks\"\nks_alpha = 2.0\n",
+    )
+    .unwrap();
     let out = edgeloop(
         &[
             "model",
@@ -122,12 +128,47 @@ async fn the_readme_tour_works() {
             "0.1.0",
             "--targets",
             std::env::consts::ARCH,
+            "--drift-policy",
+            "drift.toml",
             "--data-dir",
             "edgeloop-data",
         ],
         cwd,
     );
     assert!(out.contains("published vibration v1"), "{out}");
+    let bundle_path = std::fs::read_dir(data.join("artifacts/vibration"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("1-"))
+        .unwrap();
+    let bundle = std::fs::read(bundle_path).unwrap();
+    let layout = edgeloop_shared::bundle::layout(&bundle, &Default::default()).unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(&bundle[layout.manifest]).unwrap();
+    assert_eq!(manifest["drift"]["method"], "js", "{}", manifest["drift"]);
+    assert_eq!(manifest["drift"]["js"], 0.12);
+    assert_eq!(
+        manifest["drift"]["psi_alert"], 0.25,
+        "unset keys keep their defaults"
+    );
+    let refused = Command::new(EDGELOOP)
+        .args(["model", "publish"])
+        .arg(format!("{ASSETS}/model_v1.onnx"))
+        .args(["--name", "vibration", "--version", "2", "--reference"])
+        .arg(format!("{ASSETS}/reference_v1.csv"))
+        .args([
+            "--drift-policy",
+            "bad-drift.toml",
+            "--data-dir",
+            "edgeloop-data",
+        ])
+        .current_dir(cwd)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && err.contains("ks_alpha"),
+        "{err}"
+    );
     let refused = Command::new(EDGELOOP)
         .args(["model", "publish"])
         .arg(format!("{ASSETS}/model_v1.onnx"))

@@ -72,6 +72,7 @@ impl Fleet {
                 class_labels: vec![],
                 created_ms: edgeloop_agent::now_ms(),
                 requirements: Default::default(),
+                drift: None,
                 lineage: None,
                 gate: None,
             })

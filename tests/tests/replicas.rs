@@ -80,6 +80,7 @@ async fn two_replicas_split_ingest_and_one_dispatches() {
         class_labels: CLASS_LABELS.iter().map(|s| s.to_string()).collect(),
         created_ms: edgeloop_agent::now_ms(),
         requirements: Default::default(),
+        drift: None,
         lineage: None,
         gate: None,
     })

@@ -462,6 +462,7 @@ trainer = {{ kind = "webhook", url = "{url}", secret_file = "{}", retries = 3 }}
             class_labels: vec!["normal".into(), "fault".into()],
             created_ms: now_ms(),
             requirements: Default::default(),
+            drift: None,
             lineage: None,
             gate: Some(QualityGate {
                 holdout: Path::new(HOLDOUT_V2),
@@ -611,3 +612,67 @@ trainer = {{ kind = "webhook", url = "{url}" }}
     Loop { ctl, agents }.stop().await;
 }
 on_both_brokers!(a_schedule_retrains_without_drift_and_a_missing_candidate_is_rejected);
+
+/// Devices whose inputs stay in range but whose labelled accuracy falls: a policy with
+/// `min_accuracy` fires on the accuracy the devices report from their feedback, where
+/// drift alone (a PSI threshold out of reach) would not.
+async fn lost_accuracy_fires_a_retraining_where_drift_alone_would_not(broker: BrokerChoice) {
+    let policy = policy(&format!(
+        r#"
+model = "vibration"
+psi_threshold = 1000.0
+min_accuracy = 0.9
+min_labels = 100
+consecutive_windows = 2
+holdout = "{HOLDOUT_V2}"
+trainer = {{ kind = "command", program = "/bin/false" }}
+"#
+    ));
+    let Some(ctl) = TestController::start_with(broker, move |c| {
+        c.retraining_check_s = 1;
+        c.retraining = vec![policy];
+    })
+    .await
+    else {
+        eprintln!("skipped: {} is not set", edgeloop_tests::MQTT_URL_VAR);
+        return;
+    };
+    let mut config = ctl.agent_config("acc-00", 400);
+    config.source.rate_hz = 400.0;
+    config.source.labels = true;
+    config.health.window_s = 4;
+    let agent = ctl.spawn_agent_with(config);
+    on_v1(&ctl, 1).await;
+    every_device_on(&ctl, 1, 1).await;
+
+    // Before the shift: accurate windows with labels, and nothing fires.
+    wait_until("labelled windows arrive", WAIT, || async {
+        let rows = ctl.controller.store.telemetry("acc-00", 5).await.unwrap();
+        rows.iter()
+            .filter(|r| r.model_version == 1)
+            .filter(|r| {
+                r.summary["stats"]["accuracy"]
+                    .as_f64()
+                    .is_some_and(|a| a > 0.95)
+            })
+            .count()
+            >= 3
+    })
+    .await;
+    assert!(retrainings(&ctl).await.is_empty());
+
+    agent.shift.set(1.0);
+    wait_until("a retraining fires", WAIT, || async {
+        !retrainings(&ctl).await.is_empty()
+    })
+    .await;
+    let fired = retrainings(&ctl).await[0].clone();
+    let reason = fired["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("1 of 1 devices on v1 lost accuracy: below 0.9 on at least 100"),
+        "{fired}"
+    );
+    agent.stop().await;
+    ctl.stop().await;
+}
+on_both_brokers!(lost_accuracy_fires_a_retraining_where_drift_alone_would_not);

@@ -541,6 +541,11 @@ pub struct WindowPoint {
     pub model_version: u64,
     pub window_end_ms: u64,
     pub psi_max: f64,
+    /// Share of the model's features that drifted under its drift policy.
+    pub drift_share: f64,
+    /// Predictions labelled with ground truth, and the share of them that were right.
+    pub labelled: u64,
+    pub accuracy: Option<f64>,
 }
 
 /// Where a retraining stands.

@@ -9,7 +9,7 @@ use tokio_postgres::{GenericClient, NoTls, Row};
 
 use super::*;
 
-const SCHEMA_VERSION: i32 = 4;
+const SCHEMA_VERSION: i32 = 5;
 /// Serializes migrations of replicas that start at the same time.
 const MIGRATION_LOCK: i64 = 0x6564_6765_6c6f_6f70; // "edgeloop"
 const POOL_SIZE: usize = 16;
@@ -197,6 +197,14 @@ CREATE TABLE audit (
 );
 ";
 
+/// Version 5: each window's dataset-drift share, labelled predictions and accuracy, for
+/// the retraining triggers.
+const SCHEMA_V5: &str = "
+ALTER TABLE telemetry ADD COLUMN drift_share DOUBLE PRECISION NOT NULL DEFAULT 0;
+ALTER TABLE telemetry ADD COLUMN labelled BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE telemetry ADD COLUMN accuracy DOUBLE PRECISION;
+";
+
 /// A PostgreSQL database reached through a connection pool.
 #[derive(Clone)]
 pub struct PgStore {
@@ -250,6 +258,7 @@ impl PgStore {
                 tx.batch_execute(SCHEMA_V2).await?;
                 tx.batch_execute(SCHEMA_V3).await?;
                 tx.batch_execute(SCHEMA_V4).await?;
+                tx.batch_execute(SCHEMA_V5).await?;
                 tx.execute(
                     "INSERT INTO edgeloop_schema (version) VALUES ($1)",
                     &[&SCHEMA_VERSION],
@@ -263,7 +272,10 @@ impl PgStore {
                 if old < 3 {
                     tx.batch_execute(SCHEMA_V3).await?;
                 }
-                tx.batch_execute(SCHEMA_V4).await?;
+                if old < 4 {
+                    tx.batch_execute(SCHEMA_V4).await?;
+                }
+                tx.batch_execute(SCHEMA_V5).await?;
                 tx.execute(
                     "UPDATE edgeloop_schema SET version = $1",
                     &[&SCHEMA_VERSION],
@@ -356,8 +368,8 @@ async fn apply_drift(
     let summary = serde_json::to_string(s).expect("summaries serialize");
     tx.execute(
         "INSERT INTO telemetry (msg_id, device_id, received_ms, model_name, model_version, window_seq,
-             window_start_ms, window_end_ms, samples, psi_max, summary)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+             window_start_ms, window_end_ms, samples, psi_max, summary, drift_share, labelled, accuracy)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
         &[
             &e.msg_id,
             &e.device_id,
@@ -370,6 +382,9 @@ async fn apply_drift(
             &i(s.stats.samples),
             &s.stats.psi_max,
             &summary,
+            &s.stats.drift_share,
+            &i(s.stats.labelled()),
+            &s.stats.accuracy,
         ],
     )
     .await?;
@@ -1235,8 +1250,8 @@ impl Store for PgStore {
         let client = self.client().await?;
         let rows = client
             .query(
-                "SELECT device_id, model_version, window_end_ms, psi_max FROM (
-                     SELECT device_id, model_version, window_end_ms, psi_max,
+                "SELECT device_id, model_version, window_end_ms, psi_max, drift_share, labelled, accuracy FROM (
+                     SELECT device_id, model_version, window_end_ms, psi_max, drift_share, labelled, accuracy,
                             ROW_NUMBER() OVER (PARTITION BY device_id ORDER BY window_end_ms DESC) AS n
                      FROM telemetry WHERE model_name = $1 AND received_ms >= $2) recent
                  WHERE n <= $3 ORDER BY device_id, window_end_ms DESC",
@@ -1250,6 +1265,9 @@ impl Store for PgStore {
                 model_version: u(r.get(1)),
                 window_end_ms: u(r.get(2)),
                 psi_max: r.get(3),
+                drift_share: r.get(4),
+                labelled: u(r.get(5)),
+                accuracy: r.get(6),
             })
             .collect())
     }

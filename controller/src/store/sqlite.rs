@@ -10,7 +10,7 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use super::*;
 
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 
 pub(super) const SCHEMA_V1: &str = "
 CREATE TABLE seen_messages (
@@ -195,6 +195,14 @@ CREATE TABLE audit (
 );
 ";
 
+/// Version 5: each window's dataset-drift share, labelled predictions and accuracy, for
+/// the retraining triggers.
+const SCHEMA_V5: &str = "
+ALTER TABLE telemetry ADD COLUMN drift_share REAL NOT NULL DEFAULT 0;
+ALTER TABLE telemetry ADD COLUMN labelled INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE telemetry ADD COLUMN accuracy REAL;
+";
+
 impl From<rusqlite::Error> for StoreError {
     fn from(source: rusqlite::Error) -> Self {
         StoreError::Sqlite {
@@ -245,7 +253,10 @@ impl SqliteStore {
                 if version < 3 {
                     tx.execute_batch(SCHEMA_V3).map_err(with_path)?;
                 }
-                tx.execute_batch(SCHEMA_V4).map_err(with_path)?;
+                if version < 4 {
+                    tx.execute_batch(SCHEMA_V4).map_err(with_path)?;
+                }
+                tx.execute_batch(SCHEMA_V5).map_err(with_path)?;
                 tx.pragma_update(None, "user_version", SCHEMA_VERSION)
                     .map_err(with_path)?;
                 tx.commit().map_err(with_path)?;
@@ -350,8 +361,8 @@ fn apply_drift(tx: &Transaction<'_>, e: &Envelope, s: &DriftSummary, now_ms: u64
     let summary = serde_json::to_string(s).expect("summaries serialize");
     exec(tx,
         "INSERT INTO telemetry (msg_id, device_id, received_ms, model_name, model_version, window_seq,
-             window_start_ms, window_end_ms, samples, psi_max, summary)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+             window_start_ms, window_end_ms, samples, psi_max, summary, drift_share, labelled, accuracy)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
         params![
             e.msg_id,
             e.device_id,
@@ -364,6 +375,9 @@ fn apply_drift(tx: &Transaction<'_>, e: &Envelope, s: &DriftSummary, now_ms: u64
             s.stats.samples as i64,
             s.stats.psi_max,
             summary,
+            s.stats.drift_share,
+            s.stats.labelled() as i64,
+            s.stats.accuracy,
         ],
     )?;
     // Only a summary of the model the device now serves is its current drift figure; a late
@@ -1270,8 +1284,8 @@ impl Store for SqliteStore {
         self.call(move |conn| {
             let rows = conn
                 .prepare_cached(
-                    "SELECT device_id, model_version, window_end_ms, psi_max FROM (
-                         SELECT device_id, model_version, window_end_ms, psi_max,
+                    "SELECT device_id, model_version, window_end_ms, psi_max, drift_share, labelled, accuracy FROM (
+                         SELECT device_id, model_version, window_end_ms, psi_max, drift_share, labelled, accuracy,
                                 ROW_NUMBER() OVER (PARTITION BY device_id ORDER BY window_end_ms DESC) AS n
                          FROM telemetry WHERE model_name = ?1 AND received_ms >= ?2)
                      WHERE n <= ?3 ORDER BY device_id, window_end_ms DESC",
@@ -1282,6 +1296,9 @@ impl Store for SqliteStore {
                         model_version: u(r.get(1)?),
                         window_end_ms: u(r.get(2)?),
                         psi_max: r.get(3)?,
+                        drift_share: r.get(4)?,
+                        labelled: u(r.get(5)?),
+                        accuracy: r.get(6)?,
                     })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;

@@ -702,6 +702,10 @@ async fn retraining_windows_and_records(store: &dyn Store) {
                     features: vec![],
                     psi_max: psi,
                     predictions: vec![10],
+                    drift_share: psi,
+                    // seq windows labelled, one of them wrongly
+                    confusion: vec![vec![seq - 1, 1], vec![0, 0]],
+                    accuracy: Some((seq - 1) as f64 / seq as f64),
                     ..WindowStats::default()
                 },
             }),
@@ -728,6 +732,15 @@ async fn retraining_windows_and_records(store: &dyn Store) {
             .collect::<Vec<_>>(),
         [("rt-a", 400, 0.4), ("rt-a", 300, 0.3)],
         "newest two of each device, received since 45000"
+    );
+    assert_eq!(
+        (
+            recent[0].drift_share,
+            recent[0].labelled,
+            recent[0].accuracy
+        ),
+        (0.4, 4, Some(0.75)),
+        "each window's drift share and accuracy"
     );
     assert_eq!(store.recent_windows("rt", 9, 0).await.unwrap().len(), 5);
 
@@ -1077,8 +1090,10 @@ async fn a_version_1_sqlite_database_is_migrated_in_place() {
     let version: i64 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 4);
+    assert_eq!(version, 5);
     conn.prepare("SELECT rollback, plan, current_wave, reason FROM rollouts")
+        .unwrap();
+    conn.prepare("SELECT drift_share, labelled, accuracy FROM telemetry")
         .unwrap();
     conn.prepare("SELECT wave, deadline_ms, previous_model FROM deployments")
         .unwrap();
