@@ -28,6 +28,7 @@ use crate::config::Compression;
 use crate::link::{BrokerAddr, LastWillFn, Link, LinkConfig, Packing};
 use crate::outbox::{Outbox, OutboxError, SqliteOutbox};
 use crate::report::Reporter;
+use crate::reservoir::Reservoir;
 use crate::runtime::RuntimeError;
 use crate::slots::{SlotError, Slots, write_atomic};
 use crate::source::InputSource;
@@ -281,6 +282,17 @@ impl Agent {
 
         let (install_tx, installs) = mpsc::channel(INSTALL_CAPACITY);
         let source_columns = self.source.columns().to_vec();
+        // The sample is a convenience for retraining: the agent serves without it.
+        let reservoir = match Reservoir::open(
+            &state_dir.join(crate::reservoir::FILE),
+            config.reservoir_bytes,
+        ) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                warn!(error = %e, "no input sample this run");
+                None
+            }
+        };
         let mut actor = AgentLoop {
             serving: booted.map(|i| Serving::new(i, &source_columns)),
             served,
@@ -299,6 +311,7 @@ impl Agent {
             install_tx,
             counters: Counters::default(),
             started: Instant::now(),
+            reservoir,
             config,
         };
         actor.run(shutdown, incoming, installs, observed).await;
@@ -310,6 +323,8 @@ impl Agent {
 
 struct AgentLoop {
     config: AgentConfig,
+    /// The sample of inputs kept for retraining.
+    reservoir: Option<Reservoir>,
     source: Box<dyn InputSource>,
     source_columns: Vec<String>,
     source_done: bool,
@@ -450,7 +465,35 @@ impl AgentLoop {
         if let (Some(serving), Some(label), Some(p)) = (self.serving.as_mut(), label, &predicted) {
             serving.window.observe_label(label, p.class);
         }
+        self.keep_sample(None, &x, predicted.as_ref().map(|p| p.class), label);
         self.count_into_window(&x, predicted);
+    }
+
+    /// Offers an input of the served model to the sample kept for retraining.
+    fn keep_sample(
+        &mut self,
+        request_key: Option<&str>,
+        row: &[f32],
+        predicted: Option<usize>,
+        label: Option<usize>,
+    ) {
+        let (Some(reservoir), Some(serving)) = (self.reservoir.as_mut(), self.serving.as_ref())
+        else {
+            return;
+        };
+        let model = serving.model_ref();
+        let features = serving.installed.model.feature_names();
+        if let Err(e) = reservoir.offer(
+            &model,
+            features,
+            request_key,
+            row,
+            predicted,
+            label,
+            now_ms(),
+        ) {
+            warn!(error = %e, "cannot keep the input in the sample");
+        }
     }
 
     /// Counts one input (and what the model predicted for it) into the served model's
@@ -495,10 +538,12 @@ impl AgentLoop {
                 class,
                 confidence,
                 latency_ms,
+                request_key,
             } => {
                 if serving.model_ref() != model {
                     return;
                 }
+                self.keep_sample(Some(&request_key), &row, Some(class), None);
                 self.counters.inferences += 1;
                 if let Some(watch) = self.watch.as_mut() {
                     watch.inferences += 1;
@@ -515,9 +560,15 @@ impl AgentLoop {
                 model,
                 label,
                 predicted,
+                request_key,
             } => {
                 if serving.model_ref() == model {
                     serving.window.observe_label(label, predicted);
+                    if let Some(reservoir) = self.reservoir.as_mut()
+                        && let Err(e) = reservoir.label(&request_key, label)
+                    {
+                        warn!(error = %e, "cannot label the input in the sample");
+                    }
                 }
             }
         }

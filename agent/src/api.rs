@@ -58,12 +58,15 @@ pub enum Observation {
         confidence: f64,
         /// The request's inference time per row, in milliseconds.
         latency_ms: f64,
+        /// `{request_id}/{row}`, by which feedback names it later.
+        request_key: String,
     },
     /// The ground truth for an earlier prediction.
     Labelled {
         model: ModelRef,
         label: usize,
         predicted: usize,
+        request_key: String,
     },
 }
 
@@ -428,13 +431,15 @@ async fn infer(State(state): State<ApiState>, headers: HeaderMap, body: Bytes) -
     };
     let model_ref = model.manifest.model_ref();
     let latency_ms = started.elapsed().as_secs_f64() * 1e3 / rows.len().max(1) as f64;
-    for (row, output) in rows.into_iter().zip(&outputs) {
+    let request_id = uuid::Uuid::now_v7().to_string();
+    for (i, (row, output)) in rows.into_iter().zip(&outputs).enumerate() {
         let observation = Observation::Inferred {
             model: model_ref.clone(),
             row,
             class: output.class,
             confidence: confidence(&output.scores),
             latency_ms,
+            request_key: format!("{request_id}/{i}"),
         };
         // The drift window is a statistic: when the actor is behind, an input goes
         // uncounted (and counted as such) rather than slowing the caller.
@@ -448,7 +453,6 @@ async fn infer(State(state): State<ApiState>, headers: HeaderMap, body: Bytes) -
         .first()
         .map(|o| o.names.clone())
         .unwrap_or_default();
-    let request_id = uuid::Uuid::now_v7().to_string();
     state
         .recent
         .lock()
@@ -564,6 +568,7 @@ async fn feedback(State(state): State<ApiState>, body: Bytes) -> Response {
         model: model.clone(),
         label,
         predicted,
+        request_key: format!("{}/{}", feedback.request_id, feedback.row),
     };
     if state.observed.try_send(observation).is_err() {
         state

@@ -74,6 +74,8 @@ pub struct AgentConfig {
     pub drift_window_samples: u64,
     /// A drift window also closes after this many seconds (0: by count only).
     pub drift_window_s: u64,
+    /// Bytes kept for the sample of inputs (`reservoir`); 0 keeps none.
+    pub reservoir_bytes: u64,
     pub max_bundle_bytes: u64,
     pub max_inflight: u16,
     pub outbox: OutboxConfig,

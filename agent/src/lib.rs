@@ -15,6 +15,7 @@ pub mod modelbench;
 pub mod onnx_ops;
 pub mod outbox;
 pub mod report;
+pub mod reservoir;
 pub mod runtime;
 pub mod sim;
 pub mod slots;

@@ -59,6 +59,15 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+    /// Write the sample of inputs the agent keeps for retraining as CSV (the model's
+    /// features, `predicted`, `label`), to stdout or `--out`; a summary goes to stderr.
+    Samples {
+        #[command(flatten)]
+        overrides: Overrides,
+        /// The CSV file to write.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Print the built-in default configuration (a commented TOML file).
     PrintDefaultConfig,
     /// Load and validate a configuration, then print the effective values.
@@ -143,6 +152,47 @@ async fn run() -> anyhow::Result<()> {
                 Output::Text => print!("{}", report.text(&model.display().to_string())),
                 Output::Json => println!("{}", serde_json::to_string(&report)?),
             }
+        }
+        Command::Samples { overrides, out } => {
+            let config = overrides.load()?;
+            let path = config.state_dir.join(edgeloop_agent::reservoir::FILE);
+            anyhow::ensure!(
+                path.exists(),
+                "{} does not exist: the agent has kept no sample in this state directory",
+                path.display()
+            );
+            let reservoir =
+                edgeloop_agent::reservoir::Reservoir::open(&path, config.reservoir_bytes)?;
+            let status = reservoir.status()?;
+            let (model, samples) = reservoir.samples()?;
+            let features = model
+                .as_ref()
+                .map(|m| m.features.clone())
+                .unwrap_or_default();
+            match &out {
+                Some(file) => edgeloop_agent::reservoir::write_csv(
+                    std::fs::File::create(file)
+                        .with_context(|| format!("creating {}", file.display()))?,
+                    &features,
+                    &samples,
+                )?,
+                None => edgeloop_agent::reservoir::write_csv(
+                    std::io::stdout().lock(),
+                    &features,
+                    &samples,
+                )?,
+            }
+            eprintln!(
+                "{} inputs of {} kept ({} labelled) from {} seen; capacity {}",
+                status.kept,
+                model.map_or("no model".to_string(), |m| format!(
+                    "{} v{}",
+                    m.model.name, m.model.version
+                )),
+                status.labelled,
+                status.seen,
+                status.capacity
+            );
         }
         Command::CheckConfig { overrides } => {
             let config = overrides.load()?;

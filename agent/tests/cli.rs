@@ -112,3 +112,54 @@ fn bench_refuses_what_it_cannot_run_and_says_why() {
     assert!(!ok);
     assert!(err.contains("/nonexistent/model.onnx"), "{err}");
 }
+
+#[test]
+fn samples_exports_the_kept_inputs_as_csv() {
+    use edgeloop_agent::reservoir::{FILE, Reservoir};
+    use edgeloop_shared::protocol::ModelRef;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().to_str().unwrap();
+    let (ok, _, err) = run(&["samples", "--state-dir", state]);
+    assert!(!ok && err.contains("has kept no sample"), "{err}");
+
+    let mut reservoir = Reservoir::open(&dir.path().join(FILE), 1 << 20).unwrap();
+    let model = ModelRef {
+        name: "vibration".into(),
+        version: 3,
+    };
+    let features: Vec<String> = vec!["rms".into(), "temperature".into()];
+    reservoir
+        .offer(
+            &model,
+            &features,
+            Some("r/0"),
+            &[1.5, 40.0],
+            Some(0),
+            None,
+            1,
+        )
+        .unwrap();
+    reservoir
+        .offer(&model, &features, None, &[2.5, 60.0], Some(1), Some(1), 2)
+        .unwrap();
+    reservoir.label("r/0", 1).unwrap();
+    drop(reservoir);
+
+    let out = dir.path().join("samples.csv");
+    let (ok, _, err) = run(&[
+        "samples",
+        "--state-dir",
+        state,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("2 inputs of vibration v3 kept (2 labelled) from 2 seen"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        "rms,temperature,predicted,label\n1.5,40,0,1\n2.5,60,1,1\n"
+    );
+}

@@ -376,6 +376,21 @@ async fn feedback_labels_reach_the_controller_as_confusion_counts_and_accuracy()
         metrics.contains("edgeloop_agent_feedback_total{outcome=\"refused\"} 6"),
         "{metrics}"
     );
+    // The sample kept for retraining holds every input (far below its budget) with the
+    // predictions and the labels that came back.
+    let path = agent.config.state_dir.join(edgeloop_agent::reservoir::FILE);
+    let reservoir = edgeloop_agent::reservoir::Reservoir::open(&path, 1 << 20).unwrap();
+    let status = reservoir.status().unwrap();
+    assert_eq!(
+        (status.seen, status.kept, status.labelled),
+        (WINDOW, WINDOW, 19)
+    );
+    let (_, samples) = reservoir.samples().unwrap();
+    let wrong = samples
+        .iter()
+        .filter(|s| s.label.is_some() && s.label != s.predicted)
+        .count();
+    assert_eq!(wrong, 4, "the 4 faults labelled normal");
     agent.stop().await;
     ctl.stop().await;
 }

@@ -1,0 +1,423 @@
+//! A uniform sample of the inputs the served model has seen, with what it predicted and
+//! any ground truth that came back, kept in SQLite within a byte budget: the data a
+//! retraining needs from the field.
+//!
+//! Reservoir sampling (Vitter's algorithm R): the first `capacity` inputs are kept; the
+//! i-th after them replaces a random kept one with probability `capacity / i`, so that at
+//! any time every input seen has the same chance to be in the sample. The capacity is the
+//! byte budget over the size of one stored row. The sample belongs to one model version: a
+//! new version starts a new one (its inputs may be other features, and a retraining wants
+//! the traffic the current model sees).
+
+use std::path::{Path, PathBuf};
+
+use edgeloop_shared::protocol::ModelRef;
+use rand::{Rng, SeedableRng, rngs::SmallRng};
+use rusqlite::{Connection, OptionalExtension, params};
+
+/// The reservoir's file in the agent's state directory.
+pub const FILE: &str = "reservoir.sqlite";
+
+/// Bytes counted per stored row besides its values: ids, prediction, label, time, and
+/// SQLite's own overhead, roughly.
+const ROW_OVERHEAD_BYTES: u64 = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReservoirError {
+    #[error("reservoir {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+}
+
+/// The model a sample belongs to, with its feature names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SampledModel {
+    pub model: ModelRef,
+    pub features: Vec<String>,
+}
+
+/// One kept input.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub values: Vec<f32>,
+    pub predicted: Option<usize>,
+    pub label: Option<usize>,
+    pub seen_ms: u64,
+}
+
+/// Where the sample stands.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ReservoirStatus {
+    pub model: Option<ModelRef>,
+    /// Inputs offered since the model's sample started.
+    pub seen: u64,
+    pub kept: u64,
+    pub capacity: u64,
+    pub labelled: u64,
+}
+
+pub struct Reservoir {
+    conn: Connection,
+    path: PathBuf,
+    budget_bytes: u64,
+    rng: SmallRng,
+}
+
+impl Reservoir {
+    /// Opens (creating if needed) the reservoir at `path`, holding at most about
+    /// `budget_bytes` of samples.
+    pub fn open(path: &Path, budget_bytes: u64) -> Result<Self, ReservoirError> {
+        let err = |source| ReservoirError::Sqlite {
+            path: path.to_path_buf(),
+            source,
+        };
+        let conn = Connection::open(path).map_err(err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(err)?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS reservoir_state (
+                 id INTEGER PRIMARY KEY CHECK (id = 1),
+                 model_name TEXT NOT NULL,
+                 model_version INTEGER NOT NULL,
+                 features TEXT NOT NULL,
+                 seen INTEGER NOT NULL,
+                 capacity INTEGER NOT NULL
+             );
+             CREATE TABLE IF NOT EXISTS samples (
+                 slot INTEGER PRIMARY KEY,
+                 request_key TEXT,
+                 seen_ms INTEGER NOT NULL,
+                 predicted INTEGER,
+                 label INTEGER,
+                 vals BLOB NOT NULL
+             );
+             CREATE INDEX IF NOT EXISTS samples_by_request ON samples (request_key);",
+        )
+        .map_err(err)?;
+        Ok(Reservoir {
+            conn,
+            path: path.to_path_buf(),
+            budget_bytes,
+            rng: SmallRng::from_rng(&mut rand::rng()),
+        })
+    }
+
+    fn err(&self) -> impl Fn(rusqlite::Error) -> ReservoirError + '_ {
+        |source| ReservoirError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Offers one input of `model`, whose features are `features`. `request_key` names it
+    /// for a later label (the local API's request id and row); `label` is its ground truth
+    /// when already known.
+    #[allow(clippy::too_many_arguments)]
+    pub fn offer(
+        &mut self,
+        model: &ModelRef,
+        features: &[String],
+        request_key: Option<&str>,
+        values: &[f32],
+        predicted: Option<usize>,
+        label: Option<usize>,
+        now_ms: u64,
+    ) -> Result<(), ReservoirError> {
+        if self.budget_bytes == 0 {
+            return Ok(());
+        }
+        let row_bytes = values.len() as u64 * 4 + ROW_OVERHEAD_BYTES;
+        let capacity = (self.budget_bytes / row_bytes).max(1);
+        let path = self.path.clone();
+        let err = move |source| ReservoirError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(&err)?;
+        let state: Option<(String, i64, i64, i64)> = tx
+            .query_row(
+                "SELECT model_name, model_version, seen, capacity FROM reservoir_state",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .optional()
+            .map_err(&err)?;
+        let (seen, capacity) = match state {
+            Some((name, version, seen, capacity))
+                if name == model.name && version as u64 == model.version =>
+            {
+                (seen as u64, capacity as u64)
+            }
+            // A new model: a new sample.
+            _ => {
+                tx.execute("DELETE FROM samples", []).map_err(&err)?;
+                tx.execute(
+                    "INSERT OR REPLACE INTO reservoir_state (id, model_name, model_version, features, seen, capacity)
+                     VALUES (1, ?1, ?2, ?3, 0, ?4)",
+                    params![
+                        model.name,
+                        model.version as i64,
+                        serde_json::to_string(features).expect("names serialize"),
+                        capacity as i64
+                    ],
+                )
+                .map_err(&err)?;
+                (0, capacity)
+            }
+        };
+        let seen = seen + 1;
+        let slot = if seen <= capacity {
+            Some(seen - 1)
+        } else {
+            let j = self.rng.random_range(0..seen);
+            (j < capacity).then_some(j)
+        };
+        if let Some(slot) = slot {
+            let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO samples (slot, request_key, seen_ms, predicted, label, vals)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )
+            .map_err(&err)?
+            .execute(params![
+                slot as i64,
+                request_key,
+                now_ms as i64,
+                predicted.map(|p| p as i64),
+                label.map(|l| l as i64),
+                bytes
+            ])
+            .map_err(&err)?;
+        }
+        tx.prepare_cached("UPDATE reservoir_state SET seen = ?1")
+            .map_err(&err)?
+            .execute(params![seen as i64])
+            .map_err(&err)?;
+        tx.commit().map_err(&err)
+    }
+
+    /// Attaches a ground-truth label to the kept input named `request_key`, if it was kept.
+    pub fn label(&mut self, request_key: &str, label: usize) -> Result<bool, ReservoirError> {
+        let err = self.err();
+        let changed = self
+            .conn
+            .prepare_cached("UPDATE samples SET label = ?2 WHERE request_key = ?1")
+            .map_err(&err)?
+            .execute(params![request_key, label as i64])
+            .map_err(&err)?;
+        Ok(changed > 0)
+    }
+
+    /// The kept inputs, oldest first, the model they belong to and its feature names.
+    pub fn samples(&self) -> Result<(Option<SampledModel>, Vec<Sample>), ReservoirError> {
+        let err = self.err();
+        let model = self.model()?;
+        let mut statement = self
+            .conn
+            .prepare("SELECT vals, predicted, label, seen_ms FROM samples ORDER BY seen_ms, slot")
+            .map_err(&err)?;
+        let rows = statement
+            .query_map([], |r| {
+                let bytes: Vec<u8> = r.get(0)?;
+                Ok(Sample {
+                    values: bytes
+                        .chunks_exact(4)
+                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect(),
+                    predicted: r.get::<_, Option<i64>>(1)?.map(|p| p as usize),
+                    label: r.get::<_, Option<i64>>(2)?.map(|l| l as usize),
+                    seen_ms: r.get::<_, i64>(3)? as u64,
+                })
+            })
+            .map_err(&err)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(&err)?;
+        Ok((model, rows))
+    }
+
+    fn model(&self) -> Result<Option<SampledModel>, ReservoirError> {
+        self.conn
+            .query_row(
+                "SELECT model_name, model_version, features FROM reservoir_state",
+                [],
+                |r| {
+                    let model = ModelRef {
+                        name: r.get(0)?,
+                        version: r.get::<_, i64>(1)? as u64,
+                    };
+                    let features: String = r.get(2)?;
+                    Ok(SampledModel {
+                        model,
+                        features: serde_json::from_str(&features).unwrap_or_default(),
+                    })
+                },
+            )
+            .optional()
+            .map_err(self.err())
+    }
+
+    pub fn status(&self) -> Result<ReservoirStatus, ReservoirError> {
+        let err = self.err();
+        let (seen, capacity) = self
+            .conn
+            .query_row("SELECT seen, capacity FROM reservoir_state", [], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+            })
+            .optional()
+            .map_err(&err)?
+            .unwrap_or_default();
+        let (kept, labelled) = self
+            .conn
+            .query_row("SELECT COUNT(*), COUNT(label) FROM samples", [], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+            })
+            .map_err(&err)?;
+        Ok(ReservoirStatus {
+            model: self.model()?.map(|m| m.model),
+            seen,
+            kept,
+            capacity,
+            labelled,
+        })
+    }
+}
+
+/// Writes samples as CSV: the feature names, then `predicted` and `label` (empty when
+/// unknown); a NaN value is an empty field.
+pub fn write_csv(
+    out: impl std::io::Write,
+    features: &[String],
+    samples: &[Sample],
+) -> Result<(), csv::Error> {
+    let mut writer = csv::Writer::from_writer(out);
+    let mut header: Vec<&str> = features.iter().map(String::as_str).collect();
+    header.extend(["predicted", "label"]);
+    writer.write_record(&header)?;
+    for s in samples {
+        let mut record: Vec<String> = s
+            .values
+            .iter()
+            .map(|v| {
+                if v.is_nan() {
+                    String::new()
+                } else {
+                    v.to_string()
+                }
+            })
+            .collect();
+        record.push(s.predicted.map(|p| p.to_string()).unwrap_or_default());
+        record.push(s.label.map(|l| l.to_string()).unwrap_or_default());
+        writer.write_record(&record)?;
+    }
+    writer.flush()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names() -> Vec<String> {
+        vec!["a".into(), "b".into()]
+    }
+
+    fn model(version: u64) -> ModelRef {
+        ModelRef {
+            name: "m".into(),
+            version,
+        }
+    }
+
+    #[test]
+    fn the_sample_stays_within_its_budget_and_is_uniform_over_what_was_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        // Rows of 2 values: 72 bytes each, so 100 rows in 7200 bytes.
+        let mut r = Reservoir::open(&dir.path().join("r.sqlite"), 7200).unwrap();
+        for i in 0..5000u32 {
+            r.offer(
+                &model(1),
+                &names(),
+                None,
+                &[i as f32, 0.0],
+                Some(0),
+                None,
+                u64::from(i),
+            )
+            .unwrap();
+        }
+        let status = r.status().unwrap();
+        assert_eq!(
+            (status.seen, status.kept, status.capacity),
+            (5000, 100, 100)
+        );
+        let (m, samples) = r.samples().unwrap();
+        assert_eq!(
+            m,
+            Some(SampledModel {
+                model: model(1),
+                features: names()
+            })
+        );
+        // Uniform: about a fifth of the kept inputs come from each fifth of the stream.
+        let mut fifths = [0u32; 5];
+        for s in &samples {
+            fifths[(s.values[0] as usize) / 1000] += 1;
+        }
+        assert!(fifths.iter().all(|&n| (5..=40).contains(&n)), "{fifths:?}");
+        assert!(fifths[0] > 0, "old inputs stay in the sample");
+    }
+
+    #[test]
+    fn labels_follow_their_request_and_a_new_model_starts_a_new_sample() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.sqlite");
+        let mut r = Reservoir::open(&path, 1 << 20).unwrap();
+        r.offer(
+            &model(1),
+            &names(),
+            Some("req-a/0"),
+            &[1.0, f32::NAN],
+            Some(1),
+            None,
+            5,
+        )
+        .unwrap();
+        r.offer(&model(1), &names(), None, &[2.0, 3.0], Some(0), Some(0), 6)
+            .unwrap();
+        assert!(r.label("req-a/0", 0).unwrap());
+        assert!(
+            !r.label("req-b/0", 1).unwrap(),
+            "not kept, nothing to label"
+        );
+        drop(r);
+        let mut r = Reservoir::open(&path, 1 << 20).unwrap();
+        let (_, samples) = r.samples().unwrap();
+        assert_eq!(samples.len(), 2, "the sample survives a restart");
+        assert_eq!((samples[0].predicted, samples[0].label), (Some(1), Some(0)));
+        assert!(samples[0].values[1].is_nan());
+        let mut csv = Vec::new();
+        write_csv(&mut csv, &["a".into(), "b".into()], &samples).unwrap();
+        assert_eq!(
+            String::from_utf8(csv).unwrap(),
+            "a,b,predicted,label\n1,,1,0\n2,3,0,0\n"
+        );
+        assert_eq!(r.status().unwrap().labelled, 2);
+
+        r.offer(&model(2), &names(), None, &[9.0, 9.0], None, None, 7)
+            .unwrap();
+        let status = r.status().unwrap();
+        assert_eq!(
+            (status.model, status.seen, status.kept),
+            (Some(model(2)), 1, 1)
+        );
+        let mut off = Reservoir::open(&dir.path().join("off.sqlite"), 0).unwrap();
+        off.offer(&model(1), &names(), None, &[1.0], None, None, 1)
+            .unwrap();
+        assert_eq!(off.status().unwrap().kept, 0, "a budget of 0 keeps nothing");
+    }
+}
