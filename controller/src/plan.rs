@@ -656,6 +656,7 @@ mod tests {
             },
             current_wave: 0,
             wave_opened_ms: 0,
+            target: None,
             deployments: ["committed", "committed", "rolled_back", "sent"]
                 .map(deployment)
                 .to_vec(),
@@ -747,6 +748,7 @@ mod tests {
             plan: p,
             current_wave: 0,
             wave_opened_ms: 0,
+            target: None,
             deployments: vec![DeploymentRow {
                 device_id: "d".into(),
                 status: "committed".into(),

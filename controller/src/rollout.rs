@@ -88,21 +88,7 @@ impl RolloutRequest {
     }
 }
 
-/// Devices chosen by their enrollment: a group, tags, or both.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct Target {
-    pub group: Option<String>,
-    pub tags: Vec<String>,
-}
-
-impl Target {
-    pub fn matches(&self, device: &crate::store::DeviceRow) -> bool {
-        self.group
-            .as_ref()
-            .is_none_or(|g| device.group.as_ref() == Some(g))
-            && self.tags.iter().all(|t| device.tags.contains(t))
-    }
-}
+pub use crate::store::Target;
 
 /// Creates a rollout, its first wave open.
 pub async fn create(
@@ -110,6 +96,7 @@ pub async fn create(
     request: RolloutRequest,
 ) -> Result<RolloutRow, RolloutError> {
     request.plan.validate()?;
+    let target = request.target.clone();
     let devices = match (request.devices, request.target) {
         (Some(_), Some(_)) => return Err(RolloutError::DevicesAndTarget),
         (Some(list), None) => list,
@@ -142,6 +129,7 @@ pub async fn create(
             rollback: request.rollback,
             devices,
             plan: request.plan,
+            target,
             now_ms: now,
         })
         .await?;
@@ -402,6 +390,18 @@ pub async fn advance(store: &dyn Store) -> Result<(), RolloutError> {
     let expired = store.expire_deployments(now).await?;
     if expired > 0 {
         warn!(deployments = expired, "deployments timed out");
+    }
+    // Devices enrolled since a rollout to their group or tags was created join it.
+    for (rollout, device) in store.join_rollouts(now).await? {
+        info!(rollout, device = %device, "a device joined the rollout of its group");
+        audit(
+            store,
+            ENGINE,
+            "rollout.join",
+            rollout,
+            Some(format!("device {device} matches the rollout's target")),
+        )
+        .await;
     }
     for row in store.rollouts_in_progress().await? {
         let evidence = drift_evidence(store, &row).await?;

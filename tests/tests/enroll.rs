@@ -187,10 +187,35 @@ async fn a_device_enrolls_waits_for_approval_and_joins_its_group(broker: BrokerC
         .map(|d| d["device_id"].as_str().unwrap())
         .collect();
     assert_eq!(targeted, ["enr-1"], "enr-2 is pending, enr-6 in line-b");
+    assert_eq!(rollout["target"], json!({"group": "line-a"}), "{rollout}");
     ctl.wait_for_model("enr-1", Some(1)).await;
     wait_until("the device streams drift windows", WAIT, || async {
         !ctl.stored_windows("enr-1").await.is_empty()
     })
+    .await;
+
+    // A device enrolled into the group afterwards joins that rollout by itself.
+    let later = token(&ctl, json!({ "group": "line-a", "uses": 1 })).await;
+    let (code, joined) = ctl
+        .post_as(
+            "x",
+            "/api/v1/enroll",
+            enrollment(later["token"].as_str().unwrap(), "enr-8", &public_key(8)),
+        )
+        .await;
+    assert_eq!(code, 200, "{joined}");
+    let rollout_path = format!("/api/v1/rollouts/{}", rollout["id"]);
+    wait_until(
+        "the later device joins the group's rollout",
+        WAIT,
+        || async {
+            ctl.get(&rollout_path).await["deployments"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|d| d["device_id"] == "enr-8")
+        },
+    )
     .await;
     let (code, refused) = ctl
         .post_rollout(json!({ "model": "vibration", "version": 1, "group": "nowhere" }))
@@ -214,6 +239,7 @@ async fn a_device_enrolls_waits_for_approval_and_joins_its_group(broker: BrokerC
         ("alice", "token.create"),
         ("enr-1", "device.enroll"),
         ("bob", "device.approve"),
+        ("controller", "rollout.join"),
     ] {
         assert!(actions.contains(&expected), "{expected:?} in {actions:?}");
     }

@@ -485,7 +485,78 @@ pub struct RolloutRow {
     pub current_wave: u32,
     /// When the current wave opened.
     pub wave_opened_ms: u64,
+    /// The group and tags the rollout was created for; devices that match later join it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<Target>,
     pub deployments: Vec<DeploymentRow>,
+}
+
+/// Devices chosen by their enrollment: a group, tags, or both.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Target {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+}
+
+impl Target {
+    pub fn matches(&self, device: &DeviceRow) -> bool {
+        self.matches_parts(device.group.as_deref(), &device.tags)
+    }
+
+    pub fn matches_parts(&self, group: Option<&str>, tags: &[String]) -> bool {
+        self.group.as_deref().is_none_or(|g| group == Some(g))
+            && self.tags.iter().all(|t| tags.contains(t))
+    }
+}
+
+/// A rollout devices may still join: created for a target, not a rollback, neither failed
+/// nor aborted.
+pub(crate) struct Joinable {
+    pub id: u64,
+    pub model_name: String,
+    pub model_version: u64,
+    pub target: Target,
+}
+
+/// What the store knows of a device when deciding whether it joins a rollout.
+pub(crate) struct JoinCandidate {
+    pub id: String,
+    pub group: Option<String>,
+    pub tags: Vec<String>,
+    pub model: Option<ModelRef>,
+    /// The newest rollout the device has a deployment in.
+    pub newest_rollout: Option<u64>,
+    /// A deployment of the device has not finished.
+    pub busy: bool,
+}
+
+/// The statuses of [`Joinable`] rollouts, as an SQL list.
+pub(crate) const JOINABLE_STATUSES_SQL: &str = "'in_progress', 'paused', 'completed'";
+
+/// Which devices join which rollouts: a device joins the newest joinable rollout whose
+/// target it matches, unless it already has a deployment in that rollout or a newer one,
+/// has a deployment under way, or runs that version of the model or a newer one.
+pub(crate) fn late_joiners(rollouts: &[Joinable], devices: &[JoinCandidate]) -> Vec<(u64, String)> {
+    let mut newest_first: Vec<&Joinable> = rollouts.iter().collect();
+    newest_first.sort_by_key(|r| std::cmp::Reverse(r.id));
+    devices
+        .iter()
+        .filter(|d| !d.busy)
+        .filter_map(|d| {
+            let r = newest_first
+                .iter()
+                .find(|r| r.target.matches_parts(d.group.as_deref(), &d.tags))?;
+            let runs_it = d
+                .model
+                .as_ref()
+                .is_some_and(|m| m.name == r.model_name && m.version >= r.model_version);
+            let seen = d.newest_rollout.is_some_and(|n| n >= r.id);
+            (!runs_it && !seen).then(|| (r.id, d.id.clone()))
+        })
+        .collect()
 }
 
 /// A `rollouts` row as every store reads it, before its deployments are attached.
@@ -501,6 +572,8 @@ pub(crate) struct StoredRollout {
     pub current_wave: u32,
     pub wave_opened_ms: u64,
     pub reason: Option<String>,
+    /// JSON of a [`Target`]; none for rollouts to named devices or to all.
+    pub target: Option<String>,
 }
 
 impl StoredRollout {
@@ -510,7 +583,15 @@ impl StoredRollout {
             Some(json) => serde_json::from_str(json)
                 .map_err(|e| StoreError::Corrupt(format!("plan of rollout {}: {e}", self.id)))?,
         };
+        let target =
+            match &self.target {
+                None => None,
+                Some(json) => Some(serde_json::from_str(json).map_err(|e| {
+                    StoreError::Corrupt(format!("target of rollout {}: {e}", self.id))
+                })?),
+            };
         Ok(RolloutRow {
+            target,
             id: self.id,
             model_name: self.model_name,
             model_version: self.model_version,
@@ -645,6 +726,8 @@ pub struct NewRollout {
     pub rollback: bool,
     pub devices: Vec<String>,
     pub plan: RolloutPlan,
+    /// The group and tags the devices were chosen by, so that devices enrolled later join.
+    pub target: Option<Target>,
     pub now_ms: u64,
 }
 
@@ -775,6 +858,9 @@ pub trait Store: Send + Sync + 'static {
     /// in the wave its plan assigns ([`RolloutPlan::assign`]), the first wave open.
     /// Unfinished deployments of those devices in earlier rollouts become `superseded`.
     async fn create_rollout(&self, new: &NewRollout) -> Result<RolloutRow>;
+    /// Adds the devices that match a rollout's target but came later (see
+    /// [`late_joiners`]) to it, in its current wave, and returns them by rollout.
+    async fn join_rollouts(&self, now_ms: u64) -> Result<Vec<(u64, String)>>;
     async fn rollouts(&self) -> Result<Vec<RolloutRow>>;
     async fn rollout(&self, id: u64) -> Result<Option<RolloutRow>>;
     /// The rollouts whose status is `in_progress`.

@@ -198,11 +198,12 @@ CREATE TABLE audit (
 ";
 
 /// Version 5: each window's dataset-drift share, labelled predictions and accuracy, for
-/// the retraining triggers.
+/// the retraining triggers; the target of a rollout to a group or tags.
 const SCHEMA_V5: &str = "
 ALTER TABLE telemetry ADD COLUMN drift_share DOUBLE PRECISION NOT NULL DEFAULT 0;
 ALTER TABLE telemetry ADD COLUMN labelled BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE telemetry ADD COLUMN accuracy DOUBLE PRECISION;
+ALTER TABLE rollouts ADD COLUMN target TEXT;
 ";
 
 /// A PostgreSQL database reached through a connection pool.
@@ -664,7 +665,7 @@ async fn load_rollout(c: &impl GenericClient, id: u64) -> Result<Option<RolloutR
     let Some(row) = c
         .query_opt(
             "SELECT id, model_name, model_version, created_ms, status, rollback, plan, current_wave, reason,
-                    wave_opened_ms
+                    wave_opened_ms, target
              FROM rollouts WHERE id = $1",
             &[&i(id)],
         )
@@ -701,6 +702,7 @@ async fn load_rollout(c: &impl GenericClient, id: u64) -> Result<Option<RolloutR
         current_wave: u(row.get(7)) as u32,
         reason: row.get(8),
         wave_opened_ms: u(row.get(9)),
+        target: row.get(10),
     }
     .into_rollout(deployments)
     .map(Some)
@@ -1050,9 +1052,13 @@ impl Store for PgStore {
             rollback,
             devices,
             plan,
+            target,
             now_ms,
         } = new;
         let (version, now_ms) = (*version, *now_ms);
+        let target_json = target
+            .as_ref()
+            .map(|t| serde_json::to_string(t).expect("a target serializes"));
         let plan_json = serde_json::to_string(plan).expect("a plan serializes");
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
@@ -1085,9 +1091,9 @@ impl Store for PgStore {
         let id: i64 = tx
             .query_one(
                 "INSERT INTO rollouts (model_name, model_version, created_ms, status, rollback, plan, current_wave,
-                                       failure_gated, wave_opened_ms)
-                 VALUES ($1, $2, $3, 'in_progress', $4, $5, 0, $6, $3) RETURNING id",
-                &[name, &i(version), &i(now_ms), rollback, &plan_json, &plan.failure_threshold.is_some()],
+                                       failure_gated, wave_opened_ms, target)
+                 VALUES ($1, $2, $3, 'in_progress', $4, $5, 0, $6, $3, $7) RETURNING id",
+                &[name, &i(version), &i(now_ms), rollback, &plan_json, &plan.failure_threshold.is_some(), &target_json],
             )
             .await?
             .get(0);
@@ -1122,6 +1128,87 @@ impl Store for PgStore {
         let row = load_rollout(&*tx, u(id)).await?.expect("just inserted");
         tx.commit().await?;
         Ok(row)
+    }
+
+    async fn join_rollouts(&self, now_ms: u64) -> Result<Vec<(u64, String)>> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let mut rollouts = Vec::new();
+        let mut plans = std::collections::HashMap::new();
+        for r in tx
+            .query(
+                &format!(
+                    "SELECT id, model_name, model_version, target, plan, current_wave FROM rollouts
+                     WHERE target IS NOT NULL AND NOT rollback AND status IN ({JOINABLE_STATUSES_SQL})"
+                ),
+                &[],
+            )
+            .await?
+        {
+            let id = u(r.get(0));
+            let target: String = r.get(3);
+            let target = serde_json::from_str(&target)
+                .map_err(|e| StoreError::Corrupt(format!("target of rollout {id}: {e}")))?;
+            let plan: RolloutPlan = match r.get::<_, Option<String>>(4) {
+                Some(p) => serde_json::from_str(&p)
+                    .map_err(|e| StoreError::Corrupt(format!("plan of rollout {id}: {e}")))?,
+                None => RolloutPlan::default(),
+            };
+            plans.insert(id, (plan.device_timeout_s, r.get::<_, i64>(5)));
+            rollouts.push(Joinable {
+                id,
+                model_name: r.get(1),
+                model_version: u(r.get(2)),
+                target,
+            });
+        }
+        if rollouts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let devices = tx
+            .query(
+                &format!(
+                    "SELECT id, group_name, tags, model_name, model_version,
+                            (SELECT MAX(rollout_id) FROM deployments d WHERE d.device_id = devices.id),
+                            EXISTS (SELECT 1 FROM deployments d WHERE d.device_id = devices.id
+                                    AND d.status NOT IN ({FINAL_STATES_SQL}))
+                     FROM devices"
+                ),
+                &[],
+            )
+            .await?
+            .iter()
+            .map(|r| {
+                let id: String = r.get(0);
+                Ok(JoinCandidate {
+                    tags: parse_tags(&id, r.get(2))?,
+                    group: r.get(1),
+                    model: previous_model(r.get(3), r.get(4)),
+                    newest_rollout: r.get::<_, Option<i64>>(5).map(u),
+                    busy: r.get(6),
+                    id,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut joined = Vec::new();
+        for (rollout, device) in late_joiners(&rollouts, &devices) {
+            let (timeout_s, wave) = plans[&rollout];
+            let added = tx
+                .execute(
+                    "INSERT INTO deployments (rollout_id, device_id, status, updated_ms, wave, deadline_ms,
+                                              previous_model, previous_version)
+                     SELECT $1, $2, 'pending', $3, $4, $5, model_name, model_version FROM devices WHERE id = $2
+                     ON CONFLICT DO NOTHING",
+                    &[&i(rollout), &device, &i(now_ms), &wave, &i(now_ms + timeout_s * 1000)],
+                )
+                .await?;
+            if added > 0 {
+                refresh_rollout_status(&*tx, rollout).await?;
+                joined.push((rollout, device));
+            }
+        }
+        tx.commit().await?;
+        Ok(joined)
     }
 
     async fn rollouts(&self) -> Result<Vec<RolloutRow>> {

@@ -196,11 +196,12 @@ CREATE TABLE audit (
 ";
 
 /// Version 5: each window's dataset-drift share, labelled predictions and accuracy, for
-/// the retraining triggers.
+/// the retraining triggers; the target of a rollout to a group or tags.
 const SCHEMA_V5: &str = "
 ALTER TABLE telemetry ADD COLUMN drift_share REAL NOT NULL DEFAULT 0;
 ALTER TABLE telemetry ADD COLUMN labelled INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE telemetry ADD COLUMN accuracy REAL;
+ALTER TABLE rollouts ADD COLUMN target TEXT;
 ";
 
 impl From<rusqlite::Error> for StoreError {
@@ -674,7 +675,7 @@ fn load_rollout(conn: &Connection, id: u64) -> Result<Option<RolloutRow>> {
     let row = conn
         .query_row(
             "SELECT id, model_name, model_version, created_ms, status, rollback, plan, current_wave, reason,
-                    wave_opened_ms
+                    wave_opened_ms, target
              FROM rollouts WHERE id = ?1",
             params![id as i64],
             |r| {
@@ -689,6 +690,7 @@ fn load_rollout(conn: &Connection, id: u64) -> Result<Option<RolloutRow>> {
                     current_wave: u(r.get(7)?) as u32,
                     reason: r.get(8)?,
                     wave_opened_ms: u(r.get(9)?),
+                    target: r.get(10)?,
                 })
             },
         )
@@ -1095,7 +1097,8 @@ impl Store for SqliteStore {
     async fn create_rollout(&self, new: &NewRollout) -> Result<RolloutRow> {
         let new = new.clone();
         self.call(move |conn| {
-            let NewRollout { name, version, rollback, devices, plan, now_ms } = &new;
+            let NewRollout { name, version, rollback, devices, plan, target, now_ms } = &new;
+            let target_json = target.as_ref().map(|t| serde_json::to_string(t).expect("a target serializes"));
             let (version, now_ms, rollback) = (*version, *now_ms, *rollback);
             let plan_json = serde_json::to_string(plan).expect("a plan serializes");
             let tx = conn.transaction()?;
@@ -1116,9 +1119,9 @@ impl Store for SqliteStore {
             }
             tx.execute(
                 "INSERT INTO rollouts (model_name, model_version, created_ms, status, rollback, plan, current_wave,
-                                       failure_gated, wave_opened_ms)
-                 VALUES (?1, ?2, ?3, 'in_progress', ?4, ?5, 0, ?6, ?3)",
-                params![name, version as i64, now_ms as i64, rollback, plan_json, plan.failure_threshold.is_some()],
+                                       failure_gated, wave_opened_ms, target)
+                 VALUES (?1, ?2, ?3, 'in_progress', ?4, ?5, 0, ?6, ?3, ?7)",
+                params![name, version as i64, now_ms as i64, rollback, plan_json, plan.failure_threshold.is_some(), target_json],
             )?;
             let id = tx.last_insert_rowid() as u64;
             let waves = plan.assign(id, devices);
@@ -1159,6 +1162,73 @@ impl Store for SqliteStore {
             let row = load_rollout(&tx, id)?.expect("just inserted");
             tx.commit()?;
             Ok(row)
+        })
+        .await
+    }
+
+    async fn join_rollouts(&self, now_ms: u64) -> Result<Vec<(u64, String)>> {
+        self.call(move |conn| {
+            let tx = conn.transaction()?;
+            let mut rollouts = Vec::new();
+            let mut plans = std::collections::HashMap::new();
+            let rows: Vec<(i64, String, i64, String, Option<String>, i64)> = tx
+                .prepare(&format!(
+                    "SELECT id, model_name, model_version, target, plan, current_wave FROM rollouts
+                     WHERE target IS NOT NULL AND rollback = 0 AND status IN ({JOINABLE_STATUSES_SQL})"
+                ))?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))?
+                .collect::<rusqlite::Result<_>>()?;
+            for (id, model_name, model_version, target, plan, wave) in rows {
+                let target = serde_json::from_str(&target)
+                    .map_err(|e| StoreError::Corrupt(format!("target of rollout {id}: {e}")))?;
+                let plan: RolloutPlan = match plan {
+                    Some(p) => serde_json::from_str(&p)
+                        .map_err(|e| StoreError::Corrupt(format!("plan of rollout {id}: {e}")))?,
+                    None => RolloutPlan::default(),
+                };
+                plans.insert(u(id), (plan.device_timeout_s, wave));
+                rollouts.push(Joinable { id: u(id), model_name, model_version: u(model_version), target });
+            }
+            if rollouts.is_empty() {
+                return Ok(Vec::new());
+            }
+            let devices: Vec<JoinCandidate> = tx
+                .prepare(&format!(
+                    "SELECT id, group_name, tags, model_name, model_version,
+                            (SELECT MAX(rollout_id) FROM deployments d WHERE d.device_id = devices.id),
+                            EXISTS (SELECT 1 FROM deployments d WHERE d.device_id = devices.id
+                                    AND d.status NOT IN ({FINAL_STATES_SQL}))
+                     FROM devices"
+                ))?
+                .query_map([], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get(1)?, r.get::<_, Option<String>>(2)?, r.get(3)?,
+                        r.get::<_, Option<i64>>(4)?, r.get::<_, Option<i64>>(5)?, r.get::<_, bool>(6)?))
+                })?
+                .map(|row| {
+                    let (id, group, tags, name, version, newest, busy) = row?;
+                    Ok(JoinCandidate {
+                        tags: parse_tags(&id, tags)?,
+                        model: previous_model(name, version),
+                        newest_rollout: newest.map(u),
+                        id,
+                        group,
+                        busy,
+                    })
+                })
+                .collect::<Result<_>>()?;
+            let joins = late_joiners(&rollouts, &devices);
+            for (rollout, device) in &joins {
+                let (timeout_s, wave) = plans[rollout];
+                tx.execute(
+                    "INSERT INTO deployments (rollout_id, device_id, status, updated_ms, wave, deadline_ms,
+                                              previous_model, previous_version)
+                     SELECT ?1, ?2, 'pending', ?3, ?4, ?5, model_name, model_version FROM devices WHERE id = ?2",
+                    params![*rollout as i64, device, now_ms as i64, wave, (now_ms + timeout_s * 1000) as i64],
+                )?;
+                refresh_rollout_status(&tx, *rollout)?;
+            }
+            tx.commit()?;
+            Ok(joins)
         })
         .await
     }

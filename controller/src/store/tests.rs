@@ -109,6 +109,7 @@ fn new_rollout(version: u64, rollback: bool, devices: &[&str], now_ms: u64) -> N
         rollback,
         devices: devices.iter().map(|d| d.to_string()).collect(),
         plan: RolloutPlan::default(),
+        target: None,
         now_ms,
     }
 }
@@ -345,6 +346,7 @@ pub async fn suite(store: &dyn Store) {
     waves_pauses_aborts_timeouts_and_the_audit_log(store).await;
     retraining_windows_and_records(store).await;
     enrollment_tokens_and_approvals(store).await;
+    devices_enrolled_later_join_the_rollout_of_their_group(store).await;
     the_trust_document_is_replaced_only_from_the_version_it_was_checked_against(store).await;
 
     // Registration adds what is new and leaves known devices as they are.
@@ -408,6 +410,7 @@ async fn waves_pauses_aborts_timeouts_and_the_audit_log(store: &dyn Store) {
             rollback: false,
             devices: devices.clone(),
             plan: plan.clone(),
+            target: None,
             now_ms: 1000,
         })
         .await
@@ -573,6 +576,7 @@ async fn waves_pauses_aborts_timeouts_and_the_audit_log(store: &dyn Store) {
             rollback: false,
             devices: vec![devices[0].clone(), devices[1].clone()],
             plan: RolloutPlan::default(),
+            target: None,
             now_ms: 9000,
         })
         .await
@@ -636,6 +640,7 @@ async fn waves_pauses_aborts_timeouts_and_the_audit_log(store: &dyn Store) {
                 failure_threshold: Some(0.5),
                 ..RolloutPlan::default()
             },
+            target: None,
             now_ms: 9200,
         })
         .await
@@ -831,6 +836,131 @@ async fn retraining_windows_and_records(store: &dyn Store) {
             .is_some()
     );
     assert_eq!(store.retrainings(1).await.unwrap()[0].from_version, 2);
+}
+
+/// A rollout created for a group keeps its target; a device that enrolls into the group
+/// afterwards joins it once, in its current wave; other groups' devices do not.
+async fn devices_enrolled_later_join_the_rollout_of_their_group(store: &dyn Store) {
+    let token = |id: &str, group: &str| TokenRow {
+        id: id.into(),
+        group: group.into(),
+        tags: vec!["cam".into()],
+        expires_ms: u64::MAX / 2,
+        uses_left: None,
+        auto_approve: true,
+        created_ms: 100,
+        created_by: "alice".into(),
+    };
+    store
+        .create_token(&token("t-j", "line-j"), "secret-j")
+        .await
+        .unwrap();
+    store
+        .create_token(&token("t-k", "line-k"), "secret-k")
+        .await
+        .unwrap();
+    let enroll = |secret: &'static str, device: &'static str| async move {
+        let request = EnrollRequest {
+            device_id: device.into(),
+            public_key: format!("key-{device}"),
+            board: None,
+            arch: None,
+            agent_version: None,
+        };
+        assert!(matches!(
+            store.enroll(secret, &request, 2000).await.unwrap(),
+            EnrollOutcome::Enrolled(_)
+        ));
+    };
+    enroll("secret-j", "j1").await;
+    let target = Target {
+        group: Some("line-j".into()),
+        tags: vec!["cam".into()],
+    };
+    let rollout = store
+        .create_rollout(&NewRollout {
+            target: Some(target.clone()),
+            ..new_rollout(3, false, &["j1"], 3000)
+        })
+        .await
+        .unwrap();
+    assert_eq!(rollout.target, Some(target));
+    assert!(
+        store.join_rollouts(3500).await.unwrap().is_empty(),
+        "nobody new"
+    );
+
+    enroll("secret-j", "j2").await;
+    enroll("secret-k", "k1").await;
+    assert_eq!(
+        store.join_rollouts(4000).await.unwrap(),
+        [(rollout.id, "j2".to_string())],
+        "j2 joins; k1 is in another group"
+    );
+    assert!(store.join_rollouts(4100).await.unwrap().is_empty(), "once");
+    let row = store.rollout(rollout.id).await.unwrap().unwrap();
+    let joined = row
+        .deployments
+        .iter()
+        .find(|d| d.device_id == "j2")
+        .unwrap();
+    assert_eq!(
+        (joined.status.as_str(), joined.wave),
+        ("pending", row.current_wave)
+    );
+}
+
+#[test]
+fn a_late_device_joins_only_the_newest_matching_rollout_it_has_not_seen() {
+    let target = |group: &str| Target {
+        group: Some(group.into()),
+        tags: Vec::new(),
+    };
+    let rollouts = [
+        Joinable {
+            id: 3,
+            model_name: "m".into(),
+            model_version: 2,
+            target: target("a"),
+        },
+        Joinable {
+            id: 5,
+            model_name: "m".into(),
+            model_version: 3,
+            target: target("a"),
+        },
+    ];
+    let device = |id: &str, model: Option<u64>, newest: Option<u64>, busy: bool| JoinCandidate {
+        id: id.into(),
+        group: Some("a".into()),
+        tags: vec!["x".into()],
+        model: model.map(|version| ModelRef {
+            name: "m".into(),
+            version,
+        }),
+        newest_rollout: newest,
+        busy,
+    };
+    let joins = late_joiners(
+        &rollouts,
+        &[
+            device("new", None, None, false),
+            device("old-v1", Some(1), Some(2), false),
+            device("runs-v3", Some(3), None, false),
+            device("in-5", Some(2), Some(5), false),
+            device("in-a-newer-one", Some(1), Some(7), false),
+            device("installing", None, Some(4), true),
+            JoinCandidate {
+                group: Some("b".into()),
+                ..device("elsewhere", None, None, false)
+            },
+        ],
+    );
+    assert_eq!(
+        joins,
+        [(5, "new".to_string()), (5, "old-v1".to_string())],
+        "the newest rollout; not who runs v3 already, was in it, is in a newer one, is busy, or is in another group"
+    );
 }
 
 /// Tokens are checked and spent in one step; a pending enrollment waits for approval;
