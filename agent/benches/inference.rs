@@ -4,7 +4,10 @@
 //!    plan of the same model, built the way tract's own examples do;
 //! 2. drift: edgeloop's `DriftWindow` (observe every row, finish the window) against a
 //!    straightforward reference that keeps the rows and computes the histogram and PSI
-//!    at the end with a linear scan over the bins.
+//!    at the end with a linear scan over the bins;
+//! 3. drift against numpy and scipy (`drift_scipy.py`, when installed): the same window's
+//!    PSI, JS, KS, Wasserstein and moments, the peer's time per window measured in its own
+//!    process on the same rows.
 //!
 //! Run: `cargo bench -p edgeloop-agent --bench inference`
 
@@ -84,12 +87,15 @@ fn main() {
     let runs = 20;
     let start = Instant::now();
     let mut ours_psi = 0.0;
+    let mut ours = None;
     for _ in 0..runs {
         let mut window = DriftWindow::new(profile.clone(), 0);
         for row in &rows {
             window.observe(row, Some(0)).unwrap();
         }
-        ours_psi = black_box(window.finish(1)).psi_max;
+        let stats = black_box(window.finish(1));
+        ours_psi = stats.psi_max;
+        ours = Some(stats);
     }
     let ours_drift = start.elapsed() / runs;
     let start = Instant::now();
@@ -114,6 +120,80 @@ fn main() {
     println!(
         "  ratio edgeloop/naive: {:.2}x",
         ours_drift.as_secs_f64() / naive_drift.as_secs_f64()
+    );
+    scipy_peer(&profile, &by_column, &rows, &ours.expect("ran"), ours_drift);
+}
+
+/// The same window scored by numpy and scipy (`drift_scipy.py`): PSI, JS, KS against the
+/// reference data, normed Wasserstein, moments. Skipped, and said so, without them.
+fn scipy_peer(
+    profile: &ReferenceProfile,
+    reference: &[Vec<f64>],
+    rows: &[Vec<f32>],
+    ours: &edgeloop_shared::drift::WindowStats,
+    ours_time: Duration,
+) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/drift_scipy.py");
+    let have = std::process::Command::new("python3")
+        .args(["-c", "import numpy, scipy"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have {
+        println!("  numpy/scipy peer skipped: `pip install numpy scipy` to run it");
+        return;
+    }
+    let input = tempfile::NamedTempFile::new().unwrap();
+    let profile_json: Vec<serde_json::Value> = profile
+        .features
+        .iter()
+        .map(|f| serde_json::json!({"edges": f.edges, "fractions": f.fractions}))
+        .collect();
+    serde_json::to_writer(
+        std::fs::File::create(input.path()).unwrap(),
+        &serde_json::json!({"profile": profile_json, "reference": reference, "rows": rows}),
+    )
+    .unwrap();
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .arg(input.path())
+        .arg("20")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let peer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for (i, f) in ours.features.iter().enumerate() {
+        let (psi, js) = (
+            peer["psi"][i].as_f64().unwrap(),
+            peer["js"][i].as_f64().unwrap(),
+        );
+        assert!(
+            (f.psi - psi).abs() < 1e-6,
+            "PSI of {}: {} vs {psi}",
+            f.name,
+            f.psi
+        );
+        assert!(
+            (f.js - js).abs() < 1e-6,
+            "JS of {}: {} vs {js}",
+            f.name,
+            f.js
+        );
+    }
+    let peer_ms = peer["per_window_ms"].as_f64().unwrap();
+    let ours_ms = ours_time.as_secs_f64() * 1e3;
+    println!(
+        "  numpy/scipy      {peer_ms:>8.2} ms per window (bins, PSI, JS, exact KS and Wasserstein on the raw values, moments)"
+    );
+    println!(
+        "  edgeloop window  {ours_ms:>8.2} ms per window (observe every row, then every score)"
+    );
+    println!(
+        "  ratio edgeloop/scipy: {:.2}x (same PSI and JS to 1e-6)",
+        ours_ms / peer_ms
     );
 }
 

@@ -461,6 +461,14 @@ enum RolloutCommand {
         /// most this many times the old version's over the same period.
         #[arg(long)]
         max_drift_ratio: Option<f64>,
+        /// Telemetry gate: … and its accuracy on feedback labels at most this far below the
+        /// old version's.
+        #[arg(long)]
+        max_accuracy_drop: Option<f64>,
+        /// Telemetry gate: … and its median p99 latency at most this many times the old
+        /// version's.
+        #[arg(long)]
+        max_latency_ratio: Option<f64>,
         /// Why, for the audit log.
         #[arg(long)]
         reason: Option<String>,
@@ -543,6 +551,8 @@ async fn rollout_command(command: RolloutCommand) -> anyhow::Result<()> {
             on_failure,
             device_timeout_s,
             max_drift_ratio,
+            max_accuracy_drop,
+            max_latency_ratio,
             reason,
             api,
         } => {
@@ -559,9 +569,19 @@ async fn rollout_command(command: RolloutCommand) -> anyhow::Result<()> {
             set("failure_threshold", failure_threshold.map(Into::into));
             set("min_executed", min_executed.map(Into::into));
             set("device_timeout_s", device_timeout_s.map(Into::into));
+            let mut gate = serde_json::Map::new();
+            for (key, value) in [
+                ("max_drift_ratio", max_drift_ratio),
+                ("max_accuracy_drop", max_accuracy_drop),
+                ("max_latency_ratio", max_latency_ratio),
+            ] {
+                if let Some(v) = value {
+                    gate.insert(key.into(), v.into());
+                }
+            }
             set(
                 "telemetry_gate",
-                max_drift_ratio.map(|r| serde_json::json!({ "max_drift_ratio": r })),
+                (!gate.is_empty()).then_some(serde_json::Value::Object(gate)),
             );
             set(
                 "on_failure",

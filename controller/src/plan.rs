@@ -132,6 +132,18 @@ pub struct TelemetryGate {
     /// Windows of the new version needed before the gate judges; the wave waits until then.
     #[serde(default = "TelemetryGate::default_min_windows")]
     pub min_windows: usize,
+    /// When set, the new version's accuracy on feedback labels (pooled over its windows)
+    /// may be at most this far below the old version's over the same period. The wave
+    /// waits for `min_labels` labels of the new version; without as many of the old one,
+    /// there is nothing to compare with and accuracy does not hold the wave.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_accuracy_drop: Option<f64>,
+    #[serde(default = "TelemetryGate::default_min_labels")]
+    pub min_labels: u64,
+    /// When set, the new version's median window p99 latency may be at most this many
+    /// times the old version's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_latency_ratio: Option<f64>,
 }
 
 impl TelemetryGate {
@@ -143,6 +155,9 @@ impl TelemetryGate {
     }
     fn default_min_windows() -> usize {
         3
+    }
+    fn default_min_labels() -> u64 {
+        50
     }
 
     fn validate(&self) -> Result<(), PlanError> {
@@ -162,6 +177,25 @@ impl TelemetryGate {
                 "telemetry_gate.min_windows: must be at least 1".into(),
             ));
         }
+        if let Some(d) = self.max_accuracy_drop
+            && !(0.0..=1.0).contains(&d)
+        {
+            return Err(PlanError(format!(
+                "telemetry_gate.max_accuracy_drop: {d} must be between 0 and 1"
+            )));
+        }
+        if self.min_labels == 0 {
+            return Err(PlanError(
+                "telemetry_gate.min_labels: must be at least 1".into(),
+            ));
+        }
+        if let Some(r) = self.max_latency_ratio
+            && !(r >= 1.0 && r.is_finite())
+        {
+            return Err(PlanError(format!(
+                "telemetry_gate.max_latency_ratio: {r} must be at least 1"
+            )));
+        }
         Ok(())
     }
 
@@ -170,32 +204,97 @@ impl TelemetryGate {
         if evidence.new.len() < self.min_windows {
             return None;
         }
-        let new = median(&evidence.new);
-        let (limit, against) = if evidence.old.is_empty() {
+        let psi = |ws: &[GateWindow]| ws.iter().map(|w| w.psi_max).collect::<Vec<_>>();
+        let (new_psi, old_psi) = (psi(&evidence.new), psi(&evidence.old));
+        if let Err(why) = self.judge_drift(version, &new_psi, &old_psi) {
+            return Some(Err(why));
+        }
+        if let Some(drop) = self.max_accuracy_drop {
+            let (new_labels, new_accuracy) = pooled_accuracy(&evidence.new);
+            if new_labels < self.min_labels {
+                return None;
+            }
+            let (old_labels, old_accuracy) = pooled_accuracy(&evidence.old);
+            if old_labels >= self.min_labels && new_accuracy < old_accuracy - drop {
+                return Some(Err(format!(
+                    "telemetry gate: v{version}'s accuracy {new_accuracy:.3} on {new_labels} labels is more than {drop} below the old version's {old_accuracy:.3} on {old_labels}"
+                )));
+            }
+        }
+        if let Some(ratio) = self.max_latency_ratio {
+            let p99 = |ws: &[GateWindow]| {
+                ws.iter()
+                    .filter_map(|w| w.latency_p99_ms)
+                    .collect::<Vec<_>>()
+            };
+            let (new, old) = (p99(&evidence.new), p99(&evidence.old));
+            if !new.is_empty() && !old.is_empty() {
+                let (new, old) = (median(&new), median(&old));
+                if new > old * ratio {
+                    return Some(Err(format!(
+                        "telemetry gate: v{version}'s median p99 latency {new} ms is above {ratio}x the old version's {old} ms"
+                    )));
+                }
+            }
+        }
+        Some(Ok(()))
+    }
+
+    /// The drift part of [`TelemetryGate::judge`], on each side's window PSIs.
+    fn judge_drift(&self, version: u64, new_psi: &[f64], old_psi: &[f64]) -> Result<(), String> {
+        let new = median(new_psi);
+        let (limit, against) = if old_psi.is_empty() {
             (
                 self.drift_floor,
                 "no window of the old version to compare with".to_string(),
             )
         } else {
-            let old = median(&evidence.old);
+            let old = median(old_psi);
             (
                 (old * self.max_drift_ratio).max(self.drift_floor),
                 format!(
                     "the old version's {old:.3} over {} windows, limit {}x",
-                    evidence.old.len(),
+                    old_psi.len(),
                     self.max_drift_ratio
                 ),
             )
         };
-        Some(if new <= limit {
+        if new <= limit {
             Ok(())
         } else {
             Err(format!(
                 "telemetry gate: v{version}'s median drift (PSI) {new:.3} over {} windows is above {limit:.3} ({against})",
-                evidence.new.len()
+                new_psi.len()
             ))
-        })
+        }
     }
+}
+
+/// Labels and the share of them predicted right, over windows.
+fn pooled_accuracy(windows: &[GateWindow]) -> (u64, f64) {
+    let (labels, right) = windows.iter().fold((0u64, 0.0), |(n, r), w| {
+        (
+            n + w.labelled,
+            r + w.accuracy.unwrap_or(0.0) * w.labelled as f64,
+        )
+    });
+    (
+        labels,
+        if labels == 0 {
+            0.0
+        } else {
+            right / labels as f64
+        },
+    )
+}
+
+/// What the telemetry gate reads of one window.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GateWindow {
+    pub psi_max: f64,
+    pub labelled: u64,
+    pub accuracy: Option<f64>,
+    pub latency_p99_ms: Option<f64>,
 }
 
 /// The largest feature PSI of each window received since the current wave opened: of the
@@ -203,8 +302,8 @@ impl TelemetryGate {
 /// not yet.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct DriftEvidence {
-    pub new: Vec<f64>,
-    pub old: Vec<f64>,
+    pub new: Vec<GateWindow>,
+    pub old: Vec<GateWindow>,
 }
 
 fn median(values: &[f64]) -> f64 {
@@ -688,15 +787,101 @@ mod tests {
     }
 
     #[test]
+    fn the_telemetry_gate_compares_accuracy_and_latency_with_the_old_version() {
+        let gate = TelemetryGate {
+            max_drift_ratio: 2.0,
+            drift_floor: 0.1,
+            min_windows: 2,
+            max_accuracy_drop: Some(0.05),
+            min_labels: 50,
+            max_latency_ratio: Some(2.0),
+        };
+        gate.validate().unwrap();
+        let w = |labelled: u64, accuracy: f64, p99: f64| GateWindow {
+            psi_max: 0.05,
+            labelled,
+            accuracy: (labelled > 0).then_some(accuracy),
+            latency_p99_ms: Some(p99),
+        };
+        let judge =
+            |new: Vec<GateWindow>, old: Vec<GateWindow>| gate.judge(4, &DriftEvidence { new, old });
+        // Too few labels of the new version yet: wait.
+        assert_eq!(
+            judge(
+                vec![w(10, 0.5, 1.0), w(10, 0.5, 1.0)],
+                vec![w(100, 0.9, 1.0)]
+            ),
+            None
+        );
+        // 0.88 pooled against 0.90: within 0.05.
+        assert_eq!(
+            judge(
+                vec![w(40, 0.85, 1.0), w(60, 0.9, 1.0)],
+                vec![w(100, 0.9, 1.0)]
+            ),
+            Some(Ok(()))
+        );
+        let Some(Err(why)) = judge(
+            vec![w(50, 0.7, 1.0), w(50, 0.8, 1.0)],
+            vec![w(100, 0.9, 1.0)],
+        ) else {
+            panic!("an accuracy drop of 0.15 fails");
+        };
+        assert!(
+            why.contains(
+                "accuracy 0.750 on 100 labels is more than 0.05 below the old version's 0.900"
+            ),
+            "{why}"
+        );
+        // No old labels: nothing to compare with.
+        assert_eq!(
+            judge(vec![w(50, 0.5, 1.0), w(50, 0.5, 1.0)], vec![w(0, 0.0, 1.0)]),
+            Some(Ok(()))
+        );
+        // Latency: a median p99 of 10 ms against 2.5 ms is over 2x.
+        let Some(Err(why)) = judge(
+            vec![w(50, 0.9, 10.0), w(50, 0.9, 10.0)],
+            vec![w(100, 0.9, 2.5)],
+        ) else {
+            panic!("a slower version fails");
+        };
+        assert!(
+            why.contains("p99 latency 10 ms is above 2x the old version's 2.5 ms"),
+            "{why}"
+        );
+        let bad = TelemetryGate {
+            max_latency_ratio: Some(0.5),
+            ..gate.clone()
+        };
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("max_latency_ratio")
+        );
+    }
+
+    #[test]
     fn the_telemetry_gate_holds_a_wave_until_it_has_evidence_and_stops_a_drifting_version() {
         let gate = TelemetryGate {
             max_drift_ratio: 2.0,
             drift_floor: 0.1,
             min_windows: 3,
+            max_accuracy_drop: None,
+            min_labels: 50,
+            max_latency_ratio: None,
+        };
+        let windows = |psi: &[f64]| {
+            psi.iter()
+                .map(|&psi_max| GateWindow {
+                    psi_max,
+                    ..GateWindow::default()
+                })
+                .collect()
         };
         let evidence = |new: &[f64], old: &[f64]| DriftEvidence {
-            new: new.to_vec(),
-            old: old.to_vec(),
+            new: windows(new),
+            old: windows(old),
         };
         assert_eq!(
             gate.judge(2, &evidence(&[0.5, 0.5], &[0.1])),
@@ -777,6 +962,9 @@ mod tests {
                 max_drift_ratio: 0.5,
                 drift_floor: 0.1,
                 min_windows: 3,
+                max_accuracy_drop: None,
+                min_labels: 50,
+                max_latency_ratio: None,
             }),
             ..RolloutPlan::default()
         };

@@ -1193,6 +1193,7 @@ mod tests {
             drift_share: 0.0,
             labelled: 0,
             accuracy: None,
+            latency_p99_ms: None,
         }
     }
 

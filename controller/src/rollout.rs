@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::plan::{
-    Decision, DriftEvidence, OnFailure, PlanError, RolloutPlan, WaveCounts, next_step,
+    Decision, DriftEvidence, GateWindow, OnFailure, PlanError, RolloutPlan, WaveCounts, next_step,
 };
 use crate::registry::ArtifactStore;
 use crate::store::{
@@ -369,10 +369,16 @@ async fn drift_evidence(
         .into_iter()
         .filter(|w| ours.contains(w.device_id.as_str()))
     {
+        let window = GateWindow {
+            psi_max: w.psi_max,
+            labelled: w.labelled,
+            accuracy: w.accuracy,
+            latency_p99_ms: w.latency_p99_ms,
+        };
         if w.model_version == row.model_version {
-            evidence.new.push(w.psi_max);
+            evidence.new.push(window);
         } else {
-            evidence.old.push(w.psi_max);
+            evidence.old.push(window);
         }
     }
     Ok(Some(evidence))

@@ -627,6 +627,8 @@ pub struct WindowPoint {
     /// Predictions labelled with ground truth, and the share of them that were right.
     pub labelled: u64,
     pub accuracy: Option<f64>,
+    /// The window's p99 inference latency (its histogram bucket's bound), in milliseconds.
+    pub latency_p99_ms: Option<f64>,
 }
 
 /// Where a retraining stands.

@@ -711,6 +711,8 @@ async fn retraining_windows_and_records(store: &dyn Store) {
                     // seq windows labelled, one of them wrongly
                     confusion: vec![vec![seq - 1, 1], vec![0, 0]],
                     accuracy: Some((seq - 1) as f64 / seq as f64),
+                    // ten inferences between 0.25 and 0.5 ms
+                    latency_ms: [0, 0, 0, 10].to_vec(),
                     ..WindowStats::default()
                 },
             }),
@@ -742,10 +744,11 @@ async fn retraining_windows_and_records(store: &dyn Store) {
         (
             recent[0].drift_share,
             recent[0].labelled,
-            recent[0].accuracy
+            recent[0].accuracy,
+            recent[0].latency_p99_ms
         ),
-        (0.4, 4, Some(0.75)),
-        "each window's drift share and accuracy"
+        (0.4, 4, Some(0.75), Some(0.5)),
+        "each window's drift share, accuracy and p99 latency"
     );
     assert_eq!(store.recent_windows("rt", 9, 0).await.unwrap().len(), 5);
 
