@@ -83,6 +83,31 @@ fn is_zero_f64(x: &f64) -> bool {
     *x == 0.0
 }
 
+/// Significant digits a score keeps on the wire: scores are recomputed from the counts
+/// wherever precision matters, and 17 digits of each would triple a summary's size.
+pub const SCORE_DIGITS: i32 = 6;
+
+/// `x` rounded to [`SCORE_DIGITS`] significant digits.
+pub fn round_score(x: f64) -> f64 {
+    if x == 0.0 || !x.is_finite() {
+        return x;
+    }
+    let scale = 10f64.powi(SCORE_DIGITS - x.abs().log10().ceil() as i32);
+    let rounded = (x * scale).round() / scale;
+    if rounded.is_finite() { rounded } else { x }
+}
+
+fn score<S: serde::Serializer>(x: &f64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(round_score(*x))
+}
+
+fn score_opt<S: serde::Serializer>(x: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
+    match x {
+        Some(x) => s.serialize_some(&round_score(*x)),
+        None => s.serialize_none(),
+    }
+}
+
 impl FeatureReference {
     /// Index into `fractions`/counts for `x` (which must not be NaN).
     pub fn bin_of(&self, x: f64) -> usize {
@@ -369,6 +394,7 @@ pub struct FeatureWindow {
     /// Counts per bin, in the profile's bin order (underflow, inner bins, overflow).
     pub counts: Vec<u64>,
     pub nan: u64,
+    #[serde(serialize_with = "score")]
     pub psi: f64,
     /// Counts per sketch bin; empty when the profile has no sketch.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -382,18 +408,34 @@ pub struct FeatureWindow {
     #[serde(default)]
     pub moments: Moments,
     /// Jensen–Shannon distance on the PSI bins.
-    #[serde(default)]
+    #[serde(default, serialize_with = "score")]
     pub js: f64,
     /// KS statistic on the sketch, its asymptotic p-value, and how far the statistic may
     /// be below the exact one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "score_opt"
+    )]
     pub ks: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "score_opt"
+    )]
     pub ks_p: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "score_opt"
+    )]
     pub ks_error: Option<f64>,
     /// Wasserstein-1 distance on the sketch over the reference's standard deviation.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "score_opt"
+    )]
     pub wasserstein: Option<f64>,
     /// Whether the policy's score says this feature drifted.
     #[serde(default)]
@@ -450,12 +492,13 @@ pub struct WindowStats {
     pub end_ms: u64,
     pub features: Vec<FeatureWindow>,
     /// Largest per-feature PSI, the window's headline drift figure.
+    #[serde(serialize_with = "score")]
     pub psi_max: f64,
     /// Predicted class counts, by class index.
     pub predictions: Vec<u64>,
     /// Share of the features that drifted, and whether that makes the window's dataset
     /// drift under the policy.
-    #[serde(default)]
+    #[serde(default, serialize_with = "score")]
     pub drift_share: f64,
     #[serde(default)]
     pub dataset_drift: bool,
@@ -467,7 +510,11 @@ pub struct WindowStats {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub confusion: Vec<Vec<u64>>,
     /// Share of labelled predictions that were right; `None` without labels.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "score_opt"
+    )]
     pub accuracy: Option<f64>,
     /// The Page–Hinkley test saw the model's confidence fall during this window (which
     /// then closed early).
@@ -799,6 +846,23 @@ mod tests {
             predictions,
             ..WindowStats::default()
         }
+    }
+
+    #[test]
+    fn scores_keep_six_significant_digits_on_the_wire() {
+        assert_eq!(round_score(0.123456789), 0.123457);
+        assert_eq!(round_score(12.3456789), 12.3457);
+        assert_eq!(round_score(1.234567e-30), 1.23457e-30);
+        assert_eq!(round_score(0.0), 0.0);
+        assert_eq!(round_score(-0.5), -0.5);
+        let window = FeatureWindow {
+            psi: 0.0123456789,
+            ks_p: Some(0.987654321),
+            ..FeatureWindow::default()
+        };
+        let json = serde_json::to_string(&window).unwrap();
+        assert!(json.contains("\"psi\":0.0123457"), "{json}");
+        assert!(json.contains("\"ks_p\":0.987654"), "{json}");
     }
 
     #[test]
