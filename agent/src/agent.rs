@@ -458,6 +458,9 @@ impl AgentLoop {
             Err(e) => {
                 self.counters.errors += 1;
                 debug!(error = %e, "inference refused");
+                if !input_fault && let Some(serving) = self.serving.as_mut() {
+                    serving.window.observe_errors(1);
+                }
                 None
             }
         };
@@ -554,6 +557,17 @@ impl AgentLoop {
                     latency_ms,
                 };
                 self.count_into_window(&row, Some(predicted));
+            }
+            Observation::Failed { model, rows } => {
+                if serving.model_ref() != model {
+                    return;
+                }
+                serving.window.observe_errors(rows);
+                self.counters.errors += rows;
+                if let Some(watch) = self.watch.as_mut() {
+                    watch.inferences += rows;
+                    watch.errors += rows;
+                }
             }
             // A label counts into the window open when it arrives.
             Observation::Labelled {

@@ -61,6 +61,8 @@ pub enum Observation {
         /// `{request_id}/{row}`, by which feedback names it later.
         request_key: String,
     },
+    /// Rows the model failed on (a valid input, an internal error).
+    Failed { model: ModelRef, rows: u64 },
     /// The ground truth for an earlier prediction.
     Labelled {
         model: ModelRef,
@@ -415,10 +417,18 @@ async fn infer(State(state): State<ApiState>, headers: HeaderMap, body: Bytes) -
             metrics.requests_bad.fetch_add(1, Ordering::Relaxed);
             return error(StatusCode::BAD_REQUEST, format!("row {i}: {e}"));
         }
-        // The model failed on a valid input.
+        // The model failed on a valid input: the health window and the drift window hear
+        // of it.
         Ok((_, Err((i, e)))) => {
             metrics.requests_failed.fetch_add(1, Ordering::Relaxed);
             warn!(error = %e, "inference failed");
+            let failed = Observation::Failed {
+                model: model.manifest.model_ref(),
+                rows: 1,
+            };
+            if state.observed.try_send(failed).is_err() {
+                metrics.observations_dropped.fetch_add(1, Ordering::Relaxed);
+            }
             return error(StatusCode::INTERNAL_SERVER_ERROR, format!("row {i}: {e}"));
         }
         Err(e) => {

@@ -422,6 +422,8 @@ enum TokenCommand {
     },
 }
 
+// Parsed once per run: the size of a variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum RolloutCommand {
     /// Deploy a model version to every known device, or to the listed ones.
@@ -469,6 +471,10 @@ enum RolloutCommand {
         /// version's.
         #[arg(long)]
         max_latency_ratio: Option<f64>,
+        /// Telemetry gate: … and its share of failed inferences at most this much above the
+        /// old version's.
+        #[arg(long)]
+        max_error_rate_increase: Option<f64>,
         /// Why, for the audit log.
         #[arg(long)]
         reason: Option<String>,
@@ -553,6 +559,7 @@ async fn rollout_command(command: RolloutCommand) -> anyhow::Result<()> {
             max_drift_ratio,
             max_accuracy_drop,
             max_latency_ratio,
+            max_error_rate_increase,
             reason,
             api,
         } => {
@@ -574,6 +581,7 @@ async fn rollout_command(command: RolloutCommand) -> anyhow::Result<()> {
                 ("max_drift_ratio", max_drift_ratio),
                 ("max_accuracy_drop", max_accuracy_drop),
                 ("max_latency_ratio", max_latency_ratio),
+                ("max_error_rate_increase", max_error_rate_increase),
             ] {
                 if let Some(v) = value {
                     gate.insert(key.into(), v.into());

@@ -144,6 +144,10 @@ pub struct TelemetryGate {
     /// times the old version's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_latency_ratio: Option<f64>,
+    /// When set, the new version's share of failed inferences (pooled over its windows)
+    /// may be at most this much above the old version's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_error_rate_increase: Option<f64>,
 }
 
 impl TelemetryGate {
@@ -189,6 +193,13 @@ impl TelemetryGate {
                 "telemetry_gate.min_labels: must be at least 1".into(),
             ));
         }
+        if let Some(d) = self.max_error_rate_increase
+            && !(0.0..=1.0).contains(&d)
+        {
+            return Err(PlanError(format!(
+                "telemetry_gate.max_error_rate_increase: {d} must be between 0 and 1"
+            )));
+        }
         if let Some(r) = self.max_latency_ratio
             && !(r >= 1.0 && r.is_finite())
         {
@@ -219,6 +230,22 @@ impl TelemetryGate {
                 return Some(Err(format!(
                     "telemetry gate: v{version}'s accuracy {new_accuracy:.3} on {new_labels} labels is more than {drop} below the old version's {old_accuracy:.3} on {old_labels}"
                 )));
+            }
+        }
+        if let Some(increase) = self.max_error_rate_increase {
+            let rate = |ws: &[GateWindow]| {
+                let (errors, samples) = ws
+                    .iter()
+                    .fold((0u64, 0u64), |(e, s), w| (e + w.errors, s + w.samples));
+                (samples > 0).then(|| errors as f64 / samples as f64)
+            };
+            if let Some(new) = rate(&evidence.new) {
+                let old = rate(&evidence.old).unwrap_or(0.0);
+                if new > old + increase {
+                    return Some(Err(format!(
+                        "telemetry gate: v{version}'s error rate {new:.4} is more than {increase} above the old version's {old:.4}"
+                    )));
+                }
             }
         }
         if let Some(ratio) = self.max_latency_ratio {
@@ -295,6 +322,8 @@ pub struct GateWindow {
     pub labelled: u64,
     pub accuracy: Option<f64>,
     pub latency_p99_ms: Option<f64>,
+    pub samples: u64,
+    pub errors: u64,
 }
 
 /// The largest feature PSI of each window received since the current wave opened: of the
@@ -795,6 +824,7 @@ mod tests {
             max_accuracy_drop: Some(0.05),
             min_labels: 50,
             max_latency_ratio: Some(2.0),
+            max_error_rate_increase: Some(0.01),
         };
         gate.validate().unwrap();
         let w = |labelled: u64, accuracy: f64, p99: f64| GateWindow {
@@ -802,6 +832,8 @@ mod tests {
             labelled,
             accuracy: (labelled > 0).then_some(accuracy),
             latency_p99_ms: Some(p99),
+            samples: 100,
+            errors: 0,
         };
         let judge =
             |new: Vec<GateWindow>, old: Vec<GateWindow>| gate.judge(4, &DriftEvidence { new, old });
@@ -849,6 +881,26 @@ mod tests {
             why.contains("p99 latency 10 ms is above 2x the old version's 2.5 ms"),
             "{why}"
         );
+        // Errors: 3 in 200 against 1 in 100 is within 0.01 more; 5 in 200 is not.
+        let failing = |errors: u64| GateWindow {
+            errors,
+            ..w(50, 0.9, 1.0)
+        };
+        let old = vec![GateWindow {
+            errors: 1,
+            ..w(100, 0.9, 1.0)
+        }];
+        assert_eq!(
+            judge(vec![failing(1), failing(2)], old.clone()),
+            Some(Ok(()))
+        );
+        let Some(Err(why)) = judge(vec![failing(2), failing(3)], old) else {
+            panic!("more errors fail");
+        };
+        assert!(
+            why.contains("error rate 0.0250 is more than 0.01 above the old version's 0.0100"),
+            "{why}"
+        );
         let bad = TelemetryGate {
             max_latency_ratio: Some(0.5),
             ..gate.clone()
@@ -870,6 +922,7 @@ mod tests {
             max_accuracy_drop: None,
             min_labels: 50,
             max_latency_ratio: None,
+            max_error_rate_increase: None,
         };
         let windows = |psi: &[f64]| {
             psi.iter()
@@ -965,6 +1018,7 @@ mod tests {
                 max_accuracy_drop: None,
                 min_labels: 50,
                 max_latency_ratio: None,
+                max_error_rate_increase: None,
             }),
             ..RolloutPlan::default()
         };

@@ -1194,6 +1194,8 @@ mod tests {
             labelled: 0,
             accuracy: None,
             latency_p99_ms: None,
+            samples: 10,
+            errors: 0,
         }
     }
 

@@ -374,6 +374,8 @@ async fn drift_evidence(
             labelled: w.labelled,
             accuracy: w.accuracy,
             latency_p99_ms: w.latency_p99_ms,
+            samples: w.samples,
+            errors: w.errors,
         };
         if w.model_version == row.model_version {
             evidence.new.push(window);

@@ -496,6 +496,9 @@ pub struct WindowStats {
     pub psi_max: f64,
     /// Predicted class counts, by class index.
     pub predictions: Vec<u64>,
+    /// Inferences that failed on a valid input (the model's fault, not the input's).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub errors: u64,
     /// Share of the features that drifted, and whether that makes the window's dataset
     /// drift under the policy.
     #[serde(default, serialize_with = "score")]
@@ -587,6 +590,7 @@ impl WindowStats {
             a.drifted |= b.drifted;
         }
         add_counts(&mut self.predictions, &other.predictions);
+        self.errors = self.errors.saturating_add(other.errors);
         add_counts(&mut self.latency_ms, &other.latency_ms);
         if self.confusion.len() < other.confusion.len() {
             self.confusion.resize(other.confusion.len(), Vec::new());
@@ -781,6 +785,11 @@ impl DriftWindow {
         }
         self.current.samples += 1;
         Ok(())
+    }
+
+    /// Counts inferences that failed on valid inputs.
+    pub fn observe_errors(&mut self, n: u64) {
+        self.current.errors += n;
     }
 
     /// Counts how long one inference took.

@@ -33,6 +33,9 @@ fn window_of(policy: DriftPolicy, inputs: &[([f32; 2], usize, Option<usize>, f64
     let mut window = DriftWindow::with_policy(profile(), policy, 1_000);
     for (row, class, label, ms) in inputs {
         window.observe(row, Some(*class)).unwrap();
+        if *ms > 2000.0 {
+            window.observe_errors(1);
+        }
         window.observe_latency(*ms);
         if let Some(label) = label {
             window.observe_label(*label, *class);
@@ -73,6 +76,7 @@ proptest! {
 
         prop_assert_eq!(merged.samples, whole.samples);
         prop_assert_eq!(&merged.predictions, &whole.predictions);
+        prop_assert_eq!(merged.errors, whole.errors);
         prop_assert_eq!(&merged.latency_ms, &whole.latency_ms);
         prop_assert_eq!(&merged.confusion, &whole.confusion);
         prop_assert!(close_opt(merged.accuracy, whole.accuracy));

@@ -629,6 +629,9 @@ pub struct WindowPoint {
     pub accuracy: Option<f64>,
     /// The window's p99 inference latency (its histogram bucket's bound), in milliseconds.
     pub latency_p99_ms: Option<f64>,
+    /// Inputs in the window, and inferences that failed on valid inputs.
+    pub samples: u64,
+    pub errors: u64,
 }
 
 /// Where a retraining stands.

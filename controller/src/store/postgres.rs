@@ -204,6 +204,7 @@ ALTER TABLE telemetry ADD COLUMN drift_share DOUBLE PRECISION NOT NULL DEFAULT 0
 ALTER TABLE telemetry ADD COLUMN labelled BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE telemetry ADD COLUMN accuracy DOUBLE PRECISION;
 ALTER TABLE rollouts ADD COLUMN target TEXT;
+ALTER TABLE telemetry ADD COLUMN errors BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE telemetry ADD COLUMN latency_p99_ms DOUBLE PRECISION;
 ";
 
@@ -370,8 +371,8 @@ async fn apply_drift(
     let summary = serde_json::to_string(s).expect("summaries serialize");
     tx.execute(
         "INSERT INTO telemetry (msg_id, device_id, received_ms, model_name, model_version, window_seq,
-             window_start_ms, window_end_ms, samples, psi_max, summary, drift_share, labelled, accuracy, latency_p99_ms)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+             window_start_ms, window_end_ms, samples, psi_max, summary, drift_share, labelled, accuracy, latency_p99_ms, errors)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
         &[
             &e.msg_id,
             &e.device_id,
@@ -388,6 +389,7 @@ async fn apply_drift(
             &i(s.stats.labelled()),
             &s.stats.accuracy,
             &s.stats.latency_quantile_ms(0.99),
+            &i(s.stats.errors),
         ],
     )
     .await?;
@@ -1339,8 +1341,8 @@ impl Store for PgStore {
         let client = self.client().await?;
         let rows = client
             .query(
-                "SELECT device_id, model_version, window_end_ms, psi_max, drift_share, labelled, accuracy, latency_p99_ms FROM (
-                     SELECT device_id, model_version, window_end_ms, psi_max, drift_share, labelled, accuracy, latency_p99_ms,
+                "SELECT device_id, model_version, window_end_ms, psi_max, drift_share, labelled, accuracy, latency_p99_ms, samples, errors FROM (
+                     SELECT device_id, model_version, window_end_ms, psi_max, drift_share, labelled, accuracy, latency_p99_ms, samples, errors,
                             ROW_NUMBER() OVER (PARTITION BY device_id ORDER BY window_end_ms DESC) AS n
                      FROM telemetry WHERE model_name = $1 AND received_ms >= $2) recent
                  WHERE n <= $3 ORDER BY device_id, window_end_ms DESC",
@@ -1358,6 +1360,8 @@ impl Store for PgStore {
                 labelled: u(r.get(5)),
                 accuracy: r.get(6),
                 latency_p99_ms: r.get(7),
+                samples: u(r.get(8)),
+                errors: u(r.get(9)),
             })
             .collect())
     }

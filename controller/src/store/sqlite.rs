@@ -202,6 +202,7 @@ ALTER TABLE telemetry ADD COLUMN drift_share REAL NOT NULL DEFAULT 0;
 ALTER TABLE telemetry ADD COLUMN labelled INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE telemetry ADD COLUMN accuracy REAL;
 ALTER TABLE rollouts ADD COLUMN target TEXT;
+ALTER TABLE telemetry ADD COLUMN errors INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE telemetry ADD COLUMN latency_p99_ms REAL;
 ";
 
@@ -363,8 +364,8 @@ fn apply_drift(tx: &Transaction<'_>, e: &Envelope, s: &DriftSummary, now_ms: u64
     let summary = serde_json::to_string(s).expect("summaries serialize");
     exec(tx,
         "INSERT INTO telemetry (msg_id, device_id, received_ms, model_name, model_version, window_seq,
-             window_start_ms, window_end_ms, samples, psi_max, summary, drift_share, labelled, accuracy, latency_p99_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+             window_start_ms, window_end_ms, samples, psi_max, summary, drift_share, labelled, accuracy, latency_p99_ms, errors)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
         params![
             e.msg_id,
             e.device_id,
@@ -381,6 +382,7 @@ fn apply_drift(tx: &Transaction<'_>, e: &Envelope, s: &DriftSummary, now_ms: u64
             s.stats.labelled() as i64,
             s.stats.accuracy,
             s.stats.latency_quantile_ms(0.99),
+            s.stats.errors as i64,
         ],
     )?;
     // Only a summary of the model the device now serves is its current drift figure; a late
@@ -1356,8 +1358,8 @@ impl Store for SqliteStore {
         self.call(move |conn| {
             let rows = conn
                 .prepare_cached(
-                    "SELECT device_id, model_version, window_end_ms, psi_max, drift_share, labelled, accuracy, latency_p99_ms FROM (
-                         SELECT device_id, model_version, window_end_ms, psi_max, drift_share, labelled, accuracy, latency_p99_ms,
+                    "SELECT device_id, model_version, window_end_ms, psi_max, drift_share, labelled, accuracy, latency_p99_ms, samples, errors FROM (
+                         SELECT device_id, model_version, window_end_ms, psi_max, drift_share, labelled, accuracy, latency_p99_ms, samples, errors,
                                 ROW_NUMBER() OVER (PARTITION BY device_id ORDER BY window_end_ms DESC) AS n
                          FROM telemetry WHERE model_name = ?1 AND received_ms >= ?2)
                      WHERE n <= ?3 ORDER BY device_id, window_end_ms DESC",
@@ -1372,6 +1374,8 @@ impl Store for SqliteStore {
                         labelled: u(r.get(5)?),
                         accuracy: r.get(6)?,
                         latency_p99_ms: r.get(7)?,
+                        samples: u(r.get(8)?),
+                        errors: u(r.get(9)?),
                     })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;

@@ -713,6 +713,7 @@ async fn retraining_windows_and_records(store: &dyn Store) {
                     accuracy: Some((seq - 1) as f64 / seq as f64),
                     // ten inferences between 0.25 and 0.5 ms
                     latency_ms: [0, 0, 0, 10].to_vec(),
+                    errors: 2,
                     ..WindowStats::default()
                 },
             }),
@@ -749,6 +750,11 @@ async fn retraining_windows_and_records(store: &dyn Store) {
         ),
         (0.4, 4, Some(0.75), Some(0.5)),
         "each window's drift share, accuracy and p99 latency"
+    );
+    assert_eq!(
+        (recent[0].samples, recent[0].errors),
+        (10, 2),
+        "each window's inputs and failed inferences"
     );
     assert_eq!(store.recent_windows("rt", 9, 0).await.unwrap().len(), 5);
 
