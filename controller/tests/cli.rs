@@ -150,44 +150,23 @@ async fn the_readme_tour_works() {
         manifest["drift"]["psi_alert"], 0.25,
         "unset keys keep their defaults"
     );
-    let refused = Command::new(EDGELOOP)
-        .args(["model", "publish"])
-        .arg(format!("{ASSETS}/model_v1.onnx"))
-        .args(["--name", "vibration", "--version", "2", "--reference"])
-        .arg(format!("{ASSETS}/reference_v1.csv"))
-        .args([
-            "--drift-policy",
-            "bad-drift.toml",
-            "--data-dir",
-            "edgeloop-data",
-        ])
-        .current_dir(cwd)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&refused.stderr);
-    assert!(
-        !refused.status.success() && err.contains("ks_alpha"),
-        "{err}"
-    );
-    let refused = Command::new(EDGELOOP)
-        .args(["model", "publish"])
-        .arg(format!("{ASSETS}/model_v1.onnx"))
-        .args(["--name", "vibration", "--version", "2", "--reference"])
-        .arg(format!("{ASSETS}/reference_v1.csv"))
-        .args([
-            "--min-agent-version",
-            "latest",
-            "--data-dir",
-            "edgeloop-data",
-        ])
-        .current_dir(cwd)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&refused.stderr);
-    assert!(
-        !refused.status.success() && err.contains("`latest`"),
-        "{err}"
-    );
+    // Publishing v2 of the same model with a bad option fails and names it.
+    for (option, value, needle) in [
+        ("--drift-policy", "bad-drift.toml", "ks_alpha"),
+        ("--min-agent-version", "latest", "`latest`"),
+    ] {
+        let refused = Command::new(EDGELOOP)
+            .args(["model", "publish"])
+            .arg(format!("{ASSETS}/model_v1.onnx"))
+            .args(["--name", "vibration", "--version", "2", "--reference"])
+            .arg(format!("{ASSETS}/reference_v1.csv"))
+            .args([option, value, "--data-dir", "edgeloop-data"])
+            .current_dir(cwd)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success() && err.contains(needle), "{err}");
+    }
     // A model with an operator tract cannot run is refused at publish, by the operator's
     // name (the agent's compatibility suite holds it).
     let refused = Command::new(EDGELOOP)

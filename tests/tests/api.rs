@@ -18,6 +18,12 @@ async fn post(http: &reqwest::Client, url: &str, body: Value) -> (u16, Value) {
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
+/// The agent's Prometheus text.
+async fn metrics(http: &reqwest::Client, base: &str) -> String {
+    let response = http.get(format!("{base}/metrics")).send().await.unwrap();
+    response.text().await.unwrap()
+}
+
 async fn get_json(http: &reqwest::Client, url: &str) -> Value {
     http.get(url).send().await.unwrap().json().await.unwrap()
 }
@@ -216,14 +222,7 @@ async fn the_local_api_infers_refuses_clearly_feeds_drift_and_swaps_without_fail
         model["features"],
         json!(["rms", "peak", "kurtosis", "temperature"])
     );
-    let metrics = http
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics(&http, &base).await;
     assert!(
         metrics.contains("edgeloop_agent_model_info{name=\"vibration\",version=\"2\"} 1"),
         "{metrics}"
@@ -344,7 +343,8 @@ async fn feedback_labels_reach_the_controller_as_confusion_counts_and_accuracy()
     // confusion[label][predicted]: 4 faults labelled normal
     assert_eq!(stats["confusion"], json!([[10, 4], [0, 5]]), "{stats}");
     let accuracy = stats["accuracy"].as_f64().unwrap();
-    assert!((accuracy - 15.0 / 19.0).abs() < 1e-9, "{accuracy}");
+    // Scores keep six significant digits on the wire.
+    assert!((accuracy - 15.0 / 19.0).abs() < 1e-6, "{accuracy}");
     let latencies: u64 = stats["latency_ms"]
         .as_array()
         .unwrap()
@@ -360,14 +360,7 @@ async fn feedback_labels_reach_the_controller_as_confusion_counts_and_accuracy()
     );
     assert!(rms["js"].as_f64().is_some());
 
-    let metrics = http
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics(&http, &base).await;
     assert!(
         metrics.contains("edgeloop_agent_feedback_total{outcome=\"ok\"} 19"),
         "{metrics}"
