@@ -176,29 +176,27 @@ impl TelemetryGate {
                 "telemetry_gate.drift_floor: must be 0 or more".into(),
             ));
         }
-        if self.min_windows == 0 {
-            return Err(PlanError(
-                "telemetry_gate.min_windows: must be at least 1".into(),
-            ));
+        for (field, n) in [
+            ("min_windows", self.min_windows as u64),
+            ("min_labels", self.min_labels),
+        ] {
+            if n == 0 {
+                return Err(PlanError(format!(
+                    "telemetry_gate.{field}: must be at least 1"
+                )));
+            }
         }
-        if let Some(d) = self.max_accuracy_drop
-            && !(0.0..=1.0).contains(&d)
-        {
-            return Err(PlanError(format!(
-                "telemetry_gate.max_accuracy_drop: {d} must be between 0 and 1"
-            )));
-        }
-        if self.min_labels == 0 {
-            return Err(PlanError(
-                "telemetry_gate.min_labels: must be at least 1".into(),
-            ));
-        }
-        if let Some(d) = self.max_error_rate_increase
-            && !(0.0..=1.0).contains(&d)
-        {
-            return Err(PlanError(format!(
-                "telemetry_gate.max_error_rate_increase: {d} must be between 0 and 1"
-            )));
+        for (field, share) in [
+            ("max_accuracy_drop", self.max_accuracy_drop),
+            ("max_error_rate_increase", self.max_error_rate_increase),
+        ] {
+            if let Some(d) = share
+                && !(0.0..=1.0).contains(&d)
+            {
+                return Err(PlanError(format!(
+                    "telemetry_gate.{field}: {d} must be between 0 and 1"
+                )));
+            }
         }
         if let Some(r) = self.max_latency_ratio
             && !(r >= 1.0 && r.is_finite())
