@@ -404,6 +404,7 @@ impl AgentLoop {
             errors: self.counters.errors,
             malformed_messages: self.counters.malformed_messages,
             outbox,
+            trust_version: self.trust.version(),
         });
     }
 

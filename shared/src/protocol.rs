@@ -83,6 +83,13 @@ pub struct DeviceStatus {
     /// their last wills): then zeros.
     #[serde(default)]
     pub outbox: OutboxStatus,
+    /// The version of the trust document the device has applied; absent or 0: none.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub trust_version: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// The state of a device's outbox, and what it ever had to drop to stay in its budget.
@@ -432,6 +439,7 @@ mod tests {
             errors: 0,
             malformed_messages: 0,
             outbox: OutboxStatus::default(),
+            trust_version: 2,
         })
     }
 

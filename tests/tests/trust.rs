@@ -100,6 +100,12 @@ async fn rotation_and_revocation(broker: BrokerChoice) {
         || async { applied_version(&state_dir) == 2 },
     )
     .await;
+    wait_until(
+        "the device reports the document's version in its heartbeat",
+        Duration::from_secs(30),
+        || async { ctl.device("valve-1").await.unwrap()["trust_version"] == 2 },
+    )
+    .await;
     let (status, _) = post_trust(&ctl, &SignedTrust::sign(&document(2), &root)).await;
     assert_eq!(status, 409, "a document not newer than the current one");
     assert_eq!(ctl.get("/api/v1/trust").await["document"]["version"], 2);

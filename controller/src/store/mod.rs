@@ -70,6 +70,8 @@ pub struct DeviceRow {
     pub tags: Vec<String>,
     pub board: Option<String>,
     pub arch: Option<String>,
+    /// The trust document version it last reported having applied (0: none).
+    pub trust_version: u64,
 }
 
 /// A device's tags from their stored JSON (none when never enrolled).

@@ -204,6 +204,7 @@ ALTER TABLE telemetry ADD COLUMN drift_share DOUBLE PRECISION NOT NULL DEFAULT 0
 ALTER TABLE telemetry ADD COLUMN labelled BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE telemetry ADD COLUMN accuracy DOUBLE PRECISION;
 ALTER TABLE rollouts ADD COLUMN target TEXT;
+ALTER TABLE devices ADD COLUMN trust_version BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE telemetry ADD COLUMN errors BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE telemetry ADD COLUMN latency_p99_ms DOUBLE PRECISION;
 ";
@@ -333,7 +334,8 @@ async fn apply_status(tx: &impl GenericClient, device_id: &str, s: &DeviceStatus
                  model_name = $3, model_version = $4,
                  inferences = $5, errors = $6, malformed_messages = $7,
                  outbox_entries = $8, outbox_bytes = $9, outbox_budget_bytes = $10,
-                 dropped_control = $11, dropped_telemetry = $12, dropped_samples = $13
+                 dropped_control = $11, dropped_telemetry = $12, dropped_samples = $13,
+                 trust_version = $14
              WHERE id = $1",
             &[
                 &device_id,
@@ -349,6 +351,7 @@ async fn apply_status(tx: &impl GenericClient, device_id: &str, s: &DeviceStatus
                 &i(s.outbox.dropped.control),
                 &i(s.outbox.dropped.telemetry),
                 &i(s.outbox.dropped.samples),
+                &i(s.trust_version),
             ],
         )
         .await?;
@@ -793,7 +796,7 @@ impl Store for PgStore {
                         inferences, errors, malformed_messages, last_psi_max,
                         outbox_entries, outbox_bytes, outbox_budget_bytes,
                         dropped_control, dropped_telemetry, dropped_samples,
-                        group_name, tags, board, arch
+                        group_name, tags, board, arch, trust_version
                  FROM devices ORDER BY id",
                 &[],
             )
@@ -806,6 +809,7 @@ impl Store for PgStore {
                     group: r.get(16),
                     board: r.get(18),
                     arch: r.get(19),
+                    trust_version: u(r.get(20)),
                     id,
                     online: r.get(1),
                     agent_version: r.get(2),

@@ -202,6 +202,7 @@ ALTER TABLE telemetry ADD COLUMN drift_share REAL NOT NULL DEFAULT 0;
 ALTER TABLE telemetry ADD COLUMN labelled INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE telemetry ADD COLUMN accuracy REAL;
 ALTER TABLE rollouts ADD COLUMN target TEXT;
+ALTER TABLE devices ADD COLUMN trust_version INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE telemetry ADD COLUMN errors INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE telemetry ADD COLUMN latency_p99_ms REAL;
 ";
@@ -331,7 +332,8 @@ fn apply_status(tx: &Transaction<'_>, device_id: &str, s: &DeviceStatus) -> Resu
                  model_name = ?3, model_version = ?4,
                  inferences = ?5, errors = ?6, malformed_messages = ?7,
                  outbox_entries = ?8, outbox_bytes = ?9, outbox_budget_bytes = ?10,
-                 dropped_control = ?11, dropped_telemetry = ?12, dropped_samples = ?13
+                 dropped_control = ?11, dropped_telemetry = ?12, dropped_samples = ?13,
+                 trust_version = ?14
              WHERE id = ?1",
             params![
                 device_id,
@@ -347,6 +349,7 @@ fn apply_status(tx: &Transaction<'_>, device_id: &str, s: &DeviceStatus) -> Resu
                 s.outbox.dropped.control as i64,
                 s.outbox.dropped.telemetry as i64,
                 s.outbox.dropped.samples as i64,
+                s.trust_version as i64,
             ],
         )?;
     } else {
@@ -808,7 +811,7 @@ impl Store for SqliteStore {
                         inferences, errors, malformed_messages, last_psi_max,
                         outbox_entries, outbox_bytes, outbox_budget_bytes,
                         dropped_control, dropped_telemetry, dropped_samples,
-                        group_name, tags, board, arch
+                        group_name, tags, board, arch, trust_version
                  FROM devices ORDER BY id",
             )?;
             let rows = stmt
@@ -840,6 +843,7 @@ impl Store for SqliteStore {
                             tags: Vec::new(),
                             board: r.get(18)?,
                             arch: r.get(19)?,
+                            trust_version: u(r.get(20)?),
                         },
                         tags,
                     ))

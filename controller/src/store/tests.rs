@@ -38,6 +38,7 @@ fn status(device: &str, msg_id: &str, online: bool, version: Option<u64>) -> Env
                     samples: 2,
                 },
             },
+            trust_version: 3,
         }),
     )
 }
@@ -141,6 +142,7 @@ pub async fn suite(store: &dyn Store) {
     assert_eq!(devices[0].outbox.dropped.telemetry, 7);
     assert_eq!(devices[0].outbox.dropped.samples, 2);
     assert_eq!(devices[0].outbox.budget_bytes, 4096);
+    assert_eq!(devices[0].trust_version, 3, "the trust version it reports");
 
     // A batch is one transaction with one result per message.
     assert_eq!(
