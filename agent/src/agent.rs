@@ -312,6 +312,7 @@ impl Agent {
             counters: Counters::default(),
             started: Instant::now(),
             reservoir,
+            sample_failing: false,
             config,
         };
         actor.run(shutdown, incoming, installs, observed).await;
@@ -323,8 +324,10 @@ impl Agent {
 
 struct AgentLoop {
     config: AgentConfig,
-    /// The sample of inputs kept for retraining.
+    /// The sample of inputs kept for retraining, and whether keeping the last input in it
+    /// failed.
     reservoir: Option<Reservoir>,
+    sample_failing: bool,
     source: Box<dyn InputSource>,
     source_columns: Vec<String>,
     source_done: bool,
@@ -487,7 +490,7 @@ impl AgentLoop {
         };
         let model = serving.model_ref();
         let features = serving.installed.model.feature_names();
-        if let Err(e) = reservoir.offer(
+        let offered = reservoir.offer(
             &model,
             features,
             request_key,
@@ -495,8 +498,15 @@ impl AgentLoop {
             predicted,
             label,
             now_ms(),
-        ) {
-            warn!(error = %e, "cannot keep the input in the sample");
+        );
+        // Said once per spell of failures, not once per input.
+        match offered {
+            Err(e) if !self.sample_failing => {
+                warn!(error = %e, "cannot keep inputs in the sample");
+                self.sample_failing = true;
+            }
+            Err(_) => {}
+            Ok(()) => self.sample_failing = false,
         }
     }
 

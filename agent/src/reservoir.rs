@@ -64,6 +64,16 @@ pub struct Reservoir {
     path: PathBuf,
     budget_bytes: u64,
     rng: SmallRng,
+    /// `reservoir_state` as committed, kept here so that an input costs no read.
+    sampling: Option<Sampling>,
+}
+
+/// Whose sample the reservoir holds, how many inputs it has seen and how many it keeps.
+#[derive(Debug, Clone)]
+struct Sampling {
+    model: ModelRef,
+    seen: u64,
+    capacity: u64,
 }
 
 impl Reservoir {
@@ -99,11 +109,29 @@ impl Reservoir {
              CREATE INDEX IF NOT EXISTS samples_by_request ON samples (request_key);",
         )
         .map_err(err)?;
+        let sampling = conn
+            .query_row(
+                "SELECT model_name, model_version, seen, capacity FROM reservoir_state",
+                [],
+                |r| {
+                    Ok(Sampling {
+                        model: ModelRef {
+                            name: r.get(0)?,
+                            version: r.get::<_, i64>(1)? as u64,
+                        },
+                        seen: r.get::<_, i64>(2)? as u64,
+                        capacity: r.get::<_, i64>(3)? as u64,
+                    })
+                },
+            )
+            .optional()
+            .map_err(err)?;
         Ok(Reservoir {
             conn,
             path: path.to_path_buf(),
             budget_bytes,
             rng: SmallRng::from_rng(&mut rand::rng()),
+            sampling,
         })
     }
 
@@ -139,20 +167,8 @@ impl Reservoir {
             source,
         };
         let tx = self.conn.transaction().map_err(&err)?;
-        let state: Option<(String, i64, i64, i64)> = tx
-            .query_row(
-                "SELECT model_name, model_version, seen, capacity FROM reservoir_state",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-            )
-            .optional()
-            .map_err(&err)?;
-        let (seen, capacity) = match state {
-            Some((name, version, seen, capacity))
-                if name == model.name && version as u64 == model.version =>
-            {
-                (seen as u64, capacity as u64)
-            }
+        let (seen, capacity) = match &self.sampling {
+            Some(s) if s.model == *model => (s.seen, s.capacity),
             // A new model: a new sample.
             _ => {
                 tx.execute("DELETE FROM samples", []).map_err(&err)?;
@@ -198,7 +214,13 @@ impl Reservoir {
             .map_err(&err)?
             .execute(params![seen as i64])
             .map_err(&err)?;
-        tx.commit().map_err(&err)
+        tx.commit().map_err(&err)?;
+        self.sampling = Some(Sampling {
+            model: model.clone(),
+            seen,
+            capacity,
+        });
+        Ok(())
     }
 
     /// Attaches a ground-truth label to the kept input named `request_key`, if it was kept.
@@ -407,6 +429,11 @@ mod tests {
             "a,b,predicted,label\n1,,1,0\n2,3,0,0\n"
         );
         assert_eq!(r.status().unwrap().labelled, 2);
+        // After a restart the same model's sample goes on where it was.
+        r.offer(&model(1), &names(), None, &[4.0, 5.0], Some(0), None, 8)
+            .unwrap();
+        let status = r.status().unwrap();
+        assert_eq!((status.seen, status.kept), (3, 3));
 
         r.offer(&model(2), &names(), None, &[9.0, 9.0], None, None, 7)
             .unwrap();
