@@ -299,8 +299,13 @@ impl PgStore {
 }
 
 impl From<tokio_postgres::Error> for StoreError {
+    /// The database's own message and SQLSTATE when it answered with an error (the
+    /// driver's text is only "db error" then).
     fn from(e: tokio_postgres::Error) -> Self {
-        StoreError::Postgres(e.to_string())
+        StoreError::Postgres(match e.as_db_error() {
+            Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+            None => e.to_string(),
+        })
     }
 }
 
@@ -722,22 +727,34 @@ impl Store for PgStore {
         let tx = client.transaction().await?;
         let mut results = Vec::with_capacity(envelopes.len());
         let mut summaries = Vec::new();
-        let mut touched = std::collections::HashSet::new();
+        let mut fresh = Vec::with_capacity(envelopes.len());
         for envelope in envelopes {
-            let fresh = tx
+            let inserted = tx
                 .execute(
                     "INSERT INTO seen_messages (msg_id, device_id, received_ms) VALUES ($1, $2, $3)
                      ON CONFLICT (msg_id) DO NOTHING",
                     &[&envelope.msg_id, &envelope.device_id, &i(received_ms)],
                 )
                 .await?;
-            if fresh == 0 {
+            fresh.push(inserted > 0);
+        }
+        // Every device row this transaction writes is locked first, in id order, as
+        // `create_rollout` locks its devices: two transactions that lock in one order
+        // cannot deadlock (a deadlock aborted a rollout while a fleet was reporting).
+        // Every message of a transaction has the same time: each device is touched once.
+        let devices: std::collections::BTreeSet<&str> = envelopes
+            .iter()
+            .zip(&fresh)
+            .filter(|(_, f)| **f)
+            .map(|(e, _)| e.device_id.as_str())
+            .collect();
+        for device in devices {
+            touch_device(&*tx, device, received_ms).await?;
+        }
+        for (envelope, fresh) in envelopes.iter().zip(fresh) {
+            if !fresh {
                 results.push(Ingested::Duplicate);
                 continue;
-            }
-            // Every message of a transaction has the same time: once per device.
-            if touched.insert(envelope.device_id.as_str()) {
-                touch_device(&*tx, &envelope.device_id, received_ms).await?;
             }
             match &envelope.message {
                 Message::Status(s) => apply_status(&*tx, &envelope.device_id, s).await?,
