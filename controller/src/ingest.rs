@@ -540,10 +540,14 @@ impl Ingestor {
                 checked.push(c);
             }
         }
-        let envelopes: Vec<Envelope> = checked
-            .iter()
-            .flat_map(|c| c.accepted.iter().cloned())
-            .collect();
+        // The envelopes move into one list; each publish keeps the ids of its own.
+        let mut envelopes = Vec::with_capacity(checked.len());
+        let mut answers = Vec::with_capacity(checked.len());
+        for c in checked {
+            let ids: Vec<String> = c.accepted.iter().map(|m| m.msg_id.clone()).collect();
+            envelopes.extend(c.accepted);
+            answers.push((c.device_id, c.rejected, ids));
+        }
         let refused_by_store = match self.store_envelopes(&envelopes, shutdown).await? {
             Ok(()) => Vec::new(),
             // Something spoiled the group: store each envelope alone, so that only what the
@@ -565,29 +569,29 @@ impl Ingestor {
             .malformed
             .fetch_add(refused_by_store.len() as u64, Ordering::Relaxed);
         let mut receipts: Vec<(String, Receipt)> = Vec::new();
-        for c in checked {
+        for (device_id, rejected, ids) in answers {
             let mut receipt = Receipt {
                 stored: Vec::new(),
-                rejected: c.rejected,
+                rejected,
             };
-            for m in c.accepted {
-                match refused_by_store.iter().find(|(id, _)| *id == m.msg_id) {
+            for msg_id in ids {
+                match refused_by_store.iter().find(|(id, _)| *id == msg_id) {
                     Some((_, reason)) => receipt.rejected.push(RejectedMessage {
-                        msg_id: m.msg_id,
+                        msg_id,
                         reason: reason.clone(),
                     }),
-                    None => receipt.stored.push(m.msg_id),
+                    None => receipt.stored.push(msg_id),
                 }
             }
             if receipt.stored.is_empty() && receipt.rejected.is_empty() {
                 continue;
             }
-            match receipts.iter_mut().find(|(d, _)| *d == c.device_id) {
+            match receipts.iter_mut().find(|(d, _)| *d == device_id) {
                 Some((_, r)) => {
                     r.stored.append(&mut receipt.stored);
                     r.rejected.append(&mut receipt.rejected);
                 }
-                None => receipts.push((c.device_id, receipt)),
+                None => receipts.push((device_id, receipt)),
             }
         }
         Ok(receipts)

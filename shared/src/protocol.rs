@@ -12,6 +12,8 @@
 //! then the payload according to `kind`. Unknown fields are refused at every level; a new
 //! field means a new protocol version.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -259,7 +261,7 @@ impl Message {
 }
 
 /// One protocol message with its routing and identity fields.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Envelope {
     /// The device the message is from (telemetry) or for (commands).
     pub device_id: String,
@@ -268,6 +270,20 @@ pub struct Envelope {
     /// When the sender created the message, in milliseconds since the Unix epoch.
     pub ts_ms: u64,
     pub message: Message,
+    /// The payload's JSON text as it was received, when the envelope was decoded; see
+    /// [`Envelope::received_payload`].
+    received_payload: Option<Arc<str>>,
+}
+
+/// Two envelopes are equal when they say the same thing, however their payloads were
+/// spelled on the wire.
+impl PartialEq for Envelope {
+    fn eq(&self, other: &Self) -> bool {
+        self.device_id == other.device_id
+            && self.msg_id == other.msg_id
+            && self.ts_ms == other.ts_ms
+            && self.message == other.message
+    }
 }
 
 #[derive(Serialize)]
@@ -312,7 +328,15 @@ impl Envelope {
             msg_id: msg_id.into(),
             ts_ms,
             message,
+            received_payload: None,
         }
+    }
+
+    /// The payload's JSON text exactly as it was received (it decoded into
+    /// [`Envelope::message`]); `None` for an envelope made here. A store keeps this text
+    /// instead of serializing the message again.
+    pub fn received_payload(&self) -> Option<&str> {
+        self.received_payload.as_deref()
     }
 
     /// Serializes to the wire form.
@@ -370,6 +394,7 @@ impl Envelope {
             msg_id: wire.msg_id.into_owned(),
             ts_ms: wire.ts_ms,
             message,
+            received_payload: Some(Arc::from(wire.payload.get())),
         })
     }
 }
@@ -498,6 +523,29 @@ mod tests {
         assert_eq!(v["kind"], "status");
         assert_eq!(v["device_id"], "dev-1");
         assert_eq!(v["payload"]["model"]["version"], 3);
+    }
+
+    #[test]
+    fn a_decoded_envelope_keeps_its_payload_text() {
+        let made = Envelope::new("dev-1", "m-1", 5, summary());
+        assert_eq!(made.received_payload(), None);
+        // Spelled with spaces, as another implementation may send it.
+        let spaced = format!(
+            r#"{{"v":1,"device_id":"dev-1","msg_id":"m-1","ts_ms":5,"kind":"drift_summary","payload": {} }}"#,
+            serde_json::to_string_pretty(&serde_json::from_str::<serde_json::Value>(
+                made.message.payload_json().unwrap().get()
+            ).unwrap())
+            .unwrap()
+        );
+        let got = decode_str(&spaced).unwrap();
+        // The same message, whatever its spelling; the text is the one received.
+        assert_eq!(got, made);
+        let text = got.received_payload().unwrap();
+        assert!(text.starts_with("{\n"), "{text}");
+        let Message::DriftSummary(s) = &got.message else {
+            panic!("{got:?}")
+        };
+        assert_eq!(&serde_json::from_str::<DriftSummary>(text).unwrap(), s);
     }
 
     fn decode_str(s: &str) -> Result<Envelope, DecodeError> {

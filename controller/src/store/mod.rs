@@ -322,6 +322,34 @@ impl Hourly {
     }
 }
 
+/// A drift summary's JSON for the `telemetry` table: the text the device sent when there
+/// is one (it decoded into `s`), so that ingest does not serialize every summary again.
+pub(crate) fn summary_json<'a>(
+    e: &'a Envelope,
+    s: &edgeloop_shared::protocol::DriftSummary,
+) -> std::borrow::Cow<'a, str> {
+    match e.received_payload() {
+        Some(text) => std::borrow::Cow::Borrowed(text),
+        None => std::borrow::Cow::Owned(serde_json::to_string(s).expect("summaries serialize")),
+    }
+}
+
+/// The last drift figure of a transaction's summaries per device and model, in message
+/// order: a device's `last_psi_max` is written once per transaction, not once per summary.
+pub(crate) fn latest_psi<'a>(
+    summaries: &[(&'a str, &'a edgeloop_shared::protocol::DriftSummary)],
+) -> std::collections::BTreeMap<(&'a str, &'a str, u64), f64> {
+    summaries
+        .iter()
+        .map(|(device, s)| {
+            (
+                (*device, s.model.name.as_str(), s.model.version),
+                s.stats.psi_max,
+            )
+        })
+        .collect()
+}
+
 /// Groups the drift summaries of a transaction by hourly aggregate, in a stable order.
 pub(crate) fn by_hour<'a>(
     summaries: &[(&'a str, &'a edgeloop_shared::protocol::DriftSummary)],

@@ -376,7 +376,8 @@ async fn apply_drift(
     s: &DriftSummary,
     now_ms: u64,
 ) -> Result<()> {
-    let summary = serde_json::to_string(s).expect("summaries serialize");
+    let summary = summary_json(e, s);
+    let summary: &str = &summary;
     tx.execute(
         "INSERT INTO telemetry (msg_id, device_id, received_ms, model_name, model_version, window_seq,
              window_start_ms, window_end_ms, samples, psi_max, summary, drift_share, labelled, accuracy, latency_p99_ms, errors)
@@ -401,17 +402,21 @@ async fn apply_drift(
         ],
     )
     .await?;
-    tx.execute(
-        "UPDATE devices SET last_psi_max = $2
-         WHERE id = $1 AND (model_name IS NULL OR (model_name = $3 AND model_version = $4))",
-        &[
-            &e.device_id,
-            &s.stats.psi_max,
-            &s.model.name,
-            &i(s.model.version),
-        ],
-    )
-    .await?;
+    Ok(())
+}
+
+/// Sets devices' current drift figure from a transaction's summaries. Only a summary of
+/// the model a device now serves is its current figure; a late summary of the previous
+/// model is kept in `telemetry` but does not overwrite it.
+async fn apply_psi(tx: &impl GenericClient, summaries: &[(&str, &DriftSummary)]) -> Result<()> {
+    for ((device, model, version), psi) in latest_psi(summaries) {
+        tx.execute(
+            "UPDATE devices SET last_psi_max = $2
+             WHERE id = $1 AND (model_name IS NULL OR (model_name = $3 AND model_version = $4))",
+            &[&device, &psi, &model, &i(version)],
+        )
+        .await?;
+    }
     Ok(())
 }
 
@@ -774,6 +779,7 @@ impl Store for PgStore {
             }
             results.push(Ingested::Stored);
         }
+        apply_psi(&*tx, &summaries).await?;
         for (key, list) in by_hour(&summaries) {
             fold_hourly(&*tx, &key, &list).await?;
         }

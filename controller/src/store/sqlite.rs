@@ -364,7 +364,8 @@ fn apply_status(tx: &Transaction<'_>, device_id: &str, s: &DeviceStatus) -> Resu
 }
 
 fn apply_drift(tx: &Transaction<'_>, e: &Envelope, s: &DriftSummary, now_ms: u64) -> Result<()> {
-    let summary = serde_json::to_string(s).expect("summaries serialize");
+    let summary = summary_json(e, s);
+    let summary: &str = &summary;
     exec(tx,
         "INSERT INTO telemetry (msg_id, device_id, received_ms, model_name, model_version, window_seq,
              window_start_ms, window_end_ms, samples, psi_max, summary, drift_share, labelled, accuracy, latency_p99_ms, errors)
@@ -388,19 +389,21 @@ fn apply_drift(tx: &Transaction<'_>, e: &Envelope, s: &DriftSummary, now_ms: u64
             s.stats.errors as i64,
         ],
     )?;
-    // Only a summary of the model the device now serves is its current drift figure; a late
-    // summary of the previous model is kept in `telemetry` but does not overwrite it.
-    exec(
-        tx,
-        "UPDATE devices SET last_psi_max = ?2
-         WHERE id = ?1 AND (model_name IS NULL OR (model_name = ?3 AND model_version = ?4))",
-        params![
-            e.device_id,
-            s.stats.psi_max,
-            s.model.name,
-            s.model.version as i64
-        ],
-    )?;
+    Ok(())
+}
+
+/// Sets devices' current drift figure from a transaction's summaries. Only a summary of
+/// the model a device now serves is its current figure; a late summary of the previous
+/// model is kept in `telemetry` but does not overwrite it.
+fn apply_psi(tx: &Transaction<'_>, summaries: &[(&str, &DriftSummary)]) -> Result<()> {
+    for ((device, model, version), psi) in latest_psi(summaries) {
+        exec(
+            tx,
+            "UPDATE devices SET last_psi_max = ?2
+             WHERE id = ?1 AND (model_name IS NULL OR (model_name = ?3 AND model_version = ?4))",
+            params![device, psi, model, version as i64],
+        )?;
+    }
     Ok(())
 }
 
@@ -765,6 +768,7 @@ impl Store for SqliteStore {
                 }
                 results.push(Ingested::Stored);
             }
+            apply_psi(&tx, &summaries)?;
             for (key, list) in by_hour(&summaries) {
                 fold_hourly(&tx, &key, &list)?;
             }

@@ -223,6 +223,37 @@ pub async fn suite(store: &dyn Store) {
         .unwrap();
     assert_eq!(store.devices().await.unwrap()[0].last_psi_max, None);
     assert_eq!(store.telemetry("d1", 10).await.unwrap().len(), 3);
+    // In one transaction, the last summary of the served model gives the figure, and a
+    // late one of the previous model does not. A summary as received (here spelled with
+    // spaces) is stored as it came and reads back as what it says.
+    let v2 = |msg_id: &str, psi: f64| {
+        let mut e = drift("d1", msg_id, 5, psi);
+        if let Message::DriftSummary(s) = &mut e.message {
+            s.model = model_ref(2);
+        }
+        e
+    };
+    let spaced = String::from_utf8(v2("t5", 0.4).encode())
+        .unwrap()
+        .replace(r#""payload":"#, r#""payload":  "#)
+        .replace(r#""samples":"#, r#""samples" : "#);
+    let received = Envelope::decode(spaced.as_bytes()).unwrap();
+    assert!(received.received_payload().unwrap().contains(r#""samples" : "#));
+    store
+        .ingest_many(
+            &[v2("t4", 0.7), received.clone(), drift("d1", "t6", 5, 0.2)],
+            330,
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.devices().await.unwrap()[0].last_psi_max, Some(0.4));
+    let stored = store.telemetry("d1", 10).await.unwrap();
+    assert_eq!(stored.len(), 6);
+    let Message::DriftSummary(s) = &received.message else {
+        unreachable!()
+    };
+    let t5 = stored.iter().find(|r| r.msg_id == "t5").unwrap();
+    assert_eq!(t5.summary, serde_json::to_value(s).unwrap());
 
     // Models: unique per name and version.
     store.insert_model(&model_row(1)).await.unwrap();
@@ -1168,9 +1199,9 @@ async fn hourly_aggregates_and_retention(store: &dyn Store) {
     assert_eq!(hours[1].stats["start_ms"], HOUR);
 
     let pruned = store.prune(2500, 2 * HOUR).await.unwrap();
-    // Every summary received before 2500 (d1's three and h1's two), the hours before the
-    // second (d1's hour 0 and h1's hour 1).
-    assert_eq!((pruned.telemetry, pruned.hourly), (5, 2), "{pruned:?}");
+    // Every summary received before 2500 (d1's six and h1's two), the hours before the
+    // second (d1's hour 0 of v1 and of v2, and h1's hour 1).
+    assert_eq!((pruned.telemetry, pruned.hourly), (8, 3), "{pruned:?}");
     let left = store.telemetry("h1", 10).await.unwrap();
     assert_eq!(
         left.iter().map(|r| r.msg_id.as_str()).collect::<Vec<_>>(),
