@@ -39,6 +39,8 @@ pub struct AppState {
     pub offline_after: Duration,
     pub dispatcher_wake: Arc<Notify>,
     pub trust: Arc<crate::trust::TrustRelay>,
+    /// Signs what is published through the API.
+    pub key: edgeloop_shared::signing::SecretKey,
     /// The retraining policies this controller runs (from its configuration).
     pub policies: Arc<Vec<crate::retrain::RetrainingPolicy>>,
     /// What an enrolled device is told: where the broker is, the topic root, the keys to
@@ -68,6 +70,8 @@ pub enum ApiError {
     Artifact(std::io::Error),
     #[error(transparent)]
     Trust(#[from] RelayError),
+    #[error(transparent)]
+    Publish(#[from] crate::registry::PublishError),
     /// Refused with this status (an enrollment: 401, 403 or 409).
     #[error("{1}")]
     Refused(StatusCode, String),
@@ -88,6 +92,19 @@ impl IntoResponse for ApiError {
             }
             ApiError::Trust(RelayError::Stale(_) | RelayError::Raced) => StatusCode::CONFLICT,
             ApiError::Refused(status, _) => *status,
+            ApiError::Publish(e) => {
+                use crate::registry::PublishError as P;
+                match e {
+                    P::NotNewer { .. } | P::Store(StoreError::Conflict(_)) => StatusCode::CONFLICT,
+                    P::GateFailed(_) => StatusCode::UNPROCESSABLE_ENTITY,
+                    P::NoBaseline { .. } => StatusCode::NOT_FOUND,
+                    P::Store(_) | P::Artifact(_) | P::Baseline { .. } => {
+                        tracing::error!(error = %self, "publish failed");
+                        StatusCode::INTERNAL_SERVER_ERROR
+                    }
+                    _ => StatusCode::BAD_REQUEST,
+                }
+            }
             ApiError::NotFound(_)
             | ApiError::Store(StoreError::NotFound(_))
             | ApiError::Rollout(RolloutError::Store(StoreError::NotFound(_))) => {
@@ -123,7 +140,13 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/devices/{id}/telemetry", get(telemetry))
         .route("/api/v1/devices/{id}/telemetry/hourly", get(hourly))
         .route("/api/v1/devices/{id}/deployments", get(deployment_events))
-        .route("/api/v1/models", get(models))
+        .route(
+            "/api/v1/models",
+            get(models).post(axum::handler::Handler::layer(
+                publish,
+                axum::extract::DefaultBodyLimit::max(MAX_PUBLISH_BYTES),
+            )),
+        )
         .route("/api/v1/rollouts", post(create_rollout).get(rollouts))
         .route("/api/v1/rollouts/{id}", get(rollout))
         .route("/api/v1/rollouts/{id}/{action}", post(change_rollout))
@@ -220,6 +243,155 @@ async fn deployment_events(
 
 async fn models(State(s): State<AppState>) -> ApiResult<Vec<ModelRow>> {
     Ok(Json(s.store.models().await?))
+}
+
+/// The largest publish request: the model (base64) and its CSV data.
+const MAX_PUBLISH_BYTES: usize = 256 << 20;
+
+/// `POST /api/v1/models`: what `edgeloop model publish` takes, with the files inline.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishBody {
+    pub name: String,
+    pub version: u64,
+    #[serde(default)]
+    pub label: Option<String>,
+    /// The ONNX model, base64 (standard alphabet, padded).
+    pub onnx_base64: String,
+    /// Reference data: CSV text with a header; the columns are the model's features.
+    pub reference_csv: String,
+    #[serde(default)]
+    pub label_column: Option<String>,
+    /// Class labels in output order.
+    #[serde(default)]
+    pub labels: Vec<String>,
+    #[serde(default)]
+    pub latency_budget_ms: Option<f64>,
+    #[serde(default)]
+    pub min_agent_version: Option<String>,
+    #[serde(default)]
+    pub targets: Vec<String>,
+    #[serde(default)]
+    pub drift: Option<edgeloop_shared::drift::DriftPolicy>,
+    /// Lineage: the version this one was trained from, and the training data's SHA-256.
+    #[serde(default)]
+    pub parent_version: Option<u64>,
+    #[serde(default)]
+    pub training_data_sha256: Option<String>,
+    /// Labelled holdout data (CSV text): with it the model is signed only if it passes
+    /// the quality gate (`gate`, defaults as in the CLI) against `against` (default: the
+    /// newest published version).
+    #[serde(default)]
+    pub holdout_csv: Option<String>,
+    #[serde(default)]
+    pub gate: Option<crate::gate::GatePolicy>,
+    #[serde(default)]
+    pub against: Option<u64>,
+}
+
+async fn publish(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<PublishBody>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<ModelRow>), ApiError> {
+    use base64::Engine as _;
+    let Json(body) = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let actor = actor(&headers)?;
+    let onnx = base64::engine::general_purpose::STANDARD
+        .decode(body.onnx_base64.as_bytes())
+        .map_err(|e| ApiError::BadRequest(format!("onnx_base64: {e}")))?;
+    if let Some(policy) = &body.drift {
+        policy
+            .validate()
+            .map_err(|e| ApiError::BadRequest(format!("drift: {e}")))?;
+    }
+    if let Some(digest) = &body.training_data_sha256
+        && (digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        return Err(ApiError::BadRequest(
+            "training_data_sha256: expected 64 hex digits".into(),
+        ));
+    }
+    let gate = match (&body.holdout_csv, body.gate) {
+        (Some(_), policy) => {
+            let policy = policy.unwrap_or_default();
+            policy
+                .validate()
+                .map_err(|e| ApiError::BadRequest(format!("gate: {e}")))?;
+            Some(policy)
+        }
+        (None, Some(_)) => {
+            return Err(ApiError::BadRequest(
+                "gate: a quality gate needs holdout_csv".into(),
+            ));
+        }
+        (None, None) => None,
+    };
+    // The registry reads its data from files, as the CLI hands it.
+    let dir = tempfile::tempdir()
+        .map_err(|e| ApiError::Artifact(std::io::Error::other(format!("temporary dir: {e}"))))?;
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).map_err(ApiError::Artifact)?;
+        Ok::<_, ApiError>(path)
+    };
+    let reference = write("reference.csv", &body.reference_csv)?;
+    let holdout = body
+        .holdout_csv
+        .as_deref()
+        .map(|text| write("holdout.csv", text))
+        .transpose()?;
+    let lineage =
+        (body.parent_version.is_some() || body.training_data_sha256.is_some()).then(|| {
+            edgeloop_shared::bundle::Lineage {
+                parent_version: body.parent_version,
+                training_data_sha256: body.training_data_sha256.map(|d| d.to_ascii_lowercase()),
+                ..Default::default()
+            }
+        });
+    let row = crate::registry::publish(
+        s.store.as_ref(),
+        &s.artifacts,
+        &s.key,
+        crate::registry::PublishRequest {
+            name: &body.name,
+            version: body.version,
+            label: body.label,
+            onnx: &onnx,
+            reference_csv: &reference,
+            label_column: body.label_column.as_deref(),
+            class_labels: body.labels,
+            created_ms: now_ms(),
+            requirements: edgeloop_shared::bundle::Requirements {
+                latency_budget_ms: body.latency_budget_ms,
+                min_agent_version: body.min_agent_version,
+                targets: body.targets,
+            },
+            drift: body.drift,
+            lineage,
+            gate: match (&holdout, gate) {
+                (Some(holdout), Some(policy)) => Some(crate::registry::QualityGate {
+                    holdout,
+                    policy,
+                    against: body.against,
+                }),
+                _ => None,
+            },
+        },
+    )
+    .await?;
+    crate::store::record_audit_now(
+        s.store.as_ref(),
+        &actor,
+        "model.publish",
+        format!("model/{}/{}", row.name, row.version),
+        row.lineage
+            .as_ref()
+            .and_then(|l| l.gates.get("quality"))
+            .map(|verdict| format!("quality gate {verdict}")),
+    )
+    .await;
+    Ok((StatusCode::CREATED, Json(row)))
 }
 
 #[derive(Debug, Deserialize)]

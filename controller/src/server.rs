@@ -202,6 +202,7 @@ impl Controller {
             offline_after: Duration::from_secs(config.offline_after_s),
             dispatcher_wake: dispatcher_wake.clone(),
             trust,
+            key: key.clone(),
             policies: Arc::new(config.retraining.clone()),
             device_settings: Arc::new(api::DeviceSettings {
                 mqtt_url: mqtt_url.clone(),

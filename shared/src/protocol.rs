@@ -532,9 +532,12 @@ mod tests {
         // Spelled with spaces, as another implementation may send it.
         let spaced = format!(
             r#"{{"v":1,"device_id":"dev-1","msg_id":"m-1","ts_ms":5,"kind":"drift_summary","payload": {} }}"#,
-            serde_json::to_string_pretty(&serde_json::from_str::<serde_json::Value>(
-                made.message.payload_json().unwrap().get()
-            ).unwrap())
+            serde_json::to_string_pretty(
+                &serde_json::from_str::<serde_json::Value>(
+                    made.message.payload_json().unwrap().get()
+                )
+                .unwrap()
+            )
             .unwrap()
         );
         let got = decode_str(&spaced).unwrap();

@@ -447,3 +447,160 @@ async fn unknown_devices_are_not_heard_until_registered(broker: BrokerChoice) {
     ctl.stop().await;
 }
 on_both_brokers!(unknown_devices_are_not_heard_until_registered);
+
+/// `POST /api/v1/models` publishes as `edgeloop model publish` does: the model checked with
+/// tract, profiled, gated on a holdout when one is given, signed and audited; bad requests
+/// get a 400 naming what is wrong, a version that is not new a 409.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_are_published_through_the_rest_api() {
+    use base64::Engine as _;
+    use edgeloop_controller::demo::{CLASS_LABELS, MODEL_V1, MODEL_V2, REFERENCE_V1, REFERENCE_V2};
+    let ctl = TestController::start(BrokerChoice::Embedded).await.unwrap();
+    let http = reqwest::Client::new();
+    let url = ctl.url("/api/v1/models");
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+    let publish = |body: serde_json::Value| {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            let response = http
+                .post(&url)
+                .header("x-edgeloop-actor", "alice")
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let status = response.status().as_u16();
+            (status, response.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    let v1 = json!({
+        "name": "vibration",
+        "version": 1,
+        "label": "first",
+        "onnx_base64": b64(MODEL_V1),
+        "reference_csv": REFERENCE_V1,
+        "labels": CLASS_LABELS,
+        "latency_budget_ms": 50.0,
+        "targets": ["x86_64", "aarch64"],
+        "drift": {"method": "ks", "ks_alpha": 0.01},
+    });
+    let (status, row) = publish(v1.clone()).await;
+    assert_eq!(status, 201, "{row}");
+    assert_eq!(
+        (row["name"].as_str(), row["version"].as_u64()),
+        (Some("vibration"), Some(1))
+    );
+    assert_eq!(row["label"], "first");
+    assert_eq!(
+        row["signed_by"],
+        ctl.controller.signing_key().id().to_string()
+    );
+    assert_eq!(ctl.get("/api/v1/models").await[0]["version"], 1);
+    // The bundle it signed is served, and says what the request asked for.
+    let bundle = http
+        .get(ctl.url("/artifacts/vibration/1"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let trusted =
+        edgeloop_shared::signing::TrustedKeys::new([ctl.controller.signing_key().public().clone()]);
+    let opened = bundle::verify(&bundle, &trusted, &Limits::default()).unwrap();
+    assert_eq!(opened.manifest.requirements.targets, ["x86_64", "aarch64"]);
+    assert_eq!(opened.manifest.requirements.latency_budget_ms, Some(50.0));
+    assert_eq!(opened.manifest.drift.unwrap().ks_alpha, 0.01);
+
+    // The same version again: not newer.
+    let (status, error) = publish(v1.clone()).await;
+    assert_eq!(status, 409, "{error}");
+    assert!(
+        error["error"].as_str().unwrap().contains("not above"),
+        "{error}"
+    );
+
+    // Bad requests name their fault.
+    let mut bad = v1.clone();
+    bad["version"] = json!(5);
+    bad["onnx_base64"] = json!("not base64!");
+    let (status, error) = publish(bad.clone()).await;
+    assert_eq!(status, 400);
+    assert!(
+        error["error"].as_str().unwrap().contains("onnx_base64"),
+        "{error}"
+    );
+    bad["onnx_base64"] = json!(b64(b"these bytes are no ONNX graph"));
+    let (status, error) = publish(bad.clone()).await;
+    assert_eq!(status, 400);
+    assert!(
+        error["error"].as_str().unwrap().contains("tract"),
+        "{error}"
+    );
+    let mut unknown = v1.clone();
+    unknown["signing_key"] = json!("mine");
+    let (status, error) = publish(unknown).await;
+    assert_eq!(status, 400);
+    assert!(
+        error["error"].as_str().unwrap().contains("signing_key"),
+        "{error}"
+    );
+    let mut gate_alone = v1.clone();
+    gate_alone["version"] = json!(5);
+    gate_alone["gate"] = json!({"metric": "f1"});
+    let (status, error) = publish(gate_alone).await;
+    assert_eq!(status, 400);
+    assert!(
+        error["error"].as_str().unwrap().contains("holdout_csv"),
+        "{error}"
+    );
+
+    // v2 with a holdout of the new regime passes the gate against v1; lineage recorded.
+    let holdout = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../controller/assets/vibration/holdout_v2.csv"
+    ))
+    .unwrap();
+    let (status, row) = publish(json!({
+        "name": "vibration",
+        "version": 2,
+        "onnx_base64": b64(MODEL_V2),
+        "reference_csv": REFERENCE_V2,
+        "labels": CLASS_LABELS,
+        "parent_version": 1,
+        "training_data_sha256": edgeloop_shared::sha256_hex(REFERENCE_V2.as_bytes()),
+        "holdout_csv": holdout,
+        "gate": {"metric": "accuracy", "tolerance": 0.01},
+    }))
+    .await;
+    assert_eq!(status, 201, "{row}");
+    let lineage = &row["lineage"];
+    assert_eq!(lineage["parent_version"], 1);
+    assert_eq!(
+        lineage["training_data_sha256"],
+        edgeloop_shared::sha256_hex(REFERENCE_V2.as_bytes())
+    );
+    assert!(
+        lineage["gates"]["quality"]
+            .as_str()
+            .unwrap()
+            .starts_with("passed"),
+        "{lineage}"
+    );
+    let audit = ctl.get("/api/v1/audit").await;
+    let published: Vec<_> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "model.publish")
+        .map(|e| (e["actor"].as_str().unwrap(), e["target"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        published,
+        [
+            ("alice", "model/vibration/2"),
+            ("alice", "model/vibration/1")
+        ]
+    );
+    ctl.stop().await;
+}

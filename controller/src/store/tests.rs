@@ -238,7 +238,12 @@ pub async fn suite(store: &dyn Store) {
         .replace(r#""payload":"#, r#""payload":  "#)
         .replace(r#""samples":"#, r#""samples" : "#);
     let received = Envelope::decode(spaced.as_bytes()).unwrap();
-    assert!(received.received_payload().unwrap().contains(r#""samples" : "#));
+    assert!(
+        received
+            .received_payload()
+            .unwrap()
+            .contains(r#""samples" : "#)
+    );
     store
         .ingest_many(
             &[v2("t4", 0.7), received.clone(), drift("d1", "t6", 5, 0.2)],
