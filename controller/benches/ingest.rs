@@ -223,6 +223,19 @@ async fn ingest_rate(
     total as f64 / elapsed.as_secs_f64()
 }
 
+/// Seconds to store `envelopes` into a new SQLite store at `path`, in groups of 80 (about
+/// the size ingest forms).
+async fn store_seconds(path: &std::path::Path, envelopes: &[Envelope]) -> f64 {
+    let store = edgeloop_controller::store::SqliteStore::open(path).unwrap();
+    let start = Instant::now();
+    for group in envelopes.chunks(80) {
+        edgeloop_controller::store::Store::ingest_many(&store, group, 1_764_400_020_000)
+            .await
+            .unwrap();
+    }
+    start.elapsed().as_secs_f64()
+}
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let dir = tempfile::tempdir().unwrap();
@@ -328,15 +341,7 @@ async fn main() {
         decoded.extend(checked.accepted);
     }
     let decode_s = start.elapsed().as_secs_f64();
-    let store =
-        edgeloop_controller::store::SqliteStore::open(&dir.path().join("alone.db")).unwrap();
-    let start = Instant::now();
-    for group in decoded.chunks(80) {
-        edgeloop_controller::store::Store::ingest_many(&store, group, 1_764_400_020_000)
-            .await
-            .unwrap();
-    }
-    let store_s = start.elapsed().as_secs_f64();
+    let store_s = store_seconds(&dir.path().join("alone.db"), &decoded).await;
     // The same envelopes made here rather than received: the store serializes each
     // summary again instead of keeping the text the device sent.
     let remade: Vec<Envelope> = decoded
@@ -350,15 +355,7 @@ async fn main() {
             )
         })
         .collect();
-    let store =
-        edgeloop_controller::store::SqliteStore::open(&dir.path().join("remade.db")).unwrap();
-    let start = Instant::now();
-    for group in remade.chunks(80) {
-        edgeloop_controller::store::Store::ingest_many(&store, group, 1_764_400_020_000)
-            .await
-            .unwrap();
-    }
-    let remade_s = start.elapsed().as_secs_f64();
+    let remade_s = store_seconds(&dir.path().join("remade.db"), &remade).await;
     println!(
         "controller work per summary, no broker ({} summaries):",
         all.len()

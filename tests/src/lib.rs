@@ -173,6 +173,31 @@ impl TestController {
         format!("{}{path}", self.controller.http_url())
     }
 
+    /// A published bundle as the controller serves it to devices, verified against its
+    /// signing key.
+    pub async fn published_bundle(
+        &self,
+        name: &str,
+        version: u64,
+    ) -> edgeloop_shared::bundle::VerifiedBundle {
+        let bytes = self
+            .http
+            .get(self.url(&format!("/artifacts/{name}/{version}")))
+            .send()
+            .await
+            .expect("GET bundle")
+            .bytes()
+            .await
+            .expect("bundle bytes");
+        let trusted = edgeloop_shared::signing::TrustedKeys::new([self
+            .controller
+            .signing_key()
+            .public()
+            .clone()]);
+        edgeloop_shared::bundle::verify(&bytes, &trusted, &Default::default())
+            .expect("a bundle signed by the controller")
+    }
+
     pub async fn get(&self, path: &str) -> Value {
         let response = self.http.get(self.url(path)).send().await.expect("GET");
         assert!(

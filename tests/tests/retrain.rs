@@ -273,20 +273,7 @@ trainer = {{ kind = "command", program = "{}", timeout_s = 60 }}
     let recovered_windows = (now_ms() - t0) as f64 / window_ms;
 
     // Accuracy: v1 on the old regime, v1 after the shift, the deployed v2 after it.
-    let bundle = ctl
-        .http
-        .get(ctl.url("/artifacts/vibration/2"))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    let trusted =
-        edgeloop_shared::signing::TrustedKeys::new([ctl.controller.signing_key().public().clone()]);
-    let deployed = edgeloop_shared::bundle::verify(&bundle, &trusted, &Default::default())
-        .unwrap()
-        .model;
+    let deployed = ctl.published_bundle("vibration", 2).await.model;
     let before = accuracy(MODEL_V1, 0.0, 3000);
     let decayed = accuracy(MODEL_V1, 1.0, 3000);
     let after = accuracy(&deployed, 1.0, 3000);

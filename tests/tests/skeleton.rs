@@ -497,17 +497,7 @@ async fn models_are_published_through_the_rest_api() {
     );
     assert_eq!(ctl.get("/api/v1/models").await[0]["version"], 1);
     // The bundle it signed is served, and says what the request asked for.
-    let bundle = http
-        .get(ctl.url("/artifacts/vibration/1"))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    let trusted =
-        edgeloop_shared::signing::TrustedKeys::new([ctl.controller.signing_key().public().clone()]);
-    let opened = bundle::verify(&bundle, &trusted, &Limits::default()).unwrap();
+    let opened = ctl.published_bundle("vibration", 1).await;
     assert_eq!(opened.manifest.requirements.targets, ["x86_64", "aarch64"]);
     assert_eq!(opened.manifest.requirements.latency_budget_ms, Some(50.0));
     assert_eq!(opened.manifest.drift.unwrap().ks_alpha, 0.01);
