@@ -306,9 +306,13 @@ fn build_bundle(
     let plan = Plan::compile(request.onnx, columns.len())?;
     // Every reference row must run: a model that fails on its own reference data would
     // fail on devices too. The first few, with their outputs, become the golden vectors.
+    // Their predicted classes are the reference for prediction drift.
     let mut golden = Vec::new();
+    let mut predicted = Vec::with_capacity(rows.len());
     for row in rows.iter().filter(|r| r.iter().all(|v| v.is_finite())) {
-        let scores = plan.infer(row, &columns)?.scores;
+        let prediction = plan.infer(row, &columns)?;
+        predicted.push(prediction.class);
+        let scores = prediction.scores;
         if golden.len() < GOLDEN_VECTORS {
             golden.push(GoldenVector {
                 input: row.iter().map(|v| f64::from(*v)).collect(),
@@ -337,6 +341,7 @@ fn build_bundle(
         &by_column,
         classes as u64,
     )?;
+    manifest.reference.set_predictions(predicted, classes);
     manifest.label = request.label.clone();
     manifest.created_ms = request.created_ms;
     manifest.inputs[0].name = signature.input_name;
@@ -475,6 +480,12 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(verified.manifest.lineage, Some(lineage));
+        // The classes the model predicts on its reference data are the reference for
+        // prediction drift: both classes occur in the example's reference data.
+        let predictions = &verified.manifest.reference.predictions;
+        assert_eq!(predictions.len(), CLASS_LABELS.len());
+        assert!((predictions.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+        assert!(predictions.iter().all(|&p| p > 0.0), "{predictions:?}");
     }
 
     #[tokio::test]

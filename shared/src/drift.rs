@@ -175,9 +175,30 @@ fn binned(sorted: &[f64], bins: usize) -> (Vec<f64>, Vec<f64>) {
 pub struct ReferenceProfile {
     pub samples: u64,
     pub features: Vec<FeatureReference>,
+    /// The share of the reference rows the model predicts as each class, by class index
+    /// (what prediction drift compares a window's predictions with); empty when unknown.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub predictions: Vec<f64>,
 }
 
 impl ReferenceProfile {
+    /// Records the model's predicted class for each reference row as the reference class
+    /// histogram (`classes` classes; a class index beyond them is ignored).
+    pub fn set_predictions(&mut self, predicted: impl IntoIterator<Item = usize>, classes: usize) {
+        let mut counts = vec![0u64; classes];
+        for class in predicted {
+            if let Some(c) = counts.get_mut(class) {
+                *c += 1;
+            }
+        }
+        let total: u64 = counts.iter().sum();
+        self.predictions = if total == 0 {
+            Vec::new()
+        } else {
+            counts.iter().map(|&c| c as f64 / total as f64).collect()
+        };
+    }
+
     /// Computes the profile from reference data given column by column.
     /// Non-finite values are ignored; a column without any finite value is an error.
     pub fn from_columns(
@@ -221,7 +242,11 @@ impl ReferenceProfile {
                 count: values.len() as u64,
             });
         }
-        Ok(ReferenceProfile { samples, features })
+        Ok(ReferenceProfile {
+            samples,
+            features,
+            predictions: Vec::new(),
+        })
     }
 
     pub fn feature_names(&self) -> impl Iterator<Item = &str> {
@@ -519,6 +544,32 @@ pub struct WindowStats {
         serialize_with = "score_opt"
     )]
     pub accuracy: Option<f64>,
+    /// Prediction drift: the window's predicted classes against the reference's (the
+    /// profile's `predictions`): PSI, Jensen–Shannon distance and the chi-square test's
+    /// p-value; `None` without a reference histogram or without predictions.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "score_opt"
+    )]
+    pub prediction_psi: Option<f64>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "score_opt"
+    )]
+    pub prediction_js: Option<f64>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "score_opt"
+    )]
+    pub prediction_chi2_p: Option<f64>,
+    /// Whether the policy's method says the predictions drifted (PSI and JS by their
+    /// thresholds; Wasserstein by the JS threshold, as classes have no distance; KS by the
+    /// chi-square p-value below `ks_alpha`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub prediction_drift: bool,
     /// The Page–Hinkley test saw the model's confidence fall during this window (which
     /// then closed early).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -605,6 +656,13 @@ impl WindowStats {
         self.psi_max = self.psi_max.max(other.psi_max);
         self.drift_share = self.drift_share.max(other.drift_share);
         self.dataset_drift |= other.dataset_drift;
+        self.prediction_psi = max_opt(self.prediction_psi, other.prediction_psi);
+        self.prediction_js = max_opt(self.prediction_js, other.prediction_js);
+        self.prediction_chi2_p = match (self.prediction_chi2_p, other.prediction_chi2_p) {
+            (Some(x), Some(y)) => Some(x.min(y)),
+            (x, y) => x.or(y),
+        };
+        self.prediction_drift |= other.prediction_drift;
         self.confidence_alert |= other.confidence_alert;
         Ok(())
     }
@@ -648,8 +706,38 @@ impl WindowStats {
             drifted as f64 / n as f64
         };
         self.dataset_drift = n > 0 && self.drift_share >= policy.dataset_share;
+        self.score_predictions(&profile.predictions, policy);
         self.accuracy = accuracy(&self.confusion);
         Ok(())
+    }
+
+    /// Prediction drift against the reference class histogram.
+    fn score_predictions(&mut self, reference: &[f64], policy: &DriftPolicy) {
+        let observed = self.predictions.iter().any(|&c| c > 0);
+        if reference.is_empty() || !observed {
+            self.prediction_psi = None;
+            self.prediction_js = None;
+            self.prediction_chi2_p = None;
+            self.prediction_drift = false;
+            return;
+        }
+        // A class index beyond the reference's counts as a class it never predicted.
+        let classes = reference.len().max(self.predictions.len());
+        let mut expected = reference.to_vec();
+        expected.resize(classes, 0.0);
+        let mut counts = self.predictions.clone();
+        counts.resize(classes, 0);
+        let psi = stats::psi(&expected, &counts);
+        let js = stats::js_distance(&expected, &counts);
+        let chi2_p = stats::chi_square(&expected, &counts).map(|(_, p)| p);
+        self.prediction_psi = Some(psi);
+        self.prediction_js = Some(js);
+        self.prediction_chi2_p = chi2_p;
+        self.prediction_drift = match policy.method {
+            DriftMethod::Psi => psi >= policy.psi_alert,
+            DriftMethod::Js | DriftMethod::Wasserstein => js >= policy.js,
+            DriftMethod::Ks => chi2_p.is_some_and(|p| p < policy.ks_alpha),
+        };
     }
 
     /// Labelled predictions in the window.
@@ -889,6 +977,64 @@ mod tests {
         other.features[0].name = "y".into();
         assert!(a.merge(&other).is_err());
         assert_eq!(a.samples, 11, "a failed merge changes nothing");
+    }
+
+    #[test]
+    fn predictions_drift_against_the_reference_class_histogram() {
+        let mut profile = profile_of((0..1000).map(f64::from).collect());
+        // The model predicts class 1 for one reference row in ten.
+        profile.set_predictions((0..1000).map(|i| usize::from(i % 10 == 0)), 2);
+        assert_eq!(profile.predictions, [0.9, 0.1]);
+        // Windows of 200 inputs from the reference range, one class in `every` a fault.
+        let window = |every: usize, method: DriftMethod| {
+            let policy = DriftPolicy {
+                method,
+                ..DriftPolicy::default()
+            };
+            let mut w = DriftWindow::with_policy(profile.clone(), policy, 0);
+            for i in 0..200 {
+                w.observe(&[(i * 5) as f32], Some(usize::from(i % every == 0)))
+                    .unwrap();
+            }
+            w.finish(1)
+        };
+        for method in [
+            DriftMethod::Psi,
+            DriftMethod::Js,
+            DriftMethod::Wasserstein,
+            DriftMethod::Ks,
+        ] {
+            let same = window(10, method);
+            assert_eq!(same.predictions, [180, 20]);
+            assert!(same.prediction_psi.unwrap() < 1e-9, "{same:?}");
+            assert!(same.prediction_js.unwrap() < 1e-9);
+            assert!((same.prediction_chi2_p.unwrap() - 1.0).abs() < 1e-9);
+            assert!(!same.prediction_drift, "{method:?}");
+            // Half the predictions are faults: every method sees it.
+            let shifted = window(2, method);
+            assert!(shifted.prediction_psi.unwrap() > 0.25, "{shifted:?}");
+            assert!(shifted.prediction_js.unwrap() > 0.1);
+            assert!(shifted.prediction_chi2_p.unwrap() < 1e-6);
+            assert!(shifted.prediction_drift, "{method:?}");
+            // On the wire, and back.
+            let json = serde_json::to_string(&shifted).unwrap();
+            assert!(json.contains("\"prediction_drift\":true"), "{json}");
+            let back: WindowStats = serde_json::from_str(&json).unwrap();
+            assert_eq!(back.prediction_drift, shifted.prediction_drift);
+        }
+        // Without a reference histogram there is no prediction drift to speak of.
+        let mut plain = DriftWindow::new(profile_of((0..1000).map(f64::from).collect()), 0);
+        plain.observe(&[1.0], Some(1)).unwrap();
+        let plain = plain.finish(1);
+        assert_eq!(
+            (plain.prediction_psi, plain.prediction_drift),
+            (None, false)
+        );
+        assert!(
+            !serde_json::to_string(&plain)
+                .unwrap()
+                .contains("prediction_")
+        );
     }
 
     /// A small deterministic generator so tests need no rand crate.

@@ -239,6 +239,113 @@ fn segment_integral(d0: f64, d1: f64, width: f64) -> f64 {
     }
 }
 
+/// Pearson's chi-square goodness-of-fit test of observed counts against expected fractions
+/// (categories or predicted classes): the statistic `Σ (O − E)² / E` with `E = n · p`
+/// (each `p` floored at [`PSI_EPSILON`], so that a category the reference never saw gives
+/// a large, finite statistic), and its p-value with `k − 1` degrees of freedom. `None`
+/// when nothing was observed or there are fewer than two categories.
+pub fn chi_square(expected: &[f64], actual_counts: &[u64]) -> Option<(f64, f64)> {
+    let total: u64 = actual_counts.iter().sum();
+    let k = expected.len().min(actual_counts.len());
+    if total == 0 || k < 2 {
+        return None;
+    }
+    let floored: Vec<f64> = expected[..k].iter().map(|p| p.max(PSI_EPSILON)).collect();
+    let sum: f64 = floored.iter().sum();
+    let n = total as f64;
+    let statistic: f64 = floored
+        .iter()
+        .zip(actual_counts)
+        .map(|(&p, &o)| {
+            let e = n * p / sum;
+            let d = o as f64 - e;
+            d * d / e
+        })
+        .sum();
+    Some((statistic, chi_square_sf(statistic, (k - 1) as f64)))
+}
+
+/// The chi-square distribution's survival function `P(X ≥ x)` with `dof` degrees of
+/// freedom: the regularized upper incomplete gamma function `Q(dof / 2, x / 2)`.
+pub fn chi_square_sf(x: f64, dof: f64) -> f64 {
+    if x <= 0.0 {
+        return 1.0;
+    }
+    gamma_q(dof / 2.0, x / 2.0)
+}
+
+/// Regularized upper incomplete gamma `Q(a, x)`, by its series below `a + 1` and its
+/// continued fraction (modified Lentz) above, both to double precision.
+fn gamma_q(a: f64, x: f64) -> f64 {
+    const EPS: f64 = 1e-15;
+    const TINY: f64 = 1e-300;
+    let log_prefix = a * x.ln() - x - ln_gamma(a);
+    if x < a + 1.0 {
+        // P(a, x) = e^{-x} x^a / Γ(a + 1) · Σ x^n / ((a + 1)…(a + n))
+        let (mut term, mut sum, mut ap) = (1.0 / a, 1.0 / a, a);
+        for _ in 0..10_000 {
+            ap += 1.0;
+            term *= x / ap;
+            sum += term;
+            if term.abs() < sum.abs() * EPS {
+                break;
+            }
+        }
+        (1.0 - sum * log_prefix.exp()).clamp(0.0, 1.0)
+    } else {
+        let mut b = x + 1.0 - a;
+        let mut c = 1.0 / TINY;
+        let mut d = 1.0 / b;
+        let mut h = d;
+        for i in 1..10_000 {
+            let an = -(i as f64) * (i as f64 - a);
+            b += 2.0;
+            d = an * d + b;
+            if d.abs() < TINY {
+                d = TINY;
+            }
+            c = b + an / c;
+            if c.abs() < TINY {
+                c = TINY;
+            }
+            d = 1.0 / d;
+            let step = d * c;
+            h *= step;
+            if (step - 1.0).abs() < EPS {
+                break;
+            }
+        }
+        (log_prefix.exp() * h).clamp(0.0, 1.0)
+    }
+}
+
+/// `ln Γ(x)` for `x > 0` (Lanczos, g = 7, nine terms; relative error below 1e-14).
+fn ln_gamma(x: f64) -> f64 {
+    const G: f64 = 7.0;
+    const C: [f64; 9] = [
+        0.999_999_999_999_809_9,
+        676.520_368_121_885_1,
+        -1_259.139_216_722_402_8,
+        771.323_428_777_653_1,
+        -176.615_029_162_140_6,
+        12.507_343_278_686_905,
+        -0.138_571_095_265_720_12,
+        9.984_369_578_019_572e-6,
+        1.505_632_735_149_311_6e-7,
+    ];
+    if x < 0.5 {
+        // Reflection: Γ(x) Γ(1 − x) = π / sin(πx).
+        return (std::f64::consts::PI / (std::f64::consts::PI * x).sin()).ln() - ln_gamma(1.0 - x);
+    }
+    let x = x - 1.0;
+    let mut sum = C[0];
+    for (i, c) in C.iter().enumerate().skip(1) {
+        sum += c / (x + i as f64);
+    }
+    let t = x + G + 0.5;
+    0.5 * (2.0 * std::f64::consts::PI).ln() + (x + 0.5) * t.ln() - t + sum.ln()
+}
+
 /// Upper bounds of the latency histogram's buckets, in milliseconds; one more bucket
 /// counts everything slower.
 pub const LATENCY_BOUNDS_MS: [f64; 16] = [
@@ -316,6 +423,45 @@ impl PageHinkley {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chi_square_p_values_match_the_distribution() {
+        // Textbook critical values at the 5 % level (scipy.stats.chi2.isf(0.05, k)).
+        for (x, dof) in [
+            (3.841_458_820_694_124, 1.0),
+            (5.991_464_547_107_979, 2.0),
+            (9.487_729_036_781_154, 4.0),
+            (18.307_038_053_275_146, 10.0),
+            (124.342_113_404_070_6, 100.0),
+        ] {
+            let p = chi_square_sf(x, dof);
+            assert!((p - 0.05).abs() < 1e-10, "dof {dof}: {p}");
+        }
+        // With two degrees of freedom the survival function is exp(−x/2) exactly.
+        for x in [0.1, 1.0, 3.0, 20.0, 80.0] {
+            let p = chi_square_sf(x, 2.0);
+            assert!((p / (-x / 2.0f64).exp() - 1.0).abs() < 1e-12, "{x}: {p}");
+        }
+        assert_eq!(chi_square_sf(0.0, 3.0), 1.0);
+        assert!((ln_gamma(0.5) - std::f64::consts::PI.sqrt().ln()).abs() < 1e-14);
+        assert!((ln_gamma(10.0) - 362_880f64.ln()).abs() < 1e-12);
+    }
+
+    #[test]
+    fn chi_square_tests_counts_against_fractions() {
+        // Observed exactly as expected: statistic 0, p 1.
+        let (x, p) = chi_square(&[0.5, 0.25, 0.25], &[50, 25, 25]).unwrap();
+        assert!(x.abs() < 1e-12 && (p - 1.0).abs() < 1e-12, "{x} {p}");
+        // 60/40 against 50/50 over 100: (10² / 50) · 2 = 4, p = chi2.sf(4, 1) = 0.0455.
+        let (x, p) = chi_square(&[0.5, 0.5], &[60, 40]).unwrap();
+        assert!((x - 4.0).abs() < 1e-12);
+        assert!((p - 0.045_500_263_896_358_4).abs() < 1e-9, "{p}");
+        // A class the reference never predicted: large and finite.
+        let (x, p) = chi_square(&[1.0, 0.0], &[90, 10]).unwrap();
+        assert!(x.is_finite() && x > 5e3 && p < 1e-12, "{x} {p}");
+        assert_eq!(chi_square(&[0.5, 0.5], &[0, 0]), None);
+        assert_eq!(chi_square(&[1.0], &[5]), None);
+    }
 
     #[test]
     fn moments_merge_into_the_moments_of_the_union() {
