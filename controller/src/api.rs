@@ -262,6 +262,9 @@ pub struct PublishBody {
     pub reference_csv: String,
     #[serde(default)]
     pub label_column: Option<String>,
+    /// Features profiled as categorical.
+    #[serde(default)]
+    pub categorical: Vec<String>,
     /// Class labels in output order.
     #[serde(default)]
     pub labels: Vec<String>,
@@ -360,6 +363,7 @@ async fn publish(
             onnx: &onnx,
             reference_csv: &reference,
             label_column: body.label_column.as_deref(),
+            categorical: body.categorical,
             class_labels: body.labels,
             created_ms: now_ms(),
             requirements: edgeloop_shared::bundle::Requirements {

@@ -325,6 +325,7 @@ async fn publish(
             onnx,
             reference_csv: &path,
             label_column: None,
+            categorical: Vec::new(),
             class_labels: CLASS_LABELS.iter().map(|s| s.to_string()).collect(),
             created_ms: now_ms(),
             requirements: Default::default(),

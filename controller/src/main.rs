@@ -231,6 +231,10 @@ enum ModelCommand {
         /// A column of the reference data that is not an input (for example the label).
         #[arg(long)]
         label_column: Option<String>,
+        /// Features that are categorical codes (site, mode, …), comma-separated: profiled by
+        /// category, with the chi-square test, instead of by quantile bins.
+        #[arg(long, value_delimiter = ',')]
+        categorical: Vec<String>,
         /// Class labels in output order, comma-separated.
         #[arg(long, value_delimiter = ',')]
         labels: Vec<String>,
@@ -836,6 +840,7 @@ async fn run() -> anyhow::Result<()> {
                     version,
                     reference,
                     label_column,
+                    categorical,
                     labels,
                     label,
                     latency_budget_ms,
@@ -894,6 +899,7 @@ async fn run() -> anyhow::Result<()> {
                     onnx: &onnx,
                     reference_csv: &reference,
                     label_column: label_column.as_deref(),
+                    categorical,
                     class_labels: labels,
                     created_ms: now_ms(),
                     requirements: edgeloop_shared::bundle::Requirements {

@@ -83,6 +83,9 @@ pub struct PublishRequest<'a> {
     pub reference_csv: &'a Path,
     /// A column of the reference data to leave out (for example the label).
     pub label_column: Option<&'a str>,
+    /// Features to profile as categorical (their distinct reference values are the
+    /// categories) rather than numeric.
+    pub categorical: Vec<String>,
     /// Class labels, in output order; `class_0`, `class_1`, … when empty.
     pub class_labels: Vec<String>,
     pub created_ms: u64,
@@ -342,6 +345,15 @@ fn build_bundle(
         classes as u64,
     )?;
     manifest.reference.set_predictions(predicted, classes);
+    for name in &request.categorical {
+        let at = columns.iter().position(|c| c == name).ok_or_else(|| {
+            PublishError::Profile(edgeloop_shared::drift::DriftError::BadReference {
+                feature: name.clone(),
+                reason: "named categorical, but it is not a feature of the reference data".into(),
+            })
+        })?;
+        manifest.reference.set_categorical(name, &by_column[at])?;
+    }
     manifest.label = request.label.clone();
     manifest.created_ms = request.created_ms;
     manifest.inputs[0].name = signature.input_name;
@@ -388,6 +400,7 @@ mod tests {
     use crate::demo::{CLASS_LABELS, MODEL_V1, MODEL_V2, REFERENCE_V1, REFERENCE_V2};
     use crate::gate::Segments;
     use crate::store::SqliteStore;
+    use edgeloop_shared::drift::MAX_CATEGORIES;
 
     const HOLDOUT_V2: &str = concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -432,6 +445,7 @@ mod tests {
                     onnx,
                     reference_csv: &csv,
                     label_column: None,
+                    categorical: Vec::new(),
                     class_labels: CLASS_LABELS.iter().map(|s| s.to_string()).collect(),
                     created_ms: 1,
                     requirements: Requirements::default(),
@@ -555,6 +569,61 @@ mod tests {
         r.publish(1, MODEL_V2, REFERENCE_V2, gate(policy))
             .await
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_feature_named_categorical_is_profiled_by_category() {
+        let r = Registry::new();
+        // The example's reference with the temperature rounded to whole degrees: a few
+        // dozen categories.
+        let mut lines = REFERENCE_V1.lines();
+        let mut csv = format!("{}\n", lines.next().unwrap());
+        for line in lines {
+            let mut cells: Vec<String> = line.split(',').map(str::to_string).collect();
+            cells[3] = format!("{}", cells[3].parse::<f64>().unwrap().round());
+            csv.push_str(&cells.join(","));
+            csv.push('\n');
+        }
+        let path = r.dir.path().join("rounded.csv");
+        std::fs::write(&path, &csv).unwrap();
+        let request = |version, categorical: &[&str]| PublishRequest {
+            name: "vibration",
+            version,
+            label: None,
+            onnx: MODEL_V1,
+            reference_csv: &path,
+            label_column: None,
+            categorical: categorical.iter().map(|s| s.to_string()).collect(),
+            class_labels: Vec::new(),
+            created_ms: 1,
+            requirements: Requirements::default(),
+            drift: None,
+            lineage: None,
+            gate: None,
+        };
+        publish(&r.store, &r.artifacts, &r.key, request(1, &["temperature"]))
+            .await
+            .unwrap();
+        let (_, verified) = open_published(&r.store, &r.artifacts, &r.key, "vibration", 1)
+            .await
+            .unwrap();
+        let features = &verified.manifest.reference.features;
+        let temperature = &features[3];
+        assert!(temperature.categorical && !temperature.has_sketch());
+        assert!(temperature.edges.iter().all(|c| c.fract() == 0.0));
+        assert!((10..=MAX_CATEGORIES).contains(&temperature.edges.len()));
+        assert!(
+            features[..3]
+                .iter()
+                .all(|f| !f.categorical && f.has_sketch())
+        );
+        // A name that is no feature, and a feature with too many values, are refused.
+        for (names, expected) in [(&["site"][..], "`site`"), (&["rms"][..], "at most")] {
+            let err = publish(&r.store, &r.artifacts, &r.key, request(2, names))
+                .await
+                .unwrap_err();
+            assert!(err.to_string().contains(expected), "{err}");
+        }
     }
 
     #[tokio::test]

@@ -1053,6 +1053,7 @@ impl Retrainer {
                 onnx: &onnx,
                 reference_csv: &reference,
                 label_column: None,
+                categorical: Vec::new(),
                 class_labels: current.manifest.outputs[0].names.clone(),
                 created_ms: now_ms(),
                 requirements: current.manifest.requirements.clone(),

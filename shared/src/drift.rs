@@ -73,7 +73,15 @@ pub struct FeatureReference {
     /// profiles, which then use the profile's row count.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub count: u64,
+    /// A categorical feature: `edges` are then its categories (the distinct reference
+    /// values, ascending) and there is one bin per category plus a last one, "other", for
+    /// values the reference never had. No sketch.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub categorical: bool,
 }
+
+/// Most categories a categorical feature may have.
+pub const MAX_CATEGORIES: usize = 256;
 
 fn is_zero(n: &u64) -> bool {
     *n == 0
@@ -111,11 +119,21 @@ fn score_opt<S: serde::Serializer>(x: &Option<f64>, s: S) -> Result<S::Ok, S::Er
 impl FeatureReference {
     /// Index into `fractions`/counts for `x` (which must not be NaN).
     pub fn bin_of(&self, x: f64) -> usize {
-        bin_index(&self.edges, x)
+        if self.categorical {
+            self.edges
+                .binary_search_by(|c| c.total_cmp(&x))
+                .unwrap_or(self.edges.len())
+        } else {
+            bin_index(&self.edges, x)
+        }
     }
 
     pub fn bin_count(&self) -> usize {
-        bin_count(&self.edges)
+        if self.categorical {
+            self.edges.len() + 1
+        } else {
+            bin_count(&self.edges)
+        }
     }
 
     /// Whether the profile has a sketch for this feature.
@@ -128,6 +146,16 @@ impl FeatureReference {
             feature: self.name.clone(),
             reason: reason.to_string(),
         };
+        if self.categorical {
+            if self.has_sketch() || !self.sketch_fractions.is_empty() {
+                return Err(bad("a categorical feature has no sketch"));
+            }
+            if self.edges.len() > MAX_CATEGORIES {
+                return Err(bad(&format!("more than {MAX_CATEGORIES} categories")));
+            }
+            return check_distribution(&self.edges, &self.fractions, self.edges.len() + 1)
+                .map_err(|r| bad(&format!("categories: {r}")));
+        }
         check_bins(&self.edges, &self.fractions).map_err(|r| bad(&format!("bins: {r}")))?;
         if self.has_sketch() || !self.sketch_fractions.is_empty() {
             check_bins(&self.sketch_edges, &self.sketch_fractions)
@@ -139,6 +167,11 @@ impl FeatureReference {
 
 /// Checks edges and fractions: ascending finite edges, one fraction per bin, a distribution.
 fn check_bins(edges: &[f64], fractions: &[f64]) -> Result<(), &'static str> {
+    check_distribution(edges, fractions, bin_count(edges))
+}
+
+/// Ascending finite edges (or categories), `bins` fractions, a distribution.
+fn check_distribution(edges: &[f64], fractions: &[f64], bins: usize) -> Result<(), &'static str> {
     if edges.is_empty() {
         return Err("no bin edges");
     }
@@ -148,7 +181,7 @@ fn check_bins(edges: &[f64], fractions: &[f64]) -> Result<(), &'static str> {
     if edges.windows(2).any(|w| w[0] >= w[1]) {
         return Err("bin edges are not strictly ascending");
     }
-    if fractions.len() != bin_count(edges) {
+    if fractions.len() != bins {
         return Err("fractions do not match the number of bins");
     }
     let sum: f64 = fractions.iter().sum();
@@ -240,6 +273,7 @@ impl ReferenceProfile {
                 sketch_edges,
                 sketch_fractions,
                 count: values.len() as u64,
+                categorical: false,
             });
         }
         Ok(ReferenceProfile {
@@ -247,6 +281,51 @@ impl ReferenceProfile {
             features,
             predictions: Vec::new(),
         })
+    }
+
+    /// Makes `feature` categorical, its categories the distinct finite values of `column`
+    /// (its reference data): one bin each, plus "other" for values the reference never
+    /// had. More than [`MAX_CATEGORIES`] distinct values is an error.
+    pub fn set_categorical(&mut self, feature: &str, column: &[f64]) -> Result<(), DriftError> {
+        let bad = |reason: String| DriftError::BadReference {
+            feature: feature.to_string(),
+            reason,
+        };
+        let reference = self
+            .features
+            .iter_mut()
+            .find(|f| f.name == feature)
+            .ok_or_else(|| bad("no such feature".into()))?;
+        let mut values: Vec<f64> = column.iter().copied().filter(|v| v.is_finite()).collect();
+        if values.is_empty() {
+            return Err(DriftError::NoFiniteValues {
+                feature: feature.to_string(),
+            });
+        }
+        values.sort_by(f64::total_cmp);
+        let mut categories: Vec<f64> = values.clone();
+        categories.dedup();
+        if categories.len() > MAX_CATEGORIES {
+            return Err(bad(format!(
+                "{} distinct values; a categorical feature may have at most {MAX_CATEGORIES}",
+                categories.len()
+            )));
+        }
+        let mut counts = vec![0u64; categories.len() + 1];
+        let mut at = 0;
+        for v in &values {
+            while categories[at] != *v {
+                at += 1;
+            }
+            counts[at] += 1;
+        }
+        let n = values.len() as f64;
+        reference.fractions = counts.iter().map(|&c| c as f64 / n).collect();
+        reference.edges = categories;
+        reference.sketch_edges.clear();
+        reference.sketch_fractions.clear();
+        reference.categorical = true;
+        Ok(())
     }
 
     pub fn feature_names(&self) -> impl Iterator<Item = &str> {
@@ -403,9 +482,16 @@ impl DriftPolicy {
         match self.method {
             DriftMethod::Psi => f.psi >= self.psi_alert,
             DriftMethod::Js => f.js >= self.js,
-            DriftMethod::Wasserstein => f.wasserstein.is_some_and(|w| w >= self.wasserstein),
+            // A categorical feature has no distance between categories: JS decides.
+            DriftMethod::Wasserstein => match (f.wasserstein, f.chi2_p) {
+                (Some(w), _) => w >= self.wasserstein,
+                (None, Some(_)) => f.js >= self.js,
+                (None, None) => false,
+            },
+            // For a categorical feature, the chi-square test's p-value.
             DriftMethod::Ks => f
                 .ks_p
+                .or(f.chi2_p)
                 .is_some_and(|p| p < self.ks_alpha / features.max(1) as f64),
         }
     }
@@ -462,6 +548,14 @@ pub struct FeatureWindow {
         serialize_with = "score_opt"
     )]
     pub wasserstein: Option<f64>,
+    /// A categorical feature: the p-value of Pearson's chi-square test of its category
+    /// counts against the reference's.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "score_opt"
+    )]
+    pub chi2_p: Option<f64>,
     /// Whether the policy's score says this feature drifted.
     #[serde(default)]
     pub drifted: bool,
@@ -505,6 +599,11 @@ impl FeatureWindow {
         } else {
             (self.ks, self.ks_p, self.ks_error, self.wasserstein) = (None, None, None, None);
         }
+        self.chi2_p = if reference.categorical {
+            stats::chi_square(&reference.fractions, &self.counts).map(|(_, p)| p)
+        } else {
+            None
+        };
     }
 }
 
@@ -632,10 +731,8 @@ impl WindowStats {
             a.psi = a.psi.max(b.psi);
             a.js = a.js.max(b.js);
             a.ks = max_opt(a.ks, b.ks);
-            a.ks_p = match (a.ks_p, b.ks_p) {
-                (Some(x), Some(y)) => Some(x.min(y)),
-                (x, y) => x.or(y),
-            };
+            a.ks_p = min_opt(a.ks_p, b.ks_p);
+            a.chi2_p = min_opt(a.chi2_p, b.chi2_p);
             a.ks_error = max_opt(a.ks_error, b.ks_error);
             a.wasserstein = max_opt(a.wasserstein, b.wasserstein);
             a.drifted |= b.drifted;
@@ -658,10 +755,7 @@ impl WindowStats {
         self.dataset_drift |= other.dataset_drift;
         self.prediction_psi = max_opt(self.prediction_psi, other.prediction_psi);
         self.prediction_js = max_opt(self.prediction_js, other.prediction_js);
-        self.prediction_chi2_p = match (self.prediction_chi2_p, other.prediction_chi2_p) {
-            (Some(x), Some(y)) => Some(x.min(y)),
-            (x, y) => x.or(y),
-        };
+        self.prediction_chi2_p = min_opt(self.prediction_chi2_p, other.prediction_chi2_p);
         self.prediction_drift |= other.prediction_drift;
         self.confidence_alert |= other.confidence_alert;
         Ok(())
@@ -749,6 +843,14 @@ impl WindowStats {
     /// (a bucket's upper bound).
     pub fn latency_quantile_ms(&self, q: f64) -> Option<f64> {
         stats::latency_quantile(&self.latency_ms, q)
+    }
+}
+
+/// The smaller of two p-values (the stronger evidence of drift), or whichever exists.
+fn min_opt(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(x.min(y)),
+        (x, y) => x.or(y),
     }
 }
 
@@ -1035,6 +1137,82 @@ mod tests {
                 .unwrap()
                 .contains("prediction_")
         );
+    }
+
+    #[test]
+    fn categorical_features_count_categories_and_take_the_chi_square_test() {
+        // `site` takes the codes 0, 1, 2 in the reference, half, 30 % and 20 % of rows.
+        let site: Vec<f64> = (0..1000)
+            .map(|i| match i % 10 {
+                0..5 => 0.0,
+                5..8 => 1.0,
+                _ => 2.0,
+            })
+            .collect();
+        let level: Vec<f64> = (0..1000).map(f64::from).collect();
+        let names = ["site".to_string(), "level".to_string()];
+        let mut profile =
+            ReferenceProfile::from_columns(&names, &[site.clone(), level], DEFAULT_BINS).unwrap();
+        profile.set_categorical("site", &site).unwrap();
+        let f = &profile.features[0];
+        assert!(f.categorical && !f.has_sketch());
+        assert_eq!(f.edges, [0.0, 1.0, 2.0]);
+        assert_eq!(f.fractions, [0.5, 0.3, 0.2, 0.0]);
+        assert_eq!((f.bin_of(1.0), f.bin_of(7.0), f.bin_of(0.5)), (1, 3, 3));
+        profile.validate().unwrap();
+        let json = serde_json::to_string(&profile).unwrap();
+        assert_eq!(
+            serde_json::from_str::<ReferenceProfile>(&json).unwrap(),
+            profile
+        );
+
+        let window = |codes: &dyn Fn(usize) -> f32, method: DriftMethod| {
+            let policy = DriftPolicy {
+                method,
+                ..DriftPolicy::default()
+            };
+            let mut w = DriftWindow::with_policy(profile.clone(), policy, 0);
+            for i in 0..400 {
+                w.observe(&[codes(i), (i * 2) as f32], Some(0)).unwrap();
+            }
+            w.finish(1)
+        };
+        let same = |i: usize| [0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 2.0, 2.0][i % 10];
+        // Mostly code 2 now, and a code the reference never had.
+        let shifted = |i: usize| [2.0, 2.0, 2.0, 2.0, 7.0, 1.0, 0.0, 2.0, 2.0, 7.0][i % 10];
+        for method in [
+            DriftMethod::Psi,
+            DriftMethod::Js,
+            DriftMethod::Wasserstein,
+            DriftMethod::Ks,
+        ] {
+            let w = window(&same, method);
+            let site = &w.features[0];
+            assert_eq!(site.counts, [200, 120, 80, 0]);
+            assert!(site.sketch.is_empty() && site.ks.is_none() && site.wasserstein.is_none());
+            // Only the floored "other" bin keeps the statistic above 0.
+            assert!(site.chi2_p.unwrap() > 0.99, "{site:?}");
+            assert!(!site.drifted, "{method:?}");
+            assert_eq!(
+                w.features[1].chi2_p, None,
+                "a numeric feature has no chi-square"
+            );
+            let w = window(&shifted, method);
+            let site = &w.features[0];
+            assert_eq!(site.counts, [40, 40, 240, 80]);
+            assert!(site.chi2_p.unwrap() < 1e-12, "{site:?}");
+            assert!(site.drifted, "{method:?}: {site:?}");
+        }
+        // Tampered or too many categories: refused, naming the feature.
+        let mut bad = profile.clone();
+        bad.features[0].fractions.pop();
+        assert!(
+            matches!(bad.validate(), Err(DriftError::BadReference { feature, .. }) if feature == "site")
+        );
+        let many: Vec<f64> = (0..=MAX_CATEGORIES).map(|i| i as f64).collect();
+        let err = profile.clone().set_categorical("level", &many).unwrap_err();
+        assert!(err.to_string().contains("at most"), "{err}");
+        assert!(profile.clone().set_categorical("nope", &site).is_err());
     }
 
     /// A small deterministic generator so tests need no rand crate.

@@ -158,6 +158,7 @@ impl TestController {
                 onnx,
                 reference_csv: &csv,
                 label_column: None,
+                categorical: Vec::new(),
                 class_labels: CLASS_LABELS.iter().map(|s| s.to_string()).collect(),
                 created_ms: now_ms(),
                 requirements: Default::default(),

@@ -69,6 +69,7 @@ impl Fleet {
                 onnx: edgeloop_controller::demo::MODEL_V1,
                 reference_csv: &csv,
                 label_column: None,
+                categorical: Vec::new(),
                 class_labels: vec![],
                 created_ms: edgeloop_agent::now_ms(),
                 requirements: Default::default(),

@@ -77,6 +77,7 @@ async fn two_replicas_split_ingest_and_one_dispatches() {
         onnx: MODEL_V1,
         reference_csv: &csv,
         label_column: None,
+        categorical: Vec::new(),
         class_labels: CLASS_LABELS.iter().map(|s| s.to_string()).collect(),
         created_ms: edgeloop_agent::now_ms(),
         requirements: Default::default(),

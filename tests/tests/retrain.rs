@@ -446,6 +446,7 @@ trainer = {{ kind = "webhook", url = "{url}", secret_file = "{}", retries = 3 }}
             onnx: MODEL_V2,
             reference_csv: &reference,
             label_column: None,
+            categorical: Vec::new(),
             class_labels: vec!["normal".into(), "fault".into()],
             created_ms: now_ms(),
             requirements: Default::default(),
