@@ -1,6 +1,7 @@
 //! Property: the summary of two windows merged (and rescored against the profile) equals
 //! the summary of one window over both windows' inputs. Counts, sketches, labels and
-//! latencies are equal exactly; moments and scores up to floating-point rounding.
+//! latencies are equal exactly; moments and scores (of numeric and categorical features,
+//! and of the predictions) up to floating-point rounding.
 
 use edgeloop_shared::drift::{
     DriftMethod, DriftPolicy, DriftWindow, ReferenceProfile, WindowStats,
@@ -8,12 +9,17 @@ use edgeloop_shared::drift::{
 use proptest::prelude::*;
 
 fn profile() -> ReferenceProfile {
-    // Two features: a continuous one and a discrete one.
+    // Two features: a continuous one and a categorical one (codes 0 to 6); and the
+    // classes the model predicts on the reference.
     let a: Vec<f64> = (0..500)
         .map(|i| ((i * 37) % 500) as f64 / 50.0 - 5.0)
         .collect();
     let b: Vec<f64> = (0..500).map(|i| (i % 7) as f64).collect();
-    ReferenceProfile::from_columns(&["a".into(), "b".into()], &[a, b], 10).unwrap()
+    let mut profile =
+        ReferenceProfile::from_columns(&["a".into(), "b".into()], &[a, b.clone()], 10).unwrap();
+    profile.set_categorical("b", &b).unwrap();
+    profile.set_predictions((0..500).map(|i| [0, 0, 1, 2][i % 4]), 3);
+    profile
 }
 
 /// One input: two feature values (sometimes NaN or out of range), a predicted class, a
@@ -93,8 +99,13 @@ proptest! {
             prop_assert!(close(m.psi, w.psi) && close(m.js, w.js));
             prop_assert!(close_opt(m.ks, w.ks) && close_opt(m.ks_p, w.ks_p));
             prop_assert!(close_opt(m.wasserstein, w.wasserstein));
+            prop_assert!(close_opt(m.chi2_p, w.chi2_p));
             prop_assert_eq!(m.drifted, w.drifted);
         }
+        prop_assert!(close_opt(merged.prediction_psi, whole.prediction_psi));
+        prop_assert!(close_opt(merged.prediction_js, whole.prediction_js));
+        prop_assert!(close_opt(merged.prediction_chi2_p, whole.prediction_chi2_p));
+        prop_assert_eq!(merged.prediction_drift, whole.prediction_drift);
         prop_assert!(close(merged.psi_max, whole.psi_max));
         prop_assert_eq!(merged.drift_share, whole.drift_share);
         prop_assert_eq!(merged.dataset_drift, whole.dataset_drift);

@@ -3,7 +3,9 @@
 //! same bins within 1e-6; the KS statistic within the sketch's stated error bound of
 //! scipy's exact one; the KS p-value of the binned statistic within 1e-6; the normed
 //! Wasserstein distance within 4% of scipy's on the raw data (the sketch takes values as
-//! uniform within each of its 100 bins; the largest difference here is 3.2%).
+//! uniform within each of its 100 bins; the largest difference here is 3.2%). Categorical
+//! features: the categories, counts, PSI and JS as numpy's, and the chi-square statistic
+//! and p-value as scipy's `chisquare` within 1e-9.
 
 use edgeloop_shared::drift::{DEFAULT_BINS, DriftWindow, ReferenceProfile, WindowStats};
 use serde::Deserialize;
@@ -11,6 +13,20 @@ use serde::Deserialize;
 #[derive(Deserialize)]
 struct Fixture {
     cases: Vec<Case>,
+    categorical: Vec<CategoricalCase>,
+}
+
+#[derive(Deserialize)]
+struct CategoricalCase {
+    name: String,
+    reference: Vec<f64>,
+    current: Vec<f64>,
+    categories: Vec<f64>,
+    counts: Vec<u64>,
+    psi: f64,
+    js: f64,
+    chi2_statistic: f64,
+    chi2_p: f64,
 }
 
 #[derive(Deserialize)]
@@ -134,5 +150,58 @@ fn drift_decisions_follow_the_usual_thresholds() {
         assert_eq!(stats.features[0].drifted, drifted, "{}", case.name);
         assert_eq!(stats.dataset_drift, drifted, "{}", case.name);
         assert_eq!(stats.drift_share, if drifted { 1.0 } else { 0.0 });
+    }
+}
+
+#[test]
+fn categorical_scores_match_scipy() {
+    let cases = fixture().categorical;
+    assert_eq!(cases.len(), 3);
+    for case in cases {
+        let name = &case.name;
+        let mut profile = ReferenceProfile::from_columns(
+            &["site".into()],
+            std::slice::from_ref(&case.reference),
+            DEFAULT_BINS,
+        )
+        .unwrap();
+        profile.set_categorical("site", &case.reference).unwrap();
+        assert_eq!(profile.features[0].edges, case.categories, "{name}");
+        let mut window = DriftWindow::new(profile.clone(), 0);
+        for &x in &case.current {
+            window.observe(&[x as f32], Some(0)).unwrap();
+        }
+        let stats = window.finish(1);
+        let f = &stats.features[0];
+        assert_eq!(f.counts, case.counts, "{name}");
+        assert!(
+            (f.psi - case.psi).abs() < 1e-6,
+            "{name}: PSI {} vs {}",
+            f.psi,
+            case.psi
+        );
+        assert!(
+            (f.js - case.js).abs() < 1e-6,
+            "{name}: JS {} vs {}",
+            f.js,
+            case.js
+        );
+        let (statistic, p) =
+            edgeloop_shared::stats::chi_square(&profile.features[0].fractions, &f.counts).unwrap();
+        assert!(
+            (statistic - case.chi2_statistic).abs() <= 1e-9 * case.chi2_statistic.max(1.0),
+            "{name}: chi-square {statistic} vs {}",
+            case.chi2_statistic
+        );
+        assert!(
+            (p - case.chi2_p).abs() <= 1e-9 * case.chi2_p.max(1e-300),
+            "{name}: p {p} vs {}",
+            case.chi2_p
+        );
+        assert_eq!(
+            f.chi2_p,
+            Some(p),
+            "{name}: the window reports the same p-value"
+        );
     }
 }

@@ -89,6 +89,28 @@ def case(name, reference, current):
     }
 
 
+def categorical_case(name, reference, current):
+    """A categorical feature: one bin per reference category plus "other"; PSI, JS and
+    Pearson's chi-square test (expected fractions floored at PSI_EPSILON, k - 1 degrees of
+    freedom) with scipy."""
+    categories = np.unique(reference)
+    expected = np.array([np.mean(reference == c) for c in categories] + [0.0])
+    counts = np.array([np.sum(current == c) for c in categories] + [np.sum(~np.isin(current, categories))])
+    floored = np.maximum(expected, PSI_EPSILON)
+    chi2 = stats.chisquare(counts, counts.sum() * floored / floored.sum())
+    return {
+        "name": name,
+        "reference": [float(x) for x in reference],
+        "current": [float(x) for x in current],
+        "categories": [float(x) for x in categories],
+        "counts": [int(c) for c in counts],
+        "psi": psi(expected, counts),
+        "js": float(distance.jensenshannon(expected, counts / counts.sum())),
+        "chi2_statistic": float(chi2.statistic),
+        "chi2_p": float(chi2.pvalue),
+    }
+
+
 def main():
     rng = np.random.default_rng(20261129)
     ref = lambda: np.round(rng.normal(0.0, 1.0, 2000), 6)
@@ -100,7 +122,19 @@ def main():
         case("skewed feature", np.round(rng.lognormal(0.0, 0.8, 2000), 6), rng.lognormal(0.3, 0.8, 400)),
         case("discrete feature", rng.poisson(3.0, 2000).astype(np.float64), rng.poisson(4.0, 400)),
     ]
-    print(json.dumps({"generator": "tests/scripts/drift_reference.py", "cases": cases}))
+    # A generator of its own, so that the cases above keep their data.
+    cat = np.random.default_rng(7)
+    codes = lambda p, n: cat.choice(np.arange(len(p)), size=n, p=p).astype(np.float64)
+    categorical = [
+        categorical_case("same categories", codes([0.5, 0.3, 0.2], 1000), codes([0.5, 0.3, 0.2], 300)),
+        categorical_case("shifted categories", codes([0.5, 0.3, 0.2], 1000), codes([0.2, 0.3, 0.5], 300)),
+        categorical_case(
+            "an unseen category",
+            codes([0.4, 0.4, 0.1, 0.1], 1000),
+            np.concatenate([codes([0.4, 0.4, 0.1, 0.1], 280), np.full(20, 9.0)]),
+        ),
+    ]
+    print(json.dumps({"generator": "tests/scripts/drift_reference.py", "cases": cases, "categorical": categorical}))
 
 
 if __name__ == "__main__":

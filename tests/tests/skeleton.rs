@@ -540,7 +540,10 @@ async fn models_are_published_through_the_rest_api() {
     categorical["categorical"] = json!(["site"]);
     let (status, error) = publish(categorical).await;
     assert_eq!(status, 400);
-    assert!(error["error"].as_str().unwrap().contains("`site`"), "{error}");
+    assert!(
+        error["error"].as_str().unwrap().contains("`site`"),
+        "{error}"
+    );
     let mut gate_alone = v1.clone();
     gate_alone["version"] = json!(5);
     gate_alone["gate"] = json!({"metric": "f1"});
