@@ -1,0 +1,233 @@
+//! Verify + install + smoke time per MB of model, against the bare work in the same run.
+//!
+//! For models of 1, 4 and 16 MiB of weights (a 4-input MLP with one wide hidden layer and
+//! random weights, so that zstd cannot shrink them), published through the registry as
+//! any model is:
+//!
+//! - edgeloop: `bundle::verify` (signature, SHA-256, bounded zstd decompression), then
+//!   `Installer::install`: write the inactive slot and fsync, read it back and verify it
+//!   again, load and optimize with tract, run the golden vectors, switch the slot
+//!   atomically;
+//! - the peer, the least any installer must do: SHA-256 of the bundle once, write it to a
+//!   file and fsync, load and optimize the ONNX with tract once.
+//!
+//! Run: `cargo bench -p edgeloop-controller --bench install`.
+
+use std::time::{Duration, Instant};
+
+use edgeloop_agent::runtime::Plan;
+use edgeloop_agent::slots::Slots;
+use edgeloop_agent::trust::SigningKeys;
+use edgeloop_agent::updater::Installer;
+use edgeloop_controller::registry::{self, ArtifactStore, PublishRequest};
+use edgeloop_controller::store::SqliteStore;
+use edgeloop_shared::bundle::{self, Limits};
+use edgeloop_shared::signing::TrustedKeys;
+use prost::Message as _;
+use sha2::{Digest, Sha256};
+use std::io::Write as _;
+use tract_onnx::pb::{
+    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
+    TensorShapeProto, TypeProto, ValueInfoProto, attribute_proto, tensor_proto::DataType,
+    tensor_shape_proto, type_proto,
+};
+
+const FEATURES: i64 = 4;
+const CLASSES: i64 = 2;
+const RUNS: usize = 3;
+
+/// Uniform floats in ±0.01 from a fixed seed (no rand crate needed).
+fn weights(n: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed;
+    (0..n)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.02
+        })
+        .collect()
+}
+
+fn tensor(name: &str, dims: &[i64], data: Vec<f32>) -> TensorProto {
+    TensorProto {
+        name: name.into(),
+        dims: dims.to_vec(),
+        data_type: DataType::Float as i32,
+        float_data: data,
+        ..Default::default()
+    }
+}
+
+fn node(op: &str, inputs: &[&str], output: &str) -> NodeProto {
+    NodeProto {
+        op_type: op.into(),
+        name: output.into(),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: vec![output.into()],
+        ..Default::default()
+    }
+}
+
+fn value(name: &str, width: i64) -> ValueInfoProto {
+    let dim = |value| tensor_shape_proto::Dimension {
+        value: Some(value),
+        ..Default::default()
+    };
+    ValueInfoProto {
+        name: name.into(),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: DataType::Float as i32,
+                shape: Some(TensorShapeProto {
+                    dim: vec![
+                        dim(tensor_shape_proto::dimension::Value::DimParam(
+                            "batch".into(),
+                        )),
+                        dim(tensor_shape_proto::dimension::Value::DimValue(width)),
+                    ],
+                }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// features → MatMul (hidden) → Relu → MatMul (classes) → Softmax, with about `bytes` of
+/// weights.
+fn mlp(bytes: usize) -> Vec<u8> {
+    let hidden = (bytes / (4 * (FEATURES + CLASSES) as usize)) as i64;
+    let mut softmax = node("Softmax", &["logits"], "scores");
+    softmax.attribute.push(AttributeProto {
+        name: "axis".into(),
+        r#type: attribute_proto::AttributeType::Int as i32,
+        i: 1,
+        ..Default::default()
+    });
+    let graph = GraphProto {
+        name: "bench_mlp".into(),
+        node: vec![
+            node("MatMul", &["features", "w1"], "h"),
+            node("Relu", &["h"], "a"),
+            node("MatMul", &["a", "w2"], "logits"),
+            softmax,
+        ],
+        initializer: vec![
+            tensor(
+                "w1",
+                &[FEATURES, hidden],
+                weights((FEATURES * hidden) as usize, 1),
+            ),
+            tensor(
+                "w2",
+                &[hidden, CLASSES],
+                weights((hidden * CLASSES) as usize, 2),
+            ),
+        ],
+        input: vec![value("features", FEATURES)],
+        output: vec![value("scores", CLASSES)],
+        ..Default::default()
+    };
+    ModelProto {
+        ir_version: 8,
+        opset_import: vec![OperatorSetIdProto {
+            domain: String::new(),
+            version: 13,
+        }],
+        producer_name: "edgeloop-bench".into(),
+        graph: Some(graph),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+fn median(mut times: Vec<Duration>) -> Duration {
+    times.sort();
+    times[times.len() / 2]
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = edgeloop_controller::keys::generate().unwrap();
+    let store = SqliteStore::open(&dir.path().join("registry.sqlite")).unwrap();
+    let artifacts = ArtifactStore::new(dir.path().join("artifacts"));
+    let reference = dir.path().join("reference.csv");
+    std::fs::write(&reference, edgeloop_controller::demo::REFERENCE_V1).unwrap();
+    let trusted = TrustedKeys::new([key.public().clone()]);
+
+    println!(
+        "{:>9} {:>9} {:>12} {:>12} {:>12} {:>12} {:>8}",
+        "weights", "bundle", "verify", "install", "per MiB", "peer per MiB", "ratio"
+    );
+    for (version, mib) in [1u64, 4, 16].into_iter().enumerate() {
+        let onnx = mlp((mib as usize) << 20);
+        let row = registry::publish(
+            &store,
+            &artifacts,
+            &key,
+            PublishRequest {
+                name: "bench",
+                version: version as u64 + 1,
+                label: None,
+                onnx: &onnx,
+                reference_csv: &reference,
+                label_column: None,
+                categorical: Vec::new(),
+                class_labels: Vec::new(),
+                created_ms: 1,
+                requirements: Default::default(),
+                drift: None,
+                lineage: None,
+                gate: None,
+            },
+        )
+        .await
+        .unwrap();
+        let bytes =
+            std::fs::read(artifacts.path("bench", row.version, &row.bundle_sha256)).unwrap();
+        let megabytes = onnx.len() as f64 / f64::from(1 << 20);
+
+        let (mut verify, mut install, mut peer) = (Vec::new(), Vec::new(), Vec::new());
+        for run in 0..RUNS {
+            let slots_dir = dir.path().join(format!("agent-{mib}-{run}"));
+            let installer = Installer::new(
+                SigningKeys::new(trusted.clone()),
+                "http://127.0.0.1:1",
+                1 << 30,
+                Slots::open(&slots_dir).unwrap(),
+                slots_dir.join("downloads"),
+            );
+            let start = Instant::now();
+            let verified = bundle::verify(&bytes, &trusted, &Limits::default()).unwrap();
+            verify.push(start.elapsed());
+            let start = Instant::now();
+            installer.install(&bytes, &verified, None).unwrap();
+            install.push(start.elapsed());
+
+            let start = Instant::now();
+            let digest = Sha256::digest(&bytes);
+            std::hint::black_box(digest);
+            let path = slots_dir.join("peer.bin");
+            let mut file = std::fs::File::create(&path).unwrap();
+            file.write_all(&bytes).unwrap();
+            file.sync_all().unwrap();
+            let plan = Plan::compile(&onnx, FEATURES as usize).unwrap();
+            std::hint::black_box(plan);
+            peer.push(start.elapsed());
+        }
+        let (verify, install, peer) = (median(verify), median(install), median(peer));
+        let total = verify + install;
+        println!(
+            "{:>7.1} MiB {:>5.1} MiB {:>9.1} ms {:>9.1} ms {:>9.1} ms {:>9.1} ms {:>7.2}x",
+            megabytes,
+            bytes.len() as f64 / f64::from(1 << 20),
+            verify.as_secs_f64() * 1e3,
+            install.as_secs_f64() * 1e3,
+            total.as_secs_f64() * 1e3 / megabytes,
+            peer.as_secs_f64() * 1e3 / megabytes,
+            total.as_secs_f64() / peer.as_secs_f64()
+        );
+    }
+}
