@@ -21,16 +21,13 @@ use edgeloop_agent::trust::SigningKeys;
 use edgeloop_agent::updater::Installer;
 use edgeloop_controller::registry::{self, ArtifactStore, PublishRequest};
 use edgeloop_controller::store::SqliteStore;
+use edgeloop_controller::trainer::{float_value, node, tensor};
 use edgeloop_shared::bundle::{self, Limits};
 use edgeloop_shared::signing::TrustedKeys;
 use prost::Message as _;
 use sha2::{Digest, Sha256};
 use std::io::Write as _;
-use tract_onnx::pb::{
-    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
-    TensorShapeProto, TypeProto, ValueInfoProto, attribute_proto, tensor_proto::DataType,
-    tensor_shape_proto, type_proto,
-};
+use tract_onnx::pb::{AttributeProto, GraphProto, ModelProto, OperatorSetIdProto, attribute_proto};
 
 const FEATURES: i64 = 4;
 const CLASSES: i64 = 2;
@@ -47,51 +44,6 @@ fn weights(n: usize, seed: u64) -> Vec<f32> {
             ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.02
         })
         .collect()
-}
-
-fn tensor(name: &str, dims: &[i64], data: Vec<f32>) -> TensorProto {
-    TensorProto {
-        name: name.into(),
-        dims: dims.to_vec(),
-        data_type: DataType::Float as i32,
-        float_data: data,
-        ..Default::default()
-    }
-}
-
-fn node(op: &str, inputs: &[&str], output: &str) -> NodeProto {
-    NodeProto {
-        op_type: op.into(),
-        name: output.into(),
-        input: inputs.iter().map(|s| s.to_string()).collect(),
-        output: vec![output.into()],
-        ..Default::default()
-    }
-}
-
-fn value(name: &str, width: i64) -> ValueInfoProto {
-    let dim = |value| tensor_shape_proto::Dimension {
-        value: Some(value),
-        ..Default::default()
-    };
-    ValueInfoProto {
-        name: name.into(),
-        r#type: Some(TypeProto {
-            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                elem_type: DataType::Float as i32,
-                shape: Some(TensorShapeProto {
-                    dim: vec![
-                        dim(tensor_shape_proto::dimension::Value::DimParam(
-                            "batch".into(),
-                        )),
-                        dim(tensor_shape_proto::dimension::Value::DimValue(width)),
-                    ],
-                }),
-            })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
 }
 
 /// features → MatMul (hidden) → Relu → MatMul (classes) → Softmax, with about `bytes` of
@@ -125,8 +77,8 @@ fn mlp(bytes: usize) -> Vec<u8> {
                 weights((hidden * CLASSES) as usize, 2),
             ),
         ],
-        input: vec![value("features", FEATURES)],
-        output: vec![value("scores", CLASSES)],
+        input: vec![float_value("features", FEATURES)],
+        output: vec![float_value("scores", CLASSES)],
         ..Default::default()
     };
     ModelProto {

@@ -267,7 +267,8 @@ fn softmax_into(x: &[f64], w: &[Vec<f64>], b: &[f64], out: &mut [f64]) {
     }
 }
 
-fn tensor(name: &str, dims: &[i64], data: Vec<f32>) -> TensorProto {
+/// An f32 initializer of an ONNX graph.
+pub fn tensor(name: &str, dims: &[i64], data: Vec<f32>) -> TensorProto {
     TensorProto {
         name: name.into(),
         dims: dims.to_vec(),
@@ -277,7 +278,8 @@ fn tensor(name: &str, dims: &[i64], data: Vec<f32>) -> TensorProto {
     }
 }
 
-fn node(op: &str, inputs: &[&str], output: &str) -> NodeProto {
+/// An ONNX node with one output, named after it.
+pub fn node(op: &str, inputs: &[&str], output: &str) -> NodeProto {
     NodeProto {
         op_type: op.into(),
         name: output.into(),
@@ -287,7 +289,8 @@ fn node(op: &str, inputs: &[&str], output: &str) -> NodeProto {
     }
 }
 
-fn float_value(name: &str, second: i64) -> ValueInfoProto {
+/// A graph input or output: f32, shape `[batch, second]` with a symbolic batch.
+pub fn float_value(name: &str, second: i64) -> ValueInfoProto {
     let dim = |value| tensor_shape_proto::Dimension {
         value: Some(value),
         ..Default::default()
