@@ -120,6 +120,8 @@ impl FeatureReference {
     /// Index into `fractions`/counts for `x` (which must not be NaN).
     pub fn bin_of(&self, x: f64) -> usize {
         if self.categorical {
+            // + 0.0 makes −0 the category 0.
+            let x = x + 0.0;
             self.edges
                 .binary_search_by(|c| c.total_cmp(&x))
                 .unwrap_or(self.edges.len())
@@ -296,7 +298,12 @@ impl ReferenceProfile {
             .iter_mut()
             .find(|f| f.name == feature)
             .ok_or_else(|| bad("no such feature".into()))?;
-        let mut values: Vec<f64> = column.iter().copied().filter(|v| v.is_finite()).collect();
+        // + 0.0 makes −0 the category 0, as `bin_of` reads it.
+        let mut values: Vec<f64> = column
+            .iter()
+            .filter(|v| v.is_finite())
+            .map(|v| v + 0.0)
+            .collect();
         if values.is_empty() {
             return Err(DriftError::NoFiniteValues {
                 feature: feature.to_string(),
@@ -1159,6 +1166,11 @@ mod tests {
         assert_eq!(f.edges, [0.0, 1.0, 2.0]);
         assert_eq!(f.fractions, [0.5, 0.3, 0.2, 0.0]);
         assert_eq!((f.bin_of(1.0), f.bin_of(7.0), f.bin_of(0.5)), (1, 3, 3));
+        assert_eq!(f.bin_of(-0.0), 0, "−0 is the category 0");
+        let mut signed = profile.clone();
+        signed.set_categorical("site", &[-0.0, 0.0, 1.0]).unwrap();
+        assert_eq!(signed.features[0].edges, [0.0, 1.0]);
+        assert_eq!(signed.features[0].fractions[0], 2.0 / 3.0);
         profile.validate().unwrap();
         let json = serde_json::to_string(&profile).unwrap();
         assert_eq!(
