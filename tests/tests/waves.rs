@@ -302,6 +302,17 @@ async fn a_failing_canary_pauses_the_rollout_until_an_operator_acts(broker: Brok
         r["status"] == "paused" && r["reason"].as_str().unwrap().starts_with("wave 1:")
     })
     .await;
+    // The threshold trips on the first failure; a device of the wave that was still
+    // installing then rolls v2 back by itself too. Once every deployment that went out
+    // has ended, nobody runs v2.
+    wait_until("every deployment that went out has ended", WAIT, || async {
+        let r = fleet.rollout(id).await;
+        r["deployments"].as_array().unwrap().iter().all(|d| {
+            d["command_seq"].is_null()
+                || matches!(d["status"].as_str(), Some("failed" | "rolled_back"))
+        })
+    })
+    .await;
 
     // Abort: nobody runs v2 any more, so there is nothing to roll back.
     let (code, aborted) = fleet
