@@ -60,11 +60,17 @@ fn profile_and_window(case: &Case) -> (ReferenceProfile, WindowStats) {
         DEFAULT_BINS,
     )
     .unwrap();
+    let stats = window_over(&profile, &case.current);
+    (profile, stats)
+}
+
+/// A finished window of one feature's live inputs against `profile`.
+fn window_over(profile: &ReferenceProfile, current: &[f64]) -> WindowStats {
     let mut window = DriftWindow::new(profile.clone(), 0);
-    for &x in &case.current {
+    for &x in current {
         window.observe(&[x as f32], Some(0)).unwrap();
     }
-    (profile, window.finish(1))
+    window.finish(1)
 }
 
 #[test]
@@ -167,11 +173,7 @@ fn categorical_scores_match_scipy() {
         .unwrap();
         profile.set_categorical("site", &case.reference).unwrap();
         assert_eq!(profile.features[0].edges, case.categories, "{name}");
-        let mut window = DriftWindow::new(profile.clone(), 0);
-        for &x in &case.current {
-            window.observe(&[x as f32], Some(0)).unwrap();
-        }
-        let stats = window.finish(1);
+        let stats = window_over(&profile, &case.current);
         let f = &stats.features[0];
         assert_eq!(f.counts, case.counts, "{name}");
         assert!(
