@@ -7,12 +7,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use edgeloop_shared::command::{
-    CommandAction, CommandError, DeployAction, Disposition, SignedCommand,
+    CommandAction, CommandError, DeployAction, Disposition, SignedCommand, UploadAction,
 };
 use edgeloop_shared::drift::DriftWindow;
 use edgeloop_shared::protocol::{
     DeployStage, DeviceStatus, DriftSummary, Envelope, MAX_MESSAGE_BYTES, Message, ModelRef,
-    OutboxStatus,
+    OutboxStatus, SampleChunk,
 };
 use edgeloop_shared::topics::Channel;
 use edgeloop_shared::trust::SignedTrust;
@@ -841,7 +841,10 @@ impl AgentLoop {
                 return;
             }
         };
-        let action = command.action.deploy();
+        let about = command
+            .action
+            .deploy()
+            .map(|a| (a.rollout_id, a.model.clone()));
         let checked = match &self.last_seq {
             Ok(last) => command
                 .check(&self.config.device_id, now_ms(), *last)
@@ -856,7 +859,17 @@ impl AgentLoop {
             // An authentic command refused for its target, time or sequence names its
             // rollout, so the operator sees why. A replay does not: it may be a duplicate
             // delivery of a command that is being carried out.
-            let about = (!replayed).then(|| (action.rollout_id, action.model.clone()));
+            if let CommandAction::UploadSamples(upload) = &command.action {
+                if !replayed {
+                    self.reporter.sample_chunk(SampleChunk::failed(
+                        upload.dataset_id,
+                        command.seq,
+                        format!("command refused: {reason}"),
+                    ));
+                }
+                return;
+            }
+            let about = about.filter(|_| !replayed);
             self.reporter.deployment(
                 about.as_ref().map(|a| a.0),
                 command.seq,
@@ -873,7 +886,49 @@ impl AgentLoop {
             return;
         }
         self.last_seq = Ok(Some(command.seq));
-        self.on_deploy(command.seq, command.action);
+        match command.action {
+            CommandAction::UploadSamples(upload) => self.on_upload(command.seq, &upload),
+            deploy => self.on_deploy(command.seq, deploy),
+        }
+    }
+
+    /// Sends the input sample as CSV chunks on the samples channel, at the outbox's lowest
+    /// priority. The file is cut to half the outbox budget, so that its chunks never evict
+    /// each other.
+    fn on_upload(&mut self, seq: u64, upload: &UploadAction) {
+        let max_bytes = self.config.outbox.budget_bytes / 2;
+        let exported = match self.reservoir.as_ref() {
+            None => Err("this device keeps no input sample".to_string()),
+            Some(r) => r
+                .export_csv(upload.max_rows, max_bytes)
+                .map_err(|e| e.to_string()),
+        };
+        match exported {
+            Ok(export) => {
+                let chunks = SampleChunk::split(
+                    upload.dataset_id,
+                    seq,
+                    export.model,
+                    export.rows,
+                    &export.csv,
+                );
+                info!(
+                    dataset = upload.dataset_id,
+                    rows = export.rows,
+                    bytes = export.csv.len(),
+                    chunks = chunks.len(),
+                    "uploading the input sample"
+                );
+                for chunk in chunks {
+                    self.reporter.sample_chunk(chunk);
+                }
+            }
+            Err(reason) => {
+                warn!(dataset = upload.dataset_id, %reason, "cannot upload the input sample");
+                self.reporter
+                    .sample_chunk(SampleChunk::failed(upload.dataset_id, seq, reason));
+            }
+        }
     }
 
     /// Installs what a deploy or rollback command names. Anti-rollback: a deploy of the
@@ -883,7 +938,9 @@ impl AgentLoop {
         let active = self.serving.as_ref().map(Serving::model_ref);
         let disposition = command.disposition(active.as_ref());
         let rollback = command.is_rollback();
-        let (CommandAction::Deploy(action) | CommandAction::Rollback(action)) = command;
+        let Some(action) = command.deploy().cloned() else {
+            return;
+        };
         let report = |stage, detail: String| {
             self.reporter.deployment(
                 Some(action.rollout_id),

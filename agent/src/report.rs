@@ -2,7 +2,7 @@
 
 use edgeloop_shared::protocol::{
     DeployStage, DeploymentStatus, DeviceStatus, DriftSummary, Envelope, MAX_MESSAGE_BYTES,
-    Message, ModelRef,
+    Message, ModelRef, SampleChunk,
 };
 use edgeloop_shared::topics::{Channel, Topics};
 use tracing::warn;
@@ -50,6 +50,7 @@ impl Reporter {
     fn queue(&self, channel: Channel, message: Message) {
         let priority = match channel {
             Channel::Deployment => Priority::Control,
+            Channel::Samples => Priority::Samples,
             _ => Priority::Telemetry,
         };
         let envelope = self.envelope(message);
@@ -94,6 +95,10 @@ impl Reporter {
 
     pub fn status(&self, status: DeviceStatus) {
         self.queue(Channel::Status, Message::Status(status));
+    }
+
+    pub fn sample_chunk(&self, chunk: SampleChunk) {
+        self.queue(Channel::Samples, Message::SampleChunk(chunk));
     }
 
     pub fn drift(&self, summary: DriftSummary) {

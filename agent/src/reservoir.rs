@@ -30,6 +30,8 @@ pub enum ReservoirError {
         #[source]
         source: rusqlite::Error,
     },
+    #[error("cannot write the sample as CSV: {0}")]
+    Csv(String),
 }
 
 /// The model a sample belongs to, with its feature names.
@@ -46,6 +48,15 @@ pub struct Sample {
     pub predicted: Option<usize>,
     pub label: Option<usize>,
     pub seen_ms: u64,
+}
+
+/// The sample as one CSV file (see [`write_csv`]), for an upload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Export {
+    pub model: Option<ModelRef>,
+    /// Data rows in the file.
+    pub rows: u64,
+    pub csv: Vec<u8>,
 }
 
 /// Where the sample stands.
@@ -262,6 +273,47 @@ impl Reservoir {
         Ok((model, rows))
     }
 
+    /// The sample as CSV, oldest input first, of at most `max_rows` rows and `max_bytes`
+    /// bytes: when it must be cut, an evenly spaced subset of the rows is kept, so the file
+    /// still spans the whole time the sample covers.
+    pub fn export_csv(
+        &self,
+        max_rows: Option<u64>,
+        max_bytes: u64,
+    ) -> Result<Export, ReservoirError> {
+        let (model, samples) = self.samples()?;
+        let features = model.as_ref().map(|m| m.features.as_slice()).unwrap_or(&[]);
+        let write = |keep: usize| -> Result<Vec<u8>, ReservoirError> {
+            let chosen = evenly_spaced(&samples, keep);
+            let mut csv = Vec::new();
+            write_csv(&mut csv, features, &chosen)
+                .map_err(|e| ReservoirError::Csv(e.to_string()))?;
+            Ok(csv)
+        };
+        let mut keep = samples
+            .len()
+            .min(max_rows.map_or(usize::MAX, |m| m as usize));
+        let mut csv = write(keep)?;
+        while csv.len() as u64 > max_bytes && keep > 0 {
+            // Rows are about the same size: aim just under the limit, then step down.
+            let per_row = csv.len() as f64 / (keep as f64 + 1.0);
+            let aim = ((max_bytes as f64 / per_row) as usize).saturating_sub(1);
+            keep = aim.min(keep - keep.div_ceil(20));
+            csv = write(keep)?;
+        }
+        if csv.len() as u64 > max_bytes {
+            return Err(ReservoirError::Csv(format!(
+                "even the header ({} bytes) is over the {max_bytes}-byte limit",
+                csv.len()
+            )));
+        }
+        Ok(Export {
+            model: model.map(|m| m.model),
+            rows: keep as u64,
+            csv,
+        })
+    }
+
     fn model(&self) -> Result<Option<SampledModel>, ReservoirError> {
         self.conn
             .query_row(
@@ -309,6 +361,16 @@ impl Reservoir {
     }
 }
 
+/// `keep` of `samples`, evenly spaced, in their order.
+fn evenly_spaced(samples: &[Sample], keep: usize) -> Vec<Sample> {
+    if keep >= samples.len() {
+        return samples.to_vec();
+    }
+    (0..keep)
+        .map(|i| samples[i * samples.len() / keep].clone())
+        .collect()
+}
+
 /// Writes samples as CSV: the feature names, then `predicted` and `label` (empty when
 /// unknown); a NaN value is an empty field.
 pub fn write_csv(
@@ -353,6 +415,62 @@ mod tests {
             name: "m".into(),
             version,
         }
+    }
+
+    #[test]
+    fn an_export_is_cut_to_its_row_and_byte_limits_spanning_the_whole_sample() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = Reservoir::open(&dir.path().join("r.sqlite"), 1 << 20).unwrap();
+        let empty = r.export_csv(None, 1000).unwrap();
+        assert_eq!((empty.model, empty.rows), (None, 0));
+        assert_eq!(empty.csv, b"predicted,label\n");
+        for i in 0..1000u32 {
+            let label = (i % 2 == 1).then_some(1);
+            r.offer(
+                &model(1),
+                &names(),
+                None,
+                &[i as f32, 0.5],
+                Some(0),
+                label,
+                u64::from(i),
+            )
+            .unwrap();
+        }
+        let all = r.export_csv(None, u64::MAX).unwrap();
+        assert_eq!((all.model, all.rows), (Some(model(1)), 1000));
+        let text = String::from_utf8(all.csv.clone()).unwrap();
+        assert!(
+            text.starts_with("a,b,predicted,label\n0,0.5,0,\n1,0.5,0,1\n"),
+            "{text:.60}"
+        );
+
+        let ten = r.export_csv(Some(10), u64::MAX).unwrap();
+        assert_eq!(ten.rows, 10);
+        let firsts: Vec<&str> = std::str::from_utf8(&ten.csv)
+            .unwrap()
+            .lines()
+            .skip(1)
+            .map(|l| l.split(',').next().unwrap())
+            .collect();
+        assert_eq!(
+            firsts,
+            [
+                "0", "100", "200", "300", "400", "500", "600", "700", "800", "900"
+            ]
+        );
+
+        let small = r.export_csv(None, 2000).unwrap();
+        assert!(
+            small.csv.len() <= 2000 && small.csv.len() > 1500,
+            "{}",
+            small.csv.len()
+        );
+        assert_eq!(
+            small.rows as usize,
+            std::str::from_utf8(&small.csv).unwrap().lines().count() - 1
+        );
+        assert!(matches!(r.export_csv(None, 5), Err(ReservoirError::Csv(_))));
     }
 
     #[test]

@@ -21,8 +21,8 @@ use crate::plan::RolloutPlan;
 use crate::registry::ArtifactStore;
 use crate::rollout::{self, Change, RolloutError, RolloutRequest};
 use crate::store::{
-    AuditEntry, DeploymentEvent, DeviceRow, EnrollOutcome, EnrollmentRow, HourlyRow, ModelRow,
-    RetrainingRow, RolloutRow, Store, StoreError, TelemetryRow, TokenRow,
+    AuditEntry, DatasetRow, DeploymentEvent, DeviceRow, EnrollOutcome, EnrollmentRow, HourlyRow,
+    ModelRow, RetrainingRow, RolloutRow, Store, StoreError, TelemetryRow, TokenRow,
 };
 use crate::trust::{Current, RelayError};
 use edgeloop_shared::trust::SignedTrust;
@@ -72,6 +72,8 @@ pub enum ApiError {
     Trust(#[from] RelayError),
     #[error(transparent)]
     Publish(#[from] crate::registry::PublishError),
+    #[error(transparent)]
+    Dataset(#[from] crate::datasets::DatasetError),
     /// Refused with this status (an enrollment: 401, 403 or 409).
     #[error("{1}")]
     Refused(StatusCode, String),
@@ -92,6 +94,17 @@ impl IntoResponse for ApiError {
             }
             ApiError::Trust(RelayError::Stale(_) | RelayError::Raced) => StatusCode::CONFLICT,
             ApiError::Refused(status, _) => *status,
+            ApiError::Dataset(e) => {
+                use crate::datasets::DatasetError as D;
+                match e {
+                    D::Select(RolloutError::Store(_)) | D::Store(_) | D::Merge(..) => {
+                        tracing::error!(error = %self, "dataset request failed");
+                        StatusCode::INTERNAL_SERVER_ERROR
+                    }
+                    D::UnknownDevice(_) => StatusCode::NOT_FOUND,
+                    _ => StatusCode::BAD_REQUEST,
+                }
+            }
             ApiError::Publish(e) => {
                 use crate::registry::PublishError as P;
                 match e {
@@ -150,6 +163,9 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/rollouts", post(create_rollout).get(rollouts))
         .route("/api/v1/rollouts/{id}", get(rollout))
         .route("/api/v1/rollouts/{id}/{action}", post(change_rollout))
+        .route("/api/v1/datasets", post(request_dataset).get(datasets))
+        .route("/api/v1/datasets/{id}", get(dataset))
+        .route("/api/v1/datasets/{id}/csv", get(dataset_csv))
         .route("/api/v1/audit", get(audit))
         .route("/api/v1/retrainings", get(retrainings))
         .route("/api/v1/retraining-policies", get(policies))
@@ -809,6 +825,105 @@ async fn audit(
     Query(q): Query<LimitQuery>,
 ) -> ApiResult<Vec<AuditEntry>> {
     Ok(Json(s.store.audit(limit(&q)?).await?))
+}
+
+/// `POST /api/v1/datasets`: ask devices for their input samples.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetBody {
+    /// Only devices running this model (unless `devices` names them).
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub devices: Option<Vec<String>>,
+    #[serde(default)]
+    pub group: Option<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// At most this many rows per device.
+    #[serde(default)]
+    pub max_rows: Option<u64>,
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+async fn request_dataset(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<DatasetBody>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<DatasetRow>), ApiError> {
+    let Json(body) = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    for d in body.devices.iter().flatten() {
+        device_id(d)?;
+    }
+    if let Some(model) = &body.model
+        && !is_valid_identifier(model)
+    {
+        return Err(ApiError::BadRequest(format!(
+            "`{model}` is not a valid model name"
+        )));
+    }
+    let row = crate::datasets::request(
+        s.store.as_ref(),
+        crate::datasets::DatasetRequest {
+            model: body.model,
+            devices: body.devices,
+            target: (body.group.is_some() || !body.tags.is_empty()).then_some(
+                crate::rollout::Target {
+                    group: body.group,
+                    tags: body.tags,
+                },
+            ),
+            max_rows: body.max_rows,
+            actor: actor(&headers)?,
+            reason: body.reason,
+        },
+    )
+    .await?;
+    s.dispatcher_wake.notify_one();
+    Ok((StatusCode::CREATED, Json(row)))
+}
+
+async fn datasets(
+    State(s): State<AppState>,
+    Query(q): Query<LimitQuery>,
+) -> ApiResult<Vec<DatasetRow>> {
+    Ok(Json(s.store.datasets(limit(&q)?).await?))
+}
+
+async fn dataset(State(s): State<AppState>, Path(id): Path<u64>) -> ApiResult<DatasetRow> {
+    s.store
+        .dataset(id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("dataset {id}")))
+}
+
+/// The header that carries a dataset file's SHA-256.
+pub const SHA256_HEADER: &str = "x-edgeloop-sha256";
+
+/// `GET /api/v1/datasets/{id}/csv`: the merge of the parts complete so far; its SHA-256 in
+/// `x-edgeloop-sha256` (and as the ETag), the devices in it in `x-edgeloop-devices`.
+async fn dataset_csv(State(s): State<AppState>, Path(id): Path<u64>) -> Result<Response, ApiError> {
+    let file = crate::datasets::file(s.store.as_ref(), id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("dataset {id}")))?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/csv".to_string()),
+            (header::ETAG, format!("\"{}\"", file.sha256)),
+            (
+                header::HeaderName::from_static(SHA256_HEADER),
+                file.sha256.clone(),
+            ),
+            (
+                header::HeaderName::from_static("x-edgeloop-devices"),
+                file.devices.join(","),
+            ),
+        ],
+        file.csv,
+    )
+        .into_response())
 }
 
 async fn rollouts(State(s): State<AppState>) -> ApiResult<Vec<RolloutRow>> {

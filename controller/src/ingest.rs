@@ -98,6 +98,16 @@ pub enum Rejection {
         expected: &'static str,
         got: &'static str,
     },
+    #[error("sample chunk refused: {0}")]
+    BadChunk(String),
+}
+
+/// A sample chunk whose data does not fit the file it declares.
+fn bad_chunk(message: &Message) -> Option<String> {
+    match message {
+        Message::SampleChunk(c) if c.error.is_none() => c.bytes().err(),
+        _ => None,
+    }
 }
 
 /// What a device publish holds, once checked against its topic.
@@ -173,10 +183,13 @@ pub fn validate(topics: &Topics, topic: &str, payload: &[u8]) -> Result<Checked,
                     got: envelope.message.kind(),
                 },
             ),
-            Ok(envelope) => {
-                checked.accepted.push(envelope);
-                continue;
-            }
+            Ok(envelope) => match bad_chunk(&envelope.message) {
+                Some(reason) => (Some(envelope.msg_id), Rejection::BadChunk(reason)),
+                None => {
+                    checked.accepted.push(envelope);
+                    continue;
+                }
+            },
             Err(ItemError { msg_id, error }) => (msg_id, Rejection::Decode(error)),
         };
         match refusal {

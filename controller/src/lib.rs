@@ -7,6 +7,7 @@
 pub mod api;
 pub mod broker;
 pub mod config;
+pub mod datasets;
 pub mod demo;
 pub mod gate;
 pub mod ingest;

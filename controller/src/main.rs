@@ -85,6 +85,11 @@ enum Command {
         #[command(subcommand)]
         command: RolloutCommand,
     },
+    /// Datasets of the devices' input samples, through a running controller's API.
+    Dataset {
+        #[command(subcommand)]
+        command: DatasetCommand,
+    },
     /// The retraining policies the controller runs (its `[[retraining]]` configuration).
     Policies {
         #[command(flatten)]
@@ -112,6 +117,164 @@ enum Command {
     },
     /// Print the built-in default configuration (a commented TOML file).
     PrintDefaultConfig,
+}
+
+#[derive(Subcommand)]
+enum DatasetCommand {
+    /// Ask devices to upload their input samples (a signed command); prints the dataset.
+    Request {
+        /// Only devices that run this model (unless --devices names them).
+        #[arg(long)]
+        model: Option<String>,
+        /// These devices, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        devices: Option<Vec<String>>,
+        /// The devices of this group.
+        #[arg(long)]
+        group: Option<String>,
+        /// The devices with all these tags, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        tags: Vec<String>,
+        /// At most this many rows per device.
+        #[arg(long)]
+        max_rows: Option<u64>,
+        /// Why, for the audit log.
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Datasets, newest first, with each device's part.
+    List {
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Download a dataset's CSV (the parts complete so far) and check its SHA-256.
+    Get {
+        id: u64,
+        /// Write it here (default: standard output).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The controller's base URL.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        controller: String,
+    },
+}
+
+/// A dataset as one line per part under a headline.
+fn dataset_lines(d: &serde_json::Value) -> String {
+    let mut text = format!(
+        "dataset {}{}: {} parts, by {}{}",
+        d["id"],
+        d["model_name"]
+            .as_str()
+            .map(|m| format!(" ({m})"))
+            .unwrap_or_default(),
+        d["parts"].as_array().map_or(0, Vec::len),
+        d["created_by"].as_str().unwrap_or(""),
+        d["reason"]
+            .as_str()
+            .map(|r| format!(": {r}"))
+            .unwrap_or_default()
+    );
+    for p in d["parts"].as_array().into_iter().flatten() {
+        text.push_str(&format!(
+            "\n  {:<24} {:<10} {}{}",
+            p["device_id"].as_str().unwrap_or(""),
+            p["status"].as_str().unwrap_or(""),
+            p["rows"]
+                .as_u64()
+                .map(|r| format!("{r} rows, {} bytes", p["bytes"]))
+                .unwrap_or_default(),
+            p["detail"]
+                .as_str()
+                .map(|r| format!(" {r}"))
+                .unwrap_or_default()
+        ));
+    }
+    text
+}
+
+async fn dataset_command(command: DatasetCommand) -> anyhow::Result<()> {
+    match command {
+        DatasetCommand::Request {
+            model,
+            devices,
+            group,
+            tags,
+            max_rows,
+            reason,
+            api,
+        } => {
+            let body = serde_json::json!({
+                "model": model, "devices": devices, "group": group, "tags": tags,
+                "max_rows": max_rows, "reason": reason,
+            });
+            let text = post_json(&api.url("/api/v1/datasets"), &body).await?;
+            let row: serde_json::Value = serde_json::from_str(&text)?;
+            if api.output == Output::Json {
+                println!("{row}");
+            } else {
+                println!("{}", dataset_lines(&row));
+            }
+        }
+        DatasetCommand::List { limit, api } => {
+            list(
+                &api,
+                &format!("/api/v1/datasets?limit={limit}"),
+                dataset_lines,
+            )
+            .await?;
+        }
+        DatasetCommand::Get {
+            id,
+            out,
+            controller,
+        } => {
+            let url = format!(
+                "{}/api/v1/datasets/{id}/csv",
+                controller.trim_end_matches('/')
+            );
+            let response = reqwest::get(&url)
+                .await
+                .with_context(|| format!("cannot reach the controller at {url}"))?;
+            let status = response.status();
+            let declared = response
+                .headers()
+                .get(edgeloop_controller::api::SHA256_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            let bytes = response.bytes().await?;
+            if !status.is_success() {
+                bail!(
+                    "controller answered {status}: {}",
+                    String::from_utf8_lossy(&bytes)
+                );
+            }
+            let digest = edgeloop_shared::sha256_hex(&bytes);
+            if declared.as_deref() != Some(digest.as_str()) {
+                bail!("dataset {id} arrived with SHA-256 {digest}, not the declared {declared:?}");
+            }
+            match out {
+                Some(path) => {
+                    std::fs::write(&path, &bytes)
+                        .with_context(|| format!("cannot write {}", path.display()))?;
+                    eprintln!(
+                        "dataset {id}: {} bytes, sha256 {digest}, written to {}",
+                        bytes.len(),
+                        path.display()
+                    );
+                }
+                None => {
+                    use std::io::Write as _;
+                    std::io::stdout().write_all(&bytes)?;
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -1213,6 +1376,7 @@ async fn run() -> anyhow::Result<()> {
             })
             .await?;
         }
+        Command::Dataset { command } => dataset_command(command).await?,
         Command::Retrainings { limit, api } => {
             list(&api, &format!("/api/v1/retrainings?limit={limit}"), |r| {
                 format!(

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use edgeloop_agent::now_ms;
-use edgeloop_shared::command::{Command, CommandAction, DeployAction, SignedCommand};
+use edgeloop_shared::command::{Command, CommandAction, DeployAction, SignedCommand, UploadAction};
 use edgeloop_shared::protocol::{Envelope, Message, ModelRef};
 use edgeloop_shared::signing::SecretKey;
 use edgeloop_shared::topics::{Channel, Topics};
@@ -27,13 +27,15 @@ use crate::store::{
 
 /// How often the dispatcher looks for work when nothing wakes it.
 const DISPATCH_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a dataset part may wait for its device's complete upload before it fails.
+pub const UPLOAD_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// The actor the engine writes into the audit log.
 pub const ENGINE: &str = "controller";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RolloutError {
-    #[error("a rollout needs at least one device, and none are known")]
+    #[error("at least one device is needed, and none are known")]
     NoDevices,
     #[error("no device is in group {group:?} with tags {tags:?}")]
     NoMatch {
@@ -90,14 +92,14 @@ impl RolloutRequest {
 
 pub use crate::store::Target;
 
-/// Creates a rollout, its first wave open.
-pub async fn create(
+/// The devices a request names: the listed ones, those matching a target, or every known
+/// device when it names neither; never none.
+pub async fn select_devices(
     store: &dyn Store,
-    request: RolloutRequest,
-) -> Result<RolloutRow, RolloutError> {
-    request.plan.validate()?;
-    let target = request.target.clone();
-    let devices = match (request.devices, request.target) {
+    devices: Option<Vec<String>>,
+    target: Option<Target>,
+) -> Result<Vec<String>, RolloutError> {
+    let devices = match (devices, target) {
         (Some(_), Some(_)) => return Err(RolloutError::DevicesAndTarget),
         (Some(list), None) => list,
         (None, Some(target)) => {
@@ -121,6 +123,17 @@ pub async fn create(
     if devices.is_empty() {
         return Err(RolloutError::NoDevices);
     }
+    Ok(devices)
+}
+
+/// Creates a rollout, its first wave open.
+pub async fn create(
+    store: &dyn Store,
+    request: RolloutRequest,
+) -> Result<RolloutRow, RolloutError> {
+    request.plan.validate()?;
+    let target = request.target.clone();
+    let devices = select_devices(store, request.devices, request.target).await?;
     let now = now_ms();
     let row = store
         .create_rollout(&NewRollout {
@@ -502,6 +515,9 @@ impl Dispatcher {
             if let Err(e) = self.dispatch_due().await {
                 warn!(error = %e, "rollout dispatch failed; retrying");
             }
+            if let Err(e) = self.dispatch_uploads().await {
+                warn!(error = %e, "upload dispatch failed; retrying");
+            }
         }
     }
 
@@ -516,53 +532,99 @@ impl Dispatcher {
             else {
                 continue;
             };
-            let envelope = self.command(&due, seq, now);
-            let topic = self
-                .topics
-                .device(&due.device_id, Channel::Commands)
-                .expect("stored device ids are valid");
-            if let Err(e) = self
-                .client
-                .publish(topic, QoS::AtLeastOnce, false, envelope.encode())
+            if self
+                .send(&due.device_id, seq, now, deploy_action(&due))
                 .await
             {
-                warn!(device = %due.device_id, error = %e, "cannot queue deploy command");
-            } else {
                 info!(device = %due.device_id, rollout = due.rollout_id, seq, "deploy command sent");
             }
         }
         Ok(())
     }
 
-    fn command(&self, due: &DueDeployment, seq: u64, now: u64) -> Envelope {
+    /// Sends upload commands for dataset parts nothing came back for, and fails the parts
+    /// that stayed incomplete for [`UPLOAD_TIMEOUT`].
+    async fn dispatch_uploads(&self) -> Result<(), StoreError> {
+        let now = now_ms();
+        let expired = self
+            .store
+            .expire_uploads(now.saturating_sub(UPLOAD_TIMEOUT.as_millis() as u64), now)
+            .await?;
+        if expired > 0 {
+            warn!(
+                parts = expired,
+                "dataset parts failed: no complete upload in time"
+            );
+        }
+        let quiet_since = now.saturating_sub(self.resend_after.as_millis() as u64);
+        for due in self.store.due_uploads(quiet_since).await? {
+            let Some(seq) = self
+                .store
+                .mark_upload_sent(due.dataset_id, &due.device_id, now)
+                .await?
+            else {
+                continue;
+            };
+            let action = CommandAction::UploadSamples(UploadAction {
+                dataset_id: due.dataset_id,
+                max_rows: due.max_rows,
+            });
+            if self.send(&due.device_id, seq, now, action).await {
+                info!(device = %due.device_id, dataset = due.dataset_id, seq, "upload command sent");
+            }
+        }
+        Ok(())
+    }
+
+    /// Signs a command and queues it for the device (QoS 1); a failure is logged, and the
+    /// command goes again when it is due again. True when it was queued.
+    async fn send(&self, device_id: &str, seq: u64, now: u64, action: CommandAction) -> bool {
         let command = Command {
-            device_id: due.device_id.clone(),
+            device_id: device_id.to_string(),
             seq,
             issued_ms: now,
             expires_ms: now + self.command_ttl.as_millis() as u64,
-            action: {
-                let deploy = DeployAction {
-                    rollout_id: due.rollout_id,
-                    model: ModelRef {
-                        name: due.model_name.clone(),
-                        version: due.model_version,
-                    },
-                    bundle_url: ArtifactStore::url_path(&due.model_name, due.model_version),
-                    bundle_sha256: due.bundle_sha256.clone(),
-                    bundle_size: due.bundle_size,
-                };
-                if due.rollback {
-                    CommandAction::Rollback(deploy)
-                } else {
-                    CommandAction::Deploy(deploy)
-                }
-            },
+            action,
         };
-        Envelope::new(
-            due.device_id.clone(),
+        let envelope = Envelope::new(
+            device_id.to_string(),
             uuid::Uuid::now_v7().to_string(),
             now,
             Message::Command(SignedCommand::sign(&command, &self.key)),
-        )
+        );
+        let topic = self
+            .topics
+            .device(device_id, Channel::Commands)
+            .expect("stored device ids are valid");
+        match self
+            .client
+            .publish(topic, QoS::AtLeastOnce, false, envelope.encode())
+            .await
+        {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(device = %device_id, error = %e, "cannot queue a command");
+                false
+            }
+        }
+    }
+}
+
+/// The deploy or rollback command a due deployment needs.
+fn deploy_action(due: &DueDeployment) -> CommandAction {
+    let deploy = DeployAction {
+        rollout_id: due.rollout_id,
+        model: ModelRef {
+            name: due.model_name.clone(),
+            version: due.model_version,
+        },
+        bundle_url: ArtifactStore::url_path(&due.model_name, due.model_version),
+        bundle_sha256: due.bundle_sha256.clone(),
+        bundle_size: due.bundle_size,
+    };
+    if due.rollback {
+        CommandAction::Rollback(deploy)
+    } else {
+        CommandAction::Deploy(deploy)
     }
 }

@@ -41,13 +41,17 @@ pub enum CommandAction {
     /// The same, for a version below the active one: the only command with which a device
     /// goes back. It names the exact version, and is refused for one that is not below.
     Rollback(DeployAction),
+    /// Send the controller the device's input sample (its reservoir) as a CSV file, in
+    /// [`crate::protocol::SampleChunk`]s on the samples channel.
+    UploadSamples(UploadAction),
 }
 
 impl CommandAction {
-    /// What to install, whichever the action.
-    pub fn deploy(&self) -> &DeployAction {
+    /// What to install, for a deploy or a rollback.
+    pub fn deploy(&self) -> Option<&DeployAction> {
         match self {
-            CommandAction::Deploy(d) | CommandAction::Rollback(d) => d,
+            CommandAction::Deploy(d) | CommandAction::Rollback(d) => Some(d),
+            CommandAction::UploadSamples(_) => None,
         }
     }
 
@@ -58,8 +62,12 @@ impl CommandAction {
     /// Anti-rollback, given the model the device serves: a deploy of the active model's
     /// name must raise its version; only a rollback lowers it, and a rollback must lower it,
     /// within that model. A device serving nothing installs either, to recover.
+    /// An upload changes no model: it is always carried out.
     pub fn disposition(&self, active: Option<&ModelRef>) -> Result<Disposition, CommandError> {
-        let target = &self.deploy().model;
+        let Some(deploy) = self.deploy() else {
+            return Ok(Disposition::Install);
+        };
+        let target = &deploy.model;
         let Some(active) = active else {
             return Ok(Disposition::Install);
         };
@@ -99,6 +107,17 @@ pub struct DeployAction {
     pub bundle_sha256: String,
     /// Exact size of the bundle file in bytes; the download stops beyond it.
     pub bundle_size: u64,
+}
+
+/// Which sample to upload, and for which dataset.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UploadAction {
+    /// The dataset the controller records the upload under; every chunk names it.
+    pub dataset_id: u64,
+    /// At most this many rows (the sample is uniform, so its first rows are too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rows: Option<u64>,
 }
 
 /// A command as it travels: the signed bytes, base64-encoded, and their signature.
@@ -290,10 +309,35 @@ mod tests {
     }
 
     #[test]
+    fn an_upload_command_is_signed_like_any_other_and_changes_no_model() {
+        let (key, trusted) = setup();
+        let mut upload = command(7);
+        upload.action = CommandAction::UploadSamples(UploadAction {
+            dataset_id: 3,
+            max_rows: Some(500),
+        });
+        let json = serde_json::to_value(&upload).unwrap();
+        assert_eq!(json["action"]["upload_samples"]["dataset_id"], 3);
+        let opened = SignedCommand::sign(&upload, &key)
+            .verify(&trusted, "dev-1", 2_000, Some(6))
+            .unwrap();
+        assert_eq!(opened, upload);
+        assert_eq!(opened.action.deploy(), None);
+        let active = ModelRef {
+            name: "m".into(),
+            version: 9,
+        };
+        assert_eq!(
+            opened.action.disposition(Some(&active)),
+            Ok(Disposition::Install)
+        );
+    }
+
+    #[test]
     fn a_rollback_travels_as_its_own_action() {
         let (key, trusted) = setup();
         let mut rollback = command(6);
-        rollback.action = CommandAction::Rollback(rollback.action.deploy().clone());
+        rollback.action = CommandAction::Rollback(rollback.action.deploy().unwrap().clone());
         let json = serde_json::to_value(&rollback).unwrap();
         assert_eq!(json["action"]["rollback"]["model"]["version"], 2);
         let opened = SignedCommand::sign(&rollback, &key).open(&trusted).unwrap();
@@ -309,7 +353,7 @@ mod tests {
             version,
         };
         let deploy = |m: ModelRef| {
-            let mut d = command(1).action.deploy().clone();
+            let mut d = command(1).action.deploy().unwrap().clone();
             d.model = m;
             d
         };

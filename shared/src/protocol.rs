@@ -208,6 +208,148 @@ pub struct DeploymentStatus {
     pub detail: Option<String>,
 }
 
+/// Raw bytes of a sample upload per chunk: base64 makes a chunk's message about 88 kB,
+/// well inside [`MAX_MESSAGE_BYTES`].
+pub const SAMPLE_CHUNK_BYTES: usize = 64 * 1024;
+
+/// One piece of a device's input sample, sent in answer to an `upload_samples` command.
+///
+/// The device writes its sample as one CSV file (the model's feature names, then
+/// `predicted` and `label`), cuts it into pieces of [`SAMPLE_CHUNK_BYTES`] and sends each
+/// as a message of its own; every piece names the whole file's size and SHA-256, so the
+/// controller can put it together in any order and check it. A device that cannot read
+/// its sample sends one piece with `count` 0 and the `error`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SampleChunk {
+    /// The dataset the controller asked for (from the command).
+    pub dataset_id: u64,
+    /// Sequence number of the command this answers: a newer command's upload replaces an
+    /// older one's.
+    pub command_seq: u64,
+    /// The model the sample was taken for; absent when the device kept none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<ModelRef>,
+    /// This piece's position, from 0, and how many pieces the file has.
+    pub index: u32,
+    pub count: u32,
+    /// The whole file: its size, SHA-256 (lowercase hex) and data rows.
+    pub total_bytes: u64,
+    pub sha256: String,
+    pub rows: u64,
+    /// Base64 (standard alphabet, padded) of this piece's bytes.
+    pub data: String,
+    /// Why the device sent no sample.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl SampleChunk {
+    /// Cuts a CSV file into the chunks that carry it.
+    pub fn split(
+        dataset_id: u64,
+        command_seq: u64,
+        model: Option<ModelRef>,
+        rows: u64,
+        file: &[u8],
+    ) -> Vec<SampleChunk> {
+        use base64::Engine;
+        let sha256 = crate::sha256_hex(file);
+        let pieces: Vec<&[u8]> = if file.is_empty() {
+            vec![&[][..]]
+        } else {
+            file.chunks(SAMPLE_CHUNK_BYTES).collect()
+        };
+        let count = pieces.len() as u32;
+        pieces
+            .into_iter()
+            .enumerate()
+            .map(|(i, piece)| SampleChunk {
+                dataset_id,
+                command_seq,
+                model: model.clone(),
+                index: i as u32,
+                count,
+                total_bytes: file.len() as u64,
+                sha256: sha256.clone(),
+                rows,
+                data: base64::engine::general_purpose::STANDARD.encode(piece),
+                error: None,
+            })
+            .collect()
+    }
+
+    /// The one chunk a device sends when it has no sample to send, saying why.
+    pub fn failed(dataset_id: u64, command_seq: u64, error: String) -> SampleChunk {
+        SampleChunk {
+            dataset_id,
+            command_seq,
+            model: None,
+            index: 0,
+            count: 0,
+            total_bytes: 0,
+            sha256: String::new(),
+            rows: 0,
+            data: String::new(),
+            error: Some(error),
+        }
+    }
+
+    /// The piece's bytes, checked against the file's declared shape.
+    pub fn bytes(&self) -> Result<Vec<u8>, String> {
+        use base64::Engine;
+        if self.error.is_some() || self.count == 0 {
+            return Err("a failed upload carries no data".into());
+        }
+        if self.index >= self.count {
+            return Err(format!("piece {} of {}", self.index, self.count));
+        }
+        let expected = (self.total_bytes as usize)
+            .div_ceil(SAMPLE_CHUNK_BYTES)
+            .max(1);
+        if self.count as usize != expected {
+            return Err(format!(
+                "{} pieces for {} bytes (expected {expected})",
+                self.count, self.total_bytes
+            ));
+        }
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(&self.data)
+            .map_err(|e| format!("data is not base64: {e}"))?;
+        let start = self.index as usize * SAMPLE_CHUNK_BYTES;
+        let want = (self.total_bytes as usize - start.min(self.total_bytes as usize))
+            .min(SAMPLE_CHUNK_BYTES);
+        if bytes.len() != want {
+            return Err(format!(
+                "piece {} holds {} bytes, not {want}",
+                self.index,
+                bytes.len()
+            ));
+        }
+        Ok(bytes)
+    }
+}
+
+/// Puts an upload's pieces (in index order) back together and checks size and digest.
+pub fn join_sample_chunks(
+    pieces: &[Vec<u8>],
+    total_bytes: u64,
+    sha256: &str,
+) -> Result<Vec<u8>, String> {
+    let file: Vec<u8> = pieces.concat();
+    if file.len() as u64 != total_bytes {
+        return Err(format!(
+            "{} bytes, not the declared {total_bytes}",
+            file.len()
+        ));
+    }
+    let digest = crate::sha256_hex(&file);
+    if digest != sha256 {
+        return Err(format!("SHA-256 {digest}, not the declared {sha256}"));
+    }
+    Ok(file)
+}
+
 /// Every message kind of protocol v1.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Message {
@@ -216,6 +358,7 @@ pub enum Message {
     DeploymentStatus(DeploymentStatus),
     Command(SignedCommand),
     Receipt(Receipt),
+    SampleChunk(SampleChunk),
 }
 
 impl Message {
@@ -226,6 +369,7 @@ impl Message {
             Message::DeploymentStatus(_) => "deployment_status",
             Message::Command(_) => "command",
             Message::Receipt(_) => "receipt",
+            Message::SampleChunk(_) => "sample_chunk",
         }
     }
 
@@ -236,6 +380,7 @@ impl Message {
             Message::DeploymentStatus(m) => serde_json::value::to_raw_value(m),
             Message::Command(m) => serde_json::value::to_raw_value(m),
             Message::Receipt(m) => serde_json::value::to_raw_value(m),
+            Message::SampleChunk(m) => serde_json::value::to_raw_value(m),
         }
     }
 
@@ -255,6 +400,7 @@ impl Message {
             "deployment_status" => Message::DeploymentStatus(parse("deployment_status", payload)?),
             "command" => Message::Command(parse("command", payload)?),
             "receipt" => Message::Receipt(parse("receipt", payload)?),
+            "sample_chunk" => Message::SampleChunk(parse("sample_chunk", payload)?),
             other => return Err(DecodeError::UnknownKind(other.chars().take(64).collect())),
         })
     }
@@ -450,6 +596,69 @@ fn has_escaped_nul(json: &[u8]) -> bool {
 mod tests {
     use super::*;
     use crate::drift::FeatureWindow;
+
+    #[test]
+    fn a_sample_file_travels_in_chunks_and_is_put_back_together() {
+        let file: Vec<u8> = (0..SAMPLE_CHUNK_BYTES * 2 + 17)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let model = Some(ModelRef {
+            name: "m".into(),
+            version: 2,
+        });
+        let chunks = SampleChunk::split(7, 42, model, 9, &file);
+        assert_eq!(chunks.len(), 3);
+        assert!(chunks.iter().all(|c| c.count == 3 && c.rows == 9));
+        for chunk in &chunks {
+            let bytes = Envelope::new("d", "m1", 1, Message::SampleChunk(chunk.clone())).encode();
+            assert!(bytes.len() < MAX_MESSAGE_BYTES, "{}", bytes.len());
+            let back = Envelope::decode(&bytes).unwrap();
+            assert_eq!(back.message, Message::SampleChunk(chunk.clone()));
+        }
+        let pieces: Vec<Vec<u8>> = chunks.iter().map(|c| c.bytes().unwrap()).collect();
+        let joined = join_sample_chunks(&pieces, chunks[0].total_bytes, &chunks[0].sha256);
+        assert_eq!(joined.unwrap(), file);
+
+        // An empty file is one empty piece.
+        let empty = SampleChunk::split(7, 42, None, 0, b"");
+        assert_eq!(empty.len(), 1);
+        assert_eq!(
+            join_sample_chunks(&[empty[0].bytes().unwrap()], 0, &empty[0].sha256).unwrap(),
+            b""
+        );
+    }
+
+    #[test]
+    fn a_tampered_or_misshapen_sample_chunk_is_refused() {
+        let file = vec![b'x'; SAMPLE_CHUNK_BYTES + 10];
+        let chunks = SampleChunk::split(1, 1, None, 1, &file);
+        let mut short = chunks[1].clone();
+        short.data = "eHg=".into(); // two bytes where ten belong
+        assert!(short.bytes().unwrap_err().contains("holds 2 bytes"));
+        let mut beyond = chunks[1].clone();
+        beyond.index = 2;
+        assert!(beyond.bytes().is_err());
+        let mut miscounted = chunks[0].clone();
+        miscounted.count = 5;
+        assert!(miscounted.bytes().unwrap_err().contains("expected 2"));
+        let mut garbage = chunks[0].clone();
+        garbage.data = "not base64!".into();
+        assert!(garbage.bytes().unwrap_err().contains("base64"));
+        let failed = SampleChunk {
+            error: Some("no sample".into()),
+            count: 0,
+            ..chunks[0].clone()
+        };
+        assert!(failed.bytes().is_err());
+
+        let mut pieces: Vec<Vec<u8>> = chunks.iter().map(|c| c.bytes().unwrap()).collect();
+        pieces[1][0] = b'y';
+        let err = join_sample_chunks(&pieces, file.len() as u64, &chunks[0].sha256).unwrap_err();
+        assert!(err.contains("SHA-256"), "{err}");
+        let err =
+            join_sample_chunks(&pieces[..1], file.len() as u64, &chunks[0].sha256).unwrap_err();
+        assert!(err.contains("bytes"), "{err}");
+    }
 
     fn status() -> Message {
         Message::Status(DeviceStatus {

@@ -4,6 +4,7 @@
 //! {root}/v1/devices/{device_id}/status        device → controller  DeviceStatus, last will
 //! {root}/v1/devices/{device_id}/telemetry     device → controller  DriftSummary
 //! {root}/v1/devices/{device_id}/deployment    device → controller  DeploymentStatus
+//! {root}/v1/devices/{device_id}/samples       device → controller  SampleChunk (uploads)
 //! {root}/v1/devices/{device_id}/commands      controller → device  signed commands
 //! {root}/v1/devices/{device_id}/receipts      controller → device  Receipt: what is stored
 //! ```
@@ -23,20 +24,26 @@ pub enum Channel {
     Deployment,
     Commands,
     Receipts,
+    Samples,
 }
 
 impl Channel {
-    pub const ALL: [Channel; 5] = [
+    pub const ALL: [Channel; 6] = [
         Channel::Status,
         Channel::Telemetry,
         Channel::Deployment,
         Channel::Commands,
         Channel::Receipts,
+        Channel::Samples,
     ];
 
     /// Channels a device publishes on.
-    pub const FROM_DEVICE: [Channel; 3] =
-        [Channel::Status, Channel::Telemetry, Channel::Deployment];
+    pub const FROM_DEVICE: [Channel; 4] = [
+        Channel::Status,
+        Channel::Telemetry,
+        Channel::Deployment,
+        Channel::Samples,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -45,6 +52,7 @@ impl Channel {
             Channel::Deployment => "deployment",
             Channel::Commands => "commands",
             Channel::Receipts => "receipts",
+            Channel::Samples => "samples",
         }
     }
 
@@ -56,6 +64,7 @@ impl Channel {
             Channel::Deployment => "deployment_status",
             Channel::Commands => "command",
             Channel::Receipts => "receipt",
+            Channel::Samples => "sample_chunk",
         }
     }
 

@@ -11,7 +11,7 @@ mod sqlite;
 mod tests;
 
 use edgeloop_shared::bundle::Lineage;
-use edgeloop_shared::protocol::{Envelope, ModelRef, OutboxStatus};
+use edgeloop_shared::protocol::{Envelope, ModelRef, OutboxStatus, SampleChunk};
 use serde::{Deserialize, Serialize};
 
 use crate::plan::RolloutPlan;
@@ -773,6 +773,183 @@ impl NewRollout {
     }
 }
 
+/// Where one device's part of a dataset stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PartStatus {
+    /// The upload command is being sent; nothing came back yet.
+    Requested,
+    /// Chunks are arriving.
+    Receiving,
+    /// Every chunk arrived and the file matched its size and SHA-256.
+    Complete,
+    /// The device could not send its sample, the file did not match, or no answer came in
+    /// time; the detail says which.
+    Failed,
+}
+
+impl PartStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Requested => "requested",
+            Self::Receiving => "receiving",
+            Self::Complete => "complete",
+            Self::Failed => "failed",
+        }
+    }
+
+    pub(crate) fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "requested" => Self::Requested,
+            "receiving" => Self::Receiving,
+            "complete" => Self::Complete,
+            "failed" => Self::Failed,
+            other => {
+                return Err(StoreError::Corrupt(format!(
+                    "dataset part status `{other}`"
+                )));
+            }
+        })
+    }
+}
+
+/// One device's sample within a dataset.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DatasetPart {
+    pub device_id: String,
+    pub status: PartStatus,
+    /// The model the device sampled for, and the file's shape, once its chunks arrive.
+    pub model: Option<ModelRef>,
+    pub rows: Option<u64>,
+    pub bytes: Option<u64>,
+    pub sha256: Option<String>,
+    pub chunks: Option<u32>,
+    pub chunks_received: u32,
+    pub detail: Option<String>,
+    pub updated_ms: u64,
+}
+
+/// A dataset version: the input samples the controller asked a set of devices for.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DatasetRow {
+    pub id: u64,
+    /// The model whose devices were asked, when the request named one.
+    pub model_name: Option<String>,
+    pub created_ms: u64,
+    pub created_by: String,
+    pub reason: Option<String>,
+    pub max_rows: Option<u64>,
+    pub parts: Vec<DatasetPart>,
+}
+
+impl DatasetRow {
+    /// No part is waiting any more.
+    pub fn is_settled(&self) -> bool {
+        self.parts
+            .iter()
+            .all(|p| matches!(p.status, PartStatus::Complete | PartStatus::Failed))
+    }
+}
+
+/// What [`Store::create_dataset`] needs.
+#[derive(Debug, Clone)]
+pub struct NewDataset {
+    pub model_name: Option<String>,
+    pub devices: Vec<String>,
+    pub created_by: String,
+    pub reason: Option<String>,
+    pub max_rows: Option<u64>,
+    pub now_ms: u64,
+}
+
+/// A dataset part whose upload command should be (re)sent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DueUpload {
+    pub dataset_id: u64,
+    pub device_id: String,
+    pub max_rows: Option<u64>,
+}
+
+/// What the store holds of a part when a chunk for it arrives.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct PartState {
+    pub status: PartStatus,
+    /// The command whose upload is being collected.
+    pub upload_seq: Option<u64>,
+    pub sha256: Option<String>,
+}
+
+/// What a store does with an arriving sample chunk.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum ChunkStep {
+    /// Drop it, for this reason (logged).
+    Ignore(&'static str),
+    /// A new upload (the first, or a newer command's): forget any chunks of an older one,
+    /// record the file's shape, then keep the chunk.
+    Begin,
+    /// Keep the chunk with the others of its upload.
+    Add,
+    /// The device says it cannot send its sample.
+    Fail(String),
+}
+
+/// Matches a chunk against its part: only the newest command's upload is collected, a
+/// complete part never changes, and one command's chunks must all describe one file.
+pub(crate) fn chunk_step(part: Option<&PartState>, chunk: &SampleChunk) -> ChunkStep {
+    let Some(part) = part else {
+        return ChunkStep::Ignore("no such dataset, or this device was not asked");
+    };
+    if part.status == PartStatus::Complete {
+        return ChunkStep::Ignore("the part is complete already");
+    }
+    match part.upload_seq {
+        Some(seq) if chunk.command_seq < seq => ChunkStep::Ignore("a newer upload replaced it"),
+        Some(seq) if chunk.command_seq == seq => {
+            if part.status == PartStatus::Failed {
+                ChunkStep::Ignore("the upload failed already")
+            } else if part.sha256.as_deref() != Some(chunk.sha256.as_str()) {
+                ChunkStep::Ignore("it describes another file than its upload's first chunk")
+            } else {
+                ChunkStep::Add
+            }
+        }
+        _ => match &chunk.error {
+            Some(error) => ChunkStep::Fail(error.chars().take(500).collect()),
+            None => ChunkStep::Begin,
+        },
+    }
+}
+
+/// A dataset's CSV from its complete parts (device id order): one header, which every
+/// part must share, then every part's rows.
+pub fn merge_parts(parts: &[(String, Vec<u8>)]) -> std::result::Result<Vec<u8>, String> {
+    let mut merged = Vec::new();
+    let mut header: Option<&[u8]> = None;
+    for (device, file) in parts {
+        let end = file
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(file.len(), |i| i + 1);
+        let (head, rows) = file.split_at(end);
+        match header {
+            None => {
+                header = Some(head);
+                merged.extend_from_slice(head);
+            }
+            Some(h) if h != head => {
+                return Err(format!(
+                    "the sample of {device} has other columns ({}) than the first ({})",
+                    String::from_utf8_lossy(head).trim_end(),
+                    String::from_utf8_lossy(h).trim_end()
+                ));
+            }
+            Some(_) => {}
+        }
+        merged.extend_from_slice(rows);
+    }
+    Ok(merged)
+}
+
 /// Writes an audit entry stamped now; a failure is logged, not returned: the action it
 /// records has happened.
 pub async fn record_audit_now(
@@ -991,4 +1168,29 @@ pub trait Store: Send + Sync + 'static {
     /// `None` when the deployment has finished or been superseded meanwhile.
     async fn mark_sent(&self, rollout_id: u64, device_id: &str, now_ms: u64)
     -> Result<Option<u64>>;
+
+    /// Records a dataset request: one part per device, each `requested`.
+    async fn create_dataset(&self, new: &NewDataset) -> Result<DatasetRow>;
+    /// Datasets, newest first, with their parts (without their files).
+    async fn datasets(&self, limit: u32) -> Result<Vec<DatasetRow>>;
+    async fn dataset(&self, id: u64) -> Result<Option<DatasetRow>>;
+    /// The files of a dataset's complete parts, in device id order.
+    async fn dataset_files(&self, id: u64) -> Result<Vec<(String, Vec<u8>)>>;
+    /// Parts still `requested` from devices reported online, whose command was never sent
+    /// or last sent before `quiet_since_ms`.
+    async fn due_uploads(&self, quiet_since_ms: u64) -> Result<Vec<DueUpload>>;
+    /// Takes the next command sequence number for a device and records it as the part's
+    /// command; `None` when the part is no longer `requested`.
+    async fn mark_upload_sent(
+        &self,
+        dataset_id: u64,
+        device_id: &str,
+        now_ms: u64,
+    ) -> Result<Option<u64>>;
+    /// Fails the parts still requested or receiving whose last change is before
+    /// `before_ms`; returns how many.
+    async fn expire_uploads(&self, before_ms: u64, now_ms: u64) -> Result<u64>;
 }
+
+/// The detail of a part that [`Store::expire_uploads`] failed.
+pub const UPLOAD_EXPIRED: &str = "no complete upload came from the device in time";

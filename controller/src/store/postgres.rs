@@ -3,13 +3,14 @@
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use edgeloop_shared::protocol::{
-    DeploymentStatus, DeviceStatus, DriftSummary, DropCounts, Envelope, Message,
+    DeploymentStatus, DeviceStatus, DriftSummary, DropCounts, Envelope, Message, SampleChunk,
+    join_sample_chunks,
 };
 use tokio_postgres::{GenericClient, NoTls, Row};
 
 use super::*;
 
-const SCHEMA_VERSION: i32 = 5;
+const SCHEMA_VERSION: i32 = 6;
 /// Serializes migrations of replicas that start at the same time.
 const MIGRATION_LOCK: i64 = 0x6564_6765_6c6f_6f70; // "edgeloop"
 const POOL_SIZE: usize = 16;
@@ -209,6 +210,45 @@ ALTER TABLE telemetry ADD COLUMN errors BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE telemetry ADD COLUMN latency_p99_ms DOUBLE PRECISION;
 ";
 
+/// Version 6: datasets of device input samples, their per-device parts and the chunks of
+/// uploads under way.
+const SCHEMA_V6: &str = "
+CREATE TABLE datasets (
+    id BIGSERIAL PRIMARY KEY,
+    model_name TEXT,
+    created_ms BIGINT NOT NULL,
+    created_by TEXT NOT NULL,
+    reason TEXT,
+    max_rows BIGINT
+);
+CREATE TABLE dataset_parts (
+    dataset_id BIGINT NOT NULL REFERENCES datasets (id),
+    device_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    command_seq BIGINT,
+    sent_ms BIGINT,
+    upload_seq BIGINT,
+    model_name TEXT,
+    model_version BIGINT,
+    rows BIGINT,
+    bytes BIGINT,
+    sha256 TEXT,
+    chunks BIGINT,
+    detail TEXT,
+    updated_ms BIGINT NOT NULL,
+    content BYTEA,
+    PRIMARY KEY (dataset_id, device_id)
+);
+CREATE INDEX dataset_parts_by_status ON dataset_parts (status);
+CREATE TABLE dataset_chunks (
+    dataset_id BIGINT NOT NULL,
+    device_id TEXT NOT NULL,
+    idx BIGINT NOT NULL,
+    data BYTEA NOT NULL,
+    PRIMARY KEY (dataset_id, device_id, idx)
+);
+";
+
 /// A PostgreSQL database reached through a connection pool.
 #[derive(Clone)]
 pub struct PgStore {
@@ -263,6 +303,7 @@ impl PgStore {
                 tx.batch_execute(SCHEMA_V3).await?;
                 tx.batch_execute(SCHEMA_V4).await?;
                 tx.batch_execute(SCHEMA_V5).await?;
+                tx.batch_execute(SCHEMA_V6).await?;
                 tx.execute(
                     "INSERT INTO edgeloop_schema (version) VALUES ($1)",
                     &[&SCHEMA_VERSION],
@@ -279,7 +320,10 @@ impl PgStore {
                 if old < 4 {
                     tx.batch_execute(SCHEMA_V4).await?;
                 }
-                tx.batch_execute(SCHEMA_V5).await?;
+                if old < 5 {
+                    tx.batch_execute(SCHEMA_V5).await?;
+                }
+                tx.batch_execute(SCHEMA_V6).await?;
                 tx.execute(
                     "UPDATE edgeloop_schema SET version = $1",
                     &[&SCHEMA_VERSION],
@@ -504,6 +548,226 @@ async fn apply_deployment(
     )
     .await?;
     refresh_rollout_status(tx, rollout_id).await
+}
+
+async fn fail_part(
+    tx: &impl GenericClient,
+    device_id: &str,
+    c: &SampleChunk,
+    detail: &str,
+    now_ms: u64,
+) -> Result<()> {
+    let dataset = i(c.dataset_id);
+    tx.execute(
+        "UPDATE dataset_parts SET status = 'failed', upload_seq = $3, detail = $4, updated_ms = $5
+         WHERE dataset_id = $1 AND device_id = $2",
+        &[&dataset, &device_id, &i(c.command_seq), &detail, &i(now_ms)],
+    )
+    .await?;
+    tx.execute(
+        "DELETE FROM dataset_chunks WHERE dataset_id = $1 AND device_id = $2",
+        &[&dataset, &device_id],
+    )
+    .await?;
+    Ok(())
+}
+
+/// The part's row is locked first, so that two replicas storing the last two chunks of one
+/// upload cannot each miss the other's.
+async fn apply_chunk(
+    tx: &impl GenericClient,
+    device_id: &str,
+    c: &SampleChunk,
+    now_ms: u64,
+) -> Result<()> {
+    let dataset = i(c.dataset_id);
+    let part = match tx
+        .query_opt(
+            "SELECT status, upload_seq, sha256 FROM dataset_parts
+             WHERE dataset_id = $1 AND device_id = $2 FOR UPDATE",
+            &[&dataset, &device_id],
+        )
+        .await?
+    {
+        None => None,
+        Some(r) => Some(PartState {
+            status: PartStatus::parse(r.get(0))?,
+            upload_seq: r.get::<_, Option<i64>>(1).map(u),
+            sha256: r.get(2),
+        }),
+    };
+    match chunk_step(part.as_ref(), c) {
+        ChunkStep::Ignore(why) => {
+            tracing::warn!(
+                device = device_id,
+                dataset = c.dataset_id,
+                why,
+                "sample chunk dropped"
+            );
+            return Ok(());
+        }
+        ChunkStep::Fail(detail) => return fail_part(tx, device_id, c, &detail, now_ms).await,
+        ChunkStep::Begin => {
+            tx.execute(
+                "DELETE FROM dataset_chunks WHERE dataset_id = $1 AND device_id = $2",
+                &[&dataset, &device_id],
+            )
+            .await?;
+            tx.execute(
+                "UPDATE dataset_parts SET status = 'receiving', upload_seq = $3, model_name = $4,
+                     model_version = $5, rows = $6, bytes = $7, sha256 = $8, chunks = $9,
+                     detail = NULL, updated_ms = $10
+                 WHERE dataset_id = $1 AND device_id = $2",
+                &[
+                    &dataset,
+                    &device_id,
+                    &i(c.command_seq),
+                    &c.model.as_ref().map(|m| m.name.as_str()),
+                    &c.model.as_ref().map(|m| i(m.version)),
+                    &i(c.rows),
+                    &i(c.total_bytes),
+                    &c.sha256,
+                    &i64::from(c.count),
+                    &i(now_ms),
+                ],
+            )
+            .await?;
+        }
+        ChunkStep::Add => {}
+    }
+    let bytes = match c.bytes() {
+        Ok(b) => b,
+        Err(e) => return fail_part(tx, device_id, c, &e, now_ms).await,
+    };
+    tx.execute(
+        "INSERT INTO dataset_chunks (dataset_id, device_id, idx, data) VALUES ($1, $2, $3, $4)
+         ON CONFLICT DO NOTHING",
+        &[&dataset, &device_id, &i64::from(c.index), &bytes],
+    )
+    .await?;
+    tx.execute(
+        "UPDATE dataset_parts SET updated_ms = $3 WHERE dataset_id = $1 AND device_id = $2",
+        &[&dataset, &device_id, &i(now_ms)],
+    )
+    .await?;
+    let have: i64 = tx
+        .query_one(
+            "SELECT COUNT(*) FROM dataset_chunks WHERE dataset_id = $1 AND device_id = $2",
+            &[&dataset, &device_id],
+        )
+        .await?
+        .get(0);
+    if have < i64::from(c.count) {
+        return Ok(());
+    }
+    let pieces: Vec<Vec<u8>> = tx
+        .query(
+            "SELECT data FROM dataset_chunks WHERE dataset_id = $1 AND device_id = $2 ORDER BY idx",
+            &[&dataset, &device_id],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    match join_sample_chunks(&pieces, c.total_bytes, &c.sha256) {
+        Ok(file) => {
+            tx.execute(
+                "UPDATE dataset_parts SET status = 'complete', content = $3, updated_ms = $4
+                 WHERE dataset_id = $1 AND device_id = $2",
+                &[&dataset, &device_id, &file, &i(now_ms)],
+            )
+            .await?;
+            tx.execute(
+                "DELETE FROM dataset_chunks WHERE dataset_id = $1 AND device_id = $2",
+                &[&dataset, &device_id],
+            )
+            .await?;
+            Ok(())
+        }
+        Err(e) => fail_part(tx, device_id, c, &e, now_ms).await,
+    }
+}
+
+/// The next command sequence number of a device, taken (its row locked). It never goes
+/// below the clock, so a controller whose database was lost still issues numbers above any
+/// the device accepted before.
+async fn take_command_seq(tx: &impl GenericClient, device_id: &str, now_ms: u64) -> Result<u64> {
+    let last: i64 = tx
+        .query_opt(
+            "SELECT last_command_seq FROM devices WHERE id = $1 FOR UPDATE",
+            &[&device_id],
+        )
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("device {device_id}")))?
+        .get(0);
+    let seq = (u(last) + 1).max(now_ms);
+    tx.execute(
+        "UPDATE devices SET last_command_seq = $2 WHERE id = $1",
+        &[&device_id, &i(seq)],
+    )
+    .await?;
+    Ok(seq)
+}
+
+async fn load_datasets(
+    c: &impl GenericClient,
+    filter: &str,
+    param: i64,
+) -> Result<Vec<DatasetRow>> {
+    let mut rows: Vec<DatasetRow> = c
+        .query(
+            &format!(
+                "SELECT id, model_name, created_ms, created_by, reason, max_rows FROM datasets {filter}"
+            ),
+            &[&param],
+        )
+        .await?
+        .iter()
+        .map(|r| DatasetRow {
+            id: u(r.get(0)),
+            model_name: r.get(1),
+            created_ms: u(r.get(2)),
+            created_by: r.get(3),
+            reason: r.get(4),
+            max_rows: r.get::<_, Option<i64>>(5).map(u),
+            parts: Vec::new(),
+        })
+        .collect();
+    for row in &mut rows {
+        row.parts = c
+            .query(
+                "SELECT p.device_id, p.status, p.model_name, p.model_version, p.rows, p.bytes,
+                        p.sha256, p.chunks, p.detail, p.updated_ms,
+                        (SELECT COUNT(*) FROM dataset_chunks c
+                         WHERE c.dataset_id = p.dataset_id AND c.device_id = p.device_id)
+                 FROM dataset_parts p WHERE p.dataset_id = $1 ORDER BY p.device_id",
+                &[&i(row.id)],
+            )
+            .await?
+            .iter()
+            .map(|r| {
+                let status = PartStatus::parse(r.get(1))?;
+                let chunks = r.get::<_, Option<i64>>(7).map(|n| u(n) as u32);
+                Ok(DatasetPart {
+                    device_id: r.get(0),
+                    status,
+                    model: previous_model(r.get(2), r.get(3)),
+                    rows: r.get::<_, Option<i64>>(4).map(u),
+                    bytes: r.get::<_, Option<i64>>(5).map(u),
+                    sha256: r.get(6),
+                    chunks,
+                    detail: r.get(8),
+                    updated_ms: u(r.get(9)),
+                    chunks_received: if status == PartStatus::Complete {
+                        chunks.unwrap_or(0)
+                    } else {
+                        u(r.get(10)) as u32
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+    }
+    Ok(rows)
 }
 
 async fn refresh_rollout_status(tx: &impl GenericClient, rollout_id: u64) -> Result<()> {
@@ -769,6 +1033,9 @@ impl Store for PgStore {
                 }
                 Message::DeploymentStatus(d) => {
                     apply_deployment(&*tx, &envelope.device_id, d, received_ms).await?
+                }
+                Message::SampleChunk(c) => {
+                    apply_chunk(&*tx, &envelope.device_id, c, received_ms).await?
                 }
                 Message::Command(_) | Message::Receipt(_) => {
                     return Err(StoreError::Corrupt(format!(
@@ -1701,20 +1968,7 @@ impl Store for PgStore {
     ) -> Result<Option<u64>> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        let last: i64 = tx
-            .query_opt(
-                "SELECT last_command_seq FROM devices WHERE id = $1 FOR UPDATE",
-                &[&device_id],
-            )
-            .await?
-            .ok_or_else(|| StoreError::NotFound(format!("device {device_id}")))?
-            .get(0);
-        let seq = (u(last) + 1).max(now_ms);
-        tx.execute(
-            "UPDATE devices SET last_command_seq = $2 WHERE id = $1",
-            &[&device_id, &i(seq)],
-        )
-        .await?;
+        let seq = take_command_seq(&*tx, device_id, now_ms).await?;
         let updated = tx
             .execute(
                 &format!(
@@ -1731,5 +1985,131 @@ impl Store for PgStore {
         }
         tx.commit().await?;
         Ok(Some(seq))
+    }
+
+    async fn create_dataset(&self, new: &NewDataset) -> Result<DatasetRow> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let id: i64 = tx
+            .query_one(
+                "INSERT INTO datasets (model_name, created_ms, created_by, reason, max_rows)
+                 VALUES ($1, $2, $3, $4, $5) RETURNING id",
+                &[
+                    &new.model_name,
+                    &i(new.now_ms),
+                    &new.created_by,
+                    &new.reason,
+                    &new.max_rows.map(i),
+                ],
+            )
+            .await?
+            .get(0);
+        for device in &new.devices {
+            tx.execute(
+                "INSERT INTO dataset_parts (dataset_id, device_id, status, updated_ms)
+                 VALUES ($1, $2, 'requested', $3)",
+                &[&id, device, &i(new.now_ms)],
+            )
+            .await?;
+        }
+        let row = load_datasets(&*tx, "WHERE id = $1", id)
+            .await?
+            .pop()
+            .ok_or_else(|| StoreError::NotFound(format!("dataset {id}")))?;
+        tx.commit().await?;
+        Ok(row)
+    }
+
+    async fn datasets(&self, limit: u32) -> Result<Vec<DatasetRow>> {
+        let client = self.client().await?;
+        load_datasets(&**client, "ORDER BY id DESC LIMIT $1", i64::from(limit)).await
+    }
+
+    async fn dataset(&self, id: u64) -> Result<Option<DatasetRow>> {
+        let client = self.client().await?;
+        Ok(load_datasets(&**client, "WHERE id = $1", i(id))
+            .await?
+            .pop())
+    }
+
+    async fn dataset_files(&self, id: u64) -> Result<Vec<(String, Vec<u8>)>> {
+        let client = self.client().await?;
+        Ok(client
+            .query(
+                "SELECT device_id, content FROM dataset_parts
+                 WHERE dataset_id = $1 AND status = 'complete' ORDER BY device_id",
+                &[&i(id)],
+            )
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect())
+    }
+
+    async fn due_uploads(&self, quiet_since_ms: u64) -> Result<Vec<DueUpload>> {
+        let client = self.client().await?;
+        Ok(client
+            .query(
+                "SELECT p.dataset_id, p.device_id, d.max_rows
+                 FROM dataset_parts p
+                 JOIN datasets d ON d.id = p.dataset_id
+                 JOIN devices v ON v.id = p.device_id
+                 WHERE p.status = 'requested' AND v.online
+                   AND (p.sent_ms IS NULL OR p.sent_ms < $1)
+                 ORDER BY p.dataset_id, p.device_id",
+                &[&i(quiet_since_ms)],
+            )
+            .await?
+            .iter()
+            .map(|r| DueUpload {
+                dataset_id: u(r.get(0)),
+                device_id: r.get(1),
+                max_rows: r.get::<_, Option<i64>>(2).map(u),
+            })
+            .collect())
+    }
+
+    async fn mark_upload_sent(
+        &self,
+        dataset_id: u64,
+        device_id: &str,
+        now_ms: u64,
+    ) -> Result<Option<u64>> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let seq = take_command_seq(&*tx, device_id, now_ms).await?;
+        let updated = tx
+            .execute(
+                "UPDATE dataset_parts SET command_seq = $3, sent_ms = $4
+                 WHERE dataset_id = $1 AND device_id = $2 AND status = 'requested'",
+                &[&i(dataset_id), &device_id, &i(seq), &i(now_ms)],
+            )
+            .await?;
+        if updated == 0 {
+            return Ok(None);
+        }
+        tx.commit().await?;
+        Ok(Some(seq))
+    }
+
+    async fn expire_uploads(&self, before_ms: u64, now_ms: u64) -> Result<u64> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        tx.execute(
+            "DELETE FROM dataset_chunks c USING dataset_parts p
+             WHERE p.dataset_id = c.dataset_id AND p.device_id = c.device_id
+               AND p.status IN ('requested', 'receiving') AND p.updated_ms < $1",
+            &[&i(before_ms)],
+        )
+        .await?;
+        let expired = tx
+            .execute(
+                "UPDATE dataset_parts SET status = 'failed', detail = $2, updated_ms = $3
+                 WHERE status IN ('requested', 'receiving') AND updated_ms < $1",
+                &[&i(before_ms), &UPLOAD_EXPIRED, &i(now_ms)],
+            )
+            .await?;
+        tx.commit().await?;
+        Ok(expired)
     }
 }

@@ -4,13 +4,14 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use edgeloop_shared::protocol::{
-    DeploymentStatus, DeviceStatus, DriftSummary, DropCounts, Envelope, Message,
+    DeploymentStatus, DeviceStatus, DriftSummary, DropCounts, Envelope, Message, SampleChunk,
+    join_sample_chunks,
 };
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use super::*;
 
-const SCHEMA_VERSION: i64 = 5;
+const SCHEMA_VERSION: i64 = 6;
 
 pub(super) const SCHEMA_V1: &str = "
 CREATE TABLE seen_messages (
@@ -207,6 +208,45 @@ ALTER TABLE telemetry ADD COLUMN errors INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE telemetry ADD COLUMN latency_p99_ms REAL;
 ";
 
+/// Version 6: datasets of device input samples, their per-device parts and the chunks of
+/// uploads under way.
+const SCHEMA_V6: &str = "
+CREATE TABLE datasets (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    model_name TEXT,
+    created_ms INTEGER NOT NULL,
+    created_by TEXT NOT NULL,
+    reason TEXT,
+    max_rows INTEGER
+);
+CREATE TABLE dataset_parts (
+    dataset_id INTEGER NOT NULL REFERENCES datasets (id),
+    device_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    command_seq INTEGER,
+    sent_ms INTEGER,
+    upload_seq INTEGER,
+    model_name TEXT,
+    model_version INTEGER,
+    rows INTEGER,
+    bytes INTEGER,
+    sha256 TEXT,
+    chunks INTEGER,
+    detail TEXT,
+    updated_ms INTEGER NOT NULL,
+    content BLOB,
+    PRIMARY KEY (dataset_id, device_id)
+);
+CREATE INDEX dataset_parts_by_status ON dataset_parts (status);
+CREATE TABLE dataset_chunks (
+    dataset_id INTEGER NOT NULL,
+    device_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (dataset_id, device_id, idx)
+);
+";
+
 impl From<rusqlite::Error> for StoreError {
     fn from(source: rusqlite::Error) -> Self {
         StoreError::Sqlite {
@@ -260,7 +300,10 @@ impl SqliteStore {
                 if version < 4 {
                     tx.execute_batch(SCHEMA_V4).map_err(with_path)?;
                 }
-                tx.execute_batch(SCHEMA_V5).map_err(with_path)?;
+                if version < 5 {
+                    tx.execute_batch(SCHEMA_V5).map_err(with_path)?;
+                }
+                tx.execute_batch(SCHEMA_V6).map_err(with_path)?;
                 tx.pragma_update(None, "user_version", SCHEMA_VERSION)
                     .map_err(with_path)?;
                 tx.commit().map_err(with_path)?;
@@ -492,6 +535,200 @@ fn apply_deployment(
         ],
     )?;
     refresh_rollout_status(tx, rollout_id)
+}
+
+fn apply_chunk(tx: &Transaction<'_>, device_id: &str, c: &SampleChunk, now_ms: u64) -> Result<()> {
+    let dataset = c.dataset_id as i64;
+    let part = tx
+        .prepare_cached(
+            "SELECT status, upload_seq, sha256 FROM dataset_parts WHERE dataset_id = ?1 AND device_id = ?2",
+        )?
+        .query_row(params![dataset, device_id], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, Option<i64>>(1)?, r.get(2)?))
+        })
+        .optional()?
+        .map(|(status, seq, sha256)| {
+            Ok::<_, StoreError>(PartState {
+                status: PartStatus::parse(&status)?,
+                upload_seq: seq.map(u),
+                sha256,
+            })
+        })
+        .transpose()?;
+    let fail = |detail: &str| -> Result<()> {
+        exec(
+            tx,
+            "UPDATE dataset_parts SET status = 'failed', upload_seq = ?3, detail = ?4, updated_ms = ?5
+             WHERE dataset_id = ?1 AND device_id = ?2",
+            params![dataset, device_id, c.command_seq as i64, detail, now_ms as i64],
+        )?;
+        exec(
+            tx,
+            "DELETE FROM dataset_chunks WHERE dataset_id = ?1 AND device_id = ?2",
+            params![dataset, device_id],
+        )?;
+        Ok(())
+    };
+    match chunk_step(part.as_ref(), c) {
+        ChunkStep::Ignore(why) => {
+            tracing::warn!(
+                device = device_id,
+                dataset = c.dataset_id,
+                why,
+                "sample chunk dropped"
+            );
+            return Ok(());
+        }
+        ChunkStep::Fail(detail) => return fail(&detail),
+        ChunkStep::Begin => {
+            exec(
+                tx,
+                "DELETE FROM dataset_chunks WHERE dataset_id = ?1 AND device_id = ?2",
+                params![dataset, device_id],
+            )?;
+            exec(
+                tx,
+                "UPDATE dataset_parts SET status = 'receiving', upload_seq = ?3, model_name = ?4,
+                     model_version = ?5, rows = ?6, bytes = ?7, sha256 = ?8, chunks = ?9,
+                     detail = NULL, updated_ms = ?10
+                 WHERE dataset_id = ?1 AND device_id = ?2",
+                params![
+                    dataset,
+                    device_id,
+                    c.command_seq as i64,
+                    c.model.as_ref().map(|m| m.name.as_str()),
+                    c.model.as_ref().map(|m| m.version as i64),
+                    c.rows as i64,
+                    c.total_bytes as i64,
+                    c.sha256,
+                    c.count as i64,
+                    now_ms as i64
+                ],
+            )?;
+        }
+        ChunkStep::Add => {}
+    }
+    let bytes = match c.bytes() {
+        Ok(b) => b,
+        Err(e) => return fail(&e),
+    };
+    exec(
+        tx,
+        "INSERT OR IGNORE INTO dataset_chunks (dataset_id, device_id, idx, data) VALUES (?1, ?2, ?3, ?4)",
+        params![dataset, device_id, c.index as i64, bytes],
+    )?;
+    exec(
+        tx,
+        "UPDATE dataset_parts SET updated_ms = ?3 WHERE dataset_id = ?1 AND device_id = ?2",
+        params![dataset, device_id, now_ms as i64],
+    )?;
+    let have: i64 = tx
+        .prepare_cached(
+            "SELECT COUNT(*) FROM dataset_chunks WHERE dataset_id = ?1 AND device_id = ?2",
+        )?
+        .query_row(params![dataset, device_id], |r| r.get(0))?;
+    if have < c.count as i64 {
+        return Ok(());
+    }
+    let pieces = tx
+        .prepare_cached(
+            "SELECT data FROM dataset_chunks WHERE dataset_id = ?1 AND device_id = ?2 ORDER BY idx",
+        )?
+        .query_map(params![dataset, device_id], |r| r.get::<_, Vec<u8>>(0))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    match join_sample_chunks(&pieces, c.total_bytes, &c.sha256) {
+        Ok(file) => {
+            exec(
+                tx,
+                "UPDATE dataset_parts SET status = 'complete', content = ?3, updated_ms = ?4
+                 WHERE dataset_id = ?1 AND device_id = ?2",
+                params![dataset, device_id, file, now_ms as i64],
+            )?;
+            exec(
+                tx,
+                "DELETE FROM dataset_chunks WHERE dataset_id = ?1 AND device_id = ?2",
+                params![dataset, device_id],
+            )?;
+            Ok(())
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+/// The next command sequence number of a device, taken. It never goes below the clock, so
+/// a controller whose database was lost still issues numbers above any the device accepted.
+fn take_command_seq(tx: &Transaction<'_>, device_id: &str, now_ms: u64) -> Result<u64> {
+    let last: i64 = tx
+        .query_row(
+            "SELECT last_command_seq FROM devices WHERE id = ?1",
+            params![device_id],
+            |r| r.get(0),
+        )
+        .optional()?
+        .ok_or_else(|| StoreError::NotFound(format!("device {device_id}")))?;
+    let seq = (u(last) + 1).max(now_ms);
+    tx.execute(
+        "UPDATE devices SET last_command_seq = ?2 WHERE id = ?1",
+        params![device_id, seq as i64],
+    )?;
+    Ok(seq)
+}
+
+fn load_datasets(conn: &Connection, filter: &str, param: i64) -> Result<Vec<DatasetRow>> {
+    let mut rows = conn
+        .prepare(&format!(
+            "SELECT id, model_name, created_ms, created_by, reason, max_rows FROM datasets {filter}"
+        ))?
+        .query_map(params![param], |r| {
+            Ok(DatasetRow {
+                id: u(r.get(0)?),
+                model_name: r.get(1)?,
+                created_ms: u(r.get(2)?),
+                created_by: r.get(3)?,
+                reason: r.get(4)?,
+                max_rows: r.get::<_, Option<i64>>(5)?.map(u),
+                parts: Vec::new(),
+            })
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let mut parts = conn.prepare_cached(
+        "SELECT p.device_id, p.status, p.model_name, p.model_version, p.rows, p.bytes, p.sha256,
+                p.chunks, p.detail, p.updated_ms,
+                (SELECT COUNT(*) FROM dataset_chunks c
+                 WHERE c.dataset_id = p.dataset_id AND c.device_id = p.device_id)
+         FROM dataset_parts p WHERE p.dataset_id = ?1 ORDER BY p.device_id",
+    )?;
+    for row in &mut rows {
+        row.parts = parts
+            .query_map(params![row.id as i64], |r| {
+                Ok((
+                    r.get::<_, String>(1)?,
+                    DatasetPart {
+                        device_id: r.get(0)?,
+                        status: PartStatus::Requested,
+                        model: previous_model(r.get(2)?, r.get(3)?),
+                        rows: r.get::<_, Option<i64>>(4)?.map(u),
+                        bytes: r.get::<_, Option<i64>>(5)?.map(u),
+                        sha256: r.get(6)?,
+                        chunks: r.get::<_, Option<i64>>(7)?.map(|n| u(n) as u32),
+                        detail: r.get(8)?,
+                        updated_ms: u(r.get(9)?),
+                        chunks_received: u(r.get(10)?) as u32,
+                    },
+                ))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?
+            .into_iter()
+            .map(|(status, mut part)| {
+                part.status = PartStatus::parse(&status)?;
+                if part.status == PartStatus::Complete {
+                    part.chunks_received = part.chunks.unwrap_or(0);
+                }
+                Ok(part)
+            })
+            .collect::<Result<Vec<_>>>()?;
+    }
+    Ok(rows)
 }
 
 fn refresh_rollout_status(tx: &Transaction<'_>, rollout_id: u64) -> Result<()> {
@@ -759,6 +996,7 @@ impl Store for SqliteStore {
                     Message::DeploymentStatus(d) => {
                         apply_deployment(&tx, &envelope.device_id, d, received_ms)?
                     }
+                    Message::SampleChunk(c) => apply_chunk(&tx, &envelope.device_id, c, received_ms)?,
                     Message::Command(_) | Message::Receipt(_) => {
                         return Err(StoreError::Corrupt(format!(
                             "devices do not send `{}` messages",
@@ -1679,21 +1917,7 @@ impl Store for SqliteStore {
         let device_id = device_id.to_string();
         self.call(move |conn| {
             let tx = conn.transaction()?;
-            let last: i64 = tx
-                .query_row(
-                    "SELECT last_command_seq FROM devices WHERE id = ?1",
-                    params![device_id],
-                    |r| r.get(0),
-                )
-                .optional()?
-                .ok_or_else(|| StoreError::NotFound(format!("device {device_id}")))?;
-            // The sequence never goes below the clock, so a controller whose database was
-            // lost still issues numbers above any the device accepted before.
-            let seq = (u(last) + 1).max(now_ms);
-            tx.execute(
-                "UPDATE devices SET last_command_seq = ?2 WHERE id = ?1",
-                params![device_id, seq as i64],
-            )?;
+            let seq = take_command_seq(&tx, &device_id, now_ms)?;
             let updated = tx.execute(
                 &format!(
                     "UPDATE deployments SET status = CASE status WHEN 'pending' THEN 'sent' ELSE status END,
@@ -1709,6 +1933,133 @@ impl Store for SqliteStore {
             }
             tx.commit()?;
             Ok(Some(seq))
+        })
+        .await
+    }
+
+    async fn create_dataset(&self, new: &NewDataset) -> Result<DatasetRow> {
+        let new = new.clone();
+        self.call(move |conn| {
+            let tx = conn.transaction()?;
+            tx.execute(
+                "INSERT INTO datasets (model_name, created_ms, created_by, reason, max_rows)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    new.model_name,
+                    new.now_ms as i64,
+                    new.created_by,
+                    new.reason,
+                    new.max_rows.map(|m| m as i64)
+                ],
+            )?;
+            let id = tx.last_insert_rowid();
+            for device in &new.devices {
+                tx.execute(
+                    "INSERT INTO dataset_parts (dataset_id, device_id, status, updated_ms)
+                     VALUES (?1, ?2, 'requested', ?3)",
+                    params![id, device, new.now_ms as i64],
+                )?;
+            }
+            let row = load_datasets(&tx, "WHERE id = ?1", id)?
+                .pop()
+                .ok_or_else(|| StoreError::NotFound(format!("dataset {id}")))?;
+            tx.commit()?;
+            Ok(row)
+        })
+        .await
+    }
+
+    async fn datasets(&self, limit: u32) -> Result<Vec<DatasetRow>> {
+        self.call(move |conn| load_datasets(conn, "ORDER BY id DESC LIMIT ?1", i64::from(limit)))
+            .await
+    }
+
+    async fn dataset(&self, id: u64) -> Result<Option<DatasetRow>> {
+        self.call(move |conn| Ok(load_datasets(conn, "WHERE id = ?1", id as i64)?.pop()))
+            .await
+    }
+
+    async fn dataset_files(&self, id: u64) -> Result<Vec<(String, Vec<u8>)>> {
+        self.call(move |conn| {
+            let files = conn
+                .prepare(
+                    "SELECT device_id, content FROM dataset_parts
+                     WHERE dataset_id = ?1 AND status = 'complete' ORDER BY device_id",
+                )?
+                .query_map(params![id as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(files)
+        })
+        .await
+    }
+
+    async fn due_uploads(&self, quiet_since_ms: u64) -> Result<Vec<DueUpload>> {
+        self.call(move |conn| {
+            let due = conn
+                .prepare_cached(
+                    "SELECT p.dataset_id, p.device_id, d.max_rows
+                     FROM dataset_parts p
+                     JOIN datasets d ON d.id = p.dataset_id
+                     JOIN devices v ON v.id = p.device_id
+                     WHERE p.status = 'requested' AND v.online = 1
+                       AND (p.sent_ms IS NULL OR p.sent_ms < ?1)
+                     ORDER BY p.dataset_id, p.device_id",
+                )?
+                .query_map(params![quiet_since_ms as i64], |r| {
+                    Ok(DueUpload {
+                        dataset_id: u(r.get(0)?),
+                        device_id: r.get(1)?,
+                        max_rows: r.get::<_, Option<i64>>(2)?.map(u),
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(due)
+        })
+        .await
+    }
+
+    async fn mark_upload_sent(
+        &self,
+        dataset_id: u64,
+        device_id: &str,
+        now_ms: u64,
+    ) -> Result<Option<u64>> {
+        let device_id = device_id.to_string();
+        self.call(move |conn| {
+            let tx = conn.transaction()?;
+            let seq = take_command_seq(&tx, &device_id, now_ms)?;
+            let updated = tx.execute(
+                "UPDATE dataset_parts SET command_seq = ?3, sent_ms = ?4
+                 WHERE dataset_id = ?1 AND device_id = ?2 AND status = 'requested'",
+                params![dataset_id as i64, device_id, seq as i64, now_ms as i64],
+            )?;
+            if updated == 0 {
+                return Ok(None);
+            }
+            tx.commit()?;
+            Ok(Some(seq))
+        })
+        .await
+    }
+
+    async fn expire_uploads(&self, before_ms: u64, now_ms: u64) -> Result<u64> {
+        self.call(move |conn| {
+            let tx = conn.transaction()?;
+            tx.execute(
+                "DELETE FROM dataset_chunks WHERE EXISTS (
+                     SELECT 1 FROM dataset_parts p
+                     WHERE p.dataset_id = dataset_chunks.dataset_id
+                       AND p.device_id = dataset_chunks.device_id
+                       AND p.status IN ('requested', 'receiving') AND p.updated_ms < ?1)",
+                params![before_ms as i64],
+            )?;
+            let expired = tx.execute(
+                "UPDATE dataset_parts SET status = 'failed', detail = ?2, updated_ms = ?3
+                 WHERE status IN ('requested', 'receiving') AND updated_ms < ?1",
+                params![before_ms as i64, UPLOAD_EXPIRED, now_ms as i64],
+            )?;
+            tx.commit()?;
+            Ok(expired as u64)
         })
         .await
     }

@@ -3,7 +3,7 @@
 use edgeloop_shared::drift::{FeatureWindow, WindowStats};
 use edgeloop_shared::protocol::{
     DeployStage, DeploymentStatus, DeviceStatus, DriftSummary, DropCounts, Envelope, Message,
-    ModelRef, OutboxStatus, Receipt,
+    ModelRef, OutboxStatus, Receipt, SAMPLE_CHUNK_BYTES, SampleChunk,
 };
 
 use super::*;
@@ -386,6 +386,7 @@ pub async fn suite(store: &dyn Store) {
     enrollment_tokens_and_approvals(store).await;
     devices_enrolled_later_join_the_rollout_of_their_group(store).await;
     the_trust_document_is_replaced_only_from_the_version_it_was_checked_against(store).await;
+    dataset_uploads_are_put_together_checked_and_expired(store).await;
 
     // Registration adds what is new and leaves known devices as they are.
     assert!(!store.device_exists("reg-1").await.unwrap());
@@ -419,6 +420,239 @@ pub async fn suite(store: &dyn Store) {
     );
     assert!(!store.acquire_lease("job", "a", 1200, 100).await.unwrap());
     assert!(store.acquire_lease("other", "a", 1200, 100).await.unwrap());
+}
+
+fn chunk_envelope(device: &str, msg_id: &str, chunk: SampleChunk) -> Envelope {
+    Envelope::new(device, msg_id, 1, Message::SampleChunk(chunk))
+}
+
+/// Upload commands go to online devices that have not answered; chunks in any order and
+/// repeated make one checked file; a newer command's upload replaces an older one's; a
+/// device's refusal or silence fails its part; the dataset's files are the complete parts.
+async fn dataset_uploads_are_put_together_checked_and_expired(store: &dyn Store) {
+    for (device, online) in [("ds-a", true), ("ds-b", true), ("ds-c", false)] {
+        store
+            .ingest(
+                &status(device, &format!("ds-s-{device}"), online, Some(1)),
+                5000,
+            )
+            .await
+            .unwrap();
+    }
+    let row = store
+        .create_dataset(&NewDataset {
+            model_name: Some("m".into()),
+            devices: vec!["ds-a".into(), "ds-b".into(), "ds-c".into()],
+            created_by: "alice".into(),
+            reason: Some("drift".into()),
+            max_rows: Some(1000),
+            now_ms: 6000,
+        })
+        .await
+        .unwrap();
+    assert_eq!(row.parts.len(), 3);
+    assert!(row.parts.iter().all(|p| p.status == PartStatus::Requested));
+    assert!(!row.is_settled());
+    assert_eq!(
+        (row.created_by.as_str(), row.max_rows),
+        ("alice", Some(1000))
+    );
+
+    let due = store.due_uploads(6000).await.unwrap();
+    let due: Vec<&str> = due
+        .iter()
+        .filter(|d| d.dataset_id == row.id)
+        .map(|d| d.device_id.as_str())
+        .collect();
+    assert_eq!(due, ["ds-a", "ds-b"], "only online devices");
+    let seq_a = store
+        .mark_upload_sent(row.id, "ds-a", 7000)
+        .await
+        .unwrap()
+        .unwrap();
+    let seq_b = store
+        .mark_upload_sent(row.id, "ds-b", 7000)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(seq_a >= 7000 && seq_b >= 7000);
+    assert!(
+        store
+            .due_uploads(6500)
+            .await
+            .unwrap()
+            .iter()
+            .all(|d| d.dataset_id != row.id),
+        "sent, and not quiet for long enough"
+    );
+    let resend = store
+        .mark_upload_sent(row.id, "ds-a", 9000)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(resend > seq_a, "each send takes a new sequence number");
+
+    // ds-a answers the first command with a file of three chunks, out of order and one twice.
+    let file_a: Vec<u8> = (0..SAMPLE_CHUNK_BYTES * 2 + 5)
+        .map(|i| b"a,b,predicted,label\n"[i % 20])
+        .collect();
+    let chunks = SampleChunk::split(row.id, seq_a, Some(model_ref(1)), 40, &file_a);
+    store
+        .ingest(&chunk_envelope("ds-a", "ds-c2", chunks[2].clone()), 9100)
+        .await
+        .unwrap();
+    store
+        .ingest(&chunk_envelope("ds-a", "ds-c0", chunks[0].clone()), 9100)
+        .await
+        .unwrap();
+    let mut other_file = chunks[0].clone();
+    other_file.sha256 = "00".repeat(32);
+    store
+        .ingest(&chunk_envelope("ds-a", "ds-cx", other_file), 9100)
+        .await
+        .unwrap();
+    let receiving = store.dataset(row.id).await.unwrap().unwrap();
+    let part = &receiving.parts[0];
+    assert_eq!(part.status, PartStatus::Receiving);
+    assert_eq!((part.chunks, part.chunks_received), (Some(3), 2));
+    assert_eq!(part.model, Some(model_ref(1)));
+    // The same chunk again under another message id changes nothing.
+    store
+        .ingest(&chunk_envelope("ds-a", "ds-c0b", chunks[0].clone()), 9100)
+        .await
+        .unwrap();
+    assert!(store.dataset_files(row.id).await.unwrap().is_empty());
+    // Then the resent command's upload starts: it replaces the first.
+    let newer = b"a,b,predicted,label\n1,2,0,1\n".to_vec();
+    let newer_chunks = SampleChunk::split(row.id, resend, Some(model_ref(1)), 1, &newer);
+    store
+        .ingest(
+            &chunk_envelope("ds-a", "ds-n0", newer_chunks[0].clone()),
+            9200,
+        )
+        .await
+        .unwrap();
+    // The older upload's last chunk arrives late and is dropped.
+    store
+        .ingest(&chunk_envelope("ds-a", "ds-c1", chunks[1].clone()), 9300)
+        .await
+        .unwrap();
+    let done = store.dataset(row.id).await.unwrap().unwrap();
+    let part = &done.parts[0];
+    assert_eq!(part.status, PartStatus::Complete, "{part:?}");
+    assert_eq!((part.rows, part.bytes), (Some(1), Some(newer.len() as u64)));
+    assert_eq!(
+        part.sha256.as_deref(),
+        Some(edgeloop_shared::sha256_hex(&newer).as_str())
+    );
+    assert_eq!(
+        store.dataset_files(row.id).await.unwrap(),
+        vec![("ds-a".to_string(), newer.clone())]
+    );
+    // A complete part never changes.
+    let late = SampleChunk::split(row.id, resend + 1, None, 0, b"x\n");
+    store
+        .ingest(&chunk_envelope("ds-a", "ds-late", late[0].clone()), 9400)
+        .await
+        .unwrap();
+    assert_eq!(store.dataset_files(row.id).await.unwrap()[0].1, newer);
+    assert!(
+        store
+            .mark_upload_sent(row.id, "ds-a", 9500)
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // ds-b cannot send its sample.
+    store
+        .ingest(
+            &chunk_envelope(
+                "ds-b",
+                "ds-b-err",
+                SampleChunk::failed(row.id, seq_b, "this device keeps no input sample".into()),
+            ),
+            9500,
+        )
+        .await
+        .unwrap();
+    // Chunks for a dataset that does not exist, or from a device that was not asked, are
+    // dropped without harm.
+    for (device, dataset) in [("ds-b", row.id + 100), ("d1", row.id)] {
+        let stray = SampleChunk::split(dataset, 1, None, 0, b"x\n");
+        assert_eq!(
+            store
+                .ingest(
+                    &chunk_envelope(device, &format!("ds-stray-{device}"), stray[0].clone()),
+                    9500
+                )
+                .await
+                .unwrap(),
+            Ingested::Stored
+        );
+    }
+    // ds-c never came online: its part expires.
+    assert_eq!(store.expire_uploads(6001, 20_000).await.unwrap(), 1);
+    assert_eq!(store.expire_uploads(6001, 20_000).await.unwrap(), 0);
+    let settled = store.dataset(row.id).await.unwrap().unwrap();
+    assert!(settled.is_settled());
+    let by_device: Vec<(&str, PartStatus, Option<&str>)> = settled
+        .parts
+        .iter()
+        .map(|p| (p.device_id.as_str(), p.status, p.detail.as_deref()))
+        .collect();
+    assert_eq!(
+        by_device,
+        [
+            ("ds-a", PartStatus::Complete, None),
+            (
+                "ds-b",
+                PartStatus::Failed,
+                Some("this device keeps no input sample")
+            ),
+            ("ds-c", PartStatus::Failed, Some(UPLOAD_EXPIRED)),
+        ]
+    );
+    assert!(store.dataset(row.id + 100).await.unwrap().is_none());
+    assert_eq!(store.datasets(10).await.unwrap()[0], settled);
+
+    // A file whose pieces do not add up to its digest fails the part.
+    let second = store
+        .create_dataset(&NewDataset {
+            model_name: None,
+            devices: vec!["ds-b".into()],
+            created_by: "bob".into(),
+            reason: None,
+            max_rows: None,
+            now_ms: 30_000,
+        })
+        .await
+        .unwrap();
+    let seq = store
+        .mark_upload_sent(second.id, "ds-b", 30_000)
+        .await
+        .unwrap()
+        .unwrap();
+    let mut lying = SampleChunk::split(second.id, seq, None, 1, b"a\n1\n");
+    lying[0].sha256 = "11".repeat(32);
+    store
+        .ingest(&chunk_envelope("ds-b", "ds-lie", lying[0].clone()), 30_100)
+        .await
+        .unwrap();
+    let part = &store.dataset(second.id).await.unwrap().unwrap().parts[0];
+    assert_eq!(part.status, PartStatus::Failed);
+    assert!(
+        part.detail.as_deref().unwrap().contains("SHA-256"),
+        "{part:?}"
+    );
+    let ids: Vec<u64> = store
+        .datasets(10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|d| d.id)
+        .collect();
+    assert_eq!(ids, [second.id, row.id], "newest first");
 }
 
 /// A rollout's waves open one at a time; deployments past their deadline time out; pause,
@@ -1267,7 +1501,9 @@ async fn a_version_1_sqlite_database_is_migrated_in_place() {
     let version: i64 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 5);
+    assert_eq!(version, 6);
+    conn.prepare("SELECT upload_seq, content FROM dataset_parts")
+        .unwrap();
     conn.prepare("SELECT rollback, plan, current_wave, reason FROM rollouts")
         .unwrap();
     conn.prepare("SELECT drift_share, labelled, accuracy FROM telemetry")
@@ -1339,4 +1575,22 @@ async fn postgres_store_passes_the_suite() {
         .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
         .await
         .unwrap();
+}
+
+#[test]
+fn a_dataset_merges_its_parts_under_one_header_and_refuses_other_columns() {
+    let part = |d: &str, text: &str| (d.to_string(), text.as_bytes().to_vec());
+    let merged = merge_parts(&[
+        part("a", "x,label\n1,0\n2,1\n"),
+        part("b", "x,label\n"),
+        part("c", "x,label\n3,1\n"),
+    ])
+    .unwrap();
+    assert_eq!(merged, b"x,label\n1,0\n2,1\n3,1\n");
+    assert_eq!(merge_parts(&[]).unwrap(), b"");
+    let err = merge_parts(&[part("a", "x,label\n1,0\n"), part("b", "y,label\n1,0\n")]).unwrap_err();
+    assert!(
+        err.contains("sample of b has other columns (y,label)"),
+        "{err}"
+    );
 }
