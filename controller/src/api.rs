@@ -101,7 +101,7 @@ impl IntoResponse for ApiError {
                         tracing::error!(error = %self, "dataset request failed");
                         StatusCode::INTERNAL_SERVER_ERROR
                     }
-                    D::UnknownDevice(_) => StatusCode::NOT_FOUND,
+                    D::UnknownDevice(_) | D::Incomplete(..) => StatusCode::NOT_FOUND,
                     _ => StatusCode::BAD_REQUEST,
                 }
             }
@@ -902,10 +902,24 @@ async fn dataset(State(s): State<AppState>, Path(id): Path<u64>) -> ApiResult<Da
 /// The header that carries a dataset file's SHA-256.
 pub const SHA256_HEADER: &str = "x-edgeloop-sha256";
 
-/// `GET /api/v1/datasets/{id}/csv`: the merge of the parts complete so far; its SHA-256 in
-/// `x-edgeloop-sha256` (and as the ETag), the devices in it in `x-edgeloop-devices`.
-async fn dataset_csv(State(s): State<AppState>, Path(id): Path<u64>) -> Result<Response, ApiError> {
-    let file = crate::datasets::file(s.store.as_ref(), id)
+#[derive(Debug, Deserialize)]
+struct DatasetCsvQuery {
+    /// Only these devices' parts, comma-separated.
+    devices: Option<String>,
+}
+
+/// `GET /api/v1/datasets/{id}/csv[?devices=a,b]`: the merge of the parts complete so far,
+/// or of exactly the named ones; its SHA-256 in `x-edgeloop-sha256` (and as the ETag), the
+/// devices in it in `x-edgeloop-devices`.
+async fn dataset_csv(
+    State(s): State<AppState>,
+    Path(id): Path<u64>,
+    Query(q): Query<DatasetCsvQuery>,
+) -> Result<Response, ApiError> {
+    let only: Option<Vec<String>> = q
+        .devices
+        .map(|list| list.split(',').map(str::to_string).collect());
+    let file = crate::datasets::file(s.store.as_ref(), id, only.as_deref())
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("dataset {id}")))?;
     Ok((

@@ -25,6 +25,8 @@ pub enum DatasetError {
     NoRows,
     #[error("dataset {0}: {1}")]
     Merge(u64, String),
+    #[error("dataset {0} has no complete part from device {1}")]
+    Incomplete(u64, String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -119,12 +121,24 @@ pub struct DatasetFile {
     pub devices: Vec<String>,
 }
 
-/// The dataset's CSV as it stands: the parts complete so far. `None`: no such dataset.
-pub async fn file(store: &dyn Store, id: u64) -> Result<Option<DatasetFile>, DatasetError> {
+/// The dataset's CSV as it stands: the parts complete so far, or exactly the parts of
+/// `only` (which must all be complete; a complete part never changes, so that file never
+/// does either). `None`: no such dataset.
+pub async fn file(
+    store: &dyn Store,
+    id: u64,
+    only: Option<&[String]>,
+) -> Result<Option<DatasetFile>, DatasetError> {
     let Some(row) = store.dataset(id).await? else {
         return Ok(None);
     };
-    let parts = store.dataset_files(id).await?;
+    let mut parts = store.dataset_files(id).await?;
+    if let Some(only) = only {
+        if let Some(missing) = only.iter().find(|d| !parts.iter().any(|(p, _)| p == *d)) {
+            return Err(DatasetError::Incomplete(id, missing.clone()));
+        }
+        parts.retain(|(d, _)| only.contains(d));
+    }
     let csv = merge_parts(&parts).map_err(|e| DatasetError::Merge(id, e))?;
     Ok(Some(DatasetFile {
         row,

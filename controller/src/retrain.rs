@@ -92,6 +92,43 @@ impl Trainer {
     }
 }
 
+/// How a retraining collects the devices' input samples.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CollectSamples {
+    /// At most this many rows per device.
+    #[serde(default)]
+    pub max_rows: Option<u64>,
+    /// Train once every device answered, or after this long with the parts that came.
+    #[serde(default = "CollectSamples::default_wait_s")]
+    pub wait_s: u64,
+}
+
+impl CollectSamples {
+    fn default_wait_s() -> u64 {
+        300
+    }
+}
+
+/// The samples a retraining collected, as its trainer receives them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SamplesRef {
+    pub dataset_id: u64,
+    /// Where to fetch the merged CSV (`GET`, digest in `x-edgeloop-sha256`).
+    pub url: String,
+    pub sha256: String,
+    pub rows: u64,
+    /// The devices whose sample is in it.
+    pub devices: Vec<String>,
+}
+
+/// Collected samples: what the trainer is told, and the file.
+#[derive(Debug, Clone)]
+struct Collected {
+    reference: SamplesRef,
+    csv: Vec<u8>,
+}
+
 /// The shape of a webhook's body.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -173,6 +210,10 @@ pub struct RetrainingPolicy {
     /// Labelled holdout for the quality gate of a command trainer's candidate.
     #[serde(default)]
     pub holdout: Option<PathBuf>,
+    /// Before training, ask the devices that run the model for their input samples and
+    /// hand the merged dataset to the trainer.
+    #[serde(default)]
+    pub collect_samples: Option<CollectSamples>,
     #[serde(default)]
     pub gate: GatePolicy,
     /// How the candidate is rolled out.
@@ -324,6 +365,14 @@ impl RetrainingPolicy {
                 }
             }
         }
+        if let Some(collect) = &self.collect_samples {
+            if collect.wait_s == 0 {
+                return Err("collect_samples.wait_s: must be at least 1".into());
+            }
+            if collect.max_rows == Some(0) {
+                return Err("collect_samples.max_rows: must be at least 1".into());
+            }
+        }
         self.gate.validate().map_err(|e| format!("gate: {e}"))?;
         self.rollout
             .validate()
@@ -464,6 +513,9 @@ pub struct WebhookPayload {
     pub drifting_devices: Vec<String>,
     pub dataset: Option<String>,
     pub dataset_sha256: Option<String>,
+    /// The devices' input samples, when the policy collects them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub samples: Option<SamplesRef>,
     /// The controller's API, for the pipeline to follow up.
     pub controller_url: String,
 }
@@ -794,6 +846,13 @@ impl Retrainer {
         fired: &Fired,
         shutdown: CancellationToken,
     ) {
+        let samples = match &policy.collect_samples {
+            None => None,
+            Some(collect) => match self.collect(row, collect, &shutdown).await {
+                Ok(collected) => Some(collected),
+                Err(update) => return self.end(row, update, true).await,
+            },
+        };
         let outcome = match &policy.trainer {
             Trainer::Webhook {
                 url,
@@ -804,7 +863,8 @@ impl Retrainer {
                 retries,
                 timeout_s,
             } => {
-                let body = format.body(&self.payload(policy, row, fired));
+                let reference = samples.as_ref().map(|s| s.reference.clone());
+                let body = format.body(&self.payload(policy, row, fired, reference));
                 let secret = webhook_secret(secret_env.as_deref(), secret_file.as_deref());
                 let called = match secret {
                     Ok(secret) => {
@@ -835,8 +895,11 @@ impl Retrainer {
                 args,
                 timeout_s,
             } => {
-                self.run_command(policy, row, fired, program, args, *timeout_s, shutdown)
-                    .await
+                let samples = samples.as_ref();
+                self.run_command(
+                    policy, row, fired, samples, program, args, *timeout_s, shutdown,
+                )
+                .await
             }
         };
         match outcome {
@@ -859,6 +922,7 @@ impl Retrainer {
         policy: &RetrainingPolicy,
         row: &RetrainingRow,
         fired: &Fired,
+        samples: Option<SamplesRef>,
     ) -> WebhookPayload {
         WebhookPayload {
             event: "retraining".into(),
@@ -873,6 +937,7 @@ impl Retrainer {
                 .as_ref()
                 .and_then(|p| std::fs::read(p).ok())
                 .map(|b| edgeloop_shared::sha256_hex(&b)),
+            samples,
             controller_url: self.controller_url.clone(),
         }
     }
@@ -885,6 +950,7 @@ impl Retrainer {
         policy: &RetrainingPolicy,
         row: &RetrainingRow,
         fired: &Fired,
+        samples: Option<&Collected>,
         program: &Path,
         args: &[String],
         timeout_s: u64,
@@ -914,6 +980,18 @@ impl Retrainer {
         if let Some(dataset) = &policy.dataset {
             command.env("EDGELOOP_DATASET", dataset);
         }
+        if let Some(samples) = samples {
+            let path = dir.join("samples.csv");
+            std::fs::write(&path, &samples.csv)
+                .map_err(|e| failed(format!("cannot write {}: {e}", path.display())))?;
+            command
+                .env("EDGELOOP_SAMPLES", &path)
+                .env("EDGELOOP_SAMPLES_SHA256", &samples.reference.sha256)
+                .env(
+                    "EDGELOOP_SAMPLES_DATASET_ID",
+                    samples.reference.dataset_id.to_string(),
+                );
+        }
         let mut child = command
             .spawn()
             .map_err(|e| failed(format!("cannot start {}: {e}", program.display())))?;
@@ -942,6 +1020,98 @@ impl Retrainer {
             )));
         }
         self.register(policy, row, &output, &log_path).await
+    }
+
+    /// Asks the devices that run the model for their samples and waits until every one
+    /// answered or `wait_s` passed; the merge of what came is the trainer's. Err: no device
+    /// sent a sample.
+    async fn collect(
+        &self,
+        row: &RetrainingRow,
+        collect: &CollectSamples,
+        shutdown: &CancellationToken,
+    ) -> Result<Collected, RetrainingUpdate> {
+        let failed = |m: String| RetrainingUpdate::status(RetrainingStatus::Failed, m);
+        let dataset = crate::datasets::request(
+            self.store.as_ref(),
+            crate::datasets::DatasetRequest {
+                model: Some(row.model_name.clone()),
+                max_rows: collect.max_rows,
+                actor: ENGINE.into(),
+                reason: Some(format!("retraining {}: {}", row.id, row.reason)),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| failed(format!("cannot ask for samples: {e}")))?;
+        self.dispatcher_wake.notify_one();
+        let update = RetrainingUpdate::status(
+            RetrainingStatus::Training,
+            format!("collecting samples: dataset {}", dataset.id),
+        );
+        if let Err(e) = self
+            .store
+            .update_retraining(row.id, &update, now_ms())
+            .await
+        {
+            warn!(retraining = row.id, error = %e, "cannot record the sample collection");
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(collect.wait_s);
+        loop {
+            match self.store.dataset(dataset.id).await {
+                Ok(Some(d)) if d.is_settled() => break,
+                Ok(_) => {}
+                Err(e) => warn!(dataset = dataset.id, error = %e, "cannot read the dataset"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    return Err(failed("the controller stopped while collecting samples".into()));
+                }
+                _ = tokio::time::sleep_until(deadline) => break,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+        let file = crate::datasets::file(self.store.as_ref(), dataset.id, None)
+            .await
+            .map_err(|e| failed(format!("cannot merge the samples: {e}")))?
+            .ok_or_else(|| failed(format!("dataset {} vanished", dataset.id)))?;
+        if file.devices.is_empty() {
+            return Err(failed(format!(
+                "no device sent its sample for dataset {} within collect_samples.wait_s ({} s)",
+                dataset.id, collect.wait_s
+            )));
+        }
+        let rows = file
+            .row
+            .parts
+            .iter()
+            .filter(|p| file.devices.contains(&p.device_id))
+            .filter_map(|p| p.rows)
+            .sum();
+        info!(
+            retraining = row.id,
+            dataset = dataset.id,
+            rows,
+            devices = file.devices.len(),
+            "samples collected"
+        );
+        Ok(Collected {
+            reference: SamplesRef {
+                dataset_id: dataset.id,
+                // Pinned to the parts complete now: a part that completes later does not
+                // change the file behind this digest.
+                url: format!(
+                    "{}/api/v1/datasets/{}/csv?devices={}",
+                    self.controller_url.trim_end_matches('/'),
+                    dataset.id,
+                    file.devices.join(",")
+                ),
+                sha256: file.sha256,
+                rows,
+                devices: file.devices,
+            },
+            csv: file.csv,
+        })
     }
 
     /// A retraining's working directory and, inside it, the empty-to-start `output` the
@@ -1376,6 +1546,14 @@ mod tests {
                 "model = \"m\"\ngate = { parity = 3 }\ntrainer = { kind = \"webhook\", url = \"http://x\" }",
                 "gate: invalid gate policy: parity",
             ),
+            (
+                "model = \"m\"\ncollect_samples = { wait_s = 0 }\ntrainer = { kind = \"webhook\", url = \"http://x\" }",
+                "collect_samples.wait_s",
+            ),
+            (
+                "model = \"m\"\ncollect_samples = { max_rows = 0 }\ntrainer = { kind = \"webhook\", url = \"http://x\" }",
+                "collect_samples.max_rows",
+            ),
         ];
         for (toml_text, field) in cases {
             let p: RetrainingPolicy = toml::from_str(toml_text).unwrap();
@@ -1401,6 +1579,13 @@ mod tests {
             drifting_devices: vec!["a".into()],
             dataset: None,
             dataset_sha256: None,
+            samples: Some(SamplesRef {
+                dataset_id: 3,
+                url: "http://c/api/v1/datasets/3/csv".into(),
+                sha256: "00".into(),
+                rows: 10,
+                devices: vec!["a".into()],
+            }),
             controller_url: "http://c".into(),
         };
         let parse = |f: WebhookFormat| -> serde_json::Value {

@@ -164,6 +164,28 @@ async fn devices_upload_their_samples_as_a_dataset(broker: BrokerChoice) {
     );
     // The file the CLI would fetch is the same file every time.
     assert_eq!(csv(&ctl, id).await.1, sha256);
+    // One device's part alone; a device with no complete part is a 404.
+    let calm = ctl
+        .http
+        .get(ctl.url(&format!("/api/v1/datasets/{id}/csv?devices=ds-calm")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(calm.headers()["x-edgeloop-devices"], "ds-calm");
+    let calm = calm.text().await.unwrap();
+    assert_eq!(
+        calm.lines().count() as u64,
+        parts[1]["rows"].as_u64().unwrap() + 1
+    );
+    let missing = ctl
+        .http
+        .get(ctl.url(&format!(
+            "/api/v1/datasets/{id}/csv?devices=ds-calm,ds-idle"
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
 
     // A cap on the rows, for one named device.
     let (code, capped) = ctl

@@ -399,6 +399,7 @@ model = "vibration"
 consecutive_windows = 1
 min_devices = 2
 cooldown_s = 1
+collect_samples = {{ max_rows = 50, wait_s = 30 }}
 trainer = {{ kind = "webhook", url = "{url}", secret_file = "{}", retries = 3 }}
 "#,
         secret.display()
@@ -434,6 +435,24 @@ trainer = {{ kind = "webhook", url = "{url}", secret_file = "{}", retries = 3 }}
     assert_eq!(payload["model"], "vibration");
     assert_eq!(payload["from_version"], 1);
     assert_eq!(payload["drifting_devices"].as_array().unwrap().len(), 2);
+    // The devices' samples were collected first: the pipeline fetches exactly that file.
+    let samples = &payload["samples"];
+    assert_eq!(samples["rows"], 100, "{samples}");
+    assert_eq!(samples["devices"].as_array().unwrap().len(), 2, "{samples}");
+    let fetched = ctl
+        .http
+        .get(samples["url"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(
+        edgeloop_shared::sha256_hex(&fetched),
+        samples["sha256"].as_str().unwrap()
+    );
+    assert_eq!(fetched.iter().filter(|&&b| b == b'\n').count(), 101);
 
     // The pipeline publishes its candidate through the gate: the controller rolls it out.
     let reference = ctl.dir.path().join("pipeline-reference.csv");
