@@ -87,6 +87,9 @@ pub struct AgentConfig {
     pub health: HealthConfig,
     /// Enrollment (see `enroll`): a token from the controller; empty: no enrollment.
     pub enrollment_token: String,
+    /// Enroll without a token, with the device key an operator pre-authorized
+    /// (`edgeloop device preauthorize`), proving it by signing the request.
+    pub enroll_with_key: bool,
     /// The board this device is (`rpi4`, `jetson-orin-nano`…), reported at enrollment.
     pub board: String,
     /// Seconds between enrollment attempts while waiting for approval or the controller.

@@ -10,6 +10,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use base64::Engine as _;
 use edgeloop_shared::signing::SecretKey;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -121,10 +122,19 @@ async fn attempt(config: &AgentConfig, key: &SecretKey) -> Attempt {
         "{}/api/v1/enroll",
         config.controller_url.trim_end_matches('/')
     );
+    // Every attempt proves the key, so that a pre-authorized one needs no token.
+    let issued_ms = crate::now_ms();
+    let public_key = key.public().to_text();
+    let proof = key.sign(
+        edgeloop_shared::signing::Context::Enroll,
+        &edgeloop_shared::signing::enroll_proof_bytes(&config.device_id, &public_key, issued_ms),
+    );
     let body = serde_json::json!({
-        "token": config.enrollment_token,
+        "token": (!config.enrollment_token.is_empty()).then_some(&config.enrollment_token),
         "device_id": config.device_id,
-        "public_key": key.public().to_text(),
+        "public_key": public_key,
+        "issued_ms": issued_ms,
+        "signature": base64::engine::general_purpose::STANDARD.encode(proof),
         "board": (!config.board.is_empty()).then_some(&config.board),
         "arch": std::env::consts::ARCH,
         "agent_version": env!("CARGO_PKG_VERSION"),
@@ -158,9 +168,10 @@ async fn attempt(config: &AgentConfig, key: &SecretKey) -> Attempt {
     }
 }
 
-/// Enrolls until approved (or shutdown). Does nothing without a token, or once approved.
+/// Enrolls until approved (or shutdown). Does nothing without a token or a pre-authorized
+/// key, or once approved.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), EnrollError> {
-    if config.enrollment_token.is_empty() {
+    if config.enrollment_token.is_empty() && !config.enroll_with_key {
         return Ok(());
     }
     if recorded(&config.state_dir)?.is_some_and(|e| e.status == "approved") {

@@ -68,6 +68,12 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Print this device's public key (`ed25519:…`), creating the key pair in the state
+    /// directory if there is none yet: what an operator pre-authorizes.
+    DeviceKey {
+        #[command(flatten)]
+        overrides: Overrides,
+    },
     /// Print the built-in default configuration (a commented TOML file).
     PrintDefaultConfig,
     /// Load and validate a configuration, then print the effective values.
@@ -193,6 +199,13 @@ async fn run() -> anyhow::Result<()> {
                 status.seen,
                 status.capacity
             );
+        }
+        Command::DeviceKey { overrides } => {
+            let config = overrides.load()?;
+            std::fs::create_dir_all(&config.state_dir)
+                .with_context(|| format!("cannot create {}", config.state_dir.display()))?;
+            let key = edgeloop_agent::enroll::device_key(&config.state_dir)?;
+            println!("{}", key.public().to_text());
         }
         Command::CheckConfig { overrides } => {
             let config = overrides.load()?;

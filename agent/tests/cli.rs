@@ -163,3 +163,19 @@ fn samples_exports_the_kept_inputs_as_csv() {
         "rms,temperature,predicted,label\n1.5,40,0,1\n2.5,60,1,1\n"
     );
 }
+
+#[test]
+fn device_key_prints_the_key_it_makes_once_and_keeps() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let args = ["device-key", "--state-dir", state.to_str().unwrap()];
+    let (ok, first, err) = run(&args);
+    assert!(ok, "{err}");
+    let first = first.trim();
+    assert!(first.starts_with("ed25519:"), "{first}");
+    edgeloop_shared::signing::PublicKey::parse(first).unwrap();
+    let (ok, second, _) = run(&args);
+    assert!(ok);
+    assert_eq!(second.trim(), first, "the key is made once and kept");
+    assert!(state.join("device.key").exists());
+}

@@ -13,6 +13,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use edgeloop_agent::now_ms;
 use edgeloop_shared::is_valid_identifier;
+use edgeloop_shared::signing::{Context, PublicKey};
 use serde::Deserialize;
 use tokio::sync::Notify;
 
@@ -171,6 +172,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/retraining-policies", get(policies))
         .route("/api/v1/enrollment-tokens", post(create_token).get(tokens))
         .route("/api/v1/enroll", post(enroll))
+        .route("/api/v1/preauthorized-keys", post(create_preauthorized_key))
         .route("/api/v1/device-settings", get(device_settings))
         .route("/api/v1/enrollments", get(enrollments))
         .route("/api/v1/enrollments/{id}/approve", post(approve))
@@ -598,6 +600,65 @@ pub async fn new_token(
     body: CreateToken,
     actor: &str,
 ) -> Result<CreatedToken, ApiError> {
+    let mut secret = [0u8; 24];
+    let mut id = [0u8; 4];
+    getrandom::fill(&mut secret)
+        .and_then(|()| getrandom::fill(&mut id))
+        .map_err(|e| ApiError::BadRequest(format!("no entropy: {e}")))?;
+    let token = format!("elt_{}", hex::encode(secret));
+    let row = store_token(
+        store,
+        body,
+        actor,
+        format!("tok-{}", hex::encode(id)),
+        &edgeloop_shared::sha256_hex(token.as_bytes()),
+    )
+    .await?;
+    Ok(CreatedToken { row, token })
+}
+
+/// The SHA-256 under which a pre-authorized key is kept as a single-use token. Its input
+/// holds a NUL, which no token secret may, so no secret a client sends can reach it: only
+/// an enrollment signed with the key can.
+fn preauthorized_secret_sha256(key: &PublicKey) -> String {
+    edgeloop_shared::sha256_hex(
+        format!("edgeloop/v1/preauthorized-key\0{}", key.to_text()).as_bytes(),
+    )
+}
+
+/// Pre-authorizes a device key: a single-use token bound to the key, with which the device
+/// holding it enrolls without a secret, by signing its request.
+pub async fn preauthorize_key(
+    store: &dyn Store,
+    body: PreauthorizeKey,
+    actor: &str,
+) -> Result<TokenRow, ApiError> {
+    let key = PublicKey::parse(&body.public_key)
+        .map_err(|e| ApiError::BadRequest(format!("public_key: {e}")))?;
+    store_token(
+        store,
+        CreateToken {
+            group: body.group,
+            tags: body.tags,
+            ttl_s: body.ttl_s,
+            uses: Some(1),
+            auto_approve: body.auto_approve,
+        },
+        actor,
+        format!("key-{}", key.id()),
+        &preauthorized_secret_sha256(&key),
+    )
+    .await
+}
+
+/// Checks a token's terms and stores it under `secret_sha256`, audited.
+async fn store_token(
+    store: &dyn Store,
+    body: CreateToken,
+    actor: &str,
+    id: String,
+    secret_sha256: &str,
+) -> Result<TokenRow, ApiError> {
     let bad = |m: String| Err(ApiError::BadRequest(m));
     if !is_valid_identifier(&body.group) {
         return bad(format!(
@@ -616,15 +677,9 @@ pub async fn new_token(
     if body.uses == Some(0) {
         return bad("uses must be at least 1 (null: unlimited)".into());
     }
-    let mut secret = [0u8; 24];
-    let mut id = [0u8; 4];
-    getrandom::fill(&mut secret)
-        .and_then(|()| getrandom::fill(&mut id))
-        .map_err(|e| ApiError::BadRequest(format!("no entropy: {e}")))?;
-    let token = format!("elt_{}", hex::encode(secret));
     let now = now_ms();
     let row = TokenRow {
-        id: format!("tok-{}", hex::encode(id)),
+        id,
         group: body.group,
         tags: body.tags,
         expires_ms: now + body.ttl_s * 1000,
@@ -633,13 +688,16 @@ pub async fn new_token(
         created_ms: now,
         created_by: actor.to_string(),
     };
-    store
-        .create_token(&row, &edgeloop_shared::sha256_hex(token.as_bytes()))
-        .await?;
+    store.create_token(&row, secret_sha256).await?;
+    let what = if row.id.starts_with("key-") {
+        "key.preauthorize"
+    } else {
+        "token.create"
+    };
     crate::store::record_audit_now(
         store,
         actor,
-        "token.create",
+        what,
         format!("token/{}", row.id),
         Some(format!(
             "group {} tags {:?}, {} uses, {}",
@@ -654,7 +712,39 @@ pub async fn new_token(
         )),
     )
     .await;
-    Ok(CreatedToken { row, token })
+    Ok(row)
+}
+
+/// `POST /api/v1/preauthorized-keys`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreauthorizeKey {
+    /// The device's public key (`ed25519:<base64>`), from `edgeloop-agent device-key`.
+    pub public_key: String,
+    pub group: String,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// How long the pre-authorization holds, in seconds (default a year).
+    #[serde(default = "PreauthorizeKey::default_ttl_s")]
+    pub ttl_s: u64,
+    #[serde(default = "CreateToken::default_auto_approve")]
+    pub auto_approve: bool,
+}
+
+impl PreauthorizeKey {
+    fn default_ttl_s() -> u64 {
+        365 * 86_400
+    }
+}
+
+async fn create_preauthorized_key(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<PreauthorizeKey>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<TokenRow>), ApiError> {
+    let Json(body) = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let row = preauthorize_key(s.store.as_ref(), body, &actor(&headers)?).await?;
+    Ok((StatusCode::CREATED, Json(row)))
 }
 
 async fn create_token(
@@ -675,9 +765,18 @@ async fn tokens(State(s): State<AppState>) -> ApiResult<Vec<TokenRow>> {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EnrollBody {
-    pub token: String,
+    /// The token's secret; without one the key must be pre-authorized and the request
+    /// signed.
+    #[serde(default)]
+    pub token: Option<String>,
     pub device_id: String,
     pub public_key: String,
+    /// Proof of the key: the time (ms) and the base64 signature of
+    /// [`edgeloop_shared::signing::enroll_proof_bytes`] under the key.
+    #[serde(default)]
+    pub issued_ms: Option<u64>,
+    #[serde(default)]
+    pub signature: Option<String>,
     pub board: Option<String>,
     pub arch: Option<String>,
     pub agent_version: Option<String>,
@@ -701,8 +800,50 @@ async fn enroll(
 ) -> Result<(StatusCode, Json<Enrolled>), ApiError> {
     let Json(body) = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     device_id(&body.device_id)?;
-    edgeloop_shared::signing::PublicKey::parse(&body.public_key)
+    let key = PublicKey::parse(&body.public_key)
         .map_err(|e| ApiError::BadRequest(format!("public_key: {e}")))?;
+    let now = now_ms();
+    let proven = match (body.issued_ms, &body.signature) {
+        (None, None) => false,
+        (Some(at), Some(signature)) => {
+            use base64::Engine as _;
+            let unproven = |why: String| {
+                ApiError::Refused(StatusCode::UNAUTHORIZED, format!("proof of key: {why}"))
+            };
+            if at.abs_diff(now) > edgeloop_shared::command::MAX_CLOCK_SKEW_MS {
+                return Err(unproven(format!(
+                    "issued_ms {at} is more than 5 minutes from the controller's clock ({now})"
+                )));
+            }
+            let signature = base64::engine::general_purpose::STANDARD
+                .decode(signature)
+                .map_err(|e| unproven(format!("signature is not base64: {e}")))?;
+            let bytes =
+                edgeloop_shared::signing::enroll_proof_bytes(&body.device_id, &body.public_key, at);
+            key.verify(Context::Enroll, &bytes, &signature)
+                .map_err(|e| unproven(e.to_string()))?;
+            true
+        }
+        _ => {
+            return Err(ApiError::BadRequest(
+                "issued_ms and signature go together".into(),
+            ));
+        }
+    };
+    let secret = match &body.token {
+        Some(token) if token.is_empty() || token.chars().any(char::is_control) => {
+            return Err(ApiError::BadRequest(
+                "token must be non-empty visible text".into(),
+            ));
+        }
+        Some(token) => edgeloop_shared::sha256_hex(token.as_bytes()),
+        None if proven => preauthorized_secret_sha256(&key),
+        None => {
+            return Err(ApiError::BadRequest(
+                "without a token, a device enrolls with a pre-authorized key and signs the request (issued_ms, signature)".into(),
+            ));
+        }
+    };
     for (field, value) in [
         ("board", &body.board),
         ("arch", &body.arch),
@@ -718,7 +859,6 @@ async fn enroll(
             )));
         }
     }
-    let now = now_ms();
     let request = crate::store::EnrollRequest {
         device_id: body.device_id,
         public_key: body.public_key,
@@ -726,19 +866,32 @@ async fn enroll(
         arch: body.arch,
         agent_version: body.agent_version,
     };
-    let secret = edgeloop_shared::sha256_hex(body.token.as_bytes());
+    let what = if body.token.is_some() {
+        "the enrollment token"
+    } else {
+        "the key's pre-authorization"
+    };
     let row = match s.store.enroll(&secret, &request, now).await? {
         EnrollOutcome::Enrolled(row) => *row,
-        EnrollOutcome::BadToken => {
+        EnrollOutcome::BadToken if body.token.is_some() => {
             return Err(ApiError::Refused(
                 StatusCode::UNAUTHORIZED,
                 "the enrollment token is unknown or has expired".into(),
             ));
         }
+        EnrollOutcome::BadToken => {
+            return Err(ApiError::Refused(
+                StatusCode::UNAUTHORIZED,
+                format!(
+                    "key {} is not pre-authorized, or its pre-authorization expired",
+                    key.id()
+                ),
+            ));
+        }
         EnrollOutcome::UsedUp => {
             return Err(ApiError::Refused(
                 StatusCode::FORBIDDEN,
-                "the enrollment token has been used as often as it allows".into(),
+                format!("{what} has been used as often as it allows"),
             ));
         }
         EnrollOutcome::KeyConflict => {

@@ -547,6 +547,25 @@ enum DeviceCommand {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Pre-authorize a device's key (from `edgeloop-agent device-key` on the device): the
+    /// device enrolls once without a token, signing its request with the key.
+    Preauthorize {
+        /// The device's public key (`ed25519:…`) or a file holding it.
+        #[arg(long)]
+        key: String,
+        #[arg(long)]
+        group: String,
+        #[arg(long, value_delimiter = ',')]
+        tags: Vec<String>,
+        /// Seconds the pre-authorization holds.
+        #[arg(long, default_value_t = 365 * 86_400)]
+        ttl_s: u64,
+        /// The device waits for `edgeloop device approve`.
+        #[arg(long)]
+        review: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Write a provisioning bundle to copy onto a device's image before flashing: the agent
     /// configuration with a new enrollment token, the controller's keys, a systemd unit and
     /// the board's settings.
@@ -1231,6 +1250,34 @@ async fn run() -> anyhow::Result<()> {
                 println!("{row}");
             } else {
                 println!("{id} approved");
+            }
+        }
+        Command::Device {
+            command:
+                DeviceCommand::Preauthorize {
+                    key,
+                    group,
+                    tags,
+                    ttl_s,
+                    review,
+                    api,
+                },
+        } => {
+            let body = serde_json::json!({
+                "public_key": public_key_arg(&key)?, "group": group, "tags": tags,
+                "ttl_s": ttl_s, "auto_approve": !review,
+            });
+            let row = post_json(&api.url("/api/v1/preauthorized-keys"), &body).await?;
+            if api.output == Output::Json {
+                println!("{row}");
+            } else {
+                let row: serde_json::Value = serde_json::from_str(&row)?;
+                println!(
+                    "{} pre-authorized for group {} (expires at {} ms)",
+                    row["id"].as_str().unwrap_or(""),
+                    row["group"].as_str().unwrap_or(""),
+                    row["expires_ms"]
+                );
             }
         }
         Command::Device {

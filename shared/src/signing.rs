@@ -30,6 +30,8 @@ pub enum Context {
     Command,
     /// Trust documents (key rotation and revocation), signed by root keys.
     Trust,
+    /// A device's proof, when it enrolls, that it holds the key it names.
+    Enroll,
 }
 
 impl Context {
@@ -38,6 +40,7 @@ impl Context {
             Context::BundleManifest => b"edgeloop/v1/bundle-manifest\0",
             Context::Command => b"edgeloop/v1/command\0",
             Context::Trust => b"edgeloop/v1/trust\0",
+            Context::Enroll => b"edgeloop/v1/enroll\0",
         }
     }
 
@@ -47,6 +50,12 @@ impl Context {
         m.extend_from_slice(bytes);
         m
     }
+}
+
+/// The bytes a device signs (context [`Context::Enroll`]) to prove, when it enrolls, that it
+/// holds the key it names: its id, the key's text form and the time, one per line.
+pub fn enroll_proof_bytes(device_id: &str, public_key: &str, issued_ms: u64) -> Vec<u8> {
+    format!("{device_id}\n{public_key}\n{issued_ms}").into_bytes()
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

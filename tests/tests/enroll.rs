@@ -254,3 +254,128 @@ fn public_key(n: u8) -> String {
         .public()
         .to_text()
 }
+
+/// An enrollment signed with `key` (seed `n`) at `issued_ms`, without a token.
+fn signed_enrollment(n: u8, device: &str, issued_ms: u64) -> Value {
+    use base64::Engine as _;
+    let key = edgeloop_shared::signing::SecretKey::from_seed([n; 32]);
+    let public = key.public().to_text();
+    let signature = key.sign(
+        edgeloop_shared::signing::Context::Enroll,
+        &edgeloop_shared::signing::enroll_proof_bytes(device, &public, issued_ms),
+    );
+    json!({
+        "device_id": device,
+        "public_key": public,
+        "issued_ms": issued_ms,
+        "signature": base64::engine::general_purpose::STANDARD.encode(signature),
+    })
+}
+
+async fn a_preauthorized_key_enrolls_its_device_without_a_token(broker: BrokerChoice) {
+    let Some(ctl) = TestController::start_with(broker, |c| c.accept_unknown_devices = false).await
+    else {
+        eprintln!("skipped: {} is not set", edgeloop_tests::MQTT_URL_VAR);
+        return;
+    };
+    // The device's key is made before it is flashed; the operator pre-authorizes it.
+    let mut config = ctl.agent_config("pre-1", 50);
+    config.enroll_with_key = true;
+    config.enrollment_retry_s = 1;
+    std::fs::create_dir_all(&config.state_dir).unwrap();
+    let device_key = edgeloop_agent::enroll::device_key(&config.state_dir).unwrap();
+    let (code, row) = ctl
+        .post_as(
+            "alice",
+            "/api/v1/preauthorized-keys",
+            json!({ "public_key": device_key.public().to_text(), "group": "line-k", "tags": ["t1"] }),
+        )
+        .await;
+    assert_eq!(code, 201, "{row}");
+    assert_eq!(row["id"], format!("key-{}", device_key.id()));
+    assert_eq!(row["uses_left"], 1);
+    let (code, again) = ctl
+        .post_as(
+            "alice",
+            "/api/v1/preauthorized-keys",
+            json!({ "public_key": device_key.public().to_text(), "group": "line-k" }),
+        )
+        .await;
+    assert_eq!(code, 409, "pre-authorized once: {again}");
+
+    let agent = ctl.spawn_agent_with(config.clone());
+    wait_until(
+        "the pre-authorized device is in the registry",
+        WAIT,
+        || async {
+            ctl.device("pre-1")
+                .await
+                .is_some_and(|d| d["online"] == true && d["group"] == "line-k")
+        },
+    )
+    .await;
+    let enrolled = ctl.get("/api/v1/enrollments").await;
+    let enrolled = &enrolled.as_array().unwrap()[0];
+    assert_eq!(enrolled["status"], "approved", "{enrolled}");
+    assert_eq!(enrolled["token_id"], format!("key-{}", device_key.id()));
+    assert_eq!(enrolled["tags"], json!(["t1"]));
+
+    // Only the holder of a pre-authorized key gets in, once, and only with a fresh proof.
+    let now = edgeloop_agent::now_ms();
+    let (code, row) = ctl
+        .post_as(
+            "alice",
+            "/api/v1/preauthorized-keys",
+            json!({ "public_key": public_key(20), "group": "line-k" }),
+        )
+        .await;
+    assert_eq!(code, 201, "{row}");
+    let mut unsigned = signed_enrollment(20, "pre-2", now);
+    unsigned.as_object_mut().unwrap().remove("signature");
+    unsigned.as_object_mut().unwrap().remove("issued_ms");
+    let mut forged = signed_enrollment(21, "pre-2", now);
+    forged["public_key"] = json!(public_key(20));
+    let mut claimed = signed_enrollment(20, "pre-2", now);
+    claimed["token"] = json!("edgeloop/v1/preauthorized-key\u{0}".to_string() + &public_key(20));
+    for (body, status, needle) in [
+        (unsigned, 400, "pre-authorized key and signs the request"),
+        (forged, 401, "proof of key"),
+        (
+            signed_enrollment(20, "pre-2", now - 10 * 60 * 1000),
+            401,
+            "more than 5 minutes",
+        ),
+        (
+            signed_enrollment(22, "pre-2", now),
+            401,
+            "is not pre-authorized",
+        ),
+        (claimed, 400, "visible text"),
+    ] {
+        let (code, answer) = ctl.post_as("x", "/api/v1/enroll", body.clone()).await;
+        assert_eq!(code, status, "{body} -> {answer}");
+        let message = answer["error"].as_str().unwrap_or_default();
+        assert!(message.contains(needle), "{message}");
+    }
+    let (code, ok) = ctl
+        .post_as("x", "/api/v1/enroll", signed_enrollment(20, "pre-2", now))
+        .await;
+    assert_eq!(code, 200, "{ok}");
+    assert_eq!(ok["group"], "line-k");
+    let (code, used) = ctl
+        .post_as("x", "/api/v1/enroll", signed_enrollment(20, "pre-3", now))
+        .await;
+    assert_eq!(code, 403, "the key's one use is spent: {used}");
+    let audit = ctl.get("/api/v1/audit?limit=100").await;
+    assert!(
+        audit
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "key.preauthorize" && e["actor"] == "alice"),
+        "{audit}"
+    );
+    agent.stop().await;
+    ctl.stop().await;
+}
+on_both_brokers!(a_preauthorized_key_enrolls_its_device_without_a_token);

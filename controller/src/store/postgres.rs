@@ -1739,11 +1739,12 @@ impl Store for PgStore {
 
     async fn create_token(&self, token: &TokenRow, secret_sha256: &str) -> Result<()> {
         let client = self.client().await?;
-        client
+        let inserted = client
             .execute(
                 "INSERT INTO enrollment_tokens (id, secret_sha256, group_name, tags, expires_ms, uses_left,
                                                 auto_approve, created_ms, created_by)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                 ON CONFLICT DO NOTHING",
                 &[
                     &token.id,
                     &secret_sha256,
@@ -1757,6 +1758,10 @@ impl Store for PgStore {
                 ],
             )
             .await?;
+        if inserted == 0 {
+            // The same id, or the same secret (a key pre-authorized twice).
+            return Err(StoreError::Conflict(format!("token {}", token.id)));
+        }
         Ok(())
     }
 

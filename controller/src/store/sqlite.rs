@@ -1704,10 +1704,11 @@ impl Store for SqliteStore {
     async fn create_token(&self, token: &TokenRow, secret_sha256: &str) -> Result<()> {
         let (token, secret) = (token.clone(), secret_sha256.to_string());
         self.call(move |conn| {
-            conn.execute(
+            let inserted = conn.execute(
                 "INSERT INTO enrollment_tokens (id, secret_sha256, group_name, tags, expires_ms, uses_left,
                                                 auto_approve, created_ms, created_by)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                 ON CONFLICT DO NOTHING",
                 params![
                     token.id,
                     secret,
@@ -1720,6 +1721,10 @@ impl Store for SqliteStore {
                     token.created_by
                 ],
             )?;
+            if inserted == 0 {
+                // The same id, or the same secret (a key pre-authorized twice).
+                return Err(StoreError::Conflict(format!("token {}", token.id)));
+            }
             Ok(())
         })
         .await
