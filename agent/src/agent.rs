@@ -267,6 +267,20 @@ impl Agent {
                 receipts_topic: reporter.topic(Channel::Receipts),
                 last_will: Some(last_will),
                 tls,
+                credentials: Some({
+                    let (user, password, state_dir) = (
+                        config.broker_username.clone(),
+                        config.broker_password.clone(),
+                        state_dir.clone(),
+                    );
+                    Arc::new(move || {
+                        if user.is_empty() {
+                            crate::enroll::broker_login(&state_dir)
+                        } else {
+                            Some((user.clone(), password.clone()))
+                        }
+                    })
+                }),
                 max_packet_bytes: MAX_MESSAGE_BYTES + 1024,
                 receipt_timeout: Duration::from_secs(config.outbox.receipt_timeout_s),
                 packing: Packing {

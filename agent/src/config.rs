@@ -63,6 +63,9 @@ pub struct AgentConfig {
     pub config_version: u32,
     pub device_id: String,
     pub broker_url: String,
+    /// The broker login; empty: the one issued at enrollment, if any, else none.
+    pub broker_username: String,
+    pub broker_password: String,
     pub topic_root: String,
     pub controller_url: String,
     pub trusted_keys: Vec<String>,
@@ -279,6 +282,12 @@ impl AgentConfig {
         }
         if !(self.board.is_empty() || edgeloop_shared::is_valid_identifier(&self.board)) {
             return Err(invalid("board", "use 1-64 characters of [A-Za-z0-9_.-]"));
+        }
+        if !self.broker_password.is_empty() && self.broker_username.is_empty() {
+            return Err(invalid(
+                "broker_password",
+                "needs broker_username (empty: the login issued at enrollment)",
+            ));
         }
         if self.enrollment_retry_s == 0 {
             return Err(invalid("enrollment_retry_s", "must be at least 1"));

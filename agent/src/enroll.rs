@@ -20,6 +20,8 @@ use crate::config::AgentConfig;
 
 pub const KEY_FILE: &str = "device.key";
 pub const RECORD_FILE: &str = "enrollment.json";
+/// The broker login the controller issued at enrollment (0600).
+pub const BROKER_LOGIN_FILE: &str = "broker-login.json";
 /// Refused enrollments are tried again this much less often than pending ones: an operator
 /// has to change something first.
 const REFUSED_BACKOFF: u32 = 6;
@@ -47,6 +49,57 @@ pub struct Enrollment {
     pub group: String,
     #[serde(default)]
     pub tags: Vec<String>,
+    /// The broker login, when the controller issued one: kept in its own file, never here.
+    #[serde(default, skip_serializing)]
+    pub mqtt_username: Option<String>,
+    #[serde(default, skip_serializing)]
+    pub mqtt_password: Option<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct BrokerLogin {
+    username: String,
+    password: String,
+}
+
+/// The broker login on record (from enrollment), if any; unreadable is none, logged.
+pub fn broker_login(state_dir: &Path) -> Option<(String, String)> {
+    let path = state_dir.join(BROKER_LOGIN_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => match serde_json::from_slice::<BrokerLogin>(&bytes) {
+            Ok(l) => Some((l.username, l.password)),
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "unreadable broker login; connecting without");
+                None
+            }
+        },
+        Err(_) => None,
+    }
+}
+
+/// Writes the broker login (mode 0600, then renamed into place).
+fn save_broker_login(state_dir: &Path, username: &str, password: &str) -> Result<(), EnrollError> {
+    let path = state_dir.join(BROKER_LOGIN_FILE);
+    let tmp = state_dir.join(format!("{BROKER_LOGIN_FILE}.tmp"));
+    let io = |source| EnrollError::Io {
+        path: path.clone(),
+        source,
+    };
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io)?;
+    let login = BrokerLogin {
+        username: username.to_string(),
+        password: password.to_string(),
+    };
+    file.write_all(&serde_json::to_vec(&login).expect("serializes"))
+        .and_then(|()| file.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(io)
 }
 
 /// The device's key: read from `state_dir`, or created there (0600) on first use.
@@ -184,6 +237,11 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         let wait = match attempt(&config, &key).await {
             Attempt::Approved(e) => {
                 info!(group = %e.group, tags = ?e.tags, key_id = %key.id(), "enrolled and approved");
+                if let (Some(user), Some(password)) = (&e.mqtt_username, &e.mqtt_password) {
+                    // The link reads it at its next connection attempt.
+                    save_broker_login(&config.state_dir, user, password)?;
+                    info!("broker login received");
+                }
                 record(&config.state_dir, &e)?;
                 return Ok(());
             }
@@ -237,8 +295,23 @@ mod tests {
             status: "pending".into(),
             group: "g".into(),
             tags: vec!["t".into()],
+            mqtt_username: None,
+            mqtt_password: None,
         };
         record(dir.path(), &e).unwrap();
         assert_eq!(recorded(dir.path()).unwrap(), Some(e));
+        assert_eq!(broker_login(dir.path()), None);
+        save_broker_login(dir.path(), "d", "secret").unwrap();
+        let path = dir.path().join(BROKER_LOGIN_FILE);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(
+            broker_login(dir.path()),
+            Some(("d".into(), "secret".into()))
+        );
+        save_broker_login(dir.path(), "d", "newer").unwrap();
+        assert_eq!(broker_login(dir.path()), Some(("d".into(), "newer".into())));
     }
 }

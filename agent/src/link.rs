@@ -205,6 +205,8 @@ impl Backoff {
 /// Builds the last-will message for a new connection: (topic, payload). Called once per
 /// connection so that each will carries its own message id.
 pub type LastWillFn = Arc<dyn Fn() -> (String, Vec<u8>) + Send + Sync>;
+/// The login to present, if any: a user name and a password.
+pub type CredentialsFn = Arc<dyn Fn() -> Option<(String, String)> + Send + Sync>;
 
 /// The longest wait for a receipt before a message is sent again.
 const MAX_RECEIPT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -228,6 +230,9 @@ pub struct LinkConfig {
     pub last_will: Option<LastWillFn>,
     /// TLS for an `mqtts://` broker.
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// The broker login, asked again before every connection attempt (enrollment may
+    /// deliver it while the link is already trying).
+    pub credentials: Option<CredentialsFn>,
     /// Largest MQTT packet received.
     pub max_packet_bytes: usize,
     /// How long a sent message waits for its receipt before it is sent again. Doubles with
@@ -426,6 +431,9 @@ impl Link {
             .set_clean_session(false)
             .set_inflight(c.max_inflight.max(1))
             .set_max_packet_size(c.max_packet_bytes, outgoing);
+        if let Some((user, password)) = c.credentials.as_ref().and_then(|f| f()) {
+            options.set_credentials(user, password);
+        }
         if let Some(will) = &c.last_will {
             let (topic, payload) = will();
             options.set_last_will(LastWill::new(topic, payload, QoS::AtLeastOnce, false));

@@ -245,7 +245,7 @@ async fn main() {
     let (url, _broker) = match &external {
         Some(url) => (url.clone(), None),
         None => {
-            let broker = EmbeddedBroker::start("127.0.0.1:0".parse().unwrap()).unwrap();
+            let broker = EmbeddedBroker::start("127.0.0.1:0".parse().unwrap(), None).unwrap();
             (broker.url(), Some(broker))
         }
     };

@@ -44,6 +44,9 @@ pub struct AppState {
     pub key: edgeloop_shared::signing::SecretKey,
     /// The retraining policies this controller runs (from its configuration).
     pub policies: Arc<Vec<crate::retrain::RetrainingPolicy>>,
+    /// The embedded broker checks logins: an approved enrollment that proves its key gets
+    /// a broker password.
+    pub issue_broker_passwords: bool,
     /// What an enrolled device is told: where the broker is, the topic root, the keys to
     /// trust.
     pub device_settings: Arc<DeviceSettings>,
@@ -792,6 +795,12 @@ pub struct Enrolled {
     pub tags: Vec<String>,
     #[serde(flatten)]
     pub settings: DeviceSettings,
+    /// The device's broker login (its id and a new password), when the broker checks
+    /// logins and the request proved the device's key. Shown this once.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mqtt_username: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mqtt_password: Option<String>,
 }
 
 async fn enroll(
@@ -920,6 +929,18 @@ async fn enroll(
         crate::store::EnrollmentStatus::Approved => StatusCode::OK,
         crate::store::EnrollmentStatus::Pending => StatusCode::ACCEPTED,
     };
+    let mut login = None;
+    if s.issue_broker_passwords && proven && row.status == crate::store::EnrollmentStatus::Approved
+    {
+        let mut secret = [0u8; 24];
+        getrandom::fill(&mut secret)
+            .map_err(|e| ApiError::BadRequest(format!("no entropy: {e}")))?;
+        let password = hex::encode(secret);
+        let hash = edgeloop_shared::sha256_hex(password.as_bytes());
+        if s.store.set_broker_password(&row.device_id, &hash).await? {
+            login = Some((row.device_id.clone(), password));
+        }
+    }
     Ok((
         status,
         Json(Enrolled {
@@ -928,6 +949,8 @@ async fn enroll(
             group: row.group,
             tags: row.tags,
             settings: s.device_settings.as_ref().clone(),
+            mqtt_username: login.as_ref().map(|(user, _)| user.clone()),
+            mqtt_password: login.map(|(_, password)| password),
         }),
     ))
 }

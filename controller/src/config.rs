@@ -44,6 +44,11 @@ pub struct ControllerConfig {
     pub mqtt_ca_file: PathBuf,
     pub mqtt_cert_file: PathBuf,
     pub mqtt_key_file: PathBuf,
+    pub mqtt_username: String,
+    pub mqtt_password: String,
+    /// The embedded broker admits only the controller and enrolled devices with their
+    /// issued passwords.
+    pub broker_auth: bool,
     pub accept_unknown_devices: bool,
     pub retention_raw_days: u64,
     pub retention_hourly_days: u64,
@@ -98,6 +103,18 @@ impl ControllerConfig {
         for key in &self.root_keys {
             edgeloop_shared::signing::PublicKey::parse(key)
                 .map_err(|e| invalid("root_keys", format!("`{key}`: {e}")))?;
+        }
+        if self.broker_auth && !self.mqtt_url.is_empty() {
+            return Err(invalid(
+                "broker_auth",
+                "needs the embedded broker; an external broker keeps its own users (mqtt_username, mqtt_password)".into(),
+            ));
+        }
+        if self.mqtt_password.is_empty() != self.mqtt_username.is_empty() {
+            return Err(invalid(
+                "mqtt_password",
+                "mqtt_username and mqtt_password go together".into(),
+            ));
         }
         if self.mqtt_client_id.is_empty() || self.mqtt_client_id.len() > 64 {
             return Err(invalid("mqtt_client_id", "must be 1-64 characters".into()));
@@ -189,6 +206,32 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("policy 0 (vibration): min_share"), "{err}");
+    }
+
+    #[test]
+    fn broker_logins_are_checked_for_what_they_can_mean() {
+        let external = ControllerConfig {
+            mqtt_url: "mqtt://broker:1883".into(),
+            broker_auth: true,
+            ..ControllerConfig::default()
+        };
+        let err = external.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("`broker_auth`") && err.contains("embedded"),
+            "{err}"
+        );
+        let half = ControllerConfig {
+            mqtt_password: "secret".into(),
+            ..ControllerConfig::default()
+        };
+        let err = half.validate().unwrap_err().to_string();
+        assert!(err.contains("go together"), "{err}");
+        ControllerConfig {
+            broker_auth: true,
+            ..ControllerConfig::default()
+        }
+        .validate()
+        .unwrap();
     }
 
     #[test]

@@ -213,6 +213,8 @@ struct MsgIdProbe {
 pub struct BusConfig {
     pub broker: BrokerAddr,
     pub client_id: String,
+    /// The login at the broker, if it asks for one.
+    pub credentials: Option<(String, String)>,
     pub topics: Topics,
     /// Hear devices the registry does not know (registering them on first contact).
     pub accept_unknown_devices: bool,
@@ -237,6 +239,9 @@ pub fn start(
         .set_clean_session(false)
         .set_manual_acks(true)
         .set_max_packet_size(MAX_INCOMING_PACKET, MAX_INCOMING_PACKET);
+    if let Some((user, password)) = &config.credentials {
+        options.set_credentials(user, password);
+    }
     if let Err(e) = config.broker.configure(&mut options, config.tls.as_ref()) {
         // The server builds the TLS configuration for every mqtts:// broker before this.
         error!(error = %e, "broker transport");

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::api::{self, AppState};
-use crate::broker::{BrokerError, EmbeddedBroker};
+use crate::broker::{BrokerAuth, BrokerError, EmbeddedBroker};
 use crate::config::{ConfigError, ControllerConfig};
 use crate::ingest::{self, BusConfig, IngestStats};
 use crate::registry::{self, ArtifactStore, PublishError, PublishRequest};
@@ -87,9 +87,21 @@ impl Controller {
         let store = open_store(&config).await?;
         let artifacts = ArtifactStore::new(config.data_dir.join("artifacts"));
 
+        let auth = if config.broker_auth {
+            Some(BrokerAuth::new(store.clone(), &config.mqtt_client_id)?)
+        } else {
+            None
+        };
+        let credentials = match &auth {
+            Some(a) => Some((a.controller_user.clone(), a.controller_password.clone())),
+            None if !config.mqtt_username.is_empty() => {
+                Some((config.mqtt_username.clone(), config.mqtt_password.clone()))
+            }
+            None => None,
+        };
         let mqtt_url = if config.mqtt_url.is_empty() {
             let listen = config.mqtt_listen;
-            tokio::task::spawn_blocking(move || EmbeddedBroker::start(listen))
+            tokio::task::spawn_blocking(move || EmbeddedBroker::start(listen, auth))
                 .await
                 .expect("broker start does not panic")?
                 .url()
@@ -120,6 +132,7 @@ impl Controller {
             BusConfig {
                 broker,
                 client_id: config.mqtt_client_id.clone(),
+                credentials,
                 topics: topics.clone(),
                 accept_unknown_devices: config.accept_unknown_devices,
                 tls,
@@ -204,6 +217,7 @@ impl Controller {
             trust,
             key: key.clone(),
             policies: Arc::new(config.retraining.clone()),
+            issue_broker_passwords: config.broker_auth,
             device_settings: Arc::new(api::DeviceSettings {
                 mqtt_url: mqtt_url.clone(),
                 topic_root: config.topic_root.clone(),

@@ -379,3 +379,87 @@ async fn a_preauthorized_key_enrolls_its_device_without_a_token(broker: BrokerCh
     ctl.stop().await;
 }
 on_both_brokers!(a_preauthorized_key_enrolls_its_device_without_a_token);
+
+/// True when the broker at `url` accepts `client_id` with `login`.
+async fn broker_admits(url: &str, client_id: &str, login: Option<(&str, &str)>) -> bool {
+    let addr = edgeloop_agent::link::BrokerAddr::parse(url).unwrap();
+    let mut options = rumqttc::MqttOptions::new(client_id, &addr.host, addr.port);
+    if let Some((user, password)) = login {
+        options.set_credentials(user, password);
+    }
+    let (_client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
+    let outcome = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match eventloop.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(ack))) => {
+                    return ack.code == rumqttc::ConnectReturnCode::Success;
+                }
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+    })
+    .await;
+    outcome.unwrap_or(false)
+}
+
+/// With `broker_auth` the embedded broker admits the controller and enrolled devices only,
+/// each as itself with the password it was issued when it enrolled and proved its key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_broker_auth_only_enrolled_devices_connect_with_their_issued_login() {
+    let ctl = TestController::start_with(BrokerChoice::Embedded, |c| {
+        c.broker_auth = true;
+        c.accept_unknown_devices = false;
+    })
+    .await
+    .expect("the embedded broker needs nothing external");
+    let url = ctl.controller.mqtt_url.clone();
+    assert!(!broker_admits(&url, "stranger", None).await, "no login");
+    assert!(
+        !broker_admits(&url, "stranger", Some(("stranger", "guess"))).await,
+        "a made-up login"
+    );
+
+    let t = token(&ctl, json!({ "group": "sealed", "uses": 3 })).await;
+    let mut config = ctl.agent_config("auth-1", 50);
+    config.enrollment_token = t["token"].as_str().unwrap().to_string();
+    config.enrollment_retry_s = 1;
+    let agent = ctl.spawn_agent_with(config.clone());
+    // The agent could not connect before it enrolled; with its issued login it does, and
+    // what it queued meanwhile arrives.
+    ctl.wait_for_model("auth-1", None).await;
+    let login = std::fs::read_to_string(
+        config
+            .state_dir
+            .join(edgeloop_agent::enroll::BROKER_LOGIN_FILE),
+    )
+    .unwrap();
+    let login: Value = serde_json::from_str(&login).unwrap();
+    assert_eq!(login["username"], "auth-1");
+    let password = login["password"].as_str().unwrap().to_string();
+    assert!(
+        !broker_admits(&url, "auth-9", Some(("auth-1", &password))).await,
+        "its login under another client id"
+    );
+    // Commands reach it through the same broker: the controller's own login works.
+    ctl.publish_example(1).await;
+    let (code, _) = ctl
+        .post_rollout(json!({ "model": "vibration", "version": 1, "devices": ["auth-1"] }))
+        .await;
+    assert_eq!(code, 201);
+    ctl.wait_for_model("auth-1", Some(1)).await;
+
+    // An enrollment that does not prove its key gets no login.
+    let (code, unproven) = ctl
+        .post_as(
+            "x",
+            "/api/v1/enroll",
+            enrollment(t["token"].as_str().unwrap(), "auth-2", &public_key(30)),
+        )
+        .await;
+    assert_eq!(code, 200, "{unproven}");
+    assert!(unproven.get("mqtt_password").is_none(), "{unproven}");
+    assert!(!broker_admits(&url, "auth-2", Some(("auth-2", ""))).await);
+    agent.stop().await;
+    ctl.stop().await;
+}

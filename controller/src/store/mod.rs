@@ -1156,6 +1156,12 @@ pub trait Store: Send + Sync + 'static {
         now_ms: u64,
     ) -> Result<Option<EnrollmentRow>>;
     async fn enrollments(&self) -> Result<Vec<EnrollmentRow>>;
+    /// Replaces the broker password (its SHA-256) of an approved enrollment; false when the
+    /// device has no approved enrollment.
+    async fn set_broker_password(&self, device_id: &str, password_sha256: &str) -> Result<bool>;
+    /// True when the device's enrollment is approved and its broker password hashes to
+    /// `password_sha256`.
+    async fn broker_login(&self, device_id: &str, password_sha256: &str) -> Result<bool>;
 
     async fn record_audit(&self, entry: &AuditEntry) -> Result<()>;
     /// The audit log, newest first.
@@ -1190,6 +1196,15 @@ pub trait Store: Send + Sync + 'static {
     /// Fails the parts still requested or receiving whose last change is before
     /// `before_ms`; returns how many.
     async fn expire_uploads(&self, before_ms: u64, now_ms: u64) -> Result<u64>;
+}
+
+/// Compares two secrets' hashes in time that does not depend on where they differ.
+pub(crate) fn same_secret(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 /// The detail of a part that [`Store::expire_uploads`] failed.

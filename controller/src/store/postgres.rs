@@ -240,6 +240,7 @@ CREATE TABLE dataset_parts (
     PRIMARY KEY (dataset_id, device_id)
 );
 CREATE INDEX dataset_parts_by_status ON dataset_parts (status);
+ALTER TABLE enrollments ADD COLUMN broker_password_sha256 TEXT;
 CREATE TABLE dataset_chunks (
     dataset_id BIGINT NOT NULL,
     device_id TEXT NOT NULL,
@@ -1891,6 +1892,33 @@ impl Store for PgStore {
             &[],
         )
         .await
+    }
+
+    async fn set_broker_password(&self, device_id: &str, password_sha256: &str) -> Result<bool> {
+        let client = self.client().await?;
+        Ok(client
+            .execute(
+                "UPDATE enrollments SET broker_password_sha256 = $2
+                 WHERE device_id = $1 AND status = 'approved'",
+                &[&device_id, &password_sha256],
+            )
+            .await?
+            > 0)
+    }
+
+    async fn broker_login(&self, device_id: &str, password_sha256: &str) -> Result<bool> {
+        let client = self.client().await?;
+        let stored: Option<Option<String>> = client
+            .query_opt(
+                "SELECT broker_password_sha256 FROM enrollments
+                 WHERE device_id = $1 AND status = 'approved'",
+                &[&device_id],
+            )
+            .await?
+            .map(|r| r.get(0));
+        Ok(stored
+            .flatten()
+            .is_some_and(|s| same_secret(&s, password_sha256)))
     }
 
     async fn record_audit(&self, entry: &AuditEntry) -> Result<()> {

@@ -238,6 +238,7 @@ CREATE TABLE dataset_parts (
     PRIMARY KEY (dataset_id, device_id)
 );
 CREATE INDEX dataset_parts_by_status ON dataset_parts (status);
+ALTER TABLE enrollments ADD COLUMN broker_password_sha256 TEXT;
 CREATE TABLE dataset_chunks (
     dataset_id INTEGER NOT NULL,
     device_id TEXT NOT NULL,
@@ -1839,6 +1840,33 @@ impl Store for SqliteStore {
     async fn enrollments(&self) -> Result<Vec<EnrollmentRow>> {
         self.call(|conn| load_enrollments(conn, "ORDER BY created_ms, device_id", []))
             .await
+    }
+
+    async fn set_broker_password(&self, device_id: &str, password_sha256: &str) -> Result<bool> {
+        let (device_id, hash) = (device_id.to_string(), password_sha256.to_string());
+        self.call(move |conn| {
+            Ok(conn.execute(
+                "UPDATE enrollments SET broker_password_sha256 = ?2
+                 WHERE device_id = ?1 AND status = 'approved'",
+                params![device_id, hash],
+            )? > 0)
+        })
+        .await
+    }
+
+    async fn broker_login(&self, device_id: &str, password_sha256: &str) -> Result<bool> {
+        let (device_id, hash) = (device_id.to_string(), password_sha256.to_string());
+        self.call(move |conn| {
+            let stored: Option<Option<String>> = conn
+                .prepare_cached(
+                    "SELECT broker_password_sha256 FROM enrollments
+                     WHERE device_id = ?1 AND status = 'approved'",
+                )?
+                .query_row(params![device_id], |r| r.get(0))
+                .optional()?;
+            Ok(stored.flatten().is_some_and(|s| same_secret(&s, &hash)))
+        })
+        .await
     }
 
     async fn record_audit(&self, entry: &AuditEntry) -> Result<()> {

@@ -1352,6 +1352,14 @@ async fn enrollment_tokens_and_approvals(store: &dyn Store) {
     };
     assert_eq!(e3.status, EnrollmentStatus::Pending);
     assert!(!store.device_exists("e3").await.unwrap());
+    assert!(
+        !store
+            .set_broker_password("e3", &"ab".repeat(32))
+            .await
+            .unwrap(),
+        "no broker password before approval"
+    );
+    assert!(!store.broker_login("e3", &"ab".repeat(32)).await.unwrap());
     assert_eq!(
         store
             .approve_enrollment("nobody", "bob", 1300)
@@ -1376,6 +1384,42 @@ async fn enrollment_tokens_and_approvals(store: &dyn Store) {
         "once"
     );
     assert_eq!(store.enrollments().await.unwrap().len(), 2);
+
+    // An approved device's broker password: only its hash, replaced as a whole.
+    assert!(
+        !store.broker_login("e3", &"ab".repeat(32)).await.unwrap(),
+        "none yet"
+    );
+    assert!(
+        store
+            .set_broker_password("e3", &"ab".repeat(32))
+            .await
+            .unwrap()
+    );
+    assert!(store.broker_login("e3", &"ab".repeat(32)).await.unwrap());
+    assert!(!store.broker_login("e3", &"ac".repeat(32)).await.unwrap());
+    assert!(
+        !store
+            .broker_login("nobody", &"ab".repeat(32))
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .set_broker_password("e3", &"cd".repeat(32))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store.broker_login("e3", &"ab".repeat(32)).await.unwrap(),
+        "replaced"
+    );
+    assert!(
+        !store
+            .set_broker_password("nobody", &"cd".repeat(32))
+            .await
+            .unwrap()
+    );
 }
 
 /// Hourly aggregates fold each stored summary once; retention prunes by age.
