@@ -21,78 +21,15 @@ use edgeloop_agent::trust::SigningKeys;
 use edgeloop_agent::updater::Installer;
 use edgeloop_controller::registry::{self, ArtifactStore, PublishRequest};
 use edgeloop_controller::store::SqliteStore;
-use edgeloop_controller::trainer::{float_value, node, tensor};
+use edgeloop_controller::trainer::random_mlp;
 use edgeloop_shared::bundle::{self, Limits};
 use edgeloop_shared::signing::TrustedKeys;
-use prost::Message as _;
 use sha2::{Digest, Sha256};
 use std::io::Write as _;
-use tract_onnx::pb::{AttributeProto, GraphProto, ModelProto, OperatorSetIdProto, attribute_proto};
 
 const FEATURES: i64 = 4;
 const CLASSES: i64 = 2;
 const RUNS: usize = 3;
-
-/// Uniform floats in ±0.01 from a fixed seed (no rand crate needed).
-fn weights(n: usize, seed: u64) -> Vec<f32> {
-    let mut state = seed;
-    (0..n)
-        .map(|_| {
-            state = state
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.02
-        })
-        .collect()
-}
-
-/// features → MatMul (hidden) → Relu → MatMul (classes) → Softmax, with about `bytes` of
-/// weights.
-fn mlp(bytes: usize) -> Vec<u8> {
-    let hidden = (bytes / (4 * (FEATURES + CLASSES) as usize)) as i64;
-    let mut softmax = node("Softmax", &["logits"], "scores");
-    softmax.attribute.push(AttributeProto {
-        name: "axis".into(),
-        r#type: attribute_proto::AttributeType::Int as i32,
-        i: 1,
-        ..Default::default()
-    });
-    let graph = GraphProto {
-        name: "bench_mlp".into(),
-        node: vec![
-            node("MatMul", &["features", "w1"], "h"),
-            node("Relu", &["h"], "a"),
-            node("MatMul", &["a", "w2"], "logits"),
-            softmax,
-        ],
-        initializer: vec![
-            tensor(
-                "w1",
-                &[FEATURES, hidden],
-                weights((FEATURES * hidden) as usize, 1),
-            ),
-            tensor(
-                "w2",
-                &[hidden, CLASSES],
-                weights((hidden * CLASSES) as usize, 2),
-            ),
-        ],
-        input: vec![float_value("features", FEATURES)],
-        output: vec![float_value("scores", CLASSES)],
-        ..Default::default()
-    };
-    ModelProto {
-        ir_version: 8,
-        opset_import: vec![OperatorSetIdProto {
-            domain: String::new(),
-            version: 13,
-        }],
-        producer_name: "edgeloop-bench".into(),
-        graph: Some(graph),
-        ..Default::default()
-    }
-    .encode_to_vec()
-}
 
 fn median(mut times: Vec<Duration>) -> Duration {
     times.sort();
@@ -114,7 +51,7 @@ async fn main() {
         "weights", "bundle", "verify", "install", "per MiB", "peer per MiB", "ratio"
     );
     for (version, mib) in [1u64, 4, 16].into_iter().enumerate() {
-        let onnx = mlp((mib as usize) << 20);
+        let onnx = random_mlp(FEATURES, CLASSES, (mib as usize) << 20);
         let row = registry::publish(
             &store,
             &artifacts,

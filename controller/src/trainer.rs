@@ -349,6 +349,11 @@ fn to_onnx(mean: &[f64], std: &[f64], w: &[Vec<f64>], b: &[f64]) -> Vec<u8> {
         output: vec![float_value("scores", k)],
         ..Default::default()
     };
+    encode_model(graph)
+}
+
+/// An ONNX model file (IR version 8, opset 13) around `graph`.
+pub fn encode_model(graph: GraphProto) -> Vec<u8> {
     ModelProto {
         ir_version: 8,
         opset_import: vec![OperatorSetIdProto {
@@ -361,6 +366,49 @@ fn to_onnx(mean: &[f64], std: &[f64], w: &[Vec<f64>], b: &[f64]) -> Vec<u8> {
         ..Default::default()
     }
     .encode_to_vec()
+}
+
+/// A model of about `bytes` of weights that answers like a classifier but knows nothing:
+/// features → MatMul (one wide hidden layer) → Relu → MatMul → Softmax, with pseudo-random
+/// weights from a fixed seed (uniform in ±0.01, so zstd cannot shrink them). For benchmarks
+/// and tests that need a model of a given size and cost.
+pub fn random_mlp(features: i64, classes: i64, bytes: usize) -> Vec<u8> {
+    use tract_onnx::pb::{AttributeProto, attribute_proto};
+    let weights = |n: i64, seed: u64| -> Vec<f32> {
+        let mut state = seed;
+        (0..n)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.02
+            })
+            .collect()
+    };
+    let hidden = (bytes / (4 * (features + classes) as usize)).max(1) as i64;
+    let mut softmax = node("Softmax", &["logits"], "scores");
+    softmax.attribute.push(AttributeProto {
+        name: "axis".into(),
+        r#type: attribute_proto::AttributeType::Int as i32,
+        i: 1,
+        ..Default::default()
+    });
+    encode_model(GraphProto {
+        name: "random_mlp".into(),
+        node: vec![
+            node("MatMul", &["features", "w1"], "h"),
+            node("Relu", &["h"], "a"),
+            node("MatMul", &["a", "w2"], "logits"),
+            softmax,
+        ],
+        initializer: vec![
+            tensor("w1", &[features, hidden], weights(features * hidden, 1)),
+            tensor("w2", &[hidden, classes], weights(hidden * classes, 2)),
+        ],
+        input: vec![float_value("features", features)],
+        output: vec![float_value("scores", classes)],
+        ..Default::default()
+    })
 }
 
 #[cfg(test)]

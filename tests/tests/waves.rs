@@ -393,6 +393,73 @@ async fn a_candidate_that_drifts_stops_at_the_canary_on_the_telemetry_gate(broke
 }
 on_both_brokers!(a_candidate_that_drifts_stops_at_the_canary_on_the_telemetry_gate);
 
+async fn a_slower_candidate_stops_at_the_canary_on_the_latency_gate(broker: BrokerChoice) {
+    // v3 answers like a classifier, with 16 MiB of weights: every inference costs
+    // milliseconds where v1's cost microseconds. No device judges latency by itself (no
+    // budget in the bundle); the fleet-level gate compares the canary's p99 with v1's over
+    // the same period and stops the rollout there.
+    let Some(fleet) = Fleet::start_with(broker, "wv-slow", 3, |_| false, 0.0).await else {
+        eprintln!("skipped: {} is not set", edgeloop_tests::MQTT_URL_VAR);
+        return;
+    };
+    let reference = fleet.ctl.dir.path().join("reference-slow.csv");
+    std::fs::write(&reference, edgeloop_controller::demo::REFERENCE_V1).unwrap();
+    let onnx = edgeloop_controller::trainer::random_mlp(4, 2, 16 << 20);
+    fleet
+        .ctl
+        .controller
+        .publish(edgeloop_controller::registry::PublishRequest {
+            name: "vibration",
+            version: 3,
+            label: Some("slow".into()),
+            onnx: &onnx,
+            reference_csv: &reference,
+            label_column: None,
+            categorical: Vec::new(),
+            class_labels: vec!["normal".into(), "fault".into()],
+            created_ms: edgeloop_agent::now_ms(),
+            requirements: Default::default(),
+            drift: None,
+            lineage: None,
+            gate: None,
+        })
+        .await
+        .unwrap();
+    let (code, created) = fleet
+        .ctl
+        .post_rollout(json!({
+            "model": "vibration", "version": 3,
+            "plan": {
+                "waves": ["1", "100%"],
+                "telemetry_gate": { "max_latency_ratio": 1.5, "min_windows": 3 },
+            },
+        }))
+        .await;
+    assert_eq!(code, 201, "{created}");
+    let id = created["id"].as_u64().unwrap();
+    let waves = waves_of(&created);
+    let canary = waves.iter().find(|(_, w)| **w == 0).unwrap().0.clone();
+    let paused = fleet.wait_for_status(id, "paused").await;
+    let reason = paused["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("telemetry gate: v3's median p99 latency"),
+        "{reason}"
+    );
+    assert_eq!(
+        deployment(&paused, &canary)["status"],
+        "committed",
+        "{paused}"
+    );
+    for (device, _) in waves.iter().filter(|(_, w)| **w == 1) {
+        assert!(
+            deployment(&paused, device)["command_seq"].is_null(),
+            "{paused}"
+        );
+    }
+    fleet.stop().await;
+}
+on_both_brokers!(a_slower_candidate_stops_at_the_canary_on_the_latency_gate);
+
 async fn a_failed_wave_aborts_and_rolls_back_the_devices_that_took_the_new_version(
     broker: BrokerChoice,
 ) {
