@@ -50,13 +50,24 @@ impl Fleet {
         shifted: impl Fn(&str) -> bool,
         max_psi: f64,
     ) -> Option<Self> {
+        Self::start_configured(broker, prefix, n, shifted, |c| c.health.max_psi = max_psi).await
+    }
+
+    /// [`Fleet::start`] with changes to each agent's configuration.
+    async fn start_configured(
+        broker: BrokerChoice,
+        prefix: &str,
+        n: usize,
+        shifted: impl Fn(&str) -> bool,
+        configure: impl Fn(&mut edgeloop_agent::config::AgentConfig),
+    ) -> Option<Self> {
         let ctl = TestController::start(broker).await?;
         let ids: Vec<String> = (0..n).map(|i| format!("{prefix}-{i}")).collect();
         let mut agents = Vec::new();
         for id in &ids {
             let mut config = ctl.agent_config(id, WINDOW);
             config.health.window_s = HEALTH_WINDOW_S;
-            config.health.max_psi = max_psi;
+            configure(&mut config);
             let agent = ctl.spawn_agent_with(config);
             if shifted(id) {
                 agent.shift.set(1.0);
@@ -74,6 +85,31 @@ impl Fleet {
         }
         ctl.publish_example(2).await;
         Some(Fleet { ctl, agents, ids })
+    }
+
+    /// Publishes `onnx` as v3 of the example model, with v1's reference data.
+    async fn publish_v3(&self, onnx: &[u8], label: &str) {
+        let reference = self.ctl.dir.path().join("reference-v3.csv");
+        std::fs::write(&reference, edgeloop_controller::demo::REFERENCE_V1).unwrap();
+        self.ctl
+            .controller
+            .publish(edgeloop_controller::registry::PublishRequest {
+                name: "vibration",
+                version: 3,
+                label: Some(label.into()),
+                onnx,
+                reference_csv: &reference,
+                label_column: None,
+                categorical: Vec::new(),
+                class_labels: vec!["normal".into(), "fault".into()],
+                created_ms: edgeloop_agent::now_ms(),
+                requirements: Default::default(),
+                drift: None,
+                lineage: None,
+                gate: None,
+            })
+            .await
+            .unwrap();
     }
 
     async fn rollout(&self, id: u64) -> Value {
@@ -402,29 +438,8 @@ async fn a_slower_candidate_stops_at_the_canary_on_the_latency_gate(broker: Brok
         eprintln!("skipped: {} is not set", edgeloop_tests::MQTT_URL_VAR);
         return;
     };
-    let reference = fleet.ctl.dir.path().join("reference-slow.csv");
-    std::fs::write(&reference, edgeloop_controller::demo::REFERENCE_V1).unwrap();
     let onnx = edgeloop_controller::trainer::random_mlp(4, 2, 16 << 20);
-    fleet
-        .ctl
-        .controller
-        .publish(edgeloop_controller::registry::PublishRequest {
-            name: "vibration",
-            version: 3,
-            label: Some("slow".into()),
-            onnx: &onnx,
-            reference_csv: &reference,
-            label_column: None,
-            categorical: Vec::new(),
-            class_labels: vec!["normal".into(), "fault".into()],
-            created_ms: edgeloop_agent::now_ms(),
-            requirements: Default::default(),
-            drift: None,
-            lineage: None,
-            gate: None,
-        })
-        .await
-        .unwrap();
+    fleet.publish_v3(&onnx, "slow").await;
     let (code, created) = fleet
         .ctl
         .post_rollout(json!({
@@ -459,6 +474,89 @@ async fn a_slower_candidate_stops_at_the_canary_on_the_latency_gate(broker: Brok
     fleet.stop().await;
 }
 on_both_brokers!(a_slower_candidate_stops_at_the_canary_on_the_latency_gate);
+
+/// A broken candidate: whatever the input, it calls it a fault (class 1).
+fn calls_everything_a_fault() -> Vec<u8> {
+    use edgeloop_controller::trainer::{encode_model, float_value, node, tensor};
+    encode_model(tract_onnx::pb::GraphProto {
+        name: "always_fault".into(),
+        node: vec![
+            node("MatMul", &["features", "w"], "zero"),
+            node("Add", &["zero", "b"], "logits"),
+            node("Softmax", &["logits"], "scores"),
+        ],
+        initializer: vec![
+            tensor("w", &[4, 2], vec![0.0; 8]),
+            tensor("b", &[2], vec![0.0, 3.0]),
+        ],
+        input: vec![float_value("features", 4)],
+        output: vec![float_value("scores", 2)],
+        ..Default::default()
+    })
+}
+
+async fn a_less_accurate_candidate_stops_at_the_canary_on_the_accuracy_gate(broker: BrokerChoice) {
+    // Ground truth comes back for every input, as inspections would report it. v3 calls
+    // every input a fault: it runs without an error and its inputs are v1's, so neither the
+    // health windows nor the drift gate object, and the canary commits it. The accuracy
+    // gate pools the canary's labelled windows against v1's over the same period and stops
+    // the rollout there.
+    let Some(fleet) = Fleet::start_configured(
+        broker,
+        "wv-acc",
+        3,
+        |_| false,
+        |c| {
+            c.health.max_psi = 0.0;
+            c.source.labels = true;
+        },
+    )
+    .await
+    else {
+        eprintln!("skipped: {} is not set", edgeloop_tests::MQTT_URL_VAR);
+        return;
+    };
+    fleet
+        .publish_v3(&calls_everything_a_fault(), "always a fault")
+        .await;
+    let (code, created) = fleet
+        .ctl
+        .post_rollout(json!({
+            "model": "vibration", "version": 3,
+            "plan": {
+                "waves": ["1", "100%"],
+                // PSI below 100 counts as noise here: accuracy alone decides.
+                "telemetry_gate": {
+                    "drift_floor": 100.0, "max_accuracy_drop": 0.05, "min_labels": 400,
+                    "min_windows": 3,
+                },
+            },
+        }))
+        .await;
+    assert_eq!(code, 201, "{created}");
+    let id = created["id"].as_u64().unwrap();
+    let waves = waves_of(&created);
+    let canary = waves.iter().find(|(_, w)| **w == 0).unwrap().0.clone();
+    let paused = fleet.wait_for_status(id, "paused").await;
+    let reason = paused["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("telemetry gate: v3's accuracy"),
+        "{reason}"
+    );
+    assert_eq!(
+        deployment(&paused, &canary)["status"],
+        "committed",
+        "{paused}"
+    );
+    for (device, _) in waves.iter().filter(|(_, w)| **w == 1) {
+        assert!(
+            deployment(&paused, device)["command_seq"].is_null(),
+            "{paused}"
+        );
+    }
+    fleet.stop().await;
+}
+on_both_brokers!(a_less_accurate_candidate_stops_at_the_canary_on_the_accuracy_gate);
 
 async fn a_failed_wave_aborts_and_rolls_back_the_devices_that_took_the_new_version(
     broker: BrokerChoice,
