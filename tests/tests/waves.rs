@@ -112,6 +112,37 @@ impl Fleet {
             .unwrap();
     }
 
+    /// Rolls `version` out to a canary, then everyone, under `plan`'s telemetry gate (a
+    /// plan's fields beyond the waves), and checks that the gate stops it at the canary:
+    /// paused for a reason that starts with `reason`, the canary committed, no command sent
+    /// to the second wave.
+    async fn stops_at_the_canary(&self, version: u64, plan: Value, reason: &str) {
+        let mut plan = plan;
+        plan["waves"] = json!(["1", "100%"]);
+        let (code, created) = self
+            .ctl
+            .post_rollout(json!({ "model": "vibration", "version": version, "plan": plan }))
+            .await;
+        assert_eq!(code, 201, "{created}");
+        let id = created["id"].as_u64().unwrap();
+        let waves = waves_of(&created);
+        let canary = waves.iter().find(|(_, w)| **w == 0).unwrap().0.clone();
+        let paused = self.wait_for_status(id, "paused").await;
+        let said = paused["reason"].as_str().unwrap();
+        assert!(said.starts_with(reason), "{said}");
+        assert_eq!(
+            deployment(&paused, &canary)["status"],
+            "committed",
+            "{paused}"
+        );
+        for (device, _) in waves.iter().filter(|(_, w)| **w == 1) {
+            assert!(
+                deployment(&paused, device)["command_seq"].is_null(),
+                "{paused}"
+            );
+        }
+    }
+
     async fn rollout(&self, id: u64) -> Value {
         self.ctl.get(&format!("/api/v1/rollouts/{id}")).await
     }
@@ -396,35 +427,15 @@ async fn a_candidate_that_drifts_stops_at_the_canary_on_the_telemetry_gate(broke
         eprintln!("skipped: {} is not set", edgeloop_tests::MQTT_URL_VAR);
         return;
     };
-    let (code, created) = fleet
-        .ctl
-        .post_rollout(json!({
-            "model": "vibration", "version": 2,
-            "plan": {
-                "waves": ["1", "100%"],
+    fleet
+        .stops_at_the_canary(
+            2,
+            json!({
                 "telemetry_gate": { "max_drift_ratio": 2.0, "min_windows": 3 },
-            },
-        }))
+            }),
+            "telemetry gate: v2's median drift",
+        )
         .await;
-    assert_eq!(code, 201, "{created}");
-    let id = created["id"].as_u64().unwrap();
-    let waves = waves_of(&created);
-    let canary = waves.iter().find(|(_, w)| **w == 0).unwrap().0.clone();
-    let paused = fleet.wait_for_status(id, "paused").await;
-    let reason = paused["reason"].as_str().unwrap();
-    assert!(
-        reason.starts_with("telemetry gate: v2's median drift"),
-        "{reason}"
-    );
-    assert_eq!(
-        deployment(&paused, &canary)["status"],
-        "committed",
-        "{paused}"
-    );
-    for (device, _) in waves.iter().filter(|(_, w)| **w == 1) {
-        let d = deployment(&paused, device);
-        assert!(d["command_seq"].is_null(), "{paused}");
-    }
     fleet.stop().await;
 }
 on_both_brokers!(a_candidate_that_drifts_stops_at_the_canary_on_the_telemetry_gate);
@@ -440,37 +451,15 @@ async fn a_slower_candidate_stops_at_the_canary_on_the_latency_gate(broker: Brok
     };
     let onnx = edgeloop_controller::trainer::random_mlp(4, 2, 16 << 20);
     fleet.publish_v3(&onnx, "slow").await;
-    let (code, created) = fleet
-        .ctl
-        .post_rollout(json!({
-            "model": "vibration", "version": 3,
-            "plan": {
-                "waves": ["1", "100%"],
+    fleet
+        .stops_at_the_canary(
+            3,
+            json!({
                 "telemetry_gate": { "max_latency_ratio": 1.5, "min_windows": 3 },
-            },
-        }))
+            }),
+            "telemetry gate: v3's median p99 latency",
+        )
         .await;
-    assert_eq!(code, 201, "{created}");
-    let id = created["id"].as_u64().unwrap();
-    let waves = waves_of(&created);
-    let canary = waves.iter().find(|(_, w)| **w == 0).unwrap().0.clone();
-    let paused = fleet.wait_for_status(id, "paused").await;
-    let reason = paused["reason"].as_str().unwrap();
-    assert!(
-        reason.starts_with("telemetry gate: v3's median p99 latency"),
-        "{reason}"
-    );
-    assert_eq!(
-        deployment(&paused, &canary)["status"],
-        "committed",
-        "{paused}"
-    );
-    for (device, _) in waves.iter().filter(|(_, w)| **w == 1) {
-        assert!(
-            deployment(&paused, device)["command_seq"].is_null(),
-            "{paused}"
-        );
-    }
     fleet.stop().await;
 }
 on_both_brokers!(a_slower_candidate_stops_at_the_canary_on_the_latency_gate);
@@ -519,41 +508,19 @@ async fn a_less_accurate_candidate_stops_at_the_canary_on_the_accuracy_gate(brok
     fleet
         .publish_v3(&calls_everything_a_fault(), "always a fault")
         .await;
-    let (code, created) = fleet
-        .ctl
-        .post_rollout(json!({
-            "model": "vibration", "version": 3,
-            "plan": {
-                "waves": ["1", "100%"],
+    fleet
+        .stops_at_the_canary(
+            3,
+            json!({
                 // PSI below 100 counts as noise here: accuracy alone decides.
                 "telemetry_gate": {
                     "drift_floor": 100.0, "max_accuracy_drop": 0.05, "min_labels": 400,
                     "min_windows": 3,
                 },
-            },
-        }))
+            }),
+            "telemetry gate: v3's accuracy",
+        )
         .await;
-    assert_eq!(code, 201, "{created}");
-    let id = created["id"].as_u64().unwrap();
-    let waves = waves_of(&created);
-    let canary = waves.iter().find(|(_, w)| **w == 0).unwrap().0.clone();
-    let paused = fleet.wait_for_status(id, "paused").await;
-    let reason = paused["reason"].as_str().unwrap();
-    assert!(
-        reason.starts_with("telemetry gate: v3's accuracy"),
-        "{reason}"
-    );
-    assert_eq!(
-        deployment(&paused, &canary)["status"],
-        "committed",
-        "{paused}"
-    );
-    for (device, _) in waves.iter().filter(|(_, w)| **w == 1) {
-        assert!(
-            deployment(&paused, device)["command_seq"].is_null(),
-            "{paused}"
-        );
-    }
     fleet.stop().await;
 }
 on_both_brokers!(a_less_accurate_candidate_stops_at_the_canary_on_the_accuracy_gate);
