@@ -56,21 +56,7 @@ async fn main() {
             &store,
             &artifacts,
             &key,
-            PublishRequest {
-                name: "bench",
-                version: version as u64 + 1,
-                label: None,
-                onnx: &onnx,
-                reference_csv: &reference,
-                label_column: None,
-                categorical: Vec::new(),
-                class_labels: Vec::new(),
-                created_ms: 1,
-                requirements: Default::default(),
-                drift: None,
-                lineage: None,
-                gate: None,
-            },
+            PublishRequest::new("bench", version as u64 + 1, &onnx, &reference),
         )
         .await
         .unwrap();

@@ -319,19 +319,9 @@ async fn publish(
     std::fs::write(&path, reference)?;
     let row = controller
         .publish(PublishRequest {
-            name: MODEL_NAME,
-            version,
             label: Some(format!("example vibration classifier v{version}")),
-            onnx,
-            reference_csv: &path,
-            label_column: None,
-            categorical: Vec::new(),
             class_labels: CLASS_LABELS.iter().map(|s| s.to_string()).collect(),
-            created_ms: now_ms(),
-            requirements: Default::default(),
-            drift: None,
-            lineage: None,
-            gate: None,
+            ..PublishRequest::new(MODEL_NAME, version, onnx, &path)
         })
         .await?;
     tracing::info!(model = %row.name, version = row.version, sha256 = %row.bundle_sha256, "published");

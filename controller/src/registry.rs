@@ -98,6 +98,29 @@ pub struct PublishRequest<'a> {
     pub gate: Option<QualityGate<'a>>,
 }
 
+impl<'a> PublishRequest<'a> {
+    /// A request for `name` v`version` made now, with nothing optional: no label, class
+    /// labels or categorical features, the default requirements and drift policy, no
+    /// lineage and no gate. Set the fields that differ.
+    pub fn new(name: &'a str, version: u64, onnx: &'a [u8], reference_csv: &'a Path) -> Self {
+        PublishRequest {
+            name,
+            version,
+            label: None,
+            onnx,
+            reference_csv,
+            label_column: None,
+            categorical: Vec::new(),
+            class_labels: Vec::new(),
+            created_ms: edgeloop_agent::now_ms(),
+            requirements: Requirements::default(),
+            drift: None,
+            lineage: None,
+            gate: None,
+        }
+    }
+}
+
 /// Reference rows turned into golden vectors at publish.
 const GOLDEN_VECTORS: usize = 8;
 /// Their tolerance: tract on the device against tract here, so only float noise differs.

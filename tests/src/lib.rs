@@ -152,19 +152,8 @@ impl TestController {
         std::fs::write(&csv, reference).unwrap();
         self.controller
             .publish(PublishRequest {
-                name: MODEL_NAME,
-                version,
-                label: None,
-                onnx,
-                reference_csv: &csv,
-                label_column: None,
-                categorical: Vec::new(),
                 class_labels: CLASS_LABELS.iter().map(|s| s.to_string()).collect(),
-                created_ms: now_ms(),
-                requirements: Default::default(),
-                drift: None,
-                lineage: None,
-                gate: None,
+                ..PublishRequest::new(MODEL_NAME, version, onnx, &csv)
             })
             .await
             .expect("publish")

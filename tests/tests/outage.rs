@@ -62,21 +62,12 @@ impl Fleet {
         let csv = dir.path().join("reference.csv");
         std::fs::write(&csv, edgeloop_controller::demo::REFERENCE_V1).unwrap();
         controller
-            .publish(edgeloop_controller::registry::PublishRequest {
-                name: "vibration",
-                version: 1,
-                label: None,
-                onnx: edgeloop_controller::demo::MODEL_V1,
-                reference_csv: &csv,
-                label_column: None,
-                categorical: Vec::new(),
-                class_labels: vec![],
-                created_ms: edgeloop_agent::now_ms(),
-                requirements: Default::default(),
-                drift: None,
-                lineage: None,
-                gate: None,
-            })
+            .publish(edgeloop_controller::registry::PublishRequest::new(
+                "vibration",
+                1,
+                edgeloop_controller::demo::MODEL_V1,
+                &csv,
+            ))
             .await
             .unwrap();
         let mut agent_config = edgeloop_agent::AgentConfig {

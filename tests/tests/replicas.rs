@@ -71,19 +71,8 @@ async fn two_replicas_split_ingest_and_one_dispatches() {
     let csv = dir.path().join("reference.csv");
     std::fs::write(&csv, REFERENCE_V1).unwrap();
     a.publish(PublishRequest {
-        name: MODEL_NAME,
-        version: 1,
-        label: None,
-        onnx: MODEL_V1,
-        reference_csv: &csv,
-        label_column: None,
-        categorical: Vec::new(),
         class_labels: CLASS_LABELS.iter().map(|s| s.to_string()).collect(),
-        created_ms: edgeloop_agent::now_ms(),
-        requirements: Default::default(),
-        drift: None,
-        lineage: None,
-        gate: None,
+        ..PublishRequest::new(MODEL_NAME, 1, MODEL_V1, &csv)
     })
     .await
     .unwrap();

@@ -459,23 +459,14 @@ trainer = {{ kind = "webhook", url = "{url}", secret_file = "{}", retries = 3 }}
     std::fs::write(&reference, REFERENCE_V2).unwrap();
     ctl.controller
         .publish(PublishRequest {
-            name: "vibration",
-            version: 2,
             label: Some("from the pipeline".into()),
-            onnx: MODEL_V2,
-            reference_csv: &reference,
-            label_column: None,
-            categorical: Vec::new(),
             class_labels: vec!["normal".into(), "fault".into()],
-            created_ms: now_ms(),
-            requirements: Default::default(),
-            drift: None,
-            lineage: None,
             gate: Some(QualityGate {
                 holdout: Path::new(HOLDOUT_V2),
                 policy: Default::default(),
                 against: None,
             }),
+            ..PublishRequest::new("vibration", 2, MODEL_V2, &reference)
         })
         .await
         .unwrap();

@@ -94,19 +94,14 @@ impl Fleet {
         self.ctl
             .controller
             .publish(edgeloop_controller::registry::PublishRequest {
-                name: "vibration",
-                version: 3,
                 label: Some(label.into()),
-                onnx,
-                reference_csv: &reference,
-                label_column: None,
-                categorical: Vec::new(),
                 class_labels: vec!["normal".into(), "fault".into()],
-                created_ms: edgeloop_agent::now_ms(),
-                requirements: Default::default(),
-                drift: None,
-                lineage: None,
-                gate: None,
+                ..edgeloop_controller::registry::PublishRequest::new(
+                    "vibration",
+                    3,
+                    onnx,
+                    &reference,
+                )
             })
             .await
             .unwrap();
