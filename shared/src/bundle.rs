@@ -85,6 +85,8 @@ pub enum BundleError {
     Decompress(String),
     #[error("compression failed: {0}")]
     Compress(String),
+    #[error("a delta bundle against model {expected}; {found}")]
+    DeltaBase { expected: String, found: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -131,6 +133,11 @@ pub struct Artifact {
     /// SHA-256 of the ONNX model after decompression.
     pub raw_sha256: String,
     pub raw_size: u64,
+    /// Set in a delta bundle: the SHA-256 of the model (raw ONNX) the artifact was
+    /// compressed against, zstd with that model as its reference prefix ("patch-from").
+    /// Only a device that holds exactly that model can decompress it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta_base_sha256: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -367,9 +374,47 @@ pub struct VerifiedBundle {
 }
 
 /// Compresses `model`, fills in `manifest.artifact`, signs the manifest and lays out the file.
-pub fn pack(mut manifest: Manifest, model: &[u8], key: &SecretKey) -> Result<Vec<u8>, BundleError> {
+pub fn pack(manifest: Manifest, model: &[u8], key: &SecretKey) -> Result<Vec<u8>, BundleError> {
     let compressed = zstd::bulk::compress(model, ZSTD_LEVEL)
         .map_err(|e| BundleError::Compress(e.to_string()))?;
+    lay_out(manifest, model, compressed, None, key)
+}
+
+/// A delta bundle: `model` compressed against `base` (the model a device runs now), so
+/// that what is unchanged between the two costs almost nothing. It verifies only with
+/// that base ([`verify_delta`]); a device without it needs the full bundle.
+pub fn pack_delta(
+    manifest: Manifest,
+    model: &[u8],
+    base: &[u8],
+    key: &SecretKey,
+) -> Result<Vec<u8>, BundleError> {
+    let compress = || -> std::io::Result<Vec<u8>> {
+        let mut encoder =
+            zstd::stream::write::Encoder::with_ref_prefix(Vec::new(), ZSTD_LEVEL, base)?;
+        encoder.window_log(delta_window_log(base.len(), model.len()))?;
+        encoder.long_distance_matching(true)?;
+        encoder.set_pledged_src_size(Some(model.len() as u64))?;
+        std::io::Write::write_all(&mut encoder, model)?;
+        encoder.finish()
+    };
+    let compressed = compress().map_err(|e| BundleError::Compress(e.to_string()))?;
+    lay_out(manifest, model, compressed, Some(sha256_hex(base)), key)
+}
+
+/// The zstd window a delta needs: the base and the model both in reach.
+fn delta_window_log(base: usize, model: usize) -> u32 {
+    let span = (base + model).max(1) as u64;
+    (64 - (span - 1).leading_zeros()).clamp(10, 31)
+}
+
+fn lay_out(
+    mut manifest: Manifest,
+    model: &[u8],
+    compressed: Vec<u8>,
+    delta_base_sha256: Option<String>,
+    key: &SecretKey,
+) -> Result<Vec<u8>, BundleError> {
     manifest.format = FORMAT;
     manifest.artifact = Artifact {
         media_type: "application/onnx".into(),
@@ -378,6 +423,7 @@ pub fn pack(mut manifest: Manifest, model: &[u8], key: &SecretKey) -> Result<Vec
         compressed_size: compressed.len() as u64,
         raw_sha256: sha256_hex(model),
         raw_size: model.len() as u64,
+        delta_base_sha256,
     };
     manifest.validate()?;
     let manifest_bytes = serde_json::to_vec(&manifest).expect("manifests always serialize");
@@ -532,10 +578,22 @@ impl Head {
 }
 
 /// Verifies a whole bundle against the trusted keys and returns its manifest and model.
+/// A delta bundle is refused: it needs its base ([`verify_delta`]).
 pub fn verify(
     bytes: &[u8],
     trusted: &TrustedKeys,
     limits: &Limits,
+) -> Result<VerifiedBundle, BundleError> {
+    verify_delta(bytes, trusted, limits, None)
+}
+
+/// [`verify`], for a full bundle or a delta bundle against `base`, the model the device
+/// holds: a delta whose base is another model (or none) is refused before decompression.
+pub fn verify_delta(
+    bytes: &[u8],
+    trusted: &TrustedKeys,
+    limits: &Limits,
+    base: Option<&[u8]>,
 ) -> Result<VerifiedBundle, BundleError> {
     // Framing and sizes first, then the signature, then the digests.
     let head = parse_head(bytes, limits)?;
@@ -559,8 +617,26 @@ pub fn verify(
         });
     }
     // The cap is the signed raw size: a decompression bomb fails here, not in memory.
-    let model = zstd::bulk::decompress(artifact, a.raw_size as usize)
-        .map_err(|e| BundleError::Decompress(e.to_string()))?;
+    let model = match &a.delta_base_sha256 {
+        None => zstd::bulk::decompress(artifact, a.raw_size as usize)
+            .map_err(|e| BundleError::Decompress(e.to_string()))?,
+        Some(expected) => {
+            let Some(base) = base else {
+                return Err(BundleError::DeltaBase {
+                    expected: expected.clone(),
+                    found: "no base model was given".into(),
+                });
+            };
+            let found = sha256_hex(base);
+            if &found != expected {
+                return Err(BundleError::DeltaBase {
+                    expected: expected.clone(),
+                    found: format!("the model here is {found}"),
+                });
+            }
+            decompress_delta(artifact, base, a.raw_size)?
+        }
+    };
     if model.len() as u64 != a.raw_size {
         return Err(BundleError::SizeMismatch {
             what: "model",
@@ -581,6 +657,23 @@ pub fn verify(
         key_id,
         model,
     })
+}
+
+/// Decompresses a delta artifact against its base, reading at most `raw_size` + 1 bytes.
+fn decompress_delta(artifact: &[u8], base: &[u8], raw_size: u64) -> Result<Vec<u8>, BundleError> {
+    use std::io::Read;
+    let failed = |e: std::io::Error| BundleError::Decompress(e.to_string());
+    let mut decoder =
+        zstd::stream::read::Decoder::with_ref_prefix(artifact, base).map_err(failed)?;
+    decoder
+        .window_log_max(delta_window_log(base.len(), raw_size as usize))
+        .map_err(failed)?;
+    let mut model = Vec::with_capacity(raw_size as usize);
+    decoder
+        .take(raw_size + 1)
+        .read_to_end(&mut model)
+        .map_err(failed)?;
+    Ok(model)
 }
 
 /// Checks a bundle while its bytes arrive, so that a download can stop at the first bad
@@ -737,6 +830,111 @@ pub(crate) mod tests {
         let trusted = TrustedKeys::new([key.public().clone()]);
         let bytes = pack(manifest(3), &model_bytes(), &key).unwrap();
         (key, trusted, bytes)
+    }
+
+    /// Pseudo-random bytes (incompressible on their own) from a seed.
+    fn noise(n: usize, seed: u64) -> Vec<u8> {
+        let mut state = seed;
+        (0..n)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                (state >> 56) as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_delta_bundle_verifies_only_against_its_base_and_is_small() {
+        let (key, trusted, _) = setup();
+        // The base and the new model share all but their last 4 KiB ("the last layer").
+        let base = noise(256 * 1024, 1);
+        let mut model = base.clone();
+        let tail = model.len() - 4096;
+        model[tail..].copy_from_slice(&noise(4096, 2));
+        let full = pack(manifest(4), &model, &key).unwrap();
+        let delta = pack_delta(manifest(4), &model, &base, &key).unwrap();
+        assert!(
+            delta.len() * 10 < full.len(),
+            "delta {} vs full {}",
+            delta.len(),
+            full.len()
+        );
+        let verified = verify_delta(&delta, &trusted, &Limits::default(), Some(&base)).unwrap();
+        assert_eq!(verified.model, model);
+        assert_eq!(
+            verified.manifest.artifact.delta_base_sha256,
+            Some(sha256_hex(&base))
+        );
+        // A full bundle verifies with or without a base.
+        assert_eq!(
+            verify_delta(&full, &trusted, &Limits::default(), Some(&base))
+                .unwrap()
+                .model,
+            model
+        );
+        assert!(matches!(
+            verify(&delta, &trusted, &Limits::default()),
+            Err(BundleError::DeltaBase { .. })
+        ));
+        let other = noise(256 * 1024, 3);
+        let err = verify_delta(&delta, &trusted, &Limits::default(), Some(&other)).unwrap_err();
+        assert!(
+            matches!(&err, BundleError::DeltaBase { found, .. } if found.contains(&sha256_hex(&other))),
+            "{err}"
+        );
+        // The base is named in the signed manifest: a delta cannot be re-pointed.
+        let mut tampered = delta.clone();
+        let at = tampered.len() - 10;
+        tampered[at] ^= 1;
+        assert!(matches!(
+            verify_delta(&tampered, &trusted, &Limits::default(), Some(&base)),
+            Err(BundleError::DigestMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn a_delta_that_inflates_past_its_signed_size_is_refused() {
+        let (key, trusted, _) = setup();
+        let base = noise(64 * 1024, 1);
+        // The signed raw size is the real one; a lying manifest cannot be signed by
+        // someone else, so the bomb here is the key holder's own: still capped.
+        let model = vec![0u8; 8 << 20];
+        let bytes = pack_delta(manifest(5), &model, &base, &key).unwrap();
+        let manifest_len = u32::from_be_bytes(bytes[10..14].try_into().unwrap()) as usize;
+        let signed_as = |raw_size: u64| {
+            let mut m: Manifest = serde_json::from_slice(&bytes[14..14 + manifest_len]).unwrap();
+            m.artifact.raw_size = raw_size;
+            let lying = serde_json::to_vec(&m).unwrap();
+            let mut out = bytes[..10].to_vec();
+            out.extend_from_slice(&(lying.len() as u32).to_be_bytes());
+            out.extend_from_slice(&lying);
+            out.extend_from_slice(&key.id().0);
+            out.extend_from_slice(&key.sign(Context::BundleManifest, &lying));
+            out.extend_from_slice(&bytes[14 + manifest_len + 8 + SIGNATURE_LEN..]);
+            out
+        };
+        // The decoder's window is sized from the signed sizes too: a frame that needs more
+        // is refused before it allocates for 8 MiB.
+        let err =
+            verify_delta(&signed_as(1024), &trusted, &Limits::default(), Some(&base)).unwrap_err();
+        assert!(
+            matches!(&err, BundleError::Decompress(e) if e.contains("memory")),
+            "{err}"
+        );
+        // Within the window, output stops one byte past the signed size.
+        let err = verify_delta(
+            &signed_as((8 << 20) - 1),
+            &trusted,
+            &Limits::default(),
+            Some(&base),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, BundleError::SizeMismatch { actual, .. } if actual == 8 << 20),
+            "{err}"
+        );
     }
 
     #[test]
