@@ -175,6 +175,10 @@ pub struct RetrainingPolicy {
     /// model's drift policy (the window's dataset drift).
     #[serde(default)]
     pub min_drift_share: Option<f64>,
+    /// …or, when true, when the model's predicted classes drifted from the reference's
+    /// (the window's `prediction_drift`, under the model's drift policy).
+    #[serde(default)]
+    pub on_prediction_drift: bool,
     /// When set, a window with at least `min_labels` labelled predictions (feedback) has
     /// lost accuracy when its accuracy is below this.
     #[serde(default)]
@@ -389,14 +393,18 @@ impl RetrainingPolicy {
         let drifted = |w: &WindowPoint| {
             w.psi_max >= self.psi_threshold
                 || self.min_drift_share.is_some_and(|s| w.drift_share >= s)
+                || (self.on_prediction_drift && w.prediction_drift)
         };
         if let Some((version, devices, reporting, worst)) =
             self.judge(windows, drifted, |w| w.psi_max, f64::max)
         {
-            let shares = match self.min_drift_share {
+            let mut shares = match self.min_drift_share {
                 Some(s) => format!(" (or at least {s} of the features drifting)"),
                 None => String::new(),
             };
+            if self.on_prediction_drift {
+                shares.push_str(" (or the predictions' distribution drifting)");
+            }
             return Some(Fired {
                 reason: format!(
                     "{} of {reporting} devices on v{version} drifted: PSI at or above {}{shares} in each of their last {n} windows (worst {worst:.3})",
@@ -1367,6 +1375,7 @@ mod tests {
             latency_p99_ms: None,
             samples: 10,
             errors: 0,
+            prediction_drift: false,
         }
     }
 
@@ -1377,6 +1386,38 @@ mod tests {
             accuracy: Some(accuracy),
             ..w(device, 1, end, 0.01)
         }
+    }
+
+    #[test]
+    fn drifting_predictions_fire_when_asked_for() {
+        let mut p = policy();
+        let predicted = |device: &str, end: u64, drifted: bool| WindowPoint {
+            prediction_drift: drifted,
+            ..w(device, 1, end, 0.05)
+        };
+        let windows = [
+            predicted("a", 2, true),
+            predicted("a", 1, true),
+            predicted("b", 2, true),
+            predicted("b", 1, false),
+        ];
+        assert_eq!(p.evaluate(&windows), None, "not judged unless asked");
+        p.on_prediction_drift = true;
+        p.min_devices = 1;
+        let fired = p.evaluate(&windows).unwrap();
+        assert_eq!(fired.drifting, ["a"], "b's older window did not drift");
+        assert!(
+            fired
+                .reason
+                .contains("(or the predictions' distribution drifting)"),
+            "{}",
+            fired.reason
+        );
+        let policy: RetrainingPolicy = toml::from_str(
+            "model = \"m\"\non_prediction_drift = true\ntrainer = { kind = \"webhook\", url = \"http://x\" }",
+        )
+        .unwrap();
+        assert!(policy.on_prediction_drift);
     }
 
     #[test]

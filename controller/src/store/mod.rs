@@ -662,6 +662,8 @@ pub struct WindowPoint {
     /// Inputs in the window, and inferences that failed on valid inputs.
     pub samples: u64,
     pub errors: u64,
+    /// The model's predicted classes drifted from the reference's under its drift policy.
+    pub prediction_drift: bool,
 }
 
 /// Where a retraining stands.

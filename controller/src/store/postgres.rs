@@ -241,6 +241,7 @@ CREATE TABLE dataset_parts (
 );
 CREATE INDEX dataset_parts_by_status ON dataset_parts (status);
 ALTER TABLE enrollments ADD COLUMN broker_password_sha256 TEXT;
+ALTER TABLE telemetry ADD COLUMN prediction_drift BOOLEAN NOT NULL DEFAULT FALSE;
 CREATE TABLE dataset_chunks (
     dataset_id BIGINT NOT NULL,
     device_id TEXT NOT NULL,
@@ -425,8 +426,9 @@ async fn apply_drift(
     let summary: &str = &summary;
     tx.execute(
         "INSERT INTO telemetry (msg_id, device_id, received_ms, model_name, model_version, window_seq,
-             window_start_ms, window_end_ms, samples, psi_max, summary, drift_share, labelled, accuracy, latency_p99_ms, errors)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+             window_start_ms, window_end_ms, samples, psi_max, summary, drift_share, labelled, accuracy, latency_p99_ms, errors,
+             prediction_drift)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
         &[
             &e.msg_id,
             &e.device_id,
@@ -444,6 +446,7 @@ async fn apply_drift(
             &s.stats.accuracy,
             &s.stats.latency_quantile_ms(0.99),
             &i(s.stats.errors),
+            &s.stats.prediction_drift,
         ],
     )
     .await?;
@@ -1636,8 +1639,8 @@ impl Store for PgStore {
         let client = self.client().await?;
         let rows = client
             .query(
-                "SELECT device_id, model_version, window_end_ms, psi_max, drift_share, labelled, accuracy, latency_p99_ms, samples, errors FROM (
-                     SELECT device_id, model_version, window_end_ms, psi_max, drift_share, labelled, accuracy, latency_p99_ms, samples, errors,
+                "SELECT device_id, model_version, window_end_ms, psi_max, drift_share, labelled, accuracy, latency_p99_ms, samples, errors, prediction_drift FROM (
+                     SELECT device_id, model_version, window_end_ms, psi_max, drift_share, labelled, accuracy, latency_p99_ms, samples, errors, prediction_drift,
                             ROW_NUMBER() OVER (PARTITION BY device_id ORDER BY window_end_ms DESC) AS n
                      FROM telemetry WHERE model_name = $1 AND received_ms >= $2) recent
                  WHERE n <= $3 ORDER BY device_id, window_end_ms DESC",
@@ -1657,6 +1660,7 @@ impl Store for PgStore {
                 latency_p99_ms: r.get(7),
                 samples: u(r.get(8)),
                 errors: u(r.get(9)),
+                prediction_drift: r.get(10),
             })
             .collect())
     }

@@ -239,6 +239,7 @@ CREATE TABLE dataset_parts (
 );
 CREATE INDEX dataset_parts_by_status ON dataset_parts (status);
 ALTER TABLE enrollments ADD COLUMN broker_password_sha256 TEXT;
+ALTER TABLE telemetry ADD COLUMN prediction_drift INTEGER NOT NULL DEFAULT 0;
 CREATE TABLE dataset_chunks (
     dataset_id INTEGER NOT NULL,
     device_id TEXT NOT NULL,
@@ -412,8 +413,9 @@ fn apply_drift(tx: &Transaction<'_>, e: &Envelope, s: &DriftSummary, now_ms: u64
     let summary: &str = &summary;
     exec(tx,
         "INSERT INTO telemetry (msg_id, device_id, received_ms, model_name, model_version, window_seq,
-             window_start_ms, window_end_ms, samples, psi_max, summary, drift_share, labelled, accuracy, latency_p99_ms, errors)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+             window_start_ms, window_end_ms, samples, psi_max, summary, drift_share, labelled, accuracy, latency_p99_ms, errors,
+             prediction_drift)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
         params![
             e.msg_id,
             e.device_id,
@@ -431,6 +433,7 @@ fn apply_drift(tx: &Transaction<'_>, e: &Envelope, s: &DriftSummary, now_ms: u64
             s.stats.accuracy,
             s.stats.latency_quantile_ms(0.99),
             s.stats.errors as i64,
+            s.stats.prediction_drift,
         ],
     )?;
     Ok(())
@@ -1605,8 +1608,8 @@ impl Store for SqliteStore {
         self.call(move |conn| {
             let rows = conn
                 .prepare_cached(
-                    "SELECT device_id, model_version, window_end_ms, psi_max, drift_share, labelled, accuracy, latency_p99_ms, samples, errors FROM (
-                         SELECT device_id, model_version, window_end_ms, psi_max, drift_share, labelled, accuracy, latency_p99_ms, samples, errors,
+                    "SELECT device_id, model_version, window_end_ms, psi_max, drift_share, labelled, accuracy, latency_p99_ms, samples, errors, prediction_drift FROM (
+                         SELECT device_id, model_version, window_end_ms, psi_max, drift_share, labelled, accuracy, latency_p99_ms, samples, errors, prediction_drift,
                                 ROW_NUMBER() OVER (PARTITION BY device_id ORDER BY window_end_ms DESC) AS n
                          FROM telemetry WHERE model_name = ?1 AND received_ms >= ?2)
                      WHERE n <= ?3 ORDER BY device_id, window_end_ms DESC",
@@ -1623,6 +1626,7 @@ impl Store for SqliteStore {
                         latency_p99_ms: r.get(7)?,
                         samples: u(r.get(8)?),
                         errors: u(r.get(9)?),
+                        prediction_drift: r.get(10)?,
                     })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;

@@ -986,6 +986,7 @@ async fn retraining_windows_and_records(store: &dyn Store) {
                     // ten inferences between 0.25 and 0.5 ms
                     latency_ms: [0, 0, 0, 10].to_vec(),
                     errors: 2,
+                    prediction_drift: seq.is_multiple_of(2),
                     ..WindowStats::default()
                 },
             }),
@@ -1027,6 +1028,11 @@ async fn retraining_windows_and_records(store: &dyn Store) {
         (recent[0].samples, recent[0].errors),
         (10, 2),
         "each window's inputs and failed inferences"
+    );
+    assert_eq!(
+        (recent[0].prediction_drift, recent[1].prediction_drift),
+        (true, false),
+        "whether each window's predictions drifted"
     );
     assert_eq!(store.recent_windows("rt", 9, 0).await.unwrap().len(), 5);
 
