@@ -12,23 +12,10 @@
 
 use std::time::Instant;
 
-use edgeloop_controller::trainer::{encode_model, float_value, node, tensor};
+use edgeloop_controller::trainer::{encode_model, float_value, node, random_weights, tensor};
 use edgeloop_shared::bundle::{self, Limits, Manifest};
 use edgeloop_shared::signing::{SecretKey, TrustedKeys};
 use tract_onnx::pb::GraphProto;
-
-/// Uniform floats in ±0.05 from a seed.
-fn weights(n: i64, seed: u64) -> Vec<f32> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            state = state
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
-        })
-        .collect()
-}
 
 /// An MLP over `dims` (inputs, hidden…, classes); layer i's weights come from `seeds[i]`.
 fn mlp(dims: &[i64], seeds: &[u64]) -> Vec<u8> {
@@ -40,7 +27,7 @@ fn mlp(dims: &[i64], seeds: &[u64]) -> Vec<u8> {
         initializer.push(tensor(
             &w,
             &[pair[0], pair[1]],
-            weights(pair[0] * pair[1], seeds[i]),
+            random_weights(pair[0] * pair[1], seeds[i], 0.05),
         ));
         let last = i == dims.len() - 2;
         let out = if last {

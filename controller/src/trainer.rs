@@ -368,23 +368,27 @@ pub fn encode_model(graph: GraphProto) -> Vec<u8> {
     .encode_to_vec()
 }
 
+/// `n` floats uniform in ±`amplitude`, the same for the same seed (a linear congruential
+/// generator: no rand crate, and reproducible across builds).
+pub fn random_weights(n: i64, seed: u64, amplitude: f32) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * amplitude
+        })
+        .collect()
+}
+
 /// A model of about `bytes` of weights that answers like a classifier but knows nothing:
 /// features → MatMul (one wide hidden layer) → Relu → MatMul → Softmax, with pseudo-random
 /// weights from a fixed seed (uniform in ±0.01, so zstd cannot shrink them). For benchmarks
 /// and tests that need a model of a given size and cost.
 pub fn random_mlp(features: i64, classes: i64, bytes: usize) -> Vec<u8> {
     use tract_onnx::pb::{AttributeProto, attribute_proto};
-    let weights = |n: i64, seed: u64| -> Vec<f32> {
-        let mut state = seed;
-        (0..n)
-            .map(|_| {
-                state = state
-                    .wrapping_mul(6_364_136_223_846_793_005)
-                    .wrapping_add(1_442_695_040_888_963_407);
-                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.02
-            })
-            .collect()
-    };
+    let weights = |n: i64, seed: u64| random_weights(n, seed, 0.01);
     let hidden = (bytes / (4 * (features + classes) as usize)).max(1) as i64;
     let mut softmax = node("Softmax", &["logits"], "scores");
     softmax.attribute.push(AttributeProto {

@@ -344,6 +344,31 @@ impl PgStore {
     }
 }
 
+impl PgStore {
+    /// Takes the device's next command sequence number (its row locked) and runs `update`
+    /// (parameters: the row's id, the device, the sequence number, now) to record it on the
+    /// row being sent; nothing is kept, and `None` returned, when the update touches no row.
+    async fn mark_with_seq(
+        &self,
+        update: &str,
+        id: u64,
+        device_id: &str,
+        now_ms: u64,
+    ) -> Result<Option<u64>> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let seq = take_command_seq(&*tx, device_id, now_ms).await?;
+        let updated = tx
+            .execute(update, &[&i(id), &device_id, &i(seq), &i(now_ms)])
+            .await?;
+        if updated == 0 {
+            return Ok(None);
+        }
+        tx.commit().await?;
+        Ok(Some(seq))
+    }
+}
+
 impl From<tokio_postgres::Error> for StoreError {
     /// The database's own message and SQLSTATE when it answered with an error (the
     /// driver's text is only "db error" then).
@@ -2003,25 +2028,17 @@ impl Store for PgStore {
         device_id: &str,
         now_ms: u64,
     ) -> Result<Option<u64>> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await?;
-        let seq = take_command_seq(&*tx, device_id, now_ms).await?;
-        let updated = tx
-            .execute(
-                &format!(
-                    "UPDATE deployments SET status = CASE status WHEN 'pending' THEN 'sent' ELSE status END,
-                         command_seq = $3, updated_ms = $4
-                     WHERE rollout_id = $1 AND device_id = $2 AND status NOT IN ({})",
-                    FINAL_STATES_SQL
-                ),
-                &[&i(rollout_id), &device_id, &i(seq), &i(now_ms)],
-            )
-            .await?;
-        if updated == 0 {
-            return Ok(None);
-        }
-        tx.commit().await?;
-        Ok(Some(seq))
+        self.mark_with_seq(
+            &format!(
+                "UPDATE deployments SET status = CASE status WHEN 'pending' THEN 'sent' ELSE status END,
+                     command_seq = $3, updated_ms = $4
+                 WHERE rollout_id = $1 AND device_id = $2 AND status NOT IN ({FINAL_STATES_SQL})"
+            ),
+            rollout_id,
+            device_id,
+            now_ms,
+        )
+        .await
     }
 
     async fn create_dataset(&self, new: &NewDataset) -> Result<DatasetRow> {
@@ -2112,21 +2129,14 @@ impl Store for PgStore {
         device_id: &str,
         now_ms: u64,
     ) -> Result<Option<u64>> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await?;
-        let seq = take_command_seq(&*tx, device_id, now_ms).await?;
-        let updated = tx
-            .execute(
-                "UPDATE dataset_parts SET command_seq = $3, sent_ms = $4
-                 WHERE dataset_id = $1 AND device_id = $2 AND status = 'requested'",
-                &[&i(dataset_id), &device_id, &i(seq), &i(now_ms)],
-            )
-            .await?;
-        if updated == 0 {
-            return Ok(None);
-        }
-        tx.commit().await?;
-        Ok(Some(seq))
+        self.mark_with_seq(
+            "UPDATE dataset_parts SET command_seq = $3, sent_ms = $4
+             WHERE dataset_id = $1 AND device_id = $2 AND status = 'requested'",
+            dataset_id,
+            device_id,
+            now_ms,
+        )
+        .await
     }
 
     async fn expire_uploads(&self, before_ms: u64, now_ms: u64) -> Result<u64> {

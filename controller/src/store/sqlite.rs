@@ -345,6 +345,35 @@ impl SqliteStore {
     }
 }
 
+impl SqliteStore {
+    /// Takes the device's next command sequence number and runs `update` (parameters: the
+    /// row's id, the device, the sequence number, now) to record it on the row being sent;
+    /// nothing is kept, and `None` returned, when the update touches no row.
+    async fn mark_with_seq(
+        &self,
+        update: String,
+        id: u64,
+        device_id: &str,
+        now_ms: u64,
+    ) -> Result<Option<u64>> {
+        let device_id = device_id.to_string();
+        self.call(move |conn| {
+            let tx = conn.transaction()?;
+            let seq = take_command_seq(&tx, &device_id, now_ms)?;
+            let updated = tx.execute(
+                &update,
+                params![id as i64, device_id, seq as i64, now_ms as i64],
+            )?;
+            if updated == 0 {
+                return Ok(None);
+            }
+            tx.commit()?;
+            Ok(Some(seq))
+        })
+        .await
+    }
+}
+
 fn u(v: i64) -> u64 {
     v.max(0) as u64
 }
@@ -1951,26 +1980,18 @@ impl Store for SqliteStore {
         device_id: &str,
         now_ms: u64,
     ) -> Result<Option<u64>> {
-        let device_id = device_id.to_string();
-        self.call(move |conn| {
-            let tx = conn.transaction()?;
-            let seq = take_command_seq(&tx, &device_id, now_ms)?;
-            let updated = tx.execute(
-                &format!(
-                    "UPDATE deployments SET status = CASE status WHEN 'pending' THEN 'sent' ELSE status END,
-                         command_seq = ?3, updated_ms = ?4
-                     WHERE rollout_id = ?1 AND device_id = ?2
-                       AND status NOT IN ({FINAL_STATES_SQL})"
-                ),
-                params![rollout_id as i64, device_id, seq as i64, now_ms as i64],
-            )?;
-            if updated == 0 {
-                // Finished or superseded since it was found due: nothing to send.
-                return Ok(None);
-            }
-            tx.commit()?;
-            Ok(Some(seq))
-        })
+        // Finished or superseded since it was found due: nothing to send.
+        self.mark_with_seq(
+            format!(
+                "UPDATE deployments SET status = CASE status WHEN 'pending' THEN 'sent' ELSE status END,
+                     command_seq = ?3, updated_ms = ?4
+                 WHERE rollout_id = ?1 AND device_id = ?2
+                   AND status NOT IN ({FINAL_STATES_SQL})"
+            ),
+            rollout_id,
+            device_id,
+            now_ms,
+        )
         .await
     }
 
@@ -2061,21 +2082,14 @@ impl Store for SqliteStore {
         device_id: &str,
         now_ms: u64,
     ) -> Result<Option<u64>> {
-        let device_id = device_id.to_string();
-        self.call(move |conn| {
-            let tx = conn.transaction()?;
-            let seq = take_command_seq(&tx, &device_id, now_ms)?;
-            let updated = tx.execute(
-                "UPDATE dataset_parts SET command_seq = ?3, sent_ms = ?4
-                 WHERE dataset_id = ?1 AND device_id = ?2 AND status = 'requested'",
-                params![dataset_id as i64, device_id, seq as i64, now_ms as i64],
-            )?;
-            if updated == 0 {
-                return Ok(None);
-            }
-            tx.commit()?;
-            Ok(Some(seq))
-        })
+        self.mark_with_seq(
+            "UPDATE dataset_parts SET command_seq = ?3, sent_ms = ?4
+             WHERE dataset_id = ?1 AND device_id = ?2 AND status = 'requested'"
+                .into(),
+            dataset_id,
+            device_id,
+            now_ms,
+        )
         .await
     }
 
