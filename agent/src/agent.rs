@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use edgeloop_shared::bundle::{BundleError, VerifiedBundle};
 use edgeloop_shared::command::{
-    CommandAction, CommandError, DeployAction, Disposition, SignedCommand, UploadAction,
+    CommandAction, CommandError, DeltaOffer, DeployAction, Disposition, SignedCommand, UploadAction,
 };
 use edgeloop_shared::drift::DriftWindow;
 use edgeloop_shared::protocol::{
@@ -33,7 +34,7 @@ use crate::runtime::RuntimeError;
 use crate::slots::{SlotError, Slots, write_atomic};
 use crate::source::InputSource;
 use crate::trust::Trust;
-use crate::updater::{InstallError, Installed, Installer};
+use crate::updater::{InstallError, Installed, Installer, Remote};
 use crate::{AGENT_VERSION, now_ms};
 
 /// Capacity of the channel from the link to the agent (incoming commands).
@@ -1174,37 +1175,108 @@ async fn deploy(
     action: &DeployAction,
     active: Option<crate::slots::Slot>,
 ) -> Result<Installed, InstallError> {
-    let stage = |stage| {
+    let stage = |stage, detail| {
         reporter.deployment(
             Some(action.rollout_id),
             seq,
             Some(action.model.clone()),
             stage,
-            None,
+            detail,
         )
     };
-    stage(DeployStage::Downloading);
-    let bytes = Arc::new(installer.download(action).await?);
-    stage(DeployStage::Verifying);
-    let result = tokio::task::spawn_blocking({
-        let (installer, reporter, action) = (installer.clone(), reporter.clone(), action.clone());
-        move || {
-            let verified = installer.verify(&bytes, &action)?;
-            reporter.deployment(
-                Some(action.rollout_id),
-                seq,
-                Some(action.model.clone()),
-                DeployStage::Installing,
-                None,
-            );
-            installer.install(&bytes, &verified, active)
+    let (bytes, verified) = fetch(installer, &stage, action, active).await?;
+    stage(DeployStage::Installing, None);
+    let result = blocking({
+        let installer = installer.clone();
+        move || installer.install(&bytes, &verified, active)
+    })
+    .await;
+    // Installed (the slot holds it now) or refused (downloading it again would not help).
+    installer.discard_download(&action.bundle_sha256);
+    if let Some(delta) = &action.delta {
+        installer.discard_download(&delta.bundle_sha256);
+    }
+    result
+}
+
+/// The bundle to install, downloaded and verified: the delta the command offers when the
+/// active slot holds its base, or else (or when the delta cannot be had) the full bundle.
+async fn fetch(
+    installer: &Installer,
+    stage: &impl Fn(DeployStage, Option<String>),
+    action: &DeployAction,
+    active: Option<crate::slots::Slot>,
+) -> Result<(Vec<u8>, VerifiedBundle), InstallError> {
+    let mut why_full = None;
+    if let (Some(offer), Some(slot)) = (&action.delta, active) {
+        match fetch_delta(installer, stage, action, offer, slot).await {
+            Ok(got) => return Ok(got),
+            Err(e) => {
+                info!(model = %action.model, reason = %e, "not using the delta bundle; downloading the full bundle");
+                installer.discard_download(&offer.bundle_sha256);
+                why_full = Some(format!(
+                    "full bundle of {} bytes: the delta bundle cannot be used: {e}",
+                    action.bundle_size
+                ));
+            }
         }
+    }
+    stage(DeployStage::Downloading, why_full);
+    let bytes = installer.download(Remote::bundle(action)).await?;
+    stage(DeployStage::Verifying, None);
+    let (installer, action) = (installer.clone(), action.clone());
+    blocking(move || {
+        let verified = installer.verify(&bytes, &action, None)?;
+        Ok((bytes, verified))
     })
     .await
-    .map_err(|e| InstallError::Task(e.to_string()))?;
-    // Installed (the slot holds it now) or refused (downloading it again would not help).
-    installer.discard_download(action);
-    result
+}
+
+async fn fetch_delta(
+    installer: &Installer,
+    stage: &impl Fn(DeployStage, Option<String>),
+    action: &DeployAction,
+    offer: &DeltaOffer,
+    slot: crate::slots::Slot,
+) -> Result<(Vec<u8>, VerifiedBundle), InstallError> {
+    let base = blocking({
+        let installer = installer.clone();
+        move || installer.verify_slot(slot)
+    })
+    .await?;
+    let holds = &base.manifest.artifact.raw_sha256;
+    if holds != &offer.base_sha256 {
+        return Err(InstallError::Verify(BundleError::DeltaBase {
+            expected: offer.base_sha256.clone(),
+            found: format!("the active model is {holds}"),
+        }));
+    }
+    stage(
+        DeployStage::Downloading,
+        Some(format!(
+            "delta bundle of {} bytes against {} (the full bundle is {} bytes)",
+            offer.bundle_size,
+            base.manifest.model_ref(),
+            action.bundle_size
+        )),
+    );
+    let bytes = installer.download(Remote::delta(offer)).await?;
+    stage(DeployStage::Verifying, None);
+    let (installer, action) = (installer.clone(), action.clone());
+    blocking(move || {
+        let verified = installer.verify(&bytes, &action, Some(&base.model))?;
+        Ok((bytes, verified))
+    })
+    .await
+}
+
+/// Runs CPU-bound install work (decompression, digests, loading) on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, InstallError> + Send + 'static,
+) -> Result<T, InstallError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| InstallError::Task(e.to_string()))?
 }
 
 #[cfg(test)]

@@ -2,9 +2,13 @@
 //!
 //! ```text
 //! {state_dir}/slots/a/bundle.elb
+//! {state_dir}/slots/a/model.onnx    only beside a delta bundle: the model it expanded to
 //! {state_dir}/slots/b/bundle.elb
 //! {state_dir}/slots/active          "a" or "b"
 //! ```
+//!
+//! A delta bundle can only be decompressed against its base, which the next install may
+//! overwrite, so its slot also keeps the model; the bundle's signed digest covers it.
 //!
 //! A new bundle is written to the slot that is not active (temporary file, fsync, rename,
 //! directory fsync), checked, and only then made active by replacing the `active` pointer
@@ -51,6 +55,7 @@ pub struct Slots {
 }
 
 const BUNDLE_FILE: &str = "bundle.elb";
+const MODEL_FILE: &str = "model.onnx";
 const ACTIVE_FILE: &str = "active";
 
 impl Slots {
@@ -89,9 +94,42 @@ impl Slots {
         })
     }
 
-    /// Writes `bundle` durably into `slot`, replacing what was there.
-    pub fn write(&self, slot: Slot, bundle: &[u8]) -> Result<(), SlotError> {
-        write_atomic(&self.bundle_path(slot), bundle)
+    /// The model kept beside the slot's bundle, if there is one.
+    pub fn read_model(&self, slot: Slot) -> Result<Option<Vec<u8>>, SlotError> {
+        let path = self.dir.join(slot.name()).join(MODEL_FILE);
+        match fs::read(&path) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(SlotError {
+                action: "read",
+                path,
+                source,
+            }),
+        }
+    }
+
+    /// Writes `bundle` durably into `slot`, replacing what was there, with the model it
+    /// expands to when it is a delta bundle. The model goes first: until the bundle that
+    /// names it is in place, it is a stray file that nothing reads.
+    pub fn write(&self, slot: Slot, bundle: &[u8], model: Option<&[u8]>) -> Result<(), SlotError> {
+        let model_path = self.dir.join(slot.name()).join(MODEL_FILE);
+        if let Some(model) = model {
+            write_atomic(&model_path, model)?;
+        }
+        write_atomic(&self.bundle_path(slot), bundle)?;
+        if model.is_none() {
+            match fs::remove_file(&model_path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(SlotError {
+                        action: "remove",
+                        path: model_path,
+                        source: e,
+                    });
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     /// Makes `slot` the active one, atomically and durably.
@@ -134,17 +172,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let slots = Slots::open(dir.path()).unwrap();
         assert_eq!(slots.active(), None);
-        slots.write(Slot::A, b"one").unwrap();
+        slots.write(Slot::A, b"one", None).unwrap();
         slots.activate(Slot::A).unwrap();
         assert_eq!(slots.active(), Some(Slot::A));
-        slots.write(Slot::B, b"two").unwrap();
+        slots.write(Slot::B, b"two", Some(b"model two")).unwrap();
         assert_eq!(slots.active(), Some(Slot::A), "writing does not switch");
         slots.activate(Slot::B).unwrap();
         let reopened = Slots::open(dir.path()).unwrap();
         assert_eq!(reopened.active(), Some(Slot::B));
         assert_eq!(reopened.read(Slot::B).unwrap(), b"two");
         assert_eq!(reopened.read(Slot::A).unwrap(), b"one");
+        assert_eq!(reopened.read_model(Slot::B).unwrap().unwrap(), b"model two");
+        assert_eq!(reopened.read_model(Slot::A).unwrap(), None);
         assert!(!dir.path().join("slots/b/bundle.tmp").exists());
+        // A full bundle written over a delta's slot takes its model away.
+        reopened.write(Slot::B, b"three", None).unwrap();
+        assert_eq!(reopened.read_model(Slot::B).unwrap(), None);
     }
 
     #[test]

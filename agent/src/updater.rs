@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use edgeloop_shared::bundle::{self, BundleError, Limits, VerifiedBundle};
-use edgeloop_shared::command::DeployAction;
+use edgeloop_shared::command::{DeltaOffer, DeployAction};
 use edgeloop_shared::signing::TrustedKeys;
 
 use crate::trust::SigningKeys;
@@ -55,6 +55,34 @@ pub enum InstallError {
         "one inference takes {median_ms:.3} ms here (median), over the model's budget of {budget_ms} ms"
     )]
     OverLatencyBudget { median_ms: f64, budget_ms: f64 },
+}
+
+/// A file a signed command names: where to fetch it, its SHA-256 and its exact size.
+#[derive(Debug, Clone, Copy)]
+pub struct Remote<'a> {
+    pub url: &'a str,
+    pub sha256: &'a str,
+    pub size: u64,
+}
+
+impl<'a> Remote<'a> {
+    /// The full bundle of a deployment.
+    pub fn bundle(action: &'a DeployAction) -> Self {
+        Remote {
+            url: &action.bundle_url,
+            sha256: &action.bundle_sha256,
+            size: action.bundle_size,
+        }
+    }
+
+    /// The delta bundle a deployment offers.
+    pub fn delta(offer: &'a DeltaOffer) -> Self {
+        Remote {
+            url: &offer.bundle_url,
+            sha256: &offer.bundle_sha256,
+            size: offer.bundle_size,
+        }
+    }
 }
 
 /// The model being served and where it came from.
@@ -145,18 +173,17 @@ impl Installer {
         }
     }
 
-    /// Where the download of the bundle a command names is kept until it is installed.
-    fn part_path(&self, action: &DeployAction) -> Result<std::path::PathBuf, InstallError> {
-        let d = &action.bundle_sha256;
+    /// Where the download of the file with this digest is kept until it is installed.
+    fn part_path(&self, sha256: &str) -> Result<std::path::PathBuf, InstallError> {
         // Signed, but still a file name: only the digest's own alphabet may reach the path.
-        if d.len() != 64
-            || !d
+        if sha256.len() != 64
+            || !sha256
                 .bytes()
                 .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
         {
-            return Err(InstallError::BadDigest(d.clone()));
+            return Err(InstallError::BadDigest(sha256.to_string()));
         }
-        Ok(self.downloads.join(format!("{d}.part")))
+        Ok(self.downloads.join(format!("{sha256}.part")))
     }
 
     /// Downloads the bundle into a file named by its digest, checking it as it streams:
@@ -165,18 +192,18 @@ impl Installer {
     /// maximum) with every chunk, and the SHA-256 at the end. A download cut short is
     /// resumed where it stopped, also by the next process, with an HTTP Range request;
     /// what is already on disk is checked again first. Bytes proven bad are deleted.
-    pub async fn download(&self, action: &DeployAction) -> Result<Vec<u8>, InstallError> {
+    pub async fn download(&self, remote: Remote<'_>) -> Result<Vec<u8>, InstallError> {
         use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
-        let url = self.resolve_url(&action.bundle_url);
-        let size = action.bundle_size;
+        let url = self.resolve_url(remote.url);
+        let size = remote.size;
         if size > self.max_bundle_bytes {
             return Err(InstallError::TooLarge {
                 expected: size,
                 limit: self.max_bundle_bytes,
             });
         }
-        let path = self.part_path(action)?;
+        let path = self.part_path(remote.sha256)?;
         let io = |action: &'static str| {
             let path = path.clone();
             move |source| InstallError::Io {
@@ -286,9 +313,9 @@ impl Installer {
             });
         }
         let actual = hex::encode(received.digest.finalize());
-        if actual != action.bundle_sha256 {
+        if actual != remote.sha256 {
             return Err(discard(InstallError::DigestMismatch {
-                expected: action.bundle_sha256.clone(),
+                expected: remote.sha256.to_string(),
                 actual,
             }));
         }
@@ -296,9 +323,9 @@ impl Installer {
         tokio::fs::read(&path).await.map_err(io("cannot read"))
     }
 
-    /// Deletes the download of a bundle once it is installed or refused.
-    pub fn discard_download(&self, action: &DeployAction) {
-        if let Ok(path) = self.part_path(action)
+    /// Deletes the download of a file once it is installed or refused.
+    pub fn discard_download(&self, sha256: &str) {
+        if let Ok(path) = self.part_path(sha256)
             && let Err(e) = std::fs::remove_file(&path)
             && e.kind() != std::io::ErrorKind::NotFound
         {
@@ -321,12 +348,14 @@ impl Installer {
     }
 
     /// Verifies a downloaded bundle and checks that it is the model the command named.
+    /// A delta bundle needs `base`, the model it was made against.
     pub fn verify(
         &self,
         bytes: &[u8],
         action: &DeployAction,
+        base: Option<&[u8]>,
     ) -> Result<VerifiedBundle, InstallError> {
-        let verified = bundle::verify(bytes, &self.trusted.get(), &self.limits)?;
+        let verified = bundle::verify_delta(bytes, &self.trusted.get(), &self.limits, base)?;
         let found = verified.manifest.model_ref();
         if found != action.model {
             return Err(InstallError::WrongModel {
@@ -347,10 +376,11 @@ impl Installer {
     ) -> Result<Installed, InstallError> {
         check_requirements(&verified.manifest.requirements)?;
         let slot = active.map_or(Slot::A, Slot::other);
-        self.slots.write(slot, bytes)?;
+        let expanded = verified.manifest.artifact.delta_base_sha256.is_some();
+        self.slots
+            .write(slot, bytes, expanded.then_some(verified.model.as_slice()))?;
         // Load what is on disk, not what is in memory: that is what the next boot will serve.
-        let on_disk = self.slots.read(slot)?;
-        let reverified = bundle::verify(&on_disk, &self.trusted.get(), &self.limits)?;
+        let reverified = self.verify_slot(slot)?;
         debug_assert_eq!(reverified.manifest, verified.manifest);
         let model = LoadedModel::load(&reverified)?;
         if let Some(budget_ms) = reverified.manifest.requirements.latency_budget_ms {
@@ -432,9 +462,21 @@ impl Installer {
     }
 
     fn load_slot(&self, slot: Slot) -> Result<LoadedModel, InstallError> {
+        Ok(LoadedModel::load(&self.verify_slot(slot)?)?)
+    }
+
+    /// The slot's bundle, verified: with the model kept beside it when it is a delta
+    /// bundle (whose base may be gone), else decompressed from it.
+    pub fn verify_slot(&self, slot: Slot) -> Result<VerifiedBundle, InstallError> {
         let bytes = self.slots.read(slot)?;
-        let verified = bundle::verify(&bytes, &self.trusted.get(), &self.limits)?;
-        Ok(LoadedModel::load(&verified)?)
+        let trusted = self.trusted.get();
+        let kept = self.slots.read_model(slot)?;
+        Ok(bundle::verify_expanded(
+            &bytes,
+            kept,
+            &trusted,
+            &self.limits,
+        )?)
     }
 }
 
@@ -605,6 +647,7 @@ mod tests {
             bundle_url: url.to_string(),
             bundle_sha256: edgeloop_shared::sha256_hex(bundle),
             bundle_size: bundle.len() as u64,
+            delta: None,
         }
     }
 
@@ -644,7 +687,9 @@ mod tests {
         .await;
         let action = action(&url, &bundle);
 
-        let first = installer(dir.path(), &key).download(&action).await;
+        let first = installer(dir.path(), &key)
+            .download(Remote::bundle(&action))
+            .await;
         assert!(
             matches!(first, Err(InstallError::Download { .. })),
             "{first:?}"
@@ -662,11 +707,14 @@ mod tests {
 
         // A new installer, as after a restart, picks the partial file up.
         let again = installer(dir.path(), &key);
-        assert_eq!(again.download(&action).await.unwrap(), *bundle);
+        assert_eq!(
+            again.download(Remote::bundle(&action)).await.unwrap(),
+            *bundle
+        );
         let requests = requests.lock().unwrap().clone();
         assert_eq!(requests.len(), 2);
         assert_eq!(range_start(&requests[1]), Some(cut));
-        again.discard_download(&action);
+        again.discard_download(&action.bundle_sha256);
         assert!(!part.exists());
     }
 
@@ -676,10 +724,13 @@ mod tests {
         let (url, requests) = serve(whole(&bundle)).await;
         let action = action(&url, &bundle);
         let installer = installer(dir.path(), &key);
-        let part = installer.part_path(&action).unwrap();
+        let part = installer.part_path(&action.bundle_sha256).unwrap();
         std::fs::create_dir_all(part.parent().unwrap()).unwrap();
         std::fs::write(&part, &bundle[..1000]).unwrap();
-        assert_eq!(installer.download(&action).await.unwrap(), *bundle);
+        assert_eq!(
+            installer.download(Remote::bundle(&action)).await.unwrap(),
+            *bundle
+        );
         assert_eq!(range_start(&requests.lock().unwrap()[0]), Some(1000));
     }
 
@@ -707,10 +758,14 @@ mod tests {
             .await;
             let action = action(&url, &bundle);
             let installer = installer(dir.path(), &key);
-            let part = installer.part_path(&action).unwrap();
+            let part = installer.part_path(&action.bundle_sha256).unwrap();
             std::fs::create_dir_all(part.parent().unwrap()).unwrap();
             std::fs::write(&part, &bundle[..1000]).unwrap();
-            assert_eq!(installer.download(&action).await.unwrap(), *bundle, "{odd}");
+            assert_eq!(
+                installer.download(Remote::bundle(&action)).await.unwrap(),
+                *bundle,
+                "{odd}"
+            );
             let requests = requests.lock().unwrap().clone();
             assert_eq!(
                 requests.iter().map(|r| range_start(r)).collect::<Vec<_>>(),
@@ -742,10 +797,11 @@ mod tests {
         assert!(matches!(err, InstallError::WrongTarget { .. }), "{err}");
     }
 
-    #[test]
-    fn a_model_over_its_latency_budget_is_not_activated() {
-        const MODEL_V1: &[u8] = include_bytes!("../../controller/assets/vibration/model_v1.onnx");
-        let (dir, key, _) = fixture();
+    const MODEL_V1: &[u8] = include_bytes!("../../controller/assets/vibration/model_v1.onnx");
+    const MODEL_V2: &[u8] = include_bytes!("../../controller/assets/vibration/model_v2.onnx");
+
+    /// The manifest of the vibration example model, version `version`.
+    fn vibration(version: u64) -> Manifest {
         let names: Vec<String> = ["rms", "peak", "kurtosis", "temperature"]
             .iter()
             .map(|s| s.to_string())
@@ -753,8 +809,69 @@ mod tests {
         let columns: Vec<Vec<f64>> = (1..=4)
             .map(|f| (0..20).map(|i| f64::from(i * f)).collect())
             .collect();
+        Manifest::classifier("vibration", version, &names, &columns, 2).unwrap()
+    }
+
+    #[test]
+    fn a_delta_install_keeps_its_model_and_serves_after_its_base_is_overwritten() {
+        let (dir, key, _) = fixture();
+        let installer = installer(dir.path(), &key);
+        let trusted = installer.trusted.get();
+        let limits = Limits::default();
+        let full_v1 = bundle::pack(vibration(1), MODEL_V1, &key).unwrap();
+        let v1 = bundle::verify(&full_v1, &trusted, &limits).unwrap();
+        let first = installer.install(&full_v1, &v1, None).unwrap();
+
+        // v2 as a delta against v1, which the active slot holds.
+        let delta_v2 = bundle::pack_delta(vibration(2), MODEL_V2, MODEL_V1, &key).unwrap();
+        let base = installer.verify_slot(first.slot).unwrap();
+        assert_eq!(base.model, MODEL_V1);
+        let v2 = bundle::verify_delta(&delta_v2, &trusted, &limits, Some(&base.model)).unwrap();
+        let second = installer.install(&delta_v2, &v2, Some(first.slot)).unwrap();
+        assert_eq!(second.model.manifest.version, 2);
+        assert_eq!(
+            installer.slots.read_model(second.slot).unwrap().as_deref(),
+            Some(MODEL_V2)
+        );
+
+        // v3, a full bundle, overwrites v1: v2 still verifies and serves, without its base.
+        let full_v3 = bundle::pack(vibration(3), MODEL_V1, &key).unwrap();
+        let v3 = bundle::verify(&full_v3, &trusted, &limits).unwrap();
+        let third = installer.install(&full_v3, &v3, Some(second.slot)).unwrap();
+        assert_eq!(third.slot, first.slot);
+        assert_eq!(installer.slots.read_model(third.slot).unwrap(), None);
+        let back = installer
+            .roll_back_to(second.slot, &second.model.manifest.model_ref())
+            .unwrap();
+        assert_eq!(back.model.manifest.version, 2);
+        assert_eq!(installer.boot().unwrap().model.manifest.version, 2);
+
+        // The kept model is held to the signed digest: damaged, the slot is refused and
+        // the boot falls back to the other slot.
+        let kept = dir.path().join("slots/b/model.onnx");
+        let mut damaged = std::fs::read(&kept).unwrap();
+        damaged[100] ^= 1;
+        std::fs::write(&kept, damaged).unwrap();
+        let err = installer.verify_slot(second.slot).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                InstallError::Verify(BundleError::DigestMismatch { what: "model", .. })
+            ),
+            "{err}"
+        );
+        let booted = installer.boot().unwrap();
+        assert_eq!(
+            (booted.slot, booted.model.manifest.version),
+            (third.slot, 3)
+        );
+    }
+
+    #[test]
+    fn a_model_over_its_latency_budget_is_not_activated() {
+        let (dir, key, _) = fixture();
         let pack = |budget_ms: f64| {
-            let mut manifest = Manifest::classifier("vibration", 1, &names, &columns, 2).unwrap();
+            let mut manifest = vibration(1);
             manifest.requirements.latency_budget_ms = Some(budget_ms);
             bundle::pack(manifest, MODEL_V1, &key).unwrap()
         };
@@ -785,12 +902,15 @@ mod tests {
         let (url, _) = serve(whole(&Arc::new(tampered.clone()))).await;
         let installer = installer(dir.path(), &key);
         let action = action(&url, &tampered);
-        let err = installer.download(&action).await.unwrap_err();
+        let err = installer
+            .download(Remote::bundle(&action))
+            .await
+            .unwrap_err();
         assert!(
             matches!(err, InstallError::Verify(BundleError::Signature(_))),
             "{err}"
         );
-        assert!(!installer.part_path(&action).unwrap().exists());
+        assert!(!installer.part_path(&action.bundle_sha256).unwrap().exists());
 
         // Bad bytes left on disk by an earlier attempt are found before anything is fetched.
         let (url, requests) = serve(Box::new(|_, _| response("500 Oops", "", b"", 0))).await;
@@ -798,9 +918,12 @@ mod tests {
             bundle_url: url,
             ..action
         };
-        let part = installer.part_path(&action).unwrap();
+        let part = installer.part_path(&action.bundle_sha256).unwrap();
         std::fs::write(&part, &tampered[..layout.artifact.start]).unwrap();
-        let err = installer.download(&action).await.unwrap_err();
+        let err = installer
+            .download(Remote::bundle(&action))
+            .await
+            .unwrap_err();
         assert!(matches!(err, InstallError::Verify(_)), "{err}");
         assert!(requests.lock().unwrap().is_empty());
         assert!(!part.exists());
@@ -826,26 +949,26 @@ mod tests {
                 ..action(&url, &bundle)
             };
             assert!(matches!(
-                installer.download(&short).await,
+                installer.download(Remote::bundle(&short)).await,
                 Err(InstallError::Oversize { .. })
             ));
-            assert!(!installer.part_path(&short).unwrap().exists());
+            assert!(!installer.part_path(&short.bundle_sha256).unwrap().exists());
         }
         let wrong = DeployAction {
             bundle_sha256: "ab".repeat(32),
             ..action(&url, &bundle)
         };
         assert!(matches!(
-            installer.download(&wrong).await,
+            installer.download(Remote::bundle(&wrong)).await,
             Err(InstallError::DigestMismatch { .. })
         ));
-        assert!(!installer.part_path(&wrong).unwrap().exists());
+        assert!(!installer.part_path(&wrong.bundle_sha256).unwrap().exists());
         let hostile = DeployAction {
             bundle_sha256: "../../etc/passwd".into(),
             ..action(&url, &bundle)
         };
         assert!(matches!(
-            installer.download(&hostile).await,
+            installer.download(Remote::bundle(&hostile)).await,
             Err(InstallError::BadDigest(_))
         ));
     }

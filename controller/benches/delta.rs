@@ -12,47 +12,9 @@
 
 use std::time::Instant;
 
-use edgeloop_controller::trainer::{encode_model, float_value, node, random_weights, tensor};
+use edgeloop_controller::trainer::mlp;
 use edgeloop_shared::bundle::{self, Limits, Manifest};
 use edgeloop_shared::signing::{SecretKey, TrustedKeys};
-use tract_onnx::pb::GraphProto;
-
-/// An MLP over `dims` (inputs, hidden…, classes); layer i's weights come from `seeds[i]`.
-fn mlp(dims: &[i64], seeds: &[u64]) -> Vec<u8> {
-    let mut nodes = Vec::new();
-    let mut initializer = Vec::new();
-    let mut input = "features".to_string();
-    for (i, pair) in dims.windows(2).enumerate() {
-        let w = format!("w{i}");
-        initializer.push(tensor(
-            &w,
-            &[pair[0], pair[1]],
-            random_weights(pair[0] * pair[1], seeds[i], 0.05),
-        ));
-        let last = i == dims.len() - 2;
-        let out = if last {
-            "logits".to_string()
-        } else {
-            format!("h{i}")
-        };
-        nodes.push(node("MatMul", &[&input, &w], &out));
-        if last {
-            nodes.push(node("Softmax", &["logits"], "scores"));
-        } else {
-            let relu = format!("a{i}");
-            nodes.push(node("Relu", &[&out], &relu));
-            input = relu;
-        }
-    }
-    encode_model(GraphProto {
-        name: "mlp".into(),
-        node: nodes,
-        initializer,
-        input: vec![float_value("features", dims[0])],
-        output: vec![float_value("scores", *dims.last().unwrap())],
-        ..Default::default()
-    })
-}
 
 fn manifest(dims: &[i64], version: u64) -> Manifest {
     let features: Vec<String> = (0..dims[0]).map(|i| format!("f{i}")).collect();

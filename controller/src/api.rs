@@ -182,6 +182,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/stats", get(stats))
         .route("/api/v1/trust", get(trust).post(publish_trust))
         .route("/artifacts/{name}/{version}", get(artifact))
+        .route(
+            "/artifacts/{name}/{version}/delta/{base}",
+            get(delta_artifact),
+        )
         .with_state(state)
 }
 
@@ -1214,10 +1218,42 @@ async fn artifact(
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("model {name} v{version}")))?;
     let path = s.artifacts.path(&name, version, &model.bundle_sha256);
-    let file = match tokio::fs::File::open(&path).await {
+    serve_bundle(&path, &format!("bundle {name} v{version}"), &headers).await
+}
+
+/// The delta bundle of a model version against an earlier one, or part of it.
+async fn delta_artifact(
+    State(s): State<AppState>,
+    Path((name, version, base)): Path<(String, u64, u64)>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    if !is_valid_identifier(&name) {
+        return Err(ApiError::BadRequest(format!(
+            "`{name}` is not a valid model name"
+        )));
+    }
+    let what = format!("delta bundle of {name} v{version} against v{base}");
+    let delta = s
+        .store
+        .model_deltas(&name, version)
+        .await?
+        .into_iter()
+        .find(|d| d.base_version == base)
+        .ok_or_else(|| ApiError::NotFound(what.clone()))?;
+    let path = s.artifacts.path(&name, version, &delta.bundle_sha256);
+    serve_bundle(&path, &what, &headers).await
+}
+
+/// A bundle file, whole or the byte range the request asks for.
+async fn serve_bundle(
+    path: &std::path::Path,
+    what: &str,
+    headers: &axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    let file = match tokio::fs::File::open(path).await {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(ApiError::NotFound(format!("bundle {name} v{version}")));
+            return Err(ApiError::NotFound(what.to_string()));
         }
         Err(e) => return Err(ApiError::Artifact(e)),
     };

@@ -14,8 +14,10 @@ use edgeloop_shared::drift::{DriftError, DriftPolicy};
 use edgeloop_shared::signing::{SecretKey, TrustedKeys};
 use edgeloop_shared::{is_valid_identifier, sha256_hex};
 
+use tracing::{info, warn};
+
 use crate::gate::{self, GateError, GatePolicy, GateReport, Holdout};
-use crate::store::{ModelRow, Store, StoreError};
+use crate::store::{ModelDelta, ModelRow, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -152,6 +154,11 @@ impl ArtifactStore {
     pub fn url_path(name: &str, version: u64) -> String {
         format!("/artifacts/{name}/{version}")
     }
+
+    /// The URL path of the delta bundle of `version` against `base_version`.
+    pub fn delta_url_path(name: &str, version: u64, base_version: u64) -> String {
+        format!("/artifacts/{name}/{version}/delta/{base_version}")
+    }
 }
 
 /// Checks, profiles, signs and stores a model. Returns the registry row.
@@ -193,7 +200,8 @@ pub async fn publish(
     };
 
     let bundle_bytes = build_bundle(key, &request, baseline.as_ref())?;
-    let manifest = verify_as_a_device_would(&bundle_bytes, key)?;
+    let published = verify_as_a_device_would(&bundle_bytes, key)?;
+    let manifest = &published.manifest;
 
     let sha256 = sha256_hex(&bundle_bytes);
     let path = artifacts.path(name, request.version, &sha256);
@@ -223,7 +231,70 @@ pub async fn publish(
         let _ = std::fs::remove_file(&path);
         return Err(e.into());
     }
+    // Devices running the previous version fetch a delta instead, when it is worth it.
+    if let Some(base) = newest {
+        match publish_delta(store, artifacts, key, &row, &published, base).await {
+            Ok(Some(delta)) => info!(
+                model = name,
+                version = row.version,
+                base,
+                delta_bytes = delta.bundle_size,
+                full_bytes = row.bundle_size,
+                "delta bundle made"
+            ),
+            Ok(None) => info!(
+                model = name,
+                version = row.version,
+                base,
+                "no delta bundle: it would not be much smaller than the full one"
+            ),
+            Err(e) => warn!(model = name, version = row.version, base, error = %e,
+                "cannot make a delta bundle; devices download the full one"),
+        }
+    }
     Ok(row)
+}
+
+/// A delta bundle is offered only below this share of the full bundle's size.
+pub const DELTA_WORTH: f64 = 0.8;
+
+/// Makes, checks and records a delta bundle of a model just published (`row`,
+/// `published`) against `base_version` of the same name. `None` when it would not be
+/// enough smaller than the full bundle to be worth offering.
+pub async fn publish_delta(
+    store: &dyn Store,
+    artifacts: &ArtifactStore,
+    key: &SecretKey,
+    row: &ModelRow,
+    published: &VerifiedBundle,
+    base_version: u64,
+) -> Result<Option<ModelDelta>, PublishError> {
+    let (_, base) = open_published(store, artifacts, key, &row.name, base_version).await?;
+    let bytes = bundle::pack_delta(
+        published.manifest.clone(),
+        &published.model,
+        &base.model,
+        key,
+    )?;
+    if bytes.len() as f64 > row.bundle_size as f64 * DELTA_WORTH {
+        return Ok(None);
+    }
+    let trusted = TrustedKeys::new([key.public().clone()]);
+    let check = bundle::verify_delta(&bytes, &trusted, &Limits::default(), Some(&base.model))?;
+    debug_assert_eq!(check.model, published.model);
+    let sha256 = sha256_hex(&bytes);
+    let path = artifacts.path(&row.name, row.version, &sha256);
+    write_atomic(&path, &bytes).map_err(|e| PublishError::Artifact(e.to_string()))?;
+    let delta = ModelDelta {
+        name: row.name.clone(),
+        version: row.version,
+        base_version,
+        base_sha256: base.manifest.artifact.raw_sha256.clone(),
+        bundle_sha256: sha256,
+        bundle_size: bytes.len() as u64,
+    };
+    store.insert_model_delta(&delta).await?;
+    Ok(Some(delta))
 }
 
 /// A published model's verified bundle, read back from the artifact store.
@@ -410,11 +481,11 @@ fn build_bundle(
 fn verify_as_a_device_would(
     bundle_bytes: &[u8],
     key: &SecretKey,
-) -> Result<Manifest, PublishError> {
+) -> Result<VerifiedBundle, PublishError> {
     let trusted = TrustedKeys::new([key.public().clone()]);
     let verified = bundle::verify(bundle_bytes, &trusted, &Limits::default())?;
     LoadedModel::load(&verified)?;
-    Ok(verified.manifest)
+    Ok(verified)
 }
 
 #[cfg(test)]
@@ -487,6 +558,78 @@ mod tests {
             policy,
             against: None,
         })
+    }
+
+    #[tokio::test]
+    async fn a_model_with_a_retrained_head_gets_a_delta_against_the_previous_version() {
+        let r = Registry::new();
+        let dims = [4, 256, 256, 2];
+        let v1 = r
+            .publish(
+                1,
+                &crate::trainer::mlp(&dims, &[1, 2, 3]),
+                REFERENCE_V1,
+                None,
+            )
+            .await
+            .unwrap();
+        assert!(
+            r.store
+                .model_deltas("vibration", 1)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let head_retrained = crate::trainer::mlp(&dims, &[1, 2, 4]);
+        let v2 = r
+            .publish(2, &head_retrained, REFERENCE_V1, None)
+            .await
+            .unwrap();
+        let deltas = r.store.model_deltas("vibration", 2).await.unwrap();
+        assert_eq!(deltas.len(), 1);
+        let delta = &deltas[0];
+        assert_eq!(delta.base_version, 1);
+        assert!(
+            delta.bundle_size * 10 < v2.bundle_size,
+            "delta {} vs full {}",
+            delta.bundle_size,
+            v2.bundle_size
+        );
+        // The stored delta is the full bundle's manifest and model, against v1's model.
+        let (_, base) = open_published(&r.store, &r.artifacts, &r.key, "vibration", 1)
+            .await
+            .unwrap();
+        assert_eq!(delta.base_sha256, base.manifest.artifact.raw_sha256);
+        let bytes = std::fs::read(r.artifacts.path("vibration", 2, &delta.bundle_sha256)).unwrap();
+        assert_eq!(sha256_hex(&bytes), delta.bundle_sha256);
+        let trusted = TrustedKeys::new([r.key.public().clone()]);
+        let verified =
+            bundle::verify_delta(&bytes, &trusted, &Limits::default(), Some(&base.model)).unwrap();
+        assert_eq!(verified.model, head_retrained);
+        let (_, full) = open_published(&r.store, &r.artifacts, &r.key, "vibration", 2)
+            .await
+            .unwrap();
+        let mut expected = full.manifest.clone();
+        expected.artifact = verified.manifest.artifact.clone();
+        assert_eq!(verified.manifest, expected);
+        assert_eq!(v1.version, 1);
+
+        // A model retrained through and through: the delta would not pay, none is kept.
+        r.publish(
+            3,
+            &crate::trainer::mlp(&dims, &[5, 6, 7]),
+            REFERENCE_V1,
+            None,
+        )
+        .await
+        .unwrap();
+        assert!(
+            r.store
+                .model_deltas("vibration", 3)
+                .await
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[tokio::test]

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use edgeloop_agent::now_ms;
-use edgeloop_shared::command::{Command, CommandAction, DeployAction, SignedCommand, UploadAction};
+use edgeloop_shared::command::{
+    Command, CommandAction, DeltaOffer, DeployAction, SignedCommand, UploadAction,
+};
 use edgeloop_shared::protocol::{Envelope, Message, ModelRef};
 use edgeloop_shared::signing::SecretKey;
 use edgeloop_shared::topics::{Channel, Topics};
@@ -621,6 +623,12 @@ fn deploy_action(due: &DueDeployment) -> CommandAction {
         bundle_url: ArtifactStore::url_path(&due.model_name, due.model_version),
         bundle_sha256: due.bundle_sha256.clone(),
         bundle_size: due.bundle_size,
+        delta: due.delta.as_ref().map(|d| DeltaOffer {
+            base_sha256: d.base_sha256.clone(),
+            bundle_url: ArtifactStore::delta_url_path(&d.name, d.version, d.base_version),
+            bundle_sha256: d.bundle_sha256.clone(),
+            bundle_size: d.bundle_size,
+        }),
     };
     if due.rollback {
         CommandAction::Rollback(deploy)

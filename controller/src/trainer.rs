@@ -415,6 +415,45 @@ pub fn random_mlp(features: i64, classes: i64, bytes: usize) -> Vec<u8> {
     })
 }
 
+/// An MLP over `dims` (inputs, hidden…, classes): MatMul and Relu per layer, Softmax at
+/// the end, layer i's weights pseudo-random (±0.05) from `seeds[i]`. Two models that
+/// share all seeds but the last are one model with its head retrained.
+pub fn mlp(dims: &[i64], seeds: &[u64]) -> Vec<u8> {
+    let mut nodes = Vec::new();
+    let mut initializer = Vec::new();
+    let mut input = "features".to_string();
+    for (i, pair) in dims.windows(2).enumerate() {
+        let w = format!("w{i}");
+        initializer.push(tensor(
+            &w,
+            &[pair[0], pair[1]],
+            random_weights(pair[0] * pair[1], seeds[i], 0.05),
+        ));
+        let last = i == dims.len() - 2;
+        let out = if last {
+            "logits".to_string()
+        } else {
+            format!("h{i}")
+        };
+        nodes.push(node("MatMul", &[&input, &w], &out));
+        if last {
+            nodes.push(node("Softmax", &["logits"], "scores"));
+        } else {
+            let relu = format!("a{i}");
+            nodes.push(node("Relu", &[&out], &relu));
+            input = relu;
+        }
+    }
+    encode_model(GraphProto {
+        name: "mlp".into(),
+        node: nodes,
+        initializer,
+        input: vec![float_value("features", dims[0])],
+        output: vec![float_value("scores", *dims.last().unwrap())],
+        ..Default::default()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

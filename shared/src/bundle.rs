@@ -595,7 +595,73 @@ pub fn verify_delta(
     limits: &Limits,
     base: Option<&[u8]>,
 ) -> Result<VerifiedBundle, BundleError> {
-    // Framing and sizes first, then the signature, then the digests.
+    let (manifest, key_id, artifact) = check_signed(bytes, trusted, limits)?;
+    let a = &manifest.artifact;
+    // The cap is the signed raw size: a decompression bomb fails here, not in memory.
+    let model = match &a.delta_base_sha256 {
+        None => decompress_full(artifact, a)?,
+        Some(expected) => {
+            let Some(base) = base else {
+                return Err(BundleError::DeltaBase {
+                    expected: expected.clone(),
+                    found: "no base model was given".into(),
+                });
+            };
+            let found = sha256_hex(base);
+            if &found != expected {
+                return Err(BundleError::DeltaBase {
+                    expected: expected.clone(),
+                    found: format!("the model here is {found}"),
+                });
+            }
+            decompress_delta(artifact, base, a.raw_size)?
+        }
+    };
+    check_model(a, &model)?;
+    Ok(VerifiedBundle {
+        manifest,
+        key_id,
+        model,
+    })
+}
+
+/// [`verify`], for a bundle as a device keeps it: a delta bundle (whose base may be gone
+/// by now) with the model it expanded to, `kept`. The signature and the artifact's digest
+/// are checked as always, then the kept model against the signed raw size and digest
+/// instead of decompressing. A full bundle is decompressed and `kept` is ignored.
+pub fn verify_expanded(
+    bytes: &[u8],
+    kept: Option<Vec<u8>>,
+    trusted: &TrustedKeys,
+    limits: &Limits,
+) -> Result<VerifiedBundle, BundleError> {
+    let (manifest, key_id, artifact) = check_signed(bytes, trusted, limits)?;
+    let a = &manifest.artifact;
+    let model = match (&a.delta_base_sha256, kept) {
+        (None, _) => decompress_full(artifact, a)?,
+        (Some(_), Some(model)) => model,
+        (Some(expected), None) => {
+            return Err(BundleError::DeltaBase {
+                expected: expected.clone(),
+                found: "the model it expanded to is not kept beside it".into(),
+            });
+        }
+    };
+    check_model(a, &model)?;
+    Ok(VerifiedBundle {
+        manifest,
+        key_id,
+        model,
+    })
+}
+
+/// Framing and sizes first, then the signature, then the artifact's digest and the
+/// signed model size against the limits. Returns the manifest and the artifact.
+fn check_signed<'b>(
+    bytes: &'b [u8],
+    trusted: &TrustedKeys,
+    limits: &Limits,
+) -> Result<(Manifest, KeyId, &'b [u8]), BundleError> {
     let head = parse_head(bytes, limits)?;
     let artifact = head.artifact_range(bytes.len())?;
     let (manifest, key_id) = check_head(bytes, &head, trusted)?;
@@ -616,27 +682,18 @@ pub fn verify_delta(
             limit: limits.max_model_bytes,
         });
     }
-    // The cap is the signed raw size: a decompression bomb fails here, not in memory.
-    let model = match &a.delta_base_sha256 {
-        None => zstd::bulk::decompress(artifact, a.raw_size as usize)
-            .map_err(|e| BundleError::Decompress(e.to_string()))?,
-        Some(expected) => {
-            let Some(base) = base else {
-                return Err(BundleError::DeltaBase {
-                    expected: expected.clone(),
-                    found: "no base model was given".into(),
-                });
-            };
-            let found = sha256_hex(base);
-            if &found != expected {
-                return Err(BundleError::DeltaBase {
-                    expected: expected.clone(),
-                    found: format!("the model here is {found}"),
-                });
-            }
-            decompress_delta(artifact, base, a.raw_size)?
-        }
-    };
+    Ok((manifest, key_id, artifact))
+}
+
+/// A full bundle's artifact, decompressed with the signed raw size as its cap: a
+/// decompression bomb fails here, not in memory.
+fn decompress_full(artifact: &[u8], a: &Artifact) -> Result<Vec<u8>, BundleError> {
+    zstd::bulk::decompress(artifact, a.raw_size as usize)
+        .map_err(|e| BundleError::Decompress(e.to_string()))
+}
+
+/// The model bytes against the signed raw size and digest.
+fn check_model(a: &Artifact, model: &[u8]) -> Result<(), BundleError> {
     if model.len() as u64 != a.raw_size {
         return Err(BundleError::SizeMismatch {
             what: "model",
@@ -644,7 +701,7 @@ pub fn verify_delta(
             actual: model.len() as u64,
         });
     }
-    let digest = sha256_hex(&model);
+    let digest = sha256_hex(model);
     if digest != a.raw_sha256 {
         return Err(BundleError::DigestMismatch {
             what: "model",
@@ -652,11 +709,7 @@ pub fn verify_delta(
             actual: digest,
         });
     }
-    Ok(VerifiedBundle {
-        manifest,
-        key_id,
-        model,
-    })
+    Ok(())
 }
 
 /// Decompresses a delta artifact against its base, reading at most `raw_size` + 1 bytes.
@@ -892,6 +945,60 @@ pub(crate) mod tests {
             verify_delta(&tampered, &trusted, &Limits::default(), Some(&base)),
             Err(BundleError::DigestMismatch { .. })
         ));
+    }
+
+    #[test]
+    fn an_expanded_bundle_is_checked_against_its_signed_model_digest() {
+        let (key, trusted, _) = setup();
+        let base = noise(64 * 1024, 1);
+        let mut model = base.clone();
+        model[..100].copy_from_slice(&noise(100, 2));
+        let delta = pack_delta(manifest(4), &model, &base, &key).unwrap();
+        let limits = Limits::default();
+        let verified = verify_expanded(&delta, Some(model.clone()), &trusted, &limits).unwrap();
+        assert_eq!(verified.model, model);
+        assert_eq!(verified.manifest.version, 4);
+        // Another model, one flipped byte, a cut model: each refused with what differs.
+        let mut flipped = model.clone();
+        flipped[5] ^= 1;
+        assert!(matches!(
+            verify_expanded(&delta, Some(flipped), &trusted, &limits),
+            Err(BundleError::DigestMismatch { what: "model", .. })
+        ));
+        assert!(matches!(
+            verify_expanded(&delta, Some(base.clone()), &trusted, &limits),
+            Err(BundleError::DigestMismatch { what: "model", .. })
+        ));
+        assert!(matches!(
+            verify_expanded(&delta, Some(model[1..].to_vec()), &trusted, &limits),
+            Err(BundleError::SizeMismatch { what: "model", .. })
+        ));
+        // The bundle beside the model is still checked: its signature and its artifact.
+        let mut tampered = delta.clone();
+        let at = tampered.len() - 10;
+        tampered[at] ^= 1;
+        assert!(matches!(
+            verify_expanded(&tampered, Some(model.clone()), &trusted, &limits),
+            Err(BundleError::DigestMismatch {
+                what: "compressed artifact",
+                ..
+            })
+        ));
+        let stranger = TrustedKeys::new([SecretKey::from_seed([9; 32]).public().clone()]);
+        assert!(matches!(
+            verify_expanded(&delta, Some(model.clone()), &stranger, &limits),
+            Err(BundleError::Signature(SignatureError::UnknownKey(_)))
+        ));
+        // A delta without its model is refused; a full bundle needs none and ignores one.
+        assert!(matches!(
+            verify_expanded(&delta, None, &trusted, &limits),
+            Err(BundleError::DeltaBase { .. })
+        ));
+        let full = pack(manifest(4), &model, &key).unwrap();
+        for kept in [None, Some(base)] {
+            let verified = verify_expanded(&full, kept, &trusted, &limits).unwrap();
+            assert_eq!(verified.model, model);
+        }
     }
 
     #[test]

@@ -107,6 +107,22 @@ pub struct DeployAction {
     pub bundle_sha256: String,
     /// Exact size of the bundle file in bytes; the download stops beyond it.
     pub bundle_size: u64,
+    /// A smaller bundle of the same model, compressed against the model the device is
+    /// expected to serve; a device that serves exactly that model may take it instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta: Option<DeltaOffer>,
+}
+
+/// A delta bundle (PROTOCOL §7): the same signed manifest, with an artifact that only a
+/// device holding the base model can decompress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeltaOffer {
+    /// SHA-256 of the base model's ONNX bytes (its manifest's `artifact.raw_sha256`).
+    pub base_sha256: String,
+    pub bundle_url: String,
+    pub bundle_sha256: String,
+    pub bundle_size: u64,
 }
 
 /// Which sample to upload, and for which dataset.
@@ -286,6 +302,7 @@ mod tests {
                 bundle_url: "http://controller/artifacts/m/2".into(),
                 bundle_sha256: "00".repeat(32),
                 bundle_size: 123,
+                delta: None,
             }),
         }
     }

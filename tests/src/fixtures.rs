@@ -274,6 +274,7 @@ fn command(seq: u64, version: u64, device: &str, expires_ms: u64) -> Command {
             bundle_url: format!("/artifacts/vibration/{version}"),
             bundle_sha256: "5e".repeat(32),
             bundle_size: 4242,
+            delta: None,
         }),
     }
 }

@@ -159,6 +159,22 @@ impl TestController {
             .expect("publish")
     }
 
+    /// Publishes the vibration model `version` as an MLP of about 270 kB (4-256-256-2)
+    /// whose last layer's seed is `head`: versions that differ in `head` alone are one
+    /// model with its head retrained, so publishing makes a delta bundle between them.
+    pub async fn publish_mlp(&self, version: u64, head: u64) -> ModelRow {
+        let csv = self.dir.path().join(format!("mlp-reference-{version}.csv"));
+        std::fs::write(&csv, REFERENCE_V1).unwrap();
+        let onnx = edgeloop_controller::trainer::mlp(&[4, 256, 256, 2], &[1, 2, head]);
+        self.controller
+            .publish(PublishRequest {
+                class_labels: CLASS_LABELS.iter().map(|s| s.to_string()).collect(),
+                ..PublishRequest::new(MODEL_NAME, version, &onnx, &csv)
+            })
+            .await
+            .expect("publish")
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.controller.http_url())
     }
@@ -355,6 +371,7 @@ impl TestController {
                 bundle_url: format!("/artifacts/{MODEL_NAME}/{version}"),
                 bundle_sha256: bundle_sha256.into(),
                 bundle_size,
+                delta: None,
             }),
         }
     }

@@ -1,5 +1,5 @@
 //! Crash safety of installs: the agent process is SIGKILLed at a random point while it
-//! installs a model, again and again. Right after each kill, the bundle the active-slot
+//! installs a model, again and again: up with a delta bundle, down with a full one. Right after each kill, the bundle the active-slot
 //! pointer names verifies; after each restart the agent serves a verified model, the old
 //! one or the new one, never none and never a half-written one. Afterwards it still
 //! updates normally.
@@ -52,12 +52,15 @@ async fn served_version(http: &reqwest::Client, url: &str, agent: &mut Process) 
     }
 }
 
-/// The bundle the active-slot pointer names verifies, and its version.
+/// The bundle the active-slot pointer names verifies (a delta bundle with the model kept
+/// beside it), and its version.
 fn active_bundle_version(state_dir: &std::path::Path, trusted: &TrustedKeys) -> u64 {
     let slots = state_dir.join("slots");
     let active = std::fs::read_to_string(slots.join("active")).expect("an active slot");
-    let bytes = std::fs::read(slots.join(active.trim()).join("bundle.elb")).unwrap();
-    bundle::verify(&bytes, trusted, &Limits::default())
+    let slot = slots.join(active.trim());
+    let bytes = std::fs::read(slot.join("bundle.elb")).unwrap();
+    let kept = std::fs::read(slot.join("model.onnx")).ok();
+    bundle::verify_expanded(&bytes, kept, trusted, &Limits::default())
         .unwrap_or_else(|e| panic!("the active slot holds a bundle that does not verify: {e}"))
         .manifest
         .version
@@ -79,8 +82,18 @@ async fn sigkill_during_installs_never_leaves_the_device_without_a_verified_mode
     let ctl = TestController::start(BrokerChoice::Embedded)
         .await
         .expect("the embedded broker always starts");
-    ctl.publish_example(1).await;
-    ctl.publish_example(2).await;
+    // v2 retrains v1's head: a deploy of v2 to a device on v1 takes the delta bundle.
+    ctl.publish_mlp(1, 3).await;
+    ctl.publish_mlp(2, 4).await;
+    assert_eq!(
+        ctl.controller
+            .store
+            .model_deltas("vibration", 2)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
     let trusted = TrustedKeys::new([ctl.controller.signing_key().public().clone()]);
     let mut config = ctl.agent_config("kill-1", 50);
     let api = format!("127.0.0.1:{}", free_port());
@@ -148,6 +161,22 @@ async fn sigkill_during_installs_never_leaves_the_device_without_a_verified_mode
         ctl.controller.rollback("vibration", 1, None).await.unwrap();
     }
     ctl.wait_for_model("kill-1", Some(target)).await;
+    let events = ctl
+        .get("/api/v1/devices/kill-1/deployments?limit=1000")
+        .await;
+    let deltas = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| {
+            e["stage"] == "downloading"
+                && e["detail"]
+                    .as_str()
+                    .is_some_and(|d| d.starts_with("delta bundle of"))
+        })
+        .count();
+    eprintln!("{deltas} downloads of the delta bundle");
+    assert!(deltas > 0, "the upgrades took the delta bundle");
     agent.kill9();
     ctl.stop().await;
 }

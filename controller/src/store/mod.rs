@@ -1004,6 +1004,21 @@ pub struct DueDeployment {
     pub bundle_sha256: String,
     pub bundle_size: u64,
     pub rollback: bool,
+    /// A delta bundle against the version the device reports running, if one was made.
+    pub delta: Option<ModelDelta>,
+}
+
+/// A delta bundle of a published model: compressed against an earlier version, so that
+/// only a device running that version can use it (PROTOCOL §7).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ModelDelta {
+    pub name: String,
+    pub version: u64,
+    pub base_version: u64,
+    /// SHA-256 of the base version's ONNX model, which a device checks before taking it.
+    pub base_sha256: String,
+    pub bundle_sha256: String,
+    pub bundle_size: u64,
 }
 
 /// A device's report about a command, kept as an audit trail.
@@ -1067,6 +1082,11 @@ pub trait Store: Send + Sync + 'static {
     async fn insert_model(&self, model: &ModelRow) -> Result<()>;
     async fn models(&self) -> Result<Vec<ModelRow>>;
     async fn model(&self, name: &str, version: u64) -> Result<Option<ModelRow>>;
+    /// Records a delta bundle of a published model; recording one for the same versions
+    /// again replaces it.
+    async fn insert_model_delta(&self, delta: &ModelDelta) -> Result<()>;
+    /// The delta bundles of a model version, by base version.
+    async fn model_deltas(&self, name: &str, version: u64) -> Result<Vec<ModelDelta>>;
 
     /// Creates a rollout of a model to the given devices (a rollback when `rollback`), each
     /// in the wave its plan assigns ([`RolloutPlan::assign`]), the first wave open.

@@ -10,7 +10,7 @@ use tokio_postgres::{GenericClient, NoTls, Row};
 
 use super::*;
 
-const SCHEMA_VERSION: i32 = 6;
+const SCHEMA_VERSION: i32 = 7;
 /// Serializes migrations of replicas that start at the same time.
 const MIGRATION_LOCK: i64 = 0x6564_6765_6c6f_6f70; // "edgeloop"
 const POOL_SIZE: usize = 16;
@@ -198,6 +198,20 @@ CREATE TABLE audit (
 );
 ";
 
+/// Version 7: delta bundles of published models.
+const SCHEMA_V7: &str = "
+CREATE TABLE model_deltas (
+    name TEXT NOT NULL,
+    version BIGINT NOT NULL,
+    base_version BIGINT NOT NULL,
+    base_sha256 TEXT NOT NULL,
+    bundle_sha256 TEXT NOT NULL,
+    bundle_size BIGINT NOT NULL,
+    PRIMARY KEY (name, version, base_version),
+    FOREIGN KEY (name, version) REFERENCES models (name, version)
+);
+";
+
 /// Version 5: each window's dataset-drift share, labelled predictions and accuracy, for
 /// the retraining triggers; the target of a rollout to a group or tags.
 const SCHEMA_V5: &str = "
@@ -306,6 +320,7 @@ impl PgStore {
                 tx.batch_execute(SCHEMA_V4).await?;
                 tx.batch_execute(SCHEMA_V5).await?;
                 tx.batch_execute(SCHEMA_V6).await?;
+                tx.batch_execute(SCHEMA_V7).await?;
                 tx.execute(
                     "INSERT INTO edgeloop_schema (version) VALUES ($1)",
                     &[&SCHEMA_VERSION],
@@ -325,7 +340,10 @@ impl PgStore {
                 if old < 5 {
                     tx.batch_execute(SCHEMA_V5).await?;
                 }
-                tx.batch_execute(SCHEMA_V6).await?;
+                if old < 6 {
+                    tx.batch_execute(SCHEMA_V6).await?;
+                }
+                tx.batch_execute(SCHEMA_V7).await?;
                 tx.execute(
                     "UPDATE edgeloop_schema SET version = $1",
                     &[&SCHEMA_VERSION],
@@ -823,6 +841,23 @@ async fn refresh_rollout_status(tx: &impl GenericClient, rollout_id: u64) -> Res
     )
     .await?;
     Ok(())
+}
+
+const DELTA_COLUMNS_BARE: &str =
+    "name, version, base_version, base_sha256, bundle_sha256, bundle_size";
+const DELTA_COLUMNS: &str =
+    "x.name, x.version, x.base_version, x.base_sha256, x.bundle_sha256, x.bundle_size";
+
+/// A delta bundle from the [`DELTA_COLUMNS`] starting at column `at`.
+fn delta_from_row(r: &tokio_postgres::Row, at: usize) -> ModelDelta {
+    ModelDelta {
+        name: r.get(at),
+        version: u(r.get(at + 1)),
+        base_version: u(r.get(at + 2)),
+        base_sha256: r.get(at + 3),
+        bundle_sha256: r.get(at + 4),
+        bundle_size: u(r.get(at + 5)),
+    }
 }
 
 const MODEL_COLUMNS: &str =
@@ -1370,6 +1405,44 @@ impl Store for PgStore {
             .as_ref()
             .map(model_from_row)
             .transpose()
+    }
+
+    async fn insert_model_delta(&self, delta: &ModelDelta) -> Result<()> {
+        let client = self.client().await?;
+        client
+            .execute(
+                &format!(
+                    "INSERT INTO model_deltas ({DELTA_COLUMNS_BARE}) VALUES ($1, $2, $3, $4, $5, $6)
+                     ON CONFLICT (name, version, base_version) DO UPDATE SET
+                         base_sha256 = EXCLUDED.base_sha256,
+                         bundle_sha256 = EXCLUDED.bundle_sha256,
+                         bundle_size = EXCLUDED.bundle_size"
+                ),
+                &[
+                    &delta.name,
+                    &i(delta.version),
+                    &i(delta.base_version),
+                    &delta.base_sha256,
+                    &delta.bundle_sha256,
+                    &i(delta.bundle_size),
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn model_deltas(&self, name: &str, version: u64) -> Result<Vec<ModelDelta>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {DELTA_COLUMNS} FROM model_deltas x
+                     WHERE name = $1 AND version = $2 ORDER BY base_version"
+                ),
+                &[&name, &i(version)],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| delta_from_row(r, 0)).collect())
     }
 
     async fn create_rollout(&self, new: &NewRollout) -> Result<RolloutRow> {
@@ -1993,17 +2066,20 @@ impl Store for PgStore {
             .query(
                 &format!(
                     "SELECT d.rollout_id, d.device_id, r.model_name, r.model_version, m.bundle_sha256, m.bundle_size,
-                            r.rollback
+                            r.rollback, {}
                      FROM deployments d
                      JOIN rollouts r ON r.id = d.rollout_id
                      JOIN models m ON m.name = r.model_name AND m.version = r.model_version
                      JOIN devices v ON v.id = d.device_id
+                     LEFT JOIN model_deltas x ON x.name = r.model_name AND x.version = r.model_version
+                          AND v.model_name = r.model_name AND x.base_version = v.model_version
+                          AND NOT r.rollback
                      WHERE d.status NOT IN ({})
                        AND r.status = 'in_progress' AND d.wave <= r.current_wave
                        AND v.online
                        AND (d.status = 'pending' OR d.updated_ms < $1)
                      ORDER BY d.rollout_id, d.device_id",
-                    FINAL_STATES_SQL
+                    DELTA_COLUMNS, FINAL_STATES_SQL
                 ),
                 &[&i(quiet_since_ms)],
             )
@@ -2018,6 +2094,10 @@ impl Store for PgStore {
                 bundle_sha256: r.get(4),
                 bundle_size: u(r.get(5)),
                 rollback: r.get(6),
+                delta: r
+                    .get::<_, Option<String>>(7)
+                    .is_some()
+                    .then(|| delta_from_row(r, 7)),
             })
             .collect())
     }

@@ -11,7 +11,7 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use super::*;
 
-const SCHEMA_VERSION: i64 = 6;
+const SCHEMA_VERSION: i64 = 7;
 
 pub(super) const SCHEMA_V1: &str = "
 CREATE TABLE seen_messages (
@@ -249,6 +249,20 @@ CREATE TABLE dataset_chunks (
 );
 ";
 
+/// Version 7: delta bundles of published models.
+const SCHEMA_V7: &str = "
+CREATE TABLE model_deltas (
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    base_version INTEGER NOT NULL,
+    base_sha256 TEXT NOT NULL,
+    bundle_sha256 TEXT NOT NULL,
+    bundle_size INTEGER NOT NULL,
+    PRIMARY KEY (name, version, base_version),
+    FOREIGN KEY (name, version) REFERENCES models (name, version)
+);
+";
+
 impl From<rusqlite::Error> for StoreError {
     fn from(source: rusqlite::Error) -> Self {
         StoreError::Sqlite {
@@ -305,7 +319,10 @@ impl SqliteStore {
                 if version < 5 {
                     tx.execute_batch(SCHEMA_V5).map_err(with_path)?;
                 }
-                tx.execute_batch(SCHEMA_V6).map_err(with_path)?;
+                if version < 6 {
+                    tx.execute_batch(SCHEMA_V6).map_err(with_path)?;
+                }
+                tx.execute_batch(SCHEMA_V7).map_err(with_path)?;
                 tx.pragma_update(None, "user_version", SCHEMA_VERSION)
                     .map_err(with_path)?;
                 tx.commit().map_err(with_path)?;
@@ -816,6 +833,23 @@ fn with_features((mut model, features, lineage): StoredModel) -> Result<ModelRow
     })?;
     model.lineage = parse_lineage(&model.name, model.version, lineage)?;
     Ok(model)
+}
+
+const DELTA_COLUMNS_BARE: &str =
+    "name, version, base_version, base_sha256, bundle_sha256, bundle_size";
+const DELTA_COLUMNS: &str =
+    "x.name, x.version, x.base_version, x.base_sha256, x.bundle_sha256, x.bundle_size";
+
+/// A delta bundle from the [`DELTA_COLUMNS`] starting at column `at`.
+fn delta_from_row(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<ModelDelta> {
+    Ok(ModelDelta {
+        name: r.get(at)?,
+        version: u(r.get(at + 1)?),
+        base_version: u(r.get(at + 2)?),
+        base_sha256: r.get(at + 3)?,
+        bundle_sha256: r.get(at + 4)?,
+        bundle_size: u(r.get(at + 5)?),
+    })
 }
 
 const MODEL_COLUMNS: &str =
@@ -1373,6 +1407,42 @@ impl Store for SqliteStore {
             .optional()?
             .map(with_features)
             .transpose()
+        })
+        .await
+    }
+
+    async fn insert_model_delta(&self, delta: &ModelDelta) -> Result<()> {
+        let delta = delta.clone();
+        self.call(move |conn| {
+            conn.execute(
+                &format!(
+                    "INSERT OR REPLACE INTO model_deltas ({DELTA_COLUMNS_BARE}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+                ),
+                params![
+                    delta.name,
+                    delta.version as i64,
+                    delta.base_version as i64,
+                    delta.base_sha256,
+                    delta.bundle_sha256,
+                    delta.bundle_size as i64,
+                ],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn model_deltas(&self, name: &str, version: u64) -> Result<Vec<ModelDelta>> {
+        let name = name.to_string();
+        self.call(move |conn| {
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {DELTA_COLUMNS} FROM model_deltas x
+                 WHERE name = ?1 AND version = ?2 ORDER BY base_version"
+            ))?;
+            let rows = stmt
+                .query_map(params![name, version as i64], |r| delta_from_row(r, 0))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
         })
         .await
     }
@@ -1945,11 +2015,14 @@ impl Store for SqliteStore {
         self.call(move |conn| {
             let mut stmt = conn.prepare_cached(&format!(
                 "SELECT d.rollout_id, d.device_id, r.model_name, r.model_version, m.bundle_sha256, m.bundle_size,
-                        r.rollback
+                        r.rollback, {DELTA_COLUMNS}
                  FROM deployments d
                  JOIN rollouts r ON r.id = d.rollout_id
                  JOIN models m ON m.name = r.model_name AND m.version = r.model_version
                  JOIN devices v ON v.id = d.device_id
+                 LEFT JOIN model_deltas x ON x.name = r.model_name AND x.version = r.model_version
+                      AND v.model_name = r.model_name AND x.base_version = v.model_version
+                      AND NOT r.rollback
                  WHERE d.status NOT IN ({FINAL_STATES_SQL})
                    AND r.status = 'in_progress' AND d.wave <= r.current_wave
                    AND v.online = 1
@@ -1966,6 +2039,10 @@ impl Store for SqliteStore {
                         bundle_sha256: r.get(4)?,
                         bundle_size: u(r.get(5)?),
                         rollback: r.get(6)?,
+                        delta: match r.get::<_, Option<String>>(7)? {
+                            Some(_) => Some(delta_from_row(r, 7)?),
+                            None => None,
+                        },
                     })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;

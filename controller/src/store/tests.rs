@@ -387,6 +387,7 @@ pub async fn suite(store: &dyn Store) {
     devices_enrolled_later_join_the_rollout_of_their_group(store).await;
     the_trust_document_is_replaced_only_from_the_version_it_was_checked_against(store).await;
     dataset_uploads_are_put_together_checked_and_expired(store).await;
+    deltas_are_offered_to_devices_running_their_base(store).await;
 
     // Registration adds what is new and leaves known devices as they are.
     assert!(!store.device_exists("reg-1").await.unwrap());
@@ -420,6 +421,101 @@ pub async fn suite(store: &dyn Store) {
     );
     assert!(!store.acquire_lease("job", "a", 1200, 100).await.unwrap());
     assert!(store.acquire_lease("other", "a", 1200, 100).await.unwrap());
+}
+
+/// A deployment carries the delta bundle whose base the device reports running, of the
+/// same model; none for a device running another model or nothing, none for a rollback.
+async fn deltas_are_offered_to_devices_running_their_base(store: &dyn Store) {
+    for version in 1..=3 {
+        store
+            .insert_model(&ModelRow {
+                name: "dm".into(),
+                ..model_row(version)
+            })
+            .await
+            .unwrap();
+    }
+    let delta = |version: u64, base_version: u64, size: u64| ModelDelta {
+        name: "dm".into(),
+        version,
+        base_version,
+        base_sha256: format!("{base_version:02}").repeat(32),
+        bundle_sha256: format!("{version}{base_version}").repeat(32),
+        bundle_size: size,
+    };
+    store.insert_model_delta(&delta(3, 2, 10)).await.unwrap();
+    store.insert_model_delta(&delta(3, 1, 30)).await.unwrap();
+    store.insert_model_delta(&delta(3, 2, 20)).await.unwrap();
+    store.insert_model_delta(&delta(1, 2, 5)).await.unwrap();
+    assert_eq!(
+        store.model_deltas("dm", 3).await.unwrap(),
+        vec![delta(3, 1, 30), delta(3, 2, 20)],
+        "by base; recording again replaces"
+    );
+    assert!(store.model_deltas("dm", 2).await.unwrap().is_empty());
+
+    let running = |device: &str, msg_id: &str, model: Option<(&str, u64)>| {
+        let mut envelope = status(device, msg_id, true, None);
+        if let Message::Status(s) = &mut envelope.message {
+            s.model = model.map(|(name, version)| ModelRef {
+                name: name.into(),
+                version,
+            });
+        }
+        envelope
+    };
+    for (device, model) in [
+        ("x1", Some(("dm", 2))),
+        ("x2", Some(("dm", 1))),
+        ("x3", Some(("m", 2))),
+        ("x4", None),
+    ] {
+        store
+            .ingest(&running(device, &format!("{device}-s"), model), 9000)
+            .await
+            .unwrap();
+    }
+    let rollout = store
+        .create_rollout(&NewRollout {
+            name: "dm".into(),
+            ..new_rollout(3, false, &["x1", "x2", "x3", "x4"], 9100)
+        })
+        .await
+        .unwrap();
+    let offered = |due: Vec<DueDeployment>, id: u64| -> Vec<(String, Option<u64>)> {
+        due.into_iter()
+            .filter(|d| d.rollout_id == id)
+            .map(|d| (d.device_id, d.delta.map(|x| x.base_version)))
+            .collect()
+    };
+    assert_eq!(
+        offered(store.due_deployments(0).await.unwrap(), rollout.id),
+        vec![
+            ("x1".to_string(), Some(2)),
+            ("x2".to_string(), Some(1)),
+            ("x3".to_string(), None),
+            ("x4".to_string(), None),
+        ]
+    );
+    let due = store.due_deployments(0).await.unwrap();
+    let x1 = due
+        .iter()
+        .find(|d| d.rollout_id == rollout.id && d.device_id == "x1")
+        .unwrap();
+    assert_eq!(x1.delta, Some(delta(3, 2, 20)));
+
+    let rollback = store
+        .create_rollout(&NewRollout {
+            name: "dm".into(),
+            ..new_rollout(1, true, &["x1"], 9200)
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        offered(store.due_deployments(0).await.unwrap(), rollback.id),
+        vec![("x1".to_string(), None)],
+        "a rollback takes the full bundle"
+    );
 }
 
 fn chunk_envelope(device: &str, msg_id: &str, chunk: SampleChunk) -> Envelope {
@@ -1551,8 +1647,10 @@ async fn a_version_1_sqlite_database_is_migrated_in_place() {
     let version: i64 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 6);
+    assert_eq!(version, 7);
     conn.prepare("SELECT upload_seq, content FROM dataset_parts")
+        .unwrap();
+    conn.prepare("SELECT base_version, base_sha256 FROM model_deltas")
         .unwrap();
     conn.prepare("SELECT rollback, plan, current_wave, reason FROM rollouts")
         .unwrap();
