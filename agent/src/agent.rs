@@ -204,6 +204,13 @@ impl Agent {
             config.max_bundle_bytes,
             Slots::open(&state_dir)?,
             state_dir.join("downloads"),
+        )
+        .with_transfer(
+            config.bundle_transfer,
+            crate::transfer::Pieces::new({
+                let reporter = reporter.clone();
+                Arc::new(move |request| reporter.bundle_request(request))
+            }),
         );
         let booted = tokio::task::spawn_blocking({
             let installer = installer.clone();
@@ -264,7 +271,11 @@ impl Agent {
                 broker,
                 keep_alive: Duration::from_secs(config.heartbeat_interval_s.clamp(5, 60) * 3),
                 max_inflight: config.max_inflight,
-                subscriptions: vec![reporter.topic(Channel::Commands), topics.trust()],
+                subscriptions: vec![
+                    reporter.topic(Channel::Commands),
+                    reporter.topic(Channel::Chunks),
+                    topics.trust(),
+                ],
                 receipts_topic: reporter.topic(Channel::Receipts),
                 last_will: Some(last_will),
                 tls,
@@ -322,7 +333,9 @@ impl Agent {
             seq_path,
             installing: None,
             journal_path: state_dir.join(JOURNAL_FILE),
+            health_path: state_dir.join(HEALTH_FILE),
             watch: None,
+            watch_recorded: Instant::now(),
             install_tx,
             counters: Counters::default(),
             started: Instant::now(),
@@ -361,8 +374,11 @@ struct AgentLoop {
     installing: Option<ModelRef>,
     /// Where the deployment being carried out is recorded until it ends (see [`Journal`]).
     journal_path: PathBuf,
-    /// The health window of the model activated last, while it runs.
+    /// The health window of the model activated last, while it runs, where it is recorded
+    /// and when it was last.
     watch: Option<Watch>,
+    health_path: PathBuf,
+    watch_recorded: Instant,
     install_tx: mpsc::Sender<InstallOutcome>,
     counters: Counters,
     started: Instant,
@@ -392,6 +408,7 @@ impl AgentLoop {
         let mut health_clock = tokio::time::interval(Duration::from_secs(1));
         health_clock.set_missed_tick_behavior(MissedTickBehavior::Delay);
         info!(device = %self.config.device_id, model = ?self.serving.as_ref().map(Serving::model_ref), "agent running");
+        self.resume_health_window();
         self.resume_interrupted_install();
         loop {
             tokio::select! {
@@ -404,6 +421,10 @@ impl AgentLoop {
                 Some(observation) = observed.recv() => self.on_observed(observation),
                 _ = health_clock.tick(), if self.watch.is_some() => self.check_health(),
             }
+        }
+        // The window's latest counts, for the next start to resume from.
+        if self.watch.is_some() {
+            self.record_watch();
         }
         info!(device = %self.config.device_id, "agent stopped");
     }
@@ -671,11 +692,19 @@ impl AgentLoop {
     /// Judges the health window: a breached limit rolls the model back at once; a window
     /// that has passed commits it.
     fn check_health(&mut self) {
+        if self.watch_recorded.elapsed() >= HEALTH_RECORD_EVERY {
+            self.record_watch();
+        }
         let Some(watch) = self.watch.as_ref() else {
             return;
         };
         let limits = &self.config.health;
-        let breach = if limits.max_psi > 0.0 && watch.worst_psi > limits.max_psi {
+        let breach = if watch.restarts > limits.max_restarts {
+            Some(format!(
+                "the agent restarted {} times during the health window, over the limit of {}",
+                watch.restarts, limits.max_restarts
+            ))
+        } else if limits.max_psi > 0.0 && watch.worst_psi > limits.max_psi {
             Some(format!(
                 "drift: a window's PSI reached {:.3}, over the limit {}",
                 watch.worst_psi, limits.max_psi
@@ -695,13 +724,14 @@ impl AgentLoop {
         match breach {
             Some(reason) => self.roll_back(reason),
             // Committed on evidence: the window has passed and enough inferences were judged.
-            None if watch.started.elapsed() >= Duration::from_secs(limits.window_s)
+            None if watch.elapsed() >= Duration::from_secs(limits.window_s)
                 && watch.inferences >= limits.min_inferences.max(1) =>
             {
-                let watch = self.watch.take().expect("checked above");
+                let window_s = limits.window_s;
+                let watch = self.end_watch().expect("checked above");
                 let detail = format!(
-                    "healthy for {} s: {} inferences, {} failed, worst PSI {:.3}",
-                    limits.window_s, watch.inferences, watch.errors, watch.worst_psi
+                    "healthy for {window_s} s: {} inferences, {} failed, worst PSI {:.3}",
+                    watch.inferences, watch.errors, watch.worst_psi
                 );
                 info!(model = %watch.model, %detail, "model committed");
                 self.reporter.deployment(
@@ -718,7 +748,7 @@ impl AgentLoop {
 
     /// Goes back to the previous model, which the other slot still holds.
     fn roll_back(&mut self, reason: String) {
-        let Some(watch) = self.watch.take() else {
+        let Some(watch) = self.end_watch() else {
             return;
         };
         warn!(model = %watch.model, %reason, "health window breached; rolling back");
@@ -783,6 +813,12 @@ impl AgentLoop {
         };
         match envelope.message {
             Message::Command(signed) => self.on_command(&signed),
+            // Late or unasked-for pieces are dropped quietly: a transfer asks again.
+            Message::BundleChunk(chunk) => {
+                if !self.installer.deliver(chunk) {
+                    debug!(topic = %publish.topic, "a bundle piece nobody waits for");
+                }
+            }
             other => self.malformed(
                 &publish.topic,
                 &format!("`{}` is not a command", other.kind()),
@@ -999,7 +1035,7 @@ impl AgentLoop {
         self.installing = Some(action.model.clone());
         // The install writes the slot the health window would go back to: the model being
         // watched is replaced, so its window ends without a verdict.
-        if let Some(watch) = self.watch.take() {
+        if let Some(watch) = self.end_watch() {
             info!(model = %watch.model, "health window ended by a new install");
         }
         let installer = self.installer.clone();
@@ -1064,6 +1100,73 @@ impl AgentLoop {
         self.on_deploy(journal.seq, command);
     }
 
+    /// Records the running health window, for a restart to resume.
+    fn record_watch(&mut self) {
+        self.watch_recorded = Instant::now();
+        if let Some(watch) = &self.watch
+            && let Err(e) = write_atomic(&self.health_path, &watch.record())
+        {
+            warn!(error = %e, "cannot record the health window; a restart would not resume it");
+        }
+    }
+
+    /// Ends the health window, if one runs, and deletes its record.
+    fn end_watch(&mut self) -> Option<Watch> {
+        let watch = self.watch.take();
+        if let Err(e) = std::fs::remove_file(&self.health_path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            warn!(error = %e, "cannot delete the health window's record");
+        }
+        watch
+    }
+
+    /// A health window a restart interrupted, found at start. It goes on where it was
+    /// recorded, with the restart counted, if the model it watches is still served. If the
+    /// device came back on the previous model instead (the new one's slot did not load),
+    /// the deployment is reported rolled back.
+    fn resume_health_window(&mut self) {
+        let bytes = match std::fs::read(&self.health_path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) => {
+                warn!(error = %e, "cannot read the health window's record");
+                return;
+            }
+        };
+        let mut watch: Watch = match serde_json::from_slice(&bytes) {
+            Ok(w) => w,
+            Err(e) => {
+                warn!(error = %e, "health window record unreadable; discarded");
+                self.end_watch();
+                return;
+            }
+        };
+        let serving = self.serving.as_ref().map(Serving::model_ref);
+        if serving.as_ref() == Some(&watch.model) {
+            watch.restarts += 1;
+            info!(model = %watch.model, restarts = watch.restarts,
+                watched_s = watch.elapsed_before_ms / 1000, "health window resumed after a restart");
+            self.watch = Some(watch);
+            self.record_watch();
+            return;
+        }
+        self.end_watch();
+        if serving.as_ref() == Some(&watch.previous_model) {
+            warn!(model = %watch.model, "the watched model did not come back after a restart");
+            self.reporter.deployment(
+                Some(watch.rollout_id),
+                watch.seq,
+                Some(watch.model),
+                DeployStage::RolledBack,
+                Some(format!(
+                    "the model could not be served after a restart; back on {}",
+                    watch.previous_model
+                )),
+            );
+        }
+    }
+
     fn clear_journal(&self) {
         if let Err(e) = std::fs::remove_file(&self.journal_path)
             && e.kind() != std::io::ErrorKind::NotFound
@@ -1098,13 +1201,14 @@ impl AgentLoop {
                 );
                 // Watched when there is a model to go back to. An operator's rollback is not:
                 // going back from it would undo the operator's decision.
-                self.watch = None;
+                self.end_watch();
                 match previous {
                     Some((previous, previous_model))
                         if self.config.health.window_s > 0 && !rollback =>
                     {
                         self.watch = Some(Watch {
-                            started: Instant::now(),
+                            elapsed_before_ms: 0,
+                            since: Instant::now(),
                             seq,
                             rollout_id: action.rollout_id,
                             model: action.model,
@@ -1113,7 +1217,9 @@ impl AgentLoop {
                             inferences: 0,
                             errors: 0,
                             worst_psi: 0.0,
+                            restarts: 0,
                         });
+                        self.record_watch();
                     }
                     _ => self.reporter.deployment(
                         Some(action.rollout_id),
@@ -1141,9 +1247,18 @@ impl AgentLoop {
     }
 }
 
-/// The health window of a newly activated model.
+/// The health window of a newly activated model. It is recorded in [`HEALTH_FILE`] when it
+/// starts and every [`HEALTH_RECORD_EVERY`] while it runs, so that a restart resumes it
+/// (what was counted since the last record is lost with the process), and deleted when it
+/// ends.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Watch {
-    started: Instant,
+    /// Time watched before this process took over; downtime does not count.
+    elapsed_before_ms: u64,
+    /// When this process took over.
+    #[serde(skip, default = "Instant::now")]
+    since: Instant,
     seq: u64,
     rollout_id: u64,
     model: ModelRef,
@@ -1153,7 +1268,27 @@ struct Watch {
     inferences: u64,
     errors: u64,
     worst_psi: f64,
+    /// Restarts of the agent during the window.
+    restarts: u32,
 }
+
+impl Watch {
+    fn elapsed(&self) -> Duration {
+        Duration::from_millis(self.elapsed_before_ms) + self.since.elapsed()
+    }
+
+    /// The record a restart resumes from.
+    fn record(&self) -> Vec<u8> {
+        let mut record = self.clone();
+        record.elapsed_before_ms = self.elapsed().as_millis() as u64;
+        serde_json::to_vec(&record).expect("a health window serializes")
+    }
+}
+
+/// Where the running health window is recorded (see [`Watch`]).
+const HEALTH_FILE: &str = "health.json";
+/// How often a running health window's counts are recorded.
+const HEALTH_RECORD_EVERY: Duration = Duration::from_secs(5);
 
 /// The install journal: the deployment being carried out, written (fsync, rename) before it
 /// starts and removed when it ends, so that a restart in between resumes it.

@@ -80,6 +80,9 @@ pub struct AgentConfig {
     /// Bytes kept for the sample of inputs (`reservoir`); 0 keeps none.
     pub reservoir_bytes: u64,
     pub max_bundle_bytes: u64,
+    /// How bundles are fetched: over HTTP from `controller_url`, in pieces over MQTT, or
+    /// HTTP first and MQTT when the controller cannot be reached.
+    pub bundle_transfer: BundleTransfer,
     pub max_inflight: u16,
     pub outbox: OutboxConfig,
     pub batching: BatchingConfig,
@@ -112,6 +115,8 @@ pub struct HealthConfig {
     pub min_inferences: u64,
     /// A drift window whose largest PSI exceeds this rolls the model back (0: off).
     pub max_psi: f64,
+    /// Restarts of the agent during the window beyond which the model is rolled back.
+    pub max_restarts: u32,
 }
 
 /// The local inference API.
@@ -204,6 +209,16 @@ pub struct SourceConfig {
     pub repeat: bool,
     /// synthetic: the simulated machine's ground truth comes back as feedback.
     pub labels: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BundleTransfer {
+    /// HTTP, and MQTT when the HTTP endpoint cannot be reached.
+    Auto,
+    Http,
+    /// Pieces over MQTT only, for devices that reach nothing but the broker.
+    Mqtt,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -20,6 +20,7 @@ pub mod runtime;
 pub mod sim;
 pub mod slots;
 pub mod source;
+pub mod transfer;
 pub mod trust;
 pub mod updater;
 

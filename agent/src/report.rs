@@ -1,8 +1,8 @@
 //! Builds outgoing protocol messages and queues them in the outbox.
 
 use edgeloop_shared::protocol::{
-    DeployStage, DeploymentStatus, DeviceStatus, DriftSummary, Envelope, MAX_MESSAGE_BYTES,
-    Message, ModelRef, SampleChunk,
+    BundleRequest, DeployStage, DeploymentStatus, DeviceStatus, DriftSummary, Envelope,
+    MAX_MESSAGE_BYTES, Message, ModelRef, SampleChunk,
 };
 use edgeloop_shared::topics::{Channel, Topics};
 use tracing::warn;
@@ -49,7 +49,7 @@ impl Reporter {
 
     fn queue(&self, channel: Channel, message: Message) {
         let priority = match channel {
-            Channel::Deployment => Priority::Control,
+            Channel::Deployment | Channel::Transfer => Priority::Control,
             Channel::Samples => Priority::Samples,
             _ => Priority::Telemetry,
         };
@@ -95,6 +95,10 @@ impl Reporter {
 
     pub fn status(&self, status: DeviceStatus) {
         self.queue(Channel::Status, Message::Status(status));
+    }
+
+    pub fn bundle_request(&self, request: BundleRequest) {
+        self.queue(Channel::Transfer, Message::BundleRequest(request));
     }
 
     pub fn sample_chunk(&self, chunk: SampleChunk) {

@@ -7,6 +7,8 @@ use edgeloop_shared::bundle::{self, BundleError, Limits, VerifiedBundle};
 use edgeloop_shared::command::{DeltaOffer, DeployAction};
 use edgeloop_shared::signing::TrustedKeys;
 
+use crate::config::BundleTransfer;
+use crate::transfer::{MAX_STALLS, PIECE_TIMEOUT, Pieces};
 use crate::trust::SigningKeys;
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
@@ -105,6 +107,9 @@ pub struct Installer {
     /// Where partial downloads wait to be resumed, one file per bundle digest.
     downloads: std::path::PathBuf,
     limits: Limits,
+    transfer: BundleTransfer,
+    /// Where pieces of a bundle fetched over MQTT arrive; none: HTTP only.
+    pieces: Option<Pieces>,
 }
 
 /// What a download has been checked for so far: the bundle's framing and signature as it
@@ -156,7 +161,21 @@ impl Installer {
             slots,
             downloads,
             limits: Limits::default(),
+            transfer: BundleTransfer::Http,
+            pieces: None,
         }
+    }
+
+    /// Fetches bundles the way `transfer` says, over MQTT through `pieces`.
+    pub fn with_transfer(mut self, transfer: BundleTransfer, pieces: Pieces) -> Self {
+        self.transfer = transfer;
+        self.pieces = Some(pieces);
+        self
+    }
+
+    /// Hands a bundle piece that arrived over MQTT to the transfer waiting for it.
+    pub fn deliver(&self, chunk: edgeloop_shared::protocol::BundleChunk) -> bool {
+        self.pieces.as_ref().is_some_and(|p| p.deliver(chunk))
     }
 
     /// The URL a command's `bundle_url` stands for: absolute as given, or a path on the
@@ -190,137 +209,46 @@ impl Installer {
     /// the manifest signature as soon as the head is in (a tampered or foreign bundle
     /// stops the download there), the size against the command (and the configured
     /// maximum) with every chunk, and the SHA-256 at the end. A download cut short is
-    /// resumed where it stopped, also by the next process, with an HTTP Range request;
-    /// what is already on disk is checked again first. Bytes proven bad are deleted.
+    /// resumed where it stopped, also by the next process: over HTTP with a Range request,
+    /// over MQTT by asking for the pieces from there on. What is already on disk is checked
+    /// again first. Bytes proven bad are deleted.
     pub async fn download(&self, remote: Remote<'_>) -> Result<Vec<u8>, InstallError> {
-        use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
-
         let url = self.resolve_url(remote.url);
-        let size = remote.size;
-        if size > self.max_bundle_bytes {
+        if remote.size > self.max_bundle_bytes {
             return Err(InstallError::TooLarge {
-                expected: size,
+                expected: remote.size,
                 limit: self.max_bundle_bytes,
             });
         }
         let path = self.part_path(remote.sha256)?;
-        let io = |action: &'static str| {
-            let path = path.clone();
-            move |source| InstallError::Io {
-                action,
-                path,
-                source,
-            }
-        };
         tokio::fs::create_dir_all(&self.downloads)
             .await
-            .map_err(io("cannot create"))?;
+            .map_err(|source| InstallError::Io {
+                action: "cannot create",
+                path: self.downloads.clone(),
+                source,
+            })?;
         self.remove_other_parts(&path).await;
-        let mut file = tokio::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&path)
-            .await
-            .map_err(io("cannot open"))?;
-        // Bad bytes are not kept for the next attempt.
-        let discard = |e: InstallError| {
-            let _ = std::fs::remove_file(&path);
-            e
-        };
-
-        // What an earlier attempt left is checked as if it were arriving now.
         let trusted = self.trusted.get();
-        let mut received = Received::new(&trusted, self.limits);
-        let on_disk = file.metadata().await.map_err(io("cannot read"))?.len();
-        if on_disk > size {
-            file.set_len(0).await.map_err(io("cannot truncate"))?;
-        } else if on_disk > 0 {
-            let mut buf = vec![0; READ_BACK_CHUNK];
-            loop {
-                let n = file.read(&mut buf).await.map_err(io("cannot read"))?;
-                if n == 0 {
-                    break;
+        let mut part = Part::open(path, remote.size, &trusted, self.limits).await?;
+        if part.received.bytes < remote.size {
+            match (self.transfer, &self.pieces) {
+                (BundleTransfer::Mqtt, Some(pieces)) => {
+                    fetch_mqtt(pieces, remote.sha256, &mut part).await?
                 }
-                received.update(&buf[..n]).map_err(|e| discard(e.into()))?;
-            }
-        }
-
-        // At most two requests: a resume, and a fresh start when the server cannot resume
-        // from where this device stands.
-        let mut attempts = 0;
-        while received.bytes < size && attempts < 2 {
-            attempts += 1;
-            let failed = |e: reqwest::Error| InstallError::Download {
-                url: url.clone(),
-                reason: e.to_string(),
-            };
-            let mut request = self.http.get(&url);
-            if received.bytes > 0 {
-                info!(%url, from = received.bytes, of = size, "resuming download");
-                request =
-                    request.header(reqwest::header::RANGE, format!("bytes={}-", received.bytes));
-            }
-            let mut response = request.send().await.map_err(failed)?;
-            let status = response.status().as_u16();
-            let restart = match status {
-                206 if received.bytes > 0 => content_range_start(&response) != Some(received.bytes),
-                200 => received.bytes > 0,
-                // The file is shorter than what this device holds of it.
-                416 if received.bytes > 0 => true,
-                _ => return Err(InstallError::HttpStatus { url, status }),
-            };
-            if restart {
-                info!(%url, status, from = received.bytes,
-                    "the server cannot resume from here; downloading from the start");
-                file.set_len(0).await.map_err(io("cannot truncate"))?;
-                received = Received::new(&trusted, self.limits);
-                if status != 200 {
-                    continue;
+                (BundleTransfer::Auto, Some(pieces)) => {
+                    match fetch_http(&self.http, &url, &mut part).await {
+                        Err(e @ InstallError::Download { .. }) => {
+                            info!(%url, error = %e, "the controller's HTTP endpoint cannot be reached; fetching the bundle over MQTT");
+                            fetch_mqtt(pieces, remote.sha256, &mut part).await?
+                        }
+                        other => other?,
+                    }
                 }
+                _ => fetch_http(&self.http, &url, &mut part).await?,
             }
-            let oversize = || {
-                discard(InstallError::Oversize {
-                    url: url.clone(),
-                    announced: size,
-                })
-            };
-            if response
-                .content_length()
-                .is_some_and(|n| received.bytes + n > size)
-            {
-                return Err(oversize());
-            }
-            file.seek(std::io::SeekFrom::Start(received.bytes))
-                .await
-                .map_err(io("cannot seek"))?;
-            while let Some(chunk) = response.chunk().await.map_err(failed)? {
-                if received.bytes + chunk.len() as u64 > size {
-                    return Err(oversize());
-                }
-                received.update(&chunk).map_err(|e| discard(e.into()))?;
-                file.write_all(&chunk).await.map_err(io("cannot write"))?;
-            }
-            file.sync_data().await.map_err(io("cannot sync"))?;
         }
-
-        if received.bytes != size {
-            // Kept: the next attempt resumes from here.
-            return Err(InstallError::SizeMismatch {
-                expected: size,
-                actual: received.bytes,
-            });
-        }
-        let actual = hex::encode(received.digest.finalize());
-        if actual != remote.sha256 {
-            return Err(discard(InstallError::DigestMismatch {
-                expected: remote.sha256.to_string(),
-                actual,
-            }));
-        }
-        received.check.finish().map_err(|e| discard(e.into()))?;
-        tokio::fs::read(&path).await.map_err(io("cannot read"))
+        part.finish(remote.sha256).await
     }
 
     /// Deletes the download of a file once it is installed or refused.
@@ -480,6 +408,296 @@ impl Installer {
     }
 }
 
+/// A download's file, and what has been checked of its bytes so far.
+struct Part<'t> {
+    file: tokio::fs::File,
+    path: std::path::PathBuf,
+    /// The size the command announces.
+    size: u64,
+    received: Received<'t>,
+    trusted: &'t TrustedKeys,
+    limits: Limits,
+}
+
+impl<'t> Part<'t> {
+    /// Opens the file, checking what an earlier attempt left as if it were arriving now.
+    async fn open(
+        path: std::path::PathBuf,
+        size: u64,
+        trusted: &'t TrustedKeys,
+        limits: Limits,
+    ) -> Result<Part<'t>, InstallError> {
+        use tokio::io::AsyncReadExt;
+        let file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .await
+            .map_err(io_error("cannot open", &path))?;
+        let mut part = Part {
+            file,
+            path,
+            size,
+            received: Received::new(trusted, limits),
+            trusted,
+            limits,
+        };
+        let on_disk = part
+            .file
+            .metadata()
+            .await
+            .map_err(io_error("cannot read", &part.path))?
+            .len();
+        if on_disk > size {
+            part.restart().await?;
+        } else if on_disk > 0 {
+            let mut buf = vec![0; READ_BACK_CHUNK];
+            loop {
+                let n = part
+                    .file
+                    .read(&mut buf)
+                    .await
+                    .map_err(io_error("cannot read", &part.path))?;
+                if n == 0 {
+                    break;
+                }
+                if let Err(e) = part.received.update(&buf[..n]) {
+                    return Err(part.discard(e.into()));
+                }
+            }
+        }
+        Ok(part)
+    }
+
+    /// Bad bytes are not kept for the next attempt.
+    fn discard(&self, e: InstallError) -> InstallError {
+        let _ = std::fs::remove_file(&self.path);
+        e
+    }
+
+    /// Empties the file, to download from the start.
+    async fn restart(&mut self) -> Result<(), InstallError> {
+        self.file
+            .set_len(0)
+            .await
+            .map_err(io_error("cannot truncate", &self.path))?;
+        self.received = Received::new(self.trusted, self.limits);
+        Ok(())
+    }
+
+    /// Checks and appends the next bytes; more than the announced size is `oversize`.
+    async fn append(
+        &mut self,
+        bytes: &[u8],
+        oversize: impl FnOnce() -> InstallError,
+    ) -> Result<(), InstallError> {
+        use tokio::io::{AsyncSeekExt, AsyncWriteExt};
+        if self.received.bytes + bytes.len() as u64 > self.size {
+            return Err(self.discard(oversize()));
+        }
+        if let Err(e) = self.received.update(bytes) {
+            return Err(self.discard(e.into()));
+        }
+        self.file
+            .seek(std::io::SeekFrom::Start(
+                self.received.bytes - bytes.len() as u64,
+            ))
+            .await
+            .map_err(io_error("cannot seek", &self.path))?;
+        self.file
+            .write_all(bytes)
+            .await
+            .map_err(io_error("cannot write", &self.path))
+    }
+
+    async fn sync(&self) -> Result<(), InstallError> {
+        self.file
+            .sync_data()
+            .await
+            .map_err(io_error("cannot sync", &self.path))
+    }
+
+    /// The complete file, once its size, digest and stream checks hold.
+    async fn finish(self, sha256: &str) -> Result<Vec<u8>, InstallError> {
+        let Part {
+            path,
+            size,
+            received,
+            ..
+        } = self;
+        if received.bytes != size {
+            // Kept: the next attempt resumes from here.
+            return Err(InstallError::SizeMismatch {
+                expected: size,
+                actual: received.bytes,
+            });
+        }
+        let discard = |e: InstallError| {
+            let _ = std::fs::remove_file(&path);
+            e
+        };
+        let actual = hex::encode(received.digest.finalize());
+        if actual != sha256 {
+            return Err(discard(InstallError::DigestMismatch {
+                expected: sha256.to_string(),
+                actual,
+            }));
+        }
+        received.check.finish().map_err(|e| discard(e.into()))?;
+        tokio::fs::read(&path)
+            .await
+            .map_err(io_error("cannot read", &path))
+    }
+}
+
+fn io_error(
+    action: &'static str,
+    path: &std::path::Path,
+) -> impl FnOnce(std::io::Error) -> InstallError {
+    let path = path.to_path_buf();
+    move |source| InstallError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+/// Fetches the rest of a download over HTTP: at most two requests, a resume and a fresh
+/// start when the server cannot resume from where this device stands.
+async fn fetch_http(
+    http: &reqwest::Client,
+    url: &str,
+    part: &mut Part<'_>,
+) -> Result<(), InstallError> {
+    let size = part.size;
+    let mut attempts = 0;
+    while part.received.bytes < size && attempts < 2 {
+        attempts += 1;
+        let failed = |e: reqwest::Error| InstallError::Download {
+            url: url.to_string(),
+            reason: e.to_string(),
+        };
+        let from = part.received.bytes;
+        let mut request = http.get(url);
+        if from > 0 {
+            info!(%url, from, of = size, "resuming download");
+            request = request.header(reqwest::header::RANGE, format!("bytes={from}-"));
+        }
+        let mut response = request.send().await.map_err(failed)?;
+        let status = response.status().as_u16();
+        let restart = match status {
+            206 if from > 0 => content_range_start(&response) != Some(from),
+            200 => from > 0,
+            // The file is shorter than what this device holds of it.
+            416 if from > 0 => true,
+            _ => {
+                return Err(InstallError::HttpStatus {
+                    url: url.to_string(),
+                    status,
+                });
+            }
+        };
+        if restart {
+            info!(%url, status, from,
+                "the server cannot resume from here; downloading from the start");
+            part.restart().await?;
+            if status != 200 {
+                continue;
+            }
+        }
+        let oversize = || InstallError::Oversize {
+            url: url.to_string(),
+            announced: size,
+        };
+        if response
+            .content_length()
+            .is_some_and(|n| part.received.bytes + n > size)
+        {
+            return Err(part.discard(oversize()));
+        }
+        while let Some(chunk) = response.chunk().await.map_err(failed)? {
+            part.append(&chunk, oversize).await?;
+        }
+        part.sync().await?;
+    }
+    Ok(())
+}
+
+/// Fetches the rest of a download over MQTT (PROTOCOL §6.2): asks for a window of pieces
+/// from where the file stands, takes them in order, and asks again when they stop coming.
+async fn fetch_mqtt(
+    pieces: &Pieces,
+    sha256: &str,
+    part: &mut Part<'_>,
+) -> Result<(), InstallError> {
+    use edgeloop_shared::protocol::MAX_BUNDLE_REQUEST_BYTES;
+    const VIA: &str = "the broker (MQTT)";
+    let size = part.size;
+    let mut receiving = pieces.open(sha256);
+    let mut stalls = 0;
+    while part.received.bytes < size {
+        let from = part.received.bytes;
+        let window_end = (from + MAX_BUNDLE_REQUEST_BYTES).min(size);
+        pieces.request(sha256, from, window_end - from);
+        while part.received.bytes < window_end {
+            let chunk = match tokio::time::timeout(PIECE_TIMEOUT, receiving.rx.recv()).await {
+                Ok(Some(chunk)) => chunk,
+                Ok(None) => return Err(InstallError::Task("the piece channel closed".into())),
+                Err(_) => {
+                    stalls += 1;
+                    if stalls >= MAX_STALLS {
+                        part.sync().await?;
+                        return Err(InstallError::Download {
+                            url: VIA.into(),
+                            reason: format!(
+                                "no piece came in {} s; {} of {size} bytes are kept",
+                                (PIECE_TIMEOUT * MAX_STALLS).as_secs(),
+                                part.received.bytes
+                            ),
+                        });
+                    }
+                    break;
+                }
+            };
+            if let Some(reason) = &chunk.error {
+                return Err(InstallError::Download {
+                    url: VIA.into(),
+                    reason: reason.clone(),
+                });
+            }
+            if chunk.total_size != size {
+                return Err(InstallError::SizeMismatch {
+                    expected: size,
+                    actual: chunk.total_size,
+                });
+            }
+            // A piece of an earlier window, or one after a lost piece: the next request
+            // asks again from where the file stands.
+            if chunk.offset != part.received.bytes {
+                continue;
+            }
+            match chunk.bytes() {
+                Ok(bytes) => {
+                    part.append(&bytes, || InstallError::Oversize {
+                        url: VIA.into(),
+                        announced: size,
+                    })
+                    .await?;
+                    stalls = 0;
+                }
+                Err(reason) => {
+                    warn!(offset = chunk.offset, %reason, "a damaged bundle piece; asking again");
+                    stalls += 1;
+                    break;
+                }
+            }
+        }
+    }
+    part.sync().await
+}
+
 /// Passes through the golden vectors when measuring latency against a budget.
 const LATENCY_ROUNDS: usize = 20;
 
@@ -528,6 +746,9 @@ mod tests {
     use super::*;
     use edgeloop_shared::bundle::{Artifact, DType, Manifest, TensorSpec};
     use edgeloop_shared::drift::{DEFAULT_BINS, ReferenceProfile};
+    use edgeloop_shared::protocol::{
+        BUNDLE_CHUNK_BYTES, BundleChunk, BundleRequest, MAX_BUNDLE_REQUEST_BYTES,
+    };
     use edgeloop_shared::signing::SecretKey;
     use std::sync::{Arc, Mutex};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -662,6 +883,140 @@ mod tests {
     fn whole(bundle: &Arc<Vec<u8>>) -> Answer {
         let b = bundle.clone();
         Box::new(move |_, _| response("200 OK", "", &b, b.len()))
+    }
+
+    /// An installer that fetches over MQTT from a fake controller: `answer` gets each
+    /// request (and how many came before it) and the bundle, and delivers what it likes.
+    fn over_mqtt(
+        dir: &std::path::Path,
+        key: &SecretKey,
+        bundle: Arc<Vec<u8>>,
+        answer: impl Fn(usize, &BundleRequest, &[u8], &Pieces) + Send + Sync + 'static,
+    ) -> (Installer, Arc<Mutex<Vec<BundleRequest>>>) {
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<BundleRequest>();
+        let pieces = Pieces::new(Arc::new(move |r| {
+            let _ = tx.send(r);
+        }));
+        let installer = installer(dir, key).with_transfer(BundleTransfer::Mqtt, pieces.clone());
+        let seen = requests.clone();
+        tokio::spawn(async move {
+            while let Some(request) = rx.recv().await {
+                let n = {
+                    let mut seen = seen.lock().unwrap();
+                    seen.push(request.clone());
+                    seen.len() - 1
+                };
+                answer(n, &request, &bundle, &pieces);
+            }
+        });
+        (installer, requests)
+    }
+
+    /// What a controller answers: the pieces of the range asked for.
+    fn pieces_of(request: &BundleRequest, bundle: &[u8]) -> Vec<BundleChunk> {
+        let start = request.offset as usize;
+        let end = (start + request.length as usize).min(bundle.len());
+        BundleChunk::cut(
+            &request.bundle_sha256,
+            &bundle[start..end],
+            request.offset,
+            bundle.len() as u64,
+        )
+    }
+
+    #[tokio::test]
+    async fn a_bundle_comes_over_mqtt_in_windows_and_damaged_pieces_are_asked_again() {
+        let (dir, key, _) = fixture();
+        // Large enough for two request windows.
+        let bundle = Arc::new(
+            bundle::pack(
+                vibration(1),
+                // Bytes zstd cannot shrink, posing as a model: it is only transferred.
+                &edgeloop_shared::pseudo_random_bytes(
+                    MAX_BUNDLE_REQUEST_BYTES as usize + 300_000,
+                    7,
+                ),
+                &key,
+            )
+            .unwrap(),
+        );
+        let (installer, requests) = over_mqtt(dir.path(), &key, bundle.clone(), |n, r, b, p| {
+            let mut pieces = pieces_of(r, b);
+            // Another bundle's piece, which is ignored.
+            let mut stray = pieces[0].clone();
+            stray.bundle_sha256 = "cd".repeat(32);
+            p.deliver(stray);
+            if n == 0 {
+                // The second piece of the first window comes damaged.
+                pieces[1].data = pieces[0].data.clone();
+            }
+            for piece in pieces {
+                p.deliver(piece);
+            }
+        });
+        let action = action("/artifacts/demo/2", &bundle);
+        let got = installer.download(Remote::bundle(&action)).await.unwrap();
+        assert_eq!(got, *bundle);
+        let requests = requests.lock().unwrap().clone();
+        assert_eq!(requests[0].offset, 0);
+        assert_eq!(
+            requests[1].offset, BUNDLE_CHUNK_BYTES as u64,
+            "asked again from the damaged piece"
+        );
+        assert!(
+            requests
+                .iter()
+                .all(|r| r.length <= MAX_BUNDLE_REQUEST_BYTES)
+        );
+        assert_eq!(
+            requests.last().unwrap().offset + requests.last().unwrap().length,
+            bundle.len() as u64
+        );
+    }
+
+    #[tokio::test]
+    async fn over_mqtt_a_refusal_a_wrong_size_and_a_tampered_bundle_stop_the_transfer() {
+        let (dir, key, bundle) = fixture();
+        let deploy = action("/artifacts/demo/2", &bundle);
+        let (refusing, _) = over_mqtt(dir.path(), &key, bundle.clone(), |_, r, _, p| {
+            p.deliver(BundleChunk::failed(
+                &r.bundle_sha256,
+                "no bundle has SHA-256 …".into(),
+            ));
+        });
+        let err = refusing
+            .download(Remote::bundle(&deploy))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, InstallError::Download { reason, .. } if reason.contains("no bundle")),
+            "{err}"
+        );
+
+        let (lying, _) = over_mqtt(dir.path(), &key, bundle.clone(), |_, r, b, p| {
+            for mut piece in pieces_of(r, b) {
+                piece.total_size += 1;
+                p.deliver(piece);
+            }
+        });
+        let err = lying.download(Remote::bundle(&deploy)).await.unwrap_err();
+        assert!(matches!(err, InstallError::SizeMismatch { .. }), "{err}");
+
+        // Pieces whose own digests hold, of a bundle whose signature does not.
+        let layout = bundle::layout(&bundle, &Limits::default()).unwrap();
+        let mut tampered = bundle.to_vec();
+        tampered[layout.manifest.start + 3] ^= 1;
+        let tampered = Arc::new(tampered);
+        let (forging, _) = over_mqtt(dir.path(), &key, tampered.clone(), |_, r, b, p| {
+            for piece in pieces_of(r, b) {
+                p.deliver(piece);
+            }
+        });
+        let forged = action("/artifacts/demo/2", &tampered);
+        let err = forging.download(Remote::bundle(&forged)).await.unwrap_err();
+        assert!(matches!(err, InstallError::Verify(_)), "{err}");
+        assert!(!forging.part_path(&forged.bundle_sha256).unwrap().exists());
     }
 
     #[tokio::test]

@@ -21,6 +21,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use crate::registry::ArtifactStore;
 use crate::store::{Ingested, Store, StoreError};
 
 /// Most QoS 0 publishes waiting for the ingest actor; more are dropped. QoS 1 publishes
@@ -223,6 +224,8 @@ pub struct BusConfig {
     /// Subscribe as a member of this shared-subscription group (`$share/{group}/…`), so
     /// that replicas split the messages between them.
     pub shared_group: Option<String>,
+    /// Where the bundles devices may ask for over MQTT are.
+    pub artifacts: ArtifactStore,
 }
 
 /// Starts the MQTT connection and the ingest actor. Returns the client, which the rollout
@@ -277,6 +280,7 @@ pub fn start(
             stats,
             topics: config.topics,
             client: client.clone(),
+            artifacts: config.artifacts,
             accept_unknown: config.accept_unknown_devices,
             known: std::collections::HashSet::new(),
         }
@@ -361,6 +365,7 @@ struct Ingestor {
     stats: Arc<IngestStats>,
     topics: Topics,
     client: AsyncClient,
+    artifacts: ArtifactStore,
     accept_unknown: bool,
     /// Devices found in the registry (a device is never removed while the controller runs).
     known: std::collections::HashSet<String>,
@@ -586,6 +591,23 @@ impl Ingestor {
         self.stats
             .malformed
             .fetch_add(refused_by_store.len() as u64, Ordering::Relaxed);
+        // Requests for bundle pieces are answered once stored (a redelivered one again:
+        // pieces cost bandwidth, not correctness).
+        for envelope in &envelopes {
+            if let Message::BundleRequest(request) = &envelope.message
+                && !refused_by_store
+                    .iter()
+                    .any(|(id, _)| *id == envelope.msg_id)
+            {
+                tokio::spawn(crate::transfer::serve(
+                    self.artifacts.clone(),
+                    self.client.clone(),
+                    self.topics.clone(),
+                    envelope.device_id.clone(),
+                    request.clone(),
+                ));
+            }
+        }
         let mut receipts: Vec<(String, Receipt)> = Vec::new();
         for (device_id, rejected, ids) in answers {
             let mut receipt = Receipt {

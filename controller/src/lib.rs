@@ -21,6 +21,7 @@ pub mod rollout;
 pub mod server;
 pub mod store;
 pub mod trainer;
+pub mod transfer;
 pub mod trust;
 
 /// `http://` / `mqtt://` host for a listening address: a wildcard address is reached on

@@ -150,6 +150,41 @@ impl ArtifactStore {
             .join(format!("{version}-{sha256}.{}", bundle::FILE_EXTENSION))
     }
 
+    /// The bundle file with this SHA-256 (full or delta bundle of any version), if the
+    /// store has one. Anything but 64 lowercase hex digits names no file.
+    pub fn find(&self, sha256: &str) -> std::io::Result<Option<PathBuf>> {
+        if sha256.len() != 64
+            || !sha256
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return Ok(None);
+        }
+        let suffix = format!("-{sha256}.{}", bundle::FILE_EXTENSION);
+        let models = match std::fs::read_dir(&self.root) {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        for model in models {
+            let model = model?;
+            if !model.file_type()?.is_dir() {
+                continue;
+            }
+            for file in std::fs::read_dir(model.path())? {
+                let file = file?;
+                if file
+                    .file_name()
+                    .to_str()
+                    .is_some_and(|n| n.ends_with(&suffix))
+                {
+                    return Ok(Some(file.path()));
+                }
+            }
+        }
+        Ok(None)
+    }
+
     /// The URL path devices download the bundle from.
     pub fn url_path(name: &str, version: u64) -> String {
         format!("/artifacts/{name}/{version}")
@@ -519,6 +554,10 @@ mod tests {
             }
         }
 
+        async fn deltas(&self, version: u64) -> Vec<ModelDelta> {
+            self.store.model_deltas("vibration", version).await.unwrap()
+        }
+
         async fn publish(
             &self,
             version: u64,
@@ -573,19 +612,13 @@ mod tests {
             )
             .await
             .unwrap();
-        assert!(
-            r.store
-                .model_deltas("vibration", 1)
-                .await
-                .unwrap()
-                .is_empty()
-        );
+        assert!(r.deltas(1).await.is_empty());
         let head_retrained = crate::trainer::mlp(&dims, &[1, 2, 4]);
         let v2 = r
             .publish(2, &head_retrained, REFERENCE_V1, None)
             .await
             .unwrap();
-        let deltas = r.store.model_deltas("vibration", 2).await.unwrap();
+        let deltas = r.deltas(2).await;
         assert_eq!(deltas.len(), 1);
         let delta = &deltas[0];
         assert_eq!(delta.base_version, 1);
@@ -623,13 +656,7 @@ mod tests {
         )
         .await
         .unwrap();
-        assert!(
-            r.store
-                .model_deltas("vibration", 3)
-                .await
-                .unwrap()
-                .is_empty()
-        );
+        assert!(r.deltas(3).await.is_empty());
     }
 
     #[tokio::test]

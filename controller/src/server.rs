@@ -142,6 +142,7 @@ impl Controller {
                 } else {
                     Some(config.mqtt_shared_group.clone()).filter(|g| !g.is_empty())
                 },
+                artifacts: artifacts.clone(),
             },
             store.clone(),
             stats.clone(),

@@ -885,18 +885,7 @@ pub(crate) mod tests {
         (key, trusted, bytes)
     }
 
-    /// Pseudo-random bytes (incompressible on their own) from a seed.
-    fn noise(n: usize, seed: u64) -> Vec<u8> {
-        let mut state = seed;
-        (0..n)
-            .map(|_| {
-                state = state
-                    .wrapping_mul(6_364_136_223_846_793_005)
-                    .wrapping_add(1_442_695_040_888_963_407);
-                (state >> 56) as u8
-            })
-            .collect()
-    }
+    use crate::pseudo_random_bytes as noise;
 
     #[test]
     fn a_delta_bundle_verifies_only_against_its_base_and_is_small() {

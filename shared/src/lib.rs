@@ -29,6 +29,20 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
+/// `n` pseudo-random bytes from `seed` (a linear congruential generator): incompressible,
+/// and the same for the same seed. For tests and benchmarks that need model-like bytes.
+pub fn pseudo_random_bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed;
+    (0..n)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (state >> 56) as u8
+        })
+        .collect()
+}
+
 /// True when `name` is safe to use as a device id, model name or other identifier that ends
 /// up in an MQTT topic level or a file name: 1–64 characters of `[A-Za-z0-9_.-]`, not
 /// starting with a dot.

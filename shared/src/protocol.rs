@@ -350,6 +350,105 @@ pub fn join_sample_chunks(
     Ok(file)
 }
 
+/// Largest piece of a bundle sent over MQTT: its base64 in a message stays well under
+/// [`MAX_MESSAGE_BYTES`].
+pub const BUNDLE_CHUNK_BYTES: usize = 128 * 1024;
+/// Most bytes one [`BundleRequest`] asks for.
+pub const MAX_BUNDLE_REQUEST_BYTES: u64 = 8 * BUNDLE_CHUNK_BYTES as u64;
+
+/// A device asks for part of a bundle over MQTT, for devices that can reach only the
+/// broker (PROTOCOL §6.2). The controller answers with the [`BundleChunk`]s that cover
+/// `[offset, offset + length)` of the file, cut from `offset` on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundleRequest {
+    /// The bundle file, by the SHA-256 a signed deploy command named.
+    pub bundle_sha256: String,
+    pub offset: u64,
+    /// At most [`MAX_BUNDLE_REQUEST_BYTES`].
+    pub length: u64,
+}
+
+/// A piece of a bundle file, sent to one device over MQTT.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundleChunk {
+    pub bundle_sha256: String,
+    /// Where the piece starts in the file, and the file's size.
+    pub offset: u64,
+    pub total_size: u64,
+    /// SHA-256 (lowercase hex) of this piece's bytes.
+    pub sha256: String,
+    /// Base64 (standard alphabet, padded) of this piece's bytes.
+    pub data: String,
+    /// Set, with no data, when the controller has no such bundle or cannot read it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl BundleChunk {
+    /// The pieces that carry `bytes`, the part of a file of `total_size` bytes that starts
+    /// at `offset`.
+    pub fn cut(
+        bundle_sha256: &str,
+        bytes: &[u8],
+        offset: u64,
+        total_size: u64,
+    ) -> Vec<BundleChunk> {
+        use base64::Engine;
+        let mut at = offset;
+        bytes
+            .chunks(BUNDLE_CHUNK_BYTES)
+            .map(|piece| {
+                let chunk = BundleChunk {
+                    bundle_sha256: bundle_sha256.to_string(),
+                    offset: at,
+                    total_size,
+                    sha256: crate::sha256_hex(piece),
+                    data: base64::engine::general_purpose::STANDARD.encode(piece),
+                    error: None,
+                };
+                at += piece.len() as u64;
+                chunk
+            })
+            .collect()
+    }
+
+    /// The answer to a request the controller cannot serve.
+    pub fn failed(bundle_sha256: &str, error: String) -> BundleChunk {
+        BundleChunk {
+            bundle_sha256: bundle_sha256.to_string(),
+            offset: 0,
+            total_size: 0,
+            sha256: String::new(),
+            data: String::new(),
+            error: Some(error),
+        }
+    }
+
+    /// The piece's bytes, checked against its digest and the size limit.
+    pub fn bytes(&self) -> Result<Vec<u8>, String> {
+        use base64::Engine;
+        if let Some(error) = &self.error {
+            return Err(error.clone());
+        }
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(&self.data)
+            .map_err(|e| format!("data is not base64: {e}"))?;
+        if bytes.is_empty() || bytes.len() > BUNDLE_CHUNK_BYTES {
+            return Err(format!("a piece of {} bytes", bytes.len()));
+        }
+        let digest = crate::sha256_hex(&bytes);
+        if digest != self.sha256 {
+            return Err(format!(
+                "the piece at {} has SHA-256 {digest}, not {}",
+                self.offset, self.sha256
+            ));
+        }
+        Ok(bytes)
+    }
+}
+
 /// Every message kind of protocol v1.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Message {
@@ -359,6 +458,8 @@ pub enum Message {
     Command(SignedCommand),
     Receipt(Receipt),
     SampleChunk(SampleChunk),
+    BundleRequest(BundleRequest),
+    BundleChunk(BundleChunk),
 }
 
 impl Message {
@@ -370,6 +471,8 @@ impl Message {
             Message::Command(_) => "command",
             Message::Receipt(_) => "receipt",
             Message::SampleChunk(_) => "sample_chunk",
+            Message::BundleRequest(_) => "bundle_request",
+            Message::BundleChunk(_) => "bundle_chunk",
         }
     }
 
@@ -381,6 +484,8 @@ impl Message {
             Message::Command(m) => serde_json::value::to_raw_value(m),
             Message::Receipt(m) => serde_json::value::to_raw_value(m),
             Message::SampleChunk(m) => serde_json::value::to_raw_value(m),
+            Message::BundleRequest(m) => serde_json::value::to_raw_value(m),
+            Message::BundleChunk(m) => serde_json::value::to_raw_value(m),
         }
     }
 
@@ -401,6 +506,8 @@ impl Message {
             "command" => Message::Command(parse("command", payload)?),
             "receipt" => Message::Receipt(parse("receipt", payload)?),
             "sample_chunk" => Message::SampleChunk(parse("sample_chunk", payload)?),
+            "bundle_request" => Message::BundleRequest(parse("bundle_request", payload)?),
+            "bundle_chunk" => Message::BundleChunk(parse("bundle_chunk", payload)?),
             other => return Err(DecodeError::UnknownKind(other.chars().take(64).collect())),
         })
     }
@@ -859,5 +966,54 @@ mod tests {
             Envelope::decode(v.to_string().as_bytes()),
             Err(DecodeError::Payload { .. })
         ));
+    }
+
+    #[test]
+    fn bundle_pieces_cover_the_range_travel_and_are_checked() {
+        let file: Vec<u8> = (0..(2 * BUNDLE_CHUNK_BYTES + 100) as u32)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let sha = crate::sha256_hex(&file);
+        let from = 10u64;
+        let chunks = BundleChunk::cut(&sha, &file[10..], from, file.len() as u64);
+        assert_eq!(chunks.len(), 3);
+        let mut joined = Vec::new();
+        for (i, chunk) in chunks.iter().enumerate() {
+            assert_eq!(chunk.offset, from + (i * BUNDLE_CHUNK_BYTES) as u64);
+            assert_eq!(chunk.total_size, file.len() as u64);
+            let bytes = Envelope::new("d", "m1", 1, Message::BundleChunk(chunk.clone())).encode();
+            assert!(bytes.len() < MAX_MESSAGE_BYTES, "{} bytes", bytes.len());
+            let back = Envelope::decode(&bytes).unwrap();
+            assert_eq!(back.message, Message::BundleChunk(chunk.clone()));
+            joined.extend(chunk.bytes().unwrap());
+        }
+        assert_eq!(joined, file[10..]);
+
+        // A piece whose bytes do not match its digest, or that is too large or empty, is
+        // refused; a failed answer carries its reason.
+        let mut altered = chunks[0].clone();
+        altered.data = chunks[1].data.clone();
+        assert!(altered.bytes().unwrap_err().contains("SHA-256"));
+        let big = vec![0u8; BUNDLE_CHUNK_BYTES + 1];
+        let oversize = BundleChunk {
+            sha256: crate::sha256_hex(&big),
+            data: {
+                use base64::Engine;
+                base64::engine::general_purpose::STANDARD.encode(&big)
+            },
+            ..chunks[0].clone()
+        };
+        assert!(oversize.bytes().unwrap_err().contains("bytes"));
+        assert!(BundleChunk::cut(&sha, &[], 0, 0).is_empty());
+        let failed = BundleChunk::failed(&sha, "no such bundle".into());
+        assert_eq!(failed.bytes().unwrap_err(), "no such bundle");
+
+        let request = Message::BundleRequest(BundleRequest {
+            bundle_sha256: sha,
+            offset: 0,
+            length: MAX_BUNDLE_REQUEST_BYTES,
+        });
+        let bytes = Envelope::new("d", "m2", 1, request.clone()).encode();
+        assert_eq!(Envelope::decode(&bytes).unwrap().message, request);
     }
 }

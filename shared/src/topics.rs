@@ -25,24 +25,31 @@ pub enum Channel {
     Commands,
     Receipts,
     Samples,
+    /// A device's requests for bundle pieces over MQTT.
+    Transfer,
+    /// The bundle pieces the controller sends a device.
+    Chunks,
 }
 
 impl Channel {
-    pub const ALL: [Channel; 6] = [
+    pub const ALL: [Channel; 8] = [
         Channel::Status,
         Channel::Telemetry,
         Channel::Deployment,
         Channel::Commands,
         Channel::Receipts,
         Channel::Samples,
+        Channel::Transfer,
+        Channel::Chunks,
     ];
 
     /// Channels a device publishes on.
-    pub const FROM_DEVICE: [Channel; 4] = [
+    pub const FROM_DEVICE: [Channel; 5] = [
         Channel::Status,
         Channel::Telemetry,
         Channel::Deployment,
         Channel::Samples,
+        Channel::Transfer,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -53,6 +60,8 @@ impl Channel {
             Channel::Commands => "commands",
             Channel::Receipts => "receipts",
             Channel::Samples => "samples",
+            Channel::Transfer => "transfer",
+            Channel::Chunks => "chunks",
         }
     }
 
@@ -65,6 +74,8 @@ impl Channel {
             Channel::Commands => "command",
             Channel::Receipts => "receipt",
             Channel::Samples => "sample_chunk",
+            Channel::Transfer => "bundle_request",
+            Channel::Chunks => "bundle_chunk",
         }
     }
 

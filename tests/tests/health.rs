@@ -1,6 +1,6 @@
 //! The health window: a model that passes its smoke test but degrades live metrics is rolled
 //! back by the device itself, which reports why; a healthy one is committed once the window
-//! has passed.
+//! has passed. The window survives restarts, and too many of them roll the model back.
 
 use std::time::Duration;
 
@@ -65,3 +65,73 @@ async fn a_model_that_degrades_live_metrics_is_rolled_back(broker: BrokerChoice)
     ctl.stop().await;
 }
 on_both_brokers!(a_model_that_degrades_live_metrics_is_rolled_back);
+
+/// The health window's record: what a restart resumes from.
+fn health_record(state_dir: &std::path::Path) -> Option<serde_json::Value> {
+    let bytes = std::fs::read(state_dir.join("health.json")).ok()?;
+    Some(serde_json::from_slice(&bytes).expect("a health record is JSON"))
+}
+
+async fn the_health_window_survives_restarts_and_too_many_roll_back(broker: BrokerChoice) {
+    let Some(ctl) = TestController::start(broker).await else {
+        eprintln!("skipped: {} is not set", edgeloop_tests::MQTT_URL_VAR);
+        return;
+    };
+    let mut config = ctl.agent_config("guard-2", WINDOW);
+    config.health.window_s = 3600;
+    config.health.max_restarts = 1;
+    let state_dir = config.state_dir.clone();
+    let agent = ctl.spawn_agent_with(config.clone());
+    ctl.wait_for_model("guard-2", None).await;
+    ctl.publish_example(1).await;
+    ctl.controller.rollout("vibration", 1, None).await.unwrap();
+    ctl.wait_for_model("guard-2", Some(1)).await;
+    // v3 fits what the device sees (v2's reference data is shifted): only restarts can
+    // end its window early.
+    ctl.publish_example(2).await;
+    ctl.publish_example(3).await;
+    let v3 = ctl.controller.rollout("vibration", 3, None).await.unwrap();
+    ctl.wait_for_model("guard-2", Some(3)).await;
+    wait_until(
+        "the window's counts are recorded",
+        Duration::from_secs(20),
+        || async { health_record(&state_dir).is_some_and(|r| r["inferences"].as_u64() > Some(0)) },
+    )
+    .await;
+
+    // A restart resumes the window where it was, with the restart counted.
+    agent.stop().await;
+    let before = health_record(&state_dir).expect("recorded at shutdown");
+    assert_eq!(before["restarts"], 0);
+    assert_eq!(before["model"]["version"], 3);
+    let agent = ctl.spawn_agent_with(config.clone());
+    wait_until("the window resumed", Duration::from_secs(20), || async {
+        health_record(&state_dir).is_some_and(|r| r["restarts"] == 1)
+    })
+    .await;
+    let resumed = health_record(&state_dir).unwrap();
+    assert!(resumed["inferences"].as_u64() >= before["inferences"].as_u64());
+    assert!(resumed["elapsed_before_ms"].as_u64() >= before["elapsed_before_ms"].as_u64());
+    ctl.wait_for_model("guard-2", Some(3)).await;
+    let rollout = ctl.get(&format!("/api/v1/rollouts/{}", v3.id)).await;
+    assert_eq!(
+        rollout["deployments"][0]["status"], "active",
+        "still watched: {rollout}"
+    );
+
+    // One restart more than allowed: the device goes back to v1 by itself.
+    agent.stop().await;
+    let agent = ctl.spawn_agent_with(config);
+    ctl.wait_for_report(
+        "guard-2",
+        "rolled_back",
+        "the agent restarted 2 times during the health window, over the limit of 1",
+    )
+    .await;
+    ctl.wait_for_model("guard-2", Some(1)).await;
+    assert!(health_record(&state_dir).is_none(), "the window ended");
+
+    agent.stop().await;
+    ctl.stop().await;
+}
+on_both_brokers!(the_health_window_survives_restarts_and_too_many_roll_back);

@@ -1064,7 +1064,9 @@ impl Store for SqliteStore {
                         apply_deployment(&tx, &envelope.device_id, d, received_ms)?
                     }
                     Message::SampleChunk(c) => apply_chunk(&tx, &envelope.device_id, c, received_ms)?,
-                    Message::Command(_) | Message::Receipt(_) => {
+                    // Served by the ingestor once stored; nothing to keep but its id.
+                    Message::BundleRequest(_) => {}
+                    Message::Command(_) | Message::Receipt(_) | Message::BundleChunk(_) => {
                         return Err(StoreError::Corrupt(format!(
                             "devices do not send `{}` messages",
                             envelope.message.kind()

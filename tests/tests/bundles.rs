@@ -1,7 +1,12 @@
-//! Delta bundles end to end: the controller makes one against the previous version at
-//! publish, a rollout offers it to devices that report running that version, they install
-//! it (also after a restart, and as the base of the next delta), and a device whose model
-//! is not the delta's base downloads the full bundle instead.
+//! How bundles reach devices, end to end.
+//!
+//! Delta bundles: the controller makes one against the previous version at publish, a
+//! rollout offers it to devices that report running that version, they install it (also
+//! after a restart, and as the base of the next delta), and a device whose model is not
+//! the delta's base downloads the full bundle instead.
+//!
+//! MQTT transfer: a device that cannot reach the controller's HTTP endpoint fetches its
+//! bundles, full and delta, in pieces through the broker.
 
 use std::time::Duration;
 
@@ -176,3 +181,59 @@ async fn a_device_running_the_base_takes_the_delta(broker: BrokerChoice) {
 }
 
 on_both_brokers!(a_device_running_the_base_takes_the_delta);
+
+async fn a_device_that_reaches_only_the_broker_gets_bundles_over_mqtt(broker: BrokerChoice) {
+    let Some(ctl) = TestController::start(broker).await else {
+        eprintln!("skipped: {} is not set", edgeloop_tests::MQTT_URL_VAR);
+        return;
+    };
+    let mut config = ctl.agent_config("island-1", WINDOW);
+    // Nothing listens there: HTTP fails at once and the agent turns to the broker.
+    config.controller_url = "http://127.0.0.1:1".into();
+    let agent = ctl.spawn_agent_with(config);
+    ctl.wait_for_model("island-1", None).await;
+
+    ctl.publish_mlp(1, 3).await;
+    let first = rollout(&ctl, json!({"model": "vibration", "version": 1})).await;
+    ctl.wait_for_model("island-1", Some(1)).await;
+    // v2's delta comes the same way.
+    ctl.publish_mlp(2, 4).await;
+    let second = rollout(&ctl, json!({"model": "vibration", "version": 2})).await;
+    ctl.wait_for_model("island-1", Some(2)).await;
+    let downloading = reports(&ctl, "island-1", second, "downloading").await;
+    assert!(
+        downloading.iter().any(|e| e["detail"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("delta bundle of"))),
+        "{downloading:?}"
+    );
+    assert_eq!(reports(&ctl, "island-1", first, "active").await.len(), 1);
+
+    // A bundle of several request windows (its weights are incompressible).
+    let csv = ctl.dir.path().join("big-reference.csv");
+    std::fs::write(&csv, edgeloop_controller::demo::REFERENCE_V1).unwrap();
+    let onnx = edgeloop_controller::trainer::random_mlp(4, 2, 3 << 20);
+    let big = ctl
+        .controller
+        .publish(edgeloop_controller::registry::PublishRequest {
+            class_labels: edgeloop_controller::demo::CLASS_LABELS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            ..edgeloop_controller::registry::PublishRequest::new("vibration", 3, &onnx, &csv)
+        })
+        .await
+        .unwrap();
+    assert!(
+        big.bundle_size > 2 * edgeloop_shared::protocol::MAX_BUNDLE_REQUEST_BYTES,
+        "{} bytes",
+        big.bundle_size
+    );
+    rollout(&ctl, json!({"model": "vibration", "version": 3})).await;
+    ctl.wait_for_model("island-1", Some(3)).await;
+
+    agent.stop().await;
+    ctl.stop().await;
+}
+
+on_both_brokers!(a_device_that_reaches_only_the_broker_gets_bundles_over_mqtt);
