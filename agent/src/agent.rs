@@ -198,11 +198,17 @@ impl Agent {
         );
         let topics = config.topics();
         let reporter = Reporter::new(&config.device_id, topics.clone(), outbox.clone());
+        let slots = Slots::open(&state_dir)?;
+        count_restart(
+            &state_dir.join(HEALTH_FILE),
+            &slots,
+            config.health.max_restarts,
+        );
         let installer = Installer::new(
             trust.signing().clone(),
             &config.controller_url,
             config.max_bundle_bytes,
-            Slots::open(&state_dir)?,
+            slots.clone(),
             state_dir.join("downloads"),
         )
         .with_transfer(
@@ -728,7 +734,7 @@ impl AgentLoop {
                 && watch.inferences >= limits.min_inferences.max(1) =>
             {
                 let window_s = limits.window_s;
-                let watch = self.end_watch().expect("checked above");
+                let watch = self.watch.take().expect("checked above");
                 let detail = format!(
                     "healthy for {window_s} s: {} inferences, {} failed, worst PSI {:.3}",
                     watch.inferences, watch.errors, watch.worst_psi
@@ -741,6 +747,8 @@ impl AgentLoop {
                     DeployStage::Committed,
                     Some(detail),
                 );
+                // After the report is queued: a crash before this commits again.
+                self.end_watch();
             }
             None => {}
         }
@@ -748,7 +756,9 @@ impl AgentLoop {
 
     /// Goes back to the previous model, which the other slot still holds.
     fn roll_back(&mut self, reason: String) {
-        let Some(watch) = self.end_watch() else {
+        // The record stays until the switch back is done and reported: a crash before that
+        // resumes the window, with the restart counted.
+        let Some(watch) = self.watch.take() else {
             return;
         };
         warn!(model = %watch.model, %reason, "health window breached; rolling back");
@@ -777,6 +787,7 @@ impl AgentLoop {
             stage,
             Some(detail),
         );
+        self.end_watch();
     }
 
     /// Serves `installed` from now on: the current model's inputs go out as a short window,
@@ -1085,6 +1096,9 @@ impl AgentLoop {
                 DeployStage::Active,
                 Some("active after a restart".into()),
             );
+            if !journal.rollback && self.watch.is_none() {
+                self.watch_after_restart(journal.seq, journal.action);
+            }
             self.clear_journal();
             return;
         }
@@ -1098,6 +1112,40 @@ impl AgentLoop {
             CommandAction::Deploy(journal.action)
         };
         self.on_deploy(journal.seq, command);
+    }
+
+    /// Starts the health window of a model whose install a restart interrupted after the
+    /// switch (before its window was recorded), with the restart counted: going back to
+    /// the other slot, if it holds a model.
+    fn watch_after_restart(&mut self, seq: u64, action: DeployAction) {
+        let Some(serving) = &self.serving else {
+            return;
+        };
+        if self.config.health.window_s == 0 {
+            return;
+        }
+        let previous = serving.installed.slot.other();
+        match self.installer.verify_slot(previous) {
+            Ok(verified) => {
+                self.watch = Some(Watch {
+                    elapsed_before_ms: 0,
+                    since: Instant::now(),
+                    seq,
+                    rollout_id: action.rollout_id,
+                    model: action.model,
+                    previous,
+                    previous_model: verified.manifest.model_ref(),
+                    inferences: 0,
+                    errors: 0,
+                    worst_psi: 0.0,
+                    restarts: 1,
+                });
+                self.record_watch();
+            }
+            Err(e) => {
+                info!(error = %e, "no health window: the other slot holds no model to go back to")
+            }
+        }
     }
 
     /// Records the running health window, for a restart to resume.
@@ -1144,27 +1192,33 @@ impl AgentLoop {
         };
         let serving = self.serving.as_ref().map(Serving::model_ref);
         if serving.as_ref() == Some(&watch.model) {
-            watch.restarts += 1;
             info!(model = %watch.model, restarts = watch.restarts,
                 watched_s = watch.elapsed_before_ms / 1000, "health window resumed after a restart");
+            watch.since = Instant::now();
             self.watch = Some(watch);
             self.record_watch();
             return;
         }
-        self.end_watch();
         if serving.as_ref() == Some(&watch.previous_model) {
-            warn!(model = %watch.model, "the watched model did not come back after a restart");
+            let limit = self.config.health.max_restarts;
+            let reason = if watch.restarts > limit {
+                format!(
+                    "the agent restarted {} times during the health window, over the limit of {limit}",
+                    watch.restarts
+                )
+            } else {
+                "the model could not be served after a restart".to_string()
+            };
+            warn!(model = %watch.model, %reason, "back on the previous model");
             self.reporter.deployment(
                 Some(watch.rollout_id),
                 watch.seq,
                 Some(watch.model),
                 DeployStage::RolledBack,
-                Some(format!(
-                    "the model could not be served after a restart; back on {}",
-                    watch.previous_model
-                )),
+                Some(format!("{reason}; back on {}", watch.previous_model)),
             );
         }
+        self.end_watch();
     }
 
     fn clear_journal(&self) {
@@ -1177,7 +1231,13 @@ impl AgentLoop {
 
     fn on_install_done(&mut self, outcome: InstallOutcome) {
         self.installing = None;
+        // The journal goes last: a crash before it is cleared finds the install done at the
+        // next start and starts its health window then (see `resume_interrupted_install`).
+        self.on_install_outcome(outcome);
         self.clear_journal();
+    }
+
+    fn on_install_outcome(&mut self, outcome: InstallOutcome) {
         let InstallOutcome {
             seq,
             action,
@@ -1287,6 +1347,32 @@ impl Watch {
 
 /// Where the running health window is recorded (see [`Watch`]).
 const HEALTH_FILE: &str = "health.json";
+/// Counts a restart into the health window that was running when the process stopped,
+/// before any model loads, so that a model that brings the process down while loading
+/// counts too. Past `max_restarts` the slot the window would go back to is made active, so
+/// that the start serves the previous model (reported in `resume_health_window`).
+fn count_restart(path: &std::path::Path, slots: &Slots, max_restarts: u32) {
+    let Ok(bytes) = std::fs::read(path) else {
+        return;
+    };
+    // An unreadable record is reported and discarded when the window would resume.
+    let Ok(mut watch) = serde_json::from_slice::<Watch>(&bytes) else {
+        return;
+    };
+    watch.restarts += 1;
+    let record = serde_json::to_vec(&watch).expect("a health window serializes");
+    if let Err(e) = write_atomic(path, &record) {
+        warn!(error = %e, "cannot count the restart into the health window");
+    }
+    if watch.restarts > max_restarts && slots.active() != Some(watch.previous) {
+        warn!(model = %watch.model, restarts = watch.restarts,
+            "restarted too often during the health window; starting on the previous model");
+        if let Err(e) = slots.activate(watch.previous) {
+            warn!(error = %e, "cannot go back to the previous slot");
+        }
+    }
+}
+
 /// How often a running health window's counts are recorded.
 const HEALTH_RECORD_EVERY: Duration = Duration::from_secs(5);
 
@@ -1319,6 +1405,9 @@ async fn deploy(
             detail,
         )
     };
+    let mut keep = vec![action.bundle_sha256.as_str()];
+    keep.extend(action.delta.as_ref().map(|d| d.bundle_sha256.as_str()));
+    installer.keep_only_downloads(&keep).await;
     let (bytes, verified) = fetch(installer, &stage, action, active).await?;
     stage(DeployStage::Installing, None);
     let result = blocking({
@@ -1348,7 +1437,14 @@ async fn fetch(
             Ok(got) => return Ok(got),
             Err(e) => {
                 info!(model = %action.model, reason = %e, "not using the delta bundle; downloading the full bundle");
-                installer.discard_download(&offer.bundle_sha256);
+                // A transfer cut short is kept for the next attempt; anything else would
+                // fail again.
+                if !matches!(
+                    e,
+                    InstallError::Download { .. } | InstallError::SizeMismatch { .. }
+                ) {
+                    installer.discard_download(&offer.bundle_sha256);
+                }
                 why_full = Some(format!(
                     "full bundle of {} bytes: the delta bundle cannot be used: {e}",
                     action.bundle_size

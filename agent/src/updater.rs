@@ -228,7 +228,6 @@ impl Installer {
                 path: self.downloads.clone(),
                 source,
             })?;
-        self.remove_other_parts(&path).await;
         let trusted = self.trusted.get();
         let mut part = Part::open(path, remote.size, &trusted, self.limits).await?;
         if part.received.bytes < remote.size {
@@ -262,13 +261,19 @@ impl Installer {
     }
 
     /// Partial downloads of other bundles are abandoned: one install runs at a time.
-    async fn remove_other_parts(&self, keep: &std::path::Path) {
+    /// (The full bundle and the delta of one command are kept side by side, so that each
+    /// resumes.)
+    pub async fn keep_only_downloads(&self, digests: &[&str]) {
+        let keep: Vec<std::path::PathBuf> = digests
+            .iter()
+            .filter_map(|d| self.part_path(d).ok())
+            .collect();
         let Ok(mut dir) = tokio::fs::read_dir(&self.downloads).await else {
             return;
         };
         while let Ok(Some(entry)) = dir.next_entry().await {
             let path = entry.path();
-            if path != keep && path.extension().is_some_and(|e| e == "part") {
+            if !keep.contains(&path) && path.extension().is_some_and(|e| e == "part") {
                 info!(path = %path.display(), "abandoning the partial download of another bundle");
                 let _ = tokio::fs::remove_file(&path).await;
             }

@@ -281,6 +281,7 @@ pub fn start(
             topics: config.topics,
             client: client.clone(),
             artifacts: config.artifacts,
+            serving: crate::transfer::Serving::default(),
             accept_unknown: config.accept_unknown_devices,
             known: std::collections::HashSet::new(),
         }
@@ -366,6 +367,8 @@ struct Ingestor {
     topics: Topics,
     client: AsyncClient,
     artifacts: ArtifactStore,
+    /// Bundle requests being answered.
+    serving: crate::transfer::Serving,
     accept_unknown: bool,
     /// Devices found in the registry (a device is never removed while the controller runs).
     known: std::collections::HashSet<String>,
@@ -599,12 +602,17 @@ impl Ingestor {
                     .iter()
                     .any(|(id, _)| *id == envelope.msg_id)
             {
+                let Some(claim) = self.serving.claim(&envelope.device_id) else {
+                    warn!(device = %envelope.device_id, "busy serving bundle pieces; a request is dropped (the device asks again)");
+                    continue;
+                };
                 tokio::spawn(crate::transfer::serve(
                     self.artifacts.clone(),
                     self.client.clone(),
                     self.topics.clone(),
                     envelope.device_id.clone(),
                     request.clone(),
+                    claim,
                 ));
             }
         }

@@ -2,7 +2,9 @@
 //! controller's HTTP endpoint: a device asks for a range of a bundle file by its SHA-256,
 //! and gets the pieces that cover it, each with its own digest, on its `chunks` topic.
 
+use std::collections::HashSet;
 use std::io::{Read, Seek, SeekFrom};
+use std::sync::{Arc, Mutex};
 
 use edgeloop_agent::now_ms;
 use edgeloop_shared::protocol::{
@@ -10,19 +12,81 @@ use edgeloop_shared::protocol::{
 };
 use edgeloop_shared::topics::{Channel, Topics};
 use rumqttc::{AsyncClient, QoS};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, warn};
 
 use crate::registry::ArtifactStore;
 
+/// Requests answered at once.
+pub const MAX_SERVING: usize = 4;
+
+/// The requests being answered: at most [`MAX_SERVING`] at once and one per device. A
+/// request that comes while that is full is dropped (its device asks again after a
+/// pause), so that devices flooding requests cannot make the controller read and send
+/// without bound, nor one device take every place.
+#[derive(Clone)]
+pub struct Serving {
+    places: Arc<Semaphore>,
+    devices: Arc<Mutex<HashSet<String>>>,
+}
+
+impl Default for Serving {
+    fn default() -> Self {
+        Serving {
+            places: Arc::new(Semaphore::new(MAX_SERVING)),
+            devices: Arc::new(Mutex::new(HashSet::new())),
+        }
+    }
+}
+
+impl Serving {
+    /// A place to answer `device`'s request, or `None` when all are taken or the device
+    /// has one already.
+    pub fn claim(&self, device: &str) -> Option<Claim> {
+        let permit = self.places.clone().try_acquire_owned().ok()?;
+        if !self
+            .devices
+            .lock()
+            .expect("serving lock")
+            .insert(device.to_string())
+        {
+            return None;
+        }
+        Some(Claim {
+            _permit: permit,
+            devices: self.devices.clone(),
+            device: device.to_string(),
+        })
+    }
+}
+
+/// One place taken in [`Serving`], given back when dropped.
+pub struct Claim {
+    _permit: OwnedSemaphorePermit,
+    devices: Arc<Mutex<HashSet<String>>>,
+    device: String,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.devices
+            .lock()
+            .expect("serving lock")
+            .remove(&self.device);
+    }
+}
+
 /// Answers one request: the pieces of the range it asks for, or one piece saying why there
 /// are none. Pieces go at QoS 0: a device that misses one asks again, and a device that is
-/// offline does not have a backlog of stale pieces queued for it at the broker.
+/// offline does not have a backlog of stale pieces queued for it at the broker. `_claim`
+/// is held until the pieces are handed to the client.
 pub async fn serve(
     artifacts: ArtifactStore,
     client: AsyncClient,
     topics: Topics,
     device_id: String,
     request: BundleRequest,
+    _claim: Claim,
 ) {
     let Ok(topic) = topics.device(&device_id, Channel::Chunks) else {
         return;
@@ -93,6 +157,21 @@ fn read_range(
 mod tests {
     use super::*;
     use edgeloop_shared::protocol::BUNDLE_CHUNK_BYTES;
+
+    #[test]
+    fn requests_are_answered_a_few_at_a_time_and_one_per_device() {
+        let serving = Serving::default();
+        let first = serving.claim("d1").unwrap();
+        assert!(serving.claim("d1").is_none(), "one per device");
+        let mut others: Vec<Claim> = (2..=MAX_SERVING)
+            .map(|i| serving.claim(&format!("d{i}")).unwrap())
+            .collect();
+        assert!(serving.claim("late").is_none(), "all places taken");
+        drop(first);
+        assert!(serving.claim("d1").is_some(), "its place is free again");
+        others.pop();
+        assert!(serving.claim("late").is_some());
+    }
 
     #[test]
     fn a_request_gets_the_pieces_of_its_range_or_the_reason_why_not() {

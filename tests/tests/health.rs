@@ -121,7 +121,7 @@ async fn the_health_window_survives_restarts_and_too_many_roll_back(broker: Brok
 
     // One restart more than allowed: the device goes back to v1 by itself.
     agent.stop().await;
-    let agent = ctl.spawn_agent_with(config);
+    let agent = ctl.spawn_agent_with(config.clone());
     ctl.wait_for_report(
         "guard-2",
         "rolled_back",
@@ -130,6 +130,49 @@ async fn the_health_window_survives_restarts_and_too_many_roll_back(broker: Brok
     .await;
     ctl.wait_for_model("guard-2", Some(1)).await;
     assert!(health_record(&state_dir).is_none(), "the window ended");
+
+    // Killed after the switch to v3 and before its window was recorded: the install
+    // journal still names v3, which the device serves at start. The window starts then,
+    // with the restart counted.
+    let again = ctl.controller.rollout("vibration", 3, None).await.unwrap();
+    ctl.wait_for_model("guard-2", Some(3)).await;
+    wait_until("v3 watched", Duration::from_secs(20), || async {
+        health_record(&state_dir).is_some_and(|r| r["rollout_id"] == again.id)
+    })
+    .await;
+    agent.stop().await;
+    std::fs::remove_file(state_dir.join("health.json")).unwrap();
+    let v3 = ctl
+        .controller
+        .store
+        .model("vibration", 3)
+        .await
+        .unwrap()
+        .unwrap();
+    let journal = serde_json::json!({
+        "seq": edgeloop_agent::now_ms(),
+        "rollback": false,
+        "action": {
+            "rollout_id": again.id,
+            "model": {"name": "vibration", "version": 3},
+            "bundle_url": "/artifacts/vibration/3",
+            "bundle_sha256": v3.bundle_sha256,
+            "bundle_size": v3.bundle_size,
+        },
+    });
+    std::fs::write(
+        state_dir.join("install.json"),
+        serde_json::to_vec(&journal).unwrap(),
+    )
+    .unwrap();
+    let agent = ctl.spawn_agent_with(config.clone());
+    ctl.wait_for_report("guard-2", "active", "active after a restart")
+        .await;
+    let started = health_record(&state_dir).expect("a window for the install found active");
+    assert_eq!(started["restarts"], 1);
+    assert_eq!(started["model"]["version"], 3);
+    assert_eq!(started["previous_model"]["version"], 1);
+    assert!(!state_dir.join("install.json").exists());
 
     agent.stop().await;
     ctl.stop().await;
