@@ -1127,25 +1127,19 @@ impl AgentLoop {
         let previous = serving.installed.slot.other();
         match self.installer.verify_slot(previous) {
             Ok(verified) => {
-                self.watch = Some(Watch {
-                    elapsed_before_ms: 0,
-                    since: Instant::now(),
-                    seq,
-                    rollout_id: action.rollout_id,
-                    model: action.model,
-                    previous,
-                    previous_model: verified.manifest.model_ref(),
-                    inferences: 0,
-                    errors: 0,
-                    worst_psi: 0.0,
-                    restarts: 1,
-                });
-                self.record_watch();
+                let previous_model = verified.manifest.model_ref();
+                self.start_watch(Watch::new(seq, action, previous, previous_model, 1));
             }
             Err(e) => {
                 info!(error = %e, "no health window: the other slot holds no model to go back to")
             }
         }
+    }
+
+    /// Starts a health window and records it.
+    fn start_watch(&mut self, watch: Watch) {
+        self.watch = Some(watch);
+        self.record_watch();
     }
 
     /// Records the running health window, for a restart to resume.
@@ -1195,8 +1189,7 @@ impl AgentLoop {
             info!(model = %watch.model, restarts = watch.restarts,
                 watched_s = watch.elapsed_before_ms / 1000, "health window resumed after a restart");
             watch.since = Instant::now();
-            self.watch = Some(watch);
-            self.record_watch();
+            self.start_watch(watch);
             return;
         }
         if serving.as_ref() == Some(&watch.previous_model) {
@@ -1266,20 +1259,7 @@ impl AgentLoop {
                     Some((previous, previous_model))
                         if self.config.health.window_s > 0 && !rollback =>
                     {
-                        self.watch = Some(Watch {
-                            elapsed_before_ms: 0,
-                            since: Instant::now(),
-                            seq,
-                            rollout_id: action.rollout_id,
-                            model: action.model,
-                            previous,
-                            previous_model,
-                            inferences: 0,
-                            errors: 0,
-                            worst_psi: 0.0,
-                            restarts: 0,
-                        });
-                        self.record_watch();
+                        self.start_watch(Watch::new(seq, action, previous, previous_model, 0));
                     }
                     _ => self.reporter.deployment(
                         Some(action.rollout_id),
@@ -1333,6 +1313,30 @@ struct Watch {
 }
 
 impl Watch {
+    /// A window starting now for the model `action` installed, going back to `previous`
+    /// (holding `previous_model`), with `restarts` already counted.
+    fn new(
+        seq: u64,
+        action: DeployAction,
+        previous: crate::slots::Slot,
+        previous_model: ModelRef,
+        restarts: u32,
+    ) -> Self {
+        Watch {
+            elapsed_before_ms: 0,
+            since: Instant::now(),
+            seq,
+            rollout_id: action.rollout_id,
+            model: action.model,
+            previous,
+            previous_model,
+            inferences: 0,
+            errors: 0,
+            worst_psi: 0.0,
+            restarts,
+        }
+    }
+
     fn elapsed(&self) -> Duration {
         Duration::from_millis(self.elapsed_before_ms) + self.since.elapsed()
     }
