@@ -26,6 +26,7 @@ use tracing::{debug, info, warn};
 use crate::api::{Observation, ServedModel};
 use crate::config::AgentConfig;
 use crate::config::Compression;
+use crate::health::ServiceRecord;
 use crate::link::{BrokerAddr, LastWillFn, Link, LinkConfig, Packing};
 use crate::outbox::{Outbox, OutboxError, SqliteOutbox};
 use crate::report::Reporter;
@@ -91,6 +92,9 @@ struct Serving {
     window_seq: u64,
     /// For each model feature, its column in the source; or why the source cannot feed it.
     columns: Result<Vec<usize>, String>,
+    /// Its latency and labelled accuracy since it began serving: the baseline a model
+    /// installed after it is judged against.
+    record: ServiceRecord,
 }
 
 impl Serving {
@@ -112,11 +116,22 @@ impl Serving {
             window_seq: 0,
             columns,
             installed,
+            record: ServiceRecord::default(),
         }
     }
 
     fn model_ref(&self) -> ModelRef {
         self.installed.model.manifest.model_ref()
+    }
+
+    /// A ground-truth label for one of its predictions, counted into its drift window, its
+    /// record and the health window's record of it when one runs.
+    fn observe_label(&mut self, label: usize, predicted: usize, watch: Option<&mut Watch>) {
+        self.window.observe_label(label, predicted);
+        self.record.observe_label(label, predicted);
+        if let Some(watch) = watch {
+            watch.observed.observe_label(label, predicted);
+        }
     }
 }
 
@@ -211,6 +226,7 @@ impl Agent {
             slots.clone(),
             state_dir.join("downloads"),
         )
+        .on_board(&config.board)
         .with_transfer(
             config.bundle_transfer,
             crate::transfer::Pieces::new({
@@ -512,7 +528,7 @@ impl AgentLoop {
         };
         let label = self.source.label();
         if let (Some(serving), Some(label), Some(p)) = (self.serving.as_mut(), label, &predicted) {
-            serving.window.observe_label(label, p.class);
+            serving.observe_label(label, p.class, self.watch.as_mut());
         }
         self.keep_sample(None, &x, predicted.as_ref().map(|p| p.class), label);
         self.count_into_window(&x, predicted);
@@ -569,6 +585,10 @@ impl AgentLoop {
         let mut alert = false;
         if let Some(p) = &predicted {
             serving.window.observe_latency(p.latency_ms);
+            serving.record.observe_latency(p.latency_ms);
+            if let Some(watch) = self.watch.as_mut() {
+                watch.observed.observe_latency(p.latency_ms);
+            }
             alert = serving.window.observe_confidence(p.confidence);
         }
         if alert {
@@ -630,7 +650,7 @@ impl AgentLoop {
                 request_key,
             } => {
                 if serving.model_ref() == model {
-                    serving.window.observe_label(label, predicted);
+                    serving.observe_label(label, predicted, self.watch.as_mut());
                     if let Some(reservoir) = self.reservoir.as_mut()
                         && let Err(e) = reservoir.label(&request_key, label)
                     {
@@ -725,7 +745,7 @@ impl AgentLoop {
                 limits.max_error_rate * 100.0
             ))
         } else {
-            None
+            crate::health::compare(&watch.observed, &watch.baseline, &limits.service_limits())
         };
         match breach {
             Some(reason) => self.roll_back(reason),
@@ -735,10 +755,14 @@ impl AgentLoop {
             {
                 let window_s = limits.window_s;
                 let watch = self.watch.take().expect("checked above");
-                let detail = format!(
+                let mut detail = format!(
                     "healthy for {window_s} s: {} inferences, {} failed, worst PSI {:.3}",
                     watch.inferences, watch.errors, watch.worst_psi
                 );
+                let service = watch.observed.describe();
+                if !service.is_empty() {
+                    detail.push_str(&format!(", {service}"));
+                }
                 info!(model = %watch.model, %detail, "model committed");
                 self.reporter.deployment(
                     Some(watch.rollout_id),
@@ -994,11 +1018,20 @@ impl AgentLoop {
     }
 
     /// Installs what a deploy or rollback command names. Anti-rollback: a deploy of the
-    /// active model's name must raise its version; only a rollback lowers it, and a rollback
+    /// active model's name must raise its version, and no deploy goes below the highest
+    /// version of its model the device has run; only a rollback lowers it, and a rollback
     /// must lower it.
     fn on_deploy(&mut self, seq: u64, command: CommandAction) {
         let active = self.serving.as_ref().map(Serving::model_ref);
-        let disposition = command.disposition(active.as_ref());
+        let disposition = match command.deploy() {
+            Some(action) => match self.installer.highest_version(&action.model.name) {
+                Ok(highest) => command
+                    .disposition(active.as_ref(), highest)
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(format!("anti-rollback record unreadable: {e}")),
+            },
+            None => Ok(Disposition::Install),
+        };
         let rollback = command.is_rollback();
         let Some(action) = command.deploy().cloned() else {
             return;
@@ -1243,7 +1276,7 @@ impl AgentLoop {
                 let previous = self
                     .serving
                     .as_ref()
-                    .map(|s| (s.installed.slot, s.model_ref()));
+                    .map(|s| (s.installed.slot, s.model_ref(), s.record.clone()));
                 self.switch_to(installed);
                 self.reporter.deployment(
                     Some(action.rollout_id),
@@ -1256,10 +1289,12 @@ impl AgentLoop {
                 // going back from it would undo the operator's decision.
                 self.end_watch();
                 match previous {
-                    Some((previous, previous_model))
+                    Some((previous, previous_model, baseline))
                         if self.config.health.window_s > 0 && !rollback =>
                     {
-                        self.start_watch(Watch::new(seq, action, previous, previous_model, 0));
+                        let mut watch = Watch::new(seq, action, previous, previous_model, 0);
+                        watch.baseline = baseline;
+                        self.start_watch(watch);
                     }
                     _ => self.reporter.deployment(
                         Some(action.rollout_id),
@@ -1310,6 +1345,12 @@ struct Watch {
     worst_psi: f64,
     /// Restarts of the agent during the window.
     restarts: u32,
+    /// The previous model's latency and accuracy before the switch (empty when the window
+    /// did not start at an install in this process), and the new model's since.
+    #[serde(default)]
+    baseline: ServiceRecord,
+    #[serde(default)]
+    observed: ServiceRecord,
 }
 
 impl Watch {
@@ -1334,6 +1375,8 @@ impl Watch {
             errors: 0,
             worst_psi: 0.0,
             restarts,
+            baseline: ServiceRecord::default(),
+            observed: ServiceRecord::default(),
         }
     }
 
@@ -1371,7 +1414,7 @@ fn count_restart(path: &std::path::Path, slots: &Slots, max_restarts: u32) {
     if watch.restarts > max_restarts && slots.active() != Some(watch.previous) {
         warn!(model = %watch.model, restarts = watch.restarts,
             "restarted too often during the health window; starting on the previous model");
-        if let Err(e) = slots.activate(watch.previous) {
+        if let Err(e) = slots.activate(watch.previous, &watch.previous_model) {
             warn!(error = %e, "cannot go back to the previous slot");
         }
     }

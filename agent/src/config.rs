@@ -117,6 +117,25 @@ pub struct HealthConfig {
     pub max_psi: f64,
     /// Restarts of the agent during the window beyond which the model is rolled back.
     pub max_restarts: u32,
+    /// The new model's p99 inference latency may be at most this many times the previous
+    /// model's, once both have `min_inferences` timed (0: off).
+    pub max_latency_ratio: f64,
+    /// The new model's accuracy on ground-truth labels may fall at most this far below
+    /// the previous model's, once both have `min_labels` (0: off).
+    pub max_accuracy_drop: f64,
+    pub min_labels: u64,
+}
+
+impl HealthConfig {
+    /// The limits the new model's latency and accuracy are judged by.
+    pub fn service_limits(&self) -> crate::health::ServiceLimits {
+        crate::health::ServiceLimits {
+            max_latency_ratio: self.max_latency_ratio,
+            min_inferences: self.min_inferences,
+            max_accuracy_drop: self.max_accuracy_drop,
+            min_labels: self.min_labels,
+        }
+    }
 }
 
 /// The local inference API.
@@ -331,6 +350,17 @@ impl AgentConfig {
         }
         if !(self.health.max_psi.is_finite() && self.health.max_psi >= 0.0) {
             return Err(invalid("health.max_psi", "must be a number ≥ 0 (0: off)"));
+        }
+        if !(self.health.max_latency_ratio.is_finite()
+            && (self.health.max_latency_ratio == 0.0 || self.health.max_latency_ratio >= 1.0))
+        {
+            return Err(invalid(
+                "health.max_latency_ratio",
+                "must be 0 (off) or a ratio ≥ 1",
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.health.max_accuracy_drop) {
+            return Err(invalid("health.max_accuracy_drop", "must be 0 (off) to 1"));
         }
         if !(1..=edgeloop_shared::batch::MAX_BATCH_MESSAGES).contains(&self.batching.max_messages) {
             return Err(invalid(

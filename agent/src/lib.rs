@@ -10,6 +10,7 @@ pub mod agent;
 pub mod api;
 pub mod config;
 pub mod enroll;
+pub mod health;
 pub mod link;
 pub mod modelbench;
 pub mod onnx_ops;

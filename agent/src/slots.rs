@@ -5,6 +5,8 @@
 //! {state_dir}/slots/a/model.onnx    only beside a delta bundle: the model it expanded to
 //! {state_dir}/slots/b/bundle.elb
 //! {state_dir}/slots/active          "a" or "b"
+//! {state_dir}/slots/highest.json    {"vibration": 7, …}: the highest version of each
+//!                                   model ever made active, for anti-rollback
 //! ```
 //!
 //! A delta bundle can only be decompressed against its base, which the next install may
@@ -14,6 +16,8 @@
 //! directory fsync), checked, and only then made active by replacing the `active` pointer
 //! the same way. A crash at any point leaves the pointer on a complete bundle.
 
+use edgeloop_shared::protocol::ModelRef;
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -58,6 +62,7 @@ pub struct Slots {
 const BUNDLE_FILE: &str = "bundle.elb";
 const MODEL_FILE: &str = "model.onnx";
 const ACTIVE_FILE: &str = "active";
+const HIGHEST_FILE: &str = "highest.json";
 
 impl Slots {
     pub fn open(state_dir: &Path) -> Result<Self, SlotError> {
@@ -133,9 +138,49 @@ impl Slots {
         Ok(())
     }
 
-    /// Makes `slot` the active one, atomically and durably.
-    pub fn activate(&self, slot: Slot) -> Result<(), SlotError> {
+    /// Makes `slot`, which holds `model`, the active one, atomically and durably. The
+    /// model's version is recorded first (see [`Slots::record_version`]): a crash between
+    /// the two leaves a record at most one install ahead, never behind what runs.
+    pub fn activate(&self, slot: Slot, model: &ModelRef) -> Result<(), SlotError> {
+        self.record_version(model)?;
         write_atomic(&self.dir.join(ACTIVE_FILE), slot.name().as_bytes())
+    }
+
+    /// The highest version of the model `name` this device has made active, if any. A
+    /// record that cannot be read is an error, not "none": anti-rollback fails closed.
+    pub fn highest(&self, name: &str) -> Result<Option<u64>, SlotError> {
+        Ok(self.highest_versions()?.get(name).copied())
+    }
+
+    /// Raises the record of `model`'s name to its version, if that is higher.
+    pub fn record_version(&self, model: &ModelRef) -> Result<(), SlotError> {
+        let mut highest = self.highest_versions()?;
+        if highest.get(&model.name) >= Some(&model.version) {
+            return Ok(());
+        }
+        highest.insert(model.name.clone(), model.version);
+        let bytes = serde_json::to_vec(&highest).expect("a map of numbers serializes");
+        write_atomic(&self.dir.join(HIGHEST_FILE), &bytes)
+    }
+
+    fn highest_versions(&self) -> Result<BTreeMap<String, u64>, SlotError> {
+        let path = self.dir.join(HIGHEST_FILE);
+        let bytes = match fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+            Err(source) => {
+                return Err(SlotError {
+                    action: "read",
+                    path,
+                    source,
+                });
+            }
+        };
+        serde_json::from_slice(&bytes).map_err(|e| SlotError {
+            action: "parse",
+            path,
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+        })
     }
 }
 
@@ -174,11 +219,11 @@ mod tests {
         let slots = Slots::open(dir.path()).unwrap();
         assert_eq!(slots.active(), None);
         slots.write(Slot::A, b"one", None).unwrap();
-        slots.activate(Slot::A).unwrap();
+        slots.activate(Slot::A, &model("m", 1)).unwrap();
         assert_eq!(slots.active(), Some(Slot::A));
         slots.write(Slot::B, b"two", Some(b"model two")).unwrap();
         assert_eq!(slots.active(), Some(Slot::A), "writing does not switch");
-        slots.activate(Slot::B).unwrap();
+        slots.activate(Slot::B, &model("m", 2)).unwrap();
         let reopened = Slots::open(dir.path()).unwrap();
         assert_eq!(reopened.active(), Some(Slot::B));
         assert_eq!(reopened.read(Slot::B).unwrap(), b"two");
@@ -189,6 +234,40 @@ mod tests {
         // A full bundle written over a delta's slot takes its model away.
         reopened.write(Slot::B, b"three", None).unwrap();
         assert_eq!(reopened.read_model(Slot::B).unwrap(), None);
+    }
+
+    fn model(name: &str, version: u64) -> ModelRef {
+        ModelRef {
+            name: name.into(),
+            version,
+        }
+    }
+
+    #[test]
+    fn activating_records_the_highest_version_of_each_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let slots = Slots::open(dir.path()).unwrap();
+        assert_eq!(slots.highest("m").unwrap(), None);
+        slots.activate(Slot::A, &model("m", 5)).unwrap();
+        slots.activate(Slot::B, &model("x", 1)).unwrap();
+        // Going back (a rollback) lowers nothing.
+        slots.activate(Slot::A, &model("m", 3)).unwrap();
+        let reopened = Slots::open(dir.path()).unwrap();
+        assert_eq!(reopened.highest("m").unwrap(), Some(5));
+        assert_eq!(reopened.highest("x").unwrap(), Some(1));
+        assert_eq!(reopened.highest("y").unwrap(), None);
+        reopened.record_version(&model("m", 6)).unwrap();
+        assert_eq!(reopened.highest("m").unwrap(), Some(6));
+        // A record that cannot be read is an error: anti-rollback fails closed.
+        fs::write(dir.path().join("slots/highest.json"), "{garbled").unwrap();
+        let error = reopened.highest("m").unwrap_err().to_string();
+        assert!(error.contains("parse"), "{error}");
+        assert!(reopened.activate(Slot::B, &model("m", 7)).is_err());
+        assert_eq!(
+            reopened.active(),
+            Some(Slot::A),
+            "no switch without the record"
+        );
     }
 
     #[test]

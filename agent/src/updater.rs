@@ -51,8 +51,8 @@ pub enum InstallError {
     Oversize { url: String, announced: u64 },
     #[error("the model needs agent version {required} or later; this is {running}")]
     AgentTooOld { required: String, running: String },
-    #[error("the model is for {targets:?}; this device is {arch}")]
-    WrongTarget { targets: Vec<String>, arch: String },
+    #[error(transparent)]
+    WrongTarget(#[from] edgeloop_shared::bundle::TargetMismatch),
     #[error(
         "one inference takes {median_ms:.3} ms here (median), over the model's budget of {budget_ms} ms"
     )]
@@ -110,6 +110,8 @@ pub struct Installer {
     transfer: BundleTransfer,
     /// Where pieces of a bundle fetched over MQTT arrive; none: HTTP only.
     pieces: Option<Pieces>,
+    /// The board this device is, for models that name the boards they are for.
+    board: Option<String>,
 }
 
 /// What a download has been checked for so far: the bundle's framing and signature as it
@@ -163,7 +165,14 @@ impl Installer {
             limits: Limits::default(),
             transfer: BundleTransfer::Http,
             pieces: None,
+            board: None,
         }
+    }
+
+    /// Installs only models for this board (or for any), as well as for this architecture.
+    pub fn on_board(mut self, board: &str) -> Self {
+        self.board = (!board.is_empty()).then(|| board.to_string());
+        self
     }
 
     /// Fetches bundles the way `transfer` says, over MQTT through `pieces`.
@@ -307,7 +316,7 @@ impl Installer {
         verified: &VerifiedBundle,
         active: Option<Slot>,
     ) -> Result<Installed, InstallError> {
-        check_requirements(&verified.manifest.requirements)?;
+        check_requirements(&verified.manifest.requirements, self.board.as_deref())?;
         let slot = active.map_or(Slot::A, Slot::other);
         let expanded = verified.manifest.artifact.delta_base_sha256.is_some();
         self.slots
@@ -325,7 +334,8 @@ impl Installer {
                 });
             }
         }
-        self.slots.activate(slot)?;
+        self.slots
+            .activate(slot, &reverified.manifest.model_ref())?;
         Ok(Installed {
             model: std::sync::Arc::new(model),
             slot,
@@ -354,11 +364,15 @@ impl Installer {
         for slot in [active, active.other()] {
             match self.load_slot(slot) {
                 Ok(model) => {
+                    let serving = model.manifest.model_ref();
                     if slot != active {
                         warn!(?slot, "active slot is unusable; serving the other slot");
-                        if let Err(e) = self.slots.activate(slot) {
+                        if let Err(e) = self.slots.activate(slot, &serving) {
                             warn!(error = %e, "cannot repoint the active slot");
                         }
+                    } else if let Err(e) = self.slots.record_version(&serving) {
+                        // Slots made active by an agent that kept no record get one now.
+                        warn!(error = %e, "cannot record the version served");
                     }
                     info!(model = %model.manifest.model_ref(), ?slot, "serving model");
                     return Some(Installed {
@@ -387,11 +401,17 @@ impl Installer {
                 found: found.to_string(),
             });
         }
-        self.slots.activate(slot)?;
+        self.slots.activate(slot, &found)?;
         Ok(Installed {
             model: std::sync::Arc::new(model),
             slot,
         })
+    }
+
+    /// The highest version of the model `name` this device has made active; an unreadable
+    /// record is an error.
+    pub fn highest_version(&self, name: &str) -> Result<Option<u64>, InstallError> {
+        Ok(self.slots.highest(name)?)
     }
 
     fn load_slot(&self, slot: Slot) -> Result<LoadedModel, InstallError> {
@@ -706,17 +726,24 @@ async fn fetch_mqtt(
 /// Passes through the golden vectors when measuring latency against a budget.
 const LATENCY_ROUNDS: usize = 20;
 
-/// What the manifest asks of the device itself: its agent version and architecture.
+/// What the manifest asks of the device itself: its agent version, architecture and board.
 fn check_requirements(
     requirements: &edgeloop_shared::bundle::Requirements,
+    board: Option<&str>,
 ) -> Result<(), InstallError> {
-    check_requirements_of(requirements, crate::AGENT_VERSION, std::env::consts::ARCH)
+    check_requirements_of(
+        requirements,
+        crate::AGENT_VERSION,
+        std::env::consts::ARCH,
+        board,
+    )
 }
 
 fn check_requirements_of(
     requirements: &edgeloop_shared::bundle::Requirements,
     running: &str,
     arch: &str,
+    board: Option<&str>,
 ) -> Result<(), InstallError> {
     if let Some(required) = &requirements.min_agent_version
         && !bundle::version_at_least(running, required)
@@ -726,13 +753,7 @@ fn check_requirements_of(
             running: running.to_string(),
         });
     }
-    if !requirements.targets.is_empty() && !requirements.targets.iter().any(|t| t == arch) {
-        return Err(InstallError::WrongTarget {
-            targets: requirements.targets.clone(),
-            arch: arch.to_string(),
-        });
-    }
-    Ok(())
+    Ok(requirements.fits(arch, board)?)
 }
 
 /// The first byte of a 206 response's `Content-Range: bytes START-END/TOTAL`.
@@ -1136,25 +1157,46 @@ mod tests {
     }
 
     #[test]
-    fn the_device_must_be_recent_enough_and_of_a_listed_architecture() {
-        use edgeloop_shared::bundle::Requirements;
+    fn the_device_must_be_recent_enough_and_of_a_listed_architecture_and_board() {
+        use edgeloop_shared::bundle::{Requirements, TargetMismatch};
         let needs = |min: Option<&str>, targets: &[&str]| Requirements {
-            latency_budget_ms: None,
             min_agent_version: min.map(str::to_string),
             targets: targets.iter().map(|t| t.to_string()).collect(),
+            ..Requirements::default()
         };
-        assert!(check_requirements_of(&needs(None, &[]), "0.1.0", "x86_64").is_ok());
-        assert!(
-            check_requirements_of(&needs(Some("0.1.0"), &["x86_64"]), "0.1.0", "x86_64").is_ok()
-        );
-        assert!(check_requirements_of(&needs(Some("0.1.2"), &[]), "0.1.10", "x86_64").is_ok());
+        let check =
+            |r: &Requirements, running, arch, board| check_requirements_of(r, running, arch, board);
+        assert!(check(&needs(None, &[]), "0.1.0", "x86_64", None).is_ok());
+        assert!(check(&needs(Some("0.1.0"), &["x86_64"]), "0.1.0", "x86_64", None).is_ok());
+        assert!(check(&needs(Some("0.1.2"), &[]), "0.1.10", "x86_64", None).is_ok());
         assert!(matches!(
-            check_requirements_of(&needs(Some("0.2.0"), &[]), "0.1.9", "x86_64"),
+            check(&needs(Some("0.2.0"), &[]), "0.1.9", "x86_64", None),
             Err(InstallError::AgentTooOld { .. })
         ));
-        let err = check_requirements_of(&needs(None, &["aarch64", "arm"]), "0.1.0", "x86_64")
-            .unwrap_err();
-        assert!(matches!(err, InstallError::WrongTarget { .. }), "{err}");
+        let err = check(&needs(None, &["aarch64", "arm"]), "0.1.0", "x86_64", None).unwrap_err();
+        assert!(
+            matches!(err, InstallError::WrongTarget(TargetMismatch::Arch { .. })),
+            "{err}"
+        );
+        let boards = Requirements {
+            targets: vec!["aarch64".into()],
+            boards: vec!["rpi4".into(), "rpi5".into()],
+            ..Requirements::default()
+        };
+        assert!(check(&boards, "0.1.0", "aarch64", Some("rpi5")).is_ok());
+        let err = check(&boards, "0.1.0", "aarch64", Some("jetson-orin-nano")).unwrap_err();
+        assert!(
+            matches!(err, InstallError::WrongTarget(TargetMismatch::Board { .. })),
+            "{err}"
+        );
+        assert!(err.to_string().contains("a jetson-orin-nano"), "{err}");
+        let err = check(&boards, "0.1.0", "aarch64", None).unwrap_err();
+        assert!(err.to_string().contains("no named board"), "{err}");
+        // The architecture is checked first: a board of the list on the wrong CPU is refused.
+        assert!(matches!(
+            check(&boards, "0.1.0", "x86_64", Some("rpi4")),
+            Err(InstallError::WrongTarget(TargetMismatch::Arch { .. }))
+        ));
     }
 
     const MODEL_V1: &[u8] = include_bytes!("../../controller/assets/vibration/model_v1.onnx");

@@ -91,6 +91,7 @@ impl IntoResponse for ApiError {
                 RolloutError::NoDevices
                 | RolloutError::Plan(_)
                 | RolloutError::NoMatch { .. }
+                | RolloutError::NotForDevices { .. }
                 | RolloutError::DevicesAndTarget,
             )
             | ApiError::Trust(RelayError::Invalid(_) | RelayError::NoRoots) => {
@@ -300,6 +301,8 @@ pub struct PublishBody {
     #[serde(default)]
     pub targets: Vec<String>,
     #[serde(default)]
+    pub boards: Vec<String>,
+    #[serde(default)]
     pub drift: Option<edgeloop_shared::drift::DriftPolicy>,
     /// Lineage: the version this one was trained from, and the training data's SHA-256.
     #[serde(default)]
@@ -395,6 +398,7 @@ async fn publish(
                 latency_budget_ms: body.latency_budget_ms,
                 min_agent_version: body.min_agent_version,
                 targets: body.targets,
+                boards: body.boards,
             },
             drift: body.drift,
             lineage,

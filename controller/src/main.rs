@@ -415,6 +415,10 @@ enum ModelCommand {
         /// default: any.
         #[arg(long, value_delimiter = ',')]
         targets: Vec<String>,
+        /// Boards the model is for (rpi4, rpi5, jetson-orin-nano, beaglebone-black,
+        /// linux-x86_64, linux-aarch64, android-arm64), comma-separated; default: any.
+        #[arg(long, value_delimiter = ',')]
+        boards: Vec<String>,
         /// When a feature and a window count as drifted: a TOML file of drift policy keys
         /// (`method = "ks"`, `ks_alpha = 0.01`, `dataset_share = 0.5`, …); default: PSI
         /// at 0.25.
@@ -1028,6 +1032,7 @@ async fn run() -> anyhow::Result<()> {
                     latency_budget_ms,
                     min_agent_version,
                     targets,
+                    boards,
                     drift_policy,
                     parent_version,
                     training_data,
@@ -1088,6 +1093,7 @@ async fn run() -> anyhow::Result<()> {
                         latency_budget_ms,
                         min_agent_version,
                         targets,
+                        boards,
                     },
                     drift,
                     lineage,

@@ -25,6 +25,8 @@ pub enum PublishError {
     BadName(String),
     #[error("model version must be at least 1")]
     BadVersion,
+    #[error("targets: {0}")]
+    Targets(String),
     #[error(
         "{name} v{version} is not above the newest published version {newest}; versions only go up"
     )]
@@ -210,6 +212,7 @@ pub async fn publish(
     if request.version == 0 {
         return Err(PublishError::BadVersion);
     }
+    check_targets(&request.requirements)?;
     let newest = store
         .models()
         .await?
@@ -261,6 +264,7 @@ pub async fn publish(
             .collect(),
         signed_by: key.id().to_string(),
         lineage: manifest.lineage.clone(),
+        requirements: manifest.requirements.clone(),
     };
     if let Err(e) = store.insert_model(&row).await {
         let _ = std::fs::remove_file(&path);
@@ -389,6 +393,39 @@ pub fn run_gate(
         None => None,
     };
     Ok(gate::judge(&gate.policy, candidate, current))
+}
+
+/// Refuses target architectures and boards no agent is built for, and boards whose
+/// architecture the model leaves out: devices would refuse such a model, or never be offered
+/// it.
+fn check_targets(requirements: &Requirements) -> Result<(), PublishError> {
+    use edgeloop_firmware_targets::{Arch, BOARDS, board};
+    let arches: Vec<&str> = Arch::ALL.iter().map(|a| a.rust_name()).collect();
+    for target in &requirements.targets {
+        if !arches.contains(&target.as_str()) {
+            return Err(PublishError::Targets(format!(
+                "`{target}` is not an architecture the agent is built for ({})",
+                arches.join(", ")
+            )));
+        }
+    }
+    for id in &requirements.boards {
+        let Some(profile) = board(id) else {
+            let known: Vec<&str> = BOARDS.iter().map(|b| b.id).collect();
+            return Err(PublishError::Targets(format!(
+                "board `{id}` is not one of {}",
+                known.join(", ")
+            )));
+        };
+        let arch = profile.arch.rust_name();
+        if !requirements.targets.is_empty() && !requirements.targets.iter().any(|t| t == arch) {
+            return Err(PublishError::Targets(format!(
+                "board `{id}` is {arch}, which the targets {:?} leave out",
+                requirements.targets
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The lineage a gated model is signed with: the request's, with the baseline as parent
@@ -597,6 +634,32 @@ mod tests {
             policy,
             against: None,
         })
+    }
+
+    #[test]
+    fn targets_must_name_known_architectures_and_boards_that_agree() {
+        let needs = |targets: &[&str], boards: &[&str]| Requirements {
+            targets: targets.iter().map(|t| t.to_string()).collect(),
+            boards: boards.iter().map(|b| b.to_string()).collect(),
+            ..Requirements::default()
+        };
+        assert!(check_targets(&needs(&[], &[])).is_ok());
+        assert!(check_targets(&needs(&["x86_64", "aarch64", "arm"], &[])).is_ok());
+        assert!(check_targets(&needs(&["aarch64"], &["rpi4", "jetson-orin-nano"])).is_ok());
+        assert!(check_targets(&needs(&[], &["beaglebone-black"])).is_ok());
+        let refused = |r: Requirements| check_targets(&r).unwrap_err().to_string();
+        let e = refused(needs(&["armv7"], &[]));
+        assert!(
+            e.contains("`armv7` is not an architecture") && e.contains("arm"),
+            "{e}"
+        );
+        let e = refused(needs(&[], &["rpi3"]));
+        assert!(
+            e.contains("board `rpi3` is not one of") && e.contains("rpi4"),
+            "{e}"
+        );
+        let e = refused(needs(&["x86_64"], &["rpi4"]));
+        assert!(e.contains("board `rpi4` is aarch64"), "{e}");
     }
 
     #[tokio::test]

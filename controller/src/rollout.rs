@@ -46,6 +46,12 @@ pub enum RolloutError {
     },
     #[error("name devices, or a group and tags, not both")]
     DevicesAndTarget,
+    #[error("{model} is not for {}", .devices.iter().map(|(d, why)| format!("{d} ({why})")).collect::<Vec<_>>().join(", "))]
+    NotForDevices {
+        model: String,
+        /// Each device with why, as the device itself would say.
+        devices: Vec<(String, String)>,
+    },
     #[error(transparent)]
     Plan(#[from] PlanError),
     #[error("rollout {id} is {status}: cannot {action} it")]
@@ -128,14 +134,61 @@ pub async fn select_devices(
     Ok(devices)
 }
 
-/// Creates a rollout, its first wave open.
+/// The devices of `devices` that the model is for, and those it is not for, with why:
+/// by the architecture and board each reported at enrollment, judged as the device would
+/// judge them. A device that never enrolled reported neither and is kept: it checks the
+/// model itself at install.
+async fn split_by_requirements(
+    store: &dyn Store,
+    requirements: &edgeloop_shared::bundle::Requirements,
+    devices: Vec<String>,
+) -> Result<(Vec<String>, Vec<(String, String)>), RolloutError> {
+    if requirements.targets.is_empty() && requirements.boards.is_empty() {
+        return Ok((devices, Vec::new()));
+    }
+    let known: std::collections::HashMap<String, crate::store::DeviceRow> = store
+        .devices()
+        .await?
+        .into_iter()
+        .map(|d| (d.id.clone(), d))
+        .collect();
+    let mut fit = Vec::with_capacity(devices.len());
+    let mut misfit = Vec::new();
+    for id in devices {
+        let why = known.get(&id).and_then(|d| {
+            crate::store::enrolled_fit(requirements, d.arch.as_deref(), d.board.as_deref()).err()
+        });
+        match why {
+            Some(why) => misfit.push((id, why.to_string())),
+            None => fit.push(id),
+        }
+    }
+    Ok((fit, misfit))
+}
+
+/// Creates a rollout, its first wave open. Devices the model is not for (by the
+/// architecture and board they enrolled with) are left out of a rollout to a group or to
+/// every device, and named ones are refused, so that no wave fails on them.
 pub async fn create(
     store: &dyn Store,
     request: RolloutRequest,
 ) -> Result<RolloutRow, RolloutError> {
     request.plan.validate()?;
     let target = request.target.clone();
+    let named = request.devices.is_some();
     let devices = select_devices(store, request.devices, request.target).await?;
+    let requirements = store
+        .model(&request.name, request.version)
+        .await?
+        .map(|m| m.requirements)
+        .unwrap_or_default();
+    let (devices, left_out) = split_by_requirements(store, &requirements, devices).await?;
+    if !left_out.is_empty() && (named || devices.is_empty()) {
+        return Err(RolloutError::NotForDevices {
+            model: format!("{} v{}", request.name, request.version),
+            devices: left_out,
+        });
+    }
     let now = now_ms();
     let row = store
         .create_rollout(&NewRollout {
@@ -155,12 +208,25 @@ pub async fn create(
         "rollout.create",
         row.id,
         Some(format!(
-            "{what} of {} v{} to {} devices in {} waves{}",
+            "{what} of {} v{} to {} devices in {} waves{}{}",
             row.model_name,
             row.model_version,
             row.deployments.len(),
             row.plan.waves.len(),
-            request.reason.map(|r| format!(": {r}")).unwrap_or_default()
+            request.reason.map(|r| format!(": {r}")).unwrap_or_default(),
+            if left_out.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; left out {} the model is not for: {}",
+                    left_out.len(),
+                    left_out
+                        .iter()
+                        .map(|(d, _)| d.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            }
         )),
     )
     .await;

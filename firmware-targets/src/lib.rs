@@ -17,6 +17,21 @@ pub enum Arch {
     Armv7,
 }
 
+impl Arch {
+    /// Every family, in declaration order.
+    pub const ALL: [Arch; 3] = [Arch::X86_64, Arch::Aarch64, Arch::Armv7];
+
+    /// The name Rust gives the family (`std::env::consts::ARCH` on such a device), as
+    /// model manifests list their target architectures.
+    pub fn rust_name(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "x86_64",
+            Arch::Aarch64 => "aarch64",
+            Arch::Armv7 => "arm",
+        }
+    }
+}
+
 /// One supported board.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BoardProfile {
@@ -107,6 +122,14 @@ mod tests {
             assert!(a.rust_target.starts_with(prefix), "{}", a.id);
         }
         assert_eq!(board("rpi4").map(|b| b.arch), Some(Arch::Aarch64));
+        assert_eq!(Arch::Armv7.rust_name(), "arm");
+        for (i, a) in Arch::ALL.iter().enumerate() {
+            assert!(
+                Arch::ALL[i + 1..]
+                    .iter()
+                    .all(|b| b.rust_name() != a.rust_name())
+            );
+        }
         assert!(board("nope").is_none());
     }
 }

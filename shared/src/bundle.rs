@@ -203,11 +203,46 @@ pub struct Requirements {
     /// empty: any.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub targets: Vec<String>,
+    /// Boards the model is for, by their ids in `edgeloop-firmware-targets` (`rpi4`,
+    /// `jetson-orin-nano`…); empty: any. A device that names no board is none of them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub boards: Vec<String>,
+}
+
+/// Why a device is not one the model is for.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TargetMismatch {
+    #[error("the model is for {targets:?}; this device is {arch}")]
+    Arch { targets: Vec<String>, arch: String },
+    #[error("the model is for the boards {boards:?}; this device is {}",
+        board.as_deref().map_or("no named board".to_string(), |b| format!("a {b}")))]
+    Board {
+        boards: Vec<String>,
+        board: Option<String>,
+    },
 }
 
 impl Requirements {
     pub fn is_empty(&self) -> bool {
         *self == Requirements::default()
+    }
+
+    /// Whether a device of this CPU architecture and board (when it names one) is one the
+    /// model is for.
+    pub fn fits(&self, arch: &str, board: Option<&str>) -> Result<(), TargetMismatch> {
+        if !self.targets.is_empty() && !self.targets.iter().any(|t| t == arch) {
+            return Err(TargetMismatch::Arch {
+                targets: self.targets.clone(),
+                arch: arch.to_string(),
+            });
+        }
+        if !self.boards.is_empty() && !board.is_some_and(|b| self.boards.iter().any(|t| t == b)) {
+            return Err(TargetMismatch::Board {
+                boards: self.boards.clone(),
+                board: board.map(str::to_string),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -1186,6 +1221,7 @@ pub(crate) mod tests {
             latency_budget_ms: Some(5.0),
             min_agent_version: Some("0.2.0".into()),
             targets: vec!["aarch64".into()],
+            boards: vec!["rpi4".into()],
         };
         m.lineage = Some(Lineage {
             parent_version: Some(3),

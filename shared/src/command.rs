@@ -59,22 +59,39 @@ impl CommandAction {
         matches!(self, CommandAction::Rollback(_))
     }
 
-    /// Anti-rollback, given the model the device serves: a deploy of the active model's
-    /// name must raise its version; only a rollback lowers it, and a rollback must lower it,
-    /// within that model. A device serving nothing installs either, to recover.
-    /// An upload changes no model: it is always carried out.
-    pub fn disposition(&self, active: Option<&ModelRef>) -> Result<Disposition, CommandError> {
+    /// Anti-rollback, given the model the device serves and `highest`, the highest version
+    /// of the named model the device has ever made active: a deploy of the active model's
+    /// name must raise its version, and no deploy goes below `highest` (switching to
+    /// another model and back does not reset it); only a rollback lowers a version, and a
+    /// rollback must lower it, within the active model. A deploy of `highest` itself is
+    /// accepted: a version the device left by rolling back may be tried again. A device
+    /// serving nothing installs a rollback, to recover. An upload changes no model: it is
+    /// always carried out.
+    pub fn disposition(
+        &self,
+        active: Option<&ModelRef>,
+        highest: Option<u64>,
+    ) -> Result<Disposition, CommandError> {
         let Some(deploy) = self.deploy() else {
             return Ok(Disposition::Install);
         };
         let target = &deploy.model;
-        let Some(active) = active else {
-            return Ok(Disposition::Install);
-        };
-        if active == target {
+        if active == Some(target) {
             return Ok(Disposition::AlreadyActive);
         }
-        let (version, current) = (target.version, active.version);
+        let version = target.version;
+        let below_highest = highest.filter(|&h| version < h);
+        let Some(active) = active else {
+            return match (self, below_highest) {
+                (CommandAction::Deploy(_), Some(highest)) => Err(CommandError::BelowHighest {
+                    name: target.name.clone(),
+                    version,
+                    highest,
+                }),
+                _ => Ok(Disposition::Install),
+            };
+        };
+        let current = active.version;
         match self {
             CommandAction::Rollback(_) if active.name != target.name => {
                 Err(CommandError::RollbackOtherModel {
@@ -91,6 +108,14 @@ impl CommandAction {
                     active: current,
                 })
             }
+            CommandAction::Deploy(_) => match below_highest {
+                Some(highest) => Err(CommandError::BelowHighest {
+                    name: target.name.clone(),
+                    version,
+                    highest,
+                }),
+                None => Ok(Disposition::Install),
+            },
             _ => Ok(Disposition::Install),
         }
     }
@@ -175,6 +200,15 @@ pub enum CommandError {
         "version {version} is not above the active {active}; only a rollback command installs it"
     )]
     NotAnUpgrade { version: u64, active: u64 },
+    #[error(
+        "version {version} of `{name}` is below version {highest}, which this device has run; \
+         a deploy never goes below it (only a rollback of the active model goes back)"
+    )]
+    BelowHighest {
+        name: String,
+        version: u64,
+        highest: u64,
+    },
     #[error("rollback to version {version} is not below the active {active}")]
     RollbackNotDown { version: u64, active: u64 },
     #[error("a rollback goes back within the active model's versions, and {active} is active")]
@@ -345,7 +379,7 @@ mod tests {
             version: 9,
         };
         assert_eq!(
-            opened.action.disposition(Some(&active)),
+            opened.action.disposition(Some(&active), None),
             Ok(Disposition::Install)
         );
     }
@@ -381,34 +415,94 @@ mod tests {
         let other = CommandAction::Rollback(deploy(model("x", 1)));
         let active = model("m", 2);
         let at = Some(&active);
-        assert_eq!(up.disposition(at), Ok(Disposition::Install));
-        assert_eq!(back.disposition(at), Ok(Disposition::Install));
+        assert_eq!(up.disposition(at, None), Ok(Disposition::Install));
+        assert_eq!(back.disposition(at, None), Ok(Disposition::Install));
         assert_eq!(
-            down.disposition(at),
+            down.disposition(at, None),
             Err(CommandError::NotAnUpgrade {
                 version: 1,
                 active: 2
             })
         );
         assert_eq!(
-            ahead.disposition(at),
+            ahead.disposition(at, None),
             Err(CommandError::RollbackNotDown {
                 version: 3,
                 active: 2
             })
         );
         assert!(matches!(
-            other.disposition(at),
+            other.disposition(at, None),
             Err(CommandError::RollbackOtherModel { .. })
         ));
         let same = CommandAction::Deploy(deploy(model("m", 2)));
-        assert_eq!(same.disposition(at), Ok(Disposition::AlreadyActive));
+        assert_eq!(same.disposition(at, None), Ok(Disposition::AlreadyActive));
         // Another model is installed by a deploy; with nothing serving, anything is.
         let fresh = CommandAction::Deploy(deploy(model("x", 1)));
-        assert_eq!(fresh.disposition(at), Ok(Disposition::Install));
+        assert_eq!(fresh.disposition(at, None), Ok(Disposition::Install));
         for action in [up, down, back, ahead, other] {
-            assert_eq!(action.disposition(None), Ok(Disposition::Install));
+            assert_eq!(action.disposition(None, None), Ok(Disposition::Install));
         }
+    }
+
+    #[test]
+    fn no_deploy_goes_below_the_highest_version_the_device_has_run() {
+        let model = |name: &str, version| ModelRef {
+            name: name.into(),
+            version,
+        };
+        let deploy = |m: ModelRef| {
+            let mut d = command(1).action.deploy().unwrap().clone();
+            d.model = m;
+            CommandAction::Deploy(d)
+        };
+        let rollback = |m: ModelRef| match deploy(m) {
+            CommandAction::Deploy(d) => CommandAction::Rollback(d),
+            _ => unreachable!(),
+        };
+        // The device ran m v5, then switched to x: m v3 is refused, though x is active.
+        let other = model("x", 1);
+        assert_eq!(
+            deploy(model("m", 3)).disposition(Some(&other), Some(5)),
+            Err(CommandError::BelowHighest {
+                name: "m".into(),
+                version: 3,
+                highest: 5
+            })
+        );
+        // The same with nothing serving; a rollback still recovers such a device.
+        assert!(matches!(
+            deploy(model("m", 3)).disposition(None, Some(5)),
+            Err(CommandError::BelowHighest { .. })
+        ));
+        assert_eq!(
+            rollback(model("m", 3)).disposition(None, Some(5)),
+            Ok(Disposition::Install)
+        );
+        // A rollback of the active model goes below the highest, as it names the version;
+        // after it, a deploy back up to the highest (a retry) is accepted, one below is not.
+        let active = model("m", 4);
+        assert_eq!(
+            rollback(model("m", 3)).disposition(Some(&active), Some(5)),
+            Ok(Disposition::Install)
+        );
+        assert_eq!(
+            deploy(model("m", 5)).disposition(Some(&model("m", 3)), Some(5)),
+            Ok(Disposition::Install)
+        );
+        assert!(matches!(
+            deploy(model("m", 4)).disposition(Some(&model("m", 3)), Some(5)),
+            Err(CommandError::BelowHighest { .. })
+        ));
+        assert_eq!(
+            deploy(model("m", 6)).disposition(Some(&other), Some(5)),
+            Ok(Disposition::Install)
+        );
+        let message = deploy(model("m", 3))
+            .disposition(Some(&other), Some(5))
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("below version 5"), "{message}");
     }
 
     #[test]

@@ -49,6 +49,15 @@ pub fn active_model() -> ModelRef {
         version: 2,
     }
 }
+/// The highest version of `name` the device has made active: the model it serves, and
+/// gearbox v4, which it ran before.
+pub fn highest_run(name: &str) -> Option<u64> {
+    match name {
+        "vibration" => Some(2),
+        "gearbox" => Some(4),
+        _ => None,
+    }
+}
 
 /// One file of the catalogue.
 pub struct Fixture {
@@ -122,9 +131,13 @@ pub fn check(file: &str, bytes: &[u8]) -> Result<(), String> {
         let command = signed
             .verify(&trust.signing(), DEVICE, NOW_MS, Some(LAST_SEQ))
             .map_err(|e| e.to_string())?;
+        let highest = command
+            .action
+            .deploy()
+            .and_then(|d| highest_run(&d.model.name));
         command
             .action
-            .disposition(Some(&active_model()))
+            .disposition(Some(&active_model()), highest)
             .map(drop)
             .map_err(|e| e.to_string())
     } else if file.starts_with("trust/") {
@@ -260,6 +273,10 @@ fn bundles() -> Vec<Fixture> {
 }
 
 fn command(seq: u64, version: u64, device: &str, expires_ms: u64) -> Command {
+    command_of("vibration", seq, version, device, expires_ms)
+}
+
+fn command_of(name: &str, seq: u64, version: u64, device: &str, expires_ms: u64) -> Command {
     Command {
         device_id: device.into(),
         seq,
@@ -268,10 +285,10 @@ fn command(seq: u64, version: u64, device: &str, expires_ms: u64) -> Command {
         action: CommandAction::Deploy(DeployAction {
             rollout_id: 7,
             model: ModelRef {
-                name: "vibration".into(),
+                name: name.into(),
                 version,
             },
-            bundle_url: format!("/artifacts/vibration/{version}"),
+            bundle_url: format!("/artifacts/{name}/{version}"),
             bundle_sha256: "5e".repeat(32),
             bundle_size: 4242,
             delta: None,
@@ -345,6 +362,12 @@ fn commands() -> Vec<Fixture> {
             json(&command(101, 1, DEVICE, later), &signing()),
             "only a rollback command installs it",
         ),
+        fixture(
+            "commands/below-highest.json",
+            "a deploy of gearbox v3, which the device ran up to v4 before vibration",
+            json(&command_of("gearbox", 101, 3, DEVICE, later), &signing()),
+            "below version 4, which this device has run",
+        ),
     ]
 }
 
@@ -408,8 +431,9 @@ pub fn readme(catalogue: &[Fixture]) -> String {
          `tests/tests/fixtures.rs` checks that these files are what it makes and that the\n\
          device's checks refuse each one as listed. The device is configured with the root\n\
          key and the old signing key, has applied the rotation document (version 1: the new\n\
-         signing key, the old one revoked), serves vibration v2 and last accepted command\n\
-         sequence 100. Keys come from fixed seeds: test keys, never a fleet's.\n\n\
+         signing key, the old one revoked), serves vibration v2, ran gearbox up to v4 before\n\
+         it, and last accepted command sequence 100. Keys come from fixed seeds: test keys,\n\
+         never a fleet's.\n\n\
          | file | what | refused with |\n|---|---|---|\n",
     );
     for f in catalogue {

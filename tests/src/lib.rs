@@ -144,16 +144,32 @@ impl TestController {
     }
 
     pub async fn publish_example(&self, version: u64) -> ModelRow {
+        self.publish_example_as(MODEL_NAME, version, Default::default())
+            .await
+    }
+
+    /// Publishes the vibration example's `version` under `name`, with these requirements
+    /// (target architectures and boards, latency budget…).
+    pub async fn publish_example_as(
+        &self,
+        name: &str,
+        version: u64,
+        requirements: edgeloop_shared::bundle::Requirements,
+    ) -> ModelRow {
         let (onnx, reference) = match version % 2 {
             1 => (MODEL_V1, REFERENCE_V1),
             _ => (MODEL_V2, REFERENCE_V2),
         };
-        let csv = self.dir.path().join(format!("reference-{version}.csv"));
+        let csv = self
+            .dir
+            .path()
+            .join(format!("reference-{name}-{version}.csv"));
         std::fs::write(&csv, reference).unwrap();
         self.controller
             .publish(PublishRequest {
                 class_labels: CLASS_LABELS.iter().map(|s| s.to_string()).collect(),
-                ..PublishRequest::new(MODEL_NAME, version, onnx, &csv)
+                requirements,
+                ..PublishRequest::new(name, version, onnx, &csv)
             })
             .await
             .expect("publish")

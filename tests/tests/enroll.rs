@@ -217,6 +217,63 @@ async fn a_device_enrolls_waits_for_approval_and_joins_its_group(broker: BrokerC
         },
     )
     .await;
+    // A model for one board: a rollout to the group leaves out the device of another board,
+    // a rollout naming it is refused, and the device of that board installs it.
+    let other = token(&ctl, json!({ "group": "line-a", "uses": 1 })).await;
+    let mut rpi5 = enrollment(other["token"].as_str().unwrap(), "enr-9", &public_key(9));
+    rpi5["board"] = json!("rpi5");
+    let (code, enrolled) = ctl.post_as("x", "/api/v1/enroll", rpi5).await;
+    assert_eq!(code, 200, "{enrolled}");
+    ctl.publish_example_as(
+        "vibration",
+        2,
+        edgeloop_shared::bundle::Requirements {
+            boards: vec!["rpi4".into()],
+            ..Default::default()
+        },
+    )
+    .await;
+    let (code, refused) = ctl
+        .post_rollout(json!({ "model": "vibration", "version": 2, "devices": ["enr-1", "enr-9"] }))
+        .await;
+    assert_eq!(code, 400, "{refused}");
+    let error = refused["error"].as_str().unwrap();
+    assert!(
+        error.contains("vibration v2 is not for enr-9") && error.contains("a rpi5"),
+        "{error}"
+    );
+    assert!(!error.contains("enr-1"), "{error}");
+    let (code, rollout) = ctl
+        .post_rollout(json!({ "model": "vibration", "version": 2, "group": "line-a" }))
+        .await;
+    assert_eq!(code, 201, "{rollout}");
+    ctl.wait_for_model("enr-1", Some(2)).await;
+    // Also later: the engine does not add it to the rollout by itself.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rollout = ctl
+        .get(&format!("/api/v1/rollouts/{}", rollout["id"]))
+        .await;
+    let targeted: Vec<&str> = rollout["deployments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["device_id"].as_str().unwrap())
+        .collect();
+    assert!(targeted.contains(&"enr-1"), "{rollout}");
+    assert!(!targeted.contains(&"enr-9"), "{rollout}");
+    let audit = ctl.get("/api/v1/audit?limit=100").await;
+    assert!(
+        audit
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "rollout.create"
+                && e["detail"]
+                    .as_str()
+                    .is_some_and(|d| d.contains("left out 1 the model is not for: enr-9"))),
+        "{audit}"
+    );
+
     let (code, refused) = ctl
         .post_rollout(json!({ "model": "vibration", "version": 1, "group": "nowhere" }))
         .await;

@@ -178,3 +178,75 @@ async fn the_health_window_survives_restarts_and_too_many_roll_back(broker: Brok
     ctl.stop().await;
 }
 on_both_brokers!(the_health_window_survives_restarts_and_too_many_roll_back);
+
+/// Trains the vibration classifier on `rows` inputs of the synthetic sensor (seed `seed`),
+/// with every label flipped when `inverted`, and publishes it as `version`.
+async fn publish_trained(ctl: &TestController, version: u64, seed: u64, inverted: bool) {
+    use edgeloop_agent::source::{ShiftControl, VibrationGenerator};
+    let mut sensor = VibrationGenerator::new(seed, ShiftControl::default());
+    let (mut rows, mut labels) = (Vec::new(), Vec::new());
+    for _ in 0..2000 {
+        let (row, label) = sensor.labelled_row();
+        rows.push(row.iter().map(|&v| f64::from(v)).collect());
+        labels.push(if inverted { 1 - label } else { label });
+    }
+    let features: Vec<String> = edgeloop_agent::source::VIBRATION_FEATURES
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let trained = edgeloop_controller::trainer::fit(&features, &rows, &labels, &Default::default())
+        .expect("the sensor's data trains");
+    let csv = ctl.dir.path().join(format!("trained-{version}.csv"));
+    std::fs::write(&csv, &trained.reference_csv).unwrap();
+    ctl.controller
+        .publish(edgeloop_controller::registry::PublishRequest {
+            class_labels: vec!["normal".into(), "fault".into()],
+            ..edgeloop_controller::registry::PublishRequest::new(
+                "vibration",
+                version,
+                &trained.onnx,
+                &csv,
+            )
+        })
+        .await
+        .expect("publish");
+}
+
+async fn a_model_less_accurate_on_the_devices_labels_is_rolled_back(broker: BrokerChoice) {
+    let Some(ctl) = TestController::start(broker).await else {
+        eprintln!("skipped: {} is not set", edgeloop_tests::MQTT_URL_VAR);
+        return;
+    };
+    let mut config = ctl.agent_config("guard-3", WINDOW);
+    config.source.labels = true;
+    config.health.window_s = 6;
+    config.health.max_accuracy_drop = 0.3;
+    config.health.min_labels = 100;
+    let agent = ctl.spawn_agent_with(config);
+    ctl.wait_for_model("guard-3", None).await;
+    publish_trained(&ctl, 1, 1, false).await;
+    ctl.controller.rollout("vibration", 1, None).await.unwrap();
+    ctl.wait_for_model("guard-3", Some(1)).await;
+    // v1 labels a few hundred inputs at 100 a second: the baseline.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // v2 learnt the labels the wrong way round: same inputs, so no drift, and its smoke
+    // test passes (its golden vectors are its own outputs), but the labels the device sees
+    // say it is wrong.
+    publish_trained(&ctl, 2, 2, true).await;
+    ctl.controller.rollout("vibration", 2, None).await.unwrap();
+    ctl.wait_for_report("guard-3", "rolled_back", "below the previous model's")
+        .await;
+    ctl.wait_for_model("guard-3", Some(1)).await;
+
+    // v3 learnt them right: committed, with its latency and accuracy in the report.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    publish_trained(&ctl, 3, 3, false).await;
+    ctl.controller.rollout("vibration", 3, None).await.unwrap();
+    ctl.wait_for_report("guard-3", "committed", "labels").await;
+    assert_eq!(ctl.device("guard-3").await.unwrap()["model_version"], 3);
+
+    agent.stop().await;
+    ctl.stop().await;
+}
+on_both_brokers!(a_model_less_accurate_on_the_devices_labels_is_rolled_back);

@@ -184,6 +184,40 @@ async fn loop_end_to_end(broker: BrokerChoice) {
     assert_eq!(rollback["rollback"], true);
     ctl.wait_for_model("pump-a", Some(1)).await;
 
+    // Switching to another model and back does not reset anti-rollback: pump-a has run v2,
+    // so a plain rollout of v1 is refused while another model serves; v2 itself, which it
+    // left by a rollback, may be deployed again.
+    ctl.publish_example_as("gearbox", 1, Default::default())
+        .await;
+    let (status, _) = ctl
+        .post_rollout(json!({"model": "gearbox", "version": 1, "devices": ["pump-a"]}))
+        .await;
+    assert_eq!(status, 201);
+    wait_until("pump-a serves gearbox", Duration::from_secs(30), || async {
+        ctl.device("pump-a").await.unwrap()["model_name"] == "gearbox"
+    })
+    .await;
+    let (status, plain) = ctl
+        .post_rollout(json!({"model": "vibration", "version": 1, "devices": ["pump-a"]}))
+        .await;
+    assert_eq!(status, 201);
+    let path = format!("/api/v1/rollouts/{}", plain["id"]);
+    wait_until(
+        "the device refuses to go below the highest version it has run",
+        Duration::from_secs(30),
+        || async { ctl.get(&path).await["deployments"][0]["status"] == "rejected" },
+    )
+    .await;
+    let refused = ctl.get(&path).await;
+    let detail = refused["deployments"][0]["detail"].as_str().unwrap();
+    assert!(detail.contains("below version 2"), "{detail}");
+    assert_eq!(ctl.device("pump-a").await.unwrap()["model_name"], "gearbox");
+    let (status, _) = ctl
+        .post_rollout(json!({"model": "vibration", "version": 2, "devices": ["pump-a"]}))
+        .await;
+    assert_eq!(status, 201);
+    ctl.wait_for_model("pump-a", Some(2)).await;
+
     // The API refuses what it cannot do, with a status that says why.
     let (status, body) = ctl
         .post_rollout(json!({"model": "vibration", "version": 9}))

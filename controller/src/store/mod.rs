@@ -10,7 +10,7 @@ mod sqlite;
 #[cfg(test)]
 mod tests;
 
-use edgeloop_shared::bundle::Lineage;
+use edgeloop_shared::bundle::{Lineage, Requirements};
 use edgeloop_shared::protocol::{Envelope, ModelRef, OutboxStatus, SampleChunk};
 use serde::{Deserialize, Serialize};
 
@@ -374,6 +374,28 @@ pub struct ModelRow {
     pub signed_by: String,
     /// Where the model comes from and the gates it passed, as signed into its manifest.
     pub lineage: Option<Lineage>,
+    /// What a device must satisfy to run it, as signed into its manifest; rollouts leave
+    /// out the devices whose enrollment shows they do not.
+    #[serde(skip_serializing_if = "Requirements::is_empty")]
+    pub requirements: Requirements,
+}
+
+/// A model's requirements from their stored JSON (none before schema version 8).
+pub(crate) fn parse_requirements(
+    name: &str,
+    version: u64,
+    json: Option<String>,
+) -> Result<Requirements> {
+    json.map_or(Ok(Requirements::default()), |j| {
+        serde_json::from_str(&j)
+            .map_err(|e| StoreError::Corrupt(format!("requirements of {name} v{version}: {e}")))
+    })
+}
+
+/// A model's requirements as stored.
+pub(crate) fn requirements_json(model: &ModelRow) -> Option<String> {
+    (!model.requirements.is_empty())
+        .then(|| serde_json::to_string(&model.requirements).expect("requirements serialize"))
 }
 
 /// A model's lineage from its stored JSON.
@@ -549,6 +571,8 @@ pub(crate) struct Joinable {
     pub model_name: String,
     pub model_version: u64,
     pub target: Target,
+    /// The model's: devices it is not for do not join.
+    pub requirements: Requirements,
 }
 
 /// What the store knows of a device when deciding whether it joins a rollout.
@@ -561,14 +585,32 @@ pub(crate) struct JoinCandidate {
     pub newest_rollout: Option<u64>,
     /// A deployment of the device has not finished.
     pub busy: bool,
+    /// As reported at enrollment.
+    pub arch: Option<String>,
+    pub board: Option<String>,
+}
+
+/// Whether a model with `requirements` is for a device that enrolled with this architecture
+/// and board, judged as the device judges it. A device that never enrolled reported
+/// neither and passes: it checks the model itself at install.
+pub(crate) fn enrolled_fit(
+    requirements: &Requirements,
+    arch: Option<&str>,
+    board: Option<&str>,
+) -> std::result::Result<(), edgeloop_shared::bundle::TargetMismatch> {
+    match arch {
+        Some(arch) => requirements.fits(arch, board),
+        None => Ok(()),
+    }
 }
 
 /// The statuses of [`Joinable`] rollouts, as an SQL list.
 pub(crate) const JOINABLE_STATUSES_SQL: &str = "'in_progress', 'paused', 'completed'";
 
 /// Which devices join which rollouts: a device joins the newest joinable rollout whose
-/// target it matches, unless it already has a deployment in that rollout or a newer one,
-/// has a deployment under way, or runs that version of the model or a newer one.
+/// target it matches and whose model is for it ([`enrolled_fit`]), unless it already has a
+/// deployment in that rollout or a newer one, has a deployment under way, or runs that
+/// version of the model or a newer one.
 pub(crate) fn late_joiners(rollouts: &[Joinable], devices: &[JoinCandidate]) -> Vec<(u64, String)> {
     let mut newest_first: Vec<&Joinable> = rollouts.iter().collect();
     newest_first.sort_by_key(|r| std::cmp::Reverse(r.id));
@@ -576,9 +618,10 @@ pub(crate) fn late_joiners(rollouts: &[Joinable], devices: &[JoinCandidate]) -> 
         .iter()
         .filter(|d| !d.busy)
         .filter_map(|d| {
-            let r = newest_first
-                .iter()
-                .find(|r| r.target.matches_parts(d.group.as_deref(), &d.tags))?;
+            let r = newest_first.iter().find(|r| {
+                r.target.matches_parts(d.group.as_deref(), &d.tags)
+                    && enrolled_fit(&r.requirements, d.arch.as_deref(), d.board.as_deref()).is_ok()
+            })?;
             let runs_it = d
                 .model
                 .as_ref()

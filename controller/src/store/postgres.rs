@@ -10,7 +10,7 @@ use tokio_postgres::{GenericClient, NoTls, Row};
 
 use super::*;
 
-const SCHEMA_VERSION: i32 = 7;
+const SCHEMA_VERSION: i32 = 8;
 /// Serializes migrations of replicas that start at the same time.
 const MIGRATION_LOCK: i64 = 0x6564_6765_6c6f_6f70; // "edgeloop"
 const POOL_SIZE: usize = 16;
@@ -212,6 +212,10 @@ CREATE TABLE model_deltas (
 );
 ";
 
+/// Version 8: what a device must satisfy to run a model (architectures, boards…), so that
+/// rollouts leave out the devices it is not for.
+const SCHEMA_V8: &str = "ALTER TABLE models ADD COLUMN requirements TEXT;";
+
 /// Version 5: each window's dataset-drift share, labelled predictions and accuracy, for
 /// the retraining triggers; the target of a rollout to a group or tags.
 const SCHEMA_V5: &str = "
@@ -321,6 +325,7 @@ impl PgStore {
                 tx.batch_execute(SCHEMA_V5).await?;
                 tx.batch_execute(SCHEMA_V6).await?;
                 tx.batch_execute(SCHEMA_V7).await?;
+                tx.batch_execute(SCHEMA_V8).await?;
                 tx.execute(
                     "INSERT INTO edgeloop_schema (version) VALUES ($1)",
                     &[&SCHEMA_VERSION],
@@ -343,7 +348,10 @@ impl PgStore {
                 if old < 6 {
                     tx.batch_execute(SCHEMA_V6).await?;
                 }
-                tx.batch_execute(SCHEMA_V7).await?;
+                if old < 7 {
+                    tx.batch_execute(SCHEMA_V7).await?;
+                }
+                tx.batch_execute(SCHEMA_V8).await?;
                 tx.execute(
                     "UPDATE edgeloop_schema SET version = $1",
                     &[&SCHEMA_VERSION],
@@ -860,8 +868,8 @@ fn delta_from_row(r: &tokio_postgres::Row, at: usize) -> ModelDelta {
     }
 }
 
-const MODEL_COLUMNS: &str =
-    "name, version, label, created_ms, bundle_sha256, bundle_size, features, signed_by, lineage";
+const MODEL_COLUMNS: &str = "name, version, label, created_ms, bundle_sha256, bundle_size, \
+     features, signed_by, lineage, requirements";
 
 fn model_from_row(r: &Row) -> Result<ModelRow> {
     let name: String = r.get(0);
@@ -871,6 +879,7 @@ fn model_from_row(r: &Row) -> Result<ModelRow> {
         features: serde_json::from_str(&features)
             .map_err(|e| StoreError::Corrupt(format!("features of {name} v{version}: {e}")))?,
         lineage: parse_lineage(&name, version, r.get(8))?,
+        requirements: parse_requirements(&name, version, r.get(9))?,
         name,
         version,
         label: r.get(2),
@@ -1358,7 +1367,7 @@ impl Store for PgStore {
         let inserted = client
             .execute(
                 &format!(
-                    "INSERT INTO models ({MODEL_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                    "INSERT INTO models ({MODEL_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
                      ON CONFLICT (name, version) DO NOTHING"
                 ),
                 &[
@@ -1371,6 +1380,7 @@ impl Store for PgStore {
                     &features,
                     &model.signed_by,
                     &lineage_json(model),
+                    &requirements_json(model),
                 ],
             )
             .await?;
@@ -1540,8 +1550,12 @@ impl Store for PgStore {
         for r in tx
             .query(
                 &format!(
-                    "SELECT id, model_name, model_version, target, plan, current_wave FROM rollouts
-                     WHERE target IS NOT NULL AND NOT rollback AND status IN ({JOINABLE_STATUSES_SQL})"
+                    "SELECT r.id, r.model_name, r.model_version, r.target, r.plan, r.current_wave,
+                            m.requirements
+                     FROM rollouts r
+                     LEFT JOIN models m ON m.name = r.model_name AND m.version = r.model_version
+                     WHERE r.target IS NOT NULL AND NOT r.rollback
+                       AND r.status IN ({JOINABLE_STATUSES_SQL})"
                 ),
                 &[],
             )
@@ -1557,10 +1571,12 @@ impl Store for PgStore {
                 None => RolloutPlan::default(),
             };
             plans.insert(id, (plan.device_timeout_s, r.get::<_, i64>(5)));
+            let (model_name, model_version): (String, u64) = (r.get(1), u(r.get(2)));
             rollouts.push(Joinable {
                 id,
-                model_name: r.get(1),
-                model_version: u(r.get(2)),
+                requirements: parse_requirements(&model_name, model_version, r.get(6))?,
+                model_name,
+                model_version,
                 target,
             });
         }
@@ -1573,7 +1589,8 @@ impl Store for PgStore {
                     "SELECT id, group_name, tags, model_name, model_version,
                             (SELECT MAX(rollout_id) FROM deployments d WHERE d.device_id = devices.id),
                             EXISTS (SELECT 1 FROM deployments d WHERE d.device_id = devices.id
-                                    AND d.status NOT IN ({FINAL_STATES_SQL}))
+                                    AND d.status NOT IN ({FINAL_STATES_SQL})),
+                            arch, board
                      FROM devices"
                 ),
                 &[],
@@ -1583,6 +1600,8 @@ impl Store for PgStore {
             .map(|r| {
                 let id: String = r.get(0);
                 Ok(JoinCandidate {
+                    arch: r.get(7),
+                    board: r.get(8),
                     tags: parse_tags(&id, r.get(2))?,
                     group: r.get(1),
                     model: previous_model(r.get(3), r.get(4)),

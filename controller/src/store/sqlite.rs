@@ -11,7 +11,7 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use super::*;
 
-const SCHEMA_VERSION: i64 = 7;
+const SCHEMA_VERSION: i64 = 8;
 
 pub(super) const SCHEMA_V1: &str = "
 CREATE TABLE seen_messages (
@@ -263,6 +263,10 @@ CREATE TABLE model_deltas (
 );
 ";
 
+/// Version 8: what a device must satisfy to run a model (architectures, boards…), so that
+/// rollouts leave out the devices it is not for.
+const SCHEMA_V8: &str = "ALTER TABLE models ADD COLUMN requirements TEXT;";
+
 impl From<rusqlite::Error> for StoreError {
     fn from(source: rusqlite::Error) -> Self {
         StoreError::Sqlite {
@@ -322,7 +326,10 @@ impl SqliteStore {
                 if version < 6 {
                     tx.execute_batch(SCHEMA_V6).map_err(with_path)?;
                 }
-                tx.execute_batch(SCHEMA_V7).map_err(with_path)?;
+                if version < 7 {
+                    tx.execute_batch(SCHEMA_V7).map_err(with_path)?;
+                }
+                tx.execute_batch(SCHEMA_V8).map_err(with_path)?;
                 tx.pragma_update(None, "user_version", SCHEMA_VERSION)
                     .map_err(with_path)?;
                 tx.commit().map_err(with_path)?;
@@ -804,7 +811,8 @@ fn refresh_rollout_status(tx: &Transaction<'_>, rollout_id: u64) -> Result<()> {
     Ok(())
 }
 
-type StoredModel = (ModelRow, String, Option<String>);
+/// A model row with its features, lineage and requirements as stored (JSON).
+type StoredModel = (ModelRow, String, Option<String>, Option<String>);
 
 fn model_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredModel> {
     Ok((
@@ -818,13 +826,15 @@ fn model_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredModel> {
             features: Vec::new(),
             signed_by: r.get(7)?,
             lineage: None,
+            requirements: Default::default(),
         },
         r.get(6)?,
         r.get(8)?,
+        r.get(9)?,
     ))
 }
 
-fn with_features((mut model, features, lineage): StoredModel) -> Result<ModelRow> {
+fn with_features((mut model, features, lineage, requirements): StoredModel) -> Result<ModelRow> {
     model.features = serde_json::from_str(&features).map_err(|e| {
         StoreError::Corrupt(format!(
             "features of {} v{}: {e}",
@@ -832,6 +842,7 @@ fn with_features((mut model, features, lineage): StoredModel) -> Result<ModelRow
         ))
     })?;
     model.lineage = parse_lineage(&model.name, model.version, lineage)?;
+    model.requirements = parse_requirements(&model.name, model.version, requirements)?;
     Ok(model)
 }
 
@@ -852,8 +863,8 @@ fn delta_from_row(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<ModelDel
     })
 }
 
-const MODEL_COLUMNS: &str =
-    "name, version, label, created_ms, bundle_sha256, bundle_size, features, signed_by, lineage";
+const MODEL_COLUMNS: &str = "name, version, label, created_ms, bundle_sha256, bundle_size, \
+     features, signed_by, lineage, requirements";
 
 fn token_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(TokenRow, String)> {
     Ok((
@@ -1364,7 +1375,7 @@ impl Store for SqliteStore {
         self.call(move |conn| {
             let features = serde_json::to_string(&model.features).expect("strings serialize");
             let inserted = conn.execute(
-                &format!("INSERT OR IGNORE INTO models ({MODEL_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"),
+                &format!("INSERT OR IGNORE INTO models ({MODEL_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"),
                 params![
                     model.name,
                     model.version as i64,
@@ -1375,6 +1386,7 @@ impl Store for SqliteStore {
                     features,
                     model.signed_by,
                     lineage_json(&model),
+                    requirements_json(&model),
                 ],
             )?;
             if inserted == 0 {
@@ -1526,14 +1538,20 @@ impl Store for SqliteStore {
             let tx = conn.transaction()?;
             let mut rollouts = Vec::new();
             let mut plans = std::collections::HashMap::new();
-            let rows: Vec<(i64, String, i64, String, Option<String>, i64)> = tx
+            type Row = (i64, String, i64, String, Option<String>, i64, Option<String>);
+            let rows: Vec<Row> = tx
                 .prepare(&format!(
-                    "SELECT id, model_name, model_version, target, plan, current_wave FROM rollouts
-                     WHERE target IS NOT NULL AND rollback = 0 AND status IN ({JOINABLE_STATUSES_SQL})"
+                    "SELECT r.id, r.model_name, r.model_version, r.target, r.plan, r.current_wave,
+                            m.requirements
+                     FROM rollouts r
+                     LEFT JOIN models m ON m.name = r.model_name AND m.version = r.model_version
+                     WHERE r.target IS NOT NULL AND r.rollback = 0
+                       AND r.status IN ({JOINABLE_STATUSES_SQL})"
                 ))?
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)))?
                 .collect::<rusqlite::Result<_>>()?;
-            for (id, model_name, model_version, target, plan, wave) in rows {
+            for (id, model_name, model_version, target, plan, wave, requirements) in rows {
+                let requirements = parse_requirements(&model_name, u(model_version), requirements)?;
                 let target = serde_json::from_str(&target)
                     .map_err(|e| StoreError::Corrupt(format!("target of rollout {id}: {e}")))?;
                 let plan: RolloutPlan = match plan {
@@ -1542,7 +1560,13 @@ impl Store for SqliteStore {
                     None => RolloutPlan::default(),
                 };
                 plans.insert(u(id), (plan.device_timeout_s, wave));
-                rollouts.push(Joinable { id: u(id), model_name, model_version: u(model_version), target });
+                rollouts.push(Joinable {
+                    id: u(id),
+                    model_name,
+                    model_version: u(model_version),
+                    target,
+                    requirements,
+                });
             }
             if rollouts.is_empty() {
                 return Ok(Vec::new());
@@ -1552,16 +1576,20 @@ impl Store for SqliteStore {
                     "SELECT id, group_name, tags, model_name, model_version,
                             (SELECT MAX(rollout_id) FROM deployments d WHERE d.device_id = devices.id),
                             EXISTS (SELECT 1 FROM deployments d WHERE d.device_id = devices.id
-                                    AND d.status NOT IN ({FINAL_STATES_SQL}))
+                                    AND d.status NOT IN ({FINAL_STATES_SQL})),
+                            arch, board
                      FROM devices"
                 ))?
                 .query_map([], |r| {
                     Ok((r.get::<_, String>(0)?, r.get(1)?, r.get::<_, Option<String>>(2)?, r.get(3)?,
-                        r.get::<_, Option<i64>>(4)?, r.get::<_, Option<i64>>(5)?, r.get::<_, bool>(6)?))
+                        r.get::<_, Option<i64>>(4)?, r.get::<_, Option<i64>>(5)?, r.get::<_, bool>(6)?,
+                        r.get::<_, Option<String>>(7)?, r.get::<_, Option<String>>(8)?))
                 })?
                 .map(|row| {
-                    let (id, group, tags, name, version, newest, busy) = row?;
+                    let (id, group, tags, name, version, newest, busy, arch, board) = row?;
                     Ok(JoinCandidate {
+                        arch,
+                        board,
                         tags: parse_tags(&id, tags)?,
                         model: previous_model(name, version),
                         newest_rollout: newest.map(u),

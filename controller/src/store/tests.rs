@@ -100,6 +100,14 @@ fn model_row(version: u64) -> ModelRow {
             gates: [("quality".to_string(), "passed".to_string())].into(),
             ..Lineage::default()
         }),
+        requirements: match version {
+            2 => Requirements {
+                targets: vec!["aarch64".into()],
+                boards: vec!["rpi4".into()],
+                ..Requirements::default()
+            },
+            _ => Requirements::default(),
+        },
     }
 }
 
@@ -338,7 +346,7 @@ pub async fn suite(store: &dyn Store) {
     assert_eq!(
         store.model("m", 2).await.unwrap(),
         Some(model_row(2)),
-        "lineage kept"
+        "lineage and requirements kept"
     );
     let r2 = store
         .create_rollout(&new_rollout(2, true, &["d2"], 700))
@@ -1305,12 +1313,17 @@ fn a_late_device_joins_only_the_newest_matching_rollout_it_has_not_seen() {
             model_name: "m".into(),
             model_version: 2,
             target: target("a"),
+            requirements: Requirements::default(),
         },
         Joinable {
             id: 5,
             model_name: "m".into(),
             model_version: 3,
             target: target("a"),
+            requirements: Requirements {
+                targets: vec!["aarch64".into()],
+                ..Requirements::default()
+            },
         },
     ];
     let device = |id: &str, model: Option<u64>, newest: Option<u64>, busy: bool| JoinCandidate {
@@ -1323,6 +1336,8 @@ fn a_late_device_joins_only_the_newest_matching_rollout_it_has_not_seen() {
         }),
         newest_rollout: newest,
         busy,
+        arch: None,
+        board: None,
     };
     let joins = late_joiners(
         &rollouts,
@@ -1337,12 +1352,26 @@ fn a_late_device_joins_only_the_newest_matching_rollout_it_has_not_seen() {
                 group: Some("b".into()),
                 ..device("elsewhere", None, None, false)
             },
+            JoinCandidate {
+                arch: Some("aarch64".into()),
+                ..device("arm", None, None, false)
+            },
+            JoinCandidate {
+                arch: Some("x86_64".into()),
+                ..device("x86", None, None, false)
+            },
         ],
     );
     assert_eq!(
         joins,
-        [(5, "new".to_string()), (5, "old-v1".to_string())],
-        "the newest rollout; not who runs v3 already, was in it, is in a newer one, is busy, or is in another group"
+        [
+            (5, "new".to_string()),
+            (5, "old-v1".to_string()),
+            (5, "arm".to_string()),
+            (3, "x86".to_string())
+        ],
+        "the newest rollout whose model is for the device; not who runs v3 already, was in it, \
+         is in a newer one, is busy, or is in another group"
     );
 }
 
@@ -1647,9 +1676,10 @@ async fn a_version_1_sqlite_database_is_migrated_in_place() {
     let version: i64 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 7);
+    assert_eq!(version, 8);
     conn.prepare("SELECT upload_seq, content FROM dataset_parts")
         .unwrap();
+    conn.prepare("SELECT requirements FROM models").unwrap();
     conn.prepare("SELECT base_version, base_sha256 FROM model_deltas")
         .unwrap();
     conn.prepare("SELECT rollback, plan, current_wave, reason FROM rollouts")
