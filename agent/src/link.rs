@@ -514,6 +514,14 @@ impl Link {
                 Some(Ok(Event::Incoming(Packet::Publish(publish)))) => {
                     if publish.topic == self.config.receipts_topic {
                         self.on_receipt(&publish.payload, &mut flight);
+                    } else if !self.config.subscriptions.contains(&publish.topic) {
+                        // A persistent session keeps the subscriptions of an earlier
+                        // configuration (another topic root, another device id): what
+                        // arrives on them is not for this device.
+                        info!(topic = %publish.topic, "unsubscribing from a topic of an earlier session");
+                        if let Err(e) = connection.client.try_unsubscribe(publish.topic.clone()) {
+                            debug!(error = %e, "cannot unsubscribe");
+                        }
                     } else if self.incoming.send(publish).await.is_err() {
                         debug!("agent stopped listening; link stops");
                         break;

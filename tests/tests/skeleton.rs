@@ -637,3 +637,51 @@ async fn models_are_published_through_the_rest_api() {
     );
     ctl.stop().await;
 }
+
+/// A persistent session keeps the subscriptions of an earlier configuration (here another
+/// topic root): what arrives on them is not for the device, so it is dropped and the topic
+/// unsubscribed, never taken for a command or a malformed one.
+async fn topics_of_an_earlier_session_are_dropped(broker: BrokerChoice) {
+    let Some(ctl) = TestController::start(broker).await else {
+        eprintln!("skipped: {} is not set", edgeloop_tests::MQTT_URL_VAR);
+        return;
+    };
+    let old_root = format!("{}-old", ctl.root);
+    let mut config = ctl.agent_config("roamer-1", WINDOW);
+    config.topic_root = old_root.clone();
+    let agent = ctl.spawn_agent_with(config.clone());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    agent.stop().await;
+    config.topic_root = ctl.root.clone();
+    let agent = ctl.spawn_agent_with(config);
+    ctl.wait_for_model("roamer-1", None).await;
+
+    let raw = ctl.raw_client("old-root").await;
+    let old = Topics::new(&old_root).unwrap();
+    for channel in [Channel::Commands, Channel::Receipts, Channel::Chunks] {
+        raw.publish(&old.device("roamer-1", channel).unwrap(), b"{{{{".to_vec())
+            .await;
+    }
+    // A malformed message on its own command topic, as a marker: counted.
+    let commands = Topics::new(&ctl.root)
+        .unwrap()
+        .device("roamer-1", Channel::Commands)
+        .unwrap();
+    raw.publish(&commands, b"{{{{".to_vec()).await;
+    let malformed = || async {
+        ctl.device("roamer-1").await.unwrap()["malformed_messages"]
+            .as_u64()
+            .unwrap()
+    };
+    wait_until(
+        "the agent counts the marker",
+        Duration::from_secs(20),
+        || async { malformed().await >= 1 },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(malformed().await, 1, "only the marker");
+    agent.stop().await;
+    ctl.stop().await;
+}
+on_both_brokers!(topics_of_an_earlier_session_are_dropped);
