@@ -1023,14 +1023,17 @@ impl AgentLoop {
     /// must lower it.
     fn on_deploy(&mut self, seq: u64, command: CommandAction) {
         let active = self.serving.as_ref().map(Serving::model_ref);
-        let disposition = match command.deploy() {
+        let disposition = match command.deploy().filter(|_| !command.is_rollback()) {
             Some(action) => match self.installer.highest_version(&action.model.name) {
                 Ok(highest) => command
                     .disposition(active.as_ref(), highest)
                     .map_err(|e| e.to_string()),
                 Err(e) => Err(format!("anti-rollback record unreadable: {e}")),
             },
-            None => Ok(Disposition::Install),
+            // A rollback goes back within the active model: the record does not matter.
+            None => command
+                .disposition(active.as_ref(), None)
+                .map_err(|e| e.to_string()),
         };
         let rollback = command.is_rollback();
         let Some(action) = command.deploy().cloned() else {
@@ -1292,8 +1295,13 @@ impl AgentLoop {
                     Some((previous, previous_model, baseline))
                         if self.config.health.window_s > 0 && !rollback =>
                     {
+                        // Latency and accuracy are compared within one model's versions:
+                        // another model may be heavier, or label other classes.
+                        let same_model = previous_model.name == action.model.name;
                         let mut watch = Watch::new(seq, action, previous, previous_model, 0);
-                        watch.baseline = baseline;
+                        if same_model {
+                            watch.baseline = baseline;
+                        }
                         self.start_watch(watch);
                     }
                     _ => self.reporter.deployment(
@@ -1414,7 +1422,7 @@ fn count_restart(path: &std::path::Path, slots: &Slots, max_restarts: u32) {
     if watch.restarts > max_restarts && slots.active() != Some(watch.previous) {
         warn!(model = %watch.model, restarts = watch.restarts,
             "restarted too often during the health window; starting on the previous model");
-        if let Err(e) = slots.activate(watch.previous, &watch.previous_model) {
+        if let Err(e) = slots.reactivate(watch.previous) {
             warn!(error = %e, "cannot go back to the previous slot");
         }
     }

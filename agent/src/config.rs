@@ -352,11 +352,13 @@ impl AgentConfig {
             return Err(invalid("health.max_psi", "must be a number ≥ 0 (0: off)"));
         }
         if !(self.health.max_latency_ratio.is_finite()
-            && (self.health.max_latency_ratio == 0.0 || self.health.max_latency_ratio >= 1.0))
+            && (self.health.max_latency_ratio == 0.0
+                || self.health.max_latency_ratio >= crate::health::MIN_LATENCY_RATIO))
         {
             return Err(invalid(
                 "health.max_latency_ratio",
-                "must be 0 (off) or a ratio ≥ 1",
+                "must be 0 (off) or at least 2.5 (latencies are compared by histogram \
+                 bucket, up to 2.5x apart)",
             ));
         }
         if !(0.0..=1.0).contains(&self.health.max_accuracy_drop) {

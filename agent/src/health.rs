@@ -22,7 +22,8 @@ pub struct ServiceRecord {
 
 impl ServiceRecord {
     pub fn observe_latency(&mut self, ms: f64) {
-        if self.latency_ms.is_empty() {
+        // Empty when new; another length only in a record of other bounds: started over.
+        if self.latency_ms.len() != LATENCY_BOUNDS_MS.len() + 1 {
             self.latency_ms = vec![0; LATENCY_BOUNDS_MS.len() + 1];
         }
         self.latency_ms[latency_bucket(ms)] += 1;
@@ -63,10 +64,16 @@ impl ServiceRecord {
     }
 }
 
+/// The smallest latency ratio worth judging: neighbouring latency buckets are up to 2.5×
+/// apart, so a smaller ratio trips on a slowdown that merely crosses a bucket bound.
+pub const MIN_LATENCY_RATIO: f64 = 2.5;
+
 /// The limits of [`compare`], from the agent's `[health]` configuration.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ServiceLimits {
     /// The new model's p99 latency may be at most this many times the old one's (0: off).
+    /// Both are histogram buckets' upper bounds, 2–2.5× apart, so a useful ratio is at
+    /// least [`MIN_LATENCY_RATIO`].
     pub max_latency_ratio: f64,
     /// Inferences each model must have had timed before latency is judged.
     pub min_inferences: u64,
@@ -197,5 +204,9 @@ mod tests {
             serde_json::from_str::<ServiceRecord>("{}").unwrap(),
             ServiceRecord::default()
         );
+        // A record of other histogram bounds starts over rather than misplace counts.
+        let mut odd: ServiceRecord = serde_json::from_str(r#"{"latency_ms": [5, 5]}"#).unwrap();
+        odd.observe_latency(0.3);
+        assert_eq!(odd.timed(), 1);
     }
 }

@@ -146,6 +146,13 @@ impl Slots {
         write_atomic(&self.dir.join(ACTIVE_FILE), slot.name().as_bytes())
     }
 
+    /// Makes `slot` the active one again: a model that was active before (going back
+    /// never raises a version), so the record is not needed, and going back works even
+    /// when the record cannot be read.
+    pub fn reactivate(&self, slot: Slot) -> Result<(), SlotError> {
+        write_atomic(&self.dir.join(ACTIVE_FILE), slot.name().as_bytes())
+    }
+
     /// The highest version of the model `name` this device has made active, if any. A
     /// record that cannot be read is an error, not "none": anti-rollback fails closed.
     pub fn highest(&self, name: &str) -> Result<Option<u64>, SlotError> {
@@ -268,6 +275,9 @@ mod tests {
             Some(Slot::A),
             "no switch without the record"
         );
+        // Going back does not need it.
+        reopened.reactivate(Slot::B).unwrap();
+        assert_eq!(reopened.active(), Some(Slot::B));
     }
 
     #[test]

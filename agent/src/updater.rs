@@ -367,7 +367,13 @@ impl Installer {
                     let serving = model.manifest.model_ref();
                     if slot != active {
                         warn!(?slot, "active slot is unusable; serving the other slot");
-                        if let Err(e) = self.slots.activate(slot, &serving) {
+                        // It records the version when it can; the pointer moves regardless,
+                        // as this slot's model is the only one that serves.
+                        let moved = self.slots.activate(slot, &serving).or_else(|e| {
+                            warn!(error = %e, "cannot record the version served");
+                            self.slots.reactivate(slot)
+                        });
+                        if let Err(e) = moved {
                             warn!(error = %e, "cannot repoint the active slot");
                         }
                     } else if let Err(e) = self.slots.record_version(&serving) {
@@ -401,7 +407,7 @@ impl Installer {
                 found: found.to_string(),
             });
         }
-        self.slots.activate(slot, &found)?;
+        self.slots.reactivate(slot)?;
         Ok(Installed {
             model: std::sync::Arc::new(model),
             slot,

@@ -397,17 +397,22 @@ mod tests {
         assert_eq!(opened.action.deploy(), command(6).action.deploy());
     }
 
-    #[test]
-    fn versions_only_go_down_by_rollback_and_rollbacks_only_go_down() {
-        let model = |name: &str, version| ModelRef {
+    fn model(name: &str, version: u64) -> ModelRef {
+        ModelRef {
             name: name.into(),
             version,
-        };
-        let deploy = |m: ModelRef| {
-            let mut d = command(1).action.deploy().unwrap().clone();
-            d.model = m;
-            d
-        };
+        }
+    }
+
+    /// The deploy action of a valid command, naming `m`.
+    fn deploy(m: ModelRef) -> DeployAction {
+        let mut d = command(1).action.deploy().unwrap().clone();
+        d.model = m;
+        d
+    }
+
+    #[test]
+    fn versions_only_go_down_by_rollback_and_rollbacks_only_go_down() {
         let up = CommandAction::Deploy(deploy(model("m", 3)));
         let down = CommandAction::Deploy(deploy(model("m", 1)));
         let back = CommandAction::Rollback(deploy(model("m", 1)));
@@ -447,19 +452,8 @@ mod tests {
 
     #[test]
     fn no_deploy_goes_below_the_highest_version_the_device_has_run() {
-        let model = |name: &str, version| ModelRef {
-            name: name.into(),
-            version,
-        };
-        let deploy = |m: ModelRef| {
-            let mut d = command(1).action.deploy().unwrap().clone();
-            d.model = m;
-            CommandAction::Deploy(d)
-        };
-        let rollback = |m: ModelRef| match deploy(m) {
-            CommandAction::Deploy(d) => CommandAction::Rollback(d),
-            _ => unreachable!(),
-        };
+        let deploy = |m: ModelRef| CommandAction::Deploy(self::deploy(m));
+        let rollback = |m: ModelRef| CommandAction::Rollback(self::deploy(m));
         // The device ran m v5, then switched to x: m v3 is refused, though x is active.
         let other = model("x", 1);
         assert_eq!(

@@ -18,6 +18,16 @@ async fn token(ctl: &TestController, body: Value) -> Value {
     created
 }
 
+/// The devices a rollout has deployments for.
+fn targeted(rollout: &Value) -> Vec<&str> {
+    rollout["deployments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["device_id"].as_str().unwrap())
+        .collect()
+}
+
 fn enrollment(token: &str, device: &str, key: &str) -> Value {
     json!({
         "token": token, "device_id": device, "public_key": key,
@@ -180,13 +190,11 @@ async fn a_device_enrolls_waits_for_approval_and_joins_its_group(broker: BrokerC
         .post_rollout(json!({ "model": "vibration", "version": 1, "group": "line-a" }))
         .await;
     assert_eq!(code, 201, "{rollout}");
-    let targeted: Vec<&str> = rollout["deployments"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d["device_id"].as_str().unwrap())
-        .collect();
-    assert_eq!(targeted, ["enr-1"], "enr-2 is pending, enr-6 in line-b");
+    assert_eq!(
+        targeted(&rollout),
+        ["enr-1"],
+        "enr-2 is pending, enr-6 in line-b"
+    );
     assert_eq!(rollout["target"], json!({"group": "line-a"}), "{rollout}");
     ctl.wait_for_model("enr-1", Some(1)).await;
     wait_until("the device streams drift windows", WAIT, || async {
@@ -253,14 +261,8 @@ async fn a_device_enrolls_waits_for_approval_and_joins_its_group(broker: BrokerC
     let rollout = ctl
         .get(&format!("/api/v1/rollouts/{}", rollout["id"]))
         .await;
-    let targeted: Vec<&str> = rollout["deployments"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d["device_id"].as_str().unwrap())
-        .collect();
-    assert!(targeted.contains(&"enr-1"), "{rollout}");
-    assert!(!targeted.contains(&"enr-9"), "{rollout}");
+    assert!(targeted(&rollout).contains(&"enr-1"), "{rollout}");
+    assert!(!targeted(&rollout).contains(&"enr-9"), "{rollout}");
     let audit = ctl.get("/api/v1/audit?limit=100").await;
     assert!(
         audit
