@@ -500,7 +500,9 @@ impl AgentLoop {
         // A gap in the input (NaN, a missing column) is the data's fault, not the model's.
         let input_fault = matches!(
             result,
-            Err(RuntimeError::NonFinite { .. } | RuntimeError::WidthMismatch { .. })
+            Err(RuntimeError::NonFinite { .. }
+                | RuntimeError::WidthMismatch { .. }
+                | RuntimeError::NotRepresentable { .. })
         );
         if let Some(watch) = self.watch.as_mut()
             && !input_fault

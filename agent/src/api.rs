@@ -409,10 +409,16 @@ async fn infer(State(state): State<ApiState>, headers: HeaderMap, body: Bytes) -
     .await;
     let (rows, outputs) = match inferred {
         Ok((rows, Ok(outputs))) => (rows, outputs),
-        // What the caller sent: the wrong width, a missing or infinite value.
+        // What the caller sent: the wrong width, a missing or infinite value, a value the
+        // model's input type cannot hold.
         Ok((
             _,
-            Err((i, e @ (RuntimeError::WidthMismatch { .. } | RuntimeError::NonFinite { .. }))),
+            Err((
+                i,
+                e @ (RuntimeError::WidthMismatch { .. }
+                | RuntimeError::NonFinite { .. }
+                | RuntimeError::NotRepresentable { .. }),
+            )),
         )) => {
             metrics.requests_bad.fetch_add(1, Ordering::Relaxed);
             return error(StatusCode::BAD_REQUEST, format!("row {i}: {e}"));

@@ -12,6 +12,8 @@ use serde::Serialize;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 
+use crate::runtime::datum_type;
+
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
     #[error("`{spec}` is not NAME:DIMS[:DTYPE] (for example `image:1x3x224x224:f32`): {reason}")]
@@ -61,7 +63,7 @@ impl FromStr for InputSpec {
         let mut parts: Vec<&str> = spec.rsplitn(3, ':').collect();
         parts.reverse();
         let dtype = match parts.as_slice() {
-            [_, _, last] => match parse_dtype(last) {
+            [_, _, last] => match DType::parse(last) {
                 Some(d) => Some(d),
                 // `image:1x3:f16`: an unknown dtype, not a name with a colon.
                 None if !last.contains('x') && last.parse::<usize>().is_err() => {
@@ -105,29 +107,6 @@ impl FromStr for InputSpec {
             dims,
             dtype,
         })
-    }
-}
-
-fn parse_dtype(s: &str) -> Option<DType> {
-    Some(match s {
-        "f32" => DType::F32,
-        "f64" => DType::F64,
-        "i64" => DType::I64,
-        "i32" => DType::I32,
-        "u8" => DType::U8,
-        "bool" => DType::Bool,
-        _ => return None,
-    })
-}
-
-fn datum_type(d: DType) -> DatumType {
-    match d {
-        DType::F32 => f32::datum_type(),
-        DType::F64 => f64::datum_type(),
-        DType::I64 => i64::datum_type(),
-        DType::I32 => i32::datum_type(),
-        DType::U8 => u8::datum_type(),
-        DType::Bool => bool::datum_type(),
     }
 }
 

@@ -1,9 +1,10 @@
 //! Inference with tract: an ONNX model is typed, optimized and planned once at load, then
 //! run for each input row.
 //!
-//! The skeleton runtime serves models with one f32 input of shape `[batch, features]` and
-//! one f32 output of shape `[batch, classes]` (class scores); the plan is made for a batch
-//! of one.
+//! The runtime serves models with one input of shape `[batch, features]` of any manifest
+//! dtype (f32, f64, i64, i32, u8, bool; values arrive as 32-bit floats and are cast, after
+//! a check that each stands for a value of that type) and one output of shape
+//! `[batch, classes]` (class scores); the plan is made for a batch of one.
 
 use std::sync::Arc;
 
@@ -16,13 +17,22 @@ pub enum RuntimeError {
     #[error("tract cannot load the model: {0}")]
     Load(String),
     #[error(
-        "model input `{name}` must be f32 of shape [batch, features]; the graph declares {declared}"
+        "model input `{name}` must be of shape [batch, features] and of type f32, f64, i64, \
+         i32, u8 or bool; the graph declares {declared}"
     )]
     UnsupportedInput { name: String, declared: String },
     #[error("model expects {expected} input features but {got} were given")]
     WidthMismatch { expected: usize, got: usize },
     #[error("input feature `{feature}` is {value}: only finite values can be inferred")]
     NonFinite { feature: String, value: f32 },
+    #[error(
+        "input feature `{feature}` is {value}, which the model's input type, {dtype}, cannot hold"
+    )]
+    NotRepresentable {
+        feature: String,
+        value: f32,
+        dtype: &'static str,
+    },
     #[error("inference failed: {0}")]
     Run(String),
     #[error("model output has {got} values, expected {expected} class scores")]
@@ -46,6 +56,8 @@ pub struct ModelSignature {
     pub input_name: String,
     /// Width of the input's last axis, when the graph declares it.
     pub input_width: Option<usize>,
+    /// The input's element type (f32 when the graph leaves it open).
+    pub input_dtype: DType,
     pub output_name: String,
 }
 
@@ -76,19 +88,19 @@ pub fn inspect_onnx(onnx: &[u8]) -> Result<ModelSignature, RuntimeError> {
         .map(|d| d.concretize().and_then(|d| d.to_i64().ok()))
         .collect();
     let input_name = model.node(input.node).name.clone();
-    if dims.len() != 2
-        || fact
-            .datum_type
-            .concretize()
-            .is_some_and(|t| t != f32::datum_type())
-    {
+    let input_dtype = match fact.datum_type.concretize() {
+        None => Some(DType::F32),
+        Some(t) => dtype_of(t),
+    };
+    let (2, Some(input_dtype)) = (dims.len(), input_dtype) else {
         return Err(RuntimeError::UnsupportedInput {
             name: input_name,
             declared: format!("{fact:?}"),
         });
-    }
+    };
     Ok(ModelSignature {
         input_name,
+        input_dtype,
         input_width: dims[1].and_then(|w| usize::try_from(w).ok()),
         output_name: model.node(output.node).name.clone(),
     })
@@ -101,12 +113,30 @@ pub struct Prediction {
     pub class: usize,
 }
 
+/// tract's element type for a manifest dtype.
+pub fn datum_type(dtype: DType) -> DatumType {
+    match dtype {
+        DType::F32 => f32::datum_type(),
+        DType::F64 => f64::datum_type(),
+        DType::I64 => i64::datum_type(),
+        DType::I32 => i32::datum_type(),
+        DType::U8 => u8::datum_type(),
+        DType::Bool => bool::datum_type(),
+    }
+}
+
+/// The manifest dtype of one of tract's element types, if it has one.
+pub fn dtype_of(datum: DatumType) -> Option<DType> {
+    DType::ALL.into_iter().find(|&d| datum_type(d) == datum)
+}
+
 /// An ONNX model optimized for `[1, features]` inputs, ready to run.
 #[derive(Debug, Clone)]
 pub struct Plan {
     runnable: Arc<TypedRunnableModel>,
     features: usize,
     classes: usize,
+    dtype: DType,
 }
 
 impl Plan {
@@ -124,7 +154,12 @@ impl Plan {
         }
         let runnable = crate::onnx_ops::onnx()
             .model_for_read(&mut std::io::Cursor::new(onnx))
-            .and_then(|m| m.with_input_fact(0, f32::fact([1, features]).into()))
+            .and_then(|m| {
+                m.with_input_fact(
+                    0,
+                    InferenceFact::dt_shape(datum_type(signature.input_dtype), [1, features]),
+                )
+            })
             .and_then(|m| m.into_optimized())
             .and_then(|m| m.into_runnable())
             .map_err(|e| RuntimeError::Load(format!("{e:#}")))?;
@@ -132,6 +167,7 @@ impl Plan {
             runnable,
             features,
             classes: 0,
+            dtype: signature.input_dtype,
         };
         let zeros = plan.run_raw(&vec![0.0; features])?;
         plan.classes = zeros.len();
@@ -152,9 +188,20 @@ impl Plan {
         self.classes
     }
 
+    /// The input's element type.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
     fn run_raw(&self, row: &[f32]) -> Result<Vec<f32>, RuntimeError> {
-        let input = Tensor::from_shape(&[1, self.features], row)
+        let mut input = Tensor::from_shape(&[1, self.features], row)
             .map_err(|e| RuntimeError::Run(e.to_string()))?;
+        if self.dtype != DType::F32 {
+            input = input
+                .cast_to_dt(datum_type(self.dtype))
+                .map_err(|e| RuntimeError::Run(e.to_string()))?
+                .into_owned();
+        }
         let outputs = self
             .runnable
             .run(tvec!(input.into()))
@@ -176,13 +223,27 @@ impl Plan {
                 got: row.len(),
             });
         }
+        let feature = |i: usize| {
+            feature_names
+                .get(i)
+                .cloned()
+                .unwrap_or_else(|| format!("#{i}"))
+        };
         if let Some((i, &value)) = row.iter().enumerate().find(|(_, v)| !v.is_finite()) {
             return Err(RuntimeError::NonFinite {
-                feature: feature_names
-                    .get(i)
-                    .cloned()
-                    .unwrap_or_else(|| format!("#{i}")),
+                feature: feature(i),
                 value,
+            });
+        }
+        if let Some((i, &value)) = row
+            .iter()
+            .enumerate()
+            .find(|(_, v)| !self.dtype.represents(**v))
+        {
+            return Err(RuntimeError::NotRepresentable {
+                feature: feature(i),
+                value,
+                dtype: self.dtype.name(),
             });
         }
         let scores = self.run_raw(row)?;
@@ -223,6 +284,16 @@ impl LoadedModel {
         check_spec(input)?;
         let features = manifest.reference.features.len();
         let plan = Plan::compile(&bundle.model, features)?;
+        if plan.dtype() != input.dtype {
+            return Err(RuntimeError::UnsupportedInput {
+                name: input.name.clone(),
+                declared: format!(
+                    "{} in the graph but {} in the manifest",
+                    plan.dtype().name(),
+                    input.dtype.name()
+                ),
+            });
+        }
         let declared_classes = manifest.outputs[0].shape.last().copied().flatten();
         if let Some(classes) = declared_classes
             && classes as usize != plan.classes()
@@ -241,14 +312,7 @@ impl LoadedModel {
             manifest,
             plan,
         };
-        let means: Vec<f32> = model
-            .manifest
-            .reference
-            .features
-            .iter()
-            .map(|f| f.mean as f32)
-            .collect();
-        model.infer(&means)?;
+        model.infer(&model.smoke_row())?;
         if let Some(golden) = &model.manifest.golden {
             for (index, vector) in golden.vectors.iter().enumerate() {
                 let got = model.infer(&golden_input(&vector.input))?.scores;
@@ -276,14 +340,7 @@ impl LoadedModel {
             Some(g) if !g.vectors.is_empty() => {
                 g.vectors.iter().map(|v| golden_input(&v.input)).collect()
             }
-            _ => vec![
-                self.manifest
-                    .reference
-                    .features
-                    .iter()
-                    .map(|f| f.mean as f32)
-                    .collect(),
-            ],
+            _ => vec![self.smoke_row()],
         };
         let mut times = Vec::with_capacity(rows.len() * rounds.max(1));
         for _ in 0..rounds.max(1) {
@@ -301,6 +358,24 @@ impl LoadedModel {
         self.plan.infer(row, &self.feature_names)
     }
 
+    /// The reference means, as the nearest values the input type holds (rounded for
+    /// integers, 0 or 1 for bool): the row the smoke test runs.
+    fn smoke_row(&self) -> Vec<f32> {
+        let dtype = self.plan.dtype();
+        self.manifest
+            .reference
+            .features
+            .iter()
+            .map(|f| match dtype {
+                DType::F32 | DType::F64 => f.mean as f32,
+                DType::Bool => f32::from(u8::from(f.mean >= 0.5)),
+                DType::U8 => f.mean.round().clamp(0.0, 255.0) as f32,
+                DType::I32 => f.mean.round().clamp(-2_147_483_648.0, 2_147_483_520.0) as f32,
+                DType::I64 => f.mean.round() as f32,
+            })
+            .collect()
+    }
+
     pub fn feature_names(&self) -> &[String] {
         &self.feature_names
     }
@@ -311,7 +386,7 @@ fn golden_input(input: &[f64]) -> Vec<f32> {
 }
 
 fn check_spec(spec: &TensorSpec) -> Result<(), RuntimeError> {
-    if spec.dtype != DType::F32 || spec.shape.len() != 2 {
+    if spec.shape.len() != 2 {
         return Err(RuntimeError::UnsupportedInput {
             name: spec.name.clone(),
             declared: format!("{:?} {:?}", spec.dtype, spec.shape),

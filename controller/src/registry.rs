@@ -213,13 +213,14 @@ pub async fn publish(
         return Err(PublishError::BadVersion);
     }
     check_targets(&request.requirements)?;
-    let newest = store
+    let earlier: Vec<u64> = store
         .models()
         .await?
         .iter()
         .filter(|m| m.name == name)
         .map(|m| m.version)
-        .max();
+        .collect();
+    let newest = earlier.iter().max().copied();
     if let Some(newest) = newest
         && newest >= request.version
     {
@@ -270,8 +271,21 @@ pub async fn publish(
         let _ = std::fs::remove_file(&path);
         return Err(e.into());
     }
-    // Devices running the previous version fetch a delta instead, when it is worth it.
-    if let Some(base) = newest {
+    // Devices running the previous version, or another earlier one devices run now, fetch
+    // a delta instead, when it is worth it.
+    let running = match store.devices().await {
+        Ok(devices) => devices
+            .into_iter()
+            .filter(|d| d.model_name.as_deref() == Some(name))
+            .filter_map(|d| d.model_version)
+            .filter(|v| earlier.contains(v))
+            .collect(),
+        Err(e) => {
+            warn!(model = name, error = %e, "cannot list the versions devices run");
+            Vec::new()
+        }
+    };
+    for base in delta_bases(newest, &running, request.version) {
         match publish_delta(store, artifacts, key, &row, &published, base).await {
             Ok(Some(delta)) => info!(
                 model = name,
@@ -296,6 +310,30 @@ pub async fn publish(
 
 /// A delta bundle is offered only below this share of the full bundle's size.
 pub const DELTA_WORTH: f64 = 0.8;
+
+/// Most earlier versions a new version gets delta bundles against.
+pub const MAX_DELTA_BASES: usize = 4;
+
+/// The earlier versions a new `version` gets delta bundles against: the newest earlier
+/// one, then the versions devices run now (`running`, one entry per device), the most run
+/// first, at most [`MAX_DELTA_BASES`] in all.
+pub fn delta_bases(newest: Option<u64>, running: &[u64], version: u64) -> Vec<u64> {
+    let mut counts: std::collections::BTreeMap<u64, usize> = std::collections::BTreeMap::new();
+    for &v in running.iter().filter(|&&v| v < version) {
+        *counts.entry(v).or_default() += 1;
+    }
+    let mut by_use: Vec<(u64, usize)> = counts.into_iter().collect();
+    // The most run first; among equals, the newer.
+    by_use.sort_by(|a, b| b.1.cmp(&a.1).then(b.0.cmp(&a.0)));
+    let mut bases: Vec<u64> = newest.into_iter().collect();
+    for (v, _) in by_use {
+        if !bases.contains(&v) {
+            bases.push(v);
+        }
+    }
+    bases.truncate(MAX_DELTA_BASES);
+    bases
+}
 
 /// Makes, checks and records a delta bundle of a model just published (`row`,
 /// `published`) against `base_version` of the same name. `None` when it would not be
@@ -523,6 +561,7 @@ fn build_bundle(
     manifest.label = request.label.clone();
     manifest.created_ms = request.created_ms;
     manifest.inputs[0].name = signature.input_name;
+    manifest.inputs[0].dtype = signature.input_dtype;
     manifest.outputs[0].name = signature.output_name;
     manifest.outputs[0].names = labels;
     manifest.golden = Some(Golden {
@@ -566,6 +605,7 @@ mod tests {
     use crate::demo::{CLASS_LABELS, MODEL_V1, MODEL_V2, REFERENCE_V1, REFERENCE_V2};
     use crate::gate::Segments;
     use crate::store::SqliteStore;
+    use edgeloop_shared::bundle::DType;
     use edgeloop_shared::drift::MAX_CATEGORIES;
 
     const HOLDOUT_V2: &str = concat!(
@@ -634,6 +674,86 @@ mod tests {
             policy,
             against: None,
         })
+    }
+
+    #[tokio::test]
+    async fn models_of_every_input_type_are_published_loaded_and_checked() {
+        use tract_onnx::pb::tensor_proto::DataType as Onnx;
+        let r = Registry::new();
+        // Whole 0/1 values: every input type holds them.
+        let mut reference = String::from("rms,peak,kurtosis,temperature\n");
+        for i in 0..40u32 {
+            let bits: Vec<String> = (0..4).map(|b| ((i >> b) & 1).to_string()).collect();
+            reference.push_str(&bits.join(","));
+            reference.push('\n');
+        }
+        let types = [
+            (Onnx::Double, DType::F64),
+            (Onnx::Int64, DType::I64),
+            (Onnx::Int32, DType::I32),
+            (Onnx::Uint8, DType::U8),
+            (Onnx::Bool, DType::Bool),
+        ];
+        for (version, (onnx_type, dtype)) in (1..).zip(types) {
+            r.publish(
+                version,
+                &crate::trainer::typed_classifier(onnx_type),
+                &reference,
+                None,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{dtype:?}: {e}"));
+            let (_, bundle) = open_published(&r.store, &r.artifacts, &r.key, "vibration", version)
+                .await
+                .unwrap();
+            assert_eq!(bundle.manifest.inputs[0].dtype, dtype);
+            assert!(bundle.manifest.golden.is_some());
+            // The device loads it (golden vectors through the cast) and checks each value.
+            let model = LoadedModel::load(&bundle).unwrap();
+            let prediction = model.infer(&[1.0, 0.0, 1.0, 1.0]).unwrap();
+            assert_eq!(prediction.scores.len(), 2);
+            let (bad, shown) = match dtype {
+                DType::F64 => continue,
+                DType::Bool => (2.0, "bool"),
+                DType::U8 => (-1.0, "u8"),
+                _ => (0.5, dtype.name()),
+            };
+            let err = model.infer(&[1.0, bad, 1.0, 1.0]).unwrap_err();
+            assert!(
+                matches!(&err, RuntimeError::NotRepresentable { feature, .. } if feature == "peak"),
+                "{err}"
+            );
+            assert!(
+                err.to_string()
+                    .contains(&format!("input type, {shown}, cannot")),
+                "{err}"
+            );
+        }
+        // A manifest that says f32 for an i64 graph is refused at load.
+        let (_, mut bundle) = open_published(&r.store, &r.artifacts, &r.key, "vibration", 2)
+            .await
+            .unwrap();
+        bundle.manifest.inputs[0].dtype = DType::F32;
+        let err = LoadedModel::load(&bundle).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("i64 in the graph but f32 in the manifest"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn deltas_are_made_against_the_newest_version_and_those_devices_run() {
+        assert_eq!(delta_bases(None, &[], 1), Vec::<u64>::new());
+        assert_eq!(delta_bases(Some(4), &[], 5), [4]);
+        assert_eq!(delta_bases(Some(4), &[4, 4, 2, 3, 2, 2, 3], 5), [4, 2, 3]);
+        // Versions not below the new one (a device ahead of the registry) are no base.
+        assert_eq!(delta_bases(Some(4), &[7, 5, 1], 5), [4, 1]);
+        assert_eq!(
+            delta_bases(Some(9), &[1, 2, 3, 4, 5, 6, 6], 10),
+            [9, 6, 5, 4],
+            "at most four"
+        );
     }
 
     #[test]

@@ -291,6 +291,12 @@ pub fn node(op: &str, inputs: &[&str], output: &str) -> NodeProto {
 
 /// A graph input or output: f32, shape `[batch, second]` with a symbolic batch.
 pub fn float_value(name: &str, second: i64) -> ValueInfoProto {
+    value(name, DataType::Float, second)
+}
+
+/// A graph input or output of element type `elem`, shape `[batch, second]` with a
+/// symbolic batch.
+pub fn value(name: &str, elem: DataType, second: i64) -> ValueInfoProto {
     let dim = |value| tensor_shape_proto::Dimension {
         value: Some(value),
         ..Default::default()
@@ -299,7 +305,7 @@ pub fn float_value(name: &str, second: i64) -> ValueInfoProto {
         name: name.into(),
         r#type: Some(TypeProto {
             value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                elem_type: DataType::Float as i32,
+                elem_type: elem as i32,
                 shape: Some(TensorShapeProto {
                     dim: vec![
                         dim(tensor_shape_proto::dimension::Value::DimParam(
@@ -450,6 +456,35 @@ pub fn mlp(dims: &[i64], seeds: &[u64]) -> Vec<u8> {
         initializer,
         input: vec![float_value("features", dims[0])],
         output: vec![float_value("scores", *dims.last().unwrap())],
+        ..Default::default()
+    })
+}
+
+/// A classifier of 4 features whose input is of element type `elem` (for tests of the
+/// input types): a cast to f32, a fixed linear layer and a softmax over 2 classes.
+pub fn typed_classifier(elem: DataType) -> Vec<u8> {
+    use tract_onnx::pb::{AttributeProto, attribute_proto};
+    let mut cast = node("Cast", &["features"], "x");
+    cast.attribute.push(AttributeProto {
+        name: "to".into(),
+        r#type: attribute_proto::AttributeType::Int as i32,
+        i: DataType::Float as i64,
+        ..Default::default()
+    });
+    encode_model(GraphProto {
+        name: "typed".into(),
+        node: vec![
+            cast,
+            node("MatMul", &["x", "w"], "logits"),
+            node("Softmax", &["logits"], "scores"),
+        ],
+        initializer: vec![tensor(
+            "w",
+            &[4, 2],
+            vec![1.0, -1.0, 0.5, 0.25, -0.5, 1.0, 0.0, 2.0],
+        )],
+        input: vec![value("features", elem, 4)],
+        output: vec![float_value("scores", 2)],
         ..Default::default()
     })
 }

@@ -100,6 +100,48 @@ pub enum DType {
     Bool,
 }
 
+impl DType {
+    pub const ALL: [DType; 6] = [
+        DType::F32,
+        DType::F64,
+        DType::I64,
+        DType::I32,
+        DType::U8,
+        DType::Bool,
+    ];
+
+    /// The name manifests and command lines use (`f32`, `i64`, `bool`…).
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F64 => "f64",
+            DType::I64 => "i64",
+            DType::I32 => "i32",
+            DType::U8 => "u8",
+            DType::Bool => "bool",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<DType> {
+        DType::ALL.into_iter().find(|d| d.name() == name)
+    }
+
+    /// Whether `value` (as a device receives it, a 32-bit float) stands for a value of
+    /// this type exactly: any finite number for floats, a whole number within range for
+    /// integers, 0 or 1 for booleans.
+    pub fn represents(self, value: f32) -> bool {
+        let whole = value.is_finite() && value.fract() == 0.0;
+        match self {
+            DType::F32 | DType::F64 => value.is_finite(),
+            // ±2^63 is the first f32 beyond i64's range.
+            DType::I64 => whole && value.abs() < 9.223_372e18,
+            DType::I32 => whole && (-2_147_483_648.0..2_147_483_648.0).contains(&value),
+            DType::U8 => whole && (0.0..=255.0).contains(&value),
+            DType::Bool => value == 0.0 || value == 1.0,
+        }
+    }
+}
+
 /// One model input or output.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -875,6 +917,23 @@ impl<'t> StreamCheck<'t> {
 pub(crate) mod tests {
     use super::*;
     use crate::drift::DEFAULT_BINS;
+
+    #[test]
+    fn dtypes_have_their_manifest_names_and_know_what_they_represent() {
+        for d in DType::ALL {
+            assert_eq!(DType::parse(d.name()), Some(d));
+            assert_eq!(serde_json::to_value(d).unwrap(), d.name());
+        }
+        assert_eq!(DType::parse("f16"), None);
+        assert!(DType::F64.represents(0.25) && !DType::F32.represents(f32::NAN));
+        assert!(DType::I64.represents(-3.0) && DType::I64.represents(1e18));
+        assert!(!DType::I64.represents(2.5) && !DType::I64.represents(1e19));
+        assert!(DType::I32.represents(2_000_000_000.0) && !DType::I32.represents(3e9));
+        assert!(DType::U8.represents(255.0) && !DType::U8.represents(256.0));
+        assert!(!DType::U8.represents(-1.0));
+        assert!(DType::Bool.represents(1.0) && DType::Bool.represents(0.0));
+        assert!(!DType::Bool.represents(2.0) && !DType::Bool.represents(0.5));
+    }
 
     pub(crate) fn manifest(version: u64) -> Manifest {
         let names = vec!["a".to_string(), "b".to_string()];

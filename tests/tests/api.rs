@@ -403,3 +403,58 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A model whose input is i64: the numbers a request carries are cast after a check that
+/// each is a whole number; a fraction is a 400 naming the feature and the type.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_of_integer_inputs_is_served_and_fractions_are_refused() {
+    use tract_onnx::pb::tensor_proto::DataType;
+    let ctl = TestController::start(BrokerChoice::Embedded).await.unwrap();
+    let mut config = ctl.agent_config("api-3", WINDOW);
+    let port = free_port();
+    config.api.listen = format!("127.0.0.1:{port}");
+    config.source.kind = SourceKind::Api;
+    let agent = ctl.spawn_agent_with(config);
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    ctl.wait_for_model("api-3", None).await;
+
+    let mut reference = String::from("rms,peak,kurtosis,temperature\n");
+    for i in 0..40u32 {
+        let row: Vec<String> = (0..4).map(|b| ((i >> b) & 1).to_string()).collect();
+        reference.push_str(&row.join(","));
+        reference.push('\n');
+    }
+    let csv = ctl.dir.path().join("integers.csv");
+    std::fs::write(&csv, reference).unwrap();
+    let onnx = edgeloop_controller::trainer::typed_classifier(DataType::Int64);
+    ctl.controller
+        .publish(edgeloop_controller::registry::PublishRequest {
+            class_labels: vec!["normal".into(), "fault".into()],
+            ..edgeloop_controller::registry::PublishRequest::new("vibration", 1, &onnx, &csv)
+        })
+        .await
+        .unwrap();
+    ctl.controller.rollout("vibration", 1, None).await.unwrap();
+    ctl.wait_for_model("api-3", Some(1)).await;
+    let model: Value = get_json(&http, &format!("{base}/v1/model")).await;
+    assert_eq!(model["inputs"][0]["dtype"], "i64", "{model}");
+
+    let infer = format!("{base}/v1/infer");
+    let (status, answer) = post(&http, &infer, json!({"rows": [[1, 0, 1, 1], [0, 1, 0, 0]]})).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(classes(&answer).len(), 2);
+    let (status, refused) = post(&http, &infer, json!({"rows": [[1, 0.5, 1, 1]]})).await;
+    assert_eq!(status, 400, "{refused}");
+    let error = refused["error"].as_str().unwrap();
+    assert!(
+        error.contains("`peak` is 0.5") && error.contains("i64"),
+        "{error}"
+    );
+    // And it keeps serving.
+    let (status, _) = post(&http, &infer, json!({"rows": [[0, 0, 0, 1]]})).await;
+    assert_eq!(status, 200);
+
+    agent.stop().await;
+    ctl.stop().await;
+}
