@@ -138,7 +138,14 @@ async fn a_device_running_the_base_takes_the_delta(broker: BrokerChoice) {
         .model_deltas("vibration", 4)
         .await
         .unwrap();
-    assert_eq!(delta_v4[0].base_version, 3);
+    let mut bases: Vec<u64> = delta_v4.iter().map(|d| d.base_version).collect();
+    bases.sort_unstable();
+    assert_eq!(
+        bases,
+        [2, 3],
+        "the newest earlier version, and v2, which delta-b runs"
+    );
+    let against_v3 = delta_v4.iter().find(|d| d.base_version == 3).unwrap();
     let v2_model = ctl.published_bundle("vibration", 2).await;
     let v4 = ctl
         .controller
@@ -161,8 +168,8 @@ async fn a_device_running_the_base_takes_the_delta(broker: BrokerChoice) {
     action.delta = Some(DeltaOffer {
         base_sha256: v2_model.manifest.artifact.raw_sha256.clone(),
         bundle_url: "/artifacts/vibration/4/delta/3".into(),
-        bundle_sha256: delta_v4[0].bundle_sha256.clone(),
-        bundle_size: delta_v4[0].bundle_size,
+        bundle_sha256: against_v3.bundle_sha256.clone(),
+        bundle_size: against_v3.bundle_size,
     });
     let _sender = ctl
         .send_command(&command, ctl.controller.signing_key(), "lying-offer")
