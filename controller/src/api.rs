@@ -247,12 +247,67 @@ async fn telemetry(
     Ok(Json(s.store.telemetry(device_id(&id)?, limit(&q)?).await?))
 }
 
+/// An hourly aggregate with the hour's own drift scores.
+#[derive(Debug, serde::Serialize)]
+pub struct HourlyView {
+    #[serde(flatten)]
+    pub row: HourlyRow,
+    /// The largest feature PSI of all the hour's inputs together against the model's
+    /// reference (`stats` is rescored the same way); absent when the model's bundle
+    /// cannot be read. `psi_max` stays the worst single window's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub psi_hour: Option<f64>,
+}
+
+/// `GET /api/v1/devices/{id}/telemetry/hourly`: each hour's merged counts rescored
+/// against its model's reference profile and drift policy, as if the hour were one window.
 async fn hourly(
     State(s): State<AppState>,
     Path(id): Path<String>,
     Query(q): Query<LimitQuery>,
-) -> ApiResult<Vec<HourlyRow>> {
-    Ok(Json(s.store.hourly(device_id(&id)?, limit(&q)?).await?))
+) -> ApiResult<Vec<HourlyView>> {
+    use edgeloop_shared::drift::{DriftPolicy, ReferenceProfile, WindowStats};
+    let rows = s.store.hourly(device_id(&id)?, limit(&q)?).await?;
+    let mut profiles: std::collections::HashMap<
+        (String, u64),
+        Option<(ReferenceProfile, DriftPolicy)>,
+    > = std::collections::HashMap::new();
+    let mut views = Vec::with_capacity(rows.len());
+    for mut row in rows {
+        let key = (row.model_name.clone(), row.model_version);
+        if !profiles.contains_key(&key) {
+            let published = crate::registry::open_published(
+                s.store.as_ref(),
+                &s.artifacts,
+                &s.key,
+                &key.0,
+                key.1,
+            )
+            .await;
+            let profile = match published {
+                Ok((_, bundle)) => Some((
+                    bundle.manifest.reference,
+                    bundle.manifest.drift.unwrap_or_default(),
+                )),
+                Err(e) => {
+                    tracing::debug!(model = %key.0, version = key.1, error = %e,
+                        "hourly aggregates not rescored");
+                    None
+                }
+            };
+            profiles.insert(key.clone(), profile);
+        }
+        let mut psi_hour = None;
+        if let Some((profile, policy)) = &profiles[&key]
+            && let Ok(mut stats) = serde_json::from_value::<WindowStats>(row.stats.clone())
+            && stats.rescore(profile, policy).is_ok()
+        {
+            psi_hour = Some(stats.psi_max);
+            row.stats = serde_json::to_value(&stats).expect("window statistics serialize");
+        }
+        views.push(HourlyView { row, psi_hour });
+    }
+    Ok(Json(views))
 }
 
 async fn deployment_events(

@@ -155,6 +155,33 @@ async fn loop_end_to_end(broker: BrokerChoice) {
         );
         assert!(v1[..v1.len() - 1].iter().all(|w| w.1 == WINDOW), "{v1:?}");
         assert!(by_version[&2].iter().all(|w| w.1 == WINDOW));
+
+        // Each hour is scored as one window of all its inputs: PSI is convex in the
+        // distribution, so the hour's is at most its worst window's.
+        let mut merged_hours = 0;
+        let hours = ctl
+            .get(&format!("/api/v1/devices/{id}/telemetry/hourly"))
+            .await;
+        let hours = hours.as_array().unwrap();
+        assert!(!hours.is_empty());
+        for hour in hours {
+            let psi_hour = hour["psi_hour"].as_f64().expect("rescored");
+            // Stored scores are rounded to six significant digits.
+            let psi_max = hour["psi_max"].as_f64().unwrap();
+            assert!(psi_hour <= psi_max * (1.0 + 1e-5) + 1e-6, "{hour}");
+            let stats_psi = hour["stats"]["psi_max"].as_f64().unwrap();
+            assert!(
+                (stats_psi - psi_hour).abs() <= psi_hour * 1e-5 + 1e-6,
+                "{hour}"
+            );
+            // Windows of random inputs differ: their union is strictly closer to the
+            // reference than the worst of them.
+            if hour["windows"].as_u64().unwrap() >= 2 {
+                assert!(psi_hour < psi_max * (1.0 - 1e-4), "{hour}");
+                merged_hours += 1;
+            }
+        }
+        assert!(merged_hours > 0, "an hour of several windows: {hours:?}");
     }
 
     // Anti-rollback: a plain rollout of the older version is refused by the device; a
