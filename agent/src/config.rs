@@ -442,4 +442,21 @@ mod tests {
         ));
         assert!(AgentConfig::load(Some(&dir.path().join("missing.toml"))).is_err());
     }
+
+    #[test]
+    fn the_health_windows_latency_and_accuracy_limits_are_checked() {
+        let with = |change: fn(&mut HealthConfig)| {
+            let mut config = AgentConfig::default();
+            change(&mut config.health);
+            config.validate().map_err(|e| e.to_string())
+        };
+        assert!(with(|h| h.max_latency_ratio = 3.0).is_ok());
+        assert!(with(|h| h.max_accuracy_drop = 0.05).is_ok());
+        let err = with(|h| h.max_latency_ratio = 1.5).unwrap_err();
+        assert!(err.contains("health.max_latency_ratio"), "{err}");
+        assert!(with(|h| h.max_latency_ratio = f64::NAN).is_err());
+        let err = with(|h| h.max_accuracy_drop = 1.5).unwrap_err();
+        assert!(err.contains("health.max_accuracy_drop"), "{err}");
+        assert!(with(|h| h.max_accuracy_drop = -0.1).is_err());
+    }
 }
