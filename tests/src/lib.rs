@@ -259,6 +259,15 @@ impl TestController {
             .expect("a count")
     }
 
+    /// Asserts that one of the last 100 audit entries matches, showing them all if none does.
+    pub async fn assert_audited(&self, what: &str, matches: impl Fn(&Value) -> bool) {
+        let audit = self.get("/api/v1/audit?limit=100").await;
+        assert!(
+            audit.as_array().unwrap().iter().any(matches),
+            "no audit entry {what}: {audit}"
+        );
+    }
+
     pub async fn device(&self, id: &str) -> Option<Value> {
         self.get("/api/v1/devices")
             .await

@@ -263,18 +263,13 @@ async fn a_device_enrolls_waits_for_approval_and_joins_its_group(broker: BrokerC
         .await;
     assert!(targeted(&rollout).contains(&"enr-1"), "{rollout}");
     assert!(!targeted(&rollout).contains(&"enr-9"), "{rollout}");
-    let audit = ctl.get("/api/v1/audit?limit=100").await;
-    assert!(
-        audit
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|e| e["action"] == "rollout.create"
-                && e["detail"]
-                    .as_str()
-                    .is_some_and(|d| d.contains("left out 1 the model is not for: enr-9"))),
-        "{audit}"
-    );
+    ctl.assert_audited("of the left-out device", |e| {
+        e["action"] == "rollout.create"
+            && e["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("left out 1 the model is not for: enr-9"))
+    })
+    .await;
 
     let (code, refused) = ctl
         .post_rollout(json!({ "model": "vibration", "version": 1, "group": "nowhere" }))
@@ -425,15 +420,10 @@ async fn a_preauthorized_key_enrolls_its_device_without_a_token(broker: BrokerCh
         .post_as("x", "/api/v1/enroll", signed_enrollment(20, "pre-3", now))
         .await;
     assert_eq!(code, 403, "the key's one use is spent: {used}");
-    let audit = ctl.get("/api/v1/audit?limit=100").await;
-    assert!(
-        audit
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|e| e["action"] == "key.preauthorize" && e["actor"] == "alice"),
-        "{audit}"
-    );
+    ctl.assert_audited("of the pre-authorization", |e| {
+        e["action"] == "key.preauthorize" && e["actor"] == "alice"
+    })
+    .await;
     agent.stop().await;
     ctl.stop().await;
 }

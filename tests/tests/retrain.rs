@@ -494,16 +494,10 @@ trainer = {{ kind = "webhook", url = "{url}", secret_file = "{}", retries = 3 }}
             .contains("failed 4 times; last: HTTP 500"),
         "{failed}"
     );
-    let audit = ctl.get("/api/v1/audit?limit=100").await;
-    assert!(
-        audit
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|e| e["action"] == "retraining.alert"
-                && e["target"] == format!("retraining/{}", failed["id"])),
-        "{audit}"
-    );
+    ctl.assert_audited("of the retraining alert", |e| {
+        e["action"] == "retraining.alert" && e["target"] == format!("retraining/{}", failed["id"])
+    })
+    .await;
     Loop { ctl, agents }.stop().await;
 }
 on_both_brokers!(a_webhook_trainer_is_signed_retried_and_alerted_on);
