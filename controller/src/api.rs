@@ -276,7 +276,7 @@ async fn hourly(
     for mut row in rows {
         let key = (row.model_name.clone(), row.model_version);
         if !profiles.contains_key(&key) {
-            let published = crate::registry::open_published(
+            let published = crate::registry::published_manifest(
                 s.store.as_ref(),
                 &s.artifacts,
                 &s.key,
@@ -285,10 +285,7 @@ async fn hourly(
             )
             .await;
             let profile = match published {
-                Ok((_, bundle)) => Some((
-                    bundle.manifest.reference,
-                    bundle.manifest.drift.unwrap_or_default(),
-                )),
+                Ok(manifest) => Some((manifest.reference, manifest.drift.unwrap_or_default())),
                 Err(e) => {
                     tracing::debug!(model = %key.0, version = key.1, error = %e,
                         "hourly aggregates not rescored");

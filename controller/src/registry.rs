@@ -382,6 +382,20 @@ pub async fn open_published(
     name: &str,
     version: u64,
 ) -> Result<(u64, VerifiedBundle), PublishError> {
+    let bytes = published_bytes(store, artifacts, name, version).await?;
+    let trusted = TrustedKeys::new([key.public().clone()]);
+    let verified = bundle::verify(&bytes, &trusted, &Limits::default())
+        .map_err(|e| baseline_error(name, version, e))?;
+    Ok((version, verified))
+}
+
+/// A published model's bundle file, read back from the artifact store.
+async fn published_bytes(
+    store: &dyn Store,
+    artifacts: &ArtifactStore,
+    name: &str,
+    version: u64,
+) -> Result<Vec<u8>, PublishError> {
     let row = store
         .model(name, version)
         .await?
@@ -389,17 +403,30 @@ pub async fn open_published(
             name: name.to_string(),
             version,
         })?;
-    let failed = |message: String| PublishError::Baseline {
+    std::fs::read(artifacts.path(name, version, &row.bundle_sha256))
+        .map_err(|e| baseline_error(name, version, e))
+}
+
+fn baseline_error(name: &str, version: u64, e: impl std::fmt::Display) -> PublishError {
+    PublishError::Baseline {
         name: name.to_string(),
         version,
-        message,
-    };
-    let bytes = std::fs::read(artifacts.path(name, version, &row.bundle_sha256))
-        .map_err(|e| failed(e.to_string()))?;
+        message: e.to_string(),
+    }
+}
+
+/// The signed manifest of a published model, without decompressing its artifact.
+pub async fn published_manifest(
+    store: &dyn Store,
+    artifacts: &ArtifactStore,
+    key: &SecretKey,
+    name: &str,
+    version: u64,
+) -> Result<Manifest, PublishError> {
+    let bytes = published_bytes(store, artifacts, name, version).await?;
     let trusted = TrustedKeys::new([key.public().clone()]);
-    let verified =
-        bundle::verify(&bytes, &trusted, &Limits::default()).map_err(|e| failed(e.to_string()))?;
-    Ok((version, verified))
+    bundle::signed_manifest(&bytes, &trusted, &Limits::default())
+        .map_err(|e| baseline_error(name, version, e))
 }
 
 /// Runs the quality gate: the candidate (`onnx` with `features`) and the baseline, if any,
@@ -680,13 +707,7 @@ mod tests {
     async fn models_of_every_input_type_are_published_loaded_and_checked() {
         use tract_onnx::pb::tensor_proto::DataType as Onnx;
         let r = Registry::new();
-        // Whole 0/1 values: every input type holds them.
-        let mut reference = String::from("rms,peak,kurtosis,temperature\n");
-        for i in 0..40u32 {
-            let bits: Vec<String> = (0..4).map(|b| ((i >> b) & 1).to_string()).collect();
-            reference.push_str(&bits.join(","));
-            reference.push('\n');
-        }
+        let reference = crate::trainer::typed_reference_csv();
         let types = [
             (Onnx::Double, DType::F64),
             (Onnx::Int64, DType::I64),

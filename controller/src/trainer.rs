@@ -489,6 +489,18 @@ pub fn typed_classifier(elem: DataType) -> Vec<u8> {
     })
 }
 
+/// Reference data for [`typed_classifier`]: 40 rows of the vibration features holding
+/// whole 0/1 values, which every input type holds.
+pub fn typed_reference_csv() -> String {
+    let mut csv = String::from("rms,peak,kurtosis,temperature\n");
+    for i in 0..40u32 {
+        let row: Vec<String> = (0..4).map(|b| ((i >> b) & 1).to_string()).collect();
+        csv.push_str(&row.join(","));
+        csv.push('\n');
+    }
+    csv
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -806,6 +806,18 @@ fn decompress_delta(artifact: &[u8], base: &[u8], raw_size: u64) -> Result<Vec<u
     Ok(model)
 }
 
+/// The signed manifest at the head of a bundle, its signature checked, without reading
+/// the artifact: for what needs only the manifest (not for installing, which [`verify`]
+/// is for).
+pub fn signed_manifest(
+    bytes: &[u8],
+    trusted: &TrustedKeys,
+    limits: &Limits,
+) -> Result<Manifest, BundleError> {
+    let head = parse_head(bytes, limits)?;
+    Ok(check_head(bytes, &head, trusted)?.0)
+}
+
 /// Checks a bundle while its bytes arrive, so that a download can stop at the first bad
 /// byte: framing and the manifest signature as soon as the head is in (a tampered or
 /// foreign bundle is refused before its artifact is fetched), then the artifact's length
@@ -917,6 +929,31 @@ impl<'t> StreamCheck<'t> {
 pub(crate) mod tests {
     use super::*;
     use crate::drift::DEFAULT_BINS;
+
+    #[test]
+    fn the_signed_manifest_is_read_without_the_artifact() {
+        let key = SecretKey::from_seed([5; 32]);
+        let trusted = TrustedKeys::new([key.public().clone()]);
+        let bytes = pack(manifest(4), &model_bytes(), &key).unwrap();
+        let read = signed_manifest(&bytes, &trusted, &Limits::default()).unwrap();
+        assert_eq!(
+            read,
+            verify(&bytes, &trusted, &Limits::default())
+                .unwrap()
+                .manifest
+        );
+        // The artifact is not read: a cut one still gives the manifest, which verify refuses.
+        let cut = &bytes[..bytes.len() - 10];
+        assert!(signed_manifest(cut, &trusted, &Limits::default()).is_ok());
+        assert!(verify(cut, &trusted, &Limits::default()).is_err());
+        // The signature is checked.
+        let layout = layout(&bytes, &Limits::default()).unwrap();
+        let mut flipped = bytes.clone();
+        flipped[layout.manifest.start + 3] ^= 1;
+        assert!(signed_manifest(&flipped, &trusted, &Limits::default()).is_err());
+        let stranger = TrustedKeys::new([SecretKey::from_seed([6; 32]).public().clone()]);
+        assert!(signed_manifest(&bytes, &stranger, &Limits::default()).is_err());
+    }
 
     #[test]
     fn dtypes_have_their_manifest_names_and_know_what_they_represent() {

@@ -419,14 +419,8 @@ async fn a_model_of_integer_inputs_is_served_and_fractions_are_refused() {
     let http = reqwest::Client::new();
     ctl.wait_for_model("api-3", None).await;
 
-    let mut reference = String::from("rms,peak,kurtosis,temperature\n");
-    for i in 0..40u32 {
-        let row: Vec<String> = (0..4).map(|b| ((i >> b) & 1).to_string()).collect();
-        reference.push_str(&row.join(","));
-        reference.push('\n');
-    }
     let csv = ctl.dir.path().join("integers.csv");
-    std::fs::write(&csv, reference).unwrap();
+    std::fs::write(&csv, edgeloop_controller::trainer::typed_reference_csv()).unwrap();
     let onnx = edgeloop_controller::trainer::typed_classifier(DataType::Int64);
     ctl.controller
         .publish(edgeloop_controller::registry::PublishRequest {
