@@ -463,12 +463,7 @@ async fn infer(State(state): State<ApiState>, headers: HeaderMap, body: Bytes) -
             metrics.observations_dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
-    let labels = model
-        .manifest
-        .outputs
-        .first()
-        .map(|o| o.names.clone())
-        .unwrap_or_default();
+    let labels = model.manifest.served_output().names.clone();
     state
         .recent
         .lock()
@@ -552,7 +547,7 @@ async fn feedback(State(state): State<ApiState>, body: Bytes) -> Response {
             .served
             .get()
             .filter(|m| m.manifest.model_ref() == request.model)
-            .and_then(|m| m.manifest.outputs.first().map(|o| o.names.clone()))
+            .map(|m| m.manifest.served_output().names.clone())
             .unwrap_or_default();
         let label = match &feedback.label {
             Value::String(name) => names.iter().position(|n| n == name).ok_or_else(|| {

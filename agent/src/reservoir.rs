@@ -18,6 +18,12 @@ use rusqlite::{Connection, OptionalExtension, params};
 /// The reservoir's file in the agent's state directory.
 pub const FILE: &str = "reservoir.sqlite";
 
+/// Inputs offered and not kept between two writes of the count of inputs seen. Sampling
+/// needs no write for them but the count; writing it only with a kept input or every this
+/// many inputs makes an input that is not kept cost no transaction. A crash loses at most
+/// this many from the count, which makes the next inputs slightly likelier to be kept.
+const SEEN_WRITE_EVERY: u64 = 256;
+
 /// Bytes counted per stored row besides its values: ids, prediction, label, time, and
 /// SQLite's own overhead, roughly.
 const ROW_OVERHEAD_BYTES: u64 = 64;
@@ -75,8 +81,10 @@ pub struct Reservoir {
     path: PathBuf,
     budget_bytes: u64,
     rng: SmallRng,
-    /// `reservoir_state` as committed, kept here so that an input costs no read.
+    /// `reservoir_state`, kept here so that an input costs no read; `seen` may be ahead of
+    /// the committed one by `unsaved`.
     sampling: Option<Sampling>,
+    unsaved: u64,
 }
 
 /// Whose sample the reservoir holds, how many inputs it has seen and how many it keeps.
@@ -143,6 +151,7 @@ impl Reservoir {
             budget_bytes,
             rng: SmallRng::from_rng(&mut rand::rng()),
             sampling,
+            unsaved: 0,
         })
     }
 
@@ -171,32 +180,12 @@ impl Reservoir {
             return Ok(());
         }
         let row_bytes = values.len() as u64 * 4 + ROW_OVERHEAD_BYTES;
-        let capacity = (self.budget_bytes / row_bytes).max(1);
-        let path = self.path.clone();
-        let err = move |source| ReservoirError::Sqlite {
-            path: path.clone(),
-            source,
-        };
-        let tx = self.conn.transaction().map_err(&err)?;
-        let (seen, capacity) = match &self.sampling {
-            Some(s) if s.model == *model => (s.seen, s.capacity),
-            // A new model: a new sample.
-            _ => {
-                tx.execute("DELETE FROM samples", []).map_err(&err)?;
-                tx.execute(
-                    "INSERT OR REPLACE INTO reservoir_state (id, model_name, model_version, features, seen, capacity)
-                     VALUES (1, ?1, ?2, ?3, 0, ?4)",
-                    params![
-                        model.name,
-                        model.version as i64,
-                        serde_json::to_string(features).expect("names serialize"),
-                        capacity as i64
-                    ],
-                )
-                .map_err(&err)?;
-                (0, capacity)
-            }
-        };
+        let same = self
+            .sampling
+            .as_ref()
+            .filter(|s| s.model == *model)
+            .map(|s| (s.seen, s.capacity));
+        let (seen, capacity) = same.unwrap_or((0, (self.budget_bytes / row_bytes).max(1)));
         let seen = seen + 1;
         let slot = if seen <= capacity {
             Some(seen - 1)
@@ -204,6 +193,36 @@ impl Reservoir {
             let j = self.rng.random_range(0..seen);
             (j < capacity).then_some(j)
         };
+        if let (Some(sampling), None) = (self.sampling.as_mut(), slot)
+            && same.is_some()
+            && self.unsaved + 1 < SEEN_WRITE_EVERY
+        {
+            // Not kept, and the count can wait.
+            sampling.seen = seen;
+            self.unsaved += 1;
+            return Ok(());
+        }
+        let path = self.path.clone();
+        let err = move |source| ReservoirError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(&err)?;
+        if same.is_none() {
+            // A new model: a new sample.
+            tx.execute("DELETE FROM samples", []).map_err(&err)?;
+            tx.execute(
+                "INSERT OR REPLACE INTO reservoir_state (id, model_name, model_version, features, seen, capacity)
+                 VALUES (1, ?1, ?2, ?3, 0, ?4)",
+                params![
+                    model.name,
+                    model.version as i64,
+                    serde_json::to_string(features).expect("names serialize"),
+                    capacity as i64
+                ],
+            )
+            .map_err(&err)?;
+        }
         if let Some(slot) = slot {
             let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
             tx.prepare_cached(
@@ -231,6 +250,22 @@ impl Reservoir {
             seen,
             capacity,
         });
+        self.unsaved = 0;
+        Ok(())
+    }
+
+    /// Writes the count of inputs seen, when inputs not kept have moved it since the last
+    /// write. Dropping the reservoir, as the agent does when it stops, calls it.
+    pub fn flush(&mut self) -> Result<(), ReservoirError> {
+        let Some(sampling) = self.sampling.as_ref().filter(|_| self.unsaved > 0) else {
+            return Ok(());
+        };
+        self.conn
+            .prepare_cached("UPDATE reservoir_state SET seen = ?1")
+            .map_err(self.err())?
+            .execute(params![sampling.seen as i64])
+            .map_err(self.err())?;
+        self.unsaved = 0;
         Ok(())
     }
 
@@ -338,12 +373,9 @@ impl Reservoir {
     pub fn status(&self) -> Result<ReservoirStatus, ReservoirError> {
         let err = self.err();
         let (seen, capacity) = self
-            .conn
-            .query_row("SELECT seen, capacity FROM reservoir_state", [], |r| {
-                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
-            })
-            .optional()
-            .map_err(&err)?
+            .sampling
+            .as_ref()
+            .map(|s| (s.seen, s.capacity))
             .unwrap_or_default();
         let (kept, labelled) = self
             .conn
@@ -358,6 +390,14 @@ impl Reservoir {
             capacity,
             labelled,
         })
+    }
+}
+
+impl Drop for Reservoir {
+    fn drop(&mut self) {
+        if let Err(e) = self.flush() {
+            tracing::warn!("reservoir: the count of inputs seen was not written: {e}");
+        }
     }
 }
 
@@ -510,6 +550,38 @@ mod tests {
         }
         assert!(fifths.iter().all(|&n| (5..=40).contains(&n)), "{fifths:?}");
         assert!(fifths[0] > 0, "old inputs stay in the sample");
+    }
+
+    #[test]
+    fn the_count_of_inputs_seen_is_written_when_it_matters() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.sqlite");
+        let offer_all = |r: &mut Reservoir, from: u32, to: u32| {
+            for i in from..to {
+                r.offer(&model(1), &names(), None, &[i as f32, 0.0], None, None, 0)
+                    .unwrap();
+            }
+        };
+        // 100 rows of capacity; 3000 inputs, most of them not kept.
+        let mut r = Reservoir::open(&path, 7200).unwrap();
+        offer_all(&mut r, 0, 3000);
+        drop(r);
+        let mut r = Reservoir::open(&path, 7200).unwrap();
+        assert_eq!(
+            r.status().unwrap().seen,
+            3000,
+            "a clean stop writes the count"
+        );
+        // A crash (no drop) loses less than one write interval of the count.
+        offer_all(&mut r, 3000, 6000);
+        std::mem::forget(r);
+        let r = Reservoir::open(&path, 7200).unwrap();
+        let seen = r.status().unwrap().seen;
+        assert!(
+            (6000 - SEEN_WRITE_EVERY..=6000).contains(&seen),
+            "{seen} after a crash"
+        );
+        assert_eq!(r.status().unwrap().kept, 100);
     }
 
     #[test]

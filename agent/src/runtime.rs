@@ -3,8 +3,10 @@
 //!
 //! The runtime serves models with one input of shape `[batch, features]` of any manifest
 //! dtype (f32, f64, i64, i32, u8, bool; values arrive as 32-bit floats and are cast, after
-//! a check that each stands for a value of that type) and one output of shape
-//! `[batch, classes]` (class scores); the plan is made for a batch of one.
+//! a check that each stands for a value of that type) and an output of shape
+//! `[batch, classes]` (class scores). A graph may have other outputs beside the scores, such
+//! as the `label` scikit-learn exporters write: they are pruned from the plan, and the class
+//! is the scores' argmax. The plan is made for a batch of one.
 
 use std::sync::Arc;
 
@@ -58,26 +60,41 @@ pub struct ModelSignature {
     pub input_width: Option<usize>,
     /// The input's element type (f32 when the graph leaves it open).
     pub input_dtype: DType,
+    /// The output served as class scores (see [`ModelSignature::scores`]).
     pub output_name: String,
+    /// Every output of the graph, in the graph's order.
+    pub outputs: Vec<OutputSignature>,
+    /// Index in `outputs` of the class scores: the only output, or, of several, the one
+    /// float output of rank 2 (scikit-learn's `probabilities` beside its `label`).
+    pub scores: usize,
 }
 
-/// Reads an ONNX graph's input and output names and the declared input width.
+/// One output of an ONNX graph.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputSignature {
+    pub name: String,
+    /// The element type, when the graph declares one a manifest can name.
+    pub dtype: Option<DType>,
+    /// The declared type and shape, as tract prints them (for error messages).
+    pub declared: String,
+    /// A label output: an integer or string tensor of rank 1.
+    pub is_label: bool,
+}
+
+/// Reads an ONNX graph's input and outputs and the declared input width, and picks the
+/// output served as class scores.
 pub fn inspect_onnx(onnx: &[u8]) -> Result<ModelSignature, RuntimeError> {
-    let model = crate::onnx_ops::onnx()
+    let mut model = crate::onnx_ops::onnx()
         .model_for_read(&mut std::io::Cursor::new(onnx))
         .map_err(|e| RuntimeError::Load(format!("{e:#}")))?;
-    if model.inputs.len() != 1 || model.outputs.len() != 1 {
+    if model.inputs.len() != 1 {
         return Err(RuntimeError::Load(format!(
-            "the model has {} inputs and {} outputs; one of each is supported",
-            model.inputs.len(),
-            model.outputs.len()
+            "the model has {} inputs; one is supported",
+            model.inputs.len()
         )));
     }
     let input = model
         .input_outlets()
-        .map_err(|e| RuntimeError::Load(e.to_string()))?[0];
-    let output = model
-        .output_outlets()
         .map_err(|e| RuntimeError::Load(e.to_string()))?[0];
     let fact = model
         .input_fact(0)
@@ -98,11 +115,101 @@ pub fn inspect_onnx(onnx: &[u8]) -> Result<ModelSignature, RuntimeError> {
             declared: format!("{fact:?}"),
         });
     };
+    // The output types the graph declares are not always filled in (scikit-learn's label
+    // may be left open): type the graph for one row, when its width is known, and read
+    // them from there; otherwise from what analysis infers.
+    let typed = match dims[1] {
+        Some(width) => Some(
+            model
+                .clone()
+                .with_input_fact(
+                    0,
+                    InferenceFact::dt_shape(datum_type(input_dtype), [1, width as usize]),
+                )
+                .and_then(|m| m.into_typed())
+                .map_err(|e| RuntimeError::Load(format!("{e:#}")))?,
+        ),
+        None => {
+            model
+                .analyse(false)
+                .map_err(|e| RuntimeError::Load(format!("{e:#}")))?;
+            None
+        }
+    };
+    let mut outputs = Vec::new();
+    let mut candidates = Vec::new();
+    for (i, &outlet) in model
+        .output_outlets()
+        .map_err(|e| RuntimeError::Load(e.to_string()))?
+        .iter()
+        .enumerate()
+    {
+        let (datum, rank, declared) = match &typed {
+            Some(typed) => {
+                let fact = typed
+                    .output_fact(i)
+                    .map_err(|e| RuntimeError::Load(e.to_string()))?;
+                (
+                    Some(fact.datum_type),
+                    Some(fact.rank()),
+                    format!("{fact:?}"),
+                )
+            }
+            None => {
+                let fact = model
+                    .outlet_fact(outlet)
+                    .map_err(|e| RuntimeError::Load(e.to_string()))?;
+                let rank = fact.shape.rank().concretize().map(|r| r as usize);
+                (fact.datum_type.concretize(), rank, format!("{fact:?}"))
+            }
+        };
+        // tract types integers it reasons about symbolically (a label gathered from
+        // constants) as TDim; the graph's, and onnxruntime's, type is i64.
+        let datum = datum.map(|t| {
+            if t == TDim::datum_type() {
+                i64::datum_type()
+            } else {
+                t
+            }
+        });
+        let float = datum.is_none_or(|t| t.is_float());
+        let integer_or_string = datum.is_some_and(|t| t.is_integer() || t == String::datum_type());
+        if float && rank.is_none_or(|r| r == 2) {
+            candidates.push(i);
+        }
+        outputs.push(OutputSignature {
+            name: model
+                .outlet_label(outlet)
+                .map_or_else(|| model.node(outlet.node).name.clone(), str::to_string),
+            dtype: datum.and_then(dtype_of),
+            declared,
+            is_label: integer_or_string && rank == Some(1),
+        });
+    }
+    let scores = match (outputs.len(), &candidates[..]) {
+        (1, _) => 0,
+        (_, &[one]) => one,
+        _ => {
+            let list: Vec<String> = outputs
+                .iter()
+                .map(|o| format!("`{}` {}", o.name, o.declared))
+                .collect();
+            return Err(RuntimeError::Load(format!(
+                "the model has {} outputs ({}); of several, edgeloop serves the one float output \
+                 of shape [batch, classes] as the class scores, and {} of them are",
+                outputs.len(),
+                list.join(", "),
+                candidates.len()
+            )));
+        }
+    };
     Ok(ModelSignature {
         input_name,
         input_dtype,
         input_width: dims[1].and_then(|w| usize::try_from(w).ok()),
-        output_name: model.node(output.node).name.clone(),
+        output_name: outputs[scores].name.clone(),
+        outputs,
+        scores,
     })
 }
 
@@ -137,6 +244,7 @@ pub struct Plan {
     features: usize,
     classes: usize,
     dtype: DType,
+    output: String,
 }
 
 impl Plan {
@@ -152,8 +260,14 @@ impl Plan {
                 got: features,
             });
         }
+        // Only the scores are computed: the other outputs (a label the graph derives from
+        // them) are pruned when the plan is optimized.
         let runnable = crate::onnx_ops::onnx()
             .model_for_read(&mut std::io::Cursor::new(onnx))
+            .and_then(|m| {
+                let scores = m.output_outlets()?[signature.scores];
+                m.with_output_outlets(&[scores])
+            })
             .and_then(|m| {
                 m.with_input_fact(
                     0,
@@ -168,6 +282,7 @@ impl Plan {
             features,
             classes: 0,
             dtype: signature.input_dtype,
+            output: signature.output_name,
         };
         let zeros = plan.run_raw(&vec![0.0; features])?;
         plan.classes = zeros.len();
@@ -191,6 +306,11 @@ impl Plan {
     /// The input's element type.
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// The name of the graph output served as class scores.
+    pub fn output(&self) -> &str {
+        &self.output
     }
 
     fn run_raw(&self, row: &[f32]) -> Result<Vec<f32>, RuntimeError> {
@@ -294,7 +414,17 @@ impl LoadedModel {
                 ),
             });
         }
-        let declared_classes = manifest.outputs[0].shape.last().copied().flatten();
+        let served = manifest.served_output();
+        // A manifest of several outputs names the served one; a manifest of one output
+        // (the only kind before outputs had kinds) may name it by its node.
+        if manifest.outputs.len() > 1 && served.name != plan.output() {
+            return Err(RuntimeError::Load(format!(
+                "the manifest serves output `{}` as the class scores, but the graph's are `{}`",
+                served.name,
+                plan.output()
+            )));
+        }
+        let declared_classes = served.shape.last().copied().flatten();
         if let Some(classes) = declared_classes
             && classes as usize != plan.classes()
         {

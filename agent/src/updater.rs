@@ -799,12 +799,14 @@ mod tests {
                 dtype: DType::F32,
                 shape: vec![None, Some(1)],
                 names: names.clone(),
+                kind: None,
             }],
             outputs: vec![TensorSpec {
                 name: "y".into(),
                 dtype: DType::F32,
                 shape: vec![None, Some(1)],
                 names: vec![],
+                kind: None,
             }],
             reference: ReferenceProfile::from_columns(
                 &names,

@@ -196,3 +196,47 @@ fn an_unknown_operator_is_refused_by_name() {
     let err = edgeloop_agent::runtime::Plan::compile(&onnx, 4).unwrap_err();
     assert!(err.to_string().contains("Frobnicate"), "{err}");
 }
+
+/// The scikit-learn models have two outputs, `label` and `probabilities`: the agent's
+/// serving runtime (the plan behind `POST /v1/infer`) serves the probabilities as the class
+/// scores, prunes the label, and its class (the scores' argmax) is onnxruntime's label.
+#[test]
+fn sklearn_classifiers_are_served_with_their_probabilities_as_scores() {
+    use edgeloop_agent::runtime::{Plan, inspect_onnx};
+    for name in ["mlp", "scaler_logreg", "random_forest", "gradient_boosting"] {
+        let f = fixture(name);
+        let onnx = std::fs::read(dir().join(f["model"].as_str().unwrap())).unwrap();
+        let signature = inspect_onnx(&onnx).unwrap();
+        assert_eq!(signature.output_name, "probabilities", "{name}");
+        let names: Vec<&str> = signature.outputs.iter().map(|o| o.name.as_str()).collect();
+        assert_eq!(names, ["label", "probabilities"], "{name}");
+        assert!(
+            signature.outputs[0].is_label && !signature.outputs[1].is_label,
+            "{name}: {:?}",
+            signature.outputs
+        );
+        assert_eq!(signature.outputs[0].dtype, Some(DType::I64), "{name}");
+
+        let plan = Plan::compile(&onnx, 4).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(plan.output(), "probabilities");
+        let input = numbers(&f["inputs"][0]);
+        let outputs = f["outputs"].as_array().unwrap();
+        let labels = numbers(&outputs[0]);
+        let probabilities = numbers(&outputs[1]);
+        let classes = shape(&outputs[1])[1];
+        assert_eq!(plan.classes(), classes, "{name}");
+        let features: Vec<String> = (0..4).map(|i| format!("f{i}")).collect();
+        for (r, row) in input.chunks(4).enumerate() {
+            let row: Vec<f32> = row.iter().map(|&x| x as f32).collect();
+            let prediction = plan.infer(&row, &features).unwrap();
+            assert_eq!(prediction.class as f64, labels[r], "{name}: row {r}");
+            for (c, score) in prediction.scores.iter().enumerate() {
+                let want = probabilities[r * classes + c];
+                assert!(
+                    (f64::from(*score) - want).abs() <= 1e-4 + 1e-4 * want.abs(),
+                    "{name}: row {r} class {c}: {score}, onnxruntime {want}"
+                );
+            }
+        }
+    }
+}

@@ -7,8 +7,8 @@ use edgeloop_agent::runtime::{LoadedModel, Plan, RuntimeError, inspect_onnx};
 use edgeloop_agent::slots::write_atomic;
 use edgeloop_agent::source::{SourceError, read_numeric_csv};
 use edgeloop_shared::bundle::{
-    self, BundleError, Golden, GoldenVector, Limits, Lineage, Manifest, Requirements,
-    VerifiedBundle,
+    self, BundleError, Golden, GoldenVector, Limits, Lineage, Manifest, OutputKind, Requirements,
+    TensorSpec, VerifiedBundle,
 };
 use edgeloop_shared::drift::{DriftError, DriftPolicy};
 use edgeloop_shared::signing::{SecretKey, TrustedKeys};
@@ -591,6 +591,28 @@ fn build_bundle(
     manifest.inputs[0].dtype = signature.input_dtype;
     manifest.outputs[0].name = signature.output_name;
     manifest.outputs[0].names = labels;
+    // The graph's other outputs are declared for what they are; a device computes only
+    // the scores. A label output is named as such; any other is left out, as it is never
+    // served.
+    if signature.outputs.len() > 1 {
+        manifest.outputs[0].kind = Some(OutputKind::ClassScores);
+        manifest.outputs.extend(
+            signature
+                .outputs
+                .iter()
+                .enumerate()
+                .filter(|(i, o)| *i != signature.scores && o.is_label)
+                .filter_map(|(_, o)| {
+                    Some(TensorSpec {
+                        name: o.name.clone(),
+                        dtype: o.dtype?,
+                        shape: vec![None],
+                        names: Vec::new(),
+                        kind: Some(OutputKind::ClassLabels),
+                    })
+                }),
+        );
+    }
     manifest.golden = Some(Golden {
         tolerance: GOLDEN_TOLERANCE,
         vectors: golden,

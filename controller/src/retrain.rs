@@ -1232,7 +1232,7 @@ impl Retrainer {
                 reference_csv: &reference,
                 label_column: None,
                 categorical: Vec::new(),
-                class_labels: current.manifest.outputs[0].names.clone(),
+                class_labels: current.manifest.served_output().names.clone(),
                 created_ms: now_ms(),
                 requirements: current.manifest.requirements.clone(),
                 drift: None,

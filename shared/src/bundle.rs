@@ -153,6 +153,23 @@ pub struct TensorSpec {
     /// Feature names along the last axis (inputs) or class labels (outputs).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub names: Vec<String>,
+    /// What an output means (outputs only). Absent: class scores, so a manifest of one
+    /// output reads as it did before outputs had kinds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<OutputKind>,
+}
+
+/// What a model output means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputKind {
+    /// `[batch, classes]` scores, one per class (probabilities or logits): the output a
+    /// device serves, whose argmax is the predicted class.
+    ClassScores,
+    /// `[batch]` the label the graph itself predicts (scikit-learn's `label` output). The
+    /// device does not compute it: the class is the scores' argmax, named by the scores
+    /// output's `names`.
+    ClassLabels,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -350,12 +367,14 @@ impl Manifest {
                 dtype: DType::F32,
                 shape: vec![None, Some(features.len() as u64)],
                 names: features.to_vec(),
+                kind: None,
             }],
             outputs: vec![TensorSpec {
                 name: "probabilities".into(),
                 dtype: DType::F32,
                 shape: vec![None, Some(classes)],
                 names: Vec::new(),
+                kind: None,
             }],
             reference: ReferenceProfile::from_columns(
                 features,
@@ -367,6 +386,15 @@ impl Manifest {
             requirements: Requirements::default(),
             lineage: None,
         })
+    }
+
+    /// The output a device serves: the one of class scores (checked to be exactly one when
+    /// the manifest was verified).
+    pub fn served_output(&self) -> &TensorSpec {
+        self.outputs
+            .iter()
+            .find(|o| o.kind.is_none_or(|k| k == OutputKind::ClassScores))
+            .unwrap_or(&self.outputs[0])
     }
 
     pub fn model_ref(&self) -> crate::protocol::ModelRef {
@@ -392,6 +420,16 @@ impl Manifest {
         }
         if self.inputs.is_empty() || self.outputs.is_empty() {
             return Err(bad("a model needs at least one input and one output".into()));
+        }
+        let scores = self
+            .outputs
+            .iter()
+            .filter(|o| o.kind.is_none_or(|k| k == OutputKind::ClassScores))
+            .count();
+        if scores != 1 {
+            return Err(bad(format!(
+                "a model serves exactly one output of class scores; the manifest declares {scores}"
+            )));
         }
         self.reference
             .validate()
@@ -990,12 +1028,14 @@ pub(crate) mod tests {
                 dtype: DType::F32,
                 shape: vec![None, Some(2)],
                 names: names.clone(),
+                kind: None,
             }],
             outputs: vec![TensorSpec {
                 name: "y".into(),
                 dtype: DType::F32,
                 shape: vec![None, Some(2)],
                 names: vec!["no".into(), "yes".into()],
+                kind: None,
             }],
             reference: ReferenceProfile::from_columns(&names, &columns, DEFAULT_BINS).unwrap(),
             drift: None,
@@ -1377,6 +1417,42 @@ pub(crate) mod tests {
             pack(m, b"x", &key),
             Err(BundleError::MalformedManifest(_))
         ));
+    }
+
+    #[test]
+    fn outputs_declare_their_kinds_and_exactly_one_is_served() {
+        let key = SecretKey::from_seed([5; 32]);
+        let trusted = TrustedKeys::new([key.public().clone()]);
+        let label = TensorSpec {
+            name: "label".into(),
+            dtype: DType::I64,
+            shape: vec![None],
+            names: Vec::new(),
+            kind: Some(OutputKind::ClassLabels),
+        };
+        // The label first, the scores second: the scores are served.
+        let mut m = manifest(1);
+        m.outputs[0].kind = Some(OutputKind::ClassScores);
+        m.outputs.insert(0, label.clone());
+        let verified = verify(&pack(m, b"x", &key).unwrap(), &trusted, &Limits::default()).unwrap();
+        assert_eq!(verified.manifest.served_output().name, "y");
+        assert_eq!(
+            verified.manifest.outputs[0].kind,
+            Some(OutputKind::ClassLabels)
+        );
+        let text = serde_json::to_string(&verified.manifest.outputs).unwrap();
+        assert!(text.contains(r#""kind":"class_labels""#), "{text}");
+        // A manifest of one output without a kind (as before kinds existed) serves it.
+        assert_eq!(manifest(1).served_output().name, "y");
+        // Labels alone, or two outputs of scores, leave nothing or too much to serve.
+        let mut m = manifest(1);
+        m.outputs = vec![label];
+        let err = pack(m, b"x", &key).unwrap_err();
+        assert!(err.to_string().contains("declares 0"), "{err}");
+        let mut m = manifest(1);
+        m.outputs.push(m.outputs[0].clone());
+        let err = pack(m, b"x", &key).unwrap_err();
+        assert!(err.to_string().contains("declares 2"), "{err}");
     }
 
     /// Runs a stream check over `bytes` fed in pieces of `piece` bytes.

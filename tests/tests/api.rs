@@ -452,3 +452,95 @@ async fn a_model_of_integer_inputs_is_served_and_fractions_are_refused() {
     agent.stop().await;
     ctl.stop().await;
 }
+
+/// A scikit-learn classifier exported by skl2onnx (outputs `label` and `probabilities`,
+/// from the agent's compatibility suite) is published, rolled out and served: the manifest
+/// declares both outputs and what each means, and the API answers onnxruntime's classes
+/// and probabilities.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sklearn_classifier_with_label_and_probabilities_outputs_is_served() {
+    let compat = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent/tests/compat");
+    let onnx = std::fs::read(compat.join("gradient_boosting.onnx")).unwrap();
+    let fixture: Value =
+        serde_json::from_slice(&std::fs::read(compat.join("gradient_boosting.json")).unwrap())
+            .unwrap();
+    let ctl = TestController::start(BrokerChoice::Embedded).await.unwrap();
+    let mut config = ctl.agent_config("api-4", WINDOW);
+    let port = free_port();
+    config.api.listen = format!("127.0.0.1:{port}");
+    config.source.kind = SourceKind::Api;
+    let agent = ctl.spawn_agent_with(config);
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    ctl.wait_for_model("api-4", None).await;
+
+    // Reference data in the range the model was trained on (make_classification, × 3 + 5).
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let mut uniform = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let mut csv = String::from("a,b,c,d\n");
+    for _ in 0..300 {
+        let row: Vec<String> = (0..4)
+            .map(|_| format!("{:.4}", 5.0 + 12.0 * (uniform() - 0.5)))
+            .collect();
+        csv.push_str(&row.join(","));
+        csv.push('\n');
+    }
+    let path = ctl.dir.path().join("sklearn.csv");
+    std::fs::write(&path, csv).unwrap();
+    ctl.controller
+        .publish(edgeloop_controller::registry::PublishRequest {
+            class_labels: vec!["normal".into(), "fault".into()],
+            ..edgeloop_controller::registry::PublishRequest::new("vibration", 1, &onnx, &path)
+        })
+        .await
+        .unwrap();
+    ctl.controller.rollout("vibration", 1, None).await.unwrap();
+    ctl.wait_for_model("api-4", Some(1)).await;
+
+    let model: Value = get_json(&http, &format!("{base}/v1/model")).await;
+    let outputs = &model["outputs"];
+    assert_eq!(outputs[0]["name"], "probabilities", "{model}");
+    assert_eq!(outputs[0]["kind"], "class_scores", "{model}");
+    assert_eq!(outputs[0]["names"], json!(["normal", "fault"]), "{model}");
+    assert_eq!(outputs[1]["name"], "label", "{model}");
+    assert_eq!(outputs[1]["kind"], "class_labels", "{model}");
+    assert_eq!(outputs[1]["dtype"], "i64", "{model}");
+
+    let input: Vec<f64> = fixture["inputs"][0]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let rows: Vec<Vec<f64>> = input.chunks(4).map(<[f64]>::to_vec).collect();
+    let (status, answer) = post(&http, &format!("{base}/v1/infer"), json!({ "rows": rows })).await;
+    assert_eq!(status, 200, "{answer}");
+    let expected: Vec<u64> = fixture["outputs"][0]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert_eq!(classes(&answer), expected, "{answer}");
+    let probabilities = fixture["outputs"][1]["data"].as_array().unwrap();
+    for (r, output) in answer["outputs"].as_array().unwrap().iter().enumerate() {
+        for (c, score) in output["scores"].as_array().unwrap().iter().enumerate() {
+            let (got, want) = (
+                score.as_f64().unwrap(),
+                probabilities[r * 2 + c].as_f64().unwrap(),
+            );
+            assert!(
+                (got - want).abs() < 1e-4,
+                "row {r} class {c}: {got} vs {want}"
+            );
+        }
+    }
+
+    agent.stop().await;
+    ctl.stop().await;
+}
