@@ -307,7 +307,10 @@ impl ShapedModel {
         }
         let plan = model
             .into_optimized()
-            .and_then(|m| m.into_runnable())
+            .and_then(|mut m| {
+                crate::onnx_ops::index_tree_ensembles(&mut m)?;
+                m.into_runnable()
+            })
             .map_err(load)?;
         Ok(ShapedModel {
             plan,

@@ -309,3 +309,255 @@ impl Expansion for BinaryTreeClassifier {
         Ok(tvec!(label[0], probabilities[0]))
     }
 }
+
+/// Replaces every tree ensemble of an optimized model by [`IndexedTreeEnsemble`], which
+/// evaluates the same trees (the same data, the same comparisons and aggregation) with
+/// direct indexing. tract 0.23 finds each reached leaf's votes by stepping an iterator over
+/// every vote before them, so a forest's cost grows with the square of its size: about
+/// 0.1 ms a row for ten trees of depth 4, where onnxruntime takes 6–9 µs.
+pub fn index_tree_ensembles(model: &mut TypedModel) -> TractResult<()> {
+    for id in 0..model.nodes.len() {
+        let Some(op) = model.nodes[id]
+            .op_as::<tract_onnx_opl::ml::tree_ensemble_classifier::TreeEnsembleClassifier>(
+        ) else {
+            continue;
+        };
+        let input = model.outlet_fact(model.nodes[id].inputs[0])?;
+        if input.rank() != 2 {
+            continue;
+        }
+        let ensemble = op.ensemble.clone();
+        model.nodes[id].op = Box::new(IndexedTreeEnsemble { ensemble });
+    }
+    Ok(())
+}
+
+/// A tree ensemble classifier over tract's [`TreeEnsemble`] data, for inputs of shape
+/// `[batch, features]`: scores `[batch, classes]` in f32, as tract's operator computes them.
+#[derive(Debug, Clone, Hash, PartialEq, Eq)]
+struct IndexedTreeEnsemble {
+    ensemble: tract_onnx_opl::ml::tree_ensemble_classifier::TreeEnsemble,
+}
+
+impl Op for IndexedTreeEnsemble {
+    fn name(&self) -> StaticName {
+        "TreeEnsembleClassifier (indexed)".into()
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for IndexedTreeEnsemble {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        use tract_onnx_opl::ml::tree_ensemble_classifier::Aggregate;
+        let input = args_1!(inputs);
+        let input = input.cast_to::<f32>()?;
+        ensure!(
+            input.rank() == 2,
+            "tree ensemble input must be [batch, features]"
+        );
+        let (rows, width) = (input.shape()[0], input.shape()[1]);
+        let ensemble = &self.ensemble;
+        ensure!(
+            width > ensemble.max_used_feature,
+            "the input has {width} features; the trees use feature #{}",
+            ensemble.max_used_feature
+        );
+        let x = input.try_as_plain_ram()?.as_slice::<f32>()?;
+        let trees = ensemble.data.trees.try_as_plain_ram()?.as_slice::<u32>()?;
+        let nodes = ensemble.data.nodes.try_as_plain_ram()?.as_slice::<u32>()?;
+        let leaves = ensemble.data.leaves.try_as_plain_ram()?.as_slice::<u32>()?;
+        let classes = ensemble.n_classes;
+        let mut scores = vec![0f32; rows * classes];
+        let mut votes = vec![0u32; classes];
+        for (row, out) in x.chunks_exact(width).zip(scores.chunks_exact_mut(classes)) {
+            for &root in trees {
+                let mut node = root as usize;
+                // A node is 5 words: feature, true, false, threshold bits, flags (the low
+                // byte is the comparison, 0 for a leaf, whose words 0 and 1 are its votes'
+                // range; 0x100: a missing value goes the true way).
+                loop {
+                    let n = nodes
+                        .get(node * 5..node * 5 + 5)
+                        .ok_or_else(|| format_err!("tree node {node} out of range"))?;
+                    let cmp = n[4] & 0xFF;
+                    if cmp == 0 {
+                        for vote in n[0] as usize..n[1] as usize {
+                            let class = leaves[vote * 2] as usize;
+                            let weight = f32::from_bits(leaves[vote * 2 + 1]);
+                            let total = out
+                                .get_mut(class)
+                                .ok_or_else(|| format_err!("tree vote for class {class}"))?;
+                            match ensemble.aggregate_fn {
+                                Aggregate::Sum => *total += weight,
+                                Aggregate::Avg => {
+                                    *total += weight;
+                                    votes[class] += 1;
+                                }
+                                Aggregate::Max => *total = total.max(weight),
+                                Aggregate::Min => *total = total.min(weight),
+                            }
+                        }
+                        break;
+                    }
+                    let value = row[n[0] as usize];
+                    let threshold = f32::from_bits(n[3]);
+                    let go_true = if value.is_nan() {
+                        n[4] & 0x100 != 0
+                    } else {
+                        match cmp {
+                            1 => value == threshold,
+                            2 => value != threshold,
+                            3 => value < threshold,
+                            4 => value > threshold,
+                            5 => value <= threshold,
+                            6 => value >= threshold,
+                            other => bail!("tree node {node}: comparison {other}"),
+                        }
+                    };
+                    node = if go_true { n[1] } else { n[2] } as usize;
+                }
+            }
+            if ensemble.aggregate_fn == Aggregate::Avg {
+                for (total, count) in out.iter_mut().zip(&mut votes) {
+                    if *count > 1 {
+                        *total /= *count as f32;
+                    }
+                    *count = 0;
+                }
+            }
+        }
+        Ok(tvec!(
+            Tensor::from_shape(&[rows, classes], &scores)?.into_tvalue()
+        ))
+    }
+}
+
+impl TypedOp for IndexedTreeEnsemble {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let n = &inputs[0].shape[0];
+        Ok(tvec!(f32::fact(&[
+            n.clone(),
+            self.ensemble.n_classes.into()
+        ])))
+    }
+
+    as_op!();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FOREST: &[u8] = include_bytes!("../tests/compat/random_forest.onnx");
+    const BOOSTED: &[u8] = include_bytes!("../tests/compat/gradient_boosting.onnx");
+
+    fn optimized(bytes: &[u8], rows: usize) -> TypedModel {
+        onnx()
+            .model_for_read(&mut std::io::Cursor::new(bytes))
+            .and_then(|m| m.with_input_fact(0, f32::fact([rows, 4]).into()))
+            .and_then(|m| m.into_optimized())
+            .unwrap()
+    }
+
+    fn op_names(model: &TypedModel) -> Vec<String> {
+        model
+            .nodes
+            .iter()
+            .map(|n| n.op.name().to_string())
+            .collect()
+    }
+
+    /// The indexed evaluator gives tract's own scores, bit for bit, on rows spread over
+    /// and beyond the trees' thresholds, with missing values, in one batch.
+    #[test]
+    fn indexed_trees_score_exactly_as_tract_does() {
+        let rows = 512;
+        let mut state = 0x853c_49e6_748f_ea9b_u64;
+        let values: Vec<f32> = (0..rows * 4)
+            .map(|i| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                if i % 37 == 0 {
+                    f32::NAN
+                } else {
+                    (state >> 40) as f32 / (1u64 << 24) as f32 * 30.0 - 12.0
+                }
+            })
+            .collect();
+        for model in [FOREST, BOOSTED] {
+            // And rows holding each threshold exactly, where `<` and `<=` part.
+            let mut values = values.clone();
+            let thresholds: Vec<(usize, f32)> = optimized(model, 1)
+                .nodes
+                .iter()
+                .filter_map(|n| {
+                    n.op_as::<tract_onnx_opl::ml::tree_ensemble_classifier::TreeEnsembleClassifier>(
+                    )
+                })
+                .flat_map(|op| {
+                    let nodes = op.ensemble.data.nodes.try_as_plain_ram().unwrap();
+                    let nodes = nodes.as_slice::<u32>().unwrap().to_vec();
+                    nodes
+                        .chunks_exact(5)
+                        .filter(|n| n[4] & 0xFF != 0)
+                        .map(|n| (n[0] as usize, f32::from_bits(n[3])))
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            assert!(thresholds.len() > 10);
+            for (row, (feature, threshold)) in thresholds.iter().enumerate() {
+                values[(row % rows) * 4 + feature] = *threshold;
+            }
+            let input = Tensor::from_shape(&[rows, 4], &values).unwrap();
+            let tract = optimized(model, rows);
+            let mut indexed = tract.clone();
+            index_tree_ensembles(&mut indexed).unwrap();
+            let names = op_names(&indexed);
+            assert!(
+                names
+                    .iter()
+                    .any(|n| n == "TreeEnsembleClassifier (indexed)"),
+                "{names:?}"
+            );
+            assert!(
+                !names.iter().any(|n| n == "TreeEnsembleClassifier"),
+                "{names:?}"
+            );
+            let run = |m: TypedModel| {
+                m.into_runnable()
+                    .unwrap()
+                    .run(tvec!(input.clone().into()))
+                    .unwrap()
+            };
+            let (want, got) = (run(tract), run(indexed));
+            assert_eq!(want.len(), got.len());
+            for (w, g) in want.iter().zip(&got) {
+                assert_eq!(w.shape(), g.shape());
+                let (w, g) = (
+                    w.cast_to::<f32>().unwrap().into_owned(),
+                    g.cast_to::<f32>().unwrap().into_owned(),
+                );
+                let w = w
+                    .try_as_plain_ram()
+                    .unwrap()
+                    .as_slice::<f32>()
+                    .unwrap()
+                    .to_vec();
+                let g = g
+                    .try_as_plain_ram()
+                    .unwrap()
+                    .as_slice::<f32>()
+                    .unwrap()
+                    .to_vec();
+                assert!(
+                    w.iter().zip(&g).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "scores differ"
+                );
+            }
+        }
+    }
+}

@@ -275,7 +275,10 @@ impl Plan {
                 )
             })
             .and_then(|m| m.into_optimized())
-            .and_then(|m| m.into_runnable())
+            .and_then(|mut m| {
+                crate::onnx_ops::index_tree_ensembles(&mut m)?;
+                m.into_runnable()
+            })
             .map_err(|e| RuntimeError::Load(format!("{e:#}")))?;
         let mut plan = Plan {
             runnable,
