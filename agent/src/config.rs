@@ -79,6 +79,10 @@ pub struct AgentConfig {
     pub drift_window_s: u64,
     /// Bytes kept for the sample of inputs (`reservoir`); 0 keeps none.
     pub reservoir_bytes: u64,
+    /// Threads tract may split one inference's matrix multiplications across (1: each
+    /// inference runs on the thread that asked for it).
+    #[serde(default = "one_thread")]
+    pub inference_threads: u16,
     pub max_bundle_bytes: u64,
     /// How bundles are fetched: over HTTP from `controller_url`, in pieces over MQTT, or
     /// HTTP first and MQTT when the controller cannot be reached.
@@ -293,6 +297,9 @@ impl AgentConfig {
                 .map_err(|e| invalid("tls", &e.to_string()))?;
         }
         Topics::new(&self.topic_root).map_err(|e| invalid("topic_root", &e.to_string()))?;
+        if !(1..=256).contains(&self.inference_threads) {
+            return Err(invalid("inference_threads", "use 1 to 256"));
+        }
         if !(self.controller_url.starts_with("http://")
             || self.controller_url.starts_with("https://"))
         {
@@ -399,6 +406,10 @@ impl AgentConfig {
     }
 }
 
+fn one_thread() -> u16 {
+    1
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -430,6 +441,12 @@ mod tests {
         std::fs::write(&path, "device_id = \"a/b\"\n").unwrap();
         let err = AgentConfig::load(Some(&path)).unwrap_err().to_string();
         assert!(err.contains("device_id"), "{err}");
+
+        std::fs::write(&path, "inference_threads = 0\n").unwrap();
+        let err = AgentConfig::load(Some(&path)).unwrap_err().to_string();
+        assert!(err.contains("inference_threads"), "{err}");
+        std::fs::write(&path, "inference_threads = 2\n").unwrap();
+        assert_eq!(AgentConfig::load(Some(&path)).unwrap().inference_threads, 2);
 
         std::fs::write(&path, "device_idd = \"x\"\n").unwrap();
         let err = AgentConfig::load(Some(&path)).unwrap_err().to_string();

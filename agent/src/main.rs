@@ -54,6 +54,10 @@ enum Command {
         /// Untimed runs first.
         #[arg(long, default_value_t = 3)]
         warmup: usize,
+        /// Threads tract's matrix multiplications (dense layers, convolutions) may split
+        /// across, as the agent's `inference_threads` allows.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+        threads: u16,
         /// `json` makes the last line of output one JSON object (`load_ms`, `p50_ms`,
         /// `p99_ms`, `peak_rss_kb`, …).
         #[arg(long, value_enum, default_value_t = Output::Text)]
@@ -140,6 +144,7 @@ async fn run() -> anyhow::Result<()> {
             inputs,
             runs,
             warmup,
+            threads,
             output,
         } => {
             let onnx = std::fs::read(&model)
@@ -148,6 +153,7 @@ async fn run() -> anyhow::Result<()> {
                 inputs,
                 runs,
                 warmup,
+                threads: usize::from(threads),
             };
             let report = tokio::task::spawn_blocking(move || {
                 edgeloop_agent::modelbench::bench(&onnx, &options)
@@ -214,6 +220,7 @@ async fn run() -> anyhow::Result<()> {
         Command::Run { overrides } => {
             let config = overrides.load()?;
             let source = source::from_config(&config.source).context("opening the input source")?;
+            edgeloop_agent::runtime::set_inference_threads(config.inference_threads);
             Agent::new(config, source)?
                 .run(edgeloop_agent::shutdown_on_ctrl_c())
                 .await?;

@@ -117,6 +117,8 @@ pub struct BenchOptions {
     pub runs: usize,
     /// Untimed runs before them.
     pub warmup: usize,
+    /// Threads tract's matrix multiplications may split across (1: the calling thread).
+    pub threads: usize,
 }
 
 impl Default for BenchOptions {
@@ -125,6 +127,7 @@ impl Default for BenchOptions {
             inputs: Vec::new(),
             runs: 100,
             warmup: 3,
+            threads: 1,
         }
     }
 }
@@ -159,6 +162,7 @@ pub struct BenchReport {
     pub max_ms: f64,
     pub runs: usize,
     pub warmup: usize,
+    pub threads: usize,
     /// Peak resident set of this process (Linux `VmHWM`), in KiB; `None` elsewhere.
     pub peak_rss_kb: Option<u64>,
     pub inputs: Vec<TensorDesc>,
@@ -190,14 +194,16 @@ impl BenchReport {
         );
         let _ = writeln!(
             out,
-            "latency   p50 {:.3} ms  p99 {:.3} ms  mean {:.3} ms  min {:.3} ms  max {:.3} ms  ({} runs after {} warm-up)",
+            "latency   p50 {:.3} ms  p99 {:.3} ms  mean {:.3} ms  min {:.3} ms  max {:.3} ms  ({} runs after {} warm-up, {} thread{})",
             self.p50_ms,
             self.p99_ms,
             self.mean_ms,
             self.min_ms,
             self.max_ms,
             self.runs,
-            self.warmup
+            self.warmup,
+            self.threads,
+            if self.threads == 1 { "" } else { "s" }
         );
         match self.peak_rss_kb {
             Some(kb) => {
@@ -334,6 +340,16 @@ pub fn bench(onnx: &[u8], options: &BenchOptions) -> Result<BenchReport, BenchEr
     if options.runs == 0 {
         return Err(BenchError::NoRuns);
     }
+    if options.threads > 1 {
+        let executor = tract_linalg::multithread::Executor::multithread(options.threads);
+        return tract_linalg::multithread::multithread_tract_scope(executor, || {
+            bench_here(onnx, options)
+        });
+    }
+    bench_here(onnx, options)
+}
+
+fn bench_here(onnx: &[u8], options: &BenchOptions) -> Result<BenchReport, BenchError> {
     let started = Instant::now();
     let model = ShapedModel::load(onnx, &options.inputs)?;
     let load_ms = ms(started.elapsed());
@@ -368,6 +384,7 @@ pub fn bench(onnx: &[u8], options: &BenchOptions) -> Result<BenchReport, BenchEr
         min_ms: ms(times[0]),
         max_ms: ms(times[times.len() - 1]),
         runs: options.runs,
+        threads: options.threads.max(1),
         // The first run always happens (it reports the output shapes) and is not timed.
         warmup: options.warmup.max(1),
         peak_rss_kb: peak_rss_kb(),
@@ -577,7 +594,7 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_of_eight_is_run_when_asked_for() {
+    fn a_batch_of_eight_is_run_when_asked_for_on_two_threads() {
         let name = input_name();
         let report = bench(
             MODEL_V1,
@@ -585,11 +602,18 @@ mod tests {
                 inputs: vec![format!("{name}:8x4").parse().unwrap()],
                 runs: 3,
                 warmup: 1,
+                threads: 2,
             },
         )
         .unwrap();
         assert_eq!(report.inputs[0].shape, vec![8, 4]);
         assert_eq!(report.outputs[0].shape, vec![8, 2]);
+        assert_eq!(report.threads, 2);
+        assert!(
+            report.text("m").contains("2 threads"),
+            "{}",
+            report.text("m")
+        );
     }
 
     #[test]

@@ -213,6 +213,17 @@ pub fn inspect_onnx(onnx: &[u8]) -> Result<ModelSignature, RuntimeError> {
     })
 }
 
+/// Lets tract split the matrix multiplications of every plan in this process across
+/// `threads` threads (1: each inference on the thread that runs it).
+pub fn set_inference_threads(threads: u16) {
+    use tract_linalg::multithread::{Executor, set_default_executor};
+    set_default_executor(if threads > 1 {
+        Executor::multithread(usize::from(threads))
+    } else {
+        Executor::SingleThread
+    });
+}
+
 /// The class scores for one input row.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Prediction {
