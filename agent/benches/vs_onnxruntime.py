@@ -9,14 +9,15 @@ plus ``cnn224``, a small MobileNet-like CNN on a 1x3x224x224 image that this scr
 generates with seeded random weights into a temporary directory (it is never
 committed), it times single inferences in both runtimes in the same run:
 
-* onnxruntime (Python, CPUExecutionProvider, 1 intra-op thread, 1 inter-op thread,
+* onnxruntime (Python, CPUExecutionProvider, 1 intra-op thread (``--threads N``: N),
+  1 inter-op thread,
   ORT_SEQUENTIAL, graph optimizations at ORT_ENABLE_ALL): 3 warm-up runs, then N timed
   ``session.run`` calls with ``time.perf_counter`` on random inputs
   (``np.random.default_rng(7)``, floats uniform in [0, 1)). The time includes the
   Python binding's overhead (a few microseconds to tens of microseconds per call), which
   dominates for the smallest models.
 * the agent: ``edgeloop-agent bench MODEL --input NAME:DIMS:DTYPE ... --runs N
-  --warmup 3 --output json``, which loads the model the way the agent does (parse, type,
+  --warmup 3 --threads T --output json``, which loads the model the way the agent does (parse, type,
   optimize, plan) and times N runs in-process; the last stdout line is a JSON report.
 
 Both sides report p50 and p99 as nearest-rank percentiles of the N timings. N defaults
@@ -29,7 +30,7 @@ How to run it (from the repository root)
     /tmp/venv-compat/bin/pip install numpy onnx onnxruntime
     cargo build --release -p edgeloop-agent
     /tmp/venv-compat/bin/python3 agent/benches/vs_onnxruntime.py \
-        [--agent target/release/edgeloop-agent] [--runs N]
+        [--agent target/release/edgeloop-agent] [--runs N] [--threads N] [--only MODEL]
 
 Run it on an otherwise idle machine: both runtimes are single-threaded, and anything
 else on the CPU (a cargo build, say) skews the numbers.
@@ -181,9 +182,9 @@ def random_input(rng: np.random.Generator, dtype: str, shape: list[int]) -> np.n
     return rng.integers(0, 8, size=shape).astype(np_dtype)
 
 
-def bench_ort(model: dict, runs: int) -> dict:
+def bench_ort(model: dict, runs: int, threads: int) -> dict:
     options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
+    options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -202,11 +203,12 @@ def bench_ort(model: dict, runs: int) -> dict:
     return {"p50_ms": percentile(times, 0.50), "p99_ms": percentile(times, 0.99)}
 
 
-def bench_agent(agent: Path, model: dict, runs: int) -> dict:
+def bench_agent(agent: Path, model: dict, runs: int, threads: int) -> dict:
     cmd = [str(agent), "bench", str(model["path"])]
     for name, dtype, shape in model["inputs"]:
         cmd += ["--input", f"{name}:{'x'.join(map(str, shape))}:{dtype}"]
-    cmd += ["--runs", str(runs), "--warmup", str(WARMUP), "--output", "json"]
+    cmd += ["--runs", str(runs), "--warmup", str(WARMUP), "--threads", str(threads),
+            "--output", "json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=AGENT_TIMEOUT_S)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
@@ -233,9 +235,16 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=None,
                         help=f"timed runs per model and runtime (default: {DEFAULT_RUNS}, "
                              f"{DEFAULT_RUNS_CNN224} for cnn224)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="intra-op threads of onnxruntime and --threads of the agent "
+                             "(default: 1)")
+    parser.add_argument("--only", action="append", default=None, metavar="MODEL",
+                        help="measure only this model (repeatable)")
     args = parser.parse_args()
     if args.runs is not None and args.runs < 1:
         parser.error("--runs must be at least 1")
+    if args.threads < 1:
+        parser.error("--threads must be at least 1")
 
     agent = args.agent.resolve()
     if not (agent.is_file() and os.access(agent, os.X_OK)):
@@ -257,6 +266,8 @@ def main() -> int:
             failures.append(f"cnn224: building the model failed: {e}")
         for model in models:
             name = model["name"]
+            if args.only and name not in args.only:
+                continue
             if model["error"]:
                 failures.append(f"{name}: {model['error']}")
                 continue
@@ -264,11 +275,11 @@ def main() -> int:
             print(f"{name}: {runs} runs ...", file=sys.stderr, flush=True)
             ort_result = agent_result = None
             try:
-                ort_result = bench_ort(model, runs)
+                ort_result = bench_ort(model, runs, args.threads)
             except Exception as e:  # noqa: BLE001
                 failures.append(f"{name}: onnxruntime failed: {e}")
             try:
-                agent_result = bench_agent(agent, model, runs)
+                agent_result = bench_agent(agent, model, runs, args.threads)
                 if "_warning" in agent_result:
                     warnings.append(f"{name}: {agent_result['_warning']}")
                 for d in agent_result.get("defaulted") or []:

@@ -227,7 +227,10 @@ pub struct SourceConfig {
     /// csv: the file to replay.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<PathBuf>,
-    /// csv: start again at the end of the file.
+    /// npy: the names of the array's columns, in order (an NPY file has none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub columns: Vec<String>,
+    /// csv, npy: start again at the end of the file.
     #[serde(rename = "loop")]
     pub repeat: bool,
     /// synthetic: the simulated machine's ground truth comes back as feedback.
@@ -251,6 +254,8 @@ pub enum SourceKind {
     Synthetic,
     /// Rows of a CSV file with a header line.
     Csv,
+    /// Rows of a NumPy `.npy` array, its columns named by `columns`.
+    Npy,
     /// None: inputs come only from the local inference API.
     Api,
 }
@@ -387,8 +392,16 @@ impl AgentConfig {
                 &format!("must be in 1024..={max_payload}"),
             ));
         }
-        if self.source.kind == SourceKind::Csv && self.source.path.is_none() {
-            return Err(invalid("source.path", "a csv source needs a path"));
+        if matches!(self.source.kind, SourceKind::Csv | SourceKind::Npy)
+            && self.source.path.is_none()
+        {
+            return Err(invalid("source.path", "a csv or npy source needs a path"));
+        }
+        if self.source.kind == SourceKind::Npy && self.source.columns.is_empty() {
+            return Err(invalid(
+                "source.columns",
+                "an npy source needs the names of the array's columns",
+            ));
         }
         let rate = self.source.rate_hz;
         if !(rate.is_finite() && rate > 0.0 && rate <= 100_000.0) {
@@ -441,6 +454,10 @@ mod tests {
         std::fs::write(&path, "device_id = \"a/b\"\n").unwrap();
         let err = AgentConfig::load(Some(&path)).unwrap_err().to_string();
         assert!(err.contains("device_id"), "{err}");
+
+        std::fs::write(&path, "[source]\ntype = \"npy\"\npath = \"x.npy\"\n").unwrap();
+        let err = AgentConfig::load(Some(&path)).unwrap_err().to_string();
+        assert!(err.contains("source.columns"), "{err}");
 
         std::fs::write(&path, "inference_threads = 0\n").unwrap();
         let err = AgentConfig::load(Some(&path)).unwrap_err().to_string();

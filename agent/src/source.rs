@@ -23,8 +23,10 @@ pub enum SourceError {
     },
     #[error("{path} has no data rows")]
     Empty { path: String },
-    #[error("a csv source needs a path")]
+    #[error("a csv or npy source needs a path")]
     NoPath,
+    #[error("{path}: {reason}")]
+    Npy { path: String, reason: String },
 }
 
 /// A stream of input rows with named columns.
@@ -49,6 +51,11 @@ pub fn from_config(config: &SourceConfig) -> Result<Box<dyn InputSource>, Source
         ),
         SourceKind::Csv => Box::new(CsvReplay::open(
             config.path.as_deref().ok_or(SourceError::NoPath)?,
+            config.repeat,
+        )?),
+        SourceKind::Npy => Box::new(NpyReplay::open(
+            config.path.as_deref().ok_or(SourceError::NoPath)?,
+            &config.columns,
             config.repeat,
         )?),
         SourceKind::Api => Box::new(NoSource),
@@ -215,6 +222,179 @@ impl InputSource for CsvReplay {
     }
 }
 
+/// Replays the rows of a NumPy `.npy` array of shape `(rows, columns)` (or `(rows,)`, one
+/// column), whose columns the configuration names, as an NPY file carries no names.
+/// Element types: little-endian `f4`, `f8`, `i1`, `i2`, `i4`, `i8`, `u1`, `u2`, `u4`,
+/// `b1`, in C or Fortran order (format versions 1, 2 and 3). Values are read as 32-bit
+/// floats; NaN stands for a missing value, as in CSV.
+pub struct NpyReplay {
+    columns: Vec<String>,
+    values: Vec<f32>,
+    next: usize,
+    repeat: bool,
+}
+
+impl NpyReplay {
+    pub fn open(path: &Path, columns: &[String], repeat: bool) -> Result<Self, SourceError> {
+        let shown = path.display().to_string();
+        let bytes = std::fs::read(path).map_err(|e| SourceError::Read {
+            path: shown.clone(),
+            reason: e.to_string(),
+        })?;
+        let bad = |reason: String| SourceError::Npy {
+            path: shown.clone(),
+            reason,
+        };
+        let (values, rows, width) = read_npy(&bytes).map_err(bad)?;
+        if columns.len() != width {
+            return Err(bad(format!(
+                "the array has {width} column(s) but source.columns names {}",
+                columns.len()
+            )));
+        }
+        if rows == 0 {
+            return Err(SourceError::Empty { path: shown });
+        }
+        Ok(NpyReplay {
+            columns: columns.to_vec(),
+            values,
+            next: 0,
+            repeat,
+        })
+    }
+}
+
+impl InputSource for NpyReplay {
+    fn columns(&self) -> &[String] {
+        &self.columns
+    }
+
+    fn next_row(&mut self) -> Option<Vec<f32>> {
+        let width = self.columns.len();
+        if self.next * width == self.values.len() {
+            if !self.repeat {
+                return None;
+            }
+            self.next = 0;
+        }
+        self.next += 1;
+        Some(self.values[(self.next - 1) * width..self.next * width].to_vec())
+    }
+}
+
+/// Reads an NPY file: its values in row-major order as f32, the number of rows and of
+/// columns. The format: `\x93NUMPY`, major and minor version, the header's length
+/// (2 bytes little-endian in version 1, 4 in 2 and 3), the header (a Python dict literal
+/// with `descr`, `fortran_order` and `shape`), then the data.
+fn read_npy(bytes: &[u8]) -> Result<(Vec<f32>, usize, usize), String> {
+    const MAGIC: &[u8] = b"\x93NUMPY";
+    if bytes.len() < 10 || !bytes.starts_with(MAGIC) {
+        return Err("not an NPY file (no \\x93NUMPY magic)".into());
+    }
+    let (header_len, start) = match bytes[6] {
+        1 => (usize::from(u16::from_le_bytes([bytes[8], bytes[9]])), 10),
+        2 | 3 if bytes.len() >= 12 => (
+            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+            12,
+        ),
+        major => {
+            return Err(format!(
+                "NPY format version {major} is not supported (1, 2, 3)"
+            ));
+        }
+    };
+    let header = bytes
+        .get(start..start + header_len)
+        .ok_or("the header is cut short")?;
+    let header = std::str::from_utf8(header).map_err(|_| "the header is not text")?;
+    let field = |key: &str| -> Result<&str, String> {
+        let at = header
+            .find(&format!("'{key}'"))
+            .ok_or_else(|| format!("the header has no `{key}`"))?;
+        let rest = header[at + key.len() + 2..].trim_start();
+        rest.strip_prefix(':')
+            .map(str::trim_start)
+            .ok_or_else(|| format!("the header's `{key}` has no value"))
+    };
+    let descr = field("descr")?;
+    let descr = descr
+        .strip_prefix('\'')
+        .and_then(|d| d.split('\'').next())
+        .ok_or("`descr` is not a simple type string (structured arrays are not supported)")?;
+    let fortran = field("fortran_order")?.starts_with("True");
+    let shape = field("shape")?;
+    let shape = shape
+        .strip_prefix('(')
+        .and_then(|s| s.split(')').next())
+        .ok_or("`shape` is not a tuple")?;
+    let dims: Vec<usize> = shape
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .map(|d| d.trim_end_matches('L').parse::<usize>())
+        .collect::<Result<_, _>>()
+        .map_err(|_| format!("`shape` ({shape}) is not a tuple of sizes"))?;
+    let (rows, width) = match dims[..] {
+        [rows] => (rows, 1),
+        [rows, width] => (rows, width),
+        _ => {
+            return Err(format!(
+                "the array's shape is ({shape}); a replay needs (rows, columns) or (rows,)"
+            ));
+        }
+    };
+    let (order, kind) = descr.split_at(1);
+    if order == ">" && !matches!(kind, "i1" | "u1" | "b1") {
+        return Err(format!(
+            "`{descr}` is big-endian; save the array little-endian"
+        ));
+    }
+    let size: usize = match kind {
+        "f8" | "i8" => 8,
+        "f4" | "i4" | "u4" => 4,
+        "i2" | "u2" => 2,
+        "i1" | "u1" | "b1" => 1,
+        _ => {
+            return Err(format!(
+                "element type `{descr}` is not supported (f4, f8, i1, i2, i4, i8, u1, u2, u4, b1)"
+            ));
+        }
+    };
+    let count = rows.checked_mul(width).ok_or("the shape is too large")?;
+    let data = &bytes[start + header_len..];
+    if Some(data.len()) != count.checked_mul(size) {
+        return Err(format!(
+            "the header promises {rows}×{width} values of {size} byte(s) ({} bytes) but {} \
+             follow it: the file is truncated or has trailing bytes",
+            count * size,
+            data.len()
+        ));
+    }
+    let read = |c: &[u8]| -> f32 {
+        match kind {
+            "f8" => f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32,
+            "i8" => i64::from_le_bytes(c.try_into().expect("8 bytes")) as f32,
+            "f4" => f32::from_le_bytes(c.try_into().expect("4 bytes")),
+            "i4" => i32::from_le_bytes(c.try_into().expect("4 bytes")) as f32,
+            "u4" => u32::from_le_bytes(c.try_into().expect("4 bytes")) as f32,
+            "i2" => f32::from(i16::from_le_bytes(c.try_into().expect("2 bytes"))),
+            "u2" => f32::from(u16::from_le_bytes(c.try_into().expect("2 bytes"))),
+            "i1" => f32::from(c[0] as i8),
+            _ => f32::from(c[0]),
+        }
+    };
+    let stored: Vec<f32> = data.chunks_exact(size).map(read).collect();
+    let values = if fortran && width > 1 {
+        // Column-major: element (r, c) is at c × rows + r.
+        (0..count)
+            .map(|i| stored[(i % width) * rows + i / width])
+            .collect()
+    } else {
+        stored
+    };
+    Ok((values, rows, width))
+}
+
 /// Reads a CSV file of numbers with a header line: the column names and the rows.
 pub fn read_numeric_csv(path: &Path) -> Result<(Vec<String>, Vec<Vec<f32>>), SourceError> {
     let shown = path.display().to_string();
@@ -301,6 +481,152 @@ mod tests {
         let mut once = CsvReplay::open(&path, false).unwrap();
         assert!(once.next_row().is_some() && once.next_row().is_some());
         assert_eq!(once.next_row(), None);
+    }
+
+    /// An NPY file as numpy writes one: the header padded with spaces to a multiple of
+    /// 64 bytes, ending in a newline.
+    fn npy(version: u8, descr: &str, fortran: bool, shape: &str, data: &[u8]) -> Vec<u8> {
+        let dict = format!(
+            "{{'descr': '{descr}', 'fortran_order': {}, 'shape': {shape}, }}",
+            if fortran { "True" } else { "False" }
+        );
+        let prefix = if version == 1 { 10 } else { 12 };
+        let mut header = dict.into_bytes();
+        while (prefix + header.len() + 1) % 64 != 0 {
+            header.push(b' ');
+        }
+        header.push(b'\n');
+        let mut out = b"\x93NUMPY".to_vec();
+        out.extend([version, 0]);
+        if version == 1 {
+            out.extend((header.len() as u16).to_le_bytes());
+        } else {
+            out.extend((header.len() as u32).to_le_bytes());
+        }
+        out.extend(header);
+        out.extend(data);
+        out
+    }
+
+    fn names(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("c{i}")).collect()
+    }
+
+    #[test]
+    fn npy_replay_reads_every_element_type_and_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.npy");
+        let open = |bytes: Vec<u8>, width: usize| {
+            std::fs::write(&path, bytes).unwrap();
+            NpyReplay::open(&path, &names(width), false)
+        };
+        let rows = |r: &mut NpyReplay| std::iter::from_fn(|| r.next_row()).collect::<Vec<_>>();
+
+        // f4, C order, 3 rows × 2, with a NaN.
+        let f4: Vec<u8> = [1.0f32, 2.0, 3.0, f32::NAN, 5.0, 6.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let mut r = open(npy(1, "<f4", false, "(3, 2)", &f4), 2).unwrap();
+        assert_eq!(r.columns(), ["c0", "c1"]);
+        let got = rows(&mut r);
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[0], [1.0, 2.0]);
+        assert!(got[1][1].is_nan());
+        // f8 in Fortran order: the same rows stored column by column.
+        let f8: Vec<u8> = [1.0f64, 3.0, 5.0, 2.0, 4.0, 6.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let mut r = open(npy(2, "<f8", true, "(3, 2)", &f8), 2).unwrap();
+        assert_eq!(rows(&mut r), [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]);
+        // Integers and booleans; a one-dimensional array is one column.
+        let i8s: Vec<u8> = [-3i64, 7].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut r = open(npy(3, "<i8", false, "(2,)", &i8s), 1).unwrap();
+        assert_eq!(rows(&mut r), [[-3.0], [7.0]]);
+        let mut r = open(npy(1, "|u1", false, "(1, 3)", &[0, 200, 255]), 3).unwrap();
+        assert_eq!(rows(&mut r), [[0.0, 200.0, 255.0]]);
+        let mut r = open(npy(1, "|b1", false, "(2, 1)", &[1, 0]), 1).unwrap();
+        assert_eq!(rows(&mut r), [[1.0], [0.0]]);
+        // `loop` starts over.
+        std::fs::write(&path, npy(1, "<f4", false, "(3, 2)", &f4)).unwrap();
+        let mut r = NpyReplay::open(&path, &names(2), true).unwrap();
+        for _ in 0..3 {
+            r.next_row().unwrap();
+        }
+        assert_eq!(r.next_row(), Some(vec![1.0, 2.0]));
+    }
+
+    /// Files numpy itself wrote (`agent/tests/data/make_replay_npy.py`), through the
+    /// config, as the agent opens its source.
+    #[test]
+    fn npy_files_written_by_numpy_replay_as_written() {
+        let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+        let config = |file: &str, columns: &[&str]| SourceConfig {
+            kind: SourceKind::Npy,
+            path: Some(data.join(file)),
+            columns: columns.iter().map(|c| c.to_string()).collect(),
+            repeat: false,
+            ..crate::config::AgentConfig::default().source
+        };
+        let all = |c: SourceConfig| {
+            let mut source = from_config(&c).unwrap();
+            std::iter::from_fn(move || source.next_row()).collect::<Vec<_>>()
+        };
+        let rows = all(config("replay_f8_fortran.npy", &VIBRATION_FEATURES));
+        assert_eq!(rows.len(), 6);
+        assert_eq!(rows[0], [1.0, 3.0, 3.0, 45.0]);
+        assert_eq!(rows[2], [1.9, 8.5, 6.5, 56.0]);
+        assert!(rows[3][1].is_nan() && rows[3][3] == 44.5);
+        assert_eq!(
+            all(config("replay_i4.npy", &["a", "b"])),
+            [[1.0, -2.0], [300.0, 4.0], [-5.0, 60000.0]]
+        );
+        assert_eq!(
+            all(config("replay_f4.npy", &["x"])),
+            [[0.0], [0.25], [0.5], [0.75], [1.0]]
+        );
+        let mut named_wrong = config("replay_i4.npy", &["a"]);
+        let err = from_config(&named_wrong).err().unwrap().to_string();
+        assert!(err.contains("2 column(s)"), "{err}");
+        named_wrong.path = None;
+        assert!(matches!(
+            from_config(&named_wrong),
+            Err(SourceError::NoPath)
+        ));
+    }
+
+    #[test]
+    fn npy_errors_say_what_is_wrong_with_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.npy");
+        let err = |bytes: Vec<u8>, width: usize| {
+            std::fs::write(&path, bytes).unwrap();
+            NpyReplay::open(&path, &names(width), false)
+                .err()
+                .unwrap()
+                .to_string()
+        };
+        let f4 = [0u8; 24];
+        let e = err(npy(1, "<f4", false, "(3, 2)", &f4[..20]), 2);
+        assert!(e.contains("truncated") && e.contains("bad.npy"), "{e}");
+        let e = err(npy(1, "<f4", false, "(3, 2)", &[0u8; 28]), 2);
+        assert!(e.contains("trailing"), "{e}");
+        let e = err(npy(1, "<f4", false, "(3, 2)", &f4), 3);
+        assert!(e.contains("2 column(s)") && e.contains("names 3"), "{e}");
+        let e = err(npy(1, ">f4", false, "(3, 2)", &f4), 2);
+        assert!(e.contains("big-endian"), "{e}");
+        let e = err(npy(1, "<c8", false, "(3, 1)", &f4), 1);
+        assert!(e.contains("`<c8` is not supported"), "{e}");
+        let e = err(npy(1, "<f4", false, "(3, 1, 2)", &f4), 2);
+        assert!(e.contains("(rows, columns)"), "{e}");
+        let e = err(b"PK\x03\x04 not numpy at all".to_vec(), 1);
+        assert!(e.contains("not an NPY file"), "{e}");
+        let mut v9 = npy(1, "<f4", false, "(3, 2)", &f4);
+        v9[6] = 9;
+        assert!(err(v9, 2).contains("version 9"));
+        let e = err(npy(1, "<f4", false, "(0, 2)", &[]), 2);
+        assert!(e.contains("no data rows"), "{e}");
     }
 
     #[test]
