@@ -44,6 +44,9 @@ const INCOMING_CAPACITY: usize = 16;
 const INSTALL_CAPACITY: usize = 1;
 /// Inputs inferred by the local API waiting to be counted into the drift window.
 const OBSERVED_CAPACITY: usize = 4096;
+/// How often the sample's batched writes are flushed: the most the reservoir's file lags
+/// the inputs the agent kept.
+const SAMPLE_FLUSH: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -429,6 +432,9 @@ impl AgentLoop {
         window_clock.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut health_clock = tokio::time::interval(Duration::from_secs(1));
         health_clock.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // The sample's writes are batched; this bounds how far the file lags.
+        let mut sample_clock = tokio::time::interval(SAMPLE_FLUSH);
+        sample_clock.set_missed_tick_behavior(MissedTickBehavior::Delay);
         info!(device = %self.config.device_id, model = ?self.serving.as_ref().map(Serving::model_ref), "agent running");
         self.resume_health_window();
         self.resume_interrupted_install();
@@ -442,6 +448,7 @@ impl AgentLoop {
                 Some(outcome) = installs.recv() => self.on_install_done(outcome),
                 Some(observation) = observed.recv() => self.on_observed(observation),
                 _ = health_clock.tick(), if self.watch.is_some() => self.check_health(),
+                _ = sample_clock.tick(), if self.reservoir.is_some() => self.flush_sample(),
             }
         }
         // The window's latest counts, for the next start to resume from.
@@ -537,6 +544,17 @@ impl AgentLoop {
     }
 
     /// Offers an input of the served model to the sample kept for retraining.
+    /// Writes the sample's pending inputs (see [`Reservoir::flush`]).
+    fn flush_sample(&mut self) {
+        if let Some(reservoir) = self.reservoir.as_mut()
+            && let Err(e) = reservoir.flush()
+            && !self.sample_failing
+        {
+            warn!(error = %e, "cannot write the sample of inputs");
+            self.sample_failing = true;
+        }
+    }
+
     fn keep_sample(
         &mut self,
         request_key: Option<&str>,
@@ -985,7 +1003,7 @@ impl AgentLoop {
     /// each other.
     fn on_upload(&mut self, seq: u64, upload: &UploadAction) {
         let max_bytes = self.config.outbox.budget_bytes / 2;
-        let exported = match self.reservoir.as_ref() {
+        let exported = match self.reservoir.as_mut() {
             None => Err("this device keeps no input sample".to_string()),
             Some(r) => r
                 .export_csv(upload.max_rows, max_bytes)

@@ -173,7 +173,7 @@ async fn run() -> anyhow::Result<()> {
                 "{} does not exist: the agent has kept no sample in this state directory",
                 path.display()
             );
-            let reservoir =
+            let mut reservoir =
                 edgeloop_agent::reservoir::Reservoir::open(&path, config.reservoir_bytes)?;
             let status = reservoir.status()?;
             let (model, samples) = reservoir.samples()?;

@@ -18,11 +18,12 @@ use rusqlite::{Connection, OptionalExtension, params};
 /// The reservoir's file in the agent's state directory.
 pub const FILE: &str = "reservoir.sqlite";
 
-/// Inputs offered and not kept between two writes of the count of inputs seen. Sampling
-/// needs no write for them but the count; writing it only with a kept input or every this
-/// many inputs makes an input that is not kept cost no transaction. A crash loses at most
-/// this many from the count, which makes the next inputs slightly likelier to be kept.
-const SEEN_WRITE_EVERY: u64 = 256;
+/// Writes are batched: kept inputs wait in memory until this many are pending, and the
+/// count of inputs seen is written with them or after four times this many inputs. An
+/// input, kept or not, then costs no transaction of its own. A crash loses at most the
+/// pending rows and part of the count (the sample is a statistic: the next inputs are then
+/// slightly likelier to be kept). Labelling, reading and dropping the reservoir write first.
+const WRITE_EVERY: u64 = 64;
 
 /// Bytes counted per stored row besides its values: ids, prediction, label, time, and
 /// SQLite's own overhead, roughly.
@@ -85,6 +86,19 @@ pub struct Reservoir {
     /// the committed one by `unsaved`.
     sampling: Option<Sampling>,
     unsaved: u64,
+    /// Kept inputs not written yet, in the order they were kept.
+    pending: Vec<PendingRow>,
+}
+
+/// A kept input waiting for the next write.
+#[derive(Debug)]
+struct PendingRow {
+    slot: u64,
+    request_key: Option<String>,
+    seen_ms: u64,
+    predicted: Option<usize>,
+    label: Option<usize>,
+    values: Vec<u8>,
 }
 
 /// Whose sample the reservoir holds, how many inputs it has seen and how many it keeps.
@@ -152,12 +166,14 @@ impl Reservoir {
             rng: SmallRng::from_rng(&mut rand::rng()),
             sampling,
             unsaved: 0,
+            pending: Vec::new(),
         })
     }
 
-    fn err(&self) -> impl Fn(rusqlite::Error) -> ReservoirError + '_ {
-        |source| ReservoirError::Sqlite {
-            path: self.path.clone(),
+    fn err(&self) -> impl Fn(rusqlite::Error) -> ReservoirError + use<> {
+        let path = self.path.clone();
+        move |source| ReservoirError::Sqlite {
+            path: path.clone(),
             source,
         }
     }
@@ -180,36 +196,12 @@ impl Reservoir {
             return Ok(());
         }
         let row_bytes = values.len() as u64 * 4 + ROW_OVERHEAD_BYTES;
-        let same = self
-            .sampling
-            .as_ref()
-            .filter(|s| s.model == *model)
-            .map(|s| (s.seen, s.capacity));
-        let (seen, capacity) = same.unwrap_or((0, (self.budget_bytes / row_bytes).max(1)));
-        let seen = seen + 1;
-        let slot = if seen <= capacity {
-            Some(seen - 1)
-        } else {
-            let j = self.rng.random_range(0..seen);
-            (j < capacity).then_some(j)
-        };
-        if let (Some(sampling), None) = (self.sampling.as_mut(), slot)
-            && same.is_some()
-            && self.unsaved + 1 < SEEN_WRITE_EVERY
-        {
-            // Not kept, and the count can wait.
-            sampling.seen = seen;
-            self.unsaved += 1;
-            return Ok(());
-        }
-        let path = self.path.clone();
-        let err = move |source| ReservoirError::Sqlite {
-            path: path.clone(),
-            source,
-        };
-        let tx = self.conn.transaction().map_err(&err)?;
-        if same.is_none() {
-            // A new model: a new sample.
+        if self.sampling.as_ref().is_none_or(|s| s.model != *model) {
+            // A new model: a new sample. What waits belongs to the old one.
+            self.pending.clear();
+            let capacity = (self.budget_bytes / row_bytes).max(1);
+            let err = self.err();
+            let tx = self.conn.transaction().map_err(&err)?;
             tx.execute("DELETE FROM samples", []).map_err(&err)?;
             tx.execute(
                 "INSERT OR REPLACE INTO reservoir_state (id, model_name, model_version, features, seen, capacity)
@@ -222,55 +214,92 @@ impl Reservoir {
                 ],
             )
             .map_err(&err)?;
+            tx.commit().map_err(&err)?;
+            self.sampling = Some(Sampling {
+                model: model.clone(),
+                seen: 0,
+                capacity,
+            });
+            self.unsaved = 0;
         }
+        let sampling = self.sampling.as_mut().expect("set above");
+        sampling.seen += 1;
+        let seen = sampling.seen;
+        let slot = if seen <= sampling.capacity {
+            Some(seen - 1)
+        } else {
+            let j = self.rng.random_range(0..seen);
+            (j < sampling.capacity).then_some(j)
+        };
+        self.unsaved += 1;
         if let Some(slot) = slot {
-            let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-            tx.prepare_cached(
-                "INSERT OR REPLACE INTO samples (slot, request_key, seen_ms, predicted, label, vals)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )
-            .map_err(&err)?
-            .execute(params![
-                slot as i64,
-                request_key,
-                now_ms as i64,
-                predicted.map(|p| p as i64),
-                label.map(|l| l as i64),
-                bytes
-            ])
-            .map_err(&err)?;
+            self.pending.push(PendingRow {
+                slot,
+                request_key: request_key.map(str::to_string),
+                seen_ms: now_ms,
+                predicted,
+                label,
+                values: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            });
+        }
+        if self.pending.len() as u64 >= WRITE_EVERY || self.unsaved >= WRITE_EVERY * 4 {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Writes the kept inputs still in memory and the count of inputs seen, in one
+    /// transaction. Labelling, reading and dropping the reservoir (as the agent does when
+    /// it stops) call it.
+    pub fn flush(&mut self) -> Result<(), ReservoirError> {
+        let Some(sampling) = self.sampling.as_ref() else {
+            return Ok(());
+        };
+        if self.unsaved == 0 && self.pending.is_empty() {
+            return Ok(());
+        }
+        let seen = sampling.seen;
+        let err = self.err();
+        let tx = self.conn.transaction().map_err(&err)?;
+        {
+            let mut insert = tx
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO samples (slot, request_key, seen_ms, predicted, label, vals)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )
+                .map_err(&err)?;
+            for row in &self.pending {
+                insert
+                    .execute(params![
+                        row.slot as i64,
+                        row.request_key,
+                        row.seen_ms as i64,
+                        row.predicted.map(|p| p as i64),
+                        row.label.map(|l| l as i64),
+                        row.values
+                    ])
+                    .map_err(&err)?;
+            }
         }
         tx.prepare_cached("UPDATE reservoir_state SET seen = ?1")
             .map_err(&err)?
             .execute(params![seen as i64])
             .map_err(&err)?;
         tx.commit().map_err(&err)?;
-        self.sampling = Some(Sampling {
-            model: model.clone(),
-            seen,
-            capacity,
-        });
-        self.unsaved = 0;
-        Ok(())
-    }
-
-    /// Writes the count of inputs seen, when inputs not kept have moved it since the last
-    /// write. Dropping the reservoir, as the agent does when it stops, calls it.
-    pub fn flush(&mut self) -> Result<(), ReservoirError> {
-        let Some(sampling) = self.sampling.as_ref().filter(|_| self.unsaved > 0) else {
-            return Ok(());
-        };
-        self.conn
-            .prepare_cached("UPDATE reservoir_state SET seen = ?1")
-            .map_err(self.err())?
-            .execute(params![sampling.seen as i64])
-            .map_err(self.err())?;
+        self.pending.clear();
         self.unsaved = 0;
         Ok(())
     }
 
     /// Attaches a ground-truth label to the kept input named `request_key`, if it was kept.
     pub fn label(&mut self, request_key: &str, label: usize) -> Result<bool, ReservoirError> {
+        let mut waiting = false;
+        for row in &mut self.pending {
+            if row.request_key.as_deref() == Some(request_key) {
+                row.label = Some(label);
+                waiting = true;
+            }
+        }
         let err = self.err();
         let changed = self
             .conn
@@ -278,11 +307,12 @@ impl Reservoir {
             .map_err(&err)?
             .execute(params![request_key, label as i64])
             .map_err(&err)?;
-        Ok(changed > 0)
+        Ok(waiting || changed > 0)
     }
 
     /// The kept inputs, oldest first, the model they belong to and its feature names.
-    pub fn samples(&self) -> Result<(Option<SampledModel>, Vec<Sample>), ReservoirError> {
+    pub fn samples(&mut self) -> Result<(Option<SampledModel>, Vec<Sample>), ReservoirError> {
+        self.flush()?;
         let err = self.err();
         let model = self.model()?;
         let mut statement = self
@@ -312,7 +342,7 @@ impl Reservoir {
     /// bytes: when it must be cut, an evenly spaced subset of the rows is kept, so the file
     /// still spans the whole time the sample covers.
     pub fn export_csv(
-        &self,
+        &mut self,
         max_rows: Option<u64>,
         max_bytes: u64,
     ) -> Result<Export, ReservoirError> {
@@ -370,7 +400,8 @@ impl Reservoir {
             .map_err(self.err())
     }
 
-    pub fn status(&self) -> Result<ReservoirStatus, ReservoirError> {
+    pub fn status(&mut self) -> Result<ReservoirStatus, ReservoirError> {
+        self.flush()?;
         let err = self.err();
         let (seen, capacity) = self
             .sampling
@@ -575,10 +606,10 @@ mod tests {
         // A crash (no drop) loses less than one write interval of the count.
         offer_all(&mut r, 3000, 6000);
         std::mem::forget(r);
-        let r = Reservoir::open(&path, 7200).unwrap();
+        let mut r = Reservoir::open(&path, 7200).unwrap();
         let seen = r.status().unwrap().seen;
         assert!(
-            (6000 - SEEN_WRITE_EVERY..=6000).contains(&seen),
+            (6000 - 4 * WRITE_EVERY..=6000).contains(&seen),
             "{seen} after a crash"
         );
         assert_eq!(r.status().unwrap().kept, 100);

@@ -370,14 +370,14 @@ async fn feedback_labels_reach_the_controller_as_confusion_counts_and_accuracy()
         "{metrics}"
     );
     // The sample kept for retraining holds every input (far below its budget) with the
-    // predictions and the labels that came back.
+    // predictions and the labels that came back, written within a second.
     let path = agent.config.state_dir.join(edgeloop_agent::reservoir::FILE);
-    let reservoir = edgeloop_agent::reservoir::Reservoir::open(&path, 1 << 20).unwrap();
-    let status = reservoir.status().unwrap();
-    assert_eq!(
-        (status.seen, status.kept, status.labelled),
-        (WINDOW, WINDOW, 19)
-    );
+    let mut reservoir = wait_until_some(Duration::from_secs(10), || async {
+        let mut reservoir = edgeloop_agent::reservoir::Reservoir::open(&path, 1 << 20).ok()?;
+        let status = reservoir.status().ok()?;
+        ((status.seen, status.kept, status.labelled) == (WINDOW, WINDOW, 19)).then_some(reservoir)
+    })
+    .await;
     let (_, samples) = reservoir.samples().unwrap();
     let wrong = samples
         .iter()

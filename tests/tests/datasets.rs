@@ -15,7 +15,7 @@ const WINDOW: u64 = 50;
 fn kept(agent: &edgeloop_tests::TestAgent) -> u64 {
     let path = agent.config.state_dir.join(edgeloop_agent::reservoir::FILE);
     edgeloop_agent::reservoir::Reservoir::open(&path, agent.config.reservoir_bytes)
-        .and_then(|r| r.status())
+        .and_then(|mut r| r.status())
         .map(|s| s.kept)
         .unwrap_or(0)
 }
