@@ -45,6 +45,12 @@ pub enum PublishError {
     Model(#[from] RuntimeError),
     #[error("the model has {classes} outputs but {labels} class labels were given")]
     Labels { classes: usize, labels: usize },
+    #[error(
+        "the model's output `{0}` has one column: edgeloop serves classifiers, one score per \
+         class (export a binary classifier with both probabilities); regression outputs are \
+         not served yet"
+    )]
+    OneColumn(String),
     #[error("bundle: {0}")]
     Bundle(#[from] BundleError),
     #[error("cannot write the artifact: {0}")]
@@ -555,6 +561,9 @@ fn build_bundle(
         }
     }
     let classes = plan.classes();
+    if classes < 2 {
+        return Err(PublishError::OneColumn(signature.output_name));
+    }
     let labels = if request.class_labels.is_empty() {
         (0..classes).map(|i| format!("class_{i}")).collect()
     } else if request.class_labels.len() == classes {
@@ -823,6 +832,24 @@ mod tests {
         );
         let e = refused(needs(&["x86_64"], &["rpi4"]));
         assert!(e.contains("board `rpi4` is aarch64"), "{e}");
+    }
+
+    /// One output column is no classifier edgeloop can serve (its argmax is always 0):
+    /// a regression value, or a binary classifier's single probability.
+    #[tokio::test]
+    async fn a_model_of_one_output_column_is_refused_with_the_reason() {
+        let r = Registry::new();
+        let err = r
+            .publish(
+                1,
+                &crate::trainer::mlp(&[4, 8, 1], &[1, 2]),
+                REFERENCE_V1,
+                None,
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, PublishError::OneColumn(_)), "{err}");
+        assert!(err.to_string().contains("one column"), "{err}");
     }
 
     #[tokio::test]
