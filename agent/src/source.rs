@@ -49,11 +49,11 @@ pub fn from_config(config: &SourceConfig) -> Result<Box<dyn InputSource>, Source
             VibrationGenerator::new(config.seed, ShiftControl::default())
                 .with_labels(config.labels),
         ),
-        SourceKind::Csv => Box::new(CsvReplay::open(
+        SourceKind::Csv => Box::new(Replay::csv(
             config.path.as_deref().ok_or(SourceError::NoPath)?,
             config.repeat,
         )?),
-        SourceKind::Npy => Box::new(NpyReplay::open(
+        SourceKind::Npy => Box::new(Replay::npy(
             config.path.as_deref().ok_or(SourceError::NoPath)?,
             &config.columns,
             config.repeat,
@@ -185,57 +185,33 @@ impl VibrationGenerator {
     }
 }
 
-/// Replays the rows of a CSV file with a header line. Empty cells and `nan` read as NaN.
-pub struct CsvReplay {
+/// Replays the rows of a file, once or over and over: a CSV file with a header line
+/// ([`Replay::csv`]) or a NumPy array ([`Replay::npy`]).
+pub struct Replay {
     columns: Vec<String>,
     rows: Vec<Vec<f32>>,
     next: usize,
     repeat: bool,
 }
 
-impl CsvReplay {
-    pub fn open(path: &Path, repeat: bool) -> Result<Self, SourceError> {
+impl Replay {
+    /// A CSV file with a header line. Empty cells and `nan` read as NaN.
+    pub fn csv(path: &Path, repeat: bool) -> Result<Self, SourceError> {
         let (columns, rows) = read_numeric_csv(path)?;
-        Ok(CsvReplay {
+        Ok(Replay {
             columns,
             rows,
             next: 0,
             repeat,
         })
     }
-}
 
-impl InputSource for CsvReplay {
-    fn columns(&self) -> &[String] {
-        &self.columns
-    }
-
-    fn next_row(&mut self) -> Option<Vec<f32>> {
-        if self.next == self.rows.len() {
-            if !self.repeat {
-                return None;
-            }
-            self.next = 0;
-        }
-        self.next += 1;
-        Some(self.rows[self.next - 1].clone())
-    }
-}
-
-/// Replays the rows of a NumPy `.npy` array of shape `(rows, columns)` (or `(rows,)`, one
-/// column), whose columns the configuration names, as an NPY file carries no names.
-/// Element types: little-endian `f4`, `f8`, `i1`, `i2`, `i4`, `i8`, `u1`, `u2`, `u4`,
-/// `b1`, in C or Fortran order (format versions 1, 2 and 3). Values are read as 32-bit
-/// floats; NaN stands for a missing value, as in CSV.
-pub struct NpyReplay {
-    columns: Vec<String>,
-    values: Vec<f32>,
-    next: usize,
-    repeat: bool,
-}
-
-impl NpyReplay {
-    pub fn open(path: &Path, columns: &[String], repeat: bool) -> Result<Self, SourceError> {
+    /// A NumPy `.npy` array of shape `(rows, columns)` (or `(rows,)`, one column), whose
+    /// columns `columns` names, as an NPY file carries no names. Element types:
+    /// little-endian `f4`, `f8`, `i1`, `i2`, `i4`, `i8`, `u1`, `u2`, `u4`, `b1`, in C or
+    /// Fortran order (format versions 1, 2 and 3). Values are read as 32-bit floats; NaN
+    /// stands for a missing value, as in CSV.
+    pub fn npy(path: &Path, columns: &[String], repeat: bool) -> Result<Self, SourceError> {
         let shown = path.display().to_string();
         let bytes = std::fs::read(path).map_err(|e| SourceError::Read {
             path: shown.clone(),
@@ -255,30 +231,29 @@ impl NpyReplay {
         if rows == 0 {
             return Err(SourceError::Empty { path: shown });
         }
-        Ok(NpyReplay {
+        Ok(Replay {
             columns: columns.to_vec(),
-            values,
+            rows: values.chunks(width).map(<[f32]>::to_vec).collect(),
             next: 0,
             repeat,
         })
     }
 }
 
-impl InputSource for NpyReplay {
+impl InputSource for Replay {
     fn columns(&self) -> &[String] {
         &self.columns
     }
 
     fn next_row(&mut self) -> Option<Vec<f32>> {
-        let width = self.columns.len();
-        if self.next * width == self.values.len() {
+        if self.next == self.rows.len() {
             if !self.repeat {
                 return None;
             }
             self.next = 0;
         }
         self.next += 1;
-        Some(self.values[(self.next - 1) * width..self.next * width].to_vec())
+        Some(self.rows[self.next - 1].clone())
     }
 }
 
@@ -472,13 +447,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("r.csv");
         std::fs::write(&path, "a, b\n1,2\n3,\n").unwrap();
-        let mut r = CsvReplay::open(&path, true).unwrap();
+        let mut r = Replay::csv(&path, true).unwrap();
         assert_eq!(r.columns(), ["a", "b"]);
         assert_eq!(r.next_row(), Some(vec![1.0, 2.0]));
         let second = r.next_row().unwrap();
         assert!(second[1].is_nan());
         assert_eq!(r.next_row(), Some(vec![1.0, 2.0]));
-        let mut once = CsvReplay::open(&path, false).unwrap();
+        let mut once = Replay::csv(&path, false).unwrap();
         assert!(once.next_row().is_some() && once.next_row().is_some());
         assert_eq!(once.next_row(), None);
     }
@@ -518,9 +493,9 @@ mod tests {
         let path = dir.path().join("r.npy");
         let open = |bytes: Vec<u8>, width: usize| {
             std::fs::write(&path, bytes).unwrap();
-            NpyReplay::open(&path, &names(width), false)
+            Replay::npy(&path, &names(width), false)
         };
-        let rows = |r: &mut NpyReplay| std::iter::from_fn(|| r.next_row()).collect::<Vec<_>>();
+        let rows = |r: &mut Replay| std::iter::from_fn(|| r.next_row()).collect::<Vec<_>>();
 
         // f4, C order, 3 rows × 2, with a NaN.
         let f4: Vec<u8> = [1.0f32, 2.0, 3.0, f32::NAN, 5.0, 6.0]
@@ -550,7 +525,7 @@ mod tests {
         assert_eq!(rows(&mut r), [[1.0], [0.0]]);
         // `loop` starts over.
         std::fs::write(&path, npy(1, "<f4", false, "(3, 2)", &f4)).unwrap();
-        let mut r = NpyReplay::open(&path, &names(2), true).unwrap();
+        let mut r = Replay::npy(&path, &names(2), true).unwrap();
         for _ in 0..3 {
             r.next_row().unwrap();
         }
@@ -602,7 +577,7 @@ mod tests {
         let path = dir.path().join("bad.npy");
         let err = |bytes: Vec<u8>, width: usize| {
             std::fs::write(&path, bytes).unwrap();
-            NpyReplay::open(&path, &names(width), false)
+            Replay::npy(&path, &names(width), false)
                 .err()
                 .unwrap()
                 .to_string()
@@ -634,20 +609,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bad.csv");
         std::fs::write(&path, "a,b\n1,2\n3,zz\n").unwrap();
-        let err = CsvReplay::open(&path, true).err().unwrap().to_string();
+        let err = Replay::csv(&path, true).err().unwrap().to_string();
         assert!(
             err.contains("line 3") && err.contains("`b`") && err.contains("zz"),
             "{err}"
         );
         std::fs::write(&path, "a,b\n").unwrap();
         assert!(matches!(
-            CsvReplay::open(&path, true),
+            Replay::csv(&path, true),
             Err(SourceError::Empty { .. })
         ));
         std::fs::write(&path, "a,b\n1\n").unwrap();
-        assert!(
-            CsvReplay::open(&path, true).is_err(),
-            "ragged rows are refused"
-        );
+        assert!(Replay::csv(&path, true).is_err(), "ragged rows are refused");
     }
 }

@@ -404,33 +404,45 @@ where
     }
 }
 
+/// Starts an agent fed only by its local API, publishes `onnx` as vibration v1 (classes
+/// normal and fault, reference data `reference_csv`), rolls it out and waits until the
+/// agent serves it. Returns the agent and its API's base URL.
+async fn serving_over_api(
+    ctl: &TestController,
+    id: &str,
+    onnx: &[u8],
+    reference_csv: &str,
+) -> (edgeloop_tests::TestAgent, String) {
+    let mut config = ctl.agent_config(id, WINDOW);
+    let port = free_port();
+    config.api.listen = format!("127.0.0.1:{port}");
+    config.source.kind = SourceKind::Api;
+    let agent = ctl.spawn_agent_with(config);
+    ctl.wait_for_model(id, None).await;
+    let csv = ctl.dir.path().join(format!("{id}.csv"));
+    std::fs::write(&csv, reference_csv).unwrap();
+    ctl.controller
+        .publish(edgeloop_controller::registry::PublishRequest {
+            class_labels: vec!["normal".into(), "fault".into()],
+            ..edgeloop_controller::registry::PublishRequest::new("vibration", 1, onnx, &csv)
+        })
+        .await
+        .unwrap();
+    ctl.controller.rollout("vibration", 1, None).await.unwrap();
+    ctl.wait_for_model(id, Some(1)).await;
+    (agent, format!("http://127.0.0.1:{port}"))
+}
+
 /// A model whose input is i64: the numbers a request carries are cast after a check that
 /// each is a whole number; a fraction is a 400 naming the feature and the type.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_of_integer_inputs_is_served_and_fractions_are_refused() {
     use tract_onnx::pb::tensor_proto::DataType;
     let ctl = TestController::start(BrokerChoice::Embedded).await.unwrap();
-    let mut config = ctl.agent_config("api-3", WINDOW);
-    let port = free_port();
-    config.api.listen = format!("127.0.0.1:{port}");
-    config.source.kind = SourceKind::Api;
-    let agent = ctl.spawn_agent_with(config);
-    let base = format!("http://127.0.0.1:{port}");
-    let http = reqwest::Client::new();
-    ctl.wait_for_model("api-3", None).await;
-
-    let csv = ctl.dir.path().join("integers.csv");
-    std::fs::write(&csv, edgeloop_controller::trainer::typed_reference_csv()).unwrap();
     let onnx = edgeloop_controller::trainer::typed_classifier(DataType::Int64);
-    ctl.controller
-        .publish(edgeloop_controller::registry::PublishRequest {
-            class_labels: vec!["normal".into(), "fault".into()],
-            ..edgeloop_controller::registry::PublishRequest::new("vibration", 1, &onnx, &csv)
-        })
-        .await
-        .unwrap();
-    ctl.controller.rollout("vibration", 1, None).await.unwrap();
-    ctl.wait_for_model("api-3", Some(1)).await;
+    let reference = edgeloop_controller::trainer::typed_reference_csv();
+    let (agent, base) = serving_over_api(&ctl, "api-3", &onnx, &reference).await;
+    let http = reqwest::Client::new();
     let model: Value = get_json(&http, &format!("{base}/v1/model")).await;
     assert_eq!(model["inputs"][0]["dtype"], "i64", "{model}");
 
@@ -465,14 +477,6 @@ async fn an_sklearn_classifier_with_label_and_probabilities_outputs_is_served() 
         serde_json::from_slice(&std::fs::read(compat.join("gradient_boosting.json")).unwrap())
             .unwrap();
     let ctl = TestController::start(BrokerChoice::Embedded).await.unwrap();
-    let mut config = ctl.agent_config("api-4", WINDOW);
-    let port = free_port();
-    config.api.listen = format!("127.0.0.1:{port}");
-    config.source.kind = SourceKind::Api;
-    let agent = ctl.spawn_agent_with(config);
-    let base = format!("http://127.0.0.1:{port}");
-    let http = reqwest::Client::new();
-    ctl.wait_for_model("api-4", None).await;
 
     // Reference data in the range the model was trained on (make_classification, × 3 + 5).
     let mut state = 0x2545_f491_4f6c_dd1d_u64;
@@ -490,17 +494,8 @@ async fn an_sklearn_classifier_with_label_and_probabilities_outputs_is_served() 
         csv.push_str(&row.join(","));
         csv.push('\n');
     }
-    let path = ctl.dir.path().join("sklearn.csv");
-    std::fs::write(&path, csv).unwrap();
-    ctl.controller
-        .publish(edgeloop_controller::registry::PublishRequest {
-            class_labels: vec!["normal".into(), "fault".into()],
-            ..edgeloop_controller::registry::PublishRequest::new("vibration", 1, &onnx, &path)
-        })
-        .await
-        .unwrap();
-    ctl.controller.rollout("vibration", 1, None).await.unwrap();
-    ctl.wait_for_model("api-4", Some(1)).await;
+    let (agent, base) = serving_over_api(&ctl, "api-4", &onnx, &csv).await;
+    let http = reqwest::Client::new();
 
     let model: Value = get_json(&http, &format!("{base}/v1/model")).await;
     let outputs = &model["outputs"];
