@@ -385,8 +385,10 @@ impl EvalOp for IndexedTreeEnsemble {
                     let cmp = n[4] & 0xFF;
                     if cmp == 0 {
                         for vote in n[0] as usize..n[1] as usize {
-                            let class = leaves[vote * 2] as usize;
-                            let weight = f32::from_bits(leaves[vote * 2 + 1]);
+                            let v = leaves
+                                .get(vote * 2..vote * 2 + 2)
+                                .ok_or_else(|| format_err!("tree vote {vote} out of range"))?;
+                            let (class, weight) = (v[0] as usize, f32::from_bits(v[1]));
                             let total = out
                                 .get_mut(class)
                                 .ok_or_else(|| format_err!("tree vote for class {class}"))?;

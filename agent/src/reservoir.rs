@@ -427,7 +427,7 @@ impl Reservoir {
 impl Drop for Reservoir {
     fn drop(&mut self) {
         if let Err(e) = self.flush() {
-            tracing::warn!("reservoir: the count of inputs seen was not written: {e}");
+            tracing::warn!("reservoir: the last kept inputs and count were not written: {e}");
         }
     }
 }
