@@ -341,7 +341,7 @@ fn read_npy(bytes: &[u8]) -> Result<(Vec<f32>, usize, usize), String> {
         return Err(format!(
             "the header promises {rows}×{width} values of {size} byte(s) ({} bytes) but {} \
              follow it: the file is truncated or has trailing bytes",
-            count * size,
+            count.saturating_mul(size),
             data.len()
         ));
     }
