@@ -84,6 +84,15 @@ pub struct OutputSignature {
 /// Reads an ONNX graph's input and outputs and the declared input width, and picks the
 /// output served as class scores.
 pub fn inspect_onnx(onnx: &[u8]) -> Result<ModelSignature, RuntimeError> {
+    read_graph(onnx, None).map(|(signature, _)| signature)
+}
+
+/// Parses `onnx` once: its signature, and the graph typed for one row of `features`
+/// values (of the declared width when `features` is `None` and the graph declares one).
+fn read_graph(
+    onnx: &[u8],
+    features: Option<usize>,
+) -> Result<(ModelSignature, Option<TypedModel>), RuntimeError> {
     let mut model = crate::onnx_ops::onnx()
         .model_for_read(&mut std::io::Cursor::new(onnx))
         .map_err(|e| RuntimeError::Load(format!("{e:#}")))?;
@@ -115,16 +124,25 @@ pub fn inspect_onnx(onnx: &[u8]) -> Result<ModelSignature, RuntimeError> {
             declared: format!("{fact:?}"),
         });
     };
+    let input_width = dims[1].and_then(|w| usize::try_from(w).ok());
+    if let (Some(width), Some(features)) = (input_width, features)
+        && width != features
+    {
+        return Err(RuntimeError::WidthMismatch {
+            expected: width,
+            got: features,
+        });
+    }
     // The output types the graph declares are not always filled in (scikit-learn's label
     // may be left open): type the graph for one row, when its width is known, and read
     // them from there; otherwise from what analysis infers.
-    let typed = match dims[1] {
+    let typed = match features.or(input_width) {
         Some(width) => Some(
             model
                 .clone()
                 .with_input_fact(
                     0,
-                    InferenceFact::dt_shape(datum_type(input_dtype), [1, width as usize]),
+                    InferenceFact::dt_shape(datum_type(input_dtype), [1, width]),
                 )
                 .and_then(|m| m.into_typed())
                 .map_err(|e| RuntimeError::Load(format!("{e:#}")))?,
@@ -203,14 +221,15 @@ pub fn inspect_onnx(onnx: &[u8]) -> Result<ModelSignature, RuntimeError> {
             )));
         }
     };
-    Ok(ModelSignature {
+    let signature = ModelSignature {
         input_name,
         input_dtype,
-        input_width: dims[1].and_then(|w| usize::try_from(w).ok()),
+        input_width,
         output_name: outputs[scores].name.clone(),
         outputs,
         scores,
-    })
+    };
+    Ok((signature, typed))
 }
 
 /// Lets tract split the matrix multiplications of every plan in this process across
@@ -262,30 +281,15 @@ impl Plan {
     /// Loads, types and optimizes `onnx` for a batch of one row of `features` values, and
     /// runs it once on zeros to learn the number of output classes.
     pub fn compile(onnx: &[u8], features: usize) -> Result<Self, RuntimeError> {
-        let signature = inspect_onnx(onnx)?;
-        if let Some(width) = signature.input_width
-            && width != features
-        {
-            return Err(RuntimeError::WidthMismatch {
-                expected: width,
-                got: features,
-            });
-        }
+        let (signature, typed) = read_graph(onnx, Some(features))?;
+        let mut typed = typed.expect("typed for the given width");
         // Only the scores are computed: the other outputs (a label the graph derives from
         // them) are pruned when the plan is optimized.
-        let runnable = crate::onnx_ops::onnx()
-            .model_for_read(&mut std::io::Cursor::new(onnx))
-            .and_then(|m| {
-                let scores = m.output_outlets()?[signature.scores];
-                m.with_output_outlets(&[scores])
-            })
-            .and_then(|m| {
-                m.with_input_fact(
-                    0,
-                    InferenceFact::dt_shape(datum_type(signature.input_dtype), [1, features]),
-                )
-            })
-            .and_then(|m| m.into_optimized())
+        let runnable = typed
+            .output_outlets()
+            .map(|outlets| outlets[signature.scores])
+            .and_then(|scores| typed.select_output_outlets(&[scores]))
+            .and_then(|()| typed.into_optimized())
             .and_then(|mut m| {
                 crate::onnx_ops::index_tree_ensembles(&mut m)?;
                 m.into_runnable()
