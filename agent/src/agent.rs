@@ -482,8 +482,10 @@ impl AgentLoop {
             return;
         };
         let Some(row) = self.source.next_row() else {
-            info!("input source exhausted");
-            self.source_done = true;
+            if self.source.finished() {
+                info!("input source exhausted");
+                self.source_done = true;
+            }
             return;
         };
         let columns = match &serving.columns {

@@ -233,8 +233,96 @@ pub struct SourceConfig {
     /// csv, npy: start again at the end of the file.
     #[serde(rename = "loop")]
     pub repeat: bool,
-    /// synthetic: the simulated machine's ground truth comes back as feedback.
+    /// synthetic, sensor on the simulated bus: the simulated machine's ground truth comes
+    /// back as feedback.
     pub labels: bool,
+    /// sensor: the I2C bus, its devices and the window the features are computed over.
+    pub sensor: SensorConfig,
+}
+
+/// The vibration and temperature sensors of a `sensor` source.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SensorConfig {
+    /// `"sim"` for the simulated bus, or a Linux I2C adapter such as `"/dev/i2c-1"`.
+    pub bus: String,
+    /// The ADXL345 accelerometer's 7-bit address.
+    pub accelerometer_address: u8,
+    /// The TMP102 thermometer's 7-bit address.
+    pub thermometer_address: u8,
+    /// The accelerometer axis along which the machine vibrates.
+    pub axis: SensorAxis,
+    /// Samples per window; each window becomes one input row.
+    pub window: u32,
+    /// The accelerometer's output data rate, in Hz (rounded up to one it offers).
+    pub sample_rate_hz: u32,
+    /// The accelerometer's range, in g: 2, 4, 8 or 16.
+    pub range_g: u8,
+    /// sim: the share of windows during which the simulated machine is faulty.
+    pub fault_rate: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SensorAxis {
+    X,
+    Y,
+    Z,
+}
+
+impl SensorConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: &str| ConfigError::Invalid {
+            key,
+            reason: reason.to_string(),
+        };
+        if self.bus.is_empty() {
+            return Err(invalid(
+                "source.sensor.bus",
+                "name the simulated bus (\"sim\") or an I2C adapter (\"/dev/i2c-1\")",
+            ));
+        }
+        for (key, address) in [
+            (
+                "source.sensor.accelerometer_address",
+                self.accelerometer_address,
+            ),
+            (
+                "source.sensor.thermometer_address",
+                self.thermometer_address,
+            ),
+        ] {
+            // 0x00–0x07 and 0x78–0x7F are reserved by the I2C specification.
+            if !(0x08..=0x77).contains(&address) {
+                return Err(invalid(key, "must be a 7-bit address in 0x08..=0x77"));
+            }
+        }
+        if self.accelerometer_address == self.thermometer_address {
+            return Err(invalid(
+                "source.sensor.thermometer_address",
+                "must differ from the accelerometer's",
+            ));
+        }
+        if !(8..=65_536).contains(&self.window) {
+            return Err(invalid(
+                "source.sensor.window",
+                "must be in 8..=65536 samples",
+            ));
+        }
+        if !(1..=3200).contains(&self.sample_rate_hz) {
+            return Err(invalid(
+                "source.sensor.sample_rate_hz",
+                "must be in 1..=3200 (the ADXL345's fastest rate)",
+            ));
+        }
+        if ![2, 4, 8, 16].contains(&self.range_g) {
+            return Err(invalid("source.sensor.range_g", "must be 2, 4, 8 or 16"));
+        }
+        if !(0.0..=1.0).contains(&self.fault_rate) {
+            return Err(invalid("source.sensor.fault_rate", "must be in [0, 1]"));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -256,6 +344,8 @@ pub enum SourceKind {
     Csv,
     /// Rows of a NumPy `.npy` array, its columns named by `columns`.
     Npy,
+    /// Windows of an I2C accelerometer and thermometer (real or simulated), as features.
+    Sensor,
     /// None: inputs come only from the local inference API.
     Api,
 }
@@ -402,6 +492,9 @@ impl AgentConfig {
                 "source.columns",
                 "an npy source needs the names of the array's columns",
             ));
+        }
+        if self.source.kind == SourceKind::Sensor {
+            self.source.sensor.validate()?;
         }
         let rate = self.source.rate_hz;
         if !(rate.is_finite() && rate > 0.0 && rate <= 100_000.0) {

@@ -18,6 +18,7 @@ pub mod outbox;
 pub mod report;
 pub mod reservoir;
 pub mod runtime;
+pub mod sensor;
 pub mod sim;
 pub mod slots;
 pub mod source;

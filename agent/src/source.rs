@@ -27,14 +27,22 @@ pub enum SourceError {
     NoPath,
     #[error("{path}: {reason}")]
     Npy { path: String, reason: String },
+    #[error("sensor source: {0}")]
+    Sensor(String),
 }
 
 /// A stream of input rows with named columns.
 pub trait InputSource: Send {
     /// Column names, in the order of the values `next_row` returns.
     fn columns(&self) -> &[String];
-    /// The next row, or `None` when the source is exhausted.
+    /// The next row, or `None` when there is none: the source is exhausted, or (for a
+    /// live source) its next row is not ready yet. [`InputSource::finished`] tells which.
     fn next_row(&mut self) -> Option<Vec<f32>>;
+    /// Whether a `None` from `next_row` means the source has ended for good. Sources
+    /// that read files or generate rows have a row whenever they have not ended.
+    fn finished(&self) -> bool {
+        true
+    }
     /// The ground truth of the row `next_row` returned last, when the source knows it
     /// (it is then counted as feedback).
     fn label(&self) -> Option<usize> {
@@ -57,6 +65,11 @@ pub fn from_config(config: &SourceConfig) -> Result<Box<dyn InputSource>, Source
             config.path.as_deref().ok_or(SourceError::NoPath)?,
             &config.columns,
             config.repeat,
+        )?),
+        SourceKind::Sensor => Box::new(crate::sensor::SensorSource::open(
+            &config.sensor,
+            config.seed,
+            config.labels,
         )?),
         SourceKind::Api => Box::new(NoSource),
     })

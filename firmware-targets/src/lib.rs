@@ -1,13 +1,34 @@
 //! Hardware targets of the edgeloop agent.
 //!
-//! This crate owns what is specific to the boards the agent runs on. Today that is the
-//! table of supported boards ([`BOARDS`]): the Rust target each one is built for and its
-//! CPU, which the cross-compilation scripts (`cross/`) and device provisioning read.
-//! `no_std` sensor drivers generic over embedded-hal 1.0, their Linux adapter and a
-//! simulated sensor bus will live here too (see the open issues); the agent's synthetic
-//! vibration source stands in for them until then.
+//! This crate owns what is specific to the boards the agent runs on and the sensors it
+//! reads:
+//! - the table of supported boards ([`BOARDS`]): the Rust target each one is built for
+//!   and its CPU, which the cross-compilation scripts (`cross/`) and device provisioning
+//!   read;
+//! - `no_std` sensor drivers generic over embedded-hal 1.0's I2C trait: an ADXL345
+//!   accelerometer ([`adxl345`]) and a TMP102 thermometer ([`tmp102`]);
+//! - the features the agent's models read from a window of raw vibration ([`features`]);
+//! - a simulated bus carrying both sensors on a machine that is sometimes faulty
+//!   ([`sim`]), register for register, so the drivers run unchanged without hardware;
+//! - with the `std` feature, a bus shared by several drivers ([`SharedI2c`]); with the
+//!   `linux` feature, the Linux I2C character device ([`linux`]).
+//!
+//! Everything but [`SharedI2c`] and [`linux`] is `no_std` and allocation-free, so the
+//! drivers and features also build for a microcontroller.
 
-#![no_std]
+#![cfg_attr(not(any(test, feature = "std")), no_std)]
+
+pub mod adxl345;
+pub mod features;
+#[cfg(feature = "linux")]
+pub mod linux;
+pub mod sim;
+pub mod tmp102;
+
+#[cfg(feature = "std")]
+mod shared;
+#[cfg(feature = "std")]
+pub use shared::SharedI2c;
 
 /// CPU architecture families the agent is built for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -138,7 +138,8 @@ impl TestController {
         self.spawn_agent_with(self.agent_config(device_id, window))
     }
 
-    /// Starts an agent with a synthetic sensor and this configuration.
+    /// Starts an agent with this configuration (and the synthetic source steered by
+    /// [`TestAgent::shift`] when the configuration names it).
     pub fn spawn_agent_with(&self, config: AgentConfig) -> TestAgent {
         TestAgent::spawn(config, &self.shutdown)
     }
@@ -561,9 +562,17 @@ pub struct TestAgent {
 impl TestAgent {
     pub fn spawn(config: AgentConfig, parent: &CancellationToken) -> Self {
         let shift = ShiftControl::default();
-        let source = VibrationGenerator::new(config.source.seed, shift.clone())
-            .with_labels(config.source.labels);
-        let agent = Agent::new(config.clone(), Box::new(source)).expect("valid agent config");
+        // The synthetic source is built here so that the test can steer its shift.
+        let source: Box<dyn edgeloop_agent::source::InputSource> =
+            if config.source.kind == edgeloop_agent::config::SourceKind::Synthetic {
+                Box::new(
+                    VibrationGenerator::new(config.source.seed, shift.clone())
+                        .with_labels(config.source.labels),
+                )
+            } else {
+                edgeloop_agent::source::from_config(&config.source).expect("the source opens")
+            };
+        let agent = Agent::new(config.clone(), source).expect("valid agent config");
         let token = parent.child_token();
         let task = tokio::spawn({
             let token = token.clone();
