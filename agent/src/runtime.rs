@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use edgeloop_shared::bundle::{DType, Manifest, TensorSpec, VerifiedBundle};
+use edgeloop_shared::bundle::{DType, Manifest, Preprocess, TensorSpec, VerifiedBundle};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 
@@ -275,6 +275,7 @@ pub struct Plan {
     classes: usize,
     dtype: DType,
     output: String,
+    preprocess: Option<Arc<Preprocess>>,
 }
 
 impl Plan {
@@ -301,6 +302,7 @@ impl Plan {
             classes: 0,
             dtype: signature.input_dtype,
             output: signature.output_name,
+            preprocess: None,
         };
         let zeros = plan.run_raw(&vec![0.0; features])?;
         plan.classes = zeros.len();
@@ -311,6 +313,19 @@ impl Plan {
             });
         }
         Ok(plan)
+    }
+
+    /// The plan that scales every row as `preprocess` says before the model sees it
+    /// (the manifest input's `preprocess`; `None` leaves rows as they are).
+    pub fn with_preprocess(
+        mut self,
+        preprocess: Option<&Preprocess>,
+    ) -> Result<Self, RuntimeError> {
+        if let Some(p) = preprocess {
+            p.validate(self.features).map_err(RuntimeError::Load)?;
+        }
+        self.preprocess = preprocess.cloned().map(Arc::new);
+        Ok(self)
     }
 
     pub fn features(&self) -> usize {
@@ -373,13 +388,35 @@ impl Plan {
                 value,
             });
         }
+        let scaled;
+        let row = match &self.preprocess {
+            None => row,
+            Some(p) => {
+                scaled = {
+                    let mut scaled = row.to_vec();
+                    p.apply(&mut scaled);
+                    scaled
+                };
+                // A value beyond f32's range once scaled.
+                if let Some((i, &value)) = scaled.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+                    return Err(RuntimeError::NonFinite {
+                        feature: format!("{} (preprocessed)", feature(i)),
+                        value,
+                    });
+                }
+                &scaled[..]
+            }
+        };
         if let Some((i, &value)) = row
             .iter()
             .enumerate()
             .find(|(_, v)| !self.dtype.represents(**v))
         {
             return Err(RuntimeError::NotRepresentable {
-                feature: feature(i),
+                feature: match self.preprocess {
+                    Some(_) => format!("{} (preprocessed)", feature(i)),
+                    None => feature(i),
+                },
                 value,
                 dtype: self.dtype.name(),
             });
@@ -421,7 +458,8 @@ impl LoadedModel {
         let input = &manifest.inputs[0];
         check_spec(input)?;
         let features = manifest.reference.features.len();
-        let plan = Plan::compile(&bundle.model, features)?;
+        let plan =
+            Plan::compile(&bundle.model, features)?.with_preprocess(input.preprocess.as_ref())?;
         if plan.dtype() != input.dtype {
             return Err(RuntimeError::UnsupportedInput {
                 name: input.name.clone(),
@@ -567,6 +605,48 @@ mod tests {
         assert!((normal.scores.iter().sum::<f32>() - 1.0).abs() < 1e-5);
         let fault = plan.infer(&[1.9, 8.5, 6.5, 56.0], &names()).unwrap();
         assert_eq!(fault.class, 1);
+    }
+
+    #[test]
+    fn preprocessing_scales_rows_before_the_model_and_names_what_it_breaks() {
+        // Temperatures arrive in °F: x' = (x - 32) * 5/9.
+        let fahrenheit = Preprocess {
+            offset: vec![0.0, 0.0, 0.0, 32.0],
+            scale: vec![1.0, 1.0, 1.0, 5.0 / 9.0],
+        };
+        let plan = Plan::compile(MODEL_V1, 4).unwrap();
+        let scaled = plan.clone().with_preprocess(Some(&fahrenheit)).unwrap();
+        let celsius = plan.infer(&[1.9, 8.5, 6.5, 56.0], &names()).unwrap();
+        let got = scaled.infer(&[1.9, 8.5, 6.5, 132.8], &names()).unwrap();
+        assert_eq!(got.class, celsius.class);
+        assert!((got.scores[1] - celsius.scores[1]).abs() < 1e-5, "{got:?}");
+        // The same numbers unscaled are a much hotter machine.
+        let hot = plan.infer(&[1.9, 8.5, 6.5, 132.8], &names()).unwrap();
+        assert!(hot.scores[1] > got.scores[1]);
+
+        let err = plan
+            .clone()
+            .with_preprocess(Some(&Preprocess {
+                offset: vec![0.0; 2],
+                scale: vec![1.0; 2],
+            }))
+            .unwrap_err();
+        assert!(err.to_string().contains("2 values for 4 features"), "{err}");
+
+        // A value the scaling pushes past f32's range is refused as the feature it came from.
+        let huge = Preprocess {
+            offset: vec![0.0; 4],
+            scale: vec![1.0, 1.0, 1.0, 1e30],
+        };
+        let err = plan
+            .with_preprocess(Some(&huge))
+            .unwrap()
+            .infer(&[1.0, 3.0, 3.0, 1e10], &names())
+            .unwrap_err();
+        assert!(
+            matches!(&err, RuntimeError::NonFinite { feature, .. } if feature == "temperature (preprocessed)"),
+            "{err}"
+        );
     }
 
     fn bundle_with_golden(expected: Vec<f64>) -> VerifiedBundle {

@@ -800,6 +800,7 @@ mod tests {
                 shape: vec![None, Some(1)],
                 names: names.clone(),
                 kind: None,
+                preprocess: None,
             }],
             outputs: vec![TensorSpec {
                 name: "y".into(),
@@ -807,6 +808,7 @@ mod tests {
                 shape: vec![None, Some(1)],
                 names: vec![],
                 kind: None,
+                preprocess: None,
             }],
             reference: ReferenceProfile::from_columns(
                 &names,

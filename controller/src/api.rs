@@ -346,6 +346,9 @@ pub struct PublishBody {
     /// Class labels in output order.
     #[serde(default)]
     pub labels: Vec<String>,
+    /// Per-feature scaling devices apply before the model: `{"offset": [...], "scale": [...]}`.
+    #[serde(default)]
+    pub preprocess: Option<edgeloop_shared::bundle::Preprocess>,
     #[serde(default)]
     pub latency_budget_ms: Option<f64>,
     #[serde(default)]
@@ -445,6 +448,7 @@ async fn publish(
             label_column: body.label_column.as_deref(),
             categorical: body.categorical,
             class_labels: body.labels,
+            preprocess: body.preprocess,
             created_ms: now_ms(),
             requirements: edgeloop_shared::bundle::Requirements {
                 latency_budget_ms: body.latency_budget_ms,

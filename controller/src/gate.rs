@@ -271,8 +271,13 @@ pub struct SegmentScore {
 }
 
 /// Runs `onnx` on every holdout row and scores its predictions.
-pub fn evaluate(onnx: &[u8], holdout: &Holdout, metric: Metric) -> Result<Evaluation, GateError> {
-    let plan = Plan::compile(onnx, holdout.features.len())?;
+pub fn evaluate(
+    onnx: &[u8],
+    preprocess: Option<&edgeloop_shared::bundle::Preprocess>,
+    holdout: &Holdout,
+    metric: Metric,
+) -> Result<Evaluation, GateError> {
+    let plan = Plan::compile(onnx, holdout.features.len())?.with_preprocess(preprocess)?;
     let mut predicted = Vec::with_capacity(holdout.rows.len());
     for (i, row) in holdout.rows.iter().enumerate() {
         let p = plan

@@ -401,6 +401,25 @@ enum ModelCommand {
         /// Class labels in output order, comma-separated.
         #[arg(long, value_delimiter = ',')]
         labels: Vec<String>,
+        /// Preprocessing devices apply before the model, `x' = (x - offset) * scale` per
+        /// feature: the offsets, comma-separated in feature order (a standard scaler's
+        /// means). Reference data, holdout and drift stay in the units devices receive.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            allow_negative_numbers = true,
+            requires = "scale"
+        )]
+        offset: Vec<f64>,
+        /// The scales, comma-separated in feature order (one over a standard scaler's
+        /// standard deviations).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            allow_negative_numbers = true,
+            requires = "offset"
+        )]
+        scale: Vec<f64>,
         /// A human-readable description of this version.
         #[arg(long)]
         label: Option<String>,
@@ -1028,6 +1047,8 @@ async fn run() -> anyhow::Result<()> {
                     label_column,
                     categorical,
                     labels,
+                    offset,
+                    scale,
                     label,
                     latency_budget_ms,
                     min_agent_version,
@@ -1088,6 +1109,8 @@ async fn run() -> anyhow::Result<()> {
                     label_column: label_column.as_deref(),
                     categorical,
                     class_labels: labels,
+                    preprocess: (!offset.is_empty() || !scale.is_empty())
+                        .then_some(edgeloop_shared::bundle::Preprocess { offset, scale }),
                     created_ms: now_ms(),
                     requirements: edgeloop_shared::bundle::Requirements {
                         latency_budget_ms,
@@ -1182,6 +1205,7 @@ async fn run() -> anyhow::Result<()> {
                     against: Some(baseline),
                 },
                 &judged.model,
+                judged.manifest.inputs[0].preprocess.as_ref(),
                 &features,
                 Some(&current),
             )?;

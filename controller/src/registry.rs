@@ -7,8 +7,8 @@ use edgeloop_agent::runtime::{LoadedModel, Plan, RuntimeError, inspect_onnx};
 use edgeloop_agent::slots::write_atomic;
 use edgeloop_agent::source::{SourceError, read_numeric_csv};
 use edgeloop_shared::bundle::{
-    self, BundleError, Golden, GoldenVector, Limits, Lineage, Manifest, OutputKind, Requirements,
-    TensorSpec, VerifiedBundle,
+    self, BundleError, Golden, GoldenVector, Limits, Lineage, Manifest, OutputKind, Preprocess,
+    Requirements, TensorSpec, VerifiedBundle,
 };
 use edgeloop_shared::drift::{DriftError, DriftPolicy};
 use edgeloop_shared::signing::{SecretKey, TrustedKeys};
@@ -98,6 +98,9 @@ pub struct PublishRequest<'a> {
     pub categorical: Vec<String>,
     /// Class labels, in output order; `class_0`, `class_1`, … when empty.
     pub class_labels: Vec<String>,
+    /// Per-feature scaling devices apply before the model (the reference data and the
+    /// holdout stay in the units devices receive).
+    pub preprocess: Option<Preprocess>,
     pub created_ms: u64,
     /// What a device must satisfy before it activates the model.
     pub requirements: Requirements,
@@ -122,6 +125,7 @@ impl<'a> PublishRequest<'a> {
             label_column: None,
             categorical: Vec::new(),
             class_labels: Vec::new(),
+            preprocess: None,
             created_ms: edgeloop_agent::now_ms(),
             requirements: Requirements::default(),
             drift: None,
@@ -440,12 +444,13 @@ pub async fn published_manifest(
 pub fn run_gate(
     gate: &QualityGate<'_>,
     onnx: &[u8],
+    preprocess: Option<&Preprocess>,
     features: &[String],
     baseline: Option<&(u64, VerifiedBundle)>,
 ) -> Result<GateReport, GateError> {
     gate.policy.validate()?;
     let holdout = Holdout::read(gate.holdout, features, &gate.policy)?;
-    let candidate = gate::evaluate(onnx, &holdout, gate.policy.metric)?;
+    let candidate = gate::evaluate(onnx, preprocess, &holdout, gate.policy.metric)?;
     let current = match baseline {
         Some((_, verified)) => {
             let features: Vec<String> = verified
@@ -457,6 +462,7 @@ pub fn run_gate(
             let holdout = Holdout::read(gate.holdout, &features, &gate.policy)?;
             Some(gate::evaluate(
                 &verified.model,
+                verified.manifest.inputs[0].preprocess.as_ref(),
                 &holdout,
                 gate.policy.metric,
             )?)
@@ -543,7 +549,8 @@ fn build_bundle(
         }
     }
     let signature = inspect_onnx(request.onnx)?;
-    let plan = Plan::compile(request.onnx, columns.len())?;
+    let plan =
+        Plan::compile(request.onnx, columns.len())?.with_preprocess(request.preprocess.as_ref())?;
     // Every reference row must run: a model that fails on its own reference data would
     // fail on devices too. The first few, with their outputs, become the golden vectors.
     // Their predicted classes are the reference for prediction drift.
@@ -598,6 +605,7 @@ fn build_bundle(
     manifest.created_ms = request.created_ms;
     manifest.inputs[0].name = signature.input_name;
     manifest.inputs[0].dtype = signature.input_dtype;
+    manifest.inputs[0].preprocess = request.preprocess.clone();
     manifest.outputs[0].name = signature.output_name;
     manifest.outputs[0].names = labels;
     // The graph's other outputs are declared for what they are; a device computes only
@@ -618,6 +626,7 @@ fn build_bundle(
                         shape: vec![None],
                         names: Vec::new(),
                         kind: Some(OutputKind::ClassLabels),
+                        preprocess: None,
                     })
                 }),
         );
@@ -633,7 +642,13 @@ fn build_bundle(
     manifest.drift = request.drift;
     manifest.lineage = request.lineage.clone();
     if let Some(gate) = &request.gate {
-        let report = run_gate(gate, request.onnx, &columns, baseline)?;
+        let report = run_gate(
+            gate,
+            request.onnx,
+            request.preprocess.as_ref(),
+            &columns,
+            baseline,
+        )?;
         if !report.passed {
             return Err(PublishError::GateFailed(Box::new(report)));
         }
@@ -715,6 +730,7 @@ mod tests {
                     label_column: None,
                     categorical: Vec::new(),
                     class_labels: CLASS_LABELS.iter().map(|s| s.to_string()).collect(),
+                    preprocess: None,
                     created_ms: 1,
                     requirements: Requirements::default(),
                     drift: None,
@@ -1041,6 +1057,7 @@ mod tests {
             label_column: None,
             categorical: categorical.iter().map(|s| s.to_string()).collect(),
             class_labels: Vec::new(),
+            preprocess: None,
             created_ms: 1,
             requirements: Requirements::default(),
             drift: None,
@@ -1133,6 +1150,105 @@ mod tests {
         assert!(
             matches!(err, PublishError::NoBaseline { version: 9, .. }),
             "{err}"
+        );
+    }
+
+    /// Devices that report rms and peak in milli-g and temperature in °F serve a model
+    /// trained in g and °C through the manifest's preprocessing: the reference profile and
+    /// golden vectors are in the devices' units, and the device's predictions on its units
+    /// are the model's on the model's units.
+    #[tokio::test]
+    async fn preprocessing_lets_devices_send_their_own_units() {
+        let r = Registry::new();
+        // x' = (x - offset) * scale: mg → g, °F → °C.
+        let preprocess = Preprocess {
+            offset: vec![0.0, 0.0, 0.0, 32.0],
+            scale: vec![1e-3, 1e-3, 1.0, 5.0 / 9.0],
+        };
+        let to_device = |row: &[f32]| -> Vec<f32> {
+            vec![
+                row[0] * 1e3,
+                row[1] * 1e3,
+                row[2],
+                row[3] * 9.0 / 5.0 + 32.0,
+            ]
+        };
+        let mut lines = REFERENCE_V1.lines();
+        let mut csv = format!("{}\n", lines.next().unwrap());
+        let model_rows: Vec<Vec<f32>> = lines
+            .map(|l| l.split(',').map(|v| v.parse().unwrap()).collect())
+            .collect();
+        for row in &model_rows {
+            let device = to_device(row);
+            let cells: Vec<String> = device.iter().map(|v| v.to_string()).collect();
+            csv.push_str(&format!("{}\n", cells.join(",")));
+        }
+        let path = r.dir.path().join("device-units.csv");
+        std::fs::write(&path, &csv).unwrap();
+        let request = |preprocess: Option<Preprocess>| PublishRequest {
+            class_labels: CLASS_LABELS.iter().map(|s| s.to_string()).collect(),
+            preprocess,
+            ..PublishRequest::new("vibration", 1, MODEL_V1, &path)
+        };
+
+        // A mismatched preprocessing is refused before anything is signed.
+        let short = Preprocess {
+            offset: vec![0.0; 3],
+            scale: vec![1.0; 3],
+        };
+        let err = publish(&r.store, &r.artifacts, &r.key, request(Some(short)))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("3 values for 4 features"), "{err}");
+
+        publish(
+            &r.store,
+            &r.artifacts,
+            &r.key,
+            request(Some(preprocess.clone())),
+        )
+        .await
+        .unwrap();
+        let (_, bundle) = open_published(&r.store, &r.artifacts, &r.key, "vibration", 1)
+            .await
+            .unwrap();
+        let manifest = &bundle.manifest;
+        assert_eq!(manifest.inputs[0].preprocess.as_ref(), Some(&preprocess));
+        // The profile is in the devices' units: around 113 °F, 1000 mg.
+        let temperature = &manifest.reference.features[3];
+        assert!(
+            (100.0..130.0).contains(&temperature.mean),
+            "{}",
+            temperature.mean
+        );
+        assert!(manifest.reference.features[0].mean > 500.0);
+
+        let device = LoadedModel::load(&bundle).unwrap();
+        let bare = Plan::compile(MODEL_V1, 4).unwrap();
+        let names: Vec<String> = manifest
+            .reference
+            .feature_names()
+            .map(str::to_string)
+            .collect();
+        for row in model_rows.iter().take(200) {
+            let expected = bare.infer(row, &names).unwrap();
+            let got = device.infer(&to_device(row)).unwrap();
+            assert_eq!(got.class, expected.class, "{row:?}");
+            for (g, e) in got.scores.iter().zip(&expected.scores) {
+                assert!((g - e).abs() < 1e-3, "{got:?} vs {expected:?}");
+            }
+        }
+        // Without it, the same numbers mean something else to the model.
+        let raw = Plan::compile(MODEL_V1, 4).unwrap();
+        let faults = model_rows
+            .iter()
+            .take(200)
+            .filter(|row| raw.infer(&to_device(row), &names).unwrap().class == 1)
+            .count();
+        assert!(
+            faults > 150,
+            "{faults} of 200 read as faults without preprocessing"
         );
     }
 }

@@ -1233,6 +1233,9 @@ impl Retrainer {
                 label_column: None,
                 categorical: Vec::new(),
                 class_labels: current.manifest.served_output().names.clone(),
+                // Trainers learn from data in the units devices receive, and their models
+                // take those units: the current model's preprocessing is not carried over.
+                preprocess: None,
                 created_ms: now_ms(),
                 requirements: current.manifest.requirements.clone(),
                 drift: None,

@@ -143,7 +143,7 @@ impl DType {
 }
 
 /// One model input or output.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TensorSpec {
     pub name: String,
@@ -157,6 +157,51 @@ pub struct TensorSpec {
     /// output reads as it did before outputs had kinds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kind: Option<OutputKind>,
+    /// How a device turns the numbers it receives into this input (inputs only). Absent:
+    /// the numbers go to the model as they are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preprocess: Option<Preprocess>,
+}
+
+/// Per-feature scaling a device applies before inference: `x' = (x − offset) × scale`,
+/// as ONNX-ML's `Scaler` does (`offset` = a standard scaler's means, `scale` = one over its
+/// standard deviations). Callers, sources, drift windows, the reference profile and the
+/// sample kept for retraining all see the numbers before it, in the units they were
+/// measured in; only the model sees them after it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Preprocess {
+    /// One per feature.
+    pub offset: Vec<f64>,
+    /// One per feature.
+    pub scale: Vec<f64>,
+}
+
+impl Preprocess {
+    /// Checks that both vectors have one finite number per feature.
+    pub fn validate(&self, features: usize) -> Result<(), String> {
+        for (what, values) in [("offset", &self.offset), ("scale", &self.scale)] {
+            if values.len() != features {
+                return Err(format!(
+                    "preprocess {what} has {} values for {features} features",
+                    values.len()
+                ));
+            }
+            if let Some((i, v)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+                return Err(format!(
+                    "preprocess {what}[{i}] is {v}, not a finite number"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `x' = (x − offset) × scale`, in place.
+    pub fn apply(&self, row: &mut [f32]) {
+        for ((x, offset), scale) in row.iter_mut().zip(&self.offset).zip(&self.scale) {
+            *x = ((f64::from(*x) - offset) * scale) as f32;
+        }
+    }
 }
 
 /// What a model output means.
@@ -368,6 +413,7 @@ impl Manifest {
                 shape: vec![None, Some(features.len() as u64)],
                 names: features.to_vec(),
                 kind: None,
+                preprocess: None,
             }],
             outputs: vec![TensorSpec {
                 name: "probabilities".into(),
@@ -375,6 +421,7 @@ impl Manifest {
                 shape: vec![None, Some(classes)],
                 names: Vec::new(),
                 kind: None,
+                preprocess: None,
             }],
             reference: ReferenceProfile::from_columns(
                 features,
@@ -434,6 +481,21 @@ impl Manifest {
         self.reference
             .validate()
             .map_err(|e: DriftError| bad(e.to_string()))?;
+        if self.outputs.iter().any(|o| o.preprocess.is_some()) {
+            return Err(bad("only inputs are preprocessed".into()));
+        }
+        for input in &self.inputs {
+            if let Some(p) = &input.preprocess {
+                let width = input
+                    .shape
+                    .last()
+                    .copied()
+                    .flatten()
+                    .map_or(self.reference.features.len(), |w| w as usize);
+                p.validate(width)
+                    .map_err(|e| bad(format!("input `{}`: {e}", input.name)))?;
+            }
+        }
         if let Some(policy) = &self.drift {
             policy.validate().map_err(|e| bad(e.to_string()))?;
         }
@@ -1029,6 +1091,7 @@ pub(crate) mod tests {
                 shape: vec![None, Some(2)],
                 names: names.clone(),
                 kind: None,
+                preprocess: None,
             }],
             outputs: vec![TensorSpec {
                 name: "y".into(),
@@ -1036,6 +1099,7 @@ pub(crate) mod tests {
                 shape: vec![None, Some(2)],
                 names: vec!["no".into(), "yes".into()],
                 kind: None,
+                preprocess: None,
             }],
             reference: ReferenceProfile::from_columns(&names, &columns, DEFAULT_BINS).unwrap(),
             drift: None,
@@ -1429,6 +1493,7 @@ pub(crate) mod tests {
             shape: vec![None],
             names: Vec::new(),
             kind: Some(OutputKind::ClassLabels),
+            preprocess: None,
         };
         // The label first, the scores second: the scores are served.
         let mut m = manifest(1);
@@ -1453,6 +1518,59 @@ pub(crate) mod tests {
         m.outputs.push(m.outputs[0].clone());
         let err = pack(m, b"x", &key).unwrap_err();
         assert!(err.to_string().contains("declares 2"), "{err}");
+    }
+
+    #[test]
+    fn inputs_may_declare_preprocessing_of_one_finite_number_per_feature() {
+        let key = SecretKey::from_seed([6; 32]);
+        let trusted = TrustedKeys::new([key.public().clone()]);
+        let width = manifest(1).reference.features.len();
+        let preprocess = Preprocess {
+            offset: vec![1.0; width],
+            scale: vec![0.5; width],
+        };
+        let mut m = manifest(1);
+        m.inputs[0].preprocess = Some(preprocess.clone());
+        let verified = verify(&pack(m, b"x", &key).unwrap(), &trusted, &Limits::default()).unwrap();
+        assert_eq!(
+            verified.manifest.inputs[0].preprocess,
+            Some(preprocess.clone())
+        );
+        let text = serde_json::to_string(&verified.manifest.inputs).unwrap();
+        assert!(text.contains(r#""preprocess":{"offset":[1.0"#), "{text}");
+        // Without it, a manifest serialises as it did before preprocessing existed.
+        let text = serde_json::to_string(&manifest(1).inputs).unwrap();
+        assert!(!text.contains("preprocess"), "{text}");
+
+        let mut row = vec![3.0f32; width];
+        preprocess.apply(&mut row);
+        assert!(row.iter().all(|&x| x == 1.0), "{row:?}");
+
+        for (broken, needle) in [
+            (
+                Preprocess {
+                    offset: vec![0.0; width + 1],
+                    scale: vec![1.0; width],
+                },
+                format!("offset has {} values for {width} features", width + 1),
+            ),
+            (
+                Preprocess {
+                    offset: vec![0.0; width],
+                    scale: vec![f64::NAN; width],
+                },
+                "scale[0] is NaN".to_string(),
+            ),
+        ] {
+            let mut m = manifest(1);
+            m.inputs[0].preprocess = Some(broken);
+            let err = pack(m, b"x", &key).unwrap_err().to_string();
+            assert!(err.contains(&needle), "{err}");
+        }
+        let mut m = manifest(1);
+        m.outputs[0].preprocess = Some(preprocess);
+        let err = pack(m, b"x", &key).unwrap_err().to_string();
+        assert!(err.contains("only inputs"), "{err}");
     }
 
     /// Runs a stream check over `bytes` fed in pieces of `piece` bytes.
