@@ -67,6 +67,9 @@ pub struct ModelSignature {
     /// Index in `outputs` of the class scores: the only output, or, of several, the one
     /// float output of rank 2 (scikit-learn's `probabilities` beside its `label`).
     pub scores: usize,
+    /// The class labels the graph itself carries, in the order of the score columns
+    /// ([`graph_class_labels`]).
+    pub class_labels: Option<Vec<String>>,
 }
 
 /// One output of an ONNX graph.
@@ -93,8 +96,13 @@ fn read_graph(
     onnx: &[u8],
     features: Option<usize>,
 ) -> Result<(ModelSignature, Option<TypedModel>), RuntimeError> {
-    let mut model = crate::onnx_ops::onnx()
-        .model_for_read(&mut std::io::Cursor::new(onnx))
+    let framework = crate::onnx_ops::onnx();
+    let proto = framework
+        .proto_model_for_read(&mut std::io::Cursor::new(onnx))
+        .map_err(|e| RuntimeError::Load(format!("{e:#}")))?;
+    let class_labels = graph_class_labels(&proto);
+    let mut model = framework
+        .model_for_proto_model(&proto)
         .map_err(|e| RuntimeError::Load(format!("{e:#}")))?;
     if model.inputs.len() != 1 {
         return Err(RuntimeError::Load(format!(
@@ -228,8 +236,78 @@ fn read_graph(
         output_name: outputs[scores].name.clone(),
         outputs,
         scores,
+        class_labels,
     };
     Ok((signature, typed))
+}
+
+/// The class labels a classifier graph carries, in the order of its score columns:
+/// - an ONNX-ML classifier node's `classlabels_strings`, `classlabels_ints` or
+///   `classlabels_int64s` (`LinearClassifier`, `TreeEnsembleClassifier`, `SVMClassifier`,
+///   as scikit-learn's exporter writes them);
+/// - otherwise, the constant table an `ArrayFeatureExtractor` picks the label from (how the
+///   exporter labels an `MLPClassifier`'s argmax).
+///
+/// Integer labels read as their decimal text. `None` unless exactly one node names the
+/// labels, and they are distinct.
+pub fn graph_class_labels(proto: &tract_onnx::pb::ModelProto) -> Option<Vec<String>> {
+    let graph = proto.graph.as_ref()?;
+    let text = |bytes: &Vec<u8>| String::from_utf8(bytes.clone()).ok();
+    let from_attributes = |node: &tract_onnx::pb::NodeProto| {
+        node.attribute.iter().find_map(|a| match a.name.as_str() {
+            "classlabels_strings" => a.strings.iter().map(text).collect::<Option<Vec<_>>>(),
+            "classlabels_ints" | "classlabels_int64s" => {
+                Some(a.ints.iter().map(i64::to_string).collect())
+            }
+            _ => None,
+        })
+    };
+    let mut found: Vec<Vec<String>> = graph.node.iter().filter_map(from_attributes).collect();
+    if found.is_empty() {
+        found = graph
+            .node
+            .iter()
+            .filter(|n| n.op_type == "ArrayFeatureExtractor")
+            .filter_map(|n| {
+                let table = graph
+                    .initializer
+                    .iter()
+                    .find(|t| Some(&t.name) == n.input.first())?;
+                use tract_onnx::pb::tensor_proto::DataType;
+                let raw = |width: usize| -> Vec<String> {
+                    table
+                        .raw_data
+                        .chunks_exact(width)
+                        .map(|b| {
+                            if width == 8 {
+                                i64::from_le_bytes(b.try_into().expect("8 bytes")).to_string()
+                            } else {
+                                i32::from_le_bytes(b.try_into().expect("4 bytes")).to_string()
+                            }
+                        })
+                        .collect()
+                };
+                match DataType::try_from(table.data_type).ok()? {
+                    DataType::String => table.string_data.iter().map(text).collect(),
+                    DataType::Int64 if table.raw_data.is_empty() => {
+                        Some(table.int64_data.iter().map(i64::to_string).collect())
+                    }
+                    DataType::Int64 => Some(raw(8)),
+                    DataType::Int32 if table.raw_data.is_empty() => {
+                        Some(table.int32_data.iter().map(i32::to_string).collect())
+                    }
+                    DataType::Int32 => Some(raw(4)),
+                    _ => None,
+                }
+            })
+            .collect();
+    }
+    let [labels] = <[Vec<String>; 1]>::try_from(found).ok()?;
+    let distinct = labels
+        .iter()
+        .enumerate()
+        .all(|(i, l)| !l.is_empty() && !labels[..i].contains(l));
+    (distinct && !labels.is_empty()).then_some(labels)
 }
 
 /// Lets tract split the matrix multiplications of every plan in this process across
@@ -276,6 +354,7 @@ pub struct Plan {
     dtype: DType,
     output: String,
     preprocess: Option<Arc<Preprocess>>,
+    signature: Arc<ModelSignature>,
 }
 
 impl Plan {
@@ -301,8 +380,9 @@ impl Plan {
             features,
             classes: 0,
             dtype: signature.input_dtype,
-            output: signature.output_name,
+            output: signature.output_name.clone(),
             preprocess: None,
+            signature: Arc::new(signature),
         };
         let zeros = plan.run_raw(&vec![0.0; features])?;
         plan.classes = zeros.len();
@@ -344,6 +424,11 @@ impl Plan {
     /// The name of the graph output served as class scores.
     pub fn output(&self) -> &str {
         &self.output
+    }
+
+    /// What the graph declares, as [`inspect_onnx`] reads it (from the same parse).
+    pub fn signature(&self) -> &ModelSignature {
+        &self.signature
     }
 
     fn run_raw(&self, row: &[f32]) -> Result<Vec<f32>, RuntimeError> {
@@ -598,6 +683,8 @@ mod tests {
     fn the_example_model_loads_and_classifies() {
         let sig = inspect_onnx(MODEL_V1).unwrap();
         assert_eq!(sig.input_width, Some(4));
+        // Built by hand from plain ONNX ops: it names no classes.
+        assert_eq!(sig.class_labels, None);
         let plan = Plan::compile(MODEL_V1, 4).unwrap();
         assert_eq!(plan.classes(), 2);
         let normal = plan.infer(&[1.0, 3.0, 3.0, 45.0], &names()).unwrap();

@@ -225,6 +225,10 @@ fn sklearn_classifiers_are_served_with_their_probabilities_as_scores() {
         let probabilities = numbers(&outputs[1]);
         let classes = shape(&outputs[1])[1];
         assert_eq!(plan.classes(), classes, "{name}");
+        // The exporter keeps scikit-learn's classes (0, 1, … here) in the graph: in the
+        // classifier node's attributes, or (MLP) in the table its label is picked from.
+        let expected: Vec<String> = (0..classes).map(|c| c.to_string()).collect();
+        assert_eq!(signature.class_labels, Some(expected), "{name}");
         let features: Vec<String> = (0..4).map(|i| format!("f{i}")).collect();
         for (r, row) in input.chunks(4).enumerate() {
             let row: Vec<f32> = row.iter().map(|&x| x as f32).collect();

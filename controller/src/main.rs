@@ -398,7 +398,8 @@ enum ModelCommand {
         /// category, with the chi-square test, instead of by quantile bins.
         #[arg(long, value_delimiter = ',')]
         categorical: Vec<String>,
-        /// Class labels in output order, comma-separated.
+        /// Class labels in output order, comma-separated. Default: the classes the graph
+        /// names (a scikit-learn export carries them), else class_0, class_1, …
         #[arg(long, value_delimiter = ',')]
         labels: Vec<String>,
         /// Preprocessing devices apply before the model, `x' = (x - offset) * scale` per

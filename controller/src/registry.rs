@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use edgeloop_agent::runtime::{LoadedModel, Plan, RuntimeError, inspect_onnx};
+use edgeloop_agent::runtime::{LoadedModel, Plan, RuntimeError};
 use edgeloop_agent::slots::write_atomic;
 use edgeloop_agent::source::{SourceError, read_numeric_csv};
 use edgeloop_shared::bundle::{
@@ -96,7 +96,8 @@ pub struct PublishRequest<'a> {
     /// Features to profile as categorical (their distinct reference values are the
     /// categories) rather than numeric.
     pub categorical: Vec<String>,
-    /// Class labels, in output order; `class_0`, `class_1`, … when empty.
+    /// Class labels, in output order. When empty: the classes the graph names (a
+    /// scikit-learn export carries them), else `class_0`, `class_1`, ….
     pub class_labels: Vec<String>,
     /// Per-feature scaling devices apply before the model (the reference data and the
     /// holdout stay in the units devices receive).
@@ -548,9 +549,9 @@ fn build_bundle(
             row.remove(at);
         }
     }
-    let signature = inspect_onnx(request.onnx)?;
     let plan =
         Plan::compile(request.onnx, columns.len())?.with_preprocess(request.preprocess.as_ref())?;
+    let signature = plan.signature().clone();
     // Every reference row must run: a model that fails on its own reference data would
     // fail on devices too. The first few, with their outputs, become the golden vectors.
     // Their predicted classes are the reference for prediction drift.
@@ -572,7 +573,11 @@ fn build_bundle(
         return Err(PublishError::OneColumn(signature.output_name));
     }
     let labels = if request.class_labels.is_empty() {
-        (0..classes).map(|i| format!("class_{i}")).collect()
+        // The classes the graph names (scikit-learn's), else `class_0`, `class_1`, ….
+        signature
+            .class_labels
+            .filter(|names| names.len() == classes)
+            .unwrap_or_else(|| (0..classes).map(|i| format!("class_{i}")).collect())
     } else if request.class_labels.len() == classes {
         request.class_labels.clone()
     } else {
@@ -1250,5 +1255,54 @@ mod tests {
             faults > 150,
             "{faults} of 200 read as faults without preprocessing"
         );
+    }
+
+    /// A scikit-learn export published without `--labels` names its classes as the graph
+    /// does; explicit labels still win.
+    #[tokio::test]
+    async fn classes_are_named_by_the_graph_unless_the_publisher_names_them() {
+        let r = Registry::new();
+        let compat = Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent/tests/compat");
+        let onnx = std::fs::read(compat.join("random_forest.onnx")).unwrap();
+        let fixture: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(compat.join("random_forest.json")).unwrap())
+                .unwrap();
+        let values: Vec<f64> = fixture["inputs"][0]["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        let mut csv = String::from("f0,f1,f2,f3\n");
+        for row in values.chunks(4) {
+            let cells: Vec<String> = row.iter().map(|v| v.to_string()).collect();
+            csv.push_str(&format!("{}\n", cells.join(",")));
+        }
+        let path = r.dir.path().join("forest.csv");
+        std::fs::write(&path, csv).unwrap();
+        let classes = fixture["outputs"][1]["shape"][1].as_u64().unwrap() as usize;
+
+        let request = PublishRequest::new("forest", 1, &onnx, &path);
+        publish(&r.store, &r.artifacts, &r.key, request)
+            .await
+            .unwrap();
+        let (_, bundle) = open_published(&r.store, &r.artifacts, &r.key, "forest", 1)
+            .await
+            .unwrap();
+        let expected: Vec<String> = (0..classes).map(|c| c.to_string()).collect();
+        assert_eq!(bundle.manifest.served_output().names, expected);
+
+        let named: Vec<String> = (0..classes).map(|c| format!("grade-{c}")).collect();
+        let request = PublishRequest {
+            class_labels: named.clone(),
+            ..PublishRequest::new("forest", 2, &onnx, &path)
+        };
+        publish(&r.store, &r.artifacts, &r.key, request)
+            .await
+            .unwrap();
+        let (_, bundle) = open_published(&r.store, &r.artifacts, &r.key, "forest", 2)
+            .await
+            .unwrap();
+        assert_eq!(bundle.manifest.served_output().names, named);
     }
 }
