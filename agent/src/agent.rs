@@ -103,7 +103,11 @@ struct Serving {
 impl Serving {
     fn new(installed: Installed, source_columns: &[String]) -> Self {
         let reference = installed.model.manifest.reference.clone();
-        let columns = map_columns(installed.model.feature_names(), source_columns);
+        let columns = if installed.model.is_tensor() {
+            Err("a model of tensor input is fed only through the local inference API".into())
+        } else {
+            map_columns(installed.model.feature_names(), source_columns)
+        };
         // A source without columns (`api`) feeds no model: nothing to warn about.
         if let Err(reason) = &columns
             && !source_columns.is_empty()
@@ -641,7 +645,11 @@ impl AgentLoop {
                 if serving.model_ref() != model {
                     return;
                 }
-                self.keep_sample(Some(&request_key), &row, Some(class), None);
+                // A tensor input arrives as its channel statistics (what drift watches):
+                // no input to keep for retraining.
+                if !serving.installed.model.is_tensor() {
+                    self.keep_sample(Some(&request_key), &row, Some(class), None);
+                }
                 self.counters.inferences += 1;
                 if let Some(watch) = self.watch.as_mut() {
                     watch.inferences += 1;

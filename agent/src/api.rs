@@ -4,7 +4,8 @@
 //!
 //! - `POST /v1/infer`: JSON `{"rows": [[…], …]}` or `{"instances": [{"feature": value, …}]}`,
 //!   or a binary body (`Content-Type: application/octet-stream`, little-endian f32 values,
-//!   rows × features given by the `X-Edgeloop-Shape: ROWSxFEATURES` header).
+//!   rows × features given by the `X-Edgeloop-Shape: ROWSxFEATURES` header). For a tensor
+//!   input each row is one tensor, nested or flat (`Nxd1xd2…` in the binary header).
 //! - `POST /v1/feedback`: `{"request_id": "…", "label": "fault" | 1, "row": 0}` attaches
 //!   the ground truth to a prediction of one of the last `feedback_memory` requests; it
 //!   goes into the drift window's confusion counts and accuracy.
@@ -272,6 +273,9 @@ fn read_rows(
     body: &[u8],
     max_rows: usize,
 ) -> Result<Vec<Vec<f32>>, String> {
+    if model.is_tensor() {
+        return read_tensor_rows(model, headers, body, max_rows);
+    }
     let (input, width) = input_text(model);
     let expected = format!("[N, {width}] f32 (N ≤ {max_rows})");
     let binary = headers
@@ -378,6 +382,172 @@ fn read_rows(
     Ok(rows)
 }
 
+/// The request's rows for a tensor input (`[N, d1, d2, …]`): JSON `{"rows": [...]}` with
+/// each row nested as the tensor is (`[[[…]]]`, as numpy's `tolist()` writes it) or flat
+/// in row-major order, or a binary body whose shape header is `Nxd1xd2…` (or `NxL`, L the
+/// numbers in a row). Each row comes back flat, in row-major order.
+fn read_tensor_rows(
+    model: &LoadedModel,
+    headers: &HeaderMap,
+    body: &[u8],
+    max_rows: usize,
+) -> Result<Vec<Vec<f32>>, String> {
+    let input = &model.manifest.inputs[0].name;
+    let dims = model.plan.row_shape();
+    let len = model.plan.features();
+    let dims_text: Vec<String> = dims.iter().map(usize::to_string).collect();
+    let expected = format!("[N, {}] f32 (N ≤ {max_rows})", dims_text.join(", "));
+    let binary = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/octet-stream"));
+    let rows: Vec<Vec<f32>> = if binary {
+        let shape = headers
+            .get(SHAPE_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| {
+                format!(
+                    "a binary body needs the {SHAPE_HEADER} header (Nx{})",
+                    dims_text.join("x")
+                )
+            })?;
+        let given: Vec<usize> = shape
+            .split('x')
+            .map(|d| d.trim().parse())
+            .collect::<Result<_, _>>()
+            .map_err(|_| format!("{SHAPE_HEADER} `{shape}` is not Nx{}", dims_text.join("x")))?;
+        let Some((&n, row)) = given.split_first() else {
+            return Err(format!("{SHAPE_HEADER} is empty"));
+        };
+        if row != dims && row != [len] {
+            return Err(format!(
+                "input `{input}` expects {expected}; received [{}]",
+                given
+                    .iter()
+                    .map(usize::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        let needed = n.checked_mul(len).and_then(|v| v.checked_mul(4));
+        if needed != Some(body.len()) {
+            return Err(format!(
+                "{SHAPE_HEADER} `{shape}` needs {} bytes of f32; the body has {}",
+                needed.map_or_else(|| "more".to_string(), |b| b.to_string()),
+                body.len()
+            ));
+        }
+        body.chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect::<Vec<_>>()
+            .chunks(len.max(1))
+            .map(<[f32]>::to_vec)
+            .collect()
+    } else {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct TensorJson {
+            rows: Vec<Value>,
+        }
+        let request: TensorJson = serde_json::from_slice(body).map_err(|e| {
+            format!("body is not {{\"rows\": [...]}} with one {expected} tensor per row: {e}")
+        })?;
+        if request.rows.len() > max_rows {
+            return Err(format!(
+                "input `{input}` expects {expected}; received {} rows",
+                request.rows.len()
+            ));
+        }
+        request
+            .rows
+            .iter()
+            .enumerate()
+            .map(|(i, row)| {
+                let mut flat = Vec::with_capacity(len);
+                let flat_form = row
+                    .as_array()
+                    .is_some_and(|a| a.len() == len && a.iter().all(|v| !v.is_array()));
+                let dims: &[usize] = if flat_form { &[len] } else { dims };
+                flatten_row(row, dims, &mut flat, &mut Vec::new()).map_err(|fault| {
+                    format!("input `{input}` expects {expected}; row {i}: {fault}")
+                })?;
+                Ok(flat)
+            })
+            .collect::<Result<_, String>>()?
+    };
+    if rows.is_empty() {
+        return Err(format!(
+            "input `{input}` expects {expected}; received no rows"
+        ));
+    }
+    if rows.len() > max_rows {
+        return Err(format!(
+            "input `{input}` expects {expected}; received {} rows",
+            rows.len()
+        ));
+    }
+    Ok(rows)
+}
+
+/// Appends the numbers of `value`, nested as `dims` says, to `out`; or says where the
+/// nesting or a number is wrong (`at` is the index reached so far).
+fn flatten_row(
+    value: &Value,
+    dims: &[usize],
+    out: &mut Vec<f32>,
+    at: &mut Vec<usize>,
+) -> Result<(), String> {
+    let here = || {
+        if at.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " at [{}]",
+                at.iter()
+                    .map(usize::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        }
+    };
+    match (dims.split_first(), value) {
+        (None, Value::Number(n)) => {
+            out.push(n.as_f64().unwrap_or(f64::NAN) as f32);
+            Ok(())
+        }
+        // `null` stands for a missing value: refused by the model's finite check, by index.
+        (None, Value::Null) => {
+            out.push(f32::NAN);
+            Ok(())
+        }
+        (None, other) => Err(format!("{other} is not a number{}", here())),
+        (Some((&dim, rest)), Value::Array(items)) => {
+            if items.len() != dim {
+                return Err(format!(
+                    "{} values where {dim} belong{}",
+                    items.len(),
+                    here()
+                ));
+            }
+            for (j, item) in items.iter().enumerate() {
+                at.push(j);
+                flatten_row(item, rest, out, at)?;
+                at.pop();
+            }
+            Ok(())
+        }
+        (Some((&dim, _)), other) => Err(format!(
+            "{} where an array of {dim} belongs{}",
+            if other.is_number() {
+                "a number"
+            } else {
+                "a non-array"
+            },
+            here()
+        )),
+    }
+}
+
 async fn infer(State(state): State<ApiState>, headers: HeaderMap, body: Bytes) -> Response {
     let started = Instant::now();
     let metrics = state.metrics.clone();
@@ -449,6 +619,13 @@ async fn infer(State(state): State<ApiState>, headers: HeaderMap, body: Bytes) -
     let latency_ms = started.elapsed().as_secs_f64() * 1e3 / rows.len().max(1) as f64;
     let request_id = uuid::Uuid::now_v7().to_string();
     for (i, (row, output)) in rows.into_iter().zip(&outputs).enumerate() {
+        // A tensor row is counted as its channels' statistics, computed here rather than
+        // on the agent's loop.
+        let row = if model.is_tensor() {
+            model.drift_row(&row).into_owned()
+        } else {
+            row
+        };
         let observation = Observation::Inferred {
             model: model_ref.clone(),
             row,

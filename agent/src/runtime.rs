@@ -19,8 +19,9 @@ pub enum RuntimeError {
     #[error("tract cannot load the model: {0}")]
     Load(String),
     #[error(
-        "model input `{name}` must be of shape [batch, features] and of type f32, f64, i64, \
-         i32, u8 or bool; the graph declares {declared}"
+        "model input `{name}` must be of shape [batch, features] or a tensor [batch, d1, …] \
+         with every dimension after the batch fixed, and of type f32, f64, i64, i32, u8 or \
+         bool; the graph declares {declared}"
     )]
     UnsupportedInput { name: String, declared: String },
     #[error("model expects {expected} input features but {got} were given")]
@@ -56,8 +57,11 @@ pub enum RuntimeError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelSignature {
     pub input_name: String,
-    /// Width of the input's last axis, when the graph declares it.
+    /// Width of a `[batch, features]` input, when the graph declares it (`None` for a
+    /// tensor input).
     pub input_width: Option<usize>,
+    /// The input's dimensions after the batch, as far as the graph fixes them.
+    pub input_dims: Vec<Option<usize>>,
     /// The input's element type (f32 when the graph leaves it open).
     pub input_dtype: DType,
     /// The output served as class scores (see [`ModelSignature::scores`]).
@@ -90,11 +94,12 @@ pub fn inspect_onnx(onnx: &[u8]) -> Result<ModelSignature, RuntimeError> {
     read_graph(onnx, None).map(|(signature, _)| signature)
 }
 
-/// Parses `onnx` once: its signature, and the graph typed for one row of `features`
-/// values (of the declared width when `features` is `None` and the graph declares one).
+/// Parses `onnx` once: its signature, and the graph typed for one row of shape `row`
+/// (the dimensions after the batch; the declared ones when `row` is `None` and the graph
+/// fixes them all).
 fn read_graph(
     onnx: &[u8],
-    features: Option<usize>,
+    row: Option<&[usize]>,
 ) -> Result<(ModelSignature, Option<TypedModel>), RuntimeError> {
     let framework = crate::onnx_ops::onnx();
     let proto = framework
@@ -126,31 +131,58 @@ fn read_graph(
         None => Some(DType::F32),
         Some(t) => dtype_of(t),
     };
-    let (2, Some(input_dtype)) = (dims.len(), input_dtype) else {
+    let (rank, Some(input_dtype)) = (dims.len(), input_dtype) else {
         return Err(RuntimeError::UnsupportedInput {
             name: input_name,
             declared: format!("{fact:?}"),
         });
     };
-    let input_width = dims[1].and_then(|w| usize::try_from(w).ok());
-    if let (Some(width), Some(features)) = (input_width, features)
-        && width != features
-    {
-        return Err(RuntimeError::WidthMismatch {
-            expected: width,
-            got: features,
+    let input_dims: Vec<Option<usize>> = dims
+        .iter()
+        .skip(1)
+        .map(|d| d.and_then(|d| usize::try_from(d).ok()))
+        .collect();
+    // A tensor input must fix every dimension but the batch: its rows are shaped.
+    if rank < 2 || (rank > 2 && input_dims.iter().any(Option::is_none)) {
+        return Err(RuntimeError::UnsupportedInput {
+            name: input_name,
+            declared: format!("{fact:?}"),
         });
     }
+    let input_width = (rank == 2).then(|| input_dims[0]).flatten();
+    if let Some(row) = row {
+        let fits = row.len() == input_dims.len()
+            && row
+                .iter()
+                .zip(&input_dims)
+                .all(|(r, d)| d.is_none_or(|d| d == *r));
+        if !fits {
+            return match (input_width, row) {
+                (Some(width), &[features]) => Err(RuntimeError::WidthMismatch {
+                    expected: width,
+                    got: features,
+                }),
+                _ => Err(RuntimeError::UnsupportedInput {
+                    name: input_name,
+                    declared: format!("{fact:?}, not rows of shape {row:?}"),
+                }),
+            };
+        }
+    }
+    let declared: Option<Vec<usize>> = input_dims.iter().copied().collect();
     // The output types the graph declares are not always filled in (scikit-learn's label
-    // may be left open): type the graph for one row, when its width is known, and read
+    // may be left open): type the graph for one row, when its shape is known, and read
     // them from there; otherwise from what analysis infers.
-    let typed = match features.or(input_width) {
-        Some(width) => Some(
+    let typed = match row.map(<[usize]>::to_vec).or(declared) {
+        Some(row) => Some(
             model
                 .clone()
                 .with_input_fact(
                     0,
-                    InferenceFact::dt_shape(datum_type(input_dtype), [1, width]),
+                    InferenceFact::dt_shape(
+                        datum_type(input_dtype),
+                        std::iter::once(1).chain(row).collect::<Vec<usize>>(),
+                    ),
                 )
                 .and_then(|m| m.into_typed())
                 .map_err(|e| RuntimeError::Load(format!("{e:#}")))?,
@@ -233,6 +265,7 @@ fn read_graph(
         input_name,
         input_dtype,
         input_width,
+        input_dims,
         output_name: outputs[scores].name.clone(),
         outputs,
         scores,
@@ -345,11 +378,18 @@ pub fn dtype_of(datum: DatumType) -> Option<DType> {
     DType::ALL.into_iter().find(|&d| datum_type(d) == datum)
 }
 
-/// An ONNX model optimized for `[1, features]` inputs, ready to run.
+/// An ONNX model optimized for one row (`[1, features]`, or `[1, d1, …]` for a tensor
+/// input), ready to run.
 #[derive(Debug, Clone)]
 pub struct Plan {
     runnable: Arc<TypedRunnableModel>,
+    /// The numbers in one row.
     features: usize,
+    /// A row's shape (without the batch).
+    row: Vec<usize>,
+    /// Consecutive numbers of one channel, for preprocessing by channel (1 for a row of
+    /// features).
+    inner: usize,
     classes: usize,
     dtype: DType,
     output: String,
@@ -361,7 +401,15 @@ impl Plan {
     /// Loads, types and optimizes `onnx` for a batch of one row of `features` values, and
     /// runs it once on zeros to learn the number of output classes.
     pub fn compile(onnx: &[u8], features: usize) -> Result<Self, RuntimeError> {
-        let (signature, typed) = read_graph(onnx, Some(features))?;
+        Plan::compile_shaped(onnx, &[features])
+    }
+
+    /// Loads, types and optimizes `onnx` for one row of shape `row` (the input's
+    /// dimensions after the batch), and runs it once on zeros to learn the number of
+    /// output classes.
+    pub fn compile_shaped(onnx: &[u8], row: &[usize]) -> Result<Self, RuntimeError> {
+        let (signature, typed) = read_graph(onnx, Some(row))?;
+        let features = row.iter().product();
         let mut typed = typed.expect("typed for the given width");
         // Only the scores are computed: the other outputs (a label the graph derives from
         // them) are pruned when the plan is optimized.
@@ -378,6 +426,8 @@ impl Plan {
         let mut plan = Plan {
             runnable,
             features,
+            row: row.to_vec(),
+            inner: 1,
             classes: 0,
             dtype: signature.input_dtype,
             output: signature.output_name.clone(),
@@ -405,7 +455,54 @@ impl Plan {
             p.validate(self.features).map_err(RuntimeError::Load)?;
         }
         self.preprocess = preprocess.cloned().map(Arc::new);
+        self.inner = 1;
         Ok(self)
+    }
+
+    /// The plan that scales a tensor row by channel, as `preprocess` says, channels
+    /// coming in runs of `inner` numbers ([`TensorSpec::channel_layout`]).
+    pub fn with_channel_preprocess(
+        mut self,
+        preprocess: Option<&Preprocess>,
+        channels: usize,
+        inner: usize,
+    ) -> Result<Self, RuntimeError> {
+        if let Some(p) = preprocess {
+            p.validate(channels).map_err(RuntimeError::Load)?;
+            if channels
+                .checked_mul(inner)
+                .is_none_or(|n| n == 0 || !self.features.is_multiple_of(n))
+            {
+                return Err(RuntimeError::Load(format!(
+                    "{channels} channels of {inner} numbers do not tile a row of {}",
+                    self.features
+                )));
+            }
+        }
+        self.preprocess = preprocess.cloned().map(Arc::new);
+        self.inner = inner;
+        Ok(self)
+    }
+
+    /// How an error names the `i`th number of a row: `#i` in a row of features, its index
+    /// (`[c, h, w]`) in a tensor row.
+    fn element_name(&self, i: usize) -> String {
+        if self.row.len() < 2 {
+            return format!("#{i}");
+        }
+        let mut index = vec![0; self.row.len()];
+        let mut rest = i;
+        for (slot, &dim) in index.iter_mut().zip(&self.row).rev() {
+            *slot = rest % dim.max(1);
+            rest /= dim.max(1);
+        }
+        let index: Vec<String> = index.iter().map(usize::to_string).collect();
+        format!("[{}]", index.join(", "))
+    }
+
+    /// A row's shape, without the batch.
+    pub fn row_shape(&self) -> &[usize] {
+        &self.row
     }
 
     pub fn features(&self) -> usize {
@@ -432,8 +529,9 @@ impl Plan {
     }
 
     fn run_raw(&self, row: &[f32]) -> Result<Vec<f32>, RuntimeError> {
-        let mut input = Tensor::from_shape(&[1, self.features], row)
-            .map_err(|e| RuntimeError::Run(e.to_string()))?;
+        let shape: Vec<usize> = std::iter::once(1).chain(self.row.iter().copied()).collect();
+        let mut input =
+            Tensor::from_shape(&shape, row).map_err(|e| RuntimeError::Run(e.to_string()))?;
         if self.dtype != DType::F32 {
             input = input
                 .cast_to_dt(datum_type(self.dtype))
@@ -465,7 +563,7 @@ impl Plan {
             feature_names
                 .get(i)
                 .cloned()
-                .unwrap_or_else(|| format!("#{i}"))
+                .unwrap_or_else(|| self.element_name(i))
         };
         if let Some((i, &value)) = row.iter().enumerate().find(|(_, v)| !v.is_finite()) {
             return Err(RuntimeError::NonFinite {
@@ -479,7 +577,7 @@ impl Plan {
             Some(p) => {
                 scaled = {
                     let mut scaled = row.to_vec();
-                    p.apply(&mut scaled);
+                    p.apply(&mut scaled, self.inner);
                     scaled
                 };
                 // A value beyond f32's range once scaled.
@@ -541,10 +639,12 @@ impl LoadedModel {
     pub fn load(bundle: &VerifiedBundle) -> Result<Self, RuntimeError> {
         let manifest = bundle.manifest.clone();
         let input = &manifest.inputs[0];
-        check_spec(input)?;
-        let features = manifest.reference.features.len();
-        let plan =
-            Plan::compile(&bundle.model, features)?.with_preprocess(input.preprocess.as_ref())?;
+        let plan = match check_spec(input)? {
+            Some((row, channels, inner)) => Plan::compile_shaped(&bundle.model, &row)?
+                .with_channel_preprocess(input.preprocess.as_ref(), channels, inner)?,
+            None => Plan::compile(&bundle.model, manifest.reference.features.len())?
+                .with_preprocess(input.preprocess.as_ref())?,
+        };
         if plan.dtype() != input.dtype {
             return Err(RuntimeError::UnsupportedInput {
                 name: input.name.clone(),
@@ -575,11 +675,16 @@ impl LoadedModel {
             });
         }
         let model = LoadedModel {
-            feature_names: manifest
-                .reference
-                .feature_names()
-                .map(str::to_string)
-                .collect(),
+            // A tensor's numbers are named by their index in errors.
+            feature_names: if input.is_tensor() {
+                Vec::new()
+            } else {
+                manifest
+                    .reference
+                    .feature_names()
+                    .map(str::to_string)
+                    .collect()
+            },
             manifest,
             plan,
         };
@@ -633,16 +738,23 @@ impl LoadedModel {
     /// integers, 0 or 1 for bool): the row the smoke test runs.
     fn smoke_row(&self) -> Vec<f32> {
         let dtype = self.plan.dtype();
-        self.manifest
-            .reference
-            .features
-            .iter()
-            .map(|f| match dtype {
-                DType::F32 | DType::F64 => f.mean as f32,
-                DType::Bool => f32::from(u8::from(f.mean >= 0.5)),
-                DType::U8 => f.mean.round().clamp(0.0, 255.0) as f32,
-                DType::I32 => f.mean.round().clamp(-2_147_483_648.0, 2_147_483_520.0) as f32,
-                DType::I64 => f.mean.round() as f32,
+        let features = &self.manifest.reference.features;
+        let input = &self.manifest.inputs[0];
+        // A tensor row holds each channel's reference mean (the mean of `{channel}.mean`).
+        let means: Vec<f64> = match input.channel_layout() {
+            Some((channels, inner)) if input.is_tensor() => (0..self.plan.features())
+                .map(|i| features[2 * ((i / inner.max(1)) % channels.max(1))].mean)
+                .collect(),
+            _ => features.iter().map(|f| f.mean).collect(),
+        };
+        means
+            .into_iter()
+            .map(|mean| match dtype {
+                DType::F32 | DType::F64 => mean as f32,
+                DType::Bool => f32::from(u8::from(mean >= 0.5)),
+                DType::U8 => mean.round().clamp(0.0, 255.0) as f32,
+                DType::I32 => mean.round().clamp(-2_147_483_648.0, 2_147_483_520.0) as f32,
+                DType::I64 => mean.round() as f32,
             })
             .collect()
     }
@@ -650,20 +762,50 @@ impl LoadedModel {
     pub fn feature_names(&self) -> &[String] {
         &self.feature_names
     }
+
+    /// Whether the model's input is a tensor (an image, a sequence): rows are shaped, and
+    /// drift is watched on channel statistics.
+    pub fn is_tensor(&self) -> bool {
+        self.manifest.inputs[0].is_tensor()
+    }
+
+    /// The numbers the drift window counts for an input row: the row itself, or for a
+    /// tensor input its channels' means and deviations ([`TensorSpec::tensor_features`]),
+    /// in the order of the reference profile's features.
+    pub fn drift_row<'a>(&self, row: &'a [f32]) -> std::borrow::Cow<'a, [f32]> {
+        let input = &self.manifest.inputs[0];
+        if input.is_tensor() {
+            std::borrow::Cow::Owned(input.tensor_features(row))
+        } else {
+            std::borrow::Cow::Borrowed(row)
+        }
+    }
 }
 
 fn golden_input(input: &[f64]) -> Vec<f32> {
     input.iter().map(|x| *x as f32).collect()
 }
 
-fn check_spec(spec: &TensorSpec) -> Result<(), RuntimeError> {
-    if spec.shape.len() != 2 {
-        return Err(RuntimeError::UnsupportedInput {
-            name: spec.name.clone(),
-            declared: format!("{:?} {:?}", spec.dtype, spec.shape),
-        });
+/// Checks that the agent serves an input of this spec; for a tensor input, gives its row
+/// shape and channel layout.
+fn check_spec(spec: &TensorSpec) -> Result<Option<(Vec<usize>, usize, usize)>, RuntimeError> {
+    let unsupported = || RuntimeError::UnsupportedInput {
+        name: spec.name.clone(),
+        declared: format!("{:?} {:?}", spec.dtype, spec.shape),
+    };
+    match spec.shape.len() {
+        2 => Ok(None),
+        rank if rank > 2 => {
+            let row: Vec<usize> = spec.shape[1..]
+                .iter()
+                .map(|d| d.and_then(|d| usize::try_from(d).ok()))
+                .collect::<Option<_>>()
+                .ok_or_else(unsupported)?;
+            let (channels, inner) = spec.channel_layout().ok_or_else(unsupported)?;
+            Ok(Some((row, channels, inner)))
+        }
+        _ => Err(unsupported()),
     }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -270,11 +270,24 @@ impl InputSource for Replay {
     }
 }
 
-/// Reads an NPY file: its values in row-major order as f32, the number of rows and of
-/// columns. The format: `\x93NUMPY`, major and minor version, the header's length
-/// (2 bytes little-endian in version 1, 4 in 2 and 3), the header (a Python dict literal
-/// with `descr`, `fortran_order` and `shape`), then the data.
+/// Reads an NPY file of one or two dimensions: its values in row-major order as f32, the
+/// number of rows and of columns.
 fn read_npy(bytes: &[u8]) -> Result<(Vec<f32>, usize, usize), String> {
+    let (values, dims) = read_npy_array(bytes)?;
+    match dims[..] {
+        [rows] => Ok((values, rows, 1)),
+        [rows, width] => Ok((values, rows, width)),
+        _ => Err(format!(
+            "the array's shape is {dims:?}; a replay needs (rows, columns) or (rows,)"
+        )),
+    }
+}
+
+/// Reads an NPY file of any shape: its values in row-major (C) order as f32, and its
+/// shape. The format: `\x93NUMPY`, major and minor version, the header's length (2 bytes
+/// little-endian in version 1, 4 in 2 and 3), the header (a Python dict literal with
+/// `descr`, `fortran_order` and `shape`), then the data.
+pub fn read_npy_array(bytes: &[u8]) -> Result<(Vec<f32>, Vec<usize>), String> {
     const MAGIC: &[u8] = b"\x93NUMPY";
     if bytes.len() < 10 || !bytes.starts_with(MAGIC) {
         return Err("not an NPY file (no \\x93NUMPY magic)".into());
@@ -322,15 +335,6 @@ fn read_npy(bytes: &[u8]) -> Result<(Vec<f32>, usize, usize), String> {
         .map(|d| d.trim_end_matches('L').parse::<usize>())
         .collect::<Result<_, _>>()
         .map_err(|_| format!("`shape` ({shape}) is not a tuple of sizes"))?;
-    let (rows, width) = match dims[..] {
-        [rows] => (rows, 1),
-        [rows, width] => (rows, width),
-        _ => {
-            return Err(format!(
-                "the array's shape is ({shape}); a replay needs (rows, columns) or (rows,)"
-            ));
-        }
-    };
     let (order, kind) = descr.split_at(1);
     if order == ">" && !matches!(kind, "i1" | "u1" | "b1") {
         return Err(format!(
@@ -348,12 +352,17 @@ fn read_npy(bytes: &[u8]) -> Result<(Vec<f32>, usize, usize), String> {
             ));
         }
     };
-    let count = rows.checked_mul(width).ok_or("the shape is too large")?;
+    let count = dims
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .ok_or("the shape is too large")?;
     let data = &bytes[start + header_len..];
     if Some(data.len()) != count.checked_mul(size) {
+        let dims_text: Vec<String> = dims.iter().map(usize::to_string).collect();
         return Err(format!(
-            "the header promises {rows}×{width} values of {size} byte(s) ({} bytes) but {} \
+            "the header promises {} values of {size} byte(s) ({} bytes) but {} \
              follow it: the file is truncated or has trailing bytes",
+            dims_text.join("×"),
             count.saturating_mul(size),
             data.len()
         ));
@@ -372,15 +381,32 @@ fn read_npy(bytes: &[u8]) -> Result<(Vec<f32>, usize, usize), String> {
         }
     };
     let stored: Vec<f32> = data.chunks_exact(size).map(read).collect();
-    let values = if fortran && width > 1 {
-        // Column-major: element (r, c) is at c × rows + r.
+    let values = if fortran && dims.len() > 1 {
+        // Column-major: the first index varies fastest. Element i in row-major order has
+        // the index its row-major strides give; its place in the file, the column-major
+        // strides of that index.
+        let column_major: Vec<usize> = dims
+            .iter()
+            .scan(1usize, |stride, &d| {
+                let here = *stride;
+                *stride *= d;
+                Some(here)
+            })
+            .collect();
         (0..count)
-            .map(|i| stored[(i % width) * rows + i / width])
+            .map(|i| {
+                let (mut rest, mut at) = (i, 0);
+                for (j, &d) in dims.iter().enumerate().rev() {
+                    at += (rest % d) * column_major[j];
+                    rest /= d;
+                }
+                stored[at]
+            })
             .collect()
     } else {
         stored
     };
-    Ok((values, rows, width))
+    Ok((values, dims))
 }
 
 /// Reads a CSV file of numbers with a header line: the column names and the rows.
@@ -498,6 +524,38 @@ mod tests {
 
     fn names(n: usize) -> Vec<String> {
         (0..n).map(|i| format!("c{i}")).collect()
+    }
+
+    /// Arrays of three dimensions (reference images, sequences) in either order come back
+    /// in row-major order with their shape.
+    #[test]
+    fn npy_arrays_of_any_rank_read_in_row_major_order() {
+        let (d0, d1, d2) = (2, 3, 4);
+        let c_order: Vec<u8> = (0..24u8).collect();
+        // Fortran order stores element (i, j, k) at i + 2j + 6k.
+        let mut fortran = vec![0u8; 24];
+        for i in 0..d0 {
+            for j in 0..d1 {
+                for k in 0..d2 {
+                    fortran[i + d0 * j + d0 * d1 * k] = (i * d1 * d2 + j * d2 + k) as u8;
+                }
+            }
+        }
+        let expected: Vec<f32> = (0..24).map(|v| v as f32).collect();
+        for (bytes, is_fortran) in [(c_order, false), (fortran, true)] {
+            let file = npy(1, "|u1", is_fortran, "(2, 3, 4)", &bytes);
+            let (values, dims) = read_npy_array(&file).unwrap();
+            assert_eq!(dims, [2, 3, 4]);
+            assert_eq!(values, expected, "fortran: {is_fortran}");
+            // A replay still wants a table.
+            let err = read_npy(&file).unwrap_err();
+            assert!(err.contains("(rows, columns)"), "{err}");
+        }
+        let err = read_npy_array(&npy(1, "<f4", false, "(2, 3, 4)", &[0; 95])).unwrap_err();
+        assert!(
+            err.contains("2×3×4 values of 4 byte(s) (96 bytes) but 95"),
+            "{err}"
+        );
     }
 
     #[test]

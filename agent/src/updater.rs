@@ -801,6 +801,7 @@ mod tests {
                 names: names.clone(),
                 kind: None,
                 preprocess: None,
+                channel_axis: None,
             }],
             outputs: vec![TensorSpec {
                 name: "y".into(),
@@ -809,6 +810,7 @@ mod tests {
                 names: vec![],
                 kind: None,
                 preprocess: None,
+                channel_axis: None,
             }],
             reference: ReferenceProfile::from_columns(
                 &names,

@@ -337,7 +337,12 @@ pub struct PublishBody {
     /// The ONNX model, base64 (standard alphabet, padded).
     pub onnx_base64: String,
     /// Reference data: CSV text with a header; the columns are the model's features.
-    pub reference_csv: String,
+    #[serde(default)]
+    pub reference_csv: Option<String>,
+    /// For a model of tensor input instead: its reference inputs as a NumPy `.npy` array
+    /// `(N, d1, d2, …)`, base64.
+    #[serde(default)]
+    pub reference_npy_base64: Option<String>,
     #[serde(default)]
     pub label_column: Option<String>,
     /// Features profiled as categorical.
@@ -349,6 +354,9 @@ pub struct PublishBody {
     /// Per-feature scaling devices apply before the model: `{"offset": [...], "scale": [...]}`.
     #[serde(default)]
     pub preprocess: Option<edgeloop_shared::bundle::Preprocess>,
+    /// A tensor model's channel axis (its reference is then `reference_npy_base64`).
+    #[serde(default)]
+    pub channel_axis: Option<u32>,
     #[serde(default)]
     pub latency_budget_ms: Option<f64>,
     #[serde(default)]
@@ -421,7 +429,22 @@ async fn publish(
         std::fs::write(&path, text).map_err(ApiError::Artifact)?;
         Ok::<_, ApiError>(path)
     };
-    let reference = write("reference.csv", &body.reference_csv)?;
+    let reference = match (&body.reference_csv, &body.reference_npy_base64) {
+        (Some(csv), None) => write("reference.csv", csv)?,
+        (None, Some(npy)) => {
+            let npy = base64::engine::general_purpose::STANDARD
+                .decode(npy.as_bytes())
+                .map_err(|e| ApiError::BadRequest(format!("reference_npy_base64: {e}")))?;
+            let path = dir.path().join("reference.npy");
+            std::fs::write(&path, npy).map_err(ApiError::Artifact)?;
+            path
+        }
+        _ => {
+            return Err(ApiError::BadRequest(
+                "give the reference data as either reference_csv or reference_npy_base64".into(),
+            ));
+        }
+    };
     let holdout = body
         .holdout_csv
         .as_deref()
@@ -449,6 +472,7 @@ async fn publish(
             categorical: body.categorical,
             class_labels: body.labels,
             preprocess: body.preprocess,
+            channel_axis: body.channel_axis,
             created_ms: now_ms(),
             requirements: edgeloop_shared::bundle::Requirements {
                 latency_budget_ms: body.latency_budget_ms,

@@ -388,7 +388,9 @@ enum ModelCommand {
         name: String,
         #[arg(long)]
         version: u64,
-        /// Reference data: CSV with a header; the columns are the model's input features.
+        /// Reference data: CSV with a header, the columns the model's input features; or,
+        /// for a model of tensor input (images, sequences), a NumPy .npy array of reference
+        /// inputs (N, d1, d2, …).
         #[arg(long)]
         reference: PathBuf,
         /// A column of the reference data that is not an input (for example the label).
@@ -421,6 +423,11 @@ enum ModelCommand {
             requires = "offset"
         )]
         scale: Vec<f64>,
+        /// For a model of tensor input (its --reference an NPY array (N, d1, d2, …)): the
+        /// axis of its channels, counting the batch as 0. Default: 2 for [batch, time,
+        /// features] sequences, 1 (NCHW) for images.
+        #[arg(long)]
+        channel_axis: Option<u32>,
         /// A human-readable description of this version.
         #[arg(long)]
         label: Option<String>,
@@ -1050,6 +1057,7 @@ async fn run() -> anyhow::Result<()> {
                     labels,
                     offset,
                     scale,
+                    channel_axis,
                     label,
                     latency_budget_ms,
                     min_agent_version,
@@ -1112,6 +1120,7 @@ async fn run() -> anyhow::Result<()> {
                     class_labels: labels,
                     preprocess: (!offset.is_empty() || !scale.is_empty())
                         .then_some(edgeloop_shared::bundle::Preprocess { offset, scale }),
+                    channel_axis,
                     created_ms: now_ms(),
                     requirements: edgeloop_shared::bundle::Requirements {
                         latency_budget_ms,

@@ -51,6 +51,11 @@ pub enum PublishError {
          not served yet"
     )]
     OneColumn(String),
+    #[error(
+        "a quality gate judges labelled rows of features (a CSV holdout); a model of tensor \
+         input is not gated yet"
+    )]
+    TensorGate,
     #[error("bundle: {0}")]
     Bundle(#[from] BundleError),
     #[error("cannot write the artifact: {0}")]
@@ -89,7 +94,8 @@ pub struct PublishRequest<'a> {
     pub version: u64,
     pub label: Option<String>,
     pub onnx: &'a [u8],
-    /// Reference data: a CSV file with a header; its columns are the model's features.
+    /// Reference data: a CSV file with a header, its columns the model's features; or,
+    /// for a model of tensor input, a NumPy `.npy` array `(N, d1, d2, …)` of N inputs.
     pub reference_csv: &'a Path,
     /// A column of the reference data to leave out (for example the label).
     pub label_column: Option<&'a str>,
@@ -100,8 +106,12 @@ pub struct PublishRequest<'a> {
     /// scikit-learn export carries them), else `class_0`, `class_1`, ….
     pub class_labels: Vec<String>,
     /// Per-feature scaling devices apply before the model (the reference data and the
-    /// holdout stay in the units devices receive).
+    /// holdout stay in the units devices receive); per channel for a tensor input.
     pub preprocess: Option<Preprocess>,
+    /// For a tensor model (reference data in an NPY file): the axis of its channels,
+    /// counting the batch as 0. Default: the last of a `[batch, time, features]`
+    /// sequence, 1 (NCHW) for images.
+    pub channel_axis: Option<u32>,
     pub created_ms: u64,
     /// What a device must satisfy before it activates the model.
     pub requirements: Requirements,
@@ -127,6 +137,7 @@ impl<'a> PublishRequest<'a> {
             categorical: Vec::new(),
             class_labels: Vec::new(),
             preprocess: None,
+            channel_axis: None,
             created_ms: edgeloop_agent::now_ms(),
             requirements: Requirements::default(),
             drift: None,
@@ -138,6 +149,10 @@ impl<'a> PublishRequest<'a> {
 
 /// Reference rows turned into golden vectors at publish.
 const GOLDEN_VECTORS: usize = 8;
+/// The most numbers the golden vectors' inputs hold together, so that a large tensor's
+/// manifest stays small (a 3×224×224 image gets none: its smoke test is the reference
+/// means).
+const GOLDEN_NUMBERS: usize = 1 << 16;
 /// Their tolerance: tract on the device against tract here, so only float noise differs.
 const GOLDEN_TOLERANCE: f64 = 1e-4;
 
@@ -538,30 +553,34 @@ fn build_bundle(
     request: &PublishRequest<'_>,
     baseline: Option<&(u64, VerifiedBundle)>,
 ) -> Result<Vec<u8>, PublishError> {
-    let (mut columns, mut rows) = read_numeric_csv(request.reference_csv)?;
-    if let Some(label) = request.label_column {
-        let at = columns
-            .iter()
-            .position(|c| c == label)
-            .ok_or_else(|| PublishError::NoLabelColumn(label.to_string()))?;
-        columns.remove(at);
-        for row in &mut rows {
-            row.remove(at);
-        }
-    }
-    let plan =
-        Plan::compile(request.onnx, columns.len())?.with_preprocess(request.preprocess.as_ref())?;
+    let Reference {
+        plan,
+        input,
+        columns,
+        rows,
+        by_column,
+    } = if is_npy(request.reference_csv) {
+        tensor_reference(request)?
+    } else {
+        table_reference(request)?
+    };
     let signature = plan.signature().clone();
     // Every reference row must run: a model that fails on its own reference data would
-    // fail on devices too. The first few, with their outputs, become the golden vectors.
-    // Their predicted classes are the reference for prediction drift.
+    // fail on devices too. The first few, with their outputs, become the golden vectors
+    // (as many as fit in GOLDEN_NUMBERS for large tensors). Their predicted classes are the
+    // reference for prediction drift.
     let mut golden = Vec::new();
     let mut predicted = Vec::with_capacity(rows.len());
+    let names = if input.is_tensor() {
+        &[][..]
+    } else {
+        &columns[..]
+    };
     for row in rows.iter().filter(|r| r.iter().all(|v| v.is_finite())) {
-        let prediction = plan.infer(row, &columns)?;
+        let prediction = plan.infer(row, names)?;
         predicted.push(prediction.class);
         let scores = prediction.scores;
-        if golden.len() < GOLDEN_VECTORS {
+        if golden.len() < GOLDEN_VECTORS && (golden.len() + 1) * row.len() <= GOLDEN_NUMBERS {
             golden.push(GoldenVector {
                 input: row.iter().map(|v| f64::from(*v)).collect(),
                 output: scores.iter().map(|v| f64::from(*v)).collect(),
@@ -586,9 +605,6 @@ fn build_bundle(
             labels: request.class_labels.len(),
         });
     };
-    let by_column: Vec<Vec<f64>> = (0..columns.len())
-        .map(|c| rows.iter().map(|r| f64::from(r[c])).collect())
-        .collect();
     let mut manifest = Manifest::classifier(
         request.name,
         request.version,
@@ -608,9 +624,11 @@ fn build_bundle(
     }
     manifest.label = request.label.clone();
     manifest.created_ms = request.created_ms;
-    manifest.inputs[0].name = signature.input_name;
-    manifest.inputs[0].dtype = signature.input_dtype;
-    manifest.inputs[0].preprocess = request.preprocess.clone();
+    manifest.inputs[0] = TensorSpec {
+        name: signature.input_name,
+        dtype: signature.input_dtype,
+        ..input
+    };
     manifest.outputs[0].name = signature.output_name;
     manifest.outputs[0].names = labels;
     // The graph's other outputs are declared for what they are; a device computes only
@@ -632,6 +650,7 @@ fn build_bundle(
                         names: Vec::new(),
                         kind: Some(OutputKind::ClassLabels),
                         preprocess: None,
+                        channel_axis: None,
                     })
                 }),
         );
@@ -647,6 +666,9 @@ fn build_bundle(
     manifest.drift = request.drift;
     manifest.lineage = request.lineage.clone();
     if let Some(gate) = &request.gate {
+        if manifest.inputs[0].is_tensor() {
+            return Err(PublishError::TensorGate);
+        }
         let report = run_gate(
             gate,
             request.onnx,
@@ -664,6 +686,131 @@ fn build_bundle(
         ));
     }
     Ok(bundle::pack(manifest, request.onnx, key)?)
+}
+
+/// What a model's reference data gives a bundle: the plan that runs it, the input's
+/// spec (shape, preprocessing, channels), the names and columns of what drift is watched
+/// on, and the model's input rows.
+struct Reference {
+    plan: Plan,
+    input: TensorSpec,
+    /// What drift is watched on: the features of a table, a tensor's channel statistics.
+    columns: Vec<String>,
+    /// The model's input rows (flat, for a tensor).
+    rows: Vec<Vec<f32>>,
+    /// One column per watched feature, one value per row.
+    by_column: Vec<Vec<f64>>,
+}
+
+/// Whether the reference data is a NumPy array (for a tensor input) rather than a CSV.
+fn is_npy(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("npy"))
+}
+
+/// A CSV with a header: its columns (but the label) are the model's features.
+fn table_reference(request: &PublishRequest<'_>) -> Result<Reference, PublishError> {
+    let (mut columns, mut rows) = read_numeric_csv(request.reference_csv)?;
+    if let Some(label) = request.label_column {
+        let at = columns
+            .iter()
+            .position(|c| c == label)
+            .ok_or_else(|| PublishError::NoLabelColumn(label.to_string()))?;
+        columns.remove(at);
+        for row in &mut rows {
+            row.remove(at);
+        }
+    }
+    let plan =
+        Plan::compile(request.onnx, columns.len())?.with_preprocess(request.preprocess.as_ref())?;
+    let by_column = (0..columns.len())
+        .map(|c| rows.iter().map(|r| f64::from(r[c])).collect())
+        .collect();
+    let input = TensorSpec {
+        name: String::new(),
+        dtype: plan.dtype(),
+        shape: vec![None, Some(columns.len() as u64)],
+        names: columns.clone(),
+        kind: None,
+        preprocess: request.preprocess.clone(),
+        channel_axis: None,
+    };
+    Ok(Reference {
+        plan,
+        input,
+        columns,
+        rows,
+        by_column,
+    })
+}
+
+/// A NumPy array `(N, d1, d2, …)` of N reference inputs of a tensor model: drift is
+/// watched on each channel's mean and deviation (the channels along `channel_axis`, by
+/// default the last axis of a `[batch, time, features]` sequence and axis 1 of an NCHW
+/// image).
+fn tensor_reference(request: &PublishRequest<'_>) -> Result<Reference, PublishError> {
+    let path = request.reference_csv;
+    let npy = |reason: String| SourceError::Npy {
+        path: path.display().to_string(),
+        reason,
+    };
+    let bytes = std::fs::read(path).map_err(|e| SourceError::Read {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    let (values, dims) = edgeloop_agent::source::read_npy_array(&bytes).map_err(npy)?;
+    if dims.len() < 3 {
+        return Err(npy(format!(
+            "an array of shape {dims:?}: an NPY reference is for tensor inputs, (N, d1, d2, …); \
+             give a CSV with a header for a model of [batch, features]"
+        ))
+        .into());
+    }
+    if request.label_column.is_some() {
+        return Err(npy("an NPY reference has no columns to leave out".into()).into());
+    }
+    let row_shape = &dims[1..];
+    let plan = Plan::compile_shaped(request.onnx, row_shape)?;
+    let mut input = TensorSpec {
+        name: String::new(),
+        dtype: plan.dtype(),
+        shape: std::iter::once(None)
+            .chain(row_shape.iter().map(|&d| Some(d as u64)))
+            .collect(),
+        names: Vec::new(),
+        kind: None,
+        preprocess: request.preprocess.clone(),
+        channel_axis: Some(
+            request
+                .channel_axis
+                .unwrap_or(if dims.len() == 3 { 2 } else { 1 }),
+        ),
+    };
+    let (channels, inner) = input.channel_layout().ok_or_else(|| {
+        npy(format!(
+            "channel axis {} is not one of the axes after the batch (1..={})",
+            input.channel_axis.unwrap_or(1),
+            row_shape.len()
+        ))
+    })?;
+    let plan = plan.with_channel_preprocess(request.preprocess.as_ref(), channels, inner)?;
+    input.names = Vec::new();
+    let columns = input.tensor_feature_names();
+    let rows: Vec<Vec<f32>> = values
+        .chunks(plan.features().max(1))
+        .map(<[f32]>::to_vec)
+        .collect();
+    let watched: Vec<Vec<f32>> = rows.iter().map(|r| input.tensor_features(r)).collect();
+    let by_column = (0..columns.len())
+        .map(|c| watched.iter().map(|w| f64::from(w[c])).collect())
+        .collect();
+    Ok(Reference {
+        plan,
+        input,
+        columns,
+        rows,
+        by_column,
+    })
 }
 
 /// Verifies the packed bundle with the public key and loads it exactly as an agent does.
@@ -736,6 +883,7 @@ mod tests {
                     categorical: Vec::new(),
                     class_labels: CLASS_LABELS.iter().map(|s| s.to_string()).collect(),
                     preprocess: None,
+                    channel_axis: None,
                     created_ms: 1,
                     requirements: Requirements::default(),
                     drift: None,
@@ -1063,6 +1211,7 @@ mod tests {
             categorical: categorical.iter().map(|s| s.to_string()).collect(),
             class_labels: Vec::new(),
             preprocess: None,
+            channel_axis: None,
             created_ms: 1,
             requirements: Requirements::default(),
             drift: None,
@@ -1304,5 +1453,110 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(bundle.manifest.served_output().names, named);
+    }
+
+    fn npy_f32(shape: &[usize], values: &[f32]) -> Vec<u8> {
+        let dims: Vec<String> = shape.iter().map(usize::to_string).collect();
+        let mut header = format!(
+            "{{'descr': '<f4', 'fortran_order': False, 'shape': ({},), }}",
+            dims.join(", ")
+        );
+        while (10 + header.len() + 1) % 64 != 0 {
+            header.push(' ');
+        }
+        header.push('\n');
+        let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+        bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+        bytes
+    }
+
+    /// A sequence model (`[batch, 20, 6]`, the compatibility suite's LSTM) is published from
+    /// an NPY array of reference sequences: watched on each of its 6 features' mean and
+    /// deviation over time, with golden vectors a device reproduces. What a tensor model
+    /// cannot be published with is refused, saying why.
+    #[tokio::test]
+    async fn a_sequence_model_is_published_from_an_npy_reference() {
+        let r = Registry::new();
+        let compat = Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent/tests/compat");
+        let onnx = std::fs::read(compat.join("lstm.onnx")).unwrap();
+        let fixture: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(compat.join("lstm.json")).unwrap()).unwrap();
+        let sequences: Vec<f32> = fixture["inputs"][0]["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        let mut reference = Vec::new();
+        for n in 0..30 {
+            let shift = n as f32 * 0.01;
+            reference.extend(sequences[(n % 4) * 120..][..120].iter().map(|x| x + shift));
+        }
+        let npy = r.dir.path().join("sequences.npy");
+        std::fs::write(&npy, npy_f32(&[30, 20, 6], &reference)).unwrap();
+
+        let request = PublishRequest::new("sequence", 1, &onnx, &npy);
+        publish(&r.store, &r.artifacts, &r.key, request)
+            .await
+            .unwrap();
+        let (_, bundle) = open_published(&r.store, &r.artifacts, &r.key, "sequence", 1)
+            .await
+            .unwrap();
+        let m = &bundle.manifest;
+        assert_eq!(m.inputs[0].shape, [None, Some(20), Some(6)]);
+        assert_eq!(m.inputs[0].channel_axis, Some(2));
+        let names: Vec<&str> = m.reference.feature_names().collect();
+        assert_eq!(names.len(), 12);
+        assert_eq!(names[..3], ["c0.mean", "c0.std", "c1.mean"]);
+        let golden = m.golden.as_ref().unwrap();
+        assert_eq!(golden.vectors.len(), GOLDEN_VECTORS);
+        assert_eq!(golden.vectors[0].input.len(), 120);
+        assert_eq!(m.served_output().names, ["class_0", "class_1", "class_2"]);
+        let device = LoadedModel::load(&bundle).unwrap();
+        assert!(device.is_tensor());
+        assert_eq!(device.drift_row(&reference[..120]).len(), 12);
+
+        // Wrongly shaped, a table, a label column or a gate: refused with the reason.
+        let refused = async |request: PublishRequest<'_>| -> String {
+            publish(&r.store, &r.artifacts, &r.key, request)
+                .await
+                .unwrap_err()
+                .to_string()
+        };
+        std::fs::write(&npy, npy_f32(&[30, 20, 5], &reference[..3000])).unwrap();
+        let err = refused(PublishRequest::new("sequence", 2, &onnx, &npy)).await;
+        assert!(
+            err.contains("[30, 20, 5]") || err.contains("[20, 5]"),
+            "{err}"
+        );
+        std::fs::write(&npy, npy_f32(&[600, 6], &reference)).unwrap();
+        let err = refused(PublishRequest::new("sequence", 2, &onnx, &npy)).await;
+        assert!(err.contains("tensor inputs"), "{err}");
+        std::fs::write(&npy, npy_f32(&[30, 20, 6], &reference)).unwrap();
+        let err = refused(PublishRequest {
+            label_column: Some("label"),
+            ..PublishRequest::new("sequence", 2, &onnx, &npy)
+        })
+        .await;
+        assert!(err.contains("no columns"), "{err}");
+        let err = refused(PublishRequest {
+            channel_axis: Some(3),
+            ..PublishRequest::new("sequence", 2, &onnx, &npy)
+        })
+        .await;
+        assert!(err.contains("channel axis 3"), "{err}");
+        let holdout = Path::new(HOLDOUT_V2);
+        let err = refused(PublishRequest {
+            gate: Some(QualityGate {
+                holdout,
+                policy: GatePolicy::default(),
+                against: None,
+            }),
+            ..PublishRequest::new("sequence", 2, &onnx, &npy)
+        })
+        .await;
+        assert!(err.contains("tensor input is not gated"), "{err}");
     }
 }

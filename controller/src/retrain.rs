@@ -1236,6 +1236,7 @@ impl Retrainer {
                 // Trainers learn from data in the units devices receive, and their models
                 // take those units: the current model's preprocessing is not carried over.
                 preprocess: None,
+                channel_axis: None,
                 created_ms: now_ms(),
                 requirements: current.manifest.requirements.clone(),
                 drift: None,

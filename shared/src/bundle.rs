@@ -161,6 +161,97 @@ pub struct TensorSpec {
     /// the numbers go to the model as they are.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preprocess: Option<Preprocess>,
+    /// For a tensor input (rank 3 or more: images, sequences), the axis of its channels,
+    /// counting the batch as axis 0: 1 for NCHW images, the last for NHWC images or
+    /// `[batch, time, features]` sequences. Absent: 1. Drift is watched on each channel's
+    /// mean and standard deviation ([`TensorSpec::tensor_features`]), and preprocessing
+    /// scales by channel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel_axis: Option<u32>,
+}
+
+impl TensorSpec {
+    /// The numbers in one row (the product of the dimensions after the batch), when every
+    /// one is fixed.
+    pub fn row_len(&self) -> Option<usize> {
+        self.shape.iter().skip(1).try_fold(1usize, |n, d| {
+            d.and_then(|d| usize::try_from(d).ok())
+                .and_then(|d| n.checked_mul(d))
+        })
+    }
+
+    /// Whether rows are tensors (rank 3 or more), watched for drift by channel rather
+    /// than value by value.
+    pub fn is_tensor(&self) -> bool {
+        self.shape.len() >= 3
+    }
+
+    /// `(channels, inner)`: how many channels a row has and how many consecutive numbers
+    /// of a row (in row-major order) belong to one channel before the next begins. For a
+    /// rank-2 input each feature is a channel of one number. `None` when a dimension is
+    /// open or the channel axis is out of range.
+    pub fn channel_layout(&self) -> Option<(usize, usize)> {
+        let dims: Vec<usize> = self
+            .shape
+            .iter()
+            .skip(1)
+            .map(|d| d.and_then(|d| usize::try_from(d).ok()))
+            .collect::<Option<_>>()?;
+        if !self.is_tensor() {
+            return dims.last().map(|&features| (features, 1));
+        }
+        let axis = self.channel_axis.unwrap_or(1) as usize;
+        if axis == 0 || axis > dims.len() {
+            return None;
+        }
+        let inner = dims[axis..].iter().product();
+        Some((dims[axis - 1], inner))
+    }
+
+    /// The channels' names: `names` when it names each, else `c0`, `c1`, ….
+    pub fn channel_names(&self) -> Vec<String> {
+        let channels = self.channel_layout().map_or(0, |(c, _)| c);
+        if self.names.len() == channels {
+            self.names.clone()
+        } else {
+            (0..channels).map(|c| format!("c{c}")).collect()
+        }
+    }
+
+    /// The features drift is watched on for a tensor input: `{channel}.mean` and
+    /// `{channel}.std` for each channel, in channel order.
+    pub fn tensor_feature_names(&self) -> Vec<String> {
+        self.channel_names()
+            .iter()
+            .flat_map(|c| [format!("{c}.mean"), format!("{c}.std")])
+            .collect()
+    }
+
+    /// What drift is watched on for one row of a tensor input: each channel's mean and
+    /// population standard deviation over the row's other axes, in the order of
+    /// [`TensorSpec::tensor_feature_names`]. A non-finite number makes its channel's two
+    /// features non-finite (counted as missing).
+    pub fn tensor_features(&self, row: &[f32]) -> Vec<f32> {
+        let Some((channels, inner)) = self.channel_layout() else {
+            return Vec::new();
+        };
+        let mut sums = vec![(0.0f64, 0.0f64, 0u64); channels];
+        for (i, &x) in row.iter().enumerate() {
+            let c = (i / inner.max(1)) % channels.max(1);
+            let x = f64::from(x);
+            sums[c].0 += x;
+            sums[c].1 += x * x;
+            sums[c].2 += 1;
+        }
+        sums.iter()
+            .flat_map(|&(sum, squares, n)| {
+                let n = n.max(1) as f64;
+                let mean = sum / n;
+                let variance = (squares / n - mean * mean).max(0.0);
+                [mean as f32, variance.sqrt() as f32]
+            })
+            .collect()
+    }
 }
 
 /// Per-feature scaling a device applies before inference: `x' = (x − offset) × scale`,
@@ -196,10 +287,13 @@ impl Preprocess {
         Ok(())
     }
 
-    /// `x' = (x − offset) × scale`, in place.
-    pub fn apply(&self, row: &mut [f32]) {
-        for ((x, offset), scale) in row.iter_mut().zip(&self.offset).zip(&self.scale) {
-            *x = ((f64::from(*x) - offset) * scale) as f32;
+    /// `x' = (x − offset) × scale`, in place, for a row whose channels come in runs of
+    /// `inner` numbers ([`TensorSpec::channel_layout`]; 1 for a row of features).
+    pub fn apply(&self, row: &mut [f32], inner: usize) {
+        let channels = self.offset.len().max(1);
+        for (i, x) in row.iter_mut().enumerate() {
+            let c = (i / inner.max(1)) % channels;
+            *x = ((f64::from(*x) - self.offset[c]) * self.scale[c]) as f32;
         }
     }
 }
@@ -414,6 +508,7 @@ impl Manifest {
                 names: features.to_vec(),
                 kind: None,
                 preprocess: None,
+                channel_axis: None,
             }],
             outputs: vec![TensorSpec {
                 name: "probabilities".into(),
@@ -422,6 +517,7 @@ impl Manifest {
                 names: Vec::new(),
                 kind: None,
                 preprocess: None,
+                channel_axis: None,
             }],
             reference: ReferenceProfile::from_columns(
                 features,
@@ -485,15 +581,40 @@ impl Manifest {
             return Err(bad("only inputs are preprocessed".into()));
         }
         for input in &self.inputs {
-            if let Some(p) = &input.preprocess {
-                let width = input
+            let channels = if input.is_tensor() {
+                let Some((channels, _)) = input.channel_layout() else {
+                    return Err(bad(format!(
+                        "tensor input `{}` needs every dimension after the batch fixed and a \
+                         channel axis within them",
+                        input.name
+                    )));
+                };
+                channels
+            } else {
+                input
                     .shape
                     .last()
                     .copied()
                     .flatten()
-                    .map_or(self.reference.features.len(), |w| w as usize);
-                p.validate(width)
+                    .map_or(self.reference.features.len(), |w| w as usize)
+            };
+            if let Some(p) = &input.preprocess {
+                p.validate(channels)
                     .map_err(|e| bad(format!("input `{}`: {e}", input.name)))?;
+            }
+        }
+        let served = &self.inputs[0];
+        if served.is_tensor() {
+            let expected = served.tensor_feature_names();
+            let profiled: Vec<&str> = self.reference.feature_names().collect();
+            if profiled != expected {
+                return Err(bad(format!(
+                    "tensor input `{}` is watched on its channels' means and deviations ({}); \
+                     the reference profiles {}",
+                    served.name,
+                    expected.join(", "),
+                    profiled.join(", ")
+                )));
             }
         }
         if let Some(policy) = &self.drift {
@@ -503,7 +624,10 @@ impl Manifest {
             if !(golden.tolerance.is_finite() && golden.tolerance >= 0.0) {
                 return Err(bad("golden tolerance must be a finite number ≥ 0".into()));
             }
-            let width = self.reference.features.len();
+            let width = match &self.inputs[0] {
+                tensor if tensor.is_tensor() => tensor.row_len().unwrap_or(0),
+                _ => self.reference.features.len(),
+            };
             if let Some((i, _)) = golden.vectors.iter().enumerate().find(|(_, v)| {
                 v.input.len() != width || v.input.iter().chain(&v.output).any(|x| !x.is_finite())
             }) {
@@ -1092,6 +1216,7 @@ pub(crate) mod tests {
                 names: names.clone(),
                 kind: None,
                 preprocess: None,
+                channel_axis: None,
             }],
             outputs: vec![TensorSpec {
                 name: "y".into(),
@@ -1100,6 +1225,7 @@ pub(crate) mod tests {
                 names: vec!["no".into(), "yes".into()],
                 kind: None,
                 preprocess: None,
+                channel_axis: None,
             }],
             reference: ReferenceProfile::from_columns(&names, &columns, DEFAULT_BINS).unwrap(),
             drift: None,
@@ -1494,6 +1620,7 @@ pub(crate) mod tests {
             names: Vec::new(),
             kind: Some(OutputKind::ClassLabels),
             preprocess: None,
+            channel_axis: None,
         };
         // The label first, the scores second: the scores are served.
         let mut m = manifest(1);
@@ -1520,6 +1647,86 @@ pub(crate) mod tests {
         assert!(err.to_string().contains("declares 2"), "{err}");
     }
 
+    /// A tensor input is watched on each channel's mean and deviation, along its channel
+    /// axis, and scaled by channel.
+    #[test]
+    fn tensor_inputs_are_watched_and_scaled_by_channel() {
+        let spec = |shape: &[u64], axis: Option<u32>| TensorSpec {
+            name: "x".into(),
+            dtype: DType::F32,
+            shape: std::iter::once(None)
+                .chain(shape.iter().map(|&d| Some(d)))
+                .collect(),
+            names: Vec::new(),
+            kind: None,
+            preprocess: None,
+            channel_axis: axis,
+        };
+        // NCHW, 2 channels of 2×2: channel 0 is 1, 2, 3, 4; channel 1 is 10, 10, 10, 10.
+        let image = spec(&[2, 2, 2], None);
+        assert_eq!(image.row_len(), Some(8));
+        assert_eq!(image.channel_layout(), Some((2, 4)));
+        let row = [1.0, 2.0, 3.0, 4.0, 10.0, 10.0, 10.0, 10.0];
+        assert_eq!(
+            image.tensor_feature_names(),
+            ["c0.mean", "c0.std", "c1.mean", "c1.std"]
+        );
+        let watched = image.tensor_features(&row);
+        assert_eq!(watched[0], 2.5);
+        assert!((watched[1] - 1.25f32.sqrt()).abs() < 1e-6, "{watched:?}");
+        assert_eq!(watched[2..], [10.0, 0.0]);
+        // The same numbers as NHWC (channels last): pairs alternate channels.
+        let nhwc = spec(&[2, 2, 2], Some(3));
+        assert_eq!(nhwc.channel_layout(), Some((2, 1)));
+        let watched = nhwc.tensor_features(&row);
+        assert_eq!(watched[0], 6.0); // 1, 3, 10, 10
+        assert_eq!(watched[2], 6.5); // 2, 4, 10, 10
+        // Named channels name the features; a NaN makes its channel's features NaN.
+        let named = TensorSpec {
+            names: vec!["red".into(), "green".into()],
+            ..image.clone()
+        };
+        assert_eq!(named.tensor_feature_names()[2], "green.mean");
+        let mut gap = row;
+        gap[5] = f32::NAN;
+        let watched = image.tensor_features(&gap);
+        assert!(watched[2].is_nan() && watched[0] == 2.5, "{watched:?}");
+
+        let mut scaled = row;
+        Preprocess {
+            offset: vec![1.0, 10.0],
+            scale: vec![2.0, 0.5],
+        }
+        .apply(&mut scaled, 4);
+        assert_eq!(scaled, [0.0, 2.0, 4.0, 6.0, 0.0, 0.0, 0.0, 0.0]);
+
+        // Out of range or open: no layout.
+        assert_eq!(spec(&[2, 2, 2], Some(4)).channel_layout(), None);
+        assert_eq!(spec(&[2, 2, 2], Some(0)).channel_layout(), None);
+        let mut open = spec(&[2, 2, 2], None);
+        open.shape[2] = None;
+        assert_eq!(open.channel_layout(), None);
+        assert_eq!(open.row_len(), None);
+
+        // A manifest of a tensor input must profile exactly its channel statistics.
+        let key = SecretKey::from_seed([7; 32]);
+        let names = image.tensor_feature_names();
+        let columns = vec![vec![1.0, 2.0, 3.0]; names.len()];
+        let mut m = Manifest::classifier("camera", 1, &names, &columns, 2).unwrap();
+        m.inputs[0] = image.clone();
+        pack(m.clone(), b"x", &key).unwrap();
+        let mut wrong = m.clone();
+        wrong.reference =
+            ReferenceProfile::from_columns(&names[..2], &columns[..2], crate::drift::DEFAULT_BINS)
+                .unwrap();
+        let err = pack(wrong, b"x", &key).unwrap_err().to_string();
+        assert!(err.contains("c1.mean"), "{err}");
+        let mut open_manifest = m;
+        open_manifest.inputs[0] = open;
+        let err = pack(open_manifest, b"x", &key).unwrap_err().to_string();
+        assert!(err.contains("every dimension after the batch"), "{err}");
+    }
+
     #[test]
     fn inputs_may_declare_preprocessing_of_one_finite_number_per_feature() {
         let key = SecretKey::from_seed([6; 32]);
@@ -1543,7 +1750,7 @@ pub(crate) mod tests {
         assert!(!text.contains("preprocess"), "{text}");
 
         let mut row = vec![3.0f32; width];
-        preprocess.apply(&mut row);
+        preprocess.apply(&mut row, 1);
         assert!(row.iter().all(|&x| x == 1.0), "{row:?}");
 
         for (broken, needle) in [

@@ -539,3 +539,197 @@ async fn an_sklearn_classifier_with_label_and_probabilities_outputs_is_served() 
     agent.stop().await;
     ctl.stop().await;
 }
+
+/// An NPY v1 file of little-endian f32 values of this shape, as numpy writes one.
+fn npy_f32(shape: &[usize], values: &[f32]) -> Vec<u8> {
+    let dims: Vec<String> = shape.iter().map(usize::to_string).collect();
+    let mut header = format!(
+        "{{'descr': '<f4', 'fortran_order': False, 'shape': ({},), }}",
+        dims.join(", ")
+    );
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    bytes.extend_from_slice(header.as_bytes());
+    for v in values {
+        bytes.extend_from_slice(&v.to_le_bytes());
+    }
+    bytes
+}
+
+/// A CNN over 3×32×32 images (the compatibility suite's, with onnxruntime's outputs) is
+/// published with an NPY array of reference images and per-channel normalisation, rolled
+/// out and served: nested JSON and binary tensors get onnxruntime's scores, a wrongly
+/// shaped image is a 400 saying where, and drift is watched on each channel's mean and
+/// deviation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_classifier_is_served_with_tensors_normalised_by_channel() {
+    let compat = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent/tests/compat");
+    let onnx = std::fs::read(compat.join("cnn.onnx")).unwrap();
+    let fixture: Value =
+        serde_json::from_slice(&std::fs::read(compat.join("cnn.json")).unwrap()).unwrap();
+    let floats = |v: &Value| -> Vec<f32> {
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect()
+    };
+    let images = floats(&fixture["inputs"][0]);
+    let expected = floats(&fixture["outputs"][0]);
+    const PIXELS: usize = 32 * 32;
+    const IMAGE: usize = 3 * PIXELS;
+    // The camera sends raw values; the model was trained on normalised ones: per channel,
+    // x' = (x - offset) * scale. Distinct per channel, so a mix-up of channels shows.
+    let (offset, scale) = ([10.0, 20.0, 30.0], [0.5, 0.25, 0.125]);
+    let to_camera = |image: &[f32]| -> Vec<f32> {
+        image
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| {
+                let c = (i / PIXELS) % 3;
+                (f64::from(x) / scale[c] + offset[c]) as f32
+            })
+            .collect()
+    };
+    // Forty reference images: the fixture's two, jittered.
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut jitter = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        ((state >> 11) as f64 / (1u64 << 53) as f64 - 0.5) as f32 * 0.2
+    };
+    let mut reference = Vec::with_capacity(40 * IMAGE);
+    for n in 0..40 {
+        let image: Vec<f32> = images[(n % 2) * IMAGE..][..IMAGE]
+            .iter()
+            .map(|x| x + jitter())
+            .collect();
+        reference.extend(to_camera(&image));
+    }
+
+    let ctl = TestController::start(BrokerChoice::Embedded).await.unwrap();
+    let mut config = ctl.agent_config("camera-1", WINDOW);
+    let port = free_port();
+    config.api.listen = format!("127.0.0.1:{port}");
+    config.source.kind = SourceKind::Api;
+    let agent = ctl.spawn_agent_with(config);
+    ctl.wait_for_model("camera-1", None).await;
+    let npy = ctl.dir.path().join("images.npy");
+    std::fs::write(&npy, npy_f32(&[40, 3, 32, 32], &reference)).unwrap();
+    ctl.controller
+        .publish(edgeloop_controller::registry::PublishRequest {
+            preprocess: Some(edgeloop_shared::bundle::Preprocess {
+                offset: offset.to_vec(),
+                scale: scale.to_vec(),
+            }),
+            ..edgeloop_controller::registry::PublishRequest::new("camera", 1, &onnx, &npy)
+        })
+        .await
+        .unwrap();
+    ctl.controller.rollout("camera", 1, None).await.unwrap();
+    ctl.wait_for_model("camera-1", Some(1)).await;
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+
+    let model: Value = get_json(&http, &format!("{base}/v1/model")).await;
+    let input = &model["inputs"][0];
+    assert_eq!(input["shape"], json!([null, 3, 32, 32]), "{model}");
+    assert_eq!(input["channel_axis"], 1, "{model}");
+    assert_eq!(model["outputs"][0]["names"].as_array().unwrap().len(), 10);
+
+    let check = |answer: &Value| {
+        for (r, output) in answer["outputs"].as_array().unwrap().iter().enumerate() {
+            for (c, score) in output["scores"].as_array().unwrap().iter().enumerate() {
+                let (got, want) = (score.as_f64().unwrap(), f64::from(expected[r * 10 + c]));
+                assert!(
+                    (got - want).abs() <= 1e-3 + 1e-3 * want.abs(),
+                    "row {r} class {c}: {got} vs onnxruntime {want}"
+                );
+            }
+        }
+    };
+    // Nested as numpy's tolist() writes an image: [channel][row][column].
+    let nested = |image: &[f32]| -> Value {
+        json!(
+            image
+                .chunks(PIXELS)
+                .map(|channel| channel.chunks(32).map(<[f32]>::to_vec).collect::<Vec<_>>())
+                .collect::<Vec<_>>()
+        )
+    };
+    let camera: Vec<f32> = to_camera(&images);
+    let infer = format!("{base}/v1/infer");
+    let body = json!({"rows": [nested(&camera[..IMAGE]), nested(&camera[IMAGE..])]});
+    let (status, answer) = post(&http, &infer, body).await;
+    assert_eq!(status, 200, "{answer}");
+    check(&answer);
+    // The same two images as one binary tensor.
+    let bytes: Vec<u8> = camera.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let response = http
+        .post(&infer)
+        .header("content-type", "application/octet-stream")
+        .header("x-edgeloop-shape", "2x3x32x32")
+        .body(bytes)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    check(&response.json().await.unwrap());
+
+    // A row of 31 columns in channel 0, row 5: the shape expected and where it broke.
+    let mut broken = nested(&camera[..IMAGE]);
+    broken[0][5].as_array_mut().unwrap().pop();
+    let (status, refused) = post(&http, &infer, json!({"rows": [broken]})).await;
+    assert_eq!(status, 400, "{refused}");
+    let error = refused["error"].as_str().unwrap();
+    assert!(
+        error.contains("[N, 3, 32, 32]") && error.contains("31 values where 32 belong at [0, 5]"),
+        "{error}"
+    );
+    let (status, refused) = post(&http, &infer, json!({"rows": [[1.0, 2.0]]})).await;
+    assert_eq!(status, 400, "{refused}");
+
+    // A window of images reaches the controller as channel statistics.
+    for _ in 0..WINDOW / 2 {
+        let body = json!({"rows": [nested(&camera[..IMAGE]), nested(&camera[IMAGE..])]});
+        let (status, _) = post(&http, &infer, body).await;
+        assert_eq!(status, 200);
+    }
+    let summary = wait_until_some(Duration::from_secs(20), || async {
+        let rows = ctl
+            .controller
+            .store
+            .telemetry("camera-1", 10)
+            .await
+            .unwrap();
+        rows.into_iter()
+            .find(|r| r.samples == WINDOW)
+            .map(|r| r.summary)
+    })
+    .await;
+    let features: Vec<&str> = summary["stats"]["features"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        features,
+        [
+            "c0.mean", "c0.std", "c1.mean", "c1.std", "c2.mean", "c2.std"
+        ],
+        "{summary}"
+    );
+    for feature in summary["stats"]["features"].as_array().unwrap() {
+        assert_eq!(feature["nan"], 0, "{feature}");
+    }
+
+    agent.stop().await;
+    ctl.stop().await;
+}
