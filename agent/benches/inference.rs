@@ -1,7 +1,10 @@
 //! The agent's per-input cost against its peers, measured in the same run:
 //!
 //! 1. inference: edgeloop's `Plan::infer` (input checks, argmax) against a bare tract
-//!    plan of the same model, built the way tract's own examples do;
+//!    plan of the same model, built the way tract's own examples do; and for a tensor
+//!    input (the compatibility suite's CNN, 3×32×32 images), everything the agent does
+//!    per image (normalisation by channel, the plan, channel statistics counted into a
+//!    drift window) against bare tract;
 //! 2. drift: edgeloop's `DriftWindow` (observe every row, finish the window) against a
 //!    straightforward reference that keeps the rows and computes the histogram and PSI
 //!    at the end with a linear scan over the bins;
@@ -16,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use edgeloop_agent::runtime::Plan;
 use edgeloop_agent::source::{InputSource, ShiftControl, VibrationGenerator, read_numeric_csv};
+use edgeloop_shared::bundle::{DType, Preprocess, TensorSpec};
 use edgeloop_shared::drift::{DEFAULT_BINS, DriftWindow, PSI_EPSILON, ReferenceProfile};
 use tract_onnx::prelude::*;
 
@@ -78,6 +82,8 @@ fn main() {
         o99.as_secs_f64() / b99.as_secs_f64()
     );
 
+    tensor_inference();
+
     // 2. Drift statistics over one window of every row.
     let (columns, reference_rows) = read_numeric_csv(std::path::Path::new(REFERENCE)).unwrap();
     let by_column: Vec<Vec<f64>> = (0..columns.len())
@@ -122,6 +128,75 @@ fn main() {
         ours_drift.as_secs_f64() / naive_drift.as_secs_f64()
     );
     scipy_peer(&profile, &by_column, &rows, &ours.expect("ran"), ours_drift);
+}
+
+/// 1b. A tensor input: per image, bare tract against the agent's normalisation by channel,
+/// plan and channel statistics counted into a drift window.
+fn tensor_inference() {
+    const CNN: &[u8] = include_bytes!("../tests/compat/cnn.onnx");
+    const IMAGES: usize = 3_000;
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut uniform = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 40) as f32 / (1u32 << 24) as f32
+    };
+    let images: Vec<Vec<f32>> = (0..IMAGES)
+        .map(|_| (0..3 * 32 * 32).map(|_| uniform()).collect())
+        .collect();
+    let bare = tract_onnx::onnx()
+        .model_for_read(&mut std::io::Cursor::new(CNN))
+        .and_then(|m| m.with_input_fact(0, f32::fact([1, 3, 32, 32]).into()))
+        .and_then(|m| m.into_optimized())
+        .and_then(|m| m.into_runnable())
+        .expect("tract loads the CNN");
+    let spec = TensorSpec {
+        name: "image".into(),
+        dtype: DType::F32,
+        shape: vec![None, Some(3), Some(32), Some(32)],
+        names: Vec::new(),
+        kind: None,
+        preprocess: Some(Preprocess {
+            offset: vec![0.5; 3],
+            scale: vec![2.0; 3],
+        }),
+        channel_axis: Some(1),
+    };
+    let (channels, inner) = spec.channel_layout().unwrap();
+    let plan = Plan::compile_shaped(CNN, &[3, 32, 32])
+        .and_then(|p| p.with_channel_preprocess(spec.preprocess.as_ref(), channels, inner))
+        .expect("edgeloop loads the CNN");
+    let names = spec.tensor_feature_names();
+    let watched: Vec<Vec<f32>> = images[..500]
+        .iter()
+        .map(|i| spec.tensor_features(i))
+        .collect();
+    let by_column: Vec<Vec<f64>> = (0..names.len())
+        .map(|c| watched.iter().map(|w| f64::from(w[c])).collect())
+        .collect();
+    let profile = ReferenceProfile::from_columns(&names, &by_column, DEFAULT_BINS).unwrap();
+    let mut window = DriftWindow::new(profile, 0);
+    let bare_times = time_each(&images, |image| {
+        let input = Tensor::from_shape(&[1, 3, 32, 32], image).unwrap();
+        black_box(bare.run(tvec!(input.into())).unwrap());
+    });
+    let ours = time_each(&images, |image| {
+        let prediction = plan.infer(image, &[]).unwrap();
+        window
+            .observe(&spec.tensor_features(image), Some(prediction.class))
+            .unwrap();
+    });
+    let (b50, o50) = (percentile(&bare_times, 0.5), percentile(&ours, 0.5));
+    let (b99, o99) = (percentile(&bare_times, 0.99), percentile(&ours, 0.99));
+    println!("tensor inference (compat CNN, 1x3x32x32, single thread, {IMAGES} images)");
+    println!("  bare tract                          p50 {b50:>10.2?}  p99 {b99:>10.2?}");
+    println!("  edgeloop normalise+plan+drift       p50 {o50:>10.2?}  p99 {o99:>10.2?}");
+    println!(
+        "  ratio edgeloop/bare: p50 {:.3}x, p99 {:.3}x",
+        o50.as_secs_f64() / b50.as_secs_f64(),
+        o99.as_secs_f64() / b99.as_secs_f64()
+    );
 }
 
 /// The same window scored by numpy and scipy (`drift_scipy.py`): PSI, JS, KS against the

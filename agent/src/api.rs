@@ -305,20 +305,7 @@ fn read_rows(
                 "input `{input}` expects {expected}; received [{n}, {f}]"
             ));
         }
-        let needed = n.checked_mul(f).and_then(|v| v.checked_mul(4));
-        if needed != Some(body.len()) {
-            return Err(format!(
-                "{SHAPE_HEADER} `{shape}` needs {} bytes of f32; the body has {}",
-                needed.map_or_else(|| "more".to_string(), |b| b.to_string()),
-                body.len()
-            ));
-        }
-        body.chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect::<Vec<_>>()
-            .chunks(width.max(1))
-            .map(<[f32]>::to_vec)
-            .collect()
+        f32_rows(body, shape, n, f)?
     } else {
         let request: InferJson = serde_json::from_slice(body).map_err(|e| {
             format!("body is not {{\"rows\": [[…]]}} or {{\"instances\": [{{…}}]}}: {e}")
@@ -368,6 +355,16 @@ fn read_rows(
             _ => return Err("give either `rows` or `instances`".into()),
         }
     };
+    counted(rows, &input, &expected, max_rows)
+}
+
+/// The rows, unless there are none or more than `max_rows`.
+fn counted(
+    rows: Vec<Vec<f32>>,
+    input: &str,
+    expected: &str,
+    max_rows: usize,
+) -> Result<Vec<Vec<f32>>, String> {
     if rows.is_empty() {
         return Err(format!(
             "input `{input}` expects {expected}; received no rows"
@@ -380,6 +377,26 @@ fn read_rows(
         ));
     }
     Ok(rows)
+}
+
+/// `n` rows of `len` little-endian f32 values each from a binary body, whose size must
+/// be exactly that (`shape` is the header, for the message).
+fn f32_rows(body: &[u8], shape: &str, n: usize, len: usize) -> Result<Vec<Vec<f32>>, String> {
+    let needed = n.checked_mul(len).and_then(|v| v.checked_mul(4));
+    if needed != Some(body.len()) {
+        return Err(format!(
+            "{SHAPE_HEADER} `{shape}` needs {} bytes of f32; the body has {}",
+            needed.map_or_else(|| "more".to_string(), |b| b.to_string()),
+            body.len()
+        ));
+    }
+    Ok(body
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect::<Vec<_>>()
+        .chunks(len.max(1))
+        .map(<[f32]>::to_vec)
+        .collect())
 }
 
 /// The request's rows for a tensor input (`[N, d1, d2, …]`): JSON `{"rows": [...]}` with
@@ -429,20 +446,7 @@ fn read_tensor_rows(
                     .join(", ")
             ));
         }
-        let needed = n.checked_mul(len).and_then(|v| v.checked_mul(4));
-        if needed != Some(body.len()) {
-            return Err(format!(
-                "{SHAPE_HEADER} `{shape}` needs {} bytes of f32; the body has {}",
-                needed.map_or_else(|| "more".to_string(), |b| b.to_string()),
-                body.len()
-            ));
-        }
-        body.chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect::<Vec<_>>()
-            .chunks(len.max(1))
-            .map(<[f32]>::to_vec)
-            .collect()
+        f32_rows(body, shape, n, len)?
     } else {
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
@@ -475,18 +479,7 @@ fn read_tensor_rows(
             })
             .collect::<Result<_, String>>()?
     };
-    if rows.is_empty() {
-        return Err(format!(
-            "input `{input}` expects {expected}; received no rows"
-        ));
-    }
-    if rows.len() > max_rows {
-        return Err(format!(
-            "input `{input}` expects {expected}; received {} rows",
-            rows.len()
-        ));
-    }
-    Ok(rows)
+    counted(rows, input, &expected, max_rows)
 }
 
 /// Appends the numbers of `value`, nested as `dims` says, to `out`; or says where the

@@ -385,8 +385,8 @@ pub struct Plan {
     runnable: Arc<TypedRunnableModel>,
     /// The numbers in one row.
     features: usize,
-    /// A row's shape (without the batch).
-    row: Vec<usize>,
+    /// The input's shape: a batch of one, then a row's.
+    shape: Vec<usize>,
     /// Consecutive numbers of one channel, for preprocessing by channel (1 for a row of
     /// features).
     inner: usize,
@@ -426,7 +426,7 @@ impl Plan {
         let mut plan = Plan {
             runnable,
             features,
-            row: row.to_vec(),
+            shape: std::iter::once(1).chain(row.iter().copied()).collect(),
             inner: 1,
             classes: 0,
             dtype: signature.input_dtype,
@@ -487,12 +487,13 @@ impl Plan {
     /// How an error names the `i`th number of a row: `#i` in a row of features, its index
     /// (`[c, h, w]`) in a tensor row.
     fn element_name(&self, i: usize) -> String {
-        if self.row.len() < 2 {
+        let row = self.row_shape();
+        if row.len() < 2 {
             return format!("#{i}");
         }
-        let mut index = vec![0; self.row.len()];
+        let mut index = vec![0; row.len()];
         let mut rest = i;
-        for (slot, &dim) in index.iter_mut().zip(&self.row).rev() {
+        for (slot, &dim) in index.iter_mut().zip(row).rev() {
             *slot = rest % dim.max(1);
             rest /= dim.max(1);
         }
@@ -502,7 +503,7 @@ impl Plan {
 
     /// A row's shape, without the batch.
     pub fn row_shape(&self) -> &[usize] {
-        &self.row
+        &self.shape[1..]
     }
 
     pub fn features(&self) -> usize {
@@ -529,9 +530,8 @@ impl Plan {
     }
 
     fn run_raw(&self, row: &[f32]) -> Result<Vec<f32>, RuntimeError> {
-        let shape: Vec<usize> = std::iter::once(1).chain(self.row.iter().copied()).collect();
         let mut input =
-            Tensor::from_shape(&shape, row).map_err(|e| RuntimeError::Run(e.to_string()))?;
+            Tensor::from_shape(&self.shape, row).map_err(|e| RuntimeError::Run(e.to_string()))?;
         if self.dtype != DType::F32 {
             input = input
                 .cast_to_dt(datum_type(self.dtype))
@@ -571,15 +571,13 @@ impl Plan {
                 value,
             });
         }
-        let scaled;
+        let scaled: Vec<f32>;
         let row = match &self.preprocess {
             None => row,
             Some(p) => {
-                scaled = {
-                    let mut scaled = row.to_vec();
-                    p.apply(&mut scaled, self.inner);
-                    scaled
-                };
+                let mut values = row.to_vec();
+                p.apply(&mut values, self.inner);
+                scaled = values;
                 // A value beyond f32's range once scaled.
                 if let Some((i, &value)) = scaled.iter().enumerate().find(|(_, v)| !v.is_finite()) {
                     return Err(RuntimeError::NonFinite {

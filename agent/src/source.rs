@@ -270,6 +270,28 @@ impl InputSource for Replay {
     }
 }
 
+/// An NPY file (format 1.0) of f32 values of this shape in row-major order, as numpy's
+/// `np.save` writes one: what [`read_npy_array`] reads back. Tools and tests write
+/// reference arrays of tensor models with it.
+pub fn npy_f32(shape: &[usize], values: &[f32]) -> Vec<u8> {
+    let dims: Vec<String> = shape.iter().map(usize::to_string).collect();
+    let mut header = format!(
+        "{{'descr': '<f4', 'fortran_order': False, 'shape': ({},), }}",
+        dims.join(", ")
+    );
+    // The magic, version and length take 10 bytes; numpy pads the header with spaces and
+    // ends it with a newline so that the data starts on a multiple of 64.
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+    bytes
+}
+
 /// Reads an NPY file of one or two dimensions: its values in row-major order as f32, the
 /// number of rows and of columns.
 fn read_npy(bytes: &[u8]) -> Result<(Vec<f32>, usize, usize), String> {
@@ -524,6 +546,19 @@ mod tests {
 
     fn names(n: usize) -> Vec<String> {
         (0..n).map(|i| format!("c{i}")).collect()
+    }
+
+    #[test]
+    fn npy_f32_writes_what_read_npy_array_reads() {
+        let values: Vec<f32> = (0..24).map(|v| v as f32 * 0.5 - 3.0).collect();
+        let bytes = npy_f32(&[2, 3, 4], &values);
+        assert_eq!((bytes.len() - values.len() * 4) % 64, 0);
+        assert_eq!(read_npy_array(&bytes).unwrap(), (values, vec![2, 3, 4]));
+        // A 1-D shape is written as numpy writes it, `(5,)`.
+        let bytes = npy_f32(&[5], &[1.0; 5]);
+        let header = std::str::from_utf8(&bytes[10..bytes.len() - 20]).unwrap();
+        assert!(header.contains("'shape': (5,)"), "{header}");
+        assert_eq!(read_npy_array(&bytes).unwrap().1, [5]);
     }
 
     /// Arrays of three dimensions (reference images, sequences) in either order come back

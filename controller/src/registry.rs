@@ -1455,23 +1455,6 @@ mod tests {
         assert_eq!(bundle.manifest.served_output().names, named);
     }
 
-    fn npy_f32(shape: &[usize], values: &[f32]) -> Vec<u8> {
-        let dims: Vec<String> = shape.iter().map(usize::to_string).collect();
-        let mut header = format!(
-            "{{'descr': '<f4', 'fortran_order': False, 'shape': ({},), }}",
-            dims.join(", ")
-        );
-        while (10 + header.len() + 1) % 64 != 0 {
-            header.push(' ');
-        }
-        header.push('\n');
-        let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-        bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
-        bytes.extend_from_slice(header.as_bytes());
-        bytes.extend(values.iter().flat_map(|v| v.to_le_bytes()));
-        bytes
-    }
-
     /// A sequence model (`[batch, 20, 6]`, the compatibility suite's LSTM) is published from
     /// an NPY array of reference sequences: watched on each of its 6 features' mean and
     /// deviation over time, with golden vectors a device reproduces. What a tensor model
@@ -1495,7 +1478,11 @@ mod tests {
             reference.extend(sequences[(n % 4) * 120..][..120].iter().map(|x| x + shift));
         }
         let npy = r.dir.path().join("sequences.npy");
-        std::fs::write(&npy, npy_f32(&[30, 20, 6], &reference)).unwrap();
+        std::fs::write(
+            &npy,
+            edgeloop_agent::source::npy_f32(&[30, 20, 6], &reference),
+        )
+        .unwrap();
 
         let request = PublishRequest::new("sequence", 1, &onnx, &npy);
         publish(&r.store, &r.artifacts, &r.key, request)
@@ -1525,16 +1512,24 @@ mod tests {
                 .unwrap_err()
                 .to_string()
         };
-        std::fs::write(&npy, npy_f32(&[30, 20, 5], &reference[..3000])).unwrap();
+        std::fs::write(
+            &npy,
+            edgeloop_agent::source::npy_f32(&[30, 20, 5], &reference[..3000]),
+        )
+        .unwrap();
         let err = refused(PublishRequest::new("sequence", 2, &onnx, &npy)).await;
         assert!(
             err.contains("[30, 20, 5]") || err.contains("[20, 5]"),
             "{err}"
         );
-        std::fs::write(&npy, npy_f32(&[600, 6], &reference)).unwrap();
+        std::fs::write(&npy, edgeloop_agent::source::npy_f32(&[600, 6], &reference)).unwrap();
         let err = refused(PublishRequest::new("sequence", 2, &onnx, &npy)).await;
         assert!(err.contains("tensor inputs"), "{err}");
-        std::fs::write(&npy, npy_f32(&[30, 20, 6], &reference)).unwrap();
+        std::fs::write(
+            &npy,
+            edgeloop_agent::source::npy_f32(&[30, 20, 6], &reference),
+        )
+        .unwrap();
         let err = refused(PublishRequest {
             label_column: Some("label"),
             ..PublishRequest::new("sequence", 2, &onnx, &npy)

@@ -268,6 +268,8 @@ async fn feedback_labels_reach_the_controller_as_confusion_counts_and_accuracy()
     let base = format!("http://127.0.0.1:{port}");
     let (infer, feedback) = (format!("{base}/v1/infer"), format!("{base}/v1/feedback"));
     let http = reqwest::Client::new();
+    // Known to the controller before the rollout names it.
+    ctl.wait_for_model("feedback-1", None).await;
     ctl.publish_example(1).await;
     ctl.controller.rollout("vibration", 1, None).await.unwrap();
     ctl.wait_for_model("feedback-1", Some(1)).await;
@@ -327,18 +329,7 @@ async fn feedback_labels_reach_the_controller_as_confusion_counts_and_accuracy()
 
     let (status, _) = post(&http, &infer, json!({"rows": [NORMAL]})).await;
     assert_eq!(status, 200);
-    let summary = wait_until_some(Duration::from_secs(20), || async {
-        let rows = ctl
-            .controller
-            .store
-            .telemetry("feedback-1", 10)
-            .await
-            .unwrap();
-        rows.into_iter()
-            .find(|r| r.samples == WINDOW)
-            .map(|r| r.summary)
-    })
-    .await;
+    let summary = full_window(&ctl, "feedback-1", WINDOW).await;
     let stats = &summary["stats"];
     // confusion[label][predicted]: 4 faults labelled normal
     assert_eq!(stats["confusion"], json!([[10, 4], [0, 5]]), "{stats}");
@@ -386,6 +377,18 @@ async fn feedback_labels_reach_the_controller_as_confusion_counts_and_accuracy()
     assert_eq!(wrong, 4, "the 4 faults labelled normal");
     agent.stop().await;
     ctl.stop().await;
+}
+
+/// The first drift summary of a window of `samples` inputs `device` sent, waiting up to
+/// 20 s for it.
+async fn full_window(ctl: &TestController, device: &str, samples: u64) -> Value {
+    wait_until_some(Duration::from_secs(20), || async {
+        let rows = ctl.controller.store.telemetry(device, 10).await.unwrap();
+        rows.into_iter()
+            .find(|r| r.samples == samples)
+            .map(|r| r.summary)
+    })
+    .await
 }
 
 /// Polls `probe` until it gives a value.
@@ -540,26 +543,6 @@ async fn an_sklearn_classifier_with_label_and_probabilities_outputs_is_served() 
     ctl.stop().await;
 }
 
-/// An NPY v1 file of little-endian f32 values of this shape, as numpy writes one.
-fn npy_f32(shape: &[usize], values: &[f32]) -> Vec<u8> {
-    let dims: Vec<String> = shape.iter().map(usize::to_string).collect();
-    let mut header = format!(
-        "{{'descr': '<f4', 'fortran_order': False, 'shape': ({},), }}",
-        dims.join(", ")
-    );
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    bytes.extend_from_slice(header.as_bytes());
-    for v in values {
-        bytes.extend_from_slice(&v.to_le_bytes());
-    }
-    bytes
-}
-
 /// A CNN over 3×32×32 images (the compatibility suite's, with onnxruntime's outputs) is
 /// published with an NPY array of reference images and per-channel normalisation, rolled
 /// out and served: nested JSON and binary tensors get onnxruntime's scores, a wrongly
@@ -621,7 +604,11 @@ async fn an_image_classifier_is_served_with_tensors_normalised_by_channel() {
     let agent = ctl.spawn_agent_with(config);
     ctl.wait_for_model("camera-1", None).await;
     let npy = ctl.dir.path().join("images.npy");
-    std::fs::write(&npy, npy_f32(&[40, 3, 32, 32], &reference)).unwrap();
+    std::fs::write(
+        &npy,
+        edgeloop_agent::source::npy_f32(&[40, 3, 32, 32], &reference),
+    )
+    .unwrap();
     ctl.controller
         .publish(edgeloop_controller::registry::PublishRequest {
             preprocess: Some(edgeloop_shared::bundle::Preprocess {
@@ -701,18 +688,7 @@ async fn an_image_classifier_is_served_with_tensors_normalised_by_channel() {
         let (status, _) = post(&http, &infer, body).await;
         assert_eq!(status, 200);
     }
-    let summary = wait_until_some(Duration::from_secs(20), || async {
-        let rows = ctl
-            .controller
-            .store
-            .telemetry("camera-1", 10)
-            .await
-            .unwrap();
-        rows.into_iter()
-            .find(|r| r.samples == WINDOW)
-            .map(|r| r.summary)
-    })
-    .await;
+    let summary = full_window(&ctl, "camera-1", WINDOW).await;
     let features: Vec<&str> = summary["stats"]["features"]
         .as_array()
         .unwrap()
