@@ -236,12 +236,27 @@ impl TensorSpec {
             return Vec::new();
         };
         let mut sums = vec![(0.0f64, 0.0f64, 0u64); channels];
-        for (i, &x) in row.iter().enumerate() {
-            let c = (i / inner.max(1)) % channels.max(1);
-            let x = f64::from(x);
-            sums[c].0 += x;
-            sums[c].1 += x * x;
-            sums[c].2 += 1;
+        for (run, values) in row.chunks(inner.max(1)).enumerate() {
+            // Four running sums each, so that the additions need not wait on one another.
+            let (mut sum, mut squares) = ([0.0f64; 4], [0.0f64; 4]);
+            let mut lanes = values.chunks_exact(4);
+            for four in &mut lanes {
+                for (k, &x) in four.iter().enumerate() {
+                    let x = f64::from(x);
+                    sum[k] += x;
+                    squares[k] += x * x;
+                }
+            }
+            for &x in lanes.remainder() {
+                let x = f64::from(x);
+                sum[0] += x;
+                squares[0] += x * x;
+            }
+            let (sum, squares): (f64, f64) = (sum.iter().sum(), squares.iter().sum());
+            let total = &mut sums[run % channels.max(1)];
+            total.0 += sum;
+            total.1 += squares;
+            total.2 += values.len() as u64;
         }
         sums.iter()
             .flat_map(|&(sum, squares, n)| {
@@ -291,9 +306,12 @@ impl Preprocess {
     /// `inner` numbers ([`TensorSpec::channel_layout`]; 1 for a row of features).
     pub fn apply(&self, row: &mut [f32], inner: usize) {
         let channels = self.offset.len().max(1);
-        for (i, x) in row.iter_mut().enumerate() {
-            let c = (i / inner.max(1)) % channels;
-            *x = ((f64::from(*x) - self.offset[c]) * self.scale[c]) as f32;
+        for (run, values) in row.chunks_mut(inner.max(1)).enumerate() {
+            let c = run % channels;
+            let (offset, scale) = (self.offset[c], self.scale[c]);
+            for x in values {
+                *x = ((f64::from(*x) - offset) * scale) as f32;
+            }
         }
     }
 }
