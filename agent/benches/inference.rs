@@ -163,9 +163,7 @@ fn tensor_inference() {
         }),
         channel_axis: Some(1),
     };
-    let (channels, inner) = spec.channel_layout().unwrap();
-    let plan = Plan::compile_shaped(CNN, &[3, 32, 32])
-        .and_then(|p| p.with_channel_preprocess(spec.preprocess.as_ref(), channels, inner))
+    let plan = Plan::compile_tensor(CNN, &[3, 32, 32], spec.preprocess.as_ref(), 1)
         .expect("edgeloop loads the CNN");
     let names = spec.tensor_feature_names();
     let watched: Vec<Vec<f32>> = images[..500]

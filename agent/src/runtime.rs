@@ -394,6 +394,9 @@ pub struct Plan {
     dtype: DType,
     output: String,
     preprocess: Option<Arc<Preprocess>>,
+    /// Preprocessing folded into the graph: the largest magnitude a number may have for
+    /// its scaled value to stay finite ([`fold_limit`]).
+    folded: Option<f32>,
     signature: Arc<ModelSignature>,
 }
 
@@ -408,9 +411,54 @@ impl Plan {
     /// dimensions after the batch), and runs it once on zeros to learn the number of
     /// output classes.
     pub fn compile_shaped(onnx: &[u8], row: &[usize]) -> Result<Self, RuntimeError> {
+        Plan::compile_with(onnx, row, None)
+    }
+
+    /// A plan for a tensor input of row shape `row` whose channels (along `channel_axis`,
+    /// counting the batch as 0) are scaled as `preprocess` says. For an f32 input the
+    /// scaling becomes two operators at the head of the graph, which tract fuses with what
+    /// follows, so a row is not copied to be scaled; for other input types the plan scales
+    /// a copy ([`Plan::with_channel_preprocess`]).
+    pub fn compile_tensor(
+        onnx: &[u8],
+        row: &[usize],
+        preprocess: Option<&Preprocess>,
+        channel_axis: usize,
+    ) -> Result<Self, RuntimeError> {
+        let channels = row
+            .get(channel_axis.wrapping_sub(1))
+            .copied()
+            .ok_or_else(|| {
+                RuntimeError::Load(format!(
+                    "channel axis {channel_axis} is not one of the axes after the batch"
+                ))
+            })?;
+        let inner = row[channel_axis..].iter().product();
+        let Some(p) = preprocess else {
+            return Plan::compile_with(onnx, row, None);
+        };
+        p.validate(channels).map_err(RuntimeError::Load)?;
+        let plan = Plan::compile_with(onnx, row, Some((p, channel_axis)))?;
+        if plan.folded.is_some() {
+            Ok(plan)
+        } else {
+            plan.with_channel_preprocess(Some(p), channels, inner)
+        }
+    }
+
+    fn compile_with(
+        onnx: &[u8],
+        row: &[usize],
+        fold: Option<(&Preprocess, usize)>,
+    ) -> Result<Self, RuntimeError> {
         let (signature, typed) = read_graph(onnx, Some(row))?;
         let features = row.iter().product();
         let mut typed = typed.expect("typed for the given width");
+        let fold = fold.filter(|_| signature.input_dtype == DType::F32);
+        if let Some((p, axis)) = fold {
+            fold_preprocess(&mut typed, p, axis, row)
+                .map_err(|e| RuntimeError::Load(format!("preprocessing in the graph: {e:#}")))?;
+        }
         // Only the scores are computed: the other outputs (a label the graph derives from
         // them) are pruned when the plan is optimized.
         let runnable = typed
@@ -432,6 +480,7 @@ impl Plan {
             dtype: signature.input_dtype,
             output: signature.output_name.clone(),
             preprocess: None,
+            folded: fold.map(|(p, _)| fold_limit(p)),
             signature: Arc::new(signature),
         };
         let zeros = plan.run_raw(&vec![0.0; features])?;
@@ -565,10 +614,16 @@ impl Plan {
                 .cloned()
                 .unwrap_or_else(|| self.element_name(i))
         };
-        if let Some(i) = first_non_finite(row) {
+        if let Some(i) = first_non_finite(row, self.folded.unwrap_or(f32::MAX)) {
+            let value = row[i];
             return Err(RuntimeError::NonFinite {
-                feature: feature(i),
-                value: row[i],
+                feature: if value.is_finite() {
+                    // Finite, but not once the graph scales it.
+                    format!("{} (preprocessed)", feature(i))
+                } else {
+                    feature(i)
+                },
+                value,
             });
         }
         let scaled: Vec<f32>;
@@ -579,7 +634,7 @@ impl Plan {
                 p.apply(&mut values, self.inner);
                 scaled = values;
                 // A value beyond f32's range once scaled.
-                if let Some(i) = first_non_finite(&scaled) {
+                if let Some(i) = first_non_finite(&scaled, f32::MAX) {
                     return Err(RuntimeError::NonFinite {
                         feature: format!("{} (preprocessed)", feature(i)),
                         value: scaled[i],
@@ -625,14 +680,62 @@ impl Plan {
     }
 }
 
-/// Where the first NaN or infinity is. The whole row is checked without branching first
-/// (which the compiler vectorises), since nearly every row has none.
-fn first_non_finite(values: &[f32]) -> Option<usize> {
-    if values.iter().fold(true, |finite, v| finite & v.is_finite()) {
+/// Where the first number that is NaN, infinite or larger in magnitude than `limit` is.
+/// The whole row is checked without branching first (which the compiler vectorises),
+/// since nearly every row has none.
+fn first_non_finite(values: &[f32], limit: f32) -> Option<usize> {
+    let within = |v: &f32| v.abs() <= limit;
+    if values.iter().fold(true, |ok, v| ok & within(v)) {
         None
     } else {
-        values.iter().position(|v| !v.is_finite())
+        values.iter().position(|v| !within(v))
     }
+}
+
+/// Puts `x' = (x − offset) × scale` by channel (along `axis`) at the head of `typed`: a
+/// `Sub` and a `Mul` by constants shaped to broadcast over the other axes, between the
+/// input and everything that read it.
+fn fold_preprocess(
+    typed: &mut TypedModel,
+    p: &Preprocess,
+    axis: usize,
+    row: &[usize],
+) -> TractResult<()> {
+    let input = typed.input_outlets()?[0];
+    let readers = typed.outlet_successors(input).to_vec();
+    let mut shape = vec![1usize; row.len() + 1];
+    shape[axis] = p.offset.len();
+    let constant = |values: &[f64]| -> TractResult<Tensor> {
+        let values: Vec<f32> = values.iter().map(|&v| v as f32).collect();
+        tensor1(&values).into_shape(&shape)
+    };
+    let offset = typed.add_const("edgeloop.preprocess.offset", constant(&p.offset)?)?;
+    let scale = typed.add_const("edgeloop.preprocess.scale", constant(&p.scale)?)?;
+    let shifted = typed.wire_node(
+        "edgeloop.preprocess.sub",
+        tract_onnx::tract_core::ops::math::sub(),
+        &[input, offset],
+    )?[0];
+    let scaled = typed.wire_node(
+        "edgeloop.preprocess.mul",
+        tract_onnx::tract_core::ops::math::mul(),
+        &[shifted, scale],
+    )?[0];
+    for inlet in readers {
+        typed.add_edge(scaled, inlet)?;
+    }
+    Ok(())
+}
+
+/// The largest magnitude an input number may have for `(x − offset) × scale` to stay
+/// within f32 in every channel.
+fn fold_limit(p: &Preprocess) -> f32 {
+    p.offset
+        .iter()
+        .zip(&p.scale)
+        .map(|(o, s)| f64::from(f32::MAX) / s.abs().max(f64::MIN_POSITIVE) - o.abs())
+        .fold(f64::from(f32::MAX), f64::min)
+        .max(0.0) as f32
 }
 
 /// A verified bundle's model, planned and smoke-tested, with its manifest.
@@ -651,8 +754,12 @@ impl LoadedModel {
         let manifest = bundle.manifest.clone();
         let input = &manifest.inputs[0];
         let plan = match check_spec(input)? {
-            Some((row, channels, inner)) => Plan::compile_shaped(&bundle.model, &row)?
-                .with_channel_preprocess(input.preprocess.as_ref(), channels, inner)?,
+            Some(row) => Plan::compile_tensor(
+                &bundle.model,
+                &row,
+                input.preprocess.as_ref(),
+                input.channel_axis.unwrap_or(1) as usize,
+            )?,
             None => Plan::compile(&bundle.model, manifest.reference.features.len())?
                 .with_preprocess(input.preprocess.as_ref())?,
         };
@@ -798,8 +905,8 @@ fn golden_input(input: &[f64]) -> Vec<f32> {
 }
 
 /// Checks that the agent serves an input of this spec; for a tensor input, gives its row
-/// shape and channel layout.
-fn check_spec(spec: &TensorSpec) -> Result<Option<(Vec<usize>, usize, usize)>, RuntimeError> {
+/// shape.
+fn check_spec(spec: &TensorSpec) -> Result<Option<Vec<usize>>, RuntimeError> {
     let unsupported = || RuntimeError::UnsupportedInput {
         name: spec.name.clone(),
         declared: format!("{:?} {:?}", spec.dtype, spec.shape),
@@ -812,8 +919,8 @@ fn check_spec(spec: &TensorSpec) -> Result<Option<(Vec<usize>, usize, usize)>, R
                 .map(|d| d.and_then(|d| usize::try_from(d).ok()))
                 .collect::<Option<_>>()
                 .ok_or_else(unsupported)?;
-            let (channels, inner) = spec.channel_layout().ok_or_else(unsupported)?;
-            Ok(Some((row, channels, inner)))
+            spec.channel_layout().ok_or_else(unsupported)?;
+            Ok(Some(row))
         }
         _ => Err(unsupported()),
     }
@@ -885,6 +992,55 @@ mod tests {
             .unwrap_err();
         assert!(
             matches!(&err, RuntimeError::NonFinite { feature, .. } if feature == "temperature (preprocessed)"),
+            "{err}"
+        );
+    }
+
+    /// Scaling folded into an f32 graph gives what scaling a copy gives, and still names
+    /// a number its scaling would push past f32.
+    #[test]
+    fn preprocessing_folded_into_the_graph_matches_scaling_a_copy() {
+        const CNN: &[u8] = include_bytes!("../tests/compat/cnn.onnx");
+        let p = Preprocess {
+            offset: vec![10.0, 20.0, 30.0],
+            scale: vec![0.5, 0.25, 0.125],
+        };
+        let folded = Plan::compile_tensor(CNN, &[3, 32, 32], Some(&p), 1).unwrap();
+        assert!(folded.folded.is_some() && folded.preprocess.is_none());
+        let copied = Plan::compile_shaped(CNN, &[3, 32, 32])
+            .unwrap()
+            .with_channel_preprocess(Some(&p), 3, 1024)
+            .unwrap();
+        let image: Vec<f32> = (0..3072).map(|i| 20.0 + (i % 97) as f32 * 0.3).collect();
+        let (a, b) = (
+            folded.infer(&image, &[]).unwrap(),
+            copied.infer(&image, &[]).unwrap(),
+        );
+        assert_eq!(a.class, b.class);
+        for (x, y) in a.scores.iter().zip(&b.scores) {
+            assert!((x - y).abs() < 1e-5, "{a:?} vs {b:?}");
+        }
+        // Without preprocessing the same numbers score otherwise.
+        let raw = Plan::compile_tensor(CNN, &[3, 32, 32], None, 1).unwrap();
+        assert_ne!(raw.infer(&image, &[]).unwrap().scores, a.scores);
+
+        let huge = Preprocess {
+            offset: vec![0.0; 3],
+            scale: vec![1.0, 1.0, 1e30],
+        };
+        let plan = Plan::compile_tensor(CNN, &[3, 32, 32], Some(&huge), 1).unwrap();
+        let mut bright = image.clone();
+        bright[2048 + 33] = 1e10;
+        let err = plan.infer(&bright, &[]).unwrap_err();
+        assert!(
+            matches!(&err, RuntimeError::NonFinite { feature, .. } if feature == "[2, 1, 1] (preprocessed)"),
+            "{err}"
+        );
+        let mut gap = image;
+        gap[5] = f32::NAN;
+        let err = plan.infer(&gap, &[]).unwrap_err();
+        assert!(
+            matches!(&err, RuntimeError::NonFinite { feature, .. } if feature == "[0, 0, 5]"),
             "{err}"
         );
     }

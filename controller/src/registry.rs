@@ -770,10 +770,10 @@ fn tensor_reference(request: &PublishRequest<'_>) -> Result<Reference, PublishEr
         return Err(npy("an NPY reference has no columns to leave out".into()).into());
     }
     let row_shape = &dims[1..];
-    let plan = Plan::compile_shaped(request.onnx, row_shape)?;
     let mut input = TensorSpec {
         name: String::new(),
-        dtype: plan.dtype(),
+        // The graph's, once the plan is made.
+        dtype: edgeloop_shared::bundle::DType::F32,
         shape: std::iter::once(None)
             .chain(row_shape.iter().map(|&d| Some(d as u64)))
             .collect(),
@@ -786,15 +786,21 @@ fn tensor_reference(request: &PublishRequest<'_>) -> Result<Reference, PublishEr
                 .unwrap_or(if dims.len() == 3 { 2 } else { 1 }),
         ),
     };
-    let (channels, inner) = input.channel_layout().ok_or_else(|| {
-        npy(format!(
-            "channel axis {} is not one of the axes after the batch (1..={})",
-            input.channel_axis.unwrap_or(1),
+    let axis = input.channel_axis.unwrap_or(1);
+    if input.channel_layout().is_none() {
+        return Err(npy(format!(
+            "channel axis {axis} is not one of the axes after the batch (1..={})",
             row_shape.len()
         ))
-    })?;
-    let plan = plan.with_channel_preprocess(request.preprocess.as_ref(), channels, inner)?;
-    input.names = Vec::new();
+        .into());
+    }
+    let plan = Plan::compile_tensor(
+        request.onnx,
+        row_shape,
+        request.preprocess.as_ref(),
+        axis as usize,
+    )?;
+    input.dtype = plan.dtype();
     let columns = input.tensor_feature_names();
     let rows: Vec<Vec<f32>> = values
         .chunks(plan.features().max(1))
