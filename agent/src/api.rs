@@ -278,10 +278,7 @@ fn read_rows(
     }
     let (input, width) = input_text(model);
     let expected = format!("[N, {width}] f32 (N ≤ {max_rows})");
-    let binary = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/octet-stream"));
+    let binary = is_binary(headers);
     let rows: Vec<Vec<f32>> = if binary {
         let shape = headers
             .get(SHAPE_HEADER)
@@ -358,6 +355,14 @@ fn read_rows(
     counted(rows, &input, &expected, max_rows)
 }
 
+/// Whether the body is binary f32 values (`application/octet-stream`) rather than JSON.
+fn is_binary(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/octet-stream"))
+}
+
 /// The rows, unless there are none or more than `max_rows`.
 fn counted(
     rows: Vec<Vec<f32>>,
@@ -414,10 +419,7 @@ fn read_tensor_rows(
     let len = model.plan.features();
     let dims_text: Vec<String> = dims.iter().map(usize::to_string).collect();
     let expected = format!("[N, {}] f32 (N ≤ {max_rows})", dims_text.join(", "));
-    let binary = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/octet-stream"));
+    let binary = is_binary(headers);
     let rows: Vec<Vec<f32>> = if binary {
         let shape = headers
             .get(SHAPE_HEADER)
