@@ -163,8 +163,7 @@ fn tensor_inference() {
         }),
         channel_axis: Some(1),
     };
-    let plan = Plan::compile_tensor(CNN, &[3, 32, 32], spec.preprocess.as_ref(), 1)
-        .expect("edgeloop loads the CNN");
+    let plan = Plan::compile_tensor(CNN, &spec).expect("edgeloop loads the CNN");
     let names = spec.tensor_feature_names();
     let watched: Vec<Vec<f32>> = images[..500]
         .iter()

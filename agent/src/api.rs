@@ -280,17 +280,7 @@ fn read_rows(
     let expected = format!("[N, {width}] f32 (N ≤ {max_rows})");
     let binary = is_binary(headers);
     let rows: Vec<Vec<f32>> = if binary {
-        let shape = headers
-            .get(SHAPE_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| {
-                format!("a binary body needs the {SHAPE_HEADER} header (ROWSxFEATURES)")
-            })?;
-        let dims: Vec<usize> = shape
-            .split('x')
-            .map(|d| d.trim().parse())
-            .collect::<Result<_, _>>()
-            .map_err(|_| format!("{SHAPE_HEADER} `{shape}` is not ROWSxFEATURES"))?;
+        let (shape, dims) = shape_header(headers, "ROWSxFEATURES")?;
         let [n, f] = dims[..] else {
             return Err(format!(
                 "input `{input}` expects {expected}; {SHAPE_HEADER} gives rank {}",
@@ -353,6 +343,21 @@ fn read_rows(
         }
     };
     counted(rows, &input, &expected, max_rows)
+}
+
+/// A binary body's shape header: its text and the dimensions it gives (`form` says what
+/// it should look like, for the messages).
+fn shape_header<'h>(headers: &'h HeaderMap, form: &str) -> Result<(&'h str, Vec<usize>), String> {
+    let shape = headers
+        .get(SHAPE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| format!("a binary body needs the {SHAPE_HEADER} header ({form})"))?;
+    let dims = shape
+        .split('x')
+        .map(|d| d.trim().parse())
+        .collect::<Result<_, _>>()
+        .map_err(|_| format!("{SHAPE_HEADER} `{shape}` is not {form}"))?;
+    Ok((shape, dims))
 }
 
 /// Whether the body is binary f32 values (`application/octet-stream`) rather than JSON.
@@ -421,20 +426,7 @@ fn read_tensor_rows(
     let expected = format!("[N, {}] f32 (N ≤ {max_rows})", dims_text.join(", "));
     let binary = is_binary(headers);
     let rows: Vec<Vec<f32>> = if binary {
-        let shape = headers
-            .get(SHAPE_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| {
-                format!(
-                    "a binary body needs the {SHAPE_HEADER} header (Nx{})",
-                    dims_text.join("x")
-                )
-            })?;
-        let given: Vec<usize> = shape
-            .split('x')
-            .map(|d| d.trim().parse())
-            .collect::<Result<_, _>>()
-            .map_err(|_| format!("{SHAPE_HEADER} `{shape}` is not Nx{}", dims_text.join("x")))?;
+        let (shape, given) = shape_header(headers, &format!("Nx{}", dims_text.join("x")))?;
         let Some((&n, row)) = given.split_first() else {
             return Err(format!("{SHAPE_HEADER} is empty"));
         };

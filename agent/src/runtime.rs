@@ -414,31 +414,28 @@ impl Plan {
         Plan::compile_with(onnx, row, None)
     }
 
-    /// A plan for a tensor input of row shape `row` whose channels (along `channel_axis`,
-    /// counting the batch as 0) are scaled as `preprocess` says. For an f32 input the
+    /// A plan for a tensor input (every dimension after the batch fixed) whose channels
+    /// are scaled as its `preprocess` says. For an f32 input the
     /// scaling becomes two operators at the head of the graph, which tract fuses with what
     /// follows, so a row is not copied to be scaled; for other input types the plan scales
     /// a copy ([`Plan::with_channel_preprocess`]).
-    pub fn compile_tensor(
-        onnx: &[u8],
-        row: &[usize],
-        preprocess: Option<&Preprocess>,
-        channel_axis: usize,
-    ) -> Result<Self, RuntimeError> {
-        let channels = row
-            .get(channel_axis.wrapping_sub(1))
-            .copied()
-            .ok_or_else(|| {
-                RuntimeError::Load(format!(
-                    "channel axis {channel_axis} is not one of the axes after the batch"
-                ))
-            })?;
-        let inner = row[channel_axis..].iter().product();
-        let Some(p) = preprocess else {
-            return Plan::compile_with(onnx, row, None);
+    pub fn compile_tensor(onnx: &[u8], input: &TensorSpec) -> Result<Self, RuntimeError> {
+        let unsupported = || RuntimeError::UnsupportedInput {
+            name: input.name.clone(),
+            declared: format!("{:?} {:?}", input.dtype, input.shape),
+        };
+        let row: Vec<usize> = input.shape[1..]
+            .iter()
+            .map(|d| d.and_then(|d| usize::try_from(d).ok()))
+            .collect::<Option<_>>()
+            .ok_or_else(unsupported)?;
+        let (channels, inner) = input.channel_layout().ok_or_else(unsupported)?;
+        let Some(p) = &input.preprocess else {
+            return Plan::compile_with(onnx, &row, None);
         };
         p.validate(channels).map_err(RuntimeError::Load)?;
-        let plan = Plan::compile_with(onnx, row, Some((p, channel_axis)))?;
+        let axis = input.channel_axis.unwrap_or(1) as usize;
+        let plan = Plan::compile_with(onnx, &row, Some((p, axis)))?;
         if plan.folded.is_some() {
             Ok(plan)
         } else {
@@ -753,15 +750,12 @@ impl LoadedModel {
     pub fn load(bundle: &VerifiedBundle) -> Result<Self, RuntimeError> {
         let manifest = bundle.manifest.clone();
         let input = &manifest.inputs[0];
-        let plan = match check_spec(input)? {
-            Some(row) => Plan::compile_tensor(
-                &bundle.model,
-                &row,
-                input.preprocess.as_ref(),
-                input.channel_axis.unwrap_or(1) as usize,
-            )?,
-            None => Plan::compile(&bundle.model, manifest.reference.features.len())?
-                .with_preprocess(input.preprocess.as_ref())?,
+        check_spec(input)?;
+        let plan = if input.is_tensor() {
+            Plan::compile_tensor(&bundle.model, input)?
+        } else {
+            Plan::compile(&bundle.model, manifest.reference.features.len())?
+                .with_preprocess(input.preprocess.as_ref())?
         };
         if plan.dtype() != input.dtype {
             return Err(RuntimeError::UnsupportedInput {
@@ -904,26 +898,16 @@ fn golden_input(input: &[f64]) -> Vec<f32> {
     input.iter().map(|x| *x as f32).collect()
 }
 
-/// Checks that the agent serves an input of this spec; for a tensor input, gives its row
-/// shape.
-fn check_spec(spec: &TensorSpec) -> Result<Option<Vec<usize>>, RuntimeError> {
-    let unsupported = || RuntimeError::UnsupportedInput {
-        name: spec.name.clone(),
-        declared: format!("{:?} {:?}", spec.dtype, spec.shape),
-    };
-    match spec.shape.len() {
-        2 => Ok(None),
-        rank if rank > 2 => {
-            let row: Vec<usize> = spec.shape[1..]
-                .iter()
-                .map(|d| d.and_then(|d| usize::try_from(d).ok()))
-                .collect::<Option<_>>()
-                .ok_or_else(unsupported)?;
-            spec.channel_layout().ok_or_else(unsupported)?;
-            Ok(Some(row))
-        }
-        _ => Err(unsupported()),
+/// Checks that the agent serves an input of this spec: `[batch, features]`, or a tensor
+/// input ([`Plan::compile_tensor`] checks its dimensions).
+fn check_spec(spec: &TensorSpec) -> Result<(), RuntimeError> {
+    if spec.shape.len() < 2 {
+        return Err(RuntimeError::UnsupportedInput {
+            name: spec.name.clone(),
+            declared: format!("{:?} {:?}", spec.dtype, spec.shape),
+        });
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -1005,7 +989,16 @@ mod tests {
             offset: vec![10.0, 20.0, 30.0],
             scale: vec![0.5, 0.25, 0.125],
         };
-        let folded = Plan::compile_tensor(CNN, &[3, 32, 32], Some(&p), 1).unwrap();
+        let spec = |preprocess: Option<&Preprocess>| TensorSpec {
+            name: "image".into(),
+            dtype: DType::F32,
+            shape: vec![None, Some(3), Some(32), Some(32)],
+            names: Vec::new(),
+            kind: None,
+            preprocess: preprocess.cloned(),
+            channel_axis: Some(1),
+        };
+        let folded = Plan::compile_tensor(CNN, &spec(Some(&p))).unwrap();
         assert!(folded.folded.is_some() && folded.preprocess.is_none());
         let copied = Plan::compile_shaped(CNN, &[3, 32, 32])
             .unwrap()
@@ -1021,14 +1014,14 @@ mod tests {
             assert!((x - y).abs() < 1e-5, "{a:?} vs {b:?}");
         }
         // Without preprocessing the same numbers score otherwise.
-        let raw = Plan::compile_tensor(CNN, &[3, 32, 32], None, 1).unwrap();
+        let raw = Plan::compile_tensor(CNN, &spec(None)).unwrap();
         assert_ne!(raw.infer(&image, &[]).unwrap().scores, a.scores);
 
         let huge = Preprocess {
             offset: vec![0.0; 3],
             scale: vec![1.0, 1.0, 1e30],
         };
-        let plan = Plan::compile_tensor(CNN, &[3, 32, 32], Some(&huge), 1).unwrap();
+        let plan = Plan::compile_tensor(CNN, &spec(Some(&huge))).unwrap();
         let mut bright = image.clone();
         bright[2048 + 33] = 1e10;
         let err = plan.infer(&bright, &[]).unwrap_err();

@@ -794,12 +794,7 @@ fn tensor_reference(request: &PublishRequest<'_>) -> Result<Reference, PublishEr
         ))
         .into());
     }
-    let plan = Plan::compile_tensor(
-        request.onnx,
-        row_shape,
-        request.preprocess.as_ref(),
-        axis as usize,
-    )?;
+    let plan = Plan::compile_tensor(request.onnx, &input)?;
     input.dtype = plan.dtype();
     let columns = input.tensor_feature_names();
     let rows: Vec<Vec<f32>> = values
