@@ -142,9 +142,14 @@ impl Fleet {
         self.ctl.get(&format!("/api/v1/rollouts/{id}")).await
     }
 
+    /// Waits until rollout `id` exists and has `status` (a rollback rollout is created
+    /// only after the abort that causes it is recorded).
     async fn wait_for_status(&self, id: u64, status: &str) -> Value {
+        let url = self.ctl.url(&format!("/api/v1/rollouts/{id}"));
         wait_until(&format!("rollout {id} {status}"), WAIT, || async {
-            self.rollout(id).await["status"] == status
+            let response = reqwest::get(&url).await.expect("GET");
+            response.status().is_success()
+                && response.json::<Value>().await.expect("JSON")["status"] == status
         })
         .await;
         self.rollout(id).await
