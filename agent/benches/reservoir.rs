@@ -92,7 +92,7 @@ fn main() {
                 &names,
                 None,
                 &rows[i],
-                Some(predicted[i]),
+                Some(predicted[i] as f64),
                 None,
                 i as u64,
             )

@@ -10,7 +10,7 @@ use edgeloop_shared::bundle::{BundleError, VerifiedBundle};
 use edgeloop_shared::command::{
     CommandAction, CommandError, DeltaOffer, DeployAction, Disposition, SignedCommand, UploadAction,
 };
-use edgeloop_shared::drift::DriftWindow;
+use edgeloop_shared::drift::{DriftWindow, Target};
 use edgeloop_shared::protocol::{
     DeployStage, DeviceStatus, DriftSummary, Envelope, MAX_MESSAGE_BYTES, Message, ModelRef,
     OutboxStatus, SampleChunk,
@@ -82,9 +82,10 @@ struct Counters {
 
 /// What the model made of one input.
 struct Predicted {
-    class: usize,
-    /// Its top score, as a probability.
-    confidence: f64,
+    /// Its class, or a regression's value.
+    target: Target,
+    /// A classifier's top score, as a probability (`None` for a regression).
+    confidence: Option<f64>,
     latency_ms: f64,
 }
 
@@ -133,11 +134,23 @@ impl Serving {
 
     /// A ground-truth label for one of its predictions, counted into its drift window, its
     /// record and the health window's record of it when one runs.
-    fn observe_label(&mut self, label: usize, predicted: usize, watch: Option<&mut Watch>) {
-        self.window.observe_label(label, predicted);
-        self.record.observe_label(label, predicted);
-        if let Some(watch) = watch {
-            watch.observed.observe_label(label, predicted);
+    /// A regression's true value counts into the drift window's errors only: the health
+    /// window judges a regression on its latency and failures.
+    fn observe_label(&mut self, label: Target, predicted: Target, watch: Option<&mut Watch>) {
+        match (label, predicted) {
+            (Target::Class(label), Target::Class(predicted)) => {
+                self.window.observe_label(label, predicted);
+                self.record.observe_label(label, predicted);
+                if let Some(watch) = watch {
+                    watch.observed.observe_label(label, predicted);
+                }
+            }
+            (Target::Value(truth), Target::Value(predicted)) => {
+                self.window.observe_residual(predicted, truth);
+            }
+            // A class label for a value or the reverse: a source's labels of another kind
+            // of model.
+            _ => {}
         }
     }
 }
@@ -523,12 +536,13 @@ impl AgentLoop {
             watch.inferences += 1;
             watch.errors += u64::from(result.is_err());
         }
+        let regression = serving.installed.model.is_regression();
         let predicted = match result {
             Ok(prediction) => {
                 self.counters.inferences += 1;
                 Some(Predicted {
-                    class: prediction.class,
-                    confidence: crate::api::confidence(&prediction.scores),
+                    target: prediction.target(regression),
+                    confidence: (!regression).then(|| crate::api::confidence(&prediction.scores)),
                     latency_ms,
                 })
             }
@@ -541,11 +555,17 @@ impl AgentLoop {
                 None
             }
         };
-        let label = self.source.label();
+        // A source's labels are classes (a regression gets its true values as feedback).
+        let label = self.source.label().filter(|_| !regression);
         if let (Some(serving), Some(label), Some(p)) = (self.serving.as_mut(), label, &predicted) {
-            serving.observe_label(label, p.class, self.watch.as_mut());
+            serving.observe_label(Target::Class(label), p.target, self.watch.as_mut());
         }
-        self.keep_sample(None, &x, predicted.as_ref().map(|p| p.class), label);
+        self.keep_sample(
+            None,
+            &x,
+            predicted.as_ref().map(|p| p.target),
+            label.map(Target::Class),
+        );
         self.count_into_window(&x, predicted);
     }
 
@@ -565,8 +585,8 @@ impl AgentLoop {
         &mut self,
         request_key: Option<&str>,
         row: &[f32],
-        predicted: Option<usize>,
-        label: Option<usize>,
+        predicted: Option<Target>,
+        label: Option<Target>,
     ) {
         let (Some(reservoir), Some(serving)) = (self.reservoir.as_mut(), self.serving.as_ref())
         else {
@@ -579,8 +599,8 @@ impl AgentLoop {
             features,
             request_key,
             row,
-            predicted,
-            label,
+            predicted.map(Target::number),
+            label.map(Target::number),
             now_ms(),
         );
         // Said once per spell of failures, not once per input.
@@ -601,12 +621,16 @@ impl AgentLoop {
         let Some(serving) = self.serving.as_mut() else {
             return;
         };
-        if let Err(e) = serving
-            .window
-            .observe(row, predicted.as_ref().map(|p| p.class))
-        {
+        let class = predicted.as_ref().and_then(|p| match p.target {
+            Target::Class(class) => Some(class),
+            Target::Value(_) => None,
+        });
+        if let Err(e) = serving.window.observe(row, class) {
             warn!(error = %e, "drift window refused the input");
             return;
+        }
+        if let Some(Target::Value(value)) = predicted.as_ref().map(|p| p.target) {
+            serving.window.observe_value(value);
         }
         let mut alert = false;
         if let Some(p) = &predicted {
@@ -615,7 +639,9 @@ impl AgentLoop {
             if let Some(watch) = self.watch.as_mut() {
                 watch.observed.observe_latency(p.latency_ms);
             }
-            alert = serving.window.observe_confidence(p.confidence);
+            if let Some(confidence) = p.confidence {
+                alert = serving.window.observe_confidence(confidence);
+            }
         }
         if alert {
             warn!(model = %serving.model_ref(), samples = serving.window.samples(),
@@ -637,7 +663,7 @@ impl AgentLoop {
             Observation::Inferred {
                 model,
                 row,
-                class,
+                predicted,
                 confidence,
                 latency_ms,
                 request_key,
@@ -648,14 +674,14 @@ impl AgentLoop {
                 // A tensor input arrives as its channel statistics (what drift watches):
                 // no input to keep for retraining.
                 if !serving.installed.model.is_tensor() {
-                    self.keep_sample(Some(&request_key), &row, Some(class), None);
+                    self.keep_sample(Some(&request_key), &row, Some(predicted), None);
                 }
                 self.counters.inferences += 1;
                 if let Some(watch) = self.watch.as_mut() {
                     watch.inferences += 1;
                 }
                 let predicted = Predicted {
-                    class,
+                    target: predicted,
                     confidence,
                     latency_ms,
                 };
@@ -682,7 +708,7 @@ impl AgentLoop {
                 if serving.model_ref() == model {
                     serving.observe_label(label, predicted, self.watch.as_mut());
                     if let Some(reservoir) = self.reservoir.as_mut()
-                        && let Err(e) = reservoir.label(&request_key, label)
+                        && let Err(e) = reservoir.label(&request_key, label.number())
                     {
                         warn!(error = %e, "cannot label the input in the sample");
                     }

@@ -6,9 +6,11 @@
 //!   or a binary body (`Content-Type: application/octet-stream`, little-endian f32 values,
 //!   rows × features given by the `X-Edgeloop-Shape: ROWSxFEATURES` header). For a tensor
 //!   input each row is one tensor, nested or flat (`Nxd1xd2…` in the binary header).
+//!   Each row's output is `{"class", "label", "scores"}`, or a regression's `{"value"}`.
 //! - `POST /v1/feedback`: `{"request_id": "…", "label": "fault" | 1, "row": 0}` attaches
 //!   the ground truth to a prediction of one of the last `feedback_memory` requests; it
-//!   goes into the drift window's confusion counts and accuracy.
+//!   goes into the drift window's confusion counts and accuracy. For a regression the
+//!   label is the true value, and goes into the window's errors.
 //! - `GET /v1/model`: the model being served, its inputs and outputs.
 //! - `GET /healthz`: 200 while a model is serving, 503 before.
 //! - `GET /metrics`: Prometheus text.
@@ -30,6 +32,7 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use edgeloop_shared::drift::Target;
 use edgeloop_shared::protocol::ModelRef;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -54,9 +57,10 @@ pub enum Observation {
     Inferred {
         model: ModelRef,
         row: Vec<f32>,
-        class: usize,
-        /// The model's top score, as a probability.
-        confidence: f64,
+        /// Its class, or a regression's value.
+        predicted: Target,
+        /// A classifier's top score, as a probability (`None` for a regression).
+        confidence: Option<f64>,
         /// The request's inference time per row, in milliseconds.
         latency_ms: f64,
         /// `{request_id}/{row}`, by which feedback names it later.
@@ -67,8 +71,9 @@ pub enum Observation {
     /// The ground truth for an earlier prediction.
     Labelled {
         model: ModelRef,
-        label: usize,
-        predicted: usize,
+        /// The true class, or a regression's true value.
+        label: Target,
+        predicted: Target,
         request_key: String,
     },
 }
@@ -99,7 +104,8 @@ struct Recent {
 #[derive(Debug)]
 struct RecentRequest {
     model: ModelRef,
-    classes: Vec<usize>,
+    /// What the model predicted for each row of the request.
+    predicted: Vec<Target>,
     labelled: Vec<bool>,
 }
 
@@ -112,7 +118,7 @@ impl Recent {
         }
     }
 
-    fn remember(&mut self, id: String, model: ModelRef, classes: Vec<usize>) {
+    fn remember(&mut self, id: String, model: ModelRef, predicted: Vec<Target>) {
         if self.capacity == 0 {
             return;
         }
@@ -121,13 +127,13 @@ impl Recent {
                 self.by_id.remove(&old);
             }
         }
-        let labelled = vec![false; classes.len()];
+        let labelled = vec![false; predicted.len()];
         self.order.push_back(id.clone());
         self.by_id.insert(
             id,
             RecentRequest {
                 model,
-                classes,
+                predicted,
                 labelled,
             },
         );
@@ -247,11 +253,16 @@ struct InferJson {
 }
 
 #[derive(Serialize)]
-struct RowOutput {
-    class: usize,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    label: Option<String>,
-    scores: Vec<f32>,
+#[serde(untagged)]
+enum RowOutput {
+    Class {
+        class: usize,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        label: Option<String>,
+        scores: Vec<f32>,
+    },
+    /// A regression's predicted value.
+    Value { value: f32 },
 }
 
 /// The model's single input as the agent serves it: `[N, features]` f32.
@@ -605,7 +616,11 @@ async fn infer(State(state): State<ApiState>, headers: HeaderMap, body: Bytes) -
     let model_ref = model.manifest.model_ref();
     let latency_ms = started.elapsed().as_secs_f64() * 1e3 / rows.len().max(1) as f64;
     let request_id = uuid::Uuid::now_v7().to_string();
-    for (i, (row, output)) in rows.into_iter().zip(&outputs).enumerate() {
+    let regression = model.is_regression();
+    let predicted: Vec<Target> = outputs.iter().map(|o| o.target(regression)).collect();
+    for (i, ((row, output), &predicted)) in
+        rows.into_iter().zip(&outputs).zip(&predicted).enumerate()
+    {
         // A tensor row is counted as its channels' statistics, computed here rather than
         // on the agent's loop.
         let row = if model.is_tensor() {
@@ -616,8 +631,8 @@ async fn infer(State(state): State<ApiState>, headers: HeaderMap, body: Bytes) -
         let observation = Observation::Inferred {
             model: model_ref.clone(),
             row,
-            class: output.class,
-            confidence: confidence(&output.scores),
+            predicted,
+            confidence: (!regression).then(|| confidence(&output.scores)),
             latency_ms,
             request_key: format!("{request_id}/{i}"),
         };
@@ -632,20 +647,19 @@ async fn infer(State(state): State<ApiState>, headers: HeaderMap, body: Bytes) -
         .recent
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .remember(
-            request_id.clone(),
-            model_ref.clone(),
-            outputs.iter().map(|o| o.class).collect(),
-        );
+        .remember(request_id.clone(), model_ref.clone(), predicted);
     let body = json!({
         "request_id": request_id,
         "model": model_ref,
         "outputs": outputs
             .into_iter()
-            .map(|p| RowOutput {
-                label: labels.get(p.class).cloned(),
-                class: p.class,
-                scores: p.scores,
+            .map(|p| match regression {
+                true => RowOutput::Value { value: p.scores[0] },
+                false => RowOutput::Class {
+                    label: labels.get(p.class).cloned(),
+                    class: p.class,
+                    scores: p.scores,
+                },
             })
             .collect::<Vec<_>>(),
     });
@@ -662,7 +676,8 @@ async fn infer(State(state): State<ApiState>, headers: HeaderMap, body: Bytes) -
 #[serde(deny_unknown_fields)]
 struct Feedback {
     request_id: String,
-    /// A class name of the model's output, or a class index.
+    /// A class name of the model's output, or a class index; for a regression, the true
+    /// value.
     label: Value,
     /// Which row of the request (0 for a single-row request).
     #[serde(default)]
@@ -697,8 +712,8 @@ async fn feedback(State(state): State<ApiState>, body: Bytes) -> Response {
                 ),
             );
         };
-        let rows = request.classes.len();
-        let Some(&predicted) = request.classes.get(feedback.row) else {
+        let rows = request.predicted.len();
+        let Some(&predicted) = request.predicted.get(feedback.row) else {
             return refused(
                 StatusCode::BAD_REQUEST,
                 format!(
@@ -713,16 +728,31 @@ async fn feedback(State(state): State<ApiState>, body: Bytes) -> Response {
             .filter(|m| m.manifest.model_ref() == request.model)
             .map(|m| m.manifest.served_output().names.clone())
             .unwrap_or_default();
-        let label = match &feedback.label {
-            Value::String(name) => names.iter().position(|n| n == name).ok_or_else(|| {
-                format!("label `{name}` is not one of the model's classes {names:?}")
-            }),
-            Value::Number(n) => n
+        let label = match (predicted, &feedback.label) {
+            (Target::Value(_), Value::Number(n)) => n
+                .as_f64()
+                .filter(|v| v.is_finite())
+                .map(Target::Value)
+                .ok_or_else(|| format!("label {n} is not a finite number")),
+            (Target::Value(_), other) => Err(format!(
+                "the model predicts a value: label must be the true value, a number, got {other}"
+            )),
+            (Target::Class(_), Value::String(name)) => names
+                .iter()
+                .position(|n| n == name)
+                .map(Target::Class)
+                .ok_or_else(|| {
+                    format!("label `{name}` is not one of the model's classes {names:?}")
+                }),
+            (Target::Class(_), Value::Number(n)) => n
                 .as_u64()
                 .map(|i| i as usize)
                 .filter(|&i| names.is_empty() || i < names.len())
+                .map(Target::Class)
                 .ok_or_else(|| format!("label {n} is not a class index of the model")),
-            other => Err(format!("label must be a class name or index, got {other}")),
+            (Target::Class(_), other) => {
+                Err(format!("label must be a class name or index, got {other}"))
+            }
         };
         let label = match label {
             Ok(l) => l,
@@ -752,15 +782,24 @@ async fn feedback(State(state): State<ApiState>, body: Bytes) -> Response {
             .fetch_add(1, Ordering::Relaxed);
     }
     state.metrics.feedback_ok.fetch_add(1, Ordering::Relaxed);
-    axum::Json(json!({
+    let judged = match (label, predicted) {
+        (Target::Value(truth), Target::Value(value)) => {
+            json!({"label": truth, "predicted": value, "error": value - truth})
+        }
+        (Target::Class(label), Target::Class(class)) => {
+            json!({"label": label, "predicted": class, "correct": label == class})
+        }
+        _ => unreachable!("a label is parsed as the kind of its prediction"),
+    };
+    let mut body = json!({
         "request_id": feedback.request_id,
         "row": feedback.row,
         "model": model,
-        "label": label,
-        "predicted": predicted,
-        "correct": label == predicted,
-    }))
-    .into_response()
+    });
+    if let (Value::Object(body), Value::Object(judged)) = (&mut body, judged) {
+        body.extend(judged);
+    }
+    axum::Json(body).into_response()
 }
 
 async fn model(State(state): State<ApiState>) -> Response {

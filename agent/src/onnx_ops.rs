@@ -12,6 +12,13 @@
 //!   `p = sigmoid(z)`, probabilities `[1 - p, p]`, the second class when `z > 0`.
 //!
 //! Every other TreeEnsembleClassifier goes to tract's own builder unchanged.
+//! - `ai.onnx.ml.TreeEnsembleRegressor` of one target (scikit-learn's RandomForestRegressor,
+//!   GradientBoostingRegressor, …), which tract does not register: its trees are read as a
+//!   one-class TreeEnsembleClassifier by tract's own builder (the leaves' `target_*`
+//!   attributes as `class_*`), so they run in tract's operator (and its indexed form,
+//!   [`index_tree_ensembles`]); the sum of the leaves plus `base_values` is the value, as
+//!   onnxruntime computes it. `AVERAGE` aggregation divides by the number of trees. Other
+//!   aggregations, transforms and several targets are refused by name.
 
 use std::sync::OnceLock;
 
@@ -28,6 +35,8 @@ pub fn onnx() -> tract_onnx::Onnx {
     onnx.op_register.insert("Scaler", scaler);
     onnx.op_register
         .insert("TreeEnsembleClassifier", tree_ensemble_classifier);
+    onnx.op_register
+        .insert("TreeEnsembleRegressor", tree_ensemble_regressor);
     onnx
 }
 
@@ -202,6 +211,144 @@ fn tree_ensemble_classifier(ctx: &ParsingContext, node: &NodeProto) -> TractResu
     ))
 }
 
+fn tree_ensemble_regressor(ctx: &ParsingContext, node: &NodeProto) -> TractResult<Built> {
+    let ints = |name: &str| {
+        node.attribute
+            .iter()
+            .find(|a| a.name == name)
+            .map(|a| a.ints.as_slice())
+    };
+    let targets = node
+        .attribute
+        .iter()
+        .find(|a| a.name == "n_targets")
+        .map_or(1, |a| a.i);
+    ensure!(
+        targets == 1,
+        "TreeEnsembleRegressor of {targets} targets: edgeloop runs tree regressors of one target"
+    );
+    let transform = string_attr(node, "post_transform").unwrap_or(b"NONE");
+    ensure!(
+        transform == b"NONE",
+        "TreeEnsembleRegressor with post_transform {}: only NONE is supported",
+        String::from_utf8_lossy(transform)
+    );
+    let aggregate = string_attr(node, "aggregate_function").unwrap_or(b"SUM");
+    let trees = ints("nodes_treeids")
+        .and_then(|ids| ids.iter().max())
+        .map_or(1, |&max| max + 1);
+    let divide = match aggregate {
+        b"SUM" => 1.0,
+        b"AVERAGE" => trees as f32,
+        other => bail!(
+            "TreeEnsembleRegressor with aggregate_function {}: only SUM and AVERAGE are supported",
+            String::from_utf8_lossy(other)
+        ),
+    };
+    let base = match floats(node, "base_values") {
+        None | Some([]) => 0.0,
+        Some(&[base]) => base,
+        Some(more) => bail!(
+            "TreeEnsembleRegressor with {} base values for one target",
+            more.len()
+        ),
+    };
+    // The same trees as a classifier of one class, `0`, that every leaf scores.
+    let mut trees = node.clone();
+    trees.op_type = "TreeEnsembleClassifier".into();
+    trees.attribute.retain(|a| {
+        !matches!(
+            a.name.as_str(),
+            "n_targets" | "post_transform" | "aggregate_function" | "base_values"
+        )
+    });
+    for a in &mut trees.attribute {
+        if let Some(rest) = a.name.strip_prefix("target_") {
+            a.name = format!("class_{rest}");
+        }
+        if a.name == "class_weights" && divide != 1.0 {
+            for w in &mut a.floats {
+                *w /= divide;
+            }
+        }
+    }
+    let mut labels = tract_onnx::pb::AttributeProto {
+        name: "classlabels_int64s".into(),
+        ints: vec![0],
+        ..Default::default()
+    };
+    labels.r#type = tract_onnx::pb::attribute_proto::AttributeType::Ints as i32;
+    trees.attribute.push(labels);
+    let (inner, closures) = tract_tree_builder()(ctx, &trees)?;
+    let Some(inner) = inner.as_op().downcast_ref::<Box<dyn Expansion>>() else {
+        bail!("tract's TreeEnsembleClassifier is not an expansion any more");
+    };
+    Ok((
+        expand(TreeRegressor {
+            trees: inner.clone(),
+            base,
+        }),
+        closures,
+    ))
+}
+
+/// A one-target tree ensemble regressor: the trees' sum plus the base value, `[N, 1]`.
+#[derive(Debug, Clone)]
+struct TreeRegressor {
+    /// The trees as tract's one-class classifier, whose scores are `[1 - sum, sum]`.
+    trees: Box<dyn Expansion>,
+    base: f32,
+}
+
+impl Expansion for TreeRegressor {
+    fn name(&self) -> StaticName {
+        "TreeEnsembleRegressor".into()
+    }
+
+    fn rules<'r, 'p: 'r, 's: 'r>(
+        &'s self,
+        s: &mut Solver<'r>,
+        inputs: &'p [TensorProxy],
+        outputs: &'p [TensorProxy],
+    ) -> InferenceResult {
+        check_input_arity(inputs, 1)?;
+        check_output_arity(outputs, 1)?;
+        s.equals(&outputs[0].datum_type, DatumType::F32)?;
+        s.equals(&outputs[0].rank, 2)?;
+        s.equals(&outputs[0].shape[0], &inputs[0].shape[0])?;
+        s.equals(&outputs[0].shape[1], 1.to_dim())?;
+        Ok(())
+    }
+
+    fn wire(
+        &self,
+        prefix: &str,
+        model: &mut TypedModel,
+        inputs: &[OutletId],
+    ) -> TractResult<TVec<OutletId>> {
+        let trees = self.trees.wire(&format!("{prefix}.trees"), model, inputs)?;
+        Ok(tvec!(sum_plus_base(prefix, model, trees[1], self.base)?))
+    }
+}
+
+/// The leaves' sum plus `base`, `[N, 1]`, from the scores `[1 - sum, sum]` tract's
+/// classifier gives for trees whose leaves all score its first class.
+fn sum_plus_base(
+    prefix: &str,
+    model: &mut TypedModel,
+    scores: OutletId,
+    base: f32,
+) -> TractResult<OutletId> {
+    use tract_core::ops::array::Slice;
+    let sum = model.wire_node(format!("{prefix}.sum"), Slice::new(1, 1, 2), &[scores])?;
+    let base = model.add_const(format!("{prefix}.base"), rctensor2(&[[base]]))?;
+    Ok(model.wire_node(
+        format!("{prefix}.plus_base"),
+        tract_core::ops::math::add(),
+        &[sum[0], base],
+    )?[0])
+}
+
 /// Two-class tree ensemble with one base value and a logistic transform, as onnxruntime
 /// computes it. Outputs: the label (one per row) and the probabilities `[N, 2]`.
 #[derive(Debug, Clone)]
@@ -244,16 +391,10 @@ impl Expansion for BinaryTreeClassifier {
         model: &mut TypedModel,
         inputs: &[OutletId],
     ) -> TractResult<TVec<OutletId>> {
-        use tract_core::ops::array::{Slice, TypedConcat};
+        use tract_core::ops::array::TypedConcat;
         use tract_core::ops::nn::{Reduce, Reducer};
         let trees = self.trees.wire(&format!("{prefix}.trees"), model, inputs)?;
-        let sum = model.wire_node(format!("{prefix}.sum"), Slice::new(1, 1, 2), &[trees[1]])?;
-        let base = model.add_const(format!("{prefix}.base"), rctensor2(&[[self.base]]))?;
-        let z = model.wire_node(
-            format!("{prefix}.plus_base"),
-            tract_core::ops::math::add(),
-            &[sum[0], base],
-        )?;
+        let z = [sum_plus_base(prefix, model, trees[1], self.base)?];
         let p = model.wire_node(
             format!("{prefix}.logistic"),
             tract_core::ops::nn::sigmoid(),

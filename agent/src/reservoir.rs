@@ -52,8 +52,10 @@ pub struct SampledModel {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sample {
     pub values: Vec<f32>,
-    pub predicted: Option<usize>,
-    pub label: Option<usize>,
+    /// What the model predicted: a class index, or a regression's value.
+    pub predicted: Option<f64>,
+    /// The ground truth, as a class index or a true value.
+    pub label: Option<f64>,
     pub seen_ms: u64,
 }
 
@@ -96,8 +98,8 @@ struct PendingRow {
     slot: u64,
     request_key: Option<String>,
     seen_ms: u64,
-    predicted: Option<usize>,
-    label: Option<usize>,
+    predicted: Option<f64>,
+    label: Option<f64>,
     values: Vec<u8>,
 }
 
@@ -188,8 +190,8 @@ impl Reservoir {
         features: &[String],
         request_key: Option<&str>,
         values: &[f32],
-        predicted: Option<usize>,
-        label: Option<usize>,
+        predicted: Option<f64>,
+        label: Option<f64>,
         now_ms: u64,
     ) -> Result<(), ReservoirError> {
         if self.budget_bytes == 0 {
@@ -274,8 +276,8 @@ impl Reservoir {
                         row.slot as i64,
                         row.request_key,
                         row.seen_ms as i64,
-                        row.predicted.map(|p| p as i64),
-                        row.label.map(|l| l as i64),
+                        row.predicted,
+                        row.label,
                         row.values
                     ])
                     .map_err(&err)?;
@@ -292,7 +294,7 @@ impl Reservoir {
     }
 
     /// Attaches a ground-truth label to the kept input named `request_key`, if it was kept.
-    pub fn label(&mut self, request_key: &str, label: usize) -> Result<bool, ReservoirError> {
+    pub fn label(&mut self, request_key: &str, label: f64) -> Result<bool, ReservoirError> {
         let mut waiting = false;
         for row in &mut self.pending {
             if row.request_key.as_deref() == Some(request_key) {
@@ -305,7 +307,7 @@ impl Reservoir {
             .conn
             .prepare_cached("UPDATE samples SET label = ?2 WHERE request_key = ?1")
             .map_err(&err)?
-            .execute(params![request_key, label as i64])
+            .execute(params![request_key, label])
             .map_err(&err)?;
         Ok(waiting || changed > 0)
     }
@@ -327,8 +329,8 @@ impl Reservoir {
                         .chunks_exact(4)
                         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                         .collect(),
-                    predicted: r.get::<_, Option<i64>>(1)?.map(|p| p as usize),
-                    label: r.get::<_, Option<i64>>(2)?.map(|l| l as usize),
+                    predicted: r.get(1)?,
+                    label: r.get(2)?,
                     seen_ms: r.get::<_, i64>(3)? as u64,
                 })
             })
@@ -496,13 +498,13 @@ mod tests {
         assert_eq!((empty.model, empty.rows), (None, 0));
         assert_eq!(empty.csv, b"predicted,label\n");
         for i in 0..1000u32 {
-            let label = (i % 2 == 1).then_some(1);
+            let label = (i % 2 == 1).then_some(1.0);
             r.offer(
                 &model(1),
                 &names(),
                 None,
                 &[i as f32, 0.5],
-                Some(0),
+                Some(0.0),
                 label,
                 u64::from(i),
             )
@@ -555,7 +557,7 @@ mod tests {
                 &names(),
                 None,
                 &[i as f32, 0.0],
-                Some(0),
+                Some(0.0),
                 None,
                 u64::from(i),
             )
@@ -625,23 +627,34 @@ mod tests {
             &names(),
             Some("req-a/0"),
             &[1.0, f32::NAN],
-            Some(1),
+            Some(1.0),
             None,
             5,
         )
         .unwrap();
-        r.offer(&model(1), &names(), None, &[2.0, 3.0], Some(0), Some(0), 6)
-            .unwrap();
-        assert!(r.label("req-a/0", 0).unwrap());
+        r.offer(
+            &model(1),
+            &names(),
+            None,
+            &[2.0, 3.0],
+            Some(0.0),
+            Some(0.0),
+            6,
+        )
+        .unwrap();
+        assert!(r.label("req-a/0", 0.0).unwrap());
         assert!(
-            !r.label("req-b/0", 1).unwrap(),
+            !r.label("req-b/0", 1.0).unwrap(),
             "not kept, nothing to label"
         );
         drop(r);
         let mut r = Reservoir::open(&path, 1 << 20).unwrap();
         let (_, samples) = r.samples().unwrap();
         assert_eq!(samples.len(), 2, "the sample survives a restart");
-        assert_eq!((samples[0].predicted, samples[0].label), (Some(1), Some(0)));
+        assert_eq!(
+            (samples[0].predicted, samples[0].label),
+            (Some(1.0), Some(0.0))
+        );
         assert!(samples[0].values[1].is_nan());
         let mut csv = Vec::new();
         write_csv(&mut csv, &["a".into(), "b".into()], &samples).unwrap();
@@ -651,7 +664,7 @@ mod tests {
         );
         assert_eq!(r.status().unwrap().labelled, 2);
         // After a restart the same model's sample goes on where it was.
-        r.offer(&model(1), &names(), None, &[4.0, 5.0], Some(0), None, 8)
+        r.offer(&model(1), &names(), None, &[4.0, 5.0], Some(0.0), None, 8)
             .unwrap();
         let status = r.status().unwrap();
         assert_eq!((status.seen, status.kept), (3, 3));

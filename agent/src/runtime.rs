@@ -11,6 +11,7 @@
 use std::sync::Arc;
 
 use edgeloop_shared::bundle::{DType, Manifest, Preprocess, TensorSpec, VerifiedBundle};
+use edgeloop_shared::drift::Target;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 
@@ -354,11 +355,25 @@ pub fn set_inference_threads(threads: u16) {
     });
 }
 
-/// The class scores for one input row.
+/// What the served output gave for one input row.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Prediction {
+    /// The served output's numbers: a classifier's scores, one per class, or a
+    /// regression's one value.
     pub scores: Vec<f32>,
+    /// The top score's index: a classifier's predicted class (0 for a regression).
     pub class: usize,
+}
+
+impl Prediction {
+    /// What the model predicted: its class, or for a regression its value.
+    pub fn target(&self, regression: bool) -> Target {
+        if regression {
+            Target::Value(f64::from(self.scores[0]))
+        } else {
+            Target::Class(self.class)
+        }
+    }
 }
 
 /// tract's element type for a manifest dtype.
@@ -772,12 +787,16 @@ impl LoadedModel {
         // (the only kind before outputs had kinds) may name it by its node.
         if manifest.outputs.len() > 1 && served.name != plan.output() {
             return Err(RuntimeError::Load(format!(
-                "the manifest serves output `{}` as the class scores, but the graph's are `{}`",
+                "the manifest serves output `{}`, but the graph's served output is `{}`",
                 served.name,
                 plan.output()
             )));
         }
-        let declared_classes = served.shape.last().copied().flatten();
+        let declared_classes = if manifest.is_regression() {
+            Some(1)
+        } else {
+            served.shape.last().copied().flatten()
+        };
         if let Some(classes) = declared_classes
             && classes as usize != plan.classes()
         {
@@ -873,6 +892,11 @@ impl LoadedModel {
 
     pub fn feature_names(&self) -> &[String] {
         &self.feature_names
+    }
+
+    /// Whether the model predicts a value (a regression) rather than a class.
+    pub fn is_regression(&self) -> bool {
+        self.manifest.is_regression()
     }
 
     /// Whether the model's input is a tensor (an image, a sequence): rows are shaped, and

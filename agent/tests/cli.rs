@@ -134,15 +134,23 @@ fn samples_exports_the_kept_inputs_as_csv() {
             &features,
             Some("r/0"),
             &[1.5, 40.0],
-            Some(0),
+            Some(0.0),
             None,
             1,
         )
         .unwrap();
     reservoir
-        .offer(&model, &features, None, &[2.5, 60.0], Some(1), Some(1), 2)
+        .offer(
+            &model,
+            &features,
+            None,
+            &[2.5, 60.0],
+            Some(1.0),
+            Some(1.0),
+            2,
+        )
         .unwrap();
-    reservoir.label("r/0", 1).unwrap();
+    reservoir.label("r/0", 1.0).unwrap();
     drop(reservoir);
 
     let out = dir.path().join("samples.csv");

@@ -165,6 +165,90 @@ fn sklearn_binary_gradient_boosting_matches_onnxruntime() {
     check("gradient_boosting");
 }
 
+/// scikit-learn regressors: a scaled linear regression (`Scaler`, `LinearRegressor`), an
+/// MLP, and tree ensembles (`TreeEnsembleRegressor`, which tract lacks: a forest averaged by
+/// its weights, and gradient boosting with a base value).
+#[test]
+fn sklearn_regressors_match_onnxruntime() {
+    for name in REGRESSORS {
+        check(name);
+    }
+}
+
+const REGRESSORS: [&str; 4] = [
+    "linear_regression",
+    "mlp_regressor",
+    "forest_regressor",
+    "boosting_regressor",
+];
+
+/// The serving runtime's plan gives each regressor's one value per row, onnxruntime's.
+#[test]
+fn sklearn_regressors_are_served_with_one_value_per_row() {
+    use edgeloop_agent::runtime::Plan;
+    let features: Vec<String> = (0..4).map(|i| format!("f{i}")).collect();
+    for name in REGRESSORS {
+        let f = fixture(name);
+        let onnx = std::fs::read(dir().join(f["model"].as_str().unwrap())).unwrap();
+        let plan = Plan::compile(&onnx, 4).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(plan.classes(), 1, "{name}");
+        let input = numbers(&f["inputs"][0]);
+        let want = numbers(&f["outputs"][0]);
+        assert_eq!(want.len(), input.len() / 4, "{name}");
+        for (r, row) in input.chunks(4).enumerate() {
+            let row: Vec<f32> = row.iter().map(|&x| x as f32).collect();
+            let got = plan.infer(&row, &features).unwrap().scores;
+            assert!(
+                (f64::from(got[0]) - want[r]).abs() <= 1e-4 + 1e-4 * want[r].abs(),
+                "{name}: row {r}: {}, onnxruntime {}",
+                got[0],
+                want[r]
+            );
+        }
+    }
+}
+
+/// Tree regressors tract's builder would misread are refused by what they ask for.
+#[test]
+fn tree_regressors_of_unsupported_kinds_are_refused_by_name() {
+    use tract_onnx::pb::ModelProto;
+    let onnx = std::fs::read(dir().join("forest_regressor.onnx")).unwrap();
+    let edited = |attribute: &str, edit: &dyn Fn(&mut tract_onnx::pb::AttributeProto)| {
+        let mut model: ModelProto = prost::Message::decode(onnx.as_slice()).unwrap();
+        let node = model
+            .graph
+            .as_mut()
+            .unwrap()
+            .node
+            .iter_mut()
+            .find(|n| n.op_type == "TreeEnsembleRegressor")
+            .unwrap();
+        match node.attribute.iter_mut().find(|a| a.name == attribute) {
+            Some(a) => edit(a),
+            None => {
+                let mut a = tract_onnx::pb::AttributeProto {
+                    name: attribute.into(),
+                    ..Default::default()
+                };
+                edit(&mut a);
+                node.attribute.push(a);
+            }
+        }
+        prost::Message::encode_to_vec(&model)
+    };
+    let refused = |bytes: Vec<u8>| {
+        edgeloop_agent::runtime::Plan::compile(&bytes, 4)
+            .unwrap_err()
+            .to_string()
+    };
+    let e = refused(edited("aggregate_function", &|a| a.s = b"MAX".to_vec()));
+    assert!(e.contains("aggregate_function MAX"), "{e}");
+    let e = refused(edited("post_transform", &|a| a.s = b"PROBIT".to_vec()));
+    assert!(e.contains("post_transform PROBIT"), "{e}");
+    let e = refused(edited("n_targets", &|a| a.i = 2));
+    assert!(e.contains("2 targets"), "{e}");
+}
+
 /// Every fixture's declared op list matches its model, so that the suite's coverage is
 /// what its names say.
 #[test]
@@ -184,6 +268,10 @@ fn fixtures_cover_the_promised_operators() {
     assert!(ops("lstm").contains(&"LSTM".to_string()));
     assert!(ops("scaler_logreg").contains(&"ai.onnx.ml.Scaler".to_string()));
     assert!(ops("gradient_boosting").contains(&"ai.onnx.ml.TreeEnsembleClassifier".to_string()));
+    assert!(ops("linear_regression").contains(&"ai.onnx.ml.LinearRegressor".to_string()));
+    for name in ["forest_regressor", "boosting_regressor"] {
+        assert!(ops(name).contains(&"ai.onnx.ml.TreeEnsembleRegressor".to_string()));
+    }
 }
 
 /// An operator nobody implements is refused at load, by name.

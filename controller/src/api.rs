@@ -348,9 +348,12 @@ pub struct PublishBody {
     /// Features profiled as categorical.
     #[serde(default)]
     pub categorical: Vec<String>,
-    /// Class labels in output order.
+    /// Class labels in output order; for a regression, at most one: what it predicts.
     #[serde(default)]
     pub labels: Vec<String>,
+    /// The model predicts a value (one output column) rather than class scores.
+    #[serde(default)]
+    pub regression: bool,
     /// Per-feature scaling devices apply before the model: `{"offset": [...], "scale": [...]}`.
     #[serde(default)]
     pub preprocess: Option<edgeloop_shared::bundle::Preprocess>,
@@ -470,6 +473,7 @@ async fn publish(
             reference_csv: &reference,
             label_column: body.label_column.as_deref(),
             categorical: body.categorical,
+            regression: body.regression,
             class_labels: body.labels,
             preprocess: body.preprocess,
             channel_axis: body.channel_axis,

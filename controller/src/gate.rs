@@ -29,7 +29,8 @@ pub enum GateError {
     Policy(String),
 }
 
-/// The figure a classifier is judged by; higher is better for both.
+/// The figure a model is judged by: accuracy or F1 for a classifier (higher is better),
+/// mean absolute or root mean squared error for a regression (lower is better).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Metric {
@@ -38,6 +39,17 @@ pub enum Metric {
     Accuracy,
     /// F1 averaged over the classes that occur as label or prediction (macro F1).
     F1,
+    /// Mean absolute error of a regression's predicted values.
+    Mae,
+    /// Root mean squared error of a regression's predicted values.
+    Rmse,
+}
+
+impl Metric {
+    /// Whether the metric judges a regression (an error: lower is better).
+    pub fn is_regression(self) -> bool {
+        matches!(self, Metric::Mae | Metric::Rmse)
+    }
 }
 
 impl fmt::Display for Metric {
@@ -45,7 +57,25 @@ impl fmt::Display for Metric {
         f.write_str(match self {
             Metric::Accuracy => "accuracy",
             Metric::F1 => "f1",
+            Metric::Mae => "mae",
+            Metric::Rmse => "rmse",
         })
+    }
+}
+
+impl std::str::FromStr for Metric {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "accuracy" => Ok(Metric::Accuracy),
+            "f1" => Ok(Metric::F1),
+            "mae" => Ok(Metric::Mae),
+            "rmse" => Ok(Metric::Rmse),
+            other => Err(format!(
+                "`{other}`: expected accuracy or f1 (classifiers), mae or rmse (regressions)"
+            )),
+        }
     }
 }
 
@@ -87,16 +117,22 @@ impl std::str::FromStr for Segments {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GatePolicy {
-    #[serde(default)]
-    pub metric: Metric,
-    /// How much worse than the current model the candidate may be overall.
+    /// The figure judged; when absent, accuracy for a classifier and mae for a regression
+    /// ([`GatePolicy::for_model`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metric: Option<Metric>,
+    /// How much worse than the current model the candidate may be overall: by this much
+    /// accuracy or F1, or, for an error, by this share of the current model's (0.01: 1 %
+    /// more).
     #[serde(default = "GatePolicy::default_tolerance")]
     pub tolerance: f64,
     /// The lowest share of its overall figure any segment of the candidate may reach (0.8:
-    /// no segment below 80 % of the overall accuracy).
+    /// no segment below 80 % of the overall accuracy); for an error, no segment's error
+    /// above the overall error divided by it.
     #[serde(default = "GatePolicy::default_parity")]
     pub parity: f64,
-    /// The holdout column with the class index of each row.
+    /// The holdout column with the class index of each row (a regression's: its true
+    /// value).
     #[serde(default = "GatePolicy::default_label_column")]
     pub label_column: String,
     #[serde(default)]
@@ -108,7 +144,7 @@ pub struct GatePolicy {
 impl Default for GatePolicy {
     fn default() -> Self {
         GatePolicy {
-            metric: Metric::default(),
+            metric: None,
             tolerance: Self::default_tolerance(),
             parity: Self::default_parity(),
             label_column: Self::default_label_column(),
@@ -130,6 +166,38 @@ impl GatePolicy {
     }
     fn default_min_segment_rows() -> usize {
         DEFAULT_MIN_SEGMENT_ROWS
+    }
+
+    /// The metric judged (accuracy when none is set).
+    pub fn metric(&self) -> Metric {
+        self.metric.unwrap_or_default()
+    }
+
+    /// The policy for a classifier or a regression: its metric set (mae for a regression
+    /// when none is), and refused when it judges the other kind of model.
+    pub fn for_model(mut self, regression: bool) -> Result<Self, GateError> {
+        let metric = self.metric.unwrap_or(if regression {
+            Metric::Mae
+        } else {
+            Metric::Accuracy
+        });
+        if metric.is_regression() != regression {
+            return Err(GateError::Policy(format!(
+                "metric {metric} judges {}; this model is {}",
+                if regression {
+                    "classifiers"
+                } else {
+                    "regressions"
+                },
+                if regression {
+                    "a regression (mae or rmse)"
+                } else {
+                    "a classifier (accuracy or f1)"
+                }
+            )));
+        }
+        self.metric = Some(metric);
+        Ok(self)
     }
 
     pub fn validate(&self) -> Result<(), GateError> {
@@ -154,14 +222,16 @@ impl GatePolicy {
 pub struct Holdout {
     pub features: Vec<String>,
     pub rows: Vec<Vec<f32>>,
-    pub labels: Vec<usize>,
+    /// Each row's class index, or for a regression its true value.
+    pub labels: Vec<f64>,
     /// The segment of each row, when the policy asks for segments.
     pub segments: Option<Vec<String>>,
 }
 
 impl Holdout {
     /// Reads a CSV with a header: the model's `features` (any order, other columns
-    /// allowed), the policy's label column (class indices) and segment column if any.
+    /// allowed), the policy's label column (class indices, or true values when the
+    /// policy's metric judges a regression) and segment column if any.
     pub fn read(path: &Path, features: &[String], policy: &GatePolicy) -> Result<Self, GateError> {
         let shown = path.display().to_string();
         let bad = |message: String| GateError::Holdout {
@@ -214,12 +284,21 @@ impl Holdout {
                     }),
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            let label = field(label_at)
-                .parse::<usize>()
-                .map_err(|_| GateError::Row {
+            let text = field(label_at);
+            let label = if policy.metric().is_regression() {
+                text.parse::<f64>()
+                    .ok()
+                    .filter(|v| v.is_finite())
+                    .ok_or_else(|| GateError::Row {
+                        row,
+                        message: format!("label `{text}` is not a finite number"),
+                    })?
+            } else {
+                text.parse::<usize>().map_err(|_| GateError::Row {
                     row,
-                    message: format!("label `{}` is not a class index (0, 1, …)", field(label_at)),
-                })?;
+                    message: format!("label `{text}` is not a class index (0, 1, …)"),
+                })? as f64
+            };
             holdout.rows.push(values);
             holdout.labels.push(label);
             if let (Some(at), Some(segments)) = (segment_at, holdout.segments.as_mut()) {
@@ -278,6 +357,13 @@ pub fn evaluate(
     metric: Metric,
 ) -> Result<Evaluation, GateError> {
     let plan = Plan::compile(onnx, holdout.features.len())?.with_preprocess(preprocess)?;
+    let regression = metric.is_regression();
+    let classes = plan.classes();
+    if regression && classes != 1 {
+        return Err(GateError::Policy(format!(
+            "metric {metric} judges a regression, but the model gives {classes} scores"
+        )));
+    }
     let mut predicted = Vec::with_capacity(holdout.rows.len());
     for (i, row) in holdout.rows.iter().enumerate() {
         let p = plan
@@ -286,14 +372,13 @@ pub fn evaluate(
                 row: i + 2,
                 message: e.to_string(),
             })?;
-        predicted.push(p.class);
+        predicted.push(p.target(regression).number());
     }
-    let classes = plan.classes();
     if let Some((i, label)) = holdout
         .labels
         .iter()
         .enumerate()
-        .find(|(_, l)| **l >= classes)
+        .find(|(_, l)| !regression && **l >= classes as f64)
     {
         return Err(GateError::Row {
             row: i + 2,
@@ -311,11 +396,11 @@ pub fn evaluate(
 /// Scores predictions against labels, overall and per segment.
 pub fn score(
     metric: Metric,
-    labels: &[usize],
-    predicted: &[usize],
+    labels: &[f64],
+    predicted: &[f64],
     segments: Option<&[String]>,
 ) -> Evaluation {
-    let mut by_segment = BTreeMap::<&str, (Vec<usize>, Vec<usize>)>::new();
+    let mut by_segment = BTreeMap::<&str, (Vec<f64>, Vec<f64>)>::new();
     if let Some(segments) = segments {
         for ((s, l), p) in segments.iter().zip(labels).zip(predicted) {
             let entry = by_segment.entry(s).or_default();
@@ -341,16 +426,25 @@ pub fn score(
     }
 }
 
-fn metric_value(metric: Metric, labels: &[usize], predicted: &[usize]) -> f64 {
+/// The metric of predictions against labels: class indices (as numbers) for accuracy and
+/// F1, values for the errors.
+fn metric_value(metric: Metric, labels: &[f64], predicted: &[f64]) -> f64 {
     if labels.is_empty() {
         return 0.0;
     }
+    let n = labels.len() as f64;
+    let errors = || labels.iter().zip(predicted).map(|(l, p)| p - l);
     match metric {
+        Metric::Mae => errors().map(f64::abs).sum::<f64>() / n,
+        Metric::Rmse => (errors().map(|e| e * e).sum::<f64>() / n).sqrt(),
         Metric::Accuracy => {
             let hits = labels.iter().zip(predicted).filter(|(l, p)| l == p).count();
-            hits as f64 / labels.len() as f64
+            hits as f64 / n
         }
         Metric::F1 => {
+            let labels: Vec<usize> = labels.iter().map(|&l| l as usize).collect();
+            let predicted: Vec<usize> = predicted.iter().map(|&p| p as usize).collect();
+            let (labels, predicted) = (&labels[..], &predicted[..]);
             let classes: std::collections::BTreeSet<usize> =
                 labels.iter().chain(predicted).copied().collect();
             let f1s = classes.iter().map(|&c| {
@@ -387,7 +481,7 @@ pub struct GateReport {
 impl GateReport {
     /// One line: the verdict and the figures behind it.
     pub fn summary(&self) -> String {
-        let metric = self.policy.metric;
+        let metric = self.policy.metric();
         let mut line = format!(
             "{}: {metric} {:.4}",
             if self.passed { "passed" } else { "failed" },
@@ -412,11 +506,16 @@ impl GateReport {
     }
 
     fn worst_segment(&self) -> Option<(&String, &SegmentScore)> {
-        self.candidate
+        let judged = self
+            .candidate
             .segments
             .iter()
-            .filter(|(_, s)| s.rows >= self.policy.min_segment_rows)
-            .min_by(|a, b| a.1.value.total_cmp(&b.1.value))
+            .filter(|(_, s)| s.rows >= self.policy.min_segment_rows);
+        if self.policy.metric().is_regression() {
+            judged.max_by(|a, b| a.1.value.total_cmp(&b.1.value))
+        } else {
+            judged.min_by(|a, b| a.1.value.total_cmp(&b.1.value))
+        }
     }
 }
 
@@ -426,23 +525,46 @@ pub fn judge(
     candidate: Evaluation,
     current: Option<Evaluation>,
 ) -> GateReport {
-    let metric = policy.metric;
+    let metric = policy.metric();
     let mut failures = Vec::new();
-    if let Some(current) = &current
-        && candidate.value < current.value - policy.tolerance
-    {
-        failures.push(format!(
-            "{metric} {:.4} is below the current model's {:.4} less the tolerance {}",
-            candidate.value, current.value, policy.tolerance
-        ));
-    }
-    let floor = policy.parity * candidate.value;
-    for (name, segment) in &candidate.segments {
-        if segment.rows >= policy.min_segment_rows && segment.value < floor {
+    if metric.is_regression() {
+        // An error: lower is better, the tolerance a share of the current model's.
+        if let Some(current) = &current
+            && candidate.value > current.value * (1.0 + policy.tolerance)
+        {
             failures.push(format!(
-                "segment {name}: {metric} {:.4} is below {:.4} ({} of the overall {:.4})",
-                segment.value, floor, policy.parity, candidate.value
+                "{metric} {:.4} is above the current model's {:.4} by more than the \
+                 tolerance {}",
+                candidate.value, current.value, policy.tolerance
             ));
+        }
+        let ceiling = candidate.value / policy.parity.max(f64::MIN_POSITIVE);
+        for (name, segment) in &candidate.segments {
+            if segment.rows >= policy.min_segment_rows && segment.value > ceiling {
+                failures.push(format!(
+                    "segment {name}: {metric} {:.4} is above {:.4} (the overall {:.4} over \
+                     parity {})",
+                    segment.value, ceiling, candidate.value, policy.parity
+                ));
+            }
+        }
+    } else {
+        if let Some(current) = &current
+            && candidate.value < current.value - policy.tolerance
+        {
+            failures.push(format!(
+                "{metric} {:.4} is below the current model's {:.4} less the tolerance {}",
+                candidate.value, current.value, policy.tolerance
+            ));
+        }
+        let floor = policy.parity * candidate.value;
+        for (name, segment) in &candidate.segments {
+            if segment.rows >= policy.min_segment_rows && segment.value < floor {
+                failures.push(format!(
+                    "segment {name}: {metric} {:.4} is below {:.4} ({} of the overall {:.4})",
+                    segment.value, floor, policy.parity, candidate.value
+                ));
+            }
         }
     }
     GateReport {
@@ -479,13 +601,19 @@ mod tests {
 
     #[test]
     fn metrics_count_what_they_say() {
-        let labels = [0, 0, 1, 1, 1, 0];
-        let predicted = [0, 1, 1, 1, 0, 0];
+        let labels = [0.0, 0.0, 1.0, 1.0, 1.0, 0.0];
+        let predicted = [0.0, 1.0, 1.0, 1.0, 0.0, 0.0];
         assert!((metric_value(Metric::Accuracy, &labels, &predicted) - 4.0 / 6.0).abs() < 1e-12);
         // Class 0: tp 2, fp 1, fn 1 → 2/3; class 1 the same.
         assert!((metric_value(Metric::F1, &labels, &predicted) - 2.0 / 3.0).abs() < 1e-12);
         // A class never predicted scores 0 in the macro average.
-        assert!((metric_value(Metric::F1, &[0, 1], &[0, 0]) - (2.0 / 3.0) / 2.0).abs() < 1e-12);
+        assert!(
+            (metric_value(Metric::F1, &[0.0, 1.0], &[0.0, 0.0]) - (2.0 / 3.0) / 2.0).abs() < 1e-12
+        );
+        // Errors of a regression: 1, −1, 2, 0.
+        let (truth, values) = ([1.0, 2.0, 3.0, 4.0], [2.0, 1.0, 5.0, 4.0]);
+        assert_eq!(metric_value(Metric::Mae, &truth, &values), 1.0);
+        assert_eq!(metric_value(Metric::Rmse, &truth, &values), 1.5f64.sqrt());
         let segments = ["a", "a", "b", "b", "b", "a"].map(String::from);
         let e = score(Metric::Accuracy, &labels, &predicted, Some(&segments));
         assert_eq!(e.segments["a"].rows, 3);
@@ -534,6 +662,63 @@ mod tests {
         );
         // Too few rows to judge a segment; no current model to compare with.
         assert!(judge(&policy, eval(0.95, &[("tiny", 0.1, 5)]), None).passed);
+    }
+
+    /// For an error (a regression's), lower is better: the tolerance is a share of the
+    /// current model's error, and no segment's error may exceed the overall over parity.
+    #[test]
+    fn a_regression_is_judged_on_its_error() {
+        let policy = GatePolicy {
+            tolerance: 0.05,
+            parity: 0.8,
+            ..GatePolicy::default()
+        }
+        .for_model(true)
+        .unwrap();
+        assert_eq!(policy.metric, Some(Metric::Mae));
+        let current = eval(2.0, &[]);
+        // 2.09 is within 5 % of 2.0; a segment at 2.5 within 2.09 / 0.8 = 2.6125.
+        let within = judge(
+            &policy,
+            eval(2.09, &[("g1", 2.5, 50)]),
+            Some(current.clone()),
+        );
+        assert!(within.passed, "{}", within.summary());
+        let worse = judge(&policy, eval(2.2, &[]), Some(current.clone()));
+        assert!(
+            !worse.passed && worse.failures[0].contains("above the current model's 2.0000"),
+            "{:?}",
+            worse.failures
+        );
+        let biased = judge(
+            &policy,
+            eval(1.5, &[("g1", 1.0, 50), ("g2", 2.0, 50)]),
+            Some(current),
+        );
+        assert!(!biased.passed);
+        assert!(biased.failures[0].starts_with("segment g2: mae 2.0000 is above 1.8750"));
+        assert!(
+            biased.summary().contains("worst segment g2 2.0000"),
+            "{}",
+            biased.summary()
+        );
+        // A metric of the other kind of model is refused; none set takes the model's.
+        let f1 = GatePolicy {
+            metric: Some(Metric::F1),
+            ..GatePolicy::default()
+        };
+        let e = f1.clone().for_model(true).unwrap_err().to_string();
+        assert!(e.contains("metric f1 judges classifiers"), "{e}");
+        assert_eq!(f1.for_model(false).unwrap().metric(), Metric::F1);
+        let rmse = GatePolicy {
+            metric: Some(Metric::Rmse),
+            ..GatePolicy::default()
+        };
+        assert!(rmse.for_model(false).is_err());
+        let default = GatePolicy::default().for_model(false).unwrap();
+        assert_eq!(default.metric, Some(Metric::Accuracy));
+        assert_eq!("rmse".parse::<Metric>(), Ok(Metric::Rmse));
+        assert!("r2".parse::<Metric>().unwrap_err().contains("mae or rmse"));
     }
 
     #[test]

@@ -401,9 +401,15 @@ enum ModelCommand {
         #[arg(long, value_delimiter = ',')]
         categorical: Vec<String>,
         /// Class labels in output order, comma-separated. Default: the classes the graph
-        /// names (a scikit-learn export carries them), else class_0, class_1, …
+        /// names (a scikit-learn export carries them), else class_0, class_1, … For a
+        /// regression: the name of what it predicts.
         #[arg(long, value_delimiter = ',')]
         labels: Vec<String>,
+        /// The model predicts a value (its output has one column) rather than class
+        /// scores: devices serve the value, watch its distribution for drift and, given
+        /// true values as feedback, report its mean absolute and root mean squared error.
+        #[arg(long)]
+        regression: bool,
         /// Preprocessing devices apply before the model, `x' = (x - offset) * scale` per
         /// feature: the offsets, comma-separated in feature order (a standard scaler's
         /// means). Reference data, holdout and drift stay in the units devices receive.
@@ -490,16 +496,19 @@ enum ModelCommand {
 #[derive(clap::Args)]
 struct GateArgs {
     /// Labelled holdout data (CSV with the model's features and a label column of class
-    /// indices). With it, `publish` signs the model only if it passes the gate.
+    /// indices, or a regression's true values). With it, `publish` signs the model only if
+    /// it passes the gate.
     #[arg(long)]
     holdout: Option<PathBuf>,
     /// The holdout's label column.
     #[arg(long, default_value = "label")]
     holdout_label: String,
-    /// accuracy or f1 (macro).
-    #[arg(long, default_value = "accuracy")]
-    gate_metric: String,
-    /// How much worse than the current model the candidate may be.
+    /// accuracy or f1 (macro) for a classifier, mae or rmse for a regression. Default:
+    /// accuracy, or mae for a regression.
+    #[arg(long)]
+    gate_metric: Option<edgeloop_controller::gate::Metric>,
+    /// How much worse than the current model the candidate may be: by this much accuracy
+    /// or F1, or, for an error, by this share of the current model's.
     #[arg(long, default_value_t = 0.01)]
     gate_tolerance: f64,
     /// The lowest share of its overall figure any segment may reach.
@@ -519,12 +528,7 @@ struct GateArgs {
 
 impl GateArgs {
     fn policy(&self) -> anyhow::Result<edgeloop_controller::gate::GatePolicy> {
-        use edgeloop_controller::gate::{GatePolicy, Metric};
-        let metric = match self.gate_metric.as_str() {
-            "accuracy" => Metric::Accuracy,
-            "f1" => Metric::F1,
-            other => bail!("--gate-metric `{other}`: expected accuracy or f1"),
-        };
+        use edgeloop_controller::gate::GatePolicy;
         let segments = match &self.segment_by {
             Some(s) => Some(
                 s.parse()
@@ -533,7 +537,7 @@ impl GateArgs {
             None => None,
         };
         let policy = GatePolicy {
-            metric,
+            metric: self.gate_metric,
             tolerance: self.gate_tolerance,
             parity: self.parity,
             label_column: self.holdout_label.clone(),
@@ -1055,6 +1059,7 @@ async fn run() -> anyhow::Result<()> {
                     label_column,
                     categorical,
                     labels,
+                    regression,
                     offset,
                     scale,
                     channel_axis,
@@ -1117,6 +1122,7 @@ async fn run() -> anyhow::Result<()> {
                     reference_csv: &reference,
                     label_column: label_column.as_deref(),
                     categorical,
+                    regression,
                     class_labels: labels,
                     preprocess: (!offset.is_empty() || !scale.is_empty())
                         .then_some(edgeloop_shared::bundle::Preprocess { offset, scale }),
@@ -1217,6 +1223,7 @@ async fn run() -> anyhow::Result<()> {
                 &judged.model,
                 judged.manifest.inputs[0].preprocess.as_ref(),
                 &features,
+                judged.manifest.is_regression(),
                 Some(&current),
             )?;
             if output == Output::Json {

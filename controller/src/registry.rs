@@ -46,11 +46,18 @@ pub enum PublishError {
     #[error("the model has {classes} outputs but {labels} class labels were given")]
     Labels { classes: usize, labels: usize },
     #[error(
-        "the model's output `{0}` has one column: edgeloop serves classifiers, one score per \
-         class (export a binary classifier with both probabilities); regression outputs are \
-         not served yet"
+        "the model's output `{0}` has one column: a classifier needs one score per class \
+         (export a binary classifier with both probabilities); publish a model that predicts \
+         a value as a regression (`--regression`)"
     )]
     OneColumn(String),
+    #[error(
+        "a regression predicts one value per input, but the model's output `{output}` has \
+         {columns} columns"
+    )]
+    RegressionWidth { output: String, columns: usize },
+    #[error("a regression predicts one value: {0} names were given for it")]
+    RegressionLabels(usize),
     #[error(
         "a quality gate judges labelled rows of features (a CSV holdout); a model of tensor \
          input is not gated yet"
@@ -103,8 +110,11 @@ pub struct PublishRequest<'a> {
     /// categories) rather than numeric.
     pub categorical: Vec<String>,
     /// Class labels, in output order. When empty: the classes the graph names (a
-    /// scikit-learn export carries them), else `class_0`, `class_1`, ….
+    /// scikit-learn export carries them), else `class_0`, `class_1`, …. For a regression,
+    /// at most one: the name of what it predicts.
     pub class_labels: Vec<String>,
+    /// The model predicts a value (one output column) rather than class scores.
+    pub regression: bool,
     /// Per-feature scaling devices apply before the model (the reference data and the
     /// holdout stay in the units devices receive); per channel for a tensor input.
     pub preprocess: Option<Preprocess>,
@@ -136,6 +146,7 @@ impl<'a> PublishRequest<'a> {
             label_column: None,
             categorical: Vec::new(),
             class_labels: Vec::new(),
+            regression: false,
             preprocess: None,
             channel_axis: None,
             created_ms: edgeloop_agent::now_ms(),
@@ -462,11 +473,26 @@ pub fn run_gate(
     onnx: &[u8],
     preprocess: Option<&Preprocess>,
     features: &[String],
+    regression: bool,
     baseline: Option<&(u64, VerifiedBundle)>,
 ) -> Result<GateReport, GateError> {
     gate.policy.validate()?;
-    let holdout = Holdout::read(gate.holdout, features, &gate.policy)?;
-    let candidate = gate::evaluate(onnx, preprocess, &holdout, gate.policy.metric)?;
+    let policy = gate.policy.clone().for_model(regression)?;
+    if let Some((version, verified)) = baseline
+        && verified.manifest.is_regression() != regression
+    {
+        return Err(GateError::Policy(format!(
+            "v{version} to compare with is {}",
+            if regression {
+                "a classifier, this model a regression"
+            } else {
+                "a regression, this model a classifier"
+            }
+        )));
+    }
+    let metric = policy.metric();
+    let holdout = Holdout::read(gate.holdout, features, &policy)?;
+    let candidate = gate::evaluate(onnx, preprocess, &holdout, metric)?;
     let current = match baseline {
         Some((_, verified)) => {
             let features: Vec<String> = verified
@@ -475,17 +501,17 @@ pub fn run_gate(
                 .feature_names()
                 .map(str::to_string)
                 .collect();
-            let holdout = Holdout::read(gate.holdout, &features, &gate.policy)?;
+            let holdout = Holdout::read(gate.holdout, &features, &policy)?;
             Some(gate::evaluate(
                 &verified.model,
                 verified.manifest.inputs[0].preprocess.as_ref(),
                 &holdout,
-                gate.policy.metric,
+                metric,
             )?)
         }
         None => None,
     };
-    Ok(gate::judge(&gate.policy, candidate, current))
+    Ok(gate::judge(&policy, candidate, current))
 }
 
 /// Refuses target architectures and boards no agent is built for, and boards whose
@@ -528,7 +554,7 @@ fn gated_lineage(lineage: Option<Lineage>, report: &GateReport, baseline: Option
     if lineage.parent_version.is_none() {
         lineage.parent_version = baseline;
     }
-    let metric = report.policy.metric;
+    let metric = report.policy.metric();
     lineage
         .metrics
         .insert(metric.to_string(), report.candidate.value);
@@ -568,9 +594,10 @@ fn build_bundle(
     // Every reference row must run: a model that fails on its own reference data would
     // fail on devices too. The first few, with their outputs, become the golden vectors
     // (as many as fit in GOLDEN_NUMBERS for large tensors). Their predicted classes are the
-    // reference for prediction drift.
+    // reference for prediction drift (their values, for a regression).
     let mut golden = Vec::new();
     let mut predicted = Vec::with_capacity(rows.len());
+    let mut values = Vec::new();
     let names = if input.is_tensor() {
         &[][..]
     } else {
@@ -579,6 +606,9 @@ fn build_bundle(
     for row in rows.iter().filter(|r| r.iter().all(|v| v.is_finite())) {
         let prediction = plan.infer(row, names)?;
         predicted.push(prediction.class);
+        if request.regression {
+            values.extend(prediction.scores.first().map(|v| f64::from(*v)));
+        }
         let scores = prediction.scores;
         if golden.len() < GOLDEN_VECTORS && (golden.len() + 1) * row.len() <= GOLDEN_NUMBERS {
             golden.push(GoldenVector {
@@ -588,10 +618,21 @@ fn build_bundle(
         }
     }
     let classes = plan.classes();
-    if classes < 2 {
+    if request.regression && classes != 1 {
+        return Err(PublishError::RegressionWidth {
+            output: signature.output_name,
+            columns: classes,
+        });
+    }
+    if !request.regression && classes < 2 {
         return Err(PublishError::OneColumn(signature.output_name));
     }
-    let labels = if request.class_labels.is_empty() {
+    let labels = if request.regression {
+        if request.class_labels.len() > 1 {
+            return Err(PublishError::RegressionLabels(request.class_labels.len()));
+        }
+        request.class_labels.clone()
+    } else if request.class_labels.is_empty() {
         // The classes the graph names (scikit-learn's), else `class_0`, `class_1`, ….
         signature
             .class_labels
@@ -612,7 +653,12 @@ fn build_bundle(
         &by_column,
         classes as u64,
     )?;
-    manifest.reference.set_predictions(predicted, classes);
+    if request.regression {
+        manifest.reference.set_predicted_values(&values)?;
+        manifest.outputs[0].kind = Some(OutputKind::Regression);
+    } else {
+        manifest.reference.set_predictions(predicted, classes);
+    }
     for name in &request.categorical {
         let at = columns.iter().position(|c| c == name).ok_or_else(|| {
             PublishError::Profile(edgeloop_shared::drift::DriftError::BadReference {
@@ -634,7 +680,7 @@ fn build_bundle(
     // The graph's other outputs are declared for what they are; a device computes only
     // the scores. A label output is named as such; any other is left out, as it is never
     // served.
-    if signature.outputs.len() > 1 {
+    if signature.outputs.len() > 1 && !request.regression {
         manifest.outputs[0].kind = Some(OutputKind::ClassScores);
         manifest.outputs.extend(
             signature
@@ -674,6 +720,7 @@ fn build_bundle(
             request.onnx,
             request.preprocess.as_ref(),
             &columns,
+            request.regression,
             baseline,
         )?;
         if !report.passed {
@@ -882,6 +929,7 @@ mod tests {
                     reference_csv: &csv,
                     label_column: None,
                     categorical: Vec::new(),
+                    regression: false,
                     class_labels: CLASS_LABELS.iter().map(|s| s.to_string()).collect(),
                     preprocess: None,
                     channel_axis: None,
@@ -1020,6 +1068,120 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, PublishError::OneColumn(_)), "{err}");
         assert!(err.to_string().contains("one column"), "{err}");
+    }
+
+    /// A regression (scikit-learn's, from the agent's compatibility suite) is published
+    /// with its predicted values profiled and gated on its mean absolute error: a better
+    /// one passes against the current version, a worse one fails naming the rule.
+    #[tokio::test]
+    async fn a_regression_is_profiled_by_its_predictions_and_gated_on_its_error() {
+        let r = Registry::new();
+        let compat = Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent/tests/compat");
+        let model = |name: &str| std::fs::read(compat.join(format!("{name}.onnx"))).unwrap();
+        let (forest, linear, boosting) = (
+            model("forest_regressor"),
+            model("linear_regression"),
+            model("boosting_regressor"),
+        );
+        let reference = compat.join("regression_reference.csv");
+        let holdout = compat.join("regression_holdout.csv");
+        fn gated<'a>(
+            version: u64,
+            onnx: &'a [u8],
+            reference: &'a Path,
+            holdout: &'a Path,
+        ) -> PublishRequest<'a> {
+            PublishRequest {
+                regression: true,
+                class_labels: vec!["hours_left".into()],
+                gate: Some(QualityGate {
+                    holdout,
+                    policy: GatePolicy::default(),
+                    against: None,
+                }),
+                ..PublishRequest::new("life", version, onnx, reference)
+            }
+        }
+        let v1 = publish(
+            &r.store,
+            &r.artifacts,
+            &r.key,
+            gated(1, &forest, &reference, &holdout),
+        )
+        .await
+        .unwrap();
+        let lineage = v1.lineage.unwrap();
+        assert!(lineage.metrics["mae"] > 1.0, "{lineage:?}");
+        assert!(
+            lineage.gates["quality"].starts_with("passed: mae"),
+            "{lineage:?}"
+        );
+        let (_, bundle) = open_published(&r.store, &r.artifacts, &r.key, "life", 1)
+            .await
+            .unwrap();
+        let m = &bundle.manifest;
+        assert!(m.is_regression());
+        assert_eq!(m.outputs.len(), 1);
+        assert_eq!(m.outputs[0].names, ["hours_left"]);
+        let predicted = m.reference.predicted_value.as_ref().unwrap();
+        assert_eq!(predicted.count, 300);
+        assert!((30.0..50.0).contains(&predicted.mean), "{predicted:?}");
+        assert!(m.reference.predictions.is_empty());
+        assert!(m.golden.as_ref().unwrap().vectors[0].output.len() == 1);
+
+        // The linear model's error is a tenth of the forest's: it passes against v1.
+        let v2 = publish(
+            &r.store,
+            &r.artifacts,
+            &r.key,
+            gated(2, &linear, &reference, &holdout),
+        )
+        .await
+        .unwrap();
+        let metrics = v2.lineage.unwrap().metrics;
+        assert!(
+            metrics["mae"] < 0.5 && metrics["mae/baseline"] > 1.0,
+            "{metrics:?}"
+        );
+        // Boosted trees against the linear model: ten times its error, refused.
+        let err = publish(
+            &r.store,
+            &r.artifacts,
+            &r.key,
+            gated(3, &boosting, &reference, &holdout),
+        )
+        .await
+        .unwrap_err();
+        let PublishError::GateFailed(report) = &err else {
+            panic!("{err}");
+        };
+        assert!(
+            report.failures[0].contains("above the current model's"),
+            "{:?}",
+            report.failures
+        );
+        // A classifier's metric does not judge a regression; two columns are no regression.
+        let mut f1 = gated(3, &linear, &reference, &holdout);
+        f1.gate.as_mut().unwrap().policy.metric = Some(crate::gate::Metric::F1);
+        let err = publish(&r.store, &r.artifacts, &r.key, f1)
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("metric f1 judges classifiers"),
+            "{err}"
+        );
+        let classifier = crate::trainer::mlp(&[4, 8, 2], &[1, 2]);
+        let two_columns = PublishRequest {
+            gate: None,
+            ..gated(3, &classifier, &reference, &holdout)
+        };
+        let err = publish(&r.store, &r.artifacts, &r.key, two_columns)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, PublishError::RegressionWidth { columns: 2, .. }),
+            "{err}"
+        );
     }
 
     #[tokio::test]
@@ -1210,6 +1372,7 @@ mod tests {
             reference_csv: &path,
             label_column: None,
             categorical: categorical.iter().map(|s| s.to_string()).collect(),
+            regression: false,
             class_labels: Vec::new(),
             preprocess: None,
             channel_axis: None,

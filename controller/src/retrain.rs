@@ -1136,6 +1136,23 @@ impl Retrainer {
         Ok((dir, output))
     }
 
+    /// The version a retraining starts from, opened and verified.
+    async fn retrained(
+        &self,
+        row: &RetrainingRow,
+    ) -> Result<edgeloop_shared::bundle::VerifiedBundle, RetrainingUpdate> {
+        registry::open_published(
+            self.store.as_ref(),
+            &self.artifacts,
+            &self.key,
+            &row.model_name,
+            row.from_version,
+        )
+        .await
+        .map(|(_, bundle)| bundle)
+        .map_err(|e| RetrainingUpdate::status(RetrainingStatus::Failed, e.to_string()))
+    }
+
     /// Fits the built-in model to the policy's dataset and publishes it, gated.
     async fn run_builtin(
         &self,
@@ -1144,6 +1161,14 @@ impl Retrainer {
         options: crate::trainer::TrainOptions,
     ) -> Result<String, RetrainingUpdate> {
         let failed = |m: String| RetrainingUpdate::status(RetrainingStatus::Failed, m);
+        let current = self.retrained(row).await?;
+        if current.manifest.is_regression() {
+            return Err(failed(format!(
+                "{} is a regression; the built-in trainer fits classifiers: retrain it with a \
+                 command or webhook trainer",
+                row.model_name
+            )));
+        }
         let (dir, output) = self.work_dir(row)?;
         let dataset = policy
             .dataset
@@ -1197,15 +1222,7 @@ impl Retrainer {
                 log_path.display()
             )));
         }
-        let (_, current) = registry::open_published(
-            self.store.as_ref(),
-            &self.artifacts,
-            &self.key,
-            &row.model_name,
-            row.from_version,
-        )
-        .await
-        .map_err(|e| failed(e.to_string()))?;
+        let current = self.retrained(row).await?;
         let newest = self
             .store
             .models()
@@ -1232,6 +1249,7 @@ impl Retrainer {
                 reference_csv: &reference,
                 label_column: None,
                 categorical: Vec::new(),
+                regression: current.manifest.is_regression(),
                 class_labels: current.manifest.served_output().names.clone(),
                 // Trainers learn from data in the units devices receive, and their models
                 // take those units: the current model's preprocessing is not carried over.

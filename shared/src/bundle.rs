@@ -327,6 +327,19 @@ pub enum OutputKind {
     /// device does not compute it: the class is the scores' argmax, named by the scores
     /// output's `names`.
     ClassLabels,
+    /// `[batch]` or `[batch, 1]`: one predicted value per input (a regression), served as
+    /// it is. `names` may hold the one name of what it predicts. Prediction drift is
+    /// watched on its distribution against the reference profile's `predicted_value`;
+    /// true values sent as feedback give the mean absolute and root mean squared error.
+    Regression,
+}
+
+impl OutputKind {
+    /// Whether a device serves this output (class scores or a regression value) rather
+    /// than declaring it only.
+    pub fn is_served(kind: Option<OutputKind>) -> bool {
+        kind.is_none_or(|k| k != OutputKind::ClassLabels)
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -549,13 +562,18 @@ impl Manifest {
         })
     }
 
-    /// The output a device serves: the one of class scores (checked to be exactly one when
-    /// the manifest was verified).
+    /// The output a device serves: the one of class scores or the regression value
+    /// (checked to be exactly one when the manifest was verified).
     pub fn served_output(&self) -> &TensorSpec {
         self.outputs
             .iter()
-            .find(|o| o.kind.is_none_or(|k| k == OutputKind::ClassScores))
+            .find(|o| OutputKind::is_served(o.kind))
             .unwrap_or(&self.outputs[0])
+    }
+
+    /// Whether the model predicts a value (a regression) rather than a class.
+    pub fn is_regression(&self) -> bool {
+        self.served_output().kind == Some(OutputKind::Regression)
     }
 
     pub fn model_ref(&self) -> crate::protocol::ModelRef {
@@ -582,19 +600,61 @@ impl Manifest {
         if self.inputs.is_empty() || self.outputs.is_empty() {
             return Err(bad("a model needs at least one input and one output".into()));
         }
-        let scores = self
+        let served = self
             .outputs
             .iter()
-            .filter(|o| o.kind.is_none_or(|k| k == OutputKind::ClassScores))
+            .filter(|o| OutputKind::is_served(o.kind))
             .count();
-        if scores != 1 {
+        if served != 1 {
             return Err(bad(format!(
-                "a model serves exactly one output of class scores; the manifest declares {scores}"
+                "a model serves exactly one output, of class scores or a regression value; \
+                 the manifest declares {served}"
             )));
         }
         self.reference
             .validate()
             .map_err(|e: DriftError| bad(e.to_string()))?;
+        if self.is_regression() {
+            let output = self.served_output();
+            let one_value = match output.shape.as_slice() {
+                [_] => true,
+                [_, width] => *width == Some(1),
+                _ => false,
+            };
+            if !one_value {
+                return Err(bad(format!(
+                    "regression output `{}` must be one value per input, `[batch]` or \
+                     `[batch, 1]`",
+                    output.name
+                )));
+            }
+            if output.names.len() > 1 {
+                return Err(bad(format!(
+                    "regression output `{}` predicts one value, but {} names are given",
+                    output.name,
+                    output.names.len()
+                )));
+            }
+            if self
+                .outputs
+                .iter()
+                .any(|o| o.kind == Some(OutputKind::ClassLabels))
+            {
+                return Err(bad("a regression has no class labels output".into()));
+            }
+            if self.reference.predicted_value.is_none() {
+                return Err(bad(
+                    "a regression's reference profile needs its predicted values \
+                     (`predicted_value`)"
+                        .into(),
+                ));
+            }
+        } else if self.reference.predicted_value.is_some() {
+            return Err(bad(
+                "a classifier's reference profile holds a class histogram, not predicted values"
+                    .into(),
+            ));
+        }
         if self.outputs.iter().any(|o| o.preprocess.is_some()) {
             return Err(bad("only inputs are preprocessed".into()));
         }
@@ -1663,6 +1723,56 @@ pub(crate) mod tests {
         m.outputs.push(m.outputs[0].clone());
         let err = pack(m, b"x", &key).unwrap_err();
         assert!(err.to_string().contains("declares 2"), "{err}");
+    }
+
+    /// A regression serves one value per input and its profile holds the values it
+    /// predicted on the reference (not a class histogram).
+    #[test]
+    fn a_regression_serves_one_value_profiled_by_its_predictions() {
+        let key = SecretKey::from_seed([5; 32]);
+        let trusted = TrustedKeys::new([key.public().clone()]);
+        let regression = || {
+            let mut m = manifest(1);
+            m.outputs[0].kind = Some(OutputKind::Regression);
+            m.outputs[0].shape = vec![None, Some(1)];
+            m.outputs[0].names = vec!["remaining_hours".into()];
+            m.reference
+                .set_predicted_values(&[1.0, 2.0, 3.0, 5.0, 8.0])
+                .unwrap();
+            m
+        };
+        let verified = verify(
+            &pack(regression(), b"x", &key).unwrap(),
+            &trusted,
+            &Limits::default(),
+        )
+        .unwrap();
+        assert!(verified.manifest.is_regression());
+        assert!(!manifest(1).is_regression());
+        let text = serde_json::to_string(&verified.manifest).unwrap();
+        assert!(
+            text.contains(r#""kind":"regression""#) && text.contains(r#""predicted_value""#),
+            "{text}"
+        );
+        let refused = |m: Manifest| pack(m, b"x", &key).unwrap_err().to_string();
+        let mut m = regression();
+        m.outputs[0].shape = vec![None, Some(2)];
+        assert!(refused(m).contains("one value per input"));
+        let mut m = regression();
+        m.outputs[0].shape = vec![None];
+        pack(m, b"x", &key).unwrap();
+        let mut m = regression();
+        m.outputs[0].names.push("other".into());
+        assert!(refused(m).contains("2 names"));
+        let mut m = regression();
+        m.reference.predicted_value = None;
+        assert!(refused(m).contains("needs its predicted values"));
+        let mut m = manifest(1);
+        m.reference.predicted_value = regression().reference.predicted_value;
+        assert!(refused(m).contains("not predicted values"));
+        let mut m = regression();
+        m.reference.predictions = vec![0.5, 0.5];
+        assert!(refused(m).contains("not both"));
     }
 
     /// A tensor input is watched on each channel's mean and deviation, along its channel

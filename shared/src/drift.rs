@@ -35,6 +35,10 @@ pub const PSI_ALERT: f64 = 0.25;
 /// Default number of inner quantile bins per feature.
 pub const DEFAULT_BINS: usize = 10;
 
+/// The name a regression model's predicted value is watched under, as a feature of its own
+/// ([`ReferenceProfile::predicted_value`], [`WindowStats::predicted_value`]).
+pub const PREDICTION_FEATURE: &str = "prediction";
+
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum DriftError {
     #[error("reference data has {columns} columns but {names} feature names")]
@@ -117,6 +121,37 @@ fn score_opt<S: serde::Serializer>(x: &Option<f64>, s: S) -> Result<S::Ok, S::Er
 }
 
 impl FeatureReference {
+    /// The reference of a numeric feature from its reference values: `bins` quantile bins
+    /// and the finer sketch. Non-finite values are ignored; none finite is an error.
+    pub fn numeric(name: &str, column: &[f64], bins: usize) -> Result<Self, DriftError> {
+        if bins == 0 {
+            return Err(DriftError::NoBins(bins));
+        }
+        let mut values: Vec<f64> = column.iter().copied().filter(|v| v.is_finite()).collect();
+        if values.is_empty() {
+            return Err(DriftError::NoFiniteValues {
+                feature: name.to_string(),
+            });
+        }
+        values.sort_by(f64::total_cmp);
+        let (edges, fractions) = binned(&values, bins);
+        let (sketch_edges, sketch_fractions) = binned(&values, SKETCH_BINS.max(bins));
+        let n = values.len() as f64;
+        let mean = values.iter().sum::<f64>() / n;
+        let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+        Ok(FeatureReference {
+            name: name.to_string(),
+            fractions,
+            edges,
+            mean,
+            std: var.sqrt(),
+            sketch_edges,
+            sketch_fractions,
+            count: values.len() as u64,
+            categorical: false,
+        })
+    }
+
     /// Index into `fractions`/counts for `x` (which must not be NaN).
     pub fn bin_of(&self, x: f64) -> usize {
         if self.categorical {
@@ -214,6 +249,11 @@ pub struct ReferenceProfile {
     /// (what prediction drift compares a window's predictions with); empty when unknown.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub predictions: Vec<f64>,
+    /// A regression model's predicted value on the reference rows, binned as a numeric
+    /// feature is (what prediction drift compares a window's predicted values with);
+    /// `None` for a classifier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predicted_value: Option<FeatureReference>,
 }
 
 impl ReferenceProfile {
@@ -253,36 +293,27 @@ impl ReferenceProfile {
         let mut features = Vec::with_capacity(names.len());
         let mut samples = 0;
         for (name, column) in names.iter().zip(columns) {
-            let mut values: Vec<f64> = column.iter().copied().filter(|v| v.is_finite()).collect();
-            if values.is_empty() {
-                return Err(DriftError::NoFiniteValues {
-                    feature: name.clone(),
-                });
-            }
-            values.sort_by(f64::total_cmp);
-            let (edges, fractions) = binned(&values, bins);
-            let (sketch_edges, sketch_fractions) = binned(&values, SKETCH_BINS.max(bins));
-            let n = values.len() as f64;
-            let mean = values.iter().sum::<f64>() / n;
-            let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+            features.push(FeatureReference::numeric(name, column, bins)?);
             samples = samples.max(column.len() as u64);
-            features.push(FeatureReference {
-                name: name.clone(),
-                fractions,
-                edges,
-                mean,
-                std: var.sqrt(),
-                sketch_edges,
-                sketch_fractions,
-                count: values.len() as u64,
-                categorical: false,
-            });
         }
         Ok(ReferenceProfile {
             samples,
             features,
             predictions: Vec::new(),
+            predicted_value: None,
         })
+    }
+
+    /// Records a regression model's predicted value for each reference row as the
+    /// reference for prediction drift (binned as a numeric feature named `prediction`).
+    pub fn set_predicted_values(&mut self, predicted: &[f64]) -> Result<(), DriftError> {
+        self.predicted_value = Some(FeatureReference::numeric(
+            PREDICTION_FEATURE,
+            predicted,
+            DEFAULT_BINS,
+        )?);
+        self.predictions.clear();
+        Ok(())
     }
 
     /// Makes `feature` categorical, its categories the distinct finite values of `column`
@@ -343,7 +374,15 @@ impl ReferenceProfile {
     pub fn validate(&self) -> Result<(), DriftError> {
         self.features
             .iter()
-            .try_for_each(FeatureReference::validate)
+            .chain(&self.predicted_value)
+            .try_for_each(FeatureReference::validate)?;
+        if self.predicted_value.is_some() && !self.predictions.is_empty() {
+            return Err(DriftError::BadReference {
+                feature: PREDICTION_FEATURE.into(),
+                reason: "a profile holds a class histogram or a predicted value, not both".into(),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -569,6 +608,62 @@ pub struct FeatureWindow {
 }
 
 impl FeatureWindow {
+    /// Adds another window of the same feature and bins: counts and moments add up; each
+    /// score becomes the worse of the two until [`WindowStats::rescore`].
+    fn merge(&mut self, other: &FeatureWindow) {
+        let (a, b) = (self, other);
+        add_counts(&mut a.counts, &b.counts);
+        if a.sketch.len() == b.sketch.len() {
+            add_counts(&mut a.sketch, &b.sketch);
+            a.below += b.below;
+            a.above += b.above;
+        } else {
+            // One side predates sketches: the merged sketch would not cover all inputs.
+            a.sketch.clear();
+            (a.below, a.above) = (0.0, 0.0);
+        }
+        a.nan = a.nan.saturating_add(b.nan);
+        a.moments.merge(&b.moments);
+        a.psi = a.psi.max(b.psi);
+        a.js = a.js.max(b.js);
+        a.ks = max_opt(a.ks, b.ks);
+        a.ks_p = min_opt(a.ks_p, b.ks_p);
+        a.chi2_p = min_opt(a.chi2_p, b.chi2_p);
+        a.ks_error = max_opt(a.ks_error, b.ks_error);
+        a.wasserstein = max_opt(a.wasserstein, b.wasserstein);
+        a.drifted |= b.drifted;
+    }
+
+    /// Counts one finite value into the reference's bins, sketch and moments.
+    fn count(&mut self, reference: &FeatureReference, x: f64) {
+        self.counts[reference.bin_of(x)] += 1;
+        if !self.sketch.is_empty() {
+            let edges = &reference.sketch_edges;
+            let bin = bin_index(edges, x);
+            self.sketch[bin] += 1;
+            if bin == 0 {
+                self.below += edges[0] - x;
+            } else if bin == self.sketch.len() - 1 {
+                self.above += x - edges[edges.len() - 1];
+            }
+        }
+        self.moments.push(x);
+    }
+
+    /// An empty window of the feature `reference` describes.
+    fn empty(reference: &FeatureReference) -> Self {
+        FeatureWindow {
+            name: reference.name.clone(),
+            counts: vec![0; reference.bin_count()],
+            sketch: if reference.has_sketch() {
+                vec![0; bin_count(&reference.sketch_edges)]
+            } else {
+                Vec::new()
+            },
+            ..FeatureWindow::default()
+        }
+    }
+
     /// Inputs of this feature outside the reference range (the underflow and overflow
     /// bins).
     pub fn out_of_range(&self) -> u64 {
@@ -680,6 +775,95 @@ pub struct WindowStats {
     /// then closed early).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub confidence_alert: bool,
+    /// A regression model's predicted values, counted and scored as a feature against the
+    /// profile's `predicted_value`; the prediction drift scores above are its PSI and JS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predicted_value: Option<Box<FeatureWindow>>,
+    /// A regression model's errors on the predictions whose true value arrived (the
+    /// mergeable sums), and their mean absolute and root mean squared error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub residuals: Option<Residuals>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "score_opt"
+    )]
+    pub mae: Option<f64>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "score_opt"
+    )]
+    pub rmse: Option<f64>,
+}
+
+/// What a model predicted for one input, or the ground truth that arrived for it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Target {
+    /// A classifier's class index.
+    Class(usize),
+    /// A regression model's value.
+    Value(f64),
+}
+
+impl Target {
+    /// The number it is: the class index, or the value.
+    pub fn number(self) -> f64 {
+        match self {
+            Target::Class(class) => class as f64,
+            Target::Value(value) => value,
+        }
+    }
+}
+
+/// The errors (predicted − true) of labelled regression predictions, as sums that merge by
+/// addition.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Residuals {
+    pub count: u64,
+    /// Σ error: its mean is the model's bias.
+    pub sum: f64,
+    /// Σ |error|.
+    pub sum_abs: f64,
+    /// Σ error².
+    pub sum_sq: f64,
+}
+
+impl Residuals {
+    /// Adds one labelled prediction; a non-finite error is ignored (JSON cannot carry it).
+    pub fn push(&mut self, predicted: f64, truth: f64) {
+        let error = predicted - truth;
+        if !error.is_finite() {
+            return;
+        }
+        self.count += 1;
+        self.sum += error;
+        self.sum_abs += error.abs();
+        self.sum_sq += error * error;
+    }
+
+    pub fn merge(&mut self, other: &Residuals) {
+        self.count = self.count.saturating_add(other.count);
+        self.sum += other.sum;
+        self.sum_abs += other.sum_abs;
+        self.sum_sq += other.sum_sq;
+    }
+
+    /// Mean absolute error; `None` without labels.
+    pub fn mae(&self) -> Option<f64> {
+        (self.count > 0).then(|| self.sum_abs / self.count as f64)
+    }
+
+    /// Root mean squared error; `None` without labels.
+    pub fn rmse(&self) -> Option<f64> {
+        (self.count > 0).then(|| (self.sum_sq / self.count as f64).sqrt())
+    }
+
+    /// Mean error (predicted − true); `None` without labels.
+    pub fn bias(&self) -> Option<f64> {
+        (self.count > 0).then(|| self.sum / self.count as f64)
+    }
 }
 
 /// Why two windows cannot be merged.
@@ -722,28 +906,39 @@ impl WindowStats {
                 )));
             }
         }
-        for (a, b) in self.features.iter_mut().zip(&other.features) {
-            add_counts(&mut a.counts, &b.counts);
-            if a.sketch.len() == b.sketch.len() {
-                add_counts(&mut a.sketch, &b.sketch);
-                a.below += b.below;
-                a.above += b.above;
-            } else {
-                // One side predates sketches: the merged sketch would not cover all inputs.
-                a.sketch.clear();
-                (a.below, a.above) = (0.0, 0.0);
+        match (&self.predicted_value, &other.predicted_value) {
+            (Some(a), Some(b)) if a.counts.len() != b.counts.len() => {
+                return Err(MergeError(format!(
+                    "predicted values in {} bins against {}",
+                    a.counts.len(),
+                    b.counts.len()
+                )));
             }
-            a.nan = a.nan.saturating_add(b.nan);
-            a.moments.merge(&b.moments);
-            a.psi = a.psi.max(b.psi);
-            a.js = a.js.max(b.js);
-            a.ks = max_opt(a.ks, b.ks);
-            a.ks_p = min_opt(a.ks_p, b.ks_p);
-            a.chi2_p = min_opt(a.chi2_p, b.chi2_p);
-            a.ks_error = max_opt(a.ks_error, b.ks_error);
-            a.wasserstein = max_opt(a.wasserstein, b.wasserstein);
-            a.drifted |= b.drifted;
+            (Some(_), None) if other.samples > 0 => {
+                return Err(MergeError(
+                    "a regression's window against a classifier's".into(),
+                ));
+            }
+            (None, Some(_)) if self.samples > 0 => {
+                return Err(MergeError(
+                    "a classifier's window against a regression's".into(),
+                ));
+            }
+            _ => {}
         }
+        for (a, b) in self.features.iter_mut().zip(&other.features) {
+            a.merge(b);
+        }
+        match (&mut self.predicted_value, &other.predicted_value) {
+            (Some(a), Some(b)) => a.merge(b),
+            (a @ None, Some(b)) => *a = Some(b.clone()),
+            _ => {}
+        }
+        if let Some(b) = &other.residuals {
+            self.residuals.get_or_insert_default().merge(b);
+        }
+        self.mae = self.residuals.as_ref().and_then(Residuals::mae);
+        self.rmse = self.residuals.as_ref().and_then(Residuals::rmse);
         add_counts(&mut self.predictions, &other.predictions);
         self.errors = self.errors.saturating_add(other.errors);
         add_counts(&mut self.latency_ms, &other.latency_ms);
@@ -808,8 +1003,39 @@ impl WindowStats {
         };
         self.dataset_drift = n > 0 && self.drift_share >= policy.dataset_share;
         self.score_predictions(&profile.predictions, policy);
+        if let Some(reference) = &profile.predicted_value {
+            let window = self
+                .predicted_value
+                .get_or_insert_with(|| Box::new(FeatureWindow::empty(reference)));
+            if window.counts.len() != reference.fractions.len() {
+                return Err(MergeError(format!(
+                    "predicted values in {} bins against a profile of {}",
+                    window.counts.len(),
+                    reference.fractions.len()
+                )));
+            }
+            self.score_predicted_values(reference, policy);
+        }
         self.accuracy = accuracy(&self.confusion);
+        self.mae = self.residuals.as_ref().and_then(Residuals::mae);
+        self.rmse = self.residuals.as_ref().and_then(Residuals::rmse);
         Ok(())
+    }
+
+    /// Prediction drift of a regression model: its predicted values scored as a feature
+    /// against the reference's, the window's prediction PSI and JS being that feature's.
+    fn score_predicted_values(&mut self, reference: &FeatureReference, policy: &DriftPolicy) {
+        let Some(window) = self.predicted_value.as_mut() else {
+            return;
+        };
+        let reference_count = reference.count.max(1);
+        window.score(reference, reference_count);
+        let observed = window.counts.iter().any(|&c| c > 0);
+        window.drifted = observed && policy.feature_drifted(window, 1);
+        self.prediction_psi = observed.then_some(window.psi);
+        self.prediction_js = observed.then_some(window.js);
+        self.prediction_chi2_p = None;
+        self.prediction_drift = window.drifted;
     }
 
     /// Prediction drift against the reference class histogram.
@@ -841,9 +1067,10 @@ impl WindowStats {
         };
     }
 
-    /// Labelled predictions in the window.
+    /// Labelled predictions in the window (class labels, or true values of a regression).
     pub fn labelled(&self) -> u64 {
-        self.confusion.iter().flatten().sum()
+        let classes: u64 = self.confusion.iter().flatten().sum();
+        classes.saturating_add(self.residuals.map_or(0, |r| r.count))
     }
 
     /// The latency below which `q` of the window's inferences finished, in milliseconds
@@ -907,20 +1134,11 @@ impl DriftWindow {
     fn empty(profile: &ReferenceProfile, start_ms: u64) -> WindowStats {
         WindowStats {
             start_ms,
-            features: profile
-                .features
-                .iter()
-                .map(|f| FeatureWindow {
-                    name: f.name.clone(),
-                    counts: vec![0; f.bin_count()],
-                    sketch: if f.has_sketch() {
-                        vec![0; bin_count(&f.sketch_edges)]
-                    } else {
-                        Vec::new()
-                    },
-                    ..FeatureWindow::default()
-                })
-                .collect(),
+            features: profile.features.iter().map(FeatureWindow::empty).collect(),
+            predicted_value: profile
+                .predicted_value
+                .as_ref()
+                .map(|p| Box::new(FeatureWindow::empty(p))),
             ..WindowStats::default()
         }
     }
@@ -959,19 +1177,7 @@ impl DriftWindow {
                 f.nan += 1;
                 continue;
             }
-            let x = f64::from(x);
-            f.counts[reference.bin_of(x)] += 1;
-            if !f.sketch.is_empty() {
-                let edges = &reference.sketch_edges;
-                let bin = bin_index(edges, x);
-                f.sketch[bin] += 1;
-                if bin == 0 {
-                    f.below += edges[0] - x;
-                } else if bin == f.sketch.len() - 1 {
-                    f.above += x - edges[edges.len() - 1];
-                }
-            }
-            f.moments.push(x);
+            f.count(reference, f64::from(x));
         }
         if let Some(class) = predicted_class {
             let predictions = &mut self.current.predictions;
@@ -996,6 +1202,29 @@ impl DriftWindow {
             latency.resize(LATENCY_BOUNDS_MS.len() + 1, 0);
         }
         latency[stats::latency_bucket(ms)] += 1;
+    }
+
+    /// Counts a regression model's predicted value for the input last observed (a model
+    /// without a reference of predicted values, a classifier, ignores it).
+    pub fn observe_value(&mut self, value: f64) {
+        if let (Some(reference), Some(window)) = (
+            self.profile.predicted_value.as_ref(),
+            self.current.predicted_value.as_mut(),
+        ) {
+            if value.is_nan() {
+                window.nan += 1;
+            } else {
+                window.count(reference, value);
+            }
+        }
+    }
+
+    /// Counts the true value that arrived for a regression model's prediction.
+    pub fn observe_residual(&mut self, predicted: f64, truth: f64) {
+        self.current
+            .residuals
+            .get_or_insert_default()
+            .push(predicted, truth);
     }
 
     /// Counts a ground-truth label for a prediction.

@@ -153,3 +153,135 @@ fn a_fall_in_confidence_raises_the_alert_in_its_window() {
         "the next window starts clear"
     );
 }
+
+/// A regression's profile: one feature, and the values the model predicts on the
+/// reference.
+fn regression_profile() -> ReferenceProfile {
+    let a: Vec<f64> = (0..400).map(|i| ((i * 13) % 400) as f64 / 40.0).collect();
+    let predicted: Vec<f64> = a.iter().map(|x| 2.0 * x + 1.0).collect();
+    let mut profile = ReferenceProfile::from_columns(&["a".into()], &[a], 10).unwrap();
+    profile.set_predicted_values(&predicted).unwrap();
+    profile
+}
+
+/// One input of a regression: a feature value, the predicted value (sometimes beyond the
+/// reference's), and the true value when feedback gave it.
+fn regression_input() -> impl Strategy<Value = (f32, f64, Option<f64>)> {
+    (
+        -2.0f32..12.0,
+        prop_oneof![8 => -5.0f64..30.0, 1 => Just(f64::NAN)],
+        proptest::option::of(-5.0f64..30.0),
+    )
+}
+
+fn regression_window(policy: DriftPolicy, inputs: &[(f32, f64, Option<f64>)]) -> WindowStats {
+    let mut window = DriftWindow::with_policy(regression_profile(), policy, 1_000);
+    for (x, predicted, truth) in inputs {
+        window.observe(&[*x], None).unwrap();
+        window.observe_value(*predicted);
+        if let Some(truth) = truth {
+            window.observe_residual(*predicted, *truth);
+        }
+    }
+    window.finish(2_000)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// The same for a regression: its predicted values' bins, sketch and scores, and the
+    /// errors on its true values.
+    #[test]
+    fn merged_regression_summaries_equal_the_summary_of_the_union(
+        inputs in proptest::collection::vec(regression_input(), 0..120),
+        split in any::<proptest::sample::Index>(),
+        method in prop_oneof![
+            Just(DriftMethod::Psi), Just(DriftMethod::Js),
+            Just(DriftMethod::Wasserstein), Just(DriftMethod::Ks),
+        ],
+    ) {
+        let policy = DriftPolicy { method, ..DriftPolicy::default() };
+        let cut = if inputs.is_empty() { 0 } else { split.index(inputs.len() + 1) };
+        let whole = regression_window(policy, &inputs);
+        let mut merged = regression_window(policy, &inputs[..cut]);
+        merged.merge(&regression_window(policy, &inputs[cut..])).unwrap();
+        merged.rescore(&regression_profile(), &policy).unwrap();
+
+        let (m, w) = (merged.predicted_value.as_ref().unwrap(), whole.predicted_value.as_ref().unwrap());
+        prop_assert_eq!(&m.counts, &w.counts);
+        prop_assert_eq!(&m.sketch, &w.sketch);
+        prop_assert_eq!(m.nan, w.nan);
+        prop_assert!(close(m.moments.mean, w.moments.mean));
+        prop_assert!(close(m.psi, w.psi) && close(m.js, w.js));
+        prop_assert!(close_opt(m.ks_p, w.ks_p) && close_opt(m.wasserstein, w.wasserstein));
+        prop_assert!(close_opt(merged.prediction_psi, whole.prediction_psi));
+        prop_assert!(close_opt(merged.prediction_js, whole.prediction_js));
+        prop_assert_eq!(merged.prediction_drift, whole.prediction_drift);
+        prop_assert_eq!(merged.residuals.map(|r| r.count), whole.residuals.map(|r| r.count));
+        prop_assert!(close_opt(merged.mae, whole.mae) && close_opt(merged.rmse, whole.rmse));
+        prop_assert_eq!(merged.labelled(), whole.labelled());
+        prop_assert!(merged.predictions.is_empty() && merged.confusion.is_empty());
+    }
+}
+
+#[test]
+fn a_regression_window_scores_its_values_and_errors() {
+    let profile = regression_profile();
+    let policy = DriftPolicy::default();
+    // Predictions as the reference made them, two of them labelled: errors 0.5 and −1.5.
+    let mut window = DriftWindow::with_policy(profile.clone(), policy, 0);
+    for i in 0..400 {
+        let x = ((i * 13) % 400) as f64 / 40.0;
+        window.observe(&[x as f32], None).unwrap();
+        window.observe_value(2.0 * x + 1.0);
+    }
+    window.observe_residual(3.5, 3.0);
+    window.observe_residual(1.5, 3.0);
+    let stats = window.finish(10);
+    assert_eq!(stats.labelled(), 2);
+    assert_eq!(stats.mae, Some(1.0));
+    assert!((stats.rmse.unwrap() - (1.25f64).sqrt()).abs() < 1e-12);
+    assert_eq!(stats.residuals.unwrap().bias(), Some(-0.5));
+    assert_eq!(stats.accuracy, None);
+    assert!(stats.prediction_psi.unwrap() < 0.01, "{stats:?}");
+    assert!(!stats.prediction_drift);
+
+    // Predictions shifted by a reference deviation: prediction drift, by every method.
+    for method in [
+        DriftMethod::Psi,
+        DriftMethod::Js,
+        DriftMethod::Wasserstein,
+        DriftMethod::Ks,
+    ] {
+        let policy = DriftPolicy {
+            method,
+            ..DriftPolicy::default()
+        };
+        let mut window = DriftWindow::with_policy(profile.clone(), policy, 0);
+        for i in 0..400 {
+            let x = ((i * 13) % 400) as f64 / 40.0;
+            window.observe(&[x as f32], None).unwrap();
+            window.observe_value(2.0 * x + 1.0 + 6.0);
+        }
+        let stats = window.finish(10);
+        assert!(stats.prediction_drift, "{method:?}: {stats:?}");
+        assert!(stats.prediction_psi.unwrap() > 0.25);
+        assert!(stats.features[0].psi < 0.01, "the inputs did not move");
+    }
+
+    // A summary of a regression does not merge with a classifier's of the same features.
+    let mut classifier_profile = regression_profile();
+    classifier_profile.predicted_value = None;
+    classifier_profile.set_predictions([0, 1], 2);
+    let mut classifier = DriftWindow::new(classifier_profile, 0);
+    classifier.observe(&[1.0], Some(0)).unwrap();
+    let classifier = classifier.finish(10);
+    let regression = regression_window(DriftPolicy::default(), &[(1.0, 3.0, None)]);
+    let e = regression
+        .clone()
+        .merge(&classifier)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("classifier"), "{e}");
+    assert!(classifier.clone().merge(&regression).is_err());
+}

@@ -709,3 +709,208 @@ async fn an_image_classifier_is_served_with_tensors_normalised_by_channel() {
     agent.stop().await;
     ctl.stop().await;
 }
+
+/// Rows like the compatibility regressors' training data: four features, each about
+/// N(5, 3²), from a fixed seed; `shift` moves every feature by that much.
+fn regression_rows(n: usize, seed: u64, shift: f32) -> Vec<[f32; 4]> {
+    let mut state = seed | 1;
+    let mut uniform = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        ((state >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    };
+    (0..n)
+        .map(|_| {
+            std::array::from_fn(|_| {
+                // Box–Muller
+                let z = (-2.0 * uniform().ln()).sqrt() * (std::f64::consts::TAU * uniform()).cos();
+                (5.0 + 3.0 * z) as f32 + shift
+            })
+        })
+        .collect()
+}
+
+/// A model that predicts a value (scikit-learn's GradientBoostingRegressor, a
+/// `TreeEnsembleRegressor` with a base value) is published as a regression: the API answers
+/// each row with its value, true values sent as feedback give the window's mean absolute
+/// and root mean squared error, the predicted values are watched for drift against those
+/// of the reference data, and the controller merges all of it by the hour.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_regression_is_served_scored_on_true_values_and_watched_for_prediction_drift() {
+    const WINDOW: u64 = 30;
+    let onnx = std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../agent/tests/compat/boosting_regressor.onnx"),
+    )
+    .unwrap();
+    let ctl = TestController::start(BrokerChoice::Embedded).await.unwrap();
+    let mut config = ctl.agent_config("regression-1", WINDOW);
+    let port = free_port();
+    config.api.listen = format!("127.0.0.1:{port}");
+    config.api.feedback_memory = 100;
+    config.source.kind = SourceKind::Api;
+    let agent = ctl.spawn_agent_with(config);
+    ctl.wait_for_model("regression-1", None).await;
+    let mut csv = String::from("load,speed,vibration,temperature\n");
+    for row in regression_rows(400, 7, 0.0) {
+        let row: Vec<String> = row.iter().map(f32::to_string).collect();
+        csv.push_str(&format!("{}\n", row.join(",")));
+    }
+    let reference = ctl.dir.path().join("regression.csv");
+    std::fs::write(&reference, &csv).unwrap();
+
+    // Without `regression`, one output column is refused with the way out.
+    let request = || edgeloop_controller::registry::PublishRequest {
+        regression: true,
+        class_labels: vec!["hours_left".into()],
+        ..edgeloop_controller::registry::PublishRequest::new("life", 1, &onnx, &reference)
+    };
+    let refused = ctl
+        .controller
+        .publish(edgeloop_controller::registry::PublishRequest {
+            regression: false,
+            ..request()
+        })
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("--regression"), "{refused}");
+    ctl.controller.publish(request()).await.unwrap();
+    ctl.controller.rollout("life", 1, None).await.unwrap();
+    ctl.wait_for_model("regression-1", Some(1)).await;
+
+    let base = format!("http://127.0.0.1:{port}");
+    let (infer, feedback) = (format!("{base}/v1/infer"), format!("{base}/v1/feedback"));
+    let http = reqwest::Client::new();
+    let model = get_json(&http, &format!("{base}/v1/model")).await;
+    assert_eq!(model["outputs"][0]["kind"], "regression", "{model}");
+    assert_eq!(
+        model["outputs"][0]["names"],
+        json!(["hours_left"]),
+        "{model}"
+    );
+
+    // A window but one of inputs like the reference's, answered as the bare plan answers
+    // them.
+    let plan = edgeloop_agent::runtime::Plan::compile(&onnx, 4).unwrap();
+    let features: Vec<String> = (0..4).map(|i| format!("f{i}")).collect();
+    let rows = regression_rows(WINDOW as usize, 99, 0.0);
+    let (last, rows) = rows.split_last().unwrap();
+    let (status, answer) = post(&http, &infer, json!({ "rows": rows })).await;
+    assert_eq!(status, 200, "{answer}");
+    let outputs = answer["outputs"].as_array().unwrap();
+    assert_eq!(outputs.len(), rows.len());
+    let mut values = Vec::new();
+    for (row, output) in rows.iter().zip(outputs) {
+        assert!(output.get("class").is_none(), "{output}");
+        let value = output["value"].as_f64().unwrap();
+        let want = plan.infer(row, &features).unwrap().scores[0];
+        assert!((value - f64::from(want)).abs() < 1e-4, "{value} vs {want}");
+        values.push(value);
+    }
+    // True values for the first 12 rows, each 2 above the prediction (an error of −2);
+    // bad feedback refused, uncounted.
+    let id = answer["request_id"].as_str().unwrap().to_string();
+    for (row, value) in values.iter().enumerate().take(12) {
+        let body = json!({"request_id": id, "row": row, "label": value + 2.0});
+        let (status, answer) = post(&http, &feedback, body).await;
+        assert_eq!(status, 200, "{answer}");
+        assert!(
+            (answer["error"].as_f64().unwrap() + 2.0).abs() < 1e-4,
+            "{answer}"
+        );
+    }
+    for (label, needle) in [(json!("fault"), "true value"), (json!(null), "true value")] {
+        let body = json!({"request_id": id, "row": 20, "label": label});
+        let (status, answer) = post(&http, &feedback, body).await;
+        assert_eq!(status, 400, "{answer}");
+        let message = answer["error"].as_str().unwrap();
+        assert!(message.contains(needle), "{message}");
+    }
+    // The last input closes the window.
+    let (status, _) = post(&http, &infer, json!({ "rows": [last] })).await;
+    assert_eq!(status, 200);
+    let first = full_window(&ctl, "regression-1", WINDOW).await;
+    let stats = &first["stats"];
+    assert!(
+        (stats["mae"].as_f64().unwrap() - 2.0).abs() < 1e-4,
+        "{stats}"
+    );
+    assert!(
+        (stats["rmse"].as_f64().unwrap() - 2.0).abs() < 1e-4,
+        "{stats}"
+    );
+    assert_eq!(stats["residuals"]["count"], 12, "{stats}");
+    assert!(stats.get("accuracy").is_none() && stats.get("confusion").is_none());
+    let predicted = &stats["predicted_value"];
+    assert_eq!(predicted["name"], "prediction");
+    let counted: u64 = predicted["counts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_u64().unwrap())
+        .sum();
+    assert_eq!(counted, WINDOW, "{predicted}");
+    let calm_psi = stats["prediction_psi"].as_f64().unwrap();
+
+    // A second window of inputs shifted by three deviations: the predicted values
+    // move beyond the reference's, and prediction drift says so.
+    let shifted = regression_rows(WINDOW as usize, 5, 9.0);
+    let (status, _) = post(&http, &infer, json!({ "rows": shifted })).await;
+    assert_eq!(status, 200);
+    let drifted = wait_until_some(Duration::from_secs(20), || async {
+        let rows = ctl
+            .controller
+            .store
+            .telemetry("regression-1", 10)
+            .await
+            .unwrap();
+        (rows.len() >= 2).then(|| rows[0].summary.clone())
+    })
+    .await;
+    let stats = &drifted["stats"];
+    assert_eq!(stats["prediction_drift"], true, "{stats}");
+    assert!(
+        stats["prediction_psi"].as_f64().unwrap() > calm_psi.max(0.25),
+        "{stats}"
+    );
+    assert!(
+        stats.get("mae").is_none(),
+        "no true values in this window: {stats}"
+    );
+
+    // The controller's hour holds both windows: 60 predicted values, the 12 errors.
+    let hour = wait_until_some(Duration::from_secs(20), || async {
+        let rows = ctl
+            .controller
+            .store
+            .hourly("regression-1", 10)
+            .await
+            .unwrap();
+        rows.into_iter().find(|r| r.windows == 2)
+    })
+    .await;
+    let merged: edgeloop_shared::drift::WindowStats = serde_json::from_value(hour.stats).unwrap();
+    let values = merged.predicted_value.as_ref().unwrap();
+    assert_eq!(values.counts.iter().sum::<u64>(), 2 * WINDOW);
+    assert_eq!(merged.residuals.map(|r| r.count), Some(12));
+    assert!((merged.mae.unwrap() - 2.0).abs() < 1e-4, "{merged:?}");
+
+    // The sample kept for retraining has the predicted values and the true ones.
+    let path = agent.config.state_dir.join(edgeloop_agent::reservoir::FILE);
+    let samples = wait_until_some(Duration::from_secs(10), || async {
+        let mut reservoir = edgeloop_agent::reservoir::Reservoir::open(&path, 1 << 20).ok()?;
+        let status = reservoir.status().ok()?;
+        (status.labelled == 12).then(|| reservoir.samples().unwrap().1)
+    })
+    .await;
+    let labelled: Vec<_> = samples.iter().filter(|s| s.label.is_some()).collect();
+    assert_eq!(labelled.len(), 12);
+    for s in labelled {
+        let error = s.predicted.unwrap() - s.label.unwrap();
+        assert!((error + 2.0).abs() < 1e-4, "{s:?}");
+    }
+    agent.stop().await;
+    ctl.stop().await;
+}

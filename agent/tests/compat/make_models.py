@@ -22,6 +22,16 @@ Models:
                                                               label i64 and
                                                               probabilities f32
 
+Regression models (scikit-learn, skl2onnx; input features f32 [N,4], output
+variable f32 [N,1]):
+  linear_regression  StandardScaler + LinearRegression (ai.onnx.ml Scaler, LinearRegressor)
+  mlp_regressor      MLPRegressor(16 hidden)
+  forest_regressor   RandomForestRegressor(10 trees, d=4) (ai.onnx.ml TreeEnsembleRegressor)
+  boosting_regressor GradientBoostingRegressor(20 trees, d=3) (TreeEnsembleRegressor with a
+                     base value)
+  with regression_reference.csv (their 300 training rows, without the target) and
+  regression_holdout.csv (100 more rows with the true value as `label`)
+
 Also unsupported_op.onnx: the example vibration model with one Relu renamed to
 `Frobnicate`, which the agent and the controller must refuse by the operator's name.
 
@@ -224,8 +234,6 @@ def make_rnn(kind):
 
 
 def make_sklearn():
-    from skl2onnx import convert_sklearn
-    from skl2onnx.common.data_types import FloatTensorType
     from sklearn.datasets import make_classification
     from sklearn.ensemble import GradientBoostingClassifier, RandomForestClassifier
     from sklearn.linear_model import LogisticRegression
@@ -253,23 +261,73 @@ def make_sklearn():
     sample = np.random.default_rng(303)
     for name, (est, X, y) in models.items():
         est.fit(X, y)
-        model = convert_sklearn(
-            est,
-            initial_types=[("features", FloatTensorType([None, N_FEATURES]))],
-            options={id(est): {"zipmap": False}},
-            target_opset={"": OPSET, "ai.onnx.ml": ML_OPSET},
-        )
-        model.ir_version = IR_VERSION
-        model.graph.name = name  # skl2onnx uses a random uuid; pin it
-        # skl2onnx may list the default domain twice; keep one entry each
-        seen = {}
-        for op in model.opset_import:
-            seen[op.domain] = max(seen.get(op.domain, 0), op.version)
-        del model.opset_import[:]
-        model.opset_import.extend(helper.make_opsetid(d, v) for d, v in sorted(seen.items()))
+        model = convert(est, name)
         rows = sample.integers(0, len(X), 4)
         x = (X[rows] + sample.normal(0.0, 0.5, (4, N_FEATURES))).astype(np.float32)
         save(name, model, {"features": x})
+
+
+def convert(est, name):
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import FloatTensorType
+
+    model = convert_sklearn(
+        est,
+        initial_types=[("features", FloatTensorType([None, N_FEATURES]))],
+        options={id(est): {"zipmap": False}} if hasattr(est, "predict_proba") else None,
+        target_opset={"": OPSET, "ai.onnx.ml": ML_OPSET},
+    )
+    model.ir_version = IR_VERSION
+    model.graph.name = name  # skl2onnx uses a random uuid; pin it
+    # skl2onnx may list the default domain twice; keep one entry each
+    seen = {}
+    for op in model.opset_import:
+        seen[op.domain] = max(seen.get(op.domain, 0), op.version)
+    del model.opset_import[:]
+    model.opset_import.extend(helper.make_opsetid(d, v) for d, v in sorted(seen.items()))
+    return model
+
+
+def make_regressors():
+    from sklearn.datasets import make_regression
+    from sklearn.ensemble import GradientBoostingRegressor, RandomForestRegressor
+    from sklearn.linear_model import LinearRegression
+    from sklearn.neural_network import MLPRegressor
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    X, y = make_regression(n_samples=400, n_features=N_FEATURES, n_informative=3,
+                           noise=5.0, random_state=7)
+    X = (X * 3.0 + 5.0).astype(np.float32)
+    y = (y / 10.0 + 40.0).astype(np.float32)  # hours of life left, say
+    # Fit on the first 300 rows; the last 100 are a labelled holdout for the quality gate.
+    # The training rows without their target are the reference data a publish profiles.
+    X, y, X_holdout, y_holdout = X[:300], y[:300], X[300:], y[300:]
+    header = "f0,f1,f2,f3"
+    np.savetxt(os.path.join(HERE, "regression_reference.csv"), X, delimiter=",",
+               header=header, comments="", fmt="%.6g")
+    np.savetxt(os.path.join(HERE, "regression_holdout.csv"),
+               np.column_stack([X_holdout, y_holdout]), delimiter=",",
+               header=header + ",label", comments="", fmt="%.6g")
+    models = {
+        "linear_regression": Pipeline([("scaler", StandardScaler()),
+                                       ("linear", LinearRegression())]),
+        "mlp_regressor": Pipeline([("scaler", StandardScaler()),
+                                   ("mlp", MLPRegressor(hidden_layer_sizes=(16,), max_iter=3000,
+                                                        random_state=0))]),
+        "forest_regressor": RandomForestRegressor(n_estimators=10, max_depth=4, random_state=0),
+        "boosting_regressor": GradientBoostingRegressor(n_estimators=20, max_depth=3,
+                                                        random_state=0),
+    }
+    sample = np.random.default_rng(404)
+    for name, est in models.items():
+        est.fit(X, y)
+        model = convert(est, name)
+        rows = sample.integers(0, len(X), 6)
+        x = (X[rows] + sample.normal(0.0, 0.5, (6, N_FEATURES))).astype(np.float32)
+        save(name, model, {"features": x})
+        mae = float(np.mean(np.abs(est.predict(X_holdout) - y_holdout)))
+        print(f"{'':18s} holdout mae {mae:.4f}")
 
 
 def make_unsupported():
@@ -289,3 +347,4 @@ if __name__ == "__main__":
     make_rnn("GRU")
     make_rnn("LSTM")
     make_sklearn()
+    make_regressors()
