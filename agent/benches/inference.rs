@@ -161,6 +161,7 @@ fn tensor_inference() {
             offset: vec![0.5; 3],
             scale: vec![2.0; 3],
         }),
+        layout: None,
         channel_axis: Some(1),
     };
     let plan = Plan::compile_tensor(CNN, &spec).expect("edgeloop loads the CNN");

@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use edgeloop_shared::bundle::{DType, Manifest, Preprocess, TensorSpec, VerifiedBundle};
+use edgeloop_shared::bundle::{DType, Manifest, Preprocess, RowLayout, TensorSpec, VerifiedBundle};
 use edgeloop_shared::drift::Target;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
@@ -402,6 +402,11 @@ pub struct Plan {
     features: usize,
     /// The input's shape: a batch of one, then a row's.
     shape: Vec<usize>,
+    /// A row's shape as callers send it: the model's, or channels last.
+    row: Vec<usize>,
+    /// `(channels, positions)` when rows come channels last and are transposed for a
+    /// model whose channels come first.
+    channels_last: Option<(usize, usize)>,
     /// Consecutive numbers of one channel, for preprocessing by channel (1 for a row of
     /// features).
     inner: usize,
@@ -445,16 +450,45 @@ impl Plan {
             .collect::<Option<_>>()
             .ok_or_else(unsupported)?;
         let (channels, inner) = input.channel_layout().ok_or_else(unsupported)?;
+        // Rows sent channels last are transposed first: scaling by channel then sees the
+        // model's layout, channels first.
+        let channels_last = input.layout == Some(RowLayout::ChannelsLast);
+        let inner = if channels_last {
+            row[1..].iter().product()
+        } else {
+            inner
+        };
         let Some(p) = &input.preprocess else {
-            return Plan::compile_with(onnx, &row, None);
+            return Ok(Plan::compile_with(onnx, &row, None)?.with_channels_last(channels_last));
         };
         p.validate(channels).map_err(RuntimeError::Load)?;
         let axis = input.channel_axis.unwrap_or(1) as usize;
-        let plan = Plan::compile_with(onnx, &row, Some((p, axis)))?;
+        let plan =
+            Plan::compile_with(onnx, &row, Some((p, axis)))?.with_channels_last(channels_last);
         if plan.folded.is_some() {
             Ok(plan)
         } else {
             plan.with_channel_preprocess(Some(p), channels, inner)
+        }
+    }
+
+    /// The plan that takes rows channels last (`[H, W, C]`) and transposes them for its
+    /// model, whose channels come first (`[C, H, W]`); `false` leaves it as it is.
+    fn with_channels_last(mut self, channels_last: bool) -> Self {
+        if channels_last && self.row.len() >= 2 {
+            let channels = self.row[0];
+            self.channels_last = Some((channels, self.features / channels.max(1)));
+            self.row.rotate_left(1);
+        }
+        self
+    }
+
+    /// Where the `i`th number of the row the model sees came from in the row the caller
+    /// sent (they differ for rows sent channels last).
+    fn caller_index(&self, i: usize) -> usize {
+        match self.channels_last {
+            Some((channels, positions)) => (i % positions.max(1)) * channels + i / positions.max(1),
+            None => i,
         }
     }
 
@@ -487,6 +521,8 @@ impl Plan {
             runnable,
             features,
             shape: std::iter::once(1).chain(row.iter().copied()).collect(),
+            row: row.to_vec(),
+            channels_last: None,
             inner: 1,
             classes: 0,
             dtype: signature.input_dtype,
@@ -562,9 +598,9 @@ impl Plan {
         format!("[{}]", index.join(", "))
     }
 
-    /// A row's shape, without the batch.
+    /// A row's shape as callers send it, without the batch.
     pub fn row_shape(&self) -> &[usize] {
-        &self.shape[1..]
+        &self.row
     }
 
     pub fn features(&self) -> usize {
@@ -620,6 +656,7 @@ impl Plan {
                 got: row.len(),
             });
         }
+        // Named by where they are in the caller's row.
         let feature = |i: usize| {
             feature_names
                 .get(i)
@@ -638,6 +675,16 @@ impl Plan {
                 value,
             });
         }
+        let transposed: Vec<f32>;
+        let row = match self.channels_last {
+            None => row,
+            Some((channels, positions)) => {
+                transposed = channels_first(row, channels, positions);
+                &transposed[..]
+            }
+        };
+        // From here on, indices are the model's: named by the caller's.
+        let feature = |i: usize| feature(self.caller_index(i));
         let scaled: Vec<f32>;
         let row = match &self.preprocess {
             None => row,
@@ -690,6 +737,22 @@ impl Plan {
             .unwrap_or(0);
         Ok(Prediction { scores, class })
     }
+}
+
+/// A row of `positions` runs of `channels` numbers (channels last) as `channels` runs of
+/// `positions` numbers (channels first).
+fn channels_first(row: &[f32], channels: usize, positions: usize) -> Vec<f32> {
+    let mut out = vec![0.0; row.len()];
+    for (j, pixel) in row
+        .chunks_exact(channels.max(1))
+        .take(positions)
+        .enumerate()
+    {
+        for (c, &x) in pixel.iter().enumerate() {
+            out[c * positions + j] = x;
+        }
+    }
+    out
 }
 
 /// Where the first number that is NaN, infinite or larger in magnitude than `limit` is.
@@ -1020,6 +1083,7 @@ mod tests {
             names: Vec::new(),
             kind: None,
             preprocess: preprocess.cloned(),
+            layout: None,
             channel_axis: Some(1),
         };
         let folded = Plan::compile_tensor(CNN, &spec(Some(&p))).unwrap();
@@ -1058,6 +1122,71 @@ mod tests {
         let err = plan.infer(&gap, &[]).unwrap_err();
         assert!(
             matches!(&err, RuntimeError::NonFinite { feature, .. } if feature == "[0, 0, 5]"),
+            "{err}"
+        );
+    }
+
+    /// Rows sent channels last (`[H, W, C]`) are transposed for a model that takes them
+    /// channels first: the same scores as the channels-first row, with and without
+    /// preprocessing, and errors named by where they are in the row sent.
+    #[test]
+    fn rows_sent_channels_last_are_transposed_for_the_model() {
+        const CNN: &[u8] = include_bytes!("../tests/compat/cnn.onnx");
+        let spec = |layout: Option<RowLayout>, preprocess: Option<Preprocess>| TensorSpec {
+            name: "image".into(),
+            dtype: DType::F32,
+            shape: vec![None, Some(3), Some(32), Some(32)],
+            names: Vec::new(),
+            kind: None,
+            preprocess,
+            layout,
+            channel_axis: None,
+        };
+        let chw: Vec<f32> = (0..3072)
+            .map(|i| ((i * 7919) % 1013) as f32 / 101.0)
+            .collect();
+        // [h, w, c] = [c, h, w]
+        let mut hwc = vec![0.0; 3072];
+        for c in 0..3 {
+            for pos in 0..1024 {
+                hwc[pos * 3 + c] = chw[c * 1024 + pos];
+            }
+        }
+        let p = Preprocess {
+            offset: vec![1.0, 2.0, 3.0],
+            scale: vec![0.5, 2.0, 4.0],
+        };
+        for preprocess in [None, Some(p)] {
+            let first = Plan::compile_tensor(CNN, &spec(None, preprocess.clone())).unwrap();
+            let last = Plan::compile_tensor(CNN, &spec(Some(RowLayout::ChannelsLast), preprocess))
+                .unwrap();
+            assert_eq!(last.row_shape(), [32, 32, 3]);
+            let (a, b) = (
+                first.infer(&chw, &[]).unwrap(),
+                last.infer(&hwc, &[]).unwrap(),
+            );
+            assert_eq!(a.scores, b.scores);
+            // The channels-first row read as channels last is another image.
+            assert_ne!(last.infer(&chw, &[]).unwrap().scores, a.scores);
+        }
+        let huge = Preprocess {
+            offset: vec![0.0; 3],
+            scale: vec![1.0, 1.0, 1e30],
+        };
+        let last =
+            Plan::compile_tensor(CNN, &spec(Some(RowLayout::ChannelsLast), Some(huge))).unwrap();
+        let mut gap = hwc.clone();
+        gap[(32 + 5) * 3 + 1] = f32::NAN;
+        let err = last.infer(&gap, &[]).unwrap_err();
+        assert!(
+            matches!(&err, RuntimeError::NonFinite { feature, .. } if feature == "[1, 5, 1]"),
+            "{err}"
+        );
+        let mut bright = hwc;
+        bright[(2 * 32 + 7) * 3 + 2] = 1e10;
+        let err = last.infer(&bright, &[]).unwrap_err();
+        assert!(
+            matches!(&err, RuntimeError::NonFinite { feature, .. } if feature == "[2, 7, 2] (preprocessed)"),
             "{err}"
         );
     }

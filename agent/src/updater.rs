@@ -801,6 +801,7 @@ mod tests {
                 names: names.clone(),
                 kind: None,
                 preprocess: None,
+                layout: None,
                 channel_axis: None,
             }],
             outputs: vec![TensorSpec {
@@ -810,6 +811,7 @@ mod tests {
                 names: vec![],
                 kind: None,
                 preprocess: None,
+                layout: None,
                 channel_axis: None,
             }],
             reference: ReferenceProfile::from_columns(

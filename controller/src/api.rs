@@ -360,6 +360,10 @@ pub struct PublishBody {
     /// A tensor model's channel axis (its reference is then `reference_npy_base64`).
     #[serde(default)]
     pub channel_axis: Option<u32>,
+    /// `"channels_last"`: devices send a channels-first model's rows (and the reference)
+    /// channels last.
+    #[serde(default)]
+    pub layout: Option<edgeloop_shared::bundle::RowLayout>,
     #[serde(default)]
     pub latency_budget_ms: Option<f64>,
     #[serde(default)]
@@ -476,6 +480,7 @@ async fn publish(
             regression: body.regression,
             class_labels: body.labels,
             preprocess: body.preprocess,
+            layout: body.layout,
             channel_axis: body.channel_axis,
             created_ms: now_ms(),
             requirements: edgeloop_shared::bundle::Requirements {

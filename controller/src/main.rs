@@ -434,6 +434,11 @@ enum ModelCommand {
         /// features] sequences, 1 (NCHW) for images.
         #[arg(long)]
         channel_axis: Option<u32>,
+        /// For a tensor model whose channels come first (`[N, C, H, W]`): devices send rows
+        /// channels last (`[N, H, W, C]`, as cameras give images), and so does the NPY
+        /// reference; the agent transposes each row for the model.
+        #[arg(long)]
+        channels_last: bool,
         /// A human-readable description of this version.
         #[arg(long)]
         label: Option<String>,
@@ -1063,6 +1068,7 @@ async fn run() -> anyhow::Result<()> {
                     offset,
                     scale,
                     channel_axis,
+                    channels_last,
                     label,
                     latency_budget_ms,
                     min_agent_version,
@@ -1126,6 +1132,8 @@ async fn run() -> anyhow::Result<()> {
                     class_labels: labels,
                     preprocess: (!offset.is_empty() || !scale.is_empty())
                         .then_some(edgeloop_shared::bundle::Preprocess { offset, scale }),
+                    layout: channels_last
+                        .then_some(edgeloop_shared::bundle::RowLayout::ChannelsLast),
                     channel_axis,
                     created_ms: now_ms(),
                     requirements: edgeloop_shared::bundle::Requirements {

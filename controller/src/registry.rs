@@ -122,6 +122,9 @@ pub struct PublishRequest<'a> {
     /// counting the batch as 0. Default: the last of a `[batch, time, features]`
     /// sequence, 1 (NCHW) for images.
     pub channel_axis: Option<u32>,
+    /// For a tensor model whose channels come first: devices send rows channels last
+    /// (`[H, W, C]` images), and so does the NPY reference.
+    pub layout: Option<edgeloop_shared::bundle::RowLayout>,
     pub created_ms: u64,
     /// What a device must satisfy before it activates the model.
     pub requirements: Requirements,
@@ -148,6 +151,7 @@ impl<'a> PublishRequest<'a> {
             class_labels: Vec::new(),
             regression: false,
             preprocess: None,
+            layout: None,
             channel_axis: None,
             created_ms: edgeloop_agent::now_ms(),
             requirements: Requirements::default(),
@@ -696,6 +700,7 @@ fn build_bundle(
                         names: Vec::new(),
                         kind: Some(OutputKind::ClassLabels),
                         preprocess: None,
+                        layout: None,
                         channel_axis: None,
                     })
                 }),
@@ -780,6 +785,7 @@ fn table_reference(request: &PublishRequest<'_>) -> Result<Reference, PublishErr
         names: columns.clone(),
         kind: None,
         preprocess: request.preprocess.clone(),
+        layout: None,
         channel_axis: None,
     };
     Ok(Reference {
@@ -816,7 +822,21 @@ fn tensor_reference(request: &PublishRequest<'_>) -> Result<Reference, PublishEr
     if request.label_column.is_some() {
         return Err(npy("an NPY reference has no columns to leave out".into()).into());
     }
-    let row_shape = &dims[1..];
+    // The reference is laid out as devices send rows; a channels-last layout is the
+    // model's with its channel axis (1) moved last.
+    let channels_last = request.layout == Some(edgeloop_shared::bundle::RowLayout::ChannelsLast);
+    if channels_last && request.channel_axis.is_some_and(|a| a != 1) {
+        return Err(npy(format!(
+            "channel axis {}: a channels-last reference is for a model whose channels come \
+             first (axis 1)",
+            request.channel_axis.unwrap_or_default()
+        ))
+        .into());
+    }
+    let mut row_shape = dims[1..].to_vec();
+    if channels_last {
+        row_shape.rotate_right(1);
+    }
     let mut input = TensorSpec {
         name: String::new(),
         // The graph's, once the plan is made.
@@ -827,11 +847,14 @@ fn tensor_reference(request: &PublishRequest<'_>) -> Result<Reference, PublishEr
         names: Vec::new(),
         kind: None,
         preprocess: request.preprocess.clone(),
-        channel_axis: Some(
+        layout: request.layout,
+        channel_axis: Some(if channels_last {
+            1
+        } else {
             request
                 .channel_axis
-                .unwrap_or(if dims.len() == 3 { 2 } else { 1 }),
-        ),
+                .unwrap_or(if dims.len() == 3 { 2 } else { 1 })
+        }),
     };
     let axis = input.channel_axis.unwrap_or(1);
     if input.channel_layout().is_none() {
@@ -932,6 +955,7 @@ mod tests {
                     regression: false,
                     class_labels: CLASS_LABELS.iter().map(|s| s.to_string()).collect(),
                     preprocess: None,
+                    layout: None,
                     channel_axis: None,
                     created_ms: 1,
                     requirements: Requirements::default(),
@@ -1375,6 +1399,7 @@ mod tests {
             regression: false,
             class_labels: Vec::new(),
             preprocess: None,
+            layout: None,
             channel_axis: None,
             created_ms: 1,
             requirements: Requirements::default(),
@@ -1706,6 +1731,13 @@ mod tests {
         })
         .await;
         assert!(err.contains("channel axis 3"), "{err}");
+        let err = refused(PublishRequest {
+            channel_axis: Some(2),
+            layout: Some(edgeloop_shared::bundle::RowLayout::ChannelsLast),
+            ..PublishRequest::new("sequence", 2, &onnx, &npy)
+        })
+        .await;
+        assert!(err.contains("channels come first"), "{err}");
         let holdout = Path::new(HOLDOUT_V2);
         let err = refused(PublishRequest {
             gate: Some(QualityGate {

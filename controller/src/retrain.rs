@@ -1254,6 +1254,7 @@ impl Retrainer {
                 // Trainers learn from data in the units devices receive, and their models
                 // take those units: the current model's preprocessing is not carried over.
                 preprocess: None,
+                layout: None,
                 channel_axis: None,
                 created_ms: now_ms(),
                 requirements: current.manifest.requirements.clone(),

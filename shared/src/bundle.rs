@@ -168,6 +168,20 @@ pub struct TensorSpec {
     /// scales by channel.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub channel_axis: Option<u32>,
+    /// For a tensor input whose channels come first (`channel_axis` 1), how devices lay
+    /// out the rows they send when it differs: `channels_last` rows (`[H, W, C]` images, as
+    /// cameras and image libraries give them) are transposed for the model. Absent: rows
+    /// come as the model takes them. Drift and preprocessing go by channel either way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layout: Option<RowLayout>,
+}
+
+/// How a device lays out a tensor input's rows, when not as the model takes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RowLayout {
+    /// The channel axis last: `[H, W, C]` for a model of `[C, H, W]`.
+    ChannelsLast,
 }
 
 impl TensorSpec {
@@ -186,17 +200,29 @@ impl TensorSpec {
         self.shape.len() >= 3
     }
 
-    /// `(channels, inner)`: how many channels a row has and how many consecutive numbers
-    /// of a row (in row-major order) belong to one channel before the next begins. For a
-    /// rank-2 input each feature is a channel of one number. `None` when a dimension is
-    /// open or the channel axis is out of range.
-    pub fn channel_layout(&self) -> Option<(usize, usize)> {
-        let dims: Vec<usize> = self
+    /// The dimensions of one row as devices send it (after the batch): the model's, or
+    /// for a `channels_last` layout the model's with its channel axis moved last. `None`
+    /// when a dimension is open.
+    pub fn row_shape(&self) -> Option<Vec<usize>> {
+        let mut dims: Vec<usize> = self
             .shape
             .iter()
             .skip(1)
             .map(|d| d.and_then(|d| usize::try_from(d).ok()))
             .collect::<Option<_>>()?;
+        if self.layout == Some(RowLayout::ChannelsLast) && self.is_tensor() {
+            dims.rotate_left(1);
+        }
+        Some(dims)
+    }
+
+    /// `(channels, inner)`: how many channels a row as devices send it has, and how many
+    /// consecutive numbers of it (in row-major order) belong to one channel before the
+    /// next begins (1 for a `channels_last` layout). For a rank-2 input each feature is a
+    /// channel of one number. `None` when a dimension is open, the channel axis is out of
+    /// range, or a layout is given for channels that do not come first.
+    pub fn channel_layout(&self) -> Option<(usize, usize)> {
+        let dims = self.row_shape()?;
         if !self.is_tensor() {
             return dims.last().map(|&features| (features, 1));
         }
@@ -204,8 +230,11 @@ impl TensorSpec {
         if axis == 0 || axis > dims.len() {
             return None;
         }
-        let inner = dims[axis..].iter().product();
-        Some((dims[axis - 1], inner))
+        match self.layout {
+            Some(RowLayout::ChannelsLast) if axis == 1 => dims.last().map(|&c| (c, 1)),
+            Some(RowLayout::ChannelsLast) => None,
+            None => Some((dims[axis - 1], dims[axis..].iter().product())),
+        }
     }
 
     /// The channels' names: `names` when it names each, else `c0`, `c1`, ….
@@ -236,27 +265,39 @@ impl TensorSpec {
             return Vec::new();
         };
         let mut sums = vec![(0.0f64, 0.0f64, 0u64); channels];
-        for (run, values) in row.chunks(inner.max(1)).enumerate() {
-            // Four running sums each, so that the additions need not wait on one another.
-            let (mut sum, mut squares) = ([0.0f64; 4], [0.0f64; 4]);
-            let mut lanes = values.chunks_exact(4);
-            for four in &mut lanes {
-                for (k, &x) in four.iter().enumerate() {
+        if inner <= 1 {
+            // Channels last (or a row of features): the channels alternate.
+            for pixel in row.chunks(channels.max(1)) {
+                for (total, &x) in sums.iter_mut().zip(pixel) {
                     let x = f64::from(x);
-                    sum[k] += x;
-                    squares[k] += x * x;
+                    total.0 += x;
+                    total.1 += x * x;
+                    total.2 += 1;
                 }
             }
-            for &x in lanes.remainder() {
-                let x = f64::from(x);
-                sum[0] += x;
-                squares[0] += x * x;
+        } else {
+            for (run, values) in row.chunks(inner).enumerate() {
+                // Four running sums each, so that the additions need not wait on one another.
+                let (mut sum, mut squares) = ([0.0f64; 4], [0.0f64; 4]);
+                let mut lanes = values.chunks_exact(4);
+                for four in &mut lanes {
+                    for (k, &x) in four.iter().enumerate() {
+                        let x = f64::from(x);
+                        sum[k] += x;
+                        squares[k] += x * x;
+                    }
+                }
+                for &x in lanes.remainder() {
+                    let x = f64::from(x);
+                    sum[0] += x;
+                    squares[0] += x * x;
+                }
+                let (sum, squares): (f64, f64) = (sum.iter().sum(), squares.iter().sum());
+                let total = &mut sums[run % channels.max(1)];
+                total.0 += sum;
+                total.1 += squares;
+                total.2 += values.len() as u64;
             }
-            let (sum, squares): (f64, f64) = (sum.iter().sum(), squares.iter().sum());
-            let total = &mut sums[run % channels.max(1)];
-            total.0 += sum;
-            total.1 += squares;
-            total.2 += values.len() as u64;
         }
         sums.iter()
             .flat_map(|&(sum, squares, n)| {
@@ -539,6 +580,7 @@ impl Manifest {
                 names: features.to_vec(),
                 kind: None,
                 preprocess: None,
+                layout: None,
                 channel_axis: None,
             }],
             outputs: vec![TensorSpec {
@@ -548,6 +590,7 @@ impl Manifest {
                 names: Vec::new(),
                 kind: None,
                 preprocess: None,
+                layout: None,
                 channel_axis: None,
             }],
             reference: ReferenceProfile::from_columns(
@@ -655,8 +698,23 @@ impl Manifest {
                     .into(),
             ));
         }
-        if self.outputs.iter().any(|o| o.preprocess.is_some()) {
+        if self
+            .outputs
+            .iter()
+            .any(|o| o.preprocess.is_some() || o.layout.is_some())
+        {
             return Err(bad("only inputs are preprocessed".into()));
+        }
+        if let Some(input) = self
+            .inputs
+            .iter()
+            .find(|i| i.layout.is_some() && (!i.is_tensor() || i.channel_axis.unwrap_or(1) != 1))
+        {
+            return Err(bad(format!(
+                "input `{}`: a channels_last layout is for a tensor input whose channels come \
+                 first (channel_axis 1)",
+                input.name
+            )));
         }
         for input in &self.inputs {
             let channels = if input.is_tensor() {
@@ -1294,6 +1352,7 @@ pub(crate) mod tests {
                 names: names.clone(),
                 kind: None,
                 preprocess: None,
+                layout: None,
                 channel_axis: None,
             }],
             outputs: vec![TensorSpec {
@@ -1303,6 +1362,7 @@ pub(crate) mod tests {
                 names: vec!["no".into(), "yes".into()],
                 kind: None,
                 preprocess: None,
+                layout: None,
                 channel_axis: None,
             }],
             reference: ReferenceProfile::from_columns(&names, &columns, DEFAULT_BINS).unwrap(),
@@ -1698,6 +1758,7 @@ pub(crate) mod tests {
             names: Vec::new(),
             kind: Some(OutputKind::ClassLabels),
             preprocess: None,
+            layout: None,
             channel_axis: None,
         };
         // The label first, the scores second: the scores are served.
@@ -1788,6 +1849,7 @@ pub(crate) mod tests {
             names: Vec::new(),
             kind: None,
             preprocess: None,
+            layout: None,
             channel_axis: axis,
         };
         // NCHW, 2 channels of 2×2: channel 0 is 1, 2, 3, 4; channel 1 is 10, 10, 10, 10.
@@ -1849,10 +1911,34 @@ pub(crate) mod tests {
                 .unwrap();
         let err = pack(wrong, b"x", &key).unwrap_err().to_string();
         assert!(err.contains("c1.mean"), "{err}");
-        let mut open_manifest = m;
+        let mut open_manifest = m.clone();
         open_manifest.inputs[0] = open;
         let err = pack(open_manifest, b"x", &key).unwrap_err().to_string();
         assert!(err.contains("every dimension after the batch"), "{err}");
+
+        // A channels-first model whose devices send rows channels last: the row is
+        // `[H, W, C]`, its channels alternate, and the statistics are the channels'.
+        let sent_last = TensorSpec {
+            layout: Some(RowLayout::ChannelsLast),
+            ..image.clone()
+        };
+        assert_eq!(sent_last.row_shape(), Some(vec![2, 2, 2]));
+        let camera = TensorSpec {
+            shape: vec![None, Some(3), Some(4), Some(5)],
+            ..sent_last.clone()
+        };
+        assert_eq!(camera.row_shape(), Some(vec![4, 5, 3]));
+        assert_eq!(camera.channel_layout(), Some((3, 1)));
+        let hwc = [1.0, 10.0, 3.0, 10.0, 2.0, 10.0, 4.0, 10.0];
+        assert_eq!(sent_last.tensor_features(&hwc), image.tensor_features(&row));
+        m.inputs[0] = sent_last.clone();
+        let text = serde_json::to_string(&m.inputs[0]).unwrap();
+        assert!(text.contains(r#""layout":"channels_last""#), "{text}");
+        pack(m.clone(), b"x", &key).unwrap();
+        // Only for channels that come first, of a tensor.
+        m.inputs[0].channel_axis = Some(3);
+        let err = pack(m, b"x", &key).unwrap_err().to_string();
+        assert!(err.contains("channels come first"), "{err}");
     }
 
     #[test]

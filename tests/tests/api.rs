@@ -18,6 +18,21 @@ async fn post(http: &reqwest::Client, url: &str, body: Value) -> (u16, Value) {
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
+/// Posts `values` as a binary body of the given shape (`X-Edgeloop-Shape`).
+async fn post_f32(http: &reqwest::Client, url: &str, shape: &str, values: &[f32]) -> (u16, Value) {
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let response = http
+        .post(url)
+        .header("content-type", "application/octet-stream")
+        .header("x-edgeloop-shape", shape)
+        .body(bytes)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
 /// The agent's Prometheus text.
 async fn metrics(http: &reqwest::Client, base: &str) -> String {
     let response = http.get(format!("{base}/metrics")).send().await.unwrap();
@@ -85,22 +100,9 @@ async fn the_local_api_infers_refuses_clearly_feeds_drift_and_swaps_without_fail
     .await;
     assert_eq!(status, 200, "{instances}");
     assert_eq!(classes(&instances), vec![0, 1]);
-    let bytes: Vec<u8> = NORMAL
-        .iter()
-        .chain(&FAULT)
-        .flat_map(|v| v.to_le_bytes())
-        .collect();
-    let binary: Value = http
-        .post(&infer)
-        .header("content-type", "application/octet-stream")
-        .header("x-edgeloop-shape", "2x4")
-        .body(bytes)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let both: Vec<f32> = NORMAL.iter().chain(&FAULT).copied().collect();
+    let (status, binary) = post_f32(&http, &infer, "2x4", &both).await;
+    assert_eq!(status, 200, "{binary}");
     assert_eq!(classes(&binary), vec![0, 1]);
     assert_eq!(binary["outputs"][0]["scores"], rows["outputs"][0]["scores"]);
 
@@ -129,16 +131,9 @@ async fn the_local_api_infers_refuses_clearly_feeds_drift_and_swaps_without_fail
             assert!(message.contains(needle), "{body}: {message}");
         }
     }
-    let wrong_shape = http
-        .post(&infer)
-        .header("content-type", "application/octet-stream")
-        .header("x-edgeloop-shape", "1x5")
-        .body(vec![0u8; 20])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(wrong_shape.status().as_u16(), 400);
-    let message = wrong_shape.text().await.unwrap();
+    let (status, wrong_shape) = post_f32(&http, &infer, "1x5", &[0.0; 5]).await;
+    assert_eq!(status, 400);
+    let message = wrong_shape.to_string();
     assert!(
         message.contains("[1, 5]") && message.contains("[N, 4]"),
         "{message}"
@@ -657,17 +652,9 @@ async fn an_image_classifier_is_served_with_tensors_normalised_by_channel() {
     assert_eq!(status, 200, "{answer}");
     check(&answer);
     // The same two images as one binary tensor.
-    let bytes: Vec<u8> = camera.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let response = http
-        .post(&infer)
-        .header("content-type", "application/octet-stream")
-        .header("x-edgeloop-shape", "2x3x32x32")
-        .body(bytes)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status().as_u16(), 200);
-    check(&response.json().await.unwrap());
+    let (status, answer) = post_f32(&http, &infer, "2x3x32x32", &camera).await;
+    assert_eq!(status, 200, "{answer}");
+    check(&answer);
 
     // A row of 31 columns in channel 0, row 5: the shape expected and where it broke.
     let mut broken = nested(&camera[..IMAGE]);
@@ -705,6 +692,57 @@ async fn an_image_classifier_is_served_with_tensors_normalised_by_channel() {
     for feature in summary["stats"]["features"].as_array().unwrap() {
         assert_eq!(feature["nan"], 0, "{feature}");
     }
+
+    // v2 is the same model for cameras that send images channels last ([H, W, C]): its
+    // reference and requests are HWC, the agent transposes them, the scores are the same.
+    let to_hwc =
+        |chw: &[f32]| -> Vec<f32> { (0..IMAGE).map(|i| chw[(i % 3) * PIXELS + i / 3]).collect() };
+    let reference_hwc: Vec<f32> = reference.chunks(IMAGE).flat_map(to_hwc).collect();
+    let npy = ctl.dir.path().join("images-hwc.npy");
+    std::fs::write(
+        &npy,
+        edgeloop_agent::source::npy_f32(&[40, 32, 32, 3], &reference_hwc),
+    )
+    .unwrap();
+    ctl.controller
+        .publish(edgeloop_controller::registry::PublishRequest {
+            preprocess: Some(edgeloop_shared::bundle::Preprocess {
+                offset: offset.to_vec(),
+                scale: scale.to_vec(),
+            }),
+            layout: Some(edgeloop_shared::bundle::RowLayout::ChannelsLast),
+            ..edgeloop_controller::registry::PublishRequest::new("camera", 2, &onnx, &npy)
+        })
+        .await
+        .unwrap();
+    ctl.controller.rollout("camera", 2, None).await.unwrap();
+    ctl.wait_for_model("camera-1", Some(2)).await;
+    let model: Value = get_json(&http, &format!("{base}/v1/model")).await;
+    let input = &model["inputs"][0];
+    assert_eq!(input["shape"], json!([null, 3, 32, 32]), "{model}");
+    assert_eq!(input["layout"], "channels_last", "{model}");
+    let hwc: Vec<f32> = camera.chunks(IMAGE).flat_map(to_hwc).collect();
+    // Nested as numpy's tolist() writes an HWC image: [row][column][channel].
+    let nested_hwc = |image: &[f32]| -> Value {
+        json!(
+            image
+                .chunks(32 * 3)
+                .map(|row| row.chunks(3).map(<[f32]>::to_vec).collect::<Vec<_>>())
+                .collect::<Vec<_>>()
+        )
+    };
+    let body = json!({"rows": [nested_hwc(&hwc[..IMAGE]), nested_hwc(&hwc[IMAGE..])]});
+    let (status, answer) = post(&http, &infer, body).await;
+    assert_eq!(status, 200, "{answer}");
+    check(&answer);
+    let (status, answer) = post_f32(&http, &infer, "2x32x32x3", &hwc).await;
+    assert_eq!(status, 200, "{answer}");
+    check(&answer);
+    // A channels-first body is now the wrong shape.
+    let (status, refused) = post(&http, &infer, json!({"rows": [nested(&camera[..IMAGE])]})).await;
+    assert_eq!(status, 400, "{refused}");
+    let error = refused["error"].as_str().unwrap();
+    assert!(error.contains("[N, 32, 32, 3]"), "{error}");
 
     agent.stop().await;
     ctl.stop().await;
