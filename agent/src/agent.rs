@@ -134,8 +134,6 @@ impl Serving {
 
     /// A ground-truth label for one of its predictions, counted into its drift window, its
     /// record and the health window's record of it when one runs.
-    /// A regression's true value counts into the drift window's errors only: the health
-    /// window judges a regression on its latency and failures.
     fn observe_label(&mut self, label: Target, predicted: Target, watch: Option<&mut Watch>) {
         match (label, predicted) {
             (Target::Class(label), Target::Class(predicted)) => {
@@ -147,6 +145,10 @@ impl Serving {
             }
             (Target::Value(truth), Target::Value(predicted)) => {
                 self.window.observe_residual(predicted, truth);
+                self.record.observe_residual(predicted, truth);
+                if let Some(watch) = watch {
+                    watch.observed.observe_residual(predicted, truth);
+                }
             }
             // A class label for a value or the reverse: a source's labels of another kind
             // of model.

@@ -127,6 +127,9 @@ pub struct HealthConfig {
     /// The new model's accuracy on ground-truth labels may fall at most this far below
     /// the previous model's, once both have `min_labels` (0: off).
     pub max_accuracy_drop: f64,
+    /// A regression's mean absolute error on true values may rise at most this share
+    /// above the previous model's, once both have `min_labels` (0: off).
+    pub max_error_rise: f64,
     pub min_labels: u64,
 }
 
@@ -137,6 +140,7 @@ impl HealthConfig {
             max_latency_ratio: self.max_latency_ratio,
             min_inferences: self.min_inferences,
             max_accuracy_drop: self.max_accuracy_drop,
+            max_error_rise: self.max_error_rise,
             min_labels: self.min_labels,
         }
     }
@@ -466,6 +470,12 @@ impl AgentConfig {
         if !(0.0..=1.0).contains(&self.health.max_accuracy_drop) {
             return Err(invalid("health.max_accuracy_drop", "must be 0 (off) to 1"));
         }
+        if !(self.health.max_error_rise.is_finite() && self.health.max_error_rise >= 0.0) {
+            return Err(invalid(
+                "health.max_error_rise",
+                "must be 0 (off) or a share above 0 (0.2: 20 % more)",
+            ));
+        }
         if !(1..=edgeloop_shared::batch::MAX_BATCH_MESSAGES).contains(&self.batching.max_messages) {
             return Err(invalid(
                 "batching.max_messages",
@@ -585,5 +595,8 @@ mod tests {
         let err = with(|h| h.max_accuracy_drop = 1.5).unwrap_err();
         assert!(err.contains("health.max_accuracy_drop"), "{err}");
         assert!(with(|h| h.max_accuracy_drop = -0.1).is_err());
+        assert!(with(|h| h.max_error_rise = 0.2).is_ok());
+        let err = with(|h| h.max_error_rise = -0.2).unwrap_err();
+        assert!(err.contains("health.max_error_rise"), "{err}");
     }
 }

@@ -1,8 +1,10 @@
 //! What the health window compares between a new model and the one it replaced: latency in
-//! service and, where ground-truth labels arrive, accuracy. Each model keeps a
+//! service and, where ground-truth labels arrive, accuracy (a regression's: its mean
+//! absolute error on the true values). Each model keeps a
 //! [`ServiceRecord`] while it serves; at an install the record of the model being replaced
 //! becomes the window's baseline, and the new model's own record is judged against it.
 
+use edgeloop_shared::drift::Residuals;
 use edgeloop_shared::stats::{LATENCY_BOUNDS_MS, latency_bucket, latency_quantile};
 use serde::{Deserialize, Serialize};
 
@@ -18,6 +20,13 @@ pub struct ServiceRecord {
     pub labelled: u64,
     #[serde(default)]
     pub correct: u64,
+    /// A regression's errors on the true values that arrived.
+    #[serde(default, skip_serializing_if = "no_residuals")]
+    pub residuals: Residuals,
+}
+
+fn no_residuals(r: &Residuals) -> bool {
+    r.count == 0
 }
 
 impl ServiceRecord {
@@ -32,6 +41,11 @@ impl ServiceRecord {
     pub fn observe_label(&mut self, label: usize, predicted: usize) {
         self.labelled += 1;
         self.correct += u64::from(label == predicted);
+    }
+
+    /// The true value that arrived for a regression's prediction.
+    pub fn observe_residual(&mut self, predicted: f64, truth: f64) {
+        self.residuals.push(predicted, truth);
     }
 
     /// Inferences timed.
@@ -60,6 +74,12 @@ impl ServiceRecord {
                 self.labelled
             ));
         }
+        if let Some(mae) = self.residuals.mae() {
+            parts.push(format!(
+                "mae {mae:.4} on {} true values",
+                self.residuals.count
+            ));
+        }
         parts.join(", ")
     }
 }
@@ -79,7 +99,11 @@ pub struct ServiceLimits {
     pub min_inferences: u64,
     /// The new model's accuracy may fall at most this far below the old one's (0: off).
     pub max_accuracy_drop: f64,
-    /// Labels each model must have received before accuracy is judged.
+    /// A regression's mean absolute error may rise at most this share above the old
+    /// one's (0.2: 20 % more; 0: off).
+    pub max_error_rise: f64,
+    /// Labels (or true values) each model must have received before accuracy (or error)
+    /// is judged.
     pub min_labels: u64,
 }
 
@@ -113,6 +137,19 @@ pub fn compare(new: &ServiceRecord, old: &ServiceRecord, limits: &ServiceLimits)
             new.labelled, limits.max_accuracy_drop, old.labelled
         ));
     }
+    let (new_errors, old_errors) = (&new.residuals, &old.residuals);
+    if limits.max_error_rise > 0.0
+        && new_errors.count >= labels
+        && old_errors.count >= labels
+        && let (Some(new_mae), Some(old_mae)) = (new_errors.mae(), old_errors.mae())
+        && new_mae > old_mae * (1.0 + limits.max_error_rise)
+    {
+        return Some(format!(
+            "mean absolute error {new_mae:.4} on {} true values, more than {} above the \
+             previous model's {old_mae:.4} on {}",
+            new_errors.count, limits.max_error_rise, old_errors.count
+        ));
+    }
     None
 }
 
@@ -137,6 +174,7 @@ mod tests {
         max_latency_ratio: 3.0,
         min_inferences: 100,
         max_accuracy_drop: 0.1,
+        max_error_rise: 0.2,
         min_labels: 50,
     };
 
@@ -191,6 +229,58 @@ mod tests {
             ..LIMITS
         };
         assert_eq!(compare(&worse, &old, &off), None);
+    }
+
+    /// A regression's record: `n` true values, each `error` off.
+    fn errors(n: u64, error: f64) -> ServiceRecord {
+        let mut r = ServiceRecord::default();
+        for i in 0..n {
+            // Errors of both signs: the mean absolute error is `error`.
+            let sign = if i % 2 == 0 { 1.0 } else { -1.0 };
+            r.observe_residual(10.0 + sign * error, 10.0);
+        }
+        r
+    }
+
+    #[test]
+    fn a_regression_breaches_the_error_rise_once_both_have_true_values() {
+        let old = errors(100, 2.0);
+        let worse = errors(60, 2.5);
+        let reason = compare(&worse, &old, &LIMITS).unwrap();
+        assert!(
+            reason.contains(
+                "mean absolute error 2.5000 on 60 true values, more than 0.2 above the previous \
+                 model's 2.0000 on 100"
+            ),
+            "{reason}"
+        );
+        assert_eq!(
+            compare(&errors(60, 2.3), &old, &LIMITS),
+            None,
+            "15 %: within 20 %"
+        );
+        assert_eq!(compare(&errors(49, 9.0), &old, &LIMITS), None, "too few");
+        assert_eq!(
+            compare(&worse, &errors(49, 0.1), &LIMITS),
+            None,
+            "too few before"
+        );
+        let off = ServiceLimits {
+            max_error_rise: 0.0,
+            ..LIMITS
+        };
+        assert_eq!(compare(&worse, &old, &off), None);
+        assert_eq!(errors(4, 0.25).describe(), "mae 0.2500 on 4 true values");
+        let text = serde_json::to_string(&errors(2, 1.0)).unwrap();
+        assert_eq!(
+            serde_json::from_str::<ServiceRecord>(&text).unwrap(),
+            errors(2, 1.0)
+        );
+        assert!(
+            !serde_json::to_string(&ServiceRecord::default())
+                .unwrap()
+                .contains("residuals")
+        );
     }
 
     #[test]

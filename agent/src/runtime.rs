@@ -621,6 +621,12 @@ impl Plan {
         &self.output
     }
 
+    /// The optimized tract model the plan runs (its preprocessing folded in, when it is),
+    /// for measuring the plan against tract alone.
+    pub fn runnable(&self) -> &Arc<TypedRunnableModel> {
+        &self.runnable
+    }
+
     /// What the graph declares, as [`inspect_onnx`] reads it (from the same parse).
     pub fn signature(&self) -> &ModelSignature {
         &self.signature

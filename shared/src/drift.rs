@@ -635,6 +635,7 @@ impl FeatureWindow {
     }
 
     /// Counts one finite value into the reference's bins, sketch and moments.
+    #[inline]
     fn count(&mut self, reference: &FeatureReference, x: f64) {
         self.counts[reference.bin_of(x)] += 1;
         if !self.sketch.is_empty() {

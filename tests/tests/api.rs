@@ -952,3 +952,75 @@ async fn a_regression_is_served_scored_on_true_values_and_watched_for_prediction
     agent.stop().await;
     ctl.stop().await;
 }
+
+/// The compatibility suite's regression holdout: rows of four features and the true value.
+fn regression_holdout() -> Vec<([f32; 4], f64)> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../agent/tests/compat/regression_holdout.csv");
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|line| {
+            let v: Vec<f64> = line.split(',').map(|x| x.parse().unwrap()).collect();
+            (std::array::from_fn(|i| v[i] as f32), v[4])
+        })
+        .collect()
+}
+
+/// A regression whose error on the device's true values rises too far above the previous
+/// version's during its health window is rolled back by the device: v1 (a linear model)
+/// and v2 (boosted trees, ten times its error on the same rows) answer the same requests,
+/// and the true values sent back as feedback judge them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_regression_whose_error_rises_is_rolled_back() {
+    let compat = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent/tests/compat");
+    let ctl = TestController::start(BrokerChoice::Embedded).await.unwrap();
+    let mut config = ctl.agent_config("regression-2", 1000);
+    let port = free_port();
+    config.api.listen = format!("127.0.0.1:{port}");
+    config.api.feedback_memory = 1000;
+    config.source.kind = SourceKind::Api;
+    config.health.window_s = 6;
+    config.health.max_error_rise = 0.5;
+    config.health.min_labels = 50;
+    let agent = ctl.spawn_agent_with(config);
+    ctl.wait_for_model("regression-2", None).await;
+    let reference = compat.join("regression_reference.csv");
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let holdout = regression_holdout();
+    // Every holdout row through the API, and its true value back as feedback.
+    let answer_and_judge = async || {
+        let rows: Vec<[f32; 4]> = holdout.iter().map(|(row, _)| *row).collect();
+        let (status, answer) =
+            post(&http, &format!("{base}/v1/infer"), json!({ "rows": rows })).await;
+        assert_eq!(status, 200, "{answer}");
+        let id = answer["request_id"].as_str().unwrap().to_string();
+        for (row, (_, truth)) in holdout.iter().enumerate() {
+            let body = json!({"request_id": id, "row": row, "label": truth});
+            let (status, answer) = post(&http, &format!("{base}/v1/feedback"), body).await;
+            assert_eq!(status, 200, "{answer}");
+        }
+    };
+    for (version, model) in [(1, "linear_regression"), (2, "boosting_regressor")] {
+        let onnx = std::fs::read(compat.join(format!("{model}.onnx"))).unwrap();
+        ctl.controller
+            .publish(edgeloop_controller::registry::PublishRequest {
+                regression: true,
+                ..edgeloop_controller::registry::PublishRequest::new(
+                    "life", version, &onnx, &reference,
+                )
+            })
+            .await
+            .unwrap();
+        ctl.controller.rollout("life", version, None).await.unwrap();
+        ctl.wait_for_model("regression-2", Some(version)).await;
+        answer_and_judge().await;
+    }
+    ctl.wait_for_report("regression-2", "rolled_back", "mean absolute error")
+        .await;
+    ctl.wait_for_model("regression-2", Some(1)).await;
+    agent.stop().await;
+    ctl.stop().await;
+}
