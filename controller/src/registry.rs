@@ -601,7 +601,6 @@ fn build_bundle(
     // reference for prediction drift (their values, for a regression).
     let mut golden = Vec::new();
     let mut predicted = Vec::with_capacity(rows.len());
-    let mut values = Vec::new();
     let names = if input.is_tensor() {
         &[][..]
     } else {
@@ -609,10 +608,7 @@ fn build_bundle(
     };
     for row in rows.iter().filter(|r| r.iter().all(|v| v.is_finite())) {
         let prediction = plan.infer(row, names)?;
-        predicted.push(prediction.class);
-        if request.regression {
-            values.extend(prediction.scores.first().map(|v| f64::from(*v)));
-        }
+        predicted.push(prediction.target(request.regression).number());
         let scores = prediction.scores;
         if golden.len() < GOLDEN_VECTORS && (golden.len() + 1) * row.len() <= GOLDEN_NUMBERS {
             golden.push(GoldenVector {
@@ -658,10 +654,14 @@ fn build_bundle(
         classes as u64,
     )?;
     if request.regression {
-        manifest.reference.set_predicted_values(&values)?;
+        manifest.reference.set_predicted_values(&predicted)?;
         manifest.outputs[0].kind = Some(OutputKind::Regression);
     } else {
-        manifest.reference.set_predictions(predicted, classes);
+        // Class indices, as numbers.
+        let classes_predicted = predicted.iter().map(|&class| class as usize);
+        manifest
+            .reference
+            .set_predictions(classes_predicted, classes);
     }
     for name in &request.categorical {
         let at = columns.iter().position(|c| c == name).ok_or_else(|| {
