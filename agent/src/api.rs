@@ -782,22 +782,23 @@ async fn feedback(State(state): State<ApiState>, body: Bytes) -> Response {
             .fetch_add(1, Ordering::Relaxed);
     }
     state.metrics.feedback_ok.fetch_add(1, Ordering::Relaxed);
-    let judged = match (label, predicted) {
-        (Target::Value(truth), Target::Value(value)) => {
-            json!({"label": truth, "predicted": value, "error": value - truth})
-        }
-        (Target::Class(label), Target::Class(class)) => {
-            json!({"label": label, "predicted": class, "correct": label == class})
-        }
-        _ => unreachable!("a label is parsed as the kind of its prediction"),
-    };
     let mut body = json!({
         "request_id": feedback.request_id,
         "row": feedback.row,
         "model": model,
     });
-    if let (Value::Object(body), Value::Object(judged)) = (&mut body, judged) {
-        body.extend(judged);
+    match (label, predicted) {
+        (Target::Value(truth), Target::Value(value)) => {
+            body["label"] = json!(truth);
+            body["predicted"] = json!(value);
+            body["error"] = json!(value - truth);
+        }
+        (Target::Class(label), Target::Class(class)) => {
+            body["label"] = json!(label);
+            body["predicted"] = json!(class);
+            body["correct"] = json!(label == class);
+        }
+        _ => unreachable!("a label is parsed as the kind of its prediction"),
     }
     axum::Json(body).into_response()
 }
