@@ -234,12 +234,12 @@ fn tree_ensemble_regressor(ctx: &ParsingContext, node: &NodeProto) -> TractResul
         String::from_utf8_lossy(transform)
     );
     let aggregate = string_attr(node, "aggregate_function").unwrap_or(b"SUM");
-    let trees = ints("nodes_treeids")
+    let tree_count = ints("nodes_treeids")
         .and_then(|ids| ids.iter().max())
         .map_or(1, |&max| max + 1);
     let divide = match aggregate {
         b"SUM" => 1.0,
-        b"AVERAGE" => trees as f32,
+        b"AVERAGE" => tree_count as f32,
         other => bail!(
             "TreeEnsembleRegressor with aggregate_function {}: only SUM and AVERAGE are supported",
             String::from_utf8_lossy(other)
