@@ -96,7 +96,10 @@ fn client(url: &str, id: &str) -> (AsyncClient, rumqttc::EventLoop) {
         .set_keep_alive(Duration::from_secs(30))
         .set_max_packet_size(1 << 20, 1 << 20)
         .set_inflight(100);
-    AsyncClient::new(options, 1024)
+    // As the agent's and the controller's connections: without Nagle's algorithm.
+    let (client, mut eventloop) = AsyncClient::new(options, 1024);
+    edgeloop_agent::link::no_delay(&mut eventloop);
+    (client, eventloop)
 }
 
 /// Publishes per device, from one client each, in rounds of `ROUND` payloads per device;

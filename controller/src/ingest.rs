@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use edgeloop_agent::link::{Backoff, BrokerAddr};
+use edgeloop_agent::link::{Backoff, BrokerAddr, no_delay};
 use edgeloop_agent::now_ms;
 use edgeloop_shared::batch::{self, ItemError, Payload};
 use edgeloop_shared::protocol::{Envelope, Message, Receipt, RejectedMessage};
@@ -249,7 +249,10 @@ pub fn start(
         // The server builds the TLS configuration for every mqtts:// broker before this.
         error!(error = %e, "broker transport");
     }
-    let (client, eventloop) = AsyncClient::new(options, REQUEST_CAPACITY);
+    let (client, mut eventloop) = AsyncClient::new(options, REQUEST_CAPACITY);
+    // The broker sends no more than its in-flight window before the acknowledgements,
+    // which leave after each commit: with Nagle's algorithm ingest idled between groups.
+    no_delay(&mut eventloop);
     let (tx, rx) = mpsc::unbounded_channel();
     let backlog = Arc::new(AtomicUsize::new(0));
     let filters: Vec<String> = Channel::FROM_DEVICE
@@ -262,18 +265,19 @@ pub fn start(
             }
         })
         .collect();
+    let (raw_tx, raw_rx) = mpsc::unbounded_channel();
     tokio::spawn(connection(
         eventloop,
         client.clone(),
         filters,
-        config.topics.clone(),
         Backlog {
-            tx,
+            tx: raw_tx,
             waiting: backlog.clone(),
         },
         stats.clone(),
         shutdown.clone(),
     ));
+    tokio::spawn(decoder(config.topics.clone(), raw_rx, tx));
     tokio::spawn(
         Ingestor {
             store,
@@ -293,23 +297,38 @@ pub fn start(
 /// A publish as it arrived, with the outcome of validating it.
 type Received = (Publish, Result<Checked, Rejection>);
 
-/// The way from the connection task to the ingest actor. It never makes the connection
-/// task wait: the actor's acknowledgements and receipts leave through the event loop that
-/// task polls, so a connection task waiting for room while the actor waits to acknowledge
-/// would deadlock (a broker with a large in-flight window showed it).
+/// The way from the connection task to the ingest actor, through the decoder. It never
+/// makes the connection task wait: the actor's acknowledgements and receipts leave through
+/// the event loop that task polls, so a connection task waiting for room while the actor
+/// waits to acknowledge would deadlock (a broker with a large in-flight window showed it).
 struct Backlog {
-    tx: mpsc::UnboundedSender<Received>,
+    tx: mpsc::UnboundedSender<Publish>,
     /// Publishes sent and not yet taken by the actor.
     waiting: Arc<AtomicUsize>,
 }
 
-/// Reads the broker connection. Publishes are validated here, so that decoding the next
-/// messages overlaps with the ingest actor committing the previous ones.
+/// Validates publishes in the order they arrived, between the connection task and the
+/// ingest actor: decoding the next messages overlaps with the actor committing the previous
+/// ones, and the connection task, which writes the acknowledgements, never waits for a
+/// decode (rumqttc hands out every packet it has read before it sends what is queued).
+async fn decoder(
+    topics: Topics,
+    mut rx: mpsc::UnboundedReceiver<Publish>,
+    tx: mpsc::UnboundedSender<Received>,
+) {
+    while let Some(publish) = rx.recv().await {
+        let checked = validate(&topics, &publish.topic, &publish.payload);
+        if tx.send((publish, checked)).is_err() {
+            break;
+        }
+    }
+}
+
+/// Reads the broker connection.
 async fn connection(
     mut eventloop: rumqttc::EventLoop,
     client: AsyncClient,
     filters: Vec<String>,
-    topics: Topics,
     ingest: Backlog,
     stats: Arc<IngestStats>,
     shutdown: CancellationToken,
@@ -337,13 +356,12 @@ async fn connection(
                             "dropped a QoS 0 message: ingest is behind (devices publish at QoS 1)");
                         continue;
                     }
-                    let checked = validate(&topics, &publish.topic, &publish.payload);
                     let waiting = ingest.waiting.fetch_add(1, Ordering::Relaxed) + 1;
                     if waiting.is_multiple_of(BACKLOG_WARNING) {
                         warn!(waiting, "ingest is behind the broker: set a finite \
                             max_inflight_messages on the broker to bound what waits in memory");
                     }
-                    if ingest.tx.send((publish, checked)).is_err() {
+                    if ingest.tx.send(publish).is_err() {
                         break;
                     }
                 }
