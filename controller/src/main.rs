@@ -693,6 +693,10 @@ enum RolloutCommand {
         /// old version's.
         #[arg(long)]
         max_accuracy_drop: Option<f64>,
+        /// Telemetry gate, for a regression: … and its mean absolute error on true values at
+        /// most this share above the old version's (0.1: a tenth more).
+        #[arg(long)]
+        max_mae_rise: Option<f64>,
         /// Telemetry gate: … and its median p99 latency at most this many times the old
         /// version's.
         #[arg(long)]
@@ -784,6 +788,7 @@ async fn rollout_command(command: RolloutCommand) -> anyhow::Result<()> {
             device_timeout_s,
             max_drift_ratio,
             max_accuracy_drop,
+            max_mae_rise,
             max_latency_ratio,
             max_error_rate_increase,
             reason,
@@ -806,6 +811,7 @@ async fn rollout_command(command: RolloutCommand) -> anyhow::Result<()> {
             for (key, value) in [
                 ("max_drift_ratio", max_drift_ratio),
                 ("max_accuracy_drop", max_accuracy_drop),
+                ("max_mae_rise", max_mae_rise),
                 ("max_latency_ratio", max_latency_ratio),
                 ("max_error_rate_increase", max_error_rate_increase),
             ] {

@@ -138,6 +138,12 @@ pub struct TelemetryGate {
     /// there is nothing to compare with and accuracy does not hold the wave.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_accuracy_drop: Option<f64>,
+    /// For a regression, when set: the new version's mean absolute error on true values
+    /// (pooled over its windows) may be at most this share above the old version's (0.1:
+    /// a tenth more). It waits for, and compares on, `min_labels` true values as
+    /// `max_accuracy_drop` does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_mae_rise: Option<f64>,
     #[serde(default = "TelemetryGate::default_min_labels")]
     pub min_labels: u64,
     /// When set, the new version's median window p99 latency may be at most this many
@@ -148,6 +154,22 @@ pub struct TelemetryGate {
     /// may be at most this much above the old version's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_error_rate_increase: Option<f64>,
+}
+
+/// The drift comparison with its default limits; every other comparison off.
+impl Default for TelemetryGate {
+    fn default() -> Self {
+        TelemetryGate {
+            max_drift_ratio: Self::default_max_drift_ratio(),
+            drift_floor: Self::default_drift_floor(),
+            min_windows: Self::default_min_windows(),
+            max_accuracy_drop: None,
+            max_mae_rise: None,
+            min_labels: Self::default_min_labels(),
+            max_latency_ratio: None,
+            max_error_rate_increase: None,
+        }
+    }
 }
 
 impl TelemetryGate {
@@ -198,6 +220,13 @@ impl TelemetryGate {
                 )));
             }
         }
+        if let Some(r) = self.max_mae_rise
+            && !(r >= 0.0 && r.is_finite())
+        {
+            return Err(PlanError(format!(
+                "telemetry_gate.max_mae_rise: {r} must be 0 or more"
+            )));
+        }
         if let Some(r) = self.max_latency_ratio
             && !(r >= 1.0 && r.is_finite())
         {
@@ -227,6 +256,18 @@ impl TelemetryGate {
             if old_labels >= self.min_labels && new_accuracy < old_accuracy - drop {
                 return Some(Err(format!(
                     "telemetry gate: v{version}'s accuracy {new_accuracy:.3} on {new_labels} labels is more than {drop} below the old version's {old_accuracy:.3} on {old_labels}"
+                )));
+            }
+        }
+        if let Some(rise) = self.max_mae_rise {
+            let (new_values, new_mae) = pooled_mae(&evidence.new);
+            if new_values < self.min_labels {
+                return None;
+            }
+            let (old_values, old_mae) = pooled_mae(&evidence.old);
+            if old_values >= self.min_labels && new_mae > old_mae * (1.0 + rise) {
+                return Some(Err(format!(
+                    "telemetry gate: v{version}'s mean absolute error {new_mae:.4} on {new_values} true values is more than {rise} above the old version's {old_mae:.4} on {old_values}"
                 )));
             }
         }
@@ -313,6 +354,24 @@ fn pooled_accuracy(windows: &[GateWindow]) -> (u64, f64) {
     )
 }
 
+/// True values and the mean absolute error on them, over the windows of a regression.
+fn pooled_mae(windows: &[GateWindow]) -> (u64, f64) {
+    let (values, sum_abs) = windows
+        .iter()
+        .filter_map(|w| w.mae.map(|mae| (w.labelled, mae)))
+        .fold((0u64, 0.0), |(n, s), (labelled, mae)| {
+            (n + labelled, s + mae * labelled as f64)
+        });
+    (
+        values,
+        if values == 0 {
+            0.0
+        } else {
+            sum_abs / values as f64
+        },
+    )
+}
+
 /// What the telemetry gate reads of one window.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct GateWindow {
@@ -322,6 +381,8 @@ pub struct GateWindow {
     pub latency_p99_ms: Option<f64>,
     pub samples: u64,
     pub errors: u64,
+    /// A regression's mean absolute error on its `labelled` true values.
+    pub mae: Option<f64>,
 }
 
 /// The largest feature PSI of each window received since the current wave opened: of the
@@ -820,6 +881,7 @@ mod tests {
             drift_floor: 0.1,
             min_windows: 2,
             max_accuracy_drop: Some(0.05),
+            max_mae_rise: None,
             min_labels: 50,
             max_latency_ratio: Some(2.0),
             max_error_rate_increase: Some(0.01),
@@ -832,6 +894,7 @@ mod tests {
             latency_p99_ms: Some(p99),
             samples: 100,
             errors: 0,
+            mae: None,
         };
         let judge =
             |new: Vec<GateWindow>, old: Vec<GateWindow>| gate.judge(4, &DriftEvidence { new, old });
@@ -912,12 +975,63 @@ mod tests {
     }
 
     #[test]
+    fn the_telemetry_gate_compares_a_regressions_error_with_the_old_version() {
+        let gate = TelemetryGate {
+            max_mae_rise: Some(0.1),
+            min_windows: 2,
+            ..TelemetryGate::default()
+        };
+        gate.validate().unwrap();
+        let w = |values: u64, mae: f64| GateWindow {
+            psi_max: 0.05,
+            labelled: values,
+            mae: (values > 0).then_some(mae),
+            ..GateWindow::default()
+        };
+        let judge =
+            |new: Vec<GateWindow>, old: Vec<GateWindow>| gate.judge(3, &DriftEvidence { new, old });
+        // Too few true values of the new version yet: wait.
+        assert_eq!(judge(vec![w(10, 9.0), w(10, 9.0)], vec![w(100, 1.0)]), None);
+        // Pooled: (30·1.0 + 70·1.1) / 100 = 1.07 against 1.0, within a tenth more.
+        assert_eq!(
+            judge(vec![w(30, 1.0), w(70, 1.1)], vec![w(60, 0.9), w(40, 1.15)]),
+            Some(Ok(()))
+        );
+        let Some(Err(why)) = judge(vec![w(50, 1.2), w(50, 1.4)], vec![w(100, 1.0)]) else {
+            panic!("an error a third higher fails");
+        };
+        assert!(
+            why.contains(
+                "v3's mean absolute error 1.3000 on 100 true values is more than 0.1 above the old version's 1.0000 on 100"
+            ),
+            "{why}"
+        );
+        // Windows without true values (a classifier's, or none yet) do not count.
+        assert_eq!(
+            judge(vec![w(50, 1.0), w(50, 1.0), w(0, 0.0)], vec![w(0, 0.0)]),
+            Some(Ok(())),
+            "no old true values: nothing to compare with"
+        );
+        let bad = TelemetryGate {
+            max_mae_rise: Some(-0.1),
+            ..gate.clone()
+        };
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("max_mae_rise")
+        );
+    }
+
+    #[test]
     fn the_telemetry_gate_holds_a_wave_until_it_has_evidence_and_stops_a_drifting_version() {
         let gate = TelemetryGate {
             max_drift_ratio: 2.0,
             drift_floor: 0.1,
             min_windows: 3,
             max_accuracy_drop: None,
+            max_mae_rise: None,
             min_labels: 50,
             max_latency_ratio: None,
             max_error_rate_increase: None,
@@ -1014,6 +1128,7 @@ mod tests {
                 drift_floor: 0.1,
                 min_windows: 3,
                 max_accuracy_drop: None,
+                max_mae_rise: None,
                 min_labels: 50,
                 max_latency_ratio: None,
                 max_error_rate_increase: None,

@@ -183,6 +183,11 @@ pub struct RetrainingPolicy {
     /// lost accuracy when its accuracy is below this.
     #[serde(default)]
     pub min_accuracy: Option<f64>,
+    /// For a regression, when set: a window with at least `min_labels` true values has
+    /// lost accuracy when its mean absolute error on them is above this (in the target's
+    /// units).
+    #[serde(default)]
+    pub max_mae: Option<f64>,
     #[serde(default = "RetrainingPolicy::default_min_labels")]
     pub min_labels: u64,
     /// A device drifts when this many of its newest windows on its current version all do.
@@ -282,6 +287,11 @@ impl RetrainingPolicy {
             {
                 return Err(format!("{field}: {v} is not a share above 0 and at most 1"));
             }
+        }
+        if let Some(v) = self.max_mae
+            && !(v > 0.0 && v.is_finite())
+        {
+            return Err(format!("max_mae: {v} must be above 0"));
         }
         if self.min_labels == 0 {
             return Err("min_labels: must be at least 1".into());
@@ -386,8 +396,8 @@ impl RetrainingPolicy {
 
     /// Whether the windows say the model must be retrained: for each device its newest
     /// `consecutive_windows` windows on its current version all drifted (or, with
-    /// `min_accuracy`, all lost accuracy); enough such devices among those reporting on one
-    /// version. Drift is judged first.
+    /// `min_accuracy`, all lost accuracy; with `max_mae`, all erred above it); enough such
+    /// devices among those reporting on one version. Drift is judged first.
     pub fn evaluate(&self, windows: &[WindowPoint]) -> Option<Fired> {
         let n = self.consecutive_windows;
         let drifted = |w: &WindowPoint| {
@@ -416,6 +426,12 @@ impl RetrainingPolicy {
                 reporting,
             });
         }
+        self.lost_accuracy(windows)
+            .or_else(|| self.error_rose(windows))
+    }
+
+    /// With `min_accuracy`: enough devices whose newest windows all lost accuracy.
+    fn lost_accuracy(&self, windows: &[WindowPoint]) -> Option<Fired> {
         let floor = self.min_accuracy?;
         let lost = |w: &WindowPoint| {
             w.labelled >= self.min_labels && w.accuracy.is_some_and(|a| a < floor)
@@ -424,9 +440,30 @@ impl RetrainingPolicy {
         let (version, devices, reporting, worst) = self.judge(windows, lost, accuracy, f64::min)?;
         Some(Fired {
             reason: format!(
-                "{} of {reporting} devices on v{version} lost accuracy: below {floor} on at least {} labelled predictions in each of their last {n} windows (worst {worst:.3})",
+                "{} of {reporting} devices on v{version} lost accuracy: below {floor} on at least {} labelled predictions in each of their last {} windows (worst {worst:.3})",
                 devices.len(),
-                self.min_labels
+                self.min_labels,
+                self.consecutive_windows
+            ),
+            version,
+            drifting: devices,
+            reporting,
+        })
+    }
+
+    /// With `max_mae`: enough devices whose newest windows of a regression all erred more.
+    fn error_rose(&self, windows: &[WindowPoint]) -> Option<Fired> {
+        let ceiling = self.max_mae?;
+        let erred =
+            |w: &WindowPoint| w.labelled >= self.min_labels && w.mae.is_some_and(|e| e > ceiling);
+        let mae = |w: &WindowPoint| w.mae.unwrap_or(0.0);
+        let (version, devices, reporting, worst) = self.judge(windows, erred, mae, f64::max)?;
+        Some(Fired {
+            reason: format!(
+                "{} of {reporting} devices on v{version} lost accuracy: mean absolute error above {ceiling} on at least {} true values in each of their last {} windows (worst {worst:.3})",
+                devices.len(),
+                self.min_labels,
+                self.consecutive_windows
             ),
             version,
             drifting: devices,
@@ -1399,6 +1436,7 @@ mod tests {
             samples: 10,
             errors: 0,
             prediction_drift: false,
+            mae: None,
         }
     }
 
@@ -1504,6 +1542,54 @@ mod tests {
             }
             assert!(q.validate().unwrap_err().starts_with(field));
         }
+    }
+
+    #[test]
+    fn a_regressions_error_above_the_ceiling_fires_when_asked_for() {
+        let mut p = policy();
+        let valued = |device: &str, end: u64, values: u64, mae: f64| WindowPoint {
+            labelled: values,
+            mae: Some(mae),
+            ..w(device, 1, end, 0.01)
+        };
+        let windows = [
+            valued("a", 2, 40, 3.5),
+            valued("a", 1, 40, 2.5),
+            valued("b", 2, 25, 4.0),
+            valued("b", 1, 30, 1.5),
+            // c errs most, but on too few true values to say
+            valued("c", 2, 5, 9.0),
+            valued("c", 1, 5, 9.0),
+        ];
+        assert_eq!(
+            p.evaluate(&windows),
+            None,
+            "error is not judged unless asked"
+        );
+        p.max_mae = Some(1.0);
+        let fired = p.evaluate(&windows).unwrap();
+        assert_eq!(fired.drifting, ["a", "b"]);
+        assert!(
+            fired.reason.starts_with(
+                "2 of 3 devices on v1 lost accuracy: mean absolute error above 1 on at least 20 true values in each of their last 2 windows (worst 4.000)"
+            ),
+            "{}",
+            fired.reason
+        );
+        p.max_mae = Some(2.0);
+        assert_eq!(p.evaluate(&windows), None, "b's older window erred less");
+        for bad in [0.0, -1.0, f64::INFINITY] {
+            let q = RetrainingPolicy {
+                max_mae: Some(bad),
+                ..policy()
+            };
+            assert!(q.validate().unwrap_err().starts_with("max_mae"), "{bad}");
+        }
+        let policy: RetrainingPolicy = toml::from_str(
+            "model = \"m\"\nmax_mae = 0.5\ntrainer = { kind = \"webhook\", url = \"http://x\" }",
+        )
+        .unwrap();
+        assert_eq!(policy.max_mae, Some(0.5));
     }
 
     #[test]

@@ -457,6 +457,7 @@ async fn drift_evidence(
             latency_p99_ms: w.latency_p99_ms,
             samples: w.samples,
             errors: w.errors,
+            mae: w.mae,
         };
         if w.model_version == row.model_version {
             evidence.new.push(window);

@@ -707,6 +707,8 @@ pub struct WindowPoint {
     pub errors: u64,
     /// The model's predicted classes drifted from the reference's under its drift policy.
     pub prediction_drift: bool,
+    /// A regression's mean absolute error on the window's `labelled` true values.
+    pub mae: Option<f64>,
 }
 
 /// Where a retraining stands.

@@ -10,7 +10,7 @@ use tokio_postgres::{GenericClient, NoTls, Row};
 
 use super::*;
 
-const SCHEMA_VERSION: i32 = 8;
+const SCHEMA_VERSION: i32 = 9;
 /// Serializes migrations of replicas that start at the same time.
 const MIGRATION_LOCK: i64 = 0x6564_6765_6c6f_6f70; // "edgeloop"
 const POOL_SIZE: usize = 16;
@@ -216,6 +216,10 @@ CREATE TABLE model_deltas (
 /// rollouts leave out the devices it is not for.
 const SCHEMA_V8: &str = "ALTER TABLE models ADD COLUMN requirements TEXT;";
 
+/// Version 9: each window's mean absolute error on true values (regressions), for the
+/// retraining trigger and the rollout gate.
+const SCHEMA_V9: &str = "ALTER TABLE telemetry ADD COLUMN mae DOUBLE PRECISION;";
+
 /// Version 5: each window's dataset-drift share, labelled predictions and accuracy, for
 /// the retraining triggers; the target of a rollout to a group or tags.
 const SCHEMA_V5: &str = "
@@ -326,6 +330,7 @@ impl PgStore {
                 tx.batch_execute(SCHEMA_V6).await?;
                 tx.batch_execute(SCHEMA_V7).await?;
                 tx.batch_execute(SCHEMA_V8).await?;
+                tx.batch_execute(SCHEMA_V9).await?;
                 tx.execute(
                     "INSERT INTO edgeloop_schema (version) VALUES ($1)",
                     &[&SCHEMA_VERSION],
@@ -351,7 +356,10 @@ impl PgStore {
                 if old < 7 {
                     tx.batch_execute(SCHEMA_V7).await?;
                 }
-                tx.batch_execute(SCHEMA_V8).await?;
+                if old < 8 {
+                    tx.batch_execute(SCHEMA_V8).await?;
+                }
+                tx.batch_execute(SCHEMA_V9).await?;
                 tx.execute(
                     "UPDATE edgeloop_schema SET version = $1",
                     &[&SCHEMA_VERSION],
@@ -478,8 +486,8 @@ async fn apply_drift(
     tx.execute(
         "INSERT INTO telemetry (msg_id, device_id, received_ms, model_name, model_version, window_seq,
              window_start_ms, window_end_ms, samples, psi_max, summary, drift_share, labelled, accuracy, latency_p99_ms, errors,
-             prediction_drift)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
+             prediction_drift, mae)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
         &[
             &e.msg_id,
             &e.device_id,
@@ -498,6 +506,7 @@ async fn apply_drift(
             &s.stats.latency_quantile_ms(0.99),
             &i(s.stats.errors),
             &s.stats.prediction_drift,
+            &s.stats.mae,
         ],
     )
     .await?;
@@ -1758,8 +1767,8 @@ impl Store for PgStore {
         let client = self.client().await?;
         let rows = client
             .query(
-                "SELECT device_id, model_version, window_end_ms, psi_max, drift_share, labelled, accuracy, latency_p99_ms, samples, errors, prediction_drift FROM (
-                     SELECT device_id, model_version, window_end_ms, psi_max, drift_share, labelled, accuracy, latency_p99_ms, samples, errors, prediction_drift,
+                "SELECT device_id, model_version, window_end_ms, psi_max, drift_share, labelled, accuracy, latency_p99_ms, samples, errors, prediction_drift, mae FROM (
+                     SELECT device_id, model_version, window_end_ms, psi_max, drift_share, labelled, accuracy, latency_p99_ms, samples, errors, prediction_drift, mae,
                             ROW_NUMBER() OVER (PARTITION BY device_id ORDER BY window_end_ms DESC) AS n
                      FROM telemetry WHERE model_name = $1 AND received_ms >= $2) recent
                  WHERE n <= $3 ORDER BY device_id, window_end_ms DESC",
@@ -1780,6 +1789,7 @@ impl Store for PgStore {
                 samples: u(r.get(8)),
                 errors: u(r.get(9)),
                 prediction_drift: r.get(10),
+                mae: r.get(11),
             })
             .collect())
     }

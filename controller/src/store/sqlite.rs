@@ -11,7 +11,7 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use super::*;
 
-const SCHEMA_VERSION: i64 = 8;
+const SCHEMA_VERSION: i64 = 9;
 
 pub(super) const SCHEMA_V1: &str = "
 CREATE TABLE seen_messages (
@@ -267,6 +267,10 @@ CREATE TABLE model_deltas (
 /// rollouts leave out the devices it is not for.
 const SCHEMA_V8: &str = "ALTER TABLE models ADD COLUMN requirements TEXT;";
 
+/// Version 9: each window's mean absolute error on true values (regressions), for the
+/// retraining trigger and the rollout gate.
+const SCHEMA_V9: &str = "ALTER TABLE telemetry ADD COLUMN mae REAL;";
+
 impl From<rusqlite::Error> for StoreError {
     fn from(source: rusqlite::Error) -> Self {
         StoreError::Sqlite {
@@ -329,7 +333,10 @@ impl SqliteStore {
                 if version < 7 {
                     tx.execute_batch(SCHEMA_V7).map_err(with_path)?;
                 }
-                tx.execute_batch(SCHEMA_V8).map_err(with_path)?;
+                if version < 8 {
+                    tx.execute_batch(SCHEMA_V8).map_err(with_path)?;
+                }
+                tx.execute_batch(SCHEMA_V9).map_err(with_path)?;
                 tx.pragma_update(None, "user_version", SCHEMA_VERSION)
                     .map_err(with_path)?;
                 tx.commit().map_err(with_path)?;
@@ -467,8 +474,8 @@ fn apply_drift(tx: &Transaction<'_>, e: &Envelope, s: &DriftSummary, now_ms: u64
     exec(tx,
         "INSERT INTO telemetry (msg_id, device_id, received_ms, model_name, model_version, window_seq,
              window_start_ms, window_end_ms, samples, psi_max, summary, drift_share, labelled, accuracy, latency_p99_ms, errors,
-             prediction_drift)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+             prediction_drift, mae)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
         params![
             e.msg_id,
             e.device_id,
@@ -487,6 +494,7 @@ fn apply_drift(tx: &Transaction<'_>, e: &Envelope, s: &DriftSummary, now_ms: u64
             s.stats.latency_quantile_ms(0.99),
             s.stats.errors as i64,
             s.stats.prediction_drift,
+            s.stats.mae,
         ],
     )?;
     Ok(())
@@ -1737,8 +1745,8 @@ impl Store for SqliteStore {
         self.call(move |conn| {
             let rows = conn
                 .prepare_cached(
-                    "SELECT device_id, model_version, window_end_ms, psi_max, drift_share, labelled, accuracy, latency_p99_ms, samples, errors, prediction_drift FROM (
-                         SELECT device_id, model_version, window_end_ms, psi_max, drift_share, labelled, accuracy, latency_p99_ms, samples, errors, prediction_drift,
+                    "SELECT device_id, model_version, window_end_ms, psi_max, drift_share, labelled, accuracy, latency_p99_ms, samples, errors, prediction_drift, mae FROM (
+                         SELECT device_id, model_version, window_end_ms, psi_max, drift_share, labelled, accuracy, latency_p99_ms, samples, errors, prediction_drift, mae,
                                 ROW_NUMBER() OVER (PARTITION BY device_id ORDER BY window_end_ms DESC) AS n
                          FROM telemetry WHERE model_name = ?1 AND received_ms >= ?2)
                      WHERE n <= ?3 ORDER BY device_id, window_end_ms DESC",
@@ -1756,6 +1764,7 @@ impl Store for SqliteStore {
                         samples: u(r.get(8)?),
                         errors: u(r.get(9)?),
                         prediction_drift: r.get(10)?,
+                        mae: r.get(11)?,
                     })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;

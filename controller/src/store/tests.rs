@@ -1,6 +1,6 @@
 //! One suite for every store backend.
 
-use edgeloop_shared::drift::{FeatureWindow, WindowStats};
+use edgeloop_shared::drift::{FeatureWindow, Residuals, WindowStats};
 use edgeloop_shared::protocol::{
     DeployStage, DeploymentStatus, DeviceStatus, DriftSummary, DropCounts, Envelope, Message,
     ModelRef, OutboxStatus, Receipt, SAMPLE_CHUNK_BYTES, SampleChunk,
@@ -1139,6 +1139,40 @@ async fn retraining_windows_and_records(store: &dyn Store) {
         "whether each window's predictions drifted"
     );
     assert_eq!(store.recent_windows("rt", 9, 0).await.unwrap().len(), 5);
+    assert_eq!(recent[0].mae, None, "a classifier's window has no error");
+    // A regression's window: its true values count as labelled, with their mean error.
+    let mut residuals = Residuals::default();
+    for (predicted, truth) in [(1.0, 2.0), (3.0, 1.5), (4.0, 4.0), (0.5, 0.0)] {
+        residuals.push(predicted, truth);
+    }
+    let mut regression = WindowStats {
+        samples: 10,
+        start_ms: 0,
+        end_ms: 100,
+        residuals: Some(residuals),
+        ..WindowStats::default()
+    };
+    regression.mae = residuals.mae();
+    let envelope = Envelope::new(
+        "rt-a",
+        "rt-regression-1",
+        1,
+        Message::DriftSummary(DriftSummary {
+            model: ModelRef {
+                name: "rt-value".into(),
+                version: 1,
+            },
+            window_seq: 1,
+            stats: regression,
+        }),
+    );
+    store.ingest(&envelope, 60_000).await.unwrap();
+    let values = store.recent_windows("rt-value", 2, 0).await.unwrap();
+    assert_eq!(
+        (values[0].labelled, values[0].mae, values[0].accuracy),
+        (4, Some(0.75), None),
+        "a regression's true values and its mean absolute error"
+    );
 
     use RetrainingStatus::*;
     let first = store
@@ -1676,9 +1710,10 @@ async fn a_version_1_sqlite_database_is_migrated_in_place() {
     let version: i64 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 8);
+    assert_eq!(version, 9);
     conn.prepare("SELECT upload_seq, content FROM dataset_parts")
         .unwrap();
+    conn.prepare("SELECT mae FROM telemetry").unwrap();
     conn.prepare("SELECT requirements FROM models").unwrap();
     conn.prepare("SELECT base_version, base_sha256 FROM model_deltas")
         .unwrap();
