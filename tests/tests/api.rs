@@ -1024,3 +1024,105 @@ async fn a_regression_whose_error_rises_is_rolled_back() {
     agent.stop().await;
     ctl.stop().await;
 }
+
+/// The fleet judges a regression's error too: v2 (boosted trees) goes to a canary whose
+/// own health window does not judge error, so it commits; the controller's telemetry gate
+/// pools the true values the canary's windows carry against those of the device still on
+/// v1 (a linear model) over the same period, and stops the rollout before its second wave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_regression_whose_error_rises_on_the_canary_stops_at_the_telemetry_gate() {
+    let compat = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent/tests/compat");
+    let ctl = TestController::start(BrokerChoice::Embedded).await.unwrap();
+    let holdout = regression_holdout();
+    let devices = ["regression-gate-0", "regression-gate-1"];
+    let mut agents = Vec::new();
+    let mut bases = Vec::new();
+    for id in devices {
+        // A window per round of the holdout's rows; the true values sent back for one round
+        // count into the next window.
+        let mut config = ctl.agent_config(id, holdout.len() as u64);
+        let port = free_port();
+        config.api.listen = format!("127.0.0.1:{port}");
+        config.api.feedback_memory = 1000;
+        config.source.kind = SourceKind::Api;
+        config.health.window_s = 2;
+        agents.push(ctl.spawn_agent_with(config));
+        bases.push(format!("http://127.0.0.1:{port}"));
+        ctl.wait_for_model(id, None).await;
+    }
+    let reference = compat.join("regression_reference.csv");
+    for (version, model) in [(1, "linear_regression"), (2, "boosting_regressor")] {
+        let onnx = std::fs::read(compat.join(format!("{model}.onnx"))).unwrap();
+        ctl.controller
+            .publish(edgeloop_controller::registry::PublishRequest {
+                regression: true,
+                ..edgeloop_controller::registry::PublishRequest::new(
+                    "life", version, &onnx, &reference,
+                )
+            })
+            .await
+            .unwrap();
+    }
+    ctl.controller.rollout("life", 1, None).await.unwrap();
+    for id in devices {
+        ctl.wait_for_model(id, Some(1)).await;
+    }
+    let (code, created) = ctl
+        .post_rollout(json!({
+            "model": "life", "version": 2,
+            "plan": {
+                "waves": ["1", "100%"],
+                // PSI below 100 counts as noise here: the error alone decides.
+                "telemetry_gate": {
+                    "drift_floor": 100.0, "max_mae_rise": 0.5, "min_labels": 50,
+                    "min_windows": 2,
+                },
+            },
+        }))
+        .await;
+    assert_eq!(code, 201, "{created}");
+    let id = created["id"].as_u64().unwrap();
+    let http = reqwest::Client::new();
+    // Every device answers the holdout's rows and gets their true values back, round after
+    // round, until the rollout stops.
+    let paused = wait_until_some(Duration::from_secs(90), || async {
+        for base in &bases {
+            let rows: Vec<[f32; 4]> = holdout.iter().map(|(row, _)| *row).collect();
+            let (status, answer) =
+                post(&http, &format!("{base}/v1/infer"), json!({ "rows": rows })).await;
+            assert_eq!(status, 200, "{answer}");
+            let request = answer["request_id"].as_str().unwrap().to_string();
+            for (row, (_, truth)) in holdout.iter().enumerate() {
+                let body = json!({"request_id": request, "row": row, "label": truth});
+                let (status, answer) = post(&http, &format!("{base}/v1/feedback"), body).await;
+                assert_eq!(status, 200, "{answer}");
+            }
+        }
+        let rollout = ctl.get(&format!("/api/v1/rollouts/{id}")).await;
+        assert_ne!(rollout["status"], "completed", "{rollout}");
+        (rollout["status"] == "paused").then_some(rollout)
+    })
+    .await;
+    let reason = paused["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("telemetry gate: v2's mean absolute error"),
+        "{reason}"
+    );
+    let versions: Vec<u64> = {
+        let mut v = Vec::new();
+        for id in devices {
+            v.push(
+                ctl.device(id).await.unwrap()["model_version"]
+                    .as_u64()
+                    .unwrap(),
+            );
+        }
+        v.sort();
+        v
+    };
+    assert_eq!(versions, [1, 2], "the canary runs v2, the other device v1");
+    for agent in agents {
+        agent.stop().await;
+    }
+    ctl.stop().await;
+}
