@@ -444,6 +444,18 @@ fn evenly_spaced(samples: &[Sample], keep: usize) -> Vec<Sample> {
         .collect()
 }
 
+/// A number as written in a CSV sample: a value an f32 holds exactly (a regression's
+/// prediction is the model's f32 output) is written as the shortest text that reads back as
+/// that f32 (`41.37`, not `41.37000274658203`); any other as an f64.
+fn shortest(v: f64) -> String {
+    let narrow = v as f32;
+    if f64::from(narrow) == v {
+        narrow.to_string()
+    } else {
+        v.to_string()
+    }
+}
+
 /// Writes samples as CSV: the feature names, then `predicted` and `label` (empty when
 /// unknown); a NaN value is an empty field.
 pub fn write_csv(
@@ -467,8 +479,8 @@ pub fn write_csv(
                 }
             })
             .collect();
-        record.push(s.predicted.map(|p| p.to_string()).unwrap_or_default());
-        record.push(s.label.map(|l| l.to_string()).unwrap_or_default());
+        record.push(s.predicted.map(shortest).unwrap_or_default());
+        record.push(s.label.map(shortest).unwrap_or_default());
         writer.write_record(&record)?;
     }
     writer.flush()?;
@@ -661,6 +673,18 @@ mod tests {
         assert_eq!(
             String::from_utf8(csv).unwrap(),
             "a,b,predicted,label\n1,,1,0\n2,3,0,0\n"
+        );
+        // A regression's values: its f32 prediction as written, a true value as sent.
+        let values = [Sample {
+            predicted: Some(f64::from(41.37f32)),
+            label: Some(0.1),
+            ..samples[0].clone()
+        }];
+        let mut csv = Vec::new();
+        write_csv(&mut csv, &["a".into(), "b".into()], &values).unwrap();
+        assert_eq!(
+            String::from_utf8(csv).unwrap(),
+            "a,b,predicted,label\n1,,41.37,0.1\n"
         );
         assert_eq!(r.status().unwrap().labelled, 2);
         // After a restart the same model's sample goes on where it was.
