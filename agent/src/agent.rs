@@ -157,6 +157,21 @@ impl Serving {
     }
 }
 
+/// A source's ground truth for the served model: a regression's true value, or a
+/// classifier's class index (a whole number below its class count).
+fn source_label(value: f64, regression: bool, classes: usize) -> Result<Target, String> {
+    if regression {
+        return Ok(Target::Value(value));
+    }
+    if value >= 0.0 && value.fract() == 0.0 && value < classes as f64 {
+        Ok(Target::Class(value as usize))
+    } else {
+        Err(format!(
+            "label {value} is not a class index of a model of {classes} classes"
+        ))
+    }
+}
+
 /// The highest command sequence this device accepted, from its state file: none when the
 /// file does not exist; an error when it cannot be read or parsed.
 fn read_last_seq(path: &std::path::Path) -> Result<Option<u64>, String> {
@@ -385,6 +400,7 @@ impl Agent {
             started: Instant::now(),
             reservoir,
             sample_failing: false,
+            bad_label_said: false,
             config,
         };
         actor.run(shutdown, incoming, installs, observed).await;
@@ -400,6 +416,8 @@ struct AgentLoop {
     /// failed.
     reservoir: Option<Reservoir>,
     sample_failing: bool,
+    /// A source's label that does not fit the served model was warned about.
+    bad_label_said: bool,
     source: Box<dyn InputSource>,
     source_columns: Vec<String>,
     source_done: bool,
@@ -539,6 +557,7 @@ impl AgentLoop {
             watch.errors += u64::from(result.is_err());
         }
         let regression = serving.installed.model.is_regression();
+        let classes = serving.installed.model.plan.classes();
         let predicted = match result {
             Ok(prediction) => {
                 self.counters.inferences += 1;
@@ -557,17 +576,25 @@ impl AgentLoop {
                 None
             }
         };
-        // A source's labels are classes (a regression gets its true values as feedback).
-        let label = self.source.label().filter(|_| !regression);
+        let label = match self
+            .source
+            .label()
+            .map(|v| source_label(v, regression, classes))
+        {
+            Some(Ok(label)) => Some(label),
+            Some(Err(why)) => {
+                if !self.bad_label_said {
+                    warn!(%why, "the source's ground truth does not fit the model: rows without it");
+                    self.bad_label_said = true;
+                }
+                None
+            }
+            None => None,
+        };
         if let (Some(serving), Some(label), Some(p)) = (self.serving.as_mut(), label, &predicted) {
-            serving.observe_label(Target::Class(label), p.target, self.watch.as_mut());
+            serving.observe_label(label, p.target, self.watch.as_mut());
         }
-        self.keep_sample(
-            None,
-            &x,
-            predicted.as_ref().map(|p| p.target),
-            label.map(Target::Class),
-        );
+        self.keep_sample(None, &x, predicted.as_ref().map(|p| p.target), label);
         self.count_into_window(&x, predicted);
     }
 
@@ -1626,6 +1653,21 @@ async fn blocking<T: Send + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sources_ground_truth_is_a_value_or_a_class_index_of_the_model() {
+        assert_eq!(source_label(39.5, true, 0), Ok(Target::Value(39.5)));
+        assert_eq!(source_label(1.0, false, 2), Ok(Target::Class(1)));
+        for bad in [2.0, 0.5, -1.0] {
+            let err = source_label(bad, false, 2).unwrap_err();
+            assert!(
+                err.contains(&format!(
+                    "label {bad} is not a class index of a model of 2 classes"
+                )),
+                "{err}"
+            );
+        }
+    }
 
     #[test]
     fn the_sequence_file_is_read_strictly() {

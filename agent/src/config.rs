@@ -240,6 +240,10 @@ pub struct SourceConfig {
     /// synthetic, sensor on the simulated bus: the simulated machine's ground truth comes
     /// back as feedback.
     pub labels: bool,
+    /// csv, npy: the column holding each row's ground truth (a class index for a
+    /// classifier, the true value for a regression), counted as feedback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label_column: Option<String>,
     /// sensor: the I2C bus, its devices and the window the features are computed over.
     pub sensor: SensorConfig,
 }
@@ -497,6 +501,14 @@ impl AgentConfig {
         {
             return Err(invalid("source.path", "a csv or npy source needs a path"));
         }
+        if self.source.label_column.is_some()
+            && !matches!(self.source.kind, SourceKind::Csv | SourceKind::Npy)
+        {
+            return Err(invalid(
+                "source.label_column",
+                "only a csv or npy source has columns to read labels from",
+            ));
+        }
         if self.source.kind == SourceKind::Npy && self.source.columns.is_empty() {
             return Err(invalid(
                 "source.columns",
@@ -561,6 +573,21 @@ mod tests {
         std::fs::write(&path, "[source]\ntype = \"npy\"\npath = \"x.npy\"\n").unwrap();
         let err = AgentConfig::load(Some(&path)).unwrap_err().to_string();
         assert!(err.contains("source.columns"), "{err}");
+
+        std::fs::write(
+            &path,
+            "[source]\ntype = \"synthetic\"\nlabel_column = \"y\"\n",
+        )
+        .unwrap();
+        let err = AgentConfig::load(Some(&path)).unwrap_err().to_string();
+        assert!(err.contains("source.label_column"), "{err}");
+        std::fs::write(
+            &path,
+            "[source]\ntype = \"csv\"\npath = \"r.csv\"\nlabel_column = \"y\"\n",
+        )
+        .unwrap();
+        let c = AgentConfig::load(Some(&path)).unwrap();
+        assert_eq!(c.source.label_column.as_deref(), Some("y"));
 
         std::fs::write(&path, "inference_threads = 0\n").unwrap();
         let err = AgentConfig::load(Some(&path)).unwrap_err().to_string();

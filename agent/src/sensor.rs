@@ -211,8 +211,8 @@ impl InputSource for SensorSource {
         }
     }
 
-    fn label(&self) -> Option<usize> {
-        self.last_label
+    fn label(&self) -> Option<f64> {
+        self.last_label.map(|l| l as f64)
     }
 
     fn finished(&self) -> bool {
@@ -238,7 +238,7 @@ mod tests {
     }
 
     /// The next `n` rows with their labels, waiting for the reader thread.
-    fn take(source: &mut dyn InputSource, n: usize) -> Vec<(Vec<f32>, Option<usize>)> {
+    fn take(source: &mut dyn InputSource, n: usize) -> Vec<(Vec<f32>, Option<f64>)> {
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut rows = Vec::new();
         while rows.len() < n {
@@ -278,7 +278,7 @@ mod tests {
         let (mut right, mut faults) = (0, 0);
         for (row, label) in &rows {
             assert!(row.iter().all(|v| v.is_finite()), "{row:?}");
-            let label = label.expect("the simulated bus gives ground truth");
+            let label = label.expect("the simulated bus gives ground truth") as usize;
             faults += label;
             right += usize::from(plan.infer(row, &names).unwrap().class == label);
         }

@@ -25,6 +25,12 @@ pub enum SourceError {
     Empty { path: String },
     #[error("a csv or npy source needs a path")]
     NoPath,
+    #[error("{path} has no label column `{column}`: its columns are {columns:?}")]
+    NoLabelColumn {
+        path: String,
+        column: String,
+        columns: Vec<String>,
+    },
     #[error("{path}: {reason}")]
     Npy { path: String, reason: String },
     #[error("sensor source: {0}")]
@@ -43,9 +49,9 @@ pub trait InputSource: Send {
     fn finished(&self) -> bool {
         true
     }
-    /// The ground truth of the row `next_row` returned last, when the source knows it
-    /// (it is then counted as feedback).
-    fn label(&self) -> Option<usize> {
+    /// The ground truth of the row `next_row` returned last, when the source knows it (it
+    /// is then counted as feedback): a class index, or a regression's true value.
+    fn label(&self) -> Option<f64> {
         None
     }
 }
@@ -57,15 +63,21 @@ pub fn from_config(config: &SourceConfig) -> Result<Box<dyn InputSource>, Source
             VibrationGenerator::new(config.seed, ShiftControl::default())
                 .with_labels(config.labels),
         ),
-        SourceKind::Csv => Box::new(Replay::csv(
-            config.path.as_deref().ok_or(SourceError::NoPath)?,
-            config.repeat,
-        )?),
-        SourceKind::Npy => Box::new(Replay::npy(
-            config.path.as_deref().ok_or(SourceError::NoPath)?,
-            &config.columns,
-            config.repeat,
-        )?),
+        SourceKind::Csv => Box::new(
+            Replay::csv(
+                config.path.as_deref().ok_or(SourceError::NoPath)?,
+                config.repeat,
+            )?
+            .with_label_column(config.label_column.as_deref())?,
+        ),
+        SourceKind::Npy => Box::new(
+            Replay::npy(
+                config.path.as_deref().ok_or(SourceError::NoPath)?,
+                &config.columns,
+                config.repeat,
+            )?
+            .with_label_column(config.label_column.as_deref())?,
+        ),
         SourceKind::Sensor => Box::new(crate::sensor::SensorSource::open(
             &config.sensor,
             config.seed,
@@ -158,8 +170,8 @@ impl InputSource for VibrationGenerator {
         Some(row)
     }
 
-    fn label(&self) -> Option<usize> {
-        self.last_label
+    fn label(&self) -> Option<f64> {
+        self.last_label.map(|l| l as f64)
     }
 }
 
@@ -201,10 +213,14 @@ impl VibrationGenerator {
 /// Replays the rows of a file, once or over and over: a CSV file with a header line
 /// ([`Replay::csv`]) or a NumPy array ([`Replay::npy`]).
 pub struct Replay {
+    /// The file, for errors.
+    path: String,
     columns: Vec<String>,
     rows: Vec<Vec<f32>>,
     next: usize,
     repeat: bool,
+    /// The column that holds each row's ground truth, if any.
+    label_column: Option<usize>,
 }
 
 impl Replay {
@@ -212,11 +228,32 @@ impl Replay {
     pub fn csv(path: &Path, repeat: bool) -> Result<Self, SourceError> {
         let (columns, rows) = read_numeric_csv(path)?;
         Ok(Replay {
+            path: path.display().to_string(),
             columns,
             rows,
             next: 0,
             repeat,
+            label_column: None,
         })
+    }
+
+    /// Reads each row's ground truth from the column `name` (a class index, or a
+    /// regression's true value; NaN, an empty cell, is a row without one).
+    pub fn with_label_column(mut self, name: Option<&str>) -> Result<Self, SourceError> {
+        let Some(name) = name else {
+            return Ok(self);
+        };
+        match self.columns.iter().position(|c| c == name) {
+            Some(i) => {
+                self.label_column = Some(i);
+                Ok(self)
+            }
+            None => Err(SourceError::NoLabelColumn {
+                path: self.path,
+                column: name.to_string(),
+                columns: self.columns,
+            }),
+        }
     }
 
     /// A NumPy `.npy` array of shape `(rows, columns)` (or `(rows,)`, one column), whose
@@ -245,10 +282,12 @@ impl Replay {
             return Err(SourceError::Empty { path: shown });
         }
         Ok(Replay {
+            path: shown,
             columns: columns.to_vec(),
             rows: values.chunks(width).map(<[f32]>::to_vec).collect(),
             next: 0,
             repeat,
+            label_column: None,
         })
     }
 }
@@ -267,6 +306,13 @@ impl InputSource for Replay {
         }
         self.next += 1;
         Some(self.rows[self.next - 1].clone())
+    }
+
+    fn label(&self) -> Option<f64> {
+        let row = self.rows.get(self.next.checked_sub(1)?)?;
+        row.get(self.label_column?)
+            .map(|&v| f64::from(v))
+            .filter(|v| v.is_finite())
     }
 }
 
@@ -517,6 +563,49 @@ mod tests {
         let mut once = Replay::csv(&path, false).unwrap();
         assert!(once.next_row().is_some() && once.next_row().is_some());
         assert_eq!(once.next_row(), None);
+    }
+
+    #[test]
+    fn a_replayed_files_label_column_gives_each_rows_ground_truth() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.csv");
+        std::fs::write(&path, "a,hours_left\n1,39.5\n2,\n3,7\n").unwrap();
+        let config = SourceConfig {
+            kind: SourceKind::Csv,
+            path: Some(path.clone()),
+            repeat: false,
+            label_column: Some("hours_left".into()),
+            ..crate::config::AgentConfig::default().source
+        };
+        let mut r = from_config(&config).unwrap();
+        assert_eq!(r.label(), None, "no row yet");
+        let mut seen = Vec::new();
+        while let Some(row) = r.next_row() {
+            seen.push((row[0], r.label()));
+        }
+        assert_eq!(
+            seen,
+            [(1.0, Some(39.5)), (2.0, None), (3.0, Some(7.0))],
+            "an empty cell is a row without ground truth"
+        );
+        let err = from_config(&SourceConfig {
+            label_column: Some("fault".into()),
+            ..config.clone()
+        })
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(
+            err.contains("no label column `fault`: its columns are [\"a\", \"hours_left\"]"),
+            "{err}"
+        );
+        let unlabelled = SourceConfig {
+            label_column: None,
+            ..config
+        };
+        let mut r = from_config(&unlabelled).unwrap();
+        r.next_row().unwrap();
+        assert_eq!(r.label(), None);
     }
 
     /// An NPY file as numpy writes one: the header padded with spaces to a multiple of

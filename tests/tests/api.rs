@@ -1025,6 +1025,73 @@ async fn a_regression_whose_error_rises_is_rolled_back() {
     ctl.stop().await;
 }
 
+/// A replayed file that holds each row's true value (`source.label_column`) scores a
+/// regression on the device as feedback would: every window of the holdout's 100 rows
+/// carries 100 errors, and its mean absolute error is the bare plan's on those rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_files_true_values_score_a_regression() {
+    let compat = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent/tests/compat");
+    let holdout = regression_holdout();
+    let onnx = std::fs::read(compat.join("linear_regression.onnx")).unwrap();
+    let plan = edgeloop_agent::runtime::Plan::compile(&onnx, 4).unwrap();
+    let features: Vec<String> = (0..4).map(|i| format!("f{i}")).collect();
+    let want = holdout
+        .iter()
+        .map(|(row, truth)| {
+            let predicted = f64::from(plan.infer(row, &features).unwrap().scores[0]);
+            // The replayed true value is read as an f32, as every replayed value is.
+            (predicted - f64::from(*truth as f32)).abs()
+        })
+        .sum::<f64>()
+        / holdout.len() as f64;
+
+    let ctl = TestController::start(BrokerChoice::Embedded).await.unwrap();
+    let mut config = ctl.agent_config("regression-replay", holdout.len() as u64);
+    config.source.kind = SourceKind::Csv;
+    config.source.path = Some(compat.join("regression_holdout.csv"));
+    config.source.label_column = Some("label".into());
+    config.source.repeat = true;
+    config.source.rate_hz = 1000.0;
+    let agent = ctl.spawn_agent_with(config);
+    ctl.wait_for_model("regression-replay", None).await;
+    ctl.controller
+        .publish(edgeloop_controller::registry::PublishRequest {
+            regression: true,
+            ..edgeloop_controller::registry::PublishRequest::new(
+                "life",
+                1,
+                &onnx,
+                &compat.join("regression_reference.csv"),
+            )
+        })
+        .await
+        .unwrap();
+    ctl.controller.rollout("life", 1, None).await.unwrap();
+    // The first window may begin mid-file; a later one holds each row once.
+    let summary = wait_until_some(Duration::from_secs(30), || async {
+        let rows = ctl
+            .controller
+            .store
+            .telemetry("regression-replay", 10)
+            .await
+            .unwrap();
+        rows.into_iter()
+            .map(|r| r.summary)
+            .find(|s| s["window_seq"].as_u64().is_some_and(|seq| seq >= 2))
+    })
+    .await;
+    let stats = &summary["stats"];
+    assert_eq!(stats["residuals"]["count"], 100, "{stats}");
+    let mae = stats["mae"].as_f64().unwrap();
+    assert!(
+        (mae - want).abs() < 1e-4 * want.max(1.0),
+        "mae {mae}, the bare plan's {want}"
+    );
+    assert!(stats.get("confusion").is_none(), "{stats}");
+    agent.stop().await;
+    ctl.stop().await;
+}
+
 /// The fleet judges a regression's error too: v2 (boosted trees) goes to a canary whose
 /// own health window does not judge error, so it commits; the controller's telemetry gate
 /// pools the true values the canary's windows carry against those of the device still on
