@@ -157,18 +157,25 @@ impl Serving {
     }
 }
 
-/// A source's ground truth for the served model: a regression's true value, or a
-/// classifier's class index (a whole number below its class count).
-fn source_label(value: f64, regression: bool, classes: usize) -> Result<Target, String> {
-    if regression {
-        return Ok(Target::Value(value));
-    }
-    if value >= 0.0 && value.fract() == 0.0 && value < classes as f64 {
-        Ok(Target::Class(value as usize))
-    } else {
-        Err(format!(
-            "label {value} is not a class index of a model of {classes} classes"
-        ))
+/// A source's ground truth for the served model, `None` when it is of another kind of
+/// model: a regression takes a number as its true value; a classifier takes a class, or a
+/// number that is one of its class indices.
+fn source_label(label: Target, regression: bool, classes: usize) -> Result<Option<Target>, String> {
+    let class = match (label, regression) {
+        (Target::Value(value), true) => return Ok(Some(Target::Value(value))),
+        // The machine's condition says nothing of a value.
+        (Target::Class(_), true) => return Ok(None),
+        (Target::Class(class), false) => Some(class),
+        (Target::Value(value), false) => {
+            (value >= 0.0 && value.fract() == 0.0).then_some(value as usize)
+        }
+    };
+    match class {
+        Some(c) if c < classes => Ok(Some(Target::Class(c))),
+        _ => Err(format!(
+            "label {} is not a class index of a model of {classes} classes",
+            label.number()
+        )),
     }
 }
 
@@ -579,9 +586,9 @@ impl AgentLoop {
         let label = match self
             .source
             .label()
-            .map(|v| source_label(v, regression, classes))
+            .map(|l| source_label(l, regression, classes))
         {
-            Some(Ok(label)) => Some(label),
+            Some(Ok(label)) => label,
             Some(Err(why)) => {
                 if !self.bad_label_said {
                     warn!(%why, "the source's ground truth does not fit the model: rows without it");
@@ -1656,10 +1663,24 @@ mod tests {
 
     #[test]
     fn a_sources_ground_truth_is_a_value_or_a_class_index_of_the_model() {
-        assert_eq!(source_label(39.5, true, 0), Ok(Target::Value(39.5)));
-        assert_eq!(source_label(1.0, false, 2), Ok(Target::Class(1)));
+        let value = Target::Value;
+        assert_eq!(source_label(value(39.5), true, 0), Ok(Some(value(39.5))));
+        assert_eq!(
+            source_label(Target::Class(1), true, 0),
+            Ok(None),
+            "a machine's condition is no true value"
+        );
+        assert_eq!(
+            source_label(value(1.0), false, 2),
+            Ok(Some(Target::Class(1)))
+        );
+        assert_eq!(
+            source_label(Target::Class(1), false, 2),
+            Ok(Some(Target::Class(1)))
+        );
+        assert!(source_label(Target::Class(2), false, 2).is_err());
         for bad in [2.0, 0.5, -1.0] {
-            let err = source_label(bad, false, 2).unwrap_err();
+            let err = source_label(value(bad), false, 2).unwrap_err();
             assert!(
                 err.contains(&format!(
                     "label {bad} is not a class index of a model of 2 classes"

@@ -211,8 +211,8 @@ impl InputSource for SensorSource {
         }
     }
 
-    fn label(&self) -> Option<f64> {
-        self.last_label.map(|l| l as f64)
+    fn label(&self) -> Option<edgeloop_shared::drift::Target> {
+        self.last_label.map(edgeloop_shared::drift::Target::Class)
     }
 
     fn finished(&self) -> bool {
@@ -238,13 +238,19 @@ mod tests {
     }
 
     /// The next `n` rows with their labels, waiting for the reader thread.
-    fn take(source: &mut dyn InputSource, n: usize) -> Vec<(Vec<f32>, Option<f64>)> {
+    fn take(source: &mut dyn InputSource, n: usize) -> Vec<(Vec<f32>, Option<usize>)> {
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut rows = Vec::new();
         while rows.len() < n {
             assert!(Instant::now() < deadline, "{} rows after 60 s", rows.len());
             match source.next_row() {
-                Some(row) => rows.push((row, source.label())),
+                Some(row) => rows.push((
+                    row,
+                    source.label().map(|l| match l {
+                        edgeloop_shared::drift::Target::Class(c) => c,
+                        other => panic!("the simulated bus gives classes, not {other:?}"),
+                    }),
+                )),
                 None => {
                     assert!(!source.finished());
                     std::thread::sleep(Duration::from_millis(1));
@@ -278,7 +284,7 @@ mod tests {
         let (mut right, mut faults) = (0, 0);
         for (row, label) in &rows {
             assert!(row.iter().all(|v| v.is_finite()), "{row:?}");
-            let label = label.expect("the simulated bus gives ground truth") as usize;
+            let label = label.expect("the simulated bus gives ground truth");
             faults += label;
             right += usize::from(plan.infer(row, &names).unwrap().class == label);
         }

@@ -8,6 +8,8 @@ use rand::SeedableRng;
 use rand::rngs::SmallRng;
 use rand_distr::{Distribution, Normal};
 
+use edgeloop_shared::drift::Target;
+
 use crate::config::{SourceConfig, SourceKind};
 
 #[derive(Debug, thiserror::Error)]
@@ -50,8 +52,10 @@ pub trait InputSource: Send {
         true
     }
     /// The ground truth of the row `next_row` returned last, when the source knows it (it
-    /// is then counted as feedback): a class index, or a regression's true value.
-    fn label(&self) -> Option<f64> {
+    /// is then counted as feedback): a class, from a source that knows the machine's
+    /// condition; or a number, from a replayed file's label column, which is a class index
+    /// or a true value, whichever the served model predicts.
+    fn label(&self) -> Option<Target> {
         None
     }
 }
@@ -170,8 +174,8 @@ impl InputSource for VibrationGenerator {
         Some(row)
     }
 
-    fn label(&self) -> Option<f64> {
-        self.last_label.map(|l| l as f64)
+    fn label(&self) -> Option<Target> {
+        self.last_label.map(Target::Class)
     }
 }
 
@@ -308,11 +312,12 @@ impl InputSource for Replay {
         Some(self.rows[self.next - 1].clone())
     }
 
-    fn label(&self) -> Option<f64> {
+    fn label(&self) -> Option<Target> {
         let row = self.rows.get(self.next.checked_sub(1)?)?;
         row.get(self.label_column?)
             .map(|&v| f64::from(v))
             .filter(|v| v.is_finite())
+            .map(Target::Value)
     }
 }
 
@@ -585,7 +590,11 @@ mod tests {
         }
         assert_eq!(
             seen,
-            [(1.0, Some(39.5)), (2.0, None), (3.0, Some(7.0))],
+            [
+                (1.0, Some(Target::Value(39.5))),
+                (2.0, None),
+                (3.0, Some(Target::Value(7.0)))
+            ],
             "an empty cell is a row without ground truth"
         );
         let err = from_config(&SourceConfig {
