@@ -141,7 +141,8 @@ pub struct TelemetryGate {
     /// For a regression, when set: the new version's mean absolute error on true values
     /// (pooled over its windows) may be at most this share above the old version's (0.1:
     /// a tenth more). It waits for, and compares on, `min_labels` true values as
-    /// `max_accuracy_drop` does.
+    /// `max_accuracy_drop` does; a classifier's labelled windows (with an accuracy) end the
+    /// wait, as it has no such error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_mae_rise: Option<f64>,
     #[serde(default = "TelemetryGate::default_min_labels")]
@@ -259,7 +260,12 @@ impl TelemetryGate {
                 )));
             }
         }
-        if let Some(rise) = self.max_mae_rise {
+        // A classifier's labelled windows carry an accuracy and no error: the comparison
+        // is not for it, and waiting for true values would hold the wave for good.
+        let classifier = evidence.new.iter().any(|w| w.accuracy.is_some());
+        if let Some(rise) = self.max_mae_rise
+            && !classifier
+        {
             let (new_values, new_mae) = pooled_mae(&evidence.new);
             if new_values < self.min_labels {
                 return None;
@@ -1006,11 +1012,22 @@ mod tests {
             ),
             "{why}"
         );
-        // Windows without true values (a classifier's, or none yet) do not count.
+        // Windows without true values do not count.
         assert_eq!(
             judge(vec![w(50, 1.0), w(50, 1.0), w(0, 0.0)], vec![w(0, 0.0)]),
             Some(Ok(())),
             "no old true values: nothing to compare with"
+        );
+        // A classifier's labelled windows: the comparison does not apply, nothing waits.
+        let classified = |labelled: u64| GateWindow {
+            psi_max: 0.05,
+            labelled,
+            accuracy: Some(0.9),
+            ..GateWindow::default()
+        };
+        assert_eq!(
+            judge(vec![classified(10), classified(10)], vec![classified(10)]),
+            Some(Ok(()))
         );
         let bad = TelemetryGate {
             max_mae_rise: Some(-0.1),
