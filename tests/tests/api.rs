@@ -469,7 +469,7 @@ async fn a_model_of_integer_inputs_is_served_and_fractions_are_refused() {
 /// and probabilities.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_sklearn_classifier_with_label_and_probabilities_outputs_is_served() {
-    let compat = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent/tests/compat");
+    let compat = compat_dir();
     let onnx = std::fs::read(compat.join("gradient_boosting.onnx")).unwrap();
     let fixture: Value =
         serde_json::from_slice(&std::fs::read(compat.join("gradient_boosting.json")).unwrap())
@@ -545,7 +545,7 @@ async fn an_sklearn_classifier_with_label_and_probabilities_outputs_is_served() 
 /// deviation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_image_classifier_is_served_with_tensors_normalised_by_channel() {
-    let compat = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent/tests/compat");
+    let compat = compat_dir();
     let onnx = std::fs::read(compat.join("cnn.onnx")).unwrap();
     let fixture: Value =
         serde_json::from_slice(&std::fs::read(compat.join("cnn.json")).unwrap()).unwrap();
@@ -955,8 +955,7 @@ async fn a_regression_is_served_scored_on_true_values_and_watched_for_prediction
 
 /// The compatibility suite's regression holdout: rows of four features and the true value.
 fn regression_holdout() -> Vec<([f32; 4], f64)> {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../agent/tests/compat/regression_holdout.csv");
+    let path = compat_dir().join("regression_holdout.csv");
     std::fs::read_to_string(path)
         .unwrap()
         .lines()
@@ -968,13 +967,36 @@ fn regression_holdout() -> Vec<([f32; 4], f64)> {
         .collect()
 }
 
+/// The compatibility suite's folder: its regressors and their reference and holdout data.
+fn compat_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent/tests/compat")
+}
+
+/// Publishes the suite's regressor `model` (`linear_regression`, `boosting_regressor`…) as
+/// `life` `version`, profiled on the suite's regression reference data.
+async fn publish_regressor(ctl: &TestController, version: u64, model: &str) {
+    let compat = compat_dir();
+    let onnx = std::fs::read(compat.join(format!("{model}.onnx"))).unwrap();
+    ctl.controller
+        .publish(edgeloop_controller::registry::PublishRequest {
+            regression: true,
+            ..edgeloop_controller::registry::PublishRequest::new(
+                "life",
+                version,
+                &onnx,
+                &compat.join("regression_reference.csv"),
+            )
+        })
+        .await
+        .unwrap();
+}
+
 /// A regression whose error on the device's true values rises too far above the previous
 /// version's during its health window is rolled back by the device: v1 (a linear model)
 /// and v2 (boosted trees, ten times its error on the same rows) answer the same requests,
 /// and the true values sent back as feedback judge them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_regression_whose_error_rises_is_rolled_back() {
-    let compat = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent/tests/compat");
     let ctl = TestController::start(BrokerChoice::Embedded).await.unwrap();
     let mut config = ctl.agent_config("regression-2", 1000);
     let port = free_port();
@@ -986,7 +1008,6 @@ async fn a_regression_whose_error_rises_is_rolled_back() {
     config.health.min_labels = 50;
     let agent = ctl.spawn_agent_with(config);
     ctl.wait_for_model("regression-2", None).await;
-    let reference = compat.join("regression_reference.csv");
     let base = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
     let holdout = regression_holdout();
@@ -1004,16 +1025,7 @@ async fn a_regression_whose_error_rises_is_rolled_back() {
         }
     };
     for (version, model) in [(1, "linear_regression"), (2, "boosting_regressor")] {
-        let onnx = std::fs::read(compat.join(format!("{model}.onnx"))).unwrap();
-        ctl.controller
-            .publish(edgeloop_controller::registry::PublishRequest {
-                regression: true,
-                ..edgeloop_controller::registry::PublishRequest::new(
-                    "life", version, &onnx, &reference,
-                )
-            })
-            .await
-            .unwrap();
+        publish_regressor(&ctl, version, model).await;
         ctl.controller.rollout("life", version, None).await.unwrap();
         ctl.wait_for_model("regression-2", Some(version)).await;
         answer_and_judge().await;
@@ -1030,7 +1042,7 @@ async fn a_regression_whose_error_rises_is_rolled_back() {
 /// carries 100 errors, and its mean absolute error is the bare plan's on those rows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replayed_files_true_values_score_a_regression() {
-    let compat = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent/tests/compat");
+    let compat = compat_dir();
     let holdout = regression_holdout();
     let onnx = std::fs::read(compat.join("linear_regression.onnx")).unwrap();
     let plan = edgeloop_agent::runtime::Plan::compile(&onnx, 4).unwrap();
@@ -1054,18 +1066,7 @@ async fn a_replayed_files_true_values_score_a_regression() {
     config.source.rate_hz = 1000.0;
     let agent = ctl.spawn_agent_with(config);
     ctl.wait_for_model("regression-replay", None).await;
-    ctl.controller
-        .publish(edgeloop_controller::registry::PublishRequest {
-            regression: true,
-            ..edgeloop_controller::registry::PublishRequest::new(
-                "life",
-                1,
-                &onnx,
-                &compat.join("regression_reference.csv"),
-            )
-        })
-        .await
-        .unwrap();
+    publish_regressor(&ctl, 1, "linear_regression").await;
     ctl.controller.rollout("life", 1, None).await.unwrap();
     // The first window may begin mid-file; a later one holds each row once.
     let summary = wait_until_some(Duration::from_secs(30), || async {
@@ -1098,7 +1099,6 @@ async fn a_replayed_files_true_values_score_a_regression() {
 /// v1 (a linear model) over the same period, and stops the rollout before its second wave.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_regression_whose_error_rises_on_the_canary_stops_at_the_telemetry_gate() {
-    let compat = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent/tests/compat");
     let ctl = TestController::start(BrokerChoice::Embedded).await.unwrap();
     let holdout = regression_holdout();
     let devices = ["regression-gate-0", "regression-gate-1"];
@@ -1117,18 +1117,8 @@ async fn a_regression_whose_error_rises_on_the_canary_stops_at_the_telemetry_gat
         bases.push(format!("http://127.0.0.1:{port}"));
         ctl.wait_for_model(id, None).await;
     }
-    let reference = compat.join("regression_reference.csv");
     for (version, model) in [(1, "linear_regression"), (2, "boosting_regressor")] {
-        let onnx = std::fs::read(compat.join(format!("{model}.onnx"))).unwrap();
-        ctl.controller
-            .publish(edgeloop_controller::registry::PublishRequest {
-                regression: true,
-                ..edgeloop_controller::registry::PublishRequest::new(
-                    "life", version, &onnx, &reference,
-                )
-            })
-            .await
-            .unwrap();
+        publish_regressor(&ctl, version, model).await;
     }
     ctl.controller.rollout("life", 1, None).await.unwrap();
     for id in devices {
