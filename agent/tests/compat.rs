@@ -175,10 +175,12 @@ fn sklearn_regressors_match_onnxruntime() {
     }
 }
 
-const REGRESSORS: [&str; 4] = [
+const REGRESSORS: [&str; 5] = [
     "linear_regression",
     "mlp_regressor",
     "forest_regressor",
+    // The forest again, aggregated by AVERAGE with its weights scaled back up.
+    "forest_average",
     "boosting_regressor",
 ];
 
@@ -269,7 +271,7 @@ fn fixtures_cover_the_promised_operators() {
     assert!(ops("scaler_logreg").contains(&"ai.onnx.ml.Scaler".to_string()));
     assert!(ops("gradient_boosting").contains(&"ai.onnx.ml.TreeEnsembleClassifier".to_string()));
     assert!(ops("linear_regression").contains(&"ai.onnx.ml.LinearRegressor".to_string()));
-    for name in ["forest_regressor", "boosting_regressor"] {
+    for name in ["forest_regressor", "forest_average", "boosting_regressor"] {
         assert!(ops(name).contains(&"ai.onnx.ml.TreeEnsembleRegressor".to_string()));
     }
 }

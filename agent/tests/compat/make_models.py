@@ -29,6 +29,8 @@ variable f32 [N,1]):
   forest_regressor   RandomForestRegressor(10 trees, d=4) (ai.onnx.ml TreeEnsembleRegressor)
   boosting_regressor GradientBoostingRegressor(20 trees, d=3) (TreeEnsembleRegressor with a
                      base value)
+  forest_average     forest_regressor rewritten to aggregate by AVERAGE (its weights times
+                     the tree count), which no exporter here writes
   with regression_reference.csv (their 300 training rows, without the target) and
   regression_holdout.csv (100 more rows with the true value as `label`)
 
@@ -341,6 +343,34 @@ def make_unsupported():
     onnx.save(model, os.path.join(HERE, "unsupported_op.onnx"))
 
 
+def make_average_forest():
+    """forest_regressor as an AVERAGE ensemble: skl2onnx writes SUM with each leaf weight
+    divided by the tree count, so multiplying the weights back and averaging must give the
+    same values. Made from the committed forest_regressor files (no scikit-learn needed)."""
+    model = onnx.load(os.path.join(HERE, "forest_regressor.onnx"))
+    node = next(n for n in model.graph.node if n.op_type == "TreeEnsembleRegressor")
+    attrs = {a.name: a for a in node.attribute}
+    trees = len(set(attrs["nodes_treeids"].ints))
+    weights = list(attrs["target_weights"].floats)
+    del attrs["target_weights"].floats[:]
+    attrs["target_weights"].floats.extend([w * trees for w in weights])
+    aggregate = [a for a in node.attribute if a.name == "aggregate_function"]
+    if aggregate:
+        aggregate[0].s = b"AVERAGE"
+    else:
+        node.attribute.append(helper.make_attribute("aggregate_function", "AVERAGE"))
+    with open(os.path.join(HERE, "forest_regressor.json")) as f:
+        summed = json.load(f)
+    features = summed["inputs"][0]
+    x = np.array(features["data"], dtype=np.float32).reshape(features["shape"])
+    save("forest_average", model, {features["name"]: x})
+    with open(os.path.join(HERE, "forest_average.json")) as f:
+        averaged = json.load(f)
+    # onnxruntime agrees that both say the same.
+    np.testing.assert_allclose(averaged["outputs"][0]["data"], summed["outputs"][0]["data"],
+                               rtol=1e-5, atol=1e-4)
+
+
 if __name__ == "__main__":
     make_unsupported()
     make_cnn()
@@ -348,3 +378,4 @@ if __name__ == "__main__":
     make_rnn("LSTM")
     make_sklearn()
     make_regressors()
+    make_average_forest()
