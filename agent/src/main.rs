@@ -231,6 +231,8 @@ async fn run() -> anyhow::Result<()> {
             id_prefix,
         } => {
             let config = overrides.load()?;
+            // One setting for the process: every simulated device's plans share it.
+            edgeloop_agent::runtime::set_inference_threads(config.inference_threads);
             let shutdown = edgeloop_agent::shutdown_on_ctrl_c();
             let fleet = Fleet::spawn(&config, devices, &id_prefix, &config.state_dir, &shutdown)?;
             fleet.join().await;
