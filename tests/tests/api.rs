@@ -598,24 +598,33 @@ async fn an_image_classifier_is_served_with_tensors_normalised_by_channel() {
     config.source.kind = SourceKind::Api;
     let agent = ctl.spawn_agent_with(config);
     ctl.wait_for_model("camera-1", None).await;
-    let npy = ctl.dir.path().join("images.npy");
-    std::fs::write(
-        &npy,
-        edgeloop_agent::source::npy_f32(&[40, 3, 32, 32], &reference),
-    )
-    .unwrap();
-    ctl.controller
-        .publish(edgeloop_controller::registry::PublishRequest {
-            preprocess: Some(edgeloop_shared::bundle::Preprocess {
-                offset: offset.to_vec(),
-                scale: scale.to_vec(),
-            }),
-            ..edgeloop_controller::registry::PublishRequest::new("camera", 1, &onnx, &npy)
-        })
-        .await
-        .unwrap();
-    ctl.controller.rollout("camera", 1, None).await.unwrap();
-    ctl.wait_for_model("camera-1", Some(1)).await;
+    // Publishes the model as camera `version`, its reference images (forty, of `shape`) in
+    // an NPY file, normalised by channel; rolls it out and waits until the camera serves it.
+    let publish = async |version: u64,
+                         shape: [usize; 3],
+                         reference: &[f32],
+                         layout: Option<edgeloop_shared::bundle::RowLayout>| {
+        let npy = ctl.dir.path().join(format!("images-v{version}.npy"));
+        let dims = [40, shape[0], shape[1], shape[2]];
+        std::fs::write(&npy, edgeloop_agent::source::npy_f32(&dims, reference)).unwrap();
+        ctl.controller
+            .publish(edgeloop_controller::registry::PublishRequest {
+                preprocess: Some(edgeloop_shared::bundle::Preprocess {
+                    offset: offset.to_vec(),
+                    scale: scale.to_vec(),
+                }),
+                layout,
+                ..edgeloop_controller::registry::PublishRequest::new("camera", version, &onnx, &npy)
+            })
+            .await
+            .unwrap();
+        ctl.controller
+            .rollout("camera", version, None)
+            .await
+            .unwrap();
+        ctl.wait_for_model("camera-1", Some(version)).await;
+    };
+    publish(1, [3, 32, 32], &reference, None).await;
     let base = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
 
@@ -698,25 +707,13 @@ async fn an_image_classifier_is_served_with_tensors_normalised_by_channel() {
     let to_hwc =
         |chw: &[f32]| -> Vec<f32> { (0..IMAGE).map(|i| chw[(i % 3) * PIXELS + i / 3]).collect() };
     let reference_hwc: Vec<f32> = reference.chunks(IMAGE).flat_map(to_hwc).collect();
-    let npy = ctl.dir.path().join("images-hwc.npy");
-    std::fs::write(
-        &npy,
-        edgeloop_agent::source::npy_f32(&[40, 32, 32, 3], &reference_hwc),
+    publish(
+        2,
+        [32, 32, 3],
+        &reference_hwc,
+        Some(edgeloop_shared::bundle::RowLayout::ChannelsLast),
     )
-    .unwrap();
-    ctl.controller
-        .publish(edgeloop_controller::registry::PublishRequest {
-            preprocess: Some(edgeloop_shared::bundle::Preprocess {
-                offset: offset.to_vec(),
-                scale: scale.to_vec(),
-            }),
-            layout: Some(edgeloop_shared::bundle::RowLayout::ChannelsLast),
-            ..edgeloop_controller::registry::PublishRequest::new("camera", 2, &onnx, &npy)
-        })
-        .await
-        .unwrap();
-    ctl.controller.rollout("camera", 2, None).await.unwrap();
-    ctl.wait_for_model("camera-1", Some(2)).await;
+    .await;
     let model: Value = get_json(&http, &format!("{base}/v1/model")).await;
     let input = &model["inputs"][0];
     assert_eq!(input["shape"], json!([null, 3, 32, 32]), "{model}");
