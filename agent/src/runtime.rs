@@ -1,12 +1,15 @@
 //! Inference with tract: an ONNX model is typed, optimized and planned once at load, then
 //! run for each input row.
 //!
-//! The runtime serves models with one input of shape `[batch, features]` of any manifest
+//! The runtime serves models with inputs of shape `[batch, features]` of any manifest
 //! dtype (f32, f64, i64, i32, u8, bool; values arrive as 32-bit floats and are cast, after
-//! a check that each stands for a value of that type) and an output of shape
-//! `[batch, classes]` (class scores). A graph may have other outputs beside the scores, such
-//! as the `label` scikit-learn exporters write: they are pruned from the plan, and the class
-//! is the scores' argmax. The plan is made for a batch of one.
+//! a check that each stands for a value of that type), or one tensor input, and an output
+//! of shape `[batch, classes]` (class scores). A model of several inputs takes one row of
+//! features, every input's in the graph's order, and the plan splits it among them, so
+//! the drift monitor, the reservoir and the sources see one row as for any other model.
+//! A graph may have other outputs beside the scores, such as the `label` scikit-learn
+//! exporters write: they are pruned from the plan, and the class is the scores' argmax.
+//! The plan is made for a batch of one.
 
 use std::sync::Arc;
 
@@ -57,14 +60,9 @@ pub enum RuntimeError {
 /// What was learned about an ONNX graph by loading it with tract.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelSignature {
-    pub input_name: String,
-    /// Width of a `[batch, features]` input, when the graph declares it (`None` for a
-    /// tensor input).
-    pub input_width: Option<usize>,
-    /// The input's dimensions after the batch, as far as the graph fixes them.
-    pub input_dims: Vec<Option<usize>>,
-    /// The input's element type (f32 when the graph leaves it open).
-    pub input_dtype: DType,
+    /// Every input of the graph, in the graph's order: one, or several of
+    /// `[batch, features]`.
+    pub inputs: Vec<InputSignature>,
     /// The output served as class scores (see [`ModelSignature::scores`]).
     pub output_name: String,
     /// Every output of the graph, in the graph's order.
@@ -75,6 +73,19 @@ pub struct ModelSignature {
     /// The class labels the graph itself carries, in the order of the score columns
     /// ([`graph_class_labels`]).
     pub class_labels: Option<Vec<String>>,
+}
+
+/// One input of an ONNX graph.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InputSignature {
+    pub name: String,
+    /// Width of a `[batch, features]` input, when the graph declares it (`None` for a
+    /// tensor input).
+    pub width: Option<usize>,
+    /// The dimensions after the batch, as far as the graph fixes them.
+    pub dims: Vec<Option<usize>>,
+    /// The element type (f32 when the graph leaves it open).
+    pub dtype: DType,
 }
 
 /// One output of an ONNX graph.
@@ -89,18 +100,29 @@ pub struct OutputSignature {
     pub is_label: bool,
 }
 
-/// Reads an ONNX graph's input and outputs and the declared input width, and picks the
+/// Reads an ONNX graph's inputs and outputs and the declared input widths, and picks the
 /// output served as class scores.
 pub fn inspect_onnx(onnx: &[u8]) -> Result<ModelSignature, RuntimeError> {
-    read_graph(onnx, None).map(|(signature, _)| signature)
+    read_graph(onnx, RowSpec::Declared).map(|(signature, _)| signature)
 }
 
-/// Parses `onnx` once: its signature, and the graph typed for one row of shape `row`
-/// (the dimensions after the batch; the declared ones when `row` is `None` and the graph
-/// fixes them all).
+/// What one row holds, for typing a graph.
+#[derive(Debug, Clone, Copy)]
+enum RowSpec<'a> {
+    /// What the graph declares; the graph is typed only when it fixes every dimension.
+    Declared,
+    /// One row of this shape (the dimensions after the batch). For a graph of several
+    /// inputs, `[features]`, split among them by the widths they declare (one may be left
+    /// open: it takes the rest).
+    Row(&'a [usize]),
+    /// A graph of `[batch, width]` inputs, one width each, in the graph's order.
+    Widths(&'a [usize]),
+}
+
+/// Parses `onnx` once: its signature, and the graph typed for one row as `spec` says.
 fn read_graph(
     onnx: &[u8],
-    row: Option<&[usize]>,
+    spec: RowSpec<'_>,
 ) -> Result<(ModelSignature, Option<TypedModel>), RuntimeError> {
     let framework = crate::onnx_ops::onnx();
     let proto = framework
@@ -110,84 +132,51 @@ fn read_graph(
     let mut model = framework
         .model_for_proto_model(&proto)
         .map_err(|e| RuntimeError::Load(format!("{e:#}")))?;
-    if model.inputs.len() != 1 {
-        return Err(RuntimeError::Load(format!(
-            "the model has {} inputs; one is supported",
-            model.inputs.len()
-        )));
+    if model.inputs.is_empty() {
+        return Err(RuntimeError::Load("the model has no input".into()));
     }
-    let input = model
-        .input_outlets()
-        .map_err(|e| RuntimeError::Load(e.to_string()))?[0];
-    let fact = model
-        .input_fact(0)
-        .map_err(|e| RuntimeError::Load(e.to_string()))?;
-    let dims: Vec<Option<i64>> = fact
-        .shape
-        .dims()
-        .map(|d| d.concretize().and_then(|d| d.to_i64().ok()))
-        .collect();
-    let input_name = model.node(input.node).name.clone();
-    let input_dtype = match fact.datum_type.concretize() {
-        None => Some(DType::F32),
-        Some(t) => dtype_of(t),
-    };
-    let (rank, Some(input_dtype)) = (dims.len(), input_dtype) else {
+    let inputs = (0..model.inputs.len())
+        .map(|i| read_input(&model, i))
+        .collect::<Result<Vec<_>, _>>()?;
+    if inputs.len() > 1
+        && let Some((i, _)) = inputs.iter().enumerate().find(|(_, s)| s.dims.len() != 1)
+    {
+        let fact = model
+            .input_fact(i)
+            .map_err(|e| RuntimeError::Load(e.to_string()))?;
         return Err(RuntimeError::UnsupportedInput {
-            name: input_name,
-            declared: format!("{fact:?}"),
-        });
-    };
-    let input_dims: Vec<Option<usize>> = dims
-        .iter()
-        .skip(1)
-        .map(|d| d.and_then(|d| usize::try_from(d).ok()))
-        .collect();
-    // A tensor input must fix every dimension but the batch: its rows are shaped.
-    if rank < 2 || (rank > 2 && input_dims.iter().any(Option::is_none)) {
-        return Err(RuntimeError::UnsupportedInput {
-            name: input_name,
-            declared: format!("{fact:?}"),
+            name: inputs[i].name.clone(),
+            declared: format!(
+                "{fact:?}, one of {} inputs (a model of several inputs takes a [batch, \
+                 features] table in each)",
+                inputs.len()
+            ),
         });
     }
-    let input_width = (rank == 2).then(|| input_dims[0]).flatten();
-    if let Some(row) = row {
-        let fits = row.len() == input_dims.len()
-            && row
-                .iter()
-                .zip(&input_dims)
-                .all(|(r, d)| d.is_none_or(|d| d == *r));
-        if !fits {
-            return match (input_width, row) {
-                (Some(width), &[features]) => Err(RuntimeError::WidthMismatch {
-                    expected: width,
-                    got: features,
-                }),
-                _ => Err(RuntimeError::UnsupportedInput {
-                    name: input_name,
-                    declared: format!("{fact:?}, not rows of shape {row:?}"),
-                }),
-            };
-        }
-    }
-    let declared: Option<Vec<usize>> = input_dims.iter().copied().collect();
+    let rows = input_rows(&model, &inputs, spec)?;
     // The output types the graph declares are not always filled in (scikit-learn's label
     // may be left open): type the graph for one row, when its shape is known, and read
     // them from there; otherwise from what analysis infers.
-    let typed = match row.map(<[usize]>::to_vec).or(declared) {
-        Some(row) => Some(
-            model
-                .clone()
-                .with_input_fact(
-                    0,
-                    InferenceFact::dt_shape(
-                        datum_type(input_dtype),
-                        std::iter::once(1).chain(row).collect::<Vec<usize>>(),
-                    ),
-                )
-                .and_then(|m| m.into_typed())
-                .map_err(|e| RuntimeError::Load(format!("{e:#}")))?,
-        ),
+    let typed = match rows {
+        Some(rows) => {
+            let mut model = model.clone();
+            for (i, (row, input)) in rows.into_iter().zip(&inputs).enumerate() {
+                model = model
+                    .with_input_fact(
+                        i,
+                        InferenceFact::dt_shape(
+                            datum_type(input.dtype),
+                            std::iter::once(1).chain(row).collect::<Vec<usize>>(),
+                        ),
+                    )
+                    .map_err(|e| RuntimeError::Load(format!("{e:#}")))?;
+            }
+            Some(
+                model
+                    .into_typed()
+                    .map_err(|e| RuntimeError::Load(format!("{e:#}")))?,
+            )
+        }
         None => {
             model
                 .analyse(false)
@@ -263,16 +252,152 @@ fn read_graph(
         }
     };
     let signature = ModelSignature {
-        input_name,
-        input_dtype,
-        input_width,
-        input_dims,
+        inputs,
         output_name: outputs[scores].name.clone(),
         outputs,
         scores,
         class_labels,
     };
     Ok((signature, typed))
+}
+
+/// The `i`th input of a graph: its name, element type and dimensions. An input must be
+/// `[batch, features]`, or a tensor `[batch, d1, …]` with every dimension after the batch
+/// fixed.
+fn read_input(model: &InferenceModel, i: usize) -> Result<InputSignature, RuntimeError> {
+    let outlet = model
+        .input_outlets()
+        .map_err(|e| RuntimeError::Load(e.to_string()))?[i];
+    let fact = model
+        .input_fact(i)
+        .map_err(|e| RuntimeError::Load(e.to_string()))?;
+    let name = model.node(outlet.node).name.clone();
+    let dims: Vec<Option<i64>> = fact
+        .shape
+        .dims()
+        .map(|d| d.concretize().and_then(|d| d.to_i64().ok()))
+        .collect();
+    let dtype = match fact.datum_type.concretize() {
+        None => Some(DType::F32),
+        Some(t) => dtype_of(t),
+    };
+    let unsupported = || RuntimeError::UnsupportedInput {
+        name: name.clone(),
+        declared: format!("{fact:?}"),
+    };
+    let (rank, Some(dtype)) = (dims.len(), dtype) else {
+        return Err(unsupported());
+    };
+    let dims: Vec<Option<usize>> = dims
+        .iter()
+        .skip(1)
+        .map(|d| d.and_then(|d| usize::try_from(d).ok()))
+        .collect();
+    // A tensor input must fix every dimension but the batch: its rows are shaped.
+    if rank < 2 || (rank > 2 && dims.iter().any(Option::is_none)) {
+        return Err(unsupported());
+    }
+    Ok(InputSignature {
+        width: (rank == 2).then(|| dims[0]).flatten(),
+        dims,
+        dtype,
+        name,
+    })
+}
+
+/// Each input's row shape for `spec`, checked against what the graph declares; `None`
+/// when `spec` leaves a dimension open.
+fn input_rows(
+    model: &InferenceModel,
+    inputs: &[InputSignature],
+    spec: RowSpec<'_>,
+) -> Result<Option<Vec<Vec<usize>>>, RuntimeError> {
+    let declared = || -> Option<Vec<Vec<usize>>> {
+        inputs
+            .iter()
+            .map(|input| input.dims.iter().copied().collect::<Option<Vec<usize>>>())
+            .collect()
+    };
+    let rows = match (spec, inputs) {
+        (RowSpec::Declared, _) => return Ok(declared()),
+        (RowSpec::Row(row) | RowSpec::Widths(row), [_]) => vec![row.to_vec()],
+        (RowSpec::Widths(widths), _) => {
+            if widths.len() != inputs.len() {
+                return Err(RuntimeError::Load(format!(
+                    "the model has {} inputs, but widths for {} were given",
+                    inputs.len(),
+                    widths.len()
+                )));
+            }
+            widths.iter().map(|&w| vec![w]).collect()
+        }
+        (RowSpec::Row(&[features]), _) => split_row(inputs, features)?
+            .into_iter()
+            .map(|w| vec![w])
+            .collect(),
+        (RowSpec::Row(row), _) => {
+            return Err(RuntimeError::Load(format!(
+                "a model of {} inputs takes rows of features, not rows of shape {row:?}",
+                inputs.len()
+            )));
+        }
+    };
+    for (i, (row, input)) in rows.iter().zip(inputs).enumerate() {
+        let fits = row.len() == input.dims.len()
+            && row
+                .iter()
+                .zip(&input.dims)
+                .all(|(r, d)| d.is_none_or(|d| d == *r));
+        if !fits {
+            return match (input.width, &row[..]) {
+                (Some(width), &[features]) => Err(RuntimeError::WidthMismatch {
+                    expected: width,
+                    got: features,
+                }),
+                _ => Err(RuntimeError::UnsupportedInput {
+                    name: input.name.clone(),
+                    declared: format!(
+                        "{:?}, not rows of shape {row:?}",
+                        model
+                            .input_fact(i)
+                            .map_err(|e| RuntimeError::Load(e.to_string()))?
+                    ),
+                }),
+            };
+        }
+    }
+    Ok(Some(rows))
+}
+
+/// How a row of `features` numbers splits among `[batch, width]` inputs: by the widths
+/// they declare, the one left open (if any) taking the rest.
+fn split_row(inputs: &[InputSignature], features: usize) -> Result<Vec<usize>, RuntimeError> {
+    let fixed: usize = inputs.iter().filter_map(|i| i.width).sum();
+    let open: Vec<&str> = inputs
+        .iter()
+        .filter(|i| i.width.is_none())
+        .map(|i| i.name.as_str())
+        .collect();
+    match open[..] {
+        [] if fixed == features => Ok(inputs.iter().filter_map(|i| i.width).collect()),
+        [] => Err(RuntimeError::WidthMismatch {
+            expected: fixed,
+            got: features,
+        }),
+        [_] if features > fixed => Ok(inputs
+            .iter()
+            .map(|i| i.width.unwrap_or(features - fixed))
+            .collect()),
+        [open] => Err(RuntimeError::Load(format!(
+            "a row of {features} features leaves nothing for input `{open}`, whose width is \
+             open (the other inputs take {fixed})"
+        ))),
+        _ => Err(RuntimeError::Load(format!(
+            "inputs `{}` leave their widths open, so a row of {features} features cannot be \
+             split among them; declare every input's width but one in the graph",
+            open.join("`, `")
+        ))),
+    }
 }
 
 /// The class labels a classifier graph carries, in the order of its score columns:
@@ -400,8 +525,8 @@ pub struct Plan {
     runnable: Arc<TypedRunnableModel>,
     /// The numbers in one row.
     features: usize,
-    /// The input's shape: a batch of one, then a row's.
-    shape: Vec<usize>,
+    /// The graph's inputs, each fed from its part of a row, in the graph's order.
+    inputs: Vec<PlanInput>,
     /// A row's shape as callers send it: the model's, or channels last.
     row: Vec<usize>,
     /// `(channels, positions)` when rows come channels last and are transposed for a
@@ -411,7 +536,6 @@ pub struct Plan {
     /// features).
     inner: usize,
     classes: usize,
-    dtype: DType,
     output: String,
     preprocess: Option<Arc<Preprocess>>,
     /// Preprocessing folded into the graph: the largest magnitude a number may have for
@@ -420,9 +544,21 @@ pub struct Plan {
     signature: Arc<ModelSignature>,
 }
 
+/// One graph input of a plan: the next `len` numbers of a row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanInput {
+    pub name: String,
+    /// The input's shape: a batch of one, then a row's.
+    pub shape: Vec<usize>,
+    /// The numbers of a row it takes.
+    pub len: usize,
+    pub dtype: DType,
+}
+
 impl Plan {
     /// Loads, types and optimizes `onnx` for a batch of one row of `features` values, and
-    /// runs it once on zeros to learn the number of output classes.
+    /// runs it once on zeros to learn the number of output classes. A row of a graph of
+    /// several inputs is split among them by the widths they declare.
     pub fn compile(onnx: &[u8], features: usize) -> Result<Self, RuntimeError> {
         Plan::compile_shaped(onnx, &[features])
     }
@@ -431,7 +567,13 @@ impl Plan {
     /// dimensions after the batch), and runs it once on zeros to learn the number of
     /// output classes.
     pub fn compile_shaped(onnx: &[u8], row: &[usize]) -> Result<Self, RuntimeError> {
-        Plan::compile_with(onnx, row, None)
+        Plan::compile_with(onnx, RowSpec::Row(row), None)
+    }
+
+    /// A plan for a graph of `[batch, width]` inputs, one width each in the graph's order
+    /// (as a manifest declares them): a row is their features one after the other.
+    pub fn compile_inputs(onnx: &[u8], widths: &[usize]) -> Result<Self, RuntimeError> {
+        Plan::compile_with(onnx, RowSpec::Widths(widths), None)
     }
 
     /// A plan for a tensor input (every dimension after the batch fixed) whose channels
@@ -459,12 +601,13 @@ impl Plan {
             inner
         };
         let Some(p) = &input.preprocess else {
-            return Ok(Plan::compile_with(onnx, &row, None)?.with_channels_last(channels_last));
+            return Ok(Plan::compile_with(onnx, RowSpec::Row(&row), None)?
+                .with_channels_last(channels_last));
         };
         p.validate(channels).map_err(RuntimeError::Load)?;
         let axis = input.channel_axis.unwrap_or(1) as usize;
-        let plan =
-            Plan::compile_with(onnx, &row, Some((p, axis)))?.with_channels_last(channels_last);
+        let plan = Plan::compile_with(onnx, RowSpec::Row(&row), Some((p, axis)))?
+            .with_channels_last(channels_last);
         if plan.folded.is_some() {
             Ok(plan)
         } else {
@@ -494,15 +637,45 @@ impl Plan {
 
     fn compile_with(
         onnx: &[u8],
-        row: &[usize],
+        spec: RowSpec<'_>,
         fold: Option<(&Preprocess, usize)>,
     ) -> Result<Self, RuntimeError> {
-        let (signature, typed) = read_graph(onnx, Some(row))?;
-        let features = row.iter().product();
-        let mut typed = typed.expect("typed for the given width");
-        let fold = fold.filter(|_| signature.input_dtype == DType::F32);
+        let (signature, typed) = read_graph(onnx, spec)?;
+        let mut typed = typed.expect("typed for the given row");
+        let inputs = typed
+            .input_outlets()
+            .map_err(|e| RuntimeError::Load(e.to_string()))?
+            .iter()
+            .zip(&signature.inputs)
+            .map(|(&outlet, input)| {
+                let fact = typed
+                    .outlet_fact(outlet)
+                    .map_err(|e| RuntimeError::Load(e.to_string()))?;
+                let shape: Vec<usize> = fact
+                    .shape
+                    .as_concrete()
+                    .ok_or_else(|| {
+                        RuntimeError::Load(format!("input `{}` is typed {fact:?}", input.name))
+                    })?
+                    .to_vec();
+                Ok(PlanInput {
+                    name: input.name.clone(),
+                    len: shape.iter().skip(1).product(),
+                    shape,
+                    dtype: input.dtype,
+                })
+            })
+            .collect::<Result<Vec<_>, RuntimeError>>()?;
+        let features = inputs.iter().map(|i| i.len).sum();
+        // The row as callers send it: a tensor's shape, or the features of every input.
+        let row = match &inputs[..] {
+            [one] => one.shape[1..].to_vec(),
+            _ => vec![features],
+        };
+        // Folding is for the one f32 input of a tensor model.
+        let fold = fold.filter(|_| signature.inputs.len() == 1 && inputs[0].dtype == DType::F32);
         if let Some((p, axis)) = fold {
-            fold_preprocess(&mut typed, p, axis, row)
+            fold_preprocess(&mut typed, p, axis, &row)
                 .map_err(|e| RuntimeError::Load(format!("preprocessing in the graph: {e:#}")))?;
         }
         // Only the scores are computed: the other outputs (a label the graph derives from
@@ -520,12 +693,11 @@ impl Plan {
         let mut plan = Plan {
             runnable,
             features,
-            shape: std::iter::once(1).chain(row.iter().copied()).collect(),
-            row: row.to_vec(),
+            inputs,
+            row,
             channels_last: None,
             inner: 1,
             classes: 0,
-            dtype: signature.input_dtype,
             output: signature.output_name.clone(),
             preprocess: None,
             folded: fold.map(|(p, _)| fold_limit(p)),
@@ -611,9 +783,14 @@ impl Plan {
         self.classes
     }
 
-    /// The input's element type.
+    /// The graph's inputs, in the graph's order, as a row feeds them.
+    pub fn inputs(&self) -> &[PlanInput] {
+        &self.inputs
+    }
+
+    /// The element type of a model's one input (of the first, for a model of several).
     pub fn dtype(&self) -> DType {
-        self.dtype
+        self.inputs[0].dtype
     }
 
     /// The name of the graph output served as class scores.
@@ -633,17 +810,24 @@ impl Plan {
     }
 
     fn run_raw(&self, row: &[f32]) -> Result<Vec<f32>, RuntimeError> {
-        let mut input =
-            Tensor::from_shape(&self.shape, row).map_err(|e| RuntimeError::Run(e.to_string()))?;
-        if self.dtype != DType::F32 {
-            input = input
-                .cast_to_dt(datum_type(self.dtype))
-                .map_err(|e| RuntimeError::Run(e.to_string()))?
-                .into_owned();
+        let mut tensors = TVec::with_capacity(self.inputs.len());
+        let mut at = 0;
+        for input in &self.inputs {
+            let part = &row[at..at + input.len];
+            at += input.len;
+            let mut tensor = Tensor::from_shape(&input.shape, part)
+                .map_err(|e| RuntimeError::Run(e.to_string()))?;
+            if input.dtype != DType::F32 {
+                tensor = tensor
+                    .cast_to_dt(datum_type(input.dtype))
+                    .map_err(|e| RuntimeError::Run(e.to_string()))?
+                    .into_owned();
+            }
+            tensors.push(tensor.into());
         }
         let outputs = self
             .runnable
-            .run(tvec!(input.into()))
+            .run(tensors)
             .map_err(|e| RuntimeError::Run(format!("{e:#}")))?;
         let scores = outputs[0]
             .cast_to::<f32>()
@@ -710,19 +894,14 @@ impl Plan {
         };
         // Every finite number is a float input's (checked above); integers and bools must
         // be whole and in range.
-        let float = matches!(self.dtype, DType::F32 | DType::F64);
-        if let Some((i, &value)) = row
-            .iter()
-            .enumerate()
-            .find(|(_, v)| !float && !self.dtype.represents(**v))
-        {
+        if let Some((i, value, dtype)) = self.first_unrepresentable(row) {
             return Err(RuntimeError::NotRepresentable {
                 feature: match self.preprocess {
                     Some(_) => format!("{} (preprocessed)", feature(i)),
                     None => feature(i),
                 },
                 value,
-                dtype: self.dtype.name(),
+                dtype: dtype.name(),
             });
         }
         let scores = self.run_raw(row)?;
@@ -742,6 +921,24 @@ impl Plan {
             .map(|(i, _)| i)
             .unwrap_or(0);
         Ok(Prediction { scores, class })
+    }
+}
+
+impl Plan {
+    /// The first number of a row that an integer or bool input cannot hold, with that
+    /// input's type.
+    fn first_unrepresentable(&self, row: &[f32]) -> Option<(usize, f32, DType)> {
+        let mut at = 0;
+        for input in &self.inputs {
+            let part = &row[at..at + input.len];
+            if !matches!(input.dtype, DType::F32 | DType::F64)
+                && let Some(i) = part.iter().position(|v| !input.dtype.represents(*v))
+            {
+                return Some((at + i, part[i], input.dtype));
+            }
+            at += input.len;
+        }
+        None
     }
 }
 
@@ -834,22 +1031,51 @@ impl LoadedModel {
     pub fn load(bundle: &VerifiedBundle) -> Result<Self, RuntimeError> {
         let manifest = bundle.manifest.clone();
         let input = &manifest.inputs[0];
-        check_spec(input)?;
+        for input in &manifest.inputs {
+            check_spec(input)?;
+        }
         let plan = if input.is_tensor() {
             Plan::compile_tensor(&bundle.model, input)?
+        } else if manifest.inputs.len() > 1 {
+            // The manifest's widths split a row (checked against the graph's).
+            let widths: Vec<usize> = manifest
+                .inputs
+                .iter()
+                .map(|i| i.row_len().unwrap_or(0))
+                .collect();
+            Plan::compile_inputs(&bundle.model, &widths)?
+                .with_preprocess(manifest.row_preprocess().as_ref())?
         } else {
             Plan::compile(&bundle.model, manifest.reference.features.len())?
                 .with_preprocess(input.preprocess.as_ref())?
         };
-        if plan.dtype() != input.dtype {
-            return Err(RuntimeError::UnsupportedInput {
-                name: input.name.clone(),
-                declared: format!(
-                    "{} in the graph but {} in the manifest",
-                    plan.dtype().name(),
-                    input.dtype.name()
-                ),
-            });
+        if plan.inputs().len() != manifest.inputs.len() {
+            return Err(RuntimeError::Load(format!(
+                "the manifest declares {} inputs, the graph has {}",
+                manifest.inputs.len(),
+                plan.inputs().len()
+            )));
+        }
+        for (i, (spec, input)) in manifest.inputs.iter().zip(plan.inputs()).enumerate() {
+            // One input may be named as the publisher liked; several are matched by name,
+            // since their order splits a row.
+            if manifest.inputs.len() > 1 && spec.name != input.name {
+                return Err(RuntimeError::Load(format!(
+                    "the manifest's input {i} is `{}`, the graph's `{}`: a model of several \
+                     inputs lists them in the graph's order",
+                    spec.name, input.name
+                )));
+            }
+            if input.dtype != spec.dtype {
+                return Err(RuntimeError::UnsupportedInput {
+                    name: spec.name.clone(),
+                    declared: format!(
+                        "{} in the graph but {} in the manifest",
+                        input.dtype.name(),
+                        spec.dtype.name()
+                    ),
+                });
+            }
         }
         let served = manifest.served_output();
         // A manifest of several outputs names the served one; a manifest of one output
@@ -937,7 +1163,6 @@ impl LoadedModel {
     /// The reference means, as the nearest values the input type holds (rounded for
     /// integers, 0 or 1 for bool): the row the smoke test runs.
     fn smoke_row(&self) -> Vec<f32> {
-        let dtype = self.plan.dtype();
         let features = &self.manifest.reference.features;
         let input = &self.manifest.inputs[0];
         // A tensor row holds each channel's reference mean (the mean of `{channel}.mean`).
@@ -947,9 +1172,15 @@ impl LoadedModel {
                 .collect(),
             _ => features.iter().map(|f| f.mean).collect(),
         };
+        let dtypes = self
+            .plan
+            .inputs()
+            .iter()
+            .flat_map(|i| std::iter::repeat_n(i.dtype, i.len));
         means
             .into_iter()
-            .map(|mean| match dtype {
+            .zip(dtypes)
+            .map(|(mean, dtype)| match dtype {
                 DType::F32 | DType::F64 => mean as f32,
                 DType::Bool => f32::from(u8::from(mean >= 0.5)),
                 DType::U8 => mean.round().clamp(0.0, 255.0) as f32,
@@ -1019,7 +1250,8 @@ mod tests {
     #[test]
     fn the_example_model_loads_and_classifies() {
         let sig = inspect_onnx(MODEL_V1).unwrap();
-        assert_eq!(sig.input_width, Some(4));
+        assert_eq!(sig.inputs.len(), 1);
+        assert_eq!(sig.inputs[0].width, Some(4));
         // Built by hand from plain ONNX ops: it names no classes.
         assert_eq!(sig.class_labels, None);
         let plan = Plan::compile(MODEL_V1, 4).unwrap();

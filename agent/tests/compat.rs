@@ -210,6 +210,111 @@ fn sklearn_regressors_are_served_with_one_value_per_row() {
     }
 }
 
+#[test]
+fn a_model_of_two_inputs_matches_onnxruntime() {
+    check("two_inputs");
+}
+
+/// A model of two inputs (`sensors` f32 [N,3], `counts` i64 [N,2]) is served from one row
+/// of five features, split among its inputs in the graph's order, each cast to its type.
+#[test]
+fn a_model_of_two_inputs_is_served_from_one_row_of_features() {
+    use edgeloop_agent::runtime::{Plan, RuntimeError, inspect_onnx};
+    let f = fixture("two_inputs");
+    let onnx = std::fs::read(dir().join("two_inputs.onnx")).unwrap();
+    let signature = inspect_onnx(&onnx).unwrap();
+    let inputs: Vec<(&str, Option<usize>, DType)> = signature
+        .inputs
+        .iter()
+        .map(|i| (i.name.as_str(), i.width, i.dtype))
+        .collect();
+    assert_eq!(
+        inputs,
+        [
+            ("sensors", Some(3), DType::F32),
+            ("counts", Some(2), DType::I64)
+        ]
+    );
+    let features: Vec<String> = ["temperature", "pressure", "flow", "starts", "faults"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let sensors = numbers(&f["inputs"][0]);
+    let counts = numbers(&f["inputs"][1]);
+    let want = numbers(&f["outputs"][0]);
+    // Split by the widths the graph declares, and by the widths a manifest gives.
+    for plan in [
+        Plan::compile(&onnx, 5).unwrap(),
+        Plan::compile_inputs(&onnx, &[3, 2]).unwrap(),
+    ] {
+        let split: Vec<(&str, usize, DType)> = plan
+            .inputs()
+            .iter()
+            .map(|i| (i.name.as_str(), i.len, i.dtype))
+            .collect();
+        assert_eq!(
+            split,
+            [("sensors", 3, DType::F32), ("counts", 2, DType::I64)]
+        );
+        assert_eq!(plan.classes(), 3);
+        for r in 0..4 {
+            let row: Vec<f32> = sensors[r * 3..r * 3 + 3]
+                .iter()
+                .chain(&counts[r * 2..r * 2 + 2])
+                .map(|&x| x as f32)
+                .collect();
+            let got = plan.infer(&row, &features).unwrap().scores;
+            for (c, g) in got.iter().enumerate() {
+                let w = want[r * 3 + c];
+                assert!(
+                    (f64::from(*g) - w).abs() <= 1e-4 + 1e-4 * w.abs(),
+                    "row {r} class {c}: {g}, onnxruntime {w}"
+                );
+            }
+        }
+    }
+    let plan = Plan::compile(&onnx, 5).unwrap();
+    // A count must be a whole number: the error names the feature and the input's type.
+    let err = plan
+        .infer(&[1.0, 0.0, 2.0, 1.5, 0.0], &features)
+        .unwrap_err();
+    assert!(
+        matches!(&err, RuntimeError::NotRepresentable { feature, dtype: "i64", .. } if feature == "starts"),
+        "{err}"
+    );
+    assert!(matches!(
+        plan.infer(&[1.0, 0.0, 2.0, 1.0], &features),
+        Err(RuntimeError::WidthMismatch {
+            expected: 5,
+            got: 4
+        })
+    ));
+    // A row that cannot be split as the graph declares, and widths that do not fit it.
+    assert!(matches!(
+        Plan::compile(&onnx, 4),
+        Err(RuntimeError::WidthMismatch {
+            expected: 5,
+            got: 4
+        })
+    ));
+    let err = Plan::compile_inputs(&onnx, &[2, 3]).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            RuntimeError::WidthMismatch {
+                expected: 3,
+                got: 2
+            }
+        ),
+        "{err}"
+    );
+    let err = Plan::compile_inputs(&onnx, &[5]).unwrap_err();
+    assert!(
+        err.to_string().contains("has 2 inputs, but widths for 1"),
+        "{err}"
+    );
+}
+
 /// Tree regressors tract's builder would misread are refused by what they ask for.
 #[test]
 fn tree_regressors_of_unsupported_kinds_are_refused_by_name() {
@@ -263,6 +368,7 @@ fn fixtures_cover_the_promised_operators() {
             .map(|o| o.as_str().unwrap().to_string())
             .collect()
     };
+    assert!(ops("two_inputs").contains(&"Concat".to_string()));
     for op in ["Conv", "BatchNormalization", "Relu", "MaxPool", "Gemm"] {
         assert!(ops("cnn").contains(&op.to_string()), "cnn lacks {op}");
     }

@@ -1235,7 +1235,7 @@ async fn run() -> anyhow::Result<()> {
                     against: Some(baseline),
                 },
                 &judged.model,
-                judged.manifest.inputs[0].preprocess.as_ref(),
+                judged.manifest.row_preprocess().as_ref(),
                 &features,
                 judged.manifest.is_regression(),
                 Some(&current),

@@ -508,7 +508,7 @@ pub fn run_gate(
             let holdout = Holdout::read(gate.holdout, &features, &policy)?;
             Some(gate::evaluate(
                 &verified.model,
-                verified.manifest.inputs[0].preprocess.as_ref(),
+                verified.manifest.row_preprocess().as_ref(),
                 &holdout,
                 metric,
             )?)
@@ -585,7 +585,7 @@ fn build_bundle(
 ) -> Result<Vec<u8>, PublishError> {
     let Reference {
         plan,
-        input,
+        inputs,
         columns,
         rows,
         by_column,
@@ -601,7 +601,7 @@ fn build_bundle(
     // reference for prediction drift (their values, for a regression).
     let mut golden = Vec::new();
     let mut predicted = Vec::with_capacity(rows.len());
-    let names = if input.is_tensor() {
+    let names = if inputs[0].is_tensor() {
         &[][..]
     } else {
         &columns[..]
@@ -674,11 +674,7 @@ fn build_bundle(
     }
     manifest.label = request.label.clone();
     manifest.created_ms = request.created_ms;
-    manifest.inputs[0] = TensorSpec {
-        name: signature.input_name,
-        dtype: signature.input_dtype,
-        ..input
-    };
+    manifest.inputs = inputs;
     manifest.outputs[0].name = signature.output_name;
     manifest.outputs[0].names = labels;
     // The graph's other outputs are declared for what they are; a device computes only
@@ -740,12 +736,12 @@ fn build_bundle(
     Ok(bundle::pack(manifest, request.onnx, key)?)
 }
 
-/// What a model's reference data gives a bundle: the plan that runs it, the input's
-/// spec (shape, preprocessing, channels), the names and columns of what drift is watched
+/// What a model's reference data gives a bundle: the plan that runs it, the inputs'
+/// specs (shape, preprocessing, channels), the names and columns of what drift is watched
 /// on, and the model's input rows.
 struct Reference {
     plan: Plan,
-    input: TensorSpec,
+    inputs: Vec<TensorSpec>,
     /// What drift is watched on: the features of a table, a tensor's channel statistics.
     columns: Vec<String>,
     /// The model's input rows (flat, for a tensor).
@@ -778,19 +774,33 @@ fn table_reference(request: &PublishRequest<'_>) -> Result<Reference, PublishErr
     let by_column = (0..columns.len())
         .map(|c| rows.iter().map(|r| f64::from(r[c])).collect())
         .collect();
-    let input = TensorSpec {
-        name: String::new(),
-        dtype: plan.dtype(),
-        shape: vec![None, Some(columns.len() as u64)],
-        names: columns.clone(),
-        kind: None,
-        preprocess: request.preprocess.clone(),
-        layout: None,
-        channel_axis: None,
-    };
+    // A row is every input's features in the graph's order: the columns, in order, are
+    // split among them, and so is the preprocessing.
+    let mut at = 0;
+    let inputs = plan
+        .inputs()
+        .iter()
+        .map(|input| {
+            let part = at..at + input.len;
+            at += input.len;
+            TensorSpec {
+                name: input.name.clone(),
+                dtype: input.dtype,
+                shape: vec![None, Some(input.len as u64)],
+                names: columns[part.clone()].to_vec(),
+                kind: None,
+                preprocess: request.preprocess.as_ref().map(|p| Preprocess {
+                    offset: p.offset[part.clone()].to_vec(),
+                    scale: p.scale[part].to_vec(),
+                }),
+                layout: None,
+                channel_axis: None,
+            }
+        })
+        .collect();
     Ok(Reference {
         plan,
-        input,
+        inputs,
         columns,
         rows,
         by_column,
@@ -866,6 +876,7 @@ fn tensor_reference(request: &PublishRequest<'_>) -> Result<Reference, PublishEr
     }
     let plan = Plan::compile_tensor(request.onnx, &input)?;
     input.dtype = plan.dtype();
+    input.name = plan.inputs()[0].name.clone();
     let columns = input.tensor_feature_names();
     let rows: Vec<Vec<f32>> = values
         .chunks(plan.features().max(1))
@@ -877,7 +888,7 @@ fn tensor_reference(request: &PublishRequest<'_>) -> Result<Reference, PublishEr
         .collect();
     Ok(Reference {
         plan,
-        input,
+        inputs: vec![input],
         columns,
         rows,
         by_column,
@@ -974,6 +985,110 @@ mod tests {
             policy,
             against: None,
         })
+    }
+
+    /// The compatibility suite's model of two inputs (`sensors` f32 [N,3], `counts` i64
+    /// [N,2]) is published from one CSV of five columns: the manifest declares each input
+    /// with its columns and its part of the preprocessing, a device loads it, and a
+    /// manifest that reorders or retypes the inputs is refused at load.
+    #[tokio::test]
+    async fn a_model_of_two_inputs_is_published_with_each_input_declared() {
+        let r = Registry::new();
+        let compat = Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent/tests/compat");
+        let onnx = std::fs::read(compat.join("two_inputs.onnx")).unwrap();
+        let preprocess = Preprocess {
+            offset: vec![0.0, 0.0, 0.0, 1.0, 0.0],
+            scale: vec![1.0, 1.0, 1.0, 1.0, 1.0],
+        };
+        publish(
+            &r.store,
+            &r.artifacts,
+            &r.key,
+            PublishRequest {
+                preprocess: Some(preprocess),
+                ..PublishRequest::new(
+                    "vibration",
+                    1,
+                    &onnx,
+                    &compat.join("two_inputs_reference.csv"),
+                )
+            },
+        )
+        .await
+        .unwrap();
+        let (_, bundle) = open_published(&r.store, &r.artifacts, &r.key, "vibration", 1)
+            .await
+            .unwrap();
+        let inputs: Vec<String> = bundle
+            .manifest
+            .inputs
+            .iter()
+            .map(|i| {
+                format!(
+                    "{} {} {:?} {}",
+                    i.name,
+                    i.dtype.name(),
+                    i.shape,
+                    i.names.join(",")
+                )
+            })
+            .collect();
+        assert_eq!(
+            inputs,
+            [
+                "sensors f32 [None, Some(3)] temperature,pressure,flow",
+                "counts i64 [None, Some(2)] starts,faults"
+            ]
+        );
+        assert_eq!(
+            bundle.manifest.inputs[1]
+                .preprocess
+                .as_ref()
+                .unwrap()
+                .offset,
+            [1.0, 0.0]
+        );
+        assert_eq!(
+            bundle.manifest.outputs[0].names,
+            ["class_0", "class_1", "class_2"]
+        );
+        let model = LoadedModel::load(&bundle).unwrap();
+        assert_eq!(
+            model
+                .infer(&[1.0, -0.5, 2.0, 2.0, 1.0])
+                .unwrap()
+                .scores
+                .len(),
+            3
+        );
+
+        let mut swapped = bundle.clone();
+        swapped.manifest.inputs.swap(0, 1);
+        let err = LoadedModel::load(&swapped).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                RuntimeError::WidthMismatch {
+                    expected: 3,
+                    got: 2
+                }
+            ),
+            "{err}"
+        );
+        let mut renamed = bundle.clone();
+        renamed.manifest.inputs[0].name = "measurements".into();
+        let err = LoadedModel::load(&renamed).unwrap_err().to_string();
+        assert!(
+            err.contains("input 0 is `measurements`, the graph's `sensors`"),
+            "{err}"
+        );
+        let mut retyped = bundle.clone();
+        retyped.manifest.inputs[1].dtype = DType::F32;
+        let err = LoadedModel::load(&retyped).unwrap_err().to_string();
+        assert!(
+            err.contains("`counts`") && err.contains("i64 in the graph but f32 in the manifest"),
+            "{err}"
+        );
     }
 
     #[tokio::test]

@@ -626,6 +626,72 @@ impl Manifest {
         }
     }
 
+    /// A manifest of several inputs: each a `[batch, width]` table of a fixed width, their
+    /// widths adding up to the reference profile's features (a row is every input's
+    /// features, in order), and their names distinct.
+    fn validate_inputs(&self) -> Result<(), String> {
+        let mut total = 0usize;
+        for (i, input) in self.inputs.iter().enumerate() {
+            let width = match input.shape.as_slice() {
+                [_, Some(width)] if !input.is_tensor() => *width as usize,
+                _ => {
+                    return Err(format!(
+                        "input `{}`: a model of several inputs takes a [batch, width] table \
+                         of a fixed width in each, not {:?}",
+                        input.name, input.shape
+                    ));
+                }
+            };
+            if !input.names.is_empty() && input.names.len() != width {
+                return Err(format!(
+                    "input `{}` is {width} wide but names {} features",
+                    input.name,
+                    input.names.len()
+                ));
+            }
+            if self.inputs[..i].iter().any(|o| o.name == input.name) {
+                return Err(format!("two inputs are named `{}`", input.name));
+            }
+            total += width;
+        }
+        let features = self.reference.features.len();
+        if total != features {
+            return Err(format!(
+                "the inputs take {total} features together, but the reference profiles {features}"
+            ));
+        }
+        Ok(())
+    }
+
+    /// The scaling of a row of features, every input's in order: `None` when no input is
+    /// preprocessed, otherwise each input's (unscaled where an input has none). For a
+    /// model of one `[batch, features]` input, its own.
+    pub fn row_preprocess(&self) -> Option<Preprocess> {
+        if let [one] = self.inputs.as_slice() {
+            return one.preprocess.clone();
+        }
+        self.inputs.iter().any(|i| i.preprocess.is_some()).then(|| {
+            let mut row = Preprocess {
+                offset: Vec::new(),
+                scale: Vec::new(),
+            };
+            for input in &self.inputs {
+                let width = input.row_len().unwrap_or(0);
+                match &input.preprocess {
+                    Some(p) => {
+                        row.offset.extend(&p.offset);
+                        row.scale.extend(&p.scale);
+                    }
+                    None => {
+                        row.offset.extend(std::iter::repeat_n(0.0, width));
+                        row.scale.extend(std::iter::repeat_n(1.0, width));
+                    }
+                }
+            }
+            row
+        })
+    }
+
     fn validate(&self) -> Result<(), BundleError> {
         let bad = |m: String| BundleError::MalformedManifest(m);
         if self.format != FORMAT {
@@ -715,6 +781,9 @@ impl Manifest {
                  first (channel_axis 1)",
                 input.name
             )));
+        }
+        if self.inputs.len() > 1 {
+            self.validate_inputs().map_err(bad)?;
         }
         for input in &self.inputs {
             let channels = if input.is_tensor() {
@@ -1992,6 +2061,72 @@ pub(crate) mod tests {
         m.outputs[0].preprocess = Some(preprocess);
         let err = pack(m, b"x", &key).unwrap_err().to_string();
         assert!(err.contains("only inputs"), "{err}");
+    }
+
+    /// A manifest of two inputs: `[batch, width]` tables whose widths add up to the
+    /// profiled features; a row's preprocessing is every input's in order.
+    #[test]
+    fn a_manifest_of_several_inputs_splits_its_features_among_them() {
+        let key = SecretKey::from_seed([7; 32]);
+        let two = || {
+            let mut m = manifest(1);
+            let first = TensorSpec {
+                shape: vec![None, Some(1)],
+                names: vec!["a".into()],
+                ..m.inputs[0].clone()
+            };
+            let second = TensorSpec {
+                name: "counts".into(),
+                dtype: DType::I64,
+                names: vec!["b".into()],
+                ..first.clone()
+            };
+            m.inputs = vec![first, second];
+            m
+        };
+        pack(two(), b"x", &key).unwrap();
+        assert_eq!(two().row_preprocess(), None);
+        let mut scaled = two();
+        scaled.inputs[1].preprocess = Some(Preprocess {
+            offset: vec![4.0],
+            scale: vec![0.5],
+        });
+        pack(scaled.clone(), b"x", &key).unwrap();
+        assert_eq!(
+            scaled.row_preprocess(),
+            Some(Preprocess {
+                offset: vec![0.0, 4.0],
+                scale: vec![1.0, 0.5],
+            })
+        );
+
+        let mut wide = two();
+        wide.inputs[1].shape = vec![None, Some(2)];
+        wide.inputs[1].names.clear();
+        let err = pack(wide, b"x", &key).unwrap_err().to_string();
+        assert!(
+            err.contains("take 3 features together, but the reference profiles 2"),
+            "{err}"
+        );
+        let mut open = two();
+        open.inputs[1].shape = vec![None, None];
+        let err = pack(open, b"x", &key).unwrap_err().to_string();
+        assert!(
+            err.contains("input `counts`") && err.contains("fixed width"),
+            "{err}"
+        );
+        let mut tensor = two();
+        tensor.inputs[1].shape = vec![None, Some(1), Some(1)];
+        let err = pack(tensor, b"x", &key).unwrap_err().to_string();
+        assert!(err.contains("[batch, width] table"), "{err}");
+        let mut same = two();
+        same.inputs[1].name = "x".into();
+        let err = pack(same, b"x", &key).unwrap_err().to_string();
+        assert!(err.contains("two inputs are named `x`"), "{err}");
+        let mut misnamed = two();
+        misnamed.inputs[0].names = vec!["a".into(), "b".into()];
+        let err = pack(misnamed, b"x", &key).unwrap_err().to_string();
+        assert!(err.contains("1 wide but names 2"), "{err}");
     }
 
     /// Runs a stream check over `bytes` fed in pieces of `piece` bytes.

@@ -34,6 +34,11 @@ variable f32 [N,1]):
   with regression_reference.csv (their 300 training rows, without the target) and
   regression_holdout.csv (100 more rows with the true value as `label`)
 
+A model of two inputs (onnx helper, opset 13):
+  two_inputs         `sensors` f32 [N,3] and `counts` i64 [N,2] (cast, concatenated) through
+                     a two-layer MLP -> scores f32 [N,3]; with two_inputs_reference.csv
+                     (200 rows: the five features, the inputs' in order) for publishing it
+
 Also unsupported_op.onnx: the example vibration model with one Relu renamed to
 `Frobnicate`, which the agent and the controller must refuse by the operator's name.
 
@@ -332,6 +337,53 @@ def make_regressors():
         print(f"{'':18s} holdout mae {mae:.4f}")
 
 
+# ---------------------------------------------------------------- two inputs
+
+
+def make_two_inputs():
+    rng = np.random.default_rng(5)
+    inits = [
+        init("w1", rng.normal(0.0, 0.5, (8, 5))),
+        init("b1", rng.normal(0.0, 0.1, (8,))),
+        init("w2", rng.normal(0.0, 0.5, (3, 8))),
+        init("b2", rng.normal(0.0, 0.1, (3,))),
+    ]
+    nodes = [
+        helper.make_node("Cast", ["counts"], ["counts_f"], to=TensorProto.FLOAT),
+        helper.make_node("Concat", ["sensors", "counts_f"], ["x"], axis=1),
+        helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], transB=1),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("Gemm", ["r", "w2", "b2"], ["logits"], transB=1),
+        helper.make_node("Softmax", ["logits"], ["scores"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "two_inputs",
+        [
+            helper.make_tensor_value_info("sensors", TensorProto.FLOAT, ["N", 3]),
+            helper.make_tensor_value_info("counts", TensorProto.INT64, ["N", 2]),
+        ],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 3])],
+        inits,
+    )
+    model = finish_model(graph, [("", OPSET)])
+
+    def rows(n, seed):
+        r = np.random.default_rng(seed)
+        sensors = r.normal([1.0, -0.5, 2.0], [1.0, 0.5, 0.8], (n, 3)).astype(np.float32)
+        counts = r.integers(0, 4, (n, 2)).astype(np.int64)
+        return sensors, counts
+
+    sensors, counts = rows(4, 505)
+    save("two_inputs", model, {"sensors": sensors, "counts": counts})
+    sensors, counts = rows(200, 506)
+    with open(os.path.join(HERE, "two_inputs_reference.csv"), "w") as f:
+        f.write("temperature,pressure,flow,starts,faults\n")
+        for s_row, c_row in zip(sensors, counts):
+            # a float32's shortest text, which reads back as the same float32
+            values = [str(np.float32(v)) for v in s_row] + [str(int(v)) for v in c_row]
+            f.write(",".join(values) + "\n")
+
+
 def make_unsupported():
     """The example vibration model with its first Relu replaced by an operator nobody
     implements, `Frobnicate`: the agent and the controller must refuse it by name. No
@@ -379,3 +431,4 @@ if __name__ == "__main__":
     make_sklearn()
     make_regressors()
     make_average_forest()
+    make_two_inputs()
