@@ -250,6 +250,9 @@ struct InferJson {
     rows: Option<Vec<Vec<Option<f32>>>>,
     #[serde(default)]
     instances: Option<Vec<serde_json::Map<String, Value>>>,
+    /// Rows by input name: `{"inputs": {"a": [[…]], "b": [[…]]}}`.
+    #[serde(default)]
+    inputs: Option<serde_json::Map<String, Value>>,
 }
 
 #[derive(Serialize)]
@@ -265,15 +268,21 @@ enum RowOutput {
     Value { value: f32 },
 }
 
-/// The model's single input as the agent serves it: `[N, features]` f32.
+/// How errors name what a row of a table model feeds, and its width: "input `x`", or
+/// for several inputs "inputs `a` + `b`" (a row is their features one after the other).
 fn input_text(model: &LoadedModel) -> (String, usize) {
     let features = model.plan.features();
-    let name = model
-        .manifest
-        .inputs
-        .first()
-        .map_or_else(|| "input".to_string(), |i| i.name.clone());
-    (name, features)
+    let names: Vec<&str> = model
+        .plan
+        .inputs()
+        .iter()
+        .map(|i| i.name.as_str())
+        .collect();
+    let text = match names[..] {
+        [one] => format!("input `{one}`"),
+        _ => format!("inputs `{}`", names.join("` + `")),
+    };
+    (text, features)
 }
 
 /// Reads the request's rows, or says what is wrong with them: the input's name, the shape
@@ -294,28 +303,30 @@ fn read_rows(
         let (shape, dims) = shape_header(headers, "ROWSxFEATURES")?;
         let [n, f] = dims[..] else {
             return Err(format!(
-                "input `{input}` expects {expected}; {SHAPE_HEADER} gives rank {}",
+                "{input} expects {expected}; {SHAPE_HEADER} gives rank {}",
                 dims.len()
             ));
         };
         if f != width {
-            return Err(format!(
-                "input `{input}` expects {expected}; received [{n}, {f}]"
-            ));
+            return Err(format!("{input} expects {expected}; received [{n}, {f}]"));
         }
         f32_rows(body, shape, n, f)?
     } else {
         let request: InferJson = serde_json::from_slice(body).map_err(|e| {
-            format!("body is not {{\"rows\": [[…]]}} or {{\"instances\": [{{…}}]}}: {e}")
+            format!(
+                "body is not {{\"rows\": [[…]]}}, {{\"instances\": [{{…}}]}} or \
+                 {{\"inputs\": {{\"name\": [[…]]}}}}: {e}"
+            )
         })?;
-        match (request.rows, request.instances) {
-            (Some(rows), None) => rows
+        match (request.rows, request.instances, request.inputs) {
+            (None, None, Some(inputs)) => rows_by_input(model, inputs, max_rows)?,
+            (Some(rows), None, None) => rows
                 .into_iter()
                 .enumerate()
                 .map(|(i, row)| {
                     if row.len() != width {
                         return Err(format!(
-                            "input `{input}` expects {expected}; row {i} has {} values",
+                            "{input} expects {expected}; row {i} has {} values",
                             row.len()
                         ));
                     }
@@ -323,7 +334,7 @@ fn read_rows(
                     Ok(row.into_iter().map(|v| v.unwrap_or(f32::NAN)).collect())
                 })
                 .collect::<Result<_, _>>()?,
-            (None, Some(instances)) => {
+            (None, Some(instances), None) => {
                 let names = model.feature_names();
                 instances
                     .iter()
@@ -331,7 +342,7 @@ fn read_rows(
                     .map(|(i, instance)| {
                         if let Some(unknown) = instance.keys().find(|k| !names.contains(k)) {
                             return Err(format!(
-                                "instance {i}: `{unknown}` is not a feature of input `{input}` ({})",
+                                "instance {i}: `{unknown}` is not a feature of {input} ({})",
                                 names.join(", ")
                             ));
                         }
@@ -340,20 +351,75 @@ fn read_rows(
                             .map(|name| match instance.get(name) {
                                 Some(Value::Number(n)) => Ok(n.as_f64().unwrap_or(f64::NAN) as f32),
                                 Some(Value::Null) | None => Err(format!(
-                                    "instance {i}: feature `{name}` of input `{input}` is missing"
+                                    "instance {i}: feature `{name}` of {input} is missing"
                                 )),
                                 Some(other) => Err(format!(
-                                    "instance {i}: feature `{name}` of input `{input}` is {other}, not a number"
+                                    "instance {i}: feature `{name}` of {input} is {other}, not a number"
                                 )),
                             })
                             .collect::<Result<Vec<f32>, _>>()
                     })
                     .collect::<Result<_, _>>()?
             }
-            _ => return Err("give either `rows` or `instances`".into()),
+            _ => return Err("give one of `rows`, `instances` or `inputs`".into()),
         }
     };
     counted(rows, &input, &expected, max_rows)
+}
+
+/// The rows of `{"inputs": {"a": [[…]], "b": [[…]]}}`: every input of the model by name,
+/// each with the same number of rows of its own width, put together into rows of
+/// features in the graph's order.
+fn rows_by_input(
+    model: &LoadedModel,
+    mut given: serde_json::Map<String, Value>,
+    max_rows: usize,
+) -> Result<Vec<Vec<f32>>, String> {
+    let inputs = model.plan.inputs();
+    let known: Vec<&str> = inputs.iter().map(|i| i.name.as_str()).collect();
+    if let Some(unknown) = given.keys().find(|k| !known.contains(&k.as_str())) {
+        return Err(format!(
+            "`{unknown}` is not an input of the model (`{}`)",
+            known.join("`, `")
+        ));
+    }
+    let mut rows: Vec<Vec<f32>> = Vec::new();
+    for (k, input) in inputs.iter().enumerate() {
+        let expected = format!("[N, {}] {} (N ≤ {max_rows})", input.len, input.dtype.name());
+        let name = &input.name;
+        let value = given
+            .remove(name)
+            .ok_or_else(|| format!("input `{name}` ({expected}) is missing"))?;
+        let parts: Vec<Vec<Option<f32>>> = serde_json::from_value(value)
+            .map_err(|e| format!("input `{name}` expects {expected}: {e}"))?;
+        if parts.len() > max_rows {
+            return Err(format!(
+                "input `{name}` expects {expected}; received {} rows",
+                parts.len()
+            ));
+        }
+        if k == 0 {
+            rows = vec![Vec::with_capacity(model.plan.features()); parts.len()];
+        } else if parts.len() != rows.len() {
+            return Err(format!(
+                "inputs `{}` and `{name}` give {} and {} rows: every input gives the same rows",
+                inputs[0].name,
+                rows.len(),
+                parts.len()
+            ));
+        }
+        for (i, (row, part)) in rows.iter_mut().zip(parts).enumerate() {
+            if part.len() != input.len {
+                return Err(format!(
+                    "input `{name}` expects {expected}; row {i} has {} values",
+                    part.len()
+                ));
+            }
+            // `null` stands for a missing value: refused by the model, by feature name.
+            row.extend(part.into_iter().map(|v| v.unwrap_or(f32::NAN)));
+        }
+    }
+    Ok(rows)
 }
 
 /// A binary body's shape header: its text and the dimensions it gives (`form` says what
@@ -387,13 +453,11 @@ fn counted(
     max_rows: usize,
 ) -> Result<Vec<Vec<f32>>, String> {
     if rows.is_empty() {
-        return Err(format!(
-            "input `{input}` expects {expected}; received no rows"
-        ));
+        return Err(format!("{input} expects {expected}; received no rows"));
     }
     if rows.len() > max_rows {
         return Err(format!(
-            "input `{input}` expects {expected}; received {} rows",
+            "{input} expects {expected}; received {} rows",
             rows.len()
         ));
     }
@@ -484,7 +548,7 @@ fn read_tensor_rows(
             })
             .collect::<Result<_, String>>()?
     };
-    counted(rows, input, &expected, max_rows)
+    counted(rows, &format!("input `{input}`"), &expected, max_rows)
 }
 
 /// Appends the numbers of `value`, nested as `dims` says, to `out`; or says where the

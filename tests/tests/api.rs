@@ -411,6 +411,17 @@ async fn serving_over_api(
     onnx: &[u8],
     reference_csv: &str,
 ) -> (edgeloop_tests::TestAgent, String) {
+    serving_classes_over_api(ctl, id, onnx, reference_csv, &["normal", "fault"]).await
+}
+
+/// [`serving_over_api`] for a model of the classes `labels`.
+async fn serving_classes_over_api(
+    ctl: &TestController,
+    id: &str,
+    onnx: &[u8],
+    reference_csv: &str,
+    labels: &[&str],
+) -> (edgeloop_tests::TestAgent, String) {
     let mut config = ctl.agent_config(id, WINDOW);
     let port = free_port();
     config.api.listen = format!("127.0.0.1:{port}");
@@ -421,7 +432,7 @@ async fn serving_over_api(
     std::fs::write(&csv, reference_csv).unwrap();
     ctl.controller
         .publish(edgeloop_controller::registry::PublishRequest {
-            class_labels: vec!["normal".into(), "fault".into()],
+            class_labels: labels.iter().map(|l| l.to_string()).collect(),
             ..edgeloop_controller::registry::PublishRequest::new("vibration", 1, onnx, &csv)
         })
         .await
@@ -457,6 +468,120 @@ async fn a_model_of_integer_inputs_is_served_and_fractions_are_refused() {
     );
     // And it keeps serving.
     let (status, _) = post(&http, &infer, json!({"rows": [[0, 0, 0, 1]]})).await;
+    assert_eq!(status, 200);
+
+    agent.stop().await;
+    ctl.stop().await;
+}
+
+/// A model of two inputs (the compatibility suite's: `sensors` f32 [N,3] and `counts` i64
+/// [N,2]) is published from one CSV of its five features, the inputs' in order: the
+/// manifest declares each input with its features, and the API takes rows by input name or
+/// as one row of features, answers onnxruntime's scores, and refuses an unknown or missing
+/// input, a wrong width and a fractional count by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_of_two_inputs_is_published_from_one_table_and_served_by_input_name() {
+    let compat = compat_dir();
+    let onnx = std::fs::read(compat.join("two_inputs.onnx")).unwrap();
+    let fixture: Value =
+        serde_json::from_slice(&std::fs::read(compat.join("two_inputs.json")).unwrap()).unwrap();
+    let reference = std::fs::read_to_string(compat.join("two_inputs_reference.csv")).unwrap();
+    let ctl = TestController::start(BrokerChoice::Embedded).await.unwrap();
+    let (agent, base) =
+        serving_classes_over_api(&ctl, "api-5", &onnx, &reference, &["low", "mid", "high"]).await;
+    let http = reqwest::Client::new();
+
+    let model: Value = get_json(&http, &format!("{base}/v1/model")).await;
+    let inputs = &model["inputs"];
+    assert_eq!(inputs[0]["name"], "sensors", "{model}");
+    assert_eq!(inputs[0]["dtype"], "f32", "{model}");
+    assert_eq!(inputs[0]["shape"], json!([null, 3]), "{model}");
+    assert_eq!(
+        inputs[0]["names"],
+        json!(["temperature", "pressure", "flow"]),
+        "{model}"
+    );
+    assert_eq!(inputs[1]["name"], "counts", "{model}");
+    assert_eq!(inputs[1]["dtype"], "i64", "{model}");
+    assert_eq!(inputs[1]["names"], json!(["starts", "faults"]), "{model}");
+
+    let numbers = |v: &Value| -> Vec<f64> {
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    };
+    let (sensors, counts) = (
+        numbers(&fixture["inputs"][0]),
+        numbers(&fixture["inputs"][1]),
+    );
+    let sensor_rows: Vec<&[f64]> = sensors.chunks(3).collect();
+    let count_rows: Vec<&[f64]> = counts.chunks(2).collect();
+    let rows: Vec<Vec<f64>> = sensor_rows
+        .iter()
+        .zip(&count_rows)
+        .map(|(s, c)| s.iter().chain(c.iter()).copied().collect())
+        .collect();
+    let infer = format!("{base}/v1/infer");
+    let (status, by_name) = post(
+        &http,
+        &infer,
+        json!({"inputs": {"counts": count_rows, "sensors": sensor_rows}}),
+    )
+    .await;
+    assert_eq!(status, 200, "{by_name}");
+    let want = numbers(&fixture["outputs"][0]);
+    for (r, output) in by_name["outputs"].as_array().unwrap().iter().enumerate() {
+        for (c, score) in output["scores"].as_array().unwrap().iter().enumerate() {
+            let got = score.as_f64().unwrap();
+            assert!(
+                (got - want[r * 3 + c]).abs() < 1e-4,
+                "row {r} class {c}: {got} vs {}",
+                want[r * 3 + c]
+            );
+        }
+    }
+    let (status, as_rows) = post(&http, &infer, json!({ "rows": rows })).await;
+    assert_eq!(status, 200, "{as_rows}");
+    assert_eq!(as_rows["outputs"], by_name["outputs"]);
+
+    for (body, needles) in [
+        (
+            json!({"inputs": {"sensors": [[1.0, 2.0, 3.0]], "count": [[1, 2]]}}),
+            vec!["`count` is not an input", "`sensors`, `counts`"],
+        ),
+        (
+            json!({"inputs": {"sensors": [[1.0, 2.0, 3.0]]}}),
+            vec!["input `counts`", "missing"],
+        ),
+        (
+            json!({"inputs": {"sensors": [[1.0, 2.0]], "counts": [[1, 2]]}}),
+            vec!["input `sensors`", "[N, 3]", "2 values"],
+        ),
+        (
+            json!({"inputs": {"sensors": [[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]], "counts": [[1, 2]]}}),
+            vec!["`sensors` and `counts` give 2 and 1 rows"],
+        ),
+        (
+            json!({"inputs": {"sensors": [[1.0, 2.0, 3.0]], "counts": [[1, 2.5]]}}),
+            vec!["`faults` is 2.5", "i64"],
+        ),
+        (
+            json!({"rows": [[1.0, 2.0, 3.0, 1.0]]}),
+            vec!["inputs `sensors` + `counts`", "[N, 5]", "4 values"],
+        ),
+    ] {
+        let (status, response) = post(&http, &infer, body.clone()).await;
+        assert_eq!(status, 400, "{body} -> {response}");
+        let message = response["error"].as_str().unwrap();
+        for needle in needles {
+            assert!(message.contains(needle), "{body}: {message}");
+        }
+    }
+    // It keeps serving.
+    let (status, _) = post(&http, &infer, json!({ "rows": rows })).await;
     assert_eq!(status, 200);
 
     agent.stop().await;
