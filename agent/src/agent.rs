@@ -102,16 +102,20 @@ struct Serving {
 }
 
 impl Serving {
-    fn new(installed: Installed, source_columns: &[String]) -> Self {
+    fn new(installed: Installed, source: &SourceLayout) -> Self {
         let reference = installed.model.manifest.reference.clone();
-        let columns = if installed.model.is_tensor() {
-            Err("a model of tensor input is fed only through the local inference API".into())
-        } else {
-            map_columns(installed.model.feature_names(), source_columns)
+        let model = &installed.model;
+        let columns = match (model.is_tensor(), &source.row_shape) {
+            (true, shape) => tensor_columns(model.plan.row_shape(), shape.as_deref()),
+            (false, Some(shape)) => Err(format!(
+                "the input source gives tensors of shape {shape:?}; the model takes rows of \
+                 features"
+            )),
+            (false, None) => map_columns(model.feature_names(), &source.columns),
         };
-        // A source without columns (`api`) feeds no model: nothing to warn about.
+        // A source without columns or tensors (`api`) feeds no model: nothing to warn about.
         if let Err(reason) = &columns
-            && !source_columns.is_empty()
+            && !(source.columns.is_empty() && source.row_shape.is_none())
         {
             warn!(model = %installed.model.manifest.model_ref(), %reason, "inputs cannot feed this model");
         }
@@ -191,6 +195,27 @@ fn read_last_seq(path: &std::path::Path) -> Result<Option<u64>, String> {
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+    }
+}
+
+/// What an input source gives: rows of named columns, or tensors of a shape.
+struct SourceLayout {
+    columns: Vec<String>,
+    row_shape: Option<Vec<usize>>,
+}
+
+/// Which numbers of a source's tensor feed a tensor model: all of them, in order, when
+/// the shapes agree.
+fn tensor_columns(model: &[usize], source: Option<&[usize]>) -> Result<Vec<usize>, String> {
+    match source {
+        Some(shape) if shape == model => Ok((0..model.iter().product()).collect()),
+        Some(shape) => Err(format!(
+            "the input source gives tensors of shape {shape:?}; the model takes {model:?}"
+        )),
+        None => Err(format!(
+            "a model of tensor input {model:?} is fed by the local inference API or an npy \
+             source of such tensors"
+        )),
     }
 }
 
@@ -373,7 +398,10 @@ impl Agent {
         let link_task = tokio::spawn(link.run(shutdown.child_token()));
 
         let (install_tx, installs) = mpsc::channel(INSTALL_CAPACITY);
-        let source_columns = self.source.columns().to_vec();
+        let source_layout = SourceLayout {
+            columns: self.source.columns().to_vec(),
+            row_shape: self.source.row_shape().map(<[usize]>::to_vec),
+        };
         // The sample is a convenience for retraining: the agent serves without it.
         let reservoir = match Reservoir::open(
             &state_dir.join(crate::reservoir::FILE),
@@ -386,10 +414,10 @@ impl Agent {
             }
         };
         let mut actor = AgentLoop {
-            serving: booted.map(|i| Serving::new(i, &source_columns)),
+            serving: booted.map(|i| Serving::new(i, &source_layout)),
             served,
             source: self.source,
-            source_columns,
+            source_layout,
             source_done: config.source.kind == crate::config::SourceKind::Api,
             reporter,
             installer,
@@ -426,7 +454,7 @@ struct AgentLoop {
     /// A source's label that does not fit the served model was warned about.
     bad_label_said: bool,
     source: Box<dyn InputSource>,
-    source_columns: Vec<String>,
+    source_layout: SourceLayout,
     source_done: bool,
     serving: Option<Serving>,
     /// The served model as the local API sees it.
@@ -601,8 +629,18 @@ impl AgentLoop {
         if let (Some(serving), Some(label), Some(p)) = (self.serving.as_mut(), label, &predicted) {
             serving.observe_label(label, p.target, self.watch.as_mut());
         }
-        self.keep_sample(None, &x, predicted.as_ref().map(|p| p.target), label);
-        self.count_into_window(&x, predicted);
+        let Some(serving) = self.serving.as_ref() else {
+            return;
+        };
+        if serving.installed.model.is_tensor() {
+            // Drift watches a tensor's channel statistics; the sample keeps rows of
+            // features only.
+            let watched = serving.installed.model.drift_row(&x).into_owned();
+            self.count_into_window(&watched, predicted);
+        } else {
+            self.keep_sample(None, &x, predicted.as_ref().map(|p| p.target), label);
+            self.count_into_window(&x, predicted);
+        }
     }
 
     /// Offers an input of the served model to the sample kept for retraining.
@@ -915,7 +953,7 @@ impl AgentLoop {
             Self::publish_window(&self.reporter, old);
         }
         self.served.set(Some(installed.model.clone()));
-        self.serving = Some(Serving::new(installed, &self.source_columns));
+        self.serving = Some(Serving::new(installed, &self.source_layout));
         self.send_status();
     }
 
@@ -1711,5 +1749,17 @@ mod tests {
         assert_eq!(map_columns(&feats, &cols), Ok(vec![1, 2]));
         let err = map_columns(&["z".to_string()], &cols).unwrap_err();
         assert!(err.contains("`z`"));
+    }
+
+    #[test]
+    fn a_tensor_model_takes_a_sources_tensors_of_its_shape_whole() {
+        assert_eq!(tensor_columns(&[2, 3], Some(&[2, 3])), Ok((0..6).collect()));
+        let err = tensor_columns(&[2, 3], Some(&[3, 2])).unwrap_err();
+        assert!(err.contains("[3, 2]") && err.contains("[2, 3]"), "{err}");
+        let err = tensor_columns(&[2, 3], None).unwrap_err();
+        assert!(
+            err.contains("local inference API or an npy source"),
+            "{err}"
+        );
     }
 }

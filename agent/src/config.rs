@@ -231,7 +231,8 @@ pub struct SourceConfig {
     /// csv: the file to replay.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<PathBuf>,
-    /// npy: the names of the array's columns, in order (an NPY file has none).
+    /// npy: the names of the array's columns, in order (an NPY file has none); none for
+    /// an array of tensors `(rows, d1, d2, …)`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub columns: Vec<String>,
     /// csv, npy: start again at the end of the file.
@@ -509,12 +510,6 @@ impl AgentConfig {
                 "only a csv or npy source has columns to read labels from",
             ));
         }
-        if self.source.kind == SourceKind::Npy && self.source.columns.is_empty() {
-            return Err(invalid(
-                "source.columns",
-                "an npy source needs the names of the array's columns",
-            ));
-        }
         if self.source.kind == SourceKind::Sensor {
             self.source.sensor.validate()?;
         }
@@ -570,9 +565,10 @@ mod tests {
         let err = AgentConfig::load(Some(&path)).unwrap_err().to_string();
         assert!(err.contains("device_id"), "{err}");
 
+        // Without columns, an npy source replays an array of tensors (checked when the
+        // file is read: a table's columns must be named).
         std::fs::write(&path, "[source]\ntype = \"npy\"\npath = \"x.npy\"\n").unwrap();
-        let err = AgentConfig::load(Some(&path)).unwrap_err().to_string();
-        assert!(err.contains("source.columns"), "{err}");
+        AgentConfig::load(Some(&path)).unwrap();
 
         std::fs::write(
             &path,

@@ -58,6 +58,12 @@ pub trait InputSource: Send {
     fn label(&self) -> Option<Target> {
         None
     }
+    /// The shape of each row, for a source of tensors (images, sequences: an NPY array
+    /// `(N, d1, d2, …)`), whose rows have no named columns; `None` for a source of
+    /// columns.
+    fn row_shape(&self) -> Option<&[usize]> {
+        None
+    }
 }
 
 /// Builds the source a config describes.
@@ -225,6 +231,8 @@ pub struct Replay {
     repeat: bool,
     /// The column that holds each row's ground truth, if any.
     label_column: Option<usize>,
+    /// Each row's shape, for an array of tensors.
+    row_shape: Option<Vec<usize>>,
 }
 
 impl Replay {
@@ -238,6 +246,7 @@ impl Replay {
             next: 0,
             repeat,
             label_column: None,
+            row_shape: None,
         })
     }
 
@@ -247,6 +256,15 @@ impl Replay {
         let Some(name) = name else {
             return Ok(self);
         };
+        if let Some(shape) = &self.row_shape {
+            return Err(SourceError::Npy {
+                path: self.path,
+                reason: format!(
+                    "an array of tensors (each of shape {shape:?}) has no column to read \
+                     labels from: source.label_column is for tables"
+                ),
+            });
+        }
         match self.columns.iter().position(|c| c == name) {
             Some(i) => {
                 self.label_column = Some(i);
@@ -261,10 +279,11 @@ impl Replay {
     }
 
     /// A NumPy `.npy` array of shape `(rows, columns)` (or `(rows,)`, one column), whose
-    /// columns `columns` names, as an NPY file carries no names. Element types:
-    /// little-endian `f4`, `f8`, `i1`, `i2`, `i4`, `i8`, `u1`, `u2`, `u4`, `b1`, in C or
-    /// Fortran order (format versions 1, 2 and 3). Values are read as 32-bit floats; NaN
-    /// stands for a missing value, as in CSV.
+    /// columns `columns` names, as an NPY file carries no names; or an array of tensors
+    /// `(rows, d1, d2, …)` (images, sequences), one tensor per row, which has no columns
+    /// to name. Element types: little-endian `f4`, `f8`, `i1`, `i2`, `i4`, `i8`, `u1`,
+    /// `u2`, `u4`, `b1`, in C or Fortran order (format versions 1, 2 and 3). Values are
+    /// read as 32-bit floats; NaN stands for a missing value, as in CSV.
     pub fn npy(path: &Path, columns: &[String], repeat: bool) -> Result<Self, SourceError> {
         let shown = path.display().to_string();
         let bytes = std::fs::read(path).map_err(|e| SourceError::Read {
@@ -275,7 +294,17 @@ impl Replay {
             path: shown.clone(),
             reason,
         };
-        let (values, rows, width) = read_npy(&bytes).map_err(bad)?;
+        let (values, dims) = read_npy_array(&bytes).map_err(bad)?;
+        if dims.len() >= 3 {
+            return Replay::tensors(shown, values, &dims, columns, repeat);
+        }
+        let (rows, width) = (dims[0], dims.get(1).copied().unwrap_or(1));
+        if columns.is_empty() {
+            return Err(bad(format!(
+                "an array of shape {dims:?} is a table: source.columns must name its {width} \
+                 column(s)"
+            )));
+        }
         if columns.len() != width {
             return Err(bad(format!(
                 "the array has {width} column(s) but source.columns names {}",
@@ -292,6 +321,43 @@ impl Replay {
             next: 0,
             repeat,
             label_column: None,
+            row_shape: None,
+        })
+    }
+
+    /// The rows of an NPY array of tensors `(rows, d1, d2, …)`, flat in row-major order.
+    fn tensors(
+        path: String,
+        values: Vec<f32>,
+        dims: &[usize],
+        columns: &[String],
+        repeat: bool,
+    ) -> Result<Self, SourceError> {
+        let bad = |reason: String| SourceError::Npy {
+            path: path.clone(),
+            reason,
+        };
+        if !columns.is_empty() {
+            return Err(bad(format!(
+                "an array of shape {dims:?} holds one tensor per row and has no columns to \
+                 name: leave source.columns out"
+            )));
+        }
+        let len: usize = dims[1..].iter().product();
+        if len == 0 {
+            return Err(bad(format!("an array of shape {dims:?} has empty rows")));
+        }
+        if dims[0] == 0 {
+            return Err(SourceError::Empty { path });
+        }
+        Ok(Replay {
+            path,
+            columns: Vec::new(),
+            rows: values.chunks(len).map(<[f32]>::to_vec).collect(),
+            next: 0,
+            repeat,
+            label_column: None,
+            row_shape: Some(dims[1..].to_vec()),
         })
     }
 }
@@ -310,6 +376,10 @@ impl InputSource for Replay {
         }
         self.next += 1;
         Some(self.rows[self.next - 1].clone())
+    }
+
+    fn row_shape(&self) -> Option<&[usize]> {
+        self.row_shape.as_deref()
     }
 
     fn label(&self) -> Option<Target> {
@@ -341,19 +411,6 @@ pub fn npy_f32(shape: &[usize], values: &[f32]) -> Vec<u8> {
     bytes.extend_from_slice(header.as_bytes());
     bytes.extend(values.iter().flat_map(|v| v.to_le_bytes()));
     bytes
-}
-
-/// Reads an NPY file of one or two dimensions: its values in row-major order as f32, the
-/// number of rows and of columns.
-fn read_npy(bytes: &[u8]) -> Result<(Vec<f32>, usize, usize), String> {
-    let (values, dims) = read_npy_array(bytes)?;
-    match dims[..] {
-        [rows] => Ok((values, rows, 1)),
-        [rows, width] => Ok((values, rows, width)),
-        _ => Err(format!(
-            "the array's shape is {dims:?}; a replay needs (rows, columns) or (rows,)"
-        )),
-    }
 }
 
 /// Reads an NPY file of any shape: its values in row-major (C) order as f32, and its
@@ -680,15 +737,40 @@ mod tests {
             let (values, dims) = read_npy_array(&file).unwrap();
             assert_eq!(dims, [2, 3, 4]);
             assert_eq!(values, expected, "fortran: {is_fortran}");
-            // A replay still wants a table.
-            let err = read_npy(&file).unwrap_err();
-            assert!(err.contains("(rows, columns)"), "{err}");
         }
         let err = read_npy_array(&npy(1, "<f4", false, "(2, 3, 4)", &[0; 95])).unwrap_err();
         assert!(
             err.contains("2×3×4 values of 4 byte(s) (96 bytes) but 95"),
             "{err}"
         );
+    }
+
+    /// An array of tensors `(rows, d1, d2)` replays one flat tensor per row, in row-major
+    /// order, with its shape and without columns.
+    #[test]
+    fn an_npy_array_of_tensors_replays_one_tensor_per_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("images.npy");
+        let values: Vec<f32> = (0..24).map(|v| v as f32).collect();
+        std::fs::write(&path, npy_f32(&[2, 3, 4], &values)).unwrap();
+        let mut r = Replay::npy(&path, &[], true).unwrap();
+        assert_eq!(r.row_shape(), Some(&[3, 4][..]));
+        assert!(r.columns().is_empty());
+        assert_eq!(r.next_row().unwrap(), values[..12]);
+        assert_eq!(r.next_row().unwrap(), values[12..]);
+        assert_eq!(r.next_row().unwrap(), values[..12]);
+        // An array of tensors has no label column.
+        let err = Replay::npy(&path, &[], false)
+            .unwrap()
+            .with_label_column(Some("label"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("label_column is for tables"), "{err}");
+        // A table has no shape of its own.
+        std::fs::write(&path, npy_f32(&[2, 3], &values[..6])).unwrap();
+        let r = Replay::npy(&path, &names(3), false).unwrap();
+        assert_eq!(r.row_shape(), None);
     }
 
     #[test]
@@ -797,8 +879,13 @@ mod tests {
         assert!(e.contains("big-endian"), "{e}");
         let e = err(npy(1, "<c8", false, "(3, 1)", &f4), 1);
         assert!(e.contains("`<c8` is not supported"), "{e}");
+        // An array of tensors has no columns to name; a table needs them named.
         let e = err(npy(1, "<f4", false, "(3, 1, 2)", &f4), 2);
-        assert!(e.contains("(rows, columns)"), "{e}");
+        assert!(e.contains("leave source.columns out"), "{e}");
+        let e = err(npy(1, "<f4", false, "(3, 2)", &f4), 0);
+        assert!(e.contains("must name its 2 column(s)"), "{e}");
+        let e = err(npy(1, "<f4", false, "(3, 0, 2)", &[]), 0);
+        assert!(e.contains("empty rows"), "{e}");
         let e = err(b"PK\x03\x04 not numpy at all".to_vec(), 1);
         assert!(e.contains("not an NPY file"), "{e}");
         let mut v9 = npy(1, "<f4", false, "(3, 2)", &f4);

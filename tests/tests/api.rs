@@ -663,6 +663,94 @@ async fn an_sklearn_classifier_with_label_and_probabilities_outputs_is_served() 
     ctl.stop().await;
 }
 
+/// A camera's recorded images, an NPY array (N, 3, 32, 32), replayed into the
+/// compatibility suite's CNN: each image is inferred and counted as its channels'
+/// statistics, and full windows of them reach the controller with every image predicted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_array_of_images_feeds_an_image_classifier() {
+    let compat = compat_dir();
+    let onnx = std::fs::read(compat.join("cnn.onnx")).unwrap();
+    let fixture: Value =
+        serde_json::from_slice(&std::fs::read(compat.join("cnn.json")).unwrap()).unwrap();
+    let images: Vec<f32> = fixture["inputs"][0]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect();
+    const IMAGE: usize = 3 * 32 * 32;
+    // Twenty images: the fixture's two, each number shifted a little.
+    let recorded: Vec<f32> = (0..20)
+        .flat_map(|n| {
+            images[(n % 2) * IMAGE..][..IMAGE]
+                .iter()
+                .enumerate()
+                .map(move |(i, x)| x + ((i * 7 + n * 13) % 11) as f32 * 0.01)
+        })
+        .collect();
+    let ctl = TestController::start(BrokerChoice::Embedded).await.unwrap();
+    let npy = ctl.dir.path().join("recorded.npy");
+    std::fs::write(
+        &npy,
+        edgeloop_agent::source::npy_f32(&[20, 3, 32, 32], &recorded),
+    )
+    .unwrap();
+    let mut config = ctl.agent_config("camera-2", WINDOW);
+    config.source.kind = SourceKind::Npy;
+    config.source.path = Some(npy.clone());
+    config.source.repeat = true;
+    let agent = ctl.spawn_agent_with(config);
+    ctl.wait_for_model("camera-2", None).await;
+    ctl.controller
+        .publish(edgeloop_controller::registry::PublishRequest::new(
+            "camera", 1, &onnx, &npy,
+        ))
+        .await
+        .unwrap();
+    ctl.controller.rollout("camera", 1, None).await.unwrap();
+    ctl.wait_for_model("camera-2", Some(1)).await;
+
+    let summary = wait_until_some(Duration::from_secs(30), || async {
+        let rows = ctl
+            .controller
+            .store
+            .telemetry("camera-2", 10)
+            .await
+            .unwrap();
+        rows.into_iter()
+            .find(|r| r.model_name == "camera" && r.samples == WINDOW)
+            .map(|r| r.summary)
+    })
+    .await;
+    let features: Vec<&str> = summary["stats"]["features"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        features,
+        [
+            "c0.mean", "c0.std", "c1.mean", "c1.std", "c2.mean", "c2.std"
+        ],
+        "{summary}"
+    );
+    for feature in summary["stats"]["features"].as_array().unwrap() {
+        assert_eq!(feature["nan"], 0, "{feature}");
+    }
+    // Every image of the window was inferred: its predicted classes add up to the window.
+    let predicted: u64 = summary["stats"]["predictions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_u64().unwrap())
+        .sum();
+    assert_eq!(predicted, WINDOW, "{summary}");
+
+    agent.stop().await;
+    ctl.stop().await;
+}
+
 /// A CNN over 3×32×32 images (the compatibility suite's, with onnxruntime's outputs) is
 /// published with an NPY array of reference images and per-channel normalisation, rolled
 /// out and served: nested JSON and binary tensors get onnxruntime's scores, a wrongly
