@@ -376,6 +376,37 @@ async fn feedback_labels_reach_the_controller_as_confusion_counts_and_accuracy()
 
 /// The first drift summary of a window of `samples` inputs `device` sent, waiting up to
 /// 20 s for it.
+/// Asserts that a drift summary of 3-channel images counted each image as its channels'
+/// means and deviations, none of them missing.
+fn assert_counted_by_channel(summary: &Value) {
+    let features: Vec<&str> = summary["stats"]["features"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        features,
+        [
+            "c0.mean", "c0.std", "c1.mean", "c1.std", "c2.mean", "c2.std"
+        ],
+        "{summary}"
+    );
+    for feature in summary["stats"]["features"].as_array().unwrap() {
+        assert_eq!(feature["nan"], 0, "{feature}");
+    }
+}
+
+/// A fixture tensor's numbers (`{"data": [...]}` in the compatibility suite's files).
+fn fixture_numbers(v: &Value) -> Vec<f64> {
+    v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
 async fn full_window(ctl: &TestController, device: &str, samples: u64) -> Value {
     wait_until_some(Duration::from_secs(20), || async {
         let rows = ctl.controller.store.telemetry(device, 10).await.unwrap();
@@ -505,17 +536,9 @@ async fn a_model_of_two_inputs_is_published_from_one_table_and_served_by_input_n
     assert_eq!(inputs[1]["dtype"], "i64", "{model}");
     assert_eq!(inputs[1]["names"], json!(["starts", "faults"]), "{model}");
 
-    let numbers = |v: &Value| -> Vec<f64> {
-        v["data"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap())
-            .collect()
-    };
     let (sensors, counts) = (
-        numbers(&fixture["inputs"][0]),
-        numbers(&fixture["inputs"][1]),
+        fixture_numbers(&fixture["inputs"][0]),
+        fixture_numbers(&fixture["inputs"][1]),
     );
     let sensor_rows: Vec<&[f64]> = sensors.chunks(3).collect();
     let count_rows: Vec<&[f64]> = counts.chunks(2).collect();
@@ -532,7 +555,7 @@ async fn a_model_of_two_inputs_is_published_from_one_table_and_served_by_input_n
     )
     .await;
     assert_eq!(status, 200, "{by_name}");
-    let want = numbers(&fixture["outputs"][0]);
+    let want = fixture_numbers(&fixture["outputs"][0]);
     for (r, output) in by_name["outputs"].as_array().unwrap().iter().enumerate() {
         for (c, score) in output["scores"].as_array().unwrap().iter().enumerate() {
             let got = score.as_f64().unwrap();
@@ -629,12 +652,7 @@ async fn an_sklearn_classifier_with_label_and_probabilities_outputs_is_served() 
     assert_eq!(outputs[1]["kind"], "class_labels", "{model}");
     assert_eq!(outputs[1]["dtype"], "i64", "{model}");
 
-    let input: Vec<f64> = fixture["inputs"][0]["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
+    let input = fixture_numbers(&fixture["inputs"][0]);
     let rows: Vec<Vec<f64>> = input.chunks(4).map(<[f64]>::to_vec).collect();
     let (status, answer) = post(&http, &format!("{base}/v1/infer"), json!({ "rows": rows })).await;
     assert_eq!(status, 200, "{answer}");
@@ -672,11 +690,9 @@ async fn a_replayed_array_of_images_feeds_an_image_classifier() {
     let onnx = std::fs::read(compat.join("cnn.onnx")).unwrap();
     let fixture: Value =
         serde_json::from_slice(&std::fs::read(compat.join("cnn.json")).unwrap()).unwrap();
-    let images: Vec<f32> = fixture["inputs"][0]["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
+    let images: Vec<f32> = fixture_numbers(&fixture["inputs"][0])
+        .into_iter()
+        .map(|x| x as f32)
         .collect();
     const IMAGE: usize = 3 * 32 * 32;
     // Twenty images: the fixture's two, each number shifted a little.
@@ -722,22 +738,7 @@ async fn a_replayed_array_of_images_feeds_an_image_classifier() {
             .map(|r| r.summary)
     })
     .await;
-    let features: Vec<&str> = summary["stats"]["features"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| f["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(
-        features,
-        [
-            "c0.mean", "c0.std", "c1.mean", "c1.std", "c2.mean", "c2.std"
-        ],
-        "{summary}"
-    );
-    for feature in summary["stats"]["features"].as_array().unwrap() {
-        assert_eq!(feature["nan"], 0, "{feature}");
-    }
+    assert_counted_by_channel(&summary);
     // Every image of the window was inferred: its predicted classes add up to the window.
     let predicted: u64 = summary["stats"]["predictions"]
         .as_array()
@@ -762,14 +763,8 @@ async fn an_image_classifier_is_served_with_tensors_normalised_by_channel() {
     let onnx = std::fs::read(compat.join("cnn.onnx")).unwrap();
     let fixture: Value =
         serde_json::from_slice(&std::fs::read(compat.join("cnn.json")).unwrap()).unwrap();
-    let floats = |v: &Value| -> Vec<f32> {
-        v["data"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap() as f32)
-            .collect()
-    };
+    let floats =
+        |v: &Value| -> Vec<f32> { fixture_numbers(v).into_iter().map(|x| x as f32).collect() };
     let images = floats(&fixture["inputs"][0]);
     let expected = floats(&fixture["outputs"][0]);
     const PIXELS: usize = 32 * 32;
@@ -898,22 +893,7 @@ async fn an_image_classifier_is_served_with_tensors_normalised_by_channel() {
         assert_eq!(status, 200);
     }
     let summary = full_window(&ctl, "camera-1", WINDOW).await;
-    let features: Vec<&str> = summary["stats"]["features"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| f["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(
-        features,
-        [
-            "c0.mean", "c0.std", "c1.mean", "c1.std", "c2.mean", "c2.std"
-        ],
-        "{summary}"
-    );
-    for feature in summary["stats"]["features"].as_array().unwrap() {
-        assert_eq!(feature["nan"], 0, "{feature}");
-    }
+    assert_counted_by_channel(&summary);
 
     // v2 is the same model for cameras that send images channels last ([H, W, C]): its
     // reference and requests are HWC, the agent transposes them, the scores are the same.
