@@ -298,7 +298,16 @@ impl Replay {
         if dims.len() >= 3 {
             return Replay::tensors(shown, values, &dims, columns, repeat);
         }
-        let (rows, width) = (dims[0], dims.get(1).copied().unwrap_or(1));
+        let (rows, width) = match dims[..] {
+            [rows] => (rows, 1),
+            [rows, width] => (rows, width),
+            _ => {
+                return Err(bad(format!(
+                    "the array's shape is {dims:?}; a replay needs (rows, columns), (rows,) or \
+                     tensors (rows, d1, d2, …)"
+                )));
+            }
+        };
         if columns.is_empty() {
             return Err(bad(format!(
                 "an array of shape {dims:?} is a table: source.columns must name its {width} \
@@ -886,6 +895,8 @@ mod tests {
         assert!(e.contains("must name its 2 column(s)"), "{e}");
         let e = err(npy(1, "<f4", false, "(3, 0, 2)", &[]), 0);
         assert!(e.contains("empty rows"), "{e}");
+        let e = err(npy(1, "<f4", false, "()", &f4[..4]), 1);
+        assert!(e.contains("()") || e.contains("[]"), "{e}");
         let e = err(b"PK\x03\x04 not numpy at all".to_vec(), 1);
         assert!(e.contains("not an NPY file"), "{e}");
         let mut v9 = npy(1, "<f4", false, "(3, 2)", &f4);
