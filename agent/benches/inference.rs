@@ -53,6 +53,53 @@ fn time_each(rows: &[Vec<f32>], mut f: impl FnMut(&[f32])) -> Vec<Duration> {
     times
 }
 
+/// Paired latencies: each row through `bare` and through `ours`, one right after the other
+/// (which goes first alternates), so that both meet the same moment of a shared machine.
+/// Returns both sorted, and the sorted per-row differences `ours − bare` in seconds.
+fn time_paired(
+    rows: &[Vec<f32>],
+    mut bare: impl FnMut(&[f32]),
+    mut ours: impl FnMut(&[f32]),
+) -> (Vec<Duration>, Vec<Duration>, Vec<f64>) {
+    for row in rows.iter().take(1000) {
+        bare(row);
+        ours(row);
+    }
+    let (mut bare_times, mut ours_times, mut added) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, row) in rows.iter().enumerate() {
+        let mut times = [Duration::ZERO; 2];
+        for k in [i % 2, 1 - i % 2] {
+            let start = Instant::now();
+            if k == 0 {
+                bare(row)
+            } else {
+                ours(row)
+            }
+            times[k] = start.elapsed();
+        }
+        bare_times.push(times[0]);
+        ours_times.push(times[1]);
+        added.push(times[1].as_secs_f64() - times[0].as_secs_f64());
+    }
+    bare_times.sort();
+    ours_times.sort();
+    added.sort_by(f64::total_cmp);
+    (bare_times, ours_times, added)
+}
+
+/// Prints a paired measurement ([`time_paired`]).
+fn print_paired(peer: &str, (bare, ours, added): &(Vec<Duration>, Vec<Duration>, Vec<f64>)) {
+    let (bare50, ours50) = (percentile(bare, 0.5), percentile(ours, 0.5));
+    let added50 = added[added.len() / 2];
+    println!(
+        "  paired, row by row: {peer} p50 {bare50:>10.2?}, edgeloop p50 {ours50:>10.2?} \
+         ({:.3}x); edgeloop adds a median {:.2} µs per row ({:.3}x)",
+        ours50.as_secs_f64() / bare50.as_secs_f64(),
+        added50 * 1e6,
+        1.0 + added50 / bare50.as_secs_f64()
+    );
+}
+
 fn main() {
     let mut source = VibrationGenerator::new(7, ShiftControl::default());
     let rows: Vec<Vec<f32>> = (0..ROWS).map(|_| source.next_row().unwrap()).collect();
@@ -83,6 +130,31 @@ fn main() {
         o50.as_secs_f64() / b50.as_secs_f64(),
         o99.as_secs_f64() / b99.as_secs_f64()
     );
+    let paired = time_paired(
+        &rows,
+        |row| {
+            let input = Tensor::from_shape(&[1, 4], row).unwrap();
+            black_box(bare.run(tvec!(input.into())).unwrap());
+        },
+        |row| {
+            black_box(plan.infer(row, &names).unwrap());
+        },
+    );
+    print_paired("bare tract", &paired);
+    // The plan's own optimized model run bare: what the checks and the result around it
+    // cost, apart from any difference between the two optimized graphs.
+    let same_plan = plan.runnable().clone();
+    let paired = time_paired(
+        &rows,
+        |row| {
+            let input = Tensor::from_shape(&[1, 4], row).unwrap();
+            black_box(same_plan.run(tvec!(input.into())).unwrap());
+        },
+        |row| {
+            black_box(plan.infer(row, &names).unwrap());
+        },
+    );
+    print_paired("the same plan", &paired);
 
     tensor_inference();
 
@@ -206,6 +278,20 @@ fn tensor_inference() {
             .observe(&last_spec.tensor_features(image), Some(prediction.class))
             .unwrap();
     });
+    // Paired, image by image: the same plan bare, and edgeloop.
+    let paired = time_paired(
+        &images,
+        |image| {
+            let input = Tensor::from_shape(&[1, 3, 32, 32], image).unwrap();
+            black_box(same_plan.run(tvec!(input.into())).unwrap());
+        },
+        |image| {
+            let prediction = plan.infer(image, &[]).unwrap();
+            window
+                .observe(&spec.tensor_features(image), Some(prediction.class))
+                .unwrap();
+        },
+    );
     println!("tensor inference (compat CNN, 1x3x32x32, single thread, {IMAGES} images)");
     let p50 = percentile(&same_plan_times, 0.5).as_secs_f64();
     for (name, times) in [
@@ -220,6 +306,7 @@ fn tensor_inference() {
             t50.as_secs_f64() / p50
         );
     }
+    print_paired("the same plan", &paired);
 }
 
 /// The same window scored by numpy and scipy (`drift_scipy.py`): PSI, JS, KS against the
