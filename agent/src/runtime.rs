@@ -788,11 +788,6 @@ impl Plan {
         &self.inputs
     }
 
-    /// The element type of a model's one input (of the first, for a model of several).
-    pub fn dtype(&self) -> DType {
-        self.inputs[0].dtype
-    }
-
     /// The name of the graph output served as class scores.
     pub fn output(&self) -> &str {
         &self.output

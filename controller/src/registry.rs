@@ -875,7 +875,8 @@ fn tensor_reference(request: &PublishRequest<'_>) -> Result<Reference, PublishEr
         .into());
     }
     let plan = Plan::compile_tensor(request.onnx, &input)?;
-    input.dtype = plan.dtype();
+    // A tensor model's one input.
+    input.dtype = plan.inputs()[0].dtype;
     input.name = plan.inputs()[0].name.clone();
     let columns = input.tensor_feature_names();
     let rows: Vec<Vec<f32>> = values
