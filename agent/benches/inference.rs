@@ -87,6 +87,12 @@ fn time_paired(
     (bare_times, ours_times, added)
 }
 
+/// One run of an optimized tract model on `row`, shaped `shape` (the peers' work).
+fn run_tract(model: &std::sync::Arc<TypedRunnableModel>, shape: &[usize], row: &[f32]) {
+    let input = Tensor::from_shape(shape, row).unwrap();
+    black_box(model.run(tvec!(input.into())).unwrap());
+}
+
 /// Prints a paired measurement ([`time_paired`]).
 fn print_paired(peer: &str, (bare, ours, added): &(Vec<Duration>, Vec<Duration>, Vec<f64>)) {
     let (bare50, ours50) = (percentile(bare, 0.5), percentile(ours, 0.5));
@@ -113,13 +119,12 @@ fn main() {
         .and_then(|m| m.into_runnable())
         .expect("tract loads the example model");
     let plan = Plan::compile(MODEL, 4).expect("edgeloop loads the example model");
-    let bare_times = time_each(&rows, |row| {
-        let input = Tensor::from_shape(&[1, 4], row).unwrap();
-        black_box(bare.run(tvec!(input.into())).unwrap());
-    });
-    let ours = time_each(&rows, |row| {
+    let run_bare = |row: &[f32]| run_tract(&bare, &[1, 4], row);
+    let run_ours = |row: &[f32]| {
         black_box(plan.infer(row, &names).unwrap());
-    });
+    };
+    let bare_times = time_each(&rows, run_bare);
+    let ours = time_each(&rows, run_ours);
     let (b50, o50) = (percentile(&bare_times, 0.5), percentile(&ours, 0.5));
     let (b99, o99) = (percentile(&bare_times, 0.99), percentile(&ours, 0.99));
     println!("inference (example MLP, 1x4, single thread, {ROWS} rows)");
@@ -130,30 +135,11 @@ fn main() {
         o50.as_secs_f64() / b50.as_secs_f64(),
         o99.as_secs_f64() / b99.as_secs_f64()
     );
-    let paired = time_paired(
-        &rows,
-        |row| {
-            let input = Tensor::from_shape(&[1, 4], row).unwrap();
-            black_box(bare.run(tvec!(input.into())).unwrap());
-        },
-        |row| {
-            black_box(plan.infer(row, &names).unwrap());
-        },
-    );
-    print_paired("bare tract", &paired);
+    print_paired("bare tract", &time_paired(&rows, run_bare, run_ours));
     // The plan's own optimized model run bare: what the checks and the result around it
     // cost, apart from any difference between the two optimized graphs.
     let same_plan = plan.runnable().clone();
-    let paired = time_paired(
-        &rows,
-        |row| {
-            let input = Tensor::from_shape(&[1, 4], row).unwrap();
-            black_box(same_plan.run(tvec!(input.into())).unwrap());
-        },
-        |row| {
-            black_box(plan.infer(row, &names).unwrap());
-        },
-    );
+    let paired = time_paired(&rows, |row| run_tract(&same_plan, &[1, 4], row), run_ours);
     print_paired("the same plan", &paired);
 
     tensor_inference();
@@ -249,23 +235,21 @@ fn tensor_inference() {
         .collect();
     let profile = ReferenceProfile::from_columns(&names, &by_column, DEFAULT_BINS).unwrap();
     let mut window = DriftWindow::new(profile, 0);
-    let bare_times = time_each(&images, |image| {
-        let input = Tensor::from_shape(&[1, 3, 32, 32], image).unwrap();
-        black_box(bare.run(tvec!(input.into())).unwrap());
-    });
+    let bare_times = time_each(&images, |image| run_tract(&bare, &[1, 3, 32, 32], image));
     // The same plan run bare: the normalisation folded into the graph, no checks, no
     // drift accounting (the peer, "bare tract on the same plan").
     let same_plan = plan.runnable().clone();
-    let same_plan_times = time_each(&images, |image| {
-        let input = Tensor::from_shape(&[1, 3, 32, 32], image).unwrap();
-        black_box(same_plan.run(tvec!(input.into())).unwrap());
-    });
-    let ours = time_each(&images, |image| {
+    let run_same_plan = |image: &[f32]| run_tract(&same_plan, &[1, 3, 32, 32], image);
+    let mut run_ours = |image: &[f32]| {
         let prediction = plan.infer(image, &[]).unwrap();
         window
             .observe(&spec.tensor_features(image), Some(prediction.class))
             .unwrap();
-    });
+    };
+    let same_plan_times = time_each(&images, run_same_plan);
+    let ours = time_each(&images, &mut run_ours);
+    // Paired, image by image: the same plan bare, and edgeloop.
+    let paired = time_paired(&images, run_same_plan, &mut run_ours);
     // Images sent channels last ([32, 32, 3]): the same, after a transpose.
     let last_spec = TensorSpec {
         layout: Some(RowLayout::ChannelsLast),
@@ -278,20 +262,6 @@ fn tensor_inference() {
             .observe(&last_spec.tensor_features(image), Some(prediction.class))
             .unwrap();
     });
-    // Paired, image by image: the same plan bare, and edgeloop.
-    let paired = time_paired(
-        &images,
-        |image| {
-            let input = Tensor::from_shape(&[1, 3, 32, 32], image).unwrap();
-            black_box(same_plan.run(tvec!(input.into())).unwrap());
-        },
-        |image| {
-            let prediction = plan.infer(image, &[]).unwrap();
-            window
-                .observe(&spec.tensor_features(image), Some(prediction.class))
-                .unwrap();
-        },
-    );
     println!("tensor inference (compat CNN, 1x3x32x32, single thread, {IMAGES} images)");
     let p50 = percentile(&same_plan_times, 0.5).as_secs_f64();
     for (name, times) in [
