@@ -11,7 +11,7 @@
 
 use std::time::{Duration, Instant};
 
-use edgeloop_agent::reservoir::Reservoir;
+use edgeloop_agent::reservoir::{Offered, Reservoir, SampledModel};
 use edgeloop_agent::runtime::Plan;
 use edgeloop_shared::protocol::ModelRef;
 use rusqlite::{Connection, params};
@@ -80,23 +80,25 @@ fn main() {
     let bare = start.elapsed();
 
     // edgeloop's reservoir.
-    let model = ModelRef {
-        name: "vibration".into(),
-        version: 1,
+    let model = SampledModel {
+        model: ModelRef {
+            name: "vibration".into(),
+            version: 1,
+        },
+        features: names.clone(),
+        shape: None,
     };
     let mut reservoir = Reservoir::open(&dir.path().join("reservoir.sqlite"), BUDGET).unwrap();
     let mut offer = |i: usize| {
-        reservoir
-            .offer(
-                &model,
-                &names,
-                None,
-                &rows[i],
-                Some(predicted[i] as f64),
-                None,
-                i as u64,
-            )
-            .unwrap()
+        let input = Offered {
+            request_key: None,
+            values: &rows[i],
+            predicted: Some(predicted[i] as f64),
+            label: None,
+            seen_ms: i as u64,
+            chance: 1.0,
+        };
+        reservoir.offer(&model, input).unwrap()
     };
     let start = Instant::now();
     offer(0);

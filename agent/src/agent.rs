@@ -30,7 +30,7 @@ use crate::health::ServiceRecord;
 use crate::link::{BrokerAddr, LastWillFn, Link, LinkConfig, Packing};
 use crate::outbox::{Outbox, OutboxError, SqliteOutbox};
 use crate::report::Reporter;
-use crate::reservoir::Reservoir;
+use crate::reservoir::{Offered, Reservoir, SampledModel};
 use crate::runtime::RuntimeError;
 use crate::slots::{SlotError, Slots, write_atomic};
 use crate::source::InputSource;
@@ -99,6 +99,8 @@ struct Serving {
     /// Its latency and labelled accuracy since it began serving: the baseline a model
     /// installed after it is judged against.
     record: ServiceRecord,
+    /// What its inputs are kept in the sample as.
+    sampled: SampledModel,
 }
 
 impl Serving {
@@ -119,7 +121,22 @@ impl Serving {
         {
             warn!(model = %installed.model.manifest.model_ref(), %reason, "inputs cannot feed this model");
         }
+        let sampled = SampledModel {
+            model: model.manifest.model_ref(),
+            features: if model.is_tensor() {
+                model
+                    .manifest
+                    .inputs
+                    .iter()
+                    .map(|i| i.name.clone())
+                    .collect()
+            } else {
+                model.feature_names().to_vec()
+            },
+            shape: model.is_tensor().then(|| model.plan.row_shape().to_vec()),
+        };
         Serving {
+            sampled,
             window: DriftWindow::with_policy(
                 reference,
                 installed.model.manifest.drift.unwrap_or_default(),
@@ -632,15 +649,15 @@ impl AgentLoop {
         let Some(serving) = self.serving.as_ref() else {
             return;
         };
-        if serving.installed.model.is_tensor() {
-            // Drift watches a tensor's channel statistics; the sample keeps rows of
-            // features only.
-            let watched = serving.installed.model.drift_row(&x).into_owned();
-            self.count_into_window(&watched, predicted);
-        } else {
-            self.keep_sample(None, &x, predicted.as_ref().map(|p| p.target), label);
-            self.count_into_window(&x, predicted);
-        }
+        // Drift watches a tensor's channel statistics, a table's row itself.
+        let watched = serving.installed.model.drift_row(&x);
+        self.keep_sample(
+            None,
+            Some((&x, 1.0)),
+            predicted.as_ref().map(|p| p.target),
+            label,
+        );
+        self.count_into_window(&watched, predicted);
     }
 
     /// Offers an input of the served model to the sample kept for retraining.
@@ -655,10 +672,12 @@ impl AgentLoop {
         }
     }
 
+    /// `input` is the input with the chance it was handed over with; None: the caller's
+    /// thinning left it out, and it is only counted.
     fn keep_sample(
         &mut self,
         request_key: Option<&str>,
-        row: &[f32],
+        input: Option<(&[f32], f64)>,
         predicted: Option<Target>,
         label: Option<Target>,
     ) {
@@ -666,17 +685,24 @@ impl AgentLoop {
         else {
             return;
         };
-        let model = serving.model_ref();
-        let features = serving.installed.model.feature_names();
-        let offered = reservoir.offer(
-            &model,
-            features,
-            request_key,
-            row,
-            predicted.map(Target::number),
-            label.map(Target::number),
-            now_ms(),
-        );
+        let offered = match input {
+            Some((values, chance)) => reservoir.offer(
+                &serving.sampled,
+                Offered {
+                    request_key,
+                    values,
+                    predicted: predicted.map(Target::number),
+                    label: label.map(Target::number),
+                    seen_ms: now_ms(),
+                    chance,
+                },
+            ),
+            None => reservoir.pass(&serving.sampled),
+        };
+        let model = &serving.installed.model;
+        model
+            .sample_chance
+            .set(reservoir.chance(&serving.sampled.model));
         // Said once per spell of failures, not once per input.
         match offered {
             Err(e) if !self.sample_failing => {
@@ -741,15 +767,19 @@ impl AgentLoop {
                 confidence,
                 latency_ms,
                 request_key,
+                tensor,
             } => {
                 if serving.model_ref() != model {
                     return;
                 }
-                // A tensor input arrives as its channel statistics (what drift watches):
-                // no input to keep for retraining.
-                if !serving.installed.model.is_tensor() {
-                    self.keep_sample(Some(&request_key), &row, Some(predicted), None);
-                }
+                // A tensor input arrives as its channel statistics (what drift watches),
+                // and itself only when the API handed it over for the sample.
+                let input = match &tensor {
+                    _ if !serving.installed.model.is_tensor() => Some((&row[..], 1.0)),
+                    Some((values, chance)) => Some((&values[..], *chance)),
+                    None => None,
+                };
+                self.keep_sample(Some(&request_key), input, Some(predicted), None);
                 self.counters.inferences += 1;
                 if let Some(watch) = self.watch.as_mut() {
                     watch.inferences += 1;
@@ -1108,15 +1138,15 @@ impl AgentLoop {
         }
     }
 
-    /// Sends the input sample as CSV chunks on the samples channel, at the outbox's lowest
-    /// priority. The file is cut to half the outbox budget, so that its chunks never evict
-    /// each other.
+    /// Sends the input sample (CSV, or NPY for a tensor model) in chunks on the samples
+    /// channel, at the outbox's lowest priority. The file is cut to half the outbox budget,
+    /// so that its chunks never evict each other.
     fn on_upload(&mut self, seq: u64, upload: &UploadAction) {
         let max_bytes = self.config.outbox.budget_bytes / 2;
         let exported = match self.reservoir.as_mut() {
             None => Err("this device keeps no input sample".to_string()),
             Some(r) => r
-                .export_csv(upload.max_rows, max_bytes)
+                .export(upload.max_rows, max_bytes)
                 .map_err(|e| e.to_string()),
         };
         match exported {
@@ -1126,12 +1156,13 @@ impl AgentLoop {
                     seq,
                     export.model,
                     export.rows,
-                    &export.csv,
+                    &export.bytes,
                 );
                 info!(
                     dataset = upload.dataset_id,
                     rows = export.rows,
-                    bytes = export.csv.len(),
+                    bytes = export.bytes.len(),
+                    format = ?export.format,
                     chunks = chunks.len(),
                     "uploading the input sample"
                 );

@@ -65,6 +65,10 @@ pub enum Observation {
         latency_ms: f64,
         /// `{request_id}/{row}`, by which feedback names it later.
         request_key: String,
+        /// A tensor model's input itself (`row` is its channels' statistics), handed over
+        /// for the sample with the chance given; None when it was not (see
+        /// [`crate::reservoir`]'s thinning).
+        tensor: Option<(Vec<f32>, f64)>,
     },
     /// Rows the model failed on (a valid input, an internal error).
     Failed { model: ModelRef, rows: u64 },
@@ -686,11 +690,13 @@ async fn infer(State(state): State<ApiState>, headers: HeaderMap, body: Bytes) -
         rows.into_iter().zip(&outputs).zip(&predicted).enumerate()
     {
         // A tensor row is counted as its channels' statistics, computed here rather than
-        // on the agent's loop.
-        let row = if model.is_tensor() {
-            model.drift_row(&row).into_owned()
+        // on the agent's loop; the tensor itself crosses over only as often as the sample
+        // may keep it.
+        let (row, tensor) = if model.is_tensor() {
+            let statistics = model.drift_row(&row).into_owned();
+            (statistics, model.sample_chance.draw().map(|c| (row, c)))
         } else {
-            row
+            (row, None)
         };
         let observation = Observation::Inferred {
             model: model_ref.clone(),
@@ -699,6 +705,7 @@ async fn infer(State(state): State<ApiState>, headers: HeaderMap, body: Bytes) -
             confidence: (!regression).then(|| confidence(&output.scores)),
             latency_ms,
             request_key: format!("{request_id}/{i}"),
+            tensor,
         };
         // The drift window is a statistic: when the actor is behind, an input goes
         // uncounted (and counted as such) rather than slowing the caller.

@@ -68,7 +68,7 @@ enum Command {
     Samples {
         #[command(flatten)]
         overrides: Overrides,
-        /// The CSV file to write.
+        /// The file to write: CSV for a table model; NPY for a tensor model, which needs it.
         #[arg(long)]
         out: Option<PathBuf>,
     },
@@ -176,30 +176,23 @@ async fn run() -> anyhow::Result<()> {
             let mut reservoir =
                 edgeloop_agent::reservoir::Reservoir::open(&path, config.reservoir_bytes)?;
             let status = reservoir.status()?;
-            let (model, samples) = reservoir.samples()?;
-            let features = model
-                .as_ref()
-                .map(|m| m.features.clone())
-                .unwrap_or_default();
-            match &out {
-                Some(file) => edgeloop_agent::reservoir::write_csv(
-                    std::fs::File::create(file)
-                        .with_context(|| format!("creating {}", file.display()))?,
-                    &features,
-                    &samples,
-                )?,
-                None => edgeloop_agent::reservoir::write_csv(
-                    std::io::stdout().lock(),
-                    &features,
-                    &samples,
-                )?,
+            let export = reservoir.export(None, u64::MAX)?;
+            match (&out, export.format) {
+                (Some(file), _) => std::fs::write(file, &export.bytes)
+                    .with_context(|| format!("writing {}", file.display()))?,
+                (None, edgeloop_agent::reservoir::SampleFormat::Csv) => {
+                    std::io::Write::write_all(&mut std::io::stdout().lock(), &export.bytes)?
+                }
+                (None, edgeloop_agent::reservoir::SampleFormat::Npy) => anyhow::bail!(
+                    "the sample is of a tensor model's inputs, an NPY file: name it with --out"
+                ),
             }
             eprintln!(
                 "{} inputs of {} kept ({} labelled) from {} seen; capacity {}",
                 status.kept,
-                model.map_or("no model".to_string(), |m| format!(
+                export.model.map_or("no model".to_string(), |m| format!(
                     "{} v{}",
-                    m.model.name, m.model.version
+                    m.name, m.version
                 )),
                 status.labelled,
                 status.seen,

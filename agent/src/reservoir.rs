@@ -8,12 +8,47 @@
 //! byte budget over the size of one stored row. The sample belongs to one model version: a
 //! new version starts a new one (its inputs may be other features, and a retraining wants
 //! the traffic the current model sees).
+//!
+//! A table model's sample exports as CSV; a tensor model's (images, sequences) as an NPY
+//! array of records (see [`edgeloop_shared::npy`]). Where the caller cannot afford to hand
+//! every input over (a tensor crossing from the API's tasks to the agent's loop), it thins
+//! them first: it attaches an input with at least the [`Reservoir::chance`] that the next
+//! one is kept, counts the others with [`Reservoir::pass`], and the reservoir keeps an
+//! attached one with the rest of that chance, so every input still has the same chance.
 
 use std::path::{Path, PathBuf};
 
 use edgeloop_shared::protocol::ModelRef;
 use rand::{Rng, SeedableRng, rngs::SmallRng};
 use rusqlite::{Connection, OptionalExtension, params};
+
+/// A [`Reservoir::chance`] shared with the tasks that hand inputs over, as an f64's bits.
+#[derive(Debug)]
+pub struct SharedChance(std::sync::atomic::AtomicU64);
+
+impl Default for SharedChance {
+    /// Every input, until the reservoir says otherwise.
+    fn default() -> Self {
+        SharedChance(std::sync::atomic::AtomicU64::new(1f64.to_bits()))
+    }
+}
+
+impl SharedChance {
+    pub fn get(&self) -> f64 {
+        f64::from_bits(self.0.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    pub fn set(&self, chance: f64) {
+        self.0
+            .store(chance.to_bits(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether to hand the next input over: true with the chance.
+    pub fn draw(&self) -> Option<f64> {
+        let chance = self.get();
+        (chance >= 1.0 || (chance > 0.0 && rand::random::<f64>() < chance)).then_some(chance)
+    }
+}
 
 /// The reservoir's file in the agent's state directory.
 pub const FILE: &str = "reservoir.sqlite";
@@ -39,13 +74,33 @@ pub enum ReservoirError {
     },
     #[error("cannot write the sample as CSV: {0}")]
     Csv(String),
+    #[error("cannot write the sample as NPY: {0}")]
+    Npy(String),
 }
 
-/// The model a sample belongs to, with its feature names.
+/// The model a sample belongs to, with its feature names, and for a tensor model the
+/// shape of one input.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SampledModel {
     pub model: ModelRef,
     pub features: Vec<String>,
+    /// A tensor model's input shape without the batch (`[3, 32, 32]`); None for a table.
+    pub shape: Option<Vec<usize>>,
+}
+
+/// One input offered to the sample.
+#[derive(Debug, Clone, Copy)]
+pub struct Offered<'a> {
+    /// Names the input for a later label (the local API's request id and row).
+    pub request_key: Option<&'a str>,
+    pub values: &'a [f32],
+    /// What the model predicted: a class index, or a regression's value.
+    pub predicted: Option<f64>,
+    /// The ground truth, when already known.
+    pub label: Option<f64>,
+    pub seen_ms: u64,
+    /// The chance with which the caller handed this input over (1: every input is).
+    pub chance: f64,
 }
 
 /// One kept input.
@@ -59,13 +114,16 @@ pub struct Sample {
     pub seen_ms: u64,
 }
 
-/// The sample as one CSV file (see [`write_csv`]), for an upload.
+pub use edgeloop_shared::protocol::SampleFormat;
+
+/// The sample as one file, for an upload.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Export {
     pub model: Option<ModelRef>,
-    /// Data rows in the file.
+    /// Inputs in the file.
     pub rows: u64,
-    pub csv: Vec<u8>,
+    pub format: SampleFormat,
+    pub bytes: Vec<u8>,
 }
 
 /// Where the sample stands.
@@ -131,7 +189,8 @@ impl Reservoir {
                  model_version INTEGER NOT NULL,
                  features TEXT NOT NULL,
                  seen INTEGER NOT NULL,
-                 capacity INTEGER NOT NULL
+                 capacity INTEGER NOT NULL,
+                 shape TEXT
              );
              CREATE TABLE IF NOT EXISTS samples (
                  slot INTEGER PRIMARY KEY,
@@ -144,6 +203,18 @@ impl Reservoir {
              CREATE INDEX IF NOT EXISTS samples_by_request ON samples (request_key);",
         )
         .map_err(err)?;
+        // A reservoir written before tensor samples has no `shape`: its sample is a table's.
+        let has_shape: bool = conn
+            .query_row(
+                "SELECT COUNT(*) > 0 FROM pragma_table_info('reservoir_state') WHERE name = 'shape'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(err)?;
+        if !has_shape {
+            conn.execute("ALTER TABLE reservoir_state ADD COLUMN shape TEXT", [])
+                .map_err(err)?;
+        }
         let sampling = conn
             .query_row(
                 "SELECT model_name, model_version, seen, capacity FROM reservoir_state",
@@ -180,25 +251,41 @@ impl Reservoir {
         }
     }
 
-    /// Offers one input of `model`, whose features are `features`. `request_key` names it
-    /// for a later label (the local API's request id and row); `label` is its ground truth
-    /// when already known.
-    #[allow(clippy::too_many_arguments)]
-    pub fn offer(
+    /// Offers one input of `of`'s model.
+    pub fn offer(&mut self, of: &SampledModel, input: Offered<'_>) -> Result<(), ReservoirError> {
+        self.draw(of, Some(input))
+    }
+
+    /// Counts an input of `of`'s model that the caller's thinning did not hand over.
+    pub fn pass(&mut self, of: &SampledModel) -> Result<(), ReservoirError> {
+        self.draw(of, None)
+    }
+
+    /// The chance that the next input of `model` is kept: 1 until the sample is full (or
+    /// while it belongs to another model), then its capacity over the inputs seen. It
+    /// only falls while the model stays the same.
+    pub fn chance(&self, model: &ModelRef) -> f64 {
+        match &self.sampling {
+            _ if self.budget_bytes == 0 => 0.0,
+            Some(s) if s.model == *model => (s.capacity as f64 / (s.seen + 1) as f64).min(1.0),
+            _ => 1.0,
+        }
+    }
+
+    fn draw(
         &mut self,
-        model: &ModelRef,
-        features: &[String],
-        request_key: Option<&str>,
-        values: &[f32],
-        predicted: Option<f64>,
-        label: Option<f64>,
-        now_ms: u64,
+        of: &SampledModel,
+        input: Option<Offered<'_>>,
     ) -> Result<(), ReservoirError> {
         if self.budget_bytes == 0 {
             return Ok(());
         }
-        let row_bytes = values.len() as u64 * 4 + ROW_OVERHEAD_BYTES;
-        if self.sampling.as_ref().is_none_or(|s| s.model != *model) {
+        let width = of
+            .shape
+            .as_ref()
+            .map_or(of.features.len(), |s| s.iter().product());
+        let row_bytes = width as u64 * 4 + ROW_OVERHEAD_BYTES;
+        if self.sampling.as_ref().is_none_or(|s| s.model != of.model) {
             // A new model: a new sample. What waits belongs to the old one.
             self.pending.clear();
             let capacity = (self.budget_bytes / row_bytes).max(1);
@@ -206,19 +293,22 @@ impl Reservoir {
             let tx = self.conn.transaction().map_err(&err)?;
             tx.execute("DELETE FROM samples", []).map_err(&err)?;
             tx.execute(
-                "INSERT OR REPLACE INTO reservoir_state (id, model_name, model_version, features, seen, capacity)
-                 VALUES (1, ?1, ?2, ?3, 0, ?4)",
+                "INSERT OR REPLACE INTO reservoir_state (id, model_name, model_version, features, seen, capacity, shape)
+                 VALUES (1, ?1, ?2, ?3, 0, ?4, ?5)",
                 params![
-                    model.name,
-                    model.version as i64,
-                    serde_json::to_string(features).expect("names serialize"),
-                    capacity as i64
+                    of.model.name,
+                    of.model.version as i64,
+                    serde_json::to_string(&of.features).expect("names serialize"),
+                    capacity as i64,
+                    of.shape
+                        .as_ref()
+                        .map(|s| serde_json::to_string(s).expect("sizes serialize")),
                 ],
             )
             .map_err(&err)?;
             tx.commit().map_err(&err)?;
             self.sampling = Some(Sampling {
-                model: model.clone(),
+                model: of.model.clone(),
                 seen: 0,
                 capacity,
             });
@@ -226,22 +316,31 @@ impl Reservoir {
         }
         let sampling = self.sampling.as_mut().expect("set above");
         sampling.seen += 1;
-        let seen = sampling.seen;
-        let slot = if seen <= sampling.capacity {
-            Some(seen - 1)
-        } else {
-            let j = self.rng.random_range(0..seen);
-            (j < sampling.capacity).then_some(j)
-        };
+        let (seen, capacity) = (sampling.seen, sampling.capacity);
         self.unsaved += 1;
-        if let Some(slot) = slot {
+        // Vitter's algorithm R: the seen-th input is kept with chance capacity / seen, in
+        // a slot drawn uniformly; one handed over with chance c is kept with the rest of
+        // it, (capacity / seen) / c.
+        let slot = match input {
+            None => None,
+            Some(_) if seen <= capacity => Some(seen - 1),
+            Some(input) if input.chance >= 1.0 => {
+                let j = self.rng.random_range(0..seen);
+                (j < capacity).then_some(j)
+            }
+            Some(input) => {
+                let keep = capacity as f64 / seen as f64 / input.chance;
+                (self.rng.random::<f64>() < keep).then(|| self.rng.random_range(0..capacity))
+            }
+        };
+        if let (Some(slot), Some(input)) = (slot, input) {
             self.pending.push(PendingRow {
                 slot,
-                request_key: request_key.map(str::to_string),
-                seen_ms: now_ms,
-                predicted,
-                label,
-                values: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                request_key: input.request_key.map(str::to_string),
+                seen_ms: input.seen_ms,
+                predicted: input.predicted,
+                label: input.label,
+                values: input.values.iter().flat_map(|v| v.to_le_bytes()).collect(),
             });
         }
         if self.pending.len() as u64 >= WRITE_EVERY || self.unsaved >= WRITE_EVERY * 4 {
@@ -340,51 +439,57 @@ impl Reservoir {
         Ok((model, rows))
     }
 
-    /// The sample as CSV, oldest input first, of at most `max_rows` rows and `max_bytes`
-    /// bytes: when it must be cut, an evenly spaced subset of the rows is kept, so the file
-    /// still spans the whole time the sample covers.
-    pub fn export_csv(
+    /// The sample as a file (CSV for a table model, NPY for a tensor model), oldest input
+    /// first, of at most `max_rows` inputs and `max_bytes` bytes: when it must be cut, an
+    /// evenly spaced subset of the inputs is kept, so the file still spans the whole time
+    /// the sample covers.
+    pub fn export(
         &mut self,
         max_rows: Option<u64>,
         max_bytes: u64,
     ) -> Result<Export, ReservoirError> {
         let (model, samples) = self.samples()?;
-        let features = model.as_ref().map(|m| m.features.as_slice()).unwrap_or(&[]);
+        let format = match model.as_ref().and_then(|m| m.shape.as_ref()) {
+            Some(_) => SampleFormat::Npy,
+            None => SampleFormat::Csv,
+        };
         let write = |keep: usize| -> Result<Vec<u8>, ReservoirError> {
             let chosen = evenly_spaced(&samples, keep);
-            let mut csv = Vec::new();
-            write_csv(&mut csv, features, &chosen)
-                .map_err(|e| ReservoirError::Csv(e.to_string()))?;
-            Ok(csv)
+            write_file(model.as_ref(), &chosen)
         };
         let mut keep = samples
             .len()
             .min(max_rows.map_or(usize::MAX, |m| m as usize));
-        let mut csv = write(keep)?;
-        while csv.len() as u64 > max_bytes && keep > 0 {
+        let mut bytes = write(keep)?;
+        while bytes.len() as u64 > max_bytes && keep > 0 {
             // Rows are about the same size: aim just under the limit, then step down.
-            let per_row = csv.len() as f64 / (keep as f64 + 1.0);
+            let per_row = bytes.len() as f64 / (keep as f64 + 1.0);
             let aim = ((max_bytes as f64 / per_row) as usize).saturating_sub(1);
             keep = aim.min(keep - keep.div_ceil(20));
-            csv = write(keep)?;
+            bytes = write(keep)?;
         }
-        if csv.len() as u64 > max_bytes {
-            return Err(ReservoirError::Csv(format!(
+        if bytes.len() as u64 > max_bytes {
+            let message = format!(
                 "even the header ({} bytes) is over the {max_bytes}-byte limit",
-                csv.len()
-            )));
+                bytes.len()
+            );
+            return Err(match format {
+                SampleFormat::Csv => ReservoirError::Csv(message),
+                SampleFormat::Npy => ReservoirError::Npy(message),
+            });
         }
         Ok(Export {
             model: model.map(|m| m.model),
             rows: keep as u64,
-            csv,
+            format,
+            bytes,
         })
     }
 
     fn model(&self) -> Result<Option<SampledModel>, ReservoirError> {
         self.conn
             .query_row(
-                "SELECT model_name, model_version, features FROM reservoir_state",
+                "SELECT model_name, model_version, features, shape FROM reservoir_state",
                 [],
                 |r| {
                     let model = ModelRef {
@@ -392,9 +497,11 @@ impl Reservoir {
                         version: r.get::<_, i64>(1)? as u64,
                     };
                     let features: String = r.get(2)?;
+                    let shape: Option<String> = r.get(3)?;
                     Ok(SampledModel {
                         model,
                         features: serde_json::from_str(&features).unwrap_or_default(),
+                        shape: shape.and_then(|s| serde_json::from_str(&s).ok()),
                     })
                 },
             )
@@ -430,6 +537,30 @@ impl Drop for Reservoir {
     fn drop(&mut self) {
         if let Err(e) = self.flush() {
             tracing::warn!("reservoir: the last kept inputs and count were not written: {e}");
+        }
+    }
+}
+
+/// The samples of `model` as its file: CSV for a table model, NPY for a tensor model.
+fn write_file(model: Option<&SampledModel>, samples: &[Sample]) -> Result<Vec<u8>, ReservoirError> {
+    match model {
+        Some(SampledModel {
+            shape: Some(shape), ..
+        }) => edgeloop_shared::npy::write_sample(
+            shape,
+            samples.iter().map(|s| edgeloop_shared::npy::SampleRecord {
+                x: &s.values,
+                predicted: s.predicted,
+                label: s.label,
+            }),
+        )
+        .map_err(ReservoirError::Npy),
+        _ => {
+            let features = model.map(|m| m.features.as_slice()).unwrap_or(&[]);
+            let mut csv = Vec::new();
+            write_csv(&mut csv, features, samples)
+                .map_err(|e| ReservoirError::Csv(e.to_string()))?;
+            Ok(csv)
         }
     }
 }
@@ -502,37 +633,56 @@ mod tests {
         }
     }
 
+    fn table(version: u64) -> SampledModel {
+        SampledModel {
+            model: model(version),
+            features: names(),
+            shape: None,
+        }
+    }
+
+    fn input(
+        values: &[f32],
+        predicted: Option<f64>,
+        label: Option<f64>,
+        seen_ms: u64,
+    ) -> Offered<'_> {
+        Offered {
+            request_key: None,
+            values,
+            predicted,
+            label,
+            seen_ms,
+            chance: 1.0,
+        }
+    }
+
     #[test]
     fn an_export_is_cut_to_its_row_and_byte_limits_spanning_the_whole_sample() {
         let dir = tempfile::tempdir().unwrap();
         let mut r = Reservoir::open(&dir.path().join("r.sqlite"), 1 << 20).unwrap();
-        let empty = r.export_csv(None, 1000).unwrap();
+        let empty = r.export(None, 1000).unwrap();
         assert_eq!((empty.model, empty.rows), (None, 0));
-        assert_eq!(empty.csv, b"predicted,label\n");
+        assert_eq!(empty.bytes, b"predicted,label\n");
         for i in 0..1000u32 {
             let label = (i % 2 == 1).then_some(1.0);
             r.offer(
-                &model(1),
-                &names(),
-                None,
-                &[i as f32, 0.5],
-                Some(0.0),
-                label,
-                u64::from(i),
+                &table(1),
+                input(&[i as f32, 0.5], Some(0.0), label, u64::from(i)),
             )
             .unwrap();
         }
-        let all = r.export_csv(None, u64::MAX).unwrap();
+        let all = r.export(None, u64::MAX).unwrap();
         assert_eq!((all.model, all.rows), (Some(model(1)), 1000));
-        let text = String::from_utf8(all.csv.clone()).unwrap();
+        let text = String::from_utf8(all.bytes.clone()).unwrap();
         assert!(
             text.starts_with("a,b,predicted,label\n0,0.5,0,\n1,0.5,0,1\n"),
             "{text:.60}"
         );
 
-        let ten = r.export_csv(Some(10), u64::MAX).unwrap();
+        let ten = r.export(Some(10), u64::MAX).unwrap();
         assert_eq!(ten.rows, 10);
-        let firsts: Vec<&str> = std::str::from_utf8(&ten.csv)
+        let firsts: Vec<&str> = std::str::from_utf8(&ten.bytes)
             .unwrap()
             .lines()
             .skip(1)
@@ -545,17 +695,17 @@ mod tests {
             ]
         );
 
-        let small = r.export_csv(None, 2000).unwrap();
+        let small = r.export(None, 2000).unwrap();
         assert!(
-            small.csv.len() <= 2000 && small.csv.len() > 1500,
+            small.bytes.len() <= 2000 && small.bytes.len() > 1500,
             "{}",
-            small.csv.len()
+            small.bytes.len()
         );
         assert_eq!(
             small.rows as usize,
-            std::str::from_utf8(&small.csv).unwrap().lines().count() - 1
+            std::str::from_utf8(&small.bytes).unwrap().lines().count() - 1
         );
-        assert!(matches!(r.export_csv(None, 5), Err(ReservoirError::Csv(_))));
+        assert!(matches!(r.export(None, 5), Err(ReservoirError::Csv(_))));
     }
 
     #[test]
@@ -565,13 +715,8 @@ mod tests {
         let mut r = Reservoir::open(&dir.path().join("r.sqlite"), 7200).unwrap();
         for i in 0..5000u32 {
             r.offer(
-                &model(1),
-                &names(),
-                None,
-                &[i as f32, 0.0],
-                Some(0.0),
-                None,
-                u64::from(i),
+                &table(1),
+                input(&[i as f32, 0.0], Some(0.0), None, u64::from(i)),
             )
             .unwrap();
         }
@@ -581,13 +726,7 @@ mod tests {
             (5000, 100, 100)
         );
         let (m, samples) = r.samples().unwrap();
-        assert_eq!(
-            m,
-            Some(SampledModel {
-                model: model(1),
-                features: names()
-            })
-        );
+        assert_eq!(m, Some(table(1)));
         // Uniform: about a fifth of the kept inputs come from each fifth of the stream.
         let mut fifths = [0u32; 5];
         for s in &samples {
@@ -603,7 +742,7 @@ mod tests {
         let path = dir.path().join("r.sqlite");
         let offer_all = |r: &mut Reservoir, from: u32, to: u32| {
             for i in from..to {
-                r.offer(&model(1), &names(), None, &[i as f32, 0.0], None, None, 0)
+                r.offer(&table(1), input(&[i as f32, 0.0], None, None, 0))
                     .unwrap();
             }
         };
@@ -635,25 +774,15 @@ mod tests {
         let path = dir.path().join("r.sqlite");
         let mut r = Reservoir::open(&path, 1 << 20).unwrap();
         r.offer(
-            &model(1),
-            &names(),
-            Some("req-a/0"),
-            &[1.0, f32::NAN],
-            Some(1.0),
-            None,
-            5,
+            &table(1),
+            Offered {
+                request_key: Some("req-a/0"),
+                ..input(&[1.0, f32::NAN], Some(1.0), None, 5)
+            },
         )
         .unwrap();
-        r.offer(
-            &model(1),
-            &names(),
-            None,
-            &[2.0, 3.0],
-            Some(0.0),
-            Some(0.0),
-            6,
-        )
-        .unwrap();
+        r.offer(&table(1), input(&[2.0, 3.0], Some(0.0), Some(0.0), 6))
+            .unwrap();
         assert!(r.label("req-a/0", 0.0).unwrap());
         assert!(
             !r.label("req-b/0", 1.0).unwrap(),
@@ -688,12 +817,12 @@ mod tests {
         );
         assert_eq!(r.status().unwrap().labelled, 2);
         // After a restart the same model's sample goes on where it was.
-        r.offer(&model(1), &names(), None, &[4.0, 5.0], Some(0.0), None, 8)
+        r.offer(&table(1), input(&[4.0, 5.0], Some(0.0), None, 8))
             .unwrap();
         let status = r.status().unwrap();
         assert_eq!((status.seen, status.kept), (3, 3));
 
-        r.offer(&model(2), &names(), None, &[9.0, 9.0], None, None, 7)
+        r.offer(&table(2), input(&[9.0, 9.0], None, None, 7))
             .unwrap();
         let status = r.status().unwrap();
         assert_eq!(
@@ -701,8 +830,118 @@ mod tests {
             (Some(model(2)), 1, 1)
         );
         let mut off = Reservoir::open(&dir.path().join("off.sqlite"), 0).unwrap();
-        off.offer(&model(1), &names(), None, &[1.0], None, None, 1)
-            .unwrap();
+        off.offer(&table(1), input(&[1.0], None, None, 1)).unwrap();
         assert_eq!(off.status().unwrap().kept, 0, "a budget of 0 keeps nothing");
+    }
+
+    #[test]
+    fn a_tensor_models_sample_exports_as_npy_records_of_its_shape() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.sqlite");
+        let mut r = Reservoir::open(&path, 1 << 20).unwrap();
+        let images = SampledModel {
+            model: model(1),
+            features: vec!["image".into()],
+            shape: Some(vec![2, 2, 2]),
+        };
+        for i in 0..10u32 {
+            let x: Vec<f32> = (0..8).map(|j| (i * 8 + j) as f32).collect();
+            let label = (i % 2 == 0).then_some(1.0);
+            r.offer(
+                &images,
+                input(&x, Some(f64::from(i % 3)), label, u64::from(i)),
+            )
+            .unwrap();
+        }
+        drop(r);
+        let mut r = Reservoir::open(&path, 1 << 20).unwrap();
+        assert_eq!(
+            r.samples().unwrap().0,
+            Some(images.clone()),
+            "the shape is kept"
+        );
+        let export = r.export(None, u64::MAX).unwrap();
+        assert_eq!((export.format, export.rows), (SampleFormat::Npy, 10));
+        let file = edgeloop_shared::npy::read_sample(&export.bytes).unwrap();
+        assert_eq!((file.row_shape, file.rows), (vec![2, 2, 2], 10));
+        // The second record: its tensor, predicted class 1, no label (NaN).
+        let record = &export.bytes[file.data_start + 48..file.data_start + 96];
+        let x: Vec<f32> = record[..32]
+            .chunks(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert_eq!(x, (8..16).map(|v| v as f32).collect::<Vec<_>>());
+        assert_eq!(f64::from_le_bytes(record[32..40].try_into().unwrap()), 1.0);
+        assert!(f64::from_le_bytes(record[40..].try_into().unwrap()).is_nan());
+        // Cut to a byte limit, evenly spaced, still a whole file.
+        let header = file.data_start as u64;
+        let cut = r.export(None, header + 3 * 48).unwrap();
+        assert_eq!((cut.rows, cut.bytes.len() as u64), (3, header + 3 * 48));
+        assert_eq!(
+            edgeloop_shared::npy::read_sample(&cut.bytes).unwrap().rows,
+            3
+        );
+        assert!(matches!(r.export(None, 10), Err(ReservoirError::Npy(_))));
+        // A table model after it: CSV again.
+        r.offer(&table(2), input(&[1.0, 2.0], None, None, 11))
+            .unwrap();
+        assert_eq!(r.export(None, u64::MAX).unwrap().format, SampleFormat::Csv);
+    }
+
+    #[test]
+    fn inputs_thinned_by_the_caller_have_the_same_chance_as_every_other() {
+        let dir = tempfile::tempdir().unwrap();
+        // 100 rows of capacity, as above.
+        let mut r = Reservoir::open(&dir.path().join("r.sqlite"), 7200).unwrap();
+        let mut rng = rand::rng();
+        let mut handed = 0;
+        for i in 0..20_000u32 {
+            let chance = r.chance(&model(1));
+            if rng.random::<f64>() < chance {
+                handed += 1;
+                let values = [i as f32, 0.0];
+                let offered = Offered {
+                    chance,
+                    ..input(&values, None, None, u64::from(i))
+                };
+                r.offer(&table(1), offered).unwrap();
+            } else {
+                r.pass(&table(1)).unwrap();
+            }
+        }
+        // About 100 × (1 + ln(20 000 / 100)) ≈ 630 inputs crossed over, not 20 000.
+        assert!((400..1000).contains(&handed), "{handed} handed over");
+        let status = r.status().unwrap();
+        assert_eq!((status.seen, status.kept), (20_000, 100));
+        let (_, samples) = r.samples().unwrap();
+        let mut fifths = [0u32; 5];
+        for s in &samples {
+            fifths[(s.values[0] as usize) / 4000] += 1;
+        }
+        assert!(fifths.iter().all(|&n| (5..=40).contains(&n)), "{fifths:?}");
+        assert_eq!(r.chance(&model(1)), 100.0 / 20_001.0);
+        assert_eq!(
+            r.chance(&model(2)),
+            1.0,
+            "another model starts a new sample"
+        );
+    }
+
+    #[test]
+    fn a_reservoir_written_before_tensor_samples_opens_as_a_tables() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.sqlite");
+        let old = Connection::open(&path).unwrap();
+        old.execute_batch(
+            "CREATE TABLE reservoir_state (id INTEGER PRIMARY KEY CHECK (id = 1),
+                 model_name TEXT NOT NULL, model_version INTEGER NOT NULL,
+                 features TEXT NOT NULL, seen INTEGER NOT NULL, capacity INTEGER NOT NULL);
+             INSERT INTO reservoir_state VALUES (1, 'm', 1, '[\"a\",\"b\"]', 7, 100);",
+        )
+        .unwrap();
+        drop(old);
+        let mut r = Reservoir::open(&path, 7200).unwrap();
+        assert_eq!(r.samples().unwrap().0, Some(table(1)));
+        assert_eq!(r.status().unwrap().seen, 7);
     }
 }

@@ -1017,6 +1017,9 @@ pub struct LoadedModel {
     pub manifest: Manifest,
     pub plan: Plan,
     feature_names: Vec<String>,
+    /// The chance that its next input is kept in the sample for retraining, which the
+    /// agent's loop keeps current: the API hands a tensor input over with it.
+    pub sample_chance: std::sync::Arc<crate::reservoir::SharedChance>,
 }
 
 impl LoadedModel {
@@ -1096,6 +1099,7 @@ impl LoadedModel {
             });
         }
         let model = LoadedModel {
+            sample_chance: Default::default(),
             // A tensor's numbers are named by their index in errors.
             feature_names: if input.is_tensor() {
                 Vec::new()

@@ -400,80 +400,17 @@ impl InputSource for Replay {
     }
 }
 
-/// An NPY file (format 1.0) of f32 values of this shape in row-major order, as numpy's
-/// `np.save` writes one: what [`read_npy_array`] reads back. Tools and tests write
-/// reference arrays of tensor models with it.
-pub fn npy_f32(shape: &[usize], values: &[f32]) -> Vec<u8> {
-    let dims: Vec<String> = shape.iter().map(usize::to_string).collect();
-    let mut header = format!(
-        "{{'descr': '<f4', 'fortran_order': False, 'shape': ({},), }}",
-        dims.join(", ")
-    );
-    // The magic, version and length take 10 bytes; numpy pads the header with spaces and
-    // ends it with a newline so that the data starts on a multiple of 64.
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    bytes.extend_from_slice(header.as_bytes());
-    bytes.extend(values.iter().flat_map(|v| v.to_le_bytes()));
-    bytes
-}
-
-/// Reads an NPY file of any shape: its values in row-major (C) order as f32, and its
-/// shape. The format: `\x93NUMPY`, major and minor version, the header's length (2 bytes
-/// little-endian in version 1, 4 in 2 and 3), the header (a Python dict literal with
-/// `descr`, `fortran_order` and `shape`), then the data.
+/// Reads an NPY file of any shape (see [`edgeloop_shared::npy`]): its values in row-major
+/// (C) order as f32, and its shape.
 pub fn read_npy_array(bytes: &[u8]) -> Result<(Vec<f32>, Vec<usize>), String> {
-    const MAGIC: &[u8] = b"\x93NUMPY";
-    if bytes.len() < 10 || !bytes.starts_with(MAGIC) {
-        return Err("not an NPY file (no \\x93NUMPY magic)".into());
-    }
-    let (header_len, start) = match bytes[6] {
-        1 => (usize::from(u16::from_le_bytes([bytes[8], bytes[9]])), 10),
-        2 | 3 if bytes.len() >= 12 => (
-            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
-            12,
-        ),
-        major => {
-            return Err(format!(
-                "NPY format version {major} is not supported (1, 2, 3)"
-            ));
-        }
-    };
-    let header = bytes
-        .get(start..start + header_len)
-        .ok_or("the header is cut short")?;
-    let header = std::str::from_utf8(header).map_err(|_| "the header is not text")?;
-    let field = |key: &str| -> Result<&str, String> {
-        let at = header
-            .find(&format!("'{key}'"))
-            .ok_or_else(|| format!("the header has no `{key}`"))?;
-        let rest = header[at + key.len() + 2..].trim_start();
-        rest.strip_prefix(':')
-            .map(str::trim_start)
-            .ok_or_else(|| format!("the header's `{key}` has no value"))
-    };
-    let descr = field("descr")?;
-    let descr = descr
+    let header = edgeloop_shared::npy::parse_header(bytes)?;
+    let descr = header
+        .descr
         .strip_prefix('\'')
-        .and_then(|d| d.split('\'').next())
+        .and_then(|d| d.strip_suffix('\''))
+        .filter(|d| d.len() >= 2 && d.is_ascii())
         .ok_or("`descr` is not a simple type string (structured arrays are not supported)")?;
-    let fortran = field("fortran_order")?.starts_with("True");
-    let shape = field("shape")?;
-    let shape = shape
-        .strip_prefix('(')
-        .and_then(|s| s.split(')').next())
-        .ok_or("`shape` is not a tuple")?;
-    let dims: Vec<usize> = shape
-        .split(',')
-        .map(str::trim)
-        .filter(|d| !d.is_empty())
-        .map(|d| d.trim_end_matches('L').parse::<usize>())
-        .collect::<Result<_, _>>()
-        .map_err(|_| format!("`shape` ({shape}) is not a tuple of sizes"))?;
+    let (fortran, dims) = (header.fortran_order, header.shape.clone());
     let (order, kind) = descr.split_at(1);
     if order == ">" && !matches!(kind, "i1" | "u1" | "b1") {
         return Err(format!(
@@ -491,11 +428,8 @@ pub fn read_npy_array(bytes: &[u8]) -> Result<(Vec<f32>, Vec<usize>), String> {
             ));
         }
     };
-    let count = dims
-        .iter()
-        .try_fold(1usize, |n, &d| n.checked_mul(d))
-        .ok_or("the shape is too large")?;
-    let data = &bytes[start + header_len..];
+    let count = header.count().ok_or("the shape is too large")?;
+    let data = &bytes[header.data_start..];
     if Some(data.len()) != count.checked_mul(size) {
         let dims_text: Vec<String> = dims.iter().map(usize::to_string).collect();
         return Err(format!(
@@ -597,6 +531,7 @@ fn parse_cell(cell: &str) -> Option<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use edgeloop_shared::npy::f32_array;
 
     #[test]
     fn the_generator_is_deterministic_and_the_shift_moves_it() {
@@ -713,13 +648,13 @@ mod tests {
     }
 
     #[test]
-    fn npy_f32_writes_what_read_npy_array_reads() {
+    fn an_f32_array_written_reads_back() {
         let values: Vec<f32> = (0..24).map(|v| v as f32 * 0.5 - 3.0).collect();
-        let bytes = npy_f32(&[2, 3, 4], &values);
+        let bytes = f32_array(&[2, 3, 4], &values);
         assert_eq!((bytes.len() - values.len() * 4) % 64, 0);
         assert_eq!(read_npy_array(&bytes).unwrap(), (values, vec![2, 3, 4]));
         // A 1-D shape is written as numpy writes it, `(5,)`.
-        let bytes = npy_f32(&[5], &[1.0; 5]);
+        let bytes = f32_array(&[5], &[1.0; 5]);
         let header = std::str::from_utf8(&bytes[10..bytes.len() - 20]).unwrap();
         assert!(header.contains("'shape': (5,)"), "{header}");
         assert_eq!(read_npy_array(&bytes).unwrap().1, [5]);
@@ -761,7 +696,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("images.npy");
         let values: Vec<f32> = (0..24).map(|v| v as f32).collect();
-        std::fs::write(&path, npy_f32(&[2, 3, 4], &values)).unwrap();
+        std::fs::write(&path, f32_array(&[2, 3, 4], &values)).unwrap();
         let mut r = Replay::npy(&path, &[], true).unwrap();
         assert_eq!(r.row_shape(), Some(&[3, 4][..]));
         assert!(r.columns().is_empty());
@@ -777,7 +712,7 @@ mod tests {
             .to_string();
         assert!(err.contains("label_column is for tables"), "{err}");
         // A table has no shape of its own.
-        std::fs::write(&path, npy_f32(&[2, 3], &values[..6])).unwrap();
+        std::fs::write(&path, f32_array(&[2, 3], &values[..6])).unwrap();
         let r = Replay::npy(&path, &names(3), false).unwrap();
         assert_eq!(r.row_shape(), None);
     }

@@ -115,7 +115,7 @@ fn bench_refuses_what_it_cannot_run_and_says_why() {
 
 #[test]
 fn samples_exports_the_kept_inputs_as_csv() {
-    use edgeloop_agent::reservoir::{FILE, Reservoir};
+    use edgeloop_agent::reservoir::{FILE, Offered, Reservoir, SampledModel};
     use edgeloop_shared::protocol::ModelRef;
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().to_str().unwrap();
@@ -127,29 +127,29 @@ fn samples_exports_the_kept_inputs_as_csv() {
         name: "vibration".into(),
         version: 3,
     };
-    let features: Vec<String> = vec!["rms".into(), "temperature".into()];
-    reservoir
-        .offer(
-            &model,
-            &features,
-            Some("r/0"),
-            &[1.5, 40.0],
-            Some(0.0),
-            None,
-            1,
-        )
-        .unwrap();
-    reservoir
-        .offer(
-            &model,
-            &features,
-            None,
-            &[2.5, 60.0],
-            Some(1.0),
-            Some(1.0),
-            2,
-        )
-        .unwrap();
+    let sampled = SampledModel {
+        model: model.clone(),
+        features: vec!["rms".into(), "temperature".into()],
+        shape: None,
+    };
+    let first = Offered {
+        request_key: Some("r/0"),
+        values: &[1.5, 40.0],
+        predicted: Some(0.0),
+        label: None,
+        seen_ms: 1,
+        chance: 1.0,
+    };
+    reservoir.offer(&sampled, first).unwrap();
+    let second = Offered {
+        request_key: None,
+        values: &[2.5, 60.0],
+        predicted: Some(1.0),
+        label: Some(1.0),
+        seen_ms: 2,
+        ..first
+    };
+    reservoir.offer(&sampled, second).unwrap();
     reservoir.label("r/0", 1.0).unwrap();
     drop(reservoir);
 
@@ -170,6 +170,36 @@ fn samples_exports_the_kept_inputs_as_csv() {
         std::fs::read_to_string(&out).unwrap(),
         "rms,temperature,predicted,label\n1.5,40,0,1\n2.5,60,1,1\n"
     );
+
+    // A tensor model's sample is an NPY file of records, which needs --out.
+    let mut reservoir = Reservoir::open(&dir.path().join(FILE), 1 << 20).unwrap();
+    let images = SampledModel {
+        model: ModelRef {
+            name: "cnn".into(),
+            version: 1,
+        },
+        features: vec!["image".into()],
+        shape: Some(vec![2, 2]),
+    };
+    let image = Offered {
+        values: &[1.0, 2.0, 3.0, 4.0],
+        ..first
+    };
+    reservoir.offer(&images, image).unwrap();
+    drop(reservoir);
+    let (ok, _, err) = run(&["samples", "--state-dir", state]);
+    assert!(!ok && err.contains("name it with --out"), "{err}");
+    let npy = dir.path().join("samples.npy");
+    let (ok, _, err) = run(&[
+        "samples",
+        "--state-dir",
+        state,
+        "--out",
+        npy.to_str().unwrap(),
+    ]);
+    assert!(ok && err.contains("1 inputs of cnn v1 kept"), "{err}");
+    let file = edgeloop_shared::npy::read_sample(&std::fs::read(&npy).unwrap()).unwrap();
+    assert_eq!((file.row_shape, file.rows), (vec![2, 2], 1));
 }
 
 #[test]

@@ -13,6 +13,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use edgeloop_agent::now_ms;
 use edgeloop_shared::is_valid_identifier;
+use edgeloop_shared::protocol::SampleFormat;
 use edgeloop_shared::signing::{Context, PublicKey};
 use serde::Deserialize;
 use tokio::sync::Notify;
@@ -170,6 +171,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/rollouts/{id}/{action}", post(change_rollout))
         .route("/api/v1/datasets", post(request_dataset).get(datasets))
         .route("/api/v1/datasets/{id}", get(dataset))
+        .route("/api/v1/datasets/{id}/file", get(dataset_file))
         .route("/api/v1/datasets/{id}/csv", get(dataset_csv))
         .route("/api/v1/audit", get(audit))
         .route("/api/v1/retrainings", get(retrainings))
@@ -384,6 +386,10 @@ pub struct PublishBody {
     /// newest published version).
     #[serde(default)]
     pub holdout_csv: Option<String>,
+    /// A tensor model's labelled holdout instead: base64 of an NPY array of records `x`,
+    /// `predicted`, `label` (the devices' sample format).
+    #[serde(default)]
+    pub holdout_npy_base64: Option<String>,
     #[serde(default)]
     pub gate: Option<crate::gate::GatePolicy>,
     #[serde(default)]
@@ -413,20 +419,28 @@ async fn publish(
             "training_data_sha256: expected 64 hex digits".into(),
         ));
     }
-    let gate = match (&body.holdout_csv, body.gate) {
-        (Some(_), policy) => {
+    let has_holdout = match (&body.holdout_csv, &body.holdout_npy_base64) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::BadRequest(
+                "give the holdout as either holdout_csv or holdout_npy_base64".into(),
+            ));
+        }
+        (csv, npy) => csv.is_some() || npy.is_some(),
+    };
+    let gate = match (has_holdout, body.gate) {
+        (true, policy) => {
             let policy = policy.unwrap_or_default();
             policy
                 .validate()
                 .map_err(|e| ApiError::BadRequest(format!("gate: {e}")))?;
             Some(policy)
         }
-        (None, Some(_)) => {
+        (false, Some(_)) => {
             return Err(ApiError::BadRequest(
-                "gate: a quality gate needs holdout_csv".into(),
+                "gate: a quality gate needs holdout_csv (or holdout_npy_base64)".into(),
             ));
         }
-        (None, None) => None,
+        (false, None) => None,
     };
     // The registry reads its data from files, as the CLI hands it.
     let dir = tempfile::tempdir()
@@ -436,27 +450,28 @@ async fn publish(
         std::fs::write(&path, text).map_err(ApiError::Artifact)?;
         Ok::<_, ApiError>(path)
     };
+    let write_base64 = |field: &str, name: &str, text: &str| {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(text.as_bytes())
+            .map_err(|e| ApiError::BadRequest(format!("{field}: {e}")))?;
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).map_err(ApiError::Artifact)?;
+        Ok::<_, ApiError>(path)
+    };
     let reference = match (&body.reference_csv, &body.reference_npy_base64) {
         (Some(csv), None) => write("reference.csv", csv)?,
-        (None, Some(npy)) => {
-            let npy = base64::engine::general_purpose::STANDARD
-                .decode(npy.as_bytes())
-                .map_err(|e| ApiError::BadRequest(format!("reference_npy_base64: {e}")))?;
-            let path = dir.path().join("reference.npy");
-            std::fs::write(&path, npy).map_err(ApiError::Artifact)?;
-            path
-        }
+        (None, Some(npy)) => write_base64("reference_npy_base64", "reference.npy", npy)?,
         _ => {
             return Err(ApiError::BadRequest(
                 "give the reference data as either reference_csv or reference_npy_base64".into(),
             ));
         }
     };
-    let holdout = body
-        .holdout_csv
-        .as_deref()
-        .map(|text| write("holdout.csv", text))
-        .transpose()?;
+    let holdout = match (&body.holdout_csv, &body.holdout_npy_base64) {
+        (Some(csv), _) => Some(write("holdout.csv", csv)?),
+        (None, Some(npy)) => Some(write_base64("holdout_npy_base64", "holdout.npy", npy)?),
+        (None, None) => None,
+    };
     let lineage =
         (body.parent_version.is_some() || body.training_data_sha256.is_some()).then(|| {
             edgeloop_shared::bundle::Lineage {
@@ -1181,9 +1196,26 @@ struct DatasetCsvQuery {
     devices: Option<String>,
 }
 
-/// `GET /api/v1/datasets/{id}/csv[?devices=a,b]`: the merge of the parts complete so far,
-/// or of exactly the named ones; its SHA-256 in `x-edgeloop-sha256` (and as the ETag), the
-/// devices in it in `x-edgeloop-devices`.
+/// `GET /api/v1/datasets/{id}/file[?devices=a,b]`: the merge of the parts complete so far,
+/// or of exactly the named ones: CSV for a table model's samples, NPY for a tensor model's
+/// (its format in `x-edgeloop-format`); its SHA-256 in `x-edgeloop-sha256` (and as the
+/// ETag), the devices in it in `x-edgeloop-devices`.
+async fn dataset_file(
+    State(s): State<AppState>,
+    Path(id): Path<u64>,
+    Query(q): Query<DatasetCsvQuery>,
+) -> Result<Response, ApiError> {
+    let only: Option<Vec<String>> = q
+        .devices
+        .map(|list| list.split(',').map(str::to_string).collect());
+    let file = crate::datasets::file(s.store.as_ref(), id, only.as_deref())
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("dataset {id}")))?;
+    Ok(file_response(file))
+}
+
+/// `GET /api/v1/datasets/{id}/csv[?devices=a,b]`: the same as `…/file` for a table model's
+/// samples; 409 for a tensor model's, which are NPY.
 async fn dataset_csv(
     State(s): State<AppState>,
     Path(id): Path<u64>,
@@ -1195,9 +1227,37 @@ async fn dataset_csv(
     let file = crate::datasets::file(s.store.as_ref(), id, only.as_deref())
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("dataset {id}")))?;
-    Ok((
+    if file.format != SampleFormat::Csv {
+        return Err(ApiError::Refused(
+            StatusCode::CONFLICT,
+            format!(
+                "dataset {id} holds a tensor model's inputs, an NPY file: GET \
+                 /api/v1/datasets/{id}/file"
+            ),
+        ));
+    }
+    Ok(file_response(file))
+}
+
+fn file_response(file: crate::datasets::DatasetFile) -> Response {
+    let (content_type, extension) = match file.format {
+        SampleFormat::Csv => ("text/csv", "csv"),
+        SampleFormat::Npy => ("application/octet-stream", "npy"),
+    };
+    (
         [
-            (header::CONTENT_TYPE, "text/csv".to_string()),
+            (header::CONTENT_TYPE, content_type.to_string()),
+            (
+                header::CONTENT_DISPOSITION,
+                format!(
+                    "attachment; filename=\"dataset-{}.{extension}\"",
+                    file.row.id
+                ),
+            ),
+            (
+                header::HeaderName::from_static("x-edgeloop-format"),
+                extension.to_string(),
+            ),
             (header::ETAG, format!("\"{}\"", file.sha256)),
             (
                 header::HeaderName::from_static(SHA256_HEADER),
@@ -1208,9 +1268,9 @@ async fn dataset_csv(
                 file.devices.join(","),
             ),
         ],
-        file.csv,
+        file.bytes,
     )
-        .into_response())
+        .into_response()
 }
 
 async fn rollouts(State(s): State<AppState>) -> ApiResult<Vec<RolloutRow>> {

@@ -2,11 +2,12 @@
 //!
 //! The controller asks a set of devices for their samples (a signed `upload_samples`
 //! command, sent by the [`crate::rollout::Dispatcher`] while a device is online and has not
-//! answered); each device sends its sample as CSV chunks on its samples channel; ingest
+//! answered); each device sends its sample (CSV, or NPY for a tensor model) in chunks on its samples channel; ingest
 //! puts each device's file together and checks its size and SHA-256. The dataset is the
 //! merge of its complete parts, with a digest of its own, for a trainer to fetch.
 
 use edgeloop_agent::now_ms;
+use edgeloop_shared::protocol::SampleFormat;
 use edgeloop_shared::sha256_hex;
 use tracing::info;
 
@@ -115,13 +116,15 @@ pub async fn request(
 #[derive(Debug, Clone, PartialEq)]
 pub struct DatasetFile {
     pub row: DatasetRow,
-    pub csv: Vec<u8>,
+    /// CSV for a table model's samples, NPY for a tensor model's.
+    pub format: SampleFormat,
+    pub bytes: Vec<u8>,
     pub sha256: String,
     /// Devices whose part is in it.
     pub devices: Vec<String>,
 }
 
-/// The dataset's CSV as it stands: the parts complete so far, or exactly the parts of
+/// The dataset's file as it stands: the parts complete so far, or exactly the parts of
 /// `only` (which must all be complete; a complete part never changes, so that file never
 /// does either). `None`: no such dataset.
 pub async fn file(
@@ -139,11 +142,12 @@ pub async fn file(
         }
         parts.retain(|(d, _)| only.contains(d));
     }
-    let csv = merge_parts(&parts).map_err(|e| DatasetError::Merge(id, e))?;
+    let bytes = merge_parts(&parts).map_err(|e| DatasetError::Merge(id, e))?;
     Ok(Some(DatasetFile {
         row,
-        sha256: sha256_hex(&csv),
-        csv,
+        format: SampleFormat::of(&bytes),
+        sha256: sha256_hex(&bytes),
+        bytes,
         devices: parts.into_iter().map(|(d, _)| d).collect(),
     }))
 }

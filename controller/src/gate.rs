@@ -3,6 +3,10 @@
 //! model's less a tolerance, and no segment of the holdout (a column such as device group
 //! or board, or quantile buckets of a feature) falls below a parity bound relative to the
 //! candidate's overall figure. Evaluation reads files and runs models; [`judge`] is pure.
+//!
+//! A model of feature rows is judged on a CSV holdout; a tensor model (images, sequences)
+//! on an NPY holdout of records `x` and `label`, the format of the devices' samples
+//! ([`edgeloop_shared::npy`]), so a labelled dataset of theirs is a holdout as it is.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -19,8 +23,8 @@ pub const DEFAULT_MIN_SEGMENT_ROWS: usize = 20;
 pub enum GateError {
     #[error("holdout {path}: {message}")]
     Holdout { path: String, message: String },
-    #[error("holdout row {row}: {message}")]
-    Row { row: usize, message: String },
+    #[error("holdout {row}: {message}")]
+    Row { row: RowAt, message: String },
     #[error("the holdout has no rows")]
     Empty,
     #[error("model: {0}")]
@@ -217,11 +221,31 @@ impl GatePolicy {
     }
 }
 
+/// Where in a holdout a row is: a CSV's line, an NPY array's record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowAt {
+    Line(usize),
+    Record(usize),
+}
+
+impl fmt::Display for RowAt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RowAt::Line(line) => write!(f, "row {line}"),
+            RowAt::Record(i) => write!(f, "record {i}"),
+        }
+    }
+}
+
 /// A labelled holdout, its features in the order a model wants them.
 #[derive(Debug, Clone)]
 pub struct Holdout {
+    /// The features of a table; empty for tensors.
     pub features: Vec<String>,
+    /// Rows of features, or flat tensors.
     pub rows: Vec<Vec<f32>>,
+    /// Whether the rows are records of an NPY file rather than lines of a CSV.
+    pub records: bool,
     /// Each row's class index, or for a regression its true value.
     pub labels: Vec<f64>,
     /// The segment of each row, when the policy asks for segments.
@@ -262,12 +286,13 @@ impl Holdout {
         };
         let mut holdout = Holdout {
             features: features.to_vec(),
+            records: false,
             rows: Vec::new(),
             labels: Vec::new(),
             segments: segment_at.map(|_| Vec::new()),
         };
         for (i, record) in reader.records().enumerate() {
-            let row = i + 2; // the header is line 1
+            let row = RowAt::Line(i + 2); // the header is line 1
             let record = record.map_err(|e| GateError::Row {
                 row,
                 message: e.to_string(),
@@ -317,6 +342,91 @@ impl Holdout {
         }
         Ok(holdout)
     }
+
+    /// Reads an NPY holdout of records `x` (tensors of `row_shape`), `predicted` (ignored)
+    /// and `label`: the devices' sample format. Every record needs a label; a holdout of
+    /// tensors has no columns to segment by.
+    pub fn read_tensors(
+        path: &Path,
+        row_shape: &[usize],
+        policy: &GatePolicy,
+    ) -> Result<Self, GateError> {
+        let bad = |message: String| GateError::Holdout {
+            path: path.display().to_string(),
+            message,
+        };
+        if policy.segments.is_some() {
+            return Err(GateError::Policy(
+                "a holdout of tensors (NPY) has no columns to segment by: judge it without \
+                 segments"
+                    .into(),
+            ));
+        }
+        let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+        let file = edgeloop_shared::npy::read_sample(&bytes).map_err(|e| {
+            bad(format!(
+                "{e} (a tensor model's holdout is an NPY array of records `x`, `predicted`, \
+                 `label`, as `edgeloop dataset get` writes one)"
+            ))
+        })?;
+        if file.row_shape != row_shape {
+            return Err(bad(format!(
+                "its inputs are of shape {:?}; the model takes {row_shape:?}",
+                file.row_shape
+            )));
+        }
+        let width: usize = row_shape.iter().product();
+        let mut holdout = Holdout {
+            features: Vec::new(),
+            records: true,
+            rows: Vec::with_capacity(file.rows),
+            labels: Vec::with_capacity(file.rows),
+            segments: None,
+        };
+        let f64_at = |b: &[u8]| f64::from_le_bytes(b.try_into().expect("8 bytes"));
+        for (i, record) in bytes[file.data_start..]
+            .chunks_exact(edgeloop_shared::npy::sample_record_bytes(row_shape))
+            .enumerate()
+        {
+            let row = RowAt::Record(i);
+            let (x, rest) = record.split_at(width * 4);
+            let values: Vec<f32> = x
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+                .collect();
+            if let Some(at) = values.iter().position(|v| !v.is_finite()) {
+                return Err(GateError::Row {
+                    row,
+                    message: format!("`x` holds {} at index {at}", values[at]),
+                });
+            }
+            let label = f64_at(&rest[8..16]);
+            let label = match label {
+                l if l.is_nan() => Err("has no label (NaN)".to_string()),
+                l if !l.is_finite() => Err(format!("label {l} is not a finite number")),
+                l if !policy.metric().is_regression() && (l < 0.0 || l.fract() != 0.0) => {
+                    Err(format!("label {l} is not a class index (0, 1, …)"))
+                }
+                l => Ok(l),
+            }
+            .map_err(|message| GateError::Row { row, message })?;
+            holdout.rows.push(values);
+            holdout.labels.push(label);
+        }
+        if holdout.rows.is_empty() {
+            return Err(GateError::Empty);
+        }
+        Ok(holdout)
+    }
+
+    /// Where the `i`-th row is, for errors.
+    fn at(&self, i: usize) -> RowAt {
+        if self.records {
+            RowAt::Record(i)
+        } else {
+            RowAt::Line(i + 2)
+        }
+    }
 }
 
 /// Names each row's equal-count bucket of feature `at`: `temperature[q2]`, with edges at
@@ -357,6 +467,15 @@ pub fn evaluate(
     metric: Metric,
 ) -> Result<Evaluation, GateError> {
     let plan = Plan::compile(onnx, holdout.features.len())?.with_preprocess(preprocess)?;
+    evaluate_plan(&plan, holdout, metric)
+}
+
+/// Runs `plan` on every holdout row and scores its predictions.
+pub fn evaluate_plan(
+    plan: &Plan,
+    holdout: &Holdout,
+    metric: Metric,
+) -> Result<Evaluation, GateError> {
     let regression = metric.is_regression();
     let classes = plan.classes();
     if regression && classes != 1 {
@@ -369,7 +488,7 @@ pub fn evaluate(
         let p = plan
             .infer(row, &holdout.features)
             .map_err(|e| GateError::Row {
-                row: i + 2,
+                row: holdout.at(i),
                 message: e.to_string(),
             })?;
         predicted.push(p.target(regression).number());
@@ -381,7 +500,7 @@ pub fn evaluate(
         .find(|(_, l)| !regression && **l >= classes as f64)
     {
         return Err(GateError::Row {
-            row: i + 2,
+            row: holdout.at(i),
             message: format!("label {label} is not one of the model's {classes} classes"),
         });
     }

@@ -151,10 +151,11 @@ enum DatasetCommand {
         #[command(flatten)]
         api: ApiArgs,
     },
-    /// Download a dataset's CSV (the parts complete so far) and check its SHA-256.
+    /// Download a dataset's file (the parts complete so far) and check its SHA-256: CSV
+    /// for a table model's samples, NPY for a tensor model's.
     Get {
         id: u64,
-        /// Write it here (default: standard output).
+        /// Write it here (default: standard output, which takes CSV only).
         #[arg(long)]
         out: Option<PathBuf>,
         /// The controller's base URL.
@@ -234,7 +235,7 @@ async fn dataset_command(command: DatasetCommand) -> anyhow::Result<()> {
             controller,
         } => {
             let url = format!(
-                "{}/api/v1/datasets/{id}/csv",
+                "{}/api/v1/datasets/{id}/file",
                 controller.trim_end_matches('/')
             );
             let response = reqwest::get(&url)
@@ -267,6 +268,9 @@ async fn dataset_command(command: DatasetCommand) -> anyhow::Result<()> {
                         path.display()
                     );
                 }
+                None if bytes.starts_with(edgeloop_shared::npy::MAGIC) => bail!(
+                    "dataset {id} holds a tensor model's inputs, an NPY file: name it with --out"
+                ),
                 None => {
                     use std::io::Write as _;
                     std::io::stdout().write_all(&bytes)?;
@@ -501,8 +505,9 @@ enum ModelCommand {
 #[derive(clap::Args)]
 struct GateArgs {
     /// Labelled holdout data (CSV with the model's features and a label column of class
-    /// indices, or a regression's true values). With it, `publish` signs the model only if
-    /// it passes the gate.
+    /// indices, or a regression's true values; for a tensor model an NPY array of records
+    /// `x`, `predicted`, `label`, as `edgeloop dataset get` writes one). With it, `publish`
+    /// signs the model only if it passes the gate.
     #[arg(long)]
     holdout: Option<PathBuf>,
     /// The holdout's label column.
@@ -1237,6 +1242,7 @@ async fn run() -> anyhow::Result<()> {
                 &judged.model,
                 judged.manifest.row_preprocess().as_ref(),
                 &features,
+                judged.manifest.inputs.first().filter(|i| i.is_tensor()),
                 judged.manifest.is_regression(),
                 Some(&current),
             )?;

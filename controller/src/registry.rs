@@ -58,11 +58,6 @@ pub enum PublishError {
     RegressionWidth { output: String, columns: usize },
     #[error("a regression predicts one value: {0} names were given for it")]
     RegressionLabels(usize),
-    #[error(
-        "a quality gate judges labelled rows of features (a CSV holdout); a model of tensor \
-         input is not gated yet"
-    )]
-    TensorGate,
     #[error("bundle: {0}")]
     Bundle(#[from] BundleError),
     #[error("cannot write the artifact: {0}")]
@@ -470,47 +465,76 @@ pub async fn published_manifest(
         .map_err(|e| baseline_error(name, version, e))
 }
 
-/// Runs the quality gate: the candidate (`onnx` with `features`) and the baseline, if any,
-/// on the holdout. Returns the report whether it passed or not.
+/// Runs the quality gate: the candidate (`onnx` with `features`, or of the `tensor` input)
+/// and the baseline, if any, on the holdout (CSV rows, or NPY records of tensors). Returns
+/// the report whether it passed or not.
 pub fn run_gate(
     gate: &QualityGate<'_>,
     onnx: &[u8],
     preprocess: Option<&Preprocess>,
     features: &[String],
+    tensor: Option<&TensorSpec>,
     regression: bool,
     baseline: Option<&(u64, VerifiedBundle)>,
 ) -> Result<GateReport, GateError> {
     gate.policy.validate()?;
     let policy = gate.policy.clone().for_model(regression)?;
-    if let Some((version, verified)) = baseline
-        && verified.manifest.is_regression() != regression
-    {
-        return Err(GateError::Policy(format!(
-            "v{version} to compare with is {}",
-            if regression {
+    if let Some((version, verified)) = baseline {
+        let mismatch = if verified.manifest.is_regression() != regression {
+            Some(if regression {
                 "a classifier, this model a regression"
             } else {
                 "a regression, this model a classifier"
-            }
-        )));
+            })
+        } else if verified.manifest.inputs[0].is_tensor() != tensor.is_some() {
+            Some(if tensor.is_some() {
+                "a model of feature rows, this model one of tensors"
+            } else {
+                "a model of tensors, this model one of feature rows"
+            })
+        } else {
+            None
+        };
+        if let Some(mismatch) = mismatch {
+            return Err(GateError::Policy(format!(
+                "v{version} to compare with is {mismatch}"
+            )));
+        }
     }
     let metric = policy.metric();
-    let holdout = Holdout::read(gate.holdout, features, &policy)?;
-    let candidate = gate::evaluate(onnx, preprocess, &holdout, metric)?;
+    // Each model reads the holdout as it takes its inputs: its features by name, or
+    // tensors of its shape.
+    let judge = |onnx: &[u8],
+                 preprocess: Option<&Preprocess>,
+                 features: &[String],
+                 tensor: Option<&TensorSpec>|
+     -> Result<gate::Evaluation, GateError> {
+        match tensor {
+            Some(input) => {
+                let plan = Plan::compile_tensor(onnx, input)?;
+                let holdout = Holdout::read_tensors(gate.holdout, plan.row_shape(), &policy)?;
+                gate::evaluate_plan(&plan, &holdout, metric)
+            }
+            None => {
+                let holdout = Holdout::read(gate.holdout, features, &policy)?;
+                gate::evaluate(onnx, preprocess, &holdout, metric)
+            }
+        }
+    };
+    let candidate = judge(onnx, preprocess, features, tensor)?;
     let current = match baseline {
         Some((_, verified)) => {
-            let features: Vec<String> = verified
-                .manifest
+            let manifest = &verified.manifest;
+            let features: Vec<String> = manifest
                 .reference
                 .feature_names()
                 .map(str::to_string)
                 .collect();
-            let holdout = Holdout::read(gate.holdout, &features, &policy)?;
-            Some(gate::evaluate(
+            Some(judge(
                 &verified.model,
-                verified.manifest.row_preprocess().as_ref(),
-                &holdout,
-                metric,
+                manifest.row_preprocess().as_ref(),
+                &features,
+                manifest.inputs.first().filter(|i| i.is_tensor()),
             )?)
         }
         None => None,
@@ -713,14 +737,12 @@ fn build_bundle(
     manifest.drift = request.drift;
     manifest.lineage = request.lineage.clone();
     if let Some(gate) = &request.gate {
-        if manifest.inputs[0].is_tensor() {
-            return Err(PublishError::TensorGate);
-        }
         let report = run_gate(
             gate,
             request.onnx,
             request.preprocess.as_ref(),
             &columns,
+            manifest.inputs.first().filter(|i| i.is_tensor()),
             request.regression,
             baseline,
         )?;
@@ -1785,7 +1807,7 @@ mod tests {
         let npy = r.dir.path().join("sequences.npy");
         std::fs::write(
             &npy,
-            edgeloop_agent::source::npy_f32(&[30, 20, 6], &reference),
+            edgeloop_shared::npy::f32_array(&[30, 20, 6], &reference),
         )
         .unwrap();
 
@@ -1819,7 +1841,7 @@ mod tests {
         };
         std::fs::write(
             &npy,
-            edgeloop_agent::source::npy_f32(&[30, 20, 5], &reference[..3000]),
+            edgeloop_shared::npy::f32_array(&[30, 20, 5], &reference[..3000]),
         )
         .unwrap();
         let err = refused(PublishRequest::new("sequence", 2, &onnx, &npy)).await;
@@ -1827,12 +1849,12 @@ mod tests {
             err.contains("[30, 20, 5]") || err.contains("[20, 5]"),
             "{err}"
         );
-        std::fs::write(&npy, edgeloop_agent::source::npy_f32(&[600, 6], &reference)).unwrap();
+        std::fs::write(&npy, edgeloop_shared::npy::f32_array(&[600, 6], &reference)).unwrap();
         let err = refused(PublishRequest::new("sequence", 2, &onnx, &npy)).await;
         assert!(err.contains("tensor inputs"), "{err}");
         std::fs::write(
             &npy,
-            edgeloop_agent::source::npy_f32(&[30, 20, 6], &reference),
+            edgeloop_shared::npy::f32_array(&[30, 20, 6], &reference),
         )
         .unwrap();
         let err = refused(PublishRequest {
@@ -1854,16 +1876,97 @@ mod tests {
         })
         .await;
         assert!(err.contains("channels come first"), "{err}");
-        let holdout = Path::new(HOLDOUT_V2);
-        let err = refused(PublishRequest {
-            gate: Some(QualityGate {
-                holdout,
-                policy: GatePolicy::default(),
-                against: None,
-            }),
-            ..PublishRequest::new("sequence", 2, &onnx, &npy)
-        })
+
+        // Gated on an NPY holdout of labelled sequences (the devices' sample format): the
+        // labels are v1's own answers, so v2, the same model, matches it.
+        let labels: Vec<f64> = reference
+            .chunks(120)
+            .map(|x| device.infer(x).unwrap().class as f64)
+            .collect();
+        let write_holdout = |shape: &[usize], labels: &[f64]| {
+            let width: usize = shape.iter().product();
+            let records = reference.chunks(width).zip(labels).map(|(x, &l)| {
+                edgeloop_shared::npy::SampleRecord {
+                    x,
+                    predicted: None,
+                    label: Some(l).filter(|l| !l.is_nan()),
+                }
+            });
+            let path = r.dir.path().join("holdout.npy");
+            std::fs::write(
+                &path,
+                edgeloop_shared::npy::write_sample(shape, records).unwrap(),
+            )
+            .unwrap();
+            path
+        };
+        let holdout = write_holdout(&[20, 6], &labels);
+        fn gated<'a>(
+            onnx: &'a [u8],
+            npy: &'a Path,
+            holdout: &'a Path,
+            policy: GatePolicy,
+        ) -> PublishRequest<'a> {
+            PublishRequest {
+                gate: Some(QualityGate {
+                    holdout,
+                    policy,
+                    against: None,
+                }),
+                ..PublishRequest::new("sequence", 2, onnx, npy)
+            }
+        }
+        let err = refused(gated(
+            &onnx,
+            &npy,
+            Path::new(HOLDOUT_V2),
+            GatePolicy::default(),
+        ))
         .await;
-        assert!(err.contains("tensor input is not gated"), "{err}");
+        assert!(
+            err.contains("not an NPY file") && err.contains("records `x`"),
+            "{err}"
+        );
+        let err = refused(gated(
+            &onnx,
+            &npy,
+            &write_holdout(&[10, 12], &labels),
+            GatePolicy::default(),
+        ))
+        .await;
+        assert!(err.contains("its inputs are of shape [10, 12]"), "{err}");
+        let mut unlabelled = labels.clone();
+        unlabelled[3] = f64::NAN;
+        let err = refused(gated(
+            &onnx,
+            &npy,
+            &write_holdout(&[20, 6], &unlabelled),
+            GatePolicy::default(),
+        ))
+        .await;
+        assert!(err.contains("record 3: has no label"), "{err}");
+        let segmented = GatePolicy {
+            segments: Some(crate::gate::Segments::Column("site".into())),
+            ..GatePolicy::default()
+        };
+        let err = refused(gated(&onnx, &npy, &holdout, segmented)).await;
+        assert!(err.contains("no columns to segment by"), "{err}");
+        let holdout = write_holdout(&[20, 6], &labels);
+        publish(
+            &r.store,
+            &r.artifacts,
+            &r.key,
+            gated(&onnx, &npy, &holdout, GatePolicy::default()),
+        )
+        .await
+        .unwrap();
+        let (_, v2) = open_published(&r.store, &r.artifacts, &r.key, "sequence", 2)
+            .await
+            .unwrap();
+        let gate = &v2.manifest.lineage.as_ref().unwrap().gates["quality"];
+        assert!(
+            gate.starts_with("passed: accuracy 1.0000 against 1.0000"),
+            "{gate}"
+        );
     }
 }

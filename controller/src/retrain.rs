@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use edgeloop_agent::now_ms;
+use edgeloop_shared::protocol::SampleFormat;
 use edgeloop_shared::signing::SecretKey;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
@@ -114,7 +115,9 @@ impl CollectSamples {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SamplesRef {
     pub dataset_id: u64,
-    /// Where to fetch the merged CSV (`GET`, digest in `x-edgeloop-sha256`).
+    /// CSV for a table model's samples, NPY for a tensor model's.
+    pub format: SampleFormat,
+    /// Where to fetch the merged file (`GET`, digest in `x-edgeloop-sha256`).
     pub url: String,
     pub sha256: String,
     pub rows: u64,
@@ -126,7 +129,7 @@ pub struct SamplesRef {
 #[derive(Debug, Clone)]
 struct Collected {
     reference: SamplesRef,
-    csv: Vec<u8>,
+    file: Vec<u8>,
 }
 
 /// The shape of a webhook's body.
@@ -1026,8 +1029,8 @@ impl Retrainer {
             command.env("EDGELOOP_DATASET", dataset);
         }
         if let Some(samples) = samples {
-            let path = dir.join("samples.csv");
-            std::fs::write(&path, &samples.csv)
+            let path = dir.join(format!("samples.{}", samples.reference.format.extension()));
+            std::fs::write(&path, &samples.file)
                 .map_err(|e| failed(format!("cannot write {}: {e}", path.display())))?;
             command
                 .env("EDGELOOP_SAMPLES", &path)
@@ -1143,10 +1146,11 @@ impl Retrainer {
         Ok(Collected {
             reference: SamplesRef {
                 dataset_id: dataset.id,
+                format: file.format,
                 // Pinned to the parts complete now: a part that completes later does not
                 // change the file behind this digest.
                 url: format!(
-                    "{}/api/v1/datasets/{}/csv?devices={}",
+                    "{}/api/v1/datasets/{}/file?devices={}",
                     self.controller_url.trim_end_matches('/'),
                     dataset.id,
                     file.devices.join(",")
@@ -1155,7 +1159,7 @@ impl Retrainer {
                 rows,
                 devices: file.devices,
             },
-            csv: file.csv,
+            file: file.bytes,
         })
     }
 
@@ -1731,7 +1735,8 @@ mod tests {
             dataset_sha256: None,
             samples: Some(SamplesRef {
                 dataset_id: 3,
-                url: "http://c/api/v1/datasets/3/csv".into(),
+                format: SampleFormat::Csv,
+                url: "http://c/api/v1/datasets/3/file".into(),
                 sha256: "00".into(),
                 rows: 10,
                 devices: vec!["a".into()],

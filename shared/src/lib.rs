@@ -12,11 +12,13 @@
 //! - [`bundle`]: the signed model bundle (manifest + zstd-compressed ONNX + signature).
 //! - [`trust`]: trust documents: root keys rotate and revoke signing keys.
 //! - [`drift`]: reference profiles, drift windows and PSI.
+//! - [`npy`]: NumPy's NPY files: tensors, and a tensor model's sample of inputs.
 
 pub mod batch;
 pub mod bundle;
 pub mod command;
 pub mod drift;
+pub mod npy;
 pub mod protocol;
 pub mod signing;
 pub mod stats;

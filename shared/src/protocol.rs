@@ -212,10 +212,40 @@ pub struct DeploymentStatus {
 /// well inside [`MAX_MESSAGE_BYTES`].
 pub const SAMPLE_CHUNK_BYTES: usize = 64 * 1024;
 
+/// How a device's input sample is written, told apart by its first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SampleFormat {
+    /// A table model's: a CSV file with the feature names, then `predicted` and `label`.
+    Csv,
+    /// A tensor model's: an NPY array of records `x`, `predicted`, `label`
+    /// ([`crate::npy`]).
+    Npy,
+}
+
+impl SampleFormat {
+    /// The format of a sample file: NPY when it starts with NPY's magic, else CSV.
+    pub fn of(file: &[u8]) -> SampleFormat {
+        if file.starts_with(crate::npy::MAGIC) {
+            SampleFormat::Npy
+        } else {
+            SampleFormat::Csv
+        }
+    }
+
+    /// The file name extension, which is also the format's name.
+    pub fn extension(self) -> &'static str {
+        match self {
+            SampleFormat::Csv => "csv",
+            SampleFormat::Npy => "npy",
+        }
+    }
+}
+
 /// One piece of a device's input sample, sent in answer to an `upload_samples` command.
 ///
-/// The device writes its sample as one CSV file (the model's feature names, then
-/// `predicted` and `label`), cuts it into pieces of [`SAMPLE_CHUNK_BYTES`] and sends each
+/// The device writes its sample as one file ([`SampleFormat`]: CSV for a table model, NPY
+/// for a tensor model), cuts it into pieces of [`SAMPLE_CHUNK_BYTES`] and sends each
 /// as a message of its own; every piece names the whole file's size and SHA-256, so the
 /// controller can put it together in any order and check it. A device that cannot read
 /// its sample sends one piece with `count` 0 and the `error`.
@@ -245,7 +275,7 @@ pub struct SampleChunk {
 }
 
 impl SampleChunk {
-    /// Cuts a CSV file into the chunks that carry it.
+    /// Cuts a sample file into the chunks that carry it.
     pub fn split(
         dataset_id: u64,
         command_seq: u64,

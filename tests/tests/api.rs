@@ -708,7 +708,7 @@ async fn a_replayed_array_of_images_feeds_an_image_classifier() {
     let npy = ctl.dir.path().join("recorded.npy");
     std::fs::write(
         &npy,
-        edgeloop_agent::source::npy_f32(&[20, 3, 32, 32], &recorded),
+        edgeloop_shared::npy::f32_array(&[20, 3, 32, 32], &recorded),
     )
     .unwrap();
     let mut config = ctl.agent_config("camera-2", WINDOW);
@@ -747,6 +747,93 @@ async fn a_replayed_array_of_images_feeds_an_image_classifier() {
         .map(|c| c.as_u64().unwrap())
         .sum();
     assert_eq!(predicted, WINDOW, "{summary}");
+
+    // The images are kept for retraining, and a dataset of them is an NPY file of records
+    // whose `x` are the recorded images, each with the class predicted for it.
+    let (code, requested) = ctl
+        .post_as("alice", "/api/v1/datasets", json!({"model": "camera"}))
+        .await;
+    assert_eq!(code, 201, "{requested}");
+    let id = requested["id"].as_u64().unwrap();
+    let url = format!("/api/v1/datasets/{id}");
+    wait_until(
+        "the camera's sample uploaded",
+        Duration::from_secs(30),
+        || async { ctl.get(&url).await["parts"][0]["status"] == "complete" },
+    )
+    .await;
+    let response = ctl
+        .http
+        .get(ctl.url(&format!("{url}/file")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-edgeloop-format"], "npy");
+    let file = response.bytes().await.unwrap();
+    let sample = edgeloop_shared::npy::read_sample(&file).unwrap();
+    assert_eq!(sample.row_shape, [3, 32, 32]);
+    assert!(
+        sample.rows >= WINDOW as usize,
+        "{} images kept",
+        sample.rows
+    );
+    for record in file[sample.data_start..].chunks(IMAGE * 4 + 16) {
+        let x: Vec<f32> = record[..IMAGE * 4]
+            .chunks(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert!(
+            recorded.chunks(IMAGE).any(|image| image == x),
+            "a kept input is one of the recorded images"
+        );
+        let predicted = f64::from_le_bytes(record[IMAGE * 4..][..8].try_into().unwrap());
+        assert!((0.0..10.0).contains(&predicted) && predicted.fract() == 0.0);
+    }
+    let response = ctl
+        .http
+        .get(ctl.url(&format!("{url}/csv")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 409, "a tensor dataset is no CSV");
+
+    // The dataset, once labelled, is a holdout for the quality gate as it is. Unlabelled,
+    // it is refused; labelled with v1's own answers, v2 (the same model) matches v1.
+    let b64 = |bytes: &[u8]| {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    };
+    let v2 = |holdout: &[u8]| {
+        json!({
+            "name": "camera",
+            "version": 2,
+            "onnx_base64": b64(&onnx),
+            "reference_npy_base64": b64(&std::fs::read(&npy).unwrap()),
+            "holdout_npy_base64": b64(holdout),
+        })
+    };
+    let (code, refused) = ctl.post_as("alice", "/api/v1/models", v2(&file)).await;
+    assert_eq!(code, 400, "{refused}");
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains("record 0: has no label"),
+        "{refused}"
+    );
+    let mut labelled = file.to_vec();
+    for record in labelled[sample.data_start..].chunks_mut(IMAGE * 4 + 16) {
+        let (predicted, label) = record[IMAGE * 4..].split_at_mut(8);
+        label.copy_from_slice(predicted);
+    }
+    let (code, row) = ctl.post_as("alice", "/api/v1/models", v2(&labelled)).await;
+    assert_eq!(code, 201, "{row}");
+    let verdict = row["lineage"]["gates"]["quality"].as_str().unwrap();
+    assert!(
+        verdict.starts_with("passed: accuracy 1.0000 against 1.0000"),
+        "{verdict}"
+    );
 
     agent.stop().await;
     ctl.stop().await;
@@ -804,6 +891,9 @@ async fn an_image_classifier_is_served_with_tensors_normalised_by_channel() {
     let port = free_port();
     config.api.listen = format!("127.0.0.1:{port}");
     config.source.kind = SourceKind::Api;
+    // Room for eight images in the sample, so that the API soon hands over only some.
+    config.reservoir_bytes = 8 * (IMAGE as u64 * 4 + 64);
+    let reservoir = config.state_dir.join(edgeloop_agent::reservoir::FILE);
     let agent = ctl.spawn_agent_with(config);
     ctl.wait_for_model("camera-1", None).await;
     // Publishes the model as camera `version`, its reference images (forty, of `shape`) in
@@ -814,7 +904,7 @@ async fn an_image_classifier_is_served_with_tensors_normalised_by_channel() {
                          layout: Option<edgeloop_shared::bundle::RowLayout>| {
         let npy = ctl.dir.path().join(format!("images-v{version}.npy"));
         let dims = [40, shape[0], shape[1], shape[2]];
-        std::fs::write(&npy, edgeloop_agent::source::npy_f32(&dims, reference)).unwrap();
+        std::fs::write(&npy, edgeloop_shared::npy::f32_array(&dims, reference)).unwrap();
         ctl.controller
             .publish(edgeloop_controller::registry::PublishRequest {
                 preprocess: Some(edgeloop_shared::bundle::Preprocess {
@@ -894,6 +984,23 @@ async fn an_image_classifier_is_served_with_tensors_normalised_by_channel() {
     }
     let summary = full_window(&ctl, "camera-1", WINDOW).await;
     assert_counted_by_channel(&summary);
+    // Every image inferred counts in the sample (2 + 2 + the window's); eight are kept,
+    // as the camera sent them, with their predicted classes.
+    let status = wait_until_some(Duration::from_secs(10), || async {
+        let mut r = edgeloop_agent::reservoir::Reservoir::open(&reservoir, 1).ok()?;
+        r.status().ok().filter(|s| s.seen == 4 + WINDOW)
+    })
+    .await;
+    assert_eq!((status.kept, status.capacity), (8, 8));
+    let (sampled, kept) = edgeloop_agent::reservoir::Reservoir::open(&reservoir, 1)
+        .unwrap()
+        .samples()
+        .unwrap();
+    assert_eq!(sampled.unwrap().shape, Some(vec![3, 32, 32]));
+    for s in kept {
+        assert!(s.values == camera[..IMAGE] || s.values == camera[IMAGE..]);
+        assert!(s.predicted.is_some());
+    }
 
     // v2 is the same model for cameras that send images channels last ([H, W, C]): its
     // reference and requests are HWC, the agent transposes them, the scores are the same.

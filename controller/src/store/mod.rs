@@ -967,9 +967,24 @@ pub(crate) fn chunk_step(part: Option<&PartState>, chunk: &SampleChunk) -> Chunk
     }
 }
 
-/// A dataset's CSV from its complete parts (device id order): one header, which every
-/// part must share, then every part's rows.
+/// A dataset's file from its complete parts (device id order). CSV: one header, which
+/// every part must share, then every part's rows. NPY (a tensor model's samples): every
+/// part's records, which must all be of one input shape.
 pub fn merge_parts(parts: &[(String, Vec<u8>)]) -> std::result::Result<Vec<u8>, String> {
+    use edgeloop_shared::protocol::SampleFormat;
+    let formats: Vec<SampleFormat> = parts.iter().map(|(_, f)| SampleFormat::of(f)).collect();
+    if let Some(i) = formats.iter().position(|f| *f != formats[0]) {
+        return Err(format!(
+            "the sample of {} is {}, that of {} {}: one dataset holds one model's inputs",
+            parts[i].0,
+            formats[i].extension().to_uppercase(),
+            parts[0].0,
+            formats[0].extension().to_uppercase()
+        ));
+    }
+    if formats.first() == Some(&SampleFormat::Npy) {
+        return edgeloop_shared::npy::merge_samples(parts);
+    }
     let mut merged = Vec::new();
     let mut header: Option<&[u8]> = None;
     for (device, file) in parts {

@@ -1807,3 +1807,24 @@ fn a_dataset_merges_its_parts_under_one_header_and_refuses_other_columns() {
         "{err}"
     );
 }
+
+#[test]
+fn a_dataset_of_a_tensor_models_samples_merges_their_records() {
+    use edgeloop_shared::npy::{SampleRecord, read_sample, write_sample};
+    let sample = |device: &str, rows: usize| {
+        let records = (0..rows).map(|i| SampleRecord {
+            x: if i % 2 == 0 { &[1.0, 2.0] } else { &[3.0, 4.0] },
+            predicted: Some(i as f64),
+            label: None,
+        });
+        (device.to_string(), write_sample(&[2], records).unwrap())
+    };
+    let merged = merge_parts(&[sample("a", 2), sample("b", 0), sample("c", 3)]).unwrap();
+    let file = read_sample(&merged).unwrap();
+    assert_eq!((file.row_shape, file.rows), (vec![2], 5));
+    let err = merge_parts(&[sample("a", 1), ("b".into(), b"x,label\n1,0\n".to_vec())]).unwrap_err();
+    assert!(
+        err.contains("the sample of b is CSV, that of a NPY"),
+        "{err}"
+    );
+}
