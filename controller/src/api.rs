@@ -1205,13 +1205,21 @@ async fn dataset_file(
     Path(id): Path<u64>,
     Query(q): Query<DatasetCsvQuery>,
 ) -> Result<Response, ApiError> {
+    Ok(file_response(merged_dataset(&s, id, q).await?))
+}
+
+/// Dataset `id`'s merge, of the parts the query names or of every complete one.
+async fn merged_dataset(
+    s: &AppState,
+    id: u64,
+    q: DatasetCsvQuery,
+) -> Result<crate::datasets::DatasetFile, ApiError> {
     let only: Option<Vec<String>> = q
         .devices
         .map(|list| list.split(',').map(str::to_string).collect());
-    let file = crate::datasets::file(s.store.as_ref(), id, only.as_deref())
+    crate::datasets::file(s.store.as_ref(), id, only.as_deref())
         .await?
-        .ok_or_else(|| ApiError::NotFound(format!("dataset {id}")))?;
-    Ok(file_response(file))
+        .ok_or_else(|| ApiError::NotFound(format!("dataset {id}")))
 }
 
 /// `GET /api/v1/datasets/{id}/csv[?devices=a,b]`: the same as `…/file` for a table model's
@@ -1221,12 +1229,7 @@ async fn dataset_csv(
     Path(id): Path<u64>,
     Query(q): Query<DatasetCsvQuery>,
 ) -> Result<Response, ApiError> {
-    let only: Option<Vec<String>> = q
-        .devices
-        .map(|list| list.split(',').map(str::to_string).collect());
-    let file = crate::datasets::file(s.store.as_ref(), id, only.as_deref())
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("dataset {id}")))?;
+    let file = merged_dataset(&s, id, q).await?;
     if file.format != SampleFormat::Csv {
         return Err(ApiError::Refused(
             StatusCode::CONFLICT,
