@@ -64,8 +64,9 @@ pub enum Trainer {
         #[serde(default = "Trainer::default_epochs")]
         epochs: usize,
     },
-    /// Run a program that writes `model.onnx` and `reference.csv` into
-    /// `$EDGELOOP_OUTPUT_DIR`; the controller publishes them through the quality gate.
+    /// Run a program that writes `model.onnx` and `reference.csv` (for a tensor model
+    /// `reference.npy`) into `$EDGELOOP_OUTPUT_DIR`; the controller publishes them through
+    /// the quality gate.
     Command {
         program: PathBuf,
         #[serde(default)]
@@ -1238,7 +1239,8 @@ impl Retrainer {
         self.register(policy, row, &output, &log_path).await
     }
 
-    /// Publishes a trainer's candidate (`model.onnx`, `reference.csv` in `output`), gated.
+    /// Publishes a trainer's candidate (`model.onnx` and `reference.csv` in `output`, or
+    /// for a tensor model `reference.npy`, an array of reference inputs), gated.
     async fn register(
         &self,
         policy: &RetrainingPolicy,
@@ -1247,8 +1249,19 @@ impl Retrainer {
         log_path: &Path,
     ) -> Result<String, RetrainingUpdate> {
         let failed = |m: String| RetrainingUpdate::status(RetrainingStatus::Failed, m);
+        let current = self.retrained(row).await?;
+        // A tensor model's successor takes the same tensors, laid out as devices send them.
+        let tensor = current
+            .manifest
+            .inputs
+            .first()
+            .filter(|i| i.is_tensor())
+            .cloned();
         let model_path = output.join("model.onnx");
-        let reference = output.join("reference.csv");
+        let reference = output.join(match tensor {
+            Some(_) => "reference.npy",
+            None => "reference.csv",
+        });
         let onnx = std::fs::read(&model_path).map_err(|e| {
             failed(format!(
                 "the trainer left no {}: {e} (log: {})",
@@ -1263,7 +1276,6 @@ impl Retrainer {
                 log_path.display()
             )));
         }
-        let current = self.retrained(row).await?;
         let newest = self
             .store
             .models()
@@ -1295,8 +1307,8 @@ impl Retrainer {
                 // Trainers learn from data in the units devices receive, and their models
                 // take those units: the current model's preprocessing is not carried over.
                 preprocess: None,
-                layout: None,
-                channel_axis: None,
+                layout: tensor.as_ref().and_then(|t| t.layout),
+                channel_axis: tensor.as_ref().and_then(|t| t.channel_axis),
                 created_ms: now_ms(),
                 requirements: current.manifest.requirements.clone(),
                 drift: None,

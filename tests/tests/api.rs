@@ -686,24 +686,9 @@ async fn an_sklearn_classifier_with_label_and_probabilities_outputs_is_served() 
 /// statistics, and full windows of them reach the controller with every image predicted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replayed_array_of_images_feeds_an_image_classifier() {
-    let compat = compat_dir();
-    let onnx = std::fs::read(compat.join("cnn.onnx")).unwrap();
-    let fixture: Value =
-        serde_json::from_slice(&std::fs::read(compat.join("cnn.json")).unwrap()).unwrap();
-    let images: Vec<f32> = fixture_numbers(&fixture["inputs"][0])
-        .into_iter()
-        .map(|x| x as f32)
-        .collect();
+    let onnx = std::fs::read(compat_dir().join("cnn.onnx")).unwrap();
+    let recorded = recorded_images();
     const IMAGE: usize = 3 * 32 * 32;
-    // Twenty images: the fixture's two, each number shifted a little.
-    let recorded: Vec<f32> = (0..20)
-        .flat_map(|n| {
-            images[(n % 2) * IMAGE..][..IMAGE]
-                .iter()
-                .enumerate()
-                .map(move |(i, x)| x + ((i * 7 + n * 13) % 11) as f32 * 0.01)
-        })
-        .collect();
     let ctl = TestController::start(BrokerChoice::Embedded).await.unwrap();
     let npy = ctl.dir.path().join("recorded.npy");
     std::fs::write(
@@ -834,6 +819,158 @@ async fn a_replayed_array_of_images_feeds_an_image_classifier() {
         verdict.starts_with("passed: accuracy 1.0000 against 1.0000"),
         "{verdict}"
     );
+
+    agent.stop().await;
+    ctl.stop().await;
+}
+
+/// Twenty recorded 3×32×32 images for the compatibility suite's CNN: the fixture's two,
+/// each number shifted a little.
+fn recorded_images() -> Vec<f32> {
+    const IMAGE: usize = 3 * 32 * 32;
+    let fixture: Value =
+        serde_json::from_slice(&std::fs::read(compat_dir().join("cnn.json")).unwrap()).unwrap();
+    let images: Vec<f32> = fixture_numbers(&fixture["inputs"][0])
+        .into_iter()
+        .map(|x| x as f32)
+        .collect();
+    (0..20)
+        .flat_map(|n| {
+            images[(n % 2) * IMAGE..][..IMAGE]
+                .iter()
+                .enumerate()
+                .map(move |(i, x)| x + ((i * 7 + n * 13) % 11) as f32 * 0.01)
+        })
+        .collect()
+}
+
+/// A camera's image model is retrained from the camera's own images, with no operator: a
+/// scheduled retraining collects the camera's sample (an NPY of its images), the command
+/// trainer gets it as `samples.npy` and leaves a model with `reference.npy`, and the
+/// candidate is gated on an NPY holdout of labelled images before it rolls out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_model_is_retrained_from_the_cameras_own_images() {
+    const IMAGE: usize = 3 * 32 * 32;
+    let cnn = compat_dir().join("cnn.onnx");
+    let onnx = std::fs::read(&cnn).unwrap();
+    let recorded = recorded_images();
+    let scratch = tempfile::tempdir().unwrap();
+    let npy = scratch.path().join("recorded.npy");
+    std::fs::write(
+        &npy,
+        edgeloop_shared::npy::f32_array(&[20, 3, 32, 32], &recorded),
+    )
+    .unwrap();
+    // The holdout: the recorded images labelled with the CNN's own answers.
+    let spec = edgeloop_shared::bundle::TensorSpec {
+        name: "image".into(),
+        dtype: edgeloop_shared::bundle::DType::F32,
+        shape: vec![None, Some(3), Some(32), Some(32)],
+        names: Vec::new(),
+        kind: None,
+        preprocess: None,
+        layout: None,
+        channel_axis: Some(1),
+    };
+    let plan = edgeloop_agent::runtime::Plan::compile_tensor(&onnx, &spec).unwrap();
+    let labels: Vec<f64> = recorded
+        .chunks(IMAGE)
+        .map(|x| plan.infer(x, &[]).unwrap().class as f64)
+        .collect();
+    let records =
+        recorded
+            .chunks(IMAGE)
+            .zip(&labels)
+            .map(|(x, &l)| edgeloop_shared::npy::SampleRecord {
+                x,
+                predicted: None,
+                label: Some(l),
+            });
+    let holdout = scratch.path().join("holdout.npy");
+    let holdout_bytes = edgeloop_shared::npy::write_sample(&[3, 32, 32], records).unwrap();
+    std::fs::write(&holdout, holdout_bytes).unwrap();
+    // The trainer keeps the samples it was given, and "trains" the same CNN.
+    let seen = scratch.path().join("seen-samples.npy");
+    let script = scratch.path().join("train.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nset -e\necho \"$EDGELOOP_SAMPLES\" > '{}.path'\ncp \"$EDGELOOP_SAMPLES\" '{}'\n\
+             cp '{}' \"$EDGELOOP_OUTPUT_DIR/model.onnx\"\ncp '{}' \"$EDGELOOP_OUTPUT_DIR/reference.npy\"\n",
+            seen.display(),
+            seen.display(),
+            cnn.display(),
+            npy.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let policy: edgeloop_controller::retrain::RetrainingPolicy = toml::from_str(&format!(
+        r#"
+model = "camera"
+schedule_s = 3600
+collect_samples = {{ wait_s = 30 }}
+holdout = "{}"
+trainer = {{ kind = "command", program = "{}", timeout_s = 60 }}
+"#,
+        holdout.display(),
+        script.display()
+    ))
+    .unwrap();
+    policy.validate().unwrap();
+    let ctl = TestController::start_with(BrokerChoice::Embedded, move |c| {
+        c.retraining_check_s = 1;
+        c.retraining = vec![policy];
+    })
+    .await
+    .unwrap();
+    let mut config = ctl.agent_config("camera-3", WINDOW);
+    config.source.kind = SourceKind::Npy;
+    config.source.path = Some(npy.clone());
+    config.source.repeat = true;
+    config.source.rate_hz = 200.0;
+    let agent = ctl.spawn_agent_with(config);
+    ctl.wait_for_model("camera-3", None).await;
+    ctl.controller
+        .publish(edgeloop_controller::registry::PublishRequest::new(
+            "camera", 1, &onnx, &npy,
+        ))
+        .await
+        .unwrap();
+    ctl.controller.rollout("camera", 1, None).await.unwrap();
+    ctl.wait_for_model("camera-3", Some(1)).await;
+
+    // The schedule fires at once (nothing has fired yet); the candidate is v2.
+    let retraining = wait_until_some(Duration::from_secs(60), || async {
+        let rows = ctl.get("/api/v1/retrainings").await;
+        let row = rows.as_array()?.first()?.clone();
+        assert_ne!(row["status"], "failed", "{row}");
+        assert_ne!(row["status"], "rejected", "{row}");
+        (row["candidate_version"] == 2).then_some(row)
+    })
+    .await;
+    assert_eq!(retraining["from_version"], 1, "{retraining}");
+    // The trainer got the camera's images as they were recorded, in `samples.npy`.
+    let path = std::fs::read_to_string(scratch.path().join("seen-samples.npy.path")).unwrap();
+    assert!(path.trim_end().ends_with("/samples.npy"), "{path}");
+    let samples = std::fs::read(&seen).unwrap();
+    let file = edgeloop_shared::npy::read_sample(&samples).unwrap();
+    assert_eq!(file.row_shape, [3, 32, 32]);
+    assert!(file.rows > 0, "the camera kept images before it was asked");
+    for record in samples[file.data_start..].chunks(IMAGE * 4 + 16) {
+        let x: Vec<f32> = record[..IMAGE * 4]
+            .chunks(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert!(recorded.chunks(IMAGE).any(|image| image == x));
+    }
+    // v2 takes the same images, was judged on the holdout, and reaches the camera.
+    let v2 = ctl.published_bundle("camera", 2).await;
+    assert_eq!(v2.manifest.inputs[0].shape, spec.shape);
+    let gate = &v2.manifest.lineage.as_ref().unwrap().gates["quality"];
+    assert!(gate.starts_with("passed: accuracy 1.0000"), "{gate}");
+    ctl.wait_for_model("camera-3", Some(2)).await;
 
     agent.stop().await;
     ctl.stop().await;
