@@ -7,12 +7,18 @@
 //! features); the run offers 200 000 inputs, so the first 13 000 fill it (each is kept) and
 //! the rest are sampled (each kept with probability capacity / seen).
 //!
+//! Then images: 20 000 inputs of the compatibility suite's CNN (3×32×32) offered to a
+//! reservoir of the agent's default budget (4 MiB, 339 images), against the CNN's own
+//! inference, once with every image handed over (a replayed source) and once thinned as the
+//! local API hands them over (each with the chance that the sample keeps the next one).
+//!
 //! Run: `cargo bench -p edgeloop-agent --bench reservoir`
 
 use std::time::{Duration, Instant};
 
-use edgeloop_agent::reservoir::{Offered, Reservoir, SampledModel};
+use edgeloop_agent::reservoir::{Offered, Reservoir, SampledModel, SharedChance};
 use edgeloop_agent::runtime::Plan;
+use edgeloop_shared::bundle::{DType, TensorSpec};
 use edgeloop_shared::protocol::ModelRef;
 use rusqlite::{Connection, params};
 
@@ -138,6 +144,101 @@ fn main() {
         "  reservoir, whole run           {total_us:8.2} µs per input: {:.2}× inference, {:.2}× bare SQLite",
         total_us / inference_us,
         total_us / bare_us
+    );
+    images();
+}
+
+/// The reservoir's cost per image of a tensor model, handed over always or thinned.
+fn images() {
+    const CNN: &[u8] = include_bytes!("../tests/compat/cnn.onnx");
+    const IMAGES: usize = 20_000;
+    const BUDGET: u64 = 4 << 20;
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let mut uniform = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 40) as f32 / (1u32 << 24) as f32
+    };
+    // A hundred distinct images, cycled: what is kept costs the same whatever it shows.
+    let images: Vec<Vec<f32>> = (0..100)
+        .map(|_| (0..3 * 32 * 32).map(|_| uniform()).collect())
+        .collect();
+    let spec = TensorSpec {
+        name: "image".into(),
+        dtype: DType::F32,
+        shape: vec![None, Some(3), Some(32), Some(32)],
+        names: Vec::new(),
+        kind: None,
+        preprocess: None,
+        layout: None,
+        channel_axis: Some(1),
+    };
+    let plan = Plan::compile_tensor(CNN, &spec).unwrap();
+    let start = Instant::now();
+    let predicted: Vec<usize> = (0..IMAGES)
+        .map(|i| plan.infer(&images[i % 100], &[]).unwrap().class)
+        .collect();
+    let inference_us = per_input(start.elapsed(), IMAGES);
+    let model = SampledModel {
+        model: ModelRef {
+            name: "camera".into(),
+            version: 1,
+        },
+        features: vec!["image".into()],
+        shape: Some(vec![3, 32, 32]),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let input = |i: usize, chance: f64| Offered {
+        request_key: None,
+        values: &images[i % 100],
+        predicted: Some(predicted[i] as f64),
+        label: None,
+        seen_ms: i as u64,
+        chance,
+    };
+    // Every image handed over, as a replayed source does.
+    let mut every = Reservoir::open(&dir.path().join("every.sqlite"), BUDGET).unwrap();
+    let start = Instant::now();
+    for i in 0..IMAGES {
+        every.offer(&model, input(i, 1.0)).unwrap();
+    }
+    every.flush().unwrap();
+    let every_us = per_input(start.elapsed(), IMAGES);
+    // Thinned as the API does: the draw happens on the API's side, the offer on the loop's.
+    let mut thinned = Reservoir::open(&dir.path().join("thinned.sqlite"), BUDGET).unwrap();
+    let chance = SharedChance::default();
+    let mut handed = 0;
+    let start = Instant::now();
+    for i in 0..IMAGES {
+        match chance.draw() {
+            Some(c) => {
+                handed += 1;
+                thinned.offer(&model, input(i, c)).unwrap();
+            }
+            None => thinned.pass(&model).unwrap(),
+        }
+        chance.set(thinned.chance(&model.model));
+    }
+    thinned.flush().unwrap();
+    let thinned_us = per_input(start.elapsed(), IMAGES);
+    let status = thinned.status().unwrap();
+    assert_eq!((status.seen, status.kept), (IMAGES as u64, status.capacity));
+    println!(
+        "reservoir: {IMAGES} images of 3x32x32, budget {BUDGET} B, capacity {} images",
+        status.capacity
+    );
+    println!("  CNN inference (peer)           {inference_us:8.2} µs per image");
+    println!(
+        "  reservoir, every image handed  {every_us:8.2} µs per image: {:.3}× inference",
+        every_us / inference_us
+    );
+    println!(
+        "  reservoir, thinned as the API  {thinned_us:8.2} µs per image: {:.3}× inference; \
+         {handed} of {IMAGES} images handed over ({:.1} MB instead of {:.1} MB)",
+        thinned_us / inference_us,
+        handed as f64 * 12288.0 / 1e6,
+        IMAGES as f64 * 12288.0 / 1e6
     );
 }
 
