@@ -805,6 +805,11 @@ impl Plan {
     }
 
     fn run_raw(&self, row: &[f32]) -> Result<Vec<f32>, RuntimeError> {
+        // Taken before tract's buffers, not after: then the allocator gets tract's back in
+        // the order it handed them out and serves the next run from its caches. A Vec
+        // allocated after the run sent malloc down its slow paths (cachegrind: about 800
+        // more instructions per call, 0.4 µs on the example MLP).
+        let mut scores = Vec::with_capacity(self.classes);
         let mut tensors = TVec::with_capacity(self.inputs.len());
         let mut at = 0;
         for input in &self.inputs {
@@ -824,13 +829,17 @@ impl Plan {
             .runnable
             .run(tensors)
             .map_err(|e| RuntimeError::Run(format!("{e:#}")))?;
-        let scores = outputs[0]
+        let cast = outputs[0]
             .cast_to::<f32>()
             .map_err(|e| RuntimeError::Run(e.to_string()))?;
-        let scores = scores
-            .to_plain_array_view::<f32>()
+        let plain = cast
+            .try_as_plain_ram()
             .map_err(|e| RuntimeError::Run(e.to_string()))?;
-        Ok(scores.iter().copied().collect())
+        let values = plain
+            .as_slice::<f32>()
+            .map_err(|e| RuntimeError::Run(e.to_string()))?;
+        scores.extend_from_slice(values);
+        Ok(scores)
     }
 
     /// Runs one row. The caller names the features for error messages.
