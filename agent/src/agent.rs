@@ -681,8 +681,12 @@ impl AgentLoop {
         predicted: Option<Target>,
         label: Option<Target>,
     ) {
-        let (Some(reservoir), Some(serving)) = (self.reservoir.as_mut(), self.serving.as_ref())
-        else {
+        let Some(serving) = self.serving.as_ref() else {
+            return;
+        };
+        let Some(reservoir) = self.reservoir.as_mut() else {
+            // No sample this run: the API need not hand inputs over.
+            serving.installed.model.sample_chance.set(0.0);
             return;
         };
         let offered = match input {
