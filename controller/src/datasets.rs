@@ -2,9 +2,10 @@
 //!
 //! The controller asks a set of devices for their samples (a signed `upload_samples`
 //! command, sent by the [`crate::rollout::Dispatcher`] while a device is online and has not
-//! answered); each device sends its sample (CSV, or NPY for a tensor model) in chunks on its samples channel; ingest
-//! puts each device's file together and checks its size and SHA-256. The dataset is the
-//! merge of its complete parts, with a digest of its own, for a trainer to fetch.
+//! answered); each device sends its sample (CSV, or NPY for a tensor model) in chunks on
+//! its samples channel; ingest puts each device's file together and checks its size and
+//! SHA-256. The dataset is the merge of its complete parts, with a digest of its own, for a
+//! trainer to fetch.
 
 use edgeloop_agent::now_ms;
 use edgeloop_shared::protocol::SampleFormat;

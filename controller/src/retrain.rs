@@ -116,7 +116,9 @@ impl CollectSamples {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SamplesRef {
     pub dataset_id: u64,
-    /// CSV for a table model's samples, NPY for a tensor model's.
+    /// CSV for a table model's samples, NPY for a tensor model's (absent before tensor
+    /// samples: CSV).
+    #[serde(default)]
     pub format: SampleFormat,
     /// Where to fetch the merged file (`GET`, digest in `x-edgeloop-sha256`).
     pub url: String,

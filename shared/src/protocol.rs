@@ -213,10 +213,11 @@ pub struct DeploymentStatus {
 pub const SAMPLE_CHUNK_BYTES: usize = 64 * 1024;
 
 /// How a device's input sample is written, told apart by its first bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SampleFormat {
     /// A table model's: a CSV file with the feature names, then `predicted` and `label`.
+    #[default]
     Csv,
     /// A tensor model's: an NPY array of records `x`, `predicted`, `label`
     /// ([`crate::npy`]).
