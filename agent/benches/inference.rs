@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use edgeloop_agent::runtime::Plan;
 use edgeloop_agent::source::{InputSource, ShiftControl, VibrationGenerator, read_numeric_csv};
-use edgeloop_shared::bundle::{DType, Preprocess, RowLayout, TensorSpec};
+use edgeloop_shared::bundle::{Preprocess, RowLayout, TensorSpec};
 use edgeloop_shared::drift::{DEFAULT_BINS, DriftWindow, PSI_EPSILON, ReferenceProfile};
 use tract_onnx::prelude::*;
 
@@ -212,17 +212,11 @@ fn tensor_inference() {
         .and_then(|m| m.into_runnable())
         .expect("tract loads the CNN");
     let spec = TensorSpec {
-        name: "image".into(),
-        dtype: DType::F32,
-        shape: vec![None, Some(3), Some(32), Some(32)],
-        names: Vec::new(),
-        kind: None,
         preprocess: Some(Preprocess {
             offset: vec![0.5; 3],
             scale: vec![2.0; 3],
         }),
-        layout: None,
-        channel_axis: Some(1),
+        ..TensorSpec::f32_tensor("image", &[3, 32, 32])
     };
     let plan = Plan::compile_tensor(CNN, &spec).expect("edgeloop loads the CNN");
     let names = spec.tensor_feature_names();

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use edgeloop_agent::reservoir::{Offered, Reservoir, SampledModel, SharedChance};
 use edgeloop_agent::runtime::Plan;
-use edgeloop_shared::bundle::{DType, TensorSpec};
+use edgeloop_shared::bundle::TensorSpec;
 use edgeloop_shared::protocol::ModelRef;
 use rusqlite::{Connection, params};
 
@@ -153,27 +153,16 @@ fn images() {
     const CNN: &[u8] = include_bytes!("../tests/compat/cnn.onnx");
     const IMAGES: usize = 20_000;
     const BUDGET: u64 = 4 << 20;
-    let mut state = 0x2545_f491_4f6c_dd1d_u64;
-    let mut uniform = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        (state >> 40) as f32 / (1u32 << 24) as f32
-    };
     // A hundred distinct images, cycled: what is kept costs the same whatever it shows.
     let images: Vec<Vec<f32>> = (0..100)
-        .map(|_| (0..3 * 32 * 32).map(|_| uniform()).collect())
+        .map(|seed| {
+            edgeloop_shared::pseudo_random_bytes(3 * 32 * 32, seed)
+                .into_iter()
+                .map(|b| f32::from(b) / 255.0)
+                .collect()
+        })
         .collect();
-    let spec = TensorSpec {
-        name: "image".into(),
-        dtype: DType::F32,
-        shape: vec![None, Some(3), Some(32), Some(32)],
-        names: Vec::new(),
-        kind: None,
-        preprocess: None,
-        layout: None,
-        channel_axis: Some(1),
-    };
+    let spec = TensorSpec::f32_tensor("image", &[3, 32, 32]);
     let plan = Plan::compile_tensor(CNN, &spec).unwrap();
     let start = Instant::now();
     let predicted: Vec<usize> = (0..IMAGES)

@@ -185,6 +185,23 @@ pub enum RowLayout {
 }
 
 impl TensorSpec {
+    /// An f32 input of `dims` after a symbolic batch, channels on axis 1, with no
+    /// preprocessing and no layout: an image or sequence model's input as its graph takes it.
+    pub fn f32_tensor(name: &str, dims: &[usize]) -> TensorSpec {
+        TensorSpec {
+            name: name.to_string(),
+            dtype: DType::F32,
+            shape: std::iter::once(None)
+                .chain(dims.iter().map(|&d| Some(d as u64)))
+                .collect(),
+            names: Vec::new(),
+            kind: None,
+            preprocess: None,
+            layout: None,
+            channel_axis: Some(1),
+        }
+    }
+
     /// The numbers in one row (the product of the dimensions after the batch), when every
     /// one is fixed.
     pub fn row_len(&self) -> Option<usize> {

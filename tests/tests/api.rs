@@ -696,20 +696,7 @@ async fn a_replayed_array_of_images_feeds_an_image_classifier() {
         edgeloop_shared::npy::f32_array(&[20, 3, 32, 32], &recorded),
     )
     .unwrap();
-    let mut config = ctl.agent_config("camera-2", WINDOW);
-    config.source.kind = SourceKind::Npy;
-    config.source.path = Some(npy.clone());
-    config.source.repeat = true;
-    let agent = ctl.spawn_agent_with(config);
-    ctl.wait_for_model("camera-2", None).await;
-    ctl.controller
-        .publish(edgeloop_controller::registry::PublishRequest::new(
-            "camera", 1, &onnx, &npy,
-        ))
-        .await
-        .unwrap();
-    ctl.controller.rollout("camera", 1, None).await.unwrap();
-    ctl.wait_for_model("camera-2", Some(1)).await;
+    let agent = camera_replaying(&ctl, "camera-2", &npy, &onnx, None).await;
 
     let summary = wait_until_some(Duration::from_secs(30), || async {
         let rows = ctl
@@ -824,6 +811,35 @@ async fn a_replayed_array_of_images_feeds_an_image_classifier() {
     ctl.stop().await;
 }
 
+/// A camera `device` replaying the recorded images in `npy` (at `rate_hz`, or the source's
+/// default rate), serving camera v1 of `onnx`, published with those images as reference.
+async fn camera_replaying(
+    ctl: &TestController,
+    device: &str,
+    npy: &std::path::Path,
+    onnx: &[u8],
+    rate_hz: Option<f64>,
+) -> edgeloop_tests::TestAgent {
+    let mut config = ctl.agent_config(device, WINDOW);
+    config.source.kind = SourceKind::Npy;
+    config.source.path = Some(npy.to_path_buf());
+    config.source.repeat = true;
+    if let Some(rate_hz) = rate_hz {
+        config.source.rate_hz = rate_hz;
+    }
+    let agent = ctl.spawn_agent_with(config);
+    ctl.wait_for_model(device, None).await;
+    ctl.controller
+        .publish(edgeloop_controller::registry::PublishRequest::new(
+            "camera", 1, onnx, npy,
+        ))
+        .await
+        .unwrap();
+    ctl.controller.rollout("camera", 1, None).await.unwrap();
+    ctl.wait_for_model(device, Some(1)).await;
+    agent
+}
+
 /// Twenty recorded 3×32×32 images for the compatibility suite's CNN: the fixture's two,
 /// each number shifted a little.
 fn recorded_images() -> Vec<f32> {
@@ -862,16 +878,7 @@ async fn an_image_model_is_retrained_from_the_cameras_own_images() {
     )
     .unwrap();
     // The holdout: the recorded images labelled with the CNN's own answers.
-    let spec = edgeloop_shared::bundle::TensorSpec {
-        name: "image".into(),
-        dtype: edgeloop_shared::bundle::DType::F32,
-        shape: vec![None, Some(3), Some(32), Some(32)],
-        names: Vec::new(),
-        kind: None,
-        preprocess: None,
-        layout: None,
-        channel_axis: Some(1),
-    };
+    let spec = edgeloop_shared::bundle::TensorSpec::f32_tensor("image", &[3, 32, 32]);
     let plan = edgeloop_agent::runtime::Plan::compile_tensor(&onnx, &spec).unwrap();
     let labels: Vec<f64> = recorded
         .chunks(IMAGE)
@@ -925,21 +932,7 @@ trainer = {{ kind = "command", program = "{}", timeout_s = 60 }}
     })
     .await
     .unwrap();
-    let mut config = ctl.agent_config("camera-3", WINDOW);
-    config.source.kind = SourceKind::Npy;
-    config.source.path = Some(npy.clone());
-    config.source.repeat = true;
-    config.source.rate_hz = 200.0;
-    let agent = ctl.spawn_agent_with(config);
-    ctl.wait_for_model("camera-3", None).await;
-    ctl.controller
-        .publish(edgeloop_controller::registry::PublishRequest::new(
-            "camera", 1, &onnx, &npy,
-        ))
-        .await
-        .unwrap();
-    ctl.controller.rollout("camera", 1, None).await.unwrap();
-    ctl.wait_for_model("camera-3", Some(1)).await;
+    let agent = camera_replaying(&ctl, "camera-3", &npy, &onnx, Some(200.0)).await;
 
     // The schedule fires at once (nothing has fired yet); the candidate is v2.
     let retraining = wait_until_some(Duration::from_secs(60), || async {
