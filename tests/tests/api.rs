@@ -696,7 +696,7 @@ async fn a_replayed_array_of_images_feeds_an_image_classifier() {
         edgeloop_shared::npy::f32_array(&[20, 3, 32, 32], &recorded),
     )
     .unwrap();
-    let agent = camera_replaying(&ctl, "camera-2", &npy, &onnx, None).await;
+    let agent = camera_replaying(&ctl, "camera-2", &npy, &npy, &onnx, None).await;
 
     let summary = wait_until_some(Duration::from_secs(30), || async {
         let rows = ctl
@@ -812,11 +812,12 @@ async fn a_replayed_array_of_images_feeds_an_image_classifier() {
 }
 
 /// A camera `device` replaying the recorded images in `npy` (at `rate_hz`, or the source's
-/// default rate), serving camera v1 of `onnx`, published with those images as reference.
+/// default rate), serving camera v1 of `onnx`, published with the images in `reference`.
 async fn camera_replaying(
     ctl: &TestController,
     device: &str,
     npy: &std::path::Path,
+    reference: &std::path::Path,
     onnx: &[u8],
     rate_hz: Option<f64>,
 ) -> edgeloop_tests::TestAgent {
@@ -831,7 +832,7 @@ async fn camera_replaying(
     ctl.wait_for_model(device, None).await;
     ctl.controller
         .publish(edgeloop_controller::registry::PublishRequest::new(
-            "camera", 1, onnx, npy,
+            "camera", 1, onnx, reference,
         ))
         .await
         .unwrap();
@@ -860,10 +861,12 @@ fn recorded_images() -> Vec<f32> {
         .collect()
 }
 
-/// A camera's image model is retrained from the camera's own images, with no operator: a
-/// scheduled retraining collects the camera's sample (an NPY of its images), the command
-/// trainer gets it as `samples.npy` and leaves a model with `reference.npy`, and the
-/// candidate is gated on an NPY holdout of labelled images before it rolls out.
+/// A camera's image model is retrained from the camera's own images, with no operator: v1
+/// was published with brighter reference images than the camera sends, so its windows
+/// drift; the retraining collects the camera's sample (an NPY of its images), the command
+/// trainer gets it as `samples.npy` and leaves a model with `reference.npy` (the images
+/// the camera sends), and the candidate is gated on an NPY holdout of labelled images
+/// before it rolls out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_image_model_is_retrained_from_the_cameras_own_images() {
     const IMAGE: usize = 3 * 32 * 32;
@@ -875,6 +878,13 @@ async fn an_image_model_is_retrained_from_the_cameras_own_images() {
     std::fs::write(
         &npy,
         edgeloop_shared::npy::f32_array(&[20, 3, 32, 32], &recorded),
+    )
+    .unwrap();
+    let v1_reference = scratch.path().join("brighter.npy");
+    let brighter: Vec<f32> = recorded.iter().map(|x| x * 0.5 + 3.0).collect();
+    std::fs::write(
+        &v1_reference,
+        edgeloop_shared::npy::f32_array(&[20, 3, 32, 32], &brighter),
     )
     .unwrap();
     // The holdout: the recorded images labelled with the CNN's own answers.
@@ -916,7 +926,10 @@ async fn an_image_model_is_retrained_from_the_cameras_own_images() {
     let policy: edgeloop_controller::retrain::RetrainingPolicy = toml::from_str(&format!(
         r#"
 model = "camera"
-schedule_s = 3600
+psi_threshold = 0.25
+consecutive_windows = 2
+min_devices = 1
+min_share = 0.5
 collect_samples = {{ wait_s = 30 }}
 holdout = "{}"
 trainer = {{ kind = "command", program = "{}", timeout_s = 60 }}
@@ -932,9 +945,9 @@ trainer = {{ kind = "command", program = "{}", timeout_s = 60 }}
     })
     .await
     .unwrap();
-    let agent = camera_replaying(&ctl, "camera-3", &npy, &onnx, Some(200.0)).await;
+    let agent = camera_replaying(&ctl, "camera-3", &npy, &v1_reference, &onnx, Some(200.0)).await;
 
-    // The schedule fires at once (nothing has fired yet); the candidate is v2.
+    // Two drifting windows fire the retraining; the candidate is v2.
     let retraining = wait_until_some(Duration::from_secs(60), || async {
         let rows = ctl.get("/api/v1/retrainings").await;
         let row = rows.as_array()?.first()?.clone();
@@ -944,6 +957,10 @@ trainer = {{ kind = "command", program = "{}", timeout_s = 60 }}
     })
     .await;
     assert_eq!(retraining["from_version"], 1, "{retraining}");
+    assert!(
+        retraining["reason"].as_str().unwrap().contains("drifted"),
+        "{retraining}"
+    );
     // The trainer got the camera's images as they were recorded, in `samples.npy`.
     let path = std::fs::read_to_string(scratch.path().join("seen-samples.npy.path")).unwrap();
     assert!(path.trim_end().ends_with("/samples.npy"), "{path}");
