@@ -1150,7 +1150,11 @@ impl AgentLoop {
         let exported = match self.reservoir.as_mut() {
             None => Err("this device keeps no input sample".to_string()),
             Some(r) => r
-                .export(upload.max_rows, max_bytes)
+                .export(
+                    upload.max_rows,
+                    max_bytes,
+                    self.serving.as_ref().map(|s| &s.sampled),
+                )
                 .map_err(|e| e.to_string()),
         };
         match exported {

@@ -176,7 +176,7 @@ async fn run() -> anyhow::Result<()> {
             let mut reservoir =
                 edgeloop_agent::reservoir::Reservoir::open(&path, config.reservoir_bytes)?;
             let status = reservoir.status()?;
-            let export = reservoir.export(None, u64::MAX)?;
+            let export = reservoir.export(None, u64::MAX, None)?;
             match (&out, export.format) {
                 (Some(file), _) => std::fs::write(file, &export.bytes)
                     .with_context(|| format!("writing {}", file.display()))?,

@@ -442,20 +442,24 @@ impl Reservoir {
     /// The sample as a file (CSV for a table model, NPY for a tensor model), oldest input
     /// first, of at most `max_rows` inputs and `max_bytes` bytes: when it must be cut, an
     /// evenly spaced subset of the inputs is kept, so the file still spans the whole time
-    /// the sample covers.
+    /// the sample covers. A reservoir that holds no sample yet writes an empty file as
+    /// `serving`'s would be (for a tensor model an NPY of its shape), so that it merges
+    /// with other devices' samples of that model.
     pub fn export(
         &mut self,
         max_rows: Option<u64>,
         max_bytes: u64,
+        serving: Option<&SampledModel>,
     ) -> Result<Export, ReservoirError> {
         let (model, samples) = self.samples()?;
-        let format = match model.as_ref().and_then(|m| m.shape.as_ref()) {
+        let written_as = model.as_ref().or(serving);
+        let format = match written_as.and_then(|m| m.shape.as_ref()) {
             Some(_) => SampleFormat::Npy,
             None => SampleFormat::Csv,
         };
         let write = |keep: usize| -> Result<Vec<u8>, ReservoirError> {
             let chosen = evenly_spaced(&samples, keep);
-            write_file(model.as_ref(), &chosen)
+            write_file(written_as, &chosen)
         };
         let mut keep = samples
             .len()
@@ -661,9 +665,24 @@ mod tests {
     fn an_export_is_cut_to_its_row_and_byte_limits_spanning_the_whole_sample() {
         let dir = tempfile::tempdir().unwrap();
         let mut r = Reservoir::open(&dir.path().join("r.sqlite"), 1 << 20).unwrap();
-        let empty = r.export(None, 1000).unwrap();
+        let empty = r.export(None, 1000, None).unwrap();
         assert_eq!((empty.model, empty.rows), (None, 0));
         assert_eq!(empty.bytes, b"predicted,label\n");
+        // Nothing kept yet while a model serves: an empty file as that model's would be.
+        let empty = r.export(None, 1000, Some(&table(1))).unwrap();
+        assert_eq!((empty.model, empty.rows), (None, 0));
+        assert_eq!(empty.bytes, b"a,b,predicted,label\n");
+        let images = SampledModel {
+            shape: Some(vec![3, 2, 2]),
+            ..table(1)
+        };
+        let empty = r.export(None, 1000, Some(&images)).unwrap();
+        assert_eq!(
+            (empty.format, empty.model, empty.rows),
+            (SampleFormat::Npy, None, 0)
+        );
+        let file = edgeloop_shared::npy::read_sample(&empty.bytes).unwrap();
+        assert_eq!((file.row_shape, file.rows), (vec![3, 2, 2], 0));
         for i in 0..1000u32 {
             let label = (i % 2 == 1).then_some(1.0);
             r.offer(
@@ -672,7 +691,7 @@ mod tests {
             )
             .unwrap();
         }
-        let all = r.export(None, u64::MAX).unwrap();
+        let all = r.export(None, u64::MAX, None).unwrap();
         assert_eq!((all.model, all.rows), (Some(model(1)), 1000));
         let text = String::from_utf8(all.bytes.clone()).unwrap();
         assert!(
@@ -680,7 +699,7 @@ mod tests {
             "{text:.60}"
         );
 
-        let ten = r.export(Some(10), u64::MAX).unwrap();
+        let ten = r.export(Some(10), u64::MAX, None).unwrap();
         assert_eq!(ten.rows, 10);
         let firsts: Vec<&str> = std::str::from_utf8(&ten.bytes)
             .unwrap()
@@ -695,7 +714,7 @@ mod tests {
             ]
         );
 
-        let small = r.export(None, 2000).unwrap();
+        let small = r.export(None, 2000, None).unwrap();
         assert!(
             small.bytes.len() <= 2000 && small.bytes.len() > 1500,
             "{}",
@@ -705,7 +724,10 @@ mod tests {
             small.rows as usize,
             std::str::from_utf8(&small.bytes).unwrap().lines().count() - 1
         );
-        assert!(matches!(r.export(None, 5), Err(ReservoirError::Csv(_))));
+        assert!(matches!(
+            r.export(None, 5, None),
+            Err(ReservoirError::Csv(_))
+        ));
     }
 
     #[test]
@@ -860,7 +882,7 @@ mod tests {
             Some(images.clone()),
             "the shape is kept"
         );
-        let export = r.export(None, u64::MAX).unwrap();
+        let export = r.export(None, u64::MAX, None).unwrap();
         assert_eq!((export.format, export.rows), (SampleFormat::Npy, 10));
         let file = edgeloop_shared::npy::read_sample(&export.bytes).unwrap();
         assert_eq!((file.row_shape, file.rows), (vec![2, 2, 2], 10));
@@ -875,17 +897,23 @@ mod tests {
         assert!(f64::from_le_bytes(record[40..].try_into().unwrap()).is_nan());
         // Cut to a byte limit, evenly spaced, still a whole file.
         let header = file.data_start as u64;
-        let cut = r.export(None, header + 3 * 48).unwrap();
+        let cut = r.export(None, header + 3 * 48, None).unwrap();
         assert_eq!((cut.rows, cut.bytes.len() as u64), (3, header + 3 * 48));
         assert_eq!(
             edgeloop_shared::npy::read_sample(&cut.bytes).unwrap().rows,
             3
         );
-        assert!(matches!(r.export(None, 10), Err(ReservoirError::Npy(_))));
+        assert!(matches!(
+            r.export(None, 10, None),
+            Err(ReservoirError::Npy(_))
+        ));
         // A table model after it: CSV again.
         r.offer(&table(2), input(&[1.0, 2.0], None, None, 11))
             .unwrap();
-        assert_eq!(r.export(None, u64::MAX).unwrap().format, SampleFormat::Csv);
+        assert_eq!(
+            r.export(None, u64::MAX, None).unwrap().format,
+            SampleFormat::Csv
+        );
     }
 
     #[test]
