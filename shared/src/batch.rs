@@ -168,8 +168,21 @@ fn decode_batch(header: &[u8], body: &[u8]) -> Result<Payload, DecodeError> {
             header.bytes
         )));
     }
-    let raw: Vec<&RawValue> =
-        serde_json::from_slice(body).map_err(|e| bad(format!("body: {e}")))?;
+    // The items' text, found by a scan that does not parse them (each is parsed as an
+    // envelope next). serde_json splits the body itself when the scan finds anything
+    // unexpected or an item does not decode, so that a body that is not a JSON array is
+    // refused whole, with serde_json's reason.
+    let split = |body| -> Result<Vec<&[u8]>, DecodeError> {
+        Ok(serde_json::from_slice::<Vec<&RawValue>>(body)
+            .map_err(|e| bad(format!("body: {e}")))?
+            .into_iter()
+            .map(|item| item.get().as_bytes())
+            .collect())
+    };
+    let raw: Vec<&[u8]> = match crate::json_scan::array_items(body) {
+        Some(items) => items.into_iter().map(|r| &body[r]).collect(),
+        None => split(body)?,
+    };
     if raw.len() != header.count {
         return Err(bad(format!(
             "body holds {} envelopes, the header says {}",
@@ -179,8 +192,7 @@ fn decode_batch(header: &[u8], body: &[u8]) -> Result<Payload, DecodeError> {
     }
     let items = raw
         .into_iter()
-        .map(|item| {
-            let text = item.get().as_bytes();
+        .map(|text| {
             Envelope::decode(text).map_err(|error| ItemError {
                 msg_id: serde_json::from_slice::<MsgIdProbe>(text)
                     .ok()
@@ -189,7 +201,10 @@ fn decode_batch(header: &[u8], body: &[u8]) -> Result<Payload, DecodeError> {
                 error,
             })
         })
-        .collect();
+        .collect::<Vec<_>>();
+    if items.iter().any(Result::is_err) {
+        split(body)?;
+    }
     Ok(Payload::Batch {
         device_id: header.device_id.to_string(),
         items,
@@ -278,6 +293,18 @@ mod tests {
         assert_eq!(err.msg_id.as_deref(), Some("b"));
         assert_eq!(err.error, DecodeError::UnknownKind("nope".into()));
         assert_eq!(items[2].as_ref().unwrap_err().msg_id, None);
+    }
+
+    #[test]
+    fn a_body_that_is_not_a_json_array_of_values_is_refused_whole() {
+        let mut items = encoded(&["a"]);
+        // Brackets that the scan splits on, but no JSON value.
+        items.push(b"{nope}".to_vec());
+        let err = decode(&encode("dev-1", &refs(&items), Encoding::Identity)).unwrap_err();
+        let DecodeError::Batch(reason) = err else {
+            panic!("{err:?}")
+        };
+        assert!(reason.starts_with("body: "), "{reason}");
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod batch;
 pub mod bundle;
 pub mod command;
 pub mod drift;
+mod json_scan;
 pub mod npy;
 pub mod protocol;
 pub mod signing;

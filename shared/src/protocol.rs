@@ -520,12 +520,12 @@ impl Message {
         }
     }
 
-    fn decode_payload(kind: &str, payload: &RawValue) -> Result<Self, DecodeError> {
+    fn decode_payload(kind: &str, payload: &str) -> Result<Self, DecodeError> {
         fn parse<T: for<'de> Deserialize<'de>>(
             kind: &'static str,
-            payload: &RawValue,
+            payload: &str,
         ) -> Result<T, DecodeError> {
-            serde_json::from_str(payload.get()).map_err(|e| DecodeError::Payload {
+            serde_json::from_str(payload).map_err(|e| DecodeError::Payload {
                 kind,
                 reason: e.to_string(),
             })
@@ -653,6 +653,64 @@ impl Envelope {
                 max: MAX_MESSAGE_BYTES,
             });
         }
+        match Self::decode_scanned(bytes) {
+            Some(envelope) => Ok(envelope),
+            None => Self::decode_parsed(bytes),
+        }
+    }
+
+    /// A well-formed envelope of this version, with its payload read once: the fields are
+    /// found by [`json_scan`](crate::json_scan), the small ones parsed from their text and
+    /// the payload parsed typed. `None` for anything else, which [`Envelope::decode_parsed`]
+    /// then decodes or explains; the two agree on every input (a property test checks it).
+    fn decode_scanned(bytes: &[u8]) -> Option<Self> {
+        const KEYS: [&[u8]; 6] = [b"v", b"device_id", b"msg_id", b"ts_ms", b"kind", b"payload"];
+        let mut at: [Option<std::ops::Range<usize>>; 6] = Default::default();
+        for (key, range) in crate::json_scan::object_fields(bytes)? {
+            let slot = KEYS.iter().position(|k| *k == key)?;
+            if at[slot].replace(range).is_some() {
+                return None;
+            }
+        }
+        let [
+            Some(v),
+            Some(device_id),
+            Some(msg_id),
+            Some(ts_ms),
+            Some(kind),
+            Some(payload),
+        ] = at
+        else {
+            return None;
+        };
+        if serde_json::from_slice::<u32>(&bytes[v]).ok()? != PROTOCOL_VERSION {
+            return None;
+        }
+        let device_id: std::borrow::Cow<'_, str> =
+            serde_json::from_slice(&bytes[device_id]).ok()?;
+        let msg_id: std::borrow::Cow<'_, str> = serde_json::from_slice(&bytes[msg_id]).ok()?;
+        let ts_ms: u64 = serde_json::from_slice(&bytes[ts_ms]).ok()?;
+        let kind: std::borrow::Cow<'_, str> = serde_json::from_slice(&bytes[kind]).ok()?;
+        let payload = std::str::from_utf8(&bytes[payload]).ok()?;
+        if !is_valid_identifier(&device_id)
+            || !Self::is_valid_msg_id(&msg_id)
+            || has_escaped_nul(payload.as_bytes())
+        {
+            return None;
+        }
+        let message = Message::decode_payload(&kind, payload).ok()?;
+        Some(Envelope {
+            device_id: device_id.into_owned(),
+            msg_id: msg_id.into_owned(),
+            ts_ms,
+            message,
+            received_payload: Some(Arc::from(payload)),
+        })
+    }
+
+    /// [`Envelope::decode`] by serde_json alone: the envelope with its payload's text, then
+    /// the payload typed, and every error in the order the checks come.
+    fn decode_parsed(bytes: &[u8]) -> Result<Self, DecodeError> {
         // One parse for a well-formed envelope of this version; anything else is parsed
         // again, version first, so that the error says what is wrong in the right order.
         // (serde would also read a struct from a JSON array: only objects take the fast path.)
@@ -672,7 +730,7 @@ impl Envelope {
         if has_escaped_nul(wire.payload.get().as_bytes()) {
             return Err(DecodeError::NulCharacter);
         }
-        let message = Message::decode_payload(&wire.kind, wire.payload)?;
+        let message = Message::decode_payload(&wire.kind, wire.payload.get())?;
         Ok(Envelope {
             device_id: wire.device_id.into_owned(),
             msg_id: wire.msg_id.into_owned(),
@@ -860,6 +918,81 @@ mod tests {
             let e = Envelope::new("dev-1", "m-1", 1_700_000_000_000, message);
             assert_eq!(Envelope::decode(&e.encode()).unwrap(), e);
         }
+    }
+
+    /// Envelopes as other senders may spell them, and as they should not.
+    fn spellings() -> Vec<Vec<u8>> {
+        let mut texts: Vec<Vec<u8>> = [status(), summary()]
+            .into_iter()
+            .map(|m| Envelope::new("dev-1", "m-1", 7, m).encode())
+            .collect();
+        let payload = r#"{"stored":["a\"b","é"],"rejected":[{"msg_id":"c","reason":"x,}]"}]}"#;
+        for text in [
+            // The payload first, spaces everywhere, escapes in strings.
+            format!(
+                r#" {{ "payload" : {payload} , "kind":"receipt", "ts_ms" : 3, "msg_id":"m\u002d2", "device_id":"dev-1","v":1 }}"#
+            ),
+            format!(r#"{{"v":1,"device_id":"dev-1","msg_id":"m","ts_ms":3,"kind":"receipt","payload":{payload},"x":1}}"#),
+            format!(r#"{{"v":1,"v":1,"device_id":"dev-1","msg_id":"m","ts_ms":3,"kind":"receipt","payload":{payload}}}"#),
+            format!(r#"{{"v":2,"device_id":"dev-1","msg_id":"m","ts_ms":3,"kind":"receipt","payload":{payload}}}"#),
+            format!(r#"{{"\u0076":1,"device_id":"dev-1","msg_id":"m","ts_ms":3,"kind":"receipt","payload":{payload}}}"#),
+            r#"{"v":1,"device_id":"dev-1","msg_id":"m","ts_ms":3,"kind":"receipt","payload":{"stored":["\u0000"]}}"#.into(),
+            r#"{"v":1,"device_id":"dev 1","msg_id":"m","ts_ms":3,"kind":"receipt","payload":{}}"#.into(),
+            r#"{"v":1,"device_id":"dev-1","msg_id":"m","ts_ms":-3,"kind":"receipt","payload":{}}"#.into(),
+            r#"{"v":1,"device_id":"dev-1","msg_id":"m","ts_ms":3,"kind":"receipt","payload":[]}"#.into(),
+        ] {
+            texts.push(text.into_bytes());
+        }
+        texts
+    }
+
+    /// The scan's fast path and serde_json's full parse decode every input alike: the same
+    /// envelope with the same payload text, or the same error.
+    fn decodes_alike(bytes: &[u8]) {
+        match (Envelope::decode(bytes), Envelope::decode_parsed(bytes)) {
+            (Ok(a), Ok(b)) => {
+                assert_eq!(a, b);
+                assert_eq!(a.received_payload(), b.received_payload());
+            }
+            (Err(a), Err(b)) => assert_eq!(a, b),
+            (a, b) => panic!(
+                "{}: scanned {a:?}, parsed {b:?}",
+                String::from_utf8_lossy(bytes)
+            ),
+        }
+    }
+
+    #[test]
+    fn the_scanned_decode_takes_well_formed_envelopes_and_agrees_with_serde_json() {
+        let texts = spellings();
+        for (i, text) in texts.iter().enumerate() {
+            // Well-formed envelopes take the scan (the first three spellings).
+            assert_eq!(Envelope::decode_scanned(text).is_some(), i < 3, "{i}");
+            decodes_alike(text);
+        }
+        let ops = proptest::collection::vec((0usize..4, 0usize..4096, 0usize..16), 1..4);
+        let mut runner =
+            proptest::test_runner::TestRunner::new(proptest::test_runner::Config::with_cases(3000));
+        runner
+            .run(&(0..texts.len(), ops), |(which, ops)| {
+                let mut bytes = texts[which].clone();
+                for (op, at, with) in ops {
+                    let at = at % (bytes.len() + 1);
+                    let table = b"{}[]\",:\\ 0a-1.e";
+                    let byte = table[with % table.len()];
+                    match op {
+                        0 if at < bytes.len() => {
+                            bytes.remove(at);
+                        }
+                        1 => bytes.insert(at, byte),
+                        2 if at < bytes.len() => bytes[at] = byte,
+                        _ => bytes.truncate(at),
+                    }
+                }
+                decodes_alike(&bytes);
+                Ok(())
+            })
+            .unwrap();
     }
 
     #[test]
