@@ -475,19 +475,22 @@ async fn apply_status(tx: &impl GenericClient, device_id: &str, s: &DeviceStatus
     Ok(())
 }
 
+/// Stores a drift summary's row unless its message id has one already: whether it was
+/// stored (false: a duplicate).
 async fn apply_drift(
     tx: &impl GenericClient,
     e: &Envelope,
     s: &DriftSummary,
     now_ms: u64,
-) -> Result<()> {
+) -> Result<bool> {
     let summary = summary_json(e, s);
     let summary: &str = &summary;
     tx.execute(
         "INSERT INTO telemetry (msg_id, device_id, received_ms, model_name, model_version, window_seq,
              window_start_ms, window_end_ms, samples, psi_max, summary, drift_share, labelled, accuracy, latency_p99_ms, errors,
              prediction_drift, mae)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)
+         ON CONFLICT (msg_id) DO NOTHING",
         &[
             &e.msg_id,
             &e.device_id,
@@ -509,8 +512,9 @@ async fn apply_drift(
             &s.stats.mae,
         ],
     )
-    .await?;
-    Ok(())
+    .await
+    .map(|stored| stored > 0)
+    .map_err(Into::into)
 }
 
 /// Sets devices' current drift figure from a transaction's summaries. Only a summary of
@@ -1080,14 +1084,21 @@ impl Store for PgStore {
         let mut summaries = Vec::new();
         let mut fresh = Vec::with_capacity(envelopes.len());
         for envelope in envelopes {
-            let inserted = tx
-                .execute(
-                    "INSERT INTO seen_messages (msg_id, device_id, received_ms) VALUES ($1, $2, $3)
-                     ON CONFLICT (msg_id) DO NOTHING",
-                    &[&envelope.msg_id, &envelope.device_id, &i(received_ms)],
-                )
-                .await?;
-            fresh.push(inserted > 0);
+            // A drift summary's row is keyed by its message id, and is kept as long as
+            // `seen_messages` keeps ids: it is its own record of having been seen.
+            let inserted = match &envelope.message {
+                Message::DriftSummary(s) => apply_drift(&*tx, envelope, s, received_ms).await?,
+                _ => {
+                    tx.execute(
+                        "INSERT INTO seen_messages (msg_id, device_id, received_ms) VALUES ($1, $2, $3)
+                         ON CONFLICT (msg_id) DO NOTHING",
+                        &[&envelope.msg_id, &envelope.device_id, &i(received_ms)],
+                    )
+                    .await?
+                        > 0
+                }
+            };
+            fresh.push(inserted);
         }
         // Every device row this transaction writes is locked first, in id order, as
         // `create_rollout` locks its devices: two transactions that lock in one order
@@ -1109,10 +1120,7 @@ impl Store for PgStore {
             }
             match &envelope.message {
                 Message::Status(s) => apply_status(&*tx, &envelope.device_id, s).await?,
-                Message::DriftSummary(s) => {
-                    apply_drift(&*tx, envelope, s, received_ms).await?;
-                    summaries.push((envelope.device_id.as_str(), s));
-                }
+                Message::DriftSummary(s) => summaries.push((envelope.device_id.as_str(), s)),
                 Message::DeploymentStatus(d) => {
                     apply_deployment(&*tx, &envelope.device_id, d, received_ms).await?
                 }

@@ -252,13 +252,29 @@ pub async fn suite(store: &dyn Store) {
             .unwrap()
             .contains(r#""samples" : "#)
     );
-    store
-        .ingest_many(
-            &[v2("t4", 0.7), received.clone(), drift("d1", "t6", 5, 0.2)],
-            330,
-        )
-        .await
-        .unwrap();
+    // A summary stored before, or twice in the transaction, is a duplicate.
+    assert_eq!(
+        store
+            .ingest_many(
+                &[
+                    v2("t4", 0.7),
+                    received.clone(),
+                    drift("d1", "t6", 5, 0.2),
+                    drift("d1", "t6", 5, 0.2),
+                    drift("d1", "t2", 40, 0.3),
+                ],
+                330,
+            )
+            .await
+            .unwrap(),
+        [
+            Ingested::Stored,
+            Ingested::Stored,
+            Ingested::Stored,
+            Ingested::Duplicate,
+            Ingested::Duplicate
+        ]
+    );
     assert_eq!(store.devices().await.unwrap()[0].last_psi_max, Some(0.4));
     let stored = store.telemetry("d1", 10).await.unwrap();
     assert_eq!(stored.len(), 6);
@@ -1677,6 +1693,14 @@ async fn sqlite_store_passes_the_suite() {
     let store = SqliteStore::open(&path).unwrap();
     suite(&store).await;
     let devices = store.devices().await.unwrap();
+    let page_size: i64 = rusqlite::Connection::open(&path)
+        .unwrap()
+        .pragma_query_value(None, "page_size", |r| r.get(0))
+        .unwrap();
+    assert_eq!(
+        page_size, 8192,
+        "a new file has pages that hold several summaries"
+    );
     // Reopening keeps everything and does not migrate twice.
     let again = SqliteStore::open(&path).unwrap();
     assert_eq!(again.devices().await.unwrap(), devices);
