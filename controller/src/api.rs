@@ -103,10 +103,13 @@ impl IntoResponse for ApiError {
             ApiError::Dataset(e) => {
                 use crate::datasets::DatasetError as D;
                 match e {
-                    D::Select(RolloutError::Store(_)) | D::Store(_) | D::Merge(..) => {
+                    D::Select(RolloutError::Store(_)) | D::Store(_) => {
                         tracing::error!(error = %self, "dataset request failed");
                         StatusCode::INTERNAL_SERVER_ERROR
                     }
+                    // Devices sent samples that do not go together (another format or
+                    // shape); the message names the device, `?devices=` leaves it out.
+                    D::Merge(..) => StatusCode::CONFLICT,
                     D::UnknownDevice(_) | D::Incomplete(..) => StatusCode::NOT_FOUND,
                     _ => StatusCode::BAD_REQUEST,
                 }
@@ -1464,6 +1467,19 @@ async fn serve_bundle(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_dataset_whose_parts_do_not_merge_is_a_conflict_naming_the_device() {
+        let e = ApiError::Dataset(crate::datasets::DatasetError::Merge(
+            3,
+            "the sample of cam-2 is CSV, that of cam-1 NPY".into(),
+        ));
+        assert_eq!(
+            e.to_string(),
+            "dataset 3: the sample of cam-2 is CSV, that of cam-1 NPY"
+        );
+        assert_eq!(e.into_response().status(), StatusCode::CONFLICT);
+    }
 
     #[test]
     fn byte_ranges_resolve_against_the_file_length() {
