@@ -12,6 +12,16 @@
 //!
 //! Run: `cargo bench -p edgeloop-controller --bench ingest` (embedded broker), or with
 //! `EDGELOOP_BENCH_MQTT_URL=mqtt://127.0.0.1:1883` against another broker (Mosquitto).
+//!
+//! `EDGELOOP_BENCH_STAGE=make|decode|store` runs only the controller's own work on the
+//! summaries, with no broker and no clock: making them, then decoding them, then storing
+//! them too. Under callgrind the differences between the three totals are the decode's
+//! and the store's instructions per summary, repeatable whatever else the machine does:
+//!
+//! ```sh
+//! for s in make decode store; do EDGELOOP_BENCH_STAGE=$s valgrind --tool=callgrind \
+//!   target/release/deps/ingest-* --bench; done
+//! ```
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -239,6 +249,18 @@ async fn store_seconds(path: &std::path::Path, envelopes: &[Envelope]) -> f64 {
     start.elapsed().as_secs_f64()
 }
 
+/// Decodes and validates every publish as ingest does, in order.
+fn decode_all(topics: &Topics, traffic: &[(String, Vec<Vec<u8>>)]) -> Vec<Envelope> {
+    let mut decoded = Vec::with_capacity(traffic.iter().map(|t| t.1.len()).sum());
+    for (topic, payloads) in traffic {
+        for payload in payloads {
+            let checked = edgeloop_controller::ingest::validate(topics, topic, payload).unwrap();
+            decoded.extend(checked.accepted);
+        }
+    }
+    decoded
+}
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let dir = tempfile::tempdir().unwrap();
@@ -264,6 +286,17 @@ async fn main() {
             )
         })
         .collect();
+    if let Ok(stage) = std::env::var("EDGELOOP_BENCH_STAGE") {
+        let decoded = match stage.as_str() {
+            "make" => return,
+            "decode" | "store" => decode_all(&topics, &singles),
+            other => panic!("EDGELOOP_BENCH_STAGE is make, decode or store, not `{other}`"),
+        };
+        if stage == "store" {
+            store_seconds(&dir.path().join("stage.db"), &decoded).await;
+        }
+        return;
+    }
     let batched = |singles: &[(String, Vec<Vec<u8>>)], device_of: &dyn Fn(usize) -> String| {
         singles
             .iter()
@@ -333,16 +366,8 @@ async fn main() {
     );
     // The controller's own costs per summary, without a broker: decoding and validating
     // a publish, and storing decoded envelopes in groups the size ingest forms.
-    let all: Vec<(&str, &[u8])> = singles
-        .iter()
-        .flat_map(|(topic, items)| items.iter().map(move |p| (topic.as_str(), p.as_slice())))
-        .collect();
     let start = Instant::now();
-    let mut decoded = Vec::with_capacity(all.len());
-    for (topic, payload) in &all {
-        let checked = edgeloop_controller::ingest::validate(&topics, topic, payload).unwrap();
-        decoded.extend(checked.accepted);
-    }
+    let decoded = decode_all(&topics, &singles);
     let decode_s = start.elapsed().as_secs_f64();
     let store_s = store_seconds(&dir.path().join("alone.db"), &decoded).await;
     // The same envelopes made here rather than received: the store serializes each
@@ -361,22 +386,22 @@ async fn main() {
     let remade_s = store_seconds(&dir.path().join("remade.db"), &remade).await;
     println!(
         "controller work per summary, no broker ({} summaries):",
-        all.len()
+        decoded.len()
     );
     println!(
         "  decode and validate {:>6.1} us ({:.0}/s)",
-        decode_s * 1e6 / all.len() as f64,
-        all.len() as f64 / decode_s
+        decode_s * 1e6 / decoded.len() as f64,
+        decoded.len() as f64 / decode_s
     );
     println!(
         "  store, groups of 80 {:>6.1} us ({:.0}/s)",
-        store_s * 1e6 / all.len() as f64,
-        all.len() as f64 / store_s
+        store_s * 1e6 / decoded.len() as f64,
+        decoded.len() as f64 / store_s
     );
     println!(
         "  (serializing again   {:>6.1} us ({:.0}/s))",
-        remade_s * 1e6 / all.len() as f64,
-        all.len() as f64 / remade_s
+        remade_s * 1e6 / decoded.len() as f64,
+        decoded.len() as f64 / remade_s
     );
     let raw_single = raw_rate(&url, &singles, 1).await;
     let ingest_single = ingest_rate(&controller, &singles, 1).await;
