@@ -481,10 +481,11 @@ fn apply_drift(tx: &Transaction<'_>, e: &Envelope, s: &DriftSummary, now_ms: u64
     let summary = summary_json(e, s);
     let summary: &str = &summary;
     exec(tx,
-        "INSERT OR IGNORE INTO telemetry (msg_id, device_id, received_ms, model_name, model_version, window_seq,
+        "INSERT INTO telemetry (msg_id, device_id, received_ms, model_name, model_version, window_seq,
              window_start_ms, window_end_ms, samples, psi_max, summary, drift_share, labelled, accuracy, latency_p99_ms, errors,
              prediction_drift, mae)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)
+         ON CONFLICT (msg_id) DO NOTHING",
         params![
             e.msg_id,
             e.device_id,
