@@ -100,20 +100,39 @@ pub(crate) fn value_end(b: &[u8], start: usize) -> Option<usize> {
     }
 }
 
+/// Walks the comma-separated list between `open` and `close` that `b` holds, whitespace
+/// around it allowed: `item` reads the element that starts at an index (not whitespace)
+/// and returns the index just past it. `None` when `b` is not one such list.
+fn walk_list(
+    b: &[u8],
+    open: u8,
+    close: u8,
+    mut item: impl FnMut(usize) -> Option<usize>,
+) -> Option<()> {
+    let mut i = skip_space(b, 0);
+    if b.get(i) != Some(&open) {
+        return None;
+    }
+    i = skip_space(b, i + 1);
+    if b.get(i) != Some(&close) {
+        loop {
+            i = skip_space(b, item(i)?);
+            match b.get(i) {
+                Some(b',') => i = skip_space(b, i + 1),
+                Some(c) if *c == close => break,
+                _ => return None,
+            }
+        }
+    }
+    (skip_space(b, i + 1) == b.len()).then_some(())
+}
+
 /// The fields of the JSON object that `b` holds, whitespace around it allowed: each key's
 /// text (between its quotes, as written) and its value's range in `b`. `None` when `b` is
 /// not one object or a key holds an escape (the caller's full parse decides those).
 pub(crate) fn object_fields(b: &[u8]) -> Option<Vec<(&[u8], Range<usize>)>> {
-    let mut i = skip_space(b, 0);
-    if b.get(i) != Some(&b'{') {
-        return None;
-    }
     let mut fields = Vec::with_capacity(8);
-    i = skip_space(b, i + 1);
-    if b.get(i) == Some(&b'}') {
-        return (skip_space(b, i + 1) == b.len()).then_some(fields);
-    }
-    loop {
+    walk_list(b, b'{', b'}', |i| {
         if b.get(i) != Some(&b'"') {
             return None;
         }
@@ -122,44 +141,28 @@ pub(crate) fn object_fields(b: &[u8]) -> Option<Vec<(&[u8], Range<usize>)>> {
         if key.contains(&b'\\') {
             return None;
         }
-        i = skip_space(b, key_end);
-        if b.get(i) != Some(&b':') {
+        let colon = skip_space(b, key_end);
+        if b.get(colon) != Some(&b':') {
             return None;
         }
-        let start = skip_space(b, i + 1);
+        let start = skip_space(b, colon + 1);
         let end = value_end(b, start)?;
         fields.push((key, start..end));
-        i = skip_space(b, end);
-        match b.get(i) {
-            Some(b',') => i = skip_space(b, i + 1),
-            Some(b'}') => return (skip_space(b, i + 1) == b.len()).then_some(fields),
-            _ => return None,
-        }
-    }
+        Some(end)
+    })?;
+    Some(fields)
 }
 
 /// The ranges of the items of the JSON array that `b` holds, whitespace around it allowed;
 /// `None` when `b` is not one array.
 pub(crate) fn array_items(b: &[u8]) -> Option<Vec<Range<usize>>> {
-    let mut i = skip_space(b, 0);
-    if b.get(i) != Some(&b'[') {
-        return None;
-    }
     let mut items = Vec::new();
-    i = skip_space(b, i + 1);
-    if b.get(i) == Some(&b']') {
-        return (skip_space(b, i + 1) == b.len()).then_some(items);
-    }
-    loop {
+    walk_list(b, b'[', b']', |i| {
         let end = value_end(b, i)?;
         items.push(i..end);
-        i = skip_space(b, end);
-        match b.get(i) {
-            Some(b',') => i = skip_space(b, i + 1),
-            Some(b']') => return (skip_space(b, i + 1) == b.len()).then_some(items),
-            _ => return None,
-        }
-    }
+        Some(end)
+    })?;
+    Some(items)
 }
 
 #[cfg(test)]
