@@ -154,11 +154,7 @@ pub fn validate(topics: &Topics, topic: &str, payload: &[u8]) -> Result<Checked,
         Err(error) => {
             // A single envelope that does not decode may still name itself; then the
             // device learns that it is refused instead of sending it forever.
-            let msg_id = serde_json::from_slice::<MsgIdProbe>(payload)
-                .ok()
-                .and_then(|p| p.msg_id)
-                .filter(|id| Envelope::is_valid_msg_id(id));
-            match msg_id {
+            match Envelope::probe_msg_id(payload) {
                 Some(msg_id) => vec![Err(ItemError {
                     msg_id: Some(msg_id),
                     error,
@@ -202,11 +198,6 @@ pub fn validate(topics: &Topics, topic: &str, payload: &[u8]) -> Result<Checked,
         }
     }
     Ok(checked)
-}
-
-#[derive(serde::Deserialize)]
-struct MsgIdProbe {
-    msg_id: Option<String>,
 }
 
 /// The controller's MQTT connection settings.
@@ -755,6 +746,16 @@ mod tests {
         )
         .unwrap();
         assert_eq!(refused.rejected[0].msg_id, "m9");
+        // So is one in MessagePack, and a good one is taken.
+        // {"v": 9, "msg_id": "m8"}
+        let packed = b"\x82\xa1v\x09\xa6msg_id\xa2m8";
+        let refused = validate(&t, "edgeloop/v1/devices/d1/status", packed).unwrap();
+        assert_eq!(refused.rejected[0].msg_id, "m8");
+        assert!(refused.rejected[0].reason.contains("version 9"));
+        let status = Envelope::decode(&status_bytes("d1")).unwrap();
+        let packed = status.encode_as(edgeloop_shared::protocol::Format::Msgpack);
+        let ok = validate(&t, "edgeloop/v1/devices/d1/status", &packed).unwrap();
+        assert_eq!(ok.accepted, [status]);
         assert!(matches!(
             validate(&t, "edgeloop/v1/devices/d1/commands", &status_bytes("d1")),
             Err(Rejection::WrongDirection("commands"))

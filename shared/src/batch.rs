@@ -9,15 +9,16 @@
 //! ```
 //!
 //! The body, decoded according to `encoding` (`"zstd"`: one zstd frame; `"identity"`: as
-//! is), is exactly `bytes` long and is a JSON array of `count` envelopes, each exactly as it
-//! would travel alone. Each envelope keeps its own message id, so receipts, duplicates and
-//! rejections are per envelope, never per batch. A payload whose first line is not a batch
-//! header is a single envelope.
+//! is), is exactly `bytes` long and is an array of `count` envelopes, each exactly as it
+//! would travel alone: a JSON array of JSON envelopes, or with `"format":"msgpack"` in the
+//! header a MessagePack array of MessagePack envelopes. Each envelope keeps its own message
+//! id, so receipts, duplicates and rejections are per envelope, never per batch. A payload
+//! whose first line is not a batch header is a single envelope.
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::protocol::{DecodeError, Envelope, MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
+use crate::protocol::{DecodeError, Envelope, Format, MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
 
 /// Most envelopes in one batch.
 pub const MAX_BATCH_MESSAGES: usize = 1024;
@@ -46,17 +47,15 @@ struct Header<'a> {
     count: usize,
     encoding: Encoding,
     bytes: usize,
+    /// Absent: JSON (the first batches had no other).
+    #[serde(default, skip_serializing_if = "Format::is_json")]
+    format: Format,
 }
 
 #[derive(Deserialize)]
 struct KindProbe<'a> {
     #[serde(borrow)]
     kind: Option<std::borrow::Cow<'a, str>>,
-}
-
-#[derive(Deserialize)]
-struct MsgIdProbe {
-    msg_id: Option<String>,
 }
 
 /// An envelope of a batch that could not be decoded. Its message id, when it could be read,
@@ -78,17 +77,33 @@ pub enum Payload {
     },
 }
 
-/// Encodes already-encoded envelopes as one batch.
+/// Encodes already-encoded envelopes, all in one format (that of the first), as one batch.
 pub fn encode(device_id: &str, envelopes: &[&[u8]], encoding: Encoding) -> Vec<u8> {
-    let mut body = Vec::with_capacity(envelopes.iter().map(|e| e.len() + 1).sum::<usize>() + 2);
-    body.push(b'[');
-    for (i, e) in envelopes.iter().enumerate() {
-        if i > 0 {
-            body.push(b',');
+    let format = envelopes.first().map_or(Format::Json, |e| Format::of(e));
+    assert!(
+        envelopes.iter().all(|e| Format::of(e) == format),
+        "a batch holds envelopes of one format"
+    );
+    let mut body = Vec::with_capacity(envelopes.iter().map(|e| e.len() + 1).sum::<usize>() + 5);
+    match format {
+        Format::Json => {
+            body.push(b'[');
+            for (i, e) in envelopes.iter().enumerate() {
+                if i > 0 {
+                    body.push(b',');
+                }
+                body.extend_from_slice(e);
+            }
+            body.push(b']');
         }
-        body.extend_from_slice(e);
+        Format::Msgpack => {
+            let count = u32::try_from(envelopes.len()).expect("a batch holds under 2^32 envelopes");
+            rmp::encode::write_array_len(&mut body, count).expect("writing to memory");
+            for e in envelopes {
+                body.extend_from_slice(e);
+            }
+        }
     }
-    body.push(b']');
     let header = Header {
         v: PROTOCOL_VERSION,
         kind: "batch",
@@ -96,6 +111,7 @@ pub fn encode(device_id: &str, envelopes: &[&[u8]], encoding: Encoding) -> Vec<u
         count: envelopes.len(),
         encoding,
         bytes: body.len(),
+        format,
     };
     let mut out = serde_json::to_vec(&header).expect("headers serialize");
     out.push(b'\n');
@@ -117,7 +133,8 @@ pub fn decode(bytes: &[u8]) -> Result<Payload, DecodeError> {
         });
     }
     let head = &bytes[..bytes.len().min(MAX_HEADER_BYTES)];
-    if let Some(nl) = head.iter().position(|&b| b == b'\n')
+    if Format::of(bytes).is_json()
+        && let Some(nl) = head.iter().position(|&b| b == b'\n')
         && let Ok(KindProbe { kind: Some(kind) }) = serde_json::from_slice(&bytes[..nl])
         && kind == "batch"
     {
@@ -168,6 +185,14 @@ fn decode_batch(header: &[u8], body: &[u8]) -> Result<Payload, DecodeError> {
             header.bytes
         )));
     }
+    if header.format == Format::Msgpack {
+        // Walked without the checks of content (NUL, non-finite floats): those refuse the
+        // one envelope that has them, when it is decoded, not the whole batch.
+        let raw =
+            crate::msgpack::array_items(body, false).map_err(|e| bad(format!("body: {e}")))?;
+        let raw = raw.into_iter().map(|r| &body[r]).collect();
+        return items(header, raw, Format::Msgpack);
+    }
     // The items' text, found by a scan that does not parse them (each is parsed as an
     // envelope next). serde_json splits the body itself when the scan finds anything
     // unexpected or an item does not decode, so that a body that is not a JSON array is
@@ -183,8 +208,19 @@ fn decode_batch(header: &[u8], body: &[u8]) -> Result<Payload, DecodeError> {
         Some(items) => items.into_iter().map(|r| &body[r]).collect(),
         None => split(body)?,
     };
+    let decoded = items(header, raw, Format::Json)?;
+    if let Payload::Batch { items, .. } = &decoded
+        && items.iter().any(Result::is_err)
+    {
+        split(body)?;
+    }
+    Ok(decoded)
+}
+
+/// The batch of the envelopes `raw`, each decoded alone.
+fn items(header: Header<'_>, raw: Vec<&[u8]>, format: Format) -> Result<Payload, DecodeError> {
     if raw.len() != header.count {
-        return Err(bad(format!(
+        return Err(DecodeError::Batch(format!(
             "body holds {} envelopes, the header says {}",
             raw.len(),
             header.count
@@ -192,19 +228,13 @@ fn decode_batch(header: &[u8], body: &[u8]) -> Result<Payload, DecodeError> {
     }
     let items = raw
         .into_iter()
-        .map(|text| {
-            Envelope::decode(text).map_err(|error| ItemError {
-                msg_id: serde_json::from_slice::<MsgIdProbe>(text)
-                    .ok()
-                    .and_then(|p| p.msg_id)
-                    .filter(|id| Envelope::is_valid_msg_id(id)),
+        .map(|item| {
+            Envelope::decode_as(item, format).map_err(|error| ItemError {
+                msg_id: Envelope::probe_msg_id(item),
                 error,
             })
         })
-        .collect::<Vec<_>>();
-    if items.iter().any(Result::is_err) {
-        split(body)?;
-    }
+        .collect();
     Ok(Payload::Batch {
         device_id: header.device_id.to_string(),
         items,
@@ -255,6 +285,72 @@ mod tests {
             decode(&envelope("x").encode()).unwrap(),
             Payload::Single(Box::new(envelope("x")))
         );
+    }
+
+    #[test]
+    fn messagepack_batches_round_trip_and_say_so_in_their_header() {
+        let items: Vec<Vec<u8>> = ["a", "b", "c"]
+            .iter()
+            .map(|id| envelope(id).encode_as(Format::Msgpack))
+            .collect();
+        for encoding in [Encoding::Identity, Encoding::Zstd] {
+            let bytes = encode("dev-1", &refs(&items), encoding);
+            let nl = bytes.iter().position(|&b| b == b'\n').unwrap();
+            let header: serde_json::Value = serde_json::from_slice(&bytes[..nl]).unwrap();
+            assert_eq!(header["format"], "msgpack");
+            let Payload::Batch { items, .. } = decode(&bytes).unwrap() else {
+                panic!("not a batch")
+            };
+            let got: Vec<Envelope> = items.into_iter().map(Result::unwrap).collect();
+            assert_eq!(got, [envelope("a"), envelope("b"), envelope("c")]);
+        }
+        // A JSON batch's header is as it always was: no `format`.
+        let json = encode("dev-1", &refs(&encoded(&["a"])), Encoding::Identity);
+        assert!(!String::from_utf8_lossy(&json).contains("format"));
+    }
+
+    #[test]
+    fn a_bad_messagepack_envelope_is_named_and_a_bad_body_refused_whole() {
+        let mut items: Vec<Vec<u8>> = vec![envelope("a").encode_as(Format::Msgpack)];
+        // A NUL in a string: this envelope alone is refused, by its message id.
+        let mut nul = envelope("b");
+        let Message::Status(s) = &mut nul.message else {
+            unreachable!()
+        };
+        s.agent_version = "0\0".into();
+        items.push(nul.encode_as(Format::Msgpack));
+        let Payload::Batch { items: got, .. } =
+            decode(&encode("dev-1", &refs(&items), Encoding::Zstd)).unwrap()
+        else {
+            panic!()
+        };
+        assert!(got[0].is_ok());
+        let err = got[1].as_ref().unwrap_err();
+        assert_eq!(err.msg_id.as_deref(), Some("b"));
+        assert_eq!(err.error, DecodeError::NulCharacter);
+        // A body cut short, or not an array, is no batch of envelopes.
+        let body = encode("dev-1", &refs(&items[..1]), Encoding::Identity);
+        let body = &body[body.iter().position(|&b| b == b'\n').unwrap() + 1..];
+        for bad in [&body[..body.len() - 1], &body[1..]] {
+            let mut bytes = format!(
+                r#"{{"v":1,"kind":"batch","device_id":"dev-1","count":1,"encoding":"identity","bytes":{},"format":"msgpack"}}"#,
+                bad.len()
+            )
+            .into_bytes();
+            bytes.push(b'\n');
+            bytes.extend_from_slice(bad);
+            assert!(matches!(decode(&bytes), Err(DecodeError::Batch(_))));
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "one format")]
+    fn a_batch_of_two_formats_is_a_bug() {
+        let items = [
+            envelope("a").encode(),
+            envelope("b").encode_as(Format::Msgpack),
+        ];
+        encode("dev-1", &refs(&items), Encoding::Identity);
     }
 
     #[test]

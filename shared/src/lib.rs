@@ -19,6 +19,7 @@ pub mod bundle;
 pub mod command;
 pub mod drift;
 mod json_scan;
+pub mod msgpack;
 pub mod npy;
 pub mod protocol;
 pub mod signing;

@@ -11,7 +11,7 @@ mod sqlite;
 mod tests;
 
 use edgeloop_shared::bundle::{Lineage, Requirements};
-use edgeloop_shared::protocol::{Envelope, ModelRef, OutboxStatus, SampleChunk};
+use edgeloop_shared::protocol::{Envelope, ModelRef, OutboxStatus, ReceivedPayload, SampleChunk};
 use serde::{Deserialize, Serialize};
 
 use crate::plan::RolloutPlan;
@@ -322,16 +322,31 @@ impl Hourly {
     }
 }
 
-/// A drift summary's JSON for the `telemetry` table: the text the device sent when there
-/// is one (it decoded into `s`), so that ingest does not serialize every summary again.
+/// A drift summary's JSON for the `telemetry` table: the text the device sent when it sent
+/// JSON (it decoded into `s`), so that ingest does not serialize every summary again.
 pub(crate) fn summary_json<'a>(
     e: &'a Envelope,
     s: &edgeloop_shared::protocol::DriftSummary,
 ) -> std::borrow::Cow<'a, str> {
     match e.received_payload() {
-        Some(text) => std::borrow::Cow::Borrowed(text),
-        None => std::borrow::Cow::Owned(serde_json::to_string(s).expect("summaries serialize")),
+        Some(ReceivedPayload::Json(text)) => std::borrow::Cow::Borrowed(text),
+        _ => std::borrow::Cow::Owned(serde_json::to_string(s).expect("summaries serialize")),
     }
+}
+
+/// A stored summary column as JSON: its text, or the MessagePack bytes it was received in
+/// (SQLite keeps those as they came, as a BLOB).
+pub(crate) fn summary_value(
+    msg_id: &str,
+    stored: &[u8],
+    binary: bool,
+) -> Result<serde_json::Value> {
+    let read = if binary {
+        rmp_serde::from_slice(stored).map_err(|e| e.to_string())
+    } else {
+        serde_json::from_slice(stored).map_err(|e| e.to_string())
+    };
+    read.map_err(|e| StoreError::Corrupt(format!("summary {msg_id}: {e}")))
 }
 
 /// The last drift figure of a transaction's summaries per device and model, in message

@@ -7,6 +7,7 @@ use edgeloop_shared::protocol::{
     DeploymentStatus, DeviceStatus, DriftSummary, DropCounts, Envelope, Message, SampleChunk,
     join_sample_chunks,
 };
+use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use super::*;
@@ -478,8 +479,17 @@ fn apply_status(tx: &Transaction<'_>, device_id: &str, s: &DeviceStatus) -> Resu
 /// Stores a drift summary's row unless its message id has one already: 1 stored, 0 a
 /// duplicate.
 fn apply_drift(tx: &Transaction<'_>, e: &Envelope, s: &DriftSummary, now_ms: u64) -> Result<usize> {
-    let summary = summary_json(e, s);
-    let summary: &str = &summary;
+    // MessagePack as received, in a BLOB (the column's TEXT affinity leaves BLOBs as they
+    // are); JSON as its text.
+    let text;
+    let summary = match e.received_payload() {
+        Some(ReceivedPayload::Msgpack(bytes)) => ValueRef::Blob(bytes),
+        _ => {
+            text = summary_json(e, s);
+            ValueRef::Text(text.as_bytes())
+        }
+    };
+    let summary = ToSqlOutput::Borrowed(summary);
     exec(tx,
         "INSERT INTO telemetry (msg_id, device_id, received_ms, model_name, model_version, window_seq,
              window_start_ms, window_end_ms, samples, psi_max, summary, drift_share, labelled, accuracy, latency_p99_ms, errors,
@@ -1225,14 +1235,27 @@ impl Store for SqliteStore {
                             psi_max: r.get(9)?,
                             summary: serde_json::Value::Null,
                         },
-                        r.get::<_, String>(10)?,
+                        r.get::<_, rusqlite::types::Value>(10)?,
                     ))
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             rows.into_iter()
                 .map(|(mut row, summary)| {
-                    row.summary = serde_json::from_str(&summary)
-                        .map_err(|e| StoreError::Corrupt(format!("summary {}: {e}", row.msg_id)))?;
+                    row.summary = match summary {
+                        rusqlite::types::Value::Text(text) => {
+                            summary_value(&row.msg_id, text.as_bytes(), false)?
+                        }
+                        rusqlite::types::Value::Blob(bytes) => {
+                            summary_value(&row.msg_id, &bytes, true)?
+                        }
+                        other => {
+                            return Err(StoreError::Corrupt(format!(
+                                "summary {}: a {:?}",
+                                row.msg_id,
+                                other.data_type()
+                            )));
+                        }
+                    };
                     Ok(row)
                 })
                 .collect()

@@ -2,8 +2,8 @@
 
 use edgeloop_shared::drift::{FeatureWindow, Residuals, WindowStats};
 use edgeloop_shared::protocol::{
-    DeployStage, DeploymentStatus, DeviceStatus, DriftSummary, DropCounts, Envelope, Message,
-    ModelRef, OutboxStatus, Receipt, SAMPLE_CHUNK_BYTES, SampleChunk,
+    DeployStage, DeploymentStatus, DeviceStatus, DriftSummary, DropCounts, Envelope, Format,
+    Message, ModelRef, OutboxStatus, Receipt, SAMPLE_CHUNK_BYTES, SampleChunk,
 };
 
 use super::*;
@@ -246,12 +246,16 @@ pub async fn suite(store: &dyn Store) {
         .replace(r#""payload":"#, r#""payload":  "#)
         .replace(r#""samples":"#, r#""samples" : "#);
     let received = Envelope::decode(spaced.as_bytes()).unwrap();
-    assert!(
-        received
-            .received_payload()
-            .unwrap()
-            .contains(r#""samples" : "#)
-    );
+    assert!(matches!(
+        received.received_payload(),
+        Some(ReceivedPayload::Json(text)) if text.contains(r#""samples" : "#)
+    ));
+    // The same summary in MessagePack, kept as received too.
+    let packed = Envelope::decode(&v2("t7", 0.4).encode_as(Format::Msgpack)).unwrap();
+    assert!(matches!(
+        packed.received_payload(),
+        Some(ReceivedPayload::Msgpack(_))
+    ));
     // A summary stored before, or twice in the transaction, is a duplicate.
     assert_eq!(
         store
@@ -262,6 +266,8 @@ pub async fn suite(store: &dyn Store) {
                     drift("d1", "t6", 5, 0.2),
                     drift("d1", "t6", 5, 0.2),
                     drift("d1", "t2", 40, 0.3),
+                    packed.clone(),
+                    packed.clone(),
                 ],
                 330,
             )
@@ -272,17 +278,22 @@ pub async fn suite(store: &dyn Store) {
             Ingested::Stored,
             Ingested::Stored,
             Ingested::Duplicate,
+            Ingested::Duplicate,
+            Ingested::Stored,
             Ingested::Duplicate
         ]
     );
     assert_eq!(store.devices().await.unwrap()[0].last_psi_max, Some(0.4));
     let stored = store.telemetry("d1", 10).await.unwrap();
-    assert_eq!(stored.len(), 6);
+    assert_eq!(stored.len(), 7);
     let Message::DriftSummary(s) = &received.message else {
         unreachable!()
     };
-    let t5 = stored.iter().find(|r| r.msg_id == "t5").unwrap();
-    assert_eq!(t5.summary, serde_json::to_value(s).unwrap());
+    // Read back the same whichever spelling it came in.
+    for id in ["t5", "t7"] {
+        let row = stored.iter().find(|r| r.msg_id == id).unwrap();
+        assert_eq!(row.summary, serde_json::to_value(s).unwrap(), "{id}");
+    }
 
     // Models: unique per name and version.
     store.insert_model(&model_row(1)).await.unwrap();
@@ -1663,9 +1674,9 @@ async fn hourly_aggregates_and_retention(store: &dyn Store) {
     assert_eq!(hours[1].stats["start_ms"], HOUR);
 
     let pruned = store.prune(2500, 2 * HOUR).await.unwrap();
-    // Every summary received before 2500 (d1's six and h1's two), the hours before the
+    // Every summary received before 2500 (d1's seven and h1's two), the hours before the
     // second (d1's hour 0 of v1 and of v2, and h1's hour 1).
-    assert_eq!((pruned.telemetry, pruned.hourly), (8, 3), "{pruned:?}");
+    assert_eq!((pruned.telemetry, pruned.hourly), (9, 3), "{pruned:?}");
     let left = store.telemetry("h1", 10).await.unwrap();
     assert_eq!(
         left.iter().map(|r| r.msg_id.as_str()).collect::<Vec<_>>(),
