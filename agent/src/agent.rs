@@ -298,7 +298,12 @@ impl Agent {
             config.outbox.budget_bytes,
         );
         let topics = config.topics();
-        let reporter = Reporter::new(&config.device_id, topics.clone(), outbox.clone());
+        let reporter = Reporter::new(
+            &config.device_id,
+            topics.clone(),
+            outbox.clone(),
+            config.batching.format,
+        );
         let slots = Slots::open(&state_dir)?;
         count_restart(
             &state_dir.join(HEALTH_FILE),

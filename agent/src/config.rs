@@ -208,6 +208,9 @@ pub struct BatchingConfig {
     pub max_payload_bytes: usize,
     /// "zstd" or "none".
     pub compression: Compression,
+    /// How each message is spelled: "msgpack" (MessagePack: a third fewer bytes, and a
+    /// third of the controller's work to read) or "json" (readable with any MQTT client).
+    pub format: edgeloop_shared::protocol::Format,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

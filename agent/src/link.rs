@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use edgeloop_shared::batch::{self, Encoding, MAX_BATCH_BYTES};
-use edgeloop_shared::protocol::{Envelope, Message};
+use edgeloop_shared::protocol::{Envelope, Format, Message};
 
 use crate::outbox::{Outbox, OutboxEntry};
 
@@ -275,13 +275,15 @@ pub struct Publication {
 }
 
 impl Packing {
-    /// Groups consecutive entries of one topic, at most `max_messages` each.
+    /// Groups consecutive entries of one topic and one format (a batch holds one), at most
+    /// `max_messages` each.
     pub fn groups<'e>(&self, entries: &'e [OutboxEntry]) -> Vec<&'e [OutboxEntry]> {
         let mut groups = Vec::new();
         let mut start = 0;
         for i in 1..=entries.len() {
             let boundary = i == entries.len()
                 || entries[i].topic != entries[start].topic
+                || Format::of(&entries[i].payload) != Format::of(&entries[start].payload)
                 || i - start == self.max_messages;
             if boundary {
                 groups.push(&entries[start..i]);
@@ -757,6 +759,37 @@ mod tests {
             .map(|g| g.iter().map(|e| e.id).collect())
             .collect();
         assert_eq!(sizes, [vec![1, 2], vec![3], vec![4], vec![5]]);
+    }
+
+    #[test]
+    fn messages_of_two_formats_travel_in_separate_batches() {
+        let packing = Packing {
+            max_messages: 64,
+            max_payload_bytes: 65536,
+            compress: true,
+        };
+        let packed = |id: u64| {
+            let status = Message::Status(edgeloop_shared::protocol::DeviceStatus::default());
+            OutboxEntry {
+                payload: Envelope::new("d", format!("m{id}"), 1, status).encode_as(Format::Msgpack),
+                ..entry(id, "t", 0)
+            }
+        };
+        // An outbox written before and after the format was changed.
+        let entries = [entry(1, "t", 10), packed(2), packed(3), entry(4, "t", 10)];
+        let groups: Vec<Vec<u64>> = packing
+            .groups(&entries)
+            .iter()
+            .map(|g| g.iter().map(|e| e.id).collect())
+            .collect();
+        assert_eq!(groups, [vec![1], vec![2, 3], vec![4]]);
+        let (publications, _) = packing.encode("d", &entries[1..3]);
+        let batch::Payload::Batch { items, .. } = batch::decode(&publications[0].payload).unwrap()
+        else {
+            panic!("a batch")
+        };
+        let ids: Vec<String> = items.into_iter().map(|i| i.unwrap().msg_id).collect();
+        assert_eq!(ids, ["m2", "m3"]);
     }
 
     #[test]

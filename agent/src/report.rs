@@ -1,7 +1,7 @@
 //! Builds outgoing protocol messages and queues them in the outbox.
 
 use edgeloop_shared::protocol::{
-    BundleRequest, DeployStage, DeploymentStatus, DeviceStatus, DriftSummary, Envelope,
+    BundleRequest, DeployStage, DeploymentStatus, DeviceStatus, DriftSummary, Envelope, Format,
     MAX_MESSAGE_BYTES, Message, ModelRef, SampleChunk,
 };
 use edgeloop_shared::topics::{Channel, Topics};
@@ -16,14 +16,17 @@ pub struct Reporter {
     device_id: String,
     topics: Topics,
     outbox: Outbox,
+    format: Format,
 }
 
 impl Reporter {
-    pub fn new(device_id: &str, topics: Topics, outbox: Outbox) -> Self {
+    /// Queues messages spelled in `format`.
+    pub fn new(device_id: &str, topics: Topics, outbox: Outbox, format: Format) -> Self {
         Reporter {
             device_id: device_id.to_string(),
             topics,
             outbox,
+            format,
         }
     }
 
@@ -54,7 +57,7 @@ impl Reporter {
             _ => Priority::Telemetry,
         };
         let envelope = self.envelope(message);
-        let bytes = envelope.encode();
+        let bytes = envelope.encode_as(self.format);
         if bytes.len() > MAX_MESSAGE_BYTES {
             // No broker or controller would take it; queuing it would only block the outbox.
             warn!(
