@@ -1,14 +1,14 @@
 //! Telemetry on the wire and into the store, against the broker's own rate, in one run:
 //!
-//! 1. bytes per drift summary: one envelope alone, and in batches of 64 (plain JSON and
-//!    zstd), with MQTT's fixed header and topic counted;
+//! 1. bytes per drift summary: one envelope alone, and in batches of 64 (plain and zstd),
+//!    with MQTT's fixed header and topic counted, in JSON and in MessagePack;
 //! 2. the broker's raw delivery rate: 8 publishers send 20 480 summaries at QoS 1 to a
 //!    plain subscriber (automatic acknowledgements, nothing stored), paced in rounds so
 //!    that no broker queue overflows;
 //! 3. the controller's ingest rate for the same traffic through the same broker:
 //!    validation, one SQLite transaction per publish, manual acknowledgement after the
-//!    commit, and a receipt per publish. Done once with single envelopes and once with
-//!    zstd batches of 64, each against the raw rate of the same payloads.
+//!    commit, and a receipt per publish. Done with single envelopes and with zstd batches
+//!    of 64, in each format, each against the raw rate of the same payloads.
 //!
 //! Run: `cargo bench -p edgeloop-controller --bench ingest` (embedded broker), or with
 //! `EDGELOOP_BENCH_MQTT_URL=mqtt://127.0.0.1:1883` against another broker (Mosquitto).
@@ -16,7 +16,8 @@
 //! `EDGELOOP_BENCH_STAGE=make|decode|store` runs only the controller's own work on the
 //! summaries, with no broker and no clock: making them, then decoding them, then storing
 //! them too. Under callgrind the differences between the three totals are the decode's
-//! and the store's instructions per summary, repeatable whatever else the machine does:
+//! and the store's instructions per summary, repeatable whatever else the machine does
+//! (`EDGELOOP_BENCH_FORMAT=msgpack` for MessagePack summaries):
 //!
 //! ```sh
 //! for s in make decode store; do EDGELOOP_BENCH_STAGE=$s valgrind --tool=callgrind \
@@ -33,7 +34,7 @@ use edgeloop_controller::config::ControllerConfig;
 use edgeloop_controller::server::Controller;
 use edgeloop_shared::batch::{self, Encoding};
 use edgeloop_shared::drift::{DEFAULT_BINS, DriftWindow, ReferenceProfile};
-use edgeloop_shared::protocol::{DriftSummary, Envelope, Message, ModelRef};
+use edgeloop_shared::protocol::{DriftSummary, Envelope, Format, Message, ModelRef};
 use edgeloop_shared::topics::{Channel, Topics};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio_util::sync::CancellationToken;
@@ -44,7 +45,7 @@ const BATCH: usize = 64;
 
 /// Drift summaries as the agent makes them: the example model's reference profile, 200
 /// synthetic inputs per window.
-fn summaries(device: &str, n: usize) -> Vec<Vec<u8>> {
+fn summaries(device: &str, n: usize, format: Format) -> Vec<Vec<u8>> {
     let reader = csv::Reader::from_reader(edgeloop_controller::demo::REFERENCE_V1.as_bytes());
     let mut reader = reader;
     let names: Vec<String> = reader
@@ -81,7 +82,7 @@ fn summaries(device: &str, n: usize) -> Vec<Vec<u8>> {
                     stats: window.finish(1_764_400_010_000),
                 }),
             )
-            .encode()
+            .encode_as(format)
         })
         .collect()
 }
@@ -277,16 +278,25 @@ async fn main() {
     let root = format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let topics = Topics::new(&root).unwrap();
     let devices: Vec<String> = (0..DEVICES).map(|i| format!("bench-{i:02}")).collect();
-    let singles: Vec<(String, Vec<Vec<u8>>)> = devices
-        .iter()
-        .map(|d| {
-            (
-                topics.device(d, Channel::Telemetry).unwrap(),
-                summaries(d, PER_DEVICE),
-            )
-        })
-        .collect();
+    // Every call makes new message ids, so that no round is a duplicate of another.
+    let traffic = |format: Format| -> Vec<(String, Vec<Vec<u8>>)> {
+        devices
+            .iter()
+            .map(|d| {
+                (
+                    topics.device(d, Channel::Telemetry).unwrap(),
+                    summaries(d, PER_DEVICE, format),
+                )
+            })
+            .collect()
+    };
     if let Ok(stage) = std::env::var("EDGELOOP_BENCH_STAGE") {
+        let format = match std::env::var("EDGELOOP_BENCH_FORMAT").as_deref() {
+            Ok("msgpack") => Format::Msgpack,
+            Ok("json") | Err(_) => Format::Json,
+            Ok(other) => panic!("EDGELOOP_BENCH_FORMAT is json or msgpack, not `{other}`"),
+        };
+        let singles = traffic(format);
         let decoded = match stage.as_str() {
             "make" => return,
             "decode" | "store" => decode_all(&topics, &singles),
@@ -297,7 +307,7 @@ async fn main() {
         }
         return;
     }
-    let batched = |singles: &[(String, Vec<Vec<u8>>)], device_of: &dyn Fn(usize) -> String| {
+    let batched = |singles: &[(String, Vec<Vec<u8>>)]| {
         singles
             .iter()
             .enumerate()
@@ -306,7 +316,7 @@ async fn main() {
                     .chunks(BATCH)
                     .map(|c| {
                         let refs: Vec<&[u8]> = c.iter().map(Vec::as_slice).collect();
-                        batch::encode(&device_of(i), &refs, Encoding::Zstd)
+                        batch::encode(&devices[i], &refs, Encoding::Zstd)
                     })
                     .collect();
                 (topic.clone(), payloads)
@@ -315,25 +325,29 @@ async fn main() {
     };
 
     // 1. Bytes on the wire.
-    let topic = &singles[0].0;
-    let one = &singles[0].1[0];
-    let sample: Vec<&[u8]> = singles[0].1[..BATCH].iter().map(Vec::as_slice).collect();
-    let plain = batch::encode(&devices[0], &sample, Encoding::Identity);
-    let zstd = batch::encode(&devices[0], &sample, Encoding::Zstd);
-    let per = |bytes: usize| publish_bytes(topic, bytes) as f64 / BATCH as f64;
+    let topic = topics.device(&devices[0], Channel::Telemetry).unwrap();
     println!(
         "bytes per drift summary on the wire (4 features x 12 bins, MQTT header and topic included):"
     );
-    println!(
-        "  alone            {:>7} B",
-        publish_bytes(topic, one.len())
-    );
-    println!("  batch of {BATCH}, JSON {:>7.0} B", per(plain.len()));
-    println!(
-        "  batch of {BATCH}, zstd {:>7.0} B  ({:.1}x smaller than alone)",
-        per(zstd.len()),
-        publish_bytes(topic, one.len()) as f64 / per(zstd.len())
-    );
+    for format in [Format::Json, Format::Msgpack] {
+        let sample = summaries(&devices[0], BATCH, format);
+        let refs: Vec<&[u8]> = sample.iter().map(Vec::as_slice).collect();
+        let plain = batch::encode(&devices[0], &refs, Encoding::Identity);
+        let zstd = batch::encode(&devices[0], &refs, Encoding::Zstd);
+        let per = |bytes: usize| publish_bytes(&topic, bytes) as f64 / BATCH as f64;
+        let alone = publish_bytes(&topic, sample[0].len());
+        let name = format.as_str();
+        println!("  {name:<7} alone            {alone:>7} B");
+        println!(
+            "  {name:<7} batch of {BATCH}       {:>7.0} B",
+            per(plain.len())
+        );
+        println!(
+            "  {name:<7} batch of {BATCH}, zstd {:>7.0} B  ({:.1}x smaller than alone)",
+            per(zstd.len()),
+            alone as f64 / per(zstd.len())
+        );
+    }
 
     // 2 and 3.
     let key = edgeloop_controller::keys::generate().unwrap();
@@ -366,75 +380,50 @@ async fn main() {
     );
     // The controller's own costs per summary, without a broker: decoding and validating
     // a publish, and storing decoded envelopes in groups the size ingest forms.
-    let start = Instant::now();
-    let decoded = decode_all(&topics, &singles);
-    let decode_s = start.elapsed().as_secs_f64();
-    let store_s = store_seconds(&dir.path().join("alone.db"), &decoded).await;
-    // The same envelopes made here rather than received: the store serializes each
-    // summary again instead of keeping the text the device sent.
-    let remade: Vec<Envelope> = decoded
-        .iter()
-        .map(|e| {
-            Envelope::new(
-                e.device_id.clone(),
-                e.msg_id.clone(),
-                e.ts_ms,
-                e.message.clone(),
-            )
-        })
-        .collect();
-    let remade_s = store_seconds(&dir.path().join("remade.db"), &remade).await;
-    println!(
-        "controller work per summary, no broker ({} summaries):",
-        decoded.len()
-    );
-    println!(
-        "  decode and validate {:>6.1} us ({:.0}/s)",
-        decode_s * 1e6 / decoded.len() as f64,
-        decoded.len() as f64 / decode_s
-    );
-    println!(
-        "  store, groups of 80 {:>6.1} us ({:.0}/s)",
-        store_s * 1e6 / decoded.len() as f64,
-        decoded.len() as f64 / store_s
-    );
-    println!(
-        "  (serializing again   {:>6.1} us ({:.0}/s))",
-        remade_s * 1e6 / decoded.len() as f64,
-        decoded.len() as f64 / remade_s
-    );
-    let raw_single = raw_rate(&url, &singles, 1).await;
-    let ingest_single = ingest_rate(&controller, &singles, 1).await;
-    println!("single envelopes ({total} summaries, {DEVICES} devices):");
-    println!("  broker raw delivery {raw_single:>9.0} summaries/s");
-    println!(
-        "  controller ingest   {ingest_single:>9.0} summaries/s  ratio {:.2}x",
-        ingest_single / raw_single
-    );
-
-    // Fresh message ids for the batched round, so nothing is a duplicate.
-    let fresh: Vec<(String, Vec<Vec<u8>>)> = devices
-        .iter()
-        .map(|d| {
-            (
-                topics.device(d, Channel::Telemetry).unwrap(),
-                summaries(d, PER_DEVICE),
-            )
-        })
-        .collect();
-    let device_of = |i: usize| devices[i].clone();
-    let batches = batched(&fresh, &device_of);
-    let raw_batched = raw_rate(&url, &batches, BATCH).await;
-    let ingest_batched = ingest_rate(&controller, &batches, BATCH).await;
-    println!("zstd batches of {BATCH}:");
-    println!(
-        "  broker raw delivery {:>9.0} publishes/s ({raw_batched:.0} summaries/s, not decoded)",
-        raw_batched / BATCH as f64
-    );
-    println!(
-        "  controller ingest   {ingest_batched:>9.0} summaries/s  ratio {:.2}x against the raw rate of single summaries",
-        ingest_batched / raw_single
-    );
+    println!("controller work per summary, no broker ({total} summaries):");
+    for format in [Format::Json, Format::Msgpack] {
+        let singles = traffic(format);
+        let start = Instant::now();
+        let decoded = decode_all(&topics, &singles);
+        let decode_s = start.elapsed().as_secs_f64();
+        let db = dir.path().join(format!("alone-{}.db", format.as_str()));
+        let store_s = store_seconds(&db, &decoded).await;
+        let name = format.as_str();
+        println!(
+            "  {name:<7} decode and validate {:>6.1} us ({:.0}/s)",
+            decode_s * 1e6 / decoded.len() as f64,
+            decoded.len() as f64 / decode_s
+        );
+        println!(
+            "  {name:<7} store, groups of 80 {:>6.1} us ({:.0}/s)",
+            store_s * 1e6 / decoded.len() as f64,
+            decoded.len() as f64 / store_s
+        );
+    }
+    for format in [Format::Json, Format::Msgpack] {
+        let name = format.as_str();
+        let singles = traffic(format);
+        let raw = raw_rate(&url, &singles, 1).await;
+        let ingest = ingest_rate(&controller, &traffic(format), 1).await;
+        println!("{name}, single envelopes ({total} summaries, {DEVICES} devices):");
+        println!("  broker raw delivery {raw:>9.0} summaries/s");
+        println!(
+            "  controller ingest   {ingest:>9.0} summaries/s  ratio {:.2}x",
+            ingest / raw
+        );
+        let batches = batched(&traffic(format));
+        let raw_batched = raw_rate(&url, &batches, BATCH).await;
+        let ingest_batched = ingest_rate(&controller, &batched(&traffic(format)), BATCH).await;
+        println!("{name}, zstd batches of {BATCH}:");
+        println!(
+            "  broker raw delivery {:>9.0} publishes/s ({raw_batched:.0} summaries/s, not decoded)",
+            raw_batched / BATCH as f64
+        );
+        println!(
+            "  controller ingest   {ingest_batched:>9.0} summaries/s  ratio {:.2}x against the raw rate of single summaries",
+            ingest_batched / raw
+        );
+    }
     shutdown.cancel();
     controller.stop().await;
 }
