@@ -269,6 +269,14 @@ mod tests {
         v.iter().map(Vec::as_slice).collect()
     }
 
+    /// The items of `envelopes` sent as one batch and decoded.
+    fn batch_items(envelopes: &[Vec<u8>], encoding: Encoding) -> Vec<Result<Envelope, ItemError>> {
+        match decode(&encode("dev-1", &refs(envelopes), encoding)).unwrap() {
+            Payload::Batch { items, .. } => items,
+            single => panic!("not a batch: {single:?}"),
+        }
+    }
+
     #[test]
     fn batches_round_trip_in_both_encodings_and_single_envelopes_pass_through() {
         let items = encoded(&["a", "b", "c"]);
@@ -319,11 +327,7 @@ mod tests {
         };
         s.agent_version = "0\0".into();
         items.push(nul.encode_as(Format::Msgpack));
-        let Payload::Batch { items: got, .. } =
-            decode(&encode("dev-1", &refs(&items), Encoding::Zstd)).unwrap()
-        else {
-            panic!()
-        };
+        let got = batch_items(&items, Encoding::Zstd);
         assert!(got[0].is_ok());
         let err = got[1].as_ref().unwrap_err();
         assert_eq!(err.msg_id.as_deref(), Some("b"));
@@ -379,11 +383,7 @@ mod tests {
                 .to_vec(),
         );
         items.push(br#"{"msg_id":"bad id"}"#.to_vec());
-        let Payload::Batch { items, .. } =
-            decode(&encode("dev-1", &refs(&items), Encoding::Identity)).unwrap()
-        else {
-            panic!()
-        };
+        let items = batch_items(&items, Encoding::Identity);
         assert!(items[0].is_ok());
         let err = items[1].as_ref().unwrap_err();
         assert_eq!(err.msg_id.as_deref(), Some("b"));

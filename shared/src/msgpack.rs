@@ -101,6 +101,31 @@ fn take(b: &[u8], at: usize, n: usize) -> Result<&[u8], ScanError> {
         .ok_or(ScanError::Truncated)
 }
 
+/// Where the string of `n` bytes at `at` ends; with `checked`, a NUL in it is an error.
+fn str_end(b: &[u8], at: usize, n: usize, checked: bool) -> Result<usize, ScanError> {
+    let s = take(b, at, n)?;
+    if checked && s.contains(&0) {
+        return Err(ScanError::Nul);
+    }
+    Ok(at + n)
+}
+
+/// Where the float of `width` bytes (4 or 8) at `at` ends; with `checked`, NaN or an
+/// infinity is an error.
+fn float_end(b: &[u8], at: usize, width: usize, checked: bool) -> Result<usize, ScanError> {
+    let raw = take(b, at, width)?;
+    if checked {
+        let finite = match raw.try_into() {
+            Ok(four) => f32::from_be_bytes(four).is_finite(),
+            Err(_) => f64::from_be_bytes(raw.try_into().expect("eight bytes")).is_finite(),
+        };
+        if !finite {
+            return Err(ScanError::NonFinite);
+        }
+    }
+    Ok(at + width)
+}
+
 /// Where the value that begins at `at` ends. With `checked`, a string holding NUL or a
 /// float that is not finite anywhere inside it is an error.
 pub fn value_end(b: &[u8], mut at: usize, checked: bool) -> Result<usize, ScanError> {
@@ -117,20 +142,11 @@ pub fn value_end(b: &[u8], mut at: usize, checked: bool) -> Result<usize, ScanEr
                 continue;
             }
             marker @ 0xa0..=0xbf => {
-                let s = take(b, at + 1, usize::from(marker & 0x1f))?;
-                if checked && s.contains(&0) {
-                    return Err(ScanError::Nul);
-                }
-                at += 1 + s.len();
+                at = str_end(b, at + 1, usize::from(marker & 0x1f), checked)?;
                 continue;
             }
             0xcb => {
-                let raw = take(b, at + 1, 8)?;
-                if checked && !f64::from_be_bytes(raw.try_into().expect("eight bytes")).is_finite()
-                {
-                    return Err(ScanError::NonFinite);
-                }
-                at += 9;
+                at = float_end(b, at + 1, 8, checked)?;
                 continue;
             }
             _ => {}
@@ -138,29 +154,9 @@ pub fn value_end(b: &[u8], mut at: usize, checked: bool) -> Result<usize, ScanEr
         let (kind, i) = head(b, at)?;
         at = match kind {
             Head::Skip(n) => i + take(b, i, n)?.len(),
-            Head::Str(n) => {
-                let s = take(b, i, n)?;
-                if checked && s.contains(&0) {
-                    return Err(ScanError::Nul);
-                }
-                i + n
-            }
-            Head::F32 => {
-                let raw = take(b, i, 4)?;
-                let x = f32::from_be_bytes(raw.try_into().expect("four bytes"));
-                if checked && !x.is_finite() {
-                    return Err(ScanError::NonFinite);
-                }
-                i + 4
-            }
-            Head::F64 => {
-                let raw = take(b, i, 8)?;
-                let x = f64::from_be_bytes(raw.try_into().expect("eight bytes"));
-                if checked && !x.is_finite() {
-                    return Err(ScanError::NonFinite);
-                }
-                i + 8
-            }
+            Head::Str(n) => str_end(b, i, n, checked)?,
+            Head::F32 => float_end(b, i, 4, checked)?,
+            Head::F64 => float_end(b, i, 8, checked)?,
             Head::Map(n) => {
                 pending = pending.saturating_add(n.saturating_mul(2));
                 i
@@ -223,45 +219,50 @@ pub fn uint_of(b: &[u8]) -> Result<u64, ScanError> {
 /// The fields of the map that is exactly `b`, in order: each key's text and the range of
 /// its value. Keys must be strings. See [`value_end`] for `checked`.
 pub fn map_fields(b: &[u8], checked: bool) -> Result<Vec<(&str, Range<usize>)>, ScanError> {
-    let (Head::Map(n), mut at) = head(b, 0)? else {
+    let (Head::Map(n), at) = head(b, 0)? else {
         return Err(ScanError::Expected("a map"));
     };
-    if n > b.len() - at {
-        return Err(ScanError::Truncated);
-    }
-    let mut fields = Vec::with_capacity(n);
-    for _ in 0..n {
+    entries(b, n, at, |at| {
         let key_end = value_end(b, at, false)?;
         let key = str_of(&b[at..key_end]).map_err(|_| ScanError::Expected("string keys"))?;
         let end = value_end(b, key_end, checked)?;
-        fields.push((key, key_end..end));
-        at = end;
-    }
-    if at != b.len() {
-        return Err(ScanError::Trailing);
-    }
-    Ok(fields)
+        Ok(((key, key_end..end), end))
+    })
 }
 
 /// The ranges of the items of the array that is exactly `b`. See [`value_end`] for
 /// `checked`.
 pub fn array_items(b: &[u8], checked: bool) -> Result<Vec<Range<usize>>, ScanError> {
-    let (Head::Array(n), mut at) = head(b, 0)? else {
+    let (Head::Array(n), at) = head(b, 0)? else {
         return Err(ScanError::Expected("an array"));
     };
+    entries(b, n, at, |at| {
+        let end = value_end(b, at, checked)?;
+        Ok((at..end, end))
+    })
+}
+
+/// The `n` entries of a container whose header ends at `at` and which must end `b`, each
+/// read by `entry` from where it begins (giving what it found and where it ends).
+fn entries<T>(
+    b: &[u8],
+    n: usize,
+    mut at: usize,
+    mut entry: impl FnMut(usize) -> Result<(T, usize), ScanError>,
+) -> Result<Vec<T>, ScanError> {
     if n > b.len() - at {
         return Err(ScanError::Truncated);
     }
-    let mut items = Vec::with_capacity(n);
+    let mut found = Vec::with_capacity(n);
     for _ in 0..n {
-        let end = value_end(b, at, checked)?;
-        items.push(at..end);
+        let (item, end) = entry(at)?;
+        found.push(item);
         at = end;
     }
     if at != b.len() {
         return Err(ScanError::Trailing);
     }
-    Ok(items)
+    Ok(found)
 }
 
 #[cfg(test)]
