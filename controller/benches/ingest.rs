@@ -238,12 +238,17 @@ async fn ingest_rate(
 }
 
 /// Seconds to store `envelopes` into a new SQLite store at `path`, in groups of 80 (about
-/// the size ingest forms).
-async fn store_seconds(path: &std::path::Path, envelopes: &[Envelope]) -> f64 {
+/// the size ingest forms), each moved into its group as ingest does.
+async fn store_seconds(path: &std::path::Path, envelopes: Vec<Envelope>) -> f64 {
     let store = edgeloop_controller::store::SqliteStore::open(path).unwrap();
+    let mut envelopes = envelopes.into_iter();
     let start = Instant::now();
-    for group in envelopes.chunks(80) {
-        edgeloop_controller::store::Store::ingest_many(&store, group, 1_764_400_020_000)
+    loop {
+        let group: Vec<Envelope> = envelopes.by_ref().take(80).collect();
+        if group.is_empty() {
+            break;
+        }
+        edgeloop_controller::store::Store::ingest_many(&store, group.into(), 1_764_400_020_000)
             .await
             .unwrap();
     }
@@ -303,7 +308,7 @@ async fn main() {
             other => panic!("EDGELOOP_BENCH_STAGE is make, decode or store, not `{other}`"),
         };
         if stage == "store" {
-            store_seconds(&dir.path().join("stage.db"), &decoded).await;
+            store_seconds(&dir.path().join("stage.db"), decoded).await;
         }
         return;
     }
@@ -387,17 +392,18 @@ async fn main() {
         let decoded = decode_all(&topics, &singles);
         let decode_s = start.elapsed().as_secs_f64();
         let db = dir.path().join(format!("alone-{}.db", format.as_str()));
-        let store_s = store_seconds(&db, &decoded).await;
+        let n = decoded.len() as f64;
+        let store_s = store_seconds(&db, decoded).await;
         let name = format.as_str();
         println!(
             "  {name:<7} decode and validate {:>6.1} us ({:.0}/s)",
-            decode_s * 1e6 / decoded.len() as f64,
-            decoded.len() as f64 / decode_s
+            decode_s * 1e6 / n,
+            n / decode_s
         );
         println!(
             "  {name:<7} store, groups of 80 {:>6.1} us ({:.0}/s)",
-            store_s * 1e6 / decoded.len() as f64,
-            decoded.len() as f64 / store_s
+            store_s * 1e6 / n,
+            n / store_s
         );
     }
     for format in [Format::Json, Format::Msgpack] {

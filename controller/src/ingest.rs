@@ -583,15 +583,16 @@ impl Ingestor {
             envelopes.extend(c.accepted);
             answers.push((c.device_id, c.rejected, ids));
         }
+        let envelopes: Arc<[Envelope]> = envelopes.into();
         let refused_by_store = match self.store_envelopes(&envelopes, shutdown).await? {
             Ok(()) => Vec::new(),
             // Something spoiled the group: store each envelope alone, so that only what the
             // store refuses is refused.
             Err(_) => {
                 let mut refused = Vec::new();
-                for m in &envelopes {
+                for m in envelopes.iter() {
                     if let Err(e) = self
-                        .store_envelopes(std::slice::from_ref(m), shutdown)
+                        .store_envelopes(&Arc::from([m.clone()]), shutdown)
                         .await?
                     {
                         refused.push((m.msg_id.clone(), e));
@@ -605,7 +606,7 @@ impl Ingestor {
             .fetch_add(refused_by_store.len() as u64, Ordering::Relaxed);
         // Requests for bundle pieces are answered once stored (a redelivered one again:
         // pieces cost bandwidth, not correctness).
-        for envelope in &envelopes {
+        for envelope in envelopes.iter() {
             if let Message::BundleRequest(request) = &envelope.message
                 && !refused_by_store
                     .iter()
@@ -658,7 +659,7 @@ impl Ingestor {
     /// `Ok(Err(reason))` when the store refuses them for what they are.
     async fn store_envelopes(
         &self,
-        envelopes: &[Envelope],
+        envelopes: &Arc<[Envelope]>,
         shutdown: &CancellationToken,
     ) -> Result<Result<(), String>, Interrupted> {
         if envelopes.is_empty() {
@@ -666,7 +667,7 @@ impl Ingestor {
         }
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
-            match self.store.ingest_many(envelopes, now_ms()).await {
+            match self.store.ingest_many(envelopes.clone(), now_ms()).await {
                 Ok(results) => {
                     self.stats.commits.fetch_add(1, Ordering::Relaxed);
                     let dups = results

@@ -10,6 +10,8 @@ mod sqlite;
 #[cfg(test)]
 mod tests;
 
+use std::sync::Arc;
+
 use edgeloop_shared::bundle::{Lineage, Requirements};
 use edgeloop_shared::protocol::{Envelope, ModelRef, OutboxStatus, ReceivedPayload, SampleChunk};
 use serde::{Deserialize, Serialize};
@@ -1112,12 +1114,18 @@ pub struct DeploymentEvent {
 pub trait Store: Send + Sync + 'static {
     /// Applies device messages idempotently, all in one transaction: each message id is
     /// recorded with its effect, so a redelivery changes nothing. One result per envelope.
-    async fn ingest_many(&self, envelopes: &[Envelope], received_ms: u64) -> Result<Vec<Ingested>>;
+    /// Shared, not borrowed: a store that works on another thread takes them along without
+    /// copying every message.
+    async fn ingest_many(
+        &self,
+        envelopes: Arc<[Envelope]>,
+        received_ms: u64,
+    ) -> Result<Vec<Ingested>>;
 
     /// [`Store::ingest_many`] for one message.
     async fn ingest(&self, envelope: &Envelope, received_ms: u64) -> Result<Ingested> {
         let results = self
-            .ingest_many(std::slice::from_ref(envelope), received_ms)
+            .ingest_many(Arc::from([envelope.clone()]), received_ms)
             .await?;
         Ok(results[0])
     }

@@ -1077,13 +1077,17 @@ async fn load_rollout(c: &impl GenericClient, id: u64) -> Result<Option<RolloutR
 
 #[async_trait::async_trait]
 impl Store for PgStore {
-    async fn ingest_many(&self, envelopes: &[Envelope], received_ms: u64) -> Result<Vec<Ingested>> {
+    async fn ingest_many(
+        &self,
+        envelopes: Arc<[Envelope]>,
+        received_ms: u64,
+    ) -> Result<Vec<Ingested>> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         let mut results = Vec::with_capacity(envelopes.len());
         let mut summaries = Vec::new();
         let mut fresh = Vec::with_capacity(envelopes.len());
-        for envelope in envelopes {
+        for envelope in envelopes.iter() {
             // A drift summary's row is keyed by its message id, and is kept as long as
             // `seen_messages` keeps ids: it is its own record of having been seen.
             let inserted = match &envelope.message {

@@ -1072,14 +1072,17 @@ fn load_rollout(conn: &Connection, id: u64) -> Result<Option<RolloutRow>> {
 
 #[async_trait::async_trait]
 impl Store for SqliteStore {
-    async fn ingest_many(&self, envelopes: &[Envelope], received_ms: u64) -> Result<Vec<Ingested>> {
-        let envelopes = envelopes.to_vec();
+    async fn ingest_many(
+        &self,
+        envelopes: Arc<[Envelope]>,
+        received_ms: u64,
+    ) -> Result<Vec<Ingested>> {
         self.call(move |conn| {
             let tx = conn.transaction()?;
             let mut results = Vec::with_capacity(envelopes.len());
             let mut summaries = Vec::new();
             let mut touched = std::collections::HashSet::new();
-            for envelope in &envelopes {
+            for envelope in envelopes.iter() {
                 // A drift summary's row is keyed by its message id, and is kept as long as
                 // `seen_messages` keeps ids: it is its own record of having been seen.
                 let fresh = match &envelope.message {

@@ -156,11 +156,11 @@ pub async fn suite(store: &dyn Store) {
     assert_eq!(
         store
             .ingest_many(
-                &[
+                Arc::from([
                     status("d1", "s1", true, None),
                     status("d3", "b1", true, None),
                     status("d3", "b2", true, None),
-                ],
+                ]),
                 120,
             )
             .await
@@ -173,7 +173,7 @@ pub async fn suite(store: &dyn Store) {
         Envelope::new("d4", "b4", 1, Message::Receipt(Receipt::default())),
     ];
     assert!(matches!(
-        store.ingest_many(&poisoned, 130).await,
+        store.ingest_many(Arc::from(poisoned.clone()), 130).await,
         Err(StoreError::Corrupt(_))
     ));
     assert_eq!(
@@ -260,7 +260,7 @@ pub async fn suite(store: &dyn Store) {
     assert_eq!(
         store
             .ingest_many(
-                &[
+                Arc::from([
                     v2("t4", 0.7),
                     received.clone(),
                     drift("d1", "t6", 5, 0.2),
@@ -268,7 +268,7 @@ pub async fn suite(store: &dyn Store) {
                     drift("d1", "t2", 40, 0.3),
                     packed.clone(),
                     packed.clone(),
-                ],
+                ]),
                 330,
             )
             .await
