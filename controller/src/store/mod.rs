@@ -340,13 +340,11 @@ pub(crate) fn summary_json<'a>(
 /// (SQLite keeps those as they came, as a BLOB).
 pub(crate) fn summary_value(
     msg_id: &str,
-    stored: &[u8],
-    binary: bool,
+    stored: ReceivedPayload<'_>,
 ) -> Result<serde_json::Value> {
-    let read = if binary {
-        rmp_serde::from_slice(stored).map_err(|e| e.to_string())
-    } else {
-        serde_json::from_slice(stored).map_err(|e| e.to_string())
+    let read = match stored {
+        ReceivedPayload::Json(text) => serde_json::from_str(text).map_err(|e| e.to_string()),
+        ReceivedPayload::Msgpack(bytes) => rmp_serde::from_slice(bytes).map_err(|e| e.to_string()),
     };
     read.map_err(|e| StoreError::Corrupt(format!("summary {msg_id}: {e}")))
 }

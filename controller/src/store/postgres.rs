@@ -1316,8 +1316,7 @@ impl Store for PgStore {
                 let msg_id: String = r.get(0);
                 let summary: String = r.get(10);
                 Ok(TelemetryRow {
-                    summary: serde_json::from_str(&summary)
-                        .map_err(|e| StoreError::Corrupt(format!("summary {msg_id}: {e}")))?,
+                    summary: summary_value(&msg_id, ReceivedPayload::Json(&summary))?,
                     msg_id,
                     device_id: r.get(1),
                     received_ms: u(r.get(2)),

@@ -1246,10 +1246,10 @@ impl Store for SqliteStore {
                 .map(|(mut row, summary)| {
                     row.summary = match summary {
                         rusqlite::types::Value::Text(text) => {
-                            summary_value(&row.msg_id, text.as_bytes(), false)?
+                            summary_value(&row.msg_id, ReceivedPayload::Json(&text))?
                         }
                         rusqlite::types::Value::Blob(bytes) => {
-                            summary_value(&row.msg_id, &bytes, true)?
+                            summary_value(&row.msg_id, ReceivedPayload::Msgpack(&bytes))?
                         }
                         other => {
                             return Err(StoreError::Corrupt(format!(
