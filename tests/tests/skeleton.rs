@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use edgeloop_shared::bundle::{self, Limits};
-use edgeloop_shared::protocol::{Envelope, Message};
+use edgeloop_shared::protocol::{Envelope, Format, Message};
 use edgeloop_shared::signing::SecretKey;
 use edgeloop_shared::topics::{Channel, Topics};
 use edgeloop_tests::{BrokerChoice, TestController, on_both_brokers, wait_until};
@@ -46,8 +46,11 @@ async fn loop_end_to_end(broker: BrokerChoice) {
         eprintln!("skipped: {} is not set", edgeloop_tests::MQTT_URL_VAR);
         return;
     };
+    // A fleet of both spellings: pump-a sends MessagePack (the default), pump-b JSON.
     let a = ctl.spawn_agent("pump-a", WINDOW);
-    let b = ctl.spawn_agent("pump-b", WINDOW);
+    let mut json_config = ctl.agent_config("pump-b", WINDOW);
+    json_config.batching.format = Format::Json;
+    let b = ctl.spawn_agent_with(json_config);
     ctl.wait_for_model("pump-a", None).await;
     ctl.wait_for_model("pump-b", None).await;
 
@@ -89,6 +92,15 @@ async fn loop_end_to_end(broker: BrokerChoice) {
         assert_eq!(telemetry.as_array().unwrap().len(), 1);
         assert_eq!(telemetry[0]["model_version"], 1);
         assert!(telemetry[0]["psi_max"].as_f64().unwrap() >= 0.0);
+        // The summary reads back whole, whichever spelling it was stored in.
+        let features = telemetry[0]["summary"]["stats"]["features"]
+            .as_array()
+            .unwrap();
+        assert_eq!(features.len(), 4, "{id}");
+        assert!(
+            !features[0]["counts"].as_array().unwrap().is_empty(),
+            "{id}"
+        );
     }
 
     // Then v2, to one device by name and then to the other.
