@@ -795,20 +795,38 @@ impl Envelope {
     /// read from their bytes, the payload read typed by rmp-serde. Checks come in the order
     /// of the JSON form's: version, envelope, identifiers, payload.
     fn decode_msgpack(bytes: &[u8]) -> Result<Self, DecodeError> {
-        use crate::msgpack::{map_fields, str_of, uint_of};
+        use crate::msgpack::{ScanError, map_fields, str_of, uint_of};
         const KEYS: [&str; 6] = ["v", "device_id", "msg_id", "ts_ms", "kind", "payload"];
-        let fields = map_fields(bytes, true)?;
-        let mut at: [Option<std::ops::Range<usize>>; 6] = Default::default();
-        for (key, range) in fields {
-            let Some(slot) = KEYS.iter().position(|k| *k == key) else {
-                return Err(DecodeError::Envelope(format!(
-                    "unknown field `{}`",
-                    key.chars().take(64).collect::<String>()
-                )));
-            };
-            if at[slot].replace(range).is_some() {
-                return Err(DecodeError::Envelope(format!("duplicate field `{key}`")));
+        // One walk that also checks the content; when the content is what fails, the walk
+        // again without the check gives the fields, so that the version and the envelope
+        // are judged first, as in JSON, and the content error comes after them.
+        let (fields, content) = match map_fields(bytes, true) {
+            Ok(fields) => (fields, None),
+            Err(e @ (ScanError::Nul | ScanError::NonFinite)) => {
+                (map_fields(bytes, false)?, Some(e))
             }
+            Err(e) => return Err(e.into()),
+        };
+        let mut at: [Option<std::ops::Range<usize>>; 6] = Default::default();
+        let mut misfit = None;
+        for (key, range) in fields {
+            match KEYS.iter().position(|k| *k == key) {
+                Some(slot) if at[slot].is_none() => at[slot] = Some(range),
+                Some(_) => misfit = Some(format!("duplicate field `{key}`")),
+                None => {
+                    let key: String = key.chars().take(64).collect();
+                    misfit = Some(format!("unknown field `{key}`"));
+                }
+            }
+        }
+        let version = at[0].clone().ok_or(DecodeError::MissingVersion)?;
+        match uint_of(&bytes[version]) {
+            Ok(v) if v == u64::from(PROTOCOL_VERSION) => {}
+            Ok(v) => return Err(DecodeError::UnsupportedVersion(v)),
+            Err(_) => return Err(DecodeError::Envelope("version is not a number".into())),
+        }
+        if let Some(misfit) = misfit {
+            return Err(DecodeError::Envelope(misfit));
         }
         let field = |slot: usize| {
             at[slot]
@@ -816,15 +834,7 @@ impl Envelope {
                 .map(|r| &bytes[r])
                 .ok_or_else(|| DecodeError::Envelope(format!("missing field `{}`", KEYS[slot])))
         };
-        let bad = |name: &str, e: crate::msgpack::ScanError| {
-            DecodeError::Envelope(format!("`{name}`: {e}"))
-        };
-        let version = at[0].clone().ok_or(DecodeError::MissingVersion)?;
-        match uint_of(&bytes[version]) {
-            Ok(v) if v == u64::from(PROTOCOL_VERSION) => {}
-            Ok(v) => return Err(DecodeError::UnsupportedVersion(v)),
-            Err(_) => return Err(DecodeError::Envelope("version is not a number".into())),
-        }
+        let bad = |name: &str, e: ScanError| DecodeError::Envelope(format!("`{name}`: {e}"));
         let device_id = str_of(field(1)?).map_err(|e| bad("device_id", e))?;
         let msg_id = str_of(field(2)?).map_err(|e| bad("msg_id", e))?;
         let ts_ms = uint_of(field(3)?).map_err(|e| bad("ts_ms", e))?;
@@ -837,6 +847,9 @@ impl Envelope {
         }
         if !Self::is_valid_msg_id(msg_id) {
             return Err(DecodeError::BadMessageId);
+        }
+        if let Some(e) = content {
+            return Err(e.into());
         }
         let message = Message::decode_payload(kind, ReceivedPayload::Msgpack(payload))?;
         Ok(Envelope {
@@ -1220,8 +1233,22 @@ mod tests {
         ));
         let mut future = v.clone();
         future["v"] = 2.into();
+        future["x"] = 1.into();
         assert_eq!(
             Envelope::decode(&packed(future)),
+            Err(DecodeError::UnsupportedVersion(2))
+        );
+        // The version comes before the content too: a NaN in an envelope of version 2.
+        let mut nan_future = nan.clone();
+        let v_at = nan_future
+            .windows(2)
+            .position(|w| w == [0xa1, b'v'])
+            .unwrap()
+            + 2;
+        assert_eq!(nan_future[v_at], 0x01);
+        nan_future[v_at] = 0x02;
+        assert_eq!(
+            Envelope::decode(&nan_future),
             Err(DecodeError::UnsupportedVersion(2))
         );
         future = v.clone();
