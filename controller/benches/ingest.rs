@@ -113,6 +113,48 @@ fn client(url: &str, id: &str) -> (AsyncClient, rumqttc::EventLoop) {
     (client, eventloop)
 }
 
+/// This process's CPU time so far (user and system, all threads), from `/proc/self/stat`
+/// in clock ticks of 10 ms; 0 where there is no such file.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // The fields after the command name (in parentheses): utime and stime are the 12th and
+    // the 13th.
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// A run of traffic: how long it took, and the CPU this process spent meanwhile. With the
+/// embedded broker that is all of it (publishers, broker, subscriber or controller); with
+/// another broker, all but the broker's.
+struct Run {
+    envelopes: usize,
+    publishes: usize,
+    elapsed: Duration,
+    cpu_s: f64,
+}
+
+impl Run {
+    /// Envelopes per second.
+    fn rate(&self) -> f64 {
+        self.envelopes as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn cpu(&self) -> String {
+        format!(
+            "cpu {:.1} us per publish, {:.2} of the cores",
+            self.cpu_s * 1e6 / self.publishes as f64,
+            self.cpu_s / self.elapsed.as_secs_f64()
+        )
+    }
+}
+
 /// Publishes per device, from one client each, in rounds of `ROUND` payloads per device;
 /// after each round it waits until `done` reaches everything sent so far (in envelopes).
 /// The rounds bound what waits in the broker, so that no broker queue limit (Mosquitto's
@@ -125,7 +167,7 @@ async fn publish_paced(
     traffic: &[(String, Vec<Vec<u8>>)],
     per_publish: usize,
     done: &(dyn Fn() -> u64 + Sync),
-) -> Duration {
+) -> Run {
     let mut clients = Vec::new();
     for i in 0..traffic.len() {
         let (client, mut eventloop) = client(url, &format!("bench-{tag}-pub-{i}"));
@@ -139,6 +181,7 @@ async fn publish_paced(
         clients.push((client, task));
     }
     let start = Instant::now();
+    let cpu = cpu_seconds();
     let longest = traffic.iter().map(|t| t.1.len()).max().unwrap_or(0);
     let mut sent = 0u64;
     for round in (0..longest).step_by(ROUND) {
@@ -161,17 +204,22 @@ async fn publish_paced(
             tokio::time::sleep(Duration::from_micros(200)).await;
         }
     }
-    let elapsed = start.elapsed();
+    let run = Run {
+        envelopes: sent as usize,
+        publishes: traffic.iter().map(|t| t.1.len()).sum(),
+        elapsed: start.elapsed(),
+        cpu_s: cpu_seconds() - cpu,
+    };
     for (_, task) in clients {
         task.abort();
     }
-    elapsed
+    run
 }
 
-/// The broker's delivery rate of `traffic` to one plain subscriber, in envelopes per
-/// second (`per_publish` envelopes in each payload). The same payloads go to topics under
-/// another root, which the controller does not hear.
-async fn raw_rate(url: &str, traffic: &[(String, Vec<Vec<u8>>)], per_publish: usize) -> f64 {
+/// The broker's delivery of `traffic` to one plain subscriber (`per_publish` envelopes in
+/// each payload). The same payloads go to topics under another root, which the controller
+/// does not hear.
+async fn raw_run(url: &str, traffic: &[(String, Vec<Vec<u8>>)], per_publish: usize) -> Run {
     let traffic: Vec<(String, Vec<Vec<u8>>)> = traffic
         .iter()
         .map(|(topic, payloads)| (format!("raw-{topic}"), payloads.clone()))
@@ -198,26 +246,25 @@ async fn raw_rate(url: &str, traffic: &[(String, Vec<Vec<u8>>)], per_publish: us
             }
         }
     });
-    let total: usize = traffic.iter().map(|t| t.1.len() * per_publish).sum();
-    let elapsed = publish_paced(url, "raw", traffic, per_publish, &|| {
+    let run = publish_paced(url, "raw", traffic, per_publish, &|| {
         received.load(Ordering::Relaxed)
     })
     .await;
     receiver.abort();
     drop(sub);
-    total as f64 / elapsed.as_secs_f64()
+    run
 }
 
-/// The controller's ingest rate of `traffic`, in envelopes per second.
-async fn ingest_rate(
+/// The controller's ingest of `traffic`; prints how many publishes each store transaction
+/// took in.
+async fn ingest_run(
     controller: &Controller,
     traffic: &[(String, Vec<Vec<u8>>)],
     per_publish: usize,
-) -> f64 {
+) -> Run {
     let start = controller.stats.snapshot();
     let before = start.stored;
-    let total: usize = traffic.iter().map(|t| t.1.len() * per_publish).sum();
-    let elapsed = publish_paced(
+    let run = publish_paced(
         &controller.mqtt_url,
         "ingest",
         traffic,
@@ -234,7 +281,7 @@ async fn ingest_rate(
         "  ({:.1} publishes per store transaction)",
         (end.received - start.received) as f64 / (end.commits - start.commits).max(1) as f64
     );
-    total as f64 / elapsed.as_secs_f64()
+    run
 }
 
 /// Seconds to store `envelopes` into a new SQLite store at `path`, in groups of 80 (about
@@ -412,25 +459,35 @@ async fn main() {
     }
     for (format, singles) in formats.into_iter().zip(&singles) {
         let name = format.as_str();
-        let raw = raw_rate(&url, singles, 1).await;
-        let ingest = ingest_rate(&controller, singles, 1).await;
+        let raw = raw_run(&url, singles, 1).await;
+        let ingest = ingest_run(&controller, singles, 1).await;
         println!("{name}, single envelopes ({total} summaries, {DEVICES} devices):");
-        println!("  broker raw delivery {raw:>9.0} summaries/s");
         println!(
-            "  controller ingest   {ingest:>9.0} summaries/s  ratio {:.2}x",
-            ingest / raw
+            "  broker raw delivery {:>9.0} summaries/s  ({})",
+            raw.rate(),
+            raw.cpu()
+        );
+        println!(
+            "  controller ingest   {:>9.0} summaries/s  ratio {:.2}x  ({})",
+            ingest.rate(),
+            ingest.rate() / raw.rate(),
+            ingest.cpu()
         );
         let batches = batched(&traffic(format));
-        let raw_batched = raw_rate(&url, &batches, BATCH).await;
-        let ingest_batched = ingest_rate(&controller, &batches, BATCH).await;
+        let raw_batched = raw_run(&url, &batches, BATCH).await;
+        let ingest_batched = ingest_run(&controller, &batches, BATCH).await;
         println!("{name}, zstd batches of {BATCH}:");
         println!(
-            "  broker raw delivery {:>9.0} publishes/s ({raw_batched:.0} summaries/s, not decoded)",
-            raw_batched / BATCH as f64
+            "  broker raw delivery {:>9.0} publishes/s ({:.0} summaries/s, not decoded)  ({})",
+            raw_batched.rate() / BATCH as f64,
+            raw_batched.rate(),
+            raw_batched.cpu()
         );
         println!(
-            "  controller ingest   {ingest_batched:>9.0} summaries/s  ratio {:.2}x against the raw rate of single summaries",
-            ingest_batched / raw
+            "  controller ingest   {:>9.0} summaries/s  ratio {:.2}x against the raw rate of single summaries  ({})",
+            ingest_batched.rate(),
+            ingest_batched.rate() / raw.rate(),
+            ingest_batched.cpu()
         );
     }
     shutdown.cancel();

@@ -15,7 +15,7 @@ use edgeloop_agent::now_ms;
 use edgeloop_shared::batch::{self, ItemError, Payload};
 use edgeloop_shared::protocol::{Envelope, Message, Receipt, RejectedMessage};
 use edgeloop_shared::topics::{Channel, Topics};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, PubAck, PubRec, Publish, QoS, Request};
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -257,6 +257,7 @@ pub fn start(
         })
         .collect();
     let (raw_tx, raw_rx) = mpsc::unbounded_channel();
+    let (acks_tx, acks_rx) = mpsc::unbounded_channel();
     tokio::spawn(connection(
         eventloop,
         client.clone(),
@@ -265,6 +266,7 @@ pub fn start(
             tx: raw_tx,
             waiting: backlog.clone(),
         },
+        acks_rx,
         stats.clone(),
         shutdown.clone(),
     ));
@@ -275,6 +277,7 @@ pub fn start(
             stats,
             topics: config.topics,
             client: client.clone(),
+            acks: acks_tx,
             artifacts: config.artifacts,
             serving: crate::transfer::Serving::default(),
             accept_unknown: config.accept_unknown_devices,
@@ -285,15 +288,28 @@ pub fn start(
     client
 }
 
-/// A publish as it arrived, with the outcome of validating it.
-type Received = (Publish, Result<Checked, Rejection>);
+/// A publish as it arrived, with the connection it arrived on (see [`Acks`]) and the
+/// outcome of validating it.
+type Received = (Session, Publish, Result<Checked, Rejection>);
+
+/// The connections to the broker, counted from 1 as they are made.
+type Session = u64;
+
+/// Acknowledgements owed on one connection, in the order its publishes arrived (brokers
+/// may insist: rumqttd does). Those of an earlier connection are never written: on a new
+/// one the broker sends the unacknowledged publishes again, and their duplicates are
+/// acknowledged then.
+struct Acks {
+    session: Session,
+    requests: Vec<Request>,
+}
 
 /// The way from the connection task to the ingest actor, through the decoder. It never
 /// makes the connection task wait: the actor's acknowledgements and receipts leave through
 /// the event loop that task polls, so a connection task waiting for room while the actor
 /// waits to acknowledge would deadlock (a broker with a large in-flight window showed it).
 struct Backlog {
-    tx: mpsc::UnboundedSender<Publish>,
+    tx: mpsc::UnboundedSender<(Session, Publish)>,
     /// Publishes sent and not yet taken by the actor.
     waiting: Arc<AtomicUsize>,
 }
@@ -304,32 +320,106 @@ struct Backlog {
 /// decode (rumqttc hands out every packet it has read before it sends what is queued).
 async fn decoder(
     topics: Topics,
-    mut rx: mpsc::UnboundedReceiver<Publish>,
+    mut rx: mpsc::UnboundedReceiver<(Session, Publish)>,
     tx: mpsc::UnboundedSender<Received>,
 ) {
-    while let Some(publish) = rx.recv().await {
+    while let Some((session, publish)) = rx.recv().await {
         let checked = validate(&topics, &publish.topic, &publish.payload);
-        if tx.send((publish, checked)).is_err() {
+        if tx.send((session, publish, checked)).is_err() {
             break;
         }
     }
 }
 
-/// Reads the broker connection.
+/// The acknowledgement a publish is owed once it is committed: PUBACK at QoS 1 (PUBREC at
+/// QoS 2, which no subscription here grants), none at QoS 0.
+fn ack_for(publish: &Publish) -> Option<Request> {
+    match publish.qos {
+        QoS::AtMostOnce => None,
+        QoS::AtLeastOnce => Some(Request::PubAck(PubAck::new(publish.pkid))),
+        QoS::ExactlyOnce => Some(Request::PubRec(PubRec::new(publish.pkid))),
+    }
+}
+
+/// Writes a committed group's acknowledgements to the connection in one write. rumqttc's
+/// `AsyncClient::ack` flushes each on its own (a system call per message here and a read
+/// per message at the broker), so the connection task, which owns the event loop, writes
+/// them itself. With no connection they are dropped: the broker delivers the messages
+/// again to the next session and the store drops them as duplicates.
+async fn acknowledge(
+    eventloop: &mut rumqttc::EventLoop,
+    acks: Vec<Request>,
+) -> Result<(), rumqttc::StateError> {
+    let Some(network) = eventloop.network.as_mut() else {
+        return Ok(());
+    };
+    for ack in acks {
+        if let Some(packet) = eventloop.state.handle_outgoing_packet(ack)? {
+            network.write(packet).await?;
+        }
+    }
+    network.flush().await
+}
+
+/// Splits a group's acknowledgements by the connection each publish came on.
+fn acks_by_session(group: &[(Session, Publish)]) -> Vec<Acks> {
+    let mut acks: Vec<Acks> = Vec::new();
+    for (session, publish) in group {
+        let Some(request) = ack_for(publish) else {
+            continue;
+        };
+        match acks.last_mut() {
+            Some(last) if last.session == *session => last.requests.push(request),
+            _ => acks.push(Acks {
+                session: *session,
+                requests: vec![request],
+            }),
+        }
+    }
+    acks
+}
+
+/// Reads the broker connection, and writes the acknowledgements of committed publishes.
 async fn connection(
     mut eventloop: rumqttc::EventLoop,
     client: AsyncClient,
     filters: Vec<String>,
     ingest: Backlog,
+    mut acks: mpsc::UnboundedReceiver<Acks>,
     stats: Arc<IngestStats>,
     shutdown: CancellationToken,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
+    let flush_timeout = Duration::from_secs(eventloop.network_options().connection_timeout());
+    let mut session: Session = 0;
     loop {
         tokio::select! {
+            biased;
             _ = shutdown.cancelled() => break,
+            // Before reading more: the broker's in-flight window waits for these. Taking
+            // this branch drops a `poll` in progress, which loses nothing: what it has read
+            // waits in the event loop's state, what it has written in its write buffer,
+            // and the acknowledgements' flush below sends that too.
+            Some(owed) = acks.recv() => {
+                if owed.session != session {
+                    debug!(count = owed.requests.len(), "acknowledgements of an earlier connection dropped");
+                    continue;
+                }
+                match tokio::time::timeout(flush_timeout, acknowledge(&mut eventloop, owed.requests)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        warn!(error = %e, "cannot acknowledge messages; reconnecting");
+                        eventloop.clean();
+                    }
+                    Err(_) => {
+                        warn!("acknowledgements not written in time; reconnecting");
+                        eventloop.clean();
+                    }
+                }
+            }
             event = eventloop.poll() => match event {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    session += 1;
                     info!(session_present = ack.session_present, "controller connected to broker");
                     backoff.reset();
                     for filter in &filters {
@@ -352,7 +442,7 @@ async fn connection(
                         warn!(waiting, "ingest is behind the broker: set a finite \
                             max_inflight_messages on the broker to bound what waits in memory");
                     }
-                    if ingest.tx.send(publish).is_err() {
+                    if ingest.tx.send((session, publish)).is_err() {
                         break;
                     }
                 }
@@ -375,6 +465,8 @@ struct Ingestor {
     stats: Arc<IngestStats>,
     topics: Topics,
     client: AsyncClient,
+    /// Acknowledgements of committed publishes, for the connection task to write.
+    acks: mpsc::UnboundedSender<Acks>,
     artifacts: ArtifactStore,
     /// Bundle requests being answered.
     serving: crate::transfer::Serving,
@@ -440,8 +532,8 @@ impl Ingestor {
             };
             group.clear();
             let mut next = Some(first);
-            while let Some((publish, checked)) = next.take() {
-                group.push(publish);
+            while let Some((session, publish, checked)) = next.take() {
+                group.push((session, publish));
                 validated.push(checked);
                 if group.len() < MAX_GROUP {
                     next = rx.try_recv().ok();
@@ -459,10 +551,11 @@ impl Ingestor {
             else {
                 break;
             };
-            for publish in &group {
-                if let Err(e) = self.client.ack(publish).await {
-                    warn!(error = %e, "cannot acknowledge message");
-                }
+            if acks_by_session(&group)
+                .into_iter()
+                .any(|owed| self.acks.send(owed).is_err())
+            {
+                break;
             }
             for (device_id, receipt) in receipts {
                 self.send_receipt(&device_id, receipt).await;
@@ -565,12 +658,12 @@ impl Ingestor {
     /// returns the receipts to send, one per device.
     async fn handle_group(
         &mut self,
-        group: &[Publish],
+        group: &[(Session, Publish)],
         validated: impl Iterator<Item = Result<Checked, Rejection>>,
         shutdown: &CancellationToken,
     ) -> Result<Vec<(String, Receipt)>, Interrupted> {
         let mut checked = Vec::with_capacity(group.len());
-        for (publish, validated) in group.iter().zip(validated) {
+        for ((_, publish), validated) in group.iter().zip(validated) {
             if let Some(c) = self.check(publish, validated, shutdown).await? {
                 checked.push(c);
             }
@@ -813,5 +906,45 @@ mod tests {
             validate(&t, "edgeloop/v1/devices/d2/status", &bytes),
             Err(Rejection::DeviceMismatch { .. })
         ));
+    }
+
+    #[test]
+    fn a_groups_acknowledgements_keep_arrival_order_and_their_connection() {
+        let publish = |qos, pkid| {
+            let mut p = Publish::new("t", qos, Vec::new());
+            p.pkid = pkid;
+            p
+        };
+        let group = [
+            (1, publish(QoS::AtLeastOnce, 7)),
+            (1, publish(QoS::AtMostOnce, 0)),
+            (1, publish(QoS::AtLeastOnce, 8)),
+            (2, publish(QoS::AtLeastOnce, 7)),
+            (2, publish(QoS::ExactlyOnce, 9)),
+        ];
+        let acks = acks_by_session(&group);
+        let seen: Vec<(Session, Vec<Request>)> =
+            acks.into_iter().map(|a| (a.session, a.requests)).collect();
+        assert_eq!(
+            seen,
+            [
+                (
+                    1,
+                    vec![
+                        Request::PubAck(PubAck::new(7)),
+                        Request::PubAck(PubAck::new(8))
+                    ]
+                ),
+                (
+                    2,
+                    vec![
+                        Request::PubAck(PubAck::new(7)),
+                        Request::PubRec(PubRec::new(9))
+                    ]
+                ),
+            ],
+            "QoS 0 owes nothing; a new connection starts a new list"
+        );
+        assert!(acks_by_session(&[(3, publish(QoS::AtMostOnce, 0))]).is_empty());
     }
 }
