@@ -201,6 +201,8 @@ async fn publish_paced(
                 "{tag}: stalled at {} of {sent}",
                 done()
             );
+            // tokio's timers tick in milliseconds, so this waits up to one (BENCHMARKS.md
+            // tells what a finer wait changed).
             tokio::time::sleep(Duration::from_micros(200)).await;
         }
     }
