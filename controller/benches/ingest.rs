@@ -147,6 +147,10 @@ impl Run {
     }
 
     fn cpu(&self) -> String {
+        // /proc counts CPU in ticks of 10 ms.
+        if self.elapsed < Duration::from_millis(100) {
+            return "too short to count CPU".into();
+        }
         format!(
             "cpu {:.1} us per publish, {:.2} of the cores",
             self.cpu_s * 1e6 / self.publishes as f64,
