@@ -476,9 +476,7 @@ fn apply_status(tx: &Transaction<'_>, device_id: &str, s: &DeviceStatus) -> Resu
     Ok(())
 }
 
-/// Stores a drift summary's row unless its message id has one already: 1 stored, 0 a
-/// duplicate.
-/// Stores a drift summary's row, unless its message id is already there.
+/// A drift summary's row; nothing when its message id has one already.
 const INSERT_TELEMETRY: &str =
     "INSERT INTO telemetry (msg_id, device_id, received_ms, model_name, model_version, window_seq,
          window_start_ms, window_end_ms, samples, psi_max, summary, drift_share, labelled, accuracy, latency_p99_ms, errors,
@@ -486,9 +484,10 @@ const INSERT_TELEMETRY: &str =
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)
      ON CONFLICT (msg_id) DO NOTHING";
 
-/// Stores a drift summary's row with `insert` ([`INSERT_TELEMETRY`], prepared once for a
-/// transaction's summaries: looking a statement up in the cache hashes its text, and that
-/// was a seventh of the store's work per summary).
+/// Stores a drift summary's row unless its message id has one already: 1 stored, 0 a
+/// duplicate. `insert` is [`INSERT_TELEMETRY`], prepared once for a transaction's
+/// summaries (a lookup in the statement cache hashes the statement's text: 5% of the
+/// store's work per summary).
 fn apply_drift(
     insert: &mut rusqlite::Statement<'_>,
     e: &Envelope,
