@@ -1718,6 +1718,40 @@ async fn sqlite_store_passes_the_suite() {
 }
 
 #[tokio::test]
+async fn the_sqlite_wal_is_checkpointed_without_a_commit_paying_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.sqlite");
+    let store = SqliteStore::open(&path).unwrap();
+    let group: Vec<Envelope> = (0..300)
+        .map(|i| drift("d1", &format!("w{i}"), 5, 0.1))
+        .collect();
+    store.ingest_many(group.into(), 10).await.unwrap();
+    // The rows are in the WAL, far below the size at which a commit checkpoints by itself;
+    // the database file alone (read as immutable, WAL ignored) has them only once the
+    // checkpointer has copied them there.
+    let url = format!("file:{}?immutable=1", path.display());
+    let in_file = || -> Option<i64> {
+        let conn = rusqlite::Connection::open_with_flags(
+            &url,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_URI,
+        )
+        .ok()?;
+        conn.query_row("SELECT count(*) FROM telemetry", [], |r| r.get(0))
+            .ok()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while in_file() != Some(300) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the database file has {:?} of 300 rows",
+            in_file()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(store.telemetry("d1", 1000).await.unwrap().len(), 300);
+}
+
+#[tokio::test]
 async fn a_version_1_sqlite_database_is_migrated_in_place() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.sqlite");
