@@ -15,7 +15,7 @@ use super::*;
 const SCHEMA_VERSION: i64 = 9;
 /// The page size of a new database file.
 const PAGE_SIZE: i64 = 8192;
-/// How often the checkpointer copies the WAL into the database file.
+/// How often at most the checkpointer copies the WAL into the database file.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 /// WAL pages (64 MiB) past which a commit checkpoints by itself, as SQLite does past 1 000
 /// by default: only when the checkpointer falls behind.
@@ -293,27 +293,27 @@ impl From<rusqlite::Error> for StoreError {
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
     path: Arc<str>,
-    _checkpointer: Arc<Checkpointer>,
+    checkpointer: Arc<Checkpointer>,
 }
 
 /// Copies the WAL into the database file from a thread and a connection of its own, so that
 /// no commit waits for it: SQLite's automatic checkpoint runs inside the commit that crosses
 /// its threshold (in the ingest bench, a 10 ms stall every 1 500 drift summaries). A passive
-/// checkpoint never blocks the writer. The thread ends when the store is dropped.
+/// checkpoint never blocks the writer. The thread sleeps until a store call has run (at most
+/// one checkpoint every [`CHECKPOINT_EVERY`]), and ends when the store is dropped.
 struct Checkpointer {
-    _stop: std::sync::mpsc::Sender<()>,
+    wake: std::sync::mpsc::SyncSender<()>,
 }
 
 impl Checkpointer {
     /// Starts checkpointing through `conn`, a connection to the store's file at `shown`.
     fn start(conn: Connection, shown: Arc<str>) -> Result<Self> {
-        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        // One pending wake-up is enough: the calls between two checkpoints share it.
+        let (wake, woken) = std::sync::mpsc::sync_channel::<()>(1);
         std::thread::Builder::new()
             .name("sqlite-checkpoint".into())
             .spawn(move || {
-                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
-                    stopped.recv_timeout(CHECKPOINT_EVERY)
-                {
+                while woken.recv().is_ok() {
                     match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
                         Ok(()) => {}
                         // Another checkpoint is running (a commit past the backstop).
@@ -322,10 +322,16 @@ impl Checkpointer {
                         Err(e) => tracing::warn!(path = %shown, error = %e,
                             "WAL checkpoint failed; commits checkpoint by themselves past the backstop"),
                     }
+                    std::thread::sleep(CHECKPOINT_EVERY);
                 }
             })
             .map_err(|e| StoreError::Task(format!("cannot start the checkpoint thread: {e}")))?;
-        Ok(Checkpointer { _stop: stop })
+        Ok(Checkpointer { wake })
+    }
+
+    /// Asks for a checkpoint soon (the WAL may have grown).
+    fn nudge(&self) {
+        let _ = self.wake.try_send(());
     }
 }
 
@@ -402,7 +408,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             conn: Arc::new(Mutex::new(conn)),
             path: shown,
-            _checkpointer: Arc::new(checkpointer),
+            checkpointer: Arc::new(checkpointer),
         })
     }
 
@@ -413,7 +419,7 @@ impl SqliteStore {
     ) -> Result<T> {
         let conn = self.conn.clone();
         let path = self.path.clone();
-        tokio::task::spawn_blocking(move || {
+        let done = tokio::task::spawn_blocking(move || {
             let mut guard = conn.lock().unwrap_or_else(|p| p.into_inner());
             f(&mut guard).map_err(|e| match e {
                 StoreError::Sqlite { path: p, source } if p.is_empty() => StoreError::Sqlite {
@@ -424,7 +430,9 @@ impl SqliteStore {
             })
         })
         .await
-        .map_err(|e| StoreError::Task(e.to_string()))?
+        .map_err(|e| StoreError::Task(e.to_string()))?;
+        self.checkpointer.nudge();
+        done
     }
 }
 
