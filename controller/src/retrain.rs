@@ -669,14 +669,17 @@ impl Retrainer {
                     }
                 }
             };
-            let cooldown_since = now.saturating_sub(quiet_for_s * 1000);
+            // Fired now, not at the step's start: windows stored since then may be part of
+            // the evidence, and a retraining never fires before what made it fire.
+            let fired_ms = now_ms();
+            let cooldown_since = fired_ms.saturating_sub(quiet_for_s * 1000);
             let Some(row) = self
                 .store
                 .start_retraining(
                     &policy.model,
                     fired.version,
                     &fired.reason,
-                    now,
+                    fired_ms,
                     cooldown_since,
                 )
                 .await?
