@@ -10,7 +10,7 @@ use tokio_postgres::{GenericClient, NoTls, Row};
 
 use super::*;
 
-const SCHEMA_VERSION: i32 = 9;
+const SCHEMA_VERSION: i32 = 10;
 /// Serializes migrations of replicas that start at the same time.
 const MIGRATION_LOCK: i64 = 0x6564_6765_6c6f_6f70; // "edgeloop"
 const POOL_SIZE: usize = 16;
@@ -220,6 +220,11 @@ const SCHEMA_V8: &str = "ALTER TABLE models ADD COLUMN requirements TEXT;";
 /// retraining trigger and the rollout gate.
 const SCHEMA_V9: &str = "ALTER TABLE telemetry ADD COLUMN mae DOUBLE PRECISION;";
 
+/// Version 10: no index of the telemetry by model (as SQLite's version 10): a model's
+/// recent windows are found by the index by time, and each summary's insert is one B-tree
+/// lighter.
+const SCHEMA_V10: &str = "DROP INDEX IF EXISTS telemetry_by_model;";
+
 /// Version 5: each window's dataset-drift share, labelled predictions and accuracy, for
 /// the retraining triggers; the target of a rollout to a group or tags.
 const SCHEMA_V5: &str = "
@@ -331,6 +336,7 @@ impl PgStore {
                 tx.batch_execute(SCHEMA_V7).await?;
                 tx.batch_execute(SCHEMA_V8).await?;
                 tx.batch_execute(SCHEMA_V9).await?;
+                tx.batch_execute(SCHEMA_V10).await?;
                 tx.execute(
                     "INSERT INTO edgeloop_schema (version) VALUES ($1)",
                     &[&SCHEMA_VERSION],
@@ -359,7 +365,10 @@ impl PgStore {
                 if old < 8 {
                     tx.batch_execute(SCHEMA_V8).await?;
                 }
-                tx.batch_execute(SCHEMA_V9).await?;
+                if old < 9 {
+                    tx.batch_execute(SCHEMA_V9).await?;
+                }
+                tx.batch_execute(SCHEMA_V10).await?;
                 tx.execute(
                     "UPDATE edgeloop_schema SET version = $1",
                     &[&SCHEMA_VERSION],

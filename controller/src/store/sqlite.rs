@@ -12,7 +12,7 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use super::*;
 
-const SCHEMA_VERSION: i64 = 9;
+const SCHEMA_VERSION: i64 = 10;
 /// The page size of a new database file.
 const PAGE_SIZE: i64 = 8192;
 /// How often at most the checkpointer copies the WAL into the database file.
@@ -279,6 +279,21 @@ const SCHEMA_V8: &str = "ALTER TABLE models ADD COLUMN requirements TEXT;";
 /// retraining trigger and the rollout gate.
 const SCHEMA_V9: &str = "ALTER TABLE telemetry ADD COLUMN mae REAL;";
 
+/// Version 10: no index of the telemetry by model. Its one query asks for a model's recent
+/// windows, which the index by time finds as well (with the other models' windows of that
+/// span), and every drift summary paid a B-tree insert for it: 5 800 of the store's 44 300
+/// instructions per summary.
+const SCHEMA_V10: &str = "DROP INDEX IF EXISTS telemetry_by_model;";
+
+/// A model's latest `?3` windows per device received since `?2`, newest first per device.
+/// Named, the index by time: without statistics SQLite would rather read the whole table
+/// in device order than sort the recent span.
+pub(super) const RECENT_WINDOWS: &str = "SELECT device_id, model_version, window_end_ms, psi_max, drift_share, labelled, accuracy, latency_p99_ms, samples, errors, prediction_drift, mae FROM (
+         SELECT device_id, model_version, window_end_ms, psi_max, drift_share, labelled, accuracy, latency_p99_ms, samples, errors, prediction_drift, mae,
+                ROW_NUMBER() OVER (PARTITION BY device_id ORDER BY window_end_ms DESC) AS n
+         FROM telemetry INDEXED BY telemetry_by_time WHERE model_name = ?1 AND received_ms >= ?2)
+     WHERE n <= ?3 ORDER BY device_id, window_end_ms DESC";
+
 impl From<rusqlite::Error> for StoreError {
     fn from(source: rusqlite::Error) -> Self {
         StoreError::Sqlite {
@@ -391,7 +406,10 @@ impl SqliteStore {
                 if version < 8 {
                     tx.execute_batch(SCHEMA_V8).map_err(with_path)?;
                 }
-                tx.execute_batch(SCHEMA_V9).map_err(with_path)?;
+                if version < 9 {
+                    tx.execute_batch(SCHEMA_V9).map_err(with_path)?;
+                }
+                tx.execute_batch(SCHEMA_V10).map_err(with_path)?;
                 tx.pragma_update(None, "user_version", SCHEMA_VERSION)
                     .map_err(with_path)?;
                 tx.commit().map_err(with_path)?;
@@ -1849,13 +1867,7 @@ impl Store for SqliteStore {
         let name = name.to_string();
         self.call(move |conn| {
             let rows = conn
-                .prepare_cached(
-                    "SELECT device_id, model_version, window_end_ms, psi_max, drift_share, labelled, accuracy, latency_p99_ms, samples, errors, prediction_drift, mae FROM (
-                         SELECT device_id, model_version, window_end_ms, psi_max, drift_share, labelled, accuracy, latency_p99_ms, samples, errors, prediction_drift, mae,
-                                ROW_NUMBER() OVER (PARTITION BY device_id ORDER BY window_end_ms DESC) AS n
-                         FROM telemetry WHERE model_name = ?1 AND received_ms >= ?2)
-                     WHERE n <= ?3 ORDER BY device_id, window_end_ms DESC",
-                )?
+                .prepare_cached(RECENT_WINDOWS)?
                 .query_map(params![name, since_ms as i64, per_device], |r| {
                     Ok(WindowPoint {
                         device_id: r.get(0)?,

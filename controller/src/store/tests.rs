@@ -1718,6 +1718,40 @@ async fn sqlite_store_passes_the_suite() {
 }
 
 #[tokio::test]
+async fn a_models_recent_windows_are_found_by_the_index_by_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.sqlite");
+    let _store = SqliteStore::open(&path).unwrap();
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let indexes: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'telemetry'")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap();
+    assert!(
+        !indexes.iter().any(|i| i == "telemetry_by_model"),
+        "{indexes:?}"
+    );
+    let plan: Vec<String> = conn
+        .prepare(&format!(
+            "EXPLAIN QUERY PLAN {}",
+            super::sqlite::RECENT_WINDOWS
+        ))
+        .unwrap()
+        .query_map(rusqlite::params!["m", 0, 3], |r| r.get(3))
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap();
+    assert!(
+        plan.iter()
+            .any(|step| step.contains("USING INDEX telemetry_by_time (received_ms>?)")),
+        "a scan of the whole table: {plan:?}"
+    );
+}
+
+#[tokio::test]
 async fn the_sqlite_wal_is_checkpointed_without_a_commit_paying_for_it() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.sqlite");
@@ -1779,7 +1813,7 @@ async fn a_version_1_sqlite_database_is_migrated_in_place() {
     let version: i64 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 9);
+    assert_eq!(version, 10);
     conn.prepare("SELECT upload_seq, content FROM dataset_parts")
         .unwrap();
     conn.prepare("SELECT mae FROM telemetry").unwrap();
