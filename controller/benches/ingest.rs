@@ -231,38 +231,32 @@ async fn publish_paced(
     let longest = traffic.iter().map(|t| t.1.len()).max().unwrap_or(0);
     let per_publish = per_publish as u64;
     let mut sent = 0u64;
-    match pacing() {
-        Pacing::Rounds => {
-            for round in (0..longest).step_by(ROUND) {
-                for ((topic, payloads), (client, _)) in traffic.iter().zip(&clients) {
-                    for p in payloads.iter().skip(round).take(ROUND) {
-                        client
-                            .publish(topic, QoS::AtLeastOnce, false, p.clone())
-                            .await
-                            .unwrap();
-                        sent += per_publish;
-                    }
-                }
-                wait_for(tag, done, sent).await;
-            }
-        }
-        Pacing::Credit => {
-            // Devices take turns, one payload each, as in a round.
-            for i in 0..longest {
-                for ((topic, payloads), (client, _)) in traffic.iter().zip(&clients) {
-                    let Some(p) = payloads.get(i) else { continue };
+    // Rounds send each device's next ROUND payloads and then wait for all of them; credit
+    // sends one payload per device in turn, each when there is room for it.
+    let pacing = pacing();
+    let step = match pacing {
+        Pacing::Rounds => ROUND,
+        Pacing::Credit => 1,
+    };
+    for first in (0..longest).step_by(step) {
+        for ((topic, payloads), (client, _)) in traffic.iter().zip(&clients) {
+            for p in payloads.iter().skip(first).take(step) {
+                if pacing == Pacing::Credit {
                     let room = (sent + per_publish).saturating_sub(CREDIT as u64 * per_publish);
                     wait_for(tag, done, room).await;
-                    client
-                        .publish(topic, QoS::AtLeastOnce, false, p.clone())
-                        .await
-                        .unwrap();
-                    sent += per_publish;
                 }
+                client
+                    .publish(topic, QoS::AtLeastOnce, false, p.clone())
+                    .await
+                    .unwrap();
+                sent += per_publish;
             }
+        }
+        if pacing == Pacing::Rounds {
             wait_for(tag, done, sent).await;
         }
     }
+    wait_for(tag, done, sent).await;
     let run = Run {
         envelopes: sent as usize,
         publishes: traffic.iter().map(|t| t.1.len()).sum(),
