@@ -286,7 +286,7 @@ const SCHEMA_V9: &str = "ALTER TABLE telemetry ADD COLUMN mae REAL;";
 const SCHEMA_V10: &str = "DROP INDEX IF EXISTS telemetry_by_model;";
 
 /// A model's latest `?3` windows per device received since `?2`, newest first per device.
-/// Named, the index by time: without statistics SQLite would rather read the whole table
+/// It names the index by time: without statistics SQLite would rather read the whole table
 /// in device order than sort the recent span.
 pub(super) const RECENT_WINDOWS: &str = "SELECT device_id, model_version, window_end_ms, psi_max, drift_share, labelled, accuracy, latency_p99_ms, samples, errors, prediction_drift, mae FROM (
          SELECT device_id, model_version, window_end_ms, psi_max, drift_share, labelled, accuracy, latency_p99_ms, samples, errors, prediction_drift, mae,
