@@ -87,28 +87,34 @@ impl Controller {
         let store = open_store(&config).await?;
         let artifacts = ArtifactStore::new(config.data_dir.join("artifacts"));
 
+        let topics = config.topics();
         let auth = if config.broker_auth {
-            Some(BrokerAuth::new(store.clone(), &config.mqtt_client_id)?)
+            Some(BrokerAuth::new(
+                store.clone(),
+                &config.mqtt_client_id,
+                topics.clone(),
+            )?)
         } else {
             None
         };
         let credentials = match &auth {
-            Some(a) => Some((a.controller_user.clone(), a.controller_password.clone())),
+            Some(a) => Some(a.controller_login()),
             None if !config.mqtt_username.is_empty() => {
                 Some((config.mqtt_username.clone(), config.mqtt_password.clone()))
             }
             None => None,
         };
-        let mqtt_url = if config.mqtt_url.is_empty() {
+        // Where devices connect, and where the controller's own connection goes.
+        let (mqtt_url, own_url) = if config.mqtt_url.is_empty() {
             let listen = config.mqtt_listen;
-            tokio::task::spawn_blocking(move || EmbeddedBroker::start(listen, auth))
+            let embedded = tokio::task::spawn_blocking(move || EmbeddedBroker::start(listen, auth))
                 .await
-                .expect("broker start does not panic")?
-                .url()
+                .expect("broker start does not panic")?;
+            (embedded.url(), embedded.controller_url())
         } else {
-            config.mqtt_url.clone()
+            (config.mqtt_url.clone(), config.mqtt_url.clone())
         };
-        let broker = BrokerAddr::parse(&mqtt_url).map_err(|e| ConfigError::Invalid {
+        let broker = BrokerAddr::parse(&own_url).map_err(|e| ConfigError::Invalid {
             key: "mqtt_url",
             reason: e.to_string(),
         })?;
@@ -127,7 +133,6 @@ impl Controller {
         };
 
         let stats = Arc::new(IngestStats::default());
-        let topics = config.topics();
         let client = ingest::start(
             BusConfig {
                 broker,

@@ -497,6 +497,11 @@ async fn with_broker_auth_only_enrolled_devices_connect_with_their_issued_login(
         .await;
     assert_eq!(code, 201);
     ctl.wait_for_model("auth-1", Some(1)).await;
+    // Its telemetry comes through the broker's front door, which holds it to its own topics.
+    wait_until("drift summaries of auth-1", WAIT, || async {
+        !ctl.stored_windows("auth-1").await.is_empty()
+    })
+    .await;
 
     // An enrollment that does not prove its key gets no login.
     let (code, unproven) = ctl
