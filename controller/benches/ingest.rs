@@ -15,12 +15,19 @@
 //! Run: `cargo bench -p edgeloop-controller --bench ingest` (embedded broker), or with
 //! `EDGELOOP_BENCH_MQTT_URL=mqtt://127.0.0.1:1883` against another broker (Mosquitto).
 //!
-//! `EDGELOOP_BENCH_PACING=credit` keeps up to 256 publishes outstanding, sending the next as
-//! soon as one is done, instead of rounds that each wait for the previous one to drain: the
-//! pipeline never empties, so both runs measure capacity rather than round trips. With
-//! Mosquitto 2.0.11 (default limits) the raw subscriber then loses messages ("Outgoing
-//! messages are being dropped" in its log) and the run stops as stalled; use it with the
-//! embedded broker.
+//! `EDGELOOP_BENCH_PACING=credit` keeps up to 256 publishes outstanding
+//! (`EDGELOOP_BENCH_CREDIT` sets another number), sending the next as soon as one is done,
+//! instead of rounds that each wait for the previous one to drain: the pipeline never
+//! empties, so both runs measure capacity rather than round trips. With Mosquitto 2.0.11
+//! (default limits) the raw subscriber then loses messages ("Outgoing messages are being
+//! dropped" in its log) and the run stops as stalled; use it with the embedded broker, or
+//! with a Mosquitto whose `max_queued_messages` holds the credit.
+//!
+//! `EDGELOOP_BENCH_DEVICES` sets how many devices (publishers, each on its own topic) share
+//! the 20 480 summaries and each round's 256 publishes: 8 by default, up to 256, one
+//! publish per device per round, as a fleet of many devices each sending its window's
+//! summary would. `EDGELOOP_BENCH_FORMAT=json|msgpack` runs one format only; `EDGELOOP_BENCH_BROKER_PID`,
+//! the process id of an external broker on this machine, adds the broker's CPU to each run.
 //!
 //! `EDGELOOP_BENCH_STAGE=make|decode|store` runs only the controller's own work on the
 //! summaries, with no broker and no clock: making them, then decoding them, then storing
@@ -48,8 +55,8 @@ use edgeloop_shared::topics::{Channel, Topics};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio_util::sync::CancellationToken;
 
-const DEVICES: usize = 8;
-const PER_DEVICE: usize = 2_560;
+/// Summaries in a single-envelope run, from all devices together.
+const TOTAL: usize = 20_480;
 const BATCH: usize = 64;
 /// A batched run sends this many times the summaries of a single-envelope run, so that it
 /// too lasts about a second instead of a fraction of one.
@@ -128,18 +135,25 @@ fn client(url: &str, id: &str) -> (AsyncClient, rumqttc::EventLoop) {
 /// This process's CPU time so far (user and system, all threads), from `/proc/self/stat`
 /// in clock ticks of 10 ms; 0 where there is no such file.
 fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    process_cpu_seconds("self").unwrap_or(0.0)
+}
+
+/// The CPU time of the broker process named by `EDGELOOP_BENCH_BROKER_PID` (an external
+/// broker on this machine), when there is one.
+fn broker_cpu_seconds() -> Option<f64> {
+    let pid = std::env::var("EDGELOOP_BENCH_BROKER_PID").ok()?;
+    Some(process_cpu_seconds(&pid).expect("EDGELOOP_BENCH_BROKER_PID names no process"))
+}
+
+/// A process's CPU time so far (`self` for this one).
+fn process_cpu_seconds(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The fields after the command name (in parentheses): utime and stime are the 12th and
     // the 13th.
     let after = stat.rsplit(')').next().unwrap_or("");
     let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
+    Some((ticks(11)? + ticks(12)?) / 100.0)
 }
 
 /// A run of traffic: how long it took, and the CPU this process spent meanwhile. With the
@@ -150,6 +164,8 @@ struct Run {
     publishes: usize,
     elapsed: Duration,
     cpu_s: f64,
+    /// The external broker's, with `EDGELOOP_BENCH_BROKER_PID`.
+    broker_cpu_s: Option<f64>,
 }
 
 impl Run {
@@ -163,22 +179,50 @@ impl Run {
         if self.elapsed < Duration::from_millis(100) {
             return "too short to count CPU".into();
         }
+        let broker = match self.broker_cpu_s {
+            Some(s) => format!("; broker {:.2} cores", s / self.elapsed.as_secs_f64()),
+            None => String::new(),
+        };
         format!(
-            "cpu {:.1} us per publish, {:.2} of the cores",
+            "cpu {:.1} us per publish, {:.2} of the cores{broker}",
             self.cpu_s * 1e6 / self.publishes as f64,
             self.cpu_s / self.elapsed.as_secs_f64()
         )
     }
 }
 
-/// Publishes per device, from one client each, in rounds of `ROUND` payloads per device;
-/// after each round it waits until `done` reaches everything sent so far (in envelopes).
+/// Devices, each publishing from its own client: 8 unless `EDGELOOP_BENCH_DEVICES` says
+/// otherwise (a divisor of [`TOTAL`], at most [`ROUND`]).
+fn devices() -> usize {
+    let n = std::env::var("EDGELOOP_BENCH_DEVICES")
+        .ok()
+        .map(|n| n.parse().expect("EDGELOOP_BENCH_DEVICES is a number"))
+        .unwrap_or(8);
+    assert!(
+        n > 0 && TOTAL.is_multiple_of(n) && n <= ROUND,
+        "EDGELOOP_BENCH_DEVICES divides {TOTAL} and is at most {ROUND}"
+    );
+    n
+}
+
+/// Publishes per round, from all devices together (the same share from each); after each
+/// round the publishers wait until `done` reaches everything sent so far (in envelopes).
 /// The rounds bound what waits in the broker, so that no broker queue limit (Mosquitto's
 /// `max_queued_messages` is 1000) drops anything and both runs measure delivery, not loss.
-const ROUND: usize = 32;
+const ROUND: usize = 256;
 /// With `EDGELOOP_BENCH_PACING=credit`: most publishes sent and not yet done, as many as
-/// a round holds.
-const CREDIT: usize = ROUND * DEVICES;
+/// a round holds unless `EDGELOOP_BENCH_CREDIT` says otherwise.
+const CREDIT: usize = ROUND;
+
+fn credit() -> u64 {
+    std::env::var("EDGELOOP_BENCH_CREDIT")
+        .ok()
+        .map(|c| {
+            c.parse()
+                .expect("EDGELOOP_BENCH_CREDIT is a number of publishes")
+        })
+        .unwrap_or(CREDIT as u64)
+}
 
 /// How the publishers pace themselves.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -232,21 +276,23 @@ async fn publish_paced(
     }
     let start = Instant::now();
     let cpu = cpu_seconds();
+    let broker_cpu = broker_cpu_seconds();
+    let credit = credit();
     let longest = traffic.iter().map(|t| t.1.len()).max().unwrap_or(0);
     let per_publish = per_publish as u64;
     let mut sent = 0u64;
-    // Rounds send each device's next ROUND payloads and then wait for all of them; credit
+    // Rounds send each device's share of a round and then wait for all of them; credit
     // sends one payload per device in turn, each when there is room for it.
     let pacing = pacing();
     let step = match pacing {
-        Pacing::Rounds => ROUND,
+        Pacing::Rounds => ROUND / traffic.len(),
         Pacing::Credit => 1,
     };
     for first in (0..longest).step_by(step) {
         for ((topic, payloads), (client, _)) in traffic.iter().zip(&clients) {
             for p in payloads.iter().skip(first).take(step) {
                 if pacing == Pacing::Credit {
-                    let room = (sent + per_publish).saturating_sub(CREDIT as u64 * per_publish);
+                    let room = (sent + per_publish).saturating_sub(credit * per_publish);
                     wait_for(tag, done, room).await;
                 }
                 client
@@ -266,6 +312,9 @@ async fn publish_paced(
         publishes: traffic.iter().map(|t| t.1.len()).sum(),
         elapsed: start.elapsed(),
         cpu_s: cpu_seconds() - cpu,
+        broker_cpu_s: broker_cpu_seconds()
+            .zip(broker_cpu)
+            .map(|(end, start)| end - start),
     };
     for (_, task) in clients {
         task.abort();
@@ -368,13 +417,18 @@ async fn store_seconds(path: &std::path::Path, envelopes: Vec<Envelope>) -> f64 
     start.elapsed().as_secs_f64()
 }
 
-/// Decodes and validates every publish as ingest does, in order.
+/// Decodes and validates every publish as ingest does, taking the devices in turn as a
+/// broker interleaves them.
 fn decode_all(topics: &Topics, traffic: &[(String, Vec<Vec<u8>>)]) -> Vec<Envelope> {
     let mut decoded = Vec::with_capacity(traffic.iter().map(|t| t.1.len()).sum());
-    for (topic, payloads) in traffic {
-        for payload in payloads {
-            let checked = edgeloop_controller::ingest::validate(topics, topic, payload).unwrap();
-            decoded.extend(checked.accepted);
+    let longest = traffic.iter().map(|t| t.1.len()).max().unwrap_or(0);
+    for i in 0..longest {
+        for (topic, payloads) in traffic {
+            if let Some(payload) = payloads.get(i) {
+                let checked =
+                    edgeloop_controller::ingest::validate(topics, topic, payload).unwrap();
+                decoded.extend(checked.accepted);
+            }
         }
     }
     decoded
@@ -395,7 +449,8 @@ async fn main() {
     };
     let root = format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let topics = Topics::new(&root).unwrap();
-    let devices: Vec<String> = (0..DEVICES).map(|i| format!("bench-{i:02}")).collect();
+    let devices: Vec<String> = (0..devices()).map(|i| format!("bench-{i:03}")).collect();
+    let per_device = TOTAL / devices.len();
     // Every call makes new summaries with new message ids.
     let traffic_of = |format: Format, per_device: usize| -> Vec<(String, Vec<Vec<u8>>)> {
         devices
@@ -408,14 +463,15 @@ async fn main() {
             })
             .collect()
     };
-    let traffic = |format: Format| traffic_of(format, PER_DEVICE);
+    let traffic = |format: Format| traffic_of(format, per_device);
+    let only = match std::env::var("EDGELOOP_BENCH_FORMAT").as_deref() {
+        Ok("msgpack") => Some(Format::Msgpack),
+        Ok("json") => Some(Format::Json),
+        Err(_) => None,
+        Ok(other) => panic!("EDGELOOP_BENCH_FORMAT is json or msgpack, not `{other}`"),
+    };
     if let Ok(stage) = std::env::var("EDGELOOP_BENCH_STAGE") {
-        let format = match std::env::var("EDGELOOP_BENCH_FORMAT").as_deref() {
-            Ok("msgpack") => Format::Msgpack,
-            Ok("json") | Err(_) => Format::Json,
-            Ok(other) => panic!("EDGELOOP_BENCH_FORMAT is json or msgpack, not `{other}`"),
-        };
-        let singles = traffic(format);
+        let singles = traffic(only.unwrap_or(Format::Json));
         let decoded = match stage.as_str() {
             "make" => return,
             "decode" | "store" => decode_all(&topics, &singles),
@@ -488,7 +544,7 @@ async fn main() {
     )
     .await
     .unwrap();
-    let total = (DEVICES * PER_DEVICE) as u64;
+    let total = TOTAL as u64;
     println!(
         "\nbroker: {}; pacing: {}",
         if external.is_some() {
@@ -497,8 +553,8 @@ async fn main() {
             "embedded rumqttd"
         },
         match pacing() {
-            Pacing::Rounds => format!("rounds of {ROUND} publishes per device"),
-            Pacing::Credit => format!("{CREDIT} publishes outstanding"),
+            Pacing::Rounds => format!("rounds of {} publishes per device", ROUND / devices.len()),
+            Pacing::Credit => format!("{} publishes outstanding", credit()),
         }
     );
     // The controller's own costs per summary, without a broker: decoding and validating
@@ -507,8 +563,11 @@ async fn main() {
     // Each format's summaries serve its measures of controller work, then its raw and
     // ingest rates (the raw run's topics are not the controller's); its batches are new
     // summaries, so that none is a duplicate of one the controller has stored.
-    let formats = [Format::Json, Format::Msgpack];
-    let singles = formats.map(&traffic);
+    let formats: Vec<Format> = [Format::Json, Format::Msgpack]
+        .into_iter()
+        .filter(|f| only.is_none_or(|o| o == *f))
+        .collect();
+    let singles: Vec<_> = formats.iter().map(|f| traffic(*f)).collect();
     for (format, singles) in formats.iter().zip(&singles) {
         let start = Instant::now();
         let decoded = decode_all(&topics, singles);
@@ -539,9 +598,10 @@ async fn main() {
     for (format, singles) in formats.into_iter().zip(singles) {
         let name = format.as_str();
         println!(
-            "{name}: {runs} runs of {total} summaries from {DEVICES} devices as single envelopes, \
+            "{name}: {runs} runs of {total} summaries from {} devices as single envelopes, \
              then {} in zstd batches of {BATCH}; each ratio is ingest over the same run's raw \
              rate of single summaries",
+            devices.len(),
             total as usize * BATCHED_RUN
         );
         let mut first = Some(singles);
@@ -550,7 +610,7 @@ async fn main() {
             let singles = first.take().unwrap_or_else(|| traffic(format));
             let raw = raw_run(&url, &singles, 1).await;
             let (ingest, per_commit) = ingest_run(&controller, &singles, 1).await;
-            let batches = batched(&traffic_of(format, PER_DEVICE * BATCHED_RUN));
+            let batches = batched(&traffic_of(format, per_device * BATCHED_RUN));
             let raw_batched = raw_run(&url, &batches, BATCH).await;
             let (ingest_batched, per_commit_batched) =
                 ingest_run(&controller, &batches, BATCH).await;

@@ -564,7 +564,10 @@ async fn fold_hourly(
             &[device, model, &version, &hour],
         )
         .await?
-        .and_then(|r| Hourly::from_row(u(r.get(0)), u(r.get(1)), r.get(2), r.get(3), r.get(4)));
+        .and_then(|r| {
+            let stats = StoredStats::Json(r.get(4));
+            Hourly::from_row(u(r.get(0)), u(r.get(1)), r.get(2), r.get(3), stats)
+        });
     let Some(h) = Hourly::fold(existing, summaries) else {
         return Ok(());
     };

@@ -621,16 +621,17 @@ fn fold_hourly(tx: &Transaction<'_>, key: &HourKey, summaries: &[&DriftSummary])
              WHERE device_id = ?1 AND model_name = ?2 AND model_version = ?3 AND hour_ms = ?4",
         )?
         .query_row(params![device, model, *version as i64, *hour as i64], |r| {
-            Ok((
+            let stats = stored_stats(r, 4)?;
+            Ok(Hourly::from_row(
                 u(r.get(0)?),
                 u(r.get(1)?),
-                r.get::<_, f64>(2)?,
-                r.get::<_, f64>(3)?,
-                r.get::<_, String>(4)?,
+                r.get(2)?,
+                r.get(3)?,
+                stats,
             ))
         })
         .optional()?
-        .and_then(|(w, s, m, sum, json)| Hourly::from_row(w, s, m, sum, &json));
+        .flatten();
     let Some(h) = Hourly::fold(existing, summaries) else {
         return Ok(());
     };
@@ -651,10 +652,26 @@ fn fold_hourly(tx: &Transaction<'_>, key: &HourKey, summaries: &[&DriftSummary])
             h.samples as i64,
             h.psi_max,
             h.psi_sum,
-            h.stats_json()
+            h.stats_msgpack()
         ],
     )?;
     Ok(())
+}
+
+/// An hourly aggregate's statistics column: MessagePack in a BLOB (the column's TEXT
+/// affinity leaves BLOBs as they are), or the JSON text of rows written before.
+fn stored_stats<'r>(r: &'r rusqlite::Row<'_>, column: usize) -> rusqlite::Result<StoredStats<'r>> {
+    match r.get_ref(column)? {
+        ValueRef::Blob(bytes) => Ok(StoredStats::Msgpack(bytes)),
+        ValueRef::Text(text) => std::str::from_utf8(text)
+            .map(StoredStats::Json)
+            .map_err(|e| rusqlite::Error::Utf8Error(column, e)),
+        other => Err(rusqlite::Error::InvalidColumnType(
+            column,
+            "stats".into(),
+            other.data_type(),
+        )),
+    }
 }
 
 fn apply_deployment(
@@ -1376,14 +1393,13 @@ impl Store for SqliteStore {
                             psi_mean: r.get::<_, f64>(7)? / windows.max(1) as f64,
                             stats: serde_json::Value::Null,
                         },
-                        r.get::<_, String>(8)?,
+                        stored_stats(r, 8)?.to_value(),
                     ))
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             rows.into_iter()
                 .map(|(mut row, stats)| {
-                    row.stats = serde_json::from_str(&stats)
-                        .map_err(|e| StoreError::Corrupt(format!("hourly aggregate: {e}")))?;
+                    row.stats = stats?;
                     Ok(row)
                 })
                 .collect()

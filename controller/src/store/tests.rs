@@ -1751,6 +1751,48 @@ async fn a_models_recent_windows_are_found_by_the_index_by_time() {
     );
 }
 
+/// SQLite keeps an hourly aggregate's statistics as MessagePack; one an earlier version
+/// wrote as JSON text is still read, and folded into.
+#[tokio::test]
+async fn sqlite_hourly_statistics_are_messagepack_and_earlier_json_ones_are_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.sqlite");
+    let store = SqliteStore::open(&path).unwrap();
+    store.ingest(&drift("d1", "a", 10, 0.1), 1).await.unwrap();
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let stats_type = || -> String {
+        conn.query_row(
+            "SELECT typeof(stats) FROM telemetry_hourly WHERE device_id = 'd1'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap()
+    };
+    assert_eq!(stats_type(), "blob");
+    let stats = store.hourly("d1", 10).await.unwrap()[0].stats.clone();
+    assert_eq!(
+        stats["features"][0]["counts"],
+        serde_json::json!([0, 10, 0])
+    );
+
+    // The row as an earlier version wrote it: the same statistics in JSON text.
+    conn.execute(
+        "UPDATE telemetry_hourly SET stats = ?1 WHERE device_id = 'd1'",
+        [serde_json::to_string(&stats).unwrap()],
+    )
+    .unwrap();
+    assert_eq!(stats_type(), "text");
+    assert_eq!(store.hourly("d1", 10).await.unwrap()[0].stats, stats);
+    store.ingest(&drift("d1", "b", 5, 0.3), 2).await.unwrap();
+    let hour = &store.hourly("d1", 10).await.unwrap()[0];
+    assert_eq!((hour.windows, hour.samples), (2, 15));
+    assert_eq!(
+        hour.stats["features"][0]["counts"],
+        serde_json::json!([0, 15, 0])
+    );
+    assert_eq!(stats_type(), "blob");
+}
+
 #[tokio::test]
 async fn the_sqlite_wal_is_checkpointed_without_a_commit_paying_for_it() {
     let dir = tempfile::tempdir().unwrap();
