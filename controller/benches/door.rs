@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use edgeloop_controller::broker::{BrokerAuth, EmbeddedBroker};
-use edgeloop_controller::store::{EnrollRequest, SqliteStore, Store, TokenRow};
+use edgeloop_controller::store::{SqliteStore, approve_device};
 use edgeloop_shared::topics::{Channel, Topics};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
@@ -35,32 +35,6 @@ fn client(url: &str, id: &str, login: (String, String)) -> (AsyncClient, rumqttc
     let (client, mut eventloop) = AsyncClient::new(options, 1024);
     edgeloop_agent::link::no_delay(&mut eventloop);
     (client, eventloop)
-}
-
-/// An approved enrollment for `device`, with [`PASSWORD`] as its broker password.
-async fn enroll(store: &SqliteStore, device: &str) {
-    let secret = edgeloop_shared::sha256_hex(device.as_bytes());
-    let token = TokenRow {
-        id: device.into(),
-        group: "bench".into(),
-        tags: vec![],
-        expires_ms: u64::MAX / 2,
-        uses_left: None,
-        auto_approve: true,
-        created_ms: 0,
-        created_by: "bench".into(),
-    };
-    store.create_token(&token, &secret).await.unwrap();
-    let request = EnrollRequest {
-        device_id: device.into(),
-        public_key: format!("ed25519:{device}"),
-        board: None,
-        arch: None,
-        agent_version: None,
-    };
-    store.enroll(&secret, &request, 1).await.unwrap();
-    let hash = edgeloop_shared::sha256_hex(PASSWORD.as_bytes());
-    store.set_broker_password(device, &hash).await.unwrap();
 }
 
 /// Publishes every device's payloads from one client each (`logins` gives each client's
@@ -116,7 +90,9 @@ async fn main() {
     let store = Arc::new(SqliteStore::open(&dir.path().join("bench.db")).unwrap());
     let devices: Vec<String> = (0..DEVICES).map(|i| format!("bench-{i:02}")).collect();
     for device in &devices {
-        enroll(&store, device).await;
+        approve_device(store.as_ref(), device, PASSWORD)
+            .await
+            .unwrap();
     }
     let topics = Topics::default();
     let auth = BrokerAuth::new(store.clone(), "bench-controller", topics.clone()).unwrap();

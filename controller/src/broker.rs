@@ -312,42 +312,19 @@ mod tests {
         assert!(matches!(err, BrokerError::Bind { .. }), "{err}");
     }
 
-    /// Gives `device` an approved enrollment and `password` as its broker password.
     async fn approve(store: &Arc<dyn Store>, device: &str, password: &str) {
-        let token = crate::store::TokenRow {
-            id: format!("t-{device}"),
-            group: "g".into(),
-            tags: vec![],
-            expires_ms: u64::MAX / 2,
-            uses_left: None,
-            auto_approve: true,
-            created_ms: 0,
-            created_by: "test".into(),
-        };
-        let secret = edgeloop_shared::sha256_hex(device.as_bytes());
-        store.create_token(&token, &secret).await.unwrap();
-        let request = crate::store::EnrollRequest {
-            device_id: device.into(),
-            public_key: format!("ed25519:{device}"),
-            board: None,
-            arch: None,
-            agent_version: None,
-        };
-        store.enroll(&secret, &request, 1).await.unwrap();
-        let hash = edgeloop_shared::sha256_hex(password.as_bytes());
-        store.set_broker_password(device, &hash).await.unwrap();
+        crate::store::approve_device(store.as_ref(), device, password)
+            .await
+            .unwrap();
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn with_auth_the_broker_admits_the_controller_and_approved_devices_only() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A store, broker logins against it, and the embedded broker checking them.
+    async fn broker_with_auth(
+        dir: &std::path::Path,
+    ) -> (Arc<dyn Store>, BrokerAuth, EmbeddedBroker) {
         let store: Arc<dyn Store> =
-            Arc::new(crate::store::SqliteStore::open(&dir.path().join("s.sqlite")).unwrap());
+            Arc::new(crate::store::SqliteStore::open(&dir.join("s.sqlite")).unwrap());
         let auth = BrokerAuth::new(store.clone(), "ctl", Topics::default()).unwrap();
-        let login = (
-            auth.controller_user.clone(),
-            auth.controller_password.clone(),
-        );
         let broker = tokio::task::spawn_blocking({
             let auth = auth.clone();
             move || EmbeddedBroker::start("127.0.0.1:0".parse().unwrap(), Some(auth))
@@ -355,6 +332,17 @@ mod tests {
         .await
         .unwrap()
         .unwrap();
+        (store, auth, broker)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn with_auth_the_broker_admits_the_controller_and_approved_devices_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, auth, broker) = broker_with_auth(dir.path()).await;
+        let login = (
+            auth.controller_user.clone(),
+            auth.controller_password.clone(),
+        );
         let probe = |client: &'static str, login: Option<(String, String)>| {
             let addr = broker.addr;
             tokio::task::spawn_blocking(move || {
@@ -486,16 +474,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn with_auth_a_device_is_held_to_its_own_topics() {
         let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> =
-            Arc::new(crate::store::SqliteStore::open(&dir.path().join("s.sqlite")).unwrap());
-        let auth = BrokerAuth::new(store.clone(), "ctl", Topics::default()).unwrap();
-        let broker = tokio::task::spawn_blocking({
-            let auth = auth.clone();
-            move || EmbeddedBroker::start("127.0.0.1:0".parse().unwrap(), Some(auth))
-        })
-        .await
-        .unwrap()
-        .unwrap();
+        let (store, auth, broker) = broker_with_auth(dir.path()).await;
         assert_ne!(broker.url(), broker.controller_url());
         let password = "p4ssw0rd".to_string();
         for device in ["dev-1", "dev-2"] {

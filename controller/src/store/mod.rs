@@ -1336,6 +1336,36 @@ pub trait Store: Send + Sync + 'static {
     async fn expire_uploads(&self, before_ms: u64, now_ms: u64) -> Result<u64>;
 }
 
+/// Gives `device` an approved enrollment with `password` as its broker password, as the
+/// enrollment API does once a device has proved its key (a token of its own, used at
+/// once): for tests and benches that need devices with broker logins.
+#[doc(hidden)]
+pub async fn approve_device(store: &dyn Store, device: &str, password: &str) -> Result<()> {
+    let secret = edgeloop_shared::sha256_hex(device.as_bytes());
+    let token = TokenRow {
+        id: format!("approve-{device}"),
+        group: "default".into(),
+        tags: vec![],
+        expires_ms: u64::MAX / 2,
+        uses_left: Some(1),
+        auto_approve: true,
+        created_ms: 0,
+        created_by: "test".into(),
+    };
+    store.create_token(&token, &secret).await?;
+    let request = EnrollRequest {
+        device_id: device.into(),
+        public_key: format!("ed25519:{device}"),
+        board: None,
+        arch: None,
+        agent_version: None,
+    };
+    store.enroll(&secret, &request, 1).await?;
+    let hash = edgeloop_shared::sha256_hex(password.as_bytes());
+    store.set_broker_password(device, &hash).await?;
+    Ok(())
+}
+
 /// Compares two secrets' hashes in time that does not depend on where they differ.
 pub(crate) fn same_secret(a: &str, b: &str) -> bool {
     a.len() == b.len()
