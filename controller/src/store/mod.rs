@@ -259,10 +259,10 @@ pub(crate) struct Hourly {
     pub stats: edgeloop_shared::drift::WindowStats,
 }
 
-/// An hourly aggregate's merged statistics as stored: JSON text (PostgreSQL, and SQLite
-/// rows written by earlier versions) or MessagePack bytes (SQLite now: parsing and writing
-/// them again for every summary folded is most of a many-device fleet's ingest, and
-/// MessagePack does both several times faster).
+/// An hourly aggregate's merged statistics as stored: MessagePack, or the JSON text of rows
+/// written by earlier versions. Every fold reads and writes them again, once per device
+/// and transaction, which with many devices is once per summary: MessagePack does both
+/// several times faster than JSON.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum StoredStats<'a> {
     Json(&'a str),
@@ -348,10 +348,6 @@ impl Hourly {
             hourly.psi_sum += s.stats.psi_max;
         }
         Some(hourly)
-    }
-
-    pub fn stats_json(&self) -> String {
-        serde_json::to_string(&self.stats).expect("stats serialize")
     }
 
     pub fn stats_msgpack(&self) -> Vec<u8> {

@@ -10,7 +10,7 @@ use tokio_postgres::{GenericClient, NoTls, Row};
 
 use super::*;
 
-const SCHEMA_VERSION: i32 = 10;
+const SCHEMA_VERSION: i32 = 11;
 /// Serializes migrations of replicas that start at the same time.
 const MIGRATION_LOCK: i64 = 0x6564_6765_6c6f_6f70; // "edgeloop"
 const POOL_SIZE: usize = 16;
@@ -225,6 +225,15 @@ const SCHEMA_V9: &str = "ALTER TABLE telemetry ADD COLUMN mae DOUBLE PRECISION;"
 /// lighter.
 const SCHEMA_V10: &str = "DROP INDEX IF EXISTS telemetry_by_model;";
 
+/// Version 11: an hourly aggregate's merged statistics as MessagePack (`stats_msgpack`),
+/// read and written again at every fold several times faster than JSON; `stats` keeps the
+/// JSON of rows written before, which are still read, and is NULL once a row is folded
+/// again.
+const SCHEMA_V11: &str = "
+ALTER TABLE telemetry_hourly ALTER COLUMN stats DROP NOT NULL;
+ALTER TABLE telemetry_hourly ADD COLUMN stats_msgpack BYTEA;
+";
+
 /// Version 5: each window's dataset-drift share, labelled predictions and accuracy, for
 /// the retraining triggers; the target of a rollout to a group or tags.
 const SCHEMA_V5: &str = "
@@ -337,6 +346,7 @@ impl PgStore {
                 tx.batch_execute(SCHEMA_V8).await?;
                 tx.batch_execute(SCHEMA_V9).await?;
                 tx.batch_execute(SCHEMA_V10).await?;
+                tx.batch_execute(SCHEMA_V11).await?;
                 tx.execute(
                     "INSERT INTO edgeloop_schema (version) VALUES ($1)",
                     &[&SCHEMA_VERSION],
@@ -368,7 +378,10 @@ impl PgStore {
                 if old < 9 {
                     tx.batch_execute(SCHEMA_V9).await?;
                 }
-                tx.batch_execute(SCHEMA_V10).await?;
+                if old < 10 {
+                    tx.batch_execute(SCHEMA_V10).await?;
+                }
+                tx.batch_execute(SCHEMA_V11).await?;
                 tx.execute(
                     "UPDATE edgeloop_schema SET version = $1",
                     &[&SCHEMA_VERSION],
@@ -559,13 +572,13 @@ async fn fold_hourly(
     .await?;
     let existing = tx
         .query_opt(
-            "SELECT windows, samples, psi_max, psi_sum, stats FROM telemetry_hourly
+            "SELECT windows, samples, psi_max, psi_sum, stats, stats_msgpack FROM telemetry_hourly
              WHERE device_id = $1 AND model_name = $2 AND model_version = $3 AND hour_ms = $4",
             &[device, model, &version, &hour],
         )
         .await?
         .and_then(|r| {
-            let stats = StoredStats::Json(r.get(4));
+            let stats = stored_stats(&r, 4);
             Hourly::from_row(u(r.get(0)), u(r.get(1)), r.get(2), r.get(3), stats)
         });
     let Some(h) = Hourly::fold(existing, summaries) else {
@@ -573,11 +586,12 @@ async fn fold_hourly(
     };
     tx.execute(
         "INSERT INTO telemetry_hourly (device_id, model_name, model_version, hour_ms,
-             windows, samples, psi_max, psi_sum, stats)
+             windows, samples, psi_max, psi_sum, stats_msgpack)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
          ON CONFLICT (device_id, model_name, model_version, hour_ms) DO UPDATE SET
              windows = EXCLUDED.windows, samples = EXCLUDED.samples,
-             psi_max = EXCLUDED.psi_max, psi_sum = EXCLUDED.psi_sum, stats = EXCLUDED.stats",
+             psi_max = EXCLUDED.psi_max, psi_sum = EXCLUDED.psi_sum, stats = NULL,
+             stats_msgpack = EXCLUDED.stats_msgpack",
         &[
             device,
             model,
@@ -587,11 +601,20 @@ async fn fold_hourly(
             &i(h.samples),
             &h.psi_max,
             &h.psi_sum,
-            &h.stats_json(),
+            &h.stats_msgpack(),
         ],
     )
     .await?;
     Ok(())
+}
+
+/// An hourly aggregate's statistics: the MessagePack column at `at + 1`, or else the JSON
+/// at `at` of a row written before schema version 11.
+fn stored_stats(r: &Row, at: usize) -> StoredStats<'_> {
+    match r.get::<_, Option<&[u8]>>(at + 1) {
+        Some(bytes) => StoredStats::Msgpack(bytes),
+        None => StoredStats::Json(r.get::<_, Option<&str>>(at).unwrap_or_default()),
+    }
 }
 
 async fn apply_deployment(
@@ -1238,7 +1261,7 @@ impl Store for PgStore {
         let rows = client
             .query(
                 "SELECT device_id, model_name, model_version, hour_ms, windows, samples,
-                        psi_max, psi_sum, stats
+                        psi_max, psi_sum, stats, stats_msgpack
                  FROM telemetry_hourly WHERE device_id = $1
                  ORDER BY hour_ms DESC, model_name, model_version LIMIT $2",
                 &[&device_id, &i64::from(limit)],
@@ -1256,8 +1279,7 @@ impl Store for PgStore {
                     samples: u(r.get(5)),
                     psi_max: r.get(6),
                     psi_mean: r.get::<_, f64>(7) / windows.max(1) as f64,
-                    stats: serde_json::from_str(r.get(8))
-                        .map_err(|e| StoreError::Corrupt(format!("hourly aggregate: {e}")))?,
+                    stats: stored_stats(r, 8).to_value()?,
                 })
             })
             .collect()

@@ -1914,6 +1914,73 @@ async fn postgres_store_passes_the_suite() {
     let scoped = with_search_path(&url, &schema);
     let store = PgStore::connect(&scoped).await.unwrap();
     suite(&store).await;
+
+    // Hourly statistics are MessagePack; a row an earlier version wrote as JSON is read,
+    // and folded into.
+    store.ingest(&drift("pg-h", "a", 10, 0.1), 1).await.unwrap();
+    let forms = || async {
+        let row = admin
+            .query_one(
+                &format!(
+                    "SELECT stats IS NULL, stats_msgpack IS NULL FROM {schema}.telemetry_hourly
+                     WHERE device_id = 'pg-h'"
+                ),
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get::<_, bool>(0), row.get::<_, bool>(1))
+    };
+    assert_eq!(forms().await, (true, false), "MessagePack only");
+    let stats = store.hourly("pg-h", 10).await.unwrap()[0].stats.clone();
+    assert_eq!(
+        stats["features"][0]["counts"],
+        serde_json::json!([0, 10, 0])
+    );
+    admin
+        .execute(
+            &format!(
+                "UPDATE {schema}.telemetry_hourly SET stats = $1, stats_msgpack = NULL
+                 WHERE device_id = 'pg-h'"
+            ),
+            &[&serde_json::to_string(&stats).unwrap()],
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.hourly("pg-h", 10).await.unwrap()[0].stats, stats);
+    store.ingest(&drift("pg-h", "b", 5, 0.3), 2).await.unwrap();
+    let hour = &store.hourly("pg-h", 10).await.unwrap()[0];
+    assert_eq!((hour.windows, hour.samples), (2, 15));
+    assert_eq!(
+        hour.stats["features"][0]["counts"],
+        serde_json::json!([0, 15, 0])
+    );
+    assert_eq!(forms().await, (true, false), "MessagePack again");
+
+    // A database of version 10 (statistics as JSON only) is brought to 11 in place.
+    admin
+        .batch_execute(&format!(
+            "DELETE FROM {schema}.telemetry_hourly;
+             ALTER TABLE {schema}.telemetry_hourly DROP COLUMN stats_msgpack;
+             ALTER TABLE {schema}.telemetry_hourly ALTER COLUMN stats SET NOT NULL;
+             UPDATE {schema}.edgeloop_schema SET version = 10"
+        ))
+        .await
+        .unwrap();
+    let migrated = PgStore::connect(&scoped).await.unwrap();
+    migrated
+        .ingest(&drift("pg-h", "c", 5, 0.3), 3)
+        .await
+        .unwrap();
+    assert_eq!(forms().await, (true, false), "migrated");
+    let version = admin
+        .query_one(
+            &format!("SELECT version FROM {schema}.edgeloop_schema"),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(version.get::<_, i32>(0), 11);
     let devices = store.devices().await.unwrap();
     let again = PgStore::connect(&scoped).await.unwrap();
     assert_eq!(
