@@ -26,8 +26,9 @@
 //! `EDGELOOP_BENCH_DEVICES` sets how many devices (publishers, each on its own topic) share
 //! the 20 480 summaries and each round's 256 publishes: 8 by default, up to 256, one
 //! publish per device per round, as a fleet of many devices each sending its window's
-//! summary would. `EDGELOOP_BENCH_FORMAT=json|msgpack` runs one format only; `EDGELOOP_BENCH_BROKER_PID`,
-//! the process id of an external broker on this machine, adds the broker's CPU to each run.
+//! summary would. `EDGELOOP_BENCH_FORMAT=json|msgpack` runs one format only.
+//! `EDGELOOP_BENCH_BROKER_PID`, the process id of an external broker on this machine, adds
+//! the broker's CPU to each run.
 //!
 //! `EDGELOOP_BENCH_STAGE=make|decode|store` runs only the controller's own work on the
 //! summaries, with no broker and no clock: making them, then decoding them, then storing

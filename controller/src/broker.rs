@@ -554,6 +554,34 @@ mod tests {
         let mut device = Peer::new(&broker.controller_url(), "dev-1", login("dev-1"), None);
         device.connected().await.unwrap_err();
 
+        // What a device sent before a refused publish, in the same write, still arrives.
+        let addr = broker.addr;
+        let (own, forged) = (topic("dev-1", "telemetry"), topic("dev-2", "receipts"));
+        let dev1 = login("dev-1");
+        tokio::task::spawn_blocking(move || {
+            let mut stream = TcpStream::connect(addr).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            stream
+                .write_all(&connect_packet("dev-1", Some(&dev1)))
+                .unwrap();
+            let mut connack = [0u8; 4];
+            stream.read_exact(&mut connack).unwrap();
+            assert_eq!(connack, [0x20, 2, 0, 0]);
+            let mut packets = bytes::BytesMut::new();
+            for (topic, text) in [(own, "before"), (forged, "forged too")] {
+                let publish = rumqttc::Publish::new(topic, rumqttc::QoS::AtMostOnce, text);
+                publish.write(&mut packets).unwrap();
+            }
+            stream.write_all(&packets).unwrap();
+            let mut rest = Vec::new();
+            // The door closes the connection: the read ends, with nothing sent back.
+            assert_eq!(stream.read_to_end(&mut rest).unwrap_or(0), 0);
+        })
+        .await
+        .unwrap();
+
         // A well-behaved device is not held back by another's refusals.
         let mut other = Peer::new(&broker.url(), "dev-2", login("dev-2"), None);
         other.connected().await.unwrap();
@@ -572,5 +600,7 @@ mod tests {
         assert!(texts.contains(&"mine"), "{heard:?}");
         assert!(!texts.contains(&"forged"), "{heard:?}");
         assert!(!texts.contains(&"own receipt"), "{heard:?}");
+        assert!(texts.contains(&"before"), "{heard:?}");
+        assert!(!texts.contains(&"forged too"), "{heard:?}");
     }
 }

@@ -145,28 +145,43 @@ impl Door {
         let mut output = BytesMut::with_capacity(16 * 1024);
         let mut client = None;
         loop {
-            loop {
-                let header = match mqttbytes::check(input.iter(), self.max_packet) {
-                    Ok(header) => header,
-                    Err(mqttbytes::Error::InsufficientBytes(_)) => break,
-                    Err(e) => return Err(e.into()),
-                };
-                let frame = input.split_to(header.frame_length()).freeze();
-                match &client {
-                    None => client = Some(self.admit(header, frame, &mut output)?),
-                    Some(Client::Controller) => output.extend_from_slice(&frame),
-                    Some(Client::Device(id)) => {
-                        self.check(id, header, &frame)?;
-                        output.extend_from_slice(&frame);
-                    }
-                }
-            }
+            let refusal = self.take(&mut input, &mut output, &mut client).err();
+            // What passed before a refusal still goes to the broker.
             if !output.is_empty() {
                 to.write_all(&output).await?;
                 output.clear();
             }
+            if let Some(refusal) = refusal {
+                return Err(refusal);
+            }
             if from.read_buf(&mut input).await? == 0 {
                 return Ok(());
+            }
+        }
+    }
+
+    /// Takes the whole packets at the front of `input`, checks each, and appends those that
+    /// pass to `output`; stops at the first that does not.
+    fn take(
+        &self,
+        input: &mut BytesMut,
+        output: &mut BytesMut,
+        client: &mut Option<Client>,
+    ) -> Result<(), Refusal> {
+        loop {
+            let header = match mqttbytes::check(input.iter(), self.max_packet) {
+                Ok(header) => header,
+                Err(mqttbytes::Error::InsufficientBytes(_)) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            };
+            let frame = input.split_to(header.frame_length()).freeze();
+            match client {
+                None => *client = Some(self.admit(header, frame, output)?),
+                Some(Client::Controller) => output.extend_from_slice(&frame),
+                Some(Client::Device(id)) => {
+                    self.check(id, header, &frame)?;
+                    output.extend_from_slice(&frame);
+                }
             }
         }
     }
