@@ -1751,14 +1751,40 @@ async fn a_models_recent_windows_are_found_by_the_index_by_time() {
     );
 }
 
-/// SQLite keeps an hourly aggregate's statistics as MessagePack; one an earlier version
-/// wrote as JSON text is still read, and folded into.
+/// Hourly statistics are stored as MessagePack (`is_msgpack` says whether `device`'s row
+/// holds them so); once `as_json` has rewritten the row as an earlier version wrote it, in
+/// JSON text, they are still read and folded into, and stored as MessagePack again.
+async fn hourly_statistics_are_messagepack_and_earlier_json_is_read(
+    store: &dyn Store,
+    device: &str,
+    is_msgpack: impl AsyncFn() -> bool,
+    as_json: impl AsyncFn(String),
+) {
+    store.ingest(&drift(device, "a", 10, 0.1), 1).await.unwrap();
+    assert!(is_msgpack().await);
+    let stats = store.hourly(device, 10).await.unwrap()[0].stats.clone();
+    assert_eq!(
+        stats["features"][0]["counts"],
+        serde_json::json!([0, 10, 0])
+    );
+    as_json(serde_json::to_string(&stats).unwrap()).await;
+    assert!(!is_msgpack().await);
+    assert_eq!(store.hourly(device, 10).await.unwrap()[0].stats, stats);
+    store.ingest(&drift(device, "b", 5, 0.3), 2).await.unwrap();
+    let hour = &store.hourly(device, 10).await.unwrap()[0];
+    assert_eq!((hour.windows, hour.samples), (2, 15));
+    assert_eq!(
+        hour.stats["features"][0]["counts"],
+        serde_json::json!([0, 15, 0])
+    );
+    assert!(is_msgpack().await);
+}
+
 #[tokio::test]
 async fn sqlite_hourly_statistics_are_messagepack_and_earlier_json_ones_are_read() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.sqlite");
     let store = SqliteStore::open(&path).unwrap();
-    store.ingest(&drift("d1", "a", 10, 0.1), 1).await.unwrap();
     let conn = rusqlite::Connection::open(&path).unwrap();
     let stats_type = || -> String {
         conn.query_row(
@@ -1768,29 +1794,20 @@ async fn sqlite_hourly_statistics_are_messagepack_and_earlier_json_ones_are_read
         )
         .unwrap()
     };
-    assert_eq!(stats_type(), "blob");
-    let stats = store.hourly("d1", 10).await.unwrap()[0].stats.clone();
-    assert_eq!(
-        stats["features"][0]["counts"],
-        serde_json::json!([0, 10, 0])
-    );
-
-    // The row as an earlier version wrote it: the same statistics in JSON text.
-    conn.execute(
-        "UPDATE telemetry_hourly SET stats = ?1 WHERE device_id = 'd1'",
-        [serde_json::to_string(&stats).unwrap()],
+    hourly_statistics_are_messagepack_and_earlier_json_is_read(
+        &store,
+        "d1",
+        async || stats_type() == "blob",
+        async |json| {
+            conn.execute(
+                "UPDATE telemetry_hourly SET stats = ?1 WHERE device_id = 'd1'",
+                [json],
+            )
+            .unwrap();
+            assert_eq!(stats_type(), "text");
+        },
     )
-    .unwrap();
-    assert_eq!(stats_type(), "text");
-    assert_eq!(store.hourly("d1", 10).await.unwrap()[0].stats, stats);
-    store.ingest(&drift("d1", "b", 5, 0.3), 2).await.unwrap();
-    let hour = &store.hourly("d1", 10).await.unwrap()[0];
-    assert_eq!((hour.windows, hour.samples), (2, 15));
-    assert_eq!(
-        hour.stats["features"][0]["counts"],
-        serde_json::json!([0, 15, 0])
-    );
-    assert_eq!(stats_type(), "blob");
+    .await;
 }
 
 #[tokio::test]
@@ -1917,8 +1934,7 @@ async fn postgres_store_passes_the_suite() {
 
     // Hourly statistics are MessagePack; a row an earlier version wrote as JSON is read,
     // and folded into.
-    store.ingest(&drift("pg-h", "a", 10, 0.1), 1).await.unwrap();
-    let forms = || async {
+    let forms = async || {
         let row = admin
             .query_one(
                 &format!(
@@ -1931,31 +1947,25 @@ async fn postgres_store_passes_the_suite() {
             .unwrap();
         (row.get::<_, bool>(0), row.get::<_, bool>(1))
     };
-    assert_eq!(forms().await, (true, false), "MessagePack only");
-    let stats = store.hourly("pg-h", 10).await.unwrap()[0].stats.clone();
-    assert_eq!(
-        stats["features"][0]["counts"],
-        serde_json::json!([0, 10, 0])
-    );
-    admin
-        .execute(
-            &format!(
-                "UPDATE {schema}.telemetry_hourly SET stats = $1, stats_msgpack = NULL
-                 WHERE device_id = 'pg-h'"
-            ),
-            &[&serde_json::to_string(&stats).unwrap()],
-        )
-        .await
-        .unwrap();
-    assert_eq!(store.hourly("pg-h", 10).await.unwrap()[0].stats, stats);
-    store.ingest(&drift("pg-h", "b", 5, 0.3), 2).await.unwrap();
-    let hour = &store.hourly("pg-h", 10).await.unwrap()[0];
-    assert_eq!((hour.windows, hour.samples), (2, 15));
-    assert_eq!(
-        hour.stats["features"][0]["counts"],
-        serde_json::json!([0, 15, 0])
-    );
-    assert_eq!(forms().await, (true, false), "MessagePack again");
+    hourly_statistics_are_messagepack_and_earlier_json_is_read(
+        &store,
+        "pg-h",
+        async || forms().await == (true, false),
+        async |json| {
+            admin
+                .execute(
+                    &format!(
+                        "UPDATE {schema}.telemetry_hourly SET stats = $1, stats_msgpack = NULL
+                         WHERE device_id = 'pg-h'"
+                    ),
+                    &[&json],
+                )
+                .await
+                .unwrap();
+            assert_eq!(forms().await, (false, true));
+        },
+    )
+    .await;
 
     // A database of version 10 (statistics as JSON only) is brought to 11 in place.
     admin
