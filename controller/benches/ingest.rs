@@ -415,6 +415,10 @@ async fn store_seconds(path: &std::path::Path, envelopes: Vec<Envelope>) -> f64 
             .await
             .unwrap();
     }
+    // And the hourly aggregates ingest folded in memory, as the minute's flush writes them.
+    edgeloop_controller::store::Store::flush_hourly(&store)
+        .await
+        .unwrap();
     start.elapsed().as_secs_f64()
 }
 

@@ -1,5 +1,7 @@
 //! Retention: raw drift summaries are kept for `retention_raw_days`, their hourly
-//! aggregates for `retention_hourly_days`; a pass runs at start and then every hour.
+//! aggregates for `retention_hourly_days`; a pass runs at start and then every hour. Every
+//! minute the hourly aggregates ingest folded in memory are written (`Store::flush_hourly`),
+//! so that the database's own copy is never far behind.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,6 +13,7 @@ use tracing::{info, warn};
 use crate::store::Store;
 
 const EVERY: Duration = Duration::from_secs(3600);
+const FLUSH_EVERY: Duration = Duration::from_secs(60);
 const DAY_MS: u64 = 86_400_000;
 
 pub struct Retention {
@@ -33,9 +36,23 @@ fn cutoff(now_ms: u64, days: u64) -> u64 {
 impl Retention {
     pub async fn run(self, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(EVERY);
+        let mut flush = tokio::time::interval(FLUSH_EVERY);
+        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = shutdown.cancelled() => break,
+                _ = shutdown.cancelled() => {
+                    // Spares the next start folding them again from the raw summaries.
+                    if let Err(e) = self.store.flush_hourly().await {
+                        warn!(error = %e, "cannot write hourly aggregates at shutdown");
+                    }
+                    break;
+                }
+                _ = flush.tick() => {
+                    if let Err(e) = self.store.flush_hourly().await {
+                        warn!(error = %e, "cannot write hourly aggregates; trying again in a minute");
+                    }
+                    continue;
+                }
                 _ = tick.tick() => {}
             }
             let now = now_ms();

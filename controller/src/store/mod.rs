@@ -260,9 +260,9 @@ pub(crate) struct Hourly {
 }
 
 /// An hourly aggregate's merged statistics as stored: MessagePack, or the JSON text of rows
-/// written by earlier versions. Every fold reads and writes them again, once per device
-/// and transaction, which with many devices is once per summary: MessagePack does both
-/// several times faster than JSON.
+/// written by earlier versions. Every fold reads and writes them again (PostgreSQL once per
+/// device and transaction, which with many devices is once per summary; SQLite once per
+/// device-hour and flush): MessagePack does both several times faster than JSON.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum StoredStats<'a> {
     Json(&'a str),
@@ -316,6 +316,17 @@ impl Hourly {
         }
     }
 
+    /// The aggregate of one summary.
+    pub fn of(s: &edgeloop_shared::protocol::DriftSummary) -> Hourly {
+        Hourly {
+            windows: 1,
+            samples: s.stats.samples,
+            psi_max: s.stats.psi_max,
+            psi_sum: s.stats.psi_max,
+            stats: s.stats.clone(),
+        }
+    }
+
     /// Folds summaries (all of one [`HourKey`]) into `existing`, or into a new aggregate.
     /// A summary whose features do not match the aggregate's is left out of it, with a
     /// warning; the raw summary is still stored.
@@ -326,28 +337,39 @@ impl Hourly {
         let mut summaries = summaries.iter();
         let mut hourly = match existing {
             Some(h) => h,
-            None => {
-                let s = summaries.next()?;
-                Hourly {
-                    windows: 1,
-                    samples: s.stats.samples,
-                    psi_max: s.stats.psi_max,
-                    psi_sum: s.stats.psi_max,
-                    stats: s.stats.clone(),
-                }
-            }
+            None => Hourly::of(summaries.next()?),
         };
         for s in summaries {
-            if let Err(e) = hourly.stats.merge(&s.stats) {
-                tracing::warn!(model = %s.model, error = %e, "summary left out of its hourly aggregate");
-                continue;
-            }
-            hourly.windows = hourly.windows.saturating_add(1);
-            hourly.samples = hourly.samples.saturating_add(s.stats.samples);
-            hourly.psi_max = hourly.psi_max.max(s.stats.psi_max);
-            hourly.psi_sum += s.stats.psi_max;
+            hourly.add(s);
         }
         Some(hourly)
+    }
+
+    /// Folds one more summary of the aggregate's [`HourKey`] in (see [`Hourly::fold`]).
+    pub fn add(&mut self, s: &edgeloop_shared::protocol::DriftSummary) {
+        if let Err(e) = self.stats.merge(&s.stats) {
+            tracing::warn!(model = %s.model, error = %e, "summary left out of its hourly aggregate");
+            return;
+        }
+        self.windows = self.windows.saturating_add(1);
+        self.samples = self.samples.saturating_add(s.stats.samples);
+        self.psi_max = self.psi_max.max(s.stats.psi_max);
+        self.psi_sum += s.stats.psi_max;
+    }
+
+    /// Folds another aggregate of the same [`HourKey`] in: the summaries folded into
+    /// `other` count as if each had been added here. When their features do not match it
+    /// is left out whole, with a warning.
+    pub fn absorb(&mut self, other: Hourly) {
+        if let Err(e) = self.stats.merge(&other.stats) {
+            tracing::warn!(windows = other.windows, error = %e,
+                "summaries left out of their hourly aggregate");
+            return;
+        }
+        self.windows = self.windows.saturating_add(other.windows);
+        self.samples = self.samples.saturating_add(other.samples);
+        self.psi_max = self.psi_max.max(other.psi_max);
+        self.psi_sum += other.psi_sum;
     }
 
     pub fn stats_msgpack(&self) -> Vec<u8> {
@@ -1165,8 +1187,14 @@ pub trait Store: Send + Sync + 'static {
     async fn register_devices(&self, ids: &[String]) -> Result<u64>;
     async fn device_exists(&self, id: &str) -> Result<bool>;
     async fn telemetry(&self, device_id: &str, limit: u32) -> Result<Vec<TelemetryRow>>;
-    /// Hourly aggregates of a device, newest hour first.
+    /// Hourly aggregates of a device, newest hour first, with every summary stored so far.
     async fn hourly(&self, device_id: &str, limit: u32) -> Result<Vec<HourlyRow>>;
+    /// Writes the hourly aggregates that ingest has folded in memory but not yet into the
+    /// database (SQLite: see `SqliteStore`'s pending hours; PostgreSQL folds in each ingest
+    /// transaction and has none). [`Store::hourly`] and [`Store::prune`] do it first.
+    async fn flush_hourly(&self) -> Result<()> {
+        Ok(())
+    }
     /// Retention: deletes raw summaries and the duplicate-detection record of messages
     /// received before `raw_before_ms` (a copy of such a message arriving later would be
     /// stored again), and hourly aggregates of hours before `aggregates_before_ms`.

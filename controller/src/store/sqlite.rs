@@ -12,7 +12,7 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use super::*;
 
-const SCHEMA_VERSION: i64 = 10;
+const SCHEMA_VERSION: i64 = 11;
 /// The page size of a new database file.
 const PAGE_SIZE: i64 = 8192;
 /// How often at most the checkpointer copies the WAL into the database file.
@@ -285,6 +285,17 @@ const SCHEMA_V9: &str = "ALTER TABLE telemetry ADD COLUMN mae REAL;";
 /// instructions per summary.
 const SCHEMA_V10: &str = "DROP INDEX IF EXISTS telemetry_by_model;";
 
+/// Version 11: hourly aggregates are written behind ingest ([`PendingHours`]). `folded_to`
+/// is the last telemetry row (by rowid) whose summary the aggregates hold: every row
+/// written before this version.
+const SCHEMA_V11: &str = "
+CREATE TABLE hourly_folded (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    folded_to INTEGER NOT NULL
+);
+INSERT INTO hourly_folded (id, folded_to) SELECT 1, ifnull(max(rowid), 0) FROM telemetry;
+";
+
 /// A model's latest `?3` windows per device received since `?2`, newest first per device.
 /// It names the index by time: without statistics SQLite would rather read the whole table
 /// in device order than sort the recent span.
@@ -309,6 +320,192 @@ pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
     path: Arc<str>,
     checkpointer: Arc<Checkpointer>,
+    /// Locked only by a call that holds `conn`.
+    pending: Arc<Mutex<PendingHours>>,
+}
+
+/// Most device-hours ingest keeps folded in memory before it writes them (each holds its
+/// merged statistics: about 10 KB).
+pub(super) const MAX_PENDING_HOURS: usize = 2048;
+/// Telemetry rows a flush folds again from their raw summaries per transaction.
+const RECOVERY_CHUNK: i64 = 2048;
+
+/// The hourly aggregates ingest has folded and not yet written.
+///
+/// Folding each transaction's summaries into the database costs a read, a parse, a merge
+/// and a write of the device-hour's merged statistics (about 900 integers): with many
+/// devices, once per summary and most of the store's work (BENCHMARKS.md, rows (m)). Ingest
+/// folds into memory instead, and [`flush_hours`] writes each device-hour once for all the
+/// summaries it gathered: when [`MAX_PENDING_HOURS`] are held, when the retention actor asks
+/// (every minute), and before anything reads or prunes the aggregates, so that a read sees
+/// every stored summary.
+///
+/// A raw summary is committed before it is acknowledged, as ever; what memory loses with
+/// the process, the next flush folds again from the raw rows. `hourly_folded.folded_to` is
+/// the last row the aggregates hold, and a row's rowid only grows: ingest sets it, since
+/// SQLite would hand a pruned one out again.
+#[derive(Default)]
+struct PendingHours {
+    /// `hourly_folded.folded_to` as this connection last read or wrote it.
+    folded_to: i64,
+    /// Rows after `folded_to` up to this one are folded from their raw summaries: those
+    /// stored before this process opened the file, or whose folding was lost.
+    recover_to: i64,
+    /// The summaries of the rows after `recover_to`, folded.
+    hours: std::collections::BTreeMap<HourKey, Hourly>,
+    /// The last row ingest has stored.
+    last: i64,
+}
+
+impl PendingHours {
+    fn read(conn: &Connection) -> rusqlite::Result<Self> {
+        let folded_to: i64 =
+            conn.query_row("SELECT folded_to FROM hourly_folded", [], |r| r.get(0))?;
+        let stored = last_telemetry_row(conn)?.max(folded_to);
+        Ok(PendingHours {
+            folded_to,
+            recover_to: stored,
+            hours: Default::default(),
+            last: stored,
+        })
+    }
+
+    /// The row after which ingest stores, given the table's `last` row. Rows another
+    /// connection stored are not in memory: everything after `folded_to` is then folded
+    /// again from the raw rows.
+    fn after_rows(&mut self, last: i64) -> i64 {
+        if last > self.last {
+            tracing::warn!(
+                last,
+                "telemetry stored by another connection; folding again from raw summaries"
+            );
+            self.hours.clear();
+            self.recover_to = last;
+            self.last = last;
+        }
+        self.last
+    }
+
+    /// Folds a committed summary in.
+    fn add(&mut self, device_id: &str, s: &DriftSummary) {
+        use std::collections::btree_map::Entry;
+        match self.hours.entry(hour_key(device_id, s)) {
+            Entry::Occupied(mut hour) => hour.get_mut().add(s),
+            Entry::Vacant(hour) => {
+                hour.insert(Hourly::of(s));
+            }
+        }
+    }
+}
+
+fn last_telemetry_row(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.query_row("SELECT ifnull(max(rowid), 0) FROM telemetry", [], |r| {
+        r.get(0)
+    })
+}
+
+/// Writes what `pending` holds into the hourly aggregates: first the rows to fold again
+/// from their raw summaries, a chunk per transaction, then the summaries ingest folded.
+/// Should it fail, what memory held is folded again from the raw rows at the next flush.
+fn flush_hours(conn: &mut Connection, pending: &mut PendingHours) -> Result<()> {
+    loop {
+        let tx = conn.transaction()?;
+        let folded_to: i64 =
+            tx.query_row("SELECT folded_to FROM hourly_folded", [], |r| r.get(0))?;
+        if folded_to != pending.folded_to {
+            // Another connection to the file has folded rows (it found them unfolded when
+            // it opened): what this one holds may be among them, so it starts again from
+            // the raw rows after theirs.
+            tracing::warn!(
+                folded_to,
+                "hourly aggregates written by another connection; folding again from raw summaries"
+            );
+            let stored = last_telemetry_row(&tx)?.max(pending.last).max(folded_to);
+            *pending = PendingHours {
+                folded_to,
+                recover_to: stored,
+                hours: Default::default(),
+                last: stored,
+            };
+        }
+        if pending.folded_to < pending.recover_to {
+            let (hours, to) = fold_raw_rows(&tx, pending.folded_to, pending.recover_to)?;
+            write_hours(&tx, hours)?;
+            set_folded_to(&tx, to)?;
+            tx.commit()?;
+            pending.folded_to = to;
+            continue;
+        }
+        if pending.folded_to == pending.last {
+            return Ok(());
+        }
+        // Taken before writing: if anything below fails, the raw rows are folded again.
+        let hours = std::mem::take(&mut pending.hours);
+        pending.recover_to = pending.last;
+        write_hours(&tx, hours)?;
+        set_folded_to(&tx, pending.last)?;
+        tx.commit()?;
+        pending.folded_to = pending.last;
+        return Ok(());
+    }
+}
+
+fn set_folded_to(tx: &Transaction<'_>, row: i64) -> Result<()> {
+    exec(tx, "UPDATE hourly_folded SET folded_to = ?1", params![row])?;
+    Ok(())
+}
+
+/// Folds the raw summaries of the rows after `after`, up to `until` and at most
+/// [`RECOVERY_CHUNK`] of them; returns them with the last row they cover.
+fn fold_raw_rows(
+    tx: &Transaction<'_>,
+    after: i64,
+    until: i64,
+) -> Result<(std::collections::BTreeMap<HourKey, Hourly>, i64)> {
+    let mut hours = PendingHours::default();
+    let mut rows = 0;
+    let mut last = after;
+    let mut select = tx.prepare_cached(
+        "SELECT rowid, msg_id, device_id, summary FROM telemetry
+         WHERE rowid > ?1 AND rowid <= ?2 ORDER BY rowid LIMIT ?3",
+    )?;
+    let mut found = select.query(params![after, until, RECOVERY_CHUNK])?;
+    while let Some(r) = found.next()? {
+        rows += 1;
+        last = r.get(0)?;
+        let device_id: String = r.get(2)?;
+        let summary = match r.get_ref(3)? {
+            ValueRef::Blob(bytes) => {
+                rmp_serde::from_slice::<DriftSummary>(bytes).map_err(|e| e.to_string())
+            }
+            ValueRef::Text(text) => {
+                serde_json::from_slice::<DriftSummary>(text).map_err(|e| e.to_string())
+            }
+            other => Err(format!("a summary of type {:?}", other.data_type())),
+        };
+        match summary {
+            Ok(s) => hours.add(&device_id, &s),
+            Err(e) => {
+                let msg_id: String = r.get(1)?;
+                tracing::error!(device = %device_id, %msg_id, error = %e,
+                    "unreadable raw summary left out of its hourly aggregate");
+            }
+        }
+    }
+    Ok((
+        hours.hours,
+        if rows < RECOVERY_CHUNK { until } else { last },
+    ))
+}
+
+fn write_hours(
+    tx: &Transaction<'_>,
+    hours: std::collections::BTreeMap<HourKey, Hourly>,
+) -> Result<()> {
+    for (key, hour) in hours {
+        write_hourly(tx, &key, hour)?;
+    }
+    Ok(())
 }
 
 /// Copies the WAL into the database file from a thread and a connection of its own, so that
@@ -409,7 +606,10 @@ impl SqliteStore {
                 if version < 9 {
                     tx.execute_batch(SCHEMA_V9).map_err(with_path)?;
                 }
-                tx.execute_batch(SCHEMA_V10).map_err(with_path)?;
+                if version < 10 {
+                    tx.execute_batch(SCHEMA_V10).map_err(with_path)?;
+                }
+                tx.execute_batch(SCHEMA_V11).map_err(with_path)?;
                 tx.pragma_update(None, "user_version", SCHEMA_VERSION)
                     .map_err(with_path)?;
                 tx.commit().map_err(with_path)?;
@@ -423,10 +623,12 @@ impl SqliteStore {
         }
         let checkpointer =
             Checkpointer::start(Connection::open(path).map_err(with_path)?, shown.clone())?;
+        let pending = PendingHours::read(&conn).map_err(with_path)?;
         Ok(SqliteStore {
             conn: Arc::new(Mutex::new(conn)),
             path: shown,
             checkpointer: Arc::new(checkpointer),
+            pending: Arc::new(Mutex::new(pending)),
         })
     }
 
@@ -546,16 +748,16 @@ fn apply_status(tx: &Transaction<'_>, device_id: &str, s: &DeviceStatus) -> Resu
     Ok(())
 }
 
-/// A drift summary's row; nothing when its message id has one already.
+/// A drift summary's row, as row `?19`; nothing when its message id has one already.
 const INSERT_TELEMETRY: &str =
     "INSERT INTO telemetry (msg_id, device_id, received_ms, model_name, model_version, window_seq,
          window_start_ms, window_end_ms, samples, psi_max, summary, drift_share, labelled, accuracy, latency_p99_ms, errors,
-         prediction_drift, mae)
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)
+         prediction_drift, mae, rowid)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)
      ON CONFLICT (msg_id) DO NOTHING";
 
-/// Stores a drift summary's row unless its message id has one already: 1 stored, 0 a
-/// duplicate. `insert` is [`INSERT_TELEMETRY`], prepared once for a transaction's
+/// Stores a drift summary's row as `row` unless its message id has one already: 1 stored,
+/// 0 a duplicate. `insert` is [`INSERT_TELEMETRY`], prepared once for a transaction's
 /// summaries (a lookup in the statement cache hashes the statement's text: 5% of the
 /// store's work per summary).
 fn apply_drift(
@@ -563,6 +765,7 @@ fn apply_drift(
     e: &Envelope,
     s: &DriftSummary,
     now_ms: u64,
+    row: i64,
 ) -> Result<usize> {
     // MessagePack as received, in a BLOB (the column's TEXT affinity leaves BLOBs as they
     // are); JSON as its text.
@@ -594,6 +797,7 @@ fn apply_drift(
         s.stats.errors as i64,
         s.stats.prediction_drift,
         s.stats.mae,
+        row,
     ])?)
 }
 
@@ -612,8 +816,9 @@ fn apply_psi(tx: &Transaction<'_>, summaries: &[(&str, &DriftSummary)]) -> Resul
     Ok(())
 }
 
-/// Folds a transaction's summaries of one hour into its aggregate: one read, one write.
-fn fold_hourly(tx: &Transaction<'_>, key: &HourKey, summaries: &[&DriftSummary]) -> Result<()> {
+/// Folds the summaries of one hour, already folded together, into its aggregate: one read,
+/// one write.
+fn write_hourly(tx: &Transaction<'_>, key: &HourKey, folded: Hourly) -> Result<()> {
     let (device, model, version, hour) = key;
     let existing = tx
         .prepare_cached(
@@ -632,8 +837,12 @@ fn fold_hourly(tx: &Transaction<'_>, key: &HourKey, summaries: &[&DriftSummary])
         })
         .optional()?
         .flatten();
-    let Some(h) = Hourly::fold(existing, summaries) else {
-        return Ok(());
+    let h = match existing {
+        Some(mut h) => {
+            h.absorb(folded);
+            h
+        }
+        None => folded,
     };
     exec(
         tx,
@@ -1172,22 +1381,32 @@ impl Store for SqliteStore {
         envelopes: Arc<[Envelope]>,
         received_ms: u64,
     ) -> Result<Vec<Ingested>> {
+        let pending = self.pending.clone();
         self.call(move |conn| {
+            let mut pending = pending.lock().unwrap_or_else(|p| p.into_inner());
             let tx = conn.transaction()?;
             let mut results = Vec::with_capacity(envelopes.len());
             let mut summaries = Vec::new();
             let mut touched = std::collections::HashSet::new();
             let mut insert_drift = None;
+            // The next drift summary's row: after every row there is and every row folded,
+            // even pruned ones (see `PendingHours`).
+            let mut next_row = None;
             for envelope in envelopes.iter() {
                 // A drift summary's row is keyed by its message id, and is kept as long as
                 // `seen_messages` keeps ids: it is its own record of having been seen.
                 let fresh = match &envelope.message {
                     Message::DriftSummary(s) => {
-                        let insert = match &mut insert_drift {
-                            Some(insert) => insert,
-                            None => insert_drift.insert(tx.prepare_cached(INSERT_TELEMETRY)?),
+                        let (insert, row) = match (&mut insert_drift, next_row) {
+                            (Some(insert), Some(row)) => (insert, row),
+                            _ => (
+                                insert_drift.insert(tx.prepare_cached(INSERT_TELEMETRY)?),
+                                pending.after_rows(last_telemetry_row(&tx)?) + 1,
+                            ),
                         };
-                        apply_drift(insert, envelope, s, received_ms)?
+                        let stored = apply_drift(insert, envelope, s, received_ms, row)?;
+                        next_row = Some(row + stored as i64);
+                        stored
                     }
                     _ => exec(&tx,
                         "INSERT OR IGNORE INTO seen_messages (msg_id, device_id, received_ms) VALUES (?1, ?2, ?3)",
@@ -1221,11 +1440,20 @@ impl Store for SqliteStore {
                 results.push(Ingested::Stored);
             }
             apply_psi(&tx, &summaries)?;
-            for (key, list) in by_hour(&summaries) {
-                fold_hourly(&tx, &key, &list)?;
-            }
             drop(insert_drift);
             tx.commit()?;
+            if let Some(next) = next_row {
+                for (device, s) in &summaries {
+                    pending.add(device, s);
+                }
+                pending.last = next - 1;
+            }
+            if pending.hours.len() > MAX_PENDING_HOURS
+                && let Err(e) = flush_hours(conn, &mut pending)
+            {
+                // Stored all the same; the next flush folds the raw rows again.
+                tracing::warn!(error = %e, "cannot write hourly aggregates; trying again later");
+            }
             Ok(results)
         })
         .await
@@ -1371,7 +1599,9 @@ impl Store for SqliteStore {
 
     async fn hourly(&self, device_id: &str, limit: u32) -> Result<Vec<HourlyRow>> {
         let device_id = device_id.to_string();
+        let pending = self.pending.clone();
         self.call(move |conn| {
+            flush_hours(conn, &mut pending.lock().unwrap_or_else(|p| p.into_inner()))?;
             let mut stmt = conn.prepare_cached(
                 "SELECT device_id, model_name, model_version, hour_ms, windows, samples,
                         psi_max, psi_sum, stats
@@ -1407,8 +1637,19 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn prune(&self, raw_before_ms: u64, aggregates_before_ms: u64) -> Result<Pruned> {
+    async fn flush_hourly(&self) -> Result<()> {
+        let pending = self.pending.clone();
         self.call(move |conn| {
+            flush_hours(conn, &mut pending.lock().unwrap_or_else(|p| p.into_inner()))
+        })
+        .await
+    }
+
+    async fn prune(&self, raw_before_ms: u64, aggregates_before_ms: u64) -> Result<Pruned> {
+        let pending = self.pending.clone();
+        self.call(move |conn| {
+            // No raw summary goes before its hour holds it.
+            flush_hours(conn, &mut pending.lock().unwrap_or_else(|p| p.into_inner()))?;
             let tx = conn.transaction()?;
             let telemetry = tx.execute(
                 "DELETE FROM telemetry WHERE received_ms < ?1",

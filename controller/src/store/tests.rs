@@ -1761,6 +1761,7 @@ async fn hourly_statistics_are_messagepack_and_earlier_json_is_read(
     as_json: impl AsyncFn(String),
 ) {
     store.ingest(&drift(device, "a", 10, 0.1), 1).await.unwrap();
+    store.flush_hourly().await.unwrap();
     assert!(is_msgpack().await);
     let stats = store.hourly(device, 10).await.unwrap()[0].stats.clone();
     assert_eq!(
@@ -1777,6 +1778,7 @@ async fn hourly_statistics_are_messagepack_and_earlier_json_is_read(
         hour.stats["features"][0]["counts"],
         serde_json::json!([0, 15, 0])
     );
+    store.flush_hourly().await.unwrap();
     assert!(is_msgpack().await);
 }
 
@@ -1844,6 +1846,169 @@ async fn the_sqlite_wal_is_checkpointed_without_a_commit_paying_for_it() {
     assert_eq!(store.telemetry("d1", 1000).await.unwrap().len(), 300);
 }
 
+/// A drift summary of `device` whose window ends in hour `hour`.
+fn drift_in_hour(device: &str, msg_id: &str, samples: u64, hour: u64) -> Envelope {
+    let mut e = drift(device, msg_id, samples, 0.1);
+    if let Message::DriftSummary(s) = &mut e.message {
+        s.stats.start_ms = hour * HOUR_MS;
+        s.stats.end_ms = hour * HOUR_MS + 1;
+    }
+    e
+}
+
+/// `(windows, samples)` of each of `device`'s hours, newest first.
+async fn hours_of(store: &SqliteStore, device: &str) -> Vec<(u64, u64)> {
+    let hours = store.hourly(device, 100).await.unwrap();
+    hours.iter().map(|h| (h.windows, h.samples)).collect()
+}
+
+/// Where a new SQLite database goes, in a directory deleted with the first value.
+fn a_database_path() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.sqlite");
+    (dir, path)
+}
+
+fn count(path: &std::path::Path, sql: &str) -> i64 {
+    rusqlite::Connection::open(path)
+        .unwrap()
+        .query_row(sql, [], |r| r.get(0))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn sqlite_hourly_aggregates_are_written_behind_ingest_and_folded_again_after_a_crash() {
+    let (_dir, path) = a_database_path();
+    let store = SqliteStore::open(&path).unwrap();
+    for id in ["a", "b", "c"] {
+        store.ingest(&drift("d1", id, 10, 0.1), 1).await.unwrap();
+    }
+    assert_eq!(
+        store.ingest(&drift("d1", "b", 10, 0.1), 2).await.unwrap(),
+        Ingested::Duplicate
+    );
+    // Folded in memory, not yet written; a read writes them first.
+    assert_eq!(count(&path, "SELECT count(*) FROM telemetry_hourly"), 0);
+    assert_eq!(hours_of(&store, "d1").await, [(3, 30)]);
+    assert_eq!(count(&path, "SELECT windows FROM telemetry_hourly"), 3);
+    store
+        .ingest_many(
+            vec![drift("d1", "d", 5, 0.1), drift("d1", "e", 5, 0.1)].into(),
+            3,
+        )
+        .await
+        .unwrap();
+    // The process dies with two summaries folded in memory only: the next one to open the
+    // file folds them from their raw rows, once.
+    drop(store);
+    let store = SqliteStore::open(&path).unwrap();
+    assert_eq!(hours_of(&store, "d1").await, [(5, 40)]);
+    drop(store);
+    let store = SqliteStore::open(&path).unwrap();
+    assert_eq!(hours_of(&store, "d1").await, [(5, 40)]);
+    // What a flush writes is what folding every summary into the hour at once gives.
+    let summaries: Vec<DriftSummary> = store
+        .telemetry("d1", 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| serde_json::from_value(r.summary).unwrap())
+        .collect();
+    let at_once = Hourly::fold(None, &summaries.iter().collect::<Vec<_>>()).unwrap();
+    let hour = &store.hourly("d1", 1).await.unwrap()[0];
+    assert_eq!(hour.stats, serde_json::to_value(&at_once.stats).unwrap());
+    assert_eq!(hour.psi_max, at_once.psi_max);
+}
+
+#[tokio::test]
+async fn sqlite_rows_after_a_prune_of_every_row_are_folded_after_a_crash() {
+    let (_dir, path) = a_database_path();
+    let store = SqliteStore::open(&path).unwrap();
+    for id in ["a", "b"] {
+        store
+            .ingest(&drift_in_hour("d1", id, 10, 1), 1000)
+            .await
+            .unwrap();
+    }
+    let pruned = store.prune(2000, 0).await.unwrap();
+    assert_eq!(pruned.telemetry, 2);
+    assert_eq!(count(&path, "SELECT count(*) FROM telemetry"), 0);
+    // SQLite would give the next row the rowid of a pruned one, which the aggregates
+    // already hold; a recovery would then skip it.
+    store
+        .ingest(&drift_in_hour("d1", "c", 7, 1), 3000)
+        .await
+        .unwrap();
+    drop(store);
+    let store = SqliteStore::open(&path).unwrap();
+    assert_eq!(hours_of(&store, "d1").await, [(3, 27)]);
+}
+
+#[tokio::test]
+async fn two_sqlite_connections_to_one_file_fold_each_summary_once() {
+    let (_dir, path) = a_database_path();
+    let ingesting = SqliteStore::open(&path).unwrap();
+    for id in ["a", "b", "c"] {
+        ingesting
+            .ingest(&drift("d1", id, 10, 0.1), 1)
+            .await
+            .unwrap();
+    }
+    // Another connection finds three rows unfolded and folds them from the raw rows; the
+    // first one's memory holds the same three.
+    let reading = SqliteStore::open(&path).unwrap();
+    assert_eq!(hours_of(&reading, "d1").await, [(3, 30)]);
+    ingesting
+        .ingest(&drift("d1", "d", 10, 0.1), 2)
+        .await
+        .unwrap();
+    assert_eq!(hours_of(&ingesting, "d1").await, [(4, 40)]);
+    assert_eq!(hours_of(&reading, "d1").await, [(4, 40)]);
+    ingesting
+        .ingest(&drift("d1", "e", 10, 0.1), 3)
+        .await
+        .unwrap();
+    assert_eq!(hours_of(&reading, "d1").await, [(4, 40)], "not yet written");
+    ingesting.flush_hourly().await.unwrap();
+    assert_eq!(hours_of(&reading, "d1").await, [(5, 50)]);
+    // Both store: each finds rows it did not store, and folds from the raw rows again.
+    ingesting
+        .ingest(&drift("d1", "f", 10, 0.1), 4)
+        .await
+        .unwrap();
+    reading.ingest(&drift("d1", "g", 10, 0.1), 4).await.unwrap();
+    ingesting
+        .ingest(&drift("d1", "h", 10, 0.1), 4)
+        .await
+        .unwrap();
+    assert_eq!(hours_of(&ingesting, "d1").await, [(8, 80)]);
+    assert_eq!(hours_of(&reading, "d1").await, [(8, 80)]);
+}
+
+#[tokio::test]
+async fn sqlite_ingest_writes_its_hourly_aggregates_once_it_holds_too_many() {
+    let (_dir, path) = a_database_path();
+    let store = SqliteStore::open(&path).unwrap();
+    let hours = super::sqlite::MAX_PENDING_HOURS as u64;
+    let group: Vec<Envelope> = (0..hours)
+        .map(|h| drift_in_hour("d1", &format!("w{h}"), 1, h))
+        .collect();
+    store.ingest_many(group.into(), 1).await.unwrap();
+    assert_eq!(count(&path, "SELECT count(*) FROM telemetry_hourly"), 0);
+    store
+        .ingest(&drift_in_hour("d1", "one more", 1, hours), 1)
+        .await
+        .unwrap();
+    assert_eq!(
+        count(&path, "SELECT count(*) FROM telemetry_hourly"),
+        hours as i64 + 1
+    );
+    assert_eq!(
+        count(&path, "SELECT folded_to FROM hourly_folded"),
+        hours as i64 + 1
+    );
+}
+
 #[tokio::test]
 async fn a_version_1_sqlite_database_is_migrated_in_place() {
     let dir = tempfile::tempdir().unwrap();
@@ -1852,6 +2017,7 @@ async fn a_version_1_sqlite_database_is_migrated_in_place() {
     conn.execute_batch(super::sqlite::SCHEMA_V1).unwrap();
     conn.execute_batch(
         "INSERT INTO devices (id, last_seen_ms, inferences) VALUES ('old', 5, 42);
+         INSERT INTO telemetry VALUES ('t-old', 'old', 5, 'm', 1, 1, 0, 1, 10, 0.1, '{}');
          PRAGMA user_version = 1;",
     )
     .unwrap();
@@ -1872,7 +2038,12 @@ async fn a_version_1_sqlite_database_is_migrated_in_place() {
     let version: i64 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 10);
+    assert_eq!(version, 11);
+    // Rows stored before version 11 were folded as they came (or, before version 2, never).
+    let folded_to: i64 = conn
+        .query_row("SELECT folded_to FROM hourly_folded", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(folded_to, 1);
     conn.prepare("SELECT upload_seq, content FROM dataset_parts")
         .unwrap();
     conn.prepare("SELECT mae FROM telemetry").unwrap();
