@@ -336,7 +336,8 @@ const RECOVERY_CHUNK: i64 = 2048;
 /// and a write of the device-hour's merged statistics (about 900 integers): with many
 /// devices, once per summary and most of the store's work (BENCHMARKS.md, rows (m)). Ingest
 /// folds into memory instead, and [`flush_hours`] writes each device-hour once for all the
-/// summaries it gathered: when [`MAX_PENDING_HOURS`] are held, when the retention actor asks
+/// summaries it gathered: once [`MAX_PENDING_HOURS`] are held (after the ingest call that
+/// filled them, so that its acknowledgements do not wait), when the retention actor asks
 /// (every minute), and before anything reads or prunes the aggregates, so that a read sees
 /// every stored summary.
 ///
@@ -1382,7 +1383,7 @@ impl Store for SqliteStore {
         received_ms: u64,
     ) -> Result<Vec<Ingested>> {
         let pending = self.pending.clone();
-        self.call(move |conn| {
+        let (results, full) = self.call(move |conn| {
             let mut pending = pending.lock().unwrap_or_else(|p| p.into_inner());
             let tx = conn.transaction()?;
             let mut results = Vec::with_capacity(envelopes.len());
@@ -1448,15 +1449,20 @@ impl Store for SqliteStore {
                 }
                 pending.last = next - 1;
             }
-            if pending.hours.len() > MAX_PENDING_HOURS
-                && let Err(e) = flush_hours(conn, &mut pending)
-            {
-                // Stored all the same; the next flush folds the raw rows again.
-                tracing::warn!(error = %e, "cannot write hourly aggregates; trying again later");
-            }
-            Ok(results)
+            Ok((results, pending.hours.len() > MAX_PENDING_HOURS))
         })
-        .await
+        .await?;
+        if full {
+            // After this call, so that the group's acknowledgements do not wait for it.
+            let store = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = store.flush_hourly().await {
+                    // The next flush folds the raw rows again.
+                    tracing::warn!(error = %e, "cannot write hourly aggregates; trying again later");
+                }
+            });
+        }
+        Ok(results)
     }
 
     async fn register_devices(&self, ids: &[String]) -> Result<u64> {

@@ -1999,12 +1999,14 @@ async fn sqlite_ingest_writes_its_hourly_aggregates_once_it_holds_too_many() {
         .ingest(&drift_in_hour("d1", "one more", 1, hours), 1)
         .await
         .unwrap();
+    // Written right after that call, without a read or the minute's flush.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while count(&path, "SELECT folded_to FROM hourly_folded") != hours as i64 + 1 {
+        assert!(std::time::Instant::now() < deadline, "not written");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     assert_eq!(
         count(&path, "SELECT count(*) FROM telemetry_hourly"),
-        hours as i64 + 1
-    );
-    assert_eq!(
-        count(&path, "SELECT folded_to FROM hourly_folded"),
         hours as i64 + 1
     );
 }
