@@ -228,17 +228,29 @@ impl EmbeddedBroker {
 /// handshake (rather than a bare TCP connect) keeps the broker from logging the probe as
 /// an aborted connection.
 fn answers_mqtt(addr: SocketAddr, login: Option<&(String, String)>) -> bool {
-    let connect = connect_packet("probe-0", login);
     let handshake = || -> std::io::Result<bool> {
-        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(200))?;
-        stream.set_read_timeout(Some(Duration::from_millis(500)))?;
-        stream.write_all(&connect)?;
-        let mut connack = [0u8; 4];
-        stream.read_exact(&mut connack)?;
+        let (mut stream, accepted) =
+            mqtt_connect(addr, "probe-0", login, Duration::from_millis(500))?;
         stream.write_all(&[0xE0, 0])?; // DISCONNECT
-        Ok(connack == [0x20, 2, 0, 0])
+        Ok(accepted)
     };
     handshake().unwrap_or(false)
+}
+
+/// Connects to `addr` and sends an MQTT 3.1.1 CONNECT, waiting at most `wait` for each
+/// step; returns the connection and whether its CONNACK accepted it.
+fn mqtt_connect(
+    addr: SocketAddr,
+    client_id: &str,
+    login: Option<&(String, String)>,
+    wait: Duration,
+) -> std::io::Result<(TcpStream, bool)> {
+    let mut stream = TcpStream::connect_timeout(&addr, wait)?;
+    stream.set_read_timeout(Some(wait))?;
+    stream.write_all(&connect_packet(client_id, login))?;
+    let mut connack = [0u8; 4];
+    stream.read_exact(&mut connack)?;
+    Ok((stream, connack == [0x20, 2, 0, 0]))
 }
 
 /// An MQTT 3.1.1 CONNECT with a clean session and a keep-alive of 10 s.
@@ -346,15 +358,8 @@ mod tests {
         let probe = |client: &'static str, login: Option<(String, String)>| {
             let addr = broker.addr;
             tokio::task::spawn_blocking(move || {
-                let mut stream = TcpStream::connect(addr).unwrap();
-                stream
-                    .set_read_timeout(Some(Duration::from_secs(2)))
-                    .unwrap();
-                stream
-                    .write_all(&connect_packet(client, login.as_ref()))
-                    .unwrap();
-                let mut connack = [0u8; 4];
-                stream.read_exact(&mut connack).is_ok() && connack == [0x20, 2, 0, 0]
+                mqtt_connect(addr, client, login.as_ref(), Duration::from_secs(2))
+                    .is_ok_and(|(_, accepted)| accepted)
             })
         };
         assert!(probe("ctl", Some(login.clone())).await.unwrap());
@@ -559,16 +564,9 @@ mod tests {
         let (own, forged) = (topic("dev-1", "telemetry"), topic("dev-2", "receipts"));
         let dev1 = login("dev-1");
         tokio::task::spawn_blocking(move || {
-            let mut stream = TcpStream::connect(addr).unwrap();
-            stream
-                .set_read_timeout(Some(Duration::from_secs(5)))
-                .unwrap();
-            stream
-                .write_all(&connect_packet("dev-1", Some(&dev1)))
-                .unwrap();
-            let mut connack = [0u8; 4];
-            stream.read_exact(&mut connack).unwrap();
-            assert_eq!(connack, [0x20, 2, 0, 0]);
+            let (mut stream, accepted) =
+                mqtt_connect(addr, "dev-1", Some(&dev1), Duration::from_secs(5)).unwrap();
+            assert!(accepted);
             let mut packets = bytes::BytesMut::new();
             for (topic, text) in [(own, "before"), (forged, "forged too")] {
                 let publish = rumqttc::Publish::new(topic, rumqttc::QoS::AtMostOnce, text);
