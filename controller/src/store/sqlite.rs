@@ -324,6 +324,9 @@ pub struct SqliteStore {
     pending: Arc<Mutex<PendingHours>>,
 }
 
+/// Device-hours' aggregates by key, in the order they are written.
+type HourMap = std::collections::BTreeMap<HourKey, Hourly>;
+
 /// Most device-hours ingest keeps folded in memory before it writes them (each holds its
 /// merged statistics: about 10 KB).
 pub(super) const MAX_PENDING_HOURS: usize = 2048;
@@ -345,7 +348,6 @@ const RECOVERY_CHUNK: i64 = 2048;
 /// the process, the next flush folds again from the raw rows. `hourly_folded.folded_to` is
 /// the last row the aggregates hold, and a row's rowid only grows: ingest sets it, since
 /// SQLite would hand a pruned one out again.
-#[derive(Default)]
 struct PendingHours {
     /// `hourly_folded.folded_to` as this connection last read or wrote it.
     folded_to: i64,
@@ -353,22 +355,28 @@ struct PendingHours {
     /// stored before this process opened the file, or whose folding was lost.
     recover_to: i64,
     /// The summaries of the rows after `recover_to`, folded.
-    hours: std::collections::BTreeMap<HourKey, Hourly>,
+    hours: HourMap,
     /// The last row ingest has stored.
     last: i64,
 }
 
 impl PendingHours {
+    /// Nothing in memory: the rows after `folded_to`, up to `stored`, are folded from
+    /// their raw summaries.
+    fn starting(folded_to: i64, stored: i64) -> Self {
+        let stored = stored.max(folded_to);
+        PendingHours {
+            folded_to,
+            recover_to: stored,
+            hours: HourMap::new(),
+            last: stored,
+        }
+    }
+
     fn read(conn: &Connection) -> rusqlite::Result<Self> {
         let folded_to: i64 =
             conn.query_row("SELECT folded_to FROM hourly_folded", [], |r| r.get(0))?;
-        let stored = last_telemetry_row(conn)?.max(folded_to);
-        Ok(PendingHours {
-            folded_to,
-            recover_to: stored,
-            hours: Default::default(),
-            last: stored,
-        })
+        Ok(PendingHours::starting(folded_to, last_telemetry_row(conn)?))
     }
 
     /// The row after which ingest stores, given the table's `last` row. Rows another
@@ -380,21 +388,19 @@ impl PendingHours {
                 last,
                 "telemetry stored by another connection; folding again from raw summaries"
             );
-            self.hours.clear();
-            self.recover_to = last;
-            self.last = last;
+            *self = PendingHours::starting(self.folded_to, last);
         }
         self.last
     }
+}
 
-    /// Folds a committed summary in.
-    fn add(&mut self, device_id: &str, s: &DriftSummary) {
-        use std::collections::btree_map::Entry;
-        match self.hours.entry(hour_key(device_id, s)) {
-            Entry::Occupied(mut hour) => hour.get_mut().add(s),
-            Entry::Vacant(hour) => {
-                hour.insert(Hourly::of(s));
-            }
+/// Folds a summary into its hour among `hours`.
+fn fold_in(hours: &mut HourMap, device_id: &str, s: &DriftSummary) {
+    use std::collections::btree_map::Entry;
+    match hours.entry(hour_key(device_id, s)) {
+        Entry::Occupied(mut hour) => hour.get_mut().add(s),
+        Entry::Vacant(hour) => {
+            hour.insert(Hourly::of(s));
         }
     }
 }
@@ -421,13 +427,8 @@ fn flush_hours(conn: &mut Connection, pending: &mut PendingHours) -> Result<()> 
                 folded_to,
                 "hourly aggregates written by another connection; folding again from raw summaries"
             );
-            let stored = last_telemetry_row(&tx)?.max(pending.last).max(folded_to);
-            *pending = PendingHours {
-                folded_to,
-                recover_to: stored,
-                hours: Default::default(),
-                last: stored,
-            };
+            let stored = last_telemetry_row(&tx)?.max(pending.last);
+            *pending = PendingHours::starting(folded_to, stored);
         }
         if pending.folded_to < pending.recover_to {
             let (hours, to) = fold_raw_rows(&tx, pending.folded_to, pending.recover_to)?;
@@ -458,12 +459,8 @@ fn set_folded_to(tx: &Transaction<'_>, row: i64) -> Result<()> {
 
 /// Folds the raw summaries of the rows after `after`, up to `until` and at most
 /// [`RECOVERY_CHUNK`] of them; returns them with the last row they cover.
-fn fold_raw_rows(
-    tx: &Transaction<'_>,
-    after: i64,
-    until: i64,
-) -> Result<(std::collections::BTreeMap<HourKey, Hourly>, i64)> {
-    let mut hours = PendingHours::default();
+fn fold_raw_rows(tx: &Transaction<'_>, after: i64, until: i64) -> Result<(HourMap, i64)> {
+    let mut hours = HourMap::new();
     let mut rows = 0;
     let mut last = after;
     let mut select = tx.prepare_cached(
@@ -485,7 +482,7 @@ fn fold_raw_rows(
             other => Err(format!("a summary of type {:?}", other.data_type())),
         };
         match summary {
-            Ok(s) => hours.add(&device_id, &s),
+            Ok(s) => fold_in(&mut hours, &device_id, &s),
             Err(e) => {
                 let msg_id: String = r.get(1)?;
                 tracing::error!(device = %device_id, %msg_id, error = %e,
@@ -493,16 +490,10 @@ fn fold_raw_rows(
             }
         }
     }
-    Ok((
-        hours.hours,
-        if rows < RECOVERY_CHUNK { until } else { last },
-    ))
+    Ok((hours, if rows < RECOVERY_CHUNK { until } else { last }))
 }
 
-fn write_hours(
-    tx: &Transaction<'_>,
-    hours: std::collections::BTreeMap<HourKey, Hourly>,
-) -> Result<()> {
+fn write_hours(tx: &Transaction<'_>, hours: HourMap) -> Result<()> {
     for (key, hour) in hours {
         write_hourly(tx, &key, hour)?;
     }
@@ -1445,7 +1436,7 @@ impl Store for SqliteStore {
             tx.commit()?;
             if let Some(next) = next_row {
                 for (device, s) in &summaries {
-                    pending.add(device, s);
+                    fold_in(&mut pending.hours, device, s);
                 }
                 pending.last = next - 1;
             }
