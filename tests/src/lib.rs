@@ -964,15 +964,18 @@ pub fn agent_outbox_telemetry(state_dir: &std::path::Path) -> Vec<String> {
 pub fn agent_outbox_window_seqs(state_dir: &std::path::Path) -> Vec<u64> {
     let conn = rusqlite::Connection::open(state_dir.join("outbox.sqlite")).unwrap();
     conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    // Each entry is one envelope, in the format the agent sends (MessagePack by default).
     let mut stmt = conn
-        .prepare(
-            "SELECT json_extract(CAST(payload AS TEXT), '$.payload.window_seq') FROM outbox
-             WHERE topic LIKE '%/telemetry' ORDER BY id",
-        )
+        .prepare("SELECT payload FROM outbox WHERE topic LIKE '%/telemetry' ORDER BY id")
         .unwrap();
-    stmt.query_map([], |r| r.get::<_, i64>(0))
+    stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))
         .unwrap()
-        .map(|v| v.unwrap() as u64)
+        .map(
+            |payload| match Envelope::decode(&payload.unwrap()).map(|e| e.message) {
+                Ok(Message::DriftSummary(s)) => s.window_seq,
+                other => panic!("not a drift summary in the outbox: {other:?}"),
+            },
+        )
         .collect()
 }
 
@@ -1073,4 +1076,43 @@ pub async fn wait_for_port(port: u16) {
             .is_ok()
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use edgeloop_agent::outbox::{NewEntry, Outbox, Priority, SqliteOutbox};
+    use edgeloop_shared::drift::WindowStats;
+    use edgeloop_shared::protocol::{DriftSummary, Format};
+
+    use super::*;
+
+    #[test]
+    fn the_outbox_window_numbers_are_read_in_either_format() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::new(
+            SqliteOutbox::open(&dir.path().join("outbox.sqlite")).unwrap(),
+            1 << 20,
+        );
+        for (seq, format) in [(7, Format::Msgpack), (8, Format::Json)] {
+            let summary = Message::DriftSummary(DriftSummary {
+                model: ModelRef {
+                    name: MODEL_NAME.into(),
+                    version: 1,
+                },
+                window_seq: seq,
+                stats: WindowStats::default(),
+            });
+            let msg_id = format!("w{seq}");
+            let payload = Envelope::new("d1", &msg_id, 1, summary).encode_as(format);
+            outbox
+                .enqueue(NewEntry {
+                    topic: "edgeloop/v1/devices/d1/telemetry",
+                    msg_id: &msg_id,
+                    priority: Priority::Telemetry,
+                    payload: &payload,
+                })
+                .unwrap();
+        }
+        assert_eq!(agent_outbox_window_seqs(dir.path()), [7, 8]);
+    }
 }
