@@ -1,13 +1,20 @@
 //! MessagePack, the protocol's binary spelling of an envelope: where values begin and end,
 //! and the few scalars the envelope's own fields need.
 //!
-//! Typed payloads are read by rmp-serde. This module only walks the structure, which every
-//! MessagePack value declares up front (each string, map and array says its length), and
-//! refuses on the way what JSON cannot spell and the store could not keep: a string holding
-//! NUL, a float that is NaN or infinite. The walk is iterative (a count of values still to
-//! skip), so a deeply nested value cannot exhaust the stack.
+//! Typed payloads are read by [`from_slice`] (rmp-serde's reading, done faster for the
+//! spellings the protocol uses). The rest of this module only walks the structure, which
+//! every MessagePack value declares up front (each string, map and array says its length),
+//! and refuses on the way what JSON cannot spell and the store could not keep: a string
+//! holding NUL, a float that is NaN or infinite. The walk is iterative (a count of values
+//! still to skip), so a deeply nested value cannot exhaust the stack.
 
 use std::ops::Range;
+
+mod typed;
+
+pub use typed::from_slice;
+#[cfg(test)]
+pub(crate) use typed::read_quickly;
 
 /// Whether `b` begins a MessagePack map (fixmap, map 16, map 32). No JSON text begins with
 /// such a byte: 0x80–0x8f are UTF-8 continuation bytes, 0xde and 0xdf begin two-byte

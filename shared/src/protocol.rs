@@ -579,7 +579,7 @@ impl Message {
                     serde_json::from_str(text).map_err(|e| e.to_string())
                 }
                 ReceivedPayload::Msgpack(bytes) => {
-                    rmp_serde::from_slice(bytes).map_err(|e| e.to_string())
+                    crate::msgpack::from_slice(bytes).map_err(|e| e.to_string())
                 }
             };
             reason.map_err(|reason| DecodeError::Payload { kind, reason })
@@ -792,8 +792,8 @@ impl Envelope {
 
     /// The MessagePack form: the envelope's map walked once (which also refuses NUL in a
     /// string and floats that are not finite, as JSON cannot spell them), its small fields
-    /// read from their bytes, the payload read typed by rmp-serde. Checks come in the order
-    /// of the JSON form's: version, envelope, identifiers, payload.
+    /// read from their bytes, the payload read typed ([`crate::msgpack::from_slice`]).
+    /// Checks come in the order of the JSON form's: version, envelope, identifiers, payload.
     fn decode_msgpack(bytes: &[u8]) -> Result<Self, DecodeError> {
         use crate::msgpack::{ScanError, map_fields, str_of, uint_of};
         const KEYS: [&str; 6] = ["v", "device_id", "msg_id", "ts_ms", "kind", "payload"];
@@ -1131,6 +1131,130 @@ mod tests {
             assert_eq!(Format::of(&packed), Format::Msgpack);
             assert_eq!(Envelope::decode(&packed).unwrap(), e);
             assert_eq!(Envelope::probe_msg_id(&packed).as_deref(), Some("m-1"));
+        }
+    }
+
+    /// A drift summary as the agent makes one, with every field the protocol has.
+    fn full_summary() -> DriftSummary {
+        use crate::drift::{DriftWindow, ReferenceProfile, Residuals};
+        let names = vec!["rms".to_string(), "peak".to_string()];
+        let columns: Vec<Vec<f64>> = (0..2)
+            .map(|c| {
+                (0..500)
+                    .map(|i| ((i * 37 + c * 11) % 97) as f64 / 7.0)
+                    .collect()
+            })
+            .collect();
+        let profile = ReferenceProfile::from_columns(&names, &columns, 10).unwrap();
+        let mut window = DriftWindow::new(profile, 1_000);
+        for i in 0..300 {
+            let row = [(i % 89) as f32 / 6.0 + 1.5, (i % 53) as f32 / 5.0 - 3.0];
+            window.observe(&row, Some(i % 3)).unwrap();
+            window.observe_latency(0.3 * i as f64);
+            window.observe_label(i % 3, (i + 1) % 3);
+        }
+        window.observe_errors(2);
+        let mut stats = window.finish(61_000);
+        stats.predicted_value = Some(Box::new(stats.features[1].clone()));
+        stats.residuals = Some(Residuals {
+            count: 3,
+            sum: -1.5,
+            sum_abs: 2.0,
+            sum_sq: 4.25,
+        });
+        (stats.mae, stats.rmse) = (Some(0.7), Some(1.1));
+        (stats.confidence_alert, stats.prediction_drift) = (true, true);
+        DriftSummary {
+            model: ModelRef {
+                name: "vibration".into(),
+                version: 70_000,
+            },
+            window_seq: u64::MAX,
+            stats,
+        }
+    }
+
+    /// The payload of each kind of message as MessagePack.
+    fn packed_payloads() -> Vec<(&'static str, Vec<u8>)> {
+        let (Message::Status(status), Message::DriftSummary(summary)) = (status(), summary())
+        else {
+            unreachable!()
+        };
+        vec![
+            ("status", rmp_serde::to_vec_named(&status).unwrap()),
+            ("drift_summary", rmp_serde::to_vec_named(&summary).unwrap()),
+            (
+                "drift_summary",
+                rmp_serde::to_vec_named(&full_summary()).unwrap(),
+            ),
+        ]
+    }
+
+    /// Reads `bytes` as `kind`'s payload quickly and with rmp-serde; when the quick read
+    /// gives a value, rmp-serde gives the same one.
+    fn reads_as_rmp_serde_does(kind: &str, bytes: &[u8]) -> bool {
+        fn same<T: for<'de> Deserialize<'de> + PartialEq + std::fmt::Debug>(bytes: &[u8]) -> bool {
+            let Some(quick) = crate::msgpack::read_quickly::<T>(bytes) else {
+                return false;
+            };
+            assert_eq!(
+                rmp_serde::from_slice::<T>(bytes).ok().as_ref(),
+                Some(&quick),
+                "{bytes:02x?}"
+            );
+            true
+        }
+        match kind {
+            "status" => same::<DeviceStatus>(bytes),
+            "drift_summary" => same::<DriftSummary>(bytes),
+            other => panic!("{other}"),
+        }
+    }
+
+    #[test]
+    fn the_quick_messagepack_read_takes_what_devices_send_and_reads_it_as_rmp_serde_does() {
+        let payloads = packed_payloads();
+        for (kind, bytes) in &payloads {
+            // Without this, every summary would take rmp-serde's slower road unnoticed.
+            assert!(
+                reads_as_rmp_serde_does(kind, bytes),
+                "{kind} left to rmp-serde"
+            );
+        }
+        // The envelope's decoder takes that road.
+        let e = Envelope::new("dev-1", "m-1", 7, Message::DriftSummary(full_summary()));
+        let decoded = Envelope::decode(&e.encode_as(Format::Msgpack)).unwrap();
+        let Some(ReceivedPayload::Msgpack(bytes)) = decoded.received_payload() else {
+            panic!("no bytes kept")
+        };
+        let read = rmp_serde::from_slice(bytes).map(Message::DriftSummary);
+        assert_eq!(read.unwrap(), decoded.message);
+        // Damaged payloads: whatever the quick read takes, rmp-serde reads alike; what it
+        // does not, rmp-serde answers, through `from_slice`.
+        fn agrees<T: for<'de> Deserialize<'de> + PartialEq + std::fmt::Debug>(bytes: &[u8]) {
+            assert_eq!(
+                crate::msgpack::from_slice::<T>(bytes).map_err(|e| e.to_string()),
+                rmp_serde::from_slice::<T>(bytes).map_err(|e| e.to_string())
+            );
+        }
+        let texts: Vec<Vec<u8>> = payloads.into_iter().map(|(_, b)| b).collect();
+        // Any byte mostly breaks the structure; small integers mostly change a count.
+        let every_byte: Vec<u8> = (0..=255).collect();
+        let fixints: Vec<u8> = (0..0x80).collect();
+        for alphabet in [every_byte, fixints] {
+            let quick_reads = std::sync::atomic::AtomicUsize::new(0);
+            mutations(&texts, &alphabet, |bytes| {
+                for kind in ["status", "drift_summary"] {
+                    if reads_as_rmp_serde_does(kind, bytes) {
+                        quick_reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+                agrees::<DeviceStatus>(bytes);
+                agrees::<DriftSummary>(bytes);
+            });
+            // The mutations reach both roads.
+            let quick_reads = quick_reads.into_inner();
+            assert!(quick_reads > 50 && quick_reads < 3000, "{quick_reads}");
         }
     }
 

@@ -273,7 +273,9 @@ impl StoredStats<'_> {
     pub fn parse(self) -> std::result::Result<edgeloop_shared::drift::WindowStats, String> {
         match self {
             StoredStats::Json(text) => serde_json::from_str(text).map_err(|e| e.to_string()),
-            StoredStats::Msgpack(bytes) => rmp_serde::from_slice(bytes).map_err(|e| e.to_string()),
+            StoredStats::Msgpack(bytes) => {
+                edgeloop_shared::msgpack::from_slice(bytes).map_err(|e| e.to_string())
+            }
         }
     }
 
@@ -397,7 +399,9 @@ pub(crate) fn summary_value(
 ) -> Result<serde_json::Value> {
     let read = match stored {
         ReceivedPayload::Json(text) => serde_json::from_str(text).map_err(|e| e.to_string()),
-        ReceivedPayload::Msgpack(bytes) => rmp_serde::from_slice(bytes).map_err(|e| e.to_string()),
+        ReceivedPayload::Msgpack(bytes) => {
+            edgeloop_shared::msgpack::from_slice(bytes).map_err(|e| e.to_string())
+        }
     };
     read.map_err(|e| StoreError::Corrupt(format!("summary {msg_id}: {e}")))
 }

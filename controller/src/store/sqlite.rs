@@ -473,9 +473,8 @@ fn fold_raw_rows(tx: &Transaction<'_>, after: i64, until: i64) -> Result<(HourMa
         last = r.get(0)?;
         let device_id: String = r.get(2)?;
         let summary = match r.get_ref(3)? {
-            ValueRef::Blob(bytes) => {
-                rmp_serde::from_slice::<DriftSummary>(bytes).map_err(|e| e.to_string())
-            }
+            ValueRef::Blob(bytes) => edgeloop_shared::msgpack::from_slice::<DriftSummary>(bytes)
+                .map_err(|e| e.to_string()),
             ValueRef::Text(text) => {
                 serde_json::from_slice::<DriftSummary>(text).map_err(|e| e.to_string())
             }
