@@ -143,6 +143,24 @@ pub fn decode(bytes: &[u8]) -> Result<Payload, DecodeError> {
     Envelope::decode(bytes).map(|e| Payload::Single(Box::new(e)))
 }
 
+thread_local! {
+    /// A zstd decompression context per thread: making one for each batch cost about as
+    /// much as decompressing its body.
+    static UNZSTD: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Decompresses one zstd frame of at most `capacity` bytes.
+fn unzstd(body: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+    UNZSTD.with_borrow_mut(|context| {
+        let context = match context {
+            Some(c) => c,
+            None => context.insert(zstd::bulk::Decompressor::new()?),
+        };
+        context.decompress(body, capacity)
+    })
+}
+
 fn decode_batch(header: &[u8], body: &[u8]) -> Result<Payload, DecodeError> {
     let bad = |reason: String| DecodeError::Batch(reason);
     let header: Header<'_> =
@@ -173,8 +191,7 @@ fn decode_batch(header: &[u8], body: &[u8]) -> Result<Payload, DecodeError> {
         Encoding::Zstd => {
             // The declared size caps the output: a body that expands further is an error,
             // never an allocation beyond the limit.
-            decoded = zstd::bulk::decompress(body, header.bytes)
-                .map_err(|e| bad(format!("zstd body: {e}")))?;
+            decoded = unzstd(body, header.bytes).map_err(|e| bad(format!("zstd body: {e}")))?;
             &decoded
         }
     };
@@ -464,6 +481,8 @@ mod tests {
         let mut truncated = good.clone();
         truncated.truncate(good.len() - 5);
         assert!(matches!(decode(&truncated), Err(DecodeError::Batch(_))));
+        // The thread's decompression context serves the next batch after each refusal.
+        assert!(matches!(decode(&good), Ok(Payload::Batch { .. })));
     }
 
     #[test]
