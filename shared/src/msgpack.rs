@@ -13,7 +13,6 @@ use std::ops::Range;
 mod typed;
 
 pub use typed::from_slice;
-#[cfg(test)]
 pub(crate) use typed::read_quickly;
 
 /// Whether `b` begins a MessagePack map (fixmap, map 16, map 32). No JSON text begins with

@@ -570,13 +570,28 @@ impl Message {
     }
 
     fn decode_payload(kind: &str, payload: ReceivedPayload<'_>) -> Result<Self, DecodeError> {
+        Self::read_payload(kind, payload, false)
+    }
+
+    /// [`Message::decode_payload`]; with `quick_only`, MessagePack only as
+    /// [`crate::msgpack::read_quickly`] reads it, and an error for whatever it leaves to
+    /// rmp-serde (the caller then decodes the envelope the long way).
+    fn read_payload(
+        kind: &str,
+        payload: ReceivedPayload<'_>,
+        quick_only: bool,
+    ) -> Result<Self, DecodeError> {
         fn parse<T: for<'de> Deserialize<'de>>(
             kind: &'static str,
             payload: ReceivedPayload<'_>,
+            quick_only: bool,
         ) -> Result<T, DecodeError> {
             let reason = match payload {
                 ReceivedPayload::Json(text) => {
                     serde_json::from_str(text).map_err(|e| e.to_string())
+                }
+                ReceivedPayload::Msgpack(bytes) if quick_only => {
+                    crate::msgpack::read_quickly(bytes).ok_or_else(String::new)
                 }
                 ReceivedPayload::Msgpack(bytes) => {
                     crate::msgpack::from_slice(bytes).map_err(|e| e.to_string())
@@ -585,14 +600,18 @@ impl Message {
             reason.map_err(|reason| DecodeError::Payload { kind, reason })
         }
         Ok(match kind {
-            "status" => Message::Status(parse("status", payload)?),
-            "drift_summary" => Message::DriftSummary(parse("drift_summary", payload)?),
-            "deployment_status" => Message::DeploymentStatus(parse("deployment_status", payload)?),
-            "command" => Message::Command(parse("command", payload)?),
-            "receipt" => Message::Receipt(parse("receipt", payload)?),
-            "sample_chunk" => Message::SampleChunk(parse("sample_chunk", payload)?),
-            "bundle_request" => Message::BundleRequest(parse("bundle_request", payload)?),
-            "bundle_chunk" => Message::BundleChunk(parse("bundle_chunk", payload)?),
+            "status" => Message::Status(parse("status", payload, quick_only)?),
+            "drift_summary" => Message::DriftSummary(parse("drift_summary", payload, quick_only)?),
+            "deployment_status" => {
+                Message::DeploymentStatus(parse("deployment_status", payload, quick_only)?)
+            }
+            "command" => Message::Command(parse("command", payload, quick_only)?),
+            "receipt" => Message::Receipt(parse("receipt", payload, quick_only)?),
+            "sample_chunk" => Message::SampleChunk(parse("sample_chunk", payload, quick_only)?),
+            "bundle_request" => {
+                Message::BundleRequest(parse("bundle_request", payload, quick_only)?)
+            }
+            "bundle_chunk" => Message::BundleChunk(parse("bundle_chunk", payload, quick_only)?),
             other => return Err(DecodeError::UnknownKind(other.chars().take(64).collect())),
         })
     }
@@ -790,11 +809,22 @@ impl Envelope {
         }
     }
 
-    /// The MessagePack form: the envelope's map walked once (which also refuses NUL in a
-    /// string and floats that are not finite, as JSON cannot spell them), its small fields
-    /// read from their bytes, the payload read typed ([`crate::msgpack::from_slice`]).
-    /// Checks come in the order of the JSON form's: version, envelope, identifiers, payload.
+    /// The MessagePack form: a valid envelope spelled as [`Envelope::encode_as`] spells it
+    /// in one pass ([`Envelope::decode_msgpack_quickly`]), anything else the long way. The
+    /// two agree on every input (a property test checks it).
     fn decode_msgpack(bytes: &[u8]) -> Result<Self, DecodeError> {
+        match Self::decode_msgpack_quickly(bytes) {
+            Some(envelope) => Ok(envelope),
+            None => Self::decode_msgpack_walked(bytes),
+        }
+    }
+
+    /// The MessagePack form the long way: the envelope's map walked once (which also
+    /// refuses NUL in a string and floats that are not finite, as JSON cannot spell them),
+    /// its small fields read from their bytes, the payload read typed
+    /// ([`crate::msgpack::from_slice`]). Checks come in the order of the JSON form's:
+    /// version, envelope, identifiers, payload.
+    fn decode_msgpack_walked(bytes: &[u8]) -> Result<Self, DecodeError> {
         use crate::msgpack::{ScanError, map_fields, str_of, uint_of};
         const KEYS: [&str; 6] = ["v", "device_id", "msg_id", "ts_ms", "kind", "payload"];
         // One walk that also checks the content; when the content is what fails, the walk
@@ -853,6 +883,51 @@ impl Envelope {
         }
         let message = Message::decode_payload(kind, ReceivedPayload::Msgpack(payload))?;
         Ok(Envelope {
+            device_id: device_id.to_string(),
+            msg_id: msg_id.to_string(),
+            ts_ms,
+            message,
+            received_payload: Some(Kept::Msgpack(Arc::from(payload))),
+        })
+    }
+
+    /// A valid envelope spelled as [`Envelope::encode_as`] spells it (its six keys in that
+    /// order, the payload last), read in one pass: the payload is read typed from where its
+    /// key ends to the end of the bytes, by [`crate::msgpack::read_quickly`], which refuses
+    /// NUL and non-finite floats as the walk would, so the payload is not walked first (a
+    /// third of the work). `None` for anything else, which [`Envelope::decode_msgpack`]'s
+    /// walk then decodes or explains.
+    fn decode_msgpack_quickly(bytes: &[u8]) -> Option<Self> {
+        use crate::msgpack::{str_of, uint_of, value_end};
+        let (&0x86, _) = bytes.split_first()? else {
+            return None;
+        };
+        let mut at = 1;
+        // The value after the key `name`, walked with the checks of the long way.
+        let mut field = |name: &str| -> Option<&[u8]> {
+            let key_end = value_end(bytes, at, true).ok()?;
+            if str_of(&bytes[at..key_end]).ok()? != name {
+                return None;
+            }
+            at = value_end(bytes, key_end, true).ok()?;
+            Some(&bytes[key_end..at])
+        };
+        let version = uint_of(field("v")?).ok()?;
+        let device_id = str_of(field("device_id")?).ok()?;
+        let msg_id = str_of(field("msg_id")?).ok()?;
+        let ts_ms = uint_of(field("ts_ms")?).ok()?;
+        let kind = str_of(field("kind")?).ok()?;
+        let key_end = value_end(bytes, at, true).ok()?;
+        if str_of(&bytes[at..key_end]).ok()? != "payload"
+            || version != u64::from(PROTOCOL_VERSION)
+            || !is_valid_identifier(device_id)
+            || !Self::is_valid_msg_id(msg_id)
+        {
+            return None;
+        }
+        let payload = &bytes[key_end..];
+        let message = Message::read_payload(kind, ReceivedPayload::Msgpack(payload), true).ok()?;
+        Some(Envelope {
             device_id: device_id.to_string(),
             msg_id: msg_id.to_string(),
             ts_ms,
@@ -1212,6 +1287,47 @@ mod tests {
     }
 
     #[test]
+    fn the_one_pass_messagepack_decode_takes_what_devices_send_and_agrees_with_the_walk() {
+        let mut envelopes: Vec<Vec<u8>> =
+            [status(), summary(), Message::DriftSummary(full_summary())]
+                .into_iter()
+                .map(|m| Envelope::new("dev-1", "m-1", 7, m).encode_as(Format::Msgpack))
+                .collect();
+        for bytes in &envelopes {
+            assert!(Envelope::decode_msgpack_quickly(bytes).is_some());
+        }
+        // NUL and a float that is not finite, in the payload: refused either way.
+        let mut nul = status();
+        if let Message::Status(s) = &mut nul {
+            s.agent_version = "0.1\0".into();
+        }
+        let mut nan = full_summary();
+        nan.stats.features[0].moments.mean = f64::NAN;
+        for m in [nul, Message::DriftSummary(nan)] {
+            let bytes = Envelope::new("dev-1", "m-1", 7, m).encode_as(Format::Msgpack);
+            assert!(Envelope::decode_msgpack_quickly(&bytes).is_none());
+            assert!(Envelope::decode(&bytes).is_err());
+            envelopes.push(bytes);
+        }
+        // Any byte mostly breaks the structure; small integers mostly change a count.
+        let every_byte: Vec<u8> = (0..=255).collect();
+        let fixints: Vec<u8> = (0..0x80).collect();
+        for (alphabet, least) in [(every_byte, 20), (fixints, 40)] {
+            let one_pass = std::sync::atomic::AtomicUsize::new(0);
+            mutations(&envelopes, &alphabet, |bytes| {
+                if let Some(quick) = Envelope::decode_msgpack_quickly(bytes) {
+                    one_pass.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let walked = Envelope::decode_msgpack_walked(bytes).unwrap();
+                    // As text, which NaN equals.
+                    assert_eq!(format!("{quick:?}"), format!("{walked:?}"));
+                }
+            });
+            let one_pass = one_pass.into_inner();
+            assert!(one_pass > least && one_pass < 3000, "{one_pass}");
+        }
+    }
+
+    #[test]
     fn the_quick_messagepack_read_takes_what_devices_send_and_reads_it_as_rmp_serde_does() {
         let payloads = packed_payloads();
         for (kind, bytes) in &payloads {
@@ -1231,10 +1347,14 @@ mod tests {
         assert_eq!(read.unwrap(), decoded.message);
         // Damaged payloads: whatever the quick read takes, rmp-serde reads alike; what it
         // does not, rmp-serde answers, through `from_slice`.
-        fn agrees<T: for<'de> Deserialize<'de> + PartialEq + std::fmt::Debug>(bytes: &[u8]) {
+        fn agrees<T: for<'de> Deserialize<'de> + std::fmt::Debug>(bytes: &[u8]) {
+            // As text, which NaN equals.
+            let answer = |r: Result<T, rmp_serde::decode::Error>| {
+                format!("{:?}", r.map_err(|e| e.to_string()))
+            };
             assert_eq!(
-                crate::msgpack::from_slice::<T>(bytes).map_err(|e| e.to_string()),
-                rmp_serde::from_slice::<T>(bytes).map_err(|e| e.to_string())
+                answer(crate::msgpack::from_slice::<T>(bytes)),
+                answer(rmp_serde::from_slice::<T>(bytes))
             );
         }
         let texts: Vec<Vec<u8>> = payloads.into_iter().map(|(_, b)| b).collect();

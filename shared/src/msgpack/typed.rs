@@ -9,6 +9,10 @@
 //! [`from_slice`] then reads the bytes again with rmp-serde, whose answer, value or error,
 //! is the one returned. So a value read here is the value rmp-serde reads, and an error is
 //! rmp-serde's own; a property test checks both on mutated payloads.
+//!
+//! It also leaves to rmp-serde every string holding NUL and every float that is NaN or
+//! infinite, which the protocol refuses: a value this reader gives holds neither, so the
+//! envelope's decoder need not walk a payload it read here to look for them.
 
 use serde::Deserialize;
 use serde::de::{self, DeserializeSeed, Visitor};
@@ -24,7 +28,7 @@ pub fn from_slice<'de, T: Deserialize<'de>>(
     }
 }
 
-/// This reader's own answer: `None` for anything it leaves to rmp-serde.
+/// This reader's own answer: `None` for anything it leaves to rmp-serde (module doc).
 pub(crate) fn read_quickly<'de, T: Deserialize<'de>>(bytes: &'de [u8]) -> Option<T> {
     let mut reader = Reader {
         bytes,
@@ -105,8 +109,8 @@ impl<'de> Reader<'de> {
             0xd1 => visitor.visit_i16(i16::from_be_bytes(self.take()?)),
             0xd2 => visitor.visit_i32(i32::from_be_bytes(self.take()?)),
             0xd3 => visitor.visit_i64(i64::from_be_bytes(self.take()?)),
-            0xca => visitor.visit_f32(f32::from_be_bytes(self.take()?)),
-            0xcb => visitor.visit_f64(f64::from_be_bytes(self.take()?)),
+            0xca => visitor.visit_f32(finite(f32::from_be_bytes(self.take()?))?),
+            0xcb => visitor.visit_f64(finite(f64::from_be_bytes(self.take()?))?),
             _ => Err(Unread),
         }
     }
@@ -164,8 +168,28 @@ impl<'de> Reader<'de> {
     }
 
     fn str<V: Visitor<'de>>(&mut self, len: usize, visitor: V) -> Read<V::Value> {
-        let bytes = self.slice(len)?;
+        let bytes = self.text(len)?;
         visitor.visit_borrowed_str(std::str::from_utf8(bytes).map_err(|_| Unread)?)
+    }
+
+    /// The `len` bytes of a string, without NUL.
+    #[inline]
+    fn text(&mut self, len: usize) -> Read<&'de [u8]> {
+        let bytes = self.slice(len)?;
+        if bytes.contains(&0) {
+            return Err(Unread);
+        }
+        Ok(bytes)
+    }
+}
+
+/// `x` when it is finite.
+#[inline]
+fn finite<F: Into<f64> + Copy>(x: F) -> Read<F> {
+    if x.into().is_finite() {
+        Ok(x)
+    } else {
+        Err(Unread)
     }
 }
 
@@ -272,7 +296,7 @@ impl<'de> de::Deserializer<'de> for &mut Reader<'de> {
             _ => return self.any(visitor),
         };
         self.at += if marker == 0xd9 { 2 } else { 1 };
-        visitor.visit_borrowed_bytes(self.slice(len)?)
+        visitor.visit_borrowed_bytes(self.text(len)?)
     }
 
     fn deserialize_option<V: Visitor<'de>>(self, visitor: V) -> Read<V::Value> {
@@ -374,9 +398,13 @@ mod tests {
         T: for<'de> Deserialize<'de> + PartialEq + std::fmt::Debug,
     {
         assert_eq!(read_quickly::<T>(bytes).is_some(), quick, "{bytes:02x?}");
+        // As text, which NaN equals.
         assert_eq!(
-            from_slice::<T>(bytes).map_err(|e| e.to_string()),
-            rmp_serde::from_slice::<T>(bytes).map_err(|e| e.to_string())
+            format!("{:?}", from_slice::<T>(bytes).map_err(|e| e.to_string())),
+            format!(
+                "{:?}",
+                rmp_serde::from_slice::<T>(bytes).map_err(|e| e.to_string())
+            )
         );
     }
 
@@ -431,6 +459,13 @@ mod tests {
         answers_as_rmp_serde::<u64>(&[0x01, 0x02], false);
         answers_as_rmp_serde::<u64>(&[0xcd, 0x01], false);
         answers_as_rmp_serde::<String>(&[0xdb, 0xff, 0xff, 0xff, 0xff], false);
+        // What the protocol refuses: NUL in a string or a key, a float that is not finite.
+        answers_as_rmp_serde::<String>(&rmp_serde::to_vec("a\0b").unwrap(), false);
+        answers_as_rmp_serde::<Pair>(&rmp_serde::to_vec_named(&[("a\0", 1)]).unwrap(), false);
+        for x in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            answers_as_rmp_serde::<f64>(&rmp_serde::to_vec(&x).unwrap(), false);
+            answers_as_rmp_serde::<f32>(&rmp_serde::to_vec(&(x as f32)).unwrap(), false);
+        }
     }
 
     #[test]
