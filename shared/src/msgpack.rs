@@ -73,10 +73,11 @@ fn head(b: &[u8], at: usize) -> Result<(Head, usize), ScanError> {
         0xc4 => (Head::Skip(be(b, i, 1)?), i + 1),
         0xc5 => (Head::Skip(be(b, i, 2)?), i + 2),
         0xc6 => (Head::Skip(be(b, i, 4)?), i + 4),
-        // ext 8/16/32: a length, a type byte, the data
+        // ext 8/16/32: a length, a type byte, the data (saturating: a 32-bit length plus one
+        // overflows a 32-bit usize, and such a value is truncated anyway)
         0xc7 => (Head::Skip(be(b, i, 1)? + 1), i + 1),
         0xc8 => (Head::Skip(be(b, i, 2)? + 1), i + 2),
-        0xc9 => (Head::Skip(be(b, i, 4)? + 1), i + 4),
+        0xc9 => (Head::Skip(be(b, i, 4)?.saturating_add(1)), i + 4),
         0xca => (Head::F32, i),
         0xcb => (Head::F64, i),
         // uint and int 8/16/32/64
@@ -182,7 +183,7 @@ pub fn value_end(b: &[u8], mut at: usize, checked: bool) -> Result<usize, ScanEr
 /// The string that is exactly `b`.
 pub fn str_of(b: &[u8]) -> Result<&str, ScanError> {
     match head(b, 0)? {
-        (Head::Str(n), i) if i + n == b.len() => {
+        (Head::Str(n), i) if i.checked_add(n) == Some(b.len()) => {
             std::str::from_utf8(&b[i..]).map_err(|_| ScanError::NotUtf8)
         }
         _ => Err(ScanError::Expected("a string")),
