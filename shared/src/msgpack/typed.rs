@@ -18,6 +18,8 @@
 use serde::Deserialize;
 use serde::de::{self, DeserializeSeed, Visitor};
 
+use super::{Head, head};
+
 /// Reads a `T` from the MessagePack value `bytes` begins with: quickly when it is spelled
 /// as the protocol spells it and ends `bytes`, otherwise by rmp-serde (module doc).
 ///
@@ -123,27 +125,21 @@ impl<'de> Reader<'de> {
     /// Any value, visited as rmp-serde's `any_inner` visits it, for the spellings this
     /// reader knows.
     fn any<V: Visitor<'de>>(&mut self, visitor: V) -> Read<V::Value> {
-        let marker = self.peek()?;
-        self.at += 1;
-        let (len, container) = match marker {
-            0xa0..=0xbf => return self.str(usize::from(marker & 0x1f), visitor),
-            0xd9 => return self.str_of_width::<1, V>(visitor),
-            0xda => return self.str_of_width::<2, V>(visitor),
-            0xdb => return self.str_of_width::<4, V>(visitor),
-            0x90..=0x9f => (usize::from(marker & 0x0f), Container::Array),
-            0xdc => (
-                usize::from(u16::from_be_bytes(self.take()?)),
-                Container::Array,
-            ),
-            0xdd => (u32::from_be_bytes(self.take()?) as usize, Container::Array),
-            0x80..=0x8f => (usize::from(marker & 0x0f), Container::Map),
-            0xde => (
-                usize::from(u16::from_be_bytes(self.take()?)),
-                Container::Map,
-            ),
-            0xdf => (u32::from_be_bytes(self.take()?) as usize, Container::Map),
-            _ => return self.scalar(marker, visitor),
+        let (kind, after_header) = head(self.bytes, self.at).map_err(|_| Unread)?;
+        let (len, container) = match kind {
+            Head::Str(n) => {
+                self.at = after_header;
+                return self.str(n, visitor);
+            }
+            Head::Array(n) => (n, Container::Array),
+            Head::Map(n) => (n, Container::Map),
+            Head::Skip(_) | Head::F32 | Head::F64 => {
+                let marker = self.bytes[self.at];
+                self.at += 1;
+                return self.scalar(marker, visitor);
+            }
         };
+        self.at = after_header;
         if self.depth >= MAX_DEPTH {
             return Err(Unread);
         }
@@ -162,14 +158,6 @@ impl<'de> Reader<'de> {
         }
         self.depth -= 1;
         Ok(value)
-    }
-
-    fn str_of_width<const N: usize, V: Visitor<'de>>(&mut self, visitor: V) -> Read<V::Value> {
-        let len = self
-            .take::<N>()?
-            .iter()
-            .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
-        self.str(len, visitor)
     }
 
     fn str<V: Visitor<'de>>(&mut self, len: usize, visitor: V) -> Read<V::Value> {
@@ -294,14 +282,19 @@ impl<'de> de::Deserializer<'de> for &mut Reader<'de> {
     /// tenth of a drift summary's reading). Every identifier visitor serde derives matches
     /// bytes as it matches text, and rmp-serde gives bytes too when the name is not UTF-8.
     fn deserialize_identifier<V: Visitor<'de>>(self, visitor: V) -> Read<V::Value> {
+        // A short name (fixstr), as almost every field name is, without the general header.
         let marker = self.peek()?;
-        let len = match marker {
-            0xa0..=0xbf => usize::from(marker & 0x1f),
-            0xd9 => usize::from(self.bytes.get(self.at + 1).copied().ok_or(Unread)?),
-            _ => return self.any(visitor),
-        };
-        self.at += if marker == 0xd9 { 2 } else { 1 };
-        visitor.visit_borrowed_bytes(self.text(len)?)
+        if let 0xa0..=0xbf = marker {
+            self.at += 1;
+            return visitor.visit_borrowed_bytes(self.text(usize::from(marker & 0x1f))?);
+        }
+        match head(self.bytes, self.at) {
+            Ok((Head::Str(len), after_header)) => {
+                self.at = after_header;
+                visitor.visit_borrowed_bytes(self.text(len)?)
+            }
+            _ => self.any(visitor),
+        }
     }
 
     fn deserialize_option<V: Visitor<'de>>(self, visitor: V) -> Read<V::Value> {
