@@ -1,6 +1,7 @@
 //! The embedded SQLite store (WAL mode). Calls run on tokio's blocking pool.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use edgeloop_shared::protocol::{
@@ -322,6 +323,9 @@ pub struct SqliteStore {
     checkpointer: Arc<Checkpointer>,
     /// Locked only by a call that holds `conn`.
     pending: Arc<Mutex<PendingHours>>,
+    /// A flush of the pending hours is spawned and has not yet begun: ingest calls that
+    /// find the hours full meanwhile spawn no other.
+    flush_queued: Arc<AtomicBool>,
 }
 
 /// Device-hours' aggregates by key, in the order they are written.
@@ -620,6 +624,7 @@ impl SqliteStore {
             path: shown,
             checkpointer: Arc::new(checkpointer),
             pending: Arc::new(Mutex::new(pending)),
+            flush_queued: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -1442,11 +1447,19 @@ impl Store for SqliteStore {
             Ok((results, pending.hours.len() > MAX_PENDING_HOURS))
         })
         .await?;
-        if full {
+        if full && !self.flush_queued.swap(true, Ordering::AcqRel) {
             // After this call, so that the group's acknowledgements do not wait for it.
             let store = self.clone();
             tokio::spawn(async move {
-                if let Err(e) = store.flush_hourly().await {
+                let (pending, queued) = (store.pending.clone(), store.flush_queued.clone());
+                let flushed = store.call(move |conn| {
+                    let mut pending = pending.lock().unwrap_or_else(|p| p.into_inner());
+                    // Under the lock that ingest holds while it folds: what ingest folds
+                    // after this flush is for the next one.
+                    queued.store(false, Ordering::Release);
+                    flush_hours(conn, &mut pending)
+                });
+                if let Err(e) = flushed.await {
                     // The next flush folds the raw rows again.
                     tracing::warn!(error = %e, "cannot write hourly aggregates; trying again later");
                 }

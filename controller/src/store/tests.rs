@@ -2009,6 +2009,20 @@ async fn sqlite_ingest_writes_its_hourly_aggregates_once_it_holds_too_many() {
         count(&path, "SELECT count(*) FROM telemetry_hourly"),
         hours as i64 + 1
     );
+    // Full again: one flush at a time is queued, and the next one is once the last began.
+    let again: Vec<Envelope> = (0..=hours)
+        .map(|h| drift_in_hour("d1", &format!("again{h}"), 1, hours + 1 + h))
+        .collect();
+    store.ingest_many(again.into(), 1).await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while count(&path, "SELECT folded_to FROM hourly_folded") != 2 * (hours as i64 + 1) {
+        assert!(std::time::Instant::now() < deadline, "not written again");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        count(&path, "SELECT count(*) FROM telemetry_hourly"),
+        2 * (hours as i64 + 1)
+    );
 }
 
 #[tokio::test]
