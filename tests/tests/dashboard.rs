@@ -1,0 +1,232 @@
+//! The dashboard in a real browser: headless Chromium loads the page from a running
+//! controller, its script reads the API, and the page it renders is checked against what
+//! the API says. `EDGELOOP_TEST_CHROMIUM` names the browser (CI sets it: then it must run);
+//! without it Debian's `chromium` is used when installed, and the tests are skipped when
+//! there is none.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use edgeloop_tests::{BrokerChoice, TestController, wait_until};
+use serde_json::json;
+
+const CHROMIUM_VAR: &str = "EDGELOOP_TEST_CHROMIUM";
+
+/// The browser to run, or `None` to skip.
+fn chromium() -> Option<PathBuf> {
+    if let Ok(path) = std::env::var(CHROMIUM_VAR) {
+        return Some(PathBuf::from(path));
+    }
+    ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+}
+
+/// The page at `url` as the browser leaves it once its script has run for 5 s of virtual
+/// time (the script's fetches complete within it: virtual time waits for the network).
+async fn render(browser: &PathBuf, url: &str) -> String {
+    let profile = tempfile::tempdir().unwrap();
+    let mut command = tokio::process::Command::new(browser);
+    command
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(url)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(Duration::from_secs(60), command.output())
+        .await
+        .unwrap_or_else(|_| panic!("{} did not render {url} within 60 s", browser.display()))
+        .unwrap_or_else(|e| panic!("cannot run {} ({CHROMIUM_VAR}): {e}", browser.display()));
+    assert!(
+        output.status.success(),
+        "{} failed on {url}: {}",
+        browser.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("the DOM is UTF-8")
+}
+
+/// A table cell as rendered: its class (empty when it has none) and its text.
+#[derive(Debug, PartialEq)]
+struct Cell {
+    class: String,
+    text: String,
+}
+
+/// The body rows of the table with this id, each as its cells.
+fn rows(dom: &str, table: &str) -> Vec<Vec<Cell>> {
+    let start = dom
+        .find(&format!("<table id=\"{table}\">"))
+        .unwrap_or_else(|| panic!("no table {table} in {dom}"));
+    let table = &dom[start..start + dom[start..].find("</table>").unwrap()];
+    let body = &table[table.find("<tbody>").expect("a body") + "<tbody>".len()..];
+    body.split("<tr")
+        .skip(1)
+        .map(|row| {
+            row.split("<td")
+                .skip(1)
+                .map(|cell| {
+                    let (attributes, rest) = cell.split_once('>').unwrap();
+                    let class = attributes
+                        .split_once("class=\"")
+                        .map(|(_, c)| c.split('"').next().unwrap().to_string())
+                        .unwrap_or_default();
+                    let text = rest.split("</td>").next().unwrap().to_string();
+                    Cell { class, text }
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn texts(row: &[Cell]) -> Vec<&str> {
+    row.iter().map(|c| c.text.as_str()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_the_fleet_as_the_api_does() {
+    let Some(browser) = chromium() else {
+        eprintln!("skipped: no chromium and {CHROMIUM_VAR} is not set");
+        return;
+    };
+    let ctl = TestController::start(BrokerChoice::Embedded).await.unwrap();
+    let agent = ctl.spawn_agent("dash-1", 40);
+    ctl.wait_for_model("dash-1", None).await;
+    let model = ctl.publish_example(1).await;
+    let (status, rollout) = ctl
+        .post_rollout(json!({"model": "vibration", "version": 1}))
+        .await;
+    assert_eq!(status, 201, "{rollout}");
+    let rollout_path = format!("/api/v1/rollouts/{}", rollout["id"]);
+    wait_until(
+        "the rollout completes and the device reports drift",
+        Duration::from_secs(60),
+        || async {
+            ctl.get(&rollout_path).await["status"] == "completed"
+                && ctl
+                    .device("dash-1")
+                    .await
+                    .is_some_and(|d| d["last_psi_max"].is_f64())
+        },
+    )
+    .await;
+
+    let dom = render(&browser, &ctl.url("/")).await;
+    let device = ctl.device("dash-1").await.unwrap();
+
+    assert!(dom.contains("<div id=\"error\"></div>"), "{dom}");
+    let devices = rows(&dom, "devices");
+    assert_eq!(devices.len(), 1, "{dom}");
+    let row = &devices[0];
+    assert_eq!(
+        texts(row)[..3],
+        ["dash-1", "online", "vibration v1"],
+        "{dom}"
+    );
+    assert_eq!(row[1].class, "on");
+    // The drift figure with three decimals, marked as the page's thresholds say.
+    let psi: f64 = row[3].text.parse().unwrap();
+    assert!(psi.is_finite() && psi >= 0.0, "{dom}");
+    assert_eq!(
+        row[3].text.split('.').nth(1).map(str::len),
+        Some(3),
+        "{dom}"
+    );
+    let marked = match psi {
+        p if p >= 0.25 => "alert",
+        p if p >= 0.1 => "warn",
+        _ => "",
+    };
+    assert_eq!(row[3].class, marked, "{dom}");
+    // Counters only grow: the page's are at most what the API says after it.
+    let inferences: u64 = row[4].text.parse().unwrap();
+    assert!(
+        inferences > 0 && inferences <= device["inferences"].as_u64().unwrap(),
+        "{dom}"
+    );
+    assert_eq!(row[5].text, device["errors"].to_string());
+    assert!(row[6].text.ends_with(" (0)"), "no drops: {dom}");
+    let seen = row[7].text.strip_suffix(" s ago").expect("seconds ago");
+    assert!(seen.parse::<u64>().unwrap() < 30, "{dom}");
+
+    let models = rows(&dom, "models");
+    assert_eq!(models.len(), 1, "{dom}");
+    let sha = model.bundle_sha256.as_str();
+    assert_eq!(
+        texts(&models[0]),
+        [
+            "vibration",
+            "1",
+            "rms, peak, kurtosis, temperature",
+            &format!("{} B, sha256 {}…", model.bundle_size, &sha[..12]),
+            ctl.get("/api/v1/models").await[0]["signed_by"]
+                .as_str()
+                .unwrap(),
+        ],
+        "{dom}"
+    );
+
+    let rollouts = rows(&dom, "rollouts");
+    assert_eq!(rollouts.len(), 1, "{dom}");
+    assert_eq!(
+        texts(&rollouts[0]),
+        [
+            rollout["id"].to_string().as_str(),
+            "vibration v1",
+            "completed",
+            "1 committed"
+        ],
+        "{dom}"
+    );
+
+    agent.stop().await;
+    ctl.stop().await;
+}
+
+/// Without the API the page says so instead of showing stale or empty tables silently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_says_when_it_cannot_reach_the_controller() {
+    let Some(browser) = chromium() else {
+        eprintln!("skipped: no chromium and {CHROMIUM_VAR} is not set");
+        return;
+    };
+    let ctl = TestController::start(BrokerChoice::Embedded).await.unwrap();
+    let page = ctl
+        .http
+        .get(ctl.url("/"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    ctl.stop().await;
+    // The same page from a server that has no API.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().route(
+        "/",
+        axum::routing::get(move || async move { axum::response::Html(page) }),
+    );
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let dom = render(&browser, &format!("http://{addr}/")).await;
+    server.abort();
+    let error = dom
+        .split("<div id=\"error\">")
+        .nth(1)
+        .and_then(|rest| rest.split("</div>").next())
+        .unwrap();
+    assert!(
+        error.starts_with("cannot reach the controller"),
+        "{error}: {dom}"
+    );
+    assert!(rows(&dom, "devices").is_empty(), "{dom}");
+}
