@@ -323,9 +323,20 @@ pub struct SqliteStore {
     checkpointer: Arc<Checkpointer>,
     /// Locked only by a call that holds `conn`.
     pending: Arc<Mutex<PendingHours>>,
-    /// A flush of the pending hours is spawned and has not yet begun: ingest calls that
+    /// A flush of the pending hours is spawned and has not yet ended: ingest calls that
     /// find the hours full meanwhile spawn no other.
     flush_queued: Arc<AtomicBool>,
+}
+
+/// Clears [`SqliteStore::flush_queued`] when dropped: when its flush has run, and as well
+/// when the flush is dropped unrun (the runtime shutting down), so that the flag never
+/// stays set.
+struct FlushQueued(Arc<AtomicBool>);
+
+impl Drop for FlushQueued {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 /// Device-hours' aggregates by key, in the order they are written.
@@ -1377,7 +1388,7 @@ impl Store for SqliteStore {
         envelopes: Arc<[Envelope]>,
         received_ms: u64,
     ) -> Result<Vec<Ingested>> {
-        let pending = self.pending.clone();
+        let (pending, queued) = (self.pending.clone(), self.flush_queued.clone());
         let (results, full) = self.call(move |conn| {
             let mut pending = pending.lock().unwrap_or_else(|p| p.into_inner());
             let tx = conn.transaction()?;
@@ -1444,19 +1455,23 @@ impl Store for SqliteStore {
                 }
                 pending.last = next - 1;
             }
-            Ok((results, pending.hours.len() > MAX_PENDING_HOURS))
+            // Decided under the pending hours' lock, which a flush holds too.
+            let full = pending.hours.len() > MAX_PENDING_HOURS
+                && !queued.swap(true, Ordering::AcqRel);
+            Ok((results, full))
         })
         .await?;
-        if full && !self.flush_queued.swap(true, Ordering::AcqRel) {
+        if full {
             // After this call, so that the group's acknowledgements do not wait for it.
             let store = self.clone();
+            let queued = FlushQueued(self.flush_queued.clone());
             tokio::spawn(async move {
-                let (pending, queued) = (store.pending.clone(), store.flush_queued.clone());
+                let pending = store.pending.clone();
                 let flushed = store.call(move |conn| {
                     let mut pending = pending.lock().unwrap_or_else(|p| p.into_inner());
-                    // Under the lock that ingest holds while it folds: what ingest folds
-                    // after this flush is for the next one.
-                    queued.store(false, Ordering::Release);
+                    // Dropped after the flush and before the lock (declared after it): once
+                    // this flush has written the hours, the next may be queued.
+                    let _queued = queued;
                     flush_hours(conn, &mut pending)
                 });
                 if let Err(e) = flushed.await {

@@ -2009,7 +2009,8 @@ async fn sqlite_ingest_writes_its_hourly_aggregates_once_it_holds_too_many() {
         count(&path, "SELECT count(*) FROM telemetry_hourly"),
         hours as i64 + 1
     );
-    // Full again: one flush at a time is queued, and the next one is once the last began.
+    // Full again: the flag that keeps a second flush from being queued beside the first is
+    // cleared once the first has run, so this fill is written too.
     let again: Vec<Envelope> = (0..=hours)
         .map(|h| drift_in_hour("d1", &format!("again{h}"), 1, hours + 1 + h))
         .collect();
