@@ -14,7 +14,7 @@ const CHROMIUM_VAR: &str = "EDGELOOP_TEST_CHROMIUM";
 
 /// The browser to run, or `None` to skip.
 fn chromium() -> Option<PathBuf> {
-    if let Ok(path) = std::env::var(CHROMIUM_VAR) {
+    if let Some(path) = std::env::var_os(CHROMIUM_VAR).filter(|p| !p.is_empty()) {
         return Some(PathBuf::from(path));
     }
     ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
@@ -34,6 +34,7 @@ async fn render(browser: &PathBuf, url: &str) -> String {
             "--no-sandbox",
             "--disable-gpu",
             "--disable-background-networking",
+            "--disable-dev-shm-usage",
             "--virtual-time-budget=5000",
             "--dump-dom",
         ])
@@ -110,7 +111,9 @@ async fn the_dashboard_shows_the_fleet_as_the_api_does() {
         "the rollout completes and the device reports drift",
         Duration::from_secs(60),
         || async {
-            ctl.get(&rollout_path).await["status"] == "completed"
+            let rollout = ctl.get(&rollout_path).await;
+            rollout["status"] == "completed"
+                && rollout["deployments"][0]["status"] == "committed"
                 && ctl
                     .device("dash-1")
                     .await
@@ -152,10 +155,12 @@ async fn the_dashboard_shows_the_fleet_as_the_api_does() {
         inferences > 0 && inferences <= device["inferences"].as_u64().unwrap(),
         "{dom}"
     );
-    assert_eq!(row[5].text, device["errors"].to_string());
+    let errors: u64 = row[5].text.parse().unwrap();
+    assert!(errors <= device["errors"].as_u64().unwrap(), "{dom}");
     assert!(row[6].text.ends_with(" (0)"), "no drops: {dom}");
+    // The browser's clock is virtual time, which may trail the real one.
     let seen = row[7].text.strip_suffix(" s ago").expect("seconds ago");
-    assert!(seen.parse::<u64>().unwrap() < 30, "{dom}");
+    assert!((-30..30).contains(&seen.parse::<i64>().unwrap()), "{dom}");
 
     let models = rows(&dom, "models");
     assert_eq!(models.len(), 1, "{dom}");
@@ -191,25 +196,15 @@ async fn the_dashboard_shows_the_fleet_as_the_api_does() {
     ctl.stop().await;
 }
 
-/// Without the API the page says so instead of showing stale or empty tables silently.
+/// Without the API the page says so, with what went wrong, instead of showing empty tables.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_says_when_it_cannot_reach_the_controller() {
     let Some(browser) = chromium() else {
         eprintln!("skipped: no chromium and {CHROMIUM_VAR} is not set");
         return;
     };
-    let ctl = TestController::start(BrokerChoice::Embedded).await.unwrap();
-    let page = ctl
-        .http
-        .get(ctl.url("/"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    ctl.stop().await;
-    // The same page from a server that has no API.
+    // The controller's page from a server that has no API: every call answers 404.
+    let page = include_str!("../../controller/src/dashboard.html");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let app = axum::Router::new().route(
@@ -225,7 +220,8 @@ async fn the_dashboard_says_when_it_cannot_reach_the_controller() {
         .and_then(|rest| rest.split("</div>").next())
         .unwrap();
     assert!(
-        error.starts_with("cannot reach the controller"),
+        error.starts_with("cannot reach the controller: Error: /api/v1/")
+            && error.ends_with("answered HTTP 404"),
         "{error}: {dom}"
     );
     assert!(rows(&dom, "devices").is_empty(), "{dom}");
