@@ -15,6 +15,8 @@
 //! - `GET /healthz`: 200 while a model is serving, 503 before.
 //! - `GET /metrics`: Prometheus text.
 //!
+//! A POST a browser sends for a page of another origin is refused ([`refuse_other_origins`]).
+//!
 //! The served model is an `Arc` swapped by the agent actor when an update becomes active: a
 //! request takes the current one when it starts and finishes on it, so no request fails
 //! during a swap. Inference runs on blocking threads, at most `max_concurrency` requests at
@@ -230,6 +232,7 @@ pub async fn serve(
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(limits.max_body_bytes))
+        .layer(axum::middleware::from_fn(refuse_other_origins))
         .with_state(state);
     info!(%local, "local inference API listening");
     tokio::spawn(async move {
@@ -245,6 +248,49 @@ pub async fn serve(
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, axum::Json(json!({ "error": message.into() }))).into_response()
+}
+
+/// Refuses a request that changes something when a browser sent it for a page of another
+/// origin (cross-site request forgery), here and on the controller's API. Neither has a
+/// login: without this, any page opened in a browser that reaches the API could post to it,
+/// for a form or a `no-cors` fetch needs no permission (here: labels that roll a model
+/// back, inputs that move the drift window; on the controller: approving a pending device,
+/// aborting a rollout). Browsers name where a request comes from in `Sec-Fetch-Site`, and
+/// older ones in `Origin`; the CLI, curl, applications and devices send neither and pass.
+pub async fn refuse_other_origins(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if from_another_origin(request.method(), request.headers()) {
+        return error(
+            StatusCode::FORBIDDEN,
+            "a browser page of another origin cannot change anything here",
+        );
+    }
+    next.run(request).await
+}
+
+/// Whether a request that is not a read comes from another origin's page: `Sec-Fetch-Site`
+/// other than `same-origin` or `none` (typed by the user), or without it an `Origin` whose
+/// host and port are not the `Host` the request was sent to.
+fn from_another_origin(method: &axum::http::Method, headers: &HeaderMap) -> bool {
+    use axum::http::Method;
+    if matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS) {
+        return false;
+    }
+    if let Some(site) = headers.get("sec-fetch-site") {
+        return !matches!(site.as_bytes(), b"same-origin" | b"none");
+    }
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return false;
+    };
+    let origin = origin.to_str().ok().and_then(|o| o.split_once("://"));
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+    match (origin, host) {
+        (Some((_, origin)), Some(host)) => !origin.eq_ignore_ascii_case(host),
+        // `Origin: null` (a sandboxed page, a file) or no Host to compare with.
+        _ => true,
+    }
 }
 
 #[derive(Deserialize)]
@@ -970,4 +1016,58 @@ async fn metrics(State(state): State<ApiState>) -> Response {
         ));
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_browser_page_of_another_origin_is_refused_a_change() {
+        use axum::http::{HeaderValue, Method};
+        let headers = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.insert(*k, HeaderValue::from_static(v));
+            }
+            h
+        };
+        let host = ("host", "127.0.0.1:8080");
+        let refused = |pairs: &[(&'static str, &'static str)]| {
+            from_another_origin(&Method::POST, &headers(pairs))
+        };
+        // Tools and devices send neither header.
+        assert!(!refused(&[host]));
+        assert!(!refused(&[]));
+        // Browsers that send Sec-Fetch-Site.
+        assert!(!refused(&[host, ("sec-fetch-site", "same-origin")]));
+        assert!(!refused(&[host, ("sec-fetch-site", "none")]));
+        for site in ["cross-site", "same-site", "something-new"] {
+            let pairs = [
+                host,
+                ("sec-fetch-site", site),
+                ("origin", "http://127.0.0.1:8080"),
+            ];
+            assert!(refused(&pairs), "{site}");
+        }
+        // Older browsers: Origin against Host.
+        assert!(!refused(&[host, ("origin", "http://127.0.0.1:8080")]));
+        assert!(!refused(&[
+            ("host", "Fleet.local:8080"),
+            ("origin", "https://fleet.local:8080")
+        ]));
+        assert!(refused(&[host, ("origin", "http://127.0.0.1:9999")]));
+        assert!(refused(&[host, ("origin", "http://evil.example")]));
+        assert!(refused(&[host, ("origin", "null")]));
+        assert!(refused(&[("origin", "http://127.0.0.1:8080")]));
+        // Reads are never refused: a page may show the fleet.
+        for method in [Method::GET, Method::HEAD, Method::OPTIONS] {
+            let h = headers(&[host, ("sec-fetch-site", "cross-site")]);
+            assert!(!from_another_origin(&method, &h), "{method}");
+        }
+        assert!(from_another_origin(
+            &Method::DELETE,
+            &headers(&[host, ("sec-fetch-site", "cross-site")])
+        ));
+    }
 }

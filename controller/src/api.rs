@@ -192,6 +192,9 @@ pub fn router(state: AppState) -> Router {
             "/artifacts/{name}/{version}/delta/{base}",
             get(delta_artifact),
         )
+        .layer(axum::middleware::from_fn(
+            edgeloop_agent::api::refuse_other_origins,
+        ))
         .with_state(state)
 }
 

@@ -321,6 +321,26 @@ async fn feedback_labels_reach_the_controller_as_confusion_counts_and_accuracy()
         let message = response["error"].as_str().unwrap_or_default();
         assert!(message.contains(needle), "{body}: {message}");
     }
+    // What a browser sends for a page of another origin is refused: neither the label nor
+    // the input counts (the window below still holds 19 labels and closes at the 20th).
+    for (url, body) in [
+        (&feedback, json!({"request_id": first_id, "label": "fault"})),
+        (&infer, json!({"rows": [FAULT]})),
+    ] {
+        let response = http
+            .post(url)
+            .header("sec-fetch-site", "cross-site")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 403, "{url}");
+        let answer: Value = response.json().await.unwrap();
+        assert!(
+            answer["error"].as_str().unwrap().contains("another origin"),
+            "{answer}"
+        );
+    }
 
     let (status, _) = post(&http, &infer, json!({"rows": [NORMAL]})).await;
     assert_eq!(status, 200);

@@ -226,3 +226,65 @@ async fn the_dashboard_says_when_it_cannot_reach_the_controller() {
     );
     assert!(rows(&dom, "devices").is_empty(), "{dom}");
 }
+
+/// A page of another origin that the operator happens to open cannot approve a pending
+/// device, though the browser will send its request: the controller refuses it (403).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_of_another_origin_cannot_approve_a_device() {
+    let Some(browser) = chromium() else {
+        eprintln!("skipped: no chromium and {CHROMIUM_VAR} is not set");
+        return;
+    };
+    let ctl = TestController::start(BrokerChoice::Embedded).await.unwrap();
+    let (code, token) = ctl
+        .post_as(
+            "alice",
+            "/api/v1/enrollment-tokens",
+            json!({"group": "line-a", "uses": 1, "auto_approve": false}),
+        )
+        .await;
+    assert_eq!(code, 201, "{token}");
+    let key = edgeloop_shared::signing::SecretKey::from_seed([7; 32])
+        .public()
+        .to_text();
+    let (code, pending) = ctl
+        .post_as(
+            "device",
+            "/api/v1/enroll",
+            json!({"token": token["token"], "device_id": "intruder", "public_key": key,
+                   "board": "rpi4", "arch": "aarch64", "agent_version": "0.1.0"}),
+        )
+        .await;
+    assert_eq!(code, 202, "{pending}");
+
+    // What a hostile page can send without asking: a form's POST and a no-cors fetch.
+    let approve = ctl.url("/api/v1/enrollments/intruder/approve");
+    let page = format!(
+        r#"<!doctype html><html><body>
+<iframe name="sink"></iframe>
+<form id="f" method="post" action="{approve}" target="sink"></form>
+<script>
+fetch("{approve}", {{method: "POST", mode: "no-cors", body: "{{}}"}});
+document.getElementById("f").submit();
+</script></body></html>"#
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().route(
+        "/",
+        axum::routing::get(move || async move { axum::response::Html(page) }),
+    );
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    render(&browser, &format!("http://{addr}/")).await;
+    server.abort();
+
+    let enrollments = ctl.get("/api/v1/enrollments").await;
+    assert_eq!(enrollments[0]["status"], "pending", "{enrollments}");
+    assert!(ctl.device("intruder").await.is_none());
+    // The operator's own tools still approve it.
+    let (code, approved) = ctl
+        .post_as("bob", "/api/v1/enrollments/intruder/approve", json!({}))
+        .await;
+    assert_eq!(code, 200, "{approved}");
+    ctl.stop().await;
+}
