@@ -15,7 +15,7 @@
 //! - `GET /healthz`: 200 while a model is serving, 503 before.
 //! - `GET /metrics`: Prometheus text.
 //!
-//! A POST a browser sends for a page of another origin is refused ([`refuse_other_origins`]).
+//! What a web page could send through a browser is refused ([`refuse_browser_forgery`]).
 //!
 //! The served model is an `Arc` swapped by the agent actor when an update becomes active: a
 //! request takes the current one when it starts and finishes on it, so no request fails
@@ -232,7 +232,10 @@ pub async fn serve(
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(limits.max_body_bytes))
-        .layer(axum::middleware::from_fn(refuse_other_origins))
+        .layer(axum::middleware::from_fn_with_state(
+            local.ip().is_loopback(),
+            refuse_browser_forgery,
+        ))
         .with_state(state);
     info!(%local, "local inference API listening");
     tokio::spawn(async move {
@@ -250,17 +253,32 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, axum::Json(json!({ "error": message.into() }))).into_response()
 }
 
-/// Refuses a request that changes something when a browser sent it for a page of another
-/// origin (cross-site request forgery), here and on the controller's API. Neither has a
-/// login: without this, any page opened in a browser that reaches the API could post to it,
-/// for a form or a `no-cors` fetch needs no permission (here: labels that roll a model
-/// back, inputs that move the drift window; on the controller: approving a pending device,
-/// aborting a rollout). Browsers name where a request comes from in `Sec-Fetch-Site`, and
-/// older ones in `Origin`; the CLI, curl, applications and devices send neither and pass.
-pub async fn refuse_other_origins(
+/// Guards an HTTP API that has no login (this one and the controller's) against what a web
+/// page can do through a browser that reaches it. Two refusals, each a 403:
+/// - a request that changes something, sent for a page of another origin (cross-site
+///   request forgery): a form or a `no-cors` fetch needs no permission, and would label
+///   predictions here, or approve a device or abort a rollout on the controller. Browsers
+///   name where a request comes from in `Sec-Fetch-Site`, older ones in `Origin`; the CLI,
+///   curl, applications and devices send neither and pass;
+/// - on an API listening on loopback (`loopback`), a request for a name that is not
+///   loopback's (DNS rebinding: a page whose own name was made to point at 127.0.0.1 is of
+///   the same origin as what it reaches, and could read and change everything). An API
+///   listening on the network answers any name.
+pub async fn refuse_browser_forgery(
+    axum::extract::State(loopback): axum::extract::State<bool>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
+    if loopback
+        && let Some(host) = request.headers().get(header::HOST)
+        && !host.to_str().is_ok_and(loopback_host)
+    {
+        return error(
+            StatusCode::FORBIDDEN,
+            "this API listens on loopback and answers only requests for localhost or a \
+             loopback address",
+        );
+    }
     if from_another_origin(request.method(), request.headers()) {
         return error(
             StatusCode::FORBIDDEN,
@@ -268,6 +286,25 @@ pub async fn refuse_other_origins(
         );
     }
     next.run(request).await
+}
+
+/// Whether a `Host` names the loopback interface: `localhost` or a name under it, or a
+/// loopback address; with or without a port.
+fn loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(bracketed) => bracketed.split(']').next().unwrap_or_default(),
+        None => match host.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+            _ => host,
+        },
+    };
+    match name.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.is_loopback(),
+        Err(_) => {
+            let name = name.to_ascii_lowercase();
+            name == "localhost" || name.ends_with(".localhost")
+        }
+    }
 }
 
 /// Whether a request that is not a read comes from another origin's page: `Sec-Fetch-Site`
@@ -1021,6 +1058,34 @@ async fn metrics(State(state): State<ApiState>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loopback_names_are_told_from_other_names() {
+        for host in [
+            "127.0.0.1:8181",
+            "127.0.0.1",
+            "127.8.9.10:80",
+            "localhost:8080",
+            "LocalHost",
+            "api.localhost:8080",
+            "[::1]:8080",
+            "[::1]",
+        ] {
+            assert!(loopback_host(host), "{host}");
+        }
+        for host in [
+            "evil.example:8181",
+            "evil.example",
+            "192.168.1.20:8080",
+            "localhost.evil.example:8080",
+            "[::2]:8080",
+            "[fe80::1]",
+            "127.0.0.1.nip.io:8080",
+            "",
+        ] {
+            assert!(!loopback_host(host), "{host}");
+        }
+    }
 
     #[test]
     fn only_a_browser_page_of_another_origin_is_refused_a_change() {

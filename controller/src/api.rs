@@ -154,7 +154,9 @@ impl IntoResponse for ApiError {
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
 
-pub fn router(state: AppState) -> Router {
+/// The API, the dashboard and the bundle downloads; `loopback` when it listens on a loopback
+/// address (see [`edgeloop_agent::api::refuse_browser_forgery`], which guards it).
+pub fn router(state: AppState, loopback: bool) -> Router {
     Router::new()
         .route("/", get(dashboard))
         .route("/healthz", get(|| async { "ok" }))
@@ -192,8 +194,9 @@ pub fn router(state: AppState) -> Router {
             "/artifacts/{name}/{version}/delta/{base}",
             get(delta_artifact),
         )
-        .layer(axum::middleware::from_fn(
-            edgeloop_agent::api::refuse_other_origins,
+        .layer(axum::middleware::from_fn_with_state(
+            loopback,
+            edgeloop_agent::api::refuse_browser_forgery,
         ))
         .with_state(state)
 }

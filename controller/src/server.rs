@@ -214,22 +214,25 @@ impl Controller {
             }
             .run(shutdown.child_token()),
         );
-        let app = api::router(AppState {
-            store: store.clone(),
-            stats: stats.clone(),
-            artifacts: artifacts.clone(),
-            offline_after: Duration::from_secs(config.offline_after_s),
-            dispatcher_wake: dispatcher_wake.clone(),
-            trust,
-            key: key.clone(),
-            policies: Arc::new(config.retraining.clone()),
-            issue_broker_passwords: config.broker_auth,
-            device_settings: Arc::new(api::DeviceSettings {
-                mqtt_url: mqtt_url.clone(),
-                topic_root: config.topic_root.clone(),
-                trusted_keys: vec![key.public().to_text()],
-            }),
-        });
+        let app = api::router(
+            AppState {
+                store: store.clone(),
+                stats: stats.clone(),
+                artifacts: artifacts.clone(),
+                offline_after: Duration::from_secs(config.offline_after_s),
+                dispatcher_wake: dispatcher_wake.clone(),
+                trust,
+                key: key.clone(),
+                policies: Arc::new(config.retraining.clone()),
+                issue_broker_passwords: config.broker_auth,
+                device_settings: Arc::new(api::DeviceSettings {
+                    mqtt_url: mqtt_url.clone(),
+                    topic_root: config.topic_root.clone(),
+                    trusted_keys: vec![key.public().to_text()],
+                }),
+            },
+            http_addr.ip().is_loopback(),
+        );
         let stop = shutdown.clone();
         let http_task = tokio::spawn(async move {
             let served = axum::serve(listener, app)

@@ -26,6 +26,11 @@ fn chromium() -> Option<PathBuf> {
 /// The page at `url` as the browser leaves it once its script has run for 5 s of virtual
 /// time (the script's fetches complete within it: virtual time waits for the network).
 async fn render(browser: &PathBuf, url: &str) -> String {
+    render_with(browser, url, &[]).await
+}
+
+/// [`render`] with more of the browser's flags.
+async fn render_with(browser: &PathBuf, url: &str, flags: &[&str]) -> String {
     let profile = tempfile::tempdir().unwrap();
     let mut command = tokio::process::Command::new(browser);
     command
@@ -38,6 +43,7 @@ async fn render(browser: &PathBuf, url: &str) -> String {
             "--virtual-time-budget=5000",
             "--dump-dom",
         ])
+        .args(flags)
         .arg(format!("--user-data-dir={}", profile.path().display()))
         .arg(url)
         .stdin(std::process::Stdio::null())
@@ -228,7 +234,9 @@ async fn the_dashboard_says_when_it_cannot_reach_the_controller() {
 }
 
 /// A page of another origin that the operator happens to open cannot approve a pending
-/// device, though the browser will send its request: the controller refuses it (403).
+/// device, though the browser sends its requests: the controller refuses them (403). A page
+/// on another port of 127.0.0.1 is of the same site to the browser (`Sec-Fetch-Site:
+/// same-site`): the guard must refuse that too, not only `cross-site`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_page_of_another_origin_cannot_approve_a_device() {
     let Some(browser) = chromium() else {
@@ -264,7 +272,8 @@ async fn a_page_of_another_origin_cannot_approve_a_device() {
 <iframe name="sink"></iframe>
 <form id="f" method="post" action="{approve}" target="sink"></form>
 <script>
-fetch("{approve}", {{method: "POST", mode: "no-cors", body: "{{}}"}});
+fetch("{approve}", {{method: "POST", mode: "no-cors", body: "{{}}"}})
+  .then(() => document.title = "answered", e => document.title = "not sent: " + e);
 document.getElementById("f").submit();
 </script></body></html>"#
     );
@@ -275,8 +284,10 @@ document.getElementById("f").submit();
         axum::routing::get(move || async move { axum::response::Html(page) }),
     );
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
-    render(&browser, &format!("http://{addr}/")).await;
+    let dom = render(&browser, &format!("http://{addr}/")).await;
     server.abort();
+    // The browser sent it and had an answer (opaque to the page: a 403).
+    assert!(dom.contains("<title>answered</title>"), "{dom}");
 
     let enrollments = ctl.get("/api/v1/enrollments").await;
     assert_eq!(enrollments[0]["status"], "pending", "{enrollments}");
@@ -286,5 +297,43 @@ document.getElementById("f").submit();
         .post_as("bob", "/api/v1/enrollments/intruder/approve", json!({}))
         .await;
     assert_eq!(code, 200, "{approved}");
+    ctl.stop().await;
+}
+
+/// DNS rebinding: a page whose name was made to point at 127.0.0.1 is of the same origin
+/// as the controller it reaches, so the browser lets it read and post. A controller that
+/// listens on loopback answers only requests for loopback names, so the page gets nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_rebound_to_loopback_gets_nothing_from_the_controller() {
+    let Some(browser) = chromium() else {
+        eprintln!("skipped: no chromium and {CHROMIUM_VAR} is not set");
+        return;
+    };
+    let ctl = TestController::start(BrokerChoice::Embedded).await.unwrap();
+    let port = ctl.controller.http_addr.port();
+    // The same request for a loopback name and for another one.
+    for (host, status) in [
+        (format!("localhost:{port}"), 200),
+        (format!("127.0.0.1:{port}"), 200),
+        (format!("rebound.example:{port}"), 403),
+    ] {
+        let response = ctl
+            .http
+            .get(ctl.url("/api/v1/devices"))
+            .header("host", &host)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), status, "{host}");
+    }
+    // In the browser: the name resolves to 127.0.0.1, and the dashboard does not load.
+    let rebound = format!("http://rebound.example:{port}/");
+    let rules = "--host-resolver-rules=MAP rebound.example 127.0.0.1";
+    let dom = render_with(&browser, &rebound, &[rules]).await;
+    assert!(!dom.contains("<table"), "{dom}");
+    assert!(dom.contains("answers only requests for localhost"), "{dom}");
+    // The same browser, by the loopback name, does.
+    let dom = render(&browser, &format!("http://localhost:{port}/")).await;
+    assert!(dom.contains("<table id=\"devices\">"), "{dom}");
     ctl.stop().await;
 }
