@@ -12,15 +12,32 @@ use serde_json::json;
 
 const CHROMIUM_VAR: &str = "EDGELOOP_TEST_CHROMIUM";
 
-/// The browser to run, or `None` to skip.
+/// The browser to run, or `None` (said on stderr) to skip.
 fn chromium() -> Option<PathBuf> {
     if let Some(path) = std::env::var_os(CHROMIUM_VAR).filter(|p| !p.is_empty()) {
         return Some(PathBuf::from(path));
     }
-    ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+    let found = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
         .into_iter()
         .map(PathBuf::from)
-        .find(|p| p.exists())
+        .find(|p| p.exists());
+    if found.is_none() {
+        eprintln!("skipped: no chromium and {CHROMIUM_VAR} is not set");
+    }
+    found
+}
+
+/// Serves `page` at `/` on a port of its own, so of another origin than the controller's,
+/// for as long as the test runs; returns its address.
+async fn serve_page(page: String) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().route(
+        "/",
+        axum::routing::get(move || async move { axum::response::Html(page) }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}/")
 }
 
 /// The page at `url` as the browser leaves it once its script has run for 5 s of virtual
@@ -101,7 +118,6 @@ fn texts(row: &[Cell]) -> Vec<&str> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_shows_the_fleet_as_the_api_does() {
     let Some(browser) = chromium() else {
-        eprintln!("skipped: no chromium and {CHROMIUM_VAR} is not set");
         return;
     };
     let ctl = TestController::start(BrokerChoice::Embedded).await.unwrap();
@@ -206,20 +222,11 @@ async fn the_dashboard_shows_the_fleet_as_the_api_does() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_says_when_it_cannot_reach_the_controller() {
     let Some(browser) = chromium() else {
-        eprintln!("skipped: no chromium and {CHROMIUM_VAR} is not set");
         return;
     };
     // The controller's page from a server that has no API: every call answers 404.
     let page = include_str!("../../controller/src/dashboard.html");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = axum::Router::new().route(
-        "/",
-        axum::routing::get(move || async move { axum::response::Html(page) }),
-    );
-    let server = tokio::spawn(async move { axum::serve(listener, app).await });
-    let dom = render(&browser, &format!("http://{addr}/")).await;
-    server.abort();
+    let dom = render(&browser, &serve_page(page.into()).await).await;
     let error = dom
         .split("<div id=\"error\">")
         .nth(1)
@@ -240,7 +247,6 @@ async fn the_dashboard_says_when_it_cannot_reach_the_controller() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_page_of_another_origin_cannot_approve_a_device() {
     let Some(browser) = chromium() else {
-        eprintln!("skipped: no chromium and {CHROMIUM_VAR} is not set");
         return;
     };
     let ctl = TestController::start(BrokerChoice::Embedded).await.unwrap();
@@ -277,15 +283,7 @@ fetch("{approve}", {{method: "POST", mode: "no-cors", body: "{{}}"}})
 document.getElementById("f").submit();
 </script></body></html>"#
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = axum::Router::new().route(
-        "/",
-        axum::routing::get(move || async move { axum::response::Html(page) }),
-    );
-    let server = tokio::spawn(async move { axum::serve(listener, app).await });
-    let dom = render(&browser, &format!("http://{addr}/")).await;
-    server.abort();
+    let dom = render(&browser, &serve_page(page).await).await;
     // The browser sent it and had an answer (opaque to the page: a 403).
     assert!(dom.contains("<title>answered</title>"), "{dom}");
 
@@ -306,7 +304,6 @@ document.getElementById("f").submit();
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_name_rebound_to_loopback_gets_nothing_from_the_controller() {
     let Some(browser) = chromium() else {
-        eprintln!("skipped: no chromium and {CHROMIUM_VAR} is not set");
         return;
     };
     let ctl = TestController::start(BrokerChoice::Embedded).await.unwrap();
