@@ -12,38 +12,36 @@ const WINDOW: u64 = 40;
 const NORMAL: [f32; 4] = [1.0, 3.0, 3.0, 45.0];
 const FAULT: [f32; 4] = [1.9, 8.5, 6.5, 56.0];
 
-async fn post(http: &reqwest::Client, url: &str, body: Value) -> (u16, Value) {
-    let response = http.post(url).json(&body).send().await.unwrap();
+/// Sends a request; its status and JSON body (null when there is none).
+async fn answer(request: reqwest::RequestBuilder) -> (u16, Value) {
+    let response = request.send().await.unwrap();
     let status = response.status().as_u16();
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
+async fn post(http: &reqwest::Client, url: &str, body: Value) -> (u16, Value) {
+    answer(http.post(url).json(&body)).await
+}
+
 /// Posts `body` as a browser does for a page of another site.
 async fn cross_site(http: &reqwest::Client, url: &str, body: Value) -> (u16, Value) {
-    let response = http
-        .post(url)
-        .header("sec-fetch-site", "cross-site")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
+    answer(
+        http.post(url)
+            .header("sec-fetch-site", "cross-site")
+            .json(&body),
+    )
+    .await
 }
 
 /// Posts `values` as a binary body of the given shape (`X-Edgeloop-Shape`).
 async fn post_f32(http: &reqwest::Client, url: &str, shape: &str, values: &[f32]) -> (u16, Value) {
     let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let response = http
+    let request = http
         .post(url)
         .header("content-type", "application/octet-stream")
         .header("x-edgeloop-shape", shape)
-        .body(bytes)
-        .send()
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
+        .body(bytes);
+    answer(request).await
 }
 
 /// The agent's Prometheus text.

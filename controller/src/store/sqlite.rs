@@ -328,6 +328,22 @@ pub struct SqliteStore {
     flush_queued: Arc<AtomicBool>,
 }
 
+impl SqliteStore {
+    /// Writes the pending hours ([`flush_hours`]); `queued`, the mark of a flush ingest
+    /// queued, is dropped once they are written, under their lock, so that the next flush
+    /// may be queued from then on.
+    async fn write_pending_hours(&self, queued: Option<FlushQueued>) -> Result<()> {
+        let pending = self.pending.clone();
+        self.call(move |conn| {
+            let mut pending = pending.lock().unwrap_or_else(|p| p.into_inner());
+            // Declared after the lock, so dropped before it.
+            let _queued = queued;
+            flush_hours(conn, &mut pending)
+        })
+        .await
+    }
+}
+
 /// Clears [`SqliteStore::flush_queued`] when dropped: when its flush has run, and as well
 /// when the flush is dropped unrun (the runtime shutting down), so that the flag never
 /// stays set.
@@ -1466,15 +1482,7 @@ impl Store for SqliteStore {
             let store = self.clone();
             let queued = FlushQueued(self.flush_queued.clone());
             tokio::spawn(async move {
-                let pending = store.pending.clone();
-                let flushed = store.call(move |conn| {
-                    let mut pending = pending.lock().unwrap_or_else(|p| p.into_inner());
-                    // Dropped after the flush and before the lock (declared after it): once
-                    // this flush has written the hours, the next may be queued.
-                    let _queued = queued;
-                    flush_hours(conn, &mut pending)
-                });
-                if let Err(e) = flushed.await {
+                if let Err(e) = store.write_pending_hours(Some(queued)).await {
                     // The next flush folds the raw rows again.
                     tracing::warn!(error = %e, "cannot write hourly aggregates; trying again later");
                 }
@@ -1662,11 +1670,7 @@ impl Store for SqliteStore {
     }
 
     async fn flush_hourly(&self) -> Result<()> {
-        let pending = self.pending.clone();
-        self.call(move |conn| {
-            flush_hours(conn, &mut pending.lock().unwrap_or_else(|p| p.into_inner()))
-        })
-        .await
+        self.write_pending_hours(None).await
     }
 
     async fn prune(&self, raw_before_ms: u64, aggregates_before_ms: u64) -> Result<Pruned> {
