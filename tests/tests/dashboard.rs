@@ -130,16 +130,17 @@ async fn the_dashboard_shows_the_fleet_as_the_api_does() {
     assert_eq!(status, 201, "{rollout}");
     let rollout_path = format!("/api/v1/rollouts/{}", rollout["id"]);
     wait_until(
-        "the rollout completes and the device reports drift",
+        "the rollout completes and the device reports drift and inferences",
         Duration::from_secs(60),
         || async {
             let rollout = ctl.get(&rollout_path).await;
+            // The drift summary and the heartbeat that counts inferences travel apart: the
+            // status sent on commit may still say 0 when the summary has arrived.
             rollout["status"] == "completed"
                 && rollout["deployments"][0]["status"] == "committed"
-                && ctl
-                    .device("dash-1")
-                    .await
-                    .is_some_and(|d| d["last_psi_max"].is_f64())
+                && ctl.device("dash-1").await.is_some_and(|d| {
+                    d["last_psi_max"].is_f64() && d["inferences"].as_u64().is_some_and(|n| n > 0)
+                })
         },
     )
     .await;
