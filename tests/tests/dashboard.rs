@@ -1,8 +1,9 @@
 //! The dashboard in a real browser: headless Chromium loads the page from a running
 //! controller, its script reads the API, and the page it renders is checked against what
-//! the API says. `EDGELOOP_TEST_CHROMIUM` names the browser (CI sets it: then it must run);
-//! without it Debian's `chromium` is used when installed, and the tests are skipped when
-//! there is none.
+//! the API says; under ChromeDriver, the operator's clicks steer the fleet.
+//! `EDGELOOP_TEST_CHROMIUM` names the browser and `EDGELOOP_TEST_CHROMEDRIVER` the driver (CI
+//! sets both: then they must run); without them Debian's `chromium` and `chromedriver` are
+//! used when installed, and the tests are skipped when there are none.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -76,6 +77,236 @@ async fn render_with(browser: &PathBuf, url: &str, flags: &[&str]) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8(output.stdout).expect("the DOM is UTF-8")
+}
+
+const CHROMEDRIVER_VAR: &str = "EDGELOOP_TEST_CHROMEDRIVER";
+
+/// Chromium under ChromeDriver (W3C WebDriver over HTTP), for tests that click. The driver
+/// runs in a process group of its own, which is killed with its browsers when dropped.
+struct Driver {
+    http: reqwest::Client,
+    session: String,
+    process: tokio::process::Child,
+}
+
+/// The key under which WebDriver names an element.
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+impl Driver {
+    /// Starts ChromeDriver (`EDGELOOP_TEST_CHROMEDRIVER`, else Debian's) and a session of
+    /// `browser`; `None` (said on stderr) to skip when neither is there and CI did not ask.
+    async fn start(browser: &std::path::Path) -> Option<Driver> {
+        let driver = match std::env::var_os(CHROMEDRIVER_VAR).filter(|p| !p.is_empty()) {
+            Some(path) => PathBuf::from(path),
+            None => {
+                let debian = PathBuf::from("/usr/bin/chromedriver");
+                if !debian.exists() {
+                    // CI names the browser: then the driver must be there too.
+                    assert!(
+                        std::env::var_os(CHROMIUM_VAR).is_none(),
+                        "{CHROMIUM_VAR} is set but there is no chromedriver ({CHROMEDRIVER_VAR})"
+                    );
+                    eprintln!("skipped: no chromedriver and {CHROMEDRIVER_VAR} is not set");
+                    return None;
+                }
+                debian
+            }
+        };
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let process = tokio::process::Command::new(&driver)
+            .arg(format!("--port={port}"))
+            .process_group(0)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot run {} ({CHROMEDRIVER_VAR}): {e}", driver.display())
+            });
+        let mut driver = Driver {
+            http: reqwest::Client::new(),
+            session: format!("http://127.0.0.1:{port}"),
+            process,
+        };
+        wait_until("chromedriver is ready", Duration::from_secs(20), || async {
+            driver
+                .http
+                .get(format!("{}/status", driver.session))
+                .send()
+                .await
+                .is_ok()
+        })
+        .await;
+        let created = driver
+            .call(
+                reqwest::Method::POST,
+                "/session",
+                json!({"capabilities": {"alwaysMatch": {
+                    "browserName": "chrome",
+                    "goog:chromeOptions": {
+                        "binary": browser,
+                        "args": ["--headless", "--no-sandbox", "--disable-gpu",
+                                 "--disable-background-networking", "--disable-dev-shm-usage"],
+                    },
+                }}}),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("no browser session: {e}"));
+        let id = created["sessionId"].as_str().expect("a session id");
+        driver.session = format!("{}/session/{id}", driver.session);
+        Some(driver)
+    }
+
+    /// One WebDriver command (`path` below the session, or `/session` to make one); its
+    /// value, or the error WebDriver answered.
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: serde_json::Value,
+    ) -> Result<serde_json::Value, String> {
+        let mut request = self.http.request(method, format!("{}{path}", self.session));
+        if !body.is_null() {
+            request = request.json(&body);
+        }
+        let response = request.send().await.map_err(|e| e.to_string())?;
+        let ok = response.status().is_success();
+        let answer: serde_json::Value = response.json().await.map_err(|e| e.to_string())?;
+        let value = answer["value"].clone();
+        if ok {
+            Ok(value)
+        } else {
+            Err(format!("{}: {}", value["error"], value["message"]))
+        }
+    }
+
+    async fn goto(&self, url: &str) {
+        self.call(reqwest::Method::POST, "/url", json!({ "url": url }))
+            .await
+            .unwrap();
+    }
+
+    /// The element `css` selects once the page has it (its script fills the tables
+    /// after it loads), then `act` on it; again while the page replaces it meanwhile.
+    async fn on(&self, css: &str, act: &str, body: serde_json::Value) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let found = self
+                .call(
+                    reqwest::Method::POST,
+                    "/element",
+                    json!({"using": "css selector", "value": css}),
+                )
+                .await;
+            let done = match found {
+                Ok(element) => {
+                    let id = element[ELEMENT]
+                        .as_str()
+                        .unwrap_or_else(|| panic!("an element: {element}"))
+                        .to_string();
+                    let method = if body.is_null() {
+                        reqwest::Method::GET
+                    } else {
+                        reqwest::Method::POST
+                    };
+                    self.call(method, &format!("/element/{id}/{act}"), body.clone())
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            match done {
+                Ok(value) => return value,
+                Err(e) if e.contains("no such element") || e.contains("stale element") => {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "{css} to {act} within 30 s: {e}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("{act} {css}: {e}"),
+            }
+        }
+    }
+
+    async fn click(&self, css: &str) {
+        self.on(css, "click", json!({})).await;
+    }
+
+    /// Replaces what the input `css` holds with `text`, typed.
+    async fn type_into(&self, css: &str, text: &str) {
+        self.on(css, "clear", json!({})).await;
+        self.on(css, "value", json!({ "text": text })).await;
+    }
+
+    /// The text the element `css` shows, once it shows something.
+    async fn text(&self, css: &str) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = self.on(css, "text", serde_json::Value::Null).await;
+            let text = text.as_str().expect("text").to_string();
+            if !text.is_empty() || std::time::Instant::now() > deadline {
+                return text;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Whether the page has an element `css` now.
+    async fn has(&self, css: &str) -> bool {
+        self.call(
+            reqwest::Method::POST,
+            "/element",
+            json!({"using": "css selector", "value": css}),
+        )
+        .await
+        .is_ok()
+    }
+
+    /// The question the page asked with `confirm()`, answered yes or no.
+    async fn answer_confirm(&self, yes: bool) -> String {
+        let mut question = Err(String::new());
+        for _ in 0..100 {
+            question = self
+                .call(reqwest::Method::GET, "/alert/text", serde_json::Value::Null)
+                .await;
+            if question.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let question = question.unwrap_or_else(|e| panic!("the page asked nothing: {e}"));
+        let answer = if yes {
+            "/alert/accept"
+        } else {
+            "/alert/dismiss"
+        };
+        self.call(reqwest::Method::POST, answer, json!({}))
+            .await
+            .unwrap();
+        question.as_str().expect("a question").to_string()
+    }
+
+    /// Ends the session: the browser exits (the driver goes when dropped).
+    async fn quit(self) {
+        let _ = self
+            .call(reqwest::Method::DELETE, "", serde_json::Value::Null)
+            .await;
+    }
+}
+
+impl Drop for Driver {
+    /// A test that failed leaves no browser behind: the driver's whole group goes.
+    fn drop(&mut self) {
+        if let Some(pid) = self.process.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", "--", &format!("-{pid}")])
+                .status();
+        }
+    }
 }
 
 /// A table cell as rendered: its class (empty when it has none) and its text.
@@ -210,12 +441,178 @@ async fn the_dashboard_shows_the_fleet_as_the_api_does() {
             rollout["id"].to_string().as_str(),
             "vibration v1",
             "completed",
-            "1 committed"
+            "1 committed",
+            // A rollout that finished has nothing left to change.
+            "",
         ],
         "{dom}"
     );
 
     agent.stop().await;
+    ctl.stop().await;
+}
+
+/// A device that asked to enroll with a token that needs an operator's approval.
+async fn ask_to_enroll(ctl: &TestController, device: &str) {
+    let (code, token) = ctl
+        .post_as(
+            "alice",
+            "/api/v1/enrollment-tokens",
+            json!({"group": "line-a", "uses": 1, "auto_approve": false}),
+        )
+        .await;
+    assert_eq!(code, 201, "{token}");
+    let key = edgeloop_shared::signing::SecretKey::from_seed([7; 32])
+        .public()
+        .to_text();
+    let (code, pending) = ctl
+        .post_as(
+            "device",
+            "/api/v1/enroll",
+            json!({"token": token["token"], "device_id": device, "public_key": key,
+                   "board": "rpi4", "arch": "aarch64", "agent_version": "0.1.0"}),
+        )
+        .await;
+    assert_eq!(code, 202, "{pending}");
+}
+
+/// The operator steers from the page: approves a pending device, starts a rollout in
+/// waves, pauses, resumes and aborts it (the abort asks first), and sees the controller's
+/// refusal of a bad plan. Every change reaches the API and its audit log as `dashboard`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_steers_the_fleet() {
+    let Some(browser) = chromium() else {
+        return;
+    };
+    let Some(driver) = Driver::start(&browser).await else {
+        return;
+    };
+    let ctl = TestController::start(BrokerChoice::Embedded).await.unwrap();
+    ask_to_enroll(&ctl, "newcomer").await;
+    ctl.publish_example(1).await;
+    driver.goto(&ctl.url("/")).await;
+
+    let approve = r#"#enrollments button[data-action="approve"][data-device="newcomer"]"#;
+    assert_eq!(
+        driver
+            .text(r#"#enrollments tr[data-device="newcomer"] td"#)
+            .await,
+        "newcomer"
+    );
+    driver.click(approve).await;
+    wait_until(
+        "the approval reaches the API",
+        Duration::from_secs(30),
+        || async { ctl.get("/api/v1/enrollments").await[0]["status"] == "approved" },
+    )
+    .await;
+    let enrollment = ctl.get("/api/v1/enrollments").await;
+    assert_eq!(enrollment[0]["decided_by"], "dashboard", "{enrollment}");
+    assert_eq!(driver.text("#outcome").await, "approve newcomer: done");
+    wait_until(
+        "the page drops the approved row",
+        Duration::from_secs(30),
+        || async { !driver.has(approve).await },
+    )
+    .await;
+
+    // A plan the controller refuses: its answer is shown, and nothing starts.
+    assert_eq!(
+        driver.text("#new-rollout select option:checked").await,
+        "vibration v1"
+    );
+    driver
+        .type_into("#new-rollout input[name=waves]", "0%")
+        .await;
+    driver.click("#new-rollout button[type=submit]").await;
+    wait_until("the refusal is shown", Duration::from_secs(30), || async {
+        driver.text("#outcome").await.contains("failed")
+    })
+    .await;
+    let outcome = driver.text("#outcome").await;
+    assert!(
+        outcome.starts_with("roll out vibration v1 failed: ")
+            && outcome.contains("`0%` is not a percentage above 0"),
+        "{outcome}"
+    );
+    assert_eq!(
+        driver
+            .on("#outcome", "attribute/class", serde_json::Value::Null)
+            .await,
+        "failed"
+    );
+    assert_eq!(ctl.get("/api/v1/rollouts").await, json!([]));
+
+    // The device never connects, so the rollout stays in progress while it is steered.
+    driver
+        .type_into("#new-rollout input[name=waves]", "1, 100%")
+        .await;
+    driver.click("#new-rollout button[type=submit]").await;
+    wait_until("the rollout starts", Duration::from_secs(30), || async {
+        ctl.get("/api/v1/rollouts").await.as_array().unwrap().len() == 1
+    })
+    .await;
+    let rollout = ctl.get("/api/v1/rollouts").await[0].clone();
+    assert_eq!(
+        (&rollout["model_name"], &rollout["model_version"]),
+        (&json!("vibration"), &json!(1)),
+        "{rollout}"
+    );
+    assert_eq!(rollout["plan"]["waves"], json!(["1", "100%"]), "{rollout}");
+    assert!(rollout["plan"]["telemetry_gate"].is_object(), "{rollout}");
+    let id = rollout["id"].as_u64().unwrap();
+    let path = format!("/api/v1/rollouts/{id}");
+    let status_is = |want: &'static str| {
+        let path = path.clone();
+        let ctl = &ctl;
+        move || {
+            let path = path.clone();
+            async move { ctl.get(&path).await["status"] == want }
+        }
+    };
+    let row = format!("#rollouts button[data-rollout=\"{id}\"]");
+
+    driver.click(&format!("{row}[data-action=pause]")).await;
+    wait_until("paused", Duration::from_secs(30), status_is("paused")).await;
+    driver.click(&format!("{row}[data-action=resume]")).await;
+    wait_until("resumed", Duration::from_secs(30), status_is("in_progress")).await;
+    // Abort asks first; no leaves it running.
+    driver.click(&format!("{row}[data-action=abort]")).await;
+    let question = driver.answer_confirm(false).await;
+    assert!(
+        question.starts_with(&format!("Abort rollout {id}?")),
+        "{question}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(ctl.get(&path).await["status"], "in_progress");
+    driver.click(&format!("{row}[data-action=abort]")).await;
+    driver.answer_confirm(true).await;
+    wait_until("aborted", Duration::from_secs(30), status_is("aborted")).await;
+    wait_until(
+        "the page has no buttons for it",
+        Duration::from_secs(30),
+        || async { !driver.has(&row).await },
+    )
+    .await;
+
+    let audit = ctl.get("/api/v1/audit").await;
+    let by_dashboard: Vec<&str> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["actor"] == "dashboard")
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    for action in [
+        "device.approve",
+        "rollout.create",
+        "rollout.pause",
+        "rollout.resume",
+        "rollout.abort",
+    ] {
+        assert!(by_dashboard.contains(&action), "{action}: {audit}");
+    }
+    driver.quit().await;
     ctl.stop().await;
 }
 
@@ -251,26 +648,7 @@ async fn a_page_of_another_origin_cannot_approve_a_device() {
         return;
     };
     let ctl = TestController::start(BrokerChoice::Embedded).await.unwrap();
-    let (code, token) = ctl
-        .post_as(
-            "alice",
-            "/api/v1/enrollment-tokens",
-            json!({"group": "line-a", "uses": 1, "auto_approve": false}),
-        )
-        .await;
-    assert_eq!(code, 201, "{token}");
-    let key = edgeloop_shared::signing::SecretKey::from_seed([7; 32])
-        .public()
-        .to_text();
-    let (code, pending) = ctl
-        .post_as(
-            "device",
-            "/api/v1/enroll",
-            json!({"token": token["token"], "device_id": "intruder", "public_key": key,
-                   "board": "rpi4", "arch": "aarch64", "agent_version": "0.1.0"}),
-        )
-        .await;
-    assert_eq!(code, 202, "{pending}");
+    ask_to_enroll(&ctl, "intruder").await;
 
     // What a hostile page can send without asking: a form's POST and a no-cors fetch.
     let approve = ctl.url("/api/v1/enrollments/intruder/approve");
