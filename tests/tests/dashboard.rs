@@ -23,6 +23,10 @@ fn chromium() -> Option<PathBuf> {
         .map(PathBuf::from)
         .find(|p| p.exists());
     if found.is_none() {
+        assert!(
+            std::env::var_os(CHROMEDRIVER_VAR).is_none(),
+            "{CHROMEDRIVER_VAR} is set but there is no chromium ({CHROMIUM_VAR})"
+        );
         eprintln!("skipped: no chromium and {CHROMIUM_VAR} is not set");
     }
     found
@@ -128,7 +132,11 @@ impl Driver {
                 panic!("cannot run {} ({CHROMEDRIVER_VAR}): {e}", driver.display())
             });
         let mut driver = Driver {
-            http: reqwest::Client::new(),
+            // A wedged driver fails the test instead of hanging it.
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .unwrap(),
             session: format!("http://127.0.0.1:{port}"),
             process,
         };
@@ -266,8 +274,24 @@ impl Driver {
         .is_ok()
     }
 
-    /// The question the page asked with `confirm()`, answered yes or no.
-    async fn answer_confirm(&self, yes: bool) -> String {
+    /// Waits until the page says `want` as the outcome of the operator's last change.
+    async fn outcome_is(&self, want: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let now = self.text("#outcome").await;
+            if now == want {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the page says {now:?}, not {want:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The question the page asked with `prompt()`, answered with `text` or cancelled.
+    async fn answer_prompt(&self, text: Option<&str>) -> String {
         let mut question = Err(String::new());
         for _ in 0..100 {
             question = self
@@ -279,10 +303,18 @@ impl Driver {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let question = question.unwrap_or_else(|e| panic!("the page asked nothing: {e}"));
-        let answer = if yes {
-            "/alert/accept"
-        } else {
-            "/alert/dismiss"
+        let answer = match text {
+            Some(text) => {
+                self.call(
+                    reqwest::Method::POST,
+                    "/alert/text",
+                    json!({ "text": text }),
+                )
+                .await
+                .unwrap();
+                "/alert/accept"
+            }
+            None => "/alert/dismiss",
         };
         self.call(reqwest::Method::POST, answer, json!({}))
             .await
@@ -508,7 +540,7 @@ async fn the_dashboard_steers_the_fleet() {
     .await;
     let enrollment = ctl.get("/api/v1/enrollments").await;
     assert_eq!(enrollment[0]["decided_by"], "dashboard", "{enrollment}");
-    assert_eq!(driver.text("#outcome").await, "approve newcomer: done");
+    driver.outcome_is("approve newcomer: done").await;
     wait_until(
         "the page drops the approved row",
         Duration::from_secs(30),
@@ -547,6 +579,9 @@ async fn the_dashboard_steers_the_fleet() {
     driver
         .type_into("#new-rollout input[name=waves]", "1, 100%")
         .await;
+    driver
+        .type_into("#new-rollout input[name=group]", "line-a")
+        .await;
     driver.click("#new-rollout button[type=submit]").await;
     wait_until("the rollout starts", Duration::from_secs(30), || async {
         ctl.get("/api/v1/rollouts").await.as_array().unwrap().len() == 1
@@ -573,21 +608,40 @@ async fn the_dashboard_steers_the_fleet() {
     let row = format!("#rollouts button[data-rollout=\"{id}\"]");
 
     driver.click(&format!("{row}[data-action=pause]")).await;
+    driver
+        .outcome_is(&format!("pause rollout {id}: done"))
+        .await;
     wait_until("paused", Duration::from_secs(30), status_is("paused")).await;
     driver.click(&format!("{row}[data-action=resume]")).await;
+    driver
+        .outcome_is(&format!("resume rollout {id}: done"))
+        .await;
     wait_until("resumed", Duration::from_secs(30), status_is("in_progress")).await;
-    // Abort asks first; no leaves it running.
+    // Abort asks first, and cancelled sends nothing (the page would say "abort rollout…").
     driver.click(&format!("{row}[data-action=abort]")).await;
-    let question = driver.answer_confirm(false).await;
+    let question = driver.answer_prompt(None).await;
     assert!(
-        question.starts_with(&format!("Abort rollout {id}?")),
+        question.starts_with(&format!(
+            "Abort rollout {id}? Devices that have the new model"
+        )),
         "{question}"
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        driver.text("#outcome").await,
+        format!("resume rollout {id}: done")
+    );
     assert_eq!(ctl.get(&path).await["status"], "in_progress");
-    driver.click(&format!("{row}[data-action=abort]")).await;
-    driver.answer_confirm(true).await;
-    wait_until("aborted", Duration::from_secs(30), status_is("aborted")).await;
+    // Abort and roll back, with the operator's reason.
+    driver.click(&format!("{row}[data-action=rollback]")).await;
+    let question = driver.answer_prompt(Some("v1 misreads newcomer")).await;
+    assert!(
+        question.starts_with(&format!("Abort rollout {id} and send its devices back")),
+        "{question}"
+    );
+    driver
+        .outcome_is(&format!("abort rollout {id}: done"))
+        .await;
+    assert_eq!(ctl.get(&path).await["status"], "aborted");
     wait_until(
         "the page has no buttons for it",
         Duration::from_secs(30),
@@ -612,6 +666,13 @@ async fn the_dashboard_steers_the_fleet() {
     ] {
         assert!(by_dashboard.contains(&action), "{action}: {audit}");
     }
+    let abort = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["action"] == "rollout.abort")
+        .unwrap();
+    assert_eq!(abort["detail"], "v1 misreads newcomer", "{audit}");
     driver.quit().await;
     ctl.stop().await;
 }
