@@ -155,8 +155,9 @@ impl IntoResponse for ApiError {
 type ApiResult<T> = Result<Json<T>, ApiError>;
 
 /// The API, the dashboard and the bundle downloads; `loopback` when it listens on a loopback
-/// address (see [`edgeloop_agent::api::refuse_browser_forgery`], which guards it).
-pub fn router(state: AppState, loopback: bool) -> Router {
+/// address (see [`edgeloop_agent::api::refuse_browser_forgery`], which guards it); `logins`
+/// the operators it admits (see [`crate::login`]).
+pub fn router(state: AppState, loopback: bool, logins: crate::login::Logins) -> Router {
     Router::new()
         .route("/", get(dashboard))
         .route("/healthz", get(|| async { "ok" }))
@@ -194,6 +195,10 @@ pub fn router(state: AppState, loopback: bool) -> Router {
             "/artifacts/{name}/{version}/delta/{base}",
             get(delta_artifact),
         )
+        .layer(axum::middleware::from_fn_with_state(
+            logins,
+            crate::login::require_login,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             loopback,
             edgeloop_agent::api::refuse_browser_forgery,

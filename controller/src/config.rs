@@ -57,6 +57,9 @@ pub struct ControllerConfig {
     /// Retraining policies, one per model (`[[retraining]]` tables).
     #[serde(default)]
     pub retraining: Vec<crate::retrain::RetrainingPolicy>,
+    /// Who may use the API and dashboard (`[[operators]]` tables); none: no login.
+    #[serde(default)]
+    pub operators: Vec<crate::login::Operator>,
 }
 
 impl Default for ControllerConfig {
@@ -100,6 +103,7 @@ impl ControllerConfig {
             BrokerAddr::parse(&self.mqtt_url).map_err(|e| invalid("mqtt_url", e.to_string()))?;
         }
         Topics::new(&self.topic_root).map_err(|e| invalid("topic_root", e.to_string()))?;
+        crate::login::validate(&self.operators).map_err(|e| invalid("operators", e))?;
         for key in &self.root_keys {
             edgeloop_shared::signing::PublicKey::parse(key)
                 .map_err(|e| invalid("root_keys", format!("`{key}`: {e}")))?;

@@ -12,6 +12,7 @@ pub mod demo;
 pub mod gate;
 pub mod ingest;
 pub mod keys;
+pub mod login;
 pub mod plan;
 pub mod provision;
 pub mod registry;

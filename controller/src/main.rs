@@ -117,6 +117,22 @@ enum Command {
     },
     /// Print the built-in default configuration (a commented TOML file).
     PrintDefaultConfig,
+    /// Operators who may use the API and dashboard (the controller's `[[operators]]`).
+    Operator {
+        #[command(subcommand)]
+        command: OperatorCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum OperatorCommand {
+    /// Make a token for a new operator: prints the token (once: hand it to them) and the
+    /// `[[operators]]` entry to add to the controller's configuration, which keeps only its
+    /// SHA-256. The controller admits the operator once it restarts with the entry.
+    Add {
+        /// The operator's name, which the audit log will show for what they do.
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -238,7 +254,9 @@ async fn dataset_command(command: DatasetCommand) -> anyhow::Result<()> {
                 "{}/api/v1/datasets/{id}/file",
                 controller.trim_end_matches('/')
             );
-            let response = reqwest::get(&url)
+            let response = api_client()?
+                .get(&url)
+                .send()
                 .await
                 .with_context(|| format!("cannot reach the controller at {url}"))?;
             let status = response.status();
@@ -317,7 +335,7 @@ enum TrustCommand {
 
 /// POSTs `body` to the controller's API; its answer, or its error as the controller said it.
 async fn post_json(url: &str, body: &serde_json::Value) -> anyhow::Result<String> {
-    send(reqwest::Client::new().post(url).json(body), url).await
+    send(api_client()?.post(url).json(body), url).await
 }
 
 /// Prints what a listing endpoint answers: as it is with `--output json`, else a line per
@@ -339,11 +357,15 @@ async fn list(
 }
 
 async fn get_json(url: &str) -> anyhow::Result<serde_json::Value> {
-    let text = send(reqwest::Client::new().get(url), url).await?;
+    let text = send(api_client()?.get(url), url).await?;
     serde_json::from_str(&text).with_context(|| format!("{url} did not answer JSON"))
 }
 
-/// Who the CLI acts for in the audit log: `EDGELOOP_ACTOR`, else the login name.
+/// The environment variable from which the CLI takes its operator token.
+const API_TOKEN_VAR: &str = "EDGELOOP_API_TOKEN";
+
+/// Who the CLI acts for in the audit log: `EDGELOOP_ACTOR`, else the login name (a
+/// controller with operators records the token's operator instead).
 fn cli_actor() -> String {
     ["EDGELOOP_ACTOR", "USER", "LOGNAME"]
         .iter()
@@ -351,9 +373,31 @@ fn cli_actor() -> String {
         .unwrap_or_else(|| "cli".into())
 }
 
+/// A client for the controller's API: it names the CLI's actor and, from
+/// `EDGELOOP_API_TOKEN`, shows the operator's token.
+fn api_client() -> anyhow::Result<reqwest::Client> {
+    use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue};
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        edgeloop_controller::api::ACTOR_HEADER,
+        HeaderValue::from_str(&cli_actor()).context("the actor name is not a header value")?,
+    );
+    if let Some(token) = std::env::var(API_TOKEN_VAR)
+        .ok()
+        .filter(|t| !t.trim().is_empty())
+    {
+        let mut value = HeaderValue::from_str(&format!("Bearer {}", token.trim()))
+            .with_context(|| format!("{API_TOKEN_VAR} is not a header value"))?;
+        value.set_sensitive(true);
+        headers.insert(AUTHORIZATION, value);
+    }
+    Ok(reqwest::Client::builder()
+        .default_headers(headers)
+        .build()?)
+}
+
 async fn send(request: reqwest::RequestBuilder, url: &str) -> anyhow::Result<String> {
     let response = request
-        .header(edgeloop_controller::api::ACTOR_HEADER, cli_actor())
         .send()
         .await
         .with_context(|| format!("cannot reach the controller at {url}"))?;
@@ -1023,6 +1067,19 @@ async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::PrintDefaultConfig => print!("{DEFAULT_CONFIG_TOML}"),
+        Command::Operator {
+            command: OperatorCommand::Add { name },
+        } => {
+            let (token, operator) =
+                edgeloop_controller::login::Operator::create(&name).map_err(anyhow::Error::msg)?;
+            println!("token for {name} (shown once; the CLI reads it from EDGELOOP_API_TOKEN):");
+            println!("{token}");
+            println!("add to the controller's configuration, then restart it:");
+            print!(
+                "{}",
+                toml::to_string(&serde_json::json!({ "operators": [operator] }))?
+            );
+        }
         Command::Keygen { out } => {
             let key = keys::keygen(&out)?;
             println!("key id {}", key.id());
@@ -1350,9 +1407,13 @@ async fn run() -> anyhow::Result<()> {
         Command::Device {
             command: DeviceCommand::Provision { request, api },
         } => {
-            let written =
-                edgeloop_controller::provision::write(&api.controller, request, &cli_actor())
-                    .await?;
+            let written = edgeloop_controller::provision::write(
+                &api.controller,
+                request,
+                &cli_actor(),
+                &api_client()?,
+            )
+            .await?;
             if api.output == Output::Json {
                 println!("{}", serde_json::to_string(&written)?);
             } else {

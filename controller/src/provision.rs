@@ -123,11 +123,13 @@ async fn call(
     Ok(text)
 }
 
-/// Creates a token for the device on the controller at `controller` and writes the bundle.
+/// Creates a token for the device on the controller at `controller` and writes the bundle;
+/// `client` carries whatever the controller needs of the caller (an operator's token).
 pub async fn write(
     controller: &str,
     request: Request,
     actor: &str,
+    client: &reqwest::Client,
 ) -> Result<Written, ProvisionError> {
     let invalid = |m: String| Err(ProvisionError::Invalid(m));
     if !edgeloop_shared::is_valid_identifier(&request.device_id) {
@@ -151,7 +153,6 @@ pub async fn write(
         return Err(ProvisionError::Exists(request.out));
     }
     let base = controller.trim_end_matches('/');
-    let client = reqwest::Client::new();
     let settings_url = format!("{base}/api/v1/device-settings");
     let settings: Settings =
         serde_json::from_str(&call(client.get(&settings_url), &settings_url, actor).await?)

@@ -232,6 +232,7 @@ impl Controller {
                 }),
             },
             http_addr.ip().is_loopback(),
+            crate::login::Logins::new(&config.operators),
         );
         let stop = shutdown.clone();
         let http_task = tokio::spawn(async move {
@@ -242,6 +243,13 @@ impl Controller {
                 tracing::error!(error = %e, "HTTP server failed");
             }
         });
+        if config.operators.is_empty() && !http_addr.ip().is_loopback() {
+            tracing::warn!(
+                http = %http_addr,
+                "the API listens beyond loopback without operators: anyone who reaches it may \
+                 steer the fleet (configure [[operators]], or put an authenticating proxy in front)"
+            );
+        }
         info!(http = %http_addr, mqtt = %mqtt_url, key_id = %key.id(), "controller running");
         Ok(Controller {
             http_addr,

@@ -40,10 +40,16 @@ impl Drop for Daemon {
 /// Starts `edgeloop serve` on free ports; returns it with its HTTP and MQTT URLs, read from
 /// the line it prints once it runs.
 fn serve(data_dir: &Path, cwd: &Path) -> (Daemon, String, String) {
+    serve_with(data_dir, cwd, &[])
+}
+
+/// [`serve`] with more arguments.
+fn serve_with(data_dir: &Path, cwd: &Path, args: &[&str]) -> (Daemon, String, String) {
     let mut child = Command::new(EDGELOOP)
         .args(["serve", "--data-dir"])
         .arg(data_dir)
         .args(["--http-addr", "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0"])
+        .args(args)
         .current_dir(cwd)
         .env("RUST_LOG", "warn")
         .stderr(Stdio::piped())
@@ -633,4 +639,79 @@ fn devices_are_registered_from_the_cli() {
         .unwrap();
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("not a valid device id"));
+}
+
+/// An operator made with `edgeloop operator add` logs in with the token it printed: the
+/// configuration keeps only its hash, the CLI sends it from `EDGELOOP_API_TOKEN`, and the
+/// audit log names the operator, not the actor the CLI claims.
+#[test]
+fn an_operator_added_from_the_cli_logs_in_with_its_token() {
+    let work = tempfile::tempdir().unwrap();
+    let cwd = work.path();
+    let data = cwd.join("edgeloop-data");
+    edgeloop(&["keygen", "--out", "edgeloop-data/keys"], cwd);
+    let printed = edgeloop(&["operator", "add", "carol"], cwd);
+    let token = printed.lines().nth(1).unwrap().to_string();
+    assert!(token.starts_with("elo_"), "{printed}");
+    let entry = printed.split_once("then restart it:\n").unwrap().1;
+    assert!(!entry.contains(&token[4..]), "only a hash is kept: {entry}");
+    std::fs::write(cwd.join("controller.toml"), entry).unwrap();
+    let (_serve, http, _) = serve_with(&data, cwd, &["--config", "controller.toml"]);
+
+    let cli = |token: &str, args: &[&str]| {
+        let out = Command::new(EDGELOOP)
+            .args(args)
+            .args(["--controller", &http])
+            .current_dir(cwd)
+            .env("EDGELOOP_ACTOR", "mallory")
+            .env("EDGELOOP_API_TOKEN", token)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stderr).to_string();
+        (
+            out.status.success(),
+            String::from_utf8(out.stdout).unwrap(),
+            said,
+        )
+    };
+    let create = ["token", "create", "--group", "line-a"];
+    let (ok, _, said) = cli("", &create);
+    assert!(
+        !ok && said.contains("401") && said.contains("operator"),
+        "{said}"
+    );
+    let (ok, _, said) = cli("elo_0000", &create);
+    assert!(!ok && said.contains("401"), "{said}");
+    let (ok, out, said) = cli(&token, &create);
+    assert!(ok, "{out}{said}");
+
+    let (ok, out, said) = cli(&token, &["audit", "--output", "json"]);
+    assert!(ok, "{said}");
+    let audit: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let created = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["action"] == "token.create")
+        .unwrap_or_else(|| panic!("{audit}"));
+    assert_eq!(created["actor"], "carol", "{audit}");
+
+    // A bad entry stops the controller with the reason.
+    std::fs::write(
+        cwd.join("bad.toml"),
+        "[[operators]]\nname = \"dave\"\ntoken_sha256 = \"abc\"\n",
+    )
+    .unwrap();
+    let bad = Command::new(EDGELOOP)
+        .args(["serve", "--config", "bad.toml", "--data-dir"])
+        .arg(&data)
+        .current_dir(cwd)
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let said = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        said.contains("operators") && said.contains("64 lowercase hex"),
+        "{said}"
+    );
 }

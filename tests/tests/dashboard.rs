@@ -677,6 +677,28 @@ async fn the_dashboard_steers_the_fleet() {
     ctl.stop().await;
 }
 
+/// Behind operator logins the browser logs in (any name, the token as password) and the
+/// page works as without: its requests carry the login. Without it there is no page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_works_behind_an_operator_login() {
+    let Some(browser) = chromium() else {
+        return;
+    };
+    let (token, alice) = edgeloop_controller::login::Operator::create("alice").unwrap();
+    let ctl = TestController::start_with(BrokerChoice::Embedded, |c| c.operators = vec![alice])
+        .await
+        .unwrap();
+    ctl.publish_example(1).await;
+    let port = ctl.controller.http_addr.port();
+    let dom = render(&browser, &format!("http://alice:{token}@localhost:{port}/")).await;
+    assert!(dom.contains("<div id=\"error\"></div>"), "{dom}");
+    let models = rows(&dom, "models");
+    assert_eq!(texts(&models[0])[..2], ["vibration", "1"], "{dom}");
+    let dom = render(&browser, &format!("http://localhost:{port}/")).await;
+    assert!(!dom.contains("<table"), "{dom}");
+    ctl.stop().await;
+}
+
 /// Without the API the page says so, with what went wrong, instead of showing empty tables.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_says_when_it_cannot_reach_the_controller() {

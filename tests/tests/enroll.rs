@@ -517,3 +517,139 @@ async fn with_broker_auth_only_enrolled_devices_connect_with_their_issued_login(
     agent.stop().await;
     ctl.stop().await;
 }
+
+/// With operators configured, the API wants an operator's token (as a bearer token or the
+/// browser's Basic password) and records the operator as the actor whatever the request
+/// says, while devices still enroll and download their bundles without one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_operators_the_api_wants_a_token_and_devices_still_join() {
+    use edgeloop_controller::login::Operator;
+    let (alice_token, alice) = Operator::create("alice").unwrap();
+    let (bob_token, bob) = Operator::create("bob").unwrap();
+    let mut ctl = TestController::start_with(BrokerChoice::Embedded, |c| {
+        c.accept_unknown_devices = false;
+        c.operators = vec![alice, bob];
+    })
+    .await
+    .unwrap();
+    let devices = ctl.url("/api/v1/devices");
+
+    // Without a token, or with one that is not an operator's: 401, and a browser asks.
+    for authorization in [None, Some(format!("Bearer {alice_token}x"))] {
+        let mut request = ctl.http.get(&devices);
+        if let Some(a) = &authorization {
+            request = request.header("authorization", a);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 401, "{authorization:?}");
+        assert_eq!(
+            response.headers()["www-authenticate"],
+            "Basic realm=\"edgeloop\", charset=\"UTF-8\""
+        );
+        let said: Value = response.json().await.unwrap();
+        assert!(
+            said["error"].as_str().unwrap().contains("operator"),
+            "{said}"
+        );
+    }
+    let (code, _) = ctl
+        .post_as(
+            "mallory",
+            "/api/v1/enrollment-tokens",
+            json!({"group": "g"}),
+        )
+        .await;
+    assert_eq!(code, 401);
+    for page in ["/", "/api/v1/audit"] {
+        let response = ctl.http.get(ctl.url(page)).send().await.unwrap();
+        assert_eq!(response.status(), 401, "{page}");
+    }
+    // The liveness check needs none.
+    let health = ctl.http.get(ctl.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    // The browser's login: any user name, the token as password.
+    let basic = ctl
+        .http
+        .get(&devices)
+        .basic_auth("whoever", Some(&bob_token))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(basic.status(), 200);
+
+    // From here on as alice; the actor a request names does not count.
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        "authorization",
+        format!("Bearer {alice_token}").parse().unwrap(),
+    );
+    ctl.http = reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap();
+    let created = token(
+        &ctl,
+        json!({ "group": "line-a", "uses": 1, "auto_approve": false }),
+    )
+    .await;
+    assert_eq!(created["created_by"], "alice", "{created}");
+
+    // A device enrolls with its token alone…
+    let mut config = ctl.agent_config("op-1", 50);
+    config.enrollment_token = created["token"].as_str().unwrap().to_string();
+    config.enrollment_retry_s = 1;
+    let agent = ctl.spawn_agent_with(config);
+    wait_until("the enrollment is pending", WAIT, || async {
+        ctl.get("/api/v1/enrollments").await[0]["status"] == "pending"
+    })
+    .await;
+    // …bob approves it with his token, naming someone else…
+    let approved = ctl
+        .http
+        .post(ctl.url("/api/v1/enrollments/op-1/approve"))
+        .header("authorization", format!("Bearer {bob_token}"))
+        .header(edgeloop_controller::api::ACTOR_HEADER, "mallory")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(approved.status(), 200);
+    let approved: Value = approved.json().await.unwrap();
+    assert_eq!(approved["decided_by"], "bob", "{approved}");
+    // …and it downloads its bundle without one.
+    ctl.wait_for_model("op-1", None).await;
+    ctl.publish_example(1).await;
+    let (code, rollout) = ctl
+        .post_as(
+            "mallory",
+            "/api/v1/rollouts",
+            json!({"model": "vibration", "version": 1}),
+        )
+        .await;
+    assert_eq!(code, 201, "{rollout}");
+    ctl.wait_for_model("op-1", Some(1)).await;
+    let artifact = reqwest::get(ctl.url("/artifacts/vibration/1"))
+        .await
+        .unwrap();
+    assert_eq!(artifact.status(), 200);
+
+    let audit = ctl.get("/api/v1/audit?limit=100").await;
+    let actors: Vec<(&str, &str)> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["actor"].as_str().unwrap(), e["action"].as_str().unwrap()))
+        .collect();
+    for done in [
+        ("alice", "token.create"),
+        ("bob", "device.approve"),
+        ("alice", "rollout.create"),
+    ] {
+        assert!(actors.contains(&done), "{done:?}: {audit}");
+    }
+    assert!(
+        !actors.iter().any(|(actor, _)| *actor == "mallory"),
+        "{audit}"
+    );
+    agent.stop().await;
+    ctl.stop().await;
+}
