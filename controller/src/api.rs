@@ -1313,10 +1313,21 @@ async fn trust(State(s): State<AppState>) -> ApiResult<Current> {
 /// Relays a trust document signed offline with a root key to the fleet.
 async fn publish_trust(
     State(s): State<AppState>,
+    headers: HeaderMap,
     body: Result<Json<SignedTrust>, axum::extract::rejection::JsonRejection>,
 ) -> Result<(StatusCode, Json<Current>), ApiError> {
+    let actor = actor(&headers)?;
     let Json(signed) = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    Ok((StatusCode::CREATED, Json(s.trust.replace(signed).await?)))
+    let current = s.trust.replace(signed).await?;
+    crate::store::record_audit_now(
+        s.store.as_ref(),
+        &actor,
+        "trust.publish",
+        format!("trust/{}", current.document.version),
+        current.warning.clone(),
+    )
+    .await;
+    Ok((StatusCode::CREATED, Json(current)))
 }
 
 async fn stats(State(s): State<AppState>) -> Json<IngestStatsSnapshot> {

@@ -702,14 +702,29 @@ fn an_operator_added_from_the_cli_logs_in_with_its_token() {
         "[[operators]]\nname = \"dave\"\ntoken_sha256 = \"abc\"\n",
     )
     .unwrap();
-    let bad = Command::new(EDGELOOP)
+    let mut bad = Command::new(EDGELOOP)
         .args(["serve", "--config", "bad.toml", "--data-dir"])
         .arg(&data)
+        .args(["--http-addr", "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0"])
         .current_dir(cwd)
-        .output()
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
-    assert!(!bad.status.success());
-    let said = String::from_utf8_lossy(&bad.stderr);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = bad.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = bad.kill();
+            panic!("serve ran with an invalid operator entry");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success());
+    let mut said = String::new();
+    std::io::Read::read_to_string(&mut bad.stderr.take().unwrap(), &mut said).unwrap();
     assert!(
         said.contains("operators") && said.contains("64 lowercase hex"),
         "{said}"

@@ -109,6 +109,16 @@ async fn rotation_and_revocation(broker: BrokerChoice) {
     let (status, _) = post_trust(&ctl, &SignedTrust::sign(&document(2), &root)).await;
     assert_eq!(status, 409, "a document not newer than the current one");
     assert_eq!(ctl.get("/api/v1/trust").await["document"]["version"], 2);
+    // Published once, in the audit log; the refused one is not.
+    let audit = ctl.get("/api/v1/audit").await;
+    let published: Vec<&serde_json::Value> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "trust.publish")
+        .collect();
+    assert_eq!(published.len(), 1, "{audit}");
+    assert_eq!(published[0]["target"], "trust/2", "{audit}");
 
     // Commands signed by the revoked key are refused. Not being authentic, nothing in them
     // is echoed: the device's report names no rollout.
