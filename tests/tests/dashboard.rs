@@ -408,6 +408,28 @@ async fn the_dashboard_shows_the_fleet_as_the_api_does() {
     )
     .await;
 
+    // A retraining as the loop leaves one whose candidate rolls out.
+    use edgeloop_controller::store::{RetrainingStatus, RetrainingUpdate};
+    let store = &ctl.controller.store;
+    let now = edgeloop_agent::now_ms();
+    let fired = store
+        .start_retraining("vibration", 1, "3 of 5 devices drift <b>", now, now)
+        .await
+        .unwrap()
+        .unwrap();
+    let update = RetrainingUpdate {
+        candidate_version: Some(2),
+        gate: Some("passed: accuracy 0.97 vs 0.95".into()),
+        rollout_id: Some(7),
+        ..RetrainingUpdate::status(RetrainingStatus::RollingOut, "rolling out v2")
+    };
+    assert!(
+        store
+            .update_retraining(fired.id, &update, now)
+            .await
+            .unwrap()
+    );
+
     let dom = render(&browser, &ctl.url("/")).await;
     let device = ctl.device("dash-1").await.unwrap();
 
@@ -480,8 +502,58 @@ async fn the_dashboard_shows_the_fleet_as_the_api_does() {
         "{dom}"
     );
 
+    let retrainings = rows(&dom, "retrainings");
+    assert_eq!(retrainings.len(), 1, "{dom}");
+    let row = texts(&retrainings[0]);
+    assert_eq!(
+        [row[0], row[1], row[3], row[4], row[5], row[6], row[7]],
+        [
+            fired.id.to_string().as_str(),
+            "vibration v1",
+            // Escaped, as everything the API says.
+            "3 of 5 devices drift &lt;b&gt;",
+            "rolling_out",
+            "v2",
+            "passed: accuracy 0.97 vs 0.95",
+            "7"
+        ],
+        "{dom}"
+    );
+    assert_local_time(row[2]);
+
+    // Recent changes: the audit log, newest first, as the API has it.
+    let audit = ctl.get("/api/v1/audit?limit=15").await;
+    let shown = rows(&dom, "audit");
+    assert_eq!(shown.len(), audit.as_array().unwrap().len(), "{dom}");
+    let newest = texts(&shown[0]);
+    assert_local_time(newest[0]);
+    assert_eq!(
+        newest[1..4],
+        [
+            audit[0]["actor"].as_str().unwrap(),
+            audit[0]["action"].as_str().unwrap(),
+            audit[0]["target"].as_str().unwrap()
+        ],
+        "{dom}"
+    );
+    assert!(
+        shown
+            .iter()
+            .any(|r| texts(r)[1..3] == ["api", "rollout.create"]),
+        "{dom}"
+    );
+
     agent.stop().await;
     ctl.stop().await;
+}
+
+/// `YYYY-MM-DD HH:MM:SS`, as the page shows a time.
+fn assert_local_time(text: &str) {
+    let shape: String = text
+        .chars()
+        .map(|c| if c.is_ascii_digit() { '9' } else { c })
+        .collect();
+    assert_eq!(shape, "9999-99-99 99:99:99", "{text}");
 }
 
 /// A device that asked to enroll with a token that needs an operator's approval.
