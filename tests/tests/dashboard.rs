@@ -263,6 +263,12 @@ impl Driver {
         }
     }
 
+    /// The element's attribute `name`: its value, or null when it has none.
+    async fn attribute(&self, css: &str, name: &str) -> serde_json::Value {
+        self.on(css, &format!("attribute/{name}"), serde_json::Value::Null)
+            .await
+    }
+
     /// Whether the page has an element `css` now.
     async fn has(&self, css: &str) -> bool {
         self.call(
@@ -502,6 +508,55 @@ async fn the_dashboard_shows_the_fleet_as_the_api_does() {
         "{dom}"
     );
 
+    // The device's drift windows, opened by the page's address: the newest first, as the
+    // API has them (more may have come since).
+    assert!(
+        dom.contains("<section id=\"device-windows\" hidden=\"\">"),
+        "{dom}"
+    );
+    let dom = render(&browser, &ctl.url("/#device=dash-1")).await;
+    assert!(dom.contains("<section id=\"device-windows\">"), "{dom}");
+    assert!(
+        dom.contains("<span id=\"windows-device\">dash-1</span>"),
+        "{dom}"
+    );
+    let windows = rows(&dom, "windows");
+    assert!((1..=10).contains(&windows.len()), "{dom}");
+    let api = ctl.get("/api/v1/devices/dash-1/telemetry?limit=100").await;
+    for shown in &windows {
+        let shown = texts(shown);
+        let seq: u64 = shown[0].parse().unwrap();
+        let stored = api
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["window_seq"] == seq)
+            .unwrap_or_else(|| panic!("window {seq}: {api}"));
+        assert_local_time(shown[1]);
+        assert_eq!(shown[2], "vibration v1");
+        assert_eq!(shown[3], stored["samples"].to_string());
+        assert_eq!(
+            shown[4],
+            format!("{:.3}", stored["psi_max"].as_f64().unwrap())
+        );
+        // The most shifted features, by name (their figures are rounded in the page).
+        let mut features: Vec<(&str, f64)> = stored["summary"]["stats"]["features"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| (f["name"].as_str().unwrap(), f["psi"].as_f64().unwrap()))
+            .filter(|(_, psi)| *psi >= 0.1)
+            .collect();
+        features.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let names: Vec<&str> = shown[5]
+            .split(", ")
+            .filter(|f| *f != "–")
+            .map(|f| f.rsplit_once(' ').unwrap().0)
+            .collect();
+        let want: Vec<&str> = features.iter().take(3).map(|f| f.0).collect();
+        assert_eq!(names, want, "{dom}");
+    }
+
     let retrainings = rows(&dom, "retrainings");
     assert_eq!(retrainings.len(), 1, "{dom}");
     let row = texts(&retrainings[0]);
@@ -619,6 +674,20 @@ async fn the_dashboard_steers_the_fleet() {
         || async { !driver.has(approve).await },
     )
     .await;
+    // The new device's drift windows: none yet. Its button again closes them.
+    let windows = r#"#devices button[data-action="windows"][data-device="newcomer"]"#;
+    driver.click(windows).await;
+    assert_eq!(driver.text("#windows-device").await, "newcomer");
+    assert_eq!(
+        driver.attribute("#device-windows", "hidden").await,
+        serde_json::Value::Null
+    );
+    assert!(!driver.has("#windows tbody tr").await);
+    driver.click(windows).await;
+    wait_until("the windows close", Duration::from_secs(30), || async {
+        driver.attribute("#device-windows", "hidden").await == "true"
+    })
+    .await;
 
     // A plan the controller refuses: its answer is shown, and nothing starts.
     assert_eq!(
@@ -639,12 +708,7 @@ async fn the_dashboard_steers_the_fleet() {
             && outcome.contains("`0%` is not a percentage above 0"),
         "{outcome}"
     );
-    assert_eq!(
-        driver
-            .on("#outcome", "attribute/class", serde_json::Value::Null)
-            .await,
-        "failed"
-    );
+    assert_eq!(driver.attribute("#outcome", "class").await, "failed");
     assert_eq!(ctl.get("/api/v1/rollouts").await, json!([]));
 
     // The device never connects, so the rollout stays in progress while it is steered.
