@@ -421,7 +421,8 @@ async fn open_next_wave(
             actor,
             "rollout.advance",
             row.id,
-            Some(format!("wave {next} opened: {devices} devices")),
+            // Counted from 1, as `edgeloop rollout list` and the dashboard show waves.
+            Some(format!("wave {} opened: {devices} devices", next + 1)),
         )
         .await;
         info!(rollout = row.id, wave = next, devices, "wave opened");

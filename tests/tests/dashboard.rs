@@ -501,6 +501,7 @@ async fn the_dashboard_shows_the_fleet_as_the_api_does() {
             rollout["id"].to_string().as_str(),
             "vibration v1",
             "completed",
+            "1 of 1",
             "1 committed",
             // A rollout that finished has nothing left to change.
             "",
@@ -535,9 +536,12 @@ async fn the_dashboard_shows_the_fleet_as_the_api_does() {
         assert_local_time(shown[1]);
         assert_eq!(shown[2], "vibration v1");
         assert_eq!(shown[3], stored["samples"].to_string());
-        assert_eq!(
-            shown[4],
-            format!("{:.3}", stored["psi_max"].as_f64().unwrap())
+        // Three decimals (JavaScript rounds a tie up, Rust to even: compare the figures).
+        let psi: f64 = shown[4].parse().unwrap();
+        assert_eq!(shown[4].split('.').nth(1).map(str::len), Some(3), "{dom}");
+        assert!(
+            (psi - stored["psi_max"].as_f64().unwrap()).abs() <= 0.0005 + 1e-9,
+            "{dom}"
         );
         // The most shifted features, by name (their figures are rounded in the page).
         let mut features: Vec<(&str, f64)> = stored["summary"]["stats"]["features"]
@@ -555,6 +559,31 @@ async fn the_dashboard_shows_the_fleet_as_the_api_does() {
             .collect();
         let want: Vec<&str> = features.iter().take(3).map(|f| f.0).collect();
         assert_eq!(names, want, "{dom}");
+    }
+
+    // An address naming no valid device, or one without windows, says so beside them; the
+    // rest of the page is drawn as ever.
+    for (hash, says) in [
+        (
+            "#device=a%2Fb",
+            "cannot show them: `a/b` is not a valid device id",
+        ),
+        (
+            "#device=%E0",
+            "cannot show them: `%E0` is not a valid device id",
+        ),
+        ("#device=ghost", "no drift windows from this device yet"),
+    ] {
+        let dom = render(&browser, &ctl.url(&format!("/{hash}"))).await;
+        assert!(dom.contains("<div id=\"error\"></div>"), "{hash}: {dom}");
+        let note = dom
+            .split("<p id=\"windows-note\">")
+            .nth(1)
+            .and_then(|rest| rest.split("</p>").next())
+            .unwrap();
+        assert!(note.starts_with(says), "{hash}: {note}");
+        assert_eq!(rows(&dom, "devices").len(), 1, "{hash}: {dom}");
+        assert!(rows(&dom, "windows").is_empty(), "{hash}: {dom}");
     }
 
     let retrainings = rows(&dom, "retrainings");
