@@ -28,6 +28,16 @@ fn targeted(rollout: &Value) -> Vec<&str> {
         .collect()
 }
 
+/// The audit log's entries as (actor, action).
+fn who_did_what(audit: &Value) -> Vec<(&str, &str)> {
+    audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["actor"].as_str().unwrap(), e["action"].as_str().unwrap()))
+        .collect()
+}
+
 fn enrollment(token: &str, device: &str, key: &str) -> Value {
     json!({
         "token": token, "device_id": device, "public_key": key,
@@ -283,12 +293,7 @@ async fn a_device_enrolls_waits_for_approval_and_joins_its_group(broker: BrokerC
     );
 
     let audit = ctl.get("/api/v1/audit?limit=100").await;
-    let actions: Vec<(&str, &str)> = audit
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| (e["actor"].as_str().unwrap(), e["action"].as_str().unwrap()))
-        .collect();
+    let actions = who_did_what(&audit);
     for expected in [
         ("alice", "token.create"),
         ("enr-1", "device.enroll"),
@@ -633,12 +638,7 @@ async fn with_operators_the_api_wants_a_token_and_devices_still_join() {
     assert_eq!(artifact.status(), 200);
 
     let audit = ctl.get("/api/v1/audit?limit=100").await;
-    let actors: Vec<(&str, &str)> = audit
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| (e["actor"].as_str().unwrap(), e["action"].as_str().unwrap()))
-        .collect();
+    let actors = who_did_what(&audit);
     for done in [
         ("alice", "token.create"),
         ("bob", "device.approve"),
