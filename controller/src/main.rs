@@ -1407,13 +1407,9 @@ async fn run() -> anyhow::Result<()> {
         Command::Device {
             command: DeviceCommand::Provision { request, api },
         } => {
-            let written = edgeloop_controller::provision::write(
-                &api.controller,
-                request,
-                &cli_actor(),
-                &api_client()?,
-            )
-            .await?;
+            let written =
+                edgeloop_controller::provision::write(&api.controller, request, &api_client()?)
+                    .await?;
             if api.output == Output::Json {
                 println!("{}", serde_json::to_string(&written)?);
             } else {

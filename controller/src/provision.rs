@@ -101,20 +101,12 @@ struct AgentFile<'a> {
     enrollment_token: &'a str,
 }
 
-async fn call(
-    request: reqwest::RequestBuilder,
-    url: &str,
-    actor: &str,
-) -> Result<String, ProvisionError> {
+async fn call(request: reqwest::RequestBuilder, url: &str) -> Result<String, ProvisionError> {
     let failed = |message: String| ProvisionError::Controller {
         url: url.to_string(),
         message,
     };
-    let response = request
-        .header(crate::api::ACTOR_HEADER, actor)
-        .send()
-        .await
-        .map_err(|e| failed(e.to_string()))?;
+    let response = request.send().await.map_err(|e| failed(e.to_string()))?;
     let status = response.status();
     let text = response.text().await.map_err(|e| failed(e.to_string()))?;
     if !status.is_success() {
@@ -124,11 +116,11 @@ async fn call(
 }
 
 /// Creates a token for the device on the controller at `controller` and writes the bundle;
-/// `client` carries whatever the controller needs of the caller (an operator's token).
+/// `client` carries what the controller needs of the caller (the actor header for the audit
+/// log, an operator's token).
 pub async fn write(
     controller: &str,
     request: Request,
-    actor: &str,
     client: &reqwest::Client,
 ) -> Result<Written, ProvisionError> {
     let invalid = |m: String| Err(ProvisionError::Invalid(m));
@@ -154,12 +146,13 @@ pub async fn write(
     }
     let base = controller.trim_end_matches('/');
     let settings_url = format!("{base}/api/v1/device-settings");
-    let settings: Settings =
-        serde_json::from_str(&call(client.get(&settings_url), &settings_url, actor).await?)
-            .map_err(|e| ProvisionError::Controller {
-                url: settings_url.clone(),
-                message: e.to_string(),
-            })?;
+    let settings: Settings = serde_json::from_str(
+        &call(client.get(&settings_url), &settings_url).await?,
+    )
+    .map_err(|e| ProvisionError::Controller {
+        url: settings_url.clone(),
+        message: e.to_string(),
+    })?;
     let tokens_url = format!("{base}/api/v1/enrollment-tokens");
     let body = serde_json::json!({
         "group": request.group,
@@ -168,13 +161,12 @@ pub async fn write(
         "uses": 1,
         "auto_approve": !request.review,
     });
-    let token: Token = serde_json::from_str(
-        &call(client.post(&tokens_url).json(&body), &tokens_url, actor).await?,
-    )
-    .map_err(|e| ProvisionError::Controller {
-        url: tokens_url.clone(),
-        message: e.to_string(),
-    })?;
+    let token: Token =
+        serde_json::from_str(&call(client.post(&tokens_url).json(&body), &tokens_url).await?)
+            .map_err(|e| ProvisionError::Controller {
+                url: tokens_url.clone(),
+                message: e.to_string(),
+            })?;
 
     let io = |path: &Path| {
         let path = path.to_path_buf();
