@@ -203,19 +203,8 @@ impl Driver {
     async fn on(&self, css: &str, act: &str, body: serde_json::Value) -> serde_json::Value {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
-            let found = self
-                .call(
-                    reqwest::Method::POST,
-                    "/element",
-                    json!({"using": "css selector", "value": css}),
-                )
-                .await;
-            let done = match found {
-                Ok(element) => {
-                    let id = element[ELEMENT]
-                        .as_str()
-                        .unwrap_or_else(|| panic!("an element: {element}"))
-                        .to_string();
+            let done = match self.find(css).await {
+                Ok(id) => {
                     let method = if body.is_null() {
                         reqwest::Method::GET
                     } else {
@@ -271,29 +260,32 @@ impl Driver {
 
     /// Whether the page has an element `css` now.
     async fn has(&self, css: &str) -> bool {
-        self.call(
-            reqwest::Method::POST,
-            "/element",
-            json!({"using": "css selector", "value": css}),
-        )
-        .await
-        .is_ok()
+        self.find(css).await.is_ok()
+    }
+
+    /// The WebDriver id of the element `css` selects now, or WebDriver's error.
+    async fn find(&self, css: &str) -> Result<String, String> {
+        let element = self
+            .call(
+                reqwest::Method::POST,
+                "/element",
+                json!({"using": "css selector", "value": css}),
+            )
+            .await?;
+        let id = element[ELEMENT].as_str();
+        Ok(id
+            .unwrap_or_else(|| panic!("an element: {element}"))
+            .to_string())
     }
 
     /// Waits until the page says `want` as the outcome of the operator's last change.
     async fn outcome_is(&self, want: &str) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let now = self.text("#outcome").await;
-            if now == want {
-                return;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the page says {now:?}, not {want:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_until(
+            &format!("the page to say {want:?}"),
+            Duration::from_secs(30),
+            || async { self.text("#outcome").await == want },
+        )
+        .await;
     }
 
     /// The question the page asked with `prompt()`, answered with `text` or cancelled.
