@@ -253,8 +253,9 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, axum::Json(json!({ "error": message.into() }))).into_response()
 }
 
-/// Guards an HTTP API that has no login (this one and the controller's) against what a web
-/// page can do through a browser that reaches it. Two refusals, each a 403:
+/// Guards an HTTP API (this one and the controller's) against what a web page can do through
+/// a browser that reaches it, which sends the operator's login too when it has one (the
+/// controller's Basic login). Two refusals, each a 403:
 /// - a request that changes something, sent for a page of another origin (cross-site
 ///   request forgery): a form or a `no-cors` fetch needs no permission, and would label
 ///   predictions here, or approve a device or abort a rollout on the controller. Browsers
